@@ -1,0 +1,368 @@
+"""Typed, strict, frozen configuration.
+
+Every setting of the platform is one of these models. They are loaded once, from a YAML
+file (``configs/platform.yaml`` mirrors the embedded defaults) plus environment overrides,
+and then passed around; nothing reads the environment or touches the disk at import time.
+
+Overrides: ``MLOPS_HOME`` sets the state folder; ``MLOPS__SECTION__FIELD=value`` sets any
+field (the value is parsed as YAML, so ``MLOPS__DASK__N_WORKERS=4`` is an int).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mlops.errors import ConfigError
+
+ENV_PREFIX = "MLOPS__"
+HOME_ENV = "MLOPS_HOME"
+CONFIG_ENV = "MLOPS_CONFIG"
+DEFAULT_HOME = ".mlops"
+
+
+class StrictModel(BaseModel):
+    """Base of every settings model: strict types, immutable, unknown fields rejected."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+class NumericFeature(StrictModel):
+    """A numeric input column with the range and null rate a valid batch must respect."""
+
+    name: str
+    min: float | None = None
+    max: float | None = None
+    max_null_fraction: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class CategoricalFeature(StrictModel):
+    """A string input column with its closed set of allowed values."""
+
+    name: str
+    categories: tuple[str, ...] = Field(min_length=1)
+    max_null_fraction: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class DatasetSchema(StrictModel):
+    """Which columns a dataset has and what valid values look like.
+
+    Declaring another table here is all it takes to train and score it: the id and entity
+    columns are carried through scoring, the label is what training learns.
+    """
+
+    name: str = "card-transactions"
+    id_column: str = "transaction_id"
+    entity_column: str = "user_id"
+    timestamp_column: str | None = "event_time"
+    label_column: str = "is_fraud"
+    label_values: tuple[int, ...] = (0, 1)
+    numeric: tuple[NumericFeature, ...] = Field(min_length=0)
+    categorical: tuple[CategoricalFeature, ...] = ()
+    min_rows: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _unique_columns(self) -> DatasetSchema:
+        names = self.feature_names + self.key_columns + (self.label_column,)
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"column names used twice: {', '.join(dupes)}")
+        if not self.feature_names:
+            raise ValueError("the dataset declares no feature columns")
+        return self
+
+    @property
+    def numeric_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.numeric)
+
+    @property
+    def categorical_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.categorical)
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return self.numeric_names + self.categorical_names
+
+    @property
+    def key_columns(self) -> tuple[str, ...]:
+        keys = (self.id_column, self.entity_column)
+        return keys + ((self.timestamp_column,) if self.timestamp_column else ())
+
+
+def _fraud_schema() -> DatasetSchema:
+    from mlops.datagen import fraud_schema
+
+    return fraud_schema()
+
+
+# --------------------------------------------------------------------------- training
+
+
+class GradientBoostingSpec(StrictModel):
+    """scikit-learn GradientBoostingClassifier (converts to an ONNX tree ensemble)."""
+
+    kind: Literal["gradient_boosting"] = "gradient_boosting"
+    n_estimators: int = Field(120, ge=1)
+    learning_rate: float = Field(0.1, gt=0)
+    max_depth: int = Field(3, ge=1)
+    subsample: float = Field(0.8, gt=0, le=1)
+    max_train_rows: int | None = Field(200_000, ge=1000)
+
+
+class LogisticRegressionSpec(StrictModel):
+    """Standardised logistic regression: the baseline every candidate must beat."""
+
+    kind: Literal["logistic_regression"] = "logistic_regression"
+    C: float = Field(1.0, gt=0)
+    max_iter: int = Field(1000, ge=10)
+    class_weight: Literal["balanced"] | None = None
+
+
+class RandomForestSpec(StrictModel):
+    """scikit-learn RandomForestClassifier."""
+
+    kind: Literal["random_forest"] = "random_forest"
+    n_estimators: int = Field(100, ge=1)
+    max_depth: int | None = Field(10, ge=1)
+    min_samples_leaf: int = Field(20, ge=1)
+
+
+ModelSpec = Annotated[
+    GradientBoostingSpec | LogisticRegressionSpec | RandomForestSpec,
+    Field(discriminator="kind"),
+]
+
+
+class TrainingConfig(StrictModel):
+    """How the training flow splits data, which candidates it fits and how it checks them."""
+
+    model_name: str = "fraud-detector"
+    experiment: str = "fraud-detector"
+    candidates: tuple[ModelSpec, ...] = (GradientBoostingSpec(), LogisticRegressionSpec())
+    select_by: Literal["roc_auc", "pr_auc", "log_loss"] = "pr_auc"
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    seed: int = 7
+    decision_threshold: float = Field(0.5, gt=0, lt=1)
+    parity_tolerance: float = Field(1e-4, gt=0)
+    parity_rows: int = Field(5000, ge=10)
+    latency_batch_rows: int = Field(10_000, ge=1)
+    latency_repeats: int = Field(200, ge=5)
+
+
+# --------------------------------------------------------------------------- promotion
+
+
+class MetricGate(StrictModel):
+    """One metric a candidate must satisfy to be promoted.
+
+    ``min_value``/``max_value`` are absolute bounds; ``max_regression`` is how far the
+    candidate may fall behind the current champion (in the metric's own unit, always >= 0).
+    """
+
+    metric: str
+    higher_is_better: bool = True
+    min_value: float | None = None
+    max_value: float | None = None
+    max_regression: float | None = Field(None, ge=0)
+
+
+class PromotionConfig(StrictModel):
+    """The gate between ``challenger`` and ``champion``."""
+
+    gates: tuple[MetricGate, ...] = (
+        MetricGate(metric="roc_auc", min_value=0.70, max_regression=0.002),
+        MetricGate(metric="pr_auc", min_value=0.20, max_regression=0.005),
+        MetricGate(metric="log_loss", higher_is_better=False, max_regression=0.01),
+    )
+    promote_first_version: bool = True
+    lease_seconds: float = Field(60.0, gt=0)
+    wait_seconds: float = Field(30.0, ge=0)
+
+
+# --------------------------------------------------------------------------- backends
+
+
+class PrefectConfig(StrictModel):
+    """Prefect: by default a temporary local API per process; or a server by URL."""
+
+    api_url: str | None = None
+    work_pool: str = "mlops-process"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+
+
+class MlflowConfig(StrictModel):
+    """MLflow tracking and registry: SQLite in MLOPS_HOME unless a server URI is given."""
+
+    tracking_uri: str | None = None
+    registry_uri: str | None = None
+    artifact_location: str | None = None
+    audit_db_uri: str | None = None
+
+
+class DaskConfig(StrictModel):
+    """Dask: a local cluster sized to the machine unless a scheduler address is given."""
+
+    address: str | None = None
+    n_workers: int | None = Field(None, ge=1)
+    threads_per_worker: int = Field(1, ge=1)
+    processes: bool = True
+    memory_limit: str = "auto"
+
+
+class Settings(StrictModel):
+    """The whole effective configuration of one platform instance."""
+
+    home: str = DEFAULT_HOME
+    dataset: DatasetSchema = Field(default_factory=_fraud_schema)
+    training: TrainingConfig = TrainingConfig()
+    promotion: PromotionConfig = PromotionConfig()
+    prefect: PrefectConfig = PrefectConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    dask: DaskConfig = DaskConfig()
+
+    # Derived locations; every piece of state lives under ``home``.
+    @property
+    def home_path(self) -> Path:
+        return Path(self.home)
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow.tracking_uri or f"sqlite:///{self.home_path / 'mlflow.db'}"
+
+    @property
+    def registry_uri(self) -> str:
+        return self.mlflow.registry_uri or self.tracking_uri
+
+    @property
+    def artifact_location(self) -> str:
+        return self.mlflow.artifact_location or (self.home_path / "mlartifacts").as_uri()
+
+    @property
+    def audit_db_uri(self) -> str:
+        return self.mlflow.audit_db_uri or f"sqlite:///{self.home_path / 'registry_audit.db'}"
+
+    @property
+    def prefect_home(self) -> Path:
+        return self.home_path / "prefect"
+
+    @property
+    def warehouse_path(self) -> Path:
+        return self.home_path / "warehouse.duckdb"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home_path / "data"
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Nested overrides from ``MLOPS__A__B=value`` variables (values parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    for key, raw in sorted(environ.items()):
+        if not key.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in key[len(ENV_PREFIX) :].split("__") if p]
+        if not path:
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{key}: not a valid YAML value ({exc.__class__.__name__})") from exc
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: conflicts with another override")
+        node[path[-1]] = value
+    return tree
+
+
+def _format_error(source: str, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{source}: {where}: {err['msg']}{more}"
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read one YAML mapping, with errors that name the file."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{line} is not valid YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def validate_model(model: type[StrictModel], data: Mapping[str, Any], source: str) -> Any:
+    """Validate plain data into ``model``; errors name ``source`` and the first bad field."""
+    try:
+        # JSON mode: YAML lists become tuples, strings stay strict.
+        return model.model_validate_json(json.dumps(data, default=str))
+    except ValidationError as exc:
+        raise ConfigError(_format_error(source, exc)) from None
+
+
+def load_settings(
+    path: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """The effective settings: defaults < YAML file < ``MLOPS__`` overrides < ``MLOPS_HOME``.
+
+    ``path`` falls back to ``$MLOPS_CONFIG``; with neither, the embedded defaults apply.
+    ``home`` is made absolute so that every derived URI is stable across working folders.
+    """
+    env = os.environ if environ is None else environ
+    data: dict[str, Any] = {}
+    source = "defaults"
+    cfg_path = path or env.get(CONFIG_ENV)
+    if cfg_path:
+        data = read_yaml(Path(cfg_path))
+        source = str(cfg_path)
+    overrides = env_overrides(env)
+    if overrides:
+        data = _deep_merge(data, overrides)
+        source = f"{source} (+{ENV_PREFIX}* overrides)"
+    if env.get(HOME_ENV):
+        data["home"] = env[HOME_ENV]
+    data["home"] = str(Path(data.get("home") or DEFAULT_HOME).expanduser().resolve())
+    return validate_model(Settings, data, source)
+
+
+def settings_digest(settings: Settings) -> dict[str, Any]:
+    """The settings as plain JSON data, without the machine-specific ``home``."""
+    data = settings.model_dump(mode="json")
+    data.pop("home", None)
+    return data
