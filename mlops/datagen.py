@@ -138,20 +138,21 @@ def _block(rows: int, seed: int, block: int, drift: float, start: datetime, n_us
     foreign = (geo == "foreign").astype(float)
     new_device = (device_age < 7).astype(float)
     logit = (
-        -5.5
-        + 1.1 * np.log1p(ratio)
-        + 2.2 * merchant_risk
-        + 3.0 * ip_risk * cnp                      # interaction: risky IP only matters online
-        + 1.4 * foreign * (ratio > 3)              # big unusual spend abroad
-        + 0.9 * night * new_device
-        + 0.5 * np.minimum(cnt_1h, 6)
-        + 0.6 * np.minimum(failed_logins, 4)
-        + 0.7 * (cards_on_device > 2)
-        + 0.8 * (card_type == "prepaid")
-        + 0.6 * np.minimum(chargebacks, 3)
-        - 0.35 * np.log1p(account_age / 365.0)
-        - 0.25 * np.log1p(email_age / 365.0)
-        + d * (1.8 * (merchant == "gaming") + 1.2 * (channel == "mobile_app") - 1.5 * merchant_risk)
+        -6.6
+        + 2.0 * (ratio > 4) + 1.5 * (ratio > 12)
+        + 3.5 * merchant_risk
+        + 4.5 * (ip_risk > 0.3) * cnp              # interaction: risky IP only matters online
+        + 2.0 * (utilization > 0.9) * (card_age < 60)  # maxing out a brand-new card
+        + 2.5 * foreign * (ratio > 3)              # big unusual spend abroad
+        + 2.0 * night * new_device
+        + 0.8 * np.minimum(cnt_1h, 6)
+        + 0.9 * np.minimum(failed_logins, 4)
+        + 1.2 * (cards_on_device > 2)
+        + 1.0 * (card_type == "prepaid")
+        + 0.9 * np.minimum(chargebacks, 3)
+        - 0.5 * np.log1p(account_age / 365.0)
+        - 0.3 * np.log1p(email_age / 365.0)
+        + d * (2.5 * (merchant == "gaming") + 1.5 * (channel == "mobile_app") - 2.5 * merchant_risk)
     )  # fmt: skip
     label = (rng.random(rows) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int64)
 

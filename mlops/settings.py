@@ -111,11 +111,11 @@ class GradientBoostingSpec(StrictModel):
     """scikit-learn GradientBoostingClassifier (converts to an ONNX tree ensemble)."""
 
     kind: Literal["gradient_boosting"] = "gradient_boosting"
-    n_estimators: int = Field(120, ge=1)
+    n_estimators: int = Field(100, ge=1)
     learning_rate: float = Field(0.1, gt=0)
     max_depth: int = Field(3, ge=1)
     subsample: float = Field(0.8, gt=0, le=1)
-    max_train_rows: int | None = Field(200_000, ge=1000)
+    max_train_rows: int | None = Field(60_000, ge=1000)
 
 
 class LogisticRegressionSpec(StrictModel):
@@ -151,7 +151,7 @@ class TrainingConfig(StrictModel):
     select_by: Literal["roc_auc", "pr_auc", "log_loss"] = "pr_auc"
     test_fraction: float = Field(0.2, gt=0, lt=1)
     seed: int = 7
-    decision_threshold: float = Field(0.5, gt=0, lt=1)
+    decision_threshold: float = Field(0.2, gt=0, lt=1)
     parity_tolerance: float = Field(1e-4, gt=0)
     parity_rows: int = Field(5000, ge=10)
     latency_batch_rows: int = Field(10_000, ge=1)
@@ -179,8 +179,8 @@ class PromotionConfig(StrictModel):
     """The gate between ``challenger`` and ``champion``."""
 
     gates: tuple[MetricGate, ...] = (
-        MetricGate(metric="roc_auc", min_value=0.70, max_regression=0.002),
-        MetricGate(metric="pr_auc", min_value=0.20, max_regression=0.005),
+        MetricGate(metric="roc_auc", min_value=0.75, max_regression=0.002),
+        MetricGate(metric="pr_auc", min_value=0.10, max_regression=0.005),
         MetricGate(metric="log_loss", higher_is_better=False, max_regression=0.01),
     )
     promote_first_version: bool = True

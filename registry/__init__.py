@@ -1,0 +1,1 @@
+"""MLflow model registry adapter: versions, aliases with compare-and-set, audit history."""

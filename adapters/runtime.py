@@ -1,0 +1,46 @@
+"""Process-wide wiring of the backends to one ``Settings``.
+
+Called once by every entry point (the CLI, a deployment's flow, a test session) before
+Prefect or MLflow is used; importing this module changes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+
+from mlops.settings import HOME_ENV, Settings
+
+
+def runtime_environment(settings: Settings) -> dict[str, str]:
+    """The environment variables that point Prefect, MLflow and GX at this instance."""
+    env = {
+        HOME_ENV: str(settings.home_path),
+        "PREFECT_HOME": str(settings.prefect_home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY": "false",
+        "PREFECT_TELEMETRY_ENABLE_RESOURCE_METRICS": "false",
+        "PREFECT_LOGGING_LEVEL": settings.prefect.log_level,
+        "PREFECT_LOGGING_LOG_PRINTS": "true",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+        "DO_NOT_TRACK": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "MLFLOW_LOGGING_LEVEL": "WARNING",
+        "MLFLOW_TRACKING_URI": settings.tracking_uri,
+        "MLFLOW_REGISTRY_URI": settings.registry_uri,
+        "GX_ANALYTICS_ENABLED": "false",
+        "BENTOML_DO_NOT_TRACK": "true",
+        "GIT_PYTHON_REFRESH": "quiet",
+    }
+    if settings.prefect.api_url:
+        env["PREFECT_API_URL"] = settings.prefect.api_url
+    return env
+
+
+def configure(settings: Settings) -> None:
+    """Apply ``runtime_environment`` to this process and create the state folder."""
+    settings.home_path.mkdir(parents=True, exist_ok=True)
+    settings.prefect_home.mkdir(parents=True, exist_ok=True)
+    os.environ.update(runtime_environment(settings))
+    if not settings.prefect.api_url:
+        os.environ.pop("PREFECT_API_URL", None)

@@ -1,0 +1,84 @@
+"""Scoring an ONNX model exported by the platform, the same way everywhere.
+
+Training's parity check, batch scoring and online serving all feed the model through
+``OnnxScorer``, so the column-to-tensor contract lives in one place: one ``[N, 1]`` input
+per feature, float32 for numeric and string for categorical columns, and a
+``probabilities`` output of shape ``[N, 2]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+import pandas as pd
+
+from mlops.errors import DataError, ModelError
+from mlops.settings import DatasetSchema
+
+PROBA_OUTPUT = "probabilities"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """An ONNX graph input: name, OIP v2 datatype and shape (None for a free dimension)."""
+
+    name: str
+    datatype: str  # "FP32" or "BYTES" in Open Inference Protocol terms
+    shape: tuple[int | None, ...]
+
+
+def session_options(threads: int = 1) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return opts
+
+
+class OnnxScorer:
+    """An ONNX Runtime session plus the feature contract of the dataset schema."""
+
+    def __init__(self, model: bytes, schema: DatasetSchema, threads: int = 1):
+        try:
+            self.session = ort.InferenceSession(model, session_options(threads), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises bare RuntimeError subclasses
+            raise ModelError(f"ONNX model cannot be loaded: {exc}") from exc
+        self.schema = schema
+        self._numeric = schema.numeric_names
+        self._categorical = schema.categorical_names
+        graph_inputs = {i.name for i in self.session.get_inputs()}
+        missing = set(schema.feature_names) - graph_inputs
+        if missing:
+            raise ModelError(f"ONNX model lacks inputs for features: {', '.join(sorted(missing))}")
+        outputs = [o.name for o in self.session.get_outputs()]
+        if PROBA_OUTPUT not in outputs:
+            raise ModelError(f"ONNX model has no '{PROBA_OUTPUT}' output (outputs: {outputs})")
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        numeric = tuple(TensorSpec(n, "FP32", (None, 1)) for n in self._numeric)
+        return numeric + tuple(TensorSpec(n, "BYTES", (None, 1)) for n in self._categorical)
+
+    def feeds(self, frame: pd.DataFrame | Mapping[str, object]) -> dict[str, np.ndarray]:
+        """Column arrays shaped as the graph's inputs."""
+        try:
+            feeds = {n: np.asarray(frame[n], dtype=np.float32).reshape(-1, 1) for n in self._numeric}
+            for n in self._categorical:
+                feeds[n] = np.asarray(frame[n], dtype=object).astype(str).reshape(-1, 1)
+        except KeyError as exc:
+            raise DataError(f"missing feature column {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"feature columns cannot be converted: {exc}") from None
+        return feeds
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Fraud probabilities for prepared feeds."""
+        return self.session.run([PROBA_OUTPUT], dict(feeds))[0][:, 1]
+
+    def predict_proba(self, frame: pd.DataFrame | Mapping[str, object]) -> np.ndarray:
+        """Fraud probability of each row."""
+        return self.run(self.feeds(frame))
