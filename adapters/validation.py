@@ -1,0 +1,428 @@
+"""Data validation with Great Expectations (GX Core 1.x).
+
+A ``DatasetSchema`` becomes one GX ``ExpectationSuite``; a pandas frame is validated by one
+GX batch run of that suite, on one ephemeral Data Context per process. GX's result is then
+condensed into a ``ValidationSummary`` of one readable line per problem, for example::
+
+    column 'amount': values must be between 0.0 and 100000.0 (12 of 1000 rows outside, e.g. -5.0)
+
+A column that is missing, or has the wrong type, gives one line for that column: the
+checks that depend on it (range, allowed values) cannot say anything useful and are folded
+into that line instead of being listed as a cascade of errors.
+
+``great_expectations`` takes seconds to import, so it is imported on first use, never when
+this module is imported.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from mlops.errors import DataError, ValidationFailed
+from mlops.settings import DatasetSchema
+
+if TYPE_CHECKING:
+    import great_expectations as gx
+    import pandas as pd
+    from great_expectations.core.expectation_validation_result import (
+        ExpectationSuiteValidationResult,
+        ExpectationValidationResult,
+    )
+
+# Dtype names GX accepts as "numeric": numpy dtypes for typed columns, and ``int``/``float``
+# for object columns, whose values GX then checks one by one.
+NUMERIC_TYPES: tuple[str, ...] = (
+    "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+    "float16", "float32", "float64",
+    "Int8Dtype", "Int16Dtype", "Int32Dtype", "Int64Dtype",
+    "UInt8Dtype", "UInt16Dtype", "UInt32Dtype", "UInt64Dtype",
+    "Float32Dtype", "Float64Dtype",
+    "int", "float",
+)  # fmt: skip
+# ``str`` matches pandas' string dtypes ("str", "string", either storage) and, value by value,
+# object columns holding Python strings. A pandas ``category`` column does not match.
+STRING_TYPE = "str"
+
+# Each expectation carries what it checks in ``meta``, so results can be grouped per column.
+_CHECK = "check"
+_COLUMN = "column"
+# Checks that say nothing useful when the column's type is wrong.
+_TYPE_DEPENDENT = frozenset({"range", "allowed"})
+# How many offending values GX returns per failed expectation, and how many we quote.
+_PARTIAL_UNEXPECTED = 3
+_RESULT_FORMAT: dict[str, Any] = {
+    "result_format": "BASIC",
+    "partial_unexpected_count": _PARTIAL_UNEXPECTED,
+}
+_MAX_LISTED_VALUES = 6
+# GX reports a dtype by its scalar type's name; a few read better under pandas' own name.
+_GX_TYPE_NAMES = {"CategoricalDtypeType": "category", "object_": "object"}
+
+_DATASOURCE_PREFIX = "frame-"
+_ASSET = "frame"
+_BATCH_DEFINITION = "whole-frame"
+
+
+@dataclass(frozen=True)
+class ValidationSummary:
+    """The outcome of validating one frame: counts and one readable line per problem."""
+
+    suite: str
+    source: str
+    rows: int
+    success: bool
+    evaluated: int
+    failed: int
+    failures: tuple[str, ...]
+
+
+# --------------------------------------------------------------------------- suite
+
+
+def _meta(check: str, column: str | None = None) -> dict[str, str]:
+    return {_CHECK: check, _COLUMN: column} if column else {_CHECK: check}
+
+
+def _mostly(max_null_fraction: float) -> float:
+    return round(1.0 - max_null_fraction, 12)
+
+
+def _suite_name(schema: DatasetSchema, require_label: bool) -> str:
+    return f"{schema.name}.{'labelled' if require_label else 'unlabelled'}"
+
+
+def build_suite(schema: DatasetSchema, *, require_label: bool) -> gx.ExpectationSuite:
+    """The GX expectation suite a frame of ``schema`` must pass.
+
+    Every declared column must exist (key columns, features, and the label when
+    ``require_label``); numeric features must have a numeric type and lie in their declared
+    range; categoricals must be strings from their declared categories; each column's null
+    fraction must stay within its ``max_null_fraction`` (zero for keys and the label); the
+    label takes only ``label_values``; the frame has at least ``min_rows`` rows. Extra columns
+    are allowed.
+    """
+    import great_expectations as gx
+
+    E = gx.expectations
+    out: list[Any] = [
+        E.ExpectTableRowCountToBeBetween(min_value=schema.min_rows, meta=_meta("rows")),
+    ]
+
+    def not_null(column: str, max_null_fraction: float) -> None:
+        if max_null_fraction < 1.0:
+            out.append(
+                E.ExpectColumnValuesToNotBeNull(
+                    column=column, mostly=_mostly(max_null_fraction), meta=_meta("nulls", column)
+                )
+            )
+
+    for key in schema.key_columns:
+        out.append(E.ExpectColumnToExist(column=key, meta=_meta("exists", key)))
+        not_null(key, 0.0)
+
+    for num in schema.numeric:
+        out.append(E.ExpectColumnToExist(column=num.name, meta=_meta("exists", num.name)))
+        out.append(
+            E.ExpectColumnValuesToBeInTypeList(
+                column=num.name, type_list=list(NUMERIC_TYPES), meta=_meta("numeric", num.name)
+            )
+        )
+        not_null(num.name, num.max_null_fraction)
+        if num.min is not None or num.max is not None:
+            out.append(
+                E.ExpectColumnValuesToBeBetween(
+                    column=num.name, min_value=num.min, max_value=num.max,
+                    meta=_meta("range", num.name),
+                )  # fmt: skip
+            )
+
+    for cat in schema.categorical:
+        out.append(E.ExpectColumnToExist(column=cat.name, meta=_meta("exists", cat.name)))
+        out.append(
+            E.ExpectColumnValuesToBeOfType(
+                column=cat.name, type_=STRING_TYPE, meta=_meta("string", cat.name)
+            )
+        )
+        not_null(cat.name, cat.max_null_fraction)
+        out.append(
+            E.ExpectColumnValuesToBeInSet(
+                column=cat.name, value_set=list(cat.categories), meta=_meta("allowed", cat.name)
+            )
+        )
+
+    if require_label:
+        label = schema.label_column
+        out.append(E.ExpectColumnToExist(column=label, meta=_meta("exists", label)))
+        not_null(label, 0.0)
+        out.append(
+            E.ExpectColumnValuesToBeInSet(
+                column=label, value_set=list(schema.label_values), meta=_meta("allowed", label)
+            )
+        )
+
+    return gx.ExpectationSuite(
+        name=_suite_name(schema, require_label),
+        expectations=out,
+        meta={"dataset": schema.name, "require_label": require_label},
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_suite(schema: DatasetSchema, require_label: bool) -> gx.ExpectationSuite:
+    # Read-only once built: validate_frame never mutates it.
+    return build_suite(schema, require_label=require_label)
+
+
+# --------------------------------------------------------------------------- GX runtime
+
+
+class _Runtime:
+    """The process's ephemeral GX Data Context, created once (on first use) and reused.
+
+    Each validation adds its own short-lived pandas data source to it and deletes it after
+    the run: GX keeps the frame and every metric computed on it on the data source's
+    execution engine, so a shared one would keep the last (possibly 1M-row) frame alive and
+    would mix up frames validated by two threads at once. ``lock`` guards only those
+    additions and deletions, not the runs.
+    """
+
+    def __init__(self) -> None:
+        import great_expectations as gx
+        from great_expectations.data_context.types.base import (
+            DataContextConfig,
+            InMemoryStoreBackendDefaults,
+            ProgressBarsConfig,
+        )
+
+        # Offline and quiet. GX Core 1.24 no longer ships an analytics client, but both
+        # documented switches are set so that a later 1.x cannot turn it back on (either
+        # one set to False disables it). Progress bars would print a line per run to stderr.
+        os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+        config = DataContextConfig(
+            store_backend_defaults=InMemoryStoreBackendDefaults(),
+            analytics_enabled=False,
+            progress_bars=ProgressBarsConfig(globally=False, metric_calculations=False),
+        )
+        self.context = gx.get_context(mode="ephemeral", project_config=config)
+        self.lock = threading.Lock()
+
+    def run(self, df: pd.DataFrame, suite: gx.ExpectationSuite) -> ExpectationSuiteValidationResult:
+        """One GX validation of ``suite`` on ``df``: the frame is loaded (and fingerprinted) once.
+
+        This builds the validator that GX's own ``ValidationDefinition.run`` and
+        ``Batch.validate`` build, without their costs: ``Batch.validate`` loads the frame a
+        second time (GX hashes every frame under 1 GB on load, ~0.8 s per million rows
+        here), and ``ValidationDefinition.run`` keeps every result in the context's
+        in-memory store, which would grow for as long as a scoring worker lives.
+        """
+        from great_expectations.validator.v1_validator import Validator
+
+        name = f"{_DATASOURCE_PREFIX}{uuid.uuid4().hex}"
+        with self.lock:
+            source = self.context.data_sources.add_pandas(name)
+            batch_definition = source.add_dataframe_asset(_ASSET).add_batch_definition_whole_dataframe(
+                _BATCH_DEFINITION
+            )
+        try:
+            validator = Validator(
+                batch_definition=batch_definition,
+                batch_parameters={"dataframe": df},
+                result_format=_RESULT_FORMAT,
+            )
+            return validator.validate_expectation_suite(suite)
+        finally:
+            with self.lock:
+                self.context.data_sources.delete(name)
+
+
+_runtime: _Runtime | None = None
+_runtime_lock = threading.Lock()
+
+
+def _get_runtime() -> _Runtime:
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None:
+            _runtime = _Runtime()
+        return _runtime
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value)
+    if hasattr(value, "item"):  # numpy scalar -> Python scalar for a clean repr
+        value = value.item()
+    return repr(value)
+
+
+def _fmt_set(values: Sequence[Any]) -> str:
+    shown = ", ".join(_fmt(v) for v in values[:_MAX_LISTED_VALUES])
+    more = len(values) - _MAX_LISTED_VALUES
+    return f"[{shown}{f', +{more} more' if more > 0 else ''}]"
+
+
+def _examples(result: Mapping[str, Any]) -> str:
+    values = list(result.get("partial_unexpected_list") or ())
+    if not values:
+        return ""
+    return ", e.g. " + ", ".join(_fmt(v) for v in dict.fromkeys(map(_hashable, values)))
+
+
+def _hashable(value: Any) -> Any:
+    try:
+        hash(value)
+    except TypeError:
+        return repr(value)
+    return value
+
+
+def _rows(result: Mapping[str, Any], verb: str = "") -> str:
+    counted = f"{result.get('unexpected_count', '?')} of {result.get('element_count', '?')} rows"
+    return f"{counted} {verb}" if verb else counted
+
+
+def _type_names(values: Iterable[Any]) -> str:
+    return ", ".join(dict.fromkeys(type(v).__name__ for v in values)) or "other values"
+
+
+def _range_text(kwargs: Mapping[str, Any]) -> str:
+    lo, hi = kwargs.get("min_value"), kwargs.get("max_value")
+    if lo is not None and hi is not None:
+        return f"between {_fmt(lo)} and {_fmt(hi)}"
+    return f">= {_fmt(lo)}" if lo is not None else f"<= {_fmt(hi)}"
+
+
+def _describe(check: str, column: str | None, kwargs: Mapping[str, Any], result: Mapping[str, Any]) -> str:
+    where = f"column {column!r}"
+    if check == "rows":
+        return f"table: expected at least {kwargs['min_value']} rows, got {result.get('observed_value')}"
+    if check == "exists":
+        return f"{where} is missing"
+    if check in ("numeric", "string"):
+        wanted = "a numeric" if check == "numeric" else "a string"
+        if "observed_value" in result:  # typed column: GX compared the dtype
+            observed = str(result["observed_value"])
+            return f"{where}: expected {wanted} type, got {_GX_TYPE_NAMES.get(observed, observed)}"
+        # object column: GX checked each value
+        values = result.get("partial_unexpected_list") or ()
+        return (
+            f"{where}: expected {wanted} type, got {_type_names(values)} "
+            f"({_rows(result)}{_examples(result)})"
+        )
+    if check == "nulls":
+        allowed = 1.0 - float(kwargs.get("mostly", 1.0))
+        nulls = f"{_rows(result, 'null')}, {float(result.get('unexpected_percent') or 0.0):.2f}%"
+        if allowed <= 0.0:
+            return f"{where}: must not be null ({nulls})"
+        return f"{where}: at most {allowed:.2%} nulls allowed ({nulls})"
+    if check == "range":
+        return f"{where}: values must be {_range_text(kwargs)} ({_rows(result, 'outside')}{_examples(result)})"
+    if check == "allowed":
+        return (
+            f"{where}: values must be one of {_fmt_set(list(kwargs.get('value_set') or ()))} "
+            f"({_rows(result, 'outside')}{_examples(result)})"
+        )
+    return f"{where}: {check} check failed"
+
+
+def _exception_message(res: ExpectationValidationResult) -> str | None:
+    info = res.exception_info or {}
+    if info.get("raised_exception"):
+        return str(info.get("exception_message"))
+    for nested in info.values():  # GX keys errors by the metric that raised them
+        if isinstance(nested, Mapping) and nested.get("raised_exception"):
+            return str(nested.get("exception_message"))
+    return None
+
+
+def _summarize(results: Sequence[ExpectationValidationResult]) -> list[str]:
+    """One line per problem, from GX's expectation results, in suite order.
+
+    A missing column gets only its ``is missing`` line, and a column of the wrong type drops
+    its range and allowed-value failures: those follow from the first problem.
+    """
+    failed = [r for r in results if not r.success]
+    meta = [dict(r.expectation_config.meta or {}) for r in failed]
+    missing = {m.get(_COLUMN) for m in meta if m.get(_CHECK) == "exists"}
+    mistyped = {m.get(_COLUMN) for m in meta if m.get(_CHECK) in ("numeric", "string")}
+    lines: list[str] = []
+    for res, m in zip(failed, meta):
+        check, column = m.get(_CHECK, "unknown"), m.get(_COLUMN)
+        if column in missing and check != "exists":
+            continue
+        if column in mistyped and check in _TYPE_DEPENDENT:
+            continue
+        config = res.expectation_config
+        error = _exception_message(res)
+        if error is not None:
+            subject = f"column {column!r}" if column else "table"
+            lines.append(f"{subject}: {config.type} could not be evaluated: {error}")
+            continue
+        lines.append(_describe(check, column, config.kwargs, res.result or {}))
+    return lines
+
+
+# --------------------------------------------------------------------------- API
+
+
+def validate_frame(
+    df: pd.DataFrame,
+    schema: DatasetSchema,
+    *,
+    require_label: bool = True,
+    source: str = "batch",
+) -> ValidationSummary:
+    """Validate ``df`` against ``schema`` with one GX batch run of the schema's suite.
+
+    ``require_label=False`` is for scoring inputs, which have no label yet. ``source`` names
+    the frame in messages (a file, a partition). Raises ``DataError`` only when GX itself
+    cannot run; a frame that fails its expectations is reported, not raised
+    (see ``raise_for_failures``).
+    """
+    from great_expectations.exceptions import GreatExpectationsError
+
+    suite = _cached_suite(schema, require_label)
+    try:
+        result = _get_runtime().run(df, suite)
+    except GreatExpectationsError as exc:
+        raise DataError(f"{source}: Great Expectations could not validate the frame: {exc}") from exc
+    stats = result.statistics
+    return ValidationSummary(
+        suite=suite.name,
+        source=source,
+        rows=len(df),
+        success=bool(result.success),
+        evaluated=int(stats["evaluated_expectations"]),
+        failed=int(stats["unsuccessful_expectations"]),
+        failures=tuple(_summarize(result.results)),
+    )
+
+
+def raise_for_failures(summary: ValidationSummary) -> ValidationSummary:
+    """Raise ``ValidationFailed`` listing each problem unless the frame passed; else return it."""
+    if summary.success:
+        return summary
+    raise ValidationFailed(
+        f"{summary.source}: {summary.failed} of {summary.evaluated} expectations failed",
+        list(summary.failures),
+    )
+
+
+def validate_or_raise(
+    df: pd.DataFrame,
+    schema: DatasetSchema,
+    *,
+    require_label: bool = True,
+    source: str = "batch",
+) -> ValidationSummary:
+    """``validate_frame`` then ``raise_for_failures``: the summary of a frame that passed."""
+    return raise_for_failures(validate_frame(df, schema, require_label=require_label, source=source))
