@@ -1,0 +1,513 @@
+"""The score store: staged Parquet parts, one atomic publish per run date, DuckDB readers.
+
+Everything here runs against a real DuckDB file and real Parquet files in ``tmp_path``.
+Tests that need a second process (a reader holding the lock, a scorer killed with SIGKILL)
+fork it from a forkserver that has pyarrow, pandas and this adapter preloaded, so a child
+starts in tens of milliseconds; the child runs a short script of its own.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from adapters import storage
+from adapters.storage import (
+    IncompleteRun,
+    PartInfo,
+    RunRecord,
+    StagedRun,
+    StagingMissing,
+    WarehouseBusy,
+)
+from mlops.errors import DataError, PlatformError
+
+pytestmark = pytest.mark.integration
+
+DAY = date(2025, 3, 1)
+OTHER_DAY = date(2025, 3, 2)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+@pytest.fixture(scope="module")
+def forkserver() -> multiprocessing.context.BaseContext:
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["adapters.storage", "pyarrow.parquet", "pandas", "duckdb"])
+    return ctx
+
+
+def record(**changes: object) -> RunRecord:
+    now = datetime.now(UTC)
+    fields: dict[str, object] = {
+        "model_name": "fraud",
+        "model_version": "7",
+        "alias": "champion",
+        "flow_run_id": "flow-1",
+        "rows_in": 0,
+        "started_at": now - timedelta(seconds=3),
+        "finished_at": now,
+        "phase_seconds": {"load": 0.5, "score": 2.0, "write": 0.25},
+    }
+    fields.update(changes)
+    return RunRecord(**fields)  # type: ignore[arg-type]
+
+
+def part_table(index: int, rows: int, tag: str = "x") -> pa.Table:
+    ids = list(range(index * 1000, index * 1000 + rows))
+    return pa.table(
+        {
+            "transaction_id": pa.array(ids, pa.int64()),
+            "score": pa.array([(i % 97) / 97 for i in ids], pa.float64()),
+            "tag": pa.array([tag] * rows, pa.string()),
+        }
+    )
+
+
+def run_once(root: Path, day: date, parts: list[int], tag: str = "x") -> storage.CommitInfo:
+    """A whole scoring run: sweep, stage ``parts`` (rows per part), commit."""
+    storage.sweep(root)
+    stage = StagedRun.open(root, day, storage.new_run_id())
+    infos = [stage.write_part(i, part_table(i, rows, tag)) for i, rows in enumerate(parts)]
+    return stage.commit(infos, record(rows_in=sum(parts)))
+
+
+def count(root: Path, where: str = "true") -> int:
+    return storage.query(root, f"SELECT count(*) AS n FROM scores WHERE {where}")["n"][0].as_py()
+
+
+def spawn(
+    forkserver: multiprocessing.context.BaseContext, script: str, **names: object
+) -> multiprocessing.process.BaseProcess:
+    """Start a child process that runs ``script`` with ``names`` as its globals."""
+    child = forkserver.Process(target=exec, args=(script, names), daemon=True)
+    child.start()
+    return child
+
+
+def wait_for(ready: Callable[[], bool], child: multiprocessing.process.BaseProcess) -> None:
+    """Wait until ``ready()``; fail at once if ``child`` died, or after 30 seconds."""
+    deadline = time.monotonic() + 30
+    while not ready():
+        assert child.is_alive(), f"the child process died (exit code {child.exitcode})"
+        assert time.monotonic() < deadline, "the child process never got ready"
+        time.sleep(0.0005)
+
+
+def tree(path: Path) -> set[str]:
+    """Every entry under ``path``, relative, symlinks marked with their target."""
+    out = set()
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            full = Path(dirpath) / name
+            rel = str(full.relative_to(path))
+            out.add(f"{rel} -> {os.readlink(full)}" if full.is_symlink() else rel)
+    return out
+
+
+# --------------------------------------------------------------------------- publishing
+
+
+def test_commit_makes_exactly_its_rows_visible(root: Path) -> None:
+    """Given an empty store, when a run of three parts commits, then ``scores`` holds
+    exactly its rows under its run_date and ``score_runs`` describes it."""
+    assert storage.committed_dates(root) == []
+
+    info = run_once(root, DAY, [100, 50, 0])
+
+    assert info.rows_out == 150 and info.parts == 3
+    assert count(root) == 150
+    assert count(root, f"run_date = DATE '{DAY}'") == 150
+    assert storage.committed_dates(root) == [DAY]
+    (row,) = storage.query(
+        root, "SELECT *, phase_seconds->>'score' AS score_s FROM score_runs"
+    ).to_pylist()
+    assert row["run_id"] == info.run_id
+    assert (row["model_name"], row["model_version"], row["alias"]) == ("fraud", "7", "champion")
+    assert (row["rows_in"], row["rows_out"], row["parts"]) == (150, 150, 3)
+    assert row["score_s"] == "2.0"
+    assert row["started_at"] < row["finished_at"] <= row["committed_at"]
+
+
+def test_recommitting_a_date_replaces_it_and_never_duplicates(root: Path) -> None:
+    """Given runs committed for two dates, when the first date is scored again, then it
+    holds only the new run's rows, the other date is untouched, score_runs keeps one row
+    per date, and the superseded run's files are gone."""
+    first = run_once(root, DAY, [100, 100], tag="old")
+    run_once(root, OTHER_DAY, [10])
+    second = run_once(root, DAY, [70, 70, 70], tag="new")
+
+    got = storage.query(
+        root, "SELECT run_date, tag, count(*) AS n FROM scores GROUP BY ALL ORDER BY ALL"
+    ).to_pylist()
+    assert got == [
+        {"run_date": DAY, "tag": "new", "n": 210},
+        {"run_date": OTHER_DAY, "tag": "x", "n": 10},
+    ]
+    runs = storage.query(root, "SELECT run_date, run_id FROM score_runs ORDER BY 1").to_pylist()
+    assert [r["run_date"] for r in runs] == [DAY, OTHER_DAY]
+    assert runs[0]["run_id"] == second.run_id
+    assert not Path(first.path).exists()
+    assert os.readlink(root / "scores" / f"run_date={DAY}").endswith(second.run_id)
+
+
+def test_the_hive_layout_reads_the_same_rows_through_the_pointers(root: Path) -> None:
+    """Given committed runs, a Hive-style glob over ``scores/run_date=*/*.parquet`` follows
+    the date pointers (symlinks) in DuckDB and reads exactly the rows of the view; the
+    recursive ``**`` glob does not follow them, which is why nothing relies on it."""
+    run_once(root, DAY, [30, 20])
+    run_once(root, DAY, [40], tag="newer")
+    run_once(root, OTHER_DAY, [5])
+    glob = f"{root}/scores/run_date=*/*.parquet"
+
+    through_pointers = storage.query(
+        root,
+        "SELECT run_date, tag, transaction_id, score FROM "
+        f"read_parquet('{glob}', hive_partitioning = true, hive_types = {{'run_date': DATE}}) "
+        "ORDER BY ALL",
+    )
+    view = storage.query(
+        root, "SELECT run_date, tag, transaction_id, score FROM scores ORDER BY ALL"
+    )
+    assert through_pointers.equals(view) and view.num_rows == 45
+    recursive = storage.query(root, f"SELECT file FROM glob('{root}/scores/**/*.parquet')")
+    assert all("/_runs/" in f for f in recursive["file"].to_pylist())
+
+
+def test_committing_the_same_run_again_returns_the_first_commit(root: Path) -> None:
+    """A commit retried after it succeeded (a task retry) changes nothing."""
+    stage = StagedRun.open(root, DAY, "run-1")
+    parts = [stage.write_part(0, part_table(0, 10))]
+    first = stage.commit(parts, record())
+    again = stage.commit(parts, record())
+    assert (again.run_id, again.rows_out, again.parts) == (first.run_id, 10, 1)
+    assert count(root) == 10
+    with pytest.raises(PlatformError, match="already the committed run"):
+        StagedRun.open(root, DAY, "run-1")
+
+
+def test_rewriting_a_part_replaces_it(root: Path) -> None:
+    """Writing the same index twice (a retried task) leaves one complete part: the last."""
+    stage = StagedRun.open(root, DAY, "run-1")
+    stage.write_part(0, part_table(0, 10))
+    info = stage.write_part(0, part_table(0, 4, tag="retry"))
+    assert info == PartInfo(0, info.path, 4, os.path.getsize(info.path))
+    assert sorted(os.listdir(Path(info.path).parent)) == ["_stage.json", "part-00000.parquet"]
+    stage.commit([info], record())
+    got = storage.query(root, "SELECT tag, count(*) AS n FROM scores GROUP BY ALL")
+    assert got.to_pylist() == [{"tag": "retry", "n": 4}]
+
+
+def test_an_incomplete_run_is_refused_and_can_be_completed(root: Path) -> None:
+    """Given a run whose part is missing and whose other part has the wrong row count,
+    commit publishes nothing and names both; once the parts are right it commits."""
+    run_once(root, DAY, [7], tag="old")
+    stage = StagedRun.open(root, DAY, "run-2")
+    parts = [stage.write_part(i, part_table(i, 10)) for i in range(3)]
+    os.unlink(parts[2].path)
+    wrong = [parts[0], PartInfo(1, parts[1].path, 11, parts[1].bytes), parts[2]]
+
+    with pytest.raises(IncompleteRun) as raised:
+        stage.commit(wrong, record())
+    assert raised.value.problems == [
+        "part-00001.parquet: 10 rows, expected 11",
+        "part-00002.parquet: missing",
+    ]
+    assert storage.query(root, "SELECT DISTINCT tag FROM scores")["tag"].to_pylist() == ["old"]
+
+    parts[2] = stage.write_part(2, part_table(2, 10))
+    assert stage.commit(parts, record()).rows_out == 30
+    assert count(root) == 30
+
+
+def test_parts_must_not_carry_the_partition_column(root: Path) -> None:
+    """run_date comes from the folder; a part with its own run_date column is refused."""
+    stage = StagedRun.open(root, DAY, "run-1")
+    with pytest.raises(DataError, match="run_date"):
+        stage.write_part(0, part_table(0, 3).append_column("run_date", pa.array([DAY] * 3)))
+    with pytest.raises(ValueError, match="run id"):
+        StagedRun.open(root, DAY, "../escape")
+
+
+# --------------------------------------------------------------------------- staging and sweep
+
+
+def test_an_uncommitted_run_is_invisible_and_swept_by_the_next_run(root: Path) -> None:
+    """Given a committed run and a later run that staged parts but never committed, readers
+    see only the committed rows; the next run of that date sweeps the abandoned staging,
+    and a worker of the abandoned run can no longer write into it."""
+    run_once(root, DAY, [5])
+    abandoned = StagedRun.open(root, DAY, "killed-run")
+    abandoned.write_part(0, part_table(0, 1000))
+    assert count(root) == 5
+    assert storage.committed_dates(root) == [DAY]
+
+    run_once(root, DAY, [6])
+
+    assert count(root) == 6
+    assert list((root / "scores" / "_staging").iterdir()) == []
+    with pytest.raises(StagingMissing):
+        abandoned.write_part(1, part_table(1, 1))
+
+
+def test_an_aborted_run_leaves_the_published_run_alone(root: Path) -> None:
+    """Aborting a staging run deletes it and nothing else; its workers can write no more."""
+    run_once(root, DAY, [9])
+    stage = StagedRun.open(root, DAY, "given-up")
+    stage.write_part(0, part_table(0, 3))
+    stage.abort()
+    assert count(root) == 9
+    assert not (root / "scores" / "_staging" / "given-up").exists()
+    with pytest.raises(StagingMissing):
+        stage.write_part(1, part_table(1, 3))
+
+
+def test_sweep_spares_live_staging_of_other_dates_until_it_goes_stale(root: Path) -> None:
+    """A staging run of another date may belong to a live run elsewhere: sweep keeps it
+    until nothing in it changed for ``stale_after``."""
+    live = StagedRun.open(root, OTHER_DAY, "other-day")
+    live.write_part(0, part_table(0, 1))
+    run_once(root, DAY, [1])
+    assert (root / "scores" / "_staging" / "other-day").is_dir()
+
+    report = storage.sweep(root, stale_after=timedelta(0))
+
+    assert report.removed == ("_staging/other-day",)
+    with pytest.raises(StagingMissing):
+        live.write_part(1, part_table(1, 1))
+
+
+def test_sweep_repairs_the_view_after_the_home_folder_moved(root: Path, tmp_path: Path) -> None:
+    """The view names files by absolute path; after MLOPS_HOME moves, sweep rebuilds it."""
+    run_once(root, DAY, [12])
+    moved = tmp_path / "moved"
+    root.rename(moved)
+    with pytest.raises(DataError):
+        count(moved)
+    storage.sweep(moved)
+    assert count(moved) == 12
+
+
+def test_reader_errors_are_platform_errors(root: Path) -> None:
+    """Reading before anything was committed, or with bad SQL, raises a DataError."""
+    with pytest.raises(DataError, match="nothing has been committed"):
+        storage.query(root, "SELECT 1")
+    storage.sweep(root)
+    assert count(root) == 0
+    with pytest.raises(DataError, match="no_such_table"):
+        storage.query(root, "SELECT * FROM no_such_table")
+
+
+# --------------------------------------------------------------------------- other processes
+
+_HOLD_READ_LOCK = """
+import time
+import duckdb
+con = duckdb.connect(path, read_only=True)
+held.set()
+time.sleep(hold_s)
+con.close()
+"""
+
+
+def test_a_writer_waits_for_readers_and_gives_up_with_warehouse_busy(
+    root: Path, forkserver: multiprocessing.context.BaseContext
+) -> None:
+    """Given another process reading the warehouse, a commit cannot take the write lock:
+    with a short timeout it raises WarehouseBusy and publishes nothing; with a longer one
+    it waits for the reader to finish and then commits."""
+    run_once(root, DAY, [3])
+    held = forkserver.Event()
+    reader = spawn(
+        forkserver, _HOLD_READ_LOCK, path=str(root / "warehouse.duckdb"), held=held, hold_s=1.5
+    )
+    try:
+        wait_for(held.is_set, reader)
+        start = time.monotonic()
+        with pytest.raises(WarehouseBusy):
+            StagedRun.open(root, DAY, "too-impatient", lock_timeout=0.3)
+        assert time.monotonic() - start < 1.0
+        stage = StagedRun.open(root, DAY, "patient", lock_timeout=10)
+        assert time.monotonic() - start > 1.0
+        stage.commit([stage.write_part(0, part_table(0, 4))], record())
+    finally:
+        reader.join(30)
+    assert count(root) == 4
+
+
+_POLL_READER = """
+import time
+from adapters import storage
+from mlops.errors import PlatformError
+sql = (
+    "SELECT 'view' AS source, tag, count(*) AS n FROM scores GROUP BY ALL "
+    "UNION ALL "
+    "SELECT 'pointer' AS source, tag, count(*) AS n FROM read_parquet('" + glob + "') GROUP BY ALL"
+)
+seen = []
+while not stop.is_set():
+    try:
+        rows = storage.query(root, sql).to_pylist()
+        seen.append(sorted((r["source"], r["tag"], r["n"]) for r in rows))
+    except PlatformError as exc:
+        seen.append([("error", str(exc)[:200], 0)])
+    polls.value += 1
+    time.sleep(0.005)
+out.send(seen)
+"""
+
+
+def test_a_reader_during_recommits_sees_one_whole_run(
+    root: Path, forkserver: multiprocessing.context.BaseContext
+) -> None:
+    """Given run A (300 rows tagged A) and run B (350 rows tagged B) committed in turn for
+    the same date many times, a reader process polling all the while, through the view
+    and through the date pointer, only ever sees all of A or all of B."""
+    a_parts, b_parts = [100, 100, 100], [70, 70, 70, 70, 70]
+    run_once(root, DAY, a_parts, tag="A")
+    stop = forkserver.Event()
+    polls = forkserver.RawValue("i", 0)
+    receive, send = forkserver.Pipe(duplex=False)
+    glob = f"{root}/scores/run_date=*/*.parquet"
+    reader = spawn(
+        forkserver, _POLL_READER, root=str(root), glob=glob, stop=stop, polls=polls, out=send
+    )
+    try:
+        wait_for(lambda: polls.value > 0, reader)
+        commits = 0
+        for i in range(16):
+            tag, parts = ("B", b_parts) if i % 2 == 0 else ("A", a_parts)
+            stage = StagedRun.open(root, DAY, f"run-{i}-{tag}")
+            infos = [stage.write_part(j, part_table(j, n, tag)) for j, n in enumerate(parts)]
+            stage.commit(infos, record())
+            commits += 1
+    finally:
+        stop.set()
+        seen = receive.recv() if receive.poll(30) else None
+        reader.join(30)
+
+    whole_a = [("pointer", "A", 300), ("view", "A", 300)]
+    whole_b = [("pointer", "B", 350), ("view", "B", 350)]
+    assert seen, "the reader reported nothing"
+    mixed = [s for s in seen if s not in (whole_a, whole_b)]
+    assert mixed == [], f"{len(mixed)} of {len(seen)} reads saw a mix: {mixed[:3]}"
+    assert whole_a in seen and whole_b in seen, f"{commits} commits, {len(seen)} reads"
+
+
+# The scorer run in a child that the test kills. It publishes its phase in shared memory
+# so the parent knows where each kill landed. Its parts are the parent's tables tagged
+# with the run id, so a reader can tell which run every row came from.
+SWEEP, OPEN, WRITE, COMMIT, COMMITTED = 1, 2, 3, 4, 5
+PHASES = {SWEEP: "sweep", OPEN: "open", WRITE: "write", COMMIT: "commit", COMMITTED: "committed"}
+_CRASHING_SCORER = """
+import datetime as dt
+import pyarrow as pa
+from adapters import storage
+
+def tagged(table, run_id):  # as tagged() below
+    return table.append_column("run_tag", pa.array([run_id] * table.num_rows, pa.string()))
+
+day = dt.date.fromisoformat(day)
+while True:
+    phase.value = SWEEP
+    storage.sweep(root)
+    run_id = storage.new_run_id()
+    phase.value = OPEN
+    stage = storage.StagedRun.open(root, day, run_id)
+    infos = []
+    for i, table in enumerate(tables):
+        phase.value = WRITE
+        infos.append(stage.write_part(i, tagged(table, run_id)))
+    phase.value = COMMIT
+    stage.commit(infos, run_record)
+    phase.value = COMMITTED
+"""
+
+
+def tagged(table: pa.Table, run_id: str) -> pa.Table:
+    return table.append_column("run_tag", pa.array([run_id] * table.num_rows, pa.string()))
+
+
+def test_a_killed_scoring_run_rerun_leaves_exactly_the_rows_of_a_clean_run(
+    root: Path, tmp_path: Path, forkserver: multiprocessing.context.BaseContext
+) -> None:
+    """Given a scorer process that sweeps, stages four parts and commits in a loop, when it
+    is SIGKILLed again and again at random points (in sweep, open, part writes and inside
+    commit), then after every kill readers see either nothing or exactly one whole run
+    (the one score_runs names), and a clean re-run leaves exactly the rows and files of
+    the same run made in a fresh folder: one run folder, one pointer, no stray file."""
+    tables = [part_table(i, rows) for i, rows in enumerate([300, 250, 200, 1])]
+    clean = pa.concat_tables(tables).sort_by("transaction_id")
+    names = {
+        "root": str(root),
+        "day": DAY.isoformat(),
+        "tables": tables,
+        "run_record": record(rows_in=clean.num_rows),
+        "SWEEP": SWEEP,
+        "OPEN": OPEN,
+        "WRITE": WRITE,
+        "COMMIT": COMMIT,
+        "COMMITTED": COMMITTED,
+    }
+    rng = random.Random(20250301)
+    killed_in: list[str] = []
+    targets = [COMMIT, WRITE, COMMIT, None, COMMIT, SWEEP, OPEN, COMMIT, None, COMMIT] * 2
+    for target in targets:
+        phase = forkserver.RawValue("i", 0)
+        scorer = spawn(forkserver, _CRASHING_SCORER, **names, phase=phase)
+        if target is None:  # anywhere in the first few loops
+            wait_for(lambda: phase.value != 0, scorer)  # noqa: B023 (used at once)
+            time.sleep(rng.uniform(0, 0.8))
+        else:
+            wait_for(lambda: phase.value == target, scorer)  # noqa: B023 (used at once)
+            time.sleep(rng.uniform(0, 0.08 if target == COMMIT else 0.01))
+        killed_in.append(PHASES.get(phase.value, "start"))
+        os.kill(scorer.pid, signal.SIGKILL)
+        scorer.join(10)
+        assert scorer.exitcode == -signal.SIGKILL, "the scorer died of something else"
+
+        if storage.committed_dates(root):
+            seen = storage.query(
+                root,
+                "SELECT s.*, r.run_id FROM scores s JOIN score_runs r USING (run_date)",
+            )
+            assert set(seen["run_tag"].to_pylist()) == set(seen["run_id"].to_pylist())
+            assert len(set(seen["run_tag"].to_pylist())) == 1
+            assert seen.select(clean.column_names).sort_by("transaction_id").equals(clean)
+
+    assert killed_in.count("commit") >= 5, killed_in
+
+    def clean_run(home: Path) -> pa.Table:
+        storage.sweep(home)
+        stage = StagedRun.open(home, DAY, "rerun")
+        infos = [stage.write_part(i, tagged(t, "rerun")) for i, t in enumerate(tables)]
+        stage.commit(infos, record(rows_in=clean.num_rows))
+        return storage.query(home, "SELECT * FROM scores ORDER BY transaction_id")
+
+    rerun, fresh = clean_run(root), clean_run(tmp_path / "fresh")
+    assert rerun.equals(fresh)
+    assert rerun.select(clean.column_names).equals(clean)
+    assert tree(root / "scores") == tree(tmp_path / "fresh" / "scores") == {
+        "_staging",
+        "_runs",
+        f"_runs/run_date={DAY}",
+        f"_runs/run_date={DAY}/rerun",
+        *(f"_runs/run_date={DAY}/rerun/part-0000{i}.parquet" for i in range(4)),
+        f"run_date={DAY} -> _runs/run_date={DAY}/rerun",
+    }
+    assert storage.query(root, "SELECT count(*) AS n FROM score_runs")["n"].to_pylist() == [1]
