@@ -328,9 +328,9 @@ con.close()
 def test_a_writer_waits_for_readers_and_gives_up_with_warehouse_busy(
     root: Path, forkserver: multiprocessing.context.BaseContext
 ) -> None:
-    """Given another process reading the warehouse, a commit cannot take the write lock:
-    with a short timeout it raises WarehouseBusy and publishes nothing; with a longer one
-    it waits for the reader to finish and then commits."""
+    """Given another process reading the warehouse, a writer (opening a staging run takes
+    the same write lock as commit) cannot get in: with a short timeout it raises
+    WarehouseBusy; with a longer one it waits for the reader to finish and goes on."""
     run_once(root, DAY, [3])
     held = forkserver.Event()
     reader = spawn(
