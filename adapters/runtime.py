@@ -6,6 +6,7 @@ Prefect or MLflow is used; importing this module changes nothing.
 
 from __future__ import annotations
 
+import logging
 import os
 
 from mlops.settings import HOME_ENV, Settings
@@ -42,5 +43,7 @@ def configure(settings: Settings) -> None:
     settings.home_path.mkdir(parents=True, exist_ok=True)
     settings.prefect_home.mkdir(parents=True, exist_ok=True)
     os.environ.update(runtime_environment(settings))
+    # MLflow warns that it cannot find pip's version for a conda.yaml we never use.
+    logging.getLogger("mlflow.utils.environment").setLevel(logging.ERROR)
     if not settings.prefect.api_url:
         os.environ.pop("PREFECT_API_URL", None)

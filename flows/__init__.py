@@ -1,0 +1,1 @@
+"""Prefect flows: each sequences tasks and plain functions, and decides nothing itself."""

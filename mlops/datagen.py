@@ -96,7 +96,7 @@ def _block(rows: int, seed: int, block: int, drift: float, start: datetime, n_us
     offsets = np.sort(rng.uniform(0, span, rows))
     event_time = pd.Timestamp(start) + pd.to_timedelta(offsets, unit="s")
     hour = event_time.hour.to_numpy().astype(float)
-    dow = event_time.dayofweek.to_numpy().astype(float)
+    dow = event_time.day_of_week.to_numpy().astype(float)
 
     merchant = _categorical(rng, MERCHANT_CATEGORIES,
                             [22, 18, 10, 8, 5, 15, 4 + 6 * d, 2, 2, 14], rows)  # fmt: skip

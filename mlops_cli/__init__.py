@@ -1,0 +1,1 @@
+"""The ``mlops`` command line: parses arguments, loads settings once, runs flows."""

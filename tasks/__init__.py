@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers over adapter calls, with retries on IO only."""

@@ -1,0 +1,92 @@
+"""Shared CLI plumbing: settings loading, error translation, progress display."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import wraps
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from mlops.errors import PlatformError
+from mlops.settings import Settings, load_settings
+
+# Off a terminal (CI logs, pipes) tables get room instead of rich's 80-column default.
+_WIDTH = None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "160"))
+console = Console(stderr=False, highlight=False, width=_WIDTH)
+err_console = Console(stderr=True, highlight=False, width=_WIDTH)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_state: dict[str, Any] = {"verbose": False}
+
+
+def set_verbose(verbose: bool) -> None:
+    _state["verbose"] = verbose
+
+
+def settings_for(config: str | None) -> Settings:
+    """Load settings once and wire this process's backends to them."""
+    from adapters.runtime import configure
+
+    settings = load_settings(config)
+    configure(settings)
+    # Prefect keeps INFO logs for its API (the UI); the terminal shows our own progress.
+    os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "INFO" if _state["verbose"] else "CRITICAL"
+    return settings
+
+
+def handle_errors(fn: F) -> F:
+    """Turn platform errors into one readable line on stderr and the error's exit code."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except PlatformError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(code=exc.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("[bold red]interrupted[/]")
+            raise typer.Exit(code=130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class _StatusHandler(logging.Handler):
+    """Shows each flow/task log line as the live status text (and keeps notable ones)."""
+
+    def __init__(self, status: Any):
+        super().__init__(level=logging.INFO)
+        self.status = status
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = record.getMessage().splitlines()[0][:160]
+        except Exception:  # noqa: BLE001 - a log line must never break the run
+            return
+        self.status.update(f"[cyan]{msg}")
+
+
+@contextmanager
+def progress(title: str) -> Iterator[None]:
+    """A live spinner fed by the flow's own log lines."""
+    if _state["verbose"] or not sys.stdout.isatty():
+        console.print(f"[bold]{title}[/]")
+        yield
+        return
+    with console.status(f"[bold]{title}[/]") as status:
+        handler = _StatusHandler(status)
+        loggers = [logging.getLogger(n) for n in ("prefect.flow_runs", "prefect.task_runs")]
+        for lg in loggers:
+            lg.addHandler(handler)
+        try:
+            yield
+        finally:
+            for lg in loggers:
+                lg.removeHandler(handler)

@@ -1,0 +1,116 @@
+"""Shared fixtures: a temporary MLOPS_HOME per test, fast training settings, one Prefect
+test harness per session, and real MLflow-on-SQLite registries."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mlops.settings import Settings, load_settings
+
+# Small but real candidates: the same code paths as production, in seconds.
+FAST_CANDIDATES = [
+    {"kind": "gradient_boosting", "n_estimators": 25, "max_depth": 3, "max_train_rows": 8000},
+    {"kind": "logistic_regression"},
+]
+FAST_ENV = {
+    "MLOPS__TRAINING__CANDIDATES": json.dumps(FAST_CANDIDATES),
+    "MLOPS__TRAINING__LATENCY_REPEATS": "20",
+    "MLOPS__TRAINING__LATENCY_BATCH_ROWS": "1000",
+    "MLOPS__PROMOTION__WAIT_SECONDS": "60",
+}
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Offline machine: no telemetry from any component, even before a fixture runs.
+    for key, value in {
+        "DO_NOT_TRACK": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "GX_ANALYTICS_ENABLED": "false",
+        "BENTOML_DO_NOT_TRACK": "true",
+    }.items():
+        os.environ.setdefault(key, value)
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Settings of a fresh platform instance whose state lives in this test's tmp_path."""
+    from adapters.runtime import configure
+
+    state = tmp_path / "mlops-home"
+    monkeypatch.setenv("MLOPS_HOME", str(state))
+    for key, value in FAST_ENV.items():
+        monkeypatch.setenv(key, value)
+    for key in list(os.environ):
+        if key.startswith("PREFECT_") and key not in {"PREFECT_API_URL", "PREFECT_HOME"}:
+            monkeypatch.setenv(key, os.environ[key])  # restored after the test
+    settings = load_settings()
+    configure(settings)
+    return settings
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[None]:
+    """One temporary Prefect API for the whole session (starting one costs ~20 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture
+def flow_home(prefect_api: None, home: Settings) -> Settings:
+    """``home`` plus the session's Prefect API, for tests that run flows."""
+    return home
+
+
+@pytest.fixture(scope="session")
+def small_model() -> bytes:
+    """A real (tiny) fraud model exported to ONNX, for registry tests that need versions."""
+    from mlops import modeling
+    from mlops.datagen import generate
+    from mlops.settings import LogisticRegressionSpec
+
+    settings = load_settings(environ={})
+    frame = generate(3000, seed=3)
+    pipe = modeling.fit(LogisticRegressionSpec(max_iter=200), frame, settings.dataset, 0)
+    return modeling.to_onnx_bytes(pipe, settings.dataset)
+
+
+def register_versions(settings: Settings, small_model: bytes, metrics: list[dict[str, float]]) -> list[int]:
+    """Register one version per metrics dict, each with its own MLflow run.
+
+    The ONNX model is logged once and shared by every version's source (logging a model
+    costs seconds); each version still has a real run carrying its own metrics.
+    """
+    import numpy as np
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from mlops import modeling
+    from mlops.datagen import generate
+    from registry.mlflow_registry import ModelRegistry
+    from registry.tracking import log_training_run
+
+    example = modeling.features_frame(generate(100, seed=9).head(3), settings.dataset)
+    example = example.astype({n: np.float32 for n in settings.dataset.numeric_names})
+    logged = log_training_run(
+        settings, run_name="fixture-model", params={}, metrics={}, tags={}, files={},
+        onnx_model=small_model, example_features=example, example_scores=pd.DataFrame({"probability": [0.1, 0.2, 0.3]}),
+    )  # fmt: skip
+    client = MlflowClient(tracking_uri=settings.tracking_uri)
+    registry = ModelRegistry(settings)
+    versions = []
+    for i, m in enumerate(metrics):
+        run = client.create_run(logged.experiment_id, run_name=f"fixture-{i}")
+        for key, value in m.items():
+            client.log_metric(run.info.run_id, key, value)
+        client.set_terminated(run.info.run_id)
+        versions.append(registry.register(settings.training.model_name, logged.model_uri, run.info.run_id, {}, "fixture").version)
+    return versions
