@@ -266,5 +266,9 @@ def demo(
     run_demo(settings_for(config), config, rows)
 
 
+# --------------------------------------------------------------------------- command groups
+# Each capability keeps its commands in its own module and registers them here.
+
+
 if __name__ == "__main__":
     app()
