@@ -1,0 +1,102 @@
+"""The ``mlops`` command line as a user runs it: help everywhere, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pyarrow.parquet as pq
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from adapters.datasets import write_parquet
+from mlops.datagen import generate
+from mlops_cli.main import app
+
+RUNNER = CliRunner()
+
+
+def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    out = []
+    for name, cmd in group.commands.items():
+        out.append(prefix + (name,))
+        if isinstance(cmd, click.Group):
+            out.extend(_commands(cmd, prefix + (name,)))
+    return out
+
+
+COMMANDS = _commands(typer.main.get_command(app))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=[" ".join(p) for p in COMMANDS])
+def test_every_command_has_help(path: tuple[str, ...]) -> None:
+    """Every command and group answers --help with a description."""
+    result = RUNNER.invoke(app, [*path, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output and len(result.output.splitlines()) > 3
+
+
+def mlops(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    full_env = os.environ.copy() | (env or {})
+    return subprocess.run([sys.executable, "-m", "mlops_cli.main", *args], capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+def test_invalid_config_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """`mlops config validate` on a bad file prints one line naming file and field, exit code 2."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dask:\n  n_workers: -1\n")
+    result = RUNNER.invoke(app, ["config", "validate", str(bad)])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "bad.yaml: dask.n_workers" in lines[0]
+
+
+def test_data_generate_writes_exactly_the_rows(tmp_path: Path) -> None:
+    """`mlops data generate` writes the requested rows to Parquet; a non-Parquet target is refused."""
+    out = tmp_path / "d.parquet"
+    result = RUNNER.invoke(app, ["data", "generate", "--rows", "1234", "--out", str(out), "--seed", "3", "--drift", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert pq.ParquetFile(out).metadata.num_rows == 1234
+    bad = RUNNER.invoke(app, ["data", "generate", "--rows", "10", "--out", str(tmp_path / "d.txt")])
+    assert bad.exit_code == 3 and "must be a .parquet file" in bad.output
+    assert not (tmp_path / "d.txt").exists()
+
+
+@pytest.mark.slow
+def test_train_on_bad_data_exits_nonzero_listing_expectations(tmp_path: Path) -> None:
+    """`mlops train` on data with a missing column and out-of-range values exits 3, lists both, registers nothing."""
+    home = tmp_path / "home"
+    data = tmp_path / "bad.parquet"
+    frame = generate(2000, seed=2).drop(columns=["ip_risk_score"])
+    frame.loc[::50, "hour_of_day"] = 99.0
+    write_parquet([frame], data)
+    result = mlops("train", "--data", str(data), env={"MLOPS_HOME": str(home)})
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "expectations failed" in result.stderr
+    assert "column 'ip_risk_score' is missing" in result.stderr
+    assert "column 'hour_of_day': values must be between 0.0 and 23.0" in result.stderr
+    assert "Traceback" not in result.stderr
+    listing = mlops("registry", "list", env={"MLOPS_HOME": str(home)})
+    assert listing.returncode == 0 and "has no versions" in listing.stdout
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_on_embedded_defaults(tmp_path: Path) -> None:
+    """`mlops demo` on a fresh MLOPS_HOME exits 0 and leaves v1 as challenger and champion with its history."""
+    home = tmp_path / "home"
+    env = {"MLOPS_HOME": str(home), "MLOPS__TRAINING__CANDIDATES": '[{"kind": "gradient_boosting", "n_estimators": 30}, {"kind": "logistic_regression"}]'}
+    result = mlops("demo", "--rows", "20000", env=env, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "demo summary" in result.stdout
+    listing = mlops("registry", "list", env=env)
+    assert "challenger, champion" in listing.stdout
+    history = mlops("registry", "history", env=env)
+    assert history.returncode == 0 and "register" in history.stdout and "promote" in history.stdout
+    stale = mlops("promote", "--alias", "champion", "--version", "1", "--expect-current", "7", "--reason", "x", env=env)
+    assert stale.returncode == 5 and "expected v7; nothing was moved" in stale.stderr
+    for sub in ("mlflow.db", "registry_audit.db", "prefect", "data/train.parquet"):
+        assert (home / sub).exists(), sub

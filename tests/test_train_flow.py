@@ -1,0 +1,131 @@
+"""The training flow on a real Prefect API, real MLflow on SQLite and real Great Expectations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from adapters.datasets import write_parquet
+from mlops.datagen import generate
+from mlops.errors import ValidationFailed
+from mlops.registry_model import CHALLENGER, CHAMPION
+from mlops.settings import Settings
+from registry.mlflow_registry import ModelRegistry
+
+pytestmark = pytest.mark.integration
+
+
+def _data(settings: Settings, frame: pd.DataFrame, name: str = "train.parquet") -> str:
+    path = settings.data_dir / name
+    write_parquet([frame], path)
+    return str(path)
+
+
+def test_first_training_registers_challenger_and_champion_with_lineage(flow_home: Settings) -> None:
+    """Given valid data, training registers v1 as challenger and champion, with lineage, metrics and plots."""
+    from flows.train import train_flow
+
+    path = _data(flow_home, generate(8000, seed=11))
+    summary = train_flow(path)
+    registry = ModelRegistry(flow_home)
+    name = flow_home.training.model_name
+    assert summary.version == 1 and summary.promoted_to_champion
+    assert registry.aliases(name) == {CHALLENGER: 1, CHAMPION: 1}
+    v1 = registry.version(name, 1)
+    for key in ("lineage.data_fingerprint", "lineage.config_hash", "lineage.code_version", "lineage.mlflow_run_id",
+                "lineage.flow_run_id", "signature.inputs"):  # fmt: skip
+        assert v1.tags.get(key), key
+    assert v1.tags["lineage.mlflow_run_id"] == summary.run_id
+    assert {"roc_auc", "pr_auc", "log_loss", "ece", "latency_p99_ms", "batch_rows_per_s"} <= set(v1.metrics)
+    assert set(summary.candidates) == {"gradient_boosting", "logistic_regression"}
+    artifacts = {a.path for a in MlflowClient(flow_home.tracking_uri).list_artifacts(summary.run_id, "evaluation")}
+    assert {"evaluation/roc.png", "evaluation/precision_recall.png", "evaluation/calibration.png"} <= artifacts
+    assert [m.alias for m in registry.history(name)] == [CHALLENGER, CHAMPION]
+
+    # A second training on the same data is a new challenger; champion stays until promoted.
+    second = train_flow(path)
+    assert second.version == 2 and not second.promoted_to_champion
+    assert registry.aliases(name) == {CHALLENGER: 2, CHAMPION: 1}
+    assert registry.version(name, 2).tags["lineage.data_fingerprint"] == v1.tags["lineage.data_fingerprint"]
+
+
+def _missing_column(f: pd.DataFrame) -> pd.DataFrame:
+    return f.drop(columns=["merchant_risk_score"])
+
+
+def _wrong_dtype(f: pd.DataFrame) -> pd.DataFrame:
+    return f.assign(amount=f["amount"].astype(str))
+
+
+def _out_of_range(f: pd.DataFrame) -> pd.DataFrame:
+    return f.assign(utilization=np.where(np.arange(len(f)) % 10 == 0, 7.5, f["utilization"]))
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "expected"),
+    [
+        (_missing_column, "column 'merchant_risk_score' is missing"),
+        (_wrong_dtype, "column 'amount': expected a numeric type"),
+        (_out_of_range, "column 'utilization': values must be between 0.0 and 2.0"),
+    ],
+    ids=["missing-column", "wrong-dtype", "out-of-range"],
+)
+def test_invalid_data_stops_before_anything_is_registered(flow_home: Settings, corrupt, expected: str) -> None:  # noqa: ANN001
+    """Given a corrupt dataset, the flow fails listing the failed expectation and registers nothing."""
+    from flows.train import train_flow
+
+    path = _data(flow_home, corrupt(generate(3000, seed=12)), "bad.parquet")
+    with pytest.raises(ValidationFailed) as info:
+        train_flow(path)
+    assert any(expected in line for line in info.value.failures), info.value.failures
+    assert not ModelRegistry(flow_home).exists(flow_home.training.model_name)
+
+
+def test_bring_your_own_dataset_trains_without_code_changes(flow_home: Settings, tmp_path: Path) -> None:
+    """A different CSV table, declared only in config, validates, trains and registers."""
+    from flows.train import train_flow
+
+    rng = np.random.default_rng(0)
+    n = 4000
+    tenure = rng.uniform(0, 72, n)
+    charges = rng.uniform(20, 120, n)
+    plan = rng.choice(["monthly", "yearly", "two_year"], n)
+    logit = -1.0 - 0.05 * tenure + 0.02 * charges + 1.5 * (plan == "monthly")
+    churned = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(int)
+    csv = tmp_path / "churn.csv"
+    pd.DataFrame(
+        {"customer": [f"c{i}" for i in range(n)], "account": [f"a{i % 500}" for i in range(n)],
+         "tenure_months": tenure, "monthly_charges": charges, "plan": plan, "churned": churned}
+    ).to_csv(csv, index=False)  # fmt: skip
+    config = tmp_path / "churn.yaml"
+    config.write_text(
+        """
+dataset:
+  name: churn
+  id_column: customer
+  entity_column: account
+  timestamp_column: null
+  label_column: churned
+  numeric:
+    - {name: tenure_months, min: 0, max: 100}
+    - {name: monthly_charges, min: 0, max: 500}
+  categorical:
+    - {name: plan, categories: [monthly, yearly, two_year]}
+training:
+  model_name: churn-model
+  experiment: churn
+  candidates:
+    - {kind: logistic_regression}
+    - {kind: random_forest, n_estimators: 20}
+promotion:
+  gates:
+    - {metric: roc_auc, min_value: 0.6}
+"""
+    )
+    summary = train_flow(str(csv), str(config))
+    assert summary.model_name == "churn-model" and summary.version == 1 and summary.metrics["roc_auc"] > 0.6
+    assert ModelRegistry(flow_home).aliases("churn-model") == {CHALLENGER: 1, CHAMPION: 1}
