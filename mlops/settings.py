@@ -199,6 +199,16 @@ class PrefectConfig(StrictModel):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
 
 
+class ServicesConfig(StrictModel):
+    """Long-running services started by `mlops server up`, all on one host (loopback by default)."""
+
+    host: str = "127.0.0.1"
+    prefect_port: int = Field(4200, ge=1, le=65535)
+    mlflow_port: int = Field(5000, ge=1, le=65535)
+    serving_port: int = Field(3000, ge=1, le=65535)
+    startup_timeout_seconds: float = Field(180.0, gt=0)
+
+
 class MlflowConfig(StrictModel):
     """MLflow tracking and registry: SQLite in MLOPS_HOME unless a server URI is given."""
 
@@ -218,6 +228,25 @@ class DaskConfig(StrictModel):
     memory_limit: str = "auto"
 
 
+# --------------------------------------------------------------------------- scoring
+
+
+class ScoringConfig(StrictModel):
+    """Batch scoring: how the input is cut into partitions and how each worker scores.
+
+    A partition is what one Dask task reads, validates, scores and writes; peak memory per
+    worker follows ``rows_per_partition``, never the input size. Great Expectations costs
+    about a second per call whatever the rows, and Dask a few milliseconds per task, so
+    partitions of a few hundred thousand rows keep both overheads small.
+    """
+
+    rows_per_partition: int = Field(500_000, ge=1)
+    ort_threads: int = Field(1, ge=1)
+    decision_threshold: float | None = Field(None, gt=0, lt=1)
+    compare_segments: tuple[str, ...] = ()
+    psi_bins: int = Field(10, ge=2, le=100)
+
+
 class Settings(StrictModel):
     """The whole effective configuration of one platform instance."""
 
@@ -228,6 +257,8 @@ class Settings(StrictModel):
     prefect: PrefectConfig = PrefectConfig()
     mlflow: MlflowConfig = MlflowConfig()
     dask: DaskConfig = DaskConfig()
+    services: ServicesConfig = ServicesConfig()
+    scoring: ScoringConfig = ScoringConfig()
 
     # Derived locations; every piece of state lives under ``home``.
     @property
@@ -261,6 +292,11 @@ class Settings(StrictModel):
     @property
     def data_dir(self) -> Path:
         return self.home_path / "data"
+
+    @property
+    def run_dir(self) -> Path:
+        """Pid files, logs and URLs of the services `mlops server up` started."""
+        return self.home_path / "run"
 
 
 # --------------------------------------------------------------------------- loading
