@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import wraps
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -23,6 +23,11 @@ err_console = Console(stderr=True, highlight=False, width=_WIDTH)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+ConfigOpt = Annotated[
+    str | None,
+    typer.Option("--config", "-c", help="YAML config file (default: $MLOPS_CONFIG, else built-in defaults).", show_default=False),
+]
+
 _state: dict[str, Any] = {"verbose": False}
 
 
@@ -34,8 +39,16 @@ def settings_for(config: str | None) -> Settings:
     """Load settings once and wire this process's backends to them."""
     from adapters.runtime import configure
 
+    from adapters.services import active_prefect_api
+
     settings = load_settings(config)
     configure(settings)
+    # A Prefect server started by `mlops server up` for this home takes over from the
+    # temporary per-process API, so runs show up in its UI.
+    if not settings.prefect.api_url:
+        api = active_prefect_api(settings)
+        if api:
+            os.environ["PREFECT_API_URL"] = api
     # Prefect keeps INFO logs for its API (the UI); the terminal shows our own progress.
     os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "INFO" if _state["verbose"] else "CRITICAL"
     return settings

@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 
 from mlops.errors import ConfigError, DataError
-from mlops_cli.common import console, handle_errors, progress, set_verbose, settings_for
+from mlops_cli.common import ConfigOpt, console, handle_errors, progress, set_verbose, settings_for
 
 app = typer.Typer(
     name="mlops",
@@ -30,10 +30,6 @@ app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
 app.add_typer(registry_app, name="registry")
 
-ConfigOpt = Annotated[
-    str | None,
-    typer.Option("--config", "-c", help="YAML config file (default: $MLOPS_CONFIG, else built-in defaults).", show_default=False),
-]
 
 
 @app.callback()
@@ -268,6 +264,9 @@ def demo(
 
 # --------------------------------------------------------------------------- command groups
 # Each capability keeps its commands in its own module and registers them here.
+from mlops_cli import server as _server  # noqa: E402
+
+_server.register(app)
 
 
 if __name__ == "__main__":

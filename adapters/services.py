@@ -1,0 +1,238 @@
+"""Long-running services on loopback: a Prefect server, a process worker, an MLflow
+tracking server (and the model server once it is configured), started detached with
+pid files and logs under ``$MLOPS_HOME/run``.
+
+``up`` is idempotent (a service whose pid is alive is left alone); ``down`` stops exactly
+the processes it started, with their whole process trees, and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+
+from adapters.runtime import runtime_environment
+from mlops.errors import PlatformError
+from mlops.settings import Settings
+
+
+class ServiceError(PlatformError):
+    """A service did not start, did not become healthy in time, or could not be stopped."""
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    argv: tuple[str, ...]
+    url: str | None = None
+    health_url: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def project_dir() -> Path:
+    """The folder holding prefect.yaml and the flow code (the deployments' working directory)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+def prefect_api_url(settings: Settings) -> str:
+    s = settings.services
+    return f"http://{s.host}:{s.prefect_port}/api"
+
+
+def plan(settings: Settings) -> list[Service]:
+    """The services `mlops server up` starts for these settings, in start order."""
+    s = settings.services
+    api = prefect_api_url(settings)
+    base = runtime_environment(settings) | {"MLOPS_PROJECT_DIR": str(project_dir())}
+    base.pop("PREFECT_API_URL", None)
+    services = [
+        Service(
+            "prefect-server",
+            (_bin("prefect"), "server", "start", "--host", s.host, "--port", str(s.prefect_port), "--analytics-off"),
+            url=f"http://{s.host}:{s.prefect_port}",
+            health_url=f"{api}/health",
+            env=base | {"PREFECT_SERVER_LOGGING_LEVEL": "WARNING"},
+        ),
+        Service(
+            "prefect-worker",
+            (_bin("prefect"), "worker", "start", "--pool", settings.prefect.work_pool, "--type", "process",
+             "--name", f"mlops-worker-{s.prefect_port}", "--install-policy", "never"),  # fmt: skip
+            env=base | {"PREFECT_API_URL": api},
+        ),
+        Service(
+            "mlflow",
+            (_bin("mlflow"), "server", "--backend-store-uri", settings.tracking_uri,
+             "--default-artifact-root", settings.artifact_location, "--no-serve-artifacts",
+             "--host", s.host, "--port", str(s.mlflow_port)),  # fmt: skip
+            url=f"http://{s.host}:{s.mlflow_port}",
+            health_url=f"http://{s.host}:{s.mlflow_port}/health",
+            env=base,
+        ),
+    ]
+    return services
+
+
+# --------------------------------------------------------------------------- pid files
+
+
+def _pid_file(settings: Settings, name: str) -> Path:
+    return settings.run_dir / f"{name}.pid.json"
+
+
+def _read_pid(settings: Settings, name: str) -> dict | None:
+    try:
+        return json.loads(_pid_file(settings, name).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _alive(record: dict | None) -> psutil.Process | None:
+    """The recorded process if it still runs (same pid *and* start time: no pid reuse)."""
+    if not record:
+        return None
+    try:
+        proc = psutil.Process(record["pid"])
+        if abs(proc.create_time() - record["create_time"]) > 1.0 or proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return proc
+    except (psutil.NoSuchProcess, KeyError):
+        return None
+
+
+def running(settings: Settings) -> dict[str, dict]:
+    """Services of this MLOPS_HOME that are alive now: name -> pid record."""
+    out = {}
+    for svc in plan(settings):
+        record = _read_pid(settings, svc.name)
+        if _alive(record):
+            out[svc.name] = record
+    return out
+
+
+def active_prefect_api(settings: Settings) -> str | None:
+    """The Prefect API URL of a server `mlops server up` started for this home, if alive."""
+    record = running(settings).get("prefect-server")
+    return record.get("api_url") if record else None
+
+
+# --------------------------------------------------------------------------- up / down
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _worker_online(settings: Settings) -> bool:
+    url = f"{prefect_api_url(settings)}/work_pools/{settings.prefect.work_pool}/workers/filter"
+    try:
+        resp = httpx.post(url, json={}, timeout=2.0)
+        return resp.status_code == 200 and any(w.get("status") == "ONLINE" for w in resp.json())
+    except httpx.HTTPError:
+        return False
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def start(settings: Settings, svc: Service) -> dict:
+    """Start one service detached (its own session), record its pid, wait until healthy."""
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    existing = _read_pid(settings, svc.name)
+    if _alive(existing):
+        return existing | {"already_running": True}
+    log = settings.run_dir / f"{svc.name}.log"
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(
+            svc.argv, cwd=str(project_dir()), env=os.environ.copy() | svc.env,
+            stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    record = {
+        "name": svc.name, "pid": proc.pid, "create_time": psutil.Process(proc.pid).create_time(),
+        "argv": list(svc.argv), "url": svc.url, "log": str(log), "started_at": time.time(),
+        "api_url": prefect_api_url(settings) if svc.name == "prefect-server" else None,
+    }  # fmt: skip
+    _pid_file(settings, svc.name).write_text(json.dumps(record, indent=1))
+    deadline = time.monotonic() + settings.services.startup_timeout_seconds
+    ready = (lambda: _healthy(svc.health_url)) if svc.health_url else (lambda: _worker_online(settings))
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            _pid_file(settings, svc.name).unlink(missing_ok=True)
+            raise ServiceError(f"{svc.name} exited with code {proc.returncode}: {_tail(log)}")
+        if ready():
+            return record
+        time.sleep(0.5)
+    stop(settings, svc.name)
+    raise ServiceError(f"{svc.name} not healthy after {settings.services.startup_timeout_seconds:.0f} s: {_tail(log)}")
+
+
+def _tree(proc: psutil.Process) -> list[psutil.Process]:
+    try:
+        return [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def stop(settings: Settings, name: str, grace: float = 20.0) -> bool:
+    """Stop one service and every process it spawned; True if something was running."""
+    record = _read_pid(settings, name)
+    proc = _alive(record)
+    pid_file = _pid_file(settings, name)
+    if proc is None:
+        pid_file.unlink(missing_ok=True)
+        return False
+    procs = _tree(proc)
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _gone, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    _gone, alive = psutil.wait_procs(alive, timeout=5)
+    if alive:
+        raise ServiceError(f"{name}: processes {[p.pid for p in alive]} did not stop")
+    pid_file.unlink(missing_ok=True)
+    return True
+
+
+def up(settings: Settings) -> list[dict]:
+    """Start every planned service in order; on a failure, stop what this call started."""
+    started: list[dict] = []
+    try:
+        for svc in plan(settings):
+            started.append(start(settings, svc))
+    except BaseException:
+        for record in reversed(started):
+            if not record.get("already_running"):
+                stop(settings, record["name"])
+        raise
+    return started
+
+
+def down(settings: Settings) -> list[str]:
+    """Stop every service of this home (reverse start order); names of those that ran."""
+    return [svc.name for svc in reversed(plan(settings)) if stop(settings, svc.name)]
