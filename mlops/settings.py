@@ -247,6 +247,39 @@ class ScoringConfig(StrictModel):
     psi_bins: int = Field(10, ge=2, le=100)
 
 
+class ServingConfig(StrictModel):
+    """Online inference (`mlops serve`): what the BentoML service loads, its limits and logs.
+
+    At start the service loads ``stable_alias`` into the ``stable`` slot (and
+    ``candidate_alias``, when set, into ``candidate``), unless ``restore_state`` finds the
+    slots and routes it last applied in ``$MLOPS_HOME/run/serving-state.json``. The admin
+    token comes from ``admin_token`` (or ``MLOPS__SERVING__ADMIN_TOKEN``); without one, a
+    random token is generated into ``$MLOPS_HOME/run/serving.token`` (mode 0600), which
+    clients read. One BentoML worker per service: routes and slots are process state.
+    """
+
+    model_name: str | None = None  # default: training.model_name
+    stable_alias: str = "champion"
+    candidate_alias: str | None = None
+    restore_state: bool = True
+    admin_token: str | None = Field(None, min_length=16)
+    decision_threshold: float | None = Field(None, gt=0, lt=1)  # default: training's
+    request_timeout_seconds: float = Field(2.0, gt=0, le=300)
+    max_inflight_requests: int = Field(64, ge=1)
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+    max_batch_rows: int = Field(1000, ge=1)
+    micro_batch_rows: int = Field(64, ge=1)
+    ort_threads: int = Field(1, ge=1)
+    model_memory_budget_mb: float = Field(1024.0, gt=0)
+    load_on_demand: bool = True
+    enforce_feature_ranges: bool = True
+    shadow_max_pending: int = Field(256, ge=1)
+    log_flush_seconds: float = Field(2.0, gt=0)
+    log_flush_rows: int = Field(20_000, ge=1)
+    log_max_buffer_rows: int = Field(500_000, ge=1)
+    idempotency_keys: int = Field(1024, ge=1)
+
+
 class Settings(StrictModel):
     """The whole effective configuration of one platform instance."""
 
@@ -259,6 +292,7 @@ class Settings(StrictModel):
     dask: DaskConfig = DaskConfig()
     services: ServicesConfig = ServicesConfig()
     scoring: ScoringConfig = ScoringConfig()
+    serving: ServingConfig = ServingConfig()
 
     # Derived locations; every piece of state lives under ``home``.
     @property
