@@ -267,6 +267,9 @@ def demo(
 from mlops_cli import server as _server  # noqa: E402
 
 _server.register(app)
+from mlops_cli import score as _score  # noqa: E402
+
+_score.register(app)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,140 @@
+"""Dask: a client for the scheduler named in the config, or for a local cluster of our own.
+
+``client_for(cfg)`` connects to ``dask.address`` when one is configured; otherwise it
+starts a ``LocalCluster`` sized to the machine (one worker process per
+``threads_per_worker`` cores) the first time it is asked and hands back the same client
+after that, so a backfill or a test session pays the few seconds of cluster start once per
+process. Worker processes are spawned, which re-imports the entry module: scripts that
+score must keep their work under ``if __name__ == "__main__":``.
+
+A new local cluster is warmed in the background: its workers import Great Expectations
+and ONNX Runtime (about ten seconds for GX alone) while the driver is still resolving the
+model and planning partitions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import importlib
+import logging
+import os
+import threading
+from typing import TYPE_CHECKING
+
+from mlops.errors import PlatformError
+from mlops.settings import DaskConfig
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = "20s"
+WARM_MODULES = ("great_expectations", "onnxruntime", "pyarrow.parquet", "tasks.scoring")
+
+_lock = threading.Lock()
+_clients: dict[tuple[object, ...], Client] = {}
+_atexit_registered = False
+
+
+class ClusterError(PlatformError):
+    """The Dask scheduler named in the config cannot be reached, or a local cluster cannot start."""
+
+    exit_code = 7
+
+
+def machine_cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def local_workers(cfg: DaskConfig, cores: int) -> int:
+    """Worker processes of a local cluster: as configured, else one per ``threads_per_worker`` cores."""
+    return cfg.n_workers or max(1, cores // cfg.threads_per_worker)
+
+
+def _key(cfg: DaskConfig) -> tuple[object, ...]:
+    if cfg.address:
+        return ("address", cfg.address)
+    return ("local", cfg.n_workers, cfg.threads_per_worker, cfg.processes, cfg.memory_limit)
+
+
+def warm_worker(modules: tuple[str, ...] = WARM_MODULES) -> None:
+    """Import the heavy modules scoring needs (run on each worker; idempotent)."""
+    for name in modules:
+        importlib.import_module(name)
+
+
+async def _warm_in_background() -> None:
+    # ``Client.run(wait=False)`` takes coroutines only; the imports run in a thread so the
+    # worker's event loop (heartbeats, task traffic) is never blocked by them.
+    await asyncio.get_running_loop().run_in_executor(None, warm_worker)
+
+
+def _connect(cfg: DaskConfig) -> Client:
+    from distributed import Client, LocalCluster
+
+    if cfg.address:
+        try:
+            return Client(cfg.address, timeout=CONNECT_TIMEOUT, set_as_default=False)
+        except (OSError, TimeoutError) as exc:
+            raise ClusterError(f"cannot reach the Dask scheduler at {cfg.address}: {exc}") from exc
+    try:
+        cluster = LocalCluster(
+            n_workers=local_workers(cfg, machine_cores()),
+            threads_per_worker=cfg.threads_per_worker,
+            processes=cfg.processes,
+            memory_limit=cfg.memory_limit,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        )
+    except (OSError, RuntimeError, TimeoutError) as exc:
+        raise ClusterError(f"cannot start a local Dask cluster: {exc}") from exc
+    client = Client(cluster, set_as_default=False)
+    try:
+        client.run(_warm_in_background, wait=False)
+    except (OSError, TimeoutError) as exc:  # only a head start; scoring imports what it needs
+        log.debug("warming the local cluster failed: %s", exc)
+    return client
+
+
+def client_for(cfg: DaskConfig) -> Client:
+    """A running client for ``cfg``: reused within the process, reconnected if it died."""
+    key = _key(cfg)
+    with _lock:
+        client = _clients.get(key)
+        if client is not None and client.status == "running":
+            return client
+        if client is not None:
+            _close(client)
+        client = _connect(cfg)
+        _clients[key] = client
+        global _atexit_registered
+        if not _atexit_registered:
+            atexit.register(close_all)
+            _atexit_registered = True
+        return client
+
+
+def _close(client: Client) -> None:
+    cluster = getattr(client, "cluster", None)
+    try:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    except (OSError, RuntimeError, TimeoutError) as exc:
+        log.debug("closing a Dask client: %s", exc)
+
+
+def close_all() -> None:
+    """Close every client and the local clusters this process started."""
+    with _lock:
+        clients = list(_clients.values())
+        _clients.clear()
+    for client in clients:
+        _close(client)
+

@@ -1,0 +1,266 @@
+"""Batch scoring tasks: pin models, plan the input, score partitions on Dask, commit.
+
+Two halves. ``score_partition`` runs on the Dask workers: it reads its own rows, validates
+them with the Great Expectations suite, scores them with an ONNX Runtime session that the
+worker builds once per model version and keeps (``worker_scorer``), writes one staged
+Parquet part and returns a small ``PartitionResult``. The Prefect tasks run on the driver
+and wrap one adapter call each; retries sit only on the IO that can be retried.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import date
+
+from prefect import get_run_logger, task
+
+from adapters import parquet_input, storage
+from adapters.dask_cluster import ClusterError, client_for
+from adapters.storage import CommitInfo, PartInfo, RunRecord, StagedRun
+from mlops.errors import DataError
+from mlops.onnx_model import OnnxScorer
+from mlops.partitions import Partition, plan_partitions
+from mlops.scoring import ModelRef, decision_threshold, score_table
+from mlops.settings import DatasetSchema, Settings
+from mlops.stats import AgreementStats, agreement_stats
+
+log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------- worker side
+
+SCORER_CACHE_SIZE = 4
+_scorers: OrderedDict[tuple[str, int, str, int], OnnxScorer] = OrderedDict()
+_loads: Counter[str] = Counter()
+_scorers_lock = threading.Lock()
+
+
+def worker_scorer(model: ModelRef, onnx: bytes, schema: DatasetSchema, threads: int) -> OnnxScorer:
+    """This process's ONNX Runtime session for ``model``, built on first use and kept.
+
+    Keyed by name, version and content digest (two homes may both have a ``v1``), and
+    bounded: a long-lived worker keeps the few most recent versions only.
+    """
+    key = (model.name, model.version, model.digest, threads)
+    with _scorers_lock:
+        scorer = _scorers.get(key)
+        if scorer is not None:
+            _scorers.move_to_end(key)
+            return scorer
+        scorer = OnnxScorer(onnx, schema, threads=threads)
+        _scorers[key] = scorer
+        _loads[model.digest] += 1
+        while len(_scorers) > SCORER_CACHE_SIZE:
+            _scorers.popitem(last=False)
+        return scorer
+
+
+def scorer_loads() -> dict[str, int]:
+    """How many sessions this process has built, per model digest (for checks and tests)."""
+    with _scorers_lock:
+        return dict(_loads)
+
+
+@dataclass(frozen=True)
+class PartitionJob:
+    """Everything a worker needs to score one partition (small, pickled to the worker)."""
+
+    partition: Partition
+    columns: tuple[str, ...]
+    schema: DatasetSchema
+    root: str
+    run_date: date
+    run_id: str
+    models: tuple[ModelRef, ...]
+    ort_threads: int
+    flow_run_id: str | None
+    segments: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PartitionResult:
+    """What a worker sends back: the part it staged, or the expectations its rows failed."""
+
+    index: int
+    rows: int
+    part: PartInfo | None
+    failures: tuple[str, ...] = ()
+    seconds: dict[str, float] = field(default_factory=dict)
+    agreement: AgreementStats | None = None
+
+
+def score_partition(job: PartitionJob, models: Sequence[bytes]) -> PartitionResult:
+    """Read, validate, score and stage one partition (runs on a Dask worker).
+
+    Nothing is staged when the rows fail validation. With two models, the second scores
+    the same feeds and only a constant-size ``AgreementStats`` comes back for it.
+    """
+    from adapters.validation import validate_frame
+
+    clock = time.perf_counter()
+    seconds: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[name] = now - clock
+        clock = now
+
+    part = job.partition
+    table = parquet_input.read_partition(part, job.columns)
+    frame = table.to_pandas()
+    lap("read")
+    summary = validate_frame(frame, job.schema, require_label=False, source=part.describe())
+    lap("validate")
+    if not summary.success:
+        return PartitionResult(part.index, table.num_rows, None, summary.failures, seconds)
+
+    primary = worker_scorer(job.models[0], models[0], job.schema, job.ort_threads)
+    feeds = primary.feeds(frame)
+    scores = primary.run(feeds)
+    agreement = None
+    if len(job.models) > 1:
+        other = worker_scorer(job.models[1], models[1], job.schema, job.ort_threads).run(feeds)
+        segments = {c: frame[c].to_numpy(dtype=object) for c in job.segments}
+        agreement = agreement_stats(scores, other, job.models[0].threshold, job.models[1].threshold, segments)
+    del feeds, frame
+    lap("score")
+    keys = table.select([c for c in job.schema.key_columns if c in table.column_names])
+    out = score_table(keys, scores, job.models[0], job.flow_run_id)
+    info = storage.write_part(job.root, job.run_date, job.run_id, part.index, out)
+    lap("write")
+    return PartitionResult(part.index, table.num_rows, info, (), seconds, agreement)
+
+
+# --------------------------------------------------------------------------- driver side
+
+
+@dataclass(frozen=True)
+class PinnedModel:
+    """A model version resolved once for a whole run, with its ONNX bytes."""
+
+    ref: ModelRef
+    onnx: bytes = field(repr=False)
+
+
+@task(name="pin-model", retries=2, retry_delay_seconds=[2, 10])
+def pin_model(settings: Settings, alias: str, version: int | None = None) -> PinnedModel:
+    """Resolve ``alias`` to one version (unless ``version`` pins it already) and fetch its ONNX file."""
+    from registry.mlflow_registry import ModelRegistry
+
+    registry = ModelRegistry(settings)
+    name = settings.training.model_name
+    info = registry.version(name, version) if version is not None else registry.resolve(name, alias)
+    onnx = registry.onnx_bytes(name, info.version)
+    threshold = decision_threshold(settings.scoring.decision_threshold, info.tags, settings.training.decision_threshold)
+    ref = ModelRef(name, info.version, alias, threshold, hashlib.sha256(onnx).hexdigest()[:16])
+    return PinnedModel(ref, onnx)
+
+
+@task(name="sweep-score-store", retries=2, retry_delay_seconds=[2, 10])
+def sweep_store(root: str) -> storage.SweepReport:
+    """Repair the store and remove abandoned staging runs (killed earlier runs) before writing."""
+    return storage.sweep(root)
+
+
+@task(name="committed-dates", retries=2, retry_delay_seconds=[2, 10])
+def committed_dates(root: str) -> list[date]:
+    return storage.committed_dates(root)
+
+
+@task(name="plan-partitions")
+def plan_input(path: str, rows_per_partition: int, min_rows: int) -> tuple[Partition, ...]:
+    """Partitions of the input, from its Parquet footers (no data is read here)."""
+    return plan_partitions(parquet_input.layouts(path), rows_per_partition, min_rows=min_rows)
+
+
+@task(name="open-staging", retries=2, retry_delay_seconds=[2, 10])
+def open_staging(root: str, run_date: date, run_id: str) -> StagedRun:
+    return StagedRun.open(root, run_date, run_id)
+
+
+@task(name="abort-staging")
+def abort_staging(staged: StagedRun) -> None:
+    staged.abort()
+
+
+# Not retried as a whole: Dask retries a failed partition, and reschedules the partitions
+# of a worker that died.
+@task(name="score-partitions")
+def score_partitions(settings: Settings, jobs: Sequence[PartitionJob], models: Sequence[PinnedModel]) -> list[PartitionResult]:
+    """Run ``score_partition`` for every job on Dask; stop at the first partition that fails validation.
+
+    The model files are broadcast to the workers once; results come back as partitions
+    finish, so the driver holds only their small summaries.
+    """
+    from distributed import as_completed
+
+    logger = get_run_logger()
+    client = client_for(settings.dask)
+    try:
+        onnx = [client.scatter(m.onnx, broadcast=True) for m in models]
+    except (OSError, TimeoutError) as exc:
+        raise ClusterError(f"cannot send the model to the Dask workers: {exc}") from exc
+    futures = client.map(
+        score_partition, list(jobs), models=onnx, pure=False, retries=1,
+        key=[f"score-{j.run_id}-{j.partition.index:05d}" for j in jobs],
+    )  # fmt: skip
+    results: list[PartitionResult] = []
+    rows = 0
+    total = sum(j.partition.rows for j in jobs)
+    try:
+        for future in as_completed(futures, loop=client.loop):
+            result: PartitionResult = future.result()
+            results.append(result)
+            if result.failures:
+                logger.warning("partition %d failed validation; stopping the run", result.index)
+                break
+            rows += result.rows
+            logger.info("scored partition %d (%d of %d partitions, %s of %s rows)",
+                        result.index, len(results), len(jobs), f"{rows:,}", f"{total:,}")  # fmt: skip
+    finally:
+        client.cancel(futures)
+    return sorted(results, key=lambda r: r.index)
+
+
+@task(name="commit-scores", retries=2, retry_delay_seconds=[2, 10])
+def commit_run(staged: StagedRun, parts: Sequence[PartInfo], record: RunRecord) -> CommitInfo:
+    """Publish the staged run as the run of its date (idempotent: a retry returns the same commit)."""
+    return staged.commit(parts, record)
+
+
+@task(name="record-comparison", retries=2, retry_delay_seconds=[2, 10])
+def record_comparison(root: str, run_date: date, run_id: str, reference: ModelRef, compared: ModelRef, report) -> None:  # noqa: ANN001
+    from adapters.score_reports import write_comparison
+
+    write_comparison(root, run_date, run_id, reference, compared, report)
+
+
+def require_input(path: str) -> None:
+    """Fail with a ``DataError`` naming the input when it does not exist."""
+    parquet_input.input_files(path)
+
+
+__all__ = [
+    "DataError",
+    "PartitionJob",
+    "PartitionResult",
+    "PinnedModel",
+    "abort_staging",
+    "commit_run",
+    "committed_dates",
+    "open_staging",
+    "pin_model",
+    "plan_input",
+    "record_comparison",
+    "score_partition",
+    "score_partitions",
+    "scorer_loads",
+    "sweep_store",
+    "worker_scorer",
+]
