@@ -76,7 +76,7 @@ def plan(settings: Settings) -> list[Service]:
             "mlflow",
             (_bin("mlflow"), "server", "--backend-store-uri", settings.tracking_uri,
              "--default-artifact-root", settings.artifact_location, "--no-serve-artifacts",
-             "--host", s.host, "--port", str(s.mlflow_port)),  # fmt: skip
+             "--host", s.host, "--port", str(s.mlflow_port), "--workers", "1"),  # fmt: skip
             url=f"http://{s.host}:{s.mlflow_port}",
             health_url=f"http://{s.host}:{s.mlflow_port}/health",
             env=base,
