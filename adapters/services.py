@@ -1,6 +1,6 @@
 """Long-running services on loopback: a Prefect server, a process worker, an MLflow
-tracking server (and the model server once it is configured), started detached with
-pid files and logs under ``$MLOPS_HOME/run``.
+tracking server and the online model service (BentoML), started detached with pid files
+and logs under ``$MLOPS_HOME/run``.
 
 ``up`` is idempotent (a service whose pid is alive is left alone); ``down`` stops exactly
 the processes it started, with their whole process trees, and nothing else.
@@ -52,6 +52,23 @@ def prefect_api_url(settings: Settings) -> str:
     return f"http://{s.host}:{s.prefect_port}/api"
 
 
+SERVING_SERVICE = "serving.service:ScoringService"
+
+
+def serving_command(settings: Settings, host: str | None = None, port: int | None = None) -> tuple[str, ...]:
+    """``bentoml serve`` of the platform's online service (``mlops serve`` runs it in the foreground)."""
+    s = settings.services
+    return (_bin("bentoml"), "serve", SERVING_SERVICE, "--host", host or s.host, "--port", str(port or s.serving_port),
+            "--working-dir", str(project_dir()))  # fmt: skip
+
+
+def serving_environment(settings: Settings) -> dict[str, str]:
+    """The service process's environment: this instance's MLOPS_HOME and backends."""
+    env = runtime_environment(settings) | {"MLOPS_PROJECT_DIR": str(project_dir())}
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
 def plan(settings: Settings) -> list[Service]:
     """The services `mlops server up` starts for these settings, in start order."""
     s = settings.services
@@ -80,6 +97,14 @@ def plan(settings: Settings) -> list[Service]:
             url=f"http://{s.host}:{s.mlflow_port}",
             health_url=f"http://{s.host}:{s.mlflow_port}/health",
             env=base,
+        ),
+        Service(
+            "serving",
+            serving_command(settings),
+            url=f"http://{s.host}:{s.serving_port}",
+            # Live, not ready: a fresh home has no champion to serve yet.
+            health_url=f"http://{s.host}:{s.serving_port}/v2/health/live",
+            env=serving_environment(settings),
         ),
     ]
     return services

@@ -270,6 +270,9 @@ _server.register(app)
 from mlops_cli import score as _score  # noqa: E402
 
 _score.register(app)
+from mlops_cli import serve as _serve  # noqa: E402
+
+_serve.register(app)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,371 @@
+"""The HTTP surface of the online service: a Starlette app mounted into the BentoML service.
+
+Scoring routes are plain ``async`` Starlette handlers (BentoML's typed ``@bentoml.api``
+path reaches about a third of this throughput, see bench/serving_probe/RESULTS.md): read
+the body within its size limit, validate with ``mlops.request_validation``, hand over to
+``ServingRuntime``, answer JSON. Every client error is a 4xx with ``{"error": message}``;
+being at capacity is a fast 503 with ``Retry-After``; a model past its deadline is a 504.
+
+Endpoints (``name`` is the served registered model):
+
+    POST /predict                         records in, score/decision/variant/version out
+    POST /feedback                        labels for earlier request ids
+    GET  /metrics                         Prometheus, per variant
+    GET  /v2, /v2/health/live, /v2/health/ready
+    GET  /v2/models/{name}[/versions/{v}][/ready]
+    POST /v2/models/{name}[/versions/{v}]/infer
+    GET|PUT /admin/state, POST /admin/routes, /admin/slots/{slot}, /admin/flip, /admin/models
+    GET  /openapi.json (also /docs.json)
+
+Admin routes need ``Authorization: Bearer <token>`` (401 without, 403 when wrong) and take
+an optional ``Idempotency-Key`` header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from mlops.onnx_model import PROBA_OUTPUT
+from mlops.request_validation import InvalidRequest, parse_json
+from mlops.routing import FORCE_HEADER, InvalidRouteTable
+from serving.auth import check_bearer
+from serving.errors import ServingError, UnknownModel
+from serving.openapi import openapi_document
+from serving.runtime import ServingRuntime
+from serving.state import DesiredState, PreloadRequest, RoutesSpec, SlotRequest
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+SERVER_NAME = "mlops-serving"
+SCORING_PATHS = ("/predict", "/v2/models", "/feedback")
+"""Paths with a per-request cost worth keeping BentoML's tracing middleware off."""
+
+
+@dataclass
+class RuntimeRef:
+    """The app is built at import (BentoML needs it then); the runtime arrives at service start."""
+
+    runtime: ServingRuntime | None = None
+    openapi: bytes | None = None
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _answer(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(_dumps(obj), status, headers=headers, media_type=JSON)
+
+
+def _error(message: str, status: int, headers: dict[str, str] | None = None) -> Response:
+    return _answer({"error": message}, status, headers)
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    cached = request.scope.get("mlops.body")
+    if cached is not None:
+        return cached
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise InvalidRequest("Content-Length is not a number", 400)
+        if int(length) > limit:
+            raise InvalidRequest(f"body of {int(length)} bytes exceeds the limit of {limit} bytes", 413)
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise InvalidRequest(f"body exceeds the limit of {limit} bytes", 413)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise InvalidRequest("client disconnected before sending the whole body", 400) from None
+    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    request.scope["mlops.body"] = body
+    return body
+
+
+def _pydantic_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "body"
+    more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{where}: {err['msg']}{more}"
+
+
+def _model(cls: type[BaseModel], body: bytes) -> Any:
+    data = parse_json(body)
+    if not isinstance(data, dict):
+        raise InvalidRequest("body must be a JSON object", 400)
+    try:
+        return cls.model_validate_json(_dumps(data))
+    except ValidationError as exc:
+        raise InvalidRequest(_pydantic_error(exc)) from None
+    except ValueError as exc:  # allow_nan=False in _dumps: NaN/Infinity given for a number
+        raise InvalidRequest(f"invalid number in body: {exc}") from None
+
+
+Handler = Callable[[Request, ServingRuntime], Awaitable[Response]]
+
+
+def build_app(ref: RuntimeRef) -> Starlette:
+    """The Starlette app of every endpoint above, reading the runtime from ``ref``."""
+
+    def endpoint(name: str, *, scoring: bool = False) -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
+        def wrap(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+            async def run(request: Request) -> Response:
+                rt = ref.runtime
+                if rt is None:
+                    return _error("the service is starting", 503, {"Retry-After": "1"})
+                try:
+                    if scoring:
+                        rt.admit()
+                        try:
+                            return await handler(request, rt)
+                        finally:
+                            rt.done()
+                    return await handler(request, rt)
+                except InvalidRequest as exc:
+                    rt.metrics.rejected.labels(name, str(exc.status)).inc()
+                    return _error(str(exc), exc.status)
+                except InvalidRouteTable as exc:
+                    rt.metrics.rejected.labels(name, "400").inc()
+                    return _error(str(exc), 400)
+                except ServingError as exc:
+                    if exc.status in (503, 504, 409, 404):
+                        rt.metrics.rejected.labels(name, str(exc.status)).inc()
+                    headers = {"Retry-After": "1"} if exc.status == 503 else None
+                    return _error(str(exc), exc.status, headers)
+
+            run.__name__ = name
+            return run
+
+        return wrap
+
+    # ------------------------------------------------------------------ scoring
+
+    @endpoint("predict", scoring=True)
+    async def predict(request: Request, rt: ServingRuntime) -> Response:
+        started = time.perf_counter()
+        records = rt.validator.predict(parse_json(await _body(request, rt.cfg.max_body_bytes)))
+        return _answer(await rt.predict(records, request.headers.get(FORCE_HEADER), started))
+
+    @endpoint("feedback", scoring=True)
+    async def feedback(request: Request, rt: ServingRuntime) -> Response:
+        items = rt.validator.feedback(parse_json(await _body(request, rt.cfg.max_body_bytes)))
+        return _answer(rt.feedback(items), 202)
+
+    async def metrics(request: Request) -> Response:
+        rt = ref.runtime
+        if rt is None:
+            return _error("the service is starting", 503, {"Retry-After": "1"})
+        return Response(rt.render_metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    # ------------------------------------------------------------------ OIP v2
+
+    def _check_name(rt: ServingRuntime, name: str) -> None:
+        if name != rt.model_name:
+            raise UnknownModel(f"unknown model '{name[:100]}' (this service serves '{rt.model_name}')")
+
+    def _version(raw: str) -> int:
+        if not raw.isdigit() or int(raw) < 1 or len(raw) > 12:
+            raise InvalidRequest(f"version must be a positive integer, got {raw[:40]!r}", 400)
+        return int(raw)
+
+    def _metadata(rt: ServingRuntime, versions: list[int]) -> dict[str, Any]:
+        ds = rt.settings.dataset
+        inputs = [{"name": n, "datatype": "FP32", "shape": [-1, 1]} for n in ds.numeric_names]
+        inputs += [{"name": n, "datatype": "BYTES", "shape": [-1, 1]} for n in ds.categorical_names]
+        return {"name": rt.model_name, "versions": [str(v) for v in versions], "platform": "onnxruntime_onnx",
+                "inputs": inputs, "outputs": [{"name": PROBA_OUTPUT, "datatype": "FP32", "shape": [-1, 2]}]}  # fmt: skip
+
+    @endpoint("v2_server")
+    async def server_metadata(request: Request, rt: ServingRuntime) -> Response:
+        from importlib.metadata import version
+
+        return _answer({"name": SERVER_NAME, "version": version("mlops-platform"), "extensions": []})
+
+    async def live(request: Request) -> Response:
+        return _answer({"live": True})
+
+    @endpoint("v2_ready")
+    async def ready(request: Request, rt: ServingRuntime) -> Response:
+        return _answer({"ready": rt.ready}, 200 if rt.ready else 503)
+
+    @endpoint("v2_model")
+    async def model_metadata(request: Request, rt: ServingRuntime) -> Response:
+        _check_name(rt, request.path_params["name"])
+        return _answer(_metadata(rt, sorted(rt.state.versions())))
+
+    @endpoint("v2_model_ready")
+    async def model_ready(request: Request, rt: ServingRuntime) -> Response:
+        _check_name(rt, request.path_params["name"])
+        return _answer({"name": rt.model_name, "ready": rt.ready}, 200 if rt.ready else 503)
+
+    @endpoint("v2_infer", scoring=True)
+    async def infer(request: Request, rt: ServingRuntime) -> Response:
+        started = time.perf_counter()
+        _check_name(rt, request.path_params["name"])
+        req = rt.validator.v2_infer(_v2_body(rt, await _body(request, rt.cfg.max_body_bytes), request), [PROBA_OUTPUT])
+        return _answer(await rt.infer(req, request.headers.get(FORCE_HEADER), started))
+
+    def _v2_body(rt: ServingRuntime, body: bytes, request: Request) -> Any:
+        if request.headers.get("inference-header-content-length") is not None:
+            raise InvalidRequest("binary tensor data is not supported; send the tensors as JSON", 400)
+        return parse_json(body)
+
+    @endpoint("v2_version")
+    async def version_metadata(request: Request, rt: ServingRuntime) -> Response:
+        _check_name(rt, request.path_params["name"])
+        v = _version(request.path_params["version"])
+        if rt.pool.get(v) is None:
+            await _exists(rt, v)
+        return _answer(_metadata(rt, [v]))
+
+    async def _exists(rt: ServingRuntime, v: int) -> None:
+        if not await asyncio.to_thread(rt.source.exists, v):
+            raise UnknownModel(f"model '{rt.model_name}' has no version {v}")
+
+    @endpoint("v2_version_ready")
+    async def version_ready(request: Request, rt: ServingRuntime) -> Response:
+        _check_name(rt, request.path_params["name"])
+        v = _version(request.path_params["version"])
+        loaded = rt.pool.get(v) is not None
+        if not loaded:
+            await _exists(rt, v)
+        return _answer({"name": rt.model_name, "version": str(v), "ready": loaded}, 200 if loaded else 503)
+
+    @endpoint("v2_version_infer", scoring=True)
+    async def version_infer(request: Request, rt: ServingRuntime) -> Response:
+        started = time.perf_counter()
+        _check_name(rt, request.path_params["name"])
+        v = _version(request.path_params["version"])
+        req = rt.validator.v2_infer(_v2_body(rt, await _body(request, rt.cfg.max_body_bytes), request), [PROBA_OUTPUT])
+        return _answer(await rt.infer_version(v, req, started))
+
+    # ------------------------------------------------------------------ admin
+
+    def admin(name: str, *, idempotent: bool = True) -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
+        def wrap(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+            @endpoint(name)
+            async def run(request: Request, rt: ServingRuntime) -> Response:
+                denied = check_bearer(request.headers.get("authorization"), rt.token)
+                if denied == 401:
+                    return _error("admin token required (Authorization: Bearer <token>)", 401,
+                                  {"WWW-Authenticate": 'Bearer realm="mlops-serving"'})  # fmt: skip
+                if denied == 403:
+                    return _error("admin token is wrong", 403)
+                key = request.headers.get("idempotency-key")
+                if not idempotent or request.method == "GET" or key is None:
+                    return await handler(request, rt)
+                if not 0 < len(key) <= 200:
+                    raise InvalidRequest("Idempotency-Key must be 1-200 characters", 400)
+                body = await _body(request, rt.cfg.max_body_bytes)
+                fingerprint = hashlib.sha256(request.method.encode() + request.url.path.encode() + b"\0" + body).hexdigest()
+                hit = rt.remembered(key, fingerprint)
+                if hit is not None:
+                    return _answer(hit[1], hit[0], {"Idempotent-Replayed": "true"})
+                response = await handler(request, rt)
+                if response.status_code < 500:
+                    rt.remember(key, fingerprint, response.status_code, json.loads(response.body))
+                return response
+
+            return run
+
+        return wrap
+
+    def _key(request: Request) -> str | None:
+        return request.headers.get("idempotency-key")
+
+    @admin("admin_state")
+    async def admin_state(request: Request, rt: ServingRuntime) -> Response:
+        if request.method == "GET":
+            return _answer(rt.describe())
+        desired = _model(DesiredState, await _body(request, rt.cfg.max_body_bytes))
+        return _answer(await rt.apply(desired, _key(request)))
+
+    @admin("admin_routes")
+    async def admin_routes(request: Request, rt: ServingRuntime) -> Response:
+        routes = _model(RoutesSpec, await _body(request, rt.cfg.max_body_bytes))
+        return _answer(await rt.set_routes(routes, _key(request)))
+
+    @admin("admin_slot")
+    async def admin_slot(request: Request, rt: ServingRuntime) -> Response:
+        slot = request.path_params["slot"]
+        if slot not in ("stable", "candidate"):
+            raise UnknownModel(f"no slot {slot[:40]!r}: slots are stable and candidate")
+        req = _model(SlotRequest, await _body(request, rt.cfg.max_body_bytes))
+        return _answer(await rt.set_slot(slot, req.version, req.alias, _key(request)))
+
+    @admin("admin_flip")
+    async def admin_flip(request: Request, rt: ServingRuntime) -> Response:
+        return _answer(await rt.flip(_key(request)))
+
+    @admin("admin_models")
+    async def admin_models(request: Request, rt: ServingRuntime) -> Response:
+        req = _model(PreloadRequest, await _body(request, rt.cfg.max_body_bytes))
+        return _answer(await rt.preload(req.version))
+
+    async def openapi(request: Request) -> Response:
+        rt = ref.runtime
+        if rt is None:
+            return _error("the service is starting", 503, {"Retry-After": "1"})
+        if ref.openapi is None:
+            from importlib.metadata import version
+
+            ref.openapi = _dumps(openapi_document(rt.settings.dataset, rt.model_name, max_rows=rt.cfg.max_batch_rows,
+                                                  version=version("mlops-platform")))  # fmt: skip
+        return Response(ref.openapi, media_type=JSON)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return _error(exc.detail, exc.status_code, getattr(exc, "headers", None))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        rt = ref.runtime
+        if rt is not None:
+            rt.start()
+        try:
+            yield
+        finally:
+            if ref.runtime is not None:
+                await ref.runtime.stop()
+
+    routes = [
+        Route("/predict", predict, methods=["POST"]),
+        Route("/feedback", feedback, methods=["POST"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/v2", server_metadata, methods=["GET"]),
+        Route("/v2/health/live", live, methods=["GET"]),
+        Route("/v2/health/ready", ready, methods=["GET"]),
+        Route("/v2/models/{name}", model_metadata, methods=["GET"]),
+        Route("/v2/models/{name}/ready", model_ready, methods=["GET"]),
+        Route("/v2/models/{name}/infer", infer, methods=["POST"]),
+        Route("/v2/models/{name}/versions/{version}", version_metadata, methods=["GET"]),
+        Route("/v2/models/{name}/versions/{version}/ready", version_ready, methods=["GET"]),
+        Route("/v2/models/{name}/versions/{version}/infer", version_infer, methods=["POST"]),
+        Route("/admin/state", admin_state, methods=["GET", "PUT"]),
+        Route("/admin/routes", admin_routes, methods=["POST"]),
+        Route("/admin/slots/{slot}", admin_slot, methods=["POST"]),
+        Route("/admin/flip", admin_flip, methods=["POST"]),
+        Route("/admin/models", admin_models, methods=["POST"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+        Route("/docs.json", openapi, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})

@@ -1,0 +1,341 @@
+"""Loaded model versions: a scoring thread per version and a pool under a memory budget.
+
+``ModelWorker`` runs one version's ONNX Runtime session in its own thread. Requests are
+submitted from the event loop and answered through asyncio futures; rows that queue up
+while the session is busy are scored together (micro-batching), so under concurrency the
+per-request cost of the thread hand-off is shared. A model call that outlives its deadline
+is answered ``ModelTimeout`` by ``expire`` (run from the event loop's watchdog), and the
+ONNX Runtime run itself is stopped through its ``RunOptions.terminate`` flag, so a hung
+model costs one timeout, not a thread forever. Scoring never runs on the event loop: a
+slow model cannot stall health checks, admin calls or other versions.
+
+``ModelPool`` holds every loaded version, least recently used first. Versions in a slot
+are pinned; others are evicted when the pool exceeds its memory budget. Every request
+holds a reference (``acquire``/``release``) while it uses a model, and an evicted or
+replaced model is closed only when its last reference is released, so eviction never
+races an in-flight request. All pool and future bookkeeping happens on the event loop
+thread; only ``ModelWorker._run`` runs elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from mlops.onnx_model import PROBA_OUTPUT, OnnxScorer
+from mlops.settings import DatasetSchema
+from serving.errors import BudgetExceeded, ModelFailed, ModelTimeout
+
+log = logging.getLogger(__name__)
+
+MEMORY_FACTOR = 2.0
+"""A loaded session is charged ``MEMORY_FACTOR`` x its ONNX size, or the resident memory
+its load added, whichever is larger (ONNX Runtime keeps the graph plus its own copies of
+the initializers)."""
+
+_STOP = object()
+
+
+class _Item:
+    __slots__ = ("future", "columns", "rows", "deadline", "expired", "finished")
+
+    def __init__(self, future: asyncio.Future, columns: Mapping[str, list], rows: int, deadline: float):
+        self.future = future
+        self.columns = columns
+        self.rows = rows
+        self.deadline = deadline
+        self.expired = False  # set on the loop thread, read by the worker: skip if still queued
+        self.finished = False
+
+
+class ModelWorker:
+    """One version's scoring thread with micro-batching and deadline enforcement."""
+
+    def __init__(self, scorer: OnnxScorer, label: str, max_batch_rows: int = 64):
+        self.scorer = scorer
+        self.label = label
+        self.max_batch_rows = max_batch_rows
+        self.outstanding: deque[_Item] = deque()  # loop thread only, FIFO
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._run_options: ort.RunOptions | None = None
+        self.running_since = 0.0  # monotonic start of the batch being scored, 0 when idle
+        self._thread = threading.Thread(target=self._run, name=f"score-{label}", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ loop side
+
+    def submit(self, columns: Mapping[str, list], rows: int, deadline: float) -> asyncio.Future:
+        """Queue ``rows`` rows (feature -> values); the future gets the ``[rows, 2]`` probabilities."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        item = _Item(future, columns, rows, deadline)
+        self.outstanding.append(item)
+        self._queue.put(item)
+        return future
+
+    def expire(self, now: float, timeout: float) -> int:
+        """Answer ``ModelTimeout`` to every request past its deadline; stop a run over ``timeout``."""
+        expired = 0
+        for item in self.outstanding:
+            if item.deadline > now:
+                break  # FIFO with equal timeouts: later items have later deadlines
+            if not item.future.done():
+                item.expired = True
+                item.future.set_exception(ModelTimeout(f"model {self.label} did not answer within the timeout"))
+                expired += 1
+        opts = self._run_options
+        started = self.running_since
+        if opts is not None and started and now - started > timeout:
+            opts.terminate = True
+        return expired
+
+    def _resolve(self, batch: list[_Item], live: list[_Item], result: np.ndarray | BaseException) -> None:
+        offset = 0
+        for item in live:
+            n = item.rows
+            if not item.future.done():
+                if isinstance(result, BaseException):
+                    item.future.set_exception(result)
+                else:
+                    item.future.set_result(result[offset : offset + n])
+            offset += n
+        for item in batch:
+            item.finished = True
+            if not item.future.done():  # expired while queued and skipped by the worker
+                item.future.set_exception(ModelTimeout(f"model {self.label} did not answer within the timeout"))
+        out = self.outstanding
+        while out and out[0].finished:
+            out.popleft()
+
+    def stop(self) -> None:
+        """Let the thread finish what is queued, then end."""
+        self._queue.put(_STOP)
+
+    # ------------------------------------------------------------ thread side
+
+    def _batch(self, first: _Item) -> tuple[list[_Item], bool]:
+        batch, rows = [first], first.rows
+        while rows < self.max_batch_rows:
+            try:
+                nxt = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is _STOP:
+                return batch, True
+            batch.append(nxt)
+            rows += nxt.rows
+        return batch, False
+
+    def _score(self, live: list[_Item]) -> np.ndarray | BaseException:
+        if len(live) == 1:
+            columns = live[0].columns
+        else:
+            columns = {name: [v for item in live for v in item.columns[name]] for name in live[0].columns}
+        opts = ort.RunOptions()
+        opts.log_severity_level = 4  # a terminated run is reported as ModelTimeout, not logged
+        try:
+            feeds = self.scorer.feeds(columns)
+            self._run_options = opts
+            self.running_since = time.monotonic()
+            return self.scorer.session.run([PROBA_OUTPUT], feeds, opts)[0]
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises bare RuntimeError subclasses
+            if opts.terminate:
+                return ModelTimeout(f"model {self.label} was stopped after exceeding the timeout")
+            log.error("model %s failed on validated input: %s", self.label, exc)
+            return ModelFailed(f"model {self.label} failed: {str(exc).splitlines()[0][:200]}")
+        finally:
+            self.running_since = 0.0
+            self._run_options = None
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is _STOP:
+                break
+            batch, stop = self._batch(first)
+            live = [item for item in batch if not item.expired]
+            result: np.ndarray | BaseException = self._score(live) if live else np.empty((0, 2), np.float32)
+            loop = self._loop
+            if loop is None or loop.is_closed():
+                return
+            try:
+                loop.call_soon_threadsafe(self._resolve, batch, live, result)
+            except RuntimeError:  # loop closed during shutdown
+                return
+
+
+# --------------------------------------------------------------------------- pool
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """One version in the pool: its scorer, worker, charged memory and reference count."""
+
+    name: str
+    version: int
+    scorer: OnnxScorer
+    worker: ModelWorker
+    nbytes: int
+    loaded_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.monotonic)
+    refs: int = 0
+    retired: bool = False
+    closed: bool = False
+
+    def acquire(self) -> LoadedModel:
+        self.refs += 1
+        self.last_used = time.monotonic()
+        return self
+
+    def release(self) -> None:
+        self.refs -= 1
+        if self.retired and self.refs == 0:
+            self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.worker.stop()
+
+    def describe(self) -> dict[str, Any]:
+        return {"version": self.version, "bytes": self.nbytes, "refs": self.refs,
+                "loaded_at": self.loaded_at, "idle_seconds": round(time.monotonic() - self.last_used, 3)}  # fmt: skip
+
+
+def build_model(name: str, version: int, onnx: bytes, schema: DatasetSchema, *, threads: int = 1,
+                max_batch_rows: int = 64) -> LoadedModel:  # fmt: skip
+    """Create the session (blocking; run it off the event loop), warm it up, start its worker."""
+    import psutil
+
+    rss = psutil.Process().memory_info().rss
+    scorer = OnnxScorer(onnx, schema, threads=threads)
+    warm = {n: [0.0] for n in schema.numeric_names} | {n: [schema.categorical[i].categories[0]]
+                                                        for i, n in enumerate(schema.categorical_names)}  # fmt: skip
+    scorer.session.run([PROBA_OUTPUT], scorer.feeds(warm))
+    grown = psutil.Process().memory_info().rss - rss
+    nbytes = int(max(len(onnx) * MEMORY_FACTOR, grown))
+    worker = ModelWorker(scorer, f"{name} v{version}", max_batch_rows)
+    return LoadedModel(name, version, scorer, worker, nbytes)
+
+
+class ModelPool:
+    """Loaded versions, least recently used first, within ``budget_bytes`` (pinned ones excepted).
+
+    ``loader(version)`` builds a ``LoadedModel`` (blocking IO and CPU: it runs in a thread);
+    concurrent requests for the same version share one load.
+    """
+
+    def __init__(self, loader: Callable[[int], LoadedModel], budget_bytes: int):
+        self._loader = loader
+        self.budget_bytes = budget_bytes
+        self._models: OrderedDict[int, LoadedModel] = OrderedDict()
+        self._loading: dict[int, asyncio.Future] = {}
+        self._retired: list[LoadedModel] = []
+        self.pinned: frozenset[int] = frozenset()
+        self.evictions = 0
+
+    def get(self, version: int) -> LoadedModel | None:
+        model = self._models.get(version)
+        if model is not None:
+            self._models.move_to_end(version)
+        return model
+
+    def __contains__(self, version: int) -> bool:
+        return version in self._models
+
+    @property
+    def models(self) -> list[LoadedModel]:
+        return list(self._models.values())
+
+    @property
+    def workers(self) -> Iterable[ModelWorker]:
+        self._retired = [m for m in self._retired if not m.closed]
+        return [m.worker for m in (*self._models.values(), *self._retired)]
+
+    @property
+    def used_bytes(self) -> int:
+        """Memory charged to loaded versions, counting evicted ones still in use."""
+        return sum(m.nbytes for m in self._models.values()) + sum(m.nbytes for m in self._retired if not m.closed)
+
+    def add(self, model: LoadedModel) -> None:
+        """Insert a model built outside ``load`` (start-up, before the event loop serves)."""
+        if self._models.get(model.version) is not model:
+            self._models[model.version] = model
+        self._models.move_to_end(model.version)
+        self._shrink(keep=model.version)
+
+    async def load(self, version: int, *, required: bool) -> LoadedModel:
+        """The version, loaded if need be. ``required`` (slot loads) may exceed the budget
+        once nothing is evictable; an optional load then raises ``BudgetExceeded``."""
+        model = self.get(version)
+        if model is not None:
+            return model
+        pending = self._loading.get(version)
+        if pending is None:
+            pending = asyncio.get_running_loop().create_future()
+            self._loading[version] = pending
+            try:
+                model = await asyncio.to_thread(self._loader, version)
+            except BaseException as exc:
+                pending.set_exception(exc)
+                pending.exception()  # retrieved: waiters re-raise it
+                raise
+            finally:
+                self._loading.pop(version, None)
+            self._models[version] = model
+            self._shrink(keep=version)
+            if not required and self.used_bytes > self.budget_bytes:
+                self._retire(self._models.pop(version))
+                exc = BudgetExceeded(
+                    f"loading v{version} ({model.nbytes / 2**20:.1f} MiB) exceeds the model memory budget "
+                    f"({self.budget_bytes / 2**20:.0f} MiB) with every loaded version in use or in a slot"
+                )
+                pending.set_exception(exc)
+                pending.exception()
+                raise exc
+            pending.set_result(model)
+            return model
+        return await asyncio.shield(pending)
+
+    def pin(self, versions: Iterable[int]) -> None:
+        """Versions in a slot: never evicted. Unpinning may evict at once if over budget."""
+        self.pinned = frozenset(versions)
+        self._shrink()
+
+    def _shrink(self, keep: int | None = None) -> None:
+        for version in list(self._models):  # least recently used first
+            if self.used_bytes <= self.budget_bytes:
+                return
+            if version in self.pinned or version == keep:
+                continue
+            log.info("evicting model v%s (least recently used) to stay within the memory budget", version)
+            self.evictions += 1
+            self._retire(self._models.pop(version))
+
+    def _retire(self, model: LoadedModel) -> None:
+        model.retired = True
+        if model.refs == 0:
+            model.close()
+        else:
+            self._retired.append(model)
+
+    def close(self) -> None:
+        for model in (*self._models.values(), *self._retired):
+            model.retired = True
+            model.close()
+        self._models.clear()
+        self._retired.clear()

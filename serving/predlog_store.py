@@ -1,0 +1,166 @@
+"""Reading the prediction log and feedback: an in-memory DuckDB over their Parquet files.
+
+The service writes (``serving.predlog_writer``); rollout gates, reports and people read
+through here. Every call opens a fresh in-memory DuckDB with views over the committed
+Parquet globs, so reading never contends with the service (which holds no database) or
+with the scoring warehouse file, and only committed files are ever seen.
+
+Views:
+
+``predictions``
+    Every answer (``mlops.predlog.log_schema`` columns plus ``date``, the UTC day of its
+    partition): ``role='primary'`` rows are what clients got; ``role='shadow'`` rows are a
+    candidate's mirrored answers, paired with their primary row by ``request_id``.
+``feedback``
+    Labels as they arrived (``request_id``, ``label``, ``ts``), possibly several per request.
+``labelled``
+    Primary answers with the latest label of their request (``label`` null while none
+    arrived): the business view; shadow answers never appear in it.
+``shadow_pairs``
+    One row per mirrored request: the primary's and the shadow's version, score, decision,
+    status and latency side by side.
+
+Example::
+
+    store = PredictionLogStore.for_settings(settings)
+    store.query("SELECT variant, count(*) n, avg(score) FROM predictions "
+                "WHERE role = 'primary' GROUP BY variant")
+    log = store.read_log(since=step_started_at)     # frame for mlops.rollout.observe
+    labels = store.read_feedback(since=step_started_at)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+
+from mlops.errors import DataError
+from mlops.predlog import FEEDBACK_SCHEMA, log_schema
+from mlops.settings import DatasetSchema, Settings
+
+PREDICTIONS = "predictions"
+FEEDBACK = "feedback"
+
+
+def predictions_dir(settings: Settings) -> Path:
+    return settings.home_path / PREDICTIONS
+
+
+def feedback_dir(settings: Settings) -> Path:
+    return settings.home_path / FEEDBACK
+
+
+def _sql_str(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+@dataclass(frozen=True)
+class PredictionLogStore:
+    """Read access to the prediction log and feedback under one MLOPS_HOME."""
+
+    predictions_root: Path
+    feedback_root: Path
+    dataset: DatasetSchema
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> PredictionLogStore:
+        return cls(predictions_dir(settings), feedback_dir(settings), settings.dataset)
+
+    def _source(self, con: duckdb.DuckDBPyConnection, view: str, root: Path, schema: pa.Schema) -> None:
+        if any(root.glob("date=*/*.parquet")):
+            glob = _sql_str(str(root / "date=*" / "*.parquet"))
+            con.execute(
+                f"CREATE VIEW {view} AS SELECT * FROM read_parquet({glob}, hive_partitioning = true, "
+                "union_by_name = true)"
+            )
+        else:  # nothing flushed yet: an empty relation with the same columns
+            empty = schema.empty_table().append_column("date", pa.array([], pa.date32()))
+            con.register(f"_{view}_empty", empty)
+            con.execute(f"CREATE VIEW {view} AS SELECT * FROM _{view}_empty")
+
+    def connect(self) -> duckdb.DuckDBPyConnection:
+        """A fresh in-memory DuckDB with the views above (close it when done)."""
+        con = duckdb.connect(":memory:")
+        try:
+            self._source(con, "predictions", self.predictions_root, log_schema(self.dataset))
+            self._source(con, "feedback", self.feedback_root, FEEDBACK_SCHEMA)
+            con.execute(
+                """
+                CREATE VIEW latest_feedback AS
+                SELECT request_id, arg_max(label, ts) AS label, max(ts) AS label_ts
+                FROM feedback GROUP BY request_id
+                """
+            )
+            con.execute(
+                """
+                CREATE VIEW labelled AS
+                SELECT p.*, f.label, f.label_ts
+                FROM predictions p LEFT JOIN latest_feedback f USING (request_id)
+                WHERE p.role = 'primary'
+                """
+            )
+            con.execute(
+                """
+                CREATE VIEW shadow_pairs AS
+                SELECT p.request_id, p.ts, p.entity_key, p.mode,
+                       p.model_version AS primary_version, s.model_version AS shadow_version,
+                       p.score AS primary_score, s.score AS shadow_score,
+                       p.decision AS primary_decision, s.decision AS shadow_decision,
+                       p.status AS primary_status, s.status AS shadow_status,
+                       p.latency_ms AS primary_latency_ms, s.latency_ms AS shadow_latency_ms
+                FROM predictions p JOIN predictions s USING (request_id)
+                WHERE p.role = 'primary' AND s.role = 'shadow'
+                """
+            )
+        except duckdb.Error as exc:
+            con.close()
+            raise DataError(f"cannot read the prediction log under {self.predictions_root.parent}: {exc}") from exc
+        return con
+
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
+        """Run one SQL query over the views; the result as a pandas frame."""
+        con = self.connect()
+        try:
+            return con.execute(sql, params or []).df()
+        except duckdb.Error as exc:
+            raise DataError(f"prediction-log query failed: {exc}") from exc
+        finally:
+            con.close()
+
+    @staticmethod
+    def _window(since: datetime | None, until: datetime | None) -> tuple[str, list[Any]]:
+        where, params = [], []
+        if since is not None:
+            where.append("ts >= ?")
+            params.append(since)
+        if until is not None:
+            where.append("ts < ?")
+            params.append(until)
+        return (" WHERE " + " AND ".join(where)) if where else "", params
+
+    def read_log(
+        self,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        model_name: str | None = None,
+    ) -> pd.DataFrame:
+        """Prediction-log rows (both roles) with ``since <= ts < until``, oldest first, as the
+        frame ``mlops.rollout.observe.observe`` takes. Datetimes should be timezone-aware."""
+        where, params = self._window(since, until)
+        if model_name is not None:
+            where += (" AND " if where else " WHERE ") + "model_name = ?"
+            params.append(model_name)
+        columns = ", ".join(f'"{f.name}"' for f in log_schema(self.dataset))
+        return self.query(f"SELECT {columns} FROM predictions{where} ORDER BY ts, request_id, role", params)
+
+    def read_feedback(self, since: datetime | None = None, until: datetime | None = None) -> pd.DataFrame:
+        """Feedback rows (``request_id``, ``label``, ``ts``) that arrived in the window."""
+        where, params = self._window(since, until)
+        return self.query(f"SELECT request_id, label, ts FROM feedback{where} ORDER BY ts", params)

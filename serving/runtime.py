@@ -1,0 +1,603 @@
+"""The online service's state and behaviour, independent of the web framework.
+
+``ServingRuntime`` holds the current ``ServingState`` (a route table plus the model in each
+slot), the model pool, the prediction-log writer and the metrics. The HTTP layer
+(``serving.app``) parses and validates requests and calls into it.
+
+Atomic changes. A request reads ``runtime.state`` once and uses that object to the end, and
+an admin change builds a complete new state (loading any new version first, off the event
+loop) and replaces the reference in one assignment. So a request sees the old routes and
+slots or the new ones, never a mix; it holds a reference on each model it uses, so a model
+replaced or evicted meanwhile is closed only after the request is answered. Nothing is
+dropped or failed by a hot swap or a blue-green flip.
+
+Shadow. In shadow mode the sampled requests are submitted to the candidate after the
+stable answer is ready and the response does not wait for them: the candidate's answer is
+only logged (``role='shadow'``, same ``request_id``), counted in metrics, and never
+returned. A bounded number of mirror copies may be pending; beyond it copies are skipped
+(and counted) rather than letting the candidate slow the stable path down.
+
+The service exposes state and applies what it is told; it never decides a rollout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from mlops.onnx_model import PROBA_OUTPUT
+from mlops.predlog import PRIMARY, SHADOW
+from mlops.request_validation import InvalidRequest, Record, RequestValidator, V2Request
+from mlops.routing import CANDIDATE, STABLE, InvalidRouteTable, Mode, RouteTable, route
+from mlops.settings import Settings
+from serving.errors import Conflict, ModelFailed, NotReady, Overloaded, ServingError, UnknownModel
+from serving.metrics import ServingMetrics
+from serving.models import LoadedModel, ModelPool, build_model
+from serving.predlog_store import feedback_dir, predictions_dir
+from serving.predlog_writer import LogRow, PredictionLogWriter
+from serving.source import ModelSource
+from serving.state import DesiredState, RoutesSpec, load_state, save_state, state_path
+
+log = logging.getLogger(__name__)
+
+NEEDS_CANDIDATE = frozenset({Mode.SHADOW, Mode.CANARY, Mode.AB, Mode.BLUE_GREEN})
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True, slots=True)
+class ServingState:
+    """Routes and slots as one immutable value; replaced whole by every admin change."""
+
+    table: RouteTable
+    stable: LoadedModel | None
+    candidate: LoadedModel | None
+    generation: int = 0
+    applied_at: float = 0.0
+    applied_key: str | None = None
+
+    def slot(self, variant: str) -> LoadedModel | None:
+        return self.stable if variant == STABLE else self.candidate
+
+    def versions(self) -> set[int]:
+        return {m.version for m in (self.stable, self.candidate) if m is not None}
+
+    def desired(self) -> DesiredState | None:
+        if self.stable is None:
+            return None
+        return DesiredState(**RoutesSpec.of(self.table).model_dump(), stable_version=self.stable.version,
+                            candidate_version=self.candidate.version if self.candidate else None)  # fmt: skip
+
+
+class _Group:
+    """Rows of one request that go to one model."""
+
+    __slots__ = ("variant", "model", "index", "future", "probs", "error")
+
+    def __init__(self, variant: str, model: LoadedModel, index: list[int]):
+        self.variant = variant
+        self.model = model
+        self.index = index
+        self.future: asyncio.Future | None = None
+        self.probs: np.ndarray | None = None
+        self.error: ServingError | None = None
+
+
+class ServingRuntime:
+    """Routes, slots, pool, prediction log and metrics of one service process."""
+
+    def __init__(self, settings: Settings, source: ModelSource, *, token: str):
+        cfg = settings.serving
+        self.settings = settings
+        self.cfg = cfg
+        self.source = source
+        self.token = token
+        self.model_name = cfg.model_name or settings.training.model_name
+        self.threshold = cfg.decision_threshold or settings.training.decision_threshold
+        self.timeout = cfg.request_timeout_seconds
+        self.feature_names = settings.dataset.feature_names
+        self.validator = RequestValidator(settings.dataset, enforce_ranges=cfg.enforce_feature_ranges,
+                                          max_rows=cfg.max_batch_rows)  # fmt: skip
+        self.metrics = ServingMetrics()
+        self.pool = ModelPool(self._build, int(cfg.model_memory_budget_mb * 2**20))
+        self.writer = PredictionLogWriter(
+            predictions_dir(settings), feedback_dir(settings), settings.dataset,
+            flush_seconds=cfg.log_flush_seconds, flush_rows=cfg.log_flush_rows,
+            max_buffer_rows=cfg.log_max_buffer_rows, on_flush=lambda n, _f: self.metrics.log_rows.inc(n),
+        )  # fmt: skip
+        self.state = ServingState(RouteTable(), None, None)
+        self.state_file = state_path(settings)
+        self.inflight = 0
+        self.shadow_pending = 0
+        self.idempotency: OrderedDict[str, tuple[str, int, dict[str, Any]]] = OrderedDict()
+        self._admin_lock: asyncio.Lock | None = None
+        self._watchdog: asyncio.Task | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _build(self, version: int) -> LoadedModel:
+        onnx = self.source.onnx(version)
+        return build_model(self.model_name, version, onnx, self.settings.dataset,
+                           threads=self.cfg.ort_threads, max_batch_rows=self.cfg.micro_batch_rows)  # fmt: skip
+
+    def _initial(self) -> tuple[DesiredState | None, int, str]:
+        if self.cfg.restore_state:
+            restored = load_state(self.state_file, self.model_name)
+            if restored is not None:
+                return restored[0], restored[1], f"restored from {self.state_file}"
+        stable = self.source.resolve(self.cfg.stable_alias)
+        if stable is None:
+            return None, 0, f"'{self.model_name}@{self.cfg.stable_alias}' is not set"
+        candidate = self.source.resolve(self.cfg.candidate_alias) if self.cfg.candidate_alias else None
+        desired = DesiredState(stable_version=stable, candidate_version=candidate)
+        return desired, 0, f"from aliases {self.cfg.stable_alias}" + (
+            f" and {self.cfg.candidate_alias}" if self.cfg.candidate_alias else "")
+
+    def bootstrap(self) -> str:
+        """Load the starting slots (blocking: called once, before serving). Returns what was loaded."""
+        desired, generation, origin = self._initial()
+        if desired is None:
+            log.warning("no model to serve yet (%s): not ready until a version is loaded via the admin API", origin)
+            return f"nothing loaded: {origin}"
+        try:
+            self._apply_sync(desired, generation)
+        except UnknownModel as exc:
+            if not origin.startswith("restored"):
+                raise
+            log.warning("persisted serving state is stale (%s); starting from the registry aliases", exc)
+            self.cfg = self.cfg.model_copy(update={"restore_state": False})
+            return self.bootstrap()
+        return f"{self.describe_routes()} ({origin})"
+
+    def _apply_sync(self, desired: DesiredState, generation: int) -> None:
+        table = desired.table()
+        models = {}
+        for slot, version in ((STABLE, desired.stable_version), (CANDIDATE, desired.candidate_version)):
+            if version is None:
+                models[slot] = None
+                continue
+            model = self.pool.get(version) or self._build(version)
+            self.pool.add(model)
+            models[slot] = model
+        self._check_slots(table, models[CANDIDATE])
+        self.state = ServingState(table, models[STABLE], models[CANDIDATE], generation, time.time(), None)
+        self.pool.pin(self.state.versions())
+        self._export_state()
+
+    def start(self) -> None:
+        """Start the background work that needs the event loop (watchdog) and the log writer."""
+        self.writer.start()
+        self._admin_lock = asyncio.Lock()
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch(), name="serving-watchdog")
+
+    async def stop(self) -> None:
+        """Flush the prediction log and release every model (after in-flight requests ended)."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            try:
+                await self._watchdog
+            except asyncio.CancelledError:
+                pass
+        await asyncio.to_thread(self.writer.stop)
+        self.pool.close()
+
+    async def _watch(self) -> None:
+        tick = min(0.1, max(0.01, self.timeout / 20))
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            for worker in self.pool.workers:
+                if worker.outstanding or worker.running_since:
+                    worker.expire(now, self.timeout)
+
+    @property
+    def ready(self) -> bool:
+        return self.state.stable is not None
+
+    # ------------------------------------------------------------------ scoring
+
+    def _log(self, rid: str, entity: str | None, variant: str, role: str, mode: str, model: LoadedModel,
+             score: float | None, latency_ms: float, status: int, error: str | None,
+             features: Mapping[str, Any]) -> None:  # fmt: skip
+        decision = None if score is None else score >= self.threshold
+        self.writer.log(LogRow(rid, time.time(), entity, variant, role, mode, model.name, model.version, score,
+                               decision, latency_ms, status, error, features))  # fmt: skip
+
+    @staticmethod
+    def _columns(features: Sequence[Mapping[str, Any]], names: Sequence[str]) -> dict[str, list]:
+        if len(features) == 1:
+            f = features[0]
+            return {n: [f[n]] for n in names}
+        return {n: [f[n] for f in features] for n in names}
+
+    async def _await_group(self, group: _Group) -> None:
+        try:
+            probs = await group.future
+        except ServingError as exc:
+            group.error = exc
+            return
+        if not np.isfinite(probs).all():
+            group.error = ModelFailed(f"model {group.model.name} v{group.model.version} returned non-finite scores")
+            log.error("%s", group.error)
+            return
+        group.probs = probs
+
+    async def score(
+        self,
+        features: Sequence[Mapping[str, Any]],
+        request_ids: Sequence[str],
+        entity_keys: Sequence[str | None],
+        forced: str | None,
+        started: float,
+        *,
+        split: bool = True,
+    ) -> tuple[list[tuple[str, LoadedModel, np.ndarray]], str]:
+        """Route, score and log rows; per row (variant, model, probabilities) and the route mode.
+
+        ``split`` routes every row on its own (``/predict``: rows are separate requests);
+        otherwise the first row's keys route the whole batch (an OIP tensor is one request).
+        Raises the failed group's ``ServingError`` (after logging every row).
+        """
+        state = self.state
+        table = state.table
+        mode = table.mode.value
+        n = len(features)
+        if split:
+            decisions = [route(table, entity_keys[i], request_ids[i], forced) for i in range(n)]
+        else:
+            decisions = [route(table, entity_keys[0], request_ids[0], forced)] * n
+        groups: dict[str, _Group] = {}
+        for i, d in enumerate(decisions):
+            group = groups.get(d.variant)
+            if group is None:
+                model = state.slot(d.variant)
+                if model is None:
+                    raise NotReady(f"no model is loaded in the {d.variant} slot")
+                group = groups[d.variant] = _Group(d.variant, model, [])
+            group.index.append(i)
+        deadline = time.monotonic() + self.timeout
+        names = self.feature_names
+        for group in groups.values():
+            rows = [features[i] for i in group.index]
+            group.model.acquire()
+            group.future = group.model.worker.submit(self._columns(rows, names), len(rows), deadline)
+        try:
+            for group in groups.values():
+                await self._await_group(group)
+        finally:
+            for group in groups.values():
+                group.model.release()
+        elapsed = time.perf_counter() - started
+        latency_ms = elapsed * 1e3
+        out: list[tuple[str, LoadedModel, np.ndarray]] = [None] * n  # type: ignore[list-item]
+        failure: ServingError | None = None
+        for group in groups.values():
+            model, variant = group.model, group.variant
+            if group.error is not None:
+                failure = failure or group.error
+                self.metrics.failed(variant, PRIMARY, group.error.status, len(group.index))
+                for i in group.index:
+                    self._log(request_ids[i], entity_keys[i], variant, PRIMARY, mode, model, None, latency_ms,
+                              group.error.status, str(group.error), features[i])  # fmt: skip
+                continue
+            probs = group.probs
+            self.metrics.answered(variant, PRIMARY, elapsed, len(group.index))
+            for j, i in enumerate(group.index):
+                s = float(probs[j, 1])
+                out[i] = (variant, model, probs[j])
+                self._log(request_ids[i], entity_keys[i], variant, PRIMARY, mode, model, s, latency_ms, 200, None,
+                          features[i])  # fmt: skip
+        if failure is not None:
+            raise failure
+        mirrored = [i for i, d in enumerate(decisions) if d.mirror]
+        if mirrored and state.candidate is not None:
+            self._mirror(state.candidate, mirrored, features, request_ids, entity_keys, mode)
+        return out, mode
+
+    # ------------------------------------------------------------------ shadow
+
+    def _mirror(self, model: LoadedModel, index: list[int], features: Sequence[Mapping[str, Any]],
+                request_ids: Sequence[str], entity_keys: Sequence[str | None], mode: str) -> None:  # fmt: skip
+        k = len(index)
+        if self.shadow_pending + k > self.cfg.shadow_max_pending:
+            self.metrics.shadow_skipped.inc(k)
+            return
+        rows = [features[i] for i in index]
+        self.shadow_pending += k
+        model.acquire()
+        future = model.worker.submit(self._columns(rows, self.feature_names), k, time.monotonic() + self.timeout)
+        keys = ([request_ids[i] for i in index], [entity_keys[i] for i in index], rows)
+        future.add_done_callback(partial(self._shadow_done, model, keys, mode, time.perf_counter()))
+
+    def _shadow_done(self, model: LoadedModel, keys: tuple[list, list, list], mode: str, started: float,
+                     future: asyncio.Future) -> None:  # fmt: skip
+        model.release()
+        rids, entities, rows = keys
+        self.shadow_pending -= len(rids)
+        elapsed = time.perf_counter() - started
+        exc = future.exception()
+        probs = None if exc is not None else future.result()
+        if probs is not None and not np.isfinite(probs).all():
+            exc, probs = ModelFailed(f"model {model.name} v{model.version} returned non-finite scores"), None
+        if exc is not None:
+            status = exc.status if isinstance(exc, ServingError) else 500
+            self.metrics.failed(CANDIDATE, SHADOW, status, len(rids))
+            for rid, ent, f in zip(rids, entities, rows, strict=True):
+                self._log(rid, ent, CANDIDATE, SHADOW, mode, model, None, elapsed * 1e3, status, str(exc), f)
+            return
+        self.metrics.answered(CANDIDATE, SHADOW, elapsed, len(rids))
+        for j, (rid, ent, f) in enumerate(zip(rids, entities, rows, strict=True)):
+            self._log(rid, ent, CANDIDATE, SHADOW, mode, model, float(probs[j, 1]), elapsed * 1e3, 200, None, f)
+
+    # ------------------------------------------------------------------ endpoints
+
+    async def predict(self, records: list[Record], forced: str | None, started: float) -> dict[str, Any]:
+        """``/predict``: each record routed on its own; score, decision and where it went."""
+        rids = [r.request_id or new_request_id() for r in records]
+        answers, mode = await self.score([r.features for r in records], rids, [r.entity_key for r in records],
+                                         forced, started)  # fmt: skip
+        thr = self.threshold
+        return {
+            "predictions": [
+                {"request_id": rid, "score": (s := float(p[1])), "decision": s >= thr, "variant": variant,
+                 "model_name": model.name, "model_version": model.version}  # fmt: skip
+                for rid, (variant, model, p) in zip(rids, answers, strict=True)
+            ],
+            "mode": mode,
+        }
+
+    def _v2_rows(self, req: V2Request) -> tuple[list[dict[str, Any]], list[str]]:
+        cols = req.columns
+        rows = [{n: cols[n][j] for n in self.feature_names} for j in range(req.rows)]
+        base = req.id or new_request_id()
+        rids = [base] if req.rows == 1 else [f"{base}:{j}" for j in range(req.rows)]
+        return rows, rids
+
+    def _v2_response(self, req: V2Request, model: LoadedModel, probs: np.ndarray, variant: str | None,
+                     rids: list[str]) -> dict[str, Any]:  # fmt: skip
+        out = {
+            "model_name": model.name,
+            "model_version": str(model.version),
+            "outputs": [{"name": PROBA_OUTPUT, "datatype": "FP32", "shape": [req.rows, 2],
+                         "data": probs.ravel().tolist()}],  # fmt: skip
+            "parameters": {"request_ids": rids, **({"variant": variant} if variant else {})},
+        }
+        if req.id is not None:
+            out["id"] = req.id
+        return out
+
+    async def infer(self, req: V2Request, forced: str | None, started: float) -> dict[str, Any]:
+        """OIP v2 infer on the model name: routed like ``/predict`` (the tensor is one request)."""
+        rows, rids = self._v2_rows(req)
+        answers, _mode = await self.score(rows, rids, [req.entity_key] * req.rows, forced, started, split=False)
+        variant, model, _ = answers[0]
+        probs = np.stack([a[2] for a in answers])
+        return self._v2_response(req, model, probs, variant, rids)
+
+    async def model_for(self, version: int, *, load: bool) -> LoadedModel | None:
+        """A loaded version (loading it on demand when ``load`` and configured so)."""
+        model = self.pool.get(version)
+        if model is None and load and self.cfg.load_on_demand:
+            model = await self.pool.load(version, required=False)
+            self._export_pool()
+        return model
+
+    async def infer_version(self, version: int, req: V2Request, started: float) -> dict[str, Any]:
+        """OIP v2 infer on one version, not routed. Logged when that version is in a slot."""
+        model = await self.model_for(version, load=True)
+        if model is None:
+            raise UnknownModel(f"version {version} of '{self.model_name}' is not loaded (loading on demand is off)")
+        state = self.state
+        variant = STABLE if state.stable is model else CANDIDATE if state.candidate is model else None
+        rows, rids = self._v2_rows(req)
+        model.acquire()
+        try:
+            group = _Group(variant or STABLE, model, list(range(req.rows)))
+            group.future = model.worker.submit(self._columns(rows, self.feature_names), req.rows,
+                                               time.monotonic() + self.timeout)  # fmt: skip
+            await self._await_group(group)
+        finally:
+            model.release()
+        elapsed = time.perf_counter() - started
+        if variant is not None:
+            mode = state.table.mode.value
+            status = 200 if group.error is None else group.error.status
+            for j, rid in enumerate(rids):
+                score = None if group.probs is None else float(group.probs[j, 1])
+                self._log(rid, None, variant, PRIMARY, mode, model, score, elapsed * 1e3, status,
+                          None if group.error is None else str(group.error), rows[j])  # fmt: skip
+            if group.error is None:
+                self.metrics.answered(variant, PRIMARY, elapsed, req.rows)
+            else:
+                self.metrics.failed(variant, PRIMARY, status, req.rows)
+        if group.error is not None:
+            raise group.error
+        return self._v2_response(req, model, group.probs, variant, rids)
+
+    def feedback(self, items: list[tuple[str, int]]) -> dict[str, Any]:
+        now = time.time()
+        accepted = sum(self.writer.feedback(rid, label, now) for rid, label in items)
+        self.metrics.feedback.inc(accepted)
+        if accepted < len(items):
+            raise Overloaded("the feedback buffer is full; retry later")
+        return {"accepted": accepted}
+
+    def admit(self) -> None:
+        """Count a scoring request in, or shed it at once when at capacity."""
+        if self.inflight >= self.cfg.max_inflight_requests:
+            raise Overloaded(f"overloaded: {self.inflight} requests in flight (limit {self.cfg.max_inflight_requests}); retry later")
+        self.inflight += 1
+
+    def done(self) -> None:
+        self.inflight -= 1
+
+    # ------------------------------------------------------------------ admin
+
+    def _check_slots(self, table: RouteTable, candidate: LoadedModel | int | None) -> None:
+        if table.mode in NEEDS_CANDIDATE and candidate is None:
+            raise Conflict(f"{table.mode.value} routing needs a model in the candidate slot; load one first")
+
+    async def apply(self, desired: DesiredState, key: str | None = None) -> dict[str, Any]:
+        """Make ``desired`` the serving state (loading versions as needed); the applied state.
+
+        Runs to completion even if the calling request is cancelled, so a timed-out admin
+        call never leaves a half-applied change; repeating it is a no-op.
+        """
+        return await asyncio.shield(asyncio.ensure_future(self._apply(desired, key)))
+
+    async def _apply(self, desired: DesiredState, key: str | None) -> dict[str, Any]:
+        assert self._admin_lock is not None, "start() was not called"
+        async with self._admin_lock:
+            try:
+                table = desired.table()
+            except InvalidRouteTable as exc:
+                raise InvalidRequest(str(exc)) from None
+            self._check_slots(table, desired.candidate_version)
+            current = self.state
+            if desired == current.desired():
+                return self.describe(changed=False)
+            wanted = {v for v in (desired.stable_version, desired.candidate_version) if v is not None}
+            self.pool.pin(current.versions() | wanted)  # nothing needed now or next is evicted meanwhile
+            try:
+                stable = await self.pool.load(desired.stable_version, required=True)
+                candidate = None
+                if desired.candidate_version is not None:
+                    candidate = await self.pool.load(desired.candidate_version, required=True)
+            except BaseException:
+                self.pool.pin(self.state.versions())
+                raise
+            self.state = ServingState(table, stable, candidate, current.generation + 1, time.time(), key)
+            self.pool.pin(self.state.versions())
+            self._export_state()
+            await asyncio.to_thread(save_state, self.state_file, self.model_name, desired, self.state.generation, key)
+            log.info("serving state %d applied: %s", self.state.generation, self.describe_routes())
+            return self.describe(changed=True)
+
+    def _current(self, what: str) -> DesiredState:
+        desired = self.state.desired()
+        if desired is None:
+            raise Conflict(f"nothing is loaded in the stable slot yet; {what} needs a full state (PUT /admin/state)")
+        return desired
+
+    async def set_slot(self, slot: str, version: int | None, alias: str | None, key: str | None) -> dict[str, Any]:
+        """Load ``version`` (or the version ``alias`` points at) into ``slot``, routes unchanged;
+        no version and no alias empties the candidate slot."""
+        if version is not None and alias is not None:
+            raise InvalidRequest("give either version or alias, not both")
+        if alias is not None:
+            version = await asyncio.to_thread(self.source.resolve, alias)
+            if version is None:
+                raise UnknownModel(f"model '{self.model_name}' has no alias '{alias}'")
+        if slot == STABLE:
+            if version is None:
+                raise Conflict("the stable slot cannot be emptied")
+            base = self.state.desired()
+            desired = (base.model_copy(update={"stable_version": version}) if base is not None
+                       else DesiredState(stable_version=version))  # fmt: skip
+        else:
+            desired = self._current("loading the candidate").model_copy(update={"candidate_version": version})
+        return await self.apply(DesiredState.model_validate(desired.model_dump()), key)
+
+    async def set_routes(self, routes: RoutesSpec, key: str | None) -> dict[str, Any]:
+        base = self._current("changing routes")
+        return await self.apply(DesiredState(**routes.model_dump(), stable_version=base.stable_version,
+                                             candidate_version=base.candidate_version), key)  # fmt: skip
+
+    async def flip(self, key: str | None) -> dict[str, Any]:
+        base = self._current("a flip")
+        if base.mode != Mode.BLUE_GREEN.value:
+            raise Conflict(f"only blue_green routing flips; the mode is {base.mode}")
+        other = CANDIDATE if base.active_slot == STABLE else STABLE
+        return await self.apply(base.model_copy(update={"active_slot": other}), key)
+
+    async def preload(self, version: int) -> dict[str, Any]:
+        await self.pool.load(version, required=True)
+        self._export_pool()
+        return self.describe(changed=False)
+
+    # ------------------------------------------------------------------ describing
+
+    def describe_routes(self) -> str:
+        s = self.state
+        slots = ", ".join(f"{name}=v{m.version}" if m else f"{name}=-" for name, m in (("stable", s.stable), ("candidate", s.candidate)))
+        t = s.table
+        detail = {Mode.CANARY: f" {t.weight_pct:g}%", Mode.AB: f" {t.weight_pct:g}%", Mode.SHADOW: f" {t.mirror_pct:g}% mirrored",
+                  Mode.BLUE_GREEN: f" active={t.active_slot}"}.get(t.mode, "")  # fmt: skip
+        return f"{t.mode.value}{detail} ({slots})"
+
+    def describe(self, *, changed: bool | None = None) -> dict[str, Any]:
+        """The applied state: the ``DesiredState`` fields plus slots, pool and bookkeeping."""
+        s = self.state
+        routes = RoutesSpec.of(s.table).model_dump()
+        slot = {name: (None if m is None else {"version": m.version,
+                                               "loaded_at": datetime.fromtimestamp(m.loaded_at, UTC).isoformat()})
+                for name, m in (("stable", s.stable), ("candidate", s.candidate))}  # fmt: skip
+        out: dict[str, Any] = {
+            "model_name": self.model_name,
+            **routes,
+            "stable_version": s.stable.version if s.stable else None,
+            "candidate_version": s.candidate.version if s.candidate else None,
+            "generation": s.generation,
+            "applied_at": datetime.fromtimestamp(s.applied_at, UTC).isoformat() if s.applied_at else None,
+            "applied_key": s.applied_key,
+            "ready": self.ready,
+            "slots": slot,
+            "pool": {"budget_bytes": self.pool.budget_bytes, "used_bytes": self.pool.used_bytes,
+                     "evictions": self.pool.evictions, "models": [m.describe() for m in self.pool.models]},  # fmt: skip
+        }
+        if changed is not None:
+            out["changed"] = changed
+        return out
+
+    def _export_state(self) -> None:
+        s = self.state
+        m = self.metrics
+        m.slot_version.labels(STABLE).set(s.stable.version if s.stable else 0)
+        m.slot_version.labels(CANDIDATE).set(s.candidate.version if s.candidate else 0)
+        t = s.table
+        pct = {Mode.CANARY: t.weight_pct, Mode.AB: t.weight_pct, Mode.SHADOW: t.mirror_pct,
+               Mode.BLUE_GREEN: 100.0 if t.active_slot == CANDIDATE else 0.0}.get(t.mode, 0.0)  # fmt: skip
+        m.candidate_pct.set(pct)
+        self._export_pool()
+
+    def _export_pool(self) -> None:
+        m = self.metrics
+        m.models_loaded.set(len(self.pool.models))
+        m.model_bytes.set(self.pool.used_bytes)
+        m.evictions.set(self.pool.evictions)
+
+    def render_metrics(self) -> bytes:
+        m = self.metrics
+        m.inflight.set(self.inflight)
+        m.log_buffered.set(self.writer.buffered)
+        m.log_dropped.set(self.writer.dropped)
+        self._export_pool()
+        return m.render()
+
+    # ------------------------------------------------------------------ idempotency
+
+    def remembered(self, key: str, fingerprint: str) -> tuple[int, dict[str, Any]] | None:
+        """The stored answer to an admin call with this Idempotency-Key, if it was made."""
+        hit = self.idempotency.get(key)
+        if hit is None:
+            return None
+        if hit[0] != fingerprint:
+            raise InvalidRequest(f"Idempotency-Key {key!r} was already used for a different request")
+        return hit[1], hit[2]
+
+    def remember(self, key: str, fingerprint: str, status: int, body: dict[str, Any]) -> None:
+        self.idempotency[key] = (fingerprint, status, body)
+        while len(self.idempotency) > self.cfg.idempotency_keys:
+            self.idempotency.popitem(last=False)

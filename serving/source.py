@@ -1,0 +1,66 @@
+"""Where the service gets model versions: the registry behind a small interface.
+
+``ModelSource`` is all the service needs (resolve an alias, fetch a version's ONNX bytes);
+``RegistrySource`` is the real one over ``registry.mlflow_registry.ModelRegistry``, with the
+registry's errors translated once, here, into the service's own.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Protocol
+
+from mlops.errors import NotFound, RegistryError
+from mlops.settings import Settings
+from serving.errors import ServingError, UnknownModel
+
+
+class ModelSource(Protocol):
+    def resolve(self, alias: str) -> int | None:
+        """The version ``alias`` points at now, or None when the alias is unset."""
+        ...
+
+    def onnx(self, version: int) -> bytes:
+        """The ONNX model of ``version``; ``UnknownModel`` when there is no such version."""
+        ...
+
+    def exists(self, version: int) -> bool:
+        """Whether ``version`` is registered."""
+        ...
+
+
+class RegistrySource:
+    """Versions of one registered model, read from the platform's MLflow registry."""
+
+    def __init__(self, settings: Settings, model_name: str):
+        from registry.mlflow_registry import ModelRegistry
+
+        self.model_name = model_name
+        self.registry = ModelRegistry(settings)
+        self._lock = threading.Lock()  # loads run in threads; MLflow clients are not shared concurrently
+
+    def resolve(self, alias: str) -> int | None:
+        with self._lock:
+            try:
+                return self.registry.aliases(self.model_name).get(alias)
+            except RegistryError as exc:
+                raise ServingError(f"registry unavailable: {exc}", 503) from exc
+
+    def onnx(self, version: int) -> bytes:
+        with self._lock:
+            try:
+                return self.registry.onnx_bytes(self.model_name, version)
+            except NotFound:
+                raise UnknownModel(f"model '{self.model_name}' has no version {version}") from None
+            except RegistryError as exc:
+                raise ServingError(f"registry unavailable: {exc}", 503) from exc
+
+    def exists(self, version: int) -> bool:
+        with self._lock:
+            try:
+                self.registry.version(self.model_name, version)
+                return True
+            except NotFound:
+                return False
+            except RegistryError as exc:
+                raise ServingError(f"registry unavailable: {exc}", 503) from exc
