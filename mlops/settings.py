@@ -280,6 +280,55 @@ class ServingConfig(StrictModel):
     idempotency_keys: int = Field(1024, ge=1)
 
 
+# --------------------------------------------------------------------------- edge
+
+
+class OtaGates(StrictModel):
+    """Gates on device telemetry at each stage of an over-the-air rollout.
+
+    A stage passes when enough of its cohort reported (else INCONCLUSIVE), few enough
+    devices failed to install or health-check the new model, the devices' single-row p99
+    latency stayed in bounds, and the new model's predictions on the devices' own traffic
+    are distributed like the publisher's reference (population stability index).
+    """
+
+    min_reporting_fraction: float = Field(0.9, gt=0, le=1)
+    max_failure_rate: float = Field(0.02, ge=0, le=1)
+    max_latency_p99_ms: float = Field(20.0, gt=0)
+    max_prediction_psi: float = Field(0.2, gt=0)
+    min_predictions: int = Field(100, ge=1)
+
+
+class EdgeConfig(StrictModel):
+    """Edge delivery: the default device budget, signed bundles and the staged OTA rollout.
+
+    ``budget`` is a budget file (``configs/edge/*.yaml``); unset, the embedded
+    ``pos-terminal`` budget applies. A rollout widens the cohort through ``stages``
+    (percent of the fleet, ending at 100); a stage FAIL counts against ``failure_limit``
+    and past it rolls the affected devices back, INCONCLUSIVE stages count against
+    ``inconclusive_limit`` and past it abort the rollout.
+    """
+
+    budget: str | None = None
+    stages: tuple[float, ...] = (1.0, 10.0, 50.0, 100.0)
+    gates: OtaGates = OtaGates()
+    failure_limit: int = Field(0, ge=0)
+    inconclusive_limit: int = Field(2, ge=0)
+    manifest_ttl_hours: float = Field(168.0, gt=0)
+    root_ttl_days: float = Field(365.0, gt=0)
+    golden_rows: int = Field(16, ge=1)
+    golden_tolerance: float = Field(1e-4, gt=0)
+    traffic_rows: int = Field(64, ge=1)
+    reference_bins: int = Field(10, ge=2, le=100)
+
+    @model_validator(mode="after")
+    def _stages_widen_to_all(self) -> EdgeConfig:
+        st = self.stages
+        if not st or any(b <= a for a, b in zip(st, st[1:])) or st[0] <= 0 or st[-1] != 100.0:
+            raise ValueError("stages must be increasing percentages above 0 that end at 100")
+        return self
+
+
 class Settings(StrictModel):
     """The whole effective configuration of one platform instance."""
 
@@ -293,6 +342,7 @@ class Settings(StrictModel):
     services: ServicesConfig = ServicesConfig()
     scoring: ScoringConfig = ScoringConfig()
     serving: ServingConfig = ServingConfig()
+    edge: EdgeConfig = EdgeConfig()
 
     # Derived locations; every piece of state lives under ``home``.
     @property
@@ -326,6 +376,10 @@ class Settings(StrictModel):
     @property
     def data_dir(self) -> Path:
         return self.home_path / "data"
+
+    @property
+    def edge_dir(self) -> Path:
+        return self.home_path / "edge"
 
     @property
     def run_dir(self) -> Path:
