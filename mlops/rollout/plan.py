@@ -1,0 +1,343 @@
+"""Rollout plans: the ordered steps a candidate goes through, and the gates of each step.
+
+A plan is configuration (``configs/rollout/*.yaml``), validated once into frozen strict
+models like every other setting: an unknown field, a wrong type or an inconsistent plan is a
+``ConfigError`` naming the file and the field. Durations and sample minimums live here, so
+the same machine runs a demo plan in minutes and a production plan over days.
+
+Steps, in the order a plan usually lists them (a discriminated union on ``kind``):
+
+``replay``      offline champion/challenger comparison on labelled rows; no traffic.
+``shadow``      the candidate answers a mirrored ``mirror_pct`` of requests off the
+                response path; users only ever see ``stable``.
+``canary``      ``weights`` ramp (e.g. 1 -> 5 -> 25 -> 50 %) of sticky users on the
+                candidate, with an analysis after each weight.
+``ab``          a sticky split read as an experiment: a pre-registered ``primary`` metric
+                tested sequentially, guardrail ``checks`` and a sample-ratio-mismatch check.
+``approval``    a human approves or rejects the version under test, within ``timeout_s``.
+``blue_green``  the cutover: aliases move and all traffic flips to the candidate slot, a
+                post-promotion analysis runs and the old slot stays warm for ``keep_warm_s``.
+
+Gate vocabulary (shared by every check): a measurement with fewer than ``min_samples`` is
+INCONCLUSIVE, never PASS; FAILs are counted and the check trips when ``failures >
+failure_limit``; INCONCLUSIVE measurements are counted once the step's ``duration_s`` has
+passed and trip when ``inconclusives > inconclusive_limit``; a ``dry_run`` check is
+measured, counted and reported but never changes the rollout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from mlops.settings import StrictModel, read_yaml, validate_model
+
+# --------------------------------------------------------------------------- metrics
+
+SampleKind = Literal["requests", "labelled", "pairs"]
+
+METRICS: dict[str, tuple[SampleKind, str]] = {
+    # system, per variant, from every answer in the window
+    "latency_p50_ms": ("requests", "median latency of the variant's answers, ms"),
+    "latency_p95_ms": ("requests", "95th percentile latency, ms"),
+    "latency_p99_ms": ("requests", "99th percentile latency, ms"),
+    "error_rate": ("requests", "share of answers whose model call failed"),
+    "decision_rate": ("requests", "share of successful answers whose decision is positive"),
+    # model quality, on answers whose label has arrived
+    "auc": ("labelled", "ROC AUC of the scores against the labels"),
+    "log_loss": ("labelled", "mean log loss of the scores against the labels"),
+    "calibration_error": ("labelled", "expected calibration error, 10 equal-frequency bins"),
+    # drift against the training reference
+    "score_psi": ("requests", "PSI of the variant's scores against its reference scores"),
+    "score_ks": ("requests", "KS statistic of the scores against the reference scores"),
+    "input_psi": ("requests", "largest PSI of any input feature against the training data"),
+    "input_ks": ("requests", "largest KS statistic of any numeric input feature"),
+    # agreement of paired answers (shadow mirror online, replay offline)
+    "agreement": ("pairs", "share of paired requests on which both models decide alike"),
+    "score_correlation": ("pairs", "Pearson correlation of the paired scores"),
+}
+"""Every metric a check may name: how its samples are counted, and what it measures."""
+
+Metric = Literal[
+    "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "error_rate", "decision_rate",
+    "auc", "log_loss", "calibration_error",
+    "score_psi", "score_ks", "input_psi", "input_ks",
+    "agreement", "score_correlation",
+]  # fmt: skip
+PAIRED_METRICS = frozenset({"agreement", "score_correlation"})
+
+OnFail = Literal["rollback", "pause", "abort"]
+"""What a tripped check does: ``rollback`` (all traffic to stable now, the candidate is
+judged worse), ``abort`` (all traffic to stable now, no verdict on the candidate: the
+experiment itself is invalid) or ``pause`` (traffic stays as it is, the rollout waits for an
+operator to resume, roll back or abort)."""
+
+SEVERITY: dict[str, int] = {"rollback": 3, "abort": 2, "pause": 1}
+"""When several checks trip in one tick, the most severe action wins."""
+
+
+class GateLimits(StrictModel):
+    """How one check's measurements are counted, and what happens when it trips."""
+
+    min_samples: int = Field(100, ge=1)
+    failure_limit: int = Field(0, ge=0)
+    inconclusive_limit: int = Field(0, ge=0)
+    error_limit: int = Field(2, ge=0)
+    dry_run: bool = False
+    on_fail: OnFail = "rollback"
+    on_inconclusive: OnFail = "abort"
+
+
+class MetricCheck(GateLimits):
+    """One metric of the candidate, measured every tick against a threshold range.
+
+    ``relative_to_stable`` compares the candidate with ``stable`` over the same window:
+    ``ratio`` checks ``candidate / stable`` and ``diff`` checks ``candidate - stable``
+    against ``min``/``max``; without it the candidate's own value is checked. Both sides
+    then need ``min_samples``. ``name`` (default: the metric, suffixed by the comparison)
+    identifies the check's counters and must be unique within a step.
+    """
+
+    metric: Metric
+    name: str | None = Field(None, min_length=1)
+    min: float | None = None
+    max: float | None = None
+    relative_to_stable: Literal["ratio", "diff"] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MetricCheck:
+        if self.min is None and self.max is None:
+            raise ValueError(f"check {self.key}: give min, max or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"check {self.key}: min {self.min} > max {self.max}")
+        if self.relative_to_stable and self.metric in PAIRED_METRICS:
+            raise ValueError(f"check {self.key}: {self.metric} already compares both models")
+        return self
+
+    @property
+    def key(self) -> str:
+        if self.name:
+            return self.name
+        suffix = f"_vs_stable_{self.relative_to_stable}" if self.relative_to_stable else ""
+        return self.metric + suffix
+
+    @property
+    def samples(self) -> SampleKind:
+        return METRICS[self.metric][0]
+
+
+class SequentialTest(GateLimits):
+    """The A/B step's pre-registered primary metric, tested with a mixture SPRT.
+
+    ``metric`` is a per-request value (``log_loss``, ``brier``: lower is better, need the
+    label; ``accuracy``: share of correct decisions, higher is better; ``latency_ms``: lower
+    is better). The effect is measured so that positive means the candidate is better.
+    ``mde`` is the minimum detectable effect in the metric's unit; ``sigma`` the
+    pre-registered per-request standard deviation (estimated from ``stable`` when absent);
+    ``tau`` the mixing scale of the test (default ``mde``). The test may conclude a winner
+    (``superiority``) or "not worse by more than ``mde``" (``non_inferiority``) only once
+    both arms hold the sample size that gives ``power`` at ``mde``; a candidate that is
+    significantly worse fails as soon as it is (the test is valid at every look).
+    ``min_samples`` is per arm.
+    """
+
+    metric: Literal["log_loss", "brier", "accuracy", "latency_ms"] = "log_loss"
+    hypothesis: Literal["superiority", "non_inferiority"] = "superiority"
+    alpha: float = Field(0.05, gt=0, lt=0.5)
+    power: float = Field(0.8, gt=0.5, lt=1)
+    mde: float = Field(gt=0)
+    sigma: float | None = Field(None, gt=0)
+    tau: float | None = Field(None, gt=0)
+    min_samples: int = Field(1000, ge=2)
+
+    @property
+    def key(self) -> str:
+        return f"ab_{self.metric}"
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric == "accuracy"
+
+
+class SrmCheck(GateLimits):
+    """Sample-ratio mismatch: the arms' entity counts against the configured split.
+
+    A chi-square test of distinct entities (users) per arm; the split is by entity, so
+    entity counts are binomial whatever each user's request rate. ``p < alpha`` FAILs; the
+    default action is ``abort``, since a broken split makes the experiment, not the
+    candidate, untrustworthy.
+    """
+
+    alpha: float = Field(0.001, gt=0, lt=0.5)
+    on_fail: OnFail = "abort"
+
+    @property
+    def key(self) -> str:
+        return "sample_ratio"
+
+
+# --------------------------------------------------------------------------- steps
+
+
+class _Step(StrictModel):
+    """Fields every step has: a display name, its checks and its minimum duration."""
+
+    name: str | None = Field(None, min_length=1)
+    checks: tuple[MetricCheck, ...] = ()
+    duration_s: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _unique_check_names(self) -> _Step:
+        keys = [c.key for c in self.checks]
+        dupes = sorted({k for k in keys if keys.count(k) > 1})
+        if dupes:
+            raise ValueError(f"check names used twice in one step: {', '.join(dupes)} (set `name`)")
+        return self
+
+
+class ReplayStep(_Step):
+    """Offline comparison: both models score the same labelled rows; no traffic moves."""
+
+    kind: Literal["replay"] = "replay"
+
+
+class ShadowStep(_Step):
+    """``mirror_pct`` of requests are also answered by the candidate, off the response path.
+
+    The step completes when ``duration_s`` has passed, every check passes and the candidate
+    has answered at least ``min_samples`` mirrored requests.
+    """
+
+    kind: Literal["shadow"] = "shadow"
+    mirror_pct: float = Field(gt=0, le=100)
+    min_samples: int = Field(100, ge=1)
+
+
+class CanaryStep(_Step):
+    """A ramp of sticky weights; each weight is analysed for ``duration_s`` before the next.
+
+    A weight completes only when the candidate answered at least ``min_samples`` requests
+    at it, so a canary that receives no traffic never advances.
+    """
+
+    kind: Literal["canary"] = "canary"
+    weights: tuple[float, ...] = Field(min_length=1)
+    min_samples: int = Field(100, ge=1)
+
+    @model_validator(mode="after")
+    def _ramp(self) -> CanaryStep:
+        if any(not 0 < w < 100 for w in self.weights):
+            raise ValueError("canary weights must be between 0 and 100 (exclusive)")
+        if any(b <= a for a, b in zip(self.weights, self.weights[1:], strict=False)):
+            raise ValueError("canary weights must increase")
+        if any(round(w * 100) != w * 100 for w in self.weights):
+            raise ValueError("canary weights have at most two decimals (0.01 % steps)")
+        return self
+
+
+class ABStep(_Step):
+    """A sticky ``candidate_pct`` split with a sequential test of ``primary``.
+
+    ``checks`` are the guardrails (measured every tick like any check). The step completes
+    when ``duration_s`` has passed, the primary test PASSes, guardrails and the SRM check
+    pass, and the candidate answered at least ``min_samples`` requests.
+    """
+
+    kind: Literal["ab"] = "ab"
+    candidate_pct: float = Field(50.0, gt=0, lt=100)
+    min_samples: int = Field(100, ge=1)
+    primary: SequentialTest
+    srm: SrmCheck = SrmCheck()
+
+
+class ApprovalStep(_Step):
+    """A human approves the version under test; traffic stays as the previous step left it.
+
+    No answer within ``timeout_s`` ends the rollout in ``TIMED_OUT``, which promotes
+    nothing. ``checks`` keep guarding the live traffic while the approval is pending.
+    """
+
+    kind: Literal["approval"] = "approval"
+    timeout_s: float = Field(gt=0)
+
+
+class BlueGreenStep(_Step):
+    """The cutover, always the plan's last step.
+
+    On entry the ``champion`` alias moves to the candidate (the old champion becomes
+    ``previous-champion``) and all traffic flips to the candidate slot while the old
+    champion stays loaded. ``checks`` are the post-promotion analysis over ``duration_s``:
+    a trip flips traffic and aliases back at once. After ``keep_warm_s`` (and a passing
+    analysis) the old slot is released. No stable traffic exists after the flip, so checks
+    here are absolute (``relative_to_stable`` is refused).
+    """
+
+    kind: Literal["blue_green"] = "blue_green"
+    keep_warm_s: float = Field(0.0, ge=0)
+    min_samples: int = Field(100, ge=1)
+
+    @model_validator(mode="after")
+    def _absolute_only(self) -> BlueGreenStep:
+        rel = [c.key for c in self.checks if c.relative_to_stable or c.metric in PAIRED_METRICS]
+        if rel:
+            raise ValueError(
+                f"blue_green checks cannot compare with stable (no stable traffic after the flip): {', '.join(rel)}"
+            )
+        return self
+
+
+Step = Annotated[
+    ReplayStep | ShadowStep | CanaryStep | ABStep | ApprovalStep | BlueGreenStep,
+    Field(discriminator="kind"),
+]
+TRAFFIC_STEPS = ("shadow", "canary", "ab", "blue_green")
+
+
+class RolloutPlan(StrictModel):
+    """An ordered list of steps ending in the ``blue_green`` cutover, and the tick interval.
+
+    ``tick_interval_s`` is how often the orchestrator observes and calls ``decide``; every
+    counted limit is in ticks, so ``inconclusive_limit: 12`` at a 5 s tick grants a check
+    one more minute after its step's duration.
+    """
+
+    name: str = Field(min_length=1)
+    description: str = ""
+    tick_interval_s: float = Field(gt=0)
+    steps: tuple[Step, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _shape(self) -> RolloutPlan:
+        kinds = [s.kind for s in self.steps]
+        if kinds.count("blue_green") != 1 or kinds[-1] != "blue_green":
+            raise ValueError("a plan ends with exactly one blue_green step (the only step that promotes)")
+        names = [step_label(self, i) for i in range(len(self.steps))]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"step names used twice: {', '.join(dupes)}")
+        if not any(k in ("shadow", "canary", "ab") for k in kinds):
+            raise ValueError("a plan needs at least one shadow, canary or ab step before the cutover")
+        return self
+
+    @property
+    def digest(self) -> str:
+        """A short hash of the plan's content: a rollout refuses to continue under another."""
+        return hashlib.blake2b(self.model_dump_json().encode(), digest_size=8).hexdigest()
+
+
+def step_label(plan: RolloutPlan, index: int) -> str:
+    """The step's ``name``, or its kind (numbered when the kind repeats)."""
+    step = plan.steps[index]
+    if step.name:
+        return step.name
+    same = [i for i, s in enumerate(plan.steps) if s.kind == step.kind and not s.name]
+    return step.kind if len(same) == 1 else f"{step.kind}-{same.index(index) + 1}"
+
+
+def load_plan(path: str | Path) -> RolloutPlan:
+    """Read and validate a rollout plan; a bad one raises ``ConfigError`` naming file and field."""
+    p = Path(path)
+    return validate_model(RolloutPlan, read_yaml(p), str(p))
