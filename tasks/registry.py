@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import pandas as pd
 from prefect import task
 
 from mlops.errors import GateFailed, StaleAlias
@@ -16,22 +15,7 @@ from registry.mlflow_registry import ModelRegistry
 from registry.promotion import champion_gate, promote
 
 
-@task(name="log-training-run", retries=2, retry_delay_seconds=[2, 10])
-def log_training_run(
-    settings: Settings,
-    run_name: str,
-    params: Mapping[str, object],
-    metrics: Mapping[str, float],
-    tags: Mapping[str, str],
-    files: Mapping[str, bytes],
-    onnx_model: bytes,
-    example_features: pd.DataFrame,
-    example_scores: pd.DataFrame,
-) -> tracking.LoggedRun:
-    return tracking.log_training_run(
-        settings, run_name=run_name, params=params, metrics=metrics, tags=tags, files=files,
-        onnx_model=onnx_model, example_features=example_features, example_scores=example_scores,
-    )  # fmt: skip
+log_training_run = task(name="log-training-run", retries=2, retry_delay_seconds=[2, 10])(tracking.log_training_run)
 
 
 # Not retried: a retry after a lost response would register a second version.
