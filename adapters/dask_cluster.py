@@ -130,6 +130,14 @@ def _close(client: Client) -> None:
         log.debug("closing a Dask client: %s", exc)
 
 
+def release(cfg: DaskConfig) -> None:
+    """Close and forget the client of ``cfg`` (e.g. after its scheduler was shut down)."""
+    with _lock:
+        client = _clients.pop(_key(cfg), None)
+    if client is not None:
+        _close(client)
+
+
 def close_all() -> None:
     """Close every client and the local clusters this process started."""
     with _lock:

@@ -171,8 +171,9 @@ def score_flow(
     if failed:
         abort_staging(staged)
         lines = merge_failures([(plan[r.index].describe(), r.failures) for r in failed])
-        checked = f"{len(results)} of {len(plan)} partitions checked"
-        raise ValidationFailed(f"{source}: the input failed validation ({checked}); nothing was written", lines)
+        raise ValidationFailed(
+            f"{source}: {len(failed)} of {len(plan)} partitions failed validation; nothing was written", lines
+        )
     lap("score")
 
     for r in results:  # CPU seconds the workers spent, summed over partitions

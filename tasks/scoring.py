@@ -23,7 +23,6 @@ from prefect import get_run_logger, task
 from adapters import parquet_input, storage
 from adapters.dask_cluster import ClusterError, client_for
 from adapters.storage import CommitInfo, PartInfo, RunRecord, StagedRun
-from mlops.errors import DataError
 from mlops.onnx_model import OnnxScorer
 from mlops.partitions import Partition, plan_partitions
 from mlops.scoring import ModelRef, decision_threshold, score_table
@@ -92,6 +91,23 @@ class PartitionResult:
     failures: tuple[str, ...] = ()
     seconds: dict[str, float] = field(default_factory=dict)
     agreement: AgreementStats | None = None
+    skipped: bool = False  # validated only: another partition had failed
+
+
+def _stop_event_name(run_id: str) -> str:
+    return f"mlops-score-stop-{run_id}"
+
+
+def _stop_requested(run_id: str) -> bool:
+    """Whether the driver asked this run's partitions to validate only (one had failed)."""
+    from distributed import Event
+    from distributed.worker import get_worker
+
+    try:
+        get_worker()
+    except ValueError:  # called outside a Dask worker: nobody can ask to stop
+        return False
+    return Event(_stop_event_name(run_id)).is_set()
 
 
 def score_partition(job: PartitionJob, models: Sequence[bytes]) -> PartitionResult:
@@ -119,6 +135,8 @@ def score_partition(job: PartitionJob, models: Sequence[bytes]) -> PartitionResu
     lap("validate")
     if not summary.success:
         return PartitionResult(part.index, table.num_rows, None, summary.failures, seconds)
+    if _stop_requested(job.run_id):
+        return PartitionResult(part.index, table.num_rows, None, (), seconds, skipped=True)
 
     primary = worker_scorer(job.models[0], models[0], job.schema, job.ort_threads)
     feeds = primary.feeds(frame)
@@ -193,12 +211,14 @@ def abort_staging(staged: StagedRun) -> None:
 # of a worker that died.
 @task(name="score-partitions")
 def score_partitions(settings: Settings, jobs: Sequence[PartitionJob], models: Sequence[PinnedModel]) -> list[PartitionResult]:
-    """Run ``score_partition`` for every job on Dask; stop at the first partition that fails validation.
+    """Run ``score_partition`` for every job on Dask and return the results by partition.
 
     The model files are broadcast to the workers once; results come back as partitions
-    finish, so the driver holds only their small summaries.
+    finish, so the driver holds only their small summaries. Once a partition fails
+    validation the others are still validated, for a complete list of failures, but no
+    longer scored or staged.
     """
-    from distributed import as_completed
+    from distributed import Event, as_completed
 
     logger = get_run_logger()
     client = client_for(settings.dask)
@@ -206,6 +226,7 @@ def score_partitions(settings: Settings, jobs: Sequence[PartitionJob], models: S
         onnx = [client.scatter(m.onnx, broadcast=True) for m in models]
     except (OSError, TimeoutError) as exc:
         raise ClusterError(f"cannot send the model to the Dask workers: {exc}") from exc
+    stop = Event(_stop_event_name(jobs[0].run_id), client=client) if jobs else None
     futures = client.map(
         score_partition, list(jobs), models=onnx, pure=False, retries=1,
         key=[f"score-{j.run_id}-{j.partition.index:05d}" for j in jobs],
@@ -213,18 +234,23 @@ def score_partitions(settings: Settings, jobs: Sequence[PartitionJob], models: S
     results: list[PartitionResult] = []
     rows = 0
     total = sum(j.partition.rows for j in jobs)
+    failed = False
     try:
         for future in as_completed(futures, loop=client.loop):
             result: PartitionResult = future.result()
             results.append(result)
-            if result.failures:
-                logger.warning("partition %d failed validation; stopping the run", result.index)
-                break
+            if result.failures and not failed:
+                failed = True
+                stop.set()
+                logger.warning("partition %d failed validation: the others are validated, not scored", result.index)
             rows += result.rows
-            logger.info("scored partition %d (%d of %d partitions, %s of %s rows)",
-                        result.index, len(results), len(jobs), f"{rows:,}", f"{total:,}")  # fmt: skip
+            logger.info("%s partition %d (%d of %d partitions, %s of %s rows)",
+                        "checked" if failed else "scored", result.index, len(results), len(jobs),
+                        f"{rows:,}", f"{total:,}")  # fmt: skip
     finally:
         client.cancel(futures)
+        if stop is not None:
+            stop.clear()
     return sorted(results, key=lambda r: r.index)
 
 
@@ -239,28 +265,3 @@ def record_comparison(root: str, run_date: date, run_id: str, reference: ModelRe
     from adapters.score_reports import write_comparison
 
     write_comparison(root, run_date, run_id, reference, compared, report)
-
-
-def require_input(path: str) -> None:
-    """Fail with a ``DataError`` naming the input when it does not exist."""
-    parquet_input.input_files(path)
-
-
-__all__ = [
-    "DataError",
-    "PartitionJob",
-    "PartitionResult",
-    "PinnedModel",
-    "abort_staging",
-    "commit_run",
-    "committed_dates",
-    "open_staging",
-    "pin_model",
-    "plan_input",
-    "record_comparison",
-    "score_partition",
-    "score_partitions",
-    "scorer_loads",
-    "sweep_store",
-    "worker_scorer",
-]

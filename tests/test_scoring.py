@@ -1,0 +1,408 @@
+"""Batch scoring end to end: the real Prefect flow, real Dask, real GX, DuckDB and ONNX Runtime.
+
+One local Dask cluster serves the whole module (the adapter reuses it), so Great
+Expectations is imported once per worker. Inputs are small and cut into several partitions,
+so every run exercises the parallel path, the row-group slicing and the single commit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import date, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from adapters import dask_cluster, storage
+from adapters.runtime import configure
+from mlops.datagen import generate
+from mlops.errors import ValidationFailed
+from mlops.onnx_model import OnnxScorer
+from mlops.settings import DaskConfig, Settings, load_settings
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+DAY = date(2026, 1, 2)
+ROWS = 20_000
+PARTITION_ROWS = 6_000  # 20k rows -> 4 partitions
+KEYS = ["transaction_id", "user_id", "event_time"]
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_cluster_per_module() -> Iterator[None]:
+    yield
+    dask_cluster.close_all()
+
+
+@pytest.fixture(scope="session")
+def challenger_model() -> bytes:
+    """A second real model, trained on drifted data: it disagrees with ``small_model`` on some rows."""
+    from mlops import modeling
+    from mlops.settings import LogisticRegressionSpec
+
+    settings = load_settings(environ={})
+    frame = generate(3000, seed=5, drift=0.9)
+    pipe = modeling.fit(LogisticRegressionSpec(C=0.05, max_iter=200), frame, settings.dataset, 0)
+    return modeling.to_onnx_bytes(pipe, settings.dataset)
+
+
+def register(settings: Settings, onnx_model: bytes, alias: str) -> int:
+    """Log ``onnx_model`` in its own MLflow run, register it (as challenger) and point ``alias`` at it."""
+    from mlops import modeling
+    from registry.mlflow_registry import ModelRegistry
+    from registry.tracking import log_training_run
+
+    example = modeling.features_frame(generate(10, seed=9).head(3), settings.dataset)
+    example = example.astype({n: np.float32 for n in settings.dataset.numeric_names})
+    logged = log_training_run(
+        settings, run_name=f"fixture-{alias}", params={}, metrics={}, tags={}, files={},
+        onnx_model=onnx_model, example_features=example, example_scores=pd.DataFrame({"probability": [0.1, 0.2, 0.3]}),
+    )  # fmt: skip
+    registry = ModelRegistry(settings)
+    name = settings.training.model_name
+    version = registry.register(name, logged.model_uri, logged.run_id, {"decision_threshold": "0.3"}, "fixture").version
+    if alias != "challenger":
+        registry.move_alias(name, alias, version, reason="fixture")
+    return version
+
+
+@pytest.fixture
+def scoring_home(flow_home: Settings, monkeypatch: pytest.MonkeyPatch, small_model: bytes) -> Settings:
+    """A platform with a champion (v1), small partitions, and the settings the flow will load."""
+    monkeypatch.setenv("MLOPS__SCORING__ROWS_PER_PARTITION", str(PARTITION_ROWS))
+    settings = load_settings()
+    configure(settings)
+    register(settings, small_model, "champion")
+    return settings
+
+
+def write_input(path: Path, rows: int = ROWS, seed: int = 4, row_group_rows: int | None = None, day: date = DAY) -> pd.DataFrame:
+    frame = generate(rows, seed=seed, start=datetime(day.year, day.month, day.day))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), path, row_group_size=row_group_rows or rows)
+    return frame
+
+
+def scores_of(settings: Settings, day: date = DAY) -> pd.DataFrame:
+    table = storage.query(settings.home_path, "SELECT * FROM scores WHERE run_date = ? ORDER BY transaction_id", [day])
+    return table.to_pandas()
+
+
+def score_runs(settings: Settings) -> list[dict[str, object]]:
+    return storage.query(settings.home_path, "SELECT * FROM score_runs ORDER BY run_date").to_pylist()
+
+
+def run(settings: Settings, **kwargs: object):  # noqa: ANN201 - flows.score.ScoreSummary
+    from flows.score import score_flow
+
+    return score_flow(**({"run_date": DAY.isoformat()} | kwargs))
+
+
+# --------------------------------------------------------------------------- a run
+
+
+def test_a_run_publishes_every_row_once_with_the_registered_models_scores(scoring_home: Settings, small_model: bytes) -> None:
+    """Given a 20k-row input in 4 partitions, the run writes 20k rows whose scores are the ONNX model's own.
+
+    DuckDB's count agrees, decisions use the version's threshold, every row carries the model,
+    version, alias and flow run, the Hive layout is there, score_runs has the run, and each
+    worker built its ONNX Runtime session once, not once per partition.
+    """
+    settings = scoring_home
+    frame = write_input(settings.data_dir / "score" / f"{DAY}.parquet")  # the default input
+    summary = run(settings)
+
+    assert (summary.rows_in, summary.rows_out, summary.partitions) == (ROWS, ROWS, 4)
+    assert storage.query(settings.home_path, "SELECT count(*) AS n FROM scores").column("n")[0].as_py() == ROWS
+    out = scores_of(settings)
+    expected = frame.sort_values("transaction_id").reset_index(drop=True)
+    assert out["transaction_id"].tolist() == expected["transaction_id"].tolist()
+    assert out["user_id"].tolist() == expected["user_id"].tolist()
+    direct = OnnxScorer(small_model, settings.dataset).predict_proba(expected)
+    np.testing.assert_array_equal(out["score"].to_numpy(), direct)
+    assert (out["decision"] == (out["score"] >= 0.3)).all() and out["threshold"].eq(0.3).all()
+    assert set(out["model_name"]) == {"fraud-detector"} and set(out["model_version"]) == {1}
+    assert set(out["alias"]) == {"champion"} and out["flow_run_id"].notna().all()
+
+    parts = sorted((settings.home_path / "scores" / f"run_date={DAY}").glob("part-*.parquet"))
+    assert [p.name for p in parts] == [f"part-{i:05d}.parquet" for i in range(4)]
+    (row,) = score_runs(settings)
+    assert (row["model_version"], row["alias"], row["rows_in"], row["rows_out"]) == ("1", "champion", ROWS, ROWS)
+    assert {"pin", "plan", "score", "workers_validate", "workers_score"} <= set(yaml.safe_load(row["phase_seconds"]))
+
+    from tasks.scoring import scorer_loads
+
+    digest = __import__("hashlib").sha256(small_model).hexdigest()[:16]
+    loads = dask_cluster.client_for(settings.dask).run(scorer_loads)
+    per_worker = [counts.get(digest, 0) for counts in loads.values()]
+    assert 1 <= sum(per_worker) <= len(per_worker) < summary.partitions
+    assert max(per_worker) == 1
+
+
+def test_running_a_date_again_replaces_it_and_never_duplicates(scoring_home: Settings) -> None:
+    """Scoring the same date twice leaves one copy: the second run's rows, one score_runs row, one run folder."""
+    settings = scoring_home
+    path = settings.data_dir / "in.parquet"
+    write_input(path, rows=12_000, row_group_rows=3_000)
+    first = run(settings, input_path=str(path))
+    second = run(settings, input_path=str(path))
+    assert first.run_id != second.run_id
+    assert len(scores_of(settings)) == 12_000
+    runs = score_runs(settings)
+    assert [r["run_id"] for r in runs] == [second.run_id]
+    assert [p.name for p in (settings.home_path / "scores" / "_runs" / f"run_date={DAY}").iterdir()] == [second.run_id]
+
+
+def test_invalid_input_fails_listing_the_expectations_and_keeps_the_previous_output(scoring_home: Settings) -> None:
+    """A run whose input breaks the GX suite raises ValidationFailed with each failed expectation;
+    the date's committed run, its rows and the store's folders are exactly as before."""
+    settings = scoring_home
+    good = settings.data_dir / "good.parquet"
+    write_input(good, rows=8_000)
+    before = run(settings, input_path=str(good))
+    listing = sorted(p.relative_to(settings.home_path) for p in (settings.home_path / "scores").rglob("*"))
+
+    bad_frame = generate(8_000, seed=6)
+    bad_frame.loc[7_000:7_010, "amount"] = -5.0
+    bad_frame.loc[100:102, "channel"] = "carrier_pigeon"
+    bad = settings.data_dir / "bad.parquet"
+    pq.write_table(pa.Table.from_pandas(bad_frame, preserve_index=False), bad)
+    with pytest.raises(ValidationFailed) as caught:
+        run(settings, input_path=str(bad))
+    text = str(caught.value)
+    assert "nothing was written" in text
+    assert any("column 'amount': values must be between 0.0 and 100000.0" in f for f in caught.value.failures)
+    assert any("column 'channel': values must be one of" in f and "carrier_pigeon" in f for f in caught.value.failures)
+
+    assert [r["run_id"] for r in score_runs(settings)] == [before.run_id]
+    assert len(scores_of(settings)) == 8_000
+    assert sorted(p.relative_to(settings.home_path) for p in (settings.home_path / "scores").rglob("*")) == listing
+
+
+def test_replay_scores_both_aliases_and_writes_the_agreement_report(scoring_home: Settings, challenger_model: bytes, small_model: bytes) -> None:
+    """`--compare challenger` publishes the champion's scores and stores correlation, decision agreement,
+    PSI, KS and per-segment differences between the two, equal to those computed directly."""
+    from mlops.stats import decision_agreement, pearson
+
+    settings = scoring_home
+    register(settings, challenger_model, "challenger")
+    path = settings.data_dir / "in.parquet"
+    frame = write_input(path, rows=12_000)
+    summary = run(settings, input_path=str(path), compare="challenger")
+    assert summary.model_version == 1 and summary.compared_version == 2
+
+    a = OnnxScorer(small_model, settings.dataset).predict_proba(frame)
+    b = OnnxScorer(challenger_model, settings.dataset).predict_proba(frame)
+    (report,) = storage.query(settings.home_path, "SELECT * FROM score_comparisons").to_pylist()
+    assert (report["reference_version"], report["compared_version"], report["rows"]) == (1, 2, 12_000)
+    assert report["correlation"] == pytest.approx(pearson(a, b), rel=1e-9)
+    assert report["correlation"] < 0.999
+    assert report["decision_agreement"] == pytest.approx(decision_agreement(a >= 0.3, b >= 0.3))
+    assert report["psi"] > 0 and 0 < report["ks"] <= 1
+    segments = storage.query(
+        settings.home_path,
+        "SELECT segment_value, rows, mean_diff FROM score_comparison_segments WHERE segment_column = 'channel' ORDER BY 1",
+    ).to_pandas()
+    by_channel = frame.assign(d=b.astype(np.float64) - a.astype(np.float64)).groupby("channel")["d"].agg(["size", "mean"]).sort_index()
+    assert segments["segment_value"].tolist() == by_channel.index.tolist()
+    assert segments["rows"].tolist() == by_channel["size"].tolist()
+    np.testing.assert_allclose(segments["mean_diff"], by_channel["mean"], rtol=1e-9, atol=1e-12)
+    assert len(scores_of(settings)) == 12_000 and set(scores_of(settings)["model_version"]) == {1}
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def test_backfill_skips_committed_dates_unless_forced(scoring_home: Settings) -> None:
+    """`mlops score --from --to` scores each date of the range from its `{date}` input once; a second
+    backfill skips them all, and --force rescores them."""
+    from mlops_cli.main import app
+
+    settings = scoring_home
+    days = [date(2026, 1, 3), date(2026, 1, 4)]
+    for i, d in enumerate(days):
+        write_input(settings.data_dir / "daily" / f"{d}.parquet", rows=3_000, seed=10 + i, day=d)
+    template = str(settings.data_dir / "daily" / "{date}.parquet")
+    args = ["score", "--from", "2026-01-03", "--to", "2026-01-04", "--input", template]
+    runner = CliRunner()
+
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert [r["run_date"] for r in score_runs(settings)] == days
+    ids = [r["run_id"] for r in score_runs(settings)]
+
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "skipped 2 committed dates" in again.output
+    assert [r["run_id"] for r in score_runs(settings)] == ids
+
+    forced = runner.invoke(app, [*args, "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert all(new != old for new, old in zip([r["run_id"] for r in score_runs(settings)], ids, strict=True))
+    assert storage.query(settings.home_path, "SELECT count(*) AS n FROM scores").column("n")[0].as_py() == 6_000
+
+
+def test_missing_input_and_bad_options_are_one_line_errors(home: Settings) -> None:
+    """Without an input for the date, `mlops score` names the expected file and how to generate it
+    (exit 3); contradictory options exit 2. Nothing is started."""
+    from mlops_cli.main import app
+
+    runner = CliRunner()
+    missing = runner.invoke(app, ["score", "--date", "2026-02-01"])
+    assert missing.exit_code == 3
+    assert f"{home.data_dir}/score/2026-02-01.parquet: no scoring input for 2026-02-01" in missing.output
+    assert "mlops data generate --start 2026-02-01" in missing.output
+    assert runner.invoke(app, ["score", "--from", "2026-02-01"]).exit_code == 2
+    assert runner.invoke(app, ["score", "--date", "2026-02-01", "--from", "2026-02-01", "--to", "2026-02-02"]).exit_code == 2
+
+
+def test_every_prefect_deployment_imports_and_nightly_scoring_is_scheduled() -> None:
+    """Each deployment in prefect.yaml names an importable flow that accepts its parameters and runs on
+    the configured process pool; nightly scoring has a cron schedule and defaults its date to today."""
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.flows import load_flow_from_entrypoint
+
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    pool = load_settings(environ={}).prefect.work_pool
+    for dep in spec["deployments"]:
+        flow = load_flow_from_entrypoint(str(REPO / dep["entrypoint"]))
+        assert set(dep.get("parameters") or {}) <= set(flow.parameters.properties), dep["name"]
+        assert dep["work_pool"]["name"] == pool, dep["name"]
+    (nightly,) = [d for d in spec["deployments"] if d["name"] == "nightly-scoring"]
+    assert nightly["entrypoint"] == "flows/score.py:score_flow"
+    scoring = load_flow_from_entrypoint(str(REPO / nightly["entrypoint"]))
+    assert scoring.validate_parameters(nightly["parameters"])["run_date"] is None  # runs without any input
+    (schedule,) = nightly["schedules"]
+    CronSchedule(cron=schedule["cron"], timezone=schedule.get("timezone"))
+    assert "run_date" not in nightly["parameters"]  # None -> the day the run starts
+
+
+# --------------------------------------------------------------------------- failures and scale-out
+
+
+def _staged_parts(settings: Settings) -> list[Path]:
+    return list((settings.home_path / "scores" / "_staging").glob("*/part-*.parquet"))
+
+
+@pytest.mark.slow
+def test_a_killed_run_rerun_leaves_exactly_the_rows_of_a_clean_run(scoring_home: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`mlops score` SIGKILLed mid-run (a part staged, nothing committed): readers still see the previous
+    run whole, no stray file is visible, and re-running leaves the very rows of a clean run with no
+    staging behind."""
+    from prefect.settings import PREFECT_API_URL
+
+    settings = scoring_home
+    path = settings.data_dir / "in.parquet"
+    write_input(path, rows=24_000, row_group_rows=3_000)  # 8 partitions of 3k (PARTITION_ROWS is 6k, so 4)
+    clean = run(settings, input_path=str(path))
+    clean_rows = scores_of(settings)[["transaction_id", "user_id", "score", "decision"]]
+
+    client = dask_cluster.client_for(settings.dask)  # the subprocess reuses our warm workers
+    env = os.environ | {
+        "MLOPS_HOME": str(settings.home_path),
+        "MLOPS__DASK__ADDRESS": client.scheduler.address,
+        "MLOPS__PREFECT__API_URL": str(PREFECT_API_URL.value()),
+        "MLOPS__SCORING__ROWS_PER_PARTITION": "3000",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlops_cli.main", "score", "--date", DAY.isoformat(), "--input", str(path)],
+        env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not _staged_parts(settings):
+            assert proc.poll() is None, f"the run ended before it was killed: {proc.stderr.read().decode()[-2000:]}"
+            assert time.monotonic() < deadline, "no part was staged in time"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    assert [r["run_id"] for r in score_runs(settings)] == [clean.run_id]
+    pd.testing.assert_frame_equal(scores_of(settings)[clean_rows.columns], clean_rows)
+    hive = pq.ParquetDataset(settings.home_path / "scores" / f"run_date={DAY}").read()
+    assert hive.num_rows == 24_000  # the pointer still names the clean run's folder only
+
+    rerun = run(settings, input_path=str(path))
+    assert rerun.rows_out == 24_000
+    pd.testing.assert_frame_equal(scores_of(settings)[clean_rows.columns], clean_rows)
+    assert [r["run_id"] for r in score_runs(settings)] == [rerun.run_id]
+    time.sleep(1.0)  # let a task the killed driver had started finish and be refused
+    assert _staged_parts(settings) == []
+    runs = list((settings.home_path / "scores" / "_runs" / f"run_date={DAY}").iterdir())
+    assert [p.name for p in runs] == [rerun.run_id]
+
+
+@pytest.fixture
+def external_cluster(tmp_path: Path) -> Iterator[str]:
+    """A Dask scheduler and one worker started as `dask scheduler` / `dask worker` processes on loopback."""
+    import json
+
+    from distributed import Client
+
+    dask = str(Path(sys.executable).with_name("dask"))
+    sched_file = tmp_path / "scheduler.json"
+
+    def start(*args: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [dask, *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+
+    procs = [start("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file", str(sched_file))]
+    address = None
+    try:
+        deadline = time.monotonic() + 60
+        while not sched_file.exists():
+            assert time.monotonic() < deadline, "the scheduler did not start"
+            time.sleep(0.1)
+        address = json.loads(sched_file.read_text())["address"]
+        procs.append(start("worker", address, "--nworkers", "1", "--nthreads", "1", "--no-dashboard", "--memory-limit", "2GiB"))
+        with Client(address, timeout="30s") as client:
+            client.wait_for_workers(1, timeout=90)
+        yield address
+    finally:
+        if address is not None:
+            dask_cluster.release(DaskConfig(address=address))
+        for p in reversed(procs):
+            os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+@pytest.mark.slow
+def test_the_flow_runs_on_an_existing_dask_scheduler_given_by_address(
+    scoring_home: Settings, external_cluster: str, monkeypatch: pytest.MonkeyPatch, small_model: bytes
+) -> None:
+    """With dask.address set, the same flow scores on that scheduler's workers: all rows are published
+    and the session was built there, once."""
+    from tasks.scoring import scorer_loads
+
+    monkeypatch.setenv("MLOPS__DASK__ADDRESS", external_cluster)
+    settings = load_settings()
+    assert settings.dask.address == external_cluster
+    path = settings.data_dir / "in.parquet"
+    write_input(path, rows=12_000)
+    summary = run(settings, input_path=str(path))
+    assert summary.rows_out == 12_000 and len(scores_of(settings)) == 12_000
+    digest = __import__("hashlib").sha256(small_model).hexdigest()[:16]
+    loads = dask_cluster.client_for(settings.dask).run(scorer_loads)
+    assert [counts.get(digest) for counts in loads.values()] == [1]
