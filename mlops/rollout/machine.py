@@ -1,0 +1,812 @@
+"""The rollout state machine: ``decide(status, observations, plan, now) -> Decision``.
+
+Pure: no IO, no clock, no randomness. The orchestrator (a Prefect flow) runs one tick as
+
+    status = load_status(read("rollouts/<id>/status.json"))
+    for effect in status.outstanding:                 # left over by a crash: finish them
+        apply(effect); status = mark_applied(status, effect.key, now()); save(status)
+    obs = observe(log rows since status.step_started_at, feedback, ...)
+    decision = decide(status, obs, plan, now(), signals)
+    save(decision.status)                             # write-ahead: the intent is durable
+    for effect in decision.effects:                   # then act, one effect at a time
+        apply(effect); status = mark_applied(decision.status, effect.key, now()); save(status)
+
+Effects are absolute and keyed: a route effect sets the whole route table (applying it
+twice leaves the same routes), an alias effect is a list of compare-and-set moves (a repeat
+finds the alias already at its target). Each key is recorded in the status's ledger once
+applied, ``decide`` never emits a key the ledger holds and makes no new decision while an
+effect is outstanding, so an orchestrator killed at any point resumes at the same step and
+never repeats a traffic change or an alias move. Passing the key to the serving admin API
+and the registry as an idempotency key makes even the crash-between-apply-and-record window
+exactly-once.
+
+Phases::
+
+    PENDING -> RUNNING (replay, shadow, canary, ab) -> AWAITING_APPROVAL -> PROMOTED -> SUCCEEDED
+                  |  ^                                  |   |                  |
+                  v  | resume                           |   +-> TIMED_OUT      +-> ROLLED_BACK
+                PAUSED        any running phase  ->  ROLLED_BACK | ABORTED
+
+Counting (per check, reset at every step and canary weight): FAIL adds a failure, ERROR an
+error, INCONCLUSIVE an inconclusive once the step's ``duration_s`` has passed. A check trips
+when failures > failure_limit (-> its on_fail), errors > error_limit (-> abort) or
+inconclusives > inconclusive_limit (-> its on_inconclusive); the most severe action among
+the tripped checks wins and is applied in the same tick. A ``dry_run`` check is counted and
+reported but never trips. A step completes when its duration has passed and every counted
+check PASSes at the same tick.
+
+A candidate registered while a rollout runs is **ignored**: the rollout is pinned to the
+version it started with (observations of other versions are refused or excluded), the
+decision log notes the new challenger once, and the new version needs its own rollout,
+which starts with no evidence from this one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import Field, ValidationError
+
+from mlops.gates import Outcome
+from mlops.registry_model import CHAMPION, PREVIOUS_CHAMPION, plan_promotion
+from mlops.rollout.errors import ObservationMismatch, PlanMismatch, RolloutError, StatusFormatError
+from mlops.rollout.gate import TRAFFIC_CHECK, Measurement, fmt, measure_step
+from mlops.rollout.observe import CANDIDATE, STABLE, Observations
+from mlops.rollout.plan import (
+    SEVERITY,
+    ABStep,
+    ApprovalStep,
+    BlueGreenStep,
+    CanaryStep,
+    ReplayStep,
+    RolloutPlan,
+    ShadowStep,
+    step_label,
+)
+from mlops.routing import Mode, RouteTable
+from mlops.settings import StrictModel
+
+SCHEMA_VERSION = 1
+
+
+class Phase(StrEnum):
+    """Where a rollout is. The last four are terminal."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    AWAITING_APPROVAL = "awaiting_approval"
+    PAUSED = "paused"
+    PROMOTED = "promoted"  # cut over; post-promotion analysis and keep-warm window
+    SUCCEEDED = "succeeded"
+    ROLLED_BACK = "rolled_back"
+    ABORTED = "aborted"
+    TIMED_OUT = "timed_out"
+
+
+TERMINAL = frozenset({Phase.SUCCEEDED, Phase.ROLLED_BACK, Phase.ABORTED, Phase.TIMED_OUT})
+
+
+class Action(StrEnum):
+    """What a decision does. ``advance``/``promote`` apply the next step's changes;
+    ``rollback``/``abort`` send all traffic back to stable (and aliases back, after a
+    promotion); ``pause`` keeps traffic and waits for an operator; ``hold`` changes
+    nothing; ``await_approval`` asks a human (again, after a restart) and changes nothing."""
+
+    ADVANCE = "advance"
+    HOLD = "hold"
+    PAUSE = "pause"
+    ROLLBACK = "rollback"
+    ABORT = "abort"
+    PROMOTE = "promote"
+    AWAIT_APPROVAL = "await_approval"
+
+
+# --------------------------------------------------------------------------- effects
+
+
+class RouteSpec(StrictModel):
+    """The serving state a route effect sets: a ``RouteTable`` plus the version each slot
+    serves (``candidate_version=None``: the candidate slot is unloaded)."""
+
+    mode: Literal["single", "shadow", "canary", "ab", "blue_green"] = "single"
+    weight_pct: float = 0.0
+    mirror_pct: float = 0.0
+    salt: str = ""
+    active_slot: Literal["stable", "candidate"] = "stable"
+    stable_version: int
+    candidate_version: int | None = None
+
+    def table(self) -> RouteTable:
+        return RouteTable(mode=Mode(self.mode), weight_pct=self.weight_pct, mirror_pct=self.mirror_pct,
+                          salt=self.salt, active_slot=self.active_slot)  # fmt: skip
+
+    @property
+    def candidate_pct(self) -> float:
+        """Share of live answers given by the candidate slot, in percent."""
+        if self.mode in ("canary", "ab"):
+            return self.weight_pct
+        if self.mode == "blue_green":
+            return 100.0 if self.active_slot == CANDIDATE else 0.0
+        return 0.0
+
+    def describe(self) -> str:
+        slots = f"stable=v{self.stable_version}, candidate=" + (f"v{self.candidate_version}" if self.candidate_version else "-")
+        if self.mode in ("canary", "ab"):
+            return f"{self.mode} {self.weight_pct:g}% candidate ({slots})"
+        if self.mode == "shadow":
+            return f"shadow {self.mirror_pct:g}% mirrored ({slots})"
+        if self.mode == "blue_green":
+            return f"blue_green active={self.active_slot} ({slots})"
+        return f"single: all traffic to stable ({slots})"
+
+
+class AliasChange(StrictModel):
+    """One compare-and-set alias move: ``alias`` from ``from_version`` to ``to_version``
+    (``None`` = unset)."""
+
+    alias: str
+    from_version: int | None
+    to_version: int | None
+
+
+class Effect(StrictModel):
+    """One change to the outside world, with the idempotency key it is recorded under."""
+
+    key: str
+    kind: Literal["route", "aliases"]
+    description: str
+    route: RouteSpec | None = None
+    aliases: tuple[AliasChange, ...] = ()
+
+
+class Applied(StrictModel):
+    """An entry of the applied-effects ledger."""
+
+    key: str
+    at: datetime
+
+
+# --------------------------------------------------------------------------- history
+
+
+class Counters(StrictModel):
+    """A check's counted measurements in the current step."""
+
+    failures: int = 0
+    inconclusives: int = 0
+    errors: int = 0
+
+
+class CheckRecord(StrictModel):
+    """A measurement as the decision log keeps it (NaN is stored as ``None``)."""
+
+    key: str
+    metric: str
+    outcome: Outcome
+    reason: str
+    value: float | None = None
+    candidate: float | None = None
+    stable: float | None = None
+    min: float | None = None
+    max: float | None = None
+    samples: int = 0
+    dry_run: bool = False
+    failures: int = 0
+    inconclusives: int = 0
+    errors: int = 0
+
+
+class VariantSnapshot(StrictModel):
+    """The system numbers of one variant at one tick, for the report."""
+
+    requests: int = 0
+    errors: int = 0
+    latency_p50_ms: float | None = None
+    latency_p95_ms: float | None = None
+    latency_p99_ms: float | None = None
+    auc: float | None = None
+    labelled: int = 0
+
+
+class ABSnapshot(StrictModel):
+    """The A/B primary test at one tick (improvement > 0: candidate better)."""
+
+    metric: str
+    outcome: Outcome
+    improvement: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    p_value: float | None = None
+    n_stable: int = 0
+    n_candidate: int = 0
+    n_required: int | None = None
+
+
+class Record(StrictModel):
+    """One decision of the rollout's log."""
+
+    seq: int
+    at: datetime
+    phase: Phase
+    step_index: int
+    step: str
+    action: Action
+    reason: str
+    route: RouteSpec
+    checks: tuple[CheckRecord, ...] = ()
+    variants: dict[str, VariantSnapshot] = Field(default_factory=dict)
+    ab: ABSnapshot | None = None
+    effects: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------- approval
+
+
+class ApprovalRequest(StrictModel):
+    """What a human is asked to approve, and until when."""
+
+    rollout_id: str
+    model_name: str
+    candidate_version: int
+    stable_version: int
+    requested_at: datetime
+    deadline: datetime
+    evidence: str = ""
+
+    def remaining_s(self, now: datetime) -> float:
+        """Seconds left before the request times out (the pause timeout to use)."""
+        return max(0.0, (self.deadline - now).total_seconds())
+
+
+class ApprovalResponse(StrictModel):
+    """A human's answer, for the version they were shown."""
+
+    approved: bool
+    version: int
+    by: str = Field(min_length=1)
+    comment: str = ""
+
+
+@dataclass(frozen=True)
+class Signals:
+    """Inputs of a tick other than metrics.
+
+    ``approval``: an answer to the pending approval. ``challenger_version``: where the
+    registry's ``challenger`` alias points now. ``command``: an operator's ``resume`` (of a
+    paused rollout), ``rollback`` or ``abort``; ``by`` and ``comment`` go into the log.
+    """
+
+    approval: ApprovalResponse | None = None
+    challenger_version: int | None = None
+    command: Literal["resume", "rollback", "abort"] | None = None
+    by: str = "operator"
+    comment: str = ""
+
+
+# --------------------------------------------------------------------------- status
+
+
+class RolloutStatus(StrictModel):
+    """Everything a rollout needs to resume after its orchestrator dies.
+
+    Persisted as JSON (``dump_status``/``load_status``) after every decision and every
+    applied effect. ``aliases_before`` are the registry aliases when the rollout started,
+    which a rollback after promotion restores. ``route`` is the serving state the last
+    decision set (or is setting). ``pending`` are the last decision's effects and
+    ``applied`` the ledger of every effect key applied so far.
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    rollout_id: str = Field(min_length=1, max_length=120)  # effect keys stay within 200 characters
+    model_name: str
+    plan_name: str
+    plan_digest: str
+    stable_version: int
+    candidate_version: int
+    aliases_before: dict[str, int] = Field(default_factory=dict)
+    created_at: datetime
+    updated_at: datetime
+    phase: Phase = Phase.PENDING
+    paused_phase: Phase | None = None
+    step_index: int = 0
+    weight_index: int = 0
+    step_started_at: datetime | None = None
+    route: RouteSpec
+    counters: dict[str, Counters] = Field(default_factory=dict)
+    approval: ApprovalRequest | None = None
+    promoted_at: datetime | None = None
+    pending: tuple[Effect, ...] = ()
+    applied: tuple[Applied, ...] = ()
+    history: tuple[Record, ...] = ()
+    seq: int = 0
+    noted_versions: tuple[int, ...] = ()
+    final_reason: str | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.phase in TERMINAL
+
+    @property
+    def applied_keys(self) -> frozenset[str]:
+        return frozenset(a.key for a in self.applied)
+
+    @property
+    def outstanding(self) -> tuple[Effect, ...]:
+        """Effects of the last decision not yet recorded as applied."""
+        done = self.applied_keys
+        return tuple(e for e in self.pending if e.key not in done)
+
+    @property
+    def window_start(self) -> datetime | None:
+        """Observations for the next tick start here: when the current step's traffic
+        change was applied (``None`` while it is still outstanding)."""
+        return self.step_started_at
+
+
+def start(
+    rollout_id: str,
+    plan: RolloutPlan,
+    *,
+    model_name: str,
+    stable_version: int,
+    candidate_version: int,
+    aliases: Mapping[str, int],
+    now: datetime,
+) -> RolloutStatus:
+    """A new rollout of ``candidate_version`` against ``stable_version`` (the champion).
+
+    ``aliases`` are the model's aliases as read from the registry now; the champion must be
+    the stable version, since the cutover moves it by compare-and-set.
+    """
+    if candidate_version == stable_version:
+        raise RolloutError(f"candidate v{candidate_version} is already the stable version")
+    if aliases.get(CHAMPION) != stable_version:
+        raise RolloutError(f"stable v{stable_version} is not the champion (champion is {aliases.get(CHAMPION)})")
+    return RolloutStatus(
+        rollout_id=rollout_id, model_name=model_name, plan_name=plan.name, plan_digest=plan.digest,
+        stable_version=stable_version, candidate_version=candidate_version, aliases_before=dict(aliases),
+        created_at=now, updated_at=now,
+        route=RouteSpec(stable_version=stable_version, candidate_version=candidate_version),
+    )  # fmt: skip
+
+
+def mark_applied(status: RolloutStatus, key: str, at: datetime) -> RolloutStatus:
+    """The status after effect ``key`` was applied at ``at``.
+
+    When the last outstanding route effect of the current step lands, the step's analysis
+    window starts (``step_started_at = at``): evidence is only ever read from traffic that
+    went through the new routes.
+    """
+    effect = next((e for e in status.pending if e.key == key), None)
+    if effect is None:
+        raise RolloutError(f"no pending effect {key!r} in rollout {status.rollout_id}")
+    if key in status.applied_keys:
+        return status
+    update: dict[str, object] = {"applied": status.applied + (Applied(key=key, at=at),), "updated_at": at}
+    remaining = [e for e in status.outstanding if e.key != key and e.kind == "route"]
+    if effect.kind == "route" and not remaining and not status.terminal:
+        update["step_started_at"] = at
+        if status.phase is Phase.PROMOTED:
+            update["promoted_at"] = at
+    return status.model_copy(update=update)
+
+
+def dump_status(status: RolloutStatus) -> str:
+    """The status as JSON text (what ``rollouts/<id>/status.json`` holds)."""
+    return status.model_dump_json(indent=1)
+
+
+def load_status(text: str) -> RolloutStatus:
+    """Parse a persisted status; an unknown schema version or a bad field raises
+    ``StatusFormatError``."""
+    try:
+        return RolloutStatus.model_validate_json(text)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        raise StatusFormatError(f"rollout status: {where}: {err['msg']}") from None
+
+
+# --------------------------------------------------------------------------- decision
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of one tick.
+
+    ``status`` is the next status, to persist *before* applying ``effects`` (which it
+    lists as pending). ``approval`` is set when a human must be asked (again).
+    """
+
+    action: Action
+    reason: str
+    status: RolloutStatus
+    effects: tuple[Effect, ...] = ()
+    measurements: tuple[Measurement, ...] = ()
+    approval: ApprovalRequest | None = None
+
+    @property
+    def route(self) -> RouteTable | None:
+        """The route table this decision sets, if it changes traffic."""
+        for e in self.effects:
+            if e.route is not None:
+                return e.route.table()
+        return None
+
+
+def _none(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _elapsed(status: RolloutStatus, now: datetime) -> float:
+    return (now - status.step_started_at).total_seconds() if status.step_started_at else 0.0
+
+
+class _Tick:
+    """One call of ``decide``: the inputs, and the builders of its possible decisions."""
+
+    def __init__(self, status: RolloutStatus, plan: RolloutPlan, now: datetime, obs: Observations | None,
+                 notes: list[str]) -> None:  # fmt: skip
+        self.status, self.plan, self.now, self.notes = status, plan, now, notes
+        self.obs = obs
+        self.measurements: tuple[Measurement, ...] = ()
+
+    # ---- status helpers
+    @property
+    def rid(self) -> str:
+        return self.status.rollout_id
+
+    def label(self, index: int | None = None) -> str:
+        i = self.status.step_index if index is None else index
+        if i >= len(self.plan.steps):
+            return "done"
+        name = step_label(self.plan, i)
+        step = self.plan.steps[i]
+        if isinstance(step, CanaryStep):
+            w = self.status.weight_index if index is None else 0
+            return f"{name} {step.weights[w]:g}%"
+        return name
+
+    def route(self, mode: str = "single", **kw: object) -> RouteSpec:
+        s = self.status
+        base: dict[str, object] = dict(stable_version=s.stable_version, candidate_version=s.candidate_version)
+        if mode in ("shadow", "canary", "ab"):
+            base["salt"] = s.rollout_id
+        return RouteSpec(mode=mode, **{**base, **kw})  # type: ignore[arg-type]
+
+    def route_effect(self, name: str, spec: RouteSpec, why: str) -> Effect:
+        return Effect(key=f"{self.rid}/{name}/route", kind="route", route=spec, description=f"{why}: {spec.describe()}")
+
+    # ---- decision builder
+    def decide(self, action: Action, reason: str, *, effects: tuple[Effect, ...] = (),
+               ask: ApprovalRequest | None = None, **update: object) -> Decision:  # fmt: skip
+        """A recorded decision: the next status (with ``effects`` pending) and its log entry."""
+        s = self.status
+        done = s.applied_keys
+        effects = tuple(e for e in effects if e.key not in done)
+        if self.notes:
+            reason = f"{reason}; " + "; ".join(self.notes)
+        if effects:
+            update["pending"] = effects
+            route = next((e.route for e in effects if e.route is not None), None)
+            if route is not None:
+                update["route"] = route
+                update["step_started_at"] = None  # set by mark_applied when traffic has moved
+        update["updated_at"] = self.now
+        new = s.model_copy(update=update)
+        new = new.model_copy(update={"seq": s.seq + 1, "history": s.history + (self.record(new, action, reason, effects),)})
+        return Decision(action, reason, new, effects, self.measurements, ask)
+
+    def record(self, new: RolloutStatus, action: Action, reason: str, effects: tuple[Effect, ...]) -> Record:
+        s = self.status
+        checks = []
+        ab = None
+        for m in self.measurements:
+            c = new.counters.get(m.key, Counters())
+            checks.append(CheckRecord(
+                key=m.key, metric=m.metric, outcome=m.outcome, reason=m.result.reason,
+                value=_none(m.result.value), candidate=_none(m.candidate), stable=_none(m.stable),
+                min=m.min, max=m.max, samples=m.samples, dry_run=m.limits.dry_run,
+                failures=c.failures, inconclusives=c.inconclusives, errors=c.errors,
+            ))  # fmt: skip
+            if m.ab is not None:
+                v = m.ab
+                ab = ABSnapshot(metric=m.metric, outcome=v.outcome, improvement=_none(v.improvement),
+                                ci_low=_none(v.ci_low), ci_high=_none(v.ci_high), p_value=_none(v.p_value),
+                                n_stable=v.n_stable, n_candidate=v.n_candidate, n_required=v.n_required)  # fmt: skip
+        variants = {}
+        if self.obs is not None and self.obs.source == "log":
+            for name in (STABLE, CANDIDATE):
+                v = self.obs.variant(name)
+                variants[name] = VariantSnapshot(
+                    requests=v.requests, errors=v.errors, latency_p50_ms=_none(v.latency_p50_ms),
+                    latency_p95_ms=_none(v.latency_p95_ms), latency_p99_ms=_none(v.latency_p99_ms),
+                    auc=_none(v.auc), labelled=v.labelled,
+                )  # fmt: skip
+        return Record(
+            seq=s.seq + 1, at=self.now, phase=new.phase, step_index=s.step_index, step=self.label(),
+            action=action, reason=reason, route=new.route, checks=tuple(checks), variants=variants, ab=ab,
+            effects=tuple(e.key for e in effects),
+        )  # fmt: skip
+
+    # ---- entering steps
+    def enter(self, index: int, weight: int, why: str) -> Decision:
+        """Apply step ``index`` (canary weight ``weight``): the decision that starts it."""
+        plan, s = self.plan, self.status
+        self.status = s = s.model_copy(update={"step_index": index, "weight_index": weight, "counters": {}})
+        step = plan.steps[index]
+        label = self.label()
+        common: dict[str, object] = dict(phase=Phase.RUNNING, step_index=index, weight_index=weight, counters={},
+                                         step_started_at=self.now, paused_phase=None)  # fmt: skip
+        if isinstance(step, ReplayStep):
+            return self.decide(Action.ADVANCE, f"{why}; {label}: waiting for the offline comparison", **common)
+        if isinstance(step, ShadowStep | CanaryStep | ABStep):
+            if isinstance(step, ShadowStep):
+                spec = self.route("shadow", mirror_pct=step.mirror_pct)
+            elif isinstance(step, CanaryStep):
+                spec = self.route("canary", weight_pct=step.weights[weight])
+            else:
+                spec = self.route("ab", weight_pct=step.candidate_pct)
+            key = f"step{index}" + (f".{weight}" if isinstance(step, CanaryStep) else "")
+            effect = self.route_effect(key, spec, f"enter {label}")
+            return self.decide(Action.ADVANCE, f"{why}; entering {label}: {spec.describe()}", effects=(effect,), **common)
+        if isinstance(step, ApprovalStep):
+            req = ApprovalRequest(
+                rollout_id=s.rollout_id, model_name=s.model_name, candidate_version=s.candidate_version,
+                stable_version=s.stable_version, requested_at=self.now,
+                deadline=self.now + timedelta(seconds=step.timeout_s), evidence=self.evidence(),
+            )  # fmt: skip
+            common["phase"] = Phase.AWAITING_APPROVAL
+            reason = f"{why}; {label}: approval of v{s.candidate_version} requested, timeout {step.timeout_s:g} s"
+            return self.decide(Action.AWAIT_APPROVAL, reason, ask=req, approval=req, **common)
+        assert isinstance(step, BlueGreenStep)
+        moves = plan_promotion(CHAMPION, s.candidate_version, dict(s.aliases_before))
+        aliases = Effect(
+            key=f"{self.rid}/promote/aliases", kind="aliases",
+            aliases=tuple(AliasChange(alias=a, from_version=f, to_version=t) for a, f, t in moves),
+            description=f"champion v{s.stable_version} -> v{s.candidate_version}, previous-champion -> v{s.stable_version}",
+        )  # fmt: skip
+        flip = self.route_effect("promote", self.route("blue_green", active_slot=CANDIDATE), "cut over")
+        common["phase"] = Phase.PROMOTED
+        reason = (f"{why}; promoting v{s.candidate_version}: champion alias moves and all traffic flips to the "
+                  f"candidate slot, v{s.stable_version} stays warm for {step.keep_warm_s:g} s")  # fmt: skip
+        return self.decide(Action.PROMOTE, reason, effects=(aliases, flip), promoted_at=self.now, **common)
+
+    def evidence(self) -> str:
+        last = [r for r in self.status.history if r.action in (Action.ADVANCE, Action.PROMOTE)][-3:]
+        return " | ".join(f"{r.step}: {r.reason}" for r in last)
+
+    def advance(self, why: str) -> Decision:
+        """Move past the current step (or canary weight)."""
+        s, plan = self.status, self.plan
+        step = plan.steps[s.step_index]
+        if isinstance(step, CanaryStep) and s.weight_index + 1 < len(step.weights):
+            return self.enter(s.step_index, s.weight_index + 1, why)
+        if s.step_index + 1 < len(plan.steps):
+            return self.enter(s.step_index + 1, 0, why)
+        release = self.route_effect(
+            "release", RouteSpec(stable_version=s.candidate_version, candidate_version=None),
+            f"v{s.candidate_version} is champion, release v{s.stable_version}",
+        )  # fmt: skip
+        reason = f"{why}; rollout succeeded: v{s.candidate_version} serves all traffic, v{s.stable_version} released"
+        return self.decide(Action.ADVANCE, reason, effects=(release,), phase=Phase.SUCCEEDED, final_reason=reason)
+
+    # ---- stopping
+    def stop(self, action: Action, reason: str, phase: Phase | None = None) -> Decision:
+        """Send all traffic back to stable (and aliases back, after a promotion) now."""
+        s = self.status
+        phase = phase or (Phase.ROLLED_BACK if action is Action.ROLLBACK else Phase.ABORTED)
+        done = s.applied_keys
+        effects: list[Effect] = []
+        promoted = f"{self.rid}/promote/aliases" in done
+        if promoted:
+            before = s.aliases_before
+            effects.append(Effect(
+                key=f"{self.rid}/revert/aliases", kind="aliases",
+                aliases=(AliasChange(alias=CHAMPION, from_version=s.candidate_version, to_version=s.stable_version),
+                         AliasChange(alias=PREVIOUS_CHAMPION, from_version=s.stable_version,
+                                     to_version=before.get(PREVIOUS_CHAMPION))),
+                description=f"champion back to v{s.stable_version}, previous-champion back to {before.get(PREVIOUS_CHAMPION)}",
+            ))  # fmt: skip
+        if f"{self.rid}/promote/route" in done and f"{self.rid}/release/route" not in done:
+            spec = self.route("blue_green", active_slot=STABLE)  # the old slot is still warm: flip back
+        else:
+            spec = self.route("single")
+        effects.append(self.route_effect("revert", spec, "all traffic to stable"))
+        cancelled = [e.key for e in s.outstanding]
+        if cancelled:
+            reason += f" (cancelled unapplied effects: {', '.join(cancelled)})"
+        if promoted:
+            reason += f"; aliases restored: champion v{s.stable_version}"
+        else:
+            reason += "; registry aliases untouched"
+        effects = [e for e in effects if e.key not in done]
+        return self.decide(action, reason, effects=tuple(effects), phase=phase, final_reason=reason,
+                           pending=tuple(effects), approval=None)  # fmt: skip
+
+
+def _validated(obs: Observations | None, status: RolloutStatus, replay: bool) -> tuple[Observations, list[str]]:
+    """The observations usable for this step, or an error when they are evidence about
+    something else (other versions, traffic from before the step's change)."""
+    notes: list[str] = []
+    if obs is None:
+        return Observations(source="replay" if replay else "log"), notes
+    if replay != (obs.source == "replay"):
+        return Observations(source="replay" if replay else "log"), notes
+    for name, pinned in ((STABLE, status.stable_version), (CANDIDATE, status.candidate_version)):
+        v = obs.variant(name).version
+        if v is not None and v != pinned:
+            raise ObservationMismatch(f"observations are of {name} v{v}, this rollout pins v{pinned}")
+    if obs.source == "log" and obs.since is not None and status.step_started_at is not None:
+        if obs.since < status.step_started_at:
+            raise ObservationMismatch(
+                f"observations start at {obs.since.isoformat()}, before this step's traffic change at "
+                f"{status.step_started_at.isoformat()}"
+            )
+    if obs.foreign:
+        notes.append("excluded rows of other versions: " + ", ".join(f"{v} v{ver} x{n}" for v, ver, n in obs.foreign))
+    return obs, notes
+
+
+def _count(status: RolloutStatus, ms: tuple[Measurement, ...], due: bool) -> tuple[dict[str, Counters], list[tuple[str, Measurement, str]]]:
+    """New counters, and the checks that trip: ``(action, measurement, reason)``."""
+    counters = dict(status.counters)
+    trips: list[tuple[str, Measurement, str]] = []
+    for m in ms:
+        c = counters.get(m.key, Counters())
+        lim = m.limits
+        o = m.outcome
+        c = Counters(
+            failures=c.failures + (o is Outcome.FAIL),
+            errors=c.errors + (o is Outcome.ERROR),
+            inconclusives=c.inconclusives + (o is Outcome.INCONCLUSIVE and due),
+        )
+        counters[m.key] = c
+        why = m.result.reason
+        if o is Outcome.FAIL and c.failures > lim.failure_limit:
+            trips.append((lim.on_fail, m, f"{why} (failures {c.failures} > limit {lim.failure_limit})"))
+        elif o is Outcome.ERROR and c.errors > lim.error_limit:
+            trips.append(("abort", m, f"{why} (errors {c.errors} > limit {lim.error_limit})"))
+        elif o is Outcome.INCONCLUSIVE and due and c.inconclusives > lim.inconclusive_limit:
+            trips.append((lim.on_inconclusive, m, f"{why} (inconclusive {c.inconclusives} > limit {lim.inconclusive_limit})"))
+    return counters, trips
+
+
+def decide(
+    status: RolloutStatus,
+    observations: Observations | None,
+    plan: RolloutPlan,
+    now: datetime,
+    signals: Signals | None = None,
+) -> Decision:
+    """The next action of a rollout, its reason with the numbers, and the next status.
+
+    ``observations`` are this tick's metrics over ``status.window_start`` .. ``now`` (for
+    the replay step: the offline comparison); ``None`` means nothing could be read, which
+    is treated as no data (INCONCLUSIVE), never as a pass.
+    """
+    if plan.digest != status.plan_digest or plan.name != status.plan_name:
+        raise PlanMismatch(f"rollout {status.rollout_id} runs plan {status.plan_name} ({status.plan_digest}), "
+                           f"not {plan.name} ({plan.digest})")  # fmt: skip
+    sig = signals or Signals()
+    who = f"{sig.by}" + (f" ({sig.comment})" if sig.comment else "")
+    tick = _Tick(status, plan, now, None, [])
+
+    if status.terminal:
+        if sig.command == "rollback" and status.phase is Phase.SUCCEEDED:
+            return tick.stop(Action.ROLLBACK, f"rollback requested by {who} after promotion: back to "
+                                              f"v{status.stable_version}, skipping analysis")  # fmt: skip
+        return Decision(Action.HOLD, f"rollout is {status.phase.value}: {status.final_reason}", status)
+    if sig.command in ("rollback", "abort"):
+        action = Action.ROLLBACK if sig.command == "rollback" else Action.ABORT
+        return tick.stop(action, f"{sig.command} requested by {who}")
+    if status.outstanding:
+        keys = ", ".join(e.key for e in status.outstanding)
+        return Decision(Action.HOLD, f"waiting for effects to be applied: {keys}", status, status.outstanding)
+
+    if sig.challenger_version is not None and sig.challenger_version != status.candidate_version \
+            and sig.challenger_version not in status.noted_versions:  # fmt: skip
+        tick.notes.append(
+            f"challenger alias moved to v{sig.challenger_version}: ignored, this rollout stays pinned to "
+            f"v{status.candidate_version} (v{sig.challenger_version} needs its own rollout, with its own evidence)"
+        )
+        tick.status = status = status.model_copy(update={"noted_versions": status.noted_versions + (sig.challenger_version,)})
+    if sig.approval is not None and status.phase is not Phase.AWAITING_APPROVAL:
+        tick.notes.append(f"approval from {sig.approval.by} for v{sig.approval.version} ignored: nothing awaits approval")
+
+    if status.phase is Phase.PENDING:
+        return tick.enter(0, 0, f"rollout of v{status.candidate_version} against v{status.stable_version} started")
+    if status.phase is Phase.PAUSED:
+        if sig.command == "resume":
+            resumed = status.paused_phase or Phase.RUNNING
+            return tick.decide(Action.HOLD, f"resumed by {who}: {tick.label()} analysis restarts",
+                               phase=resumed, paused_phase=None, counters={}, step_started_at=now)  # fmt: skip
+        return tick.decide(Action.HOLD, f"paused at {tick.label()}: waiting for an operator to resume, roll back or abort")
+
+    step = plan.steps[status.step_index]
+    obs, notes = _validated(observations, status, isinstance(step, ReplayStep))
+    tick.obs = obs
+    tick.notes.extend(notes)
+    foreign_candidate = sum(n for v, _, n in obs.foreign if v == CANDIDATE)
+    if foreign_candidate and obs.candidate.requests == 0:
+        return tick.stop(Action.ABORT, f"the candidate slot answers with another version ({foreign_candidate} rows), "
+                                       f"not v{status.candidate_version} under test")  # fmt: skip
+
+    elapsed = _elapsed(status, now)
+    duration = step.duration_s
+    if isinstance(step, BlueGreenStep):
+        duration = max(step.duration_s, step.keep_warm_s)
+    due = elapsed >= duration
+    tick.measurements = ms = measure_step(step, obs)
+    counters, trips = _count(status, ms, due)
+    tick.status = status = status.model_copy(update={"counters": counters})
+
+    live = [t for t in trips if not t[1].limits.dry_run]
+    dry = [t for t in trips if t[1].limits.dry_run]
+    if dry:
+        tick.notes.append("dry-run, not acted on: " + "; ".join(f"would {a}: {r}" for a, _, r in dry))
+    if live:
+        action = max((a for a, _, _ in live), key=SEVERITY.__getitem__)
+        reason = f"{tick.label()}: " + "; ".join(r for _, _, r in live)
+        if action == "pause":
+            return tick.decide(Action.PAUSE, reason, phase=Phase.PAUSED, paused_phase=status.phase)
+        return tick.stop(Action.ROLLBACK if action == "rollback" else Action.ABORT, reason)
+
+    if status.phase is Phase.AWAITING_APPROVAL:
+        return _approval(tick, sig)
+
+    counted = [m for m in ms if not m.limits.dry_run]
+    waiting = [m for m in counted if m.outcome is not Outcome.PASS]
+    if due and not waiting:
+        summary = "; ".join(m.result.reason for m in counted if m.key != TRAFFIC_CHECK) or "no checks"
+        return tick.advance(f"{tick.label()} passed after {elapsed:.0f} s: {summary}")
+    parts = []
+    if not due:
+        parts.append(f"{elapsed:.0f} of {duration:g} s elapsed")
+    for m in waiting:
+        c, lim = counters[m.key], m.limits
+        if m.outcome is Outcome.FAIL:
+            parts.append(f"{m.result.reason} (failures {c.failures}, limit {lim.failure_limit})")
+        elif m.outcome is Outcome.ERROR:
+            parts.append(f"{m.result.reason} (errors {c.errors}, limit {lim.error_limit})")
+        elif due:
+            parts.append(f"{m.result.reason} (inconclusive {c.inconclusives}, limit {lim.inconclusive_limit})")
+        else:
+            parts.append(m.result.reason)
+    return tick.decide(Action.HOLD, f"{tick.label()}: " + "; ".join(parts or ["waiting"]))
+
+
+def _approval(tick: _Tick, sig: Signals) -> Decision:
+    s = tick.status
+    req = s.approval
+    assert req is not None
+    if tick.now >= req.deadline:
+        valid = sig.approval is not None and sig.approval.version == s.candidate_version
+        late = f" (an answer from {sig.approval.by} arrived after the deadline)" if valid else ""  # type: ignore[union-attr]
+        return tick.stop(Action.ABORT, f"approval of v{s.candidate_version} timed out: no answer within "
+                                       f"{(req.deadline - req.requested_at).total_seconds():g} s{late}; nothing promoted",
+                         phase=Phase.TIMED_OUT)  # fmt: skip
+    a = sig.approval
+    if a is not None:
+        who = a.by + (f" ({a.comment})" if a.comment else "")
+        if a.version != s.candidate_version:
+            tick.notes.append(f"approval refused: {who} answered for v{a.version}, this rollout tests "
+                              f"v{s.candidate_version}")  # fmt: skip
+        elif a.approved:
+            return tick.advance(f"v{a.version} approved by {who}")
+        else:
+            return tick.stop(Action.ROLLBACK, f"v{a.version} rejected by {who}")
+    left = req.remaining_s(tick.now)
+    return tick.decide(Action.AWAIT_APPROVAL, f"{tick.label()}: waiting for approval of v{s.candidate_version}, "
+                                              f"{left:.0f} s left", ask=req)  # fmt: skip
+
+
+__all__ = [
+    "Action", "ApprovalRequest", "ApprovalResponse", "Decision", "Effect", "Phase", "RolloutStatus",
+    "RouteSpec", "Signals", "decide", "dump_status", "load_status", "mark_applied", "start", "fmt",
+]  # fmt: skip
