@@ -307,16 +307,16 @@ def test_an_answer_after_the_deadline_does_not_count() -> None:
 def test_identical_models_never_get_a_declared_winner() -> None:
     """Given candidate and stable with the same loss, the A/B test never declares a winner:
     after its time and inconclusive limit the rollout aborts with 'no winner' and nothing is
-    promoted. Over 30 seeded rollouts (a look at every tick) at most 2 (alpha) end any
-    other way."""
+    promoted. Over 20 seeded rollouts (a look at every tick) at most one (alpha) ends any
+    other way; test_rollout_abtest measures the rate over hundreds."""
     plan = RolloutPlan(name="ab-only", tick_interval_s=5, steps=(DEMO.steps[3], DEMO.steps[5]))
     ends = []
-    for seed in range(30):
+    for seed in range(20):
         r = run(plan, Candidate(seed=seed))
         ends.append(r.status.phase)
         if r.status.phase is m.Phase.ABORTED:
             assert "no winner" in r.decisions[-1].reason and r.world.aliases == ALIASES
-    assert ends.count(m.Phase.ABORTED) >= 28, ends
+    assert ends.count(m.Phase.ABORTED) >= 19, ends
 
 
 def test_killed_orchestrator_resumes_mid_canary_without_repeating_a_change() -> None:
@@ -394,9 +394,9 @@ def test_canary_with_no_candidate_traffic_is_never_promoted() -> None:
     assert r.status.phase is m.Phase.ABORTED
     end = r.decisions[-1]
     assert end.status.history[-1].step == "canary 1%"
-    assert "candidate_traffic: candidate answered 0 requests < min_samples 50 (inconclusive 13 > limit 12)" in end.reason
+    assert "candidate_traffic: candidate answered 0 requests < min_samples 40 (inconclusive 25 > limit 24)" in end.reason
     holds = [d for d in r.decisions if d.status.history[-1].step == "canary 1%" and d.action is m.Action.HOLD]
-    assert len(holds) == 3 + 12  # the 20 s duration, then 12 counted ticks
+    assert len(holds) == 3 + 24  # the 20 s duration, then 24 counted ticks
     assert r.world.routes[-1].mode == "single" and r.world.aliases == ALIASES
 
 

@@ -68,6 +68,7 @@ Metric = Literal[
     "agreement", "score_correlation",
 ]  # fmt: skip
 PAIRED_METRICS = frozenset({"agreement", "score_correlation"})
+DRIFT_METRICS = frozenset({"score_psi", "score_ks", "input_psi", "input_ks"})
 
 OnFail = Literal["rollback", "pause", "abort"]
 """What a tripped check does: ``rollback`` (all traffic to stable now, the candidate is
@@ -188,6 +189,12 @@ class _Step(StrictModel):
     name: str | None = Field(None, min_length=1)
     checks: tuple[MetricCheck, ...] = ()
     duration_s: float = Field(0.0, ge=0)
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether a check of this step compares traffic with the training reference
+        (observing without references is cheaper when none does)."""
+        return any(c.metric in DRIFT_METRICS for c in self.checks)
 
     @model_validator(mode="after")
     def _unique_check_names(self) -> _Step:

@@ -97,7 +97,7 @@ class SimulatorConfig(StrictModel):
     seed: int = 0
     rate_per_s: float = Field(200.0, gt=0)
     users: int = Field(2000, ge=1)
-    user_skew: float = Field(1.0, ge=0)  # popularity ~ 1 / rank^skew
+    user_skew: float = Field(0.5, ge=0)  # popularity ~ 1 / rank^skew (0.5: the busiest user ~1 % of traffic)
     label_delay_s: float = Field(5.0, ge=0)  # mean of an exponential delay
     label_share: float = Field(1.0, ge=0, le=1)
     input_drift: float = Field(0.0, ge=0, le=1)  # datagen drift of the traffic's features
