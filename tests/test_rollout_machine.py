@@ -189,6 +189,8 @@ def test_better_candidate_is_promoted_through_every_stage() -> None:
                                "blue_green candidate", "single v4"]  # fmt: skip
     assert r.actions() == ["advance"] * 7 + ["await_approval", "promote", "advance"]
     assert r.world.aliases == {CHAMPION: C, PREVIOUS_CHAMPION: S, "challenger": C}
+    promote = r.first(m.Action.PROMOTE).effects[0]
+    assert [(c.alias, c.from_version, c.to_version) for c in promote.aliases if not c.implied] == [(CHAMPION, S, C)]
     assert len(r.world.keys) == len(set(r.world.keys))
     ab_pass = next(h for h in r.status.history if h.action is m.Action.AWAIT_APPROVAL)
     assert ab_pass.ab is not None and ab_pass.ab.outcome is Outcome.PASS
@@ -513,6 +515,8 @@ def test_observations_of_another_version_or_an_earlier_window_are_refused() -> N
         m.decide(status, replace(obs, candidate=replace(obs.candidate, version=9)), DEMO, now)
     with pytest.raises(ObservationMismatch, match="before this step's traffic change"):
         m.decide(status, replace(obs, since=status.window_start - timedelta(seconds=1)), DEMO, now)
+    with pytest.raises(ObservationMismatch, match="needs prediction-log observations"):
+        m.decide(status, replace(obs, source="replay"), DEMO, now)
     foreign = replace(obs, candidate=VariantStats(version=C), foreign=(("candidate", 9, 500),))
     d = m.decide(status, foreign, DEMO, now)
     assert d.action is m.Action.ABORT and "answers with another version" in d.reason
@@ -523,8 +527,9 @@ def test_observations_of_another_version_or_an_earlier_window_are_refused() -> N
 
 def test_failing_post_promotion_analysis_flips_back_to_the_previous_champion() -> None:
     """Given a candidate whose errors start after the cutover, then the post-promotion
-    analysis flips traffic back to the warm old slot and restores both aliases by
-    compare-and-set, in the same tick."""
+    analysis flips traffic back to the warm old slot and moves the champion back by
+    compare-and-set in the same tick (the registry parks the rolled-back version as
+    previous-champion)."""
     feed = Candidate(loss=0.015)
 
     def errors_after_cutover(plan: RolloutPlan, status: m.RolloutStatus, now: datetime) -> Observations | None:
@@ -538,8 +543,10 @@ def test_failing_post_promotion_analysis_flips_back_to_the_previous_champion() -
     back = r.first(m.Action.ROLLBACK)
     assert "error_rate: candidate 0.1 > max 0.01" in back.reason and "aliases restored: champion v3" in back.reason
     assert [e.kind for e in back.effects] == ["aliases", "route"]
+    applied = [c for c in back.effects[0].aliases if not c.implied]
+    assert [(c.alias, c.from_version, c.to_version) for c in applied] == [(CHAMPION, C, S)]
     assert _modes(r.world)[-2:] == ["blue_green candidate", "blue_green stable"]
-    assert r.world.aliases == ALIASES
+    assert r.world.aliases == {**ALIASES, PREVIOUS_CHAMPION: C}
 
 
 def test_manual_rollback_after_success_restores_the_previous_champion_at_once() -> None:
@@ -552,7 +559,7 @@ def test_manual_rollback_after_success_restores_the_previous_champion_at_once() 
     assert d.action is m.Action.ROLLBACK and d.measurements == ()
     for effect in d.effects:
         done.world.apply(effect)
-    assert done.world.aliases == ALIASES
+    assert done.world.aliases == {**ALIASES, PREVIOUS_CHAMPION: C}
     assert (d.route.mode.value, d.status.route.stable_version) == ("single", S)
     assert m.decide(d.status, None, DEMO, now).action is m.Action.HOLD  # terminal: nothing more
 

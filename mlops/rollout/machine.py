@@ -146,12 +146,19 @@ class RouteSpec(StrictModel):
 
 
 class AliasChange(StrictModel):
-    """One compare-and-set alias move: ``alias`` from ``from_version`` to ``to_version``
-    (``None`` = unset)."""
+    """One compare-and-set alias move: ``alias`` from ``from_version`` to ``to_version``.
+
+    Apply a change as ``ModelRegistry.move_alias(model, alias, to_version,
+    expect_current=from_version)``; an alias already at ``to_version`` (a repeat after a
+    crash) is done. ``implied`` changes are made by the registry itself when ``champion``
+    moves (the outgoing champion becomes ``previous-champion``): they are listed for the
+    record and for fakes, and are not applied on their own.
+    """
 
     alias: str
     from_version: int | None
     to_version: int | None
+    implied: bool = False
 
 
 class Effect(StrictModel):
@@ -455,6 +462,7 @@ class _Tick:
         self.status, self.plan, self.now, self.notes = status, plan, now, notes
         self.obs = obs
         self.measurements: tuple[Measurement, ...] = ()
+        self.counters: dict[str, Counters] = {}  # after counting this tick's measurements
 
     # ---- status helpers
     @property
@@ -507,7 +515,7 @@ class _Tick:
         checks = []
         ab = None
         for m in self.measurements:
-            c = new.counters.get(m.key, Counters())
+            c = self.counters.get(m.key, Counters())
             checks.append(CheckRecord(
                 key=m.key, metric=m.metric, outcome=m.outcome, reason=m.result.reason,
                 value=_none(m.result.value), candidate=_none(m.candidate), stable=_none(m.stable),
@@ -565,12 +573,7 @@ class _Tick:
             reason = f"{why}; {label}: approval of v{s.candidate_version} requested, timeout {step.timeout_s:g} s"
             return self.decide(Action.AWAIT_APPROVAL, reason, ask=req, approval=req, **common)
         assert isinstance(step, BlueGreenStep)
-        moves = plan_promotion(CHAMPION, s.candidate_version, dict(s.aliases_before))
-        aliases = Effect(
-            key=f"{self.rid}/promote/aliases", kind="aliases",
-            aliases=tuple(AliasChange(alias=a, from_version=f, to_version=t) for a, f, t in moves),
-            description=f"champion v{s.stable_version} -> v{s.candidate_version}, previous-champion -> v{s.stable_version}",
-        )  # fmt: skip
+        aliases = _champion_effect(f"{self.rid}/promote/aliases", dict(s.aliases_before), s.candidate_version)
         flip = self.route_effect("promote", self.route("blue_green", active_slot=CANDIDATE), "cut over")
         common["phase"] = Phase.PROMOTED
         reason = (f"{why}; promoting v{s.candidate_version}: champion alias moves and all traffic flips to the "
@@ -605,14 +608,8 @@ class _Tick:
         effects: list[Effect] = []
         promoted = f"{self.rid}/promote/aliases" in done
         if promoted:
-            before = s.aliases_before
-            effects.append(Effect(
-                key=f"{self.rid}/revert/aliases", kind="aliases",
-                aliases=(AliasChange(alias=CHAMPION, from_version=s.candidate_version, to_version=s.stable_version),
-                         AliasChange(alias=PREVIOUS_CHAMPION, from_version=s.stable_version,
-                                     to_version=before.get(PREVIOUS_CHAMPION))),
-                description=f"champion back to v{s.stable_version}, previous-champion back to {before.get(PREVIOUS_CHAMPION)}",
-            ))  # fmt: skip
+            after = {**s.aliases_before, CHAMPION: s.candidate_version, PREVIOUS_CHAMPION: s.stable_version}
+            effects.append(_champion_effect(f"{self.rid}/revert/aliases", after, s.stable_version))
         if f"{self.rid}/promote/route" in done and f"{self.rid}/release/route" not in done:
             spec = self.route("blue_green", active_slot=STABLE)  # the old slot is still warm: flip back
         else:
@@ -622,12 +619,22 @@ class _Tick:
         if cancelled:
             reason += f" (cancelled unapplied effects: {', '.join(cancelled)})"
         if promoted:
-            reason += f"; aliases restored: champion v{s.stable_version}"
+            reason += f"; aliases restored: champion v{s.stable_version} (previous-champion v{s.candidate_version})"
         else:
             reason += "; registry aliases untouched"
         effects = [e for e in effects if e.key not in done]
         return self.decide(action, reason, effects=tuple(effects), phase=phase, final_reason=reason,
                            pending=tuple(effects), approval=None)  # fmt: skip
+
+
+def _champion_effect(key: str, current: dict[str, int], target: int) -> Effect:
+    """The alias effect that makes ``target`` the champion (the registry's promotion rule:
+    the outgoing champion becomes previous-champion)."""
+    moves = plan_promotion(CHAMPION, target, current)
+    text = ", ".join(f"{a} v{f} -> v{t}" for a, f, t in moves)
+    return Effect(key=key, kind="aliases", description=text,
+                  aliases=tuple(AliasChange(alias=a, from_version=f, to_version=t, implied=a != CHAMPION)
+                                for a, f, t in moves))  # fmt: skip
 
 
 def _validated(obs: Observations | None, status: RolloutStatus, replay: bool) -> tuple[Observations, list[str]]:
@@ -637,7 +644,8 @@ def _validated(obs: Observations | None, status: RolloutStatus, replay: bool) ->
     if obs is None:
         return Observations(source="replay" if replay else "log"), notes
     if replay != (obs.source == "replay"):
-        return Observations(source="replay" if replay else "log"), notes
+        want = "the offline comparison (observe_replay)" if replay else "prediction-log observations (observe)"
+        raise ObservationMismatch(f"this step needs {want}, got {obs.source} observations")
     for name, pinned in ((STABLE, status.stable_version), (CANDIDATE, status.candidate_version)):
         v = obs.variant(name).version
         if v is not None and v != pinned:
@@ -716,6 +724,8 @@ def decide(
             f"v{status.candidate_version} (v{sig.challenger_version} needs its own rollout, with its own evidence)"
         )
         tick.status = status = status.model_copy(update={"noted_versions": status.noted_versions + (sig.challenger_version,)})
+    if sig.command == "resume" and status.phase is not Phase.PAUSED:
+        tick.notes.append(f"resume from {who} ignored: the rollout is not paused")
     if sig.approval is not None and status.phase is not Phase.AWAITING_APPROVAL:
         tick.notes.append(f"approval from {sig.approval.by} for v{sig.approval.version} ignored: nothing awaits approval")
 
@@ -744,6 +754,7 @@ def decide(
     due = elapsed >= duration
     tick.measurements = ms = measure_step(step, obs)
     counters, trips = _count(status, ms, due)
+    tick.counters = counters
     tick.status = status = status.model_copy(update={"counters": counters})
 
     live = [t for t in trips if not t[1].limits.dry_run]

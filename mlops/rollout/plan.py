@@ -22,7 +22,9 @@ Gate vocabulary (shared by every check): a measurement with fewer than ``min_sam
 INCONCLUSIVE, never PASS; FAILs are counted and the check trips when ``failures >
 failure_limit``; INCONCLUSIVE measurements are counted once the step's ``duration_s`` has
 passed and trip when ``inconclusives > inconclusive_limit``; a ``dry_run`` check is
-measured, counted and reported but never changes the rollout.
+measured, counted and reported but never changes the rollout. Every step that sends traffic
+to the candidate also has an implicit ``candidate_traffic`` check (its ``min_samples``
+answers from the candidate), so a step whose candidate gets no traffic never completes.
 """
 
 from __future__ import annotations
