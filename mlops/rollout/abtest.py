@@ -31,11 +31,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
+from statistics import NormalDist
+
 import numpy as np
-from scipy import stats as sps
+from scipy.special import chdtrc
 
 from mlops.gates import Outcome
 from mlops.rollout.plan import SequentialTest, SrmCheck
+
+_Z = NormalDist()
 
 # --------------------------------------------------------------------------- samples
 
@@ -132,7 +136,7 @@ def msprt(arms: Arms, alpha: float, tau: float) -> SequentialResult:
 
 def fixed_horizon_sample_size(mde: float, sigma: float, alpha: float = 0.05, power: float = 0.8) -> int:
     """Per-arm n of a two-sided fixed-horizon z-test (read once) to detect ``mde`` with ``power``."""
-    z = sps.norm.ppf(1 - alpha / 2) + sps.norm.ppf(power)
+    z = _Z.inv_cdf(1 - alpha / 2) + _Z.inv_cdf(power)
     return math.ceil(2.0 * (sigma * z / mde) ** 2)
 
 
@@ -145,7 +149,7 @@ def required_std_error(mde: float, alpha: float, power: float, tau: float) -> fl
     found by bisection on ``log u``. It does not depend on the metric's spread, only on the
     effect size, so the required sample follows as ``2 sigma^2 / u^2`` for any ``sigma``.
     """
-    z = sps.norm.ppf(power)
+    z = _Z.inv_cdf(power)
 
     def slack(u: float) -> float:
         return mde - u * z - float(mixture_half_width(u * u, tau, alpha))
@@ -181,7 +185,7 @@ def srm_test(observed: Sequence[int], shares: Sequence[float]) -> tuple[float, f
         raise ValueError("no observations")
     exp = total * p / p.sum()
     chi2 = float(np.sum((obs - exp) ** 2 / exp))
-    return chi2, float(sps.chi2.sf(chi2, df=len(obs) - 1))
+    return chi2, float(chdtrc(len(obs) - 1, chi2))
 
 
 # --------------------------------------------------------------------------- gate verdicts
