@@ -197,7 +197,7 @@ def test_arrow_backed_frames_read_from_parquet_give_the_same_observations(tmp_pa
     sim = TrafficSimulator(cfg, T0)
     service = SimulatedService(cfg, model_name="fraud", stable_version=3, candidate_version=4)
     service.apply(RouteTable(mode=Mode.SHADOW, mirror_pct=50, salt="r"), 3, 4)
-    log, fb = run_window(sim, service, T0, 30, 5)
+    log, fb = run_window(sim, service, 30, 5)
     log.to_parquet(tmp_path / "log.parquet", index=False)
     read = pd.read_parquet(tmp_path / "log.parquet")
     kw = dict(stable_version=3, candidate_version=4, ab_metric="brier")

@@ -21,6 +21,7 @@ from mlops.rollout.observe import observe, observe_replay
 from mlops.rollout.plan import ABStep, ReplayStep, RolloutPlan, load_plan
 from mlops.rollout.simulator import (
     PATHOLOGIES,
+    Pathology,
     SimulatedModel,
     SimulatedService,
     SimulatorConfig,
@@ -88,13 +89,13 @@ def test_canary_users_are_sticky_and_shadow_mirrors_its_share() -> None:
     cfg = SimulatorConfig(seed=3, rate_per_s=300)
     sim = TrafficSimulator(cfg, T0)
     service = _service(cfg, RouteTable(mode=Mode.CANARY, weight_pct=25, salt="r-1"))
-    log, _ = run_window(sim, service, T0, 40, 5)
+    log, _ = run_window(sim, service, 40, 5)
     per_user = log.groupby("entity_key")["variant"].nunique()
     assert per_user.max() == 1
     share = (log.groupby("entity_key")["variant"].first() == "candidate").mean()
     assert 0.15 < share < 0.35
     service.apply(RouteTable(mode=Mode.SHADOW, mirror_pct=20, salt="r-1"), 3, 4)
-    log, _ = run_window(sim, service, T0 + timedelta(seconds=40), 20, 5)
+    log, _ = run_window(sim, service, 20, 5)
     primary = log[log["role"] == "primary"]
     assert set(primary["variant"]) == {"stable"}
     assert abs((log["role"] == "shadow").sum() / len(primary) - 0.2) < 0.03
@@ -108,7 +109,7 @@ def test_pathologies_show_in_the_observations(name: str) -> None:
     service = _service(cfg, RouteTable(mode=Mode.SHADOW, mirror_pct=100, salt="r"))
     ref_batch = TrafficSimulator(cfg.model_copy(update={"seed": 99}), T0).requests_until(T0 + timedelta(seconds=20))
     refs = service.references(ref_batch)
-    log, fb = run_window(TrafficSimulator(cfg, T0), service, T0, 40, 10)
+    log, fb = run_window(TrafficSimulator(cfg, T0), service, 40, 10)
     obs = observe(log, fb, stable_version=3, candidate_version=4, references=refs)
     s, c = obs.stable, obs.candidate
     assert s.errors == 0 and s.score_psi < 0.05
@@ -131,7 +132,7 @@ def test_input_drift_moves_the_input_psi() -> None:
     psi = {}
     for drift in (0.0, 1.0):
         cfg = SimulatorConfig(seed=8, rate_per_s=300, input_drift=drift)
-        log, _ = run_window(TrafficSimulator(cfg, T0), _service(cfg, RouteTable()), T0, 20, 10)
+        log, _ = run_window(TrafficSimulator(cfg, T0), _service(cfg, RouteTable()), 20, 10)
         psi[drift] = observe(log, stable_version=3, candidate_version=4, references=refs).stable.input_psi
     assert psi[0.0] < 0.05 < 0.2 < psi[1.0]
 
@@ -221,3 +222,32 @@ def test_demo_plan_promotes_a_better_candidate_in_minutes_of_simulated_time() ->
     assert steps == ["replay", "shadow", "canary 1%", "canary 5%", "canary 25%", "canary 50%", "ab", "approval",
                      "blue_green"]  # fmt: skip
     assert service.table.mode is Mode.SINGLE and service.versions == {"stable": 4, "candidate": None}
+
+
+def test_stream_yields_each_interval_once() -> None:
+    """``stream`` cuts time into ``step_s`` intervals up to ``until``: every request is
+    yielded once, in order, with the labels that arrived by the end of its interval."""
+    sim = TrafficSimulator(SimulatorConfig(seed=6, rate_per_s=50, label_delay_s=2), T0)
+    out = list(sim.stream(T0 + timedelta(seconds=12), 5))
+    assert [t for t, _, _ in out] == [pd.Timestamp(T0 + timedelta(seconds=s)) for s in (5, 10, 12)]
+    ids = pd.concat([b.frame["request_id"] for _, b, _ in out])
+    assert ids.is_unique and len(ids) > 400
+    for t, batch, labels in out:
+        assert (batch.frame["ts"] < t).all() and (labels["ts"] <= t).all()
+
+
+def test_pathology_perturbs_real_answers_deterministically_per_input() -> None:
+    """A fault-injecting wrapper gets, per input key, the same failure and noise every time:
+    about error_share of inputs fail, latency grows by the factor, scores shift."""
+    keys = [f"h{i}" for i in range(20_000)]
+    scores = np.full(len(keys), 0.1)
+    latency = np.full(len(keys), 10.0)
+    p = Pathology(error_share=0.05, latency_factor=3.0, extra_latency_ms=1.0, score_shift=1.0, extra_noise=0.5)
+    s1, d1, f1 = p.perturb(scores, keys, latency)
+    s2, d2, f2 = p.perturb(scores, keys, latency)
+    assert np.array_equal(f1, f2) and np.array_equal(s1, s2)
+    assert abs(f1.mean() - 0.05) < 0.01 and np.allclose(d1, 21.0)
+    logit = np.log(s1 / (1 - s1)) - np.log(0.1 / 0.9)
+    assert abs(logit.mean() - 1.0) < 0.02 and abs(logit.std() - 0.5) < 0.02
+    none = Pathology().perturb(scores, keys, latency)
+    assert np.allclose(none[0], scores) and not none[1].any() and not none[2].any()

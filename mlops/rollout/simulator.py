@@ -9,16 +9,17 @@ delay (the generated data's true label; a ``label_share`` of requests ever gets 
 never sleeps and never sends anything; a driver loop owns the clock and the IO::
 
     sim = TrafficSimulator(config, start=t0)
-    while t < end:
-        t += step
-        batch = sim.requests_until(t)              # RequestBatch: frame + payloads()
+    for t, batch, labels in sim.stream(until=t0 + duration, step_s=1.0):
+        sleep_until(t)                             # the driver's clock (or none: virtual time)
         responses = send(batch.payloads())         # the driver's HTTP calls (or SimulatedService)
         sim.record(responses)                      # optional: client-side tally
-        post_feedback(sim.labels_until(t))         # request_id, label, ts
+        post_feedback(labels)                      # request_id, label, ts
 
 ``SimulatedService`` is a stand-in for the serving layer, for tests and a server-less demo:
 it routes each request with ``mlops.routing`` under the current ``RouteTable`` and answers
 with simulated models, returning prediction-log rows in the ``mlops.predlog`` columns.
+``Pathology.perturb`` applies the same pathologies to a real model's answers, for a
+fault-injecting wrapper around a served candidate.
 
 Simulated models: each request carries a latent risk ``r = separation * label +
 noise * (rho * z + sqrt(1 - rho^2) * e_model)``; a model answers with the calibrated
@@ -33,9 +34,10 @@ request is generated, so a request's answers do not depend on how traffic was ro
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
+from hashlib import blake2b
 from typing import Any
 
 import numpy as np
@@ -79,6 +81,24 @@ class Pathology(StrictModel):
     def apply(self, model: SimulatedModel) -> SimulatedModel:
         """The model as its quality pathologies make it (latency and errors apply per request)."""
         return model.model_copy(update={"noise": math.hypot(model.noise, self.extra_noise)})
+
+    def perturb(self, scores: np.ndarray, keys: Sequence[str], latency_ms: np.ndarray,
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+        """What this pathology does to a real model's answers, for a fault-injecting wrapper
+        around a served candidate: the perturbed scores (logit noise and shift), the delay
+        to add to each answer (ms) and which answers fail. Deterministic per input ``key``
+        (e.g. the features hash), so an input fails or is perturbed the same way every time.
+        """
+        n = len(keys)
+        digests = np.array([int.from_bytes(blake2b(k.encode(), digest_size=8).digest(), "little") for k in keys],
+                           dtype=np.uint64).reshape(n)  # fmt: skip
+        u1 = ((digests >> np.uint64(32)).astype(np.float64) + 0.5) / 2.0**32
+        u2 = ((digests & np.uint64(0xFFFFFFFF)).astype(np.float64) + 0.5) / 2.0**32
+        z = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)  # Box-Muller from the key
+        p = np.clip(np.asarray(scores, dtype=np.float64), 1e-9, 1 - 1e-9)
+        logit = np.log(p / (1 - p)) + self.extra_noise * z + self.score_shift
+        delay = np.asarray(latency_ms, dtype=np.float64) * (self.latency_factor - 1.0) + self.extra_latency_ms
+        return 1.0 / (1.0 + np.exp(-logit)), np.maximum(delay, 0.0), u1 < self.error_share
 
 
 PATHOLOGIES: Mapping[str, Pathology] = {
@@ -200,6 +220,15 @@ class TrafficSimulator:
         order = np.argsort(np.asarray(ts[due]), kind="stable")
         return pd.DataFrame({"request_id": ids[due][order], "label": labels[due][order], "ts": ts[due][order]})
 
+    def stream(self, until: datetime, step_s: float) -> Iterator[tuple[pd.Timestamp, RequestBatch, pd.DataFrame]]:
+        """``(t, requests arriving before t, labels arriving by t)`` every ``step_s`` up to
+        ``until``: a driver sends each batch (pacing itself to ``t`` in real time, if it
+        runs against a live service) and posts the labels."""
+        end = pd.Timestamp(until)
+        while self.clock < end:
+            t = min(self.clock + pd.Timedelta(seconds=step_s), end)
+            yield t, self.requests_until(t), self.labels_until(t)
+
     def record(self, responses: Iterable[Mapping[str, object]] | pd.DataFrame) -> None:
         """Count answers per ``(variant, status)`` as the client saw them."""
         if isinstance(responses, pd.DataFrame):
@@ -318,16 +347,14 @@ class SimulatedService:
         return out
 
 
-def run_window(sim: TrafficSimulator, service: SimulatedService, start: datetime, seconds: float,
+def run_window(sim: TrafficSimulator, service: SimulatedService, seconds: float,
                step_s: float = 1.0) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
-    """Drive ``service`` with ``sim`` for ``seconds``: the log rows and the labels that arrived."""
+    """Drive ``service`` with ``sim`` for ``seconds`` from the simulator's clock: the log
+    rows and the labels that arrived meanwhile."""
     logs, labels = [], []
-    t = pd.Timestamp(start)
-    end = t + timedelta(seconds=seconds)
-    while t < end:
-        t = min(t + timedelta(seconds=step_s), end)
-        rows = service.handle(sim.requests_until(t))
-        sim.record(rows[rows["role"] == PRIMARY][["variant", "status"]])
+    for _, batch, arrived in sim.stream(sim.clock + pd.Timedelta(seconds=seconds), step_s):
+        rows = service.handle(batch)
+        sim.record(rows[rows["role"] == PRIMARY])
         logs.append(rows)
-        labels.append(sim.labels_until(t))
+        labels.append(arrived)
     return pd.concat(logs, ignore_index=True), pd.concat(labels, ignore_index=True)
