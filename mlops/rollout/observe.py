@@ -371,7 +371,9 @@ class _Log:
         self.label = np.full(n, np.nan)
         if fb is not None:
             by_code = np.full(len(uniques), np.nan)
-            by_code[codes[n:]] = fb["label"].to_numpy(dtype=np.float64)  # a repeated label: the last wins
+            fb_codes, fb_labels = codes[n:][::-1], fb["label"].to_numpy(dtype=np.float64)[::-1]
+            first, at = np.unique(fb_codes, return_index=True)  # first in reverse: a request's last label
+            by_code[first] = fb_labels[at]
             self.label = by_code[self.codes]
         self.n_codes = len(uniques)
         self.score = _floats(frame["score"])
