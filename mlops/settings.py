@@ -320,6 +320,7 @@ class EdgeConfig(StrictModel):
     golden_tolerance: float = Field(1e-4, gt=0)
     traffic_rows: int = Field(64, ge=1)
     reference_bins: int = Field(10, ge=2, le=100)
+    fleet_fsync: bool = True  # simulated devices fsync model and state writes (off: faster large simulations)
 
     @model_validator(mode="after")
     def _stages_widen_to_all(self) -> EdgeConfig:
