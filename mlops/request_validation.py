@@ -276,7 +276,8 @@ class RequestValidator:
             if type(body["feedback"]) is not list:
                 raise InvalidRequest(f"feedback must be an array, got {_type_name(body['feedback'])}", 400)
             items = body["feedback"]
-            self._count(len(items), "feedback items")
+            if not items:  # labels are small: only the body size limits how many come at once
+                raise InvalidRequest("feedback is empty")
         else:
             items = [body]
         out = []
@@ -344,6 +345,8 @@ class RequestValidator:
         if datatype != want:
             raise InvalidRequest(f"input '{name}' has datatype {_short(datatype)}, expected {want}", 400)
         shape = tensor.get("shape")
+        if type(shape) is list:  # JSON Schema counts 2.0 as an integer; so do we
+            shape = [int(d) if type(d) is float and d.is_integer() and abs(d) < 2**53 else d for d in shape]
         if (
             type(shape) is not list
             or len(shape) != 2

@@ -56,3 +56,10 @@ class BudgetExceeded(ServingError):
     """Loading another version would exceed the model memory budget with nothing evictable: 503."""
 
     status = 503
+
+
+class UnusableModel(ServingError):
+    """A registered version cannot be served: invalid ONNX, inputs that do not match the
+    dataset schema, or no answer to its warm-up row. The service keeps what it had: 422."""
+
+    status = 422

@@ -39,9 +39,10 @@ from serving.errors import BudgetExceeded, ModelFailed, ModelTimeout
 log = logging.getLogger(__name__)
 
 MEMORY_FACTOR = 2.0
-"""A loaded session is charged ``MEMORY_FACTOR`` x its ONNX size, or the resident memory
-its load added, whichever is larger (ONNX Runtime keeps the graph plus its own copies of
-the initializers)."""
+"""A loaded session is charged ``MEMORY_FACTOR`` x its ONNX size (ONNX Runtime keeps the
+graph plus its own copies of the initializers). An estimate, deterministic on purpose:
+resident-memory deltas measured around a load are dominated by allocator noise and by
+whatever else the process does at the same time."""
 
 _STOP = object()
 
@@ -217,17 +218,25 @@ class LoadedModel:
 
 
 def build_model(name: str, version: int, onnx: bytes, schema: DatasetSchema, *, threads: int = 1,
-                max_batch_rows: int = 64) -> LoadedModel:  # fmt: skip
-    """Create the session (blocking; run it off the event loop), warm it up, start its worker."""
-    import psutil
-
-    rss = psutil.Process().memory_info().rss
+                max_batch_rows: int = 64, warmup_timeout: float = 10.0) -> LoadedModel:  # fmt: skip
+    """Create the session (blocking; run it off the event loop), score one warm-up row, start
+    its worker. A model that cannot answer the warm-up row within ``warmup_timeout`` seconds
+    is refused (``ModelFailed``): it would only ever time out in service."""
     scorer = OnnxScorer(onnx, schema, threads=threads)
-    warm = {n: [0.0] for n in schema.numeric_names} | {n: [schema.categorical[i].categories[0]]
-                                                        for i, n in enumerate(schema.categorical_names)}  # fmt: skip
-    scorer.session.run([PROBA_OUTPUT], scorer.feeds(warm))
-    grown = psutil.Process().memory_info().rss - rss
-    nbytes = int(max(len(onnx) * MEMORY_FACTOR, grown))
+    warm = {n: [0.0] for n in schema.numeric_names} | {f.name: [f.categories[0]] for f in schema.categorical}
+    opts = ort.RunOptions()
+    opts.log_severity_level = 4
+    timer = threading.Timer(warmup_timeout, setattr, (opts, "terminate", True))
+    timer.start()
+    try:
+        scorer.session.run([PROBA_OUTPUT], scorer.feeds(warm), opts)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises bare RuntimeError subclasses
+        if opts.terminate:
+            raise ModelFailed(f"{name} v{version} did not answer its warm-up row within {warmup_timeout:g} s") from None
+        raise ModelFailed(f"{name} v{version} failed on its warm-up row: {str(exc).splitlines()[0][:200]}") from None
+    finally:
+        timer.cancel()
+    nbytes = int(len(onnx) * MEMORY_FACTOR)
     worker = ModelWorker(scorer, f"{name} v{version}", max_batch_rows)
     return LoadedModel(name, version, scorer, worker, nbytes)
 
@@ -267,9 +276,15 @@ class ModelPool:
         return [m.worker for m in (*self._models.values(), *self._retired)]
 
     @property
+    def loaded_bytes(self) -> int:
+        """Memory charged to the versions in the pool (what the budget is checked against)."""
+        return sum(m.nbytes for m in self._models.values())
+
+    @property
     def used_bytes(self) -> int:
-        """Memory charged to loaded versions, counting evicted ones still in use."""
-        return sum(m.nbytes for m in self._models.values()) + sum(m.nbytes for m in self._retired if not m.closed)
+        """``loaded_bytes`` plus evicted versions still held by in-flight requests (freed with
+        their last request, within one request timeout)."""
+        return self.loaded_bytes + sum(m.nbytes for m in self._retired if not m.closed)
 
     def add(self, model: LoadedModel) -> None:
         """Insert a model built outside ``load`` (start-up, before the event loop serves)."""
@@ -298,7 +313,7 @@ class ModelPool:
                 self._loading.pop(version, None)
             self._models[version] = model
             self._shrink(keep=version)
-            if not required and self.used_bytes > self.budget_bytes:
+            if not required and self.loaded_bytes > self.budget_bytes:
                 self._retire(self._models.pop(version))
                 exc = BudgetExceeded(
                     f"loading v{version} ({model.nbytes / 2**20:.1f} MiB) exceeds the model memory budget "
@@ -318,7 +333,7 @@ class ModelPool:
 
     def _shrink(self, keep: int | None = None) -> None:
         for version in list(self._models):  # least recently used first
-            if self.used_bytes <= self.budget_bytes:
+            if self.loaded_bytes <= self.budget_bytes:
                 return
             if version in self.pinned or version == keep:
                 continue

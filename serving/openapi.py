@@ -51,7 +51,8 @@ def openapi_document(dataset: DatasetSchema, model_name: str, *, max_rows: int, 
         for f in dataset.numeric
     }
     categorical = {f.name: {"type": "string", "enum": list(f.categories)} for f in dataset.categorical}
-    ident = {"type": "string", "minLength": 1, "maxLength": MAX_ID}
+    printable = "^[ -~]+$"  # the service accepts any printable text; documented: printable ASCII
+    ident = {"type": "string", "minLength": 1, "maxLength": MAX_ID, "pattern": printable}
     record = {
         "type": "object",
         "required": ["features"],
@@ -59,24 +60,29 @@ def openapi_document(dataset: DatasetSchema, model_name: str, *, max_rows: int, 
         "properties": {
             "features": _ref("Features"),
             "request_id": ident | {"description": "Your id for this row (feedback joins on it); generated when absent."},
-            "entity_key": {"type": "string", "minLength": 1, "maxLength": MAX_STRING,
+            "entity_key": {"type": "string", "minLength": 1, "maxLength": MAX_STRING, "pattern": printable,
                            "description": "User/card id: canary and A/B assignment is sticky per key."},  # fmt: skip
             "ts": {"type": "string", "description": "Client event time (informational; the log records server time)."},
         },
     }
-    tensor = {
-        "type": "object",
-        "required": ["name", "shape", "datatype", "data"],
-        "additionalProperties": False,
-        "properties": {
-            "name": {"type": "string", "enum": list(dataset.feature_names)},
-            "shape": {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 2,
-                      "description": "[N, 1]"},  # fmt: skip
-            "datatype": {"type": "string", "enum": [NUMERIC_DATATYPE, STRING_DATATYPE]},
-            "data": {"type": "array", "items": {}},
-            "parameters": {"type": "object"},
-        },
-    }
+    def tensor(name: str, datatype: str, item: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "type": "object",
+            "required": ["name", "shape", "datatype", "data"],
+            "additionalProperties": False,
+            "properties": {
+                "name": {"const": name},
+                "shape": {"type": "array", "prefixItems": [{"type": "integer", "minimum": 1, "maximum": max_rows},
+                                                           {"const": 1}],
+                          "minItems": 2, "maxItems": 2, "description": "[N, 1], the same N for every input"},
+                "datatype": {"const": datatype},
+                "data": {"type": "array", "items": item, "minItems": 1, "maxItems": max_rows},
+                "parameters": {"type": "object"},
+            },
+        }  # fmt: skip
+
+    tensors = [tensor(n, NUMERIC_DATATYPE, numeric[n]) for n in dataset.numeric_names]
+    tensors += [tensor(n, STRING_DATATYPE, categorical[n]) for n in dataset.categorical_names]
     tensor_meta = {"type": "object", "properties": {"name": {"type": "string"}, "datatype": {"type": "string"},
                                                     "shape": {"type": "array", "items": {"type": "integer"}}}}  # fmt: skip
     schemas: dict[str, Any] = {
@@ -101,13 +107,13 @@ def openapi_document(dataset: DatasetSchema, model_name: str, *, max_rows: int, 
         "FeedbackRequest": {"oneOf": [
             _ref("FeedbackItem"),
             {"type": "object", "required": ["feedback"], "additionalProperties": False,
-             "properties": {"feedback": {"type": "array", "items": _ref("FeedbackItem"), "minItems": 1,
-                                         "maxItems": max_rows}}},
+             "properties": {"feedback": {"type": "array", "items": _ref("FeedbackItem"), "minItems": 1}}},
         ]},  # fmt: skip
-        "InferTensor": tensor,
+        "InferTensor": {"oneOf": tensors},
         "InferRequest": {"type": "object", "required": ["inputs"], "additionalProperties": False, "properties": {
             "id": ident,
-            "parameters": {"type": "object", "properties": {"entity_key": {"type": "string"}}},
+            "parameters": {"type": "object", "properties": {"entity_key": {"type": "string", "minLength": 1,
+                                                                           "maxLength": MAX_STRING, "pattern": printable}}},
             "inputs": {"type": "array", "items": _ref("InferTensor"), "minItems": 1},
             "outputs": {"type": "array", "items": {"type": "object", "required": ["name"],
                                                    "properties": {"name": {"type": "string", "enum": [PROBA_OUTPUT]}}}},
@@ -130,7 +136,8 @@ def openapi_document(dataset: DatasetSchema, model_name: str, *, max_rows: int, 
         "PreloadRequest": _pydantic(PreloadRequest),
     }
     name_param = {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "enum": [model_name]}}
-    version_param = {"name": "version", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}
+    version_param = {"name": "version", "in": "path", "required": True,
+                     "schema": {"type": "integer", "minimum": 1, "maximum": 999_999_999_999}}  # fmt: skip
     force = {"name": FORCE_HEADER, "in": "header", "required": False,
              "schema": {"type": "string", "enum": ["stable", "candidate"]},
              "description": "Force a variant (honoured in canary, ab and blue_green; ignored in single and shadow)."}  # fmt: skip

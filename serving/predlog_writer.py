@@ -201,9 +201,9 @@ class PredictionLogWriter:
             self._wake.clear()
             try:
                 self.flush()
-            except OSError as exc:  # disk full, permissions: keep serving, keep the rows
+            except Exception as exc:  # noqa: BLE001 - disk full, permissions...: keep serving, keep the rows
                 self.last_error = str(exc)
-                log.error("prediction log flush failed (rows kept in the buffer): %s", exc)
+                log.exception("prediction log flush failed (rows kept in the buffer, retrying)")
                 self._stop.wait(min(self.flush_seconds, 5.0))
 
     def flush(self) -> tuple[int, int]:
@@ -220,12 +220,18 @@ class PredictionLogWriter:
         if not n:
             return 0
         rows = [self._rows[i] for i in range(n)]
-        table = self._table(rows)
-        self.files_written += len(self.predictions.write(table, [_day(r.ts) for r in rows]))
+        try:
+            table = self._table(rows)
+        except (pa.ArrowException, UnicodeError, ValueError, TypeError, OverflowError):
+            rows = [r for r in rows if self._encodable(r)]  # drop only the rows Arrow refuses
+            self.dropped += n - len(rows)
+            table = self._table(rows)
+        if rows:
+            self.files_written += len(self.predictions.write(table, [_day(r.ts) for r in rows]))
         for _ in range(n):  # only after the commit: a failed write keeps the rows
             self._rows.popleft()
-        self.rows_written += n
-        return n
+        self.rows_written += len(rows)
+        return len(rows)
 
     def _flush_feedback(self) -> int:
         n = len(self._labels)
@@ -244,6 +250,14 @@ class PredictionLogWriter:
         for _ in range(n):
             self._labels.popleft()
         return n
+
+    def _encodable(self, row: LogRow) -> bool:
+        try:
+            self._table([row])
+            return True
+        except (pa.ArrowException, UnicodeError, ValueError, TypeError, OverflowError) as exc:
+            log.error("prediction-log row %r dropped: cannot be written (%s)", row.request_id[:40], exc)
+            return False
 
     def _table(self, rows: list[LogRow]) -> pa.Table:
         cols: dict[str, pa.Array] = {

@@ -40,7 +40,8 @@ from mlops.predlog import PRIMARY, SHADOW
 from mlops.request_validation import InvalidRequest, Record, RequestValidator, V2Request
 from mlops.routing import CANDIDATE, STABLE, InvalidRouteTable, Mode, RouteTable, route
 from mlops.settings import Settings
-from serving.errors import Conflict, ModelFailed, NotReady, Overloaded, ServingError, UnknownModel
+from mlops.errors import ModelError
+from serving.errors import Conflict, ModelFailed, NotReady, Overloaded, ServingError, UnknownModel, UnusableModel
 from serving.metrics import ServingMetrics
 from serving.models import LoadedModel, ModelPool, build_model
 from serving.predlog_store import feedback_dir, predictions_dir
@@ -129,8 +130,15 @@ class ServingRuntime:
 
     def _build(self, version: int) -> LoadedModel:
         onnx = self.source.onnx(version)
-        return build_model(self.model_name, version, onnx, self.settings.dataset,
-                           threads=self.cfg.ort_threads, max_batch_rows=self.cfg.micro_batch_rows)  # fmt: skip
+        try:
+            return self._build_bytes(version, onnx)
+        except (ModelError, ModelFailed) as exc:
+            raise UnusableModel(f"version {version} of '{self.model_name}' cannot be served: {exc}") from None
+
+    def _build_bytes(self, version: int, onnx: bytes) -> LoadedModel:
+        return build_model(self.model_name, version, onnx, self.settings.dataset, threads=self.cfg.ort_threads,
+                           max_batch_rows=self.cfg.micro_batch_rows,
+                           warmup_timeout=max(10.0, self.timeout))  # fmt: skip
 
     def _initial(self) -> tuple[DesiredState | None, int, str]:
         if self.cfg.restore_state:
