@@ -1,0 +1,222 @@
+"""Rollout flow: observe -> decide -> persist -> apply, once per tick, until the rollout ends.
+
+The decisions are ``mlops.rollout.machine.decide`` (pure); this flow only sequences the
+IO around it (tasks/rollout.py) in the write-ahead order the machine's docstring gives:
+
+    finish effects left outstanding by a crash -> observe -> decide -> save status
+    -> apply each effect, save status after each -> ask for approval if asked -> sleep
+
+so a run killed at any point and restarted with ``resume=<id>`` continues at the same step
+and never repeats a traffic change or an alias move.
+
+Approval: with ``approval="prefect"`` the run pauses with ``pause_flow_run(
+wait_for_input=ApprovalInput)``, so the Prefect UI (or ``mlops rollout approve|reject``)
+shows a form with the evidence so far; the pause times out at the plan's deadline, which the
+machine turns into TIMED_OUT (nothing promoted). ``approve``/``reject`` answer at once
+(the demo and tests), and say so in the decision log.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.input import RunInput
+
+from adapters.runtime import configure
+from mlops.rollout.machine import (
+    ApprovalRequest,
+    ApprovalResponse,
+    Decision,
+    Phase,
+    RolloutStatus,
+    Signals,
+    decide,
+    mark_applied,
+    start,
+)
+from mlops.rollout.plan import RolloutPlan, load_plan
+from mlops.settings import Settings, load_settings
+from serving.client import ServingAdmin, ServingClient
+from tasks.rollout import (
+    apply_effect,
+    attach_report,
+    build_references,
+    challenger_version,
+    observe_tick,
+    read_plan,
+    read_references,
+    read_status,
+    resolve_versions,
+    save_plan,
+    save_references,
+    save_status,
+    utcnow,
+    write_report,
+)
+
+DEFAULT_PLAN = "configs/rollout/demo.yaml"
+ApprovalMode = Literal["prefect", "approve", "reject"]
+
+
+class ApprovalInput(RunInput):
+    """The approve/reject form of a paused rollout (answer for the version shown)."""
+
+    approved: bool = False
+    version: int
+    by: str = "prefect-ui"
+    comment: str = ""
+
+
+@dataclass(frozen=True)
+class RolloutSummary:
+    rollout_id: str
+    model_name: str
+    stable_version: int
+    candidate_version: int
+    phase: str
+    reason: str
+    report: str
+    seconds: float
+
+
+def new_rollout_id(now: datetime) -> str:
+    return f"{now:%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+def apply_all(settings: Settings, admin: ServingAdmin, status: RolloutStatus) -> RolloutStatus:
+    """Apply the status's outstanding effects in order, persisting after each one."""
+    for effect in status.outstanding:
+        apply_effect(settings, admin, status, effect)
+        status = mark_applied(status, effect.key, utcnow())
+        save_status(settings, status)
+    return status
+
+
+def ask_approval(req: ApprovalRequest, mode: ApprovalMode, seq: int) -> ApprovalResponse | None:
+    """The human's answer (``None``: no answer before the deadline)."""
+    if mode != "prefect":
+        return ApprovalResponse(approved=mode == "approve", version=req.candidate_version, by=f"auto-{mode}",
+                                comment="answered automatically (demo/test mode), not by a human")  # fmt: skip
+    from prefect.flow_runs import pause_flow_run
+    from prefect.exceptions import FlowPauseTimeout
+
+    evidence = "\n".join(f"- {part}" for part in req.evidence.split(" | ") if part)
+    description = (f"### Approve {req.model_name} v{req.candidate_version} (stable v{req.stable_version})?\n\n"
+                   f"Rollout `{req.rollout_id}`, deadline {req.deadline.isoformat()}.\n\n"
+                   f"Evidence so far:\n{evidence or '- (none)'}\n\n"
+                   f"Set `approved` and answer for `version` {req.candidate_version}; a rejection rolls back.")  # fmt: skip
+    timeout = max(1, int(req.remaining_s(utcnow())))
+    try:
+        answer = pause_flow_run(
+            wait_for_input=ApprovalInput.with_initial_data(description=description, version=req.candidate_version),
+            timeout=timeout, poll_interval=2, key=f"approval-{req.rollout_id}-{seq}",
+        )  # fmt: skip
+    except FlowPauseTimeout:
+        return None
+    return ApprovalResponse(approved=answer.approved, version=answer.version, by=answer.by or "prefect-ui",
+                            comment=answer.comment)  # fmt: skip
+
+
+def _begin(settings: Settings, plan: RolloutPlan, candidate: str, rollout_id: str | None) -> RolloutStatus:
+    now = utcnow()
+    name, stable, cand, aliases = resolve_versions(settings, candidate)
+    rid = rollout_id or new_rollout_id(now)
+    status = start(rid, plan, model_name=name, stable_version=stable, candidate_version=cand, aliases=aliases, now=now)
+    save_plan(settings, rid, plan)
+    save_status(settings, status)
+    save_references(settings, rid, build_references(settings, status))
+    return status
+
+
+@flow(name="rollout", log_prints=True)
+def rollout_flow(
+    plan: str = DEFAULT_PLAN,
+    candidate: str = "challenger",
+    resume: str | None = None,
+    rollout_id: str | None = None,
+    approval: ApprovalMode = "prefect",
+    command: Literal["rollback", "abort"] | None = None,
+    max_seconds: float | None = None,
+    config: str | None = None,
+) -> RolloutSummary:
+    """Roll the ``candidate`` alias's version out against the champion under ``plan``.
+
+    ``resume``: continue the persisted rollout with that id (its own plan). ``command``:
+    an operator's rollback/abort of that rollout (after promotion: aliases and serving back
+    to the previous champion at once). ``max_seconds`` bounds the run (the rollout stays
+    resumable).
+    """
+    logger = get_run_logger()
+    settings = load_settings(config)
+    configure(settings)
+    started = time.monotonic()
+    if resume:
+        status = read_status(settings, resume)
+        the_plan = read_plan(settings, resume)
+        logger.info("resuming rollout %s at %s (%s)", resume, status.phase.value, status.history[-1].step
+                    if status.history else "start")  # fmt: skip
+    else:
+        the_plan = load_plan(plan)
+        status = _begin(settings, the_plan, candidate, rollout_id)
+        logger.info("rollout %s: v%d against champion v%d, plan %s", status.rollout_id, status.candidate_version,
+                    status.stable_version, the_plan.name)  # fmt: skip
+    refs = read_references(settings, status.rollout_id)
+    answer: ApprovalResponse | None = None
+    with ServingClient.for_settings(settings) as admin:
+        status = apply_all(settings, admin, status)  # left over by a crash
+        while True:
+            tick_started = time.monotonic()
+            now = utcnow()
+            obs = None if status.terminal or command else observe_tick(settings, status, the_plan, refs, now)
+            signals = Signals(approval=answer, challenger_version=challenger_version(settings, status.model_name),
+                              command=command, by="operator")  # fmt: skip
+            answer = None
+            d: Decision = decide(status, obs, the_plan, now, signals)
+            if d.status != status:
+                save_status(settings, d.status)  # write-ahead: the intent is durable before acting
+            if d.action.value != "hold" or d.effects:
+                logger.info("%s: %s", d.action.value, d.reason)
+            status = apply_all(settings, admin, d.status)
+            command = None
+            if status.terminal:
+                break
+            if d.approval is not None and status.phase is Phase.AWAITING_APPROVAL:
+                answer = ask_approval(d.approval, approval, status.seq)
+                if answer is None:
+                    logger.info("no answer to the approval of v%d before its deadline", status.candidate_version)
+                continue
+            if max_seconds is not None and time.monotonic() - started > max_seconds:
+                logger.warning("stopping after %.0f s; resume with: mlops rollout --resume %s", max_seconds,
+                               status.rollout_id)  # fmt: skip
+                break
+            time.sleep(max(0.0, the_plan.tick_interval_s - (time.monotonic() - tick_started)))
+    report = write_report(settings, status, the_plan)
+    _publish(settings, status, report)
+    reason = status.final_reason or (status.history[-1].reason if status.history else "")
+    logger.info("rollout %s ended %s: %s", status.rollout_id, status.phase.value, reason)
+    return RolloutSummary(status.rollout_id, status.model_name, status.stable_version, status.candidate_version,
+                          status.phase.value, reason, str(report), time.monotonic() - started)  # fmt: skip
+
+
+def _publish(settings: Settings, status: RolloutStatus, report: Path) -> None:
+    """The report as artifacts: a link and a summary table on the Prefect run, a file on the
+    candidate version's MLflow run."""
+    run_id = attach_report(settings, status, report)
+    rows = "\n".join(f"| {h.at:%H:%M:%S} | {h.step} | {h.action.value} | {h.reason[:300].replace('|', '/')} |"
+                     for h in status.history if h.action.value != "hold")  # fmt: skip
+    create_link_artifact(link=report.resolve().as_uri(), link_text=f"rollout report {status.rollout_id}",
+                         key=f"rollout-report-{status.rollout_id}".lower().replace("_", "-")[:100],
+                         description=f"{status.phase.value}: v{status.candidate_version} vs v{status.stable_version}")  # fmt: skip
+    create_markdown_artifact(
+        markdown=(f"## Rollout {status.rollout_id}: {status.phase.value}\n\n{status.final_reason or ''}\n\n"
+                  f"Report: `{report}`" + (f" (also on MLflow run `{run_id}`)" if run_id else "") +
+                  f"\n\n| at | step | action | reason |\n|---|---|---|---|\n{rows}\n"),
+        description=f"rollout {status.rollout_id}",
+    )  # fmt: skip
