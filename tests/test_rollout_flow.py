@@ -1,0 +1,397 @@
+"""The rollout flow against the REAL service: a BentoML server on a free loopback port,
+simulated users over HTTP (adapters.traffic), the MLflow registry on SQLite, real Prefect
+runs (the session's test harness), and a compressed copy of the demo plan (1 s ticks,
+seconds-long steps, small samples).
+
+Versions (all from one small logistic model; pathologies built into the ONNX graph by
+``mlops.rollout.degrade``, so the served model itself is slow, erroring or worse):
+
+    v1 champion   logit noise 1.5 (AUC ~0.84)        the model in production
+    v2 better     the clean model (AUC ~0.89)
+    v3 slower     clean + ~150 ms per call (several times the loaded stable p99)
+    v4 erroring   clean + NaN (HTTP 500) on 5 % of inputs
+    v5 worse      logit noise 4 (AUC ~0.71)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from mlops.registry_model import CHAMPION, PREVIOUS_CHAMPION
+from mlops.rollout.machine import Phase
+from mlops.rollout.simulator import Pathology, SimulatorConfig
+from mlops.settings import Settings, load_settings
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parent.parent
+FAST_PLAN = """
+name: fast-demo
+description: the demo plan's steps and gates, compressed for tests (1 s ticks, small samples; latency ratio 2.0 and a non-inferiority A/B so a loaded 2-core machine decides in seconds)
+tick_interval_s: 1
+steps:
+  - kind: replay
+    checks:
+      - {metric: error_rate, max: 0.01, min_samples: 300, inconclusive_limit: 20}
+      - {metric: agreement, min: 0.95, min_samples: 300, inconclusive_limit: 20}
+      - {metric: score_correlation, min: 0.5, min_samples: 300, inconclusive_limit: 20}
+  - kind: shadow
+    mirror_pct: 100
+    duration_s: 6
+    min_samples: 200
+    checks:
+      - {metric: error_rate, relative_to_stable: diff, max: 0.01, min_samples: 200, inconclusive_limit: 20}
+      - {metric: latency_p99_ms, relative_to_stable: ratio, max: 2.0, min_samples: 200, dry_run: true}
+      - {metric: auc, relative_to_stable: diff, min: -0.03, min_samples: 300, failure_limit: 1, inconclusive_limit: 20}
+      - {metric: agreement, min: 0.95, min_samples: 200, inconclusive_limit: 20}
+  - kind: canary
+    weights: [10, 50]
+    duration_s: 5
+    min_samples: 30
+    checks:
+      - {metric: latency_p99_ms, relative_to_stable: ratio, max: 2.0, min_samples: 30, failure_limit: 1, inconclusive_limit: 20}
+      - {metric: error_rate, relative_to_stable: diff, max: 0.02, min_samples: 30, failure_limit: 1, inconclusive_limit: 20}
+  - kind: ab
+    candidate_pct: 50
+    duration_s: 6
+    min_samples: 150
+    primary: {metric: log_loss, hypothesis: non_inferiority, alpha: 0.05, power: 0.8, mde: 0.15, min_samples: 150, inconclusive_limit: 40}
+    checks:
+      - {metric: error_rate, relative_to_stable: diff, max: 0.01, min_samples: 100, inconclusive_limit: 20}
+      - {metric: latency_p99_ms, relative_to_stable: ratio, max: 2.0, min_samples: 100, failure_limit: 1, inconclusive_limit: 20}
+  - kind: approval
+    timeout_s: 120
+  - kind: blue_green
+    duration_s: 4
+    keep_warm_s: 4
+    min_samples: 100
+    checks:
+      - {metric: error_rate, max: 0.01, min_samples: 100, inconclusive_limit: 20}
+      - {metric: auc, min: 0.8, min_samples: 200, failure_limit: 1, inconclusive_limit: 20}
+"""
+RATE = 70.0
+BASE, BETTER, SLOWER, ERRORING, WORSE = 1, 2, 3, 4, 5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Live:
+    settings: Settings
+    env: dict[str, str]
+    url: str
+    plan: Path
+    proc: subprocess.Popen
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -> Iterator[Live]:
+    """A started service with v1 champion in stable and v2-v5 registered, and its environment."""
+    from adapters.runtime import configure
+    from adapters.services import serving_command, serving_environment
+    from conftest import FAST_ENV, register_versions
+    from mlops.rollout.degrade import degrade
+    from registry.mlflow_registry import ModelRegistry
+
+    root = tmp_path_factory.mktemp("rollout")
+    port = _free_port()
+    overrides = FAST_ENV | {
+        "MLOPS_HOME": str(root / "home"),
+        "MLOPS__SERVICES__SERVING_PORT": str(port),
+        "MLOPS__SERVING__LOG_FLUSH_SECONDS": "0.2",
+    }
+    saved = dict(os.environ)
+    try:
+        os.environ.update(overrides)
+        settings = load_settings()
+        configure(settings)
+        env = dict(os.environ)
+        schema = settings.dataset
+        models = [degrade(small_model, schema, Pathology(extra_noise=1.5)), small_model,
+                  degrade(small_model, schema, Pathology(extra_latency_ms=150)),
+                  degrade(small_model, schema, Pathology(error_share=0.05)),
+                  degrade(small_model, schema, Pathology(extra_noise=4.0))]  # fmt: skip
+        versions = []
+        for onnx_model in models:
+            versions += register_versions(settings, onnx_model, [{"roc_auc": 0.8}])
+        assert versions == [BASE, BETTER, SLOWER, ERRORING, WORSE]
+        ModelRegistry(settings).move_alias(settings.training.model_name, CHAMPION, BASE, reason="rollout tests")
+        from serving.auth import ensure_token
+
+        ensure_token(settings)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    plan = root / "fast.yaml"
+    plan.write_text(FAST_PLAN)
+    log = root / "service.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(serving_command(settings, "127.0.0.1", port), cwd=REPO,
+                                env=env | serving_environment(settings), stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    try:
+        while True:
+            assert proc.poll() is None, log.read_text()[-2000:]
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.3)
+        yield Live(settings, env, url, plan, proc)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def world(live: Live, prefect_api: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[Live]:
+    """The live service back at v1 champion serving alone, this process pointed at it, and
+    simulated users sending requests and labels throughout the test."""
+    from adapters.traffic import LiveTraffic
+    from registry.mlflow_registry import ModelRegistry
+    from serving.client import ServingClient
+
+    for key, value in live.env.items():
+        if key.startswith(("MLOPS", "MLFLOW")):
+            monkeypatch.setenv(key, value)
+    name = live.settings.training.model_name
+    registry = ModelRegistry(live.settings)
+    if registry.aliases(name).get(CHAMPION) != BASE:
+        registry.move_alias(name, CHAMPION, BASE, reason="rollout tests: reset")
+    with ServingClient.for_settings(live.settings) as admin:
+        admin.apply({"stable_version": BASE})
+    cfg = SimulatorConfig(seed=int(time.time()) % 1000, rate_per_s=RATE, label_delay_s=0.5)
+    with LiveTraffic(live.url, cfg, threads=6, max_seconds=400) as traffic:
+        live.traffic = traffic  # type: ignore[attr-defined]
+        time.sleep(6)  # recent stable traffic for the replay step
+        yield live
+
+
+def _run(world: Live, candidate: int, **kw):
+    from flows.rollout import rollout_flow
+
+    return rollout_flow(plan=str(world.plan), candidate=str(candidate), approval=kw.pop("approval", "approve"),
+                        max_seconds=kw.pop("max_seconds", 150), **kw)  # fmt: skip
+
+
+def _status(world: Live, rollout_id: str):
+    from tasks.rollout import read_status
+
+    return read_status(world.settings, rollout_id)
+
+
+def _served(world: Live) -> dict:
+    from serving.client import ServingClient
+
+    with ServingClient.for_settings(world.settings) as admin:
+        return admin.state()
+
+
+def _aliases(world: Live) -> dict[str, int]:
+    from registry.mlflow_registry import ModelRegistry
+
+    return ModelRegistry(world.settings).aliases(world.settings.training.model_name)
+
+
+def _steps(status) -> list[str]:
+    out: list[str] = []
+    for h in status.history:
+        if not out or out[-1] != h.step:
+            out.append(h.step)
+    return out
+
+
+def test_a_better_candidate_is_promoted_through_every_stage(world: Live) -> None:
+    """Given v1 champion and a better v2, when the fast demo plan runs against the live
+    service with an approving answer, then v2 goes replay -> shadow -> canary 10/50 -> A/B ->
+    approval -> blue-green -> released, champion moves v1 -> v2 once (previous-champion v1,
+    in the audited alias history), the service ends serving v2 alone, and the report exists."""
+    from registry.mlflow_registry import ModelRegistry
+
+    summary = _run(world, BETTER)
+    status = _status(world, summary.rollout_id)
+    assert summary.phase == "succeeded", summary.reason
+    assert _steps(status) == ["replay", "shadow", "canary 10%", "canary 50%", "ab", "approval", "blue_green"]
+    assert {k: v for k, v in _aliases(world).items() if k != "challenger"} == {CHAMPION: BETTER, PREVIOUS_CHAMPION: BASE}
+    moves = [m for m in ModelRegistry(world.settings).history(world.settings.training.model_name)
+             if m.alias == CHAMPION and m.action == "rollout"]  # fmt: skip
+    assert [(m.from_version, m.to_version) for m in moves] == [(BASE, BETTER)]
+    served = _served(world)
+    assert (served["mode"], served["stable_version"], served["candidate_version"]) == ("single", BETTER, None)
+    keys = [a.key for a in status.applied]
+    assert len(keys) == len(set(keys))
+    assert Path(summary.report).read_text().startswith("<!DOCTYPE html>") or "<html" in Path(summary.report).read_text()
+
+
+def test_a_three_times_slower_candidate_is_rolled_back_at_the_first_canary_analysis(world: Live) -> None:
+    """A candidate answering ~150 ms slower passes replay and shadow (latency only observed
+    there) and is rolled back at canary 10 % on its p99 ratio: traffic back on stable v1
+    alone, aliases untouched, the reason names the latency gate."""
+    before = _aliases(world)
+    summary = _run(world, SLOWER)
+    status = _status(world, summary.rollout_id)
+    assert summary.phase == "rolled_back", summary.reason
+    assert status.history[-1].step == "canary 10%" and "latency_p99_ms" in summary.reason
+    assert "registry aliases untouched" in summary.reason
+    assert _aliases(world) == before
+    served = _served(world)
+    assert (served["mode"], served["stable_version"]) == ("single", BASE)
+
+
+def test_a_clearly_worse_candidate_is_stopped_before_promotion(world: Live) -> None:
+    """A candidate with AUC ~0.13 below the champion is stopped in shadow or A/B (whichever
+    gate sees it first) and never promoted."""
+    summary = _run(world, WORSE)
+    status = _status(world, summary.rollout_id)
+    assert summary.phase == "rolled_back", summary.reason
+    assert status.history[-1].step in ("replay", "shadow", "ab"), summary.reason
+    assert status.promoted_at is None and _aliases(world)[CHAMPION] == BASE
+
+
+def test_an_erroring_candidate_is_rolled_back_and_no_stable_user_sees_an_error(world: Live) -> None:
+    """A candidate failing on 5 % of inputs is rolled back (its errors show in the replay of
+    recent traffic, before any user reaches it); every request a user saw fail was answered
+    by the candidate, none by stable."""
+    from serving.predlog_store import PredictionLogStore
+
+    summary = _run(world, ERRORING)
+    assert summary.phase == "rolled_back", summary.reason
+    assert "error_rate" in summary.reason
+    failed = dict(world.traffic.failed)  # type: ignore[attr-defined]
+    if failed:
+        ids = "','".join(failed)
+        rows = PredictionLogStore.for_settings(world.settings).query(
+            f"SELECT DISTINCT variant FROM predictions WHERE role = 'primary' AND status <> 200 AND request_id IN ('{ids}')")
+        assert set(rows["variant"]) <= {"candidate"}
+    stable_errors = PredictionLogStore.for_settings(world.settings).query(
+        "SELECT count(*) n FROM predictions WHERE role = 'primary' AND variant = 'stable' AND status <> 200")
+    assert stable_errors["n"].iloc[0] == 0
+    assert _aliases(world)[CHAMPION] == BASE
+
+
+def _paused_run(timeout: float = 120.0):
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(state=FlowRunFilterStateType(any_=[StateType.PAUSED])))
+            if runs:
+                return runs[0]
+            time.sleep(1)
+    raise AssertionError("no rollout run reached Paused")
+
+
+def test_a_rejected_approval_rolls_back_through_the_prefect_pause(world: Live) -> None:
+    """The rollout pauses its Prefect run at the approval step (pause_flow_run with an input
+    form); an answer for another version is refused and the run pauses again; a rejection
+    resumes it and the rollout rolls back with the reason, aliases untouched."""
+    from prefect.flow_runs import resume_flow_run
+
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(s=_run(world, BETTER, approval="prefect")))
+    thread.start()
+    run = _paused_run()
+    resume_flow_run(run.id, run_input={"approved": True, "version": 99, "by": "mallory"})
+    time.sleep(3)
+    run = _paused_run()
+    resume_flow_run(run.id, run_input={"approved": False, "by": "alice", "comment": "not this week"})
+    thread.join(timeout=120)
+    summary = result["s"]
+    status = _status(world, summary.rollout_id)
+    assert summary.phase == "rolled_back" and "rejected by alice (not this week)" in summary.reason
+    assert any("approval refused: mallory answered for v99" in h.reason for h in status.history)
+    assert _aliases(world)[CHAMPION] == BASE
+    assert _served(world)["mode"] == "single"
+
+
+def test_a_rollout_killed_mid_canary_resumes_from_its_persisted_status(world: Live) -> None:
+    """A rollout running as its own process (``mlops rollout``) is SIGKILLed once it is in
+    canary; ``--resume`` continues at the same step and finishes: every effect key is applied
+    once, the champion moved exactly once, and the service's generation grew by exactly the
+    number of distinct route changes."""
+    from prefect.settings import PREFECT_API_URL
+
+    from registry.mlflow_registry import ModelRegistry
+
+    start_generation = _served(world)["generation"]
+    rid = f"killed-{int(time.time())}"
+    env = world.env | {"MLOPS__PREFECT__API_URL": PREFECT_API_URL.value(), "PREFECT_API_URL": PREFECT_API_URL.value()}
+    argv = [str(Path(sys.executable).with_name("mlops")), "rollout", "--plan", str(world.plan), "--candidate",
+            str(BETTER), "--id", rid, "--auto-answer", "approve"]  # fmt: skip
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    status_file = world.settings.home_path / "rollouts" / rid / "status.json"
+    deadline = time.monotonic() + 150
+    try:
+        while time.monotonic() < deadline:
+            if status_file.exists():
+                data = json.loads(status_file.read_text())
+                if data["route"]["mode"] == "canary" and data["step_started_at"]:
+                    break
+            assert proc.poll() is None, "the rollout process ended before canary"
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the rollout never reached canary")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    killed = _status(world, rid)
+    assert killed.phase is Phase.RUNNING and killed.route.mode == "canary"
+    summary = _run(world, BETTER, resume=rid)
+    status = _status(world, rid)
+    assert summary.phase == "succeeded", summary.reason
+    assert status.history[len(killed.history)].step.startswith("canary")  # resumed where it stopped
+    keys = [a.key for a in status.applied]
+    assert len(keys) == len(set(keys))
+    routes = [a.key for a in status.applied if a.key.endswith("/route")]
+    assert _served(world)["generation"] - start_generation == len(routes)
+    moves = [m for m in ModelRegistry(world.settings).history(world.settings.training.model_name)
+             if m.alias == CHAMPION and m.reason.startswith(f"rollout {rid}")]  # fmt: skip
+    assert len(moves) == 1
+
+
+def test_rollback_after_promotion_restores_previous_champion_at_once(world: Live) -> None:
+    """After a promoted rollout, ``mlops rollback`` flips serving and aliases back to the
+    previous champion in one step, without analysis."""
+    from typer.testing import CliRunner
+
+    from mlops_cli.main import app
+
+    summary = _run(world, BETTER)
+    assert summary.phase == "succeeded", summary.reason
+    result = CliRunner().invoke(app, ["rollback", "--rollout", summary.rollout_id])
+    assert result.exit_code == 0, result.output
+    status = _status(world, summary.rollout_id)
+    assert status.phase is Phase.ROLLED_BACK and "skipping analysis" in status.final_reason
+    assert _aliases(world)[CHAMPION] == BASE and _aliases(world)[PREVIOUS_CHAMPION] == BETTER
+    served = _served(world)
+    assert (served["mode"], served["stable_version"]) == ("single", BASE)
