@@ -27,7 +27,7 @@ def release_doc(version: int = 2, **over: object) -> dict:
         "target": {"name": "fraud.onnx", "length": len(model), "sha256": m.sha256_hex(model)},
         "device_classes": ["pos-terminal"], "min_runtime_version": "1.20.0", "cohort_percent": 100.0, "rollout_salt": "s",
         "golden": {"inputs": {"amount": [1.0]}, "expected": [0.1], "tolerance": 1e-4},
-        "reference": {"edges": [0.0, 0.5, 1.0], "fractions": [0.5, 0.5]},
+        "reference": {"edges": [0.0, 0.5, 1.0], "fractions": [0.5, 0.5]}, "reference_version": 1,
     }  # fmt: skip
     return doc | over
 

@@ -16,8 +16,10 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
+import logging
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -162,6 +164,25 @@ CALIBRATORS = {
 }
 
 
+class _QuietQuantizer(logging.Filter):
+    """Drops the quantizer's advice to pre-process the graph: its pre-processing runs ONNX Runtime's
+    optimiser, whose saved graphs the quantizer then cannot read (measured); ours are compacted instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Please consider")
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    root, quiet = logging.getLogger(), _QuietQuantizer()
+    root.addFilter(quiet)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the calibrators print progress
+            yield
+    finally:
+        root.removeFilter(quiet)
+
+
 def calibrate(model: bytes, method: str, feeds: list[dict[str, np.ndarray]], cache: Path) -> None:
     """Collect activation ranges of the dense layers over ``feeds`` and save them to ``cache``."""
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, create_calibrator, save_tensors_data
@@ -170,7 +191,7 @@ def calibrate(model: bytes, method: str, feeds: list[dict[str, np.ndarray]], cac
         pass
 
     name, options = CALIBRATORS[method]
-    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+    with tempfile.TemporaryDirectory() as tmp, _quiet():
         src = Path(tmp) / "float.onnx"
         src.write_bytes(model)
         try:
@@ -191,7 +212,7 @@ def quantize(model: bytes, spec: QuantizeSpec, exclude: tuple[str, ...], cache: 
     with tempfile.TemporaryDirectory() as tmp:
         src, out = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(model)
-        with contextlib.redirect_stdout(io.StringIO()):  # the quantizer prints progress
+        with _quiet():
             try:
                 if spec.mode == "dynamic":
                     quantize_dynamic(

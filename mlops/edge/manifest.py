@@ -13,7 +13,8 @@ Two kinds of signed metadata, each a JSON envelope ``{"signed": {...}, "signatur
                      file's ``length`` and ``sha256``, ``created``/``expires``, the device
                      classes it is for, the minimum runtime, the rollout cohort percentage and
                      salt, the expected outputs on the golden inputs (health check) and the
-                     reference prediction distribution (telemetry gate). Widening a rollout
+                     reference prediction distribution (telemetry gate): that of the last good
+                     release, i.e. what the fleet serves now. Widening a rollout
                      re-signs the same version with a larger ``cohort_percent``. A rollback is
                      a *new* version whose target is the last good model's bytes
                      (``restores``): versions never go backwards.
@@ -138,7 +139,8 @@ class ModelManifest(StrictModel):
     cohort_percent: float = Field(ge=0, le=100)
     rollout_salt: str
     golden: Golden
-    reference: Reference
+    reference: Reference  # the prediction distribution devices are compared with
+    reference_version: int  # the release it was measured on (the last good one, or this one)
 
 
 def _validate(model: type[StrictModel], data: Mapping[str, Any], what: str) -> Any:

@@ -55,8 +55,15 @@ def release_document(
     edge: EdgeConfig,
     now: datetime,
     restores: int | None = None,
+    baseline: tuple[int, Reference] | None = None,
 ) -> dict[str, Any]:
-    """The ``signed`` part of a new release, at cohort 0% (a rollout widens it)."""
+    """The ``signed`` part of a new release, at cohort 0% (a rollout widens it).
+
+    ``baseline`` is the last good release and its prediction distribution: what the fleet
+    serves now. The rollout's shift gate compares the new model's predictions on device
+    traffic against it (so a model that answers differently from what devices ran is
+    caught); without one (a first release) the release's own distribution is the reference.
+    """
     sha = sha256_hex(model)
     graph.check(model)
     doc = ModelManifest(
@@ -66,7 +73,8 @@ def release_document(
         device_classes=tuple(device_classes), min_runtime_version=min_runtime_version,
         cohort_percent=0.0, rollout_salt=f"{model_name}:{version}:{sha[:12]}",
         golden=golden(model, rows.iloc[: edge.golden_rows], schema, edge.golden_tolerance),
-        reference=reference(model, rows, schema, edge.reference_bins),
+        reference=baseline[1] if baseline else reference(model, rows, schema, edge.reference_bins),
+        reference_version=baseline[0] if baseline else version,
     )  # fmt: skip
     return signed_dict(doc)
 

@@ -1,0 +1,414 @@
+"""Edge state on disk and in DuckDB: signing keys, exported variants, the release repository, telemetry.
+
+Layout under ``$MLOPS_HOME/edge``::
+
+    keys/private/<keyid>.pem         Ed25519 private keys (PKCS8 PEM, mode 0600, folder 0700)
+    keys/root/<n>.root.json          signed root metadata, every version (devices walk the chain)
+    variants/<model>/v<N>/<budget>/  one export: report.json/.md, variants.png, sample.parquet,
+                                     and the ONNX file of each variant that passed its gate
+    variants/<model>/latest.json     which export ``publish`` takes by default
+    repo/<model>/releases/<v>/       model.onnx + release.json (the release as first signed)
+    repo/<model>/targets.json        the signed metadata devices poll (current cohort)
+    repo/<model>/state.json          last good (fully rolled-out) release
+    rollouts/<rollout_id>.json       rollout status
+    fleets/<fleet>/devices/<id>/     simulated devices (adapters.edge_fleet)
+    telemetry.duckdb                 device events; its own file, never the scoring warehouse
+
+Every file is written to a temporary name in its folder, fsynced and renamed, so a reader
+sees the old file or the new one, never half of one. DuckDB connections are short-lived
+and serialised per process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, load_pem_private_key
+
+from mlops.edge.errors import EdgeError, KeyStoreError, NothingToPublish
+from mlops.edge.manifest import ModelManifest, RootMeta, iso, key_id, open_envelope, parse_root, public_bytes, sign
+from mlops.settings import Settings
+
+# --------------------------------------------------------------------------- files
+
+
+def atomic_write(path: Path, data: bytes, mode: int | None = None, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` via a temporary file and a rename (fsynced unless ``durable=False``).
+
+    The rename makes the write atomic for readers and against a crash of the process;
+    the fsync makes it survive a power cut too.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    fd = os.open(tmp, flags, 0o600 if mode is None else mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            if durable:
+                os.fsync(fh.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), mode=0o644)
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise EdgeError(f"{path}: cannot be read ({exc})") from None
+
+
+@dataclass(frozen=True)
+class EdgePaths:
+    root: Path
+
+    @property
+    def keys(self) -> Path:
+        return self.root / "keys"
+
+    @property
+    def variants(self) -> Path:
+        return self.root / "variants"
+
+    @property
+    def repo(self) -> Path:
+        return self.root / "repo"
+
+    @property
+    def rollouts(self) -> Path:
+        return self.root / "rollouts"
+
+    @property
+    def fleets(self) -> Path:
+        return self.root / "fleets"
+
+    @property
+    def telemetry(self) -> Path:
+        return self.root / "telemetry.duckdb"
+
+
+def edge_paths(settings: Settings) -> EdgePaths:
+    return EdgePaths(settings.edge_dir)
+
+
+def key_store(settings: Settings) -> KeyStore:
+    return KeyStore(edge_paths(settings).keys, timedelta(days=settings.edge.root_ttl_days))
+
+
+# --------------------------------------------------------------------------- keys
+
+
+class KeyStore:
+    """Ed25519 signing keys and the signed root chain that tells devices which keys to trust."""
+
+    def __init__(self, folder: Path, root_ttl: timedelta):
+        self.folder = folder
+        self.root_ttl = root_ttl
+
+    @property
+    def _private(self) -> Path:
+        return self.folder / "private"
+
+    @property
+    def _roots(self) -> Path:
+        return self.folder / "root"
+
+    def root_versions(self) -> list[int]:
+        if not self._roots.is_dir():
+            return []
+        return sorted(int(p.name.split(".")[0]) for p in self._roots.glob("*.root.json"))
+
+    def root_bytes(self, version: int) -> bytes:
+        try:
+            return (self._roots / f"{version}.root.json").read_bytes()
+        except FileNotFoundError:
+            raise KeyStoreError(f"no root metadata version {version} in {self._roots}") from None
+
+    def root(self) -> RootMeta:
+        versions = self.root_versions()
+        if not versions:
+            raise KeyStoreError(f"no signing keys in {self.folder} (run `mlops edge keys init`, or publish once)")
+        return parse_root(self.root_bytes(versions[-1]))[0]
+
+    def _load(self, kid: str) -> Ed25519PrivateKey:
+        path = self._private / f"{kid}.pem"
+        try:
+            key = load_pem_private_key(path.read_bytes(), password=None)
+        except FileNotFoundError:
+            raise KeyStoreError(f"private key {kid} is not in {self._private} (rotated out, or never here)") from None
+        except (ValueError, TypeError) as exc:
+            raise KeyStoreError(f"{path}: not a readable private key ({exc})") from None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise KeyStoreError(f"{path}: not an Ed25519 key")
+        return key
+
+    def _new_key(self) -> Ed25519PrivateKey:
+        key = Ed25519PrivateKey.generate()
+        self._private.mkdir(parents=True, exist_ok=True)
+        os.chmod(self._private, 0o700)
+        pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+        atomic_write(self._private / f"{key_id(key.public_key())}.pem", pem, mode=0o600)
+        return key
+
+    def _write_root(self, version: int, keys: Sequence[Ed25519PrivateKey], signers: Sequence[Ed25519PrivateKey]) -> RootMeta:
+        signed = {
+            "kind": "root", "spec_version": "1.0", "version": version, "threshold": 1,
+            "expires": iso(datetime.now(UTC) + self.root_ttl),
+            "keys": {key_id(k.public_key()): public_bytes(k.public_key()).hex() for k in keys},
+        }  # fmt: skip
+        atomic_write(self._roots / f"{version}.root.json", sign(signed, signers), mode=0o644)
+        return self.root()
+
+    def init(self) -> RootMeta:
+        """Create the first key and root v1 (self-signed); an existing store is left as it is."""
+        if self.root_versions():
+            return self.root()
+        key = self._new_key()
+        return self._write_root(1, [key], [key])
+
+    def rotate(self) -> tuple[RootMeta, RootMeta]:
+        """A new signing key; root ``n+1`` lists only it and is signed by the old and the new key.
+
+        The old private key is deleted: metadata it signs is refused by every device that
+        has seen the new root.
+        """
+        old_root = self.root()
+        old_keys = [self._load(kid) for kid in old_root.keys]
+        new = self._new_key()
+        root = self._write_root(old_root.version + 1, [new], [*old_keys, new])
+        for kid in old_root.keys:
+            (self._private / f"{kid}.pem").unlink(missing_ok=True)
+        return old_root, root
+
+    def signing_keys(self) -> list[Ed25519PrivateKey]:
+        return [self._load(kid) for kid in self.root().keys]
+
+    def sign(self, signed: Mapping[str, Any]) -> bytes:
+        return sign(signed, self.signing_keys())
+
+
+# --------------------------------------------------------------------------- exported variants
+
+
+class VariantStore:
+    """Exports: reports for every variant, model files only for those that passed."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def export_dir(self, model: str, version: int, budget: str) -> Path:
+        return self.folder / model / f"v{version}" / budget
+
+    def write_export(self, model: str, version: int, budget: str, files: Mapping[str, bytes], report: Mapping[str, Any]) -> Path:
+        """Write one export's files and report, then point ``latest.json`` at it."""
+        out = self.export_dir(model, version, budget)
+        out.mkdir(parents=True, exist_ok=True)
+        for old in out.glob("*.onnx"):  # a re-export replaces the previous one's models
+            if old.name not in files:
+                old.unlink()
+        for name, data in files.items():
+            atomic_write(out / name, data, mode=0o644)
+        write_json(out / "report.json", dict(report))
+        write_json(self.folder / model / "latest.json", {"path": str(out), "version": version, "budget": budget})
+        return out
+
+    def latest(self, model: str) -> tuple[Path, dict[str, Any]]:
+        pointer = read_json(self.folder / model / "latest.json")
+        if pointer is None:
+            raise NothingToPublish(f"no edge export of '{model}' yet (run `mlops edge export`)")
+        out = Path(pointer["path"])
+        report = read_json(out / "report.json")
+        if report is None:
+            raise NothingToPublish(f"{out}: the export's report.json is missing")
+        return out, report
+
+
+# --------------------------------------------------------------------------- releases
+
+
+class ReleaseRepository:
+    """What the update server serves: releases (model + signed metadata) and the current targets."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def _model_dir(self, model: str) -> Path:
+        return self.folder / model
+
+    def versions(self, model: str) -> list[int]:
+        rel = self._model_dir(model) / "releases"
+        if not rel.is_dir():
+            return []
+        return sorted(int(p.name) for p in rel.iterdir() if p.name.isdigit())
+
+    def latest_version(self, model: str) -> int:
+        versions = self.versions(model)
+        return versions[-1] if versions else 0
+
+    def add(self, model: str, version: int, model_bytes: bytes, metadata: bytes) -> None:
+        """Store a new release and make it the served one. Versions only go up."""
+        if version <= self.latest_version(model):
+            raise EdgeError(f"release v{version} of '{model}' is not newer than v{self.latest_version(model)}")
+        out = self._model_dir(model) / "releases" / str(version)
+        atomic_write(out / "model.onnx", model_bytes, mode=0o644)
+        atomic_write(out / "release.json", metadata, mode=0o644)
+        self.serve(model, metadata)
+
+    def serve(self, model: str, metadata: bytes) -> None:
+        """Replace the metadata devices poll (e.g. the same release with a wider cohort)."""
+        atomic_write(self._model_dir(model) / "targets.json", metadata, mode=0o644)
+
+    def served(self, model: str) -> bytes | None:
+        try:
+            return (self._model_dir(model) / "targets.json").read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def release_metadata(self, model: str, version: int) -> bytes:
+        try:
+            return (self._model_dir(model) / "releases" / str(version) / "release.json").read_bytes()
+        except FileNotFoundError:
+            raise NothingToPublish(f"'{model}' has no release v{version}") from None
+
+    def release(self, model: str, version: int) -> ModelManifest:
+        """A release's metadata as the repository stored it (the publisher's own record)."""
+        signed, _ = open_envelope(self.release_metadata(model, version))
+        return ModelManifest.model_validate_json(json.dumps(signed))
+
+    def model_bytes(self, model: str, version: int) -> bytes:
+        try:
+            return (self._model_dir(model) / "releases" / str(version) / "model.onnx").read_bytes()
+        except FileNotFoundError:
+            raise NothingToPublish(f"'{model}' has no release v{version}") from None
+
+    def state(self, model: str) -> dict[str, Any]:
+        return read_json(self._model_dir(model) / "state.json") or {}
+
+    def set_state(self, model: str, **values: Any) -> None:
+        write_json(self._model_dir(model) / "state.json", self.state(model) | values)
+
+    def models(self) -> list[str]:
+        return sorted(p.name for p in self.folder.iterdir() if p.is_dir()) if self.folder.is_dir() else []
+
+
+# --------------------------------------------------------------------------- telemetry
+
+_DDL = """
+CREATE TABLE IF NOT EXISTS device_events (
+    ts TIMESTAMP NOT NULL,
+    fleet VARCHAR NOT NULL,
+    rollout_id VARCHAR,
+    device_id VARCHAR NOT NULL,
+    model VARCHAR NOT NULL,
+    event VARCHAR NOT NULL,
+    code VARCHAR,
+    reason VARCHAR,
+    release_version INTEGER,
+    running_version INTEGER,
+    running_sha256 VARCHAR,
+    latency_p50_ms DOUBLE,
+    latency_p99_ms DOUBLE,
+    prediction_mean DOUBLE,
+    prediction_counts INTEGER[]
+);
+CREATE TABLE IF NOT EXISTS rollouts (
+    rollout_id VARCHAR PRIMARY KEY,
+    fleet VARCHAR NOT NULL,
+    model VARCHAR NOT NULL,
+    version INTEGER NOT NULL,
+    phase VARCHAR NOT NULL,
+    percent DOUBLE NOT NULL,
+    updated_at TIMESTAMP NOT NULL,
+    status VARCHAR NOT NULL
+);
+"""
+
+EVENT_COLUMNS = (
+    "ts", "fleet", "rollout_id", "device_id", "model", "event", "code", "reason", "release_version",
+    "running_version", "running_sha256", "latency_p50_ms", "latency_p99_ms", "prediction_mean", "prediction_counts",
+)  # fmt: skip
+
+_LOCK = threading.Lock()
+
+
+class TelemetryStore:
+    """Device telemetry and rollout status in a DuckDB file of their own."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            con = duckdb.connect(str(self.path))
+        except duckdb.Error as exc:
+            raise EdgeError(f"telemetry store {self.path} cannot be opened: {exc}") from None
+        con.execute(_DDL)
+        return con
+
+    def append(self, events: Iterable[Mapping[str, Any]]) -> int:
+        rows = [tuple(e.get(c) for c in EVENT_COLUMNS) for e in events]
+        if not rows:
+            return 0
+        with _LOCK, self._connect() as con:
+            con.executemany(f"INSERT INTO device_events ({', '.join(EVENT_COLUMNS)}) VALUES ({', '.join('?' * len(EVENT_COLUMNS))})", rows)
+        return len(rows)
+
+    def events(self, rollout_id: str | None = None, device_id: str | None = None, fleet: str | None = None) -> list[dict[str, Any]]:
+        where, params = [], []
+        for col, value in (("rollout_id", rollout_id), ("device_id", device_id), ("fleet", fleet)):
+            if value is not None:
+                where.append(f"{col} = ?")
+                params.append(value)
+        sql = f"SELECT {', '.join(EVENT_COLUMNS)} FROM device_events"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        with _LOCK, self._connect() as con:
+            rows = con.execute(sql + " ORDER BY ts, device_id", params).fetchall()
+        return [dict(zip(EVENT_COLUMNS, r, strict=True)) for r in rows]
+
+    def save_rollout(self, fleet: str, status: Mapping[str, Any]) -> None:
+        with _LOCK, self._connect() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO rollouts VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [status["rollout_id"], fleet, status["model"], status["version"], status["phase"],
+                 status["stages"][status["stage"]], datetime.now(UTC).replace(tzinfo=None), json.dumps(status)],
+            )  # fmt: skip
+
+    def rollouts(self, limit: int = 20) -> list[dict[str, Any]]:
+        with _LOCK, self._connect() as con:
+            rows = con.execute(
+                "SELECT rollout_id, fleet, model, version, phase, percent, updated_at FROM rollouts ORDER BY updated_at DESC LIMIT ?",
+                [limit],
+            ).fetchall()
+        cols = ("rollout_id", "fleet", "model", "version", "phase", "percent", "updated_at")
+        return [dict(zip(cols, r, strict=True)) for r in rows]
+
+    def event_counts(self, rollout_id: str) -> dict[str, int]:
+        with _LOCK, self._connect() as con:
+            rows = con.execute(
+                "SELECT event || coalesce(':' || code, ''), count(*) FROM device_events WHERE rollout_id = ? GROUP BY 1 ORDER BY 1",
+                [rollout_id],
+            ).fetchall()
+        return {k: int(v) for k, v in rows}
+

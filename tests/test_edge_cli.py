@@ -1,0 +1,54 @@
+"""`mlops edge` as a user runs it: keys, budgets and status without a flow; errors as one line and an exit code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from mlops.settings import Settings
+from mlops_cli.main import app
+
+RUNNER = CliRunner()
+
+
+def test_keys_are_created_in_mlops_home_and_rotated(home: Settings) -> None:
+    """`keys init` writes a 0600 private key and root v1; `keys rotate` makes root v2 and deletes the old private key."""
+    first = RUNNER.invoke(app, ["edge", "keys", "init"])
+    assert first.exit_code == 0, first.output and "root v1" in first.output
+    keys_dir = home.edge_dir / "keys"
+    [pem] = list((keys_dir / "private").glob("*.pem"))
+    assert pem.stat().st_mode & 0o777 == 0o600
+    rotated = RUNNER.invoke(app, ["edge", "keys", "rotate"])
+    assert rotated.exit_code == 0, rotated.output
+    assert "root v1" in rotated.output and "v2" in rotated.output
+    assert not pem.exists() and len(list((keys_dir / "private").glob("*.pem"))) == 1
+    root2 = json.loads((keys_dir / "root" / "2.root.json").read_text())
+    assert len(root2["signatures"]) == 2  # vouched for by the old key and the new one
+    shown = RUNNER.invoke(app, ["edge", "keys", "show"])
+    assert "root v2 (versions [1, 2])" in shown.output
+
+
+def test_budget_files_are_validated_with_file_and_field_in_the_error(tmp_path: Path) -> None:
+    ok = RUNNER.invoke(app, ["edge", "budget", "validate", "configs/edge/mobile-app.yaml"])
+    assert ok.exit_code == 0 and "budget 'mobile-app'" in ok.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("limits:\n  max_sise_bytes: 10\n")
+    res = RUNNER.invoke(app, ["edge", "budget", "validate", str(bad)])
+    assert res.exit_code == 2
+    assert "bad.yaml: limits.max_sise_bytes: Extra inputs are not permitted" in res.output.replace("\n", "")
+    schema = RUNNER.invoke(app, ["edge", "budget", "schema"])
+    assert schema.exit_code == 0 and "QuantizeSpec" in schema.output
+
+
+def test_rotating_without_keys_is_one_line_and_an_exit_code(home: Settings) -> None:
+    res = RUNNER.invoke(app, ["edge", "keys", "rotate"])
+    assert res.exit_code == 8
+    assert "no signing keys" in res.output and "Traceback" not in res.output
+
+
+def test_status_of_an_empty_home_lists_no_releases(home: Settings) -> None:
+    res = RUNNER.invoke(app, ["edge", "status"])
+    assert res.exit_code == 0, res.output
+    assert "releases (last good: v-)" in res.output
