@@ -51,15 +51,15 @@ def layouts(path: str | Path) -> list[FileLayout]:
 
 def _read_piece_group(pf: pq.ParquetFile, pieces: Sequence[Piece], columns: list[str]) -> pa.Table:
     if all(p.whole for p in pieces):
-        return pf.read_row_groups([p.row_group for p in pieces], columns=columns)
+        return pf.read_row_groups([p.row_group for p in pieces], columns=columns, use_threads=False)
     tables = []
     for piece in pieces:
         if piece.whole:
-            tables.append(pf.read_row_group(piece.row_group, columns=columns))
+            tables.append(pf.read_row_group(piece.row_group, columns=columns, use_threads=False))
             continue
         # A slice of a big row group: stream it, keep the slice's rows only.
         offset, kept = 0, []
-        for batch in pf.iter_batches(batch_size=_STREAM_BATCH, row_groups=[piece.row_group], columns=columns):
+        for batch in pf.iter_batches(batch_size=_STREAM_BATCH, row_groups=[piece.row_group], columns=columns, use_threads=False):
             lo, hi = max(piece.start - offset, 0), min(piece.stop - offset, batch.num_rows)
             if lo < hi:
                 kept.append(batch.slice(lo, hi - lo))
@@ -71,7 +71,8 @@ def _read_piece_group(pf: pq.ParquetFile, pieces: Sequence[Piece], columns: list
 
 
 def read_partition(partition: Partition, columns: Sequence[str]) -> pa.Table:
-    """The rows of ``partition``, with those of ``columns`` that the input has.
+    """The rows of ``partition``, with those of ``columns`` that the input has, read on the
+    calling thread (on a Dask worker, that thread is already one of the cluster's lanes).
 
     Columns the input lacks are left out, not invented: validation reports them. Files of
     one input may differ in their optional columns; missing ones become nulls.

@@ -39,6 +39,15 @@ def session_options(threads: int = 1) -> ort.SessionOptions:
     return opts
 
 
+def _strings(values: np.ndarray) -> np.ndarray:
+    """An object array of ``str`` for a string tensor: as is when it already holds only
+    ``str`` (ONNX Runtime reads object arrays directly; converting to a fixed-width unicode
+    array would cost more than scoring a big batch), else every value through ``str``."""
+    if all(type(v) is str for v in values):
+        return values
+    return values.astype(str).astype(object)
+
+
 class OnnxScorer:
     """An ONNX Runtime session plus the feature contract of the dataset schema."""
 
@@ -68,7 +77,7 @@ class OnnxScorer:
         try:
             feeds = {n: np.asarray(frame[n], dtype=np.float32).reshape(-1, 1) for n in self._numeric}
             for n in self._categorical:
-                feeds[n] = np.asarray(frame[n], dtype=object).astype(str).reshape(-1, 1)
+                feeds[n] = _strings(np.asarray(frame[n], dtype=object)).reshape(-1, 1)
         except KeyError as exc:
             raise DataError(f"missing feature column {exc}") from None
         except (TypeError, ValueError) as exc:

@@ -25,7 +25,7 @@ from adapters.dask_cluster import ClusterError, client_for
 from adapters.storage import CommitInfo, PartInfo, RunRecord, StagedRun
 from mlops.onnx_model import OnnxScorer
 from mlops.partitions import Partition, plan_partitions
-from mlops.scoring import ModelRef, decision_threshold, score_table
+from mlops.scoring import ModelRef, column_arrays, decision_threshold, score_table
 from mlops.settings import DatasetSchema, Settings
 from mlops.stats import AgreementStats, agreement_stats
 
@@ -129,7 +129,7 @@ def score_partition(job: PartitionJob, models: Sequence[bytes]) -> PartitionResu
 
     part = job.partition
     table = parquet_input.read_partition(part, job.columns)
-    frame = table.to_pandas()
+    frame = table.to_pandas(use_threads=False)  # for GX; one thread per worker is the plan
     lap("read")
     summary = validate_frame(frame, job.schema, require_label=False, source=part.describe())
     lap("validate")
@@ -138,15 +138,17 @@ def score_partition(job: PartitionJob, models: Sequence[bytes]) -> PartitionResu
     if _stop_requested(job.run_id):
         return PartitionResult(part.index, table.num_rows, None, (), seconds, skipped=True)
 
+    del frame
     primary = worker_scorer(job.models[0], models[0], job.schema, job.ort_threads)
-    feeds = primary.feeds(frame)
+    columns = column_arrays(table, job.schema.feature_names)
+    feeds = primary.feeds(columns)
     scores = primary.run(feeds)
     agreement = None
     if len(job.models) > 1:
         other = worker_scorer(job.models[1], models[1], job.schema, job.ort_threads).run(feeds)
-        segments = {c: frame[c].to_numpy(dtype=object) for c in job.segments}
+        segments = {c: columns[c] for c in job.segments}
         agreement = agreement_stats(scores, other, job.models[0].threshold, job.models[1].threshold, segments)
-    del feeds, frame
+    del feeds, columns
     lap("score")
     keys = table.select([c for c in job.schema.key_columns if c in table.column_names])
     out = score_table(keys, scores, job.models[0], job.flow_run_id)

@@ -40,6 +40,64 @@ PARTITION_ROWS = 6_000  # 20k rows -> 4 partitions
 KEYS = ["transaction_id", "user_id", "event_time"]
 
 
+# --------------------------------------------------------------------------- pure decisions
+
+
+def test_dates_inputs_and_thresholds_are_decided_without_any_backend(tmp_path: Path) -> None:
+    """A backfill covers both ends and skips committed dates unless forced; inputs default to
+    data/score/<date>.parquet or fill {date} in a template; the threshold is config, else the
+    version's tag, else training's."""
+    from mlops.errors import ConfigError
+    from mlops.scoring import date_range, dates_to_score, decision_threshold, input_for, resolve_run_date
+
+    days = date_range(date(2026, 1, 30), date(2026, 2, 2))
+    assert [d.isoformat() for d in days] == ["2026-01-30", "2026-01-31", "2026-02-01", "2026-02-02"]
+    assert dates_to_score(days, [days[1]], force=False) == ([days[0], days[2], days[3]], [days[1]])
+    assert dates_to_score(days, [days[1]], force=True) == (days, [])
+    with pytest.raises(ConfigError, match="before"):
+        date_range(date(2026, 2, 2), date(2026, 2, 1))
+    with pytest.raises(ConfigError, match="not a date"):
+        resolve_run_date("2026-13-01", DAY)
+    assert resolve_run_date(None, DAY) == DAY
+    assert input_for(None, tmp_path, DAY) == tmp_path / "score" / "2026-01-02.parquet"
+    assert input_for("/in/{date}/x.parquet", tmp_path, DAY) == Path("/in/2026-01-02/x.parquet")
+    assert decision_threshold(0.5, {"decision_threshold": "0.3"}, 0.2) == 0.5
+    assert decision_threshold(None, {"decision_threshold": "0.3"}, 0.2) == 0.3
+    assert decision_threshold(None, {"decision_threshold": "junk"}, 0.2) == 0.2
+
+
+def test_failures_of_many_partitions_read_as_one_list() -> None:
+    """The same problem in several partitions is listed once, naming where it was found."""
+    from mlops.scoring import merge_failures
+
+    lines = merge_failures([
+        ("partition 0 (input rows 0-9)", ["column 'a': values must be >= 0 (2 of 10 rows outside, e.g. -1.0)"]),
+        ("partition 1 (input rows 10-19)", ["column 'a': values must be >= 0 (5 of 10 rows outside, e.g. -3.0)", "column 'b' is missing"]),
+    ])  # fmt: skip
+    assert lines == [
+        "column 'a': values must be >= 0 (partition 0 (input rows 0-9) and 1 more partition: 2 of 10 rows outside, e.g. -1.0)",
+        "column 'b' is missing (partition 1 (input rows 10-19))",
+    ]
+
+
+def test_arrow_columns_become_the_feeds_pandas_would_give(small_model: bytes) -> None:
+    """Feeding the scorer from Arrow columns (strings through their dictionary) gives the very
+    scores of feeding it the pandas frame, nulls and all; the scored part carries provenance."""
+    from mlops.scoring import ModelRef, column_arrays, score_table
+
+    settings = load_settings(environ={})
+    frame = generate(3_000, seed=21)
+    frame.loc[5, "channel"] = None
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    scorer = OnnxScorer(small_model, settings.dataset)
+    from_arrow = scorer.predict_proba(column_arrays(table, settings.dataset.feature_names))
+    np.testing.assert_array_equal(from_arrow, scorer.predict_proba(frame))
+    part = score_table(table.select(KEYS), from_arrow, ModelRef("m", 3, "champion", 0.5, "d"), "run-1")
+    assert part.column_names == [*KEYS, "score", "decision", "threshold", "model_name", "model_version", "alias", "flow_run_id"]
+    assert part.column("decision").to_pylist() == list(from_arrow >= 0.5)
+    assert set(part.column("model_version").to_pylist()) == {3} and part.schema.field("score").type == pa.float32()
+
+
 # --------------------------------------------------------------------------- fixtures
 
 
@@ -318,14 +376,16 @@ def test_a_killed_run_rerun_leaves_exactly_the_rows_of_a_clean_run(scoring_home:
         "MLOPS__PREFECT__API_URL": str(PREFECT_API_URL.value()),
         "MLOPS__SCORING__ROWS_PER_PARTITION": "3000",
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlops_cli.main", "score", "--date", DAY.isoformat(), "--input", str(path)],
-        env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-    )  # fmt: skip
+    log = settings.home_path / "killed-run.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlops_cli.main", "score", "--date", DAY.isoformat(), "--input", str(path)],
+            env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
     try:
         deadline = time.monotonic() + 180
         while not _staged_parts(settings):
-            assert proc.poll() is None, f"the run ended before it was killed: {proc.stderr.read().decode()[-2000:]}"
+            assert proc.poll() is None, f"the run ended before it was killed: {log.read_text()[-2000:]}"
             assert time.monotonic() < deadline, "no part was staged in time"
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGKILL)

@@ -1,0 +1,387 @@
+"""Batch scoring benchmark: `mlops score` against the physical limit and a naive baseline.
+
+    .venv/bin/python bench/batch_scoring.py --rows 10000000
+
+In one run, on the same generated input and the same model (the platform's default
+gradient-boosting candidate, 100 trees, exported to ONNX and registered as champion):
+
+  (a) physical limit: ``InferenceSession.run`` over the input already in memory as feeds,
+      one session per core in as many processes as cores (nothing else is timed);
+  (b) naive baseline: ``pandas.read_parquet`` -> predict in one process -> ``to_parquet``,
+      with the scikit-learn pipeline (b_sklearn) and with one ONNX Runtime session using all
+      cores (b_onnx); ``b`` is the faster of the two;
+  (c) `mlops score` end to end: the scoring flow (read, validate with GX, score, stage,
+      commit, DuckDB) on a warm local Dask cluster; the cold-start cost (Prefect API, cluster
+      start, GX import on the workers) is measured on a small warm-up run and reported apart.
+
+It prints rows/s of each, the ratios c/a and c/b, peak memory (RSS) of (b) and of (c)'s
+driver and workers, and checks that (c) wrote exactly N rows, that DuckDB counts N, and
+that its scores equal (a)'s raw ONNX Runtime scores row for row.
+
+Each measured phase runs in a fresh subprocess of this script (``--phase``), so their peak
+memories do not mix. Model and input are cached in ``--workdir`` across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import resource
+import subprocess
+import sys
+import threading
+import time
+from datetime import date, datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+RUN_DATE = date(2026, 3, 1)
+WARM_DATE = date(2026, 2, 28)
+WARM_ROWS = 20_000
+
+
+def _rss_peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _emit(result: dict[str, object]) -> None:
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# --------------------------------------------------------------------------- preparation
+
+
+def prepare(workdir: Path, rows: int) -> tuple[Path, Path, Path]:
+    """The model (sklearn pickle + ONNX) and the N-row input, generated once and cached."""
+    from adapters.datasets import write_parquet
+    from mlops import modeling
+    from mlops.datagen import generate, generate_blocks
+    from mlops.settings import GradientBoostingSpec, load_settings
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    settings = load_settings(environ={})
+    pkl, onnx_path = workdir / "model.pkl", workdir / "model.onnx"
+    if not onnx_path.exists():
+        print("training the default gradient-boosting candidate (once)...", flush=True)
+        pipe = modeling.fit(GradientBoostingSpec(), generate(60_000, seed=1), settings.dataset, 7)
+        pkl.write_bytes(pickle.dumps(pipe))
+        onnx_path.write_bytes(modeling.to_onnx_bytes(pipe, settings.dataset))
+    data = workdir / f"input-{rows}.parquet"
+    if not data.exists():
+        print(f"generating {rows:,} rows...", flush=True)
+        write_parquet(generate_blocks(rows, seed=11, start=datetime(2026, 3, 1)), data)
+    return pkl, onnx_path, data
+
+
+# --------------------------------------------------------------------------- (a) raw ORT
+
+
+def _raw_child(rank: int, procs: int, data: str, onnx_path: str, barrier, queue) -> None:  # noqa: ANN001
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from mlops.onnx_model import OnnxScorer
+    from mlops.settings import load_settings
+
+    schema = load_settings(environ={}).dataset
+    scorer = OnnxScorer(Path(onnx_path).read_bytes(), schema, threads=1)
+    pf = pq.ParquetFile(data)
+    mine = [rg for rg in range(pf.num_row_groups) if rg % procs == rank]
+    feeds = [scorer.feeds(pf.read_row_group(rg, columns=list(schema.feature_names)).to_pandas()) for rg in mine]
+    scorer.run(feeds[0]) if feeds else None  # warm up
+    barrier.wait()
+    t0, c0 = time.monotonic(), time.process_time()
+    scores = [scorer.run(f) for f in feeds]
+    t1, c1 = time.monotonic(), time.process_time()
+    queue.put((rank, mine, t0, t1, c1 - c0, [np.asarray(s) for s in scores]))
+
+
+def phase_raw(data: Path, onnx_path: Path, procs: int) -> None:
+    import multiprocessing as mp
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    ctx = mp.get_context("fork")
+    barrier, queue = ctx.Barrier(procs), ctx.Queue()
+    children = [ctx.Process(target=_raw_child, args=(r, procs, str(data), str(onnx_path), barrier, queue)) for r in range(procs)]
+    for c in children:
+        c.start()
+    got = [queue.get() for _ in children]
+    for c in children:
+        c.join()
+    n_rg = pq.ParquetFile(data).num_row_groups
+    by_rg: list[np.ndarray] = [np.empty(0)] * n_rg
+    for _, mine, _, _, _, scores in got:
+        for rg, s in zip(mine, scores, strict=True):
+            by_rg[rg] = s
+    all_scores = np.concatenate(by_rg)
+    np.save(data.with_suffix(".raw-scores.npy"), all_scores)
+    wall = max(g[3] for g in got) - min(g[2] for g in got)
+    _emit({"phase": "raw", "rows": int(all_scores.size), "seconds": wall, "procs": procs,
+           "cpu_seconds": sum(g[4] for g in got), "load": os.getloadavg()[0]})  # fmt: skip
+
+
+# --------------------------------------------------------------------------- (b) naive
+
+
+def phase_naive(data: Path, pkl: Path, onnx_path: Path, out: Path, engine: str) -> None:
+    import numpy as np
+    import pandas as pd
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu0 = usage.ru_utime + usage.ru_stime
+    t0 = time.perf_counter()
+    df = pd.read_parquet(data)
+    if engine == "sklearn":
+        pipe = pickle.loads(pkl.read_bytes())
+        scores = pipe.predict_proba(df)[:, 1]
+    else:
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(onnx_path.read_bytes(), providers=["CPUExecutionProvider"])
+        feeds = {i.name: (df[i.name].to_numpy(np.float32) if i.type == "tensor(float)" else df[i.name].to_numpy(object)).reshape(-1, 1)
+                 for i in sess.get_inputs()}  # fmt: skip
+        scores = sess.run(["probabilities"], feeds)[0][:, 1]
+    res = pd.DataFrame({"transaction_id": df["transaction_id"], "user_id": df["user_id"], "score": scores, "decision": scores >= 0.2})
+    res.to_parquet(out)
+    seconds = time.perf_counter() - t0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    _emit({"phase": f"naive_{engine}", "rows": len(df), "seconds": seconds, "peak_rss_mb": _rss_peak_mb(),
+           "cpu_seconds": usage.ru_utime + usage.ru_stime - cpu0, "load": os.getloadavg()[0]})  # fmt: skip
+
+
+# --------------------------------------------------------------------------- (c) mlops score
+
+
+class TreeMemory:
+    """Samples the RSS of this process and its descendants (Dask workers, Prefect API)."""
+
+    def __init__(self, interval: float = 0.1):
+        import psutil
+
+        self.me = psutil.Process()
+        self.interval = interval
+        self.peak_total = self.peak_driver = 0.0
+        self.peak_worker = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            try:
+                driver = self.me.memory_info().rss
+                workers, other = [], 0
+                for child in self.me.children(recursive=True):
+                    try:
+                        rss = child.memory_info().rss
+                        cmd = " ".join(child.cmdline())
+                    except psutil.Error:
+                        continue
+                    if "multiprocessing" in cmd or "distributed" in cmd:
+                        workers.append(rss)
+                    else:
+                        other += rss
+                mb = 1024 * 1024
+                self.peak_driver = max(self.peak_driver, driver / mb)
+                self.peak_worker = max([self.peak_worker, *(w / mb for w in workers)])
+                self.peak_total = max(self.peak_total, (driver + sum(workers) + other) / mb)
+            except psutil.Error:
+                pass
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> TreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def phase_mlops(data: Path, onnx_path: Path, home: Path, rows_per_partition: int | None, ort_threads: int | None) -> None:
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    os.environ["MLOPS_HOME"] = str(home)
+    if rows_per_partition:
+        os.environ["MLOPS__SCORING__ROWS_PER_PARTITION"] = str(rows_per_partition)
+    if ort_threads:
+        os.environ["MLOPS__SCORING__ORT_THREADS"] = str(ort_threads)
+        os.environ["MLOPS__DASK__THREADS_PER_WORKER"] = str(ort_threads)
+    from adapters import storage
+    from adapters.dask_cluster import client_for
+    from adapters.datasets import write_parquet
+    from adapters.runtime import configure
+    from mlops.datagen import generate_blocks
+    from mlops.settings import load_settings
+
+    settings = load_settings()
+    configure(settings)
+    _register(settings, onnx_path.read_bytes())
+    warm_input = home / "warm.parquet"
+    write_parquet(generate_blocks(WARM_ROWS, seed=3, start=datetime(2026, 2, 28)), warm_input)
+
+    from flows.score import score_flow
+
+    with TreeMemory() as mem:
+        t0 = time.perf_counter()
+        score_flow(run_date=WARM_DATE.isoformat(), input_path=str(warm_input))
+        # The warm-up input is one partition: make sure every worker has GX loaded and its
+        # validation context built, as a long-lived cluster would.
+        client_for(settings.dask).run(_warm_validation)
+        cold = time.perf_counter() - t0
+        cpu0 = _tree_cpu()
+        t0 = time.perf_counter()
+        summary = score_flow(run_date=RUN_DATE.isoformat(), input_path=str(data))
+        seconds = time.perf_counter() - t0
+        cpu = _tree_cpu() - cpu0
+
+    count = storage.query(home, "SELECT count(*) AS n FROM scores WHERE run_date = ?", [RUN_DATE]).column("n")[0].as_py()
+    folder = home / "scores" / f"run_date={RUN_DATE}"
+    written = np.concatenate([pq.read_table(p, columns=["score"]).column("score").to_numpy() for p in sorted(folder.glob("part-*.parquet"))])
+    raw = np.load(data.with_suffix(".raw-scores.npy")) if data.with_suffix(".raw-scores.npy").exists() else None
+    _emit({
+        "phase": "mlops", "rows": summary.rows_out, "rows_in": summary.rows_in, "seconds": seconds, "cold_start_seconds": cold,
+        "duckdb_count": count, "partitions": summary.partitions, "phases": summary.seconds,
+        "scores_equal_raw": bool(raw is not None and raw.shape == written.shape and np.array_equal(raw, written)),
+        "peak_total_mb": mem.peak_total, "peak_driver_mb": mem.peak_driver, "peak_worker_mb": mem.peak_worker,
+        "rows_per_partition": settings.scoring.rows_per_partition, "ort_threads": settings.scoring.ort_threads,
+        "cpu_seconds": cpu, "load": os.getloadavg()[0],
+    })  # fmt: skip
+
+
+def _tree_cpu() -> float:
+    """CPU seconds used so far by this process and its live descendants (workers, Prefect API)."""
+    import psutil
+
+    total = 0.0
+    me = psutil.Process()
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            continue
+    return total
+
+
+def _warm_validation() -> None:
+    """Run on each worker: one GX validation of a tiny frame (imports GX, builds its context)."""
+    from adapters.validation import validate_frame
+    from mlops.datagen import generate
+    from mlops.settings import load_settings
+
+    validate_frame(generate(200, seed=1), load_settings(environ={}).dataset, require_label=False)
+
+
+def _register(settings, onnx_model: bytes) -> None:  # noqa: ANN001
+    import numpy as np
+    import pandas as pd
+
+    from mlops import modeling
+    from mlops.datagen import generate
+    from registry.mlflow_registry import ModelRegistry
+    from registry.tracking import log_training_run
+
+    registry = ModelRegistry(settings)
+    name = settings.training.model_name
+    if "champion" in registry.aliases(name):
+        return
+    example = modeling.features_frame(generate(10, seed=9).head(3), settings.dataset)
+    example = example.astype({n: np.float32 for n in settings.dataset.numeric_names})
+    logged = log_training_run(
+        settings, run_name="bench-model", params={}, metrics={}, tags={}, files={}, onnx_model=onnx_model,
+        example_features=example, example_scores=pd.DataFrame({"probability": [0.1, 0.2, 0.3]}),
+    )  # fmt: skip
+    version = registry.register(name, logged.model_uri, logged.run_id, {"decision_threshold": "0.2"}, "benchmark").version
+    registry.move_alias(name, "champion", version, reason="benchmark")
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+def _run_phase(*args: str) -> dict[str, object]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise SystemExit(f"phase {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/mlops-bench"))
+    parser.add_argument("--rows-per-partition", type=int, default=None, help="override scoring.rows_per_partition")
+    parser.add_argument("--ort-threads", type=int, default=None, help="threads per worker and per ORT session")
+    parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--phase", choices=["raw", "naive_sklearn", "naive_onnx", "mlops"], help=argparse.SUPPRESS)
+    parser.add_argument("--home", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    pkl, onnx_path, data = args.workdir / "model.pkl", args.workdir / "model.onnx", args.workdir / f"input-{args.rows}.parquet"
+    if args.phase == "raw":
+        return phase_raw(data, onnx_path, os.cpu_count() or 1)
+    if args.phase in ("naive_sklearn", "naive_onnx"):
+        return phase_naive(data, pkl, onnx_path, args.workdir / "naive-out.parquet", args.phase.split("_")[1])
+    if args.phase == "mlops":
+        return phase_mlops(data, onnx_path, args.home, args.rows_per_partition, args.ort_threads)
+
+    import shutil
+
+    prepare(args.workdir, args.rows)
+    common = ["--rows", str(args.rows), "--workdir", str(args.workdir)]
+    results = {"raw": _run_phase("--phase", "raw", *common)}
+    if not args.skip_naive:
+        results["naive_sklearn"] = _run_phase("--phase", "naive_sklearn", *common)
+        results["naive_onnx"] = _run_phase("--phase", "naive_onnx", *common)
+    home = args.workdir / f"home-{args.rows}"
+    shutil.rmtree(home, ignore_errors=True)
+    extra = (["--rows-per-partition", str(args.rows_per_partition)] if args.rows_per_partition else []) + (
+        ["--ort-threads", str(args.ort_threads)] if args.ort_threads else []
+    )
+    results["mlops"] = _run_phase("--phase", "mlops", "--home", str(home), *common, *extra)
+
+    n = args.rows
+    cores = os.cpu_count() or 1
+    rate = {k: v["rows"] / v["seconds"] for k, v in results.items()}
+    per_cpu = {k: v["rows"] / v["cpu_seconds"] for k, v in results.items()}
+    c, a = rate["mlops"], rate["raw"]
+    m = results["mlops"]
+    cold_rate = n / (m["seconds"] + m["cold_start_seconds"])
+    print(f"\nbatch scoring benchmark: {n:,} rows, {cores} cores (shared: load average given per phase)")
+    print(f"  {'':44s} {'rows/s':>10s} {'rows/CPU-s':>11s} {'load':>5s}")
+
+    def line(label: str, key: str, extra: str = "") -> None:
+        r = results[key]
+        print(f"  {label:44s} {rate[key]:>10,.0f} {per_cpu[key]:>11,.0f} {r['load']:>5.1f}  {extra}")
+
+    line(f"(a) raw InferenceSession.run, {results['raw']['procs']} processes", "raw")
+    if "naive_sklearn" in results:
+        line("(b) naive: pandas + scikit-learn + pandas", "naive_sklearn", f"peak RSS {results['naive_sklearn']['peak_rss_mb']:,.0f} MB")
+        line("(b) naive: pandas + ORT (all cores) + pandas", "naive_onnx", f"peak RSS {results['naive_onnx']['peak_rss_mb']:,.0f} MB")
+    line("(c) mlops score (warm cluster)", "mlops", f"{m['partitions']} partitions of <= {m['rows_per_partition']:,} rows")
+    print(f"      cold start (Prefect API, cluster, GX on workers) {m['cold_start_seconds']:.1f} s -> {cold_rate:,.0f} rows/s including it")
+    print(f"      peak RSS: total {m['peak_total_mb']:,.0f} MB, driver {m['peak_driver_mb']:,.0f} MB, largest worker {m['peak_worker_mb']:,.0f} MB")
+    print(f"      phases (s; workers_* summed over partitions): {json.dumps(m['phases'])}")
+    print(f"  c/a = {c / a:.2f} wall, {per_cpu['mlops'] / per_cpu['raw']:.2f} per CPU-second   (goal >= 0.6)")
+    if "naive_sklearn" in results:
+        bk = max(("naive_sklearn", "naive_onnx"), key=lambda k: rate[k])
+        print(f"  c/b = {c / rate[bk]:.2f} wall against the faster naive ({bk}); c/b_sklearn = {c / rate['naive_sklearn']:.2f}   (goal >= 3)")
+    ok = m["rows"] == n and m["duckdb_count"] == n and m["scores_equal_raw"]
+    print(f"  check: rows written {m['rows']:,}, DuckDB count {m['duckdb_count']:,}, scores == raw ORT: {m['scores_equal_raw']} -> {'OK' if ok else 'FAILED'}")
+    if not ok:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
