@@ -273,6 +273,9 @@ _score.register(app)
 from mlops_cli import serve as _serve  # noqa: E402
 
 _serve.register(app)
+from mlops_cli import edge as _edge  # noqa: E402
+
+_edge.register(app)
 from mlops_cli import rollout as _rollout  # noqa: E402
 
 _rollout.register(app)
