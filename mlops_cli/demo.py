@@ -57,11 +57,6 @@ def run_demo(settings: Settings, config: str | None, rows: int) -> None:
 
     rolled = run_rollout_demo(settings, config, rows)
 
-    # Edge: compress the model for card terminals, sign it, roll it out to a small simulated fleet.
-    from mlops_cli.edge import run_edge_step
-
-    run_edge_step(settings, config, "champion" if summary.promoted_to_champion else "challenger")
-
     elapsed = time.perf_counter() - started
     mlflow_ui = f"mlflow ui --backend-store-uri {settings.tracking_uri} --port 5000"
     prefect_ui = f"PREFECT_HOME={settings.prefect_home} prefect server start"
