@@ -199,6 +199,7 @@ def build_references(settings: Settings, status: RolloutStatus) -> dict[str, Ref
     refs = {}
     for slot, v in ((STABLE, status.stable_version), (CANDIDATE, status.candidate_version)):
         scores = _Scorers.get(settings, status.model_name, v).predict_proba(feats)
+        scores = scores[np.isfinite(scores)]  # a failing answer has no score to compare with
         refs[slot] = Reference.build(scores, feats, schema.numeric_names, schema.categorical_names)
     return refs
 

@@ -294,7 +294,7 @@ def test_an_erroring_candidate_is_rolled_back_and_no_stable_user_sees_an_error(w
     assert _aliases(world)[CHAMPION] == BASE
 
 
-def _paused_run(timeout: float = 120.0):
+def _paused_run(timeout: float = 400.0):
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterStateType
     from prefect.client.schemas.objects import StateType
@@ -316,14 +316,14 @@ def test_a_rejected_approval_rolls_back_through_the_prefect_pause(world: Live) -
     from prefect.flow_runs import resume_flow_run
 
     result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(s=_run(world, BETTER, approval="prefect")))
+    thread = threading.Thread(target=lambda: result.update(s=_run(world, BETTER, approval="prefect")), daemon=True)
     thread.start()
     run = _paused_run()
     resume_flow_run(run.id, run_input={"approved": True, "version": 99, "by": "mallory"})
     time.sleep(3)
     run = _paused_run()
     resume_flow_run(run.id, run_input={"approved": False, "by": "alice", "comment": "not this week"})
-    thread.join(timeout=120)
+    thread.join(timeout=300)
     summary = result["s"]
     status = _status(world, summary.rollout_id)
     assert summary.phase == "rolled_back" and "rejected by alice (not this week)" in summary.reason
