@@ -106,3 +106,92 @@ def test_deployments_register_and_training_runs_on_the_worker(platform: dict[str
     assert "challenger, champion" in listing.stdout, listing.stdout + listing.stderr
     status = _mlops(platform, "server", "status")
     assert "running" in status.stdout and "stopped" not in status.stdout, status.stdout
+
+
+def _wait_state(env: dict[str, str], flow_run_id, wanted: str, timeout: float = 600):  # noqa: ANN001, ANN202
+    """Poll a flow run until its state type is ``wanted`` (or final)."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def poll():  # noqa: ANN202
+        async with get_client() as client:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                run = await client.read_flow_run(flow_run_id)
+                if run.state and (run.state.type.value == wanted or run.state.is_final()):
+                    return run
+                await asyncio.sleep(1)
+            raise TimeoutError(f"flow run {flow_run_id} not {wanted} in {timeout} s (state {run.state})")
+
+    with temporary_settings({PREFECT_API_URL: _api(env)}):
+        return asyncio.run(poll())
+
+
+def _create_run(env: dict[str, str], name: str, parameters: dict):  # noqa: ANN202
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def create():  # noqa: ANN202
+        async with get_client() as client:
+            deployment = await client.read_deployment_by_name(name)
+            return await client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
+
+    with temporary_settings({PREFECT_API_URL: _api(env)}):
+        return asyncio.run(create())
+
+
+def test_rollout_runs_pause_for_approval_and_are_approved_or_rejected_through_the_api(platform: dict[str, str], tmp_path: Path) -> None:
+    """With the served champion from the training test and a new challenger: a rollout run
+    created through the API reaches Paused at its approval step, `mlops rollout approve`
+    resumes it and it completes with champion moved to the challenger; a second rollout run
+    is rejected with `mlops rollout reject --reason` and rolls back, champion unchanged."""
+    from adapters.traffic import LiveTraffic
+    from mlops.rollout.simulator import SimulatorConfig
+    from mlops.settings import load_settings
+    from registry.mlflow_registry import ModelRegistry
+    from serving.client import ServingClient
+    from test_rollout_flow import FAST_PLAN
+
+    plan = tmp_path / "fast.yaml"
+    plan.write_text(FAST_PLAN.replace("auc, min: 0.8", "auc, min: 0.6"))
+    saved = dict(os.environ)
+    try:
+        os.environ.clear()
+        os.environ.update(platform)
+        settings = load_settings()
+        registry = ModelRegistry(settings)
+        name = settings.training.model_name
+        champion = registry.aliases(name)["champion"]
+        url = f"http://127.0.0.1:{platform['MLOPS__SERVICES__SERVING_PORT']}"
+        with ServingClient.for_settings(settings, base_url=url) as admin:
+            admin.apply({"stable_version": champion})
+        outcomes = []
+        with LiveTraffic(url, SimulatorConfig(seed=5, rate_per_s=70, label_delay_s=0.5), max_seconds=900):
+            for i, answer in enumerate(("approve", "reject")):
+                data = Path(platform["MLOPS_HOME"]) / "data" / f"more-{i}.parquet"
+                write_parquet([generate(8000, seed=31 + i)], data)
+                trained = _run_deployment(platform, "train/train", {"data": str(data)})
+                assert trained.state.is_completed(), trained.state
+                challenger = registry.aliases(name)["challenger"]
+                run = _create_run(platform, "rollout/rollout", {"plan": str(plan), "candidate": "challenger"})
+                paused = _wait_state(platform, run.id, "PAUSED")
+                assert paused.state.is_paused(), paused.state
+                args = ["rollout", answer, str(run.id)] + (["--reason", "not this week"] if answer == "reject" else [])
+                answered = _mlops(platform, *args)
+                assert answered.returncode == 0, answered.stdout + answered.stderr
+                final = _wait_state(platform, run.id, "COMPLETED")
+                assert final.state.is_completed(), final.state
+                outcomes.append((champion, challenger, registry.aliases(name)["champion"]))
+                champion = registry.aliases(name)["champion"]
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    (old, new, after_approve), (old2, _new2, after_reject) = outcomes
+    assert after_approve == new != old  # approved: champion moved to the challenger
+    assert after_reject == old2  # rejected: rolled back, champion unchanged
+    history = [m for m in ModelRegistry(settings).history(name) if m.alias == "champion" and m.action == "rollout"]
+    assert [(m.from_version, m.to_version) for m in history] == [(old, new)]
