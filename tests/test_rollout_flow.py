@@ -196,7 +196,7 @@ def _run(world: Live, candidate: int, **kw):
     from flows.rollout import rollout_flow
 
     return rollout_flow(plan=str(world.plan), candidate=str(candidate), approval=kw.pop("approval", "approve"),
-                        max_seconds=kw.pop("max_seconds", 150), **kw)  # fmt: skip
+                        max_seconds=kw.pop("max_seconds", 400), **kw)  # fmt: skip
 
 
 def _status(world: Live, rollout_id: str):
@@ -296,13 +296,14 @@ def test_an_erroring_candidate_is_rolled_back_and_no_stable_user_sees_an_error(w
 
 def _paused_run(timeout: float = 400.0):
     from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterStateType
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
     from prefect.client.schemas.objects import StateType
 
     deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
         while time.monotonic() < deadline:
-            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(state=FlowRunFilterStateType(any_=[StateType.PAUSED])))
+            paused = FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(state=paused))
             if runs:
                 return runs[0]
             time.sleep(1)
