@@ -373,6 +373,10 @@ def main() -> None:
     print(f"      cold start (Prefect API, cluster, GX on workers) {m['cold_start_seconds']:.1f} s -> {cold_rate:,.0f} rows/s including it")
     print(f"      peak RSS: total {m['peak_total_mb']:,.0f} MB, driver {m['peak_driver_mb']:,.0f} MB, largest worker {m['peak_worker_mb']:,.0f} MB")
     print(f"      phases (s; workers_* summed over partitions): {json.dumps(m['phases'])}")
+    raw_us = results["raw"]["cpu_seconds"] / n * 1e6
+    worker_us = {k[len("workers_"):-len("_cpu")]: v / n * 1e6 for k, v in m["phases"].items() if k.startswith("workers_") and k.endswith("_cpu")}
+    print(f"      CPU per row: raw ORT {raw_us:.2f} us; mlops workers " + ", ".join(f"{k} {v:.2f} us" for k, v in worker_us.items())
+          + f"; whole tree {m['cpu_seconds'] / n * 1e6:.2f} us")
     print(f"  c/a = {c / a:.2f} wall, {per_cpu['mlops'] / per_cpu['raw']:.2f} per CPU-second   (goal >= 0.6)")
     if "naive_sklearn" in results:
         bk = max(("naive_sklearn", "naive_onnx"), key=lambda k: rate[k])

@@ -409,37 +409,43 @@ def test_a_killed_run_rerun_leaves_exactly_the_rows_of_a_clean_run(scoring_home:
     assert [p.name for p in runs] == [rerun.run_id]
 
 
-@pytest.fixture
-def external_cluster(tmp_path: Path) -> Iterator[str]:
-    """A Dask scheduler and one worker started as `dask scheduler` / `dask worker` processes on loopback."""
-    import json
+class ExternalCluster:
+    """`dask scheduler` and `dask worker` processes on loopback, started when the module starts.
 
-    from distributed import Client
+    The worker preloads Great Expectations and ONNX Runtime while the other tests run, so the
+    test that uses it does not wait for a cold worker's imports.
+    """
 
-    dask = str(Path(sys.executable).with_name("dask"))
-    sched_file = tmp_path / "scheduler.json"
+    def __init__(self, folder: Path):
+        self.sched_file = folder / "scheduler.json"
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.start("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file", str(self.sched_file))
+        self.start("worker", "--scheduler-file", str(self.sched_file), "--nworkers", "1", "--nthreads", "1",
+                   "--no-dashboard", "--memory-limit", "2GiB", "--preload", "great_expectations", "--preload", "tasks.scoring")  # fmt: skip
 
-    def start(*args: str) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [dask, *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    def start(self, *args: str) -> None:
+        dask = str(Path(sys.executable).with_name("dask"))
+        self.procs.append(
+            subprocess.Popen([dask, *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         )
 
-    procs = [start("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file", str(sched_file))]
-    address = None
-    try:
-        deadline = time.monotonic() + 60
-        while not sched_file.exists():
+    def address(self) -> str:
+        """The scheduler's address once it and its worker are up."""
+        import json
+
+        from distributed import Client
+
+        deadline = time.monotonic() + 120
+        while not self.sched_file.exists():
             assert time.monotonic() < deadline, "the scheduler did not start"
             time.sleep(0.1)
-        address = json.loads(sched_file.read_text())["address"]
-        procs.append(start("worker", address, "--nworkers", "1", "--nthreads", "1", "--no-dashboard", "--memory-limit", "2GiB"))
+        address = json.loads(self.sched_file.read_text())["address"]
         with Client(address, timeout="30s") as client:
-            client.wait_for_workers(1, timeout=90)
-        yield address
-    finally:
-        if address is not None:
-            dask_cluster.release(DaskConfig(address=address))
-        for p in reversed(procs):
+            client.wait_for_workers(1, timeout=max(1.0, deadline - time.monotonic()))
+        return address
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
             os.killpg(p.pid, signal.SIGTERM)
             try:
                 p.wait(timeout=20)
@@ -448,17 +454,32 @@ def external_cluster(tmp_path: Path) -> Iterator[str]:
                 p.wait()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def external_cluster(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[ExternalCluster | None]:
+    wanted = any(item.get_closest_marker("slow") and "existing_dask" in item.name for item in request.session.items)
+    cluster = ExternalCluster(tmp_path_factory.mktemp("dask")) if wanted else None
+    yield cluster
+    if cluster is not None:
+        if cluster.sched_file.exists():
+            import json
+
+            dask_cluster.release(DaskConfig(address=json.loads(cluster.sched_file.read_text())["address"]))
+        cluster.stop()
+
+
 @pytest.mark.slow
 def test_the_flow_runs_on_an_existing_dask_scheduler_given_by_address(
-    scoring_home: Settings, external_cluster: str, monkeypatch: pytest.MonkeyPatch, small_model: bytes
+    scoring_home: Settings, external_cluster: ExternalCluster | None, monkeypatch: pytest.MonkeyPatch, small_model: bytes
 ) -> None:
-    """With dask.address set, the same flow scores on that scheduler's workers: all rows are published
-    and the session was built there, once."""
+    """With dask.address set to a scheduler started apart (`dask scheduler` + `dask worker`), the same
+    flow scores on that scheduler's worker: all rows are published and the session was built there, once."""
     from tasks.scoring import scorer_loads
 
-    monkeypatch.setenv("MLOPS__DASK__ADDRESS", external_cluster)
+    assert external_cluster is not None
+    address = external_cluster.address()
+    monkeypatch.setenv("MLOPS__DASK__ADDRESS", address)
     settings = load_settings()
-    assert settings.dask.address == external_cluster
+    assert settings.dask.address == address
     path = settings.data_dir / "in.parquet"
     write_input(path, rows=12_000)
     summary = run(settings, input_path=str(path))
