@@ -150,7 +150,7 @@ class SimulatedDevice:
 
     def __init__(
         self, folder: Path, scorers: ScorerCache, traffic: pd.DataFrame, traffic_rows: int = 64,
-        latency_calls: int = 8, durable: bool = True,
+        latency_calls: int = 4, durable: bool = True,
     ):  # fmt: skip
         self.folder = folder
         self.scorers = scorers

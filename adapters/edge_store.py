@@ -31,11 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, load_pem_private_key
 
 from mlops.edge.errors import EdgeError, KeyStoreError, NothingToPublish
-from mlops.edge.manifest import ModelManifest, RootMeta, iso, key_id, open_envelope, parse_root, public_bytes, sign
+from mlops.edge.manifest import ModelManifest, RootMeta, iso, key_id, open_envelope, parse_manifest, parse_root, public_bytes, sign
 from mlops.settings import Settings
 
 # --------------------------------------------------------------------------- files
@@ -293,7 +294,7 @@ class ReleaseRepository:
     def release(self, model: str, version: int) -> ModelManifest:
         """A release's metadata as the repository stored it (the publisher's own record)."""
         signed, _ = open_envelope(self.release_metadata(model, version))
-        return ModelManifest.model_validate_json(json.dumps(signed))
+        return parse_manifest(signed)
 
     def model_bytes(self, model: str, version: int) -> bytes:
         try:
@@ -348,6 +349,13 @@ EVENT_COLUMNS = (
     "running_version", "running_sha256", "latency_p50_ms", "latency_p99_ms", "prediction_mean", "prediction_counts",
 )  # fmt: skip
 
+_ARROW_TYPES = {
+    "fleet": pa.string(), "rollout_id": pa.string(), "device_id": pa.string(), "model": pa.string(), "event": pa.string(),
+    "code": pa.string(), "reason": pa.string(), "release_version": pa.int32(), "running_version": pa.int32(),
+    "running_sha256": pa.string(), "latency_p50_ms": pa.float64(), "latency_p99_ms": pa.float64(),
+    "prediction_mean": pa.float64(), "prediction_counts": pa.list_(pa.int32()),
+}  # fmt: skip
+
 _LOCK = threading.Lock()
 
 
@@ -367,11 +375,20 @@ class TelemetryStore:
         return con
 
     def append(self, events: Iterable[Mapping[str, Any]]) -> int:
-        rows = [tuple(e.get(c) for c in EVENT_COLUMNS) for e in events]
+        """Insert events in one statement (an Arrow batch; row-by-row inserts cost seconds per thousand)."""
+        rows = list(events)
         if not rows:
             return 0
+        batch = pa.table({
+            "ts": pa.array([str(e["ts"]) for e in rows], pa.string()),
+            **{c: pa.array([e.get(c) for e in rows], _ARROW_TYPES[c]) for c in EVENT_COLUMNS[1:]},
+        })  # fmt: skip
+        cols = ", ".join(EVENT_COLUMNS)
+        select = ", ".join("CAST(ts AS TIMESTAMP)" if c == "ts" else c for c in EVENT_COLUMNS)
         with _LOCK, self._connect() as con:
-            con.executemany(f"INSERT INTO device_events ({', '.join(EVENT_COLUMNS)}) VALUES ({', '.join('?' * len(EVENT_COLUMNS))})", rows)
+            con.register("batch", batch)
+            con.execute(f"INSERT INTO device_events ({cols}) SELECT {select} FROM batch")
+            con.unregister("batch")
         return len(rows)
 
     def events(self, rollout_id: str | None = None, device_id: str | None = None, fleet: str | None = None) -> list[dict[str, Any]]:

@@ -216,10 +216,9 @@ def edge_rollout_flow(
 
     status = start(rollout_id, name, version, plan)
     while not status.done:
-        t.serve_cohort(settings, name, version, status.percent)
-        t.poll_devices(settings, roster, fleet, rollout_id, ids)
+        events = t.run_stage(settings, roster, fleet, rollout_id, name, version, status.percent, ids)
         members = cohort(ids, release.rollout_salt, status.percent)
-        obs = observe(t.rollout_events(settings, rollout_id), members, version, status.percent)
+        obs = observe(events, members, version, status.percent)
         gate = assess_stage(obs, release.reference.fractions, plan.gates)
         decision = decide(status, gate, plan)
         status = advance(status, decision)
@@ -243,8 +242,7 @@ def edge_rollout_flow(
                 source_version=release.source_version, restores=int(good),
             )  # fmt: skip
             rollback_version = rb.version
-            t.serve_cohort(settings, name, rb.version, 100.0)
-            t.poll_devices(settings, roster, fleet, rollout_id, ids)
+            t.run_stage(settings, roster, fleet, rollout_id, name, rb.version, 100.0, ids)
             repo.set_state(name, last_good=rb.version)
             logger.warning("rolled back: release v%d restores v%d's model on every device", rb.version, good)
     elif status.phase is Phase.ABORTED:

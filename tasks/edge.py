@@ -18,7 +18,7 @@ from adapters.edge_store import ReleaseRepository, TelemetryStore, VariantStore,
 from mlops.edge import graph, release
 from mlops.edge.budget import EdgeBudget
 from mlops.edge.errors import NothingToPublish, RolloutConflict
-from mlops.edge.manifest import ModelManifest, open_envelope
+from mlops.edge.manifest import ModelManifest, open_envelope, parse_manifest
 from mlops.errors import DataError
 from mlops.registry_model import VersionInfo
 from mlops.settings import Settings
@@ -96,7 +96,7 @@ def publish(
     repo.add(model_name, version, model, keys.sign(signed))
     out = repo.folder / model_name / "releases" / str(version)
     (out / "sample.parquet").write_bytes(frame_bytes(rows))
-    return ModelManifest.model_validate_json(json.dumps(signed))
+    return parse_manifest(signed)
 
 
 def release_sample(settings: Settings, model_name: str, version: int) -> pd.DataFrame:
@@ -141,6 +141,17 @@ def serve_cohort(settings: Settings, model_name: str, version: int, percent: flo
     signed, _ = open_envelope(repo.release_metadata(model_name, version))
     doc = release.with_cohort(signed, percent, datetime.now(UTC), settings.edge.manifest_ttl_hours)
     repo.serve(model_name, key_store(settings).sign(doc))
+
+
+@task(name="run-stage", cache_policy=NO_CACHE)
+def run_stage(
+    settings: Settings, fleet: Fleet, fleet_name: str, rollout_id: str, model_name: str, version: int, percent: float,
+    device_ids: Sequence[str],
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Serve the release to a ``percent`` cohort, let every device poll, store telemetry; the rollout's events so far."""
+    serve_cohort.fn(settings, model_name, version, percent)
+    poll_devices.fn(settings, fleet, fleet_name, rollout_id, device_ids)
+    return rollout_events.fn(settings, rollout_id)
 
 
 def fleet_for(settings: Settings, name: str, traffic: pd.DataFrame) -> Fleet:

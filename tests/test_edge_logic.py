@@ -282,3 +282,18 @@ def test_a_trained_network_becomes_a_scikit_learn_pipeline_with_the_same_outputs
     mlp = neural.init_mlp(x.shape[1], (4,), 1)
     pipe = neural.to_pipeline(pre, mlp)
     np.testing.assert_allclose(pipe.predict_proba(pd.DataFrame(frame))[:, 1], mlp.predict_proba(x), atol=1e-6)
+
+
+def test_a_tiny_cohort_is_not_failed_on_sampling_noise_alone() -> None:
+    """128 predictions over 10 bins reach PSI ~0.2 by chance; the gate raises its bar to the noise level
+    for so little evidence, and uses the configured limit once the cohort is large."""
+    from mlops.edge.telemetry import psi_noise
+
+    ref = [0.1] * 10
+    noisy_small = StageObservation(1.0, 2, 2, 0, 2, 1.0, prediction_counts=(24, 10, 12, 9, 16, 14, 8, 15, 11, 9))
+    small = assess_stage(noisy_small, ref, GATES)
+    assert psi(ref, noisy_small.prediction_counts) > GATES.max_prediction_psi * 0.5
+    assert small.passed and "sampling noise alone reaches" in small.reason
+    assert psi_noise(10, 128) > 0.2 > psi_noise(10, 6400)
+    shifted_large = StageObservation(10.0, 100, 100, 0, 100, 1.0, prediction_counts=(3200, 0, 0, 0, 0, 0, 0, 0, 0, 3200))
+    assert not assess_stage(shifted_large, ref, GATES).passed

@@ -140,7 +140,7 @@ class ModelManifest(StrictModel):
     rollout_salt: str
     golden: Golden
     reference: Reference  # the prediction distribution devices are compared with
-    reference_version: int  # the release it was measured on (the last good one, or this one)
+    reference_version: int | None = None  # the release it was measured on (the last good one, or this one)
 
 
 def _validate(model: type[StrictModel], data: Mapping[str, Any], what: str) -> Any:
@@ -204,6 +204,11 @@ def verify_signatures(
     if not signatures:
         parts.append("no signatures")
     raise SignatureInvalid(f"{len(good)} of {threshold} required signatures valid: " + "; ".join(parts))
+
+
+def parse_manifest(signed: Mapping[str, Any]) -> ModelManifest:
+    """A release's ``signed`` part as a model; ``MetadataInvalid`` naming the first bad field."""
+    return _validate(ModelManifest, signed, "release metadata")
 
 
 def verified_manifest(data: bytes, root: RootMeta) -> ModelManifest:

@@ -45,6 +45,19 @@ def psi(expected: Sequence[float], observed_counts: Sequence[int], eps: float = 
     return float(np.sum((o - e) * np.log(o / e)))
 
 
+def psi_noise(bins: int, n: int, confidence: float = 0.999) -> float:
+    """The PSI that sampling alone exceeds with probability ``1 - confidence``, for ``n`` predictions.
+
+    For small deviations PSI ~ sum((o - e)^2 / e), so ``n * PSI`` is approximately
+    chi-square with ``bins - 1`` degrees of freedom when nothing has shifted. A first cohort
+    of two devices (128 predictions over 10 bins) reaches PSI 0.2 by chance alone, so the
+    stage gate never fails a cohort on less evidence than that.
+    """
+    from scipy.stats import chi2
+
+    return float(chi2.ppf(confidence, bins - 1) / max(n, 1))
+
+
 @dataclass(frozen=True)
 class StageObservation:
     """Telemetry of one stage's cohort for the release being rolled out."""
@@ -98,10 +111,14 @@ def assess_stage(obs: StageObservation, reference: Sequence[float], gates: OtaGa
         ))  # fmt: skip
     else:
         value = psi(reference, obs.prediction_counts)
-        bad = value > gates.max_prediction_psi
+        noise = psi_noise(len(reference), obs.predictions)
+        limit = max(gates.max_prediction_psi, noise)
+        bad = value > limit
+        why = f" (sampling noise alone reaches {noise:.3f} at this count)" if noise > gates.max_prediction_psi else ""
         checks.append(CheckResult(
             "prediction_psi", Outcome.FAIL if bad else Outcome.PASS,
-            f"{where}: prediction PSI {value:.3f} over {obs.predictions} predictions {'>' if bad else '<='} max {gates.max_prediction_psi:g}",
+            f"{where}: prediction PSI {value:.3f} over {obs.predictions} predictions "
+            f"{'>' if bad else '<='} max {gates.max_prediction_psi:g}{why}",
             value,
         ))  # fmt: skip
     return GateResult(tuple(checks))
