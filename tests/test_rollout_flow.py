@@ -186,7 +186,7 @@ def world(live: Live, prefect_api: None, monkeypatch: pytest.MonkeyPatch) -> Ite
     with ServingClient.for_settings(live.settings) as admin:
         admin.apply({"stable_version": BASE})
     cfg = SimulatorConfig(seed=int(time.time()) % 1000, rate_per_s=RATE, label_delay_s=0.5)
-    with LiveTraffic(live.url, cfg, threads=6, max_seconds=400) as traffic:
+    with LiveTraffic(live.url, cfg, threads=6, max_seconds=900) as traffic:
         live.traffic = traffic  # type: ignore[attr-defined]
         time.sleep(6)  # recent stable traffic for the replay step
         yield live
