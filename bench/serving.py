@@ -1,28 +1,29 @@
-"""Serving benchmark: BentoML service vs. a minimal Starlette + ONNX Runtime app.
+"""Serving benchmark: the platform's BentoML service vs. a minimal Starlette + ONNX Runtime app.
 
-One run builds a small fraud-like ONNX model, starts both servers on free loopback ports
-with that model, loads them with the same clients and prints RPS, p50, p99, max and the
-number of stalls (requests slower than ``--stall-ms``) for each, plus the BentoML/minimal
-ratios. Goal for the BentoML service at concurrency 8: RPS ratio >= 0.5, p99 ratio <= 3,
-no stall over 50 ms.
+One run starts, on this machine, the real online service (``serving.service:ScoringService``
+under ``bentoml serve``, with its router, validation, prediction log and metrics) and a
+minimal app that only parses the same JSON and scores the same ONNX model, then loads both
+with the same single-row requests at the same concurrency and prints RPS, p50, p99, max and
+stalls (requests slower than ``--stall-ms``) for each, plus the ratios. The service is also
+measured in shadow mode (every request mirrored to a candidate) and canary mode (50 % of
+users on the candidate) to price the router. Goals (concurrency 8): RPS >= 0.5 x minimal,
+p99 <= 3 x minimal, no stall over 50 ms in a 60 s run; shadow adds <= 10 % to p99; canary
+costs <= 5 % RPS.
 
-Other work may share the machine, so the servers are loaded in alternation: the load is
-split into ``--rounds`` windows per server and client, with the order flipping each round,
-and each window records how many cores processes outside the benchmark used ("foreign").
-A comparison is only as good as the foreign load was low and even.
+Model: with ``--home DIR`` the champion (and challenger, or the champion again, as the
+candidate) of that MLOPS_HOME's registry; without it, a temporary home where the production
+default (GradientBoosting, 100 trees) is trained on generated data and registered twice.
 
-Clients: ``async`` (asyncio keep-alive connections, each sending its next request when the
-previous response is read, every latency recorded), ``seq`` (one blocking keep-alive
-connection), and ``wrk`` (when installed; stalls counted from wrk's latency histogram).
+Other work may share the machine, so targets are loaded in alternation: the load is split
+into ``--rounds`` windows per target and client, the order rotating each round, and each
+window records how many cores processes outside the benchmark used ("foreign"). Clients:
+``async`` (asyncio keep-alive connections, every latency kept), ``wrk`` (when installed;
+percentiles and stalls from its histogram), ``seq`` (one blocking connection, optional).
 
-    python bench/serving.py --duration 20 --concurrency 8
+    python bench/serving.py --duration 60 --rounds 6          # 60 s of load per target and client
 
-The BentoML side is ``BenchScoringService`` below (the configuration found best in
-bench/serving_probe/); ``--bento-service module:Service --bento-dir DIR`` points the
-benchmark at another service answering ``POST /predict`` with ``{"rows": [[...]]}``.
-
-This file is also the module both servers import (``serving:minimal_app`` and
-``serving:BenchScoringService``), which is why the model path comes from ``BENCH_MODEL``.
+This file is also the minimal app (``uvicorn serving:minimal_app --factory`` with
+``BENCH_MODEL`` pointing at the ONNX file).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import json
 import os
 import shutil
@@ -47,169 +47,96 @@ from pathlib import Path
 
 import numpy as np
 
-N_FEATURES = 30
 MODEL_ENV = "BENCH_MODEL"
 PREDICT_PATH = "/predict"
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+TARGETS = ("minimal", "bentoml", "shadow", "canary")
 
-# --------------------------------------------------------------------------- model
-
-
-def build_model(path: Path, *, seed: int = 7, n_rows: int = 20_000) -> Path:
-    """Train a GradientBoostingClassifier on random data; save it as ONNX without zipmap."""
-    from skl2onnx import to_onnx
-    from sklearn.ensemble import GradientBoostingClassifier
-
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n_rows, N_FEATURES)).astype(np.float32)
-    logit = x[:, 0] * 1.5 - x[:, 1] + 0.5 * x[:, 2] * x[:, 3] - 3.0
-    y = (rng.random(n_rows) < 1 / (1 + np.exp(-logit))).astype(np.int64)
-    clf = GradientBoostingClassifier(n_estimators=100, max_depth=3, random_state=seed).fit(x, y)
-    onx = to_onnx(clf, x[:1], options={id(clf): {"zipmap": False}}, target_opset=17)
-    path.write_bytes(onx.SerializeToString())
-    return path
+# --------------------------------------------------------------------------- minimal app
 
 
-class Scorer:
-    """Single-row-latency ONNX Runtime session; the same code behind both servers."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
-        self.output_names = [o.name for o in self.session.get_outputs()]
-
-    def score(self, rows: list[list[float]]) -> list[float]:
-        x = np.asarray(rows, dtype=np.float32).reshape(-1, N_FEATURES)
-        _, proba = self.session.run(self.output_names, {self.input_name: x})
-        return proba[:, 1].tolist()
-
-
-def _model_from_env() -> str:
-    path = os.environ.get(MODEL_ENV)
-    if not path:
-        raise RuntimeError(f"{MODEL_ENV} is not set: start the servers through bench/serving.py")
-    return path
-
-
-def sample_payload(seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    return {"rows": [rng.normal(size=N_FEATURES).round(4).tolist()]}
-
-
-# --------------------------------------------------------------------------- servers
-# Both handlers are the same ASGI code: parse JSON, score inline (~15 us), answer JSON.
-
-
-def _scoring_app(get_scorer):
+def minimal_app():
+    """Baseline (uvicorn --factory): JSON in, the model's score out; no validation, routing or logging."""
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import Response
     from starlette.routing import Route
 
+    sys.path.insert(0, str(REPO))
+    from mlops.datagen import fraud_schema
+    from mlops.onnx_model import PROBA_OUTPUT, OnnxScorer
+
+    schema = fraud_schema()
+    scorer = OnnxScorer(Path(os.environ[MODEL_ENV]).read_bytes(), schema)
+    names = schema.feature_names
+
     async def predict(request: Request) -> Response:
-        rows = json.loads(await request.body())["rows"]
-        return Response(json.dumps(get_scorer().score(rows)), media_type="application/json")
+        features = json.loads(await request.body())["features"]
+        feeds = scorer.feeds({n: [features[n]] for n in names})
+        score = float(scorer.session.run([PROBA_OUTPUT], feeds)[0][0, 1])
+        return Response(json.dumps({"score": score}), media_type="application/json")
 
     return Starlette(routes=[Route(PREDICT_PATH, predict, methods=["POST"])])
 
 
-def minimal_app():
-    """Baseline (uvicorn --factory): a Starlette app holding the scorer itself."""
-    scorer = Scorer(_model_from_env())
-    return _scoring_app(lambda: scorer)
+# --------------------------------------------------------------------------- model + home
 
 
-def _bento_scorer() -> Scorer:
-    import bentoml
+def prepare_home(home: Path | None, tmp: Path) -> tuple[Path, int, int, Path]:
+    """(MLOPS_HOME, stable version, candidate version, ONNX file of the stable version)."""
+    sys.path.insert(0, str(REPO))
+    from adapters.runtime import configure
+    from mlops.settings import load_settings
+    from registry.mlflow_registry import ModelRegistry
 
-    return bentoml.get_current_service().scorer
-
-
-def patch_bentoml_timeout_middleware() -> bool:
-    """Make BentoML 1.4's TimeoutMiddleware cancel its per-request timer; True if patched.
-
-    ``TimeoutMiddleware.__call__`` does ``loop.call_later(timeout, ...)`` for every request
-    and never cancels the handle, so each request leaves a timer and a future alive for the
-    whole ``traffic.timeout`` (60 s by default): rps x timeout objects. They survive into
-    the oldest GC generation and trigger full collections that walk them all, which is
-    where BentoML's 70-300 ms stalls come from. Same behaviour otherwise (504 on timeout).
-    Applied only while the installed middleware still has the leak.
-    """
-    import asyncio
-    import inspect
-
-    from bentoml._internal.server.http import traffic
-    from starlette.responses import JSONResponse
-
-    original = traffic.TimeoutMiddleware.__call__
-    if getattr(original, "__bench_patched__", False):
-        return True
-    source = inspect.getsource(original)
-    if "loop.call_later(self.timeout" not in source or ".cancel()" in source.replace(
-            "fut.cancel()", ""):
-        return False
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] not in ("http", "websocket"):
-            return await self.app(scope, receive, send)
-        loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
-        timer = loop.call_later(self.timeout, self._set_timer_out, waiter)
-
-        async def _send(message):
-            if not waiter.done():
-                waiter.set_result(None)
-            await send(message)
-
-        fut = asyncio.ensure_future(self.app(scope, receive, _send), loop=loop)
-        try:
-            await waiter
-        except asyncio.TimeoutError:
-            if fut.cancel():
-                body = {"error": f"Not able to process the request in {self.timeout} seconds"}
-                await JSONResponse(body, status_code=504)(scope, receive, send)
-        else:
-            timer.cancel()
-            await fut
-
-    __call__.__bench_patched__ = True
-    traffic.TimeoutMiddleware.__call__ = __call__
-    return True
+    env = {"MLOPS_HOME": str(home or tmp / "home")}
+    settings = load_settings(environ=env)
+    configure(settings)
+    registry = ModelRegistry(settings)
+    name = settings.training.model_name
+    if home is None:
+        print("training the default GradientBoosting model on generated data (no --home given) ...", flush=True)
+        _train_and_register(settings, registry)
+    aliases = registry.aliases(name)
+    if "champion" not in aliases:
+        raise SystemExit(f"{settings.home_path}: '{name}' has no champion to serve")
+    stable = aliases["champion"]
+    candidate = aliases.get("challenger", stable)
+    model = tmp / "model.onnx"
+    model.write_bytes(registry.onnx_bytes(name, stable))
+    return settings.home_path, stable, candidate, model
 
 
-try:  # the benchmark driver needs no BentoML import; the served module does
-    import bentoml
-except ImportError:  # pragma: no cover - bentoml is a project dependency
-    bentoml = None
+def _train_and_register(settings, registry) -> None:  # noqa: ANN001 - Settings, ModelRegistry
+    import pandas as pd
 
-if bentoml is not None and os.environ.get(MODEL_ENV):  # only inside the served process
-    patch_bentoml_timeout_middleware()
+    from mlops import modeling
+    from mlops.datagen import generate
+    from mlops.settings import GradientBoostingSpec
+    from registry.tracking import log_training_run
 
-    @bentoml.asgi_app(_scoring_app(_bento_scorer), path="/")
-    @bentoml.service(
-        name="bench-scoring",
-        workers=1,
-        traffic={"timeout": 10},  # with the timer patch above the timeout costs nothing
-        logging={"access": {"enabled": False}},
-        # OpenTelemetry's ASGI middleware costs more than the whole handler.
-        tracing={"excluded_urls": [PREDICT_PATH]},
-        metrics={"enabled": False},
-    )
-    class BenchScoringService:
-        """The BentoML side: model loaded by the service, scoring in a mounted ASGI route."""
+    frame = generate(20_000, seed=5)
+    pipe = modeling.fit(GradientBoostingSpec(), frame, settings.dataset, settings.training.seed)
+    onnx = modeling.to_onnx_bytes(pipe, settings.dataset)
+    example = modeling.features_frame(frame.head(3), settings.dataset)
+    example = example.astype({n: np.float32 for n in settings.dataset.numeric_names})
+    logged = log_training_run(settings, run_name="bench-serving", params={}, metrics={}, tags={}, files={},
+                              onnx_model=onnx, example_features=example,
+                              example_scores=pd.DataFrame({"probability": [0.1, 0.2, 0.3]}))  # fmt: skip
+    name = settings.training.model_name
+    first = registry.register(name, logged.model_uri, logged.run_id, {}, "serving benchmark").version
+    registry.move_alias(name, "champion", first, reason="serving benchmark")
+    registry.register(name, logged.model_uri, logged.run_id, {}, "serving benchmark (candidate)")
 
-        def __init__(self) -> None:
-            self.scorer = Scorer(_model_from_env())
-            self.scorer.score([[0.0] * N_FEATURES])
-            # Move the ~120k start-up objects (bentoml, pydantic, otel ...) out of the
-            # cyclic GC's reach: full collections then walk only what requests create.
-            gc.collect()
-            gc.freeze()
+
+def sample_payload(seed: int = 0) -> dict:
+    from mlops.datagen import fraud_schema, generate
+
+    schema = fraud_schema()
+    row = generate(1, seed=seed).iloc[0]
+    features = {n: float(row[n]) for n in schema.numeric_names} | {n: str(row[n]) for n in schema.categorical_names}
+    return {"features": features, "entity_key": "user-42"}
 
 
 # --------------------------------------------------------------------------- clients
@@ -217,28 +144,25 @@ if bentoml is not None and os.environ.get(MODEL_ENV):  # only inside the served 
 
 @dataclass
 class Run:
-    """One client's pooled result against one server."""
+    """One client's pooled result against one target."""
 
     latencies_ns: np.ndarray
     seconds: float
     errors: int = 0
-    stalls: int | None = None  # wrk: counted from its histogram
 
     def summary(self, stall_ms: float) -> dict[str, float]:
         lat = self.latencies_ns
-        stalls = self.stalls if self.stalls is not None else int((lat > stall_ms * 1e6).sum())
         return {
             "requests": int(lat.size), "rps": lat.size / self.seconds,
-            "p50_ms": float(np.percentile(lat, 50)) / 1e6,
-            "p99_ms": float(np.percentile(lat, 99)) / 1e6,
-            "max_ms": float(lat.max()) / 1e6, "stalls": stalls, "errors": self.errors,
-        }
+            "p50_ms": float(np.percentile(lat, 50)) / 1e6, "p99_ms": float(np.percentile(lat, 99)) / 1e6,
+            "max_ms": float(lat.max()) / 1e6, "stalls": int((lat > stall_ms * 1e6).sum()), "errors": self.errors,
+        }  # fmt: skip
 
 
 def _request_bytes(port: int, payload: dict) -> bytes:
     body = json.dumps(payload).encode()
     head = (f"POST {PREDICT_PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")  # fmt: skip
     return head.encode() + body
 
 
@@ -321,13 +245,12 @@ end
 """
 
 
-def _wrk_load(port: int, payload: dict, concurrency: int, seconds: float, stall_ms: float,
-              script: Path) -> dict:
+def _wrk_load(port: int, payload: dict, concurrency: int, seconds: float, stall_ms: float, script: Path) -> dict:
     env = {**os.environ, "WRK_BODY": json.dumps(payload), "WRK_STALL_US": str(int(stall_ms * 1e3))}
     out = subprocess.run(
         ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "5s",
          "-s", str(script), f"http://127.0.0.1:{port}{PREDICT_PATH}"],
-        env=env, capture_output=True, text=True, check=True, timeout=seconds + 60).stdout
+        env=env, capture_output=True, text=True, check=True, timeout=seconds + 60).stdout  # fmt: skip
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -372,7 +295,7 @@ def foreign_cpu(roots: set[int], out: list[float]):
     out.append(max(foreign, 0) / _TICK / secs)
 
 
-# --------------------------------------------------------------------------- orchestration
+# --------------------------------------------------------------------------- servers
 
 
 def _free_port() -> int:
@@ -382,12 +305,12 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _server(cmd: list[str], cwd: Path, env: dict[str, str], port: int, log: Path):
+def _server(cmd: list[str], cwd: Path, env: dict[str, str], port: int, log: Path, payload: dict):
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **env}, stdout=fh,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **env}, stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
     try:
-        _wait_ready(proc, port, log)
+        _wait_ready(proc, port, log, payload)
         yield proc
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -399,14 +322,13 @@ def _server(cmd: list[str], cwd: Path, env: dict[str, str], port: int, log: Path
             proc.wait()
 
 
-def _wait_ready(proc: subprocess.Popen, port: int, log: Path, timeout: float = 120) -> None:
-    body = json.dumps(sample_payload()).encode()
+def _wait_ready(proc: subprocess.Popen, port: int, log: Path, payload: dict, timeout: float = 240) -> None:
+    body = json.dumps(payload).encode()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}; see {log}")
-        req = urllib.request.Request(f"http://127.0.0.1:{port}{PREDICT_PATH}", body,
-                                     {"Content-Type": "application/json"})
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{PREDICT_PATH}", body, {"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=2) as resp:
                 if resp.status == 200:
@@ -416,115 +338,143 @@ def _wait_ready(proc: subprocess.Popen, port: int, log: Path, timeout: float = 1
     raise RuntimeError(f"server on port {port} not ready after {timeout:.0f}s; see {log}")
 
 
-def _print_table(results: dict, ratios: dict, foreign: dict, stall_ms: float) -> None:
-    print(f"{'client':8s} {'server':8s} {'rps':>9s} {'p50 ms':>8s} {'p99 ms':>8s} "
-          f"{'max ms':>8s} {'stalls>' + format(stall_ms, 'g') + 'ms':>11s} {'errors':>6s} "
-          f"{'foreign cores':>13s}")
-    for client, per_server in results.items():
-        for name in ("minimal", "bentoml"):
-            s = per_server[name]
-            print(f"{client:8s} {name:8s} {s['rps']:9.1f} {s['p50_ms']:8.3f} {s['p99_ms']:8.3f} "
-                  f"{s['max_ms']:8.2f} {s['stalls']:11d} {s['errors']:6d} "
-                  f"{statistics.mean(foreign[client][name]):13.2f}")
-        m, b = per_server["minimal"], per_server["bentoml"]
+def _admin(port: int, token: str, state: dict) -> None:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/admin/state", json.dumps(state).encode(),
+                                 {"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+                                 method="PUT")  # fmt: skip
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        assert resp.status == 200
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _print_table(results: dict, ratios: dict, foreign: dict, stall_ms: float, targets: list[str]) -> None:
+    print(f"{'client':7s} {'target':8s} {'rps':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'max ms':>8s} "
+          f"{'stalls>' + format(stall_ms, 'g') + 'ms':>11s} {'errors':>6s} {'foreign cores':>13s}")  # fmt: skip
+    for client, per in results.items():
+        for name in targets:
+            s = per[name]
+            print(f"{client:7s} {name:8s} {s['rps']:8.1f} {s['p50_ms']:8.2f} {s['p99_ms']:8.2f} {s['max_ms']:8.1f} "
+                  f"{s['stalls']:11d} {s['errors']:6d} {statistics.mean(foreign[client][name]):13.2f}")  # fmt: skip
+        m, b = per["minimal"], per["bentoml"]
         per_round = ", ".join(f"{r:.2f}" for r in ratios[client])
-        print(f"{client:8s} ratio    rps {b['rps'] / m['rps']:.2f} (per round: {per_round})  "
-              f"p50 {b['p50_ms'] / m['p50_ms']:.2f}  p99 {b['p99_ms'] / m['p99_ms']:.2f}  "
-              f"max {b['max_ms'] / m['max_ms']:.2f}")
+        print(f"{client:7s} bentoml/minimal: rps {b['rps'] / m['rps']:.2f} (per round: {per_round})  "
+              f"p50 {b['p50_ms'] / m['p50_ms']:.2f}  p99 {b['p99_ms'] / m['p99_ms']:.2f}  max {b['max_ms'] / m['max_ms']:.2f}")  # fmt: skip
+        if "shadow" in per:
+            print(f"{client:7s} shadow/single: p99 {per['shadow']['p99_ms'] / b['p99_ms']:.2f}  "
+                  f"rps {per['shadow']['rps'] / b['rps']:.2f}")  # fmt: skip
+        if "canary" in per:
+            print(f"{client:7s} canary/single: rps {per['canary']['rps'] / b['rps']:.2f}  "
+                  f"p99 {per['canary']['p99_ms'] / b['p99_ms']:.2f}")  # fmt: skip
+
+
+def _pool(client: str, runs: list, stall_ms: float) -> dict:
+    if client == "wrk":  # wrk gives percentiles per window, not raw latencies
+        secs = sum(r["us"] for r in runs) / 1e6
+        return {"requests": sum(r["requests"] for r in runs), "rps": sum(r["requests"] for r in runs) / secs,
+                "p50_ms": statistics.median(r["p50"] for r in runs) / 1e3, "p99_ms": max(r["p99"] for r in runs) / 1e3,
+                "max_ms": max(r["max"] for r in runs) / 1e3, "stalls": sum(r["stalls"] for r in runs),
+                "errors": sum(r["errors"] for r in runs)}  # fmt: skip
+    return Run(np.concatenate([r.latencies_ns for r in runs]), sum(r.seconds for r in runs),
+               sum(r.errors for r in runs)).summary(stall_ms)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--duration", type=float, default=20.0,
-                    help="seconds of load per server and client (split over the rounds)")
+    ap.add_argument("--duration", type=float, default=20.0, help="seconds of load per target and client (over all rounds)")
     ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=4, help="alternating windows per server")
-    ap.add_argument("--clients", default="async,seq,wrk",
-                    help="comma-separated subset of async, seq, wrk")
+    ap.add_argument("--rounds", type=int, default=4, help="alternating windows per target")
+    ap.add_argument("--clients", default="async,wrk", help="comma-separated subset of async, wrk, seq")
+    ap.add_argument("--targets", default=",".join(TARGETS), help="minimal and bentoml always; shadow, canary optional")
+    ap.add_argument("--mirror-pct", type=float, default=100.0, help="shadow target: share of requests mirrored")
+    ap.add_argument("--canary-pct", type=float, default=50.0, help="canary target: share of users on the candidate")
     ap.add_argument("--stall-ms", type=float, default=50.0)
-    ap.add_argument("--bento-service", default="serving:BenchScoringService")
-    ap.add_argument("--bento-dir", type=Path, default=HERE)
+    ap.add_argument("--home", type=Path, help="serve this MLOPS_HOME's champion (default: train one in a temp home)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
 
     clients = [c for c in args.clients.split(",") if c]
+    targets = ["minimal", "bentoml"] + [t for t in args.targets.split(",") if t in ("shadow", "canary")]
     if "wrk" in clients and not shutil.which("wrk"):
         print("wrk not found: skipping the wrk client (apt-get install wrk)")
         clients.remove("wrk")
     window = args.duration / args.rounds
-    payload = sample_payload()
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp_dir:
         tmp = Path(tmp_dir)
-        model = build_model(tmp / "model.onnx")
+        home, stable, candidate, model = prepare_home(args.home, tmp)
+        sys.path.insert(0, str(REPO))
+        from mlops.settings import load_settings
+        from serving.auth import ensure_token
+
+        token = ensure_token(load_settings(environ={"MLOPS_HOME": str(home)}))
+        payload = sample_payload()
         lua = tmp / "post.lua"
         lua.write_text(_WRK_LUA)
-        env = {MODEL_ENV: str(model), "BENTOML_DO_NOT_TRACK": "True"}
         ports = {"minimal": _free_port(), "bentoml": _free_port()}
         py = sys.executable
         commands = {
-            "minimal": [py, "-m", "uvicorn", "serving:minimal_app", "--factory", "--host",
-                        "127.0.0.1", "--port", str(ports["minimal"]), "--no-access-log",
-                        "--log-level", "warning"],
-            "bentoml": [py, "-m", "bentoml", "serve", args.bento_service, "--host", "127.0.0.1",
-                        "--port", str(ports["bentoml"])],
-        }
-        cwd = {"minimal": HERE, "bentoml": args.bento_dir}
-        pooled: dict[str, dict[str, list]] = {c: {"minimal": [], "bentoml": []} for c in clients}
-        foreign: dict[str, dict[str, list[float]]] = {
-            c: {"minimal": [], "bentoml": []} for c in clients}
+            "minimal": [py, "-m", "uvicorn", "serving:minimal_app", "--factory", "--host", "127.0.0.1",
+                        "--port", str(ports["minimal"]), "--no-access-log", "--log-level", "warning"],
+            "bentoml": [str(Path(py).with_name("bentoml")), "serve", "serving.service:ScoringService", "--host",
+                        "127.0.0.1", "--port", str(ports["bentoml"]), "--working-dir", str(REPO)],
+        }  # fmt: skip
+        envs = {
+            "minimal": {MODEL_ENV: str(model)},
+            "bentoml": {"MLOPS_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
+                        "MLOPS__SERVING__RESTORE_STATE": "false"},
+        }  # fmt: skip
+        cwd = {"minimal": HERE, "bentoml": REPO}
+        modes = {
+            "bentoml": {"mode": "single", "stable_version": stable},
+            "shadow": {"mode": "shadow", "mirror_pct": args.mirror_pct, "salt": "bench", "stable_version": stable,
+                       "candidate_version": candidate},
+            "canary": {"mode": "canary", "weight_pct": args.canary_pct, "salt": "bench", "stable_version": stable,
+                       "candidate_version": candidate},
+        }  # fmt: skip
+        pooled: dict[str, dict[str, list]] = {c: {t: [] for t in targets} for c in clients}
+        foreign: dict[str, dict[str, list[float]]] = {c: {t: [] for t in targets} for c in clients}
         round_rps: dict[str, list[dict[str, float]]] = {c: [] for c in clients}
         with contextlib.ExitStack() as stack:
-            procs = {name: stack.enter_context(_server(commands[name], cwd[name], env,
-                                                       ports[name], tmp / f"{name}.log"))
-                     for name in ("minimal", "bentoml")}
+            procs = {name: stack.enter_context(_server(commands[name], cwd[name], envs[name], ports[name],
+                                                       tmp / f"{name}.log", payload))
+                     for name in ("minimal", "bentoml")}  # fmt: skip
             roots = {p.pid for p in procs.values()}
             for rnd in range(args.rounds):
-                order = ["minimal", "bentoml"] if rnd % 2 == 0 else ["bentoml", "minimal"]
+                order = targets[rnd % len(targets):] + targets[:rnd % len(targets)]
                 for client in clients:
                     rps = {}
                     for name in order:
-                        port = ports[name]
+                        port = ports["minimal" if name == "minimal" else "bentoml"]
+                        if name != "minimal":
+                            _admin(port, token, modes[name])
                         with foreign_cpu(roots, foreign[client][name]):
                             if client == "async":
-                                run = asyncio.run(_async_load(port, payload, args.concurrency,
-                                                              window))
+                                run = asyncio.run(_async_load(port, payload, args.concurrency, window))
                             elif client == "seq":
                                 run = _seq_load(port, payload, window)
                             else:
-                                run = _wrk_load(port, payload, args.concurrency, window,
-                                                args.stall_ms, lua)
+                                run = _wrk_load(port, payload, args.concurrency, window, args.stall_ms, lua)
                         pooled[client][name].append(run)
                         rps[name] = (run.latencies_ns.size / run.seconds if isinstance(run, Run)
-                                     else run["requests"] / (run["us"] / 1e6))
+                                     else run["requests"] / (run["us"] / 1e6))  # fmt: skip
                     round_rps[client].append(rps)
                 print(f"round {rnd + 1}/{args.rounds} done", flush=True)
+            _admin(ports["bentoml"], token, modes["bentoml"])
 
     results: dict[str, dict[str, dict]] = {}
     for client in clients:
         results[client] = {}
-        for name in ("minimal", "bentoml"):
-            runs = pooled[client][name]
-            if client == "wrk":  # wrk gives percentiles per window, not raw latencies
-                secs = sum(r["us"] for r in runs) / 1e6
-                results[client][name] = {
-                    "requests": sum(r["requests"] for r in runs),
-                    "rps": sum(r["requests"] for r in runs) / secs,
-                    "p50_ms": statistics.median(r["p50"] for r in runs) / 1e3,
-                    "p99_ms": max(r["p99"] for r in runs) / 1e3,
-                    "max_ms": max(r["max"] for r in runs) / 1e3,
-                    "stalls": sum(r["stalls"] for r in runs),
-                    "errors": sum(r["errors"] for r in runs)}
-            else:
-                pooled_run = Run(np.concatenate([r.latencies_ns for r in runs]),
-                                 sum(r.seconds for r in runs), sum(r.errors for r in runs))
-                results[client][name] = pooled_run.summary(args.stall_ms)
+        for name in targets:
+            results[client][name] = _pool(client, pooled[client][name], args.stall_ms)
     ratios = {c: [r["bentoml"] / r["minimal"] for r in round_rps[c]] for c in clients}
-    print(f"\nconcurrency {args.concurrency} (seq: 1), {args.rounds} rounds x {window:.1f}s per "
-          f"server and client; wrk p99 is the worst window's, its p50 the median window's")
-    _print_table(results, ratios, foreign, args.stall_ms)
+    print(f"\nconcurrency {args.concurrency} (seq: 1), {args.rounds} rounds x {window:.1f}s per target and client; "
+          f"shadow mirrors {args.mirror_pct:g}%, canary sends {args.canary_pct:g}% of users to the candidate; "
+          "wrk p99 is the worst window's, its p50 the median window's")  # fmt: skip
+    _print_table(results, ratios, foreign, args.stall_ms, targets)
     if args.json:
-        args.json.write_text(json.dumps({"results": results, "rps_ratio_per_round": ratios,
-                                         "foreign_cores": foreign}, indent=2))
+        args.json.write_text(json.dumps({"results": results, "rps_ratio_per_round": ratios, "foreign_cores": foreign,
+                                         "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))  # fmt: skip
     return 0
 
 

@@ -25,7 +25,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
+import itertools
+import os
+import secrets
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -54,8 +56,25 @@ log = logging.getLogger(__name__)
 NEEDS_CANDIDATE = frozenset({Mode.SHADOW, Mode.CANARY, Mode.AB, Mode.BLUE_GREEN})
 
 
-def new_request_id() -> str:
-    return uuid.uuid4().hex
+class _RequestIds:
+    """Unique request ids without a random draw per request: a random prefix per process
+    (drawn again after a fork) plus a counter. ``os.urandom`` per request releases the GIL,
+    and under load the scoring threads then keep the event loop waiting for it back."""
+
+    def __init__(self) -> None:
+        self._pid = -1
+        self._prefix = ""
+        self._count = itertools.count()
+
+    def __call__(self) -> str:
+        if os.getpid() != self._pid:
+            self._pid = os.getpid()
+            self._prefix = secrets.token_hex(8)
+            self._count = itertools.count()
+        return f"{self._prefix}{next(self._count):08x}"
+
+
+new_request_id = _RequestIds()
 
 
 @dataclass(frozen=True, slots=True)

