@@ -85,11 +85,12 @@ def test_train_on_bad_data_exits_nonzero_listing_expectations(tmp_path: Path) ->
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2700)
 def test_demo_end_to_end_on_embedded_defaults(tmp_path: Path) -> None:
     """`mlops demo` on a fresh MLOPS_HOME exits 0 and leaves v1 as challenger and champion with its history."""
     home = tmp_path / "home"
     env = {"MLOPS_HOME": str(home), "MLOPS__TRAINING__CANDIDATES": '[{"kind": "gradient_boosting", "n_estimators": 30}, {"kind": "logistic_regression"}]'}
-    result = mlops("demo", "--rows", "20000", env=env, timeout=900)
+    result = mlops("demo", "--rows", "20000", env=env, timeout=2400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "demo summary" in result.stdout
     listing = mlops("registry", "list", env=env)

@@ -17,7 +17,7 @@ import pytest
 from adapters.datasets import write_parquet
 from mlops.datagen import generate
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration]
+pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(2400)]
 
 
 def _free_port() -> int:

@@ -35,7 +35,7 @@ from mlops.rollout.machine import Phase
 from mlops.rollout.simulator import Pathology, SimulatorConfig
 from mlops.settings import Settings, load_settings
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 REPO = Path(__file__).resolve().parent.parent
 FAST_PLAN = """

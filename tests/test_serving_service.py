@@ -38,7 +38,7 @@ from serving.models import MEMORY_FACTOR
 from serving.predlog_store import PredictionLogStore
 from test_serving_components import slow_model
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 1.0
