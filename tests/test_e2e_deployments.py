@@ -40,6 +40,8 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
         "MLOPS__SERVICES__PREFECT_PORT": str(_free_port()),
         "MLOPS__SERVICES__MLFLOW_PORT": str(_free_port()),
         "MLOPS__SERVICES__SERVING_PORT": str(_free_port()),
+        # Generous: four servers import their stacks at once on a 2-core machine.
+        "MLOPS__SERVICES__STARTUP_TIMEOUT_SECONDS": "600",
         "MLOPS__TRAINING__CANDIDATES": '[{"kind": "gradient_boosting", "n_estimators": 20}, {"kind": "logistic_regression"}]',
     }
     up = _mlops(env, "server", "up", timeout=900)
