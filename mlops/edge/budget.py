@@ -162,7 +162,7 @@ class EdgeBudget(StrictModel):
     calibration_rows: int = Field(1024, ge=16)
     calibration_tail_fraction: float = Field(0.25, ge=0, le=1)
     calibration_batch: int = Field(64, ge=1)
-    latency_repeats: int = Field(500, ge=10)
+    latency_repeats: int = Field(200, ge=10)
     fallback_rows: int = Field(60_000, ge=1000)
     seed: int = 11
     variants: tuple[VariantSpec, ...] = Field(default_factory=_default_variants, min_length=1)

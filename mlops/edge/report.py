@@ -16,6 +16,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 from mlops.edge.budget import EdgeBudget  # noqa: E402
 from mlops.edge.variants import VariantResult  # noqa: E402
@@ -101,14 +103,15 @@ def chart(results: Sequence[VariantResult], budget: EdgeBudget) -> bytes:
     sizes = [r.measurement.size_bytes / 1024 for r in built]  # type: ignore[union-attr]
     axes[0].barh(y, sizes, color=colors)
     axes[0].axvline(budget.limits.max_size_bytes / 1024, ls="--", c="grey")
-    axes[0].set(xlabel="size (KiB)", title="model file", xscale="log")
+    axes[0].set(xlabel="size (KiB)", title="model file")
     p50 = [r.measurement.latency_p50_ms for r in built]  # type: ignore[union-attr]
     p99 = [r.measurement.latency_p99_ms for r in built]  # type: ignore[union-attr]
-    axes[1].barh(y, p99, color="lightgrey", label="p99")
-    axes[1].barh(y, p50, color=colors, label="p50")
+    axes[1].barh(y, p99, color="lightgrey")
+    axes[1].barh(y, p50, color=colors)
     axes[1].axvline(budget.limits.max_latency_p99_ms, ls="--", c="grey")
-    axes[1].set(xlabel="single-row latency, CPU ms", title="latency")
-    axes[1].legend(loc="lower right")
+    axes[1].set(xlabel="single-row latency, CPU ms", title="latency (p50, p99 in grey)")
+    axes[0].legend(handles=[Patch(color="tab:green", label="passed"), Patch(color="tab:red", label="failed"),
+                            Line2D([], [], ls="--", c="grey", label="budget")], loc="lower right")  # fmt: skip
     drops = [r.measurement.drop for r in built]  # type: ignore[union-attr]
     axes[2].barh(y, drops, color=colors)
     axes[2].axvline(budget.limits.max_metric_drop, ls="--", c="grey")
