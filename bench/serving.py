@@ -16,7 +16,9 @@ default (GradientBoosting, 100 trees) is trained on generated data and registere
 
 Other work may share the machine, so targets are loaded in alternation: the load is split
 into ``--rounds`` windows per target and client, the order rotating each round, and each
-window records how many cores processes outside the benchmark used ("foreign"). Clients:
+window records how many cores processes outside the benchmark used ("foreign"). The server
+CPU time per request (the server's process tree, from /proc) is printed too: under foreign
+load it is the steadiest measure of what the service itself costs. Clients:
 ``async`` (asyncio keep-alive connections, every latency kept), ``wrk`` (when installed;
 percentiles and stalls from its histogram), ``seq`` (one blocking connection, optional).
 
@@ -351,16 +353,18 @@ def _admin(port: int, token: str, state: dict) -> None:
 
 def _print_table(results: dict, ratios: dict, foreign: dict, stall_ms: float, targets: list[str]) -> None:
     print(f"{'client':7s} {'target':8s} {'rps':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'max ms':>8s} "
-          f"{'stalls>' + format(stall_ms, 'g') + 'ms':>11s} {'errors':>6s} {'foreign cores':>13s}")  # fmt: skip
+          f"{'stalls>' + format(stall_ms, 'g') + 'ms':>11s} {'errors':>6s} {'foreign cores':>13s} {'cpu ms/req':>10s}")  # fmt: skip
     for client, per in results.items():
         for name in targets:
             s = per[name]
             print(f"{client:7s} {name:8s} {s['rps']:8.1f} {s['p50_ms']:8.2f} {s['p99_ms']:8.2f} {s['max_ms']:8.1f} "
-                  f"{s['stalls']:11d} {s['errors']:6d} {statistics.mean(foreign[client][name]):13.2f}")  # fmt: skip
+                  f"{s['stalls']:11d} {s['errors']:6d} {statistics.mean(foreign[client][name]):13.2f} "
+                  f"{s['server_cpu_ms_per_req']:10.3f}")  # fmt: skip
         m, b = per["minimal"], per["bentoml"]
         per_round = ", ".join(f"{r:.2f}" for r in ratios[client])
         print(f"{client:7s} bentoml/minimal: rps {b['rps'] / m['rps']:.2f} (per round: {per_round})  "
-              f"p50 {b['p50_ms'] / m['p50_ms']:.2f}  p99 {b['p99_ms'] / m['p99_ms']:.2f}  max {b['max_ms'] / m['max_ms']:.2f}")  # fmt: skip
+              f"p50 {b['p50_ms'] / m['p50_ms']:.2f}  p99 {b['p99_ms'] / m['p99_ms']:.2f}  max {b['max_ms'] / m['max_ms']:.2f}  "
+              f"server cpu/req {b['server_cpu_ms_per_req'] / m['server_cpu_ms_per_req']:.2f}")  # fmt: skip
         if "shadow" in per:
             print(f"{client:7s} shadow/single: p99 {per['shadow']['p99_ms'] / b['p99_ms']:.2f}  "
                   f"rps {per['shadow']['rps'] / b['rps']:.2f}")  # fmt: skip
@@ -433,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
                        "candidate_version": candidate},
         }  # fmt: skip
         pooled: dict[str, dict[str, list]] = {c: {t: [] for t in targets} for c in clients}
+        server_ticks: dict[str, dict[str, int]] = {c: {t: 0 for t in targets} for c in clients}
         foreign: dict[str, dict[str, list[float]]] = {c: {t: [] for t in targets} for c in clients}
         round_rps: dict[str, list[dict[str, float]]] = {c: [] for c in clients}
         with contextlib.ExitStack() as stack:
@@ -448,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
                         port = ports["minimal" if name == "minimal" else "bentoml"]
                         if name != "minimal":
                             _admin(port, token, modes[name])
+                        server = {procs["minimal" if name == "minimal" else "bentoml"].pid}
+                        ticks0 = _tree_ticks(server)
                         with foreign_cpu(roots, foreign[client][name]):
                             if client == "async":
                                 run = asyncio.run(_async_load(port, payload, args.concurrency, window))
@@ -455,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
                                 run = _seq_load(port, payload, window)
                             else:
                                 run = _wrk_load(port, payload, args.concurrency, window, args.stall_ms, lua)
+                        server_ticks[client][name] += _tree_ticks(server) - ticks0
                         pooled[client][name].append(run)
                         rps[name] = (run.latencies_ns.size / run.seconds if isinstance(run, Run)
                                      else run["requests"] / (run["us"] / 1e6))  # fmt: skip
@@ -467,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
         results[client] = {}
         for name in targets:
             results[client][name] = _pool(client, pooled[client][name], args.stall_ms)
+            results[client][name]["server_cpu_ms_per_req"] = (
+                server_ticks[client][name] / _TICK * 1e3 / max(results[client][name]["requests"], 1))
     ratios = {c: [r["bentoml"] / r["minimal"] for r in round_rps[c]] for c in clients}
     print(f"\nconcurrency {args.concurrency} (seq: 1), {args.rounds} rounds x {window:.1f}s per target and client; "
           f"shadow mirrors {args.mirror_pct:g}%, canary sends {args.canary_pct:g}% of users to the candidate; "

@@ -33,7 +33,7 @@ from mlops.datagen import generate
 from mlops.onnx_model import OnnxScorer
 from mlops.routing import FORCE_HEADER, Mode, RouteTable, route
 from mlops.settings import Settings, load_settings
-from serving.client import ServingClient
+from serving.client import ServingClient, ServingRequestFailed
 from serving.models import MEMORY_FACTOR
 from serving.predlog_store import PredictionLogStore
 from test_serving_components import slow_model
@@ -360,6 +360,23 @@ def test_admin_state_is_desired_state_idempotent_and_reported(service: Service, 
         assert http.put("/admin/state", content=body, headers=service.auth).status_code in (400, 422)
     assert http.post("/admin/slots/green", json={"version": 1}, headers=service.auth).status_code == 404
     assert service.client.state()["generation"] == first.json()["generation"]
+
+
+def test_cli_reads_the_token_file_and_drives_the_admin_api(service: Service):
+    """`mlops serving routes|state` find the generated token in MLOPS_HOME and change and show
+    the running service's routes."""
+    mlops = str(Path(sys.executable).with_name("mlops"))
+    url = ["--url", service.url]
+    service.apply(mode="single")  # candidate slot empty: canary routes are refused, in one line
+    with pytest.raises(ServingRequestFailed, match="409: canary routing needs a model in the candidate slot"):
+        service.client.set_routes({"mode": "canary", "weight_pct": 10.0, "salt": "cli"})
+    service.apply(mode="single", candidate_version=service.versions[1])
+    routes = subprocess.run([mlops, "serving", "routes", "canary", "--weight", "10", "--salt", "cli", *url],
+                            env=service.env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert routes.returncode == 0, routes.stderr
+    state = json.loads(subprocess.run([mlops, "serving", "state", *url], env=service.env, capture_output=True,
+                                      text=True, timeout=120, check=True).stdout)  # fmt: skip
+    assert (state["mode"], state["weight_pct"], state["salt"]) == ("canary", 10.0, "cli")
 
 
 # ----------------------------------------------------------------------------- routing modes
