@@ -180,7 +180,7 @@ class ServingRuntime:
             return f"nothing loaded: {origin}"
         try:
             self._apply_sync(desired, generation)
-        except UnknownModel as exc:
+        except (UnknownModel, UnusableModel) as exc:
             if not origin.startswith("restored"):
                 raise
             log.warning("persisted serving state is stale (%s); starting from the registry aliases", exc)
@@ -191,6 +191,7 @@ class ServingRuntime:
     def _apply_sync(self, desired: DesiredState, generation: int) -> None:
         table = desired.table()
         models = {}
+        self.pool.pin({v for v in (desired.stable_version, desired.candidate_version) if v is not None})
         for slot, version in ((STABLE, desired.stable_version), (CANDIDATE, desired.candidate_version)):
             if version is None:
                 models[slot] = None
