@@ -50,7 +50,10 @@ layout should resolve ``scores/run_date=D`` once (``os.path.realpath``) and read
 
 Stale staging runs. A staging run is abandoned when a newer run of the same date is opened
 (one live run per date), or when nothing in it changed for ``stale_after`` (other dates,
-whose runs may be live in other processes). Both are swept under the write lock.
+whose runs may be live in other processes), or when it has no marker (left by a process
+killed half-way through building or removing it). Both are swept under the write lock, and
+a swept folder is renamed to a hidden name before it is deleted, so a sweep killed half-way
+leaves nothing that looks live.
 """
 
 from __future__ import annotations
@@ -320,6 +323,24 @@ def _remove_tree(path: Path) -> None:
             shutil.rmtree(path)
     except FileNotFoundError:
         pass
+
+
+def _discard(entry: Path) -> None:
+    """Remove a staging folder so that a kill half-way leaves only a dot-named leftover.
+
+    It is renamed to a hidden name first (one atomic step), then deleted; a sweep that dies
+    while deleting leaves a folder every later sweep recognises as abandoned, never a
+    marker-less folder that looks like a live run.
+    """
+    if entry.name.startswith("."):
+        _remove_tree(entry)
+        return
+    hidden = entry.with_name(f".{entry.name}.{uuid.uuid4().hex}.removed")
+    try:
+        os.rename(entry, hidden)
+    except FileNotFoundError:
+        return
+    _remove_tree(hidden)
 
 
 def _write_json_atomic(path: Path, data: Mapping[str, object]) -> None:
@@ -779,10 +800,16 @@ def commit(
 def _abandoned(entry: Path, *, supersede: date | None, stale_after: timedelta, now: float) -> bool:
     """Whether a staging folder belongs to no live run (see the module docstring)."""
     if entry.name.startswith("."):
-        # Half built by an open() that died: opens hold the write lock, as do we.
+        # Half built by an open() that died, or half removed by a sweep that died: opens
+        # and sweeps hold the write lock, as do we.
         return True
     marker = _read_marker(entry)
-    if marker is not None and supersede is not None:
+    if marker is None:
+        # Every live staging folder has its marker: open() renames it into place with
+        # one, and _unstage() writes it back under the write lock we hold. A folder
+        # without one was left by a process killed between those steps.
+        return True
+    if supersede is not None:
         if marker.get("run_date") == supersede.isoformat():
             return True
     try:
@@ -851,7 +878,7 @@ def _reconcile(
             if entry.name != keep and _abandoned(
                 entry, supersede=supersede, stale_after=stale_after, now=now
             ):
-                _remove_tree(entry)
+                _discard(entry)
                 removed.append(str(entry.relative_to(layout.scores)))
     return SweepReport(tuple(removed), tuple(repointed))
 

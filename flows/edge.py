@@ -59,7 +59,14 @@ def _line(r: VariantResult) -> str:
 def edge_export_flow(
     alias: str = CHAMPION, budget: str | None = None, config: str | None = None, model: str | None = None
 ) -> ExportSummary:
-    """Build every variant of the budget from the ``alias`` model, gate them, report, keep the passing ones."""
+    """Build every variant of the budget from the ``alias`` model, gate them, report, keep the passing ones.
+
+    Args:
+        alias: Registry alias of the model to compress (champion, challenger, ...).
+        budget: Device budget YAML, e.g. configs/edge/pos-terminal.yaml (default: from config).
+        config: Platform config YAML (default: $MLOPS_CONFIG, else built-in defaults).
+        model: Registered model name (default: from config).
+    """
     settings = load_settings(config)
     configure(settings)
     logger = get_run_logger()

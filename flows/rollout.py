@@ -152,6 +152,16 @@ def rollout_flow(
     an operator's rollback/abort of that rollout (after promotion: aliases and serving back
     to the previous champion at once). ``max_seconds`` bounds the run (the rollout stays
     resumable).
+
+    Args:
+        plan: Rollout plan YAML, e.g. configs/rollout/demo.yaml or configs/rollout/production.yaml.
+        candidate: Registry alias (or version number) of the version to roll out.
+        resume: Id of a persisted rollout to continue (its own plan is used).
+        rollout_id: Id for a new rollout (default: time + random).
+        approval: prefect pauses for a person; approve or reject answer at once (demos, tests).
+        command: rollback or abort the rollout named by resume.
+        max_seconds: Stop after this long; the rollout stays resumable.
+        config: Platform config YAML (default: $MLOPS_CONFIG, else built-in defaults).
     """
     logger = get_run_logger()
     settings = load_settings(config)

@@ -102,7 +102,7 @@ def _today() -> date:
 
 @flow(name="score", log_prints=True)
 def score_flow(
-    run_date: str | None = None,
+    run_date: date | None = None,
     input_path: str | None = None,
     alias: str = CHAMPION,
     compare: str | None = None,
@@ -115,6 +115,14 @@ def score_flow(
     (``{date}`` in it is replaced by the run date). ``version`` pins a version instead of
     resolving ``alias`` (a backfill pins once for all its dates). ``compare`` names a second
     alias scored on the same rows; its agreement with the first goes to the warehouse.
+
+    Args:
+        run_date: The day to score and publish (default: today, UTC).
+        input_path: Input Parquet (default: $MLOPS_HOME/data/score/<run_date>.parquet).
+        alias: Registry alias of the model to score with (champion, challenger, ...).
+        compare: A second alias scored on the same rows for a champion/challenger report.
+        version: A model version to pin instead of resolving the alias.
+        config: Platform config YAML (default: $MLOPS_CONFIG, else built-in defaults).
     """
     started = datetime.now(UTC)
     settings = load_settings(config)

@@ -70,6 +70,10 @@ def train_flow(data: str, config: str | None = None) -> TrainSummary:
 
     The first version that passes the promotion gate also becomes ``champion``; later
     versions are only gated and reported (promote with ``mlops promote``).
+
+    Args:
+        data: Training data (Parquet or CSV) with the configured dataset's columns.
+        config: Platform config YAML (default: $MLOPS_CONFIG, else built-in defaults).
     """
     settings = load_settings(config)
     configure(settings)

@@ -16,7 +16,7 @@ from mlops_cli.common import console, progress
 SCORE_ROWS = 200_000
 
 
-def run_demo(settings: Settings, config: str | None, rows: int) -> None:
+def run_demo(settings: Settings, config: str | None, rows: int, rollout_plan: str | None = None) -> None:
     from flows.score import score_flow
     from flows.train import train_flow
     from mlops.scoring import default_input
@@ -55,7 +55,7 @@ def run_demo(settings: Settings, config: str | None, rows: int) -> None:
     # Last act: a better challenger rolled out against the live service (mlops_cli/demo_rollout.py).
     from mlops_cli.demo_rollout import run_rollout_demo
 
-    rolled = run_rollout_demo(settings, config, rows)
+    rolled = run_rollout_demo(settings, config, rows, rollout_plan)
 
     elapsed = time.perf_counter() - started
     mlflow_ui = f"mlflow ui --backend-store-uri {settings.tracking_uri} --port 5000"
@@ -73,7 +73,7 @@ def run_demo(settings: Settings, config: str | None, rows: int) -> None:
                     f" {rolled.seconds:.0f} s, approval auto-answered) -> {rolled.report}",
                     f"scored    {scored.rows_out:,} rows for {scored.run_date} with v{scored.model_version} ({alias})"
                     f" -> {scored.output_path}",
-                    f"query     duckdb -readonly {scored.warehouse} \"SELECT decision, count(*) FROM scores GROUP BY 1\"",
+                    "query     mlops query \"SELECT run_date, decision, count(*) FROM scores GROUP BY ALL ORDER BY ALL\"",
                     f"MLflow UI {mlflow_ui}",
                     f"Prefect UI {prefect_ui}",
                     f"took      {elapsed:.0f} s",

@@ -19,7 +19,7 @@ import httpx
 from mlops.settings import Settings
 from mlops_cli.common import console, progress
 
-DEMO_PLAN = "configs/rollout/demo.yaml"
+DEMO_PLAN = "configs/rollout/demo.yaml"  # relative to the project directory
 RATE_PER_S = 150.0
 
 
@@ -64,8 +64,15 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def run_rollout_demo(settings: Settings, config: str | None, rows: int) -> object:
-    """Train a challenger, serve, simulate users, roll out; the rollout summary."""
+def demo_plan(plan: str | None) -> str:
+    """The plan file the demo rolls out with: ``plan`` as given, else the bundled demo plan."""
+    from adapters.services import project_dir
+
+    return plan if plan else str(project_dir() / DEMO_PLAN)
+
+
+def run_rollout_demo(settings: Settings, config: str | None, rows: int, plan: str | None = None) -> object:
+    """Train a challenger, serve, simulate users, roll out with ``plan``; the rollout summary."""
     from adapters.traffic import LiveTraffic
     from flows.rollout import rollout_flow
     from flows.train import train_flow
@@ -90,8 +97,9 @@ def run_rollout_demo(settings: Settings, config: str | None, rows: int) -> objec
             console.print(f"simulated users: ~{RATE_PER_S:g} requests/s, labels ~5 s later, to http://127.0.0.1:{port}")
             console.print("[yellow]the approval step is answered automatically in the demo (auto-approve)[/]")
             time.sleep(20)  # recent champion traffic for the replay step
-            with progress(f"rollout 3/3 {DEMO_PLAN}: replay -> shadow -> canary -> A/B -> approval -> blue-green"):
-                summary = rollout_flow(plan=DEMO_PLAN, candidate="challenger", approval="approve", config=config)
+            plan = demo_plan(plan)
+            with progress(f"rollout 3/3 {plan}: replay -> shadow -> canary -> A/B -> approval -> blue-green"):
+                summary = rollout_flow(plan=plan, candidate="challenger", approval="approve", config=config)
         print_summary(summary)
         console.print(f"simulated users saw: {dict(traffic.tally)}")
         return summary

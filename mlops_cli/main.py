@@ -63,12 +63,38 @@ def config_show(
 
 @config_app.command("validate")
 @handle_errors
-def config_validate(file: Annotated[Path, typer.Argument(help="Config file to check.")]) -> None:
-    """Check one config file: the platform config, or a plan/budget file recognised by its folder."""
+def config_validate(
+    file: Annotated[Path, typer.Argument(help="Config file to check.")],
+    kind: Annotated[
+        str,
+        typer.Option("--kind", help="platform | rollout-plan | edge-budget (default: by folder: configs/rollout/ "
+                     "holds plans, configs/edge/ budgets, anything else is platform config)."),
+    ] = "auto",
+) -> None:
+    """Check one config file: the platform config, a rollout plan or an edge budget."""
+    from mlops.edge.budget import load_budget
+    from mlops.rollout.plan import load_plan
     from mlops.settings import Settings, read_yaml, validate_model
 
-    validate_model(Settings, read_yaml(file) | {"home": "."}, str(file))
-    console.print(f"[green]ok[/] {file}")
+    if kind == "auto":
+        parent = file.resolve().parent.name
+        kind = {"rollout": "rollout-plan", "edge": "edge-budget"}.get(parent, "platform")
+    if kind == "rollout-plan":
+        load_plan(file)
+    elif kind == "edge-budget":
+        load_budget(file)
+    elif kind == "platform":
+        validate_model(Settings, read_yaml(file) | {"home": "."}, str(file))
+    else:
+        raise typer.BadParameter(f"--kind {kind!r}: expected platform, rollout-plan or edge-budget")
+    console.print(f"[green]ok[/] {file} ({kind})")
+
+
+def validate_plan_file(path: Path) -> None:
+    """Raise ``ConfigError`` (file and field) when ``path`` is not a valid rollout plan."""
+    from mlops.rollout.plan import load_plan
+
+    load_plan(path)
 
 
 # --------------------------------------------------------------------------- data
@@ -194,6 +220,7 @@ def promote(
 @handle_errors
 def registry_list(
     model: Annotated[str | None, typer.Argument(help="Registered model (default: from config).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per version, for scripts.")] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Versions of a model with their aliases, key metrics and lineage."""
@@ -202,6 +229,11 @@ def registry_list(
 
     name = model or settings.training.model_name
     versions = ModelRegistry(settings).versions(name)
+    if as_json:
+        for v in versions:
+            print(json.dumps({"model": name, "version": v.version, "aliases": list(v.aliases), "metrics": v.metrics,
+                              "tags": v.tags, "created_ms": v.created_ms}))  # fmt: skip
+        return
     if not versions:
         console.print(f"model '{name}' has no versions")
         return
@@ -254,12 +286,19 @@ def registry_history(
 @handle_errors
 def demo(
     rows: Annotated[int, typer.Option("--rows", min=1000, help="Training rows to generate.")] = 60_000,
+    rollout_plan: Annotated[
+        Path | None,
+        typer.Option("--rollout-plan", exists=True, dir_okay=False,
+                     help="Rollout plan for the last act (default: configs/rollout/demo.yaml)."),
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Run the platform end to end on embedded defaults: data -> validate -> train -> register -> promote."""
+    """Run the platform end to end on embedded defaults: train -> register -> batch-score -> edge -> safe rollout."""
     from mlops_cli.demo import run_demo
 
-    run_demo(settings_for(config), config, rows)
+    if rollout_plan is not None:
+        validate_plan_file(rollout_plan)
+    run_demo(settings_for(config), config, rows, str(rollout_plan) if rollout_plan else None)
 
 
 # --------------------------------------------------------------------------- command groups

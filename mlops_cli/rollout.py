@@ -108,7 +108,9 @@ def list_cmd(config: ConfigOpt = None) -> None:
 
     for s in list_rollouts(settings_for(config)):
         console.print(f"{s.rollout_id}  {s.phase.value:<17} v{s.candidate_version} vs v{s.stable_version}  "
-                      f"{s.history[-1].step if s.history else '-'}  {s.updated_at:%Y-%m-%d %H:%M:%S}")  # fmt: skip
+                      f"{s.history[-1].step if s.history else '-'}  {s.updated_at:%Y-%m-%d %H:%M:%S}  "
+                      f"{(s.final_reason or (s.history[-1].reason if s.history else ''))[:200]}",
+                      soft_wrap=True, markup=False, highlight=False)  # fmt: skip
 
 
 @handle_errors

@@ -70,7 +70,7 @@ def print_run(summary) -> None:  # noqa: ANN001 - flows.score.ScoreSummary
         f"[green]✓[/] {s.run_date}: scored {s.rows_out:,} rows with {s.model_name} v{s.model_version} ({s.alias}) "
         f"in {s.partitions} partitions, {rate:,.0f} rows/s -> {s.output_path}"
     )
-    console.print(f"  query: duckdb -readonly {s.warehouse} \"SELECT count(*) FROM scores WHERE run_date = '{s.run_date}'\"")
+    console.print(f"  query: mlops query \"SELECT decision, count(*) FROM scores WHERE run_date = '{s.run_date}' GROUP BY 1\"")
     if s.comparison is not None:
         c = s.comparison
         table = Table(title=f"v{s.model_version} vs v{s.compared_version} on {c.rows:,} rows (table score_comparisons)")
@@ -83,6 +83,28 @@ def print_run(summary) -> None:  # noqa: ANN001 - flows.score.ScoreSummary
             console.print(f"  largest segment difference: {top.column}={top.value} mean score {top.mean_a:.4f} -> {top.mean_b:.4f}")
 
 
+@handle_errors
+def query(
+    sql: Annotated[str, typer.Argument(help='SQL over the warehouse, e.g. "SELECT decision, count(*) FROM scores GROUP BY 1".')],
+    limit: Annotated[int, typer.Option("--limit", min=1, help="Rows to print at most.")] = 50,
+    config: ConfigOpt = None,
+) -> None:
+    """Query the DuckDB warehouse read-only: ``scores`` (every committed run), ``score_runs``, replay reports."""
+    from adapters import storage
+
+    settings = settings_for(config)
+    if not settings.warehouse_path.exists():
+        raise ConfigError(f"{settings.warehouse_path}: no warehouse yet; run `mlops score` first")
+    result = storage.query(settings.home_path, sql)  # read-only; a bad query is one line, exit 3
+    table = Table(caption=f"{result.num_rows:,} rows" + (f" (first {limit} shown)" if result.num_rows > limit else ""))
+    for name in result.column_names:
+        table.add_column(name)
+    for row in result.slice(0, limit).to_pylist():
+        table.add_row(*("" if v is None else str(v) for v in row.values()))
+    console.print(table)
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``mlops score`` to the CLI."""
+    """Add ``mlops score`` and ``mlops query`` to the CLI."""
     app.command("score")(score)
+    app.command("query")(query)

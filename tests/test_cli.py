@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -87,14 +88,18 @@ def test_train_on_bad_data_exits_nonzero_listing_expectations(tmp_path: Path) ->
 @pytest.mark.slow
 @pytest.mark.timeout(2700)
 def test_demo_end_to_end_on_embedded_defaults(tmp_path: Path) -> None:
-    """`mlops demo` on a fresh MLOPS_HOME exits 0 and leaves v1 as challenger and champion with its history."""
+    """`mlops demo` on a fresh MLOPS_HOME exits 0: v1 trained, scored, shipped to the edge,
+    then v2 rolled out against the live service (the compressed demo plan) and promoted:
+    v2 is champion, v1 previous-champion, every move in the history."""
     home = tmp_path / "home"
     env = {"MLOPS_HOME": str(home), "MLOPS__TRAINING__CANDIDATES": '[{"kind": "gradient_boosting", "n_estimators": 30}, {"kind": "logistic_regression"}]'}
-    result = mlops("demo", "--rows", "20000", env=env, timeout=2400)
+    plan = Path(__file__).parent / "plans" / "fast-rollout.yaml"
+    result = mlops("demo", "--rows", "20000", "--rollout-plan", str(plan), env=env, timeout=2400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "demo summary" in result.stdout
-    listing = mlops("registry", "list", env=env)
-    assert "challenger, champion" in listing.stdout
+    assert "demo summary" in result.stdout and ": succeeded (v2 vs v1" in result.stdout, result.stdout[-3000:]
+    listing = mlops("registry", "list", "--json", env=env)
+    aliases = {v["version"]: set(v["aliases"]) for v in map(json.loads, listing.stdout.splitlines())}
+    assert aliases == {1: {"previous-champion"}, 2: {"champion", "challenger"}}, listing.stdout
     history = mlops("registry", "history", env=env)
     assert history.returncode == 0 and "register" in history.stdout and "promote" in history.stdout
     stale = mlops("promote", "--alias", "champion", "--version", "1", "--expect-current", "7", "--reason", "x", env=env)

@@ -108,6 +108,125 @@ def test_deployments_register_and_training_runs_on_the_worker(platform: dict[str
     assert "challenger, champion" in listing.stdout, listing.stdout + listing.stderr
     status = _mlops(platform, "server", "status")
     assert "running" in status.stdout and "stopped" not in status.stdout, status.stdout
+    nightly = _read_deployment(platform, "score/nightly-scoring")
+    assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in nightly.schedules] == [("0 2 * * *", "UTC", True)]
+    for other in ("edge-export/edge-export", "rollout/rollout"):
+        assert _read_deployment(platform, other).work_pool_name == "mlops-process", other
+
+
+def test_a_scoring_run_from_the_nightly_deployment_publishes_the_date_to_duckdb(platform: dict[str, str]) -> None:
+    """A run of the nightly-scoring deployment for a given date (as the UI's date picker sends
+    it) completes on the worker, and DuckDB holds exactly that day's rows."""
+    from datetime import datetime
+
+    day = "2026-01-05"
+    data = Path(platform["MLOPS_HOME"]) / "data" / "score" / f"{day}.parquet"
+    write_parquet([generate(20_000, seed=41, start=datetime(2026, 1, 5))], data)
+    flow_run = _run_deployment(platform, "score/nightly-scoring", {"run_date": day})
+    assert flow_run.state.is_completed(), flow_run.state
+    counted = _mlops(platform, "query", f"SELECT count(*) AS n, count(DISTINCT transaction_id) AS ids FROM scores WHERE run_date = '{day}'")
+    assert counted.returncode == 0 and "│ 20000 │ 20000 │" in counted.stdout, counted.stdout + counted.stderr
+
+
+E2E_PLAN = """
+name: e2e-approval
+description: a short shadow, the approval step, a short blue-green cutover (the gates themselves are tested in test_rollout_flow)
+tick_interval_s: 1
+steps:
+  - kind: shadow
+    mirror_pct: 100
+    duration_s: 3
+    min_samples: 30
+    checks:
+      - {metric: error_rate, relative_to_stable: diff, max: 0.01, min_samples: 30, inconclusive_limit: 120}
+  - kind: approval
+    timeout_s: TIMEOUT
+  - kind: blue_green
+    duration_s: 3
+    keep_warm_s: 2
+    min_samples: 30
+    checks:
+      - {metric: error_rate, max: 0.01, min_samples: 30, inconclusive_limit: 120}
+"""
+
+
+def test_rollout_runs_pause_for_approval_and_are_approved_rejected_or_time_out(platform: dict[str, str], tmp_path: Path) -> None:
+    """Against the served champion, with simulated users: a rollout run created through the API
+    reaches Paused at its approval step; `mlops rollout approve` resumes it and it completes
+    with champion moved to the challenger. A second run is rejected with `mlops rollout reject
+    --reason` and rolls back. A third is not answered: the pause times out at the plan's
+    deadline and the run ends timed out. Champion moved once, by the approved run."""
+    from adapters.traffic import LiveTraffic
+    from mlops.rollout.simulator import SimulatorConfig
+    from mlops.settings import load_settings
+    from registry.mlflow_registry import ModelRegistry
+    from serving.client import ServingClient
+
+    plan = tmp_path / "e2e.yaml"
+    plan.write_text(E2E_PLAN.replace("TIMEOUT", "900"))
+    short = tmp_path / "e2e-short-approval.yaml"
+    short.write_text(E2E_PLAN.replace("TIMEOUT", "15"))
+    saved = dict(os.environ)
+    try:
+        os.environ.clear()
+        os.environ.update(platform)
+        settings = load_settings()
+        registry = ModelRegistry(settings)
+        name = settings.training.model_name
+        champion = registry.aliases(name)["champion"]
+        url = f"http://127.0.0.1:{platform['MLOPS__SERVICES__SERVING_PORT']}"
+        with ServingClient.for_settings(settings, base_url=url) as admin:
+            admin.apply({"stable_version": champion})
+        outcomes = []
+        with LiveTraffic(url, SimulatorConfig(seed=5, rate_per_s=40, label_delay_s=0.5), max_seconds=1200):
+            for i, answer in enumerate(("approve", "reject", None)):
+                data = Path(platform["MLOPS_HOME"]) / "data" / f"more-{i}.parquet"
+                write_parquet([generate(8000, seed=31 + i)], data)
+                trained = _run_deployment(platform, "train/train", {"data": str(data)})
+                assert trained.state.is_completed(), trained.state
+                challenger = registry.aliases(name)["challenger"]
+                run = _create_run(platform, "rollout/rollout", {"plan": str(short if answer is None else plan), "candidate": "challenger"})
+                paused = _wait_state(platform, run.id, "PAUSED")
+                assert paused.state.is_paused(), f"{paused.state}: {_rollouts(platform)}"
+                if answer is not None:
+                    args = ["rollout", answer, str(run.id)] + (["--reason", "not this week"] if answer == "reject" else [])
+                    answered = _mlops(platform, *args)
+                    assert answered.returncode == 0, answered.stdout + answered.stderr
+                final = _wait_state(platform, run.id, "COMPLETED")
+                assert final.state.is_completed(), f"{final.state}: {_rollouts(platform)}"
+                outcomes.append((champion, challenger, registry.aliases(name)["champion"]))
+                champion = registry.aliases(name)["champion"]
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    (old, new, after_approve), (old2, _new2, after_reject), (old3, _new3, after_timeout) = outcomes
+    assert after_approve == new != old  # approved: champion moved to the challenger
+    assert after_reject == old2  # rejected: rolled back, champion unchanged
+    assert after_timeout == old3  # nobody answered: timed out, nothing promoted
+    listing = _rollouts(platform)
+    assert listing.count("succeeded") == 1 and "rolled_back" in listing and "timed_out" in listing, listing
+    history = [m for m in ModelRegistry(settings).history(name) if m.alias == "champion" and m.action == "rollout"]
+    assert [(m.from_version, m.to_version) for m in history] == [(old, new)]
+
+
+def _rollouts(env: dict[str, str]) -> str:
+    """`mlops rollout list` (each rollout's phase and last reason), for assertions and their messages."""
+    listed = _mlops(env, "rollout", "list")
+    return listed.stdout + listed.stderr
+
+
+def _read_deployment(env: dict[str, str], name: str):  # noqa: ANN202
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def read():  # noqa: ANN202
+        async with get_client() as client:
+            return await client.read_deployment_by_name(name)
+
+    with temporary_settings({PREFECT_API_URL: _api(env)}):
+        return asyncio.run(read())
 
 
 def _wait_state(env: dict[str, str], flow_run_id, wanted: str, timeout: float = 600):  # noqa: ANN001, ANN202

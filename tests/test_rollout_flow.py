@@ -38,50 +38,7 @@ from mlops.settings import Settings, load_settings
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 REPO = Path(__file__).resolve().parent.parent
-FAST_PLAN = """
-name: fast-demo
-description: the demo plan's steps and gates, compressed for tests (1 s ticks, small samples; latency ratio 2.0 and a non-inferiority A/B so a loaded 2-core machine decides in seconds)
-tick_interval_s: 1
-steps:
-  - kind: replay
-    checks:
-      - {metric: error_rate, max: 0.01, min_samples: 300, inconclusive_limit: 20}
-      - {metric: agreement, min: 0.95, min_samples: 300, inconclusive_limit: 20}
-      - {metric: score_correlation, min: 0.5, min_samples: 300, inconclusive_limit: 20}
-  - kind: shadow
-    mirror_pct: 100
-    duration_s: 6
-    min_samples: 200
-    checks:
-      - {metric: error_rate, relative_to_stable: diff, max: 0.01, min_samples: 200, inconclusive_limit: 20}
-      - {metric: latency_p99_ms, relative_to_stable: ratio, max: 2.0, min_samples: 200, dry_run: true}
-      - {metric: auc, relative_to_stable: diff, min: -0.03, min_samples: 300, failure_limit: 1, inconclusive_limit: 20}
-      - {metric: agreement, min: 0.95, min_samples: 200, inconclusive_limit: 20}
-  - kind: canary
-    weights: [10, 50]
-    duration_s: 5
-    min_samples: 30
-    checks:
-      - {metric: latency_p99_ms, relative_to_stable: ratio, max: 2.0, min_samples: 30, failure_limit: 1, inconclusive_limit: 20}
-      - {metric: error_rate, relative_to_stable: diff, max: 0.02, min_samples: 30, failure_limit: 1, inconclusive_limit: 20}
-  - kind: ab
-    candidate_pct: 50
-    duration_s: 6
-    min_samples: 150
-    primary: {metric: log_loss, hypothesis: non_inferiority, alpha: 0.05, power: 0.8, mde: 0.15, min_samples: 150, inconclusive_limit: 40}
-    checks:
-      - {metric: error_rate, relative_to_stable: diff, max: 0.01, min_samples: 100, inconclusive_limit: 20}
-      - {metric: latency_p99_ms, relative_to_stable: ratio, max: 2.0, min_samples: 100, failure_limit: 1, inconclusive_limit: 20}
-  - kind: approval
-    timeout_s: 120
-  - kind: blue_green
-    duration_s: 4
-    keep_warm_s: 4
-    min_samples: 100
-    checks:
-      - {metric: error_rate, max: 0.01, min_samples: 100, inconclusive_limit: 20}
-      - {metric: auc, min: 0.8, min_samples: 200, failure_limit: 1, inconclusive_limit: 20}
-"""
+FAST_PLAN = (REPO / "tests/plans/fast-rollout.yaml").read_text()
 RATE = 70.0
 BASE, BETTER, SLOWER, ERRORING, WORSE = 1, 2, 3, 4, 5
 

@@ -224,6 +224,13 @@ def test_running_a_date_again_replaces_it_and_never_duplicates(scoring_home: Set
     runs = score_runs(settings)
     assert [r["run_id"] for r in runs] == [second.run_id]
     assert [p.name for p in (settings.home_path / "scores" / "_runs" / f"run_date={DAY}").iterdir()] == [second.run_id]
+    from mlops_cli.main import app
+
+    runner = CliRunner()
+    listed = runner.invoke(app, ["query", "SELECT count(*) AS n, count(DISTINCT run_id) AS runs FROM scores", "--limit", "5"])
+    assert listed.exit_code == 0 and "12000" in listed.output and "1 rows" in listed.output, listed.output
+    bad = runner.invoke(app, ["query", "SELECT nope FROM scores"])
+    assert bad.exit_code == 3 and 'column "nope" not found' in bad.output and "Traceback" not in bad.output
 
 
 def test_invalid_input_fails_listing_the_expectations_and_keeps_the_previous_output(scoring_home: Settings) -> None:
@@ -347,6 +354,9 @@ def test_every_prefect_deployment_imports_and_nightly_scoring_is_scheduled() -> 
     (schedule,) = nightly["schedules"]
     CronSchedule(cron=schedule["cron"], timezone=schedule.get("timezone"))
     assert "run_date" not in nightly["parameters"]  # None -> the day the run starts
+    assert {"format": "date", "type": "string"} in scoring.parameters.properties["run_date"]["anyOf"]  # a date picker
+    assert scoring.parameters.properties["alias"]["description"]  # the UI form explains each field
+    assert {d["name"] for d in spec["deployments"]} == {"train", "nightly-scoring", "edge-export", "rollout"}
 
 
 # --------------------------------------------------------------------------- failures and scale-out
@@ -410,7 +420,7 @@ def test_a_killed_run_rerun_leaves_exactly_the_rows_of_a_clean_run(scoring_home:
 
 
 class ExternalCluster:
-    """`dask scheduler` and `dask worker` processes on loopback, started when the module starts.
+    """`dask scheduler` and `dask worker --nworkers 2` on loopback, started when the module starts.
 
     The worker preloads Great Expectations and ONNX Runtime while the other tests run, so the
     test that uses it does not wait for a cold worker's imports.
@@ -420,7 +430,7 @@ class ExternalCluster:
         self.sched_file = folder / "scheduler.json"
         self.procs: list[subprocess.Popen[bytes]] = []
         self.start("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file", str(self.sched_file))
-        self.start("worker", "--scheduler-file", str(self.sched_file), "--nworkers", "1", "--nthreads", "1",
+        self.start("worker", "--scheduler-file", str(self.sched_file), "--nworkers", "2", "--nthreads", "1",
                    "--no-dashboard", "--memory-limit", "2GiB", "--preload", "great_expectations", "--preload", "tasks.scoring")  # fmt: skip
 
     def start(self, *args: str) -> None:
@@ -441,7 +451,7 @@ class ExternalCluster:
             time.sleep(0.1)
         address = json.loads(self.sched_file.read_text())["address"]
         with Client(address, timeout="30s") as client:
-            client.wait_for_workers(1, timeout=max(1.0, deadline - time.monotonic()))
+            client.wait_for_workers(2, timeout=max(1.0, deadline - time.monotonic()))
         return address
 
     def stop(self) -> None:
@@ -471,8 +481,15 @@ def external_cluster(tmp_path_factory: pytest.TempPathFactory, request: pytest.F
 def test_the_flow_runs_on_an_existing_dask_scheduler_given_by_address(
     scoring_home: Settings, external_cluster: ExternalCluster | None, monkeypatch: pytest.MonkeyPatch, small_model: bytes
 ) -> None:
-    """With dask.address set to a scheduler started apart (`dask scheduler` + `dask worker`), the same
-    flow scores on that scheduler's worker: all rows are published and the session was built there, once."""
+    """With dask.address set to a scheduler started apart (`dask scheduler` + `dask worker
+    --nworkers 2`), the same flow scores on that scheduler's workers. One worker is killed
+    (SIGKILL) once the run has staged its first partition: its tasks move to the other worker
+    (and to the worker's restart), and the run still publishes every row exactly once."""
+    import threading
+
+    from distributed import Client
+
+    from flows.score import score_flow
     from tasks.scoring import scorer_loads
 
     assert external_cluster is not None
@@ -481,9 +498,42 @@ def test_the_flow_runs_on_an_existing_dask_scheduler_given_by_address(
     settings = load_settings()
     assert settings.dask.address == address
     path = settings.data_dir / "in.parquet"
-    write_input(path, rows=12_000)
-    summary = run(settings, input_path=str(path))
-    assert summary.rows_out == 12_000 and len(scores_of(settings)) == 12_000
+    frame = write_input(path, rows=60_000)  # 10 partitions of 6,000 rows
+    with Client(address, timeout="30s") as client:
+        pids = client.run(os.getpid)
+    assert len(pids) == 2
+
+    result: dict[str, object] = {}
+
+    def score() -> None:
+        try:
+            result["summary"] = score_flow(run_date=DAY.isoformat(), input_path=str(path))
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            result["error"] = exc
+
+    runner = threading.Thread(target=score)
+    runner.start()
+    deadline = time.monotonic() + 600
+    while not _staged_parts(settings) and runner.is_alive():
+        assert time.monotonic() < deadline, "no partition was staged"
+        time.sleep(0.05)
+    assert runner.is_alive(), f"the run ended before a worker could be killed: {result}"
+    _, victim = sorted(pids.items())[0]
+    os.kill(victim, signal.SIGKILL)
+    runner.join(timeout=900)
+    assert not runner.is_alive() and "error" not in result, result.get("error")
+    summary = result["summary"]
+    assert summary.rows_in == summary.rows_out == 60_000
+    scored = scores_of(settings)
+    assert len(scored) == 60_000 and scored["transaction_id"].is_unique
+    assert set(scored["transaction_id"]) == set(frame["transaction_id"])
+    assert not psutil_alive(victim)
     digest = __import__("hashlib").sha256(small_model).hexdigest()[:16]
     loads = dask_cluster.client_for(settings.dask).run(scorer_loads)
-    assert [counts.get(digest) for counts in loads.values()] == [1]
+    assert all(counts.get(digest, 0) <= 1 for counts in loads.values())  # one session per worker process
+
+
+def psutil_alive(pid: int) -> bool:
+    import psutil
+
+    return psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE

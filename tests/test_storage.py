@@ -292,6 +292,28 @@ def test_sweep_spares_live_staging_of_other_dates_until_it_goes_stale(root: Path
         live.write_part(1, part_table(1, 1))
 
 
+def test_leftovers_of_a_sweep_killed_mid_delete_are_swept_at_once(root: Path) -> None:
+    """A sweep killed while deleting a staging folder leaves either a hidden, renamed folder
+    or (from an older layout) a marker-less folder holding some parts: neither belongs to a
+    live run, and the next sweep removes both, however fresh they are."""
+    run_once(root, DAY, [2])
+    staging = root / "scores" / "_staging"
+    half_deleted = StagedRun.open(root, OTHER_DAY, "half-deleted")
+    half_deleted.write_part(0, part_table(0, 4))
+    half_deleted.write_part(3, part_table(3, 4))
+    (staging / "half-deleted" / storage.STAGE_MARKER).unlink()  # rmtree removed the marker first
+    renamed = StagedRun.open(root, OTHER_DAY, "renamed")
+    renamed.write_part(0, part_table(0, 4))
+    os.rename(staging / "renamed", staging / ".renamed.0123abcd.removed")
+
+    report = storage.sweep(root)
+
+    assert sorted(report.removed) == ["_staging/.renamed.0123abcd.removed", "_staging/half-deleted"]
+    assert list(staging.iterdir()) == [] and count(root) == 2
+    with pytest.raises(StagingMissing):
+        half_deleted.write_part(1, part_table(1, 1))
+
+
 def test_sweep_repairs_the_view_after_the_home_folder_moved(root: Path, tmp_path: Path) -> None:
     """The view names files by absolute path; after MLOPS_HOME moves, sweep rebuilds it."""
     run_once(root, DAY, [12])
