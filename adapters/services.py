@@ -98,6 +98,10 @@ def plan(settings: Settings) -> list[Service]:
             health_url=f"http://{s.host}:{s.mlflow_port}/health",
             env=base,
         ),
+    ]
+    if settings.serving.url:  # the online service runs elsewhere (serving.url)
+        return services
+    services += [
         Service(
             "serving",
             serving_command(settings),

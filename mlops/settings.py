@@ -256,8 +256,14 @@ class ServingConfig(StrictModel):
     token comes from ``admin_token`` (or ``MLOPS__SERVING__ADMIN_TOKEN``); without one, a
     random token is generated into ``$MLOPS_HOME/run/serving.token`` (mode 0600), which
     clients read. One BentoML worker per service: routes and slots are process state.
+
+    ``url`` points the platform's clients (rollout flow, `mlops serving`, the demo) at a
+    service that runs elsewhere, e.g. a BentoML container built from ``bentofile.yaml``;
+    `mlops server up` then starts no service of its own. Its prediction log must land in
+    this ``MLOPS_HOME`` (a shared volume), where the rollout gates read it.
     """
 
+    url: str | None = Field(None, pattern=r"^https?://[^\s/]+(:\d+)?/?$")  # default: services.host:serving_port
     model_name: str | None = None  # default: training.model_name
     stable_alias: str = "champion"
     candidate_alias: str | None = None
@@ -369,6 +375,13 @@ class Settings(StrictModel):
     @property
     def prefect_home(self) -> Path:
         return self.home_path / "prefect"
+
+    @property
+    def serving_url(self) -> str:
+        """Base URL of the online service: ``serving.url``, else the local one of `mlops server up`."""
+        if self.serving.url:
+            return self.serving.url.rstrip("/")
+        return f"http://{self.services.host}:{self.services.serving_port}"
 
     @property
     def warehouse_path(self) -> Path:

@@ -89,6 +89,7 @@ def run_rollout_demo(settings: Settings, config: str | None, rows: int, plan: st
     _print_training(trained)
     port = _free_port()
     os.environ["MLOPS__SERVICES__SERVING_PORT"] = str(port)
+    os.environ["MLOPS__SERVING__URL"] = f"http://127.0.0.1:{port}"  # the rollout flow talks to the demo's service
     with progress(f"rollout 2/3 starting the online service on 127.0.0.1:{port}"):
         proc = _start_service(settings, port)
     try:

@@ -13,7 +13,7 @@ from mlops_cli.common import ConfigOpt, console, handle_errors, settings_for
 
 serving_app = typer.Typer(help="Inspect and change the running online service (routes, slots).", no_args_is_help=True)
 
-UrlOpt = Annotated[str | None, typer.Option("--url", help="Service URL (default: services.host and serving_port).")]
+UrlOpt = Annotated[str | None, typer.Option("--url", help="Service URL (default: serving.url, else services.host and serving_port).")]
 KeyOpt = Annotated[str | None, typer.Option("--idempotency-key", help="Repeat-safe key: a retry with it is applied once.")]
 
 

@@ -73,8 +73,7 @@ class ServingClient:
         """A client for this instance's service, with its admin token (config or token file)."""
         from serving.auth import read_token
 
-        s = settings.services
-        return cls(base_url or f"http://{s.host}:{s.serving_port}", read_token(settings), timeout=timeout)
+        return cls(base_url or settings.serving_url, read_token(settings), timeout=timeout)
 
     def close(self) -> None:
         self._http.close()

@@ -37,11 +37,24 @@ def test_platform_yaml_mirrors_the_embedded_defaults() -> None:
 
 
 def test_scaled_out_config_switches_each_backend() -> None:
-    """The scaled-out example points Prefect, MLflow and Dask at servers by address."""
+    """The scaled-out example points Prefect, MLflow, Dask and the online service at servers
+    by address; `mlops server up` then starts no model server of its own, and the platform's
+    serving client talks to the configured one."""
+    from adapters.services import plan
+    from serving.client import ServingClient
+
     s = load_settings(Path("configs/scaled-out.yaml").resolve(), environ={})
     assert s.prefect.api_url == "http://127.0.0.1:4200/api"
     assert s.tracking_uri == "http://127.0.0.1:5000"
     assert s.dask.address == "tcp://127.0.0.1:8786"
+    assert s.serving_url == "http://127.0.0.1:3000"
+    assert "serving" not in [svc.name for svc in plan(s)]
+    assert "serving" in [svc.name for svc in plan(load_settings(environ={}))]
+    token = {"MLOPS__SERVING__ADMIN_TOKEN": "t" * 16}
+    with ServingClient.for_settings(load_settings(Path("configs/scaled-out.yaml").resolve(), environ=token)) as client:
+        assert client.base_url == "http://127.0.0.1:3000"
+    with pytest.raises(ConfigError, match=r"serving\.url"):
+        load_settings(environ={"MLOPS__SERVING__URL": "not a url"})
 
 
 def test_unknown_field_names_file_and_field(tmp_path: Path) -> None:
