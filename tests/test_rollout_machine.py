@@ -26,7 +26,20 @@ from mlops.rollout.observe import Observations, PairStats, VariantStats
 from mlops.rollout.plan import ABStep, BlueGreenStep, CanaryStep, MetricCheck, RolloutPlan, ShadowStep, load_plan
 
 REPO = Path(__file__).resolve().parent.parent
-DEMO = load_plan(REPO / "configs/rollout/demo.yaml")
+DEMO = load_plan(REPO / "configs/rollout/demo.yaml")  # its A/B asks for non-inferiority
+
+
+def _superiority(plan: RolloutPlan, mde: float = 0.012) -> RolloutPlan:
+    """``plan`` with an A/B that must find a winner (superiority at ``mde``)."""
+    steps = tuple(
+        s.model_copy(update={"primary": s.primary.model_copy(update={"hypothesis": "superiority", "mde": mde})})
+        if isinstance(s, ABStep) else s
+        for s in plan.steps
+    )
+    return plan.model_copy(update={"steps": steps})
+
+
+DEMO_SUPERIORITY = _superiority(DEMO)
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
 S, C = 3, 4  # stable (champion) and candidate versions
 ALIASES = {CHAMPION: S, PREVIOUS_CHAMPION: 2, "challenger": C}
@@ -195,7 +208,7 @@ def test_better_candidate_is_promoted_through_every_stage() -> None:
     ab_pass = next(h for h in r.status.history if h.action is m.Action.AWAIT_APPROVAL)
     assert ab_pass.ab is not None and ab_pass.ab.outcome is Outcome.PASS
     assert min(ab_pass.ab.n_stable, ab_pass.ab.n_candidate) >= ab_pass.ab.n_required
-    assert "candidate better" in ab_pass.reason
+    assert "candidate not worse by more than the mde" in ab_pass.reason  # the demo plan's hypothesis
     final = r.status.route
     assert (final.mode, final.stable_version, final.candidate_version) == ("single", C, None)
 
@@ -311,7 +324,7 @@ def test_identical_models_never_get_a_declared_winner() -> None:
     after its time and inconclusive limit the rollout aborts with 'no winner' and nothing is
     promoted. Over 20 seeded rollouts (a look at every tick) at most one (alpha) ends any
     other way; test_rollout_abtest measures the rate over hundreds."""
-    plan = RolloutPlan(name="ab-only", tick_interval_s=5, steps=(DEMO.steps[3], DEMO.steps[5]))
+    plan = RolloutPlan(name="ab-only", tick_interval_s=5, steps=(DEMO_SUPERIORITY.steps[3], DEMO.steps[5]))
     ends = []
     for seed in range(20):
         r = run(plan, Candidate(seed=seed))
@@ -430,6 +443,28 @@ def test_dry_run_check_is_reported_but_never_fails_the_step() -> None:
     assert notes and "would rollback: latency_p99_ms_vs_stable_ratio" in notes[0]
     promoted = next(h for h in r.status.history if h.action is m.Action.PROMOTE)
     assert promoted.checks[0].dry_run and promoted.checks[0].outcome is Outcome.FAIL
+
+
+def test_an_auc_over_a_handful_of_frauds_is_inconclusive_not_a_verdict() -> None:
+    """With ``min_positives`` an AUC check waits for enough positive and negative labels on
+    both sides: 500 labelled answers holding 5 frauds give INCONCLUSIVE (naming the
+    counts), not a FAIL on noise; with enough of both it concludes on the numbers. The
+    option is refused on a metric that has no labels."""
+    from mlops.rollout.gate import evaluate_check
+
+    check = MetricCheck(metric="auc", relative_to_stable="diff", min=-0.03, min_samples=300, min_positives=25)
+    few = Observations(stable=VariantStats(requests=500, labelled=500, positives=6, auc=0.88),
+                       candidate=VariantStats(requests=500, labelled=500, positives=5, auc=0.77))  # fmt: skip
+    verdict = evaluate_check(check, few)
+    assert verdict.result.outcome is Outcome.INCONCLUSIVE
+    assert "5 positive / 495 negative candidate labels < min_positives 25" in verdict.result.reason
+    enough = replace(few, stable=replace(few.stable, labelled=3000, positives=40),
+                     candidate=replace(few.candidate, labelled=3000, positives=38))  # fmt: skip
+    assert evaluate_check(check, enough).result.outcome is Outcome.FAIL
+    stable_short = replace(enough, stable=replace(enough.stable, positives=10))
+    assert "stable labels < min_positives" in evaluate_check(check, stable_short).result.reason
+    with pytest.raises(ValueError, match="label-based metrics only"):
+        MetricCheck(metric="latency_p99_ms", max=50, min_positives=5)
 
 
 # --------------------------------------------------------------------------- limits, pause, errors
@@ -606,7 +641,7 @@ def test_start_checks_the_versions() -> None:
 
 def test_ab_step_checks_the_sample_ratio() -> None:
     """An A/B split whose entity counts are far from 50/50 aborts the experiment (SRM)."""
-    ab = DEMO.steps[3]
+    ab = DEMO_SUPERIORITY.steps[3]
     assert isinstance(ab, ABStep)
     feed = Candidate(loss=0.015)
 
@@ -616,6 +651,6 @@ def test_ab_step_checks_the_sample_ratio() -> None:
             return replace(obs, ab=replace(obs.ab, entities_candidate=int(obs.ab.entities_stable * 0.8)))
         return obs
 
-    r = run(DEMO, skewed)
+    r = run(DEMO_SUPERIORITY, skewed)
     assert r.status.phase is m.Phase.ABORTED
     assert "the split is not what was configured" in r.decisions[-1].reason

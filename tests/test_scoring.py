@@ -174,19 +174,25 @@ def run(settings: Settings, **kwargs: object):  # noqa: ANN201 - flows.score.Sco
 # --------------------------------------------------------------------------- a run
 
 
-def test_a_run_publishes_every_row_once_with_the_registered_models_scores(scoring_home: Settings, small_model: bytes) -> None:
-    """Given a 20k-row input in 4 partitions, the run writes 20k rows whose scores are the ONNX model's own.
+@pytest.mark.slow
+def test_a_run_publishes_every_row_once_with_the_registered_models_scores(
+    scoring_home: Settings, small_model: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Given a generated input of 1 million rows in 4 partitions, the run writes exactly 1
+    million rows whose scores are the registered ONNX model's own on the same rows.
 
     DuckDB's count agrees, decisions use the version's threshold, every row carries the model,
     version, alias and flow run, the Hive layout is there, score_runs has the run, and each
     worker built its ONNX Runtime session once, not once per partition.
     """
     settings = scoring_home
-    frame = write_input(settings.data_dir / "score" / f"{DAY}.parquet")  # the default input
+    rows = 1_000_000
+    monkeypatch.setenv("MLOPS__SCORING__ROWS_PER_PARTITION", str(rows // 4))
+    frame = write_input(settings.data_dir / "score" / f"{DAY}.parquet", rows=rows, row_group_rows=rows // 8)  # the default input
     summary = run(settings)
 
-    assert (summary.rows_in, summary.rows_out, summary.partitions) == (ROWS, ROWS, 4)
-    assert storage.query(settings.home_path, "SELECT count(*) AS n FROM scores").column("n")[0].as_py() == ROWS
+    assert (summary.rows_in, summary.rows_out, summary.partitions) == (rows, rows, 4)
+    assert storage.query(settings.home_path, "SELECT count(*) AS n FROM scores").column("n")[0].as_py() == rows
     out = scores_of(settings)
     expected = frame.sort_values("transaction_id").reset_index(drop=True)
     assert out["transaction_id"].tolist() == expected["transaction_id"].tolist()
@@ -200,7 +206,7 @@ def test_a_run_publishes_every_row_once_with_the_registered_models_scores(scorin
     parts = sorted((settings.home_path / "scores" / f"run_date={DAY}").glob("part-*.parquet"))
     assert [p.name for p in parts] == [f"part-{i:05d}.parquet" for i in range(4)]
     (row,) = score_runs(settings)
-    assert (row["model_version"], row["alias"], row["rows_in"], row["rows_out"]) == ("1", "champion", ROWS, ROWS)
+    assert (row["model_version"], row["alias"], row["rows_in"], row["rows_out"]) == ("1", "champion", rows, rows)
     assert {"pin", "plan", "score", "workers_validate", "workers_score"} <= set(yaml.safe_load(row["phase_seconds"]))
 
     from tasks.scoring import scorer_loads

@@ -81,6 +81,14 @@ def evaluate_check(check: MetricCheck, obs: Observations) -> Measurement:
     value, n = obs.metric(metric, CANDIDATE)
     if n < check.min_samples:
         return out(Outcome.INCONCLUSIVE, f"{n} {_samples(kind, CANDIDATE)} < min_samples {check.min_samples}", samples=n)
+    if check.min_positives:
+        sides = (CANDIDATE, STABLE) if check.relative_to_stable else (CANDIDATE,)
+        for side in sides:
+            v = obs.variant(side)
+            fewest = min(v.positives, v.labelled - v.positives)
+            if fewest < check.min_positives:
+                return out(Outcome.INCONCLUSIVE, f"{v.positives} positive / {v.labelled - v.positives} negative "
+                           f"{side} labels < min_positives {check.min_positives}", samples=n)  # fmt: skip
     if not math.isfinite(value):
         if kind == "labelled":
             pos = obs.candidate.positives

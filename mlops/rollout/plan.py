@@ -102,6 +102,10 @@ class MetricCheck(GateLimits):
     against ``min``/``max``; without it the candidate's own value is checked. Both sides
     then need ``min_samples``. ``name`` (default: the metric, suffixed by the comparison)
     identifies the check's counters and must be unique within a step.
+
+    ``min_positives`` (label-based metrics only) also asks for that many positive *and*
+    negative labels on each side before the check may conclude: with fraud at ~1 %, 500
+    labelled answers hold about 5 frauds, and an AUC over 5 positives is noise.
     """
 
     metric: Metric
@@ -109,6 +113,7 @@ class MetricCheck(GateLimits):
     min: float | None = None
     max: float | None = None
     relative_to_stable: Literal["ratio", "diff"] | None = None
+    min_positives: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> MetricCheck:
@@ -118,6 +123,8 @@ class MetricCheck(GateLimits):
             raise ValueError(f"check {self.key}: min {self.min} > max {self.max}")
         if self.relative_to_stable and self.metric in PAIRED_METRICS:
             raise ValueError(f"check {self.key}: {self.metric} already compares both models")
+        if self.min_positives and METRICS[self.metric][0] != "labelled":
+            raise ValueError(f"check {self.key}: min_positives applies to label-based metrics only")
         return self
 
     @property
