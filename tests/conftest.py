@@ -38,6 +38,16 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ.setdefault(key, value)
 
 
+# The longest modules first: CI runs two pytest-xdist workers that take whole modules
+# (--dist loadfile), so both start on long end-to-end modules and the short ones fill in.
+LONG_FIRST = ("test_rollout_flow.py", "test_e2e_deployments.py", "test_cli.py", "test_scoring.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a module kept
+
+
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
     """Settings of a fresh platform instance whose state lives in this test's tmp_path."""

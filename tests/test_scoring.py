@@ -233,7 +233,7 @@ def test_running_a_date_again_replaces_it_and_never_duplicates(scoring_home: Set
     from mlops_cli.main import app
 
     runner = CliRunner()
-    listed = runner.invoke(app, ["query", "SELECT count(*) AS n, count(DISTINCT run_id) AS runs FROM scores", "--limit", "5"])
+    listed = runner.invoke(app, ["query", "SELECT count(*) AS n, count(DISTINCT flow_run_id) AS runs FROM scores", "--limit", "5"])
     assert listed.exit_code == 0 and "12000" in listed.output and "1 rows" in listed.output, listed.output
     bad = runner.invoke(app, ["query", "SELECT nope FROM scores"])
     assert bad.exit_code == 3 and 'column "nope" not found' in bad.output and "Traceback" not in bad.output
