@@ -30,6 +30,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.input import RunInput
 
 from adapters.runtime import configure
+from mlops.rollout.errors import ApprovalTimedOut
 from mlops.rollout.machine import (
     ApprovalRequest,
     ApprovalResponse,
@@ -211,6 +212,8 @@ def rollout_flow(
     _publish(settings, status, report)
     reason = status.final_reason or (status.history[-1].reason if status.history else "")
     logger.info("rollout %s ended %s: %s", status.rollout_id, status.phase.value, reason)
+    if status.phase is Phase.TIMED_OUT:
+        raise ApprovalTimedOut(f"rollout {status.rollout_id}: {reason} (report: {report})")
     return RolloutSummary(status.rollout_id, status.model_name, status.stable_version, status.candidate_version,
                           status.phase.value, reason, str(report), time.monotonic() - started)  # fmt: skip
 

@@ -68,14 +68,20 @@ def test_data_generate_writes_exactly_the_rows(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_train_on_bad_data_exits_nonzero_listing_expectations(tmp_path: Path) -> None:
-    """`mlops train` on data with a missing column and out-of-range values exits 3, lists both, registers nothing."""
+def test_train_on_bad_data_exits_nonzero_listing_expectations(tmp_path: Path, prefect_api: None) -> None:
+    """`mlops train` on data with a missing column and out-of-range values exits 3, lists both, registers nothing.
+
+    The CLI process talks to the session's Prefect API (as it would to a server), so it
+    does not start a temporary one of its own; the demo test covers that path."""
+    from prefect.settings import PREFECT_API_URL
+
     home = tmp_path / "home"
     data = tmp_path / "bad.parquet"
     frame = generate(2000, seed=2).drop(columns=["ip_risk_score"])
     frame.loc[::50, "hour_of_day"] = 99.0
     write_parquet([frame], data)
-    result = mlops("train", "--data", str(data), env={"MLOPS_HOME": str(home)})
+    api = PREFECT_API_URL.value()
+    result = mlops("train", "--data", str(data), env={"MLOPS_HOME": str(home), "MLOPS__PREFECT__API_URL": api, "PREFECT_API_URL": api})
     assert result.returncode == 3, result.stderr[-2000:]
     assert "expectations failed" in result.stderr
     assert "column 'ip_risk_score' is missing" in result.stderr

@@ -3,6 +3,7 @@ Prefect API the way the UI creates them, executed by the process worker, then `s
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -58,8 +59,6 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
 
 
 def _recorded_pids(home: Path) -> list[int]:
-    import json
-
     pids = []
     for f in (home / "run").glob("*.pid.json"):
         root = psutil.Process(json.loads(f.read_text())["pid"])
@@ -104,8 +103,8 @@ def test_deployments_register_and_training_runs_on_the_worker(platform: dict[str
     write_parquet([generate(8000, seed=21)], data)
     flow_run = _run_deployment(platform, "train/train", {"data": str(data)})
     assert flow_run.state.is_completed(), flow_run.state
-    listing = _mlops(platform, "registry", "list")
-    assert "challenger, champion" in listing.stdout, listing.stdout + listing.stderr
+    listing = _mlops(platform, "registry", "list", "--json")
+    assert [set(v["aliases"]) for v in map(json.loads, listing.stdout.splitlines())] == [{"challenger", "champion"}], listing.stdout + listing.stderr
     status = _mlops(platform, "server", "status")
     assert "running" in status.stdout and "stopped" not in status.stdout, status.stdout
     nightly = _read_deployment(platform, "score/nightly-scoring")
@@ -155,7 +154,8 @@ def test_rollout_runs_pause_for_approval_and_are_approved_rejected_or_time_out(p
     reaches Paused at its approval step; `mlops rollout approve` resumes it and it completes
     with champion moved to the challenger. A second run is rejected with `mlops rollout reject
     --reason` and rolls back. A third is not answered: the pause times out at the plan's
-    deadline and the run ends timed out. Champion moved once, by the approved run."""
+    deadline, the rollout ends timed_out and its Prefect run Failed. Champion moved once, by
+    the approved run."""
     from adapters.traffic import LiveTraffic
     from mlops.rollout.simulator import SimulatorConfig
     from mlops.settings import load_settings
@@ -179,13 +179,15 @@ def test_rollout_runs_pause_for_approval_and_are_approved_rejected_or_time_out(p
             admin.apply({"stable_version": champion})
         outcomes = []
         with LiveTraffic(url, SimulatorConfig(seed=5, rate_per_s=40, label_delay_s=0.5), max_seconds=1200):
-            for i, answer in enumerate(("approve", "reject", None)):
-                data = Path(platform["MLOPS_HOME"]) / "data" / f"more-{i}.parquet"
-                write_parquet([generate(8000, seed=31 + i)], data)
-                trained = _run_deployment(platform, "train/train", {"data": str(data)})
-                assert trained.state.is_completed(), trained.state
-                challenger = registry.aliases(name)["challenger"]
-                run = _create_run(platform, "rollout/rollout", {"plan": str(short if answer is None else plan), "candidate": "challenger"})
+            data = Path(platform["MLOPS_HOME"]) / "data" / "more.parquet"
+            write_parquet([generate(8000, seed=31)], data)
+            trained = _run_deployment(platform, "train/train", {"data": str(data)})
+            assert trained.state.is_completed(), trained.state
+            for answer in ("approve", "reject", None):
+                # first the new challenger; once it is champion, the old champion by version number
+                candidate = "challenger" if answer == "approve" else str(registry.aliases(name)["previous-champion"])
+                challenger = registry.resolve(name, candidate).version if answer == "approve" else int(candidate)
+                run = _create_run(platform, "rollout/rollout", {"plan": str(short if answer is None else plan), "candidate": candidate})
                 paused = _wait_state(platform, run.id, "PAUSED")
                 assert paused.state.is_paused(), f"{paused.state}: {_rollouts(platform)}"
                 if answer is not None:
@@ -193,7 +195,12 @@ def test_rollout_runs_pause_for_approval_and_are_approved_rejected_or_time_out(p
                     answered = _mlops(platform, *args)
                     assert answered.returncode == 0, answered.stdout + answered.stderr
                 final = _wait_state(platform, run.id, "COMPLETED")
-                assert final.state.is_completed(), f"{final.state}: {_rollouts(platform)}"
+                if answer is None:  # the run fails, as an expired Prefect pause does (whichever side marks it first)
+                    message = final.state.message or ""
+                    assert final.state.is_failed(), f"{final.state}: {_rollouts(platform)}"
+                    assert "timed out" in message or "paused and never resumed" in message, message
+                else:
+                    assert final.state.is_completed(), f"{final.state}: {_rollouts(platform)}"
                 outcomes.append((champion, challenger, registry.aliases(name)["champion"]))
                 champion = registry.aliases(name)["champion"]
     finally:

@@ -221,7 +221,8 @@ def test_three_times_slower_candidate_is_rolled_back_at_the_first_canary_analysi
     assert r.status.phase is m.Phase.ROLLED_BACK
     back = r.first(m.Action.ROLLBACK)
     assert back.status.history[-1].step == "canary 1%"
-    assert "latency_p99_ms_vs_stable_ratio: candidate 36.0ms / stable 12.0ms = 3.00x > max 1.50x" in back.reason
+    assert "latency_p95_ms_vs_stable_ratio: candidate 30.0ms / stable 10.0ms = 3.00x > max 1.50x" in back.reason
+    assert "latency_p99_ms_vs_stable_ratio: candidate 36.0ms / stable 12.0ms = 3.00x > max 2.50x" in back.reason
     assert "(failures 2 > limit 1)" in back.reason and "registry aliases untouched" in back.reason
     assert back.route is not None and back.route.mode.value == "single"
     assert _modes(r.world) == ["shadow 100", "canary 1", "single v3"]
@@ -229,6 +230,7 @@ def test_three_times_slower_candidate_is_rolled_back_at_the_first_canary_analysi
     # the tick before, the check had failed once, within its limit
     before = r.decisions[r.decisions.index(back) - 1]
     assert before.action is m.Action.HOLD
+    assert before.status.counters["latency_p95_ms_vs_stable_ratio"].failures == 1
     assert before.status.counters["latency_p99_ms_vs_stable_ratio"].failures == 1
     shadow_notes = [h.reason for h in r.status.history if h.step == "shadow"]
     assert any("dry-run, not acted on: would rollback: latency_p99_ms_vs_stable_ratio" in t for t in shadow_notes)

@@ -192,7 +192,7 @@ def test_demo_plan_rolls_back_a_three_times_slower_candidate_at_the_first_canary
     status, service = drive(DEMO, cfg)
     assert status.phase is m.Phase.ROLLED_BACK
     end = status.history[-1]
-    assert end.step == "canary 1%" and "latency_p99_ms_vs_stable_ratio" in end.reason
+    assert end.step == "canary 1%" and "latency_p95_ms_vs_stable_ratio" in end.reason
     assert service.table.mode is Mode.SINGLE
 
 

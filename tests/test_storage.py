@@ -298,13 +298,14 @@ def test_leftovers_of_a_sweep_killed_mid_delete_are_swept_at_once(root: Path) ->
     live run, and the next sweep removes both, however fresh they are."""
     run_once(root, DAY, [2])
     staging = root / "scores" / "_staging"
-    half_deleted = StagedRun.open(root, OTHER_DAY, "half-deleted")
-    half_deleted.write_part(0, part_table(0, 4))
-    half_deleted.write_part(3, part_table(3, 4))
-    (staging / "half-deleted" / storage.STAGE_MARKER).unlink()  # rmtree removed the marker first
     renamed = StagedRun.open(root, OTHER_DAY, "renamed")
     renamed.write_part(0, part_table(0, 4))
     os.rename(staging / "renamed", staging / ".renamed.0123abcd.removed")
+    half_deleted = StagedRun.open(root, OTHER_DAY, "half-deleted")  # (this open sweeps the hidden one already)
+    os.makedirs(staging / ".renamed.0123abcd.removed")
+    half_deleted.write_part(0, part_table(0, 4))
+    half_deleted.write_part(3, part_table(3, 4))
+    (staging / "half-deleted" / storage.STAGE_MARKER).unlink()  # rmtree removed the marker first
 
     report = storage.sweep(root)
 

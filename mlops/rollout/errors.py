@@ -32,3 +32,14 @@ class ObservationMismatch(RolloutError):
 class StatusFormatError(RolloutError):
     """A persisted rollout status cannot be read: not JSON, a wrong field, or a schema
     version this code does not know."""
+
+
+class ApprovalTimedOut(PlatformError):
+    """Nobody answered the approval step before the plan's deadline.
+
+    Not a contract error: the rollout ended ``timed_out`` with nothing promoted and its
+    report written. The flow run still ends Failed, as Prefect ends an expired pause, so
+    the run list shows it as one that needs a person.
+    """
+
+    exit_code = 3
