@@ -134,7 +134,9 @@ def _alive(record: dict | None) -> psutil.Process | None:
         return None
     try:
         proc = psutil.Process(record["pid"])
-        if abs(proc.create_time() - record["create_time"]) > 1.0 or proc.status() == psutil.STATUS_ZOMBIE:
+        # A start time within seconds of the recorded one: the same process. (psutil derives
+        # it from the boot time, which the kernel may report a second apart between reads.)
+        if abs(proc.create_time() - record["create_time"]) > 5.0 or proc.status() == psutil.STATUS_ZOMBIE:
             return None
         return proc
     except (psutil.NoSuchProcess, KeyError):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import getpass
+import os
 from typing import Annotated
 
 import typer
 
+from mlops.errors import ConfigError
 from mlops_cli.common import ConfigOpt, console, handle_errors, progress, settings_for
 
 rollout_app = typer.Typer(
@@ -62,7 +64,12 @@ def _answer(run_id: str, approved: bool, version: int | None, by: str | None, co
 
     from mlops.errors import PlatformError
 
-    settings_for(config)
+    settings = settings_for(config)
+    if not os.environ.get("PREFECT_API_URL"):
+        raise ConfigError(
+            f"no Prefect server for {settings.home_path}: a paused run lives on a server; start one with "
+            "`mlops server up` or set prefect.api_url"
+        )
     run_input: dict[str, object] = {"approved": approved, "by": by or getpass.getuser(), "comment": comment}
     if version is not None:
         run_input["version"] = version

@@ -42,7 +42,7 @@ def test_every_command_has_help(path: tuple[str, ...]) -> None:
 
 
 def mlops(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    full_env = os.environ.copy() | (env or {})
+    full_env = os.environ.copy() | {"COLUMNS": "200"} | (env or {})  # tables wide enough to read
     return subprocess.run([sys.executable, "-m", "mlops_cli.main", *args], capture_output=True, text=True, env=full_env, timeout=timeout)
 
 
@@ -65,6 +65,16 @@ def test_data_generate_writes_exactly_the_rows(tmp_path: Path) -> None:
     bad = RUNNER.invoke(app, ["data", "generate", "--rows", "10", "--out", str(tmp_path / "d.txt")])
     assert bad.exit_code == 3 and "must be a .parquet file" in bad.output
     assert not (tmp_path / "d.txt").exists()
+
+
+def test_answering_an_approval_without_a_prefect_server_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A paused rollout lives on a Prefect server: without one for this home (no `mlops server
+    up`, no prefect.api_url), `mlops rollout approve` says how to get one, exit 2."""
+    monkeypatch.setenv("MLOPS_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    result = RUNNER.invoke(app, ["rollout", "approve", "00000000-0000-0000-0000-000000000000"])
+    assert result.exit_code == 2, result.output
+    assert "no Prefect server for" in result.output and "mlops server up" in result.output
 
 
 @pytest.mark.slow

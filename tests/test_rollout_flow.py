@@ -39,6 +39,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(180
 
 REPO = Path(__file__).resolve().parent.parent
 FAST_PLAN = (REPO / "tests/plans/fast-rollout.yaml").read_text()
+CANARY_CUTOVER = REPO / "tests/plans/canary-cutover.yaml"  # no analysis before the traffic changes
 RATE = 120.0  # requests/s: ~2,000 labelled answers (25 frauds) in ~17 s
 BASE, BETTER, SLOWER, ERRORING, WORSE = 1, 2, 3, 4, 5
 
@@ -152,7 +153,7 @@ def world(live: Live, prefect_api: None, monkeypatch: pytest.MonkeyPatch) -> Ite
 def _run(world: Live, candidate: int, **kw):
     from flows.rollout import rollout_flow
 
-    return rollout_flow(plan=str(world.plan), candidate=str(candidate), approval=kw.pop("approval", "approve"),
+    return rollout_flow(plan=str(kw.pop("plan", world.plan)), candidate=str(candidate), approval=kw.pop("approval", "approve"),
                         max_seconds=kw.pop("max_seconds", 400), **kw)  # fmt: skip
 
 
@@ -302,7 +303,7 @@ def test_a_rollout_killed_mid_canary_resumes_from_its_persisted_status(world: Li
     start_generation = _served(world)["generation"]
     rid = f"killed-{int(time.time())}"
     env = world.env | {"MLOPS__PREFECT__API_URL": PREFECT_API_URL.value(), "PREFECT_API_URL": PREFECT_API_URL.value()}
-    argv = [str(Path(sys.executable).with_name("mlops")), "rollout", "--plan", str(world.plan), "--candidate",
+    argv = [str(Path(sys.executable).with_name("mlops")), "rollout", "--plan", str(CANARY_CUTOVER), "--candidate",
             str(BETTER), "--id", rid, "--auto-answer", "approve"]  # fmt: skip
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     status_file = world.settings.home_path / "rollouts" / rid / "status.json"
@@ -344,7 +345,7 @@ def test_rollback_after_promotion_restores_previous_champion_at_once(world: Live
 
     from mlops_cli.main import app
 
-    summary = _run(world, BETTER)
+    summary = _run(world, BETTER, plan=CANARY_CUTOVER)
     assert summary.phase == "succeeded", summary.reason
     result = CliRunner().invoke(app, ["rollback", "--rollout", summary.rollout_id])
     assert result.exit_code == 0, result.output
