@@ -51,6 +51,11 @@ def settings_for(config: str | None) -> Settings:
             os.environ["PREFECT_API_URL"] = api
     # Prefect keeps INFO logs for its API (the UI); the terminal shows our own progress.
     os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "INFO" if _state["verbose"] else "CRITICAL"
+    # Prefect reads its settings from the environment once, when it is first imported; a
+    # command that imported it before this point would still use the values from before
+    # (no API URL: a temporary API instead of the server).
+    if "prefect.context" in sys.modules:
+        sys.modules["prefect.context"].refresh_global_settings_context()
     return settings
 
 

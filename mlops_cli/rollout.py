@@ -59,9 +59,6 @@ def rollout(
 def _answer(run_id: str, approved: bool, version: int | None, by: str | None, comment: str, config: str | None) -> None:
     from uuid import UUID
 
-    from prefect.exceptions import ObjectNotFound
-    from prefect.flow_runs import resume_flow_run
-
     from mlops.errors import PlatformError
 
     settings = settings_for(config)
@@ -70,6 +67,12 @@ def _answer(run_id: str, approved: bool, version: int | None, by: str | None, co
             f"no Prefect server for {settings.home_path}: a paused run lives on a server; start one with "
             "`mlops server up` or set prefect.api_url"
         )
+    from prefect.exceptions import ObjectNotFound
+    from prefect.flow_runs import resume_flow_run
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value() != os.environ["PREFECT_API_URL"]:
+        raise PlatformError(f"Prefect settings do not name the server {os.environ['PREFECT_API_URL']}")
     run_input: dict[str, object] = {"approved": approved, "by": by or getpass.getuser(), "comment": comment}
     if version is not None:
         run_input["version"] = version

@@ -118,7 +118,7 @@ def test_demo_end_to_end_on_embedded_defaults(tmp_path: Path) -> None:
     assert aliases == {1: {"previous-champion"}, 2: {"champion", "challenger"}}, listing.stdout
     history = mlops("registry", "history", env=env)
     assert history.returncode == 0 and "register" in history.stdout and "promote" in history.stdout
-    stale = mlops("promote", "--alias", "champion", "--version", "1", "--expect-current", "7", "--reason", "x", env=env)
+    stale = mlops("promote", "--alias", "challenger", "--version", "1", "--expect-current", "7", "--reason", "x", env=env)
     assert stale.returncode == 5 and "expected v7; nothing was moved" in stale.stderr
     for sub in ("mlflow.db", "registry_audit.db", "prefect", "data/train.parquet"):
         assert (home / sub).exists(), sub
