@@ -90,13 +90,6 @@ def config_validate(
     console.print(f"[green]ok[/] {file} ({kind})")
 
 
-def validate_plan_file(path: Path) -> None:
-    """Raise ``ConfigError`` (file and field) when ``path`` is not a valid rollout plan."""
-    from mlops.rollout.plan import load_plan
-
-    load_plan(path)
-
-
 # --------------------------------------------------------------------------- data
 
 
@@ -294,10 +287,11 @@ def demo(
     config: ConfigOpt = None,
 ) -> None:
     """Run the platform end to end on embedded defaults: train -> register -> batch-score -> edge -> safe rollout."""
+    from mlops.rollout.plan import load_plan
     from mlops_cli.demo import run_demo
 
     if rollout_plan is not None:
-        validate_plan_file(rollout_plan)
+        load_plan(rollout_plan)  # a bad plan fails now, naming file and field, before anything runs
     run_demo(settings_for(config), config, rows, str(rollout_plan) if rollout_plan else None)
 
 
