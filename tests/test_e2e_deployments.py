@@ -210,11 +210,26 @@ def test_rollout_runs_pause_for_approval_and_are_approved_rejected_or_time_out(p
     assert after_approve == new != old  # approved: champion moved to the challenger
     assert after_reject == old2  # rejected: rolled back, champion unchanged
     assert after_timeout == old3  # nobody answered: timed out, nothing promoted
-    listing = _rollouts(platform)
+    listing = _settled_rollouts(platform, count=3)
     phases = [line.split()[1] for line in listing.splitlines() if line.strip()]
     assert phases == ["succeeded", "rolled_back", "timed_out"], listing
     history = [m for m in ModelRegistry(settings).history(name) if m.alias == "champion" and m.action == "rollout"]
     assert [(m.from_version, m.to_version) for m in history] == [(old, new)]
+
+
+def _settled_rollouts(env: dict[str, str], count: int, within_s: float = 60) -> str:
+    """The rollout listing once none of ``count`` rollouts is still awaiting approval.
+
+    When nobody answers, the server's pause-expiry service may fail the Prefect run a moment
+    before the flow's own wait ends and records ``timed_out``; the record follows within
+    seconds (the flow polls every 2 s)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        listing = _rollouts(env)
+        lines = [line for line in listing.splitlines() if line.strip()]
+        if (len(lines) == count and "awaiting_approval" not in listing) or time.monotonic() > deadline:
+            return listing
+        time.sleep(1)
 
 
 def _rollouts(env: dict[str, str]) -> str:

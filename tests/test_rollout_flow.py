@@ -40,8 +40,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(180
 REPO = Path(__file__).resolve().parent.parent
 FAST_PLAN = (REPO / "tests/plans/fast-rollout.yaml").read_text()
 CANARY_CUTOVER = REPO / "tests/plans/canary-cutover.yaml"  # no analysis before the traffic changes
-RATE = 70.0  # requests/s: a 3x slower candidate can still be mirrored in shadow; 25 frauds take ~30 s
+RATE = 70.0  # requests/s: the slower candidate can still be mirrored in shadow; 25 frauds take ~30 s
 BASE, BETTER, SLOWER, ERRORING, WORSE = 1, 2, 3, 4, 5
+SLOW_MS = 15.0  # extra ms per model call: ~3x stable's p99 here (more at p50/p95), light enough to mirror in shadow
 
 
 def _free_port() -> int:
@@ -83,7 +84,7 @@ def live(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -> Iterat
         env = dict(os.environ)
         schema = settings.dataset
         models = [degrade(small_model, schema, Pathology(extra_noise=1.5)), small_model,
-                  degrade(small_model, schema, Pathology(extra_latency_ms=150)),
+                  degrade(small_model, schema, Pathology(extra_latency_ms=SLOW_MS)),
                   degrade(small_model, schema, Pathology(error_share=0.05)),
                   degrade(small_model, schema, Pathology(extra_noise=4.0))]  # fmt: skip
         versions = []
@@ -207,20 +208,16 @@ def test_a_better_candidate_is_promoted_through_every_stage(world: Live) -> None
 
 
 def test_a_three_times_slower_candidate_is_rolled_back_at_the_first_canary_analysis(world: Live) -> None:
-    """A candidate answering ~150 ms slower is rolled back before any user waits on it for
-    long: at canary 10 % on its latency ratio, or already in shadow when the mirrored load
-    is more than it can answer in time (its mirrored calls time out: the shadow error gate;
-    seen on a loaded 2-core machine). Traffic back on stable v1 alone, aliases untouched,
-    the reason names the gate."""
+    """A candidate ~3x slower than stable at p99 (its model spins SLOW_MS per call; queueing
+    makes it worse at p50 and p95) passes shadow, where latency is only observed, and is
+    rolled back in the first canary step (10 %) on its latency ratio: traffic back on stable
+    v1 alone, aliases untouched, the reason names the gate."""
     before = _aliases(world)
     summary = _run(world, SLOWER)
     status = _status(world, summary.rollout_id)
     assert summary.phase == "rolled_back", summary.reason
-    step = status.history[-1].step
-    assert (step, "latency_p9" in summary.reason or "error_rate" in summary.reason) in (
-        ("canary 10%", True), ("shadow", True)), summary.reason  # fmt: skip
-    if step == "canary 10%":
-        assert "latency_p9" in summary.reason
+    assert status.history[-1].step == "canary 10%", summary.reason
+    assert "latency_p9" in summary.reason
     assert "registry aliases untouched" in summary.reason
     assert _aliases(world) == before
     served = _served(world)
