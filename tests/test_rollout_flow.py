@@ -40,6 +40,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(180
 REPO = Path(__file__).resolve().parent.parent
 FAST_PLAN = (REPO / "tests/plans/fast-rollout.yaml").read_text()
 CANARY_CUTOVER = REPO / "tests/plans/canary-cutover.yaml"  # no analysis before the traffic changes
+SHADOW_APPROVAL = REPO / "tests/plans/shadow-approval.yaml"  # straight to the approval step
 RATE = 70.0  # requests/s: the slower candidate can still be mirrored in shadow; 25 frauds take ~30 s
 BASE, BETTER, SLOWER, ERRORING, WORSE = 1, 2, 3, 4, 5
 SLOW_MS = 15.0  # extra ms per model call: ~3x stable's p99 here (more at p50/p95), light enough to mirror in shadow
@@ -278,7 +279,8 @@ def test_a_rejected_approval_rolls_back_through_the_prefect_pause(world: Live) -
     from prefect.flow_runs import resume_flow_run
 
     result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(s=_run(world, BETTER, approval="prefect")), daemon=True)
+    thread = threading.Thread(target=lambda: result.update(s=_run(world, BETTER, plan=SHADOW_APPROVAL, approval="prefect")),
+                              daemon=True)  # fmt: skip
     thread.start()
     run = _paused_run()
     resume_flow_run(run.id, run_input={"approved": True, "version": 99, "by": "mallory"})
