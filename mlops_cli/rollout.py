@@ -110,12 +110,18 @@ def reject(
 @handle_errors
 def list_cmd(config: ConfigOpt = None) -> None:
     """Persisted rollouts of this MLOPS_HOME, oldest first."""
-    from tasks.rollout import list_rollouts
+    from mlops.rollout.machine import Phase
+    from tasks.rollout import list_rollouts, utcnow
 
+    now = utcnow()
     for s in list_rollouts(settings_for(config)):
+        reason = s.final_reason or (s.history[-1].reason if s.history else "")
+        if s.phase is Phase.AWAITING_APPROVAL and s.approval is not None and s.approval.deadline <= now:
+            # its run stopped before it could record the timeout (e.g. the worker died while paused)
+            reason = (f"approval deadline {s.approval.deadline:%Y-%m-%d %H:%M:%S} passed with no outcome recorded; "
+                      f"`mlops rollout --resume {s.rollout_id}` ends it timed_out")  # fmt: skip
         console.print(f"{s.rollout_id}  {s.phase.value:<17} v{s.candidate_version} vs v{s.stable_version}  "
-                      f"{s.history[-1].step if s.history else '-'}  {s.updated_at:%Y-%m-%d %H:%M:%S}  "
-                      f"{(s.final_reason or (s.history[-1].reason if s.history else ''))[:200]}",
+                      f"{s.history[-1].step if s.history else '-'}  {s.updated_at:%Y-%m-%d %H:%M:%S}  {reason[:200]}",
                       soft_wrap=True, markup=False, highlight=False)  # fmt: skip
 
 

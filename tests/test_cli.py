@@ -77,6 +77,31 @@ def test_answering_an_approval_without_a_prefect_server_says_so(tmp_path: Path, 
     assert "no Prefect server for" in result.output and "mlops server up" in result.output
 
 
+def test_rollout_list_flags_an_approval_whose_deadline_passed_unrecorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rollout still recorded as awaiting approval after its deadline (its run stopped while
+    paused) is listed with the passed deadline and how to end it, not as still waiting."""
+    from datetime import UTC, datetime, timedelta
+
+    from mlops.rollout.machine import ApprovalRequest, Phase, start
+    from mlops.rollout.plan import load_plan
+    from mlops.settings import load_settings
+    from tasks.rollout import save_status
+
+    monkeypatch.setenv("MLOPS_HOME", str(tmp_path / "home"))
+    plan = load_plan(Path(__file__).parent / "plans" / "shadow-approval.yaml")
+    then = datetime.now(UTC) - timedelta(hours=1)
+    status = start("r-stale", plan, model_name="fraud", stable_version=1, candidate_version=2,
+                   aliases={"champion": 1, "challenger": 2}, now=then)  # fmt: skip
+    request = ApprovalRequest(rollout_id="r-stale", model_name="fraud", candidate_version=2, stable_version=1,
+                              requested_at=then, deadline=then + timedelta(minutes=2))  # fmt: skip
+    save_status(load_settings(), status.model_copy(update={"phase": Phase.AWAITING_APPROVAL, "approval": request}))
+    result = RUNNER.invoke(app, ["rollout", "list"])
+    assert result.exit_code == 0, result.output
+    line = " ".join(result.output.split())
+    assert "r-stale awaiting_approval v2 vs v1" in line, result.output
+    assert "passed with no outcome recorded" in line and "mlops rollout --resume r-stale" in line, result.output
+
+
 @pytest.mark.slow
 def test_train_on_bad_data_exits_nonzero_listing_expectations(tmp_path: Path, prefect_api: None) -> None:
     """`mlops train` on data with a missing column and out-of-range values exits 3, lists both, registers nothing.
