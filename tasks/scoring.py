@@ -152,7 +152,8 @@ def score_partition(job: PartitionJob, models: Sequence[bytes]) -> PartitionResu
     lap("score")
     keys = table.select([c for c in job.schema.key_columns if c in table.column_names])
     out = score_table(keys, scores, job.models[0], job.flow_run_id)
-    info = storage.write_part(job.root, job.run_date, job.run_id, part.index, out)
+    distinct = [c for c in (job.schema.id_column, job.schema.timestamp_column) if c]
+    info = storage.write_part(job.root, job.run_date, job.run_id, part.index, out, distinct_columns=distinct)
     lap("write")
     return PartitionResult(part.index, table.num_rows, info, (), seconds, agreement)
 
