@@ -1,8 +1,9 @@
 """Data validation with Great Expectations (GX Core 1.x).
 
-A ``DatasetSchema`` becomes one GX ``ExpectationSuite``; a pandas frame is validated by one
-GX batch run of that suite, on one ephemeral Data Context per process. GX's result is then
-condensed into a ``ValidationSummary`` of one readable line per problem, for example::
+A ``DatasetSchema`` becomes one GX ``ExpectationSuite``; a pandas frame is validated by a
+GX batch run of that suite (a second run, for the details, only when it fails), on one
+ephemeral Data Context per process. GX's result is then condensed into a
+``ValidationSummary`` of one readable line per problem, for example::
 
     column 'amount': values must be between 0.0 and 100000.0 (12 of 1000 rows outside, e.g. -5.0)
 
