@@ -9,6 +9,12 @@ ONNX Runtime run itself is stopped through its ``RunOptions.terminate`` flag, so
 model costs one timeout, not a thread forever. Scoring never runs on the event loop: a
 slow model cannot stall health checks, admin calls or other versions.
 
+Shadow traffic (copies of requests whose answer nobody waits for) goes through a second
+worker of the same session, the version's *mirror lane*, whose thread runs at a lower OS
+scheduling priority (``nice``): when the cores are busy, users' requests are scored
+first and the mirrored ones wait (and are shed by the runtime's ``shadow_max_pending``
+bound) instead of taking CPU from the primary path.
+
 ``ModelPool`` holds every loaded version, least recently used first. Versions in a slot
 are pinned; others are evicted when the pool exceeds its memory budget. Every request
 holds a reference (``acquire``/``release``) while it uses a model, and an evicted or
@@ -62,10 +68,11 @@ class _Item:
 class ModelWorker:
     """One version's scoring thread with micro-batching and deadline enforcement."""
 
-    def __init__(self, scorer: OnnxScorer, label: str, max_batch_rows: int = 64):
+    def __init__(self, scorer: OnnxScorer, label: str, max_batch_rows: int = 64, *, nice: int = 0):
         self.scorer = scorer
         self.label = label
         self.max_batch_rows = max_batch_rows
+        self.nice = nice  # added to the thread's scheduling niceness when it starts (Linux: per thread)
         self.outstanding: deque[_Item] = deque()  # loop thread only, FIFO
         self._pending: deque = deque()  # loop thread appends, scoring thread pops
         # Wake-ups of an idle thread go through a pipe: os.write/os.read release the GIL
@@ -200,6 +207,11 @@ class ModelWorker:
             self._run_options = None
 
     def _run(self) -> None:
+        if self.nice > 0:
+            try:  # on Linux a thread has its own niceness, addressed by its thread id
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + self.nice)
+            except (OSError, AttributeError) as exc:  # no per-thread priority here: the lane runs at normal priority
+                log.warning("model %s: cannot lower the priority of its thread (%s)", self.label, exc)
         try:
             self._serve()
         finally:
@@ -241,6 +253,20 @@ class LoadedModel:
     refs: int = 0
     retired: bool = False
     closed: bool = False
+    mirror: ModelWorker | None = None  # the mirror lane, started on the first mirrored request
+
+    def mirror_worker(self, nice: int) -> ModelWorker:
+        """The worker for mirrored (shadow) requests: the same session on a second thread
+        running ``nice`` steps below normal priority (``nice=0``: the model's own worker)."""
+        if nice <= 0:
+            return self.worker
+        if self.mirror is None:
+            self.mirror = ModelWorker(self.scorer, f"{self.worker.label} mirror", self.worker.max_batch_rows, nice=nice)
+        return self.mirror
+
+    @property
+    def workers(self) -> tuple[ModelWorker, ...]:
+        return (self.worker,) if self.mirror is None else (self.worker, self.mirror)
 
     def acquire(self) -> LoadedModel:
         self.refs += 1
@@ -255,7 +281,8 @@ class LoadedModel:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self.worker.stop()
+            for worker in self.workers:
+                worker.stop()
 
     def describe(self) -> dict[str, Any]:
         return {"version": self.version, "bytes": self.nbytes, "refs": self.refs,
@@ -318,7 +345,7 @@ class ModelPool:
     @property
     def workers(self) -> Iterable[ModelWorker]:
         self._retired = [m for m in self._retired if not m.closed]
-        return [m.worker for m in (*self._models.values(), *self._retired)]
+        return [w for m in (*self._models.values(), *self._retired) for w in m.workers]
 
     @property
     def loaded_bytes(self) -> int:

@@ -345,7 +345,8 @@ class ServingRuntime:
         rows = [features[i] for i in index]
         self.shadow_pending += k
         model.acquire()
-        future = model.worker.submit(self._columns(rows, self.feature_names), k, time.monotonic() + self.timeout)
+        worker = model.mirror_worker(self.cfg.shadow_nice)
+        future = worker.submit(self._columns(rows, self.feature_names), k, time.monotonic() + self.timeout)
         keys = ([request_ids[i] for i in index], [entity_keys[i] for i in index], rows)
         future.add_done_callback(partial(self._shadow_done, model, keys, mode, time.perf_counter()))
 

@@ -104,6 +104,31 @@ def test_worker_scores_like_the_scorer_and_batches_concurrent_requests(small_mod
         np.testing.assert_allclose(got[:, 1], scorer.predict_proba(p), rtol=1e-6)
 
 
+def test_the_mirror_lane_scores_the_same_on_a_lower_priority_thread(small_model):
+    """Shadow copies go to a second worker of the same session whose thread runs ``nice``
+    steps below the process (so users' requests win the cores); it answers the same
+    probabilities and stops with its model."""
+    model = build_model("fraud", 1, small_model, SCHEMA)
+    lane = model.mirror_worker(7)
+    assert lane is not model.worker and model.mirror_worker(7) is lane and model.workers == (model.worker, lane)
+    assert model.mirror_worker(0) is model.worker
+    part = columns(4)
+
+    async def main():
+        got = await lane.submit(part, 4, time.monotonic() + 5)
+        return got, os.getpriority(os.PRIO_PROCESS, lane._thread.native_id)
+
+    try:
+        got, niceness = run(main())
+    finally:
+        model.close()
+    np.testing.assert_allclose(got[:, 1], OnnxScorer(small_model, SCHEMA).predict_proba(part), rtol=1e-6)
+    assert niceness == os.getpriority(os.PRIO_PROCESS, 0) + 7
+    for worker in (model.worker, lane):
+        worker._thread.join(timeout=5)
+        assert not worker._thread.is_alive()
+
+
 def test_a_hung_model_call_times_out_and_is_stopped():
     """A model that never finishes answers ModelTimeout at its deadline, and its run is terminated."""
     scorer = OnnxScorer(slow_model(SCHEMA), SCHEMA)
