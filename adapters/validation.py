@@ -18,6 +18,7 @@ this module is imported.
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -448,6 +449,13 @@ def validate_frame(
             result = runtime.run(df, suite, _RESULT_FORMAT)
     except GreatExpectationsError as exc:
         raise DataError(f"{source}: Great Expectations could not validate the frame: {exc}") from exc
+    finally:
+        # GX's validator, execution engine and batch refer to each other, and with them the
+        # metrics computed on the frame (column-sized masks and series). Only a full garbage
+        # collection frees such cycles, and a few big arrays hardly count towards triggering
+        # one: a scoring worker grew by ~180 MB per 500,000-row partition until it ran out.
+        # Collected here, at ~0.05 s per call, a worker's memory follows the partition size.
+        gc.collect()
     return ValidationSummary(
         suite=suite.name,
         source=source,
