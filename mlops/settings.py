@@ -282,7 +282,7 @@ class ServingConfig(StrictModel):
     load_on_demand: bool = True
     enforce_feature_ranges: bool = True
     shadow_max_pending: int = Field(256, ge=1)
-    shadow_nice: int = Field(10, ge=0, le=19)  # mirrored calls' thread priority below the primary path (0: same)
+    shadow_nice: int = Field(0, ge=0, le=19)  # >0: mirrored calls on their own thread, this much nicer (opt-in)
     log_flush_seconds: float = Field(2.0, gt=0)
     log_flush_rows: int = Field(20_000, ge=1)
     log_max_buffer_rows: int = Field(500_000, ge=1)

@@ -211,13 +211,18 @@ def test_rollout_runs_pause_for_approval_and_are_approved_rejected_or_time_out(p
     assert after_reject == old2  # rejected: rolled back, champion unchanged
     assert after_timeout == old3  # nobody answered: timed out, nothing promoted
     listing = _settled_rollouts(platform, count=3)
-    phases = [line.split()[1] for line in listing.splitlines() if line.strip()]
-    assert phases == ["succeeded", "rolled_back", "timed_out"], listing
+    lines = [line for line in listing.splitlines() if line.strip()]
+    assert [line.split()[1] for line in lines[:2]] == ["succeeded", "rolled_back"], listing
+    # The unanswered one: timed_out when the flow's own wait ends first; when the server's
+    # pause expiry fails the run first, the flow records nothing more, and the listing says
+    # the deadline passed and how to close the record.
+    third = lines[2].split()[1]
+    assert third == "timed_out" or (third == "awaiting_approval" and "passed with no outcome recorded" in lines[2]), listing
     history = [m for m in ModelRegistry(settings).history(name) if m.alias == "champion" and m.action == "rollout"]
     assert [(m.from_version, m.to_version) for m in history] == [(old, new)]
 
 
-def _settled_rollouts(env: dict[str, str], count: int, within_s: float = 60) -> str:
+def _settled_rollouts(env: dict[str, str], count: int, within_s: float = 20) -> str:
     """The rollout listing once none of ``count`` rollouts is still awaiting approval.
 
     When nobody answers, the server's pause-expiry service may fail the Prefect run a moment
