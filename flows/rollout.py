@@ -18,6 +18,7 @@ machine turns into TIMED_OUT (nothing promoted). ``approve``/``reject`` answer a
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -91,13 +92,36 @@ def new_rollout_id(now: datetime) -> str:
     return f"{now:%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 
-def apply_all(settings: Settings, admin: ServingAdmin, status: RolloutStatus) -> RolloutStatus:
-    """Apply the status's outstanding effects in order, persisting after each one."""
+def apply_all(settings: Settings, admin: ServingAdmin, status: RolloutStatus, *, as_tasks: bool = True) -> RolloutStatus:
+    """Apply the status's outstanding effects in order, persisting after each one.
+
+    ``as_tasks=False`` calls the effect function itself instead of running a Prefect task
+    (for a run that can start no more tasks, see ``_time_out``)."""
+    apply = apply_effect if as_tasks else apply_effect.fn
     for effect in status.outstanding:
-        apply_effect(settings, admin, status, effect)
+        apply(settings, admin, status, effect)
         status = mark_applied(status, effect.key, utcnow())
         save_status(settings, status)
     return status
+
+
+def _time_out(settings: Settings, admin: ServingAdmin, status: RolloutStatus, plan: RolloutPlan,
+              req: ApprovalRequest) -> RolloutStatus:  # fmt: skip
+    """Record an unanswered approval as timed out and undo its traffic change, without tasks.
+
+    Once its pause has ended unanswered, this Prefect run is never Running again (the
+    server's pause-expiry service may already have failed it). The timeout needs no
+    observation, so it is decided, recorded and its revert applied here directly, whatever
+    Prefect still allows such a run to do: through the usual observe/apply tasks, a
+    deployment run whose pause the server had failed first ended with the rollout still
+    recorded as awaiting approval and the candidate still in the route.
+    """
+    wait = (req.deadline - utcnow()).total_seconds()
+    if wait > 0:  # the pause's own timer ended a moment early
+        time.sleep(wait)
+    d = decide(status, None, plan, utcnow(), Signals(approval=None, challenger_version=None, command=None, by="operator"))
+    save_status(settings, d.status)
+    return apply_all(settings, admin, d.status, as_tasks=False)
 
 
 def ask_approval(req: ApprovalRequest, mode: ApprovalMode, seq: int) -> ApprovalResponse | None:
@@ -113,7 +137,7 @@ def ask_approval(req: ApprovalRequest, mode: ApprovalMode, seq: int) -> Approval
                    f"Rollout `{req.rollout_id}`, deadline {req.deadline.isoformat()}.\n\n"
                    f"Evidence so far:\n{evidence or '- (none)'}\n\n"
                    f"Set `approved` and answer for `version` {req.candidate_version}; a rejection rolls back.")  # fmt: skip
-    timeout = max(1, int(req.remaining_s(utcnow())))
+    timeout = max(1, math.ceil(req.remaining_s(utcnow())))
     try:
         answer = pause_flow_run(
             wait_for_input=ApprovalInput.with_initial_data(description=description, version=req.candidate_version),
@@ -180,6 +204,7 @@ def rollout_flow(
                     status.stable_version, the_plan.name)  # fmt: skip
     refs = read_references(settings, status.rollout_id)
     answer: ApprovalResponse | None = None
+    tasks_ok = True  # False once an unanswered pause has left the run unable to start tasks
     with ServingClient.for_settings(settings) as admin:
         status = apply_all(settings, admin, status)  # left over by a crash
         while True:
@@ -202,6 +227,9 @@ def rollout_flow(
                 answer = ask_approval(d.approval, approval, status.seq)
                 if answer is None:
                     logger.info("no answer to the approval of v%d before its deadline", status.candidate_version)
+                    status = _time_out(settings, admin, status, the_plan, d.approval)
+                    tasks_ok = False
+                    break
                 continue
             if max_seconds is not None and time.monotonic() - started > max_seconds:
                 logger.warning("stopping after %.0f s; resume with: mlops rollout --resume %s", max_seconds,
@@ -209,7 +237,7 @@ def rollout_flow(
                 break
             time.sleep(max(0.0, the_plan.tick_interval_s - (time.monotonic() - tick_started)))
     report = write_report(settings, status, the_plan)
-    _publish(settings, status, report)
+    _publish(settings, status, report, as_tasks=tasks_ok)
     reason = status.final_reason or (status.history[-1].reason if status.history else "")
     logger.info("rollout %s ended %s: %s", status.rollout_id, status.phase.value, reason)
     if status.phase is Phase.TIMED_OUT:
@@ -218,10 +246,10 @@ def rollout_flow(
                           status.phase.value, reason, str(report), time.monotonic() - started)  # fmt: skip
 
 
-def _publish(settings: Settings, status: RolloutStatus, report: Path) -> None:
+def _publish(settings: Settings, status: RolloutStatus, report: Path, *, as_tasks: bool = True) -> None:
     """The report as artifacts: a link and a summary table on the Prefect run, a file on the
     candidate version's MLflow run."""
-    run_id = attach_report(settings, status, report)
+    run_id = (attach_report if as_tasks else attach_report.fn)(settings, status, report)
     rows = "\n".join(f"| {h.at:%H:%M:%S} | {h.step} | {h.action.value} | {h.reason[:300].replace('|', '/')} |"
                      for h in status.history if h.action.value != "hold")  # fmt: skip
     create_link_artifact(link=report.resolve().as_uri(), link_text=f"rollout report {status.rollout_id}",

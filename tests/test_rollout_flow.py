@@ -296,6 +296,42 @@ def test_a_rejected_approval_rolls_back_through_the_prefect_pause(world: Live) -
     assert _served(world)["mode"] == "single"
 
 
+def test_an_unanswered_approval_times_out_restores_the_route_and_fails_the_run(world: Live, tmp_path: Path) -> None:
+    """Nobody answers the paused run, and Prefect's server fails it for its expired pause (as
+    its pause-expiry service does, here a moment early) while the flow still waits: at the
+    plan's deadline the rollout is still recorded timed_out (not left awaiting approval),
+    the candidate leaves the route and nothing is promoted."""
+    from prefect import get_client
+    from prefect.states import Failed
+
+    from mlops.rollout.errors import ApprovalTimedOut
+    from tasks.rollout import list_rollouts
+
+    plan = tmp_path / "short-approval.yaml"
+    plan.write_text(SHADOW_APPROVAL.read_text().replace("timeout_s: 120", "timeout_s: 10"))
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["s"] = _run(world, BETTER, plan=plan, approval="prefect")
+        except ApprovalTimedOut as exc:
+            result["e"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    paused = _paused_run()
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(paused.id, Failed(message="The flow was paused and never resumed."), force=True)
+    thread.join(timeout=120)
+    assert "timed out" in str(result.get("e")), result
+    status = list_rollouts(world.settings)[-1]
+    assert status.phase is Phase.TIMED_OUT and not status.outstanding, status.final_reason
+    assert "approval of v2 timed out" in (status.final_reason or "")
+    served = _served(world)
+    assert (served["mode"], served["stable_version"]) == ("single", BASE)
+    assert _aliases(world)[CHAMPION] == BASE and status.promoted_at is None
+
+
 def test_a_rollout_killed_mid_canary_resumes_from_its_persisted_status(world: Live) -> None:
     """A rollout running as its own process (``mlops rollout``) is SIGKILLed once it is in
     canary; ``--resume`` continues at the same step and finishes: every effect key is applied
