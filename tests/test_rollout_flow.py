@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 FAST_PLAN = (REPO / "tests/plans/fast-rollout.yaml").read_text()
 CANARY_CUTOVER = REPO / "tests/plans/canary-cutover.yaml"  # no analysis before the traffic changes
 SHADOW_APPROVAL = REPO / "tests/plans/shadow-approval.yaml"  # straight to the approval step
+STRICT_LATENCY = REPO / "tests/plans/strict-latency.yaml"  # the fast plan at p95 <= 2x, p99 <= 3x
 RATE = 70.0  # requests/s: the slower candidate can still be mirrored in shadow; 25 frauds take ~30 s
 BASE, BETTER, SLOWER, ERRORING, WORSE = 1, 2, 3, 4, 5
 SLOW_MS = 15.0  # extra ms per model call: ~3x stable's p99 here (more at p50/p95), light enough to mirror in shadow
@@ -214,7 +215,7 @@ def test_a_three_times_slower_candidate_is_rolled_back_at_the_first_canary_analy
     rolled back in the first canary step (10 %) on its latency ratio: traffic back on stable
     v1 alone, aliases untouched, the reason names the gate."""
     before = _aliases(world)
-    summary = _run(world, SLOWER)
+    summary = _run(world, SLOWER, plan=STRICT_LATENCY)
     status = _status(world, summary.rollout_id)
     assert summary.phase == "rolled_back", summary.reason
     assert status.history[-1].step == "canary 10%", summary.reason
