@@ -25,6 +25,7 @@ from mlops.edge.errors import NothingToPublish, RolloutConflict
 from mlops.edge.ota import Action, Phase, advance, decide, start
 from mlops.edge.telemetry import assess_stage, observe
 from mlops.edge.variants import VariantResult, select_variant
+from mlops.flow_params import AliasParam, BudgetParam
 from mlops.registry_model import CHAMPION
 from mlops.settings import load_settings
 from tasks import edge as t
@@ -57,7 +58,7 @@ def _line(r: VariantResult) -> str:
 
 @flow(name="edge-export", log_prints=True)
 def edge_export_flow(
-    alias: str = CHAMPION, budget: str | None = None, config: str | None = None, model: str | None = None
+    alias: AliasParam = CHAMPION, budget: BudgetParam | None = None, config: str | None = None, model: str | None = None
 ) -> ExportSummary:
     """Build every variant of the budget from the ``alias`` model, gate them, report, keep the passing ones.
 

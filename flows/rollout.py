@@ -43,6 +43,7 @@ from mlops.rollout.machine import (
     mark_applied,
     start,
 )
+from mlops.flow_params import CandidateParam, PlanParam
 from mlops.rollout.plan import RolloutPlan, load_plan
 from mlops.settings import Settings, load_settings
 from serving.client import ServingAdmin, ServingClient
@@ -162,8 +163,8 @@ def _begin(settings: Settings, plan: RolloutPlan, candidate: str, rollout_id: st
 
 @flow(name="rollout", log_prints=True)
 def rollout_flow(
-    plan: str = DEFAULT_PLAN,
-    candidate: str = "challenger",
+    plan: PlanParam = DEFAULT_PLAN,
+    candidate: CandidateParam = "challenger",
     resume: str | None = None,
     rollout_id: str | None = None,
     approval: ApprovalMode = "prefect",

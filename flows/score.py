@@ -24,6 +24,7 @@ from prefect.runtime import flow_run
 from adapters.runtime import configure
 from adapters.storage import RunRecord, new_run_id
 from mlops.errors import ConfigError, DataError, ValidationFailed
+from mlops.flow_params import AliasParam
 from mlops.registry_model import CHAMPION
 from mlops.scoring import (
     date_range,
@@ -104,8 +105,8 @@ def _today() -> date:
 def score_flow(
     run_date: date | None = None,
     input_path: str | None = None,
-    alias: str = CHAMPION,
-    compare: str | None = None,
+    alias: AliasParam = CHAMPION,
+    compare: AliasParam | None = None,
     version: int | None = None,
     config: str | None = None,
 ) -> ScoreSummary:
@@ -242,8 +243,8 @@ def backfill_flow(
     start: str,
     end: str,
     input_path: str | None = None,
-    alias: str = CHAMPION,
-    compare: str | None = None,
+    alias: AliasParam = CHAMPION,
+    compare: AliasParam | None = None,
     force: bool = False,
     config: str | None = None,
 ) -> BackfillSummary:

@@ -111,6 +111,10 @@ def test_deployments_register_and_training_runs_on_the_worker(platform: dict[str
     assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in nightly.schedules] == [("0 2 * * *", "UTC", True)]
     for other in ("edge-export/edge-export", "rollout/rollout"):
         assert _read_deployment(platform, other).work_pool_name == "mlops-process", other
+    # the run forms the UI draws from the server's copy of each deployment's parameter schema
+    assert {"format": "date", "type": "string"} in nightly.parameter_openapi_schema["properties"]["run_date"]["anyOf"]
+    candidate = _read_deployment(platform, "rollout/rollout").parameter_openapi_schema["properties"]["candidate"]
+    assert [o["enum"] for o in candidate["anyOf"] if "enum" in o] == [["champion", "challenger", "previous-champion"]]
 
 
 def test_a_scoring_run_from_the_nightly_deployment_publishes_the_date_to_duckdb(platform: dict[str, str]) -> None:

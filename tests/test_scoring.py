@@ -365,6 +365,34 @@ def test_every_prefect_deployment_imports_and_nightly_scoring_is_scheduled() -> 
     assert {d["name"] for d in spec["deployments"]} == {"train", "nightly-scoring", "edge-export", "rollout"}
 
 
+def test_the_run_forms_offer_the_platforms_aliases_plans_and_budgets_and_accept_others() -> None:
+    """Alias, candidate, plan and budget fields are a drop-down of the platform's own choices
+    (the registry's aliases, the plans and budgets shipped in configs/) with a free-text
+    alternative; both validate, and the drop-downs list exactly the files that exist."""
+    from typing import get_args
+
+    from prefect.flows import load_flow_from_entrypoint
+
+    from mlops.flow_params import SHIPPED_BUDGETS, SHIPPED_PLANS, ModelAlias
+    from mlops.registry_model import ALIASES
+
+    assert get_args(ModelAlias) == ALIASES
+    assert set(SHIPPED_PLANS) == {str(p.relative_to(REPO)) for p in (REPO / "configs" / "rollout").glob("*.yaml")}
+    assert set(SHIPPED_BUDGETS) == {str(p.relative_to(REPO)) for p in (REPO / "configs" / "edge").glob("*.yaml")}
+    flows = {d["name"]: load_flow_from_entrypoint(str(REPO / d["entrypoint"])) for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]}
+    fields = {
+        ("nightly-scoring", "alias"): ALIASES, ("nightly-scoring", "compare"): ALIASES, ("edge-export", "alias"): ALIASES,
+        ("edge-export", "budget"): SHIPPED_BUDGETS, ("rollout", "candidate"): ALIASES, ("rollout", "plan"): SHIPPED_PLANS,
+    }  # fmt: skip
+    for (deployment, field), choices in fields.items():
+        options = flows[deployment].parameters.properties[field]["anyOf"]
+        assert [tuple(o["enum"]) for o in options if "enum" in o] == [choices], (deployment, field)
+        assert {"type": "string"}.items() <= options[1].items(), (deployment, field)  # or typed in
+        assert flows[deployment].validate_parameters({field: choices[0]})[field] == choices[0]
+        assert flows[deployment].validate_parameters({field: "team/own-choice.yaml"})[field] == "team/own-choice.yaml"
+    assert flows["rollout"].validate_parameters({"candidate": "7"})["candidate"] == "7"  # a version number stays text
+
+
 # --------------------------------------------------------------------------- failures and scale-out
 
 
