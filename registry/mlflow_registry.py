@@ -8,6 +8,7 @@ back, so a promotion is never left half done.
 
 from __future__ import annotations
 
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,6 +28,8 @@ from mlops.registry_model import (
 )
 from mlops.settings import Settings
 from registry.audit import AuditLedger, Lease, default_actor, now_iso
+
+LOGGED_MODEL_URI = re.compile(r"models:/(m-[0-9a-f]+)")
 
 ONNX_FILE = "model.onnx"
 
@@ -143,12 +146,17 @@ class ModelRegistry:
 
         Creation happens under the model's lease: concurrent ``create_model_version``
         calls race in MLflow, and the challenger move must not interleave with another.
+        A logged model's URI (``models:/m-...``) is registered with its model id, which a
+        tracking server requires to accept that source.
         """
+        logged = LOGGED_MODEL_URI.fullmatch(source_uri)
         with self.ledger.lease(name, self.lease_ttl, self.lease_wait) as lease:
             try:
                 if not self.exists(name):
                     self.client.create_registered_model(name, description=f"Registered by the platform: {reason}")
-                mv = self.client.create_model_version(name, source_uri, run_id=run_id, tags=dict(tags))
+                mv = self.client.create_model_version(
+                    name, source_uri, run_id=run_id, tags=dict(tags), model_id=logged.group(1) if logged else None
+                )
             except MlflowException as exc:
                 raise RegistryError(f"cannot register a version of '{name}': {exc.message}") from exc
             version = int(mv.version)

@@ -94,15 +94,28 @@ def _run_deployment(env: dict[str, str], name: str, parameters: dict, timeout: f
 
 
 def test_deployments_register_and_training_runs_on_the_worker(platform: dict[str, str], tmp_path: Path) -> None:
-    """`mlops deploy` registers prefect.yaml; a training run created through the API completes on the worker and registers v1."""
+    """`mlops deploy` registers prefect.yaml; a training run created through the API completes on the worker and registers v1.
+
+    The run is given a config whose ``mlflow.tracking_uri`` is the MLflow tracking server
+    `server up` started (the scaled-out form): it logs, registers and sets aliases over HTTP,
+    and the server answers for the version the embedded SQLite form then lists."""
+    import httpx
+
     deployed = _mlops(platform, "deploy")
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
     assert "train/train" in deployed.stdout
 
     data = Path(platform["MLOPS_HOME"]) / "data" / "train.parquet"
     write_parquet([generate(8000, seed=21)], data)
-    flow_run = _run_deployment(platform, "train/train", {"data": str(data)})
+    mlflow_url = f"http://127.0.0.1:{platform['MLOPS__SERVICES__MLFLOW_PORT']}"
+    team = tmp_path / "team.yaml"
+    team.write_text(f"mlflow:\n  tracking_uri: {mlflow_url}\n")
+    flow_run = _run_deployment(platform, "train/train", {"data": str(data), "config": str(team)})
     assert flow_run.state.is_completed(), flow_run.state
+    served = httpx.get(f"{mlflow_url}/api/2.0/mlflow/registered-models/alias", params={"name": "fraud-detector", "alias": "champion"})
+    assert served.status_code == 200 and served.json()["model_version"]["version"] == "1", served.text
+    run = httpx.get(f"{mlflow_url}/api/2.0/mlflow/runs/get", params={"run_id": served.json()["model_version"]["run_id"]})
+    assert run.json()["run"]["info"]["status"] == "FINISHED", run.text
     listing = _mlops(platform, "registry", "list", "--json")
     assert [set(v["aliases"]) for v in map(json.loads, listing.stdout.splitlines())] == [{"challenger", "champion"}], listing.stdout + listing.stderr
     status = _mlops(platform, "server", "status")
