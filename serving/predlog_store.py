@@ -5,6 +5,12 @@ through here. Every call opens a fresh in-memory DuckDB with views over the comm
 Parquet globs, so reading never contends with the service (which holds no database) or
 with the scoring warehouse file, and only committed files are ever seen.
 
+A read for a time window (``read_log``/``read_feedback`` with ``since``, what every rollout
+tick does) opens only the files that can hold rows of it: day partitions from ``since``'s
+UTC day on, and in them the files committed at or after ``since`` (the commit time is in
+each file's name and no row is younger than its file). A tick therefore costs what the
+window holds, not what the log has accumulated over the day.
+
 Views:
 
 ``predictions``
@@ -33,7 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +53,9 @@ from mlops.settings import DatasetSchema, Settings
 
 PREDICTIONS = "predictions"
 FEEDBACK = "feedback"
+# A file named part-<commit time>-... holds no row younger than its commit time. The margin
+# only guards against a clock stepped back between answering and committing.
+COMMIT_MARGIN = timedelta(seconds=5)
 
 
 def predictions_dir(settings: Settings) -> Path:
@@ -73,11 +82,16 @@ class PredictionLogStore:
     def for_settings(cls, settings: Settings) -> PredictionLogStore:
         return cls(predictions_dir(settings), feedback_dir(settings), settings.dataset)
 
-    def _source(self, con: duckdb.DuckDBPyConnection, view: str, root: Path, schema: pa.Schema) -> None:
-        if any(root.glob("date=*/*.parquet")):
-            glob = _sql_str(str(root / "date=*" / "*.parquet"))
+    def _source(self, con: duckdb.DuckDBPyConnection, view: str, root: Path, schema: pa.Schema,
+                since: datetime | None) -> None:  # fmt: skip
+        if since is None:  # everything: the glob
+            present, source = any(root.glob("date=*/*.parquet")), _sql_str(str(root / "date=*" / "*.parquet"))
+        else:  # a window: only the files that can hold it
+            files = _committed_since(root, since)
+            present, source = bool(files), "[" + ", ".join(_sql_str(str(f)) for f in files) + "]"
+        if present:
             con.execute(
-                f"CREATE VIEW {view} AS SELECT * FROM read_parquet({glob}, hive_partitioning = true, "
+                f"CREATE VIEW {view} AS SELECT * FROM read_parquet({source}, hive_partitioning = true, "
                 "union_by_name = true)"
             )
         else:  # nothing flushed yet: an empty relation with the same columns
@@ -85,12 +99,15 @@ class PredictionLogStore:
             con.register(f"_{view}_empty", empty)
             con.execute(f"CREATE VIEW {view} AS SELECT * FROM _{view}_empty")
 
-    def connect(self) -> duckdb.DuckDBPyConnection:
-        """A fresh in-memory DuckDB with the views above (close it when done)."""
+    def connect(self, since: datetime | None = None) -> duckdb.DuckDBPyConnection:
+        """A fresh in-memory DuckDB with the views above (close it when done).
+
+        With ``since``, the views hold at least every row with ``ts >= since`` (and skip the
+        files that can only hold older ones): filter on ``ts`` as well."""
         con = duckdb.connect(":memory:")
         try:
-            self._source(con, "predictions", self.predictions_root, log_schema(self.dataset))
-            self._source(con, "feedback", self.feedback_root, FEEDBACK_SCHEMA)
+            self._source(con, "predictions", self.predictions_root, log_schema(self.dataset), since)
+            self._source(con, "feedback", self.feedback_root, FEEDBACK_SCHEMA, since)
             con.execute(
                 """
                 CREATE VIEW latest_feedback AS
@@ -124,9 +141,9 @@ class PredictionLogStore:
             raise DataError(f"cannot read the prediction log under {self.predictions_root.parent}: {exc}") from exc
         return con
 
-    def query(self, sql: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
-        """Run one SQL query over the views; the result as a pandas frame."""
-        con = self.connect()
+    def query(self, sql: str, params: Sequence[Any] | None = None, since: datetime | None = None) -> pd.DataFrame:
+        """Run one SQL query over the views (``since``: see ``connect``); the result as a pandas frame."""
+        con = self.connect(since)
         try:
             return con.execute(sql, params or []).df()
         except duckdb.Error as exc:
@@ -158,9 +175,32 @@ class PredictionLogStore:
             where += (" AND " if where else " WHERE ") + "model_name = ?"
             params.append(model_name)
         columns = ", ".join(f'"{f.name}"' for f in log_schema(self.dataset))
-        return self.query(f"SELECT {columns} FROM predictions{where} ORDER BY ts, request_id, role", params)
+        return self.query(f"SELECT {columns} FROM predictions{where} ORDER BY ts, request_id, role", params, since)
 
     def read_feedback(self, since: datetime | None = None, until: datetime | None = None) -> pd.DataFrame:
         """Feedback rows (``request_id``, ``label``, ``ts``) that arrived in the window."""
         where, params = self._window(since, until)
-        return self.query(f"SELECT request_id, label, ts FROM feedback{where} ORDER BY ts", params)
+        return self.query(f"SELECT request_id, label, ts FROM feedback{where} ORDER BY ts", params, since)
+
+
+def _commit_time(name: str) -> datetime | None:
+    """The commit time in a ``part-<%Y%m%dT%H%M%S%f>-<pid>-<seq>.parquet`` name (None: another name)."""
+    parts = name.split("-")
+    try:
+        return datetime.strptime(parts[1], "%Y%m%dT%H%M%S%f").replace(tzinfo=UTC) if parts[0] == "part" else None
+    except (IndexError, ValueError):
+        return None
+
+
+def _committed_since(root: Path, since: datetime) -> list[Path]:
+    """The committed files under ``root`` that may hold rows with ``ts >= since``, oldest first."""
+    since = since if since.tzinfo else since.replace(tzinfo=UTC)
+    cutoff = since - COMMIT_MARGIN
+    first_day = f"date={cutoff.astimezone(UTC).date().isoformat()}"
+    files = []
+    for day in sorted(d for d in root.glob("date=*") if d.is_dir() and d.name >= first_day):
+        for f in day.glob("*.parquet"):
+            committed = _commit_time(f.name)
+            if committed is None or committed >= cutoff:
+                files.append(f)
+    return sorted(files)

@@ -1,14 +1,15 @@
 """The rollout flow against the REAL service: a BentoML server on a free loopback port,
-simulated users over HTTP (adapters.traffic), the MLflow registry on SQLite, real Prefect
-runs (the session's test harness), and a compressed copy of the demo plan (1 s ticks,
-seconds-long steps, small samples).
+reached the way a scaled-out deployment is (``serving.url``; ``services.serving_port`` is
+left at its default, where nothing listens), simulated users over HTTP (adapters.traffic),
+the MLflow registry on SQLite, real Prefect runs (the session's test harness), and a
+compressed copy of the demo plan (1 s ticks, seconds-long steps, small samples).
 
 Versions (all from one small logistic model; pathologies built into the ONNX graph by
 ``mlops.rollout.degrade``, so the served model itself is slow, erroring or worse):
 
     v1 champion   logit noise 1.5 (AUC ~0.84)        the model in production
     v2 better     the clean model (AUC ~0.89)
-    v3 slower     clean + ~150 ms per call (several times the loaded stable p99)
+    v3 slower     clean + a 15 ms spin per call (SLOW_MS: several times stable's p95)
     v4 erroring   clean + NaN (HTTP 500) on 5 % of inputs
     v5 worse      logit noise 4 (AUC ~0.71)
 """
@@ -75,7 +76,7 @@ def live(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -> Iterat
     port = _free_port()
     overrides = FAST_ENV | {
         "MLOPS_HOME": str(root / "home"),
-        "MLOPS__SERVICES__SERVING_PORT": str(port),
+        "MLOPS__SERVING__URL": f"http://127.0.0.1:{port}",
         "MLOPS__SERVING__LOG_FLUSH_SECONDS": "0.2",
     }
     saved = dict(os.environ)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 from mlops.datagen import fraud_schema, generate
-from mlops.errors import ConfigError
+from mlops.errors import ConfigError, DataError
 from mlops.onnx_model import OnnxScorer
 from mlops.predlog import PRIMARY, SHADOW
 from mlops.settings import DatasetSchema, load_settings
@@ -239,6 +240,36 @@ def test_prediction_log_round_trip_views_and_feedback_join(tmp_path):
     log = store.read_log(since=datetime.fromtimestamp(now + 0.5, UTC))
     assert log["request_id"].tolist() == ["b"] and "f_amount" in log.columns
     assert list(store.read_feedback()["label"]) == [0, 1]
+
+
+def test_a_windowed_read_opens_only_the_files_committed_since_its_start(tmp_path):
+    """A rollout tick reads the window since its step started: files committed before it
+    (an earlier day's partition, or earlier today: the commit time is in the name) are never
+    opened, so the cost follows the window, not the day's log. Proven with unreadable old
+    files that a full scan trips over; a file named otherwise is always read."""
+    writer = PredictionLogWriter(tmp_path / "predictions", tmp_path / "feedback", SCHEMA, flush_seconds=60)
+    now = time.time()
+    writer.log(_row("old", now - 7200))
+    writer.feedback("old", 1, now - 7200)
+    writer.flush()
+    writer.log(_row("new", now))
+    writer.log(_row("new", now, SHADOW, "candidate", 2, 0.1))
+    writer.feedback("new", 0, now)
+    writer.flush()
+    day = tmp_path / "predictions" / f"date={datetime.fromtimestamp(now, UTC):%Y-%m-%d}"
+    hour_ago = datetime.fromtimestamp(now - 3600, UTC).strftime("%Y%m%dT%H%M%S%f")
+    for root in ("predictions", "feedback"):
+        (tmp_path / root / "date=2020-01-01").mkdir()
+        (tmp_path / root / "date=2020-01-01" / "part-20200101T000000000000-1-000001.parquet").write_bytes(b"not parquet")
+    (day / f"part-{hour_ago}-1-000001.parquet").write_bytes(b"not parquet")
+    shutil.copy(sorted(day.glob("part-*.parquet"))[-1], day / "copied-by-hand.parquet")  # no commit time: read
+    store = PredictionLogStore(tmp_path / "predictions", tmp_path / "feedback", SCHEMA)
+    since = datetime.fromtimestamp(now - 60, UTC)
+    log = store.read_log(since=since)
+    assert sorted(log["request_id"]) == ["new"] * 4 and sorted(log["role"]) == [PRIMARY, PRIMARY, SHADOW, SHADOW]
+    assert store.read_feedback(since=since)["request_id"].tolist() == ["new"]
+    with pytest.raises(DataError, match="prediction"):
+        store.read_log()  # everything: the old files are read and fail
 
 
 def test_empty_prediction_log_reads_as_empty_frames(tmp_path):
