@@ -39,8 +39,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 # The longest modules first: CI runs two pytest-xdist workers that take whole modules
-# (--dist loadfile), so both start on long end-to-end modules and the short ones fill in.
-LONG_FIRST = ("test_rollout_flow.py", "test_e2e_deployments.py", "test_cli.py", "test_scoring.py")
+# (--dist loadfile, in collection order: --no-loadscope-reorder, or xdist would put the
+# modules with the most tests first and the three-test end-to-end module last), so both
+# start on long end-to-end modules and the short ones fill in.
+LONG_FIRST = ("test_e2e_deployments.py", "test_rollout_flow.py", "test_cli.py", "test_scoring.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
