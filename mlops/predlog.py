@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
@@ -60,3 +61,23 @@ def features_hash(features: Mapping[str, Any]) -> str:
     """A short stable hash of one request's features (key order does not matter)."""
     text = json.dumps(features, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+# --------------------------------------------------------------------------- file names
+
+PART_TIME_FORMAT = "%Y%m%dT%H%M%S%f"
+
+
+def part_name(committed: datetime, pid: int, seq: int) -> str:
+    """``part-<commit time>-<pid>-<seq>.parquet``: a committed log file, no row of it younger
+    than its commit time (windowed reads skip older files by name)."""
+    return f"part-{committed.astimezone(UTC).strftime(PART_TIME_FORMAT)}-{pid}-{seq:06d}.parquet"
+
+
+def part_commit_time(name: str) -> datetime | None:
+    """The commit time in a ``part_name`` (None for a file named otherwise)."""
+    parts = name.split("-")
+    try:
+        return datetime.strptime(parts[1], PART_TIME_FORMAT).replace(tzinfo=UTC) if parts[0] == "part" else None
+    except (IndexError, ValueError):
+        return None

@@ -48,7 +48,7 @@ import pandas as pd
 import pyarrow as pa
 
 from mlops.errors import DataError
-from mlops.predlog import FEEDBACK_SCHEMA, log_schema
+from mlops.predlog import FEEDBACK_SCHEMA, log_schema, part_commit_time
 from mlops.settings import DatasetSchema, Settings
 
 PREDICTIONS = "predictions"
@@ -183,15 +183,6 @@ class PredictionLogStore:
         return self.query(f"SELECT request_id, label, ts FROM feedback{where} ORDER BY ts", params, since)
 
 
-def _commit_time(name: str) -> datetime | None:
-    """The commit time in a ``part-<%Y%m%dT%H%M%S%f>-<pid>-<seq>.parquet`` name (None: another name)."""
-    parts = name.split("-")
-    try:
-        return datetime.strptime(parts[1], "%Y%m%dT%H%M%S%f").replace(tzinfo=UTC) if parts[0] == "part" else None
-    except (IndexError, ValueError):
-        return None
-
-
 def _committed_since(root: Path, since: datetime) -> list[Path]:
     """The committed files under ``root`` that may hold rows with ``ts >= since``, oldest first."""
     since = since if since.tzinfo else since.replace(tzinfo=UTC)
@@ -200,7 +191,7 @@ def _committed_since(root: Path, since: datetime) -> list[Path]:
     files = []
     for day in sorted(d for d in root.glob("date=*") if d.is_dir() and d.name >= first_day):
         for f in day.glob("*.parquet"):
-            committed = _commit_time(f.name)
+            committed = part_commit_time(f.name)
             if committed is None or committed >= cutoff:
                 files.append(f)
     return sorted(files)

@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mlops.predlog import FEATURE_PREFIX, FEEDBACK_SCHEMA, features_hash, log_schema
+from mlops.predlog import FEATURE_PREFIX, FEEDBACK_SCHEMA, features_hash, log_schema, part_name
 from mlops.settings import DatasetSchema
 
 log = logging.getLogger(__name__)
@@ -103,8 +103,7 @@ class ParquetBatchSink:
         folder = self.root / f"date={day}"
         folder.mkdir(parents=True, exist_ok=True)
         self._seq += 1
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
-        name = f"part-{stamp}-{os.getpid()}-{self._seq:06d}.parquet"
+        name = part_name(datetime.now(UTC), os.getpid(), self._seq)
         final = folder / name
         tmp = folder / f".{name}{TMP_SUFFIX}"
         with open(tmp, "wb") as fh:

@@ -19,7 +19,7 @@ import pytest
 from mlops.datagen import fraud_schema, generate
 from mlops.errors import ConfigError, DataError
 from mlops.onnx_model import OnnxScorer
-from mlops.predlog import PRIMARY, SHADOW
+from mlops.predlog import PRIMARY, SHADOW, part_name
 from mlops.settings import DatasetSchema, load_settings
 from serving.auth import check_bearer, ensure_token, read_token, token_path
 from serving.client import FakeServingAdmin, ServingRequestFailed
@@ -257,11 +257,10 @@ def test_a_windowed_read_opens_only_the_files_committed_since_its_start(tmp_path
     writer.feedback("new", 0, now)
     writer.flush()
     day = tmp_path / "predictions" / f"date={datetime.fromtimestamp(now, UTC):%Y-%m-%d}"
-    hour_ago = datetime.fromtimestamp(now - 3600, UTC).strftime("%Y%m%dT%H%M%S%f")
     for root in ("predictions", "feedback"):
         (tmp_path / root / "date=2020-01-01").mkdir()
-        (tmp_path / root / "date=2020-01-01" / "part-20200101T000000000000-1-000001.parquet").write_bytes(b"not parquet")
-    (day / f"part-{hour_ago}-1-000001.parquet").write_bytes(b"not parquet")
+        (tmp_path / root / "date=2020-01-01" / part_name(datetime(2020, 1, 1, tzinfo=UTC), 1, 1)).write_bytes(b"not parquet")
+    (day / part_name(datetime.fromtimestamp(now - 3600, UTC), 1, 1)).write_bytes(b"not parquet")
     shutil.copy(sorted(day.glob("part-*.parquet"))[-1], day / "copied-by-hand.parquet")  # no commit time: read
     store = PredictionLogStore(tmp_path / "predictions", tmp_path / "feedback", SCHEMA)
     since = datetime.fromtimestamp(now - 60, UTC)
