@@ -12,14 +12,16 @@ from typing import Annotated, Literal, get_args
 
 from pydantic import Field
 
-ModelAlias = Literal["champion", "challenger", "previous-champion"]
+from mlops.registry_model import ModelAlias
+
 ShippedPlan = Literal["configs/rollout/demo.yaml", "configs/rollout/production.yaml"]
 ShippedBudget = Literal["configs/edge/pos-terminal.yaml", "configs/edge/mobile-app.yaml"]
 
 SHIPPED_PLANS: tuple[str, ...] = get_args(ShippedPlan)
 SHIPPED_BUDGETS: tuple[str, ...] = get_args(ShippedBudget)
 
-AliasParam = Annotated[ModelAlias, Field(title="platform alias")] | Annotated[str, Field(title="another alias")]
-CandidateParam = Annotated[ModelAlias, Field(title="platform alias")] | Annotated[str, Field(title="another alias or a version")]
+_PlatformAlias = Annotated[ModelAlias, Field(title="platform alias")]
+AliasParam = _PlatformAlias | Annotated[str, Field(title="another alias")]
+CandidateParam = _PlatformAlias | Annotated[str, Field(title="another alias or a version")]
 PlanParam = Annotated[ShippedPlan, Field(title="shipped plan")] | Annotated[str, Field(title="plan file")]
 BudgetParam = Annotated[ShippedBudget, Field(title="shipped budget")] | Annotated[str, Field(title="budget file")]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
-CHAMPION = "champion"
-CHALLENGER = "challenger"
-PREVIOUS_CHAMPION = "previous-champion"
-ALIASES = (CHAMPION, CHALLENGER, PREVIOUS_CHAMPION)
+ModelAlias = Literal["champion", "challenger", "previous-champion"]  # the aliases the platform moves
+ALIASES: tuple[str, ...] = get_args(ModelAlias)
+CHAMPION, CHALLENGER, PREVIOUS_CHAMPION = ALIASES
 
 
 class _Any:

@@ -373,8 +373,8 @@ def test_the_run_forms_offer_the_platforms_aliases_plans_and_budgets_and_accept_
 
     from prefect.flows import load_flow_from_entrypoint
 
-    from mlops.flow_params import SHIPPED_BUDGETS, SHIPPED_PLANS, ModelAlias
-    from mlops.registry_model import ALIASES
+    from mlops.flow_params import SHIPPED_BUDGETS, SHIPPED_PLANS
+    from mlops.registry_model import ALIASES, ModelAlias
 
     assert get_args(ModelAlias) == ALIASES
     assert set(SHIPPED_PLANS) == {str(p.relative_to(REPO)) for p in (REPO / "configs" / "rollout").glob("*.yaml")}
