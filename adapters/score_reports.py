@@ -82,7 +82,8 @@ def write_comparison(
 ) -> None:
     """Replace the agreement report of ``run_date`` with ``report``, atomically."""
     layout = _Layout.of(root)
-    with _writer(layout, lock_timeout) as con:
+    with _writer(layout, lock_timeout) as work:
+        con = work.con
         for ddl in _DDL:
             con.execute(ddl)
         con.execute("BEGIN TRANSACTION")

@@ -8,6 +8,7 @@ half; re-running a date replaces it, it never duplicates.
 Layout under ``root`` (the caller's MLOPS_HOME)::
 
     warehouse.duckdb                          table score_runs, view scores
+    .warehouse.lock                           the store's reader/writer lock (flock)
     scores/_staging/<run_id>/_stage.json      which run_date this staging run is for
     scores/_staging/<run_id>/part-00000.parquet ...
     scores/_runs/run_date=D/<run_id>/part-*.parquet   committed runs, immutable
@@ -20,16 +21,20 @@ folder, fsynced and renamed, so a part is either absent or complete at its final
 writing an index again replaces it (idempotent retries). DuckDB ``COPY`` is never used for
 outputs: killed mid-write it leaves truncated files at their final names.
 
-Publishing. The commit point is one DuckDB transaction. ``commit`` takes the warehouse's
-write lock, renames the staging folder to its immutable run folder, verifies every expected
-part (present, readable footer, right row count, one schema), then in a single transaction
-replaces the date's ``score_runs`` row and recreates the ``scores`` view over the explicit
-list of committed part files. Only after that does it swap the ``scores/run_date=D``
-symlink (``os.replace`` of a fresh symlink onto the old one, atomic on POSIX) and sweep the
-superseded run folder. A crash before the transaction publishes nothing (the orphan run
-folder is swept later); a crash after it leaves the warehouse correct and only the derived
-symlink or the sweep behind, which the next ``sweep`` (run at the start of every run) or
-commit reconciles from ``score_runs``.
+Publishing. The commit point is one rename of the warehouse file. ``commit`` takes the
+store's write lock, renames the staging folder to its immutable run folder, verifies every
+expected part (present, readable footer, right row count, one schema), then, in a private
+copy of the warehouse, replaces the date's ``score_runs`` row and recreates the ``scores``
+view over the explicit list of committed part files in one transaction, checkpoints and
+closes the copy, fsyncs it and renames it onto ``warehouse.duckdb``. The published file is
+never opened for writing: DuckDB rewrites blocks of its file in place when it checkpoints,
+and a process killed in the middle of such a write leaves a block whose checksum fails,
+which makes the whole warehouse unreadable. Only after the rename does it swap the
+``scores/run_date=D`` symlink (``os.replace`` of a fresh symlink onto the old one, atomic
+on POSIX) and sweep the superseded run folder. A crash before the rename publishes nothing
+(the orphan run folder and the stray copy are swept later); a crash after it leaves the
+warehouse correct and only the derived symlink or the sweep behind, which the next
+``sweep`` (run at the start of every run) or commit reconciles from ``score_runs``.
 
 Why an explicit file list and not a glob over the symlinks. Both read the same files, and
 ``read_parquet('scores/run_date=*/*.parquet', hive_partitioning = true)`` does follow the
@@ -38,15 +43,21 @@ follow them and finds ``_runs`` instead). But a view naming immutable files cann
 under a reader whatever the timing, keeps the view and ``score_runs`` in one transaction
 (one commit point instead of two), and never picks up a stray file.
 
-Readers and the lock. DuckDB lets one process open the file read-write, or any number
-read-only; the two exclude each other across processes. ``query`` and ``committed_dates``
-open read-only for one call, so while a reader runs no writer can swap a pointer or delete
-a superseded run folder, and a writer's deletions happen only while it holds the write
-lock. Connections are short-lived and opening retries briefly on a lock conflict before
-raising ``WarehouseBusy``; attempts do not queue, so a reader polling without pause can
-hold writers off. Within one process DuckDB shares one database instance per file,
-so writers there are also serialized by a thread lock. Non-DuckDB readers of the symlinked
-layout should resolve ``scores/run_date=D`` once (``os.path.realpath``) and read from there.
+Readers and the lock. ``.warehouse.lock`` is a reader/writer lock (``flock``): writers
+(open, commit, sweep, abort, replay reports) hold it exclusively, ``query`` and
+``committed_dates`` shared for one call, so while a store reader runs no writer can swap a
+pointer or delete a superseded run folder. Waiting is bounded by ``lock_timeout``, then
+``WarehouseBusy``; attempts do not queue, so a reader polling without pause can hold
+writers off. Each store read attaches the current file in a fresh in-memory DuckDB
+(``duckdb.connect(path)`` would reuse an instance this process already has open, which may
+be the file as it was before the last rename). Other tools may open ``warehouse.duckdb``
+read-only at any time and never block a commit: they keep the snapshot they opened, and a
+query of theirs over ``scores`` can fail on the files of a date re-scored since (open
+again to see it). The file is written by the store only; changes made to it by another
+tool are folded in (a write-ahead log left beside it is checkpointed into it under the
+write lock) but a tool holding it open read-write races the store. Non-DuckDB readers of
+the symlinked layout should resolve ``scores/run_date=D`` once (``os.path.realpath``) and
+read from there.
 
 Stale staging runs. A staging run is abandoned when a newer run of the same date is opened
 (one live run per date), or when nothing in it changed for ``stale_after`` (other dates,
@@ -58,6 +69,7 @@ leaves nothing that looks live.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -68,11 +80,12 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import duckdb
 import pyarrow as pa
@@ -104,6 +117,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 WAREHOUSE_FILE = "warehouse.duckdb"
+LOCK_FILE = ".warehouse.lock"
+_WORK_PREFIX = ".warehouse.duckdb."
+_WORK_SUFFIX = ".tmp"
 SCORES_DIR = "scores"
 STAGING_DIR = "_staging"
 RUNS_DIR = "_runs"
@@ -111,7 +127,7 @@ STAGE_MARKER = "_stage.json"
 PARTITION_KEY = "run_date"
 
 DEFAULT_LOCK_TIMEOUT = 30.0
-"""Seconds to keep retrying while another process holds the warehouse file."""
+"""Seconds to wait for the store's lock (held by a writer, or by readers for a writer)."""
 
 DEFAULT_STALE_AFTER = timedelta(hours=6)
 """A staging run of another date with no change for this long is abandoned."""
@@ -139,9 +155,10 @@ CREATE TABLE IF NOT EXISTS score_runs (
 )
 """
 
-# Writers in this process share one DuckDB instance per file, so the file lock does not
-# separate them; this does. Readers need no thread lock (see _connect).
+# Writers of this process queue here instead of polling the file lock.
 _WRITER = threading.Lock()
+
+_T = TypeVar("_T")
 
 
 # --------------------------------------------------------------------------- errors
@@ -238,6 +255,10 @@ class _Layout:
     @property
     def warehouse(self) -> Path:
         return self.root / WAREHOUSE_FILE
+
+    @property
+    def lock(self) -> Path:
+        return self.root / LOCK_FILE
 
     @property
     def scores(self) -> Path:
@@ -397,12 +418,13 @@ def _is_lock_conflict(exc: duckdb.Error) -> bool:
     return isinstance(exc, duckdb.ConnectionException) and "different configuration" in text
 
 
-def _connect(path: Path, *, read_only: bool, timeout: float) -> duckdb.DuckDBPyConnection:
+def _retrying(path: Path, timeout: float, open_: Callable[[], _T]) -> _T:
+    """``open_()``, retried while another process holds DuckDB's own lock on ``path``."""
     deadline = time.monotonic() + timeout
     delay = 0.002
     while True:
         try:
-            return duckdb.connect(str(path), read_only=read_only)
+            return open_()
         except duckdb.Error as exc:
             if not _is_lock_conflict(exc):
                 raise StorageError(f"cannot open warehouse {path}: {exc}") from exc
@@ -415,41 +437,174 @@ def _connect(path: Path, *, read_only: bool, timeout: float) -> duckdb.DuckDBPyC
 
 
 @contextmanager
-def _writer(layout: _Layout, timeout: float) -> Iterator[duckdb.DuckDBPyConnection]:
-    """The warehouse opened read-write: the lock under which published state changes."""
+def _store_lock(layout: _Layout, *, exclusive: bool, timeout: float) -> Iterator[None]:
+    """The store's reader/writer lock: ``flock`` on ``.warehouse.lock`` beside the file.
+
+    Writers hold it exclusively, the store's own readers shared. ``flock`` locks belong to
+    an open file, so two threads of one process exclude each other like two processes do.
+    """
+    layout.root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(layout.lock, os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        deadline = time.monotonic() + timeout
+        delay = 0.002
+        while True:
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = "readers or another writer" if exclusive else "a writer"
+                    raise WarehouseBusy(
+                        f"warehouse {layout.warehouse} stayed locked by {holder} "
+                        f"for {timeout:.1f}s"
+                    ) from None
+            time.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 1.5, 0.05)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+class _WorkingCopy:
+    """A private copy of the warehouse that a writer changes and then publishes whole.
+
+    DuckDB rewrites some blocks of its file in place when it checkpoints, and a process
+    killed in the middle of such a write leaves a block whose checksum no longer matches:
+    the whole warehouse becomes unreadable. So the published file is never opened for
+    writing: a writer copies it, changes the copy, checkpoints and closes it (no WAL
+    left), fsyncs it and renames it onto the published name. A kill at any point leaves
+    the previous file intact and at worst a stray copy, which the next writer deletes.
+    """
+
+    def __init__(self, layout: _Layout) -> None:
+        self.layout = layout
+        self.path = layout.root / f"{_WORK_PREFIX}{uuid.uuid4().hex}{_WORK_SUFFIX}"
+        if layout.warehouse.exists():
+            shutil.copyfile(layout.warehouse, self.path)
+        self._con: duckdb.DuckDBPyConnection | None = duckdb.connect(str(self.path))
+        self.published = False
+
+    @property
+    def con(self) -> duckdb.DuckDBPyConnection:
+        """The working copy, open read-write until ``publish``."""
+        if self._con is None:
+            raise StorageError(f"{self.path} was published or discarded; it is closed")
+        return self._con
+
+    def publish(self) -> None:
+        """Make this copy the warehouse (one rename); the connection is closed."""
+        con, self._con = self.con, None
+        try:
+            con.execute("CHECKPOINT")
+        finally:
+            con.close()
+        if _wal(self.path).exists():
+            raise StorageError(f"{self.path} kept a write-ahead log after closing; not published")
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(self.path, self.layout.warehouse)
+        self.published = True
+        _fsync_dir(self.layout.root)
+
+    def discard(self) -> None:
+        if self._con is not None:
+            self._con.close()
+            self._con = None
+        for path in (self.path, _wal(self.path)):
+            path.unlink(missing_ok=True)
+
+
+def _wal(path: Path) -> Path:
+    return path.with_name(path.name + ".wal")
+
+
+def _settle(layout: _Layout, timeout: float) -> None:
+    """Under the write lock: drop working copies of killed writers and fold a WAL that
+    the published file still has (a warehouse written in place by an older release, or
+    by another tool) into it, so that a copy of the file alone is the whole warehouse."""
+    for entry in layout.root.glob(f"{_WORK_PREFIX}*{_WORK_SUFFIX}*"):
+        entry.unlink(missing_ok=True)
+    if _wal(layout.warehouse).exists():
+        con = _retrying(
+            layout.warehouse, timeout, lambda: duckdb.connect(str(layout.warehouse))
+        )
+        try:
+            con.execute("CHECKPOINT")
+        finally:
+            con.close()
+
+
+@contextmanager
+def _writer(layout: _Layout, timeout: float) -> Iterator[_WorkingCopy]:
+    """The warehouse's write lock and a working copy of it, published on a clean exit.
+
+    A caller that must publish before doing more (``commit`` publishes, then sweeps what
+    the new state supersedes) calls ``publish()`` itself; an exception discards the copy
+    and leaves the published warehouse as it was.
+    """
     deadline = time.monotonic() + timeout
     if not _WRITER.acquire(timeout=timeout):
         raise WarehouseBusy(f"another thread kept writing {layout.warehouse} for {timeout:.1f}s")
     try:
-        layout.root.mkdir(parents=True, exist_ok=True)
-        remaining = max(0.0, deadline - time.monotonic())
-        con = _connect(layout.warehouse, read_only=False, timeout=remaining)
-        try:
-            con.execute(_SCORE_RUNS_DDL)
-            con.execute(
-                "CREATE VIEW IF NOT EXISTS scores AS "
-                f"SELECT CAST(NULL AS DATE) AS {PARTITION_KEY} WHERE false"
-            )
-            yield con
-        except duckdb.Error as exc:
-            raise StorageError(f"warehouse {layout.warehouse}: {exc}") from exc
-        finally:
-            con.close()
+        with _store_lock(layout, exclusive=True, timeout=max(0.0, deadline - time.monotonic())):
+            _settle(layout, max(0.0, deadline - time.monotonic()))
+            try:
+                work = _WorkingCopy(layout)
+            except duckdb.Error as exc:
+                raise StorageError(f"cannot open warehouse {layout.warehouse}: {exc}") from exc
+            try:
+                work.con.execute(_SCORE_RUNS_DDL)
+                work.con.execute(
+                    "CREATE VIEW IF NOT EXISTS scores AS "
+                    f"SELECT CAST(NULL AS DATE) AS {PARTITION_KEY} WHERE false"
+                )
+                yield work
+                if not work.published:
+                    work.publish()
+            except duckdb.Error as exc:
+                raise StorageError(f"warehouse {layout.warehouse}: {exc}") from exc
+            finally:
+                work.discard()
     finally:
         _WRITER.release()
+
+
+def _attach_read_only(path: Path) -> duckdb.DuckDBPyConnection:
+    # A fresh in-memory instance that attaches the file: duckdb.connect(path) would hand
+    # back a database instance this process already has open on that path, which may be
+    # the file as it was before the last publish (a rename does not reach open files).
+    con = duckdb.connect(":memory:")
+    try:
+        con.execute(f"ATTACH {_sql_str(str(path))} AS warehouse (READ_ONLY)")
+        con.execute("USE warehouse")
+    except BaseException:
+        con.close()
+        raise
+    return con
 
 
 @contextmanager
 def _reader(layout: _Layout, timeout: float) -> Iterator[duckdb.DuckDBPyConnection]:
     if not layout.warehouse.exists():
         raise DataError(f"no warehouse at {layout.warehouse}: nothing has been committed yet")
-    con = _connect(layout.warehouse, read_only=True, timeout=timeout)
-    try:
-        yield con
-    except duckdb.Error as exc:
-        raise DataError(f"query on {layout.warehouse} failed: {exc}") from exc
-    finally:
-        con.close()
+    deadline = time.monotonic() + timeout
+    with _store_lock(layout, exclusive=False, timeout=timeout):
+        con = _retrying(
+            layout.warehouse,
+            max(0.0, deadline - time.monotonic()),
+            lambda: _attach_read_only(layout.warehouse),
+        )
+        try:
+            yield con
+        except duckdb.Error as exc:
+            raise DataError(f"query on {layout.warehouse} failed: {exc}") from exc
+        finally:
+            con.close()
 
 
 def _sql_str(text: str) -> str:
@@ -516,12 +671,13 @@ class StagedRun:
         _check_date(run_date)
         _check_run_id(run_id)
         stage_dir = layout.stage_dir(run_id)
-        with _writer(layout, lock_timeout) as con:
-            if _published(con).get(run_date, ("",))[0] == run_id:
+        with _writer(layout, lock_timeout) as work:
+            published = _published(work.con)
+            if published.get(run_date, ("",))[0] == run_id:
                 raise StorageError(
                     f"run {run_id} is already the committed run of {run_date}; use a new run id"
                 )
-            _reconcile(con, layout, strict=False, supersede=run_date, keep=run_id)
+            _reconcile(published, layout, strict=False, supersede=run_date, keep=run_id)
             marker = _read_marker(stage_dir)
             if marker is not None:
                 if marker.get("run_date") != run_date.isoformat():
@@ -730,7 +886,8 @@ def commit(
     stage_dir = layout.stage_dir(run_id)
     run_dir = layout.run_dir(run_date, run_id)
 
-    with _writer(layout, lock_timeout) as con:
+    with _writer(layout, lock_timeout) as work:
+        con = work.con
         row = con.execute(
             "SELECT run_id, rows_out, parts, bytes, committed_at FROM score_runs "
             "WHERE run_date = ?",
@@ -738,7 +895,7 @@ def commit(
         ).fetchall()
         if row and row[0][0] == run_id:
             _, rows_out, parts, size, committed_at = row[0]
-            _reconcile(con, layout, strict=False, supersede=run_date, keep=None)
+            _reconcile(_published(con), layout, strict=False, supersede=run_date, keep=None)
             return CommitInfo(run_date, run_id, rows_out, parts, size, committed_at, str(run_dir))
 
         marker = _read_marker(stage_dir)
@@ -791,17 +948,20 @@ def commit(
             )
             _rebuild_view(con, layout)
             con.execute("COMMIT")
+            published = _published(con)
+            work.publish()  # the commit point: one rename of the warehouse file
         except BaseException:
-            try:
-                con.execute("ROLLBACK")
-            except duckdb.Error as exc:  # the failed statement may have ended it already
-                log.debug("rollback after a failed commit of %s: %s", run_id, exc)
-            _unstage(layout, run_date, run_id)
+            if not work.published:
+                try:
+                    con.execute("ROLLBACK")
+                except duckdb.Error as exc:  # ended by the failed statement, or committed
+                    log.debug("rollback after a failed commit of %s: %s", run_id, exc)
+                _unstage(layout, run_date, run_id)
             raise
         # Published. What follows only derives from score_runs; a failure is repaired by
         # the next sweep and must not make the caller retry a commit that happened.
         try:
-            _reconcile(con, layout, strict=False, supersede=run_date, keep=None)
+            _reconcile(published, layout, strict=False, supersede=run_date, keep=None)
         except (OSError, StorageError) as exc:
             log.warning("run %s of %s is committed; cleanup failed: %s", run_id, run_date, exc)
         return CommitInfo(
@@ -835,7 +995,7 @@ def _abandoned(entry: Path, *, supersede: date | None, stale_after: timedelta, n
 
 
 def _reconcile(
-    con: duckdb.DuckDBPyConnection,
+    published: Mapping[date, tuple[str, int]],
     layout: _Layout,
     *,
     strict: bool,
@@ -843,14 +1003,14 @@ def _reconcile(
     keep: str | None,
     stale_after: timedelta = DEFAULT_STALE_AFTER,
 ) -> SweepReport:
-    """Make the folders agree with score_runs; the caller holds the write lock.
+    """Make the folders agree with ``published`` (score_runs as the caller just published
+    or found it); the caller holds the write lock.
 
     Pointers are set to the published runs first, then every run folder that is not
     published is deleted (superseded runs, orphans of killed commits), then abandoned
     staging runs other than ``keep``; staging runs of ``supersede`` count as abandoned.
     ``strict`` raises on a pointer that cannot be set instead of logging it.
     """
-    published = _published(con)
     removed: list[str] = []
     repointed: list[str] = []
     layout.scores.mkdir(parents=True, exist_ok=True)
@@ -912,10 +1072,12 @@ def sweep(
     no change for ``stale_after``. Creates the warehouse if there is none.
     """
     layout = _Layout.of(root)
-    with _writer(layout, lock_timeout) as con:
-        _rebuild_view(con, layout)
+    with _writer(layout, lock_timeout) as work:
+        _rebuild_view(work.con, layout)
+        published = _published(work.con)
+        work.publish()
         return _reconcile(
-            con, layout, strict=True, supersede=None, keep=None, stale_after=stale_after
+            published, layout, strict=True, supersede=None, keep=None, stale_after=stale_after
         )
 
 

@@ -340,25 +340,23 @@ def test_reader_errors_are_platform_errors(root: Path) -> None:
 
 _HOLD_READ_LOCK = """
 import time
-import duckdb
-con = duckdb.connect(path, read_only=True)
-held.set()
-time.sleep(hold_s)
-con.close()
+from adapters import storage
+with storage._reader(storage._Layout.of(root), 10) as con:  # what query() holds
+    con.execute("SELECT count(*) FROM scores").fetchall()
+    held.set()
+    time.sleep(hold_s)
 """
 
 
 def test_a_writer_waits_for_readers_and_gives_up_with_warehouse_busy(
     root: Path, forkserver: multiprocessing.context.BaseContext
 ) -> None:
-    """Given another process reading the warehouse, a writer (opening a staging run takes
-    the same write lock as commit) cannot get in: with a short timeout it raises
+    """Given another process in the middle of a store query, a writer (opening a staging
+    run takes the same write lock as commit) cannot get in: with a short timeout it raises
     WarehouseBusy; with a longer one it waits for the reader to finish and goes on."""
     run_once(root, DAY, [3])
     held = forkserver.Event()
-    reader = spawn(
-        forkserver, _HOLD_READ_LOCK, path=str(root / "warehouse.duckdb"), held=held, hold_s=1.5
-    )
+    reader = spawn(forkserver, _HOLD_READ_LOCK, root=str(root), held=held, hold_s=1.5)
     try:
         wait_for(held.is_set, reader)
         start = time.monotonic()
@@ -371,6 +369,70 @@ def test_a_writer_waits_for_readers_and_gives_up_with_warehouse_busy(
     finally:
         reader.join(30)
     assert count(root) == 4
+
+
+def test_an_outside_duckdb_reader_neither_blocks_a_commit_nor_sees_it_written_in_place(
+    root: Path, forkserver: multiprocessing.context.BaseContext
+) -> None:
+    """Given a notebook-style DuckDB connection held open on warehouse.duckdb, a commit
+    still goes through at once; the bytes of the file that connection has open do not
+    change (a commit publishes a new file with one rename, so a process killed in the
+    middle of DuckDB writing its blocks can never leave the warehouse unreadable), and the
+    next store query sees the new run."""
+    run_once(root, DAY, [3])
+    warehouse = root / "warehouse.duckdb"
+    held = forkserver.Event()
+    outside = spawn(forkserver, _OUTSIDE_READER, path=str(warehouse), held=held, hold_s=3.0)
+    fd = os.open(warehouse, os.O_RDONLY)
+    try:
+        wait_for(held.is_set, outside)
+        before = os.pread(fd, 1 << 24, 0)
+        start = time.monotonic()
+        run_once(root, DAY, [5, 6])
+        assert time.monotonic() - start < 2.5, "the commit waited for the outside reader"
+        assert os.pread(fd, 1 << 24, 0) == before
+        assert os.fstat(fd).st_ino != warehouse.stat().st_ino
+    finally:
+        os.close(fd)
+        outside.join(30)
+    assert outside.exitcode == 0
+    assert count(root) == 11
+    assert sorted(p.name for p in root.iterdir() if "warehouse" in p.name) == [
+        ".warehouse.lock",
+        "warehouse.duckdb",
+    ]
+
+
+_OUTSIDE_READER = """
+import time
+import duckdb
+con = duckdb.connect(path, read_only=True)
+assert con.execute("SELECT count(*) FROM scores").fetchall() == [(3,)]
+held.set()
+time.sleep(hold_s)
+assert con.execute("SELECT sum(rows_out) FROM score_runs").fetchall() == [(3,)]
+con.close()
+"""
+
+
+def test_a_write_ahead_log_left_beside_the_warehouse_is_folded_in_before_a_write(
+    root: Path,
+) -> None:
+    """A warehouse written in place by another tool (or an older release) and left with
+    a WAL: the next writer folds the log into the file first, so no committed row is lost
+    and no log is left behind."""
+    import duckdb
+
+    run_once(root, DAY, [3])
+    con = duckdb.connect(str(root / "warehouse.duckdb"))
+    con.execute("PRAGMA disable_checkpoint_on_shutdown")
+    con.execute("CREATE TABLE notes AS SELECT 'kept' AS note")
+    con.close()
+    assert (root / "warehouse.duckdb.wal").exists()
+    run_once(root, OTHER_DAY, [4])
+    assert not (root / "warehouse.duckdb.wal").exists()
+    assert storage.query(root, "SELECT note FROM notes")["note"].to_pylist() == ["kept"]
+    assert count(root) == 7
 
 
 _POLL_READER = """
@@ -534,3 +596,4 @@ def test_a_killed_scoring_run_rerun_leaves_exactly_the_rows_of_a_clean_run(
         f"run_date={DAY} -> _runs/run_date={DAY}/rerun",
     }
     assert storage.query(root, "SELECT count(*) AS n FROM score_runs")["n"].to_pylist() == [1]
+    assert not list(root.glob(".warehouse.duckdb.*")), "a killed writer's working copy was left"
