@@ -15,8 +15,8 @@ Layout under ``$MLOPS_HOME/edge``::
     telemetry.duckdb                 device events; its own file, never the scoring warehouse
 
 Every file is written to a temporary name in its folder, fsynced and renamed, so a reader
-sees the old file or the new one, never half of one. DuckDB connections are short-lived
-and serialised per process.
+sees the old file or the new one, never half of one. DuckDB connections are short-lived,
+serialised per process, and wait for each other's file lock across processes.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import pyarrow as pa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, load_pem_private_key
 
+from adapters import duckdb_files
 from mlops.edge.errors import EdgeError, KeyStoreError, NothingToPublish
 from mlops.edge.manifest import ModelManifest, RootMeta, iso, key_id, open_envelope, parse_manifest, parse_root, public_bytes, sign
 from mlops.settings import Settings
@@ -360,18 +361,33 @@ _LOCK = threading.Lock()
 
 
 class TelemetryStore:
-    """Device telemetry and rollout status in a DuckDB file of their own."""
+    """Device telemetry and rollout status in a DuckDB file of their own.
 
-    def __init__(self, path: Path):
+    Several processes use the file (the rollout flow writes, ``mlops edge status`` reads):
+    connections last one call, reads open it read-only, and an open that meets another
+    process's lock waits up to ``lock_timeout`` seconds before it fails.
+    """
+
+    def __init__(self, path: Path, *, lock_timeout: float = 30.0):
         self.path = path
+        self.lock_timeout = lock_timeout
 
-    def _connect(self) -> duckdb.DuckDBPyConnection:
+    def _connect(self, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        read_only = read_only and self.path.exists()  # the first use creates the file
         try:
-            con = duckdb.connect(str(self.path))
+            con = duckdb_files.open_waiting(
+                lambda: duckdb.connect(str(self.path), read_only=read_only), self.lock_timeout
+            )
+        except duckdb_files.StillLocked as exc:
+            raise EdgeError(
+                f"telemetry store {self.path} stayed locked by another process for "
+                f"{self.lock_timeout:.0f}s: {exc}"
+            ) from None
         except duckdb.Error as exc:
             raise EdgeError(f"telemetry store {self.path} cannot be opened: {exc}") from None
-        con.execute(_DDL)
+        if not read_only:
+            con.execute(_DDL)
         return con
 
     def append(self, events: Iterable[Mapping[str, Any]]) -> int:
@@ -400,7 +416,7 @@ class TelemetryStore:
         sql = f"SELECT {', '.join(EVENT_COLUMNS)} FROM device_events"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        with _LOCK, self._connect() as con:
+        with _LOCK, self._connect(read_only=True) as con:
             rows = con.execute(sql + " ORDER BY ts, device_id", params).fetchall()
         return [dict(zip(EVENT_COLUMNS, r, strict=True)) for r in rows]
 
@@ -413,7 +429,7 @@ class TelemetryStore:
             )  # fmt: skip
 
     def rollouts(self, limit: int = 20) -> list[dict[str, Any]]:
-        with _LOCK, self._connect() as con:
+        with _LOCK, self._connect(read_only=True) as con:
             rows = con.execute(
                 "SELECT rollout_id, fleet, model, version, phase, percent, updated_at FROM rollouts ORDER BY updated_at DESC LIMIT ?",
                 [limit],
@@ -422,7 +438,7 @@ class TelemetryStore:
         return [dict(zip(cols, r, strict=True)) for r in rows]
 
     def event_counts(self, rollout_id: str) -> dict[str, int]:
-        with _LOCK, self._connect() as con:
+        with _LOCK, self._connect(read_only=True) as con:
             rows = con.execute(
                 "SELECT event || coalesce(':' || code, ''), count(*) FROM device_events WHERE rollout_id = ? GROUP BY 1 ORDER BY 1",
                 [rollout_id],

@@ -91,6 +91,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from adapters import duckdb_files
 from mlops.errors import DataError, PlatformError
 
 __all__ = [
@@ -410,30 +411,14 @@ def _point(link: Path, target: str) -> bool:
 # --------------------------------------------------------------------------- warehouse
 
 
-def _is_lock_conflict(exc: duckdb.Error) -> bool:
-    text = str(exc)
-    if isinstance(exc, duckdb.IOException):
-        return "lock" in text.lower()
-    # The same file already open in this process with the other access mode.
-    return isinstance(exc, duckdb.ConnectionException) and "different configuration" in text
-
-
 def _retrying(path: Path, timeout: float, open_: Callable[[], _T]) -> _T:
-    """``open_()``, retried while another process holds DuckDB's own lock on ``path``."""
-    deadline = time.monotonic() + timeout
-    delay = 0.002
-    while True:
-        try:
-            return open_()
-        except duckdb.Error as exc:
-            if not _is_lock_conflict(exc):
-                raise StorageError(f"cannot open warehouse {path}: {exc}") from exc
-            if time.monotonic() >= deadline:
-                raise WarehouseBusy(
-                    f"warehouse {path} stayed locked for {timeout:.1f}s: {exc}"
-                ) from exc
-        time.sleep(delay * random.uniform(0.5, 1.5))  # jitter: lock attempts do not queue
-        delay = min(delay * 1.5, 0.05)
+    """``open_()``, waiting while another process holds DuckDB's own lock on ``path``."""
+    try:
+        return duckdb_files.open_waiting(open_, timeout)
+    except duckdb_files.StillLocked as exc:
+        raise WarehouseBusy(f"warehouse {path} stayed locked for {timeout:.1f}s: {exc}") from exc
+    except duckdb.Error as exc:
+        raise StorageError(f"cannot open warehouse {path}: {exc}") from exc
 
 
 @contextmanager

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,6 +24,7 @@ from adapters.edge_store import ReleaseRepository, TelemetryStore
 from mlops import modeling
 from mlops.datagen import generate
 from mlops.edge import graph
+from mlops.edge.errors import EdgeError
 from mlops.edge.manifest import open_envelope, sha256_hex, sign
 from mlops.edge.release import with_cohort
 from mlops.edge.telemetry import observe
@@ -228,3 +231,42 @@ def test_telemetry_is_stored_in_duckdb_and_kept_on_the_device_until_acknowledged
     obs = observe(stored, world.fleet.device_ids(), version=2, percent=100.0)
     assert (obs.targeted, obs.reported, obs.failed, obs.serving) == (4, 4, 0, 4)
     assert obs.predictions == 4 * world.settings.edge.traffic_rows
+
+
+_HOLD_TELEMETRY = """
+import sys, time
+import duckdb
+con = duckdb.connect(sys.argv[1])
+con.execute("INSERT OR REPLACE INTO rollouts VALUES ('r9', 'f', 'm', 3, 'canary', 10, now()::TIMESTAMP, '{}')")
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+con.close()
+"""
+
+
+def test_telemetry_readers_and_writers_wait_for_another_process_holding_the_file(tmp_path: Path) -> None:
+    """While another process has telemetry.duckdb open (a rollout flow writing), ``mlops edge
+    status`` and the flow's own reads wait for it instead of failing on DuckDB's lock; a
+    holder that never lets go gets a one-line error naming the file after the timeout."""
+    path = tmp_path / "edge" / "telemetry.duckdb"
+    TelemetryStore(path).rollouts()  # creates the file and its tables
+
+    def hold(seconds: float) -> subprocess.Popen[str]:
+        proc = subprocess.Popen([sys.executable, "-c", _HOLD_TELEMETRY, str(path), str(seconds)], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+        return proc
+
+    holder = hold(1.0)
+    try:
+        # Without waiting this read fails at once: the holder has the file until it exits.
+        assert [r["rollout_id"] for r in TelemetryStore(path, lock_timeout=20).rollouts()] == ["r9"]
+    finally:
+        holder.wait(30)
+    holder = hold(3.0)
+    try:
+        with pytest.raises(EdgeError, match=r"telemetry store .*telemetry.duckdb stayed locked by another process for 0s"):
+            TelemetryStore(path, lock_timeout=0.3).event_counts("r9")
+        TelemetryStore(path, lock_timeout=20).append([{"ts": NOW().isoformat(), "fleet": "f", "rollout_id": "r9", "device_id": "d", "model": "m", "event": "installed"}])
+    finally:
+        holder.wait(30)
+    assert TelemetryStore(path).event_counts("r9") == {"installed": 1}
