@@ -73,7 +73,6 @@ import fcntl
 import json
 import logging
 import os
-import random
 import re
 import secrets
 import shutil
@@ -421,6 +420,45 @@ def _retrying(path: Path, timeout: float, open_: Callable[[], _T]) -> _T:
         raise StorageError(f"cannot open warehouse {path}: {exc}") from exc
 
 
+def _flock(fd: int, mode: int, timeout: float) -> bool:
+    """Take ``flock`` ``mode`` on ``fd``, waiting up to ``timeout`` s; whether it was taken.
+
+    The wait is a blocking ``flock`` in a helper thread, not a poll: the kernel wakes a
+    waiter the moment the lock is released, so a reader gets in between two commits of a
+    busy writer instead of probing at random and starving. If the time runs out first,
+    the helper gives the lock back as soon as it gets it.
+    """
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        if timeout <= 0:
+            return False
+    waiter_fd = os.dup(fd)  # same open file: a lock it takes is held through ``fd`` too
+    decided = threading.Lock()
+    taken = threading.Event()
+    abandoned = False
+
+    def wait() -> None:
+        try:
+            fcntl.flock(waiter_fd, mode)
+            with decided:
+                if abandoned:
+                    fcntl.flock(waiter_fd, fcntl.LOCK_UN)
+                else:
+                    taken.set()
+        finally:
+            os.close(waiter_fd)
+
+    threading.Thread(target=wait, name="warehouse-lock-wait", daemon=True).start()
+    taken.wait(timeout)
+    with decided:
+        if taken.is_set():
+            return True
+        abandoned = True
+        return False
+
+
 @contextmanager
 def _store_lock(layout: _Layout, *, exclusive: bool, timeout: float) -> Iterator[None]:
     """The store's reader/writer lock: ``flock`` on ``.warehouse.lock`` beside the file.
@@ -431,22 +469,11 @@ def _store_lock(layout: _Layout, *, exclusive: bool, timeout: float) -> Iterator
     layout.root.mkdir(parents=True, exist_ok=True)
     fd = os.open(layout.lock, os.O_RDONLY | os.O_CREAT, 0o644)
     try:
-        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
-        deadline = time.monotonic() + timeout
-        delay = 0.002
-        while True:
-            try:
-                fcntl.flock(fd, mode | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = "readers or another writer" if exclusive else "a writer"
-                    raise WarehouseBusy(
-                        f"warehouse {layout.warehouse} stayed locked by {holder} "
-                        f"for {timeout:.1f}s"
-                    ) from None
-            time.sleep(delay * random.uniform(0.5, 1.5))
-            delay = min(delay * 1.5, 0.05)
+        if not _flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH, timeout):
+            holder = "readers or another writer" if exclusive else "a writer"
+            raise WarehouseBusy(
+                f"warehouse {layout.warehouse} stayed locked by {holder} for {timeout:.1f}s"
+            )
         yield
     finally:
         os.close(fd)  # releases the lock
