@@ -46,9 +46,9 @@ under a reader whatever the timing, keeps the view and ``score_runs`` in one tra
 Readers and the lock. ``.warehouse.lock`` is a reader/writer lock (``flock``): writers
 (open, commit, sweep, abort, replay reports) hold it exclusively, ``query`` and
 ``committed_dates`` shared for one call, so while a store reader runs no writer can swap a
-pointer or delete a superseded run folder. Waiting is bounded by ``lock_timeout``, then
-``WarehouseBusy``; attempts do not queue, so a reader polling without pause can hold
-writers off. Each store read attaches the current file in a fresh in-memory DuckDB
+pointer or delete a superseded run folder. A waiter sleeps in the kernel's ``flock``
+queue and is woken when the lock is released, so readers get in between the commits of
+a busy writer; after ``lock_timeout`` it gives up with ``WarehouseBusy``. Each store read attaches the current file in a fresh in-memory DuckDB
 (``duckdb.connect(path)`` would reuse an instance this process already has open, which may
 be the file as it was before the last rename). Other tools may open ``warehouse.duckdb``
 read-only at any time and never block a commit: they keep the snapshot they opened, and a
