@@ -46,11 +46,13 @@ under a reader whatever the timing, keeps the view and ``score_runs`` in one tra
 Readers and the lock. ``.warehouse.lock`` is a reader/writer lock (``flock``): writers
 (open, commit, sweep, abort, replay reports) hold it exclusively, ``query`` and
 ``committed_dates`` shared for one call, so while a store reader runs no writer can swap a
-pointer or delete a superseded run folder. A waiter sleeps in the kernel's ``flock``
-queue and is woken when the lock is released, so readers get in between the commits of
-a busy writer; after ``lock_timeout`` it gives up with ``WarehouseBusy``. Each store read attaches the current file in a fresh in-memory DuckDB
-(``duckdb.connect(path)`` would reuse an instance this process already has open, which may
-be the file as it was before the last rename). Other tools may open ``warehouse.duckdb``
+pointer or delete a superseded run folder. The lock belongs to an open file, so threads
+of one process exclude each other as processes do. A waiter sleeps in the kernel's
+``flock`` queue and is woken when the lock is released, so readers get in between the
+commits of a busy writer; after ``lock_timeout`` it gives up with ``WarehouseBusy``. Each
+store read attaches the current file in a fresh in-memory DuckDB (``duckdb.connect(path)``
+would reuse an instance this process already has open, which may be the file as it was
+before the last rename). Other tools may open ``warehouse.duckdb``
 read-only at any time and never block a commit: they keep the snapshot they opened, and a
 query of theirs over ``scores`` can fail on the files of a date re-scored since (open
 again to see it). The file is written by the store only; changes made to it by another
@@ -154,9 +156,6 @@ CREATE TABLE IF NOT EXISTS score_runs (
     committed_at  TIMESTAMPTZ NOT NULL
 )
 """
-
-# Writers of this process queue here instead of polling the file lock.
-_WRITER = threading.Lock()
 
 _T = TypeVar("_T")
 
@@ -560,30 +559,25 @@ def _writer(layout: _Layout, timeout: float) -> Iterator[_WorkingCopy]:
     and leaves the published warehouse as it was.
     """
     deadline = time.monotonic() + timeout
-    if not _WRITER.acquire(timeout=timeout):
-        raise WarehouseBusy(f"another thread kept writing {layout.warehouse} for {timeout:.1f}s")
-    try:
-        with _store_lock(layout, exclusive=True, timeout=max(0.0, deadline - time.monotonic())):
-            _settle(layout, max(0.0, deadline - time.monotonic()))
-            try:
-                work = _WorkingCopy(layout)
-            except duckdb.Error as exc:
-                raise StorageError(f"cannot open warehouse {layout.warehouse}: {exc}") from exc
-            try:
-                work.con.execute(_SCORE_RUNS_DDL)
-                work.con.execute(
-                    "CREATE VIEW IF NOT EXISTS scores AS "
-                    f"SELECT CAST(NULL AS DATE) AS {PARTITION_KEY} WHERE false"
-                )
-                yield work
-                if not work.published:
-                    work.publish()
-            except duckdb.Error as exc:
-                raise StorageError(f"warehouse {layout.warehouse}: {exc}") from exc
-            finally:
-                work.discard()
-    finally:
-        _WRITER.release()
+    with _store_lock(layout, exclusive=True, timeout=timeout):
+        _settle(layout, max(0.0, deadline - time.monotonic()))
+        try:
+            work = _WorkingCopy(layout)
+        except duckdb.Error as exc:
+            raise StorageError(f"cannot open warehouse {layout.warehouse}: {exc}") from exc
+        try:
+            work.con.execute(_SCORE_RUNS_DDL)
+            work.con.execute(
+                "CREATE VIEW IF NOT EXISTS scores AS "
+                f"SELECT CAST(NULL AS DATE) AS {PARTITION_KEY} WHERE false"
+            )
+            yield work
+            if not work.published:
+                work.publish()
+        except duckdb.Error as exc:
+            raise StorageError(f"warehouse {layout.warehouse}: {exc}") from exc
+        finally:
+            work.discard()
 
 
 def _attach_read_only(path: Path) -> duckdb.DuckDBPyConnection:
@@ -643,13 +637,18 @@ def _published(con: duckdb.DuckDBPyConnection) -> dict[date, tuple[str, int]]:
     return {d: (run_id, parts) for d, run_id, parts in rows.fetchall()}
 
 
-def _rebuild_view(con: duckdb.DuckDBPyConnection, layout: _Layout) -> None:
+def _rebuild_view(
+    con: duckdb.DuckDBPyConnection, layout: _Layout
+) -> dict[date, tuple[str, int]]:
+    """Recreate ``scores`` over the part files of ``score_runs``; the runs it was built from."""
+    published = _published(con)
     files = [
         str(layout.run_dir(d, run_id) / part_name(i))
-        for d, (run_id, parts) in _published(con).items()
+        for d, (run_id, parts) in published.items()
         for i in range(parts)
     ]
     con.execute(_scores_view_sql(files))
+    return published
 
 
 # --------------------------------------------------------------------------- staging
@@ -958,9 +957,8 @@ def commit(
                     committed_at,
                 ],
             )
-            _rebuild_view(con, layout)
+            published = _rebuild_view(con, layout)
             con.execute("COMMIT")
-            published = _published(con)
             work.publish()  # the commit point: one rename of the warehouse file
         except BaseException:
             if not work.published:
@@ -1085,8 +1083,7 @@ def sweep(
     """
     layout = _Layout.of(root)
     with _writer(layout, lock_timeout) as work:
-        _rebuild_view(work.con, layout)
-        published = _published(work.con)
+        published = _rebuild_view(work.con, layout)
         work.publish()
         return _reconcile(
             published, layout, strict=True, supersede=None, keep=None, stale_after=stale_after
