@@ -145,4 +145,3 @@ def close_all() -> None:
         _clients.clear()
     for client in clients:
         _close(client)
-

@@ -140,18 +140,29 @@ class DeviceState:
             return None if d is None else rules.Installed(int(d["version"]), str(d["sha256"]))
 
         return rules.DeviceView(
-            self.device_id, self.device_class, self.runtime_version, self.model,
-            inst(self.current), inst(self.previous), self.highest_version, frozenset(self.failed_versions),
-        )  # fmt: skip
+            self.device_id,
+            self.device_class,
+            self.runtime_version,
+            self.model,
+            inst(self.current),
+            inst(self.previous),
+            self.highest_version,
+            frozenset(self.failed_versions),
+        )
 
 
 class SimulatedDevice:
     """One device: its folder, its pinned keys, its models and its update cycle."""
 
     def __init__(
-        self, folder: Path, scorers: ScorerCache, traffic: pd.DataFrame, traffic_rows: int = 64,
-        latency_calls: int = 4, durable: bool = True,
-    ):  # fmt: skip
+        self,
+        folder: Path,
+        scorers: ScorerCache,
+        traffic: pd.DataFrame,
+        traffic_rows: int = 64,
+        latency_calls: int = 4,
+        durable: bool = True,
+    ):
         self.folder = folder
         self.scorers = scorers
         self.traffic = traffic
@@ -164,9 +175,15 @@ class SimulatedDevice:
 
     @classmethod
     def provision(
-        cls, folder: Path, state: DeviceState, scorers: ScorerCache, traffic: pd.DataFrame,
-        model: bytes | None = None, version: int = 0, durable: bool = True,
-    ) -> SimulatedDevice:  # fmt: skip
+        cls,
+        folder: Path,
+        state: DeviceState,
+        scorers: ScorerCache,
+        traffic: pd.DataFrame,
+        model: bytes | None = None,
+        version: int = 0,
+        durable: bool = True,
+    ) -> SimulatedDevice:
         """A factory-fresh device with pinned root keys and, optionally, a first model."""
         folder.mkdir(parents=True, exist_ok=True)
         if model is not None:
@@ -187,7 +204,12 @@ class SimulatedDevice:
 
     def _commit(self) -> None:
         """``state.json`` is the commit point of every swap."""
-        atomic_write(self.folder / "state.json", json.dumps(self.state.__dict__).encode(), mode=0o644, durable=self.durable)
+        atomic_write(
+            self.folder / "state.json",
+            json.dumps(self.state.__dict__).encode(),
+            mode=0o644,
+            durable=self.durable,
+        )
         keep = {m["sha256"] for m in (self.state.current, self.state.previous) if m}
         for f in (self.folder / "models").glob("*.onnx"):
             if f.stem not in keep:
@@ -214,11 +236,19 @@ class SimulatedDevice:
     def _event(self, event: str, code: str, reason: str, release: int | None, **extra: Any) -> dict[str, Any]:
         cur = self.state.current
         record = {
-            "ts": datetime.now(UTC).replace(tzinfo=None).isoformat(), "device_id": self.device_id, "model": self.state.model,
-            "event": event, "code": code, "reason": reason, "release_version": release,
-            "running_version": cur["version"] if cur else None, "running_sha256": cur["sha256"] if cur else None,
-        } | extra  # fmt: skip
-        atomic_write(self._outbox, json.dumps([*self.outbox(), record]).encode(), mode=0o644, durable=self.durable)
+            "ts": datetime.now(UTC).replace(tzinfo=None).isoformat(),
+            "device_id": self.device_id,
+            "model": self.state.model,
+            "event": event,
+            "code": code,
+            "reason": reason,
+            "release_version": release,
+            "running_version": cur["version"] if cur else None,
+            "running_sha256": cur["sha256"] if cur else None,
+        } | extra
+        atomic_write(
+            self._outbox, json.dumps([*self.outbox(), record]).encode(), mode=0o644, durable=self.durable
+        )
         return record
 
     @property
@@ -240,12 +270,20 @@ class SimulatedDevice:
 
     def _reject(self, code: str, reason: str, release: int | None) -> dict[str, Any]:
         running = f"v{self.state.current['version']}" if self.state.current else "no model"
-        log.warning("%s rejected release%s: %s: %s; keeps serving %s",
-                    self.device_id, f" v{release}" if release else "", code, reason, running)  # fmt: skip
+        log.warning(
+            "%s rejected release%s: %s: %s; keeps serving %s",
+            self.device_id,
+            f" v{release}" if release else "",
+            code,
+            reason,
+            running,
+        )
         return self._event("rejected", code, reason, release)
 
     def _root(self, server: UpdateServer, now: datetime) -> rules.RootMeta:
-        pinned = self.scorers.memo(("root", _digest(self.state.root)), lambda: rules.parse_root(self.state.root.encode())[0])
+        pinned = self.scorers.memo(
+            ("root", _digest(self.state.root)), lambda: rules.parse_root(self.state.root.encode())[0]
+        )
         newer = server.roots_after(pinned.version)
         if not newer:
             return rules.update_root(pinned, [], now)  # expiry check
@@ -286,7 +324,12 @@ class SimulatedDevice:
             bad = rules.check_download(blob, release.target)
             if bad is not None:
                 return self._reject(bad.code, bad.reason, release.version)
-            atomic_write(self.folder / "models" / f"{release.target.sha256}.onnx", blob, mode=0o644, durable=self.durable)
+            atomic_write(
+                self.folder / "models" / f"{release.target.sha256}.onnx",
+                blob,
+                mode=0o644,
+                durable=self.durable,
+            )
         return self._swap(release, decision)
 
     def _swap(self, release: rules.ModelManifest, decision: rules.UpdateDecision) -> dict[str, Any]:
@@ -305,7 +348,13 @@ class SimulatedDevice:
             self.state.failed_versions = tuple(sorted({*self.state.failed_versions, release.version}))
             self._commit()
             running = f"v{before_current['version']}" if before_current else "no model"
-            log.warning("%s: v%d failed its health check (%s); fell back to %s", self.device_id, release.version, why, running)
+            log.warning(
+                "%s: v%d failed its health check (%s); fell back to %s",
+                self.device_id,
+                release.version,
+                why,
+                running,
+            )
             return self._event("health_failed", "health", why, release.version)
         assert scorer is not None
         traffic = self._local_traffic(scorer)
@@ -315,31 +364,46 @@ class SimulatedDevice:
             "installed" if decision.action == "install" else decision.action
         ]
         return self._event(
-            event, decision.code, decision.reason, release.version,
-            latency_p50_ms=p50, latency_p99_ms=p99, prediction_mean=float(np.mean(local)),
+            event,
+            decision.code,
+            decision.reason,
+            release.version,
+            latency_p50_ms=p50,
+            latency_p99_ms=p99,
+            prediction_mean=float(np.mean(local)),
             prediction_counts=histogram(local, release.reference.edges),
-        )  # fmt: skip
+        )
 
     def _health_check(self, release: rules.ModelManifest) -> tuple[bool, str, OnnxScorer | None]:
         data = self.model_bytes()
         assert data is not None and self.state.current is not None
         try:
             scorer = self.scorers.get(self.state.current["sha256"], data)
-            feeds = self.scorers.memo(("golden", release.target.sha256, str(release.version)),
-                                      lambda: scorer.feeds(golden_frame(release.golden)))  # fmt: skip
+            feeds = self.scorers.memo(
+                ("golden", release.target.sha256, str(release.version)),
+                lambda: scorer.feeds(golden_frame(release.golden)),
+            )
             p = scorer.run(feeds)
         except (ModelError, DataError) as exc:
             return False, f"model does not load or run: {exc}", None
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises bare RuntimeErrors at run time
+        except Exception as exc:
             return False, f"model failed on the golden inputs: {type(exc).__name__}: {exc}", None
         expected = np.asarray(release.golden.expected, dtype=np.float64)
         if p.shape != expected.shape:
             return False, f"{p.shape[0]} outputs for {expected.shape[0]} golden inputs", scorer
         if not np.all(np.isfinite(p)) or np.any((p < 0) | (p > 1)):
-            return False, f"{int(np.sum(~np.isfinite(p)))} non-finite or out-of-range probabilities on golden inputs", scorer
+            return (
+                False,
+                f"{int(np.sum(~np.isfinite(p)))} non-finite or out-of-range probabilities on golden inputs",
+                scorer,
+            )
         worst = float(np.max(np.abs(p - expected)))
         if worst > release.golden.tolerance:
-            return False, f"golden outputs differ from the publisher's by {worst:.2e} > {release.golden.tolerance:.0e}", scorer
+            return (
+                False,
+                f"golden outputs differ from the publisher's by {worst:.2e} > {release.golden.tolerance:.0e}",
+                scorer,
+            )
         return True, "", scorer
 
     def _latency(self, scorer: OnnxScorer, traffic: dict[str, np.ndarray]) -> tuple[float, float]:
@@ -375,7 +439,14 @@ def _claimed_version(data: bytes) -> int | None:
 class Fleet:
     """The simulated devices of one fleet, provisioned and polled together."""
 
-    def __init__(self, folder: Path, schema: DatasetSchema, traffic: pd.DataFrame, traffic_rows: int = 64, durable: bool = True):
+    def __init__(
+        self,
+        folder: Path,
+        schema: DatasetSchema,
+        traffic: pd.DataFrame,
+        traffic_rows: int = 64,
+        durable: bool = True,
+    ):
         self.folder = folder
         self.scorers = ScorerCache(schema)
         self.traffic = traffic
@@ -392,15 +463,23 @@ class Fleet:
         return sorted(p.name for p in self._devices_dir.iterdir() if (p / "state.json").is_file())
 
     def device(self, device_id: str) -> SimulatedDevice:
-        return SimulatedDevice(self._devices_dir / device_id, self.scorers, self.traffic, self.traffic_rows, durable=self.durable)
+        return SimulatedDevice(
+            self._devices_dir / device_id, self.scorers, self.traffic, self.traffic_rows, durable=self.durable
+        )
 
     def devices(self) -> list[SimulatedDevice]:
         return [self.device(d) for d in self.device_ids()]
 
     def provision(
-        self, count: int, model: str, device_class: str, runtime_version: str, root: bytes,
-        factory_model: bytes | None = None, factory_version: int = 0,
-    ) -> list[str]:  # fmt: skip
+        self,
+        count: int,
+        model: str,
+        device_class: str,
+        runtime_version: str,
+        root: bytes,
+        factory_model: bytes | None = None,
+        factory_version: int = 0,
+    ) -> list[str]:
         """Grow the fleet to ``count`` devices (new ones get the factory model and pinned root)."""
         rules.self_signed_root(root)  # trust on first use: the factory image's keys
         have = set(self.device_ids())
@@ -411,12 +490,20 @@ class Fleet:
                 continue
             state = DeviceState(device_id, device_class, runtime_version, model, root.decode())
             SimulatedDevice.provision(
-                self._devices_dir / device_id, state, self.scorers, self.traffic, factory_model, factory_version, self.durable
+                self._devices_dir / device_id,
+                state,
+                self.scorers,
+                self.traffic,
+                factory_model,
+                factory_version,
+                self.durable,
             )
             new.append(device_id)
         return new
 
-    def poll(self, server: UpdateServer, now: datetime, device_ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    def poll(
+        self, server: UpdateServer, now: datetime, device_ids: Sequence[str] | None = None
+    ) -> list[dict[str, Any]]:
         """One update cycle on every device (or those named); every unacknowledged telemetry event."""
         events = []
         for device_id in device_ids if device_ids is not None else self.device_ids():

@@ -33,11 +33,26 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, load_pem_private_key
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    load_pem_private_key,
+)
 
 from adapters import duckdb_files
 from mlops.edge.errors import EdgeError, KeyStoreError, NothingToPublish
-from mlops.edge.manifest import ModelManifest, RootMeta, iso, key_id, open_envelope, parse_manifest, parse_root, public_bytes, sign
+from mlops.edge.manifest import (
+    ModelManifest,
+    RootMeta,
+    iso,
+    key_id,
+    open_envelope,
+    parse_manifest,
+    parse_root,
+    public_bytes,
+    sign,
+)
 from mlops.settings import Settings
 
 # --------------------------------------------------------------------------- files
@@ -149,7 +164,9 @@ class KeyStore:
     def root(self) -> RootMeta:
         versions = self.root_versions()
         if not versions:
-            raise KeyStoreError(f"no signing keys in {self.folder} (run `mlops edge keys init`, or publish once)")
+            raise KeyStoreError(
+                f"no signing keys in {self.folder} (run `mlops edge keys init`, or publish once)"
+            )
         return parse_root(self.root_bytes(versions[-1]))[0]
 
     def _load(self, kid: str) -> Ed25519PrivateKey:
@@ -157,7 +174,9 @@ class KeyStore:
         try:
             key = load_pem_private_key(path.read_bytes(), password=None)
         except FileNotFoundError:
-            raise KeyStoreError(f"private key {kid} is not in {self._private} (rotated out, or never here)") from None
+            raise KeyStoreError(
+                f"private key {kid} is not in {self._private} (rotated out, or never here)"
+            ) from None
         except (ValueError, TypeError) as exc:
             raise KeyStoreError(f"{path}: not a readable private key ({exc})") from None
         if not isinstance(key, Ed25519PrivateKey):
@@ -172,12 +191,17 @@ class KeyStore:
         atomic_write(self._private / f"{key_id(key.public_key())}.pem", pem, mode=0o600)
         return key
 
-    def _write_root(self, version: int, keys: Sequence[Ed25519PrivateKey], signers: Sequence[Ed25519PrivateKey]) -> RootMeta:
+    def _write_root(
+        self, version: int, keys: Sequence[Ed25519PrivateKey], signers: Sequence[Ed25519PrivateKey]
+    ) -> RootMeta:
         signed = {
-            "kind": "root", "spec_version": "1.0", "version": version, "threshold": 1,
+            "kind": "root",
+            "spec_version": "1.0",
+            "version": version,
+            "threshold": 1,
             "expires": iso(datetime.now(UTC) + self.root_ttl),
             "keys": {key_id(k.public_key()): public_bytes(k.public_key()).hex() for k in keys},
-        }  # fmt: skip
+        }
         atomic_write(self._roots / f"{version}.root.json", sign(signed, signers), mode=0o644)
         return self.root()
 
@@ -221,7 +245,9 @@ class VariantStore:
     def export_dir(self, model: str, version: int, budget: str) -> Path:
         return self.folder / model / f"v{version}" / budget
 
-    def write_export(self, model: str, version: int, budget: str, files: Mapping[str, bytes], report: Mapping[str, Any]) -> Path:
+    def write_export(
+        self, model: str, version: int, budget: str, files: Mapping[str, bytes], report: Mapping[str, Any]
+    ) -> Path:
         """Write one export's files and report, then point ``latest.json`` at it."""
         out = self.export_dir(model, version, budget)
         out.mkdir(parents=True, exist_ok=True)
@@ -231,7 +257,9 @@ class VariantStore:
         for name, data in files.items():
             atomic_write(out / name, data, mode=0o644)
         write_json(out / "report.json", dict(report))
-        write_json(self.folder / model / "latest.json", {"path": str(out), "version": version, "budget": budget})
+        write_json(
+            self.folder / model / "latest.json", {"path": str(out), "version": version, "budget": budget}
+        )
         return out
 
     def latest(self, model: str) -> tuple[Path, dict[str, Any]]:
@@ -270,7 +298,9 @@ class ReleaseRepository:
     def add(self, model: str, version: int, model_bytes: bytes, metadata: bytes) -> None:
         """Store a new release and make it the served one. Versions only go up."""
         if version <= self.latest_version(model):
-            raise EdgeError(f"release v{version} of '{model}' is not newer than v{self.latest_version(model)}")
+            raise EdgeError(
+                f"release v{version} of '{model}' is not newer than v{self.latest_version(model)}"
+            )
         out = self._model_dir(model) / "releases" / str(version)
         atomic_write(out / "model.onnx", model_bytes, mode=0o644)
         atomic_write(out / "release.json", metadata, mode=0o644)
@@ -346,16 +376,39 @@ CREATE TABLE IF NOT EXISTS rollouts (
 """
 
 EVENT_COLUMNS = (
-    "ts", "fleet", "rollout_id", "device_id", "model", "event", "code", "reason", "release_version",
-    "running_version", "running_sha256", "latency_p50_ms", "latency_p99_ms", "prediction_mean", "prediction_counts",
-)  # fmt: skip
+    "ts",
+    "fleet",
+    "rollout_id",
+    "device_id",
+    "model",
+    "event",
+    "code",
+    "reason",
+    "release_version",
+    "running_version",
+    "running_sha256",
+    "latency_p50_ms",
+    "latency_p99_ms",
+    "prediction_mean",
+    "prediction_counts",
+)
 
 _ARROW_TYPES = {
-    "fleet": pa.string(), "rollout_id": pa.string(), "device_id": pa.string(), "model": pa.string(), "event": pa.string(),
-    "code": pa.string(), "reason": pa.string(), "release_version": pa.int32(), "running_version": pa.int32(),
-    "running_sha256": pa.string(), "latency_p50_ms": pa.float64(), "latency_p99_ms": pa.float64(),
-    "prediction_mean": pa.float64(), "prediction_counts": pa.list_(pa.int32()),
-}  # fmt: skip
+    "fleet": pa.string(),
+    "rollout_id": pa.string(),
+    "device_id": pa.string(),
+    "model": pa.string(),
+    "event": pa.string(),
+    "code": pa.string(),
+    "reason": pa.string(),
+    "release_version": pa.int32(),
+    "running_version": pa.int32(),
+    "running_sha256": pa.string(),
+    "latency_p50_ms": pa.float64(),
+    "latency_p99_ms": pa.float64(),
+    "prediction_mean": pa.float64(),
+    "prediction_counts": pa.list_(pa.int32()),
+}
 
 _LOCK = threading.Lock()
 
@@ -395,10 +448,12 @@ class TelemetryStore:
         rows = list(events)
         if not rows:
             return 0
-        batch = pa.table({
-            "ts": pa.array([str(e["ts"]) for e in rows], pa.string()),
-            **{c: pa.array([e.get(c) for e in rows], _ARROW_TYPES[c]) for c in EVENT_COLUMNS[1:]},
-        })  # fmt: skip
+        batch = pa.table(
+            {
+                "ts": pa.array([str(e["ts"]) for e in rows], pa.string()),
+                **{c: pa.array([e.get(c) for e in rows], _ARROW_TYPES[c]) for c in EVENT_COLUMNS[1:]},
+            }
+        )
         cols = ", ".join(EVENT_COLUMNS)
         select = ", ".join("CAST(ts AS TIMESTAMP)" if c == "ts" else c for c in EVENT_COLUMNS)
         with _LOCK, self._connect() as con:
@@ -407,7 +462,9 @@ class TelemetryStore:
             con.unregister("batch")
         return len(rows)
 
-    def events(self, rollout_id: str | None = None, device_id: str | None = None, fleet: str | None = None) -> list[dict[str, Any]]:
+    def events(
+        self, rollout_id: str | None = None, device_id: str | None = None, fleet: str | None = None
+    ) -> list[dict[str, Any]]:
         where, params = [], []
         for col, value in (("rollout_id", rollout_id), ("device_id", device_id), ("fleet", fleet)):
             if value is not None:
@@ -424,9 +481,17 @@ class TelemetryStore:
         with _LOCK, self._connect() as con:
             con.execute(
                 "INSERT OR REPLACE INTO rollouts VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [status["rollout_id"], fleet, status["model"], status["version"], status["phase"],
-                 status["stages"][status["stage"]], datetime.now(UTC).replace(tzinfo=None), json.dumps(status)],
-            )  # fmt: skip
+                [
+                    status["rollout_id"],
+                    fleet,
+                    status["model"],
+                    status["version"],
+                    status["phase"],
+                    status["stages"][status["stage"]],
+                    datetime.now(UTC).replace(tzinfo=None),
+                    json.dumps(status),
+                ],
+            )
 
     def rollouts(self, limit: int = 20) -> list[dict[str, Any]]:
         with _LOCK, self._connect(read_only=True) as con:
@@ -444,4 +509,3 @@ class TelemetryStore:
                 [rollout_id],
             ).fetchall()
         return {k: int(v) for k, v in rows}
-

@@ -31,7 +31,11 @@ def input_files(path: str | Path) -> list[Path]:
         if p.suffix.lower() not in PARQUET_SUFFIXES:
             raise DataError(f"{p}: batch scoring reads Parquet (a .parquet file or a folder of them)")
         return [p]
-    files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in PARQUET_SUFFIXES and not f.name.startswith((".", "_")))
+    files = sorted(
+        f
+        for f in p.rglob("*")
+        if f.is_file() and f.suffix.lower() in PARQUET_SUFFIXES and not f.name.startswith((".", "_"))
+    )
     if not files:
         raise DataError(f"{p}: the folder holds no .parquet files")
     return files
@@ -59,7 +63,9 @@ def _read_piece_group(pf: pq.ParquetFile, pieces: Sequence[Piece], columns: list
             continue
         # A slice of a big row group: stream it, keep the slice's rows only.
         offset, kept = 0, []
-        for batch in pf.iter_batches(batch_size=_STREAM_BATCH, row_groups=[piece.row_group], columns=columns, use_threads=False):
+        for batch in pf.iter_batches(
+            batch_size=_STREAM_BATCH, row_groups=[piece.row_group], columns=columns, use_threads=False
+        ):
             lo, hi = max(piece.start - offset, 0), min(piece.stop - offset, batch.num_rows)
             if lo < hi:
                 kept.append(batch.slice(lo, hi - lo))

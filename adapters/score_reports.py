@@ -18,11 +18,11 @@ from datetime import UTC, date, datetime
 import duckdb
 
 from adapters import storage
-from mlops.scoring import ModelRef
-from mlops.stats import AgreementReport
 
 # The score store's own write lock and layout: these tables live in its warehouse file.
-from adapters.storage import _Layout, _writer  # noqa: PLC2701 - same package, shared lock
+from adapters.storage import _Layout, _writer
+from mlops.scoring import ModelRef
+from mlops.stats import AgreementReport
 
 _DDL = (
     """
@@ -93,22 +93,46 @@ def write_comparison(
             con.execute(
                 "INSERT INTO score_comparisons VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    run_date, run_id, reference.name, reference.alias, reference.version,
-                    compared.alias, compared.version, report.rows, _nan_to_none(report.correlation),
-                    report.decision_agreement, report.psi, report.ks, report.mean_a, report.mean_b,
-                    report.decision_rate_a, report.decision_rate_b, reference.threshold,
-                    compared.threshold, datetime.now(UTC),
+                    run_date,
+                    run_id,
+                    reference.name,
+                    reference.alias,
+                    reference.version,
+                    compared.alias,
+                    compared.version,
+                    report.rows,
+                    _nan_to_none(report.correlation),
+                    report.decision_agreement,
+                    report.psi,
+                    report.ks,
+                    report.mean_a,
+                    report.mean_b,
+                    report.decision_rate_a,
+                    report.decision_rate_b,
+                    reference.threshold,
+                    compared.threshold,
+                    datetime.now(UTC),
                 ],
-            )  # fmt: skip
+            )
             if report.segments:
                 con.executemany(
                     "INSERT INTO score_comparison_segments VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [
-                        [run_date, s.column, s.value, s.rows, s.mean_a, s.mean_b, s.mean_diff,
-                         s.decision_rate_a, s.decision_rate_b, s.agreement]
+                        [
+                            run_date,
+                            s.column,
+                            s.value,
+                            s.rows,
+                            s.mean_a,
+                            s.mean_b,
+                            s.mean_diff,
+                            s.decision_rate_a,
+                            s.decision_rate_b,
+                            s.agreement,
+                        ]
                         for s in report.segments
                     ],
-                )  # fmt: skip
+                )
             con.execute("COMMIT")
         except BaseException:
             try:

@@ -58,8 +58,17 @@ SERVING_SERVICE = "serving.service:ScoringService"
 def serving_command(settings: Settings, host: str | None = None, port: int | None = None) -> tuple[str, ...]:
     """``bentoml serve`` of the platform's online service (``mlops serve`` runs it in the foreground)."""
     s = settings.services
-    return (_bin("bentoml"), "serve", SERVING_SERVICE, "--host", host or s.host, "--port", str(port or s.serving_port),
-            "--working-dir", str(project_dir()))  # fmt: skip
+    return (
+        _bin("bentoml"),
+        "serve",
+        SERVING_SERVICE,
+        "--host",
+        host or s.host,
+        "--port",
+        str(port or s.serving_port),
+        "--working-dir",
+        str(project_dir()),
+    )
 
 
 def serving_environment(settings: Settings) -> dict[str, str]:
@@ -78,22 +87,54 @@ def plan(settings: Settings) -> list[Service]:
     services = [
         Service(
             "prefect-server",
-            (_bin("prefect"), "server", "start", "--host", s.host, "--port", str(s.prefect_port), "--analytics-off"),
+            (
+                _bin("prefect"),
+                "server",
+                "start",
+                "--host",
+                s.host,
+                "--port",
+                str(s.prefect_port),
+                "--analytics-off",
+            ),
             url=f"http://{s.host}:{s.prefect_port}",
             health_url=f"{api}/health",
             env=base | {"PREFECT_SERVER_LOGGING_LEVEL": "WARNING"},
         ),
         Service(
             "prefect-worker",
-            (_bin("prefect"), "worker", "start", "--pool", settings.prefect.work_pool, "--type", "process",
-             "--name", f"mlops-worker-{s.prefect_port}", "--install-policy", "never"),  # fmt: skip
+            (
+                _bin("prefect"),
+                "worker",
+                "start",
+                "--pool",
+                settings.prefect.work_pool,
+                "--type",
+                "process",
+                "--name",
+                f"mlops-worker-{s.prefect_port}",
+                "--install-policy",
+                "never",
+            ),
             env=base | {"PREFECT_API_URL": api},
         ),
         Service(
             "mlflow",
-            (_bin("mlflow"), "server", "--backend-store-uri", settings.tracking_uri,
-             "--default-artifact-root", settings.artifact_location, "--no-serve-artifacts",
-             "--host", s.host, "--port", str(s.mlflow_port), "--workers", "1"),  # fmt: skip
+            (
+                _bin("mlflow"),
+                "server",
+                "--backend-store-uri",
+                settings.tracking_uri,
+                "--default-artifact-root",
+                settings.artifact_location,
+                "--no-serve-artifacts",
+                "--host",
+                s.host,
+                "--port",
+                str(s.mlflow_port),
+                "--workers",
+                "1",
+            ),
             url=f"http://{s.host}:{s.mlflow_port}",
             health_url=f"http://{s.host}:{s.mlflow_port}/health",
             env=base,
@@ -194,14 +235,24 @@ def start(settings: Settings, svc: Service) -> dict:
     log = settings.run_dir / f"{svc.name}.log"
     with open(log, "ab") as fh:
         proc = subprocess.Popen(
-            svc.argv, cwd=str(project_dir()), env=os.environ.copy() | svc.env,
-            stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            svc.argv,
+            cwd=str(project_dir()),
+            env=os.environ.copy() | svc.env,
+            stdin=subprocess.DEVNULL,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     record = {
-        "name": svc.name, "pid": proc.pid, "create_time": psutil.Process(proc.pid).create_time(),
-        "argv": list(svc.argv), "url": svc.url, "log": str(log), "started_at": time.time(),
+        "name": svc.name,
+        "pid": proc.pid,
+        "create_time": psutil.Process(proc.pid).create_time(),
+        "argv": list(svc.argv),
+        "url": svc.url,
+        "log": str(log),
+        "started_at": time.time(),
         "api_url": prefect_api_url(settings) if svc.name == "prefect-server" else None,
-    }  # fmt: skip
+    }
     _pid_file(settings, svc.name).write_text(json.dumps(record, indent=1))
     deadline = time.monotonic() + settings.services.startup_timeout_seconds
     ready = (lambda: _healthy(svc.health_url)) if svc.health_url else (lambda: _worker_online(settings))
@@ -213,7 +264,9 @@ def start(settings: Settings, svc: Service) -> dict:
             return record
         time.sleep(0.5)
     stop(settings, svc.name)
-    raise ServiceError(f"{svc.name} not healthy after {settings.services.startup_timeout_seconds:.0f} s: {_tail(log)}")
+    raise ServiceError(
+        f"{svc.name} not healthy after {settings.services.startup_timeout_seconds:.0f} s: {_tail(log)}"
+    )
 
 
 def _tree(proc: psutil.Process) -> list[psutil.Process]:

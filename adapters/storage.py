@@ -470,9 +470,7 @@ def _store_lock(layout: _Layout, *, exclusive: bool, timeout: float) -> Iterator
     try:
         if not _flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH, timeout):
             holder = "readers or another writer" if exclusive else "a writer"
-            raise WarehouseBusy(
-                f"warehouse {layout.warehouse} stayed locked by {holder} for {timeout:.1f}s"
-            )
+            raise WarehouseBusy(f"warehouse {layout.warehouse} stayed locked by {holder} for {timeout:.1f}s")
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -541,9 +539,7 @@ def _settle(layout: _Layout, timeout: float) -> None:
     for entry in layout.root.glob(f"{_WORK_PREFIX}*{_WORK_SUFFIX}*"):
         entry.unlink(missing_ok=True)
     if _wal(layout.warehouse).exists():
-        con = _retrying(
-            layout.warehouse, timeout, lambda: duckdb.connect(str(layout.warehouse))
-        )
+        con = _retrying(layout.warehouse, timeout, lambda: duckdb.connect(str(layout.warehouse)))
         try:
             con.execute("CHECKPOINT")
         finally:
@@ -620,10 +616,7 @@ def _sql_str(text: str) -> str:
 def _scores_view_sql(files: Sequence[str]) -> str:
     """The DDL of the ``scores`` view over exactly ``files`` (run_date from their paths)."""
     if not files:
-        return (
-            "CREATE OR REPLACE VIEW scores AS "
-            f"SELECT CAST(NULL AS DATE) AS {PARTITION_KEY} WHERE false"
-        )
+        return f"CREATE OR REPLACE VIEW scores AS SELECT CAST(NULL AS DATE) AS {PARTITION_KEY} WHERE false"
     listing = ", ".join(_sql_str(f) for f in files)
     return (
         f"CREATE OR REPLACE VIEW scores AS SELECT * FROM read_parquet([{listing}], "
@@ -637,9 +630,7 @@ def _published(con: duckdb.DuckDBPyConnection) -> dict[date, tuple[str, int]]:
     return {d: (run_id, parts) for d, run_id, parts in rows.fetchall()}
 
 
-def _rebuild_view(
-    con: duckdb.DuckDBPyConnection, layout: _Layout
-) -> dict[date, tuple[str, int]]:
+def _rebuild_view(con: duckdb.DuckDBPyConnection, layout: _Layout) -> dict[date, tuple[str, int]]:
     """Recreate ``scores`` over the part files of ``score_runs``; the runs it was built from."""
     published = _published(con)
     files = [
@@ -692,9 +683,7 @@ class StagedRun:
             marker = _read_marker(stage_dir)
             if marker is not None:
                 if marker.get("run_date") != run_date.isoformat():
-                    raise StorageError(
-                        f"run {run_id} is staging {marker.get('run_date')}, not {run_date}"
-                    )
+                    raise StorageError(f"run {run_id} is staging {marker.get('run_date')}, not {run_date}")
             else:
                 # Build the folder with its marker aside, then rename: every staging
                 # folder a sweeper sees says which date it belongs to.
@@ -709,7 +698,9 @@ class StagedRun:
 
     def write_part(self, index: int, table: pa.Table, *, distinct_columns: Sequence[str] = ()) -> PartInfo:
         """Write part ``index`` atomically; see the module function ``write_part``."""
-        return write_part(self.root, self.run_date, self.run_id, index, table, distinct_columns=distinct_columns)
+        return write_part(
+            self.root, self.run_date, self.run_id, index, table, distinct_columns=distinct_columns
+        )
 
     def commit(
         self,
@@ -771,9 +762,7 @@ def write_part(
     if not isinstance(table, pa.Table):
         raise TypeError(f"a part must be a pyarrow.Table, got {type(table).__name__}")
     if PARTITION_KEY in table.column_names:
-        raise DataError(
-            f"a scores part must not have a {PARTITION_KEY!r} column: it comes from the folder"
-        )
+        raise DataError(f"a scores part must not have a {PARTITION_KEY!r} column: it comes from the folder")
     stage_dir = layout.stage_dir(run_id)
     marker = _read_marker(stage_dir)
     if marker is None or marker.get("run_date") != run_date.isoformat():
@@ -900,8 +889,7 @@ def commit(
     with _writer(layout, lock_timeout) as work:
         con = work.con
         row = con.execute(
-            "SELECT run_id, rows_out, parts, bytes, committed_at FROM score_runs "
-            "WHERE run_date = ?",
+            "SELECT run_id, rows_out, parts, bytes, committed_at FROM score_runs WHERE run_date = ?",
             [run_date],
         ).fetchall()
         if row and row[0][0] == run_id:
@@ -974,9 +962,7 @@ def commit(
             _reconcile(published, layout, strict=False, supersede=run_date, keep=None)
         except (OSError, StorageError) as exc:
             log.warning("run %s of %s is committed; cleanup failed: %s", run_id, run_date, exc)
-        return CommitInfo(
-            run_date, run_id, rows_out, len(expected), size, committed_at, str(run_dir)
-        )
+        return CommitInfo(run_date, run_id, rows_out, len(expected), size, committed_at, str(run_dir))
 
 
 # --------------------------------------------------------------------------- sweep
@@ -1085,9 +1071,7 @@ def sweep(
     with _writer(layout, lock_timeout) as work:
         published = _rebuild_view(work.con, layout)
         work.publish()
-        return _reconcile(
-            published, layout, strict=True, supersede=None, keep=None, stale_after=stale_after
-        )
+        return _reconcile(published, layout, strict=True, supersede=None, keep=None, stale_after=stale_after)
 
 
 # --------------------------------------------------------------------------- readers

@@ -38,8 +38,16 @@ class TrafficRefused(PlatformError):
 class LiveTraffic:
     """Simulated users against a live service, in a background thread (see module docstring)."""
 
-    def __init__(self, base_url: str, config: SimulatorConfig, *, threads: int = 6, step_s: float = 0.25,
-                 max_seconds: float = 900.0, max_requests: int = 500_000) -> None:  # fmt: skip
+    def __init__(
+        self,
+        base_url: str,
+        config: SimulatorConfig,
+        *,
+        threads: int = 6,
+        step_s: float = 0.25,
+        max_seconds: float = 900.0,
+        max_requests: int = 500_000,
+    ) -> None:
         host = urlparse(base_url).hostname
         if host not in LOOPBACK:
             raise TrafficRefused(f"traffic simulation only drives loopback services, not {host}")
@@ -55,8 +63,11 @@ class LiveTraffic:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._http = httpx.Client(base_url=self.base_url, timeout=30,
-                                  limits=httpx.Limits(max_connections=threads + 2, max_keepalive_connections=threads + 2))  # fmt: skip
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            timeout=30,
+            limits=httpx.Limits(max_connections=threads + 2, max_keepalive_connections=threads + 2),
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -96,7 +107,12 @@ class LiveTraffic:
     def _feedback(self, labels: pd.DataFrame) -> None:
         if labels.empty:
             return
-        body = {"feedback": [{"request_id": r, "label": int(lab)} for r, lab in zip(labels["request_id"], labels["label"], strict=True)]}
+        body = {
+            "feedback": [
+                {"request_id": r, "label": int(lab)}
+                for r, lab in zip(labels["request_id"], labels["label"], strict=True)
+            ]
+        }
         try:
             self._http.post("/feedback", json=body)
         except httpx.HTTPError:

@@ -39,13 +39,30 @@ if TYPE_CHECKING:
 # Dtype names GX accepts as "numeric": numpy dtypes for typed columns, and ``int``/``float``
 # for object columns, whose values GX then checks one by one.
 NUMERIC_TYPES: tuple[str, ...] = (
-    "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-    "float16", "float32", "float64",
-    "Int8Dtype", "Int16Dtype", "Int32Dtype", "Int64Dtype",
-    "UInt8Dtype", "UInt16Dtype", "UInt32Dtype", "UInt64Dtype",
-    "Float32Dtype", "Float64Dtype",
-    "int", "float",
-)  # fmt: skip
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "float16",
+    "float32",
+    "float64",
+    "Int8Dtype",
+    "Int16Dtype",
+    "Int32Dtype",
+    "Int64Dtype",
+    "UInt8Dtype",
+    "UInt16Dtype",
+    "UInt32Dtype",
+    "UInt64Dtype",
+    "Float32Dtype",
+    "Float64Dtype",
+    "int",
+    "float",
+)
 # ``str`` matches pandas' string dtypes ("str", "string", either storage) and, value by value,
 # object columns holding Python strings. A pandas ``category`` column does not match.
 STRING_TYPE = "str"
@@ -141,17 +158,17 @@ def build_suite(schema: DatasetSchema, *, require_label: bool) -> gx.Expectation
         if num.min is not None or num.max is not None:
             out.append(
                 E.ExpectColumnValuesToBeBetween(
-                    column=num.name, min_value=num.min, max_value=num.max,
+                    column=num.name,
+                    min_value=num.min,
+                    max_value=num.max,
                     meta=_meta("range", num.name),
-                )  # fmt: skip
+                )
             )
 
     for cat in schema.categorical:
         out.append(E.ExpectColumnToExist(column=cat.name, meta=_meta("exists", cat.name)))
         out.append(
-            E.ExpectColumnValuesToBeOfType(
-                column=cat.name, type_=STRING_TYPE, meta=_meta("string", cat.name)
-            )
+            E.ExpectColumnValuesToBeOfType(column=cat.name, type_=STRING_TYPE, meta=_meta("string", cat.name))
         )
         not_null(cat.name, cat.max_null_fraction)
         out.append(
@@ -360,8 +377,7 @@ def _describe(check: str, column: str | None, kwargs: Mapping[str, Any], result:
         # object column: GX checked each value
         values = result.get("partial_unexpected_list") or ()
         return (
-            f"{where}: expected {wanted} type, got {_type_names(values)} "
-            f"({_rows(result)}{_examples(result)})"
+            f"{where}: expected {wanted} type, got {_type_names(values)} ({_rows(result)}{_examples(result)})"
         )
     if check == "nulls":
         allowed = 1.0 - float(kwargs.get("mostly", 1.0))
@@ -370,7 +386,9 @@ def _describe(check: str, column: str | None, kwargs: Mapping[str, Any], result:
             return f"{where}: must not be null ({nulls})"
         return f"{where}: at most {allowed:.2%} nulls allowed ({nulls})"
     if check == "range":
-        return f"{where}: values must be {_range_text(kwargs)} ({_rows(result, 'outside')}{_examples(result)})"
+        return (
+            f"{where}: values must be {_range_text(kwargs)} ({_rows(result, 'outside')}{_examples(result)})"
+        )
     if check == "allowed":
         return (
             f"{where}: values must be one of {_fmt_set(list(kwargs.get('value_set') or ()))} "

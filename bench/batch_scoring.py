@@ -81,7 +81,7 @@ def prepare(workdir: Path, rows: int) -> tuple[Path, Path, Path]:
 # --------------------------------------------------------------------------- (a) raw ORT
 
 
-def _raw_child(rank: int, procs: int, data: str, onnx_path: str, barrier, queue) -> None:  # noqa: ANN001
+def _raw_child(rank: int, procs: int, data: str, onnx_path: str, barrier, queue) -> None:
     import numpy as np
     import pyarrow.parquet as pq
 
@@ -92,7 +92,9 @@ def _raw_child(rank: int, procs: int, data: str, onnx_path: str, barrier, queue)
     scorer = OnnxScorer(Path(onnx_path).read_bytes(), schema, threads=1)
     pf = pq.ParquetFile(data)
     mine = [rg for rg in range(pf.num_row_groups) if rg % procs == rank]
-    feeds = [scorer.feeds(pf.read_row_group(rg, columns=list(schema.feature_names)).to_pandas()) for rg in mine]
+    feeds = [
+        scorer.feeds(pf.read_row_group(rg, columns=list(schema.feature_names)).to_pandas()) for rg in mine
+    ]
     scorer.run(feeds[0]) if feeds else None  # warm up
     barrier.wait()
     t0, c0 = time.monotonic(), time.process_time()
@@ -109,7 +111,10 @@ def phase_raw(data: Path, onnx_path: Path, procs: int) -> None:
 
     ctx = mp.get_context("fork")
     barrier, queue = ctx.Barrier(procs), ctx.Queue()
-    children = [ctx.Process(target=_raw_child, args=(r, procs, str(data), str(onnx_path), barrier, queue)) for r in range(procs)]
+    children = [
+        ctx.Process(target=_raw_child, args=(r, procs, str(data), str(onnx_path), barrier, queue))
+        for r in range(procs)
+    ]
     for c in children:
         c.start()
     got = [queue.get() for _ in children]
@@ -123,8 +128,16 @@ def phase_raw(data: Path, onnx_path: Path, procs: int) -> None:
     all_scores = np.concatenate(by_rg)
     np.save(data.with_suffix(".raw-scores.npy"), all_scores)
     wall = max(g[3] for g in got) - min(g[2] for g in got)
-    _emit({"phase": "raw", "rows": int(all_scores.size), "seconds": wall, "procs": procs,
-           "cpu_seconds": sum(g[4] for g in got), "load": os.getloadavg()[0]})  # fmt: skip
+    _emit(
+        {
+            "phase": "raw",
+            "rows": int(all_scores.size),
+            "seconds": wall,
+            "procs": procs,
+            "cpu_seconds": sum(g[4] for g in got),
+            "load": os.getloadavg()[0],
+        }
+    )
 
 
 # --------------------------------------------------------------------------- (b) naive
@@ -145,15 +158,34 @@ def phase_naive(data: Path, pkl: Path, onnx_path: Path, out: Path, engine: str) 
         import onnxruntime as ort
 
         sess = ort.InferenceSession(onnx_path.read_bytes(), providers=["CPUExecutionProvider"])
-        feeds = {i.name: (df[i.name].to_numpy(np.float32) if i.type == "tensor(float)" else df[i.name].to_numpy(object)).reshape(-1, 1)
-                 for i in sess.get_inputs()}  # fmt: skip
+        feeds = {
+            i.name: (
+                df[i.name].to_numpy(np.float32) if i.type == "tensor(float)" else df[i.name].to_numpy(object)
+            ).reshape(-1, 1)
+            for i in sess.get_inputs()
+        }
         scores = sess.run(["probabilities"], feeds)[0][:, 1]
-    res = pd.DataFrame({"transaction_id": df["transaction_id"], "user_id": df["user_id"], "score": scores, "decision": scores >= 0.2})
+    res = pd.DataFrame(
+        {
+            "transaction_id": df["transaction_id"],
+            "user_id": df["user_id"],
+            "score": scores,
+            "decision": scores >= 0.2,
+        }
+    )
     res.to_parquet(out)
     seconds = time.perf_counter() - t0
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    _emit({"phase": f"naive_{engine}", "rows": len(df), "seconds": seconds, "peak_rss_mb": _rss_peak_mb(),
-           "cpu_seconds": usage.ru_utime + usage.ru_stime - cpu0, "load": os.getloadavg()[0]})  # fmt: skip
+    _emit(
+        {
+            "phase": f"naive_{engine}",
+            "rows": len(df),
+            "seconds": seconds,
+            "peak_rss_mb": _rss_peak_mb(),
+            "cpu_seconds": usage.ru_utime + usage.ru_stime - cpu0,
+            "load": os.getloadavg()[0],
+        }
+    )
 
 
 # --------------------------------------------------------------------------- (c) mlops score
@@ -206,7 +238,9 @@ class TreeMemory:
         self._thread.join()
 
 
-def phase_mlops(data: Path, onnx_path: Path, home: Path, rows_per_partition: int | None, ort_threads: int | None) -> None:
+def phase_mlops(
+    data: Path, onnx_path: Path, home: Path, rows_per_partition: int | None, ort_threads: int | None
+) -> None:
     import numpy as np
     import pyarrow.parquet as pq
 
@@ -244,18 +278,43 @@ def phase_mlops(data: Path, onnx_path: Path, home: Path, rows_per_partition: int
         seconds = time.perf_counter() - t0
         cpu = _tree_cpu() - cpu0
 
-    count = storage.query(home, "SELECT count(*) AS n FROM scores WHERE run_date = ?", [RUN_DATE]).column("n")[0].as_py()
+    count = (
+        storage.query(home, "SELECT count(*) AS n FROM scores WHERE run_date = ?", [RUN_DATE])
+        .column("n")[0]
+        .as_py()
+    )
     folder = home / "scores" / f"run_date={RUN_DATE}"
-    written = np.concatenate([pq.read_table(p, columns=["score"]).column("score").to_numpy() for p in sorted(folder.glob("part-*.parquet"))])
-    raw = np.load(data.with_suffix(".raw-scores.npy")) if data.with_suffix(".raw-scores.npy").exists() else None
-    _emit({
-        "phase": "mlops", "rows": summary.rows_out, "rows_in": summary.rows_in, "seconds": seconds, "cold_start_seconds": cold,
-        "duckdb_count": count, "partitions": summary.partitions, "phases": summary.seconds,
-        "scores_equal_raw": bool(raw is not None and raw.shape == written.shape and np.array_equal(raw, written)),
-        "peak_total_mb": mem.peak_total, "peak_driver_mb": mem.peak_driver, "peak_worker_mb": mem.peak_worker,
-        "rows_per_partition": settings.scoring.rows_per_partition, "ort_threads": settings.scoring.ort_threads,
-        "cpu_seconds": cpu, "load": os.getloadavg()[0],
-    })  # fmt: skip
+    written = np.concatenate(
+        [
+            pq.read_table(p, columns=["score"]).column("score").to_numpy()
+            for p in sorted(folder.glob("part-*.parquet"))
+        ]
+    )
+    raw = (
+        np.load(data.with_suffix(".raw-scores.npy")) if data.with_suffix(".raw-scores.npy").exists() else None
+    )
+    _emit(
+        {
+            "phase": "mlops",
+            "rows": summary.rows_out,
+            "rows_in": summary.rows_in,
+            "seconds": seconds,
+            "cold_start_seconds": cold,
+            "duckdb_count": count,
+            "partitions": summary.partitions,
+            "phases": summary.seconds,
+            "scores_equal_raw": bool(
+                raw is not None and raw.shape == written.shape and np.array_equal(raw, written)
+            ),
+            "peak_total_mb": mem.peak_total,
+            "peak_driver_mb": mem.peak_driver,
+            "peak_worker_mb": mem.peak_worker,
+            "rows_per_partition": settings.scoring.rows_per_partition,
+            "ort_threads": settings.scoring.ort_threads,
+            "cpu_seconds": cpu,
+            "load": os.getloadavg()[0],
+        }
+    )
 
 
 def _tree_cpu() -> float:
@@ -282,7 +341,7 @@ def _warm_validation() -> None:
     validate_frame(generate(200, seed=1), load_settings(environ={}).dataset, require_label=False)
 
 
-def _register(settings, onnx_model: bytes) -> None:  # noqa: ANN001
+def _register(settings, onnx_model: bytes) -> None:
     import numpy as np
     import pandas as pd
 
@@ -298,10 +357,19 @@ def _register(settings, onnx_model: bytes) -> None:  # noqa: ANN001
     example = modeling.features_frame(generate(10, seed=9).head(3), settings.dataset)
     example = example.astype({n: np.float32 for n in settings.dataset.numeric_names})
     logged = log_training_run(
-        settings, run_name="bench-model", params={}, metrics={}, tags={}, files={}, onnx_model=onnx_model,
-        example_features=example, example_scores=pd.DataFrame({"probability": [0.1, 0.2, 0.3]}),
-    )  # fmt: skip
-    version = registry.register(name, logged.model_uri, logged.run_id, {"decision_threshold": "0.2"}, "benchmark").version
+        settings,
+        run_name="bench-model",
+        params={},
+        metrics={},
+        tags={},
+        files={},
+        onnx_model=onnx_model,
+        example_features=example,
+        example_scores=pd.DataFrame({"probability": [0.1, 0.2, 0.3]}),
+    )
+    version = registry.register(
+        name, logged.model_uri, logged.run_id, {"decision_threshold": "0.2"}, "benchmark"
+    ).version
     registry.move_alias(name, "champion", version, reason="benchmark")
 
 
@@ -313,22 +381,34 @@ def _run_phase(*args: str) -> dict[str, object]:
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return json.loads(line[len("RESULT ") :])
     raise SystemExit(f"phase {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/mlops-bench"))
-    parser.add_argument("--rows-per-partition", type=int, default=None, help="override scoring.rows_per_partition")
-    parser.add_argument("--ort-threads", type=int, default=None, help="threads per worker and per ORT session")
+    parser.add_argument(
+        "--rows-per-partition", type=int, default=None, help="override scoring.rows_per_partition"
+    )
+    parser.add_argument(
+        "--ort-threads", type=int, default=None, help="threads per worker and per ORT session"
+    )
     parser.add_argument("--skip-naive", action="store_true")
-    parser.add_argument("--phase", choices=["raw", "naive_sklearn", "naive_onnx", "mlops"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--phase", choices=["raw", "naive_sklearn", "naive_onnx", "mlops"], help=argparse.SUPPRESS
+    )
     parser.add_argument("--home", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    pkl, onnx_path, data = args.workdir / "model.pkl", args.workdir / "model.onnx", args.workdir / f"input-{args.rows}.parquet"
+    pkl, onnx_path, data = (
+        args.workdir / "model.pkl",
+        args.workdir / "model.onnx",
+        args.workdir / f"input-{args.rows}.parquet",
+    )
     if args.phase == "raw":
         return phase_raw(data, onnx_path, os.cpu_count() or 1)
     if args.phase in ("naive_sklearn", "naive_onnx"):
@@ -367,22 +447,49 @@ def main() -> None:
 
     line(f"(a) raw InferenceSession.run, {results['raw']['procs']} processes", "raw")
     if "naive_sklearn" in results:
-        line("(b) naive: pandas + scikit-learn + pandas", "naive_sklearn", f"peak RSS {results['naive_sklearn']['peak_rss_mb']:,.0f} MB")
-        line("(b) naive: pandas + ORT (all cores) + pandas", "naive_onnx", f"peak RSS {results['naive_onnx']['peak_rss_mb']:,.0f} MB")
-    line("(c) mlops score (warm cluster)", "mlops", f"{m['partitions']} partitions of <= {m['rows_per_partition']:,} rows")
-    print(f"      cold start (Prefect API, cluster, GX on workers) {m['cold_start_seconds']:.1f} s -> {cold_rate:,.0f} rows/s including it")
-    print(f"      peak RSS: total {m['peak_total_mb']:,.0f} MB, driver {m['peak_driver_mb']:,.0f} MB, largest worker {m['peak_worker_mb']:,.0f} MB")
+        line(
+            "(b) naive: pandas + scikit-learn + pandas",
+            "naive_sklearn",
+            f"peak RSS {results['naive_sklearn']['peak_rss_mb']:,.0f} MB",
+        )
+        line(
+            "(b) naive: pandas + ORT (all cores) + pandas",
+            "naive_onnx",
+            f"peak RSS {results['naive_onnx']['peak_rss_mb']:,.0f} MB",
+        )
+    line(
+        "(c) mlops score (warm cluster)",
+        "mlops",
+        f"{m['partitions']} partitions of <= {m['rows_per_partition']:,} rows",
+    )
+    print(
+        f"      cold start (Prefect API, cluster, GX on workers) {m['cold_start_seconds']:.1f} s -> {cold_rate:,.0f} rows/s including it"
+    )
+    print(
+        f"      peak RSS: total {m['peak_total_mb']:,.0f} MB, driver {m['peak_driver_mb']:,.0f} MB, largest worker {m['peak_worker_mb']:,.0f} MB"
+    )
     print(f"      phases (s; workers_* summed over partitions): {json.dumps(m['phases'])}")
     raw_us = results["raw"]["cpu_seconds"] / n * 1e6
-    worker_us = {k[len("workers_"):-len("_cpu")]: v / n * 1e6 for k, v in m["phases"].items() if k.startswith("workers_") and k.endswith("_cpu")}
-    print(f"      CPU per row: raw ORT {raw_us:.2f} us; mlops workers " + ", ".join(f"{k} {v:.2f} us" for k, v in worker_us.items())
-          + f"; whole tree {m['cpu_seconds'] / n * 1e6:.2f} us")
+    worker_us = {
+        k[len("workers_") : -len("_cpu")]: v / n * 1e6
+        for k, v in m["phases"].items()
+        if k.startswith("workers_") and k.endswith("_cpu")
+    }
+    print(
+        f"      CPU per row: raw ORT {raw_us:.2f} us; mlops workers "
+        + ", ".join(f"{k} {v:.2f} us" for k, v in worker_us.items())
+        + f"; whole tree {m['cpu_seconds'] / n * 1e6:.2f} us"
+    )
     print(f"  c/a = {c / a:.2f} wall, {per_cpu['mlops'] / per_cpu['raw']:.2f} per CPU-second   (goal >= 0.6)")
     if "naive_sklearn" in results:
         bk = max(("naive_sklearn", "naive_onnx"), key=lambda k: rate[k])
-        print(f"  c/b = {c / rate[bk]:.2f} wall against the faster naive ({bk}); c/b_sklearn = {c / rate['naive_sklearn']:.2f}   (goal >= 3)")
+        print(
+            f"  c/b = {c / rate[bk]:.2f} wall against the faster naive ({bk}); c/b_sklearn = {c / rate['naive_sklearn']:.2f}   (goal >= 3)"
+        )
     ok = m["rows"] == n and m["duckdb_count"] == n and m["scores_equal_raw"]
-    print(f"  check: rows written {m['rows']:,}, DuckDB count {m['duckdb_count']:,}, scores == raw ORT: {m['scores_equal_raw']} -> {'OK' if ok else 'FAILED'}")
+    print(
+        f"  check: rows written {m['rows']:,}, DuckDB count {m['duckdb_count']:,}, scores == raw ORT: {m['scores_equal_raw']} -> {'OK' if ok else 'FAILED'}"
+    )
     if not ok:
         raise SystemExit(1)
 

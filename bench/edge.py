@@ -33,7 +33,9 @@ from mlops.onnx_model import OnnxScorer
 from mlops.settings import GradientBoostingSpec, LogisticRegressionSpec, load_settings
 
 
-def interleaved_p50(a: OnnxScorer, b: OnnxScorer, feeds: dict[str, np.ndarray], calls: int = 2000) -> tuple[float, float]:
+def interleaved_p50(
+    a: OnnxScorer, b: OnnxScorer, feeds: dict[str, np.ndarray], calls: int = 2000
+) -> tuple[float, float]:
     n = len(next(iter(feeds.values())))
     ta, tb = [], []
     for i in range(calls):
@@ -65,7 +67,7 @@ def dynamic_int8_effect(model: bytes) -> str:
         src.write_bytes(model)
         try:
             quantize_dynamic(src, out)
-        except Exception as exc:  # noqa: BLE001 - reporting what the quantizer does, whatever it raises
+        except Exception as exc:
             return f"raised {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
         q = out.read_bytes()
     changed = [op for op in graph.op_types(q) if op in graph.QUANTIZED_OPS]
@@ -84,9 +86,15 @@ def main() -> None:
     t0 = time.perf_counter()
     frame = generate(args.rows, seed=1)
     train, test = modeling.split(frame, schema, settings.training)
-    teacher = modeling.to_onnx_bytes(modeling.fit(GradientBoostingSpec(), train, schema, settings.training.seed), schema)
-    lr = modeling.to_onnx_bytes(modeling.fit(LogisticRegressionSpec(), train, schema, settings.training.seed), schema)
-    print(f"teacher: gradient boosting, {len(teacher):,} B (trained in {time.perf_counter() - t0:.0f} s on {len(train):,} rows)")
+    teacher = modeling.to_onnx_bytes(
+        modeling.fit(GradientBoostingSpec(), train, schema, settings.training.seed), schema
+    )
+    lr = modeling.to_onnx_bytes(
+        modeling.fit(LogisticRegressionSpec(), train, schema, settings.training.seed), schema
+    )
+    print(
+        f"teacher: gradient boosting, {len(teacher):,} B (trained in {time.perf_counter() - t0:.0f} s on {len(train):,} rows)"
+    )
     print(f"dynamic INT8 on the tree teacher:        {dynamic_int8_effect(teacher)}")
     print(f"dynamic INT8 on logistic regression:     {dynamic_int8_effect(lr)}")
 
@@ -96,12 +104,20 @@ def main() -> None:
         t1 = time.perf_counter()
         results[spec.name] = r = builder.build(spec)
         m = r.measurement
-        figures = (f"{m.size_bytes:>9,} B  p50 {m.latency_p50_ms:.3f}  p99 {m.latency_p99_ms:.3f} ms  {m.metric} {m.value:.4f} "
-                   f"drop {m.drop:+.4f}  max|dp| {m.max_abs_dp:.4f}  mean|dp| {m.mean_abs_dp:.5f}") if m else r.reason[:90]  # fmt: skip
+        figures = (
+            (
+                f"{m.size_bytes:>9,} B  p50 {m.latency_p50_ms:.3f}  p99 {m.latency_p99_ms:.3f} ms  {m.metric} {m.value:.4f} "
+                f"drop {m.drop:+.4f}  max|dp| {m.max_abs_dp:.4f}  mean|dp| {m.mean_abs_dp:.5f}"
+            )
+            if m
+            else r.reason[:90]
+        )
         print(f"  {r.name:26s} {r.outcome:8s} {figures}  ({time.perf_counter() - t1:.1f} s)")
 
     feeds = OnnxScorer(teacher, schema).feeds(builder.data.eval.iloc[:5000])
-    print("\nINT8 goal: >= 3.5x smaller than its float network, AUC drop <= 0.005 vs the float teacher, p50 no slower")
+    print(
+        "\nINT8 goal: >= 3.5x smaller than its float network, AUC drop <= 0.005 vs the float teacher, p50 no slower"
+    )
     for name, r in results.items():
         if r.kind != "quantize" or r.measurement is None:
             continue
@@ -111,9 +127,11 @@ def main() -> None:
         ratio = len(f_bytes) / len(q_bytes)
         thr = batch_throughput(qs, feeds) / batch_throughput(fs, feeds)
         ok = ratio >= 3.5 and r.measurement.drop <= 0.005 and q50 <= f50 * 1.0
-        print(f"  {name:26s} {ratio:4.2f}x smaller than {r.source} ({len(teacher) / len(q_bytes):4.1f}x vs teacher), "
-              f"drop {r.measurement.drop:+.4f}, p50 {q50:.3f} vs {f50:.3f} ms ({q50 / f50:.2f}x), batch {thr:.2f}x, "
-              f"max|dp| {r.measurement.max_abs_dp:.3f}, gate {r.outcome}  -> {'GOAL MET' if ok else 'goal missed'}")  # fmt: skip
+        print(
+            f"  {name:26s} {ratio:4.2f}x smaller than {r.source} ({len(teacher) / len(q_bytes):4.1f}x vs teacher), "
+            f"drop {r.measurement.drop:+.4f}, p50 {q50:.3f} vs {f50:.3f} ms ({q50 / f50:.2f}x), batch {thr:.2f}x, "
+            f"max|dp| {r.measurement.max_abs_dp:.3f}, gate {r.outcome}  -> {'GOAL MET' if ok else 'goal missed'}"
+        )
 
     print(f"\nstudent goal: >= 10x smaller than the teacher, AUC drop <= {budget.limits.max_metric_drop}")
     for name, r in results.items():
@@ -122,7 +140,9 @@ def main() -> None:
             m = r.measurement
             ratio = len(teacher) / m.size_bytes
             ok = ratio >= 10 and m.drop <= budget.limits.max_metric_drop
-            print(f"  {name:26s} {ratio:5.1f}x smaller ({m.size_bytes:,} B), drop {m.drop:+.4f}  -> {'GOAL MET' if ok else 'goal missed'}")
+            print(
+                f"  {name:26s} {ratio:5.1f}x smaller ({m.size_bytes:,} B), drop {m.drop:+.4f}  -> {'GOAL MET' if ok else 'goal missed'}"
+            )
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 
 

@@ -98,7 +98,9 @@ def prepare_home(home: Path | None, tmp: Path) -> tuple[Path, int, int, Path]:
     registry = ModelRegistry(settings)
     name = settings.training.model_name
     if home is None:
-        print("training the default GradientBoosting model on generated data (no --home given) ...", flush=True)
+        print(
+            "training the default GradientBoosting model on generated data (no --home given) ...", flush=True
+        )
         _train_and_register(settings, registry)
     aliases = registry.aliases(name)
     if "champion" not in aliases:
@@ -110,7 +112,7 @@ def prepare_home(home: Path | None, tmp: Path) -> tuple[Path, int, int, Path]:
     return settings.home_path, stable, candidate, model
 
 
-def _train_and_register(settings, registry) -> None:  # noqa: ANN001 - Settings, ModelRegistry
+def _train_and_register(settings, registry) -> None:
     import pandas as pd
 
     from mlops import modeling
@@ -123,9 +125,17 @@ def _train_and_register(settings, registry) -> None:  # noqa: ANN001 - Settings,
     onnx = modeling.to_onnx_bytes(pipe, settings.dataset)
     example = modeling.features_frame(frame.head(3), settings.dataset)
     example = example.astype({n: np.float32 for n in settings.dataset.numeric_names})
-    logged = log_training_run(settings, run_name="bench-serving", params={}, metrics={}, tags={}, files={},
-                              onnx_model=onnx, example_features=example,
-                              example_scores=pd.DataFrame({"probability": [0.1, 0.2, 0.3]}))  # fmt: skip
+    logged = log_training_run(
+        settings,
+        run_name="bench-serving",
+        params={},
+        metrics={},
+        tags={},
+        files={},
+        onnx_model=onnx,
+        example_features=example,
+        example_scores=pd.DataFrame({"probability": [0.1, 0.2, 0.3]}),
+    )
     name = settings.training.model_name
     first = registry.register(name, logged.model_uri, logged.run_id, {}, "serving benchmark").version
     registry.move_alias(name, "champion", first, reason="serving benchmark")
@@ -137,7 +147,9 @@ def sample_payload(seed: int = 0) -> dict:
 
     schema = fraud_schema()
     row = generate(1, seed=seed).iloc[0]
-    features = {n: float(row[n]) for n in schema.numeric_names} | {n: str(row[n]) for n in schema.categorical_names}
+    features = {n: float(row[n]) for n in schema.numeric_names} | {
+        n: str(row[n]) for n in schema.categorical_names
+    }
     return {"features": features, "entity_key": "user-42"}
 
 
@@ -155,16 +167,22 @@ class Run:
     def summary(self, stall_ms: float) -> dict[str, float]:
         lat = self.latencies_ns
         return {
-            "requests": int(lat.size), "rps": lat.size / self.seconds,
-            "p50_ms": float(np.percentile(lat, 50)) / 1e6, "p99_ms": float(np.percentile(lat, 99)) / 1e6,
-            "max_ms": float(lat.max()) / 1e6, "stalls": int((lat > stall_ms * 1e6).sum()), "errors": self.errors,
-        }  # fmt: skip
+            "requests": int(lat.size),
+            "rps": lat.size / self.seconds,
+            "p50_ms": float(np.percentile(lat, 50)) / 1e6,
+            "p99_ms": float(np.percentile(lat, 99)) / 1e6,
+            "max_ms": float(lat.max()) / 1e6,
+            "stalls": int((lat > stall_ms * 1e6).sum()),
+            "errors": self.errors,
+        }
 
 
 def _request_bytes(port: int, payload: dict) -> bytes:
     body = json.dumps(payload).encode()
-    head = (f"POST {PREDICT_PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")  # fmt: skip
+    head = (
+        f"POST {PREDICT_PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
     return head.encode() + body
 
 
@@ -247,12 +265,28 @@ end
 """
 
 
-def _wrk_load(port: int, payload: dict, concurrency: int, seconds: float, stall_ms: float, script: Path) -> dict:
+def _wrk_load(
+    port: int, payload: dict, concurrency: int, seconds: float, stall_ms: float, script: Path
+) -> dict:
     env = {**os.environ, "WRK_BODY": json.dumps(payload), "WRK_STALL_US": str(int(stall_ms * 1e3))}
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "5s",
-         "-s", str(script), f"http://127.0.0.1:{port}{PREDICT_PATH}"],
-        env=env, capture_output=True, text=True, check=True, timeout=seconds + 60).stdout  # fmt: skip
+        [
+            "wrk",
+            "-t1",
+            f"-c{concurrency}",
+            f"-d{max(1, round(seconds))}s",
+            "--timeout",
+            "5s",
+            "-s",
+            str(script),
+            f"http://127.0.0.1:{port}{PREDICT_PATH}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=seconds + 60,
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -276,7 +310,7 @@ def _tree_ticks(roots: set[int]) -> int:
                 raw = Path(f"/proc/{name}/stat").read_text()
             except OSError:
                 continue
-            rest = raw[raw.rfind(")") + 2:].split()
+            rest = raw[raw.rfind(")") + 2 :].split()
             procs[int(name)] = (int(rest[1]), int(rest[11]) + int(rest[12]))
     mine, grew = set(roots), True
     while grew:
@@ -309,8 +343,14 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def _server(cmd: list[str], cwd: Path, env: dict[str, str], port: int, log: Path, payload: dict):
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **env}, stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            cmd,
+            cwd=cwd,
+            env={**os.environ, **env},
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         _wait_ready(proc, port, log, payload)
         yield proc
@@ -330,7 +370,9 @@ def _wait_ready(proc: subprocess.Popen, port: int, log: Path, payload: dict, tim
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}; see {log}")
-        req = urllib.request.Request(f"http://127.0.0.1:{port}{PREDICT_PATH}", body, {"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}{PREDICT_PATH}", body, {"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=2) as resp:
                 if resp.status == 200:
@@ -341,9 +383,12 @@ def _wait_ready(proc: subprocess.Popen, port: int, log: Path, payload: dict, tim
 
 
 def _admin(port: int, token: str, state: dict) -> None:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/admin/state", json.dumps(state).encode(),
-                                 {"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
-                                 method="PUT")  # fmt: skip
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/admin/state",
+        json.dumps(state).encode(),
+        {"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+        method="PUT",
+    )
     with urllib.request.urlopen(req, timeout=120) as resp:
         assert resp.status == 200
 
@@ -352,49 +397,77 @@ def _admin(port: int, token: str, state: dict) -> None:
 
 
 def _print_table(results: dict, ratios: dict, foreign: dict, stall_ms: float, targets: list[str]) -> None:
-    print(f"{'client':7s} {'target':8s} {'rps':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'max ms':>8s} "
-          f"{'stalls>' + format(stall_ms, 'g') + 'ms':>11s} {'errors':>6s} {'foreign cores':>13s} {'cpu ms/req':>10s}")  # fmt: skip
+    print(
+        f"{'client':7s} {'target':8s} {'rps':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'max ms':>8s} "
+        f"{'stalls>' + format(stall_ms, 'g') + 'ms':>11s} {'errors':>6s} {'foreign cores':>13s} {'cpu ms/req':>10s}"
+    )
     for client, per in results.items():
         for name in targets:
             s = per[name]
-            print(f"{client:7s} {name:8s} {s['rps']:8.1f} {s['p50_ms']:8.2f} {s['p99_ms']:8.2f} {s['max_ms']:8.1f} "
-                  f"{s['stalls']:11d} {s['errors']:6d} {statistics.mean(foreign[client][name]):13.2f} "
-                  f"{s['server_cpu_ms_per_req']:10.3f}")  # fmt: skip
+            print(
+                f"{client:7s} {name:8s} {s['rps']:8.1f} {s['p50_ms']:8.2f} {s['p99_ms']:8.2f} {s['max_ms']:8.1f} "
+                f"{s['stalls']:11d} {s['errors']:6d} {statistics.mean(foreign[client][name]):13.2f} "
+                f"{s['server_cpu_ms_per_req']:10.3f}"
+            )
         m, b = per["minimal"], per["bentoml"]
         per_round = ", ".join(f"{r:.2f}" for r in ratios[client])
-        print(f"{client:7s} bentoml/minimal: rps {b['rps'] / m['rps']:.2f} (per round: {per_round})  "
-              f"p50 {b['p50_ms'] / m['p50_ms']:.2f}  p99 {b['p99_ms'] / m['p99_ms']:.2f}  max {b['max_ms'] / m['max_ms']:.2f}  "
-              f"server cpu/req {b['server_cpu_ms_per_req'] / m['server_cpu_ms_per_req']:.2f}")  # fmt: skip
+        print(
+            f"{client:7s} bentoml/minimal: rps {b['rps'] / m['rps']:.2f} (per round: {per_round})  "
+            f"p50 {b['p50_ms'] / m['p50_ms']:.2f}  p99 {b['p99_ms'] / m['p99_ms']:.2f}  max {b['max_ms'] / m['max_ms']:.2f}  "
+            f"server cpu/req {b['server_cpu_ms_per_req'] / m['server_cpu_ms_per_req']:.2f}"
+        )
         if "shadow" in per:
-            print(f"{client:7s} shadow/single: p99 {per['shadow']['p99_ms'] / b['p99_ms']:.2f}  "
-                  f"rps {per['shadow']['rps'] / b['rps']:.2f}")  # fmt: skip
+            print(
+                f"{client:7s} shadow/single: p99 {per['shadow']['p99_ms'] / b['p99_ms']:.2f}  "
+                f"rps {per['shadow']['rps'] / b['rps']:.2f}"
+            )
         if "canary" in per:
-            print(f"{client:7s} canary/single: rps {per['canary']['rps'] / b['rps']:.2f}  "
-                  f"p99 {per['canary']['p99_ms'] / b['p99_ms']:.2f}")  # fmt: skip
+            print(
+                f"{client:7s} canary/single: rps {per['canary']['rps'] / b['rps']:.2f}  "
+                f"p99 {per['canary']['p99_ms'] / b['p99_ms']:.2f}"
+            )
 
 
 def _pool(client: str, runs: list, stall_ms: float) -> dict:
     if client == "wrk":  # wrk gives percentiles per window, not raw latencies
         secs = sum(r["us"] for r in runs) / 1e6
-        return {"requests": sum(r["requests"] for r in runs), "rps": sum(r["requests"] for r in runs) / secs,
-                "p50_ms": statistics.median(r["p50"] for r in runs) / 1e3, "p99_ms": max(r["p99"] for r in runs) / 1e3,
-                "max_ms": max(r["max"] for r in runs) / 1e3, "stalls": sum(r["stalls"] for r in runs),
-                "errors": sum(r["errors"] for r in runs)}  # fmt: skip
-    return Run(np.concatenate([r.latencies_ns for r in runs]), sum(r.seconds for r in runs),
-               sum(r.errors for r in runs)).summary(stall_ms)  # fmt: skip
+        return {
+            "requests": sum(r["requests"] for r in runs),
+            "rps": sum(r["requests"] for r in runs) / secs,
+            "p50_ms": statistics.median(r["p50"] for r in runs) / 1e3,
+            "p99_ms": max(r["p99"] for r in runs) / 1e3,
+            "max_ms": max(r["max"] for r in runs) / 1e3,
+            "stalls": sum(r["stalls"] for r in runs),
+            "errors": sum(r["errors"] for r in runs),
+        }
+    return Run(
+        np.concatenate([r.latencies_ns for r in runs]),
+        sum(r.seconds for r in runs),
+        sum(r.errors for r in runs),
+    ).summary(stall_ms)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--duration", type=float, default=20.0, help="seconds of load per target and client (over all rounds)")
+    ap.add_argument(
+        "--duration", type=float, default=20.0, help="seconds of load per target and client (over all rounds)"
+    )
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=4, help="alternating windows per target")
     ap.add_argument("--clients", default="async,wrk", help="comma-separated subset of async, wrk, seq")
-    ap.add_argument("--targets", default=",".join(TARGETS), help="minimal and bentoml always; shadow, canary optional")
-    ap.add_argument("--mirror-pct", type=float, default=100.0, help="shadow target: share of requests mirrored")
-    ap.add_argument("--canary-pct", type=float, default=50.0, help="canary target: share of users on the candidate")
+    ap.add_argument(
+        "--targets", default=",".join(TARGETS), help="minimal and bentoml always; shadow, canary optional"
+    )
+    ap.add_argument(
+        "--mirror-pct", type=float, default=100.0, help="shadow target: share of requests mirrored"
+    )
+    ap.add_argument(
+        "--canary-pct", type=float, default=50.0, help="canary target: share of users on the candidate"
+    )
     ap.add_argument("--stall-ms", type=float, default=50.0)
-    ap.add_argument("--home", type=Path, help="serve this MLOPS_HOME's champion (default: train one in a temp home)")
+    ap.add_argument(
+        "--home", type=Path, help="serve this MLOPS_HOME's champion (default: train one in a temp home)"
+    )
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
 
@@ -418,35 +491,73 @@ def main(argv: list[str] | None = None) -> int:
         ports = {"minimal": _free_port(), "bentoml": _free_port()}
         py = sys.executable
         commands = {
-            "minimal": [py, "-m", "uvicorn", "serving:minimal_app", "--factory", "--host", "127.0.0.1",
-                        "--port", str(ports["minimal"]), "--no-access-log", "--log-level", "warning"],
-            "bentoml": [str(Path(py).with_name("bentoml")), "serve", "serving.service:ScoringService", "--host",
-                        "127.0.0.1", "--port", str(ports["bentoml"]), "--working-dir", str(REPO)],
-        }  # fmt: skip
+            "minimal": [
+                py,
+                "-m",
+                "uvicorn",
+                "serving:minimal_app",
+                "--factory",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(ports["minimal"]),
+                "--no-access-log",
+                "--log-level",
+                "warning",
+            ],
+            "bentoml": [
+                str(Path(py).with_name("bentoml")),
+                "serve",
+                "serving.service:ScoringService",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(ports["bentoml"]),
+                "--working-dir",
+                str(REPO),
+            ],
+        }
         envs = {
             "minimal": {MODEL_ENV: str(model)},
-            "bentoml": {"MLOPS_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true",
-                        "MLOPS__SERVING__RESTORE_STATE": "false"},
-        }  # fmt: skip
+            "bentoml": {
+                "MLOPS_HOME": str(home),
+                "BENTOML_DO_NOT_TRACK": "true",
+                "MLFLOW_DISABLE_TELEMETRY": "true",
+                "MLOPS__SERVING__RESTORE_STATE": "false",
+            },
+        }
         cwd = {"minimal": HERE, "bentoml": REPO}
         modes = {
             "bentoml": {"mode": "single", "stable_version": stable},
-            "shadow": {"mode": "shadow", "mirror_pct": args.mirror_pct, "salt": "bench", "stable_version": stable,
-                       "candidate_version": candidate},
-            "canary": {"mode": "canary", "weight_pct": args.canary_pct, "salt": "bench", "stable_version": stable,
-                       "candidate_version": candidate},
-        }  # fmt: skip
+            "shadow": {
+                "mode": "shadow",
+                "mirror_pct": args.mirror_pct,
+                "salt": "bench",
+                "stable_version": stable,
+                "candidate_version": candidate,
+            },
+            "canary": {
+                "mode": "canary",
+                "weight_pct": args.canary_pct,
+                "salt": "bench",
+                "stable_version": stable,
+                "candidate_version": candidate,
+            },
+        }
         pooled: dict[str, dict[str, list]] = {c: {t: [] for t in targets} for c in clients}
         server_ticks: dict[str, dict[str, int]] = {c: {t: 0 for t in targets} for c in clients}
         foreign: dict[str, dict[str, list[float]]] = {c: {t: [] for t in targets} for c in clients}
         round_rps: dict[str, list[dict[str, float]]] = {c: [] for c in clients}
         with contextlib.ExitStack() as stack:
-            procs = {name: stack.enter_context(_server(commands[name], cwd[name], envs[name], ports[name],
-                                                       tmp / f"{name}.log", payload))
-                     for name in ("minimal", "bentoml")}  # fmt: skip
+            procs = {
+                name: stack.enter_context(
+                    _server(commands[name], cwd[name], envs[name], ports[name], tmp / f"{name}.log", payload)
+                )
+                for name in ("minimal", "bentoml")
+            }
             roots = {p.pid for p in procs.values()}
             for rnd in range(args.rounds):
-                order = targets[rnd % len(targets):] + targets[:rnd % len(targets)]
+                order = targets[rnd % len(targets) :] + targets[: rnd % len(targets)]
                 for client in clients:
                     rps = {}
                     for name in order:
@@ -464,8 +575,11 @@ def main(argv: list[str] | None = None) -> int:
                                 run = _wrk_load(port, payload, args.concurrency, window, args.stall_ms, lua)
                         server_ticks[client][name] += _tree_ticks(server) - ticks0
                         pooled[client][name].append(run)
-                        rps[name] = (run.latencies_ns.size / run.seconds if isinstance(run, Run)
-                                     else run["requests"] / (run["us"] / 1e6))  # fmt: skip
+                        rps[name] = (
+                            run.latencies_ns.size / run.seconds
+                            if isinstance(run, Run)
+                            else run["requests"] / (run["us"] / 1e6)
+                        )
                     round_rps[client].append(rps)
                 print(f"round {rnd + 1}/{args.rounds} done", flush=True)
             _admin(ports["bentoml"], token, modes["bentoml"])
@@ -476,15 +590,27 @@ def main(argv: list[str] | None = None) -> int:
         for name in targets:
             results[client][name] = _pool(client, pooled[client][name], args.stall_ms)
             results[client][name]["server_cpu_ms_per_req"] = (
-                server_ticks[client][name] / _TICK * 1e3 / max(results[client][name]["requests"], 1))
+                server_ticks[client][name] / _TICK * 1e3 / max(results[client][name]["requests"], 1)
+            )
     ratios = {c: [r["bentoml"] / r["minimal"] for r in round_rps[c]] for c in clients}
-    print(f"\nconcurrency {args.concurrency} (seq: 1), {args.rounds} rounds x {window:.1f}s per target and client; "
-          f"shadow mirrors {args.mirror_pct:g}%, canary sends {args.canary_pct:g}% of users to the candidate; "
-          "wrk p99 is the worst window's, its p50 the median window's")  # fmt: skip
+    print(
+        f"\nconcurrency {args.concurrency} (seq: 1), {args.rounds} rounds x {window:.1f}s per target and client; "
+        f"shadow mirrors {args.mirror_pct:g}%, canary sends {args.canary_pct:g}% of users to the candidate; "
+        "wrk p99 is the worst window's, its p50 the median window's"
+    )
     _print_table(results, ratios, foreign, args.stall_ms, targets)
     if args.json:
-        args.json.write_text(json.dumps({"results": results, "rps_ratio_per_round": ratios, "foreign_cores": foreign,
-                                         "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))  # fmt: skip
+        args.json.write_text(
+            json.dumps(
+                {
+                    "results": results,
+                    "rps_ratio_per_round": ratios,
+                    "foreign_cores": foreign,
+                    "args": {k: str(v) for k, v in vars(args).items()},
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

@@ -101,8 +101,7 @@ def main() -> None:
         layout = _Layout.of(root)
         size = layout.warehouse.stat().st_size
         print(
-            f"warehouse: {args.dates} dates, {size / 1e6:.2f} MB "
-            f"(built in {time.perf_counter() - t0:.1f} s)"
+            f"warehouse: {args.dates} dates, {size / 1e6:.2f} MB (built in {time.perf_counter() - t0:.1f} s)"
         )
         timings: dict[str, list[float]] = {"a_in_place": [], "b_store": []}
         for trial in range(args.trials):

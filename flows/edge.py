@@ -52,13 +52,18 @@ def _line(r: VariantResult) -> str:
     m = r.measurement
     if m is None:
         return f"{r.name}: {r.outcome}: {r.verdict}"
-    return (f"{r.name}: {r.outcome}: {m.size_bytes:,} B, p50 {m.latency_p50_ms:.3f} ms, p99 {m.latency_p99_ms:.3f} ms, "
-            f"{m.metric} {m.value:.4f} (drop {m.drop:+.4f}), max |dp| {m.max_abs_dp:.4f}; {r.verdict}")  # fmt: skip
+    return (
+        f"{r.name}: {r.outcome}: {m.size_bytes:,} B, p50 {m.latency_p50_ms:.3f} ms, p99 {m.latency_p99_ms:.3f} ms, "
+        f"{m.metric} {m.value:.4f} (drop {m.drop:+.4f}), max |dp| {m.max_abs_dp:.4f}; {r.verdict}"
+    )
 
 
 @flow(name="edge-export", log_prints=True)
 def edge_export_flow(
-    alias: AliasParam = CHAMPION, budget: BudgetParam | None = None, config: str | None = None, model: str | None = None
+    alias: AliasParam = CHAMPION,
+    budget: BudgetParam | None = None,
+    config: str | None = None,
+    model: str | None = None,
 ) -> ExportSummary:
     """Build every variant of the budget from the ``alias`` model, gate them, report, keep the passing ones.
 
@@ -96,31 +101,80 @@ def edge_export_flow(
     sample = builder.data.eval.iloc[:2000]
     files |= {"report.md": table.encode(), "variants.png": chart, "sample.parquet": t.frame_bytes(sample)}
     doc = {
-        "model": name, "source_version": info.version, "alias": alias, "budget": report.budget_dict(plan),
-        "selected": chosen.name if chosen else None, "passing": [r.name for r in passing], "teacher_bytes": len(teacher),
-        "teacher_metric": builder.teacher_value, "data_source": source, "created": datetime.now(UTC).isoformat(),
-        "variants": rows, "gates": {r.name: report.gate_dict(r) for r in results},
-    }  # fmt: skip
+        "model": name,
+        "source_version": info.version,
+        "alias": alias,
+        "budget": report.budget_dict(plan),
+        "selected": chosen.name if chosen else None,
+        "passing": [r.name for r in passing],
+        "teacher_bytes": len(teacher),
+        "teacher_metric": builder.teacher_value,
+        "data_source": source,
+        "created": datetime.now(UTC).isoformat(),
+        "variants": rows,
+        "gates": {r.name: report.gate_dict(r) for r in results},
+    }
     export_dir = t.write_export(settings, name, info.version, plan.name, files, doc)
-    metrics = {f"{row['variant']}.{k}": float(row[k]) for row in rows for k in
-               ("size_bytes", "latency_p50_ms", "latency_p99_ms", "value", "drop", "max_abs_dp", "mean_abs_dp")
-               if row[k] is not None}  # fmt: skip
+    metrics = {
+        f"{row['variant']}.{k}": float(row[k])
+        for row in rows
+        for k in (
+            "size_bytes",
+            "latency_p50_ms",
+            "latency_p99_ms",
+            "value",
+            "drop",
+            "max_abs_dp",
+            "mean_abs_dp",
+        )
+        if row[k] is not None
+    }
     metrics |= {f"{r.name}.passed": float(r.passed) for r in results}
     run_id = t.log_export(
-        settings, experiment=f"{settings.training.experiment}-edge", run_name=f"edge-{plan.name}-v{info.version}",
-        params={"budget": plan.name, "alias": alias, "source_version": info.version, "selected": chosen.name if chosen else "none",
-                "data": source, "budget_json": plan.model_dump_json()},
-        metrics=metrics, tags={"model": name, "source_version": str(info.version), "budget": plan.name},
-        files={"report.md": table.encode(), "variants.png": chart, "report.csv": pd.DataFrame(rows).to_csv(index=False).encode()},
-    )  # fmt: skip
-    create_markdown_artifact(key="edge-export", markdown=table + f"\n\nChart: `{export_dir}/variants.png`; MLflow run `{run_id}`",
-                             description=f"Edge variants of {name} v{info.version} for {plan.name}")  # fmt: skip
-    logger.info("selected %s; %d of %d variants passed; export in %s", chosen.name if chosen else "nothing",
-                len(passing), len(results), export_dir)  # fmt: skip
+        settings,
+        experiment=f"{settings.training.experiment}-edge",
+        run_name=f"edge-{plan.name}-v{info.version}",
+        params={
+            "budget": plan.name,
+            "alias": alias,
+            "source_version": info.version,
+            "selected": chosen.name if chosen else "none",
+            "data": source,
+            "budget_json": plan.model_dump_json(),
+        },
+        metrics=metrics,
+        tags={"model": name, "source_version": str(info.version), "budget": plan.name},
+        files={
+            "report.md": table.encode(),
+            "variants.png": chart,
+            "report.csv": pd.DataFrame(rows).to_csv(index=False).encode(),
+        },
+    )
+    create_markdown_artifact(
+        key="edge-export",
+        markdown=table + f"\n\nChart: `{export_dir}/variants.png`; MLflow run `{run_id}`",
+        description=f"Edge variants of {name} v{info.version} for {plan.name}",
+    )
+    logger.info(
+        "selected %s; %d of %d variants passed; export in %s",
+        chosen.name if chosen else "nothing",
+        len(passing),
+        len(results),
+        export_dir,
+    )
     return ExportSummary(
-        model_name=name, source_version=info.version, alias=alias, budget=plan.name, selected=chosen.name if chosen else None,
-        variants=rows, teacher_bytes=len(teacher), export_dir=export_dir, run_id=run_id, data_source=source, report_markdown=table,
-    )  # fmt: skip
+        model_name=name,
+        source_version=info.version,
+        alias=alias,
+        budget=plan.name,
+        selected=chosen.name if chosen else None,
+        variants=rows,
+        teacher_bytes=len(teacher),
+        export_dir=export_dir,
+        run_id=run_id,
+        data_source=source,
+        report_markdown=table,
+    )
 
 
 # --------------------------------------------------------------------------- publish
@@ -139,7 +193,9 @@ class PublishSummary:
 
 
 @flow(name="edge-publish", log_prints=True)
-def edge_publish_flow(variant: str | None = None, model: str | None = None, config: str | None = None) -> PublishSummary:
+def edge_publish_flow(
+    variant: str | None = None, model: str | None = None, config: str | None = None
+) -> PublishSummary:
     """Sign the latest export's selected (or named) passing variant as the next release (cohort 0%)."""
     from adapters.edge_store import VariantStore
 
@@ -156,15 +212,35 @@ def edge_publish_flow(variant: str | None = None, model: str | None = None, conf
         raise NothingToPublish(f"variant '{chosen}' is not publishable: {why}")
     model_bytes = (export_dir / f"{chosen}.onnx").read_bytes()
     manifest = t.publish(
-        settings, model_name=name, variant=chosen, model=model_bytes, rows=pd.read_parquet(export_dir / "sample.parquet"),
-        device_classes=doc["budget"]["device_classes"], min_runtime_version=doc["budget"]["min_runtime_version"],
+        settings,
+        model_name=name,
+        variant=chosen,
+        model=model_bytes,
+        rows=pd.read_parquet(export_dir / "sample.parquet"),
+        device_classes=doc["budget"]["device_classes"],
+        min_runtime_version=doc["budget"]["min_runtime_version"],
         source_version=doc["source_version"],
-    )  # fmt: skip
+    )
     keys = t.key_store(settings).root().keys
-    get_run_logger().info("published %s v%d (%s, %s B, sha256 %s) signed by %s", name, manifest.version, chosen,
-                          f"{manifest.target.length:,}", manifest.target.sha256[:16], ", ".join(keys))  # fmt: skip
-    return PublishSummary(name, manifest.version, chosen, manifest.source_version, manifest.target.length,
-                          manifest.target.sha256, list(keys), manifest.expires.isoformat())  # fmt: skip
+    get_run_logger().info(
+        "published %s v%d (%s, %s B, sha256 %s) signed by %s",
+        name,
+        manifest.version,
+        chosen,
+        f"{manifest.target.length:,}",
+        manifest.target.sha256[:16],
+        ", ".join(keys),
+    )
+    return PublishSummary(
+        name,
+        manifest.version,
+        chosen,
+        manifest.source_version,
+        manifest.target.length,
+        manifest.target.sha256,
+        list(keys),
+        manifest.expires.isoformat(),
+    )
 
 
 # --------------------------------------------------------------------------- OTA rollout
@@ -219,8 +295,15 @@ def edge_rollout_flow(
     new = t.provision_fleet(settings, roster, devices, name, release.device_classes[0])
     ids = roster.device_ids()[:devices]
     rollout_id = f"{name}-v{version}-{fleet}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%f')}"
-    logger.info("rolling out %s v%d (%s) to %d devices (%d new) in stages %s", name, version, release.variant,
-                len(ids), len(new), "/".join(f"{s:g}%" for s in plan.stages))  # fmt: skip
+    logger.info(
+        "rolling out %s v%d (%s) to %d devices (%d new) in stages %s",
+        name,
+        version,
+        release.variant,
+        len(ids),
+        len(new),
+        "/".join(f"{s:g}%" for s in plan.stages),
+    )
 
     status = start(rollout_id, name, version, plan)
     while not status.done:
@@ -231,7 +314,11 @@ def edge_rollout_flow(
         decision = decide(status, gate, plan)
         status = advance(status, decision)
         t.save_status(settings, fleet, status.to_dict())
-        log = logger.info if decision.action in (Action.ADVANCE, Action.PROMOTE, Action.HOLD) else logger.warning
+        log = (
+            logger.info
+            if decision.action in (Action.ADVANCE, Action.PROMOTE, Action.HOLD)
+            else logger.warning
+        )
         log("%s: %s", decision.action.value, decision.reason)
 
     rollback_version = None
@@ -244,11 +331,16 @@ def edge_rollout_flow(
             notes.append("no earlier good release to restore: the rollout is halted where it stood")
         else:
             rb = t.publish(
-                settings, model_name=name, variant=t.load_release(settings, name, int(good)).variant,
-                model=repo.model_bytes(name, int(good)), rows=t.release_sample(settings, name, int(good)),
-                device_classes=release.device_classes, min_runtime_version=release.min_runtime_version,
-                source_version=release.source_version, restores=int(good),
-            )  # fmt: skip
+                settings,
+                model_name=name,
+                variant=t.load_release(settings, name, int(good)).variant,
+                model=repo.model_bytes(name, int(good)),
+                rows=t.release_sample(settings, name, int(good)),
+                device_classes=release.device_classes,
+                min_runtime_version=release.min_runtime_version,
+                source_version=release.source_version,
+                restores=int(good),
+            )
             rollback_version = rb.version
             t.run_stage(settings, roster, fleet, rollout_id, name, rb.version, 100.0, ids)
             repo.set_state(name, last_good=rb.version)
@@ -257,18 +349,34 @@ def edge_rollout_flow(
         notes.append("aborted: too few devices reported; nothing was rolled back")
 
     summary = RolloutSummary(
-        rollout_id=rollout_id, model_name=name, version=version, variant=release.variant, phase=status.phase.value,
-        devices=len(ids), history=[h.__dict__ for h in status.history], versions=roster.versions(),
-        events=t.TelemetryStore(t.paths(settings).telemetry).event_counts(rollout_id), rollback_version=rollback_version,
-        provisioned=len(new), notes=notes,
-    )  # fmt: skip
-    create_markdown_artifact(key="edge-rollout", markdown=rollout_markdown(summary), description=f"OTA rollout {rollout_id}")
+        rollout_id=rollout_id,
+        model_name=name,
+        version=version,
+        variant=release.variant,
+        phase=status.phase.value,
+        devices=len(ids),
+        history=[h.__dict__ for h in status.history],
+        versions=roster.versions(),
+        events=t.TelemetryStore(t.paths(settings).telemetry).event_counts(rollout_id),
+        rollback_version=rollback_version,
+        provisioned=len(new),
+        notes=notes,
+    )
+    create_markdown_artifact(
+        key="edge-rollout", markdown=rollout_markdown(summary), description=f"OTA rollout {rollout_id}"
+    )
     return summary
 
 
 def rollout_markdown(s: RolloutSummary) -> str:
-    lines = [f"### OTA rollout {s.rollout_id}", "", f"{s.model_name} v{s.version} ({s.variant}) to {s.devices} devices: **{s.phase}**", "",
-             "| stage | action | outcome | reason |", "|--:|---|---|---|"]  # fmt: skip
+    lines = [
+        f"### OTA rollout {s.rollout_id}",
+        "",
+        f"{s.model_name} v{s.version} ({s.variant}) to {s.devices} devices: **{s.phase}**",
+        "",
+        "| stage | action | outcome | reason |",
+        "|--:|---|---|---|",
+    ]
     lines += [f"| {h['percent']:g}% | {h['action']} | {h['outcome']} | {h['reason']} |" for h in s.history]
     lines += ["", "Devices per version: " + ", ".join(f"{k}: {v}" for k, v in s.versions.items())]
     lines += ["", "Device events: " + ", ".join(f"{k}: {v}" for k, v in s.events.items())]

@@ -31,6 +31,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.input import RunInput
 
 from adapters.runtime import configure
+from mlops.flow_params import CandidateParam, PlanParam
 from mlops.rollout.errors import ApprovalTimedOut
 from mlops.rollout.machine import (
     ApprovalRequest,
@@ -43,7 +44,6 @@ from mlops.rollout.machine import (
     mark_applied,
     start,
 )
-from mlops.flow_params import CandidateParam, PlanParam
 from mlops.rollout.plan import RolloutPlan, load_plan
 from mlops.settings import Settings, load_settings
 from serving.client import ServingAdmin, ServingClient
@@ -93,7 +93,9 @@ def new_rollout_id(now: datetime) -> str:
     return f"{now:%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 
-def apply_all(settings: Settings, admin: ServingAdmin, status: RolloutStatus, *, as_tasks: bool = True) -> RolloutStatus:
+def apply_all(
+    settings: Settings, admin: ServingAdmin, status: RolloutStatus, *, as_tasks: bool = True
+) -> RolloutStatus:
     """Apply the status's outstanding effects in order, persisting after each one.
 
     ``as_tasks=False`` calls the effect function itself instead of running a Prefect task
@@ -106,8 +108,9 @@ def apply_all(settings: Settings, admin: ServingAdmin, status: RolloutStatus, *,
     return status
 
 
-def _time_out(settings: Settings, admin: ServingAdmin, status: RolloutStatus, plan: RolloutPlan,
-              req: ApprovalRequest) -> RolloutStatus:  # fmt: skip
+def _time_out(
+    settings: Settings, admin: ServingAdmin, status: RolloutStatus, plan: RolloutPlan, req: ApprovalRequest
+) -> RolloutStatus:
     """Record an unanswered approval as timed out and undo its traffic change, without tasks.
 
     Once its pause has ended unanswered, this Prefect run is never Running again (the
@@ -120,7 +123,13 @@ def _time_out(settings: Settings, admin: ServingAdmin, status: RolloutStatus, pl
     wait = (req.deadline - utcnow()).total_seconds()
     if wait > 0:  # the pause's own timer ended a moment early
         time.sleep(wait)
-    d = decide(status, None, plan, utcnow(), Signals(approval=None, challenger_version=None, command=None, by="operator"))
+    d = decide(
+        status,
+        None,
+        plan,
+        utcnow(),
+        Signals(approval=None, challenger_version=None, command=None, by="operator"),
+    )
     save_status(settings, d.status)
     return apply_all(settings, admin, d.status, as_tasks=False)
 
@@ -128,33 +137,46 @@ def _time_out(settings: Settings, admin: ServingAdmin, status: RolloutStatus, pl
 def ask_approval(req: ApprovalRequest, mode: ApprovalMode, seq: int) -> ApprovalResponse | None:
     """The human's answer (``None``: no answer before the deadline)."""
     if mode != "prefect":
-        return ApprovalResponse(approved=mode == "approve", version=req.candidate_version, by=f"auto-{mode}",
-                                comment="answered automatically (demo/test mode), not by a human")  # fmt: skip
-    from prefect.flow_runs import pause_flow_run
+        return ApprovalResponse(
+            approved=mode == "approve",
+            version=req.candidate_version,
+            by=f"auto-{mode}",
+            comment="answered automatically (demo/test mode), not by a human",
+        )
     from prefect.exceptions import FlowPauseTimeout
+    from prefect.flow_runs import pause_flow_run
 
     evidence = "\n".join(f"- {part}" for part in req.evidence.split(" | ") if part)
-    description = (f"### Approve {req.model_name} v{req.candidate_version} (stable v{req.stable_version})?\n\n"
-                   f"Rollout `{req.rollout_id}`, deadline {req.deadline.isoformat()}.\n\n"
-                   f"Evidence so far:\n{evidence or '- (none)'}\n\n"
-                   f"Set `approved` and answer for `version` {req.candidate_version}; a rejection rolls back.")  # fmt: skip
+    description = (
+        f"### Approve {req.model_name} v{req.candidate_version} (stable v{req.stable_version})?\n\n"
+        f"Rollout `{req.rollout_id}`, deadline {req.deadline.isoformat()}.\n\n"
+        f"Evidence so far:\n{evidence or '- (none)'}\n\n"
+        f"Set `approved` and answer for `version` {req.candidate_version}; a rejection rolls back."
+    )
     timeout = max(1, math.ceil(req.remaining_s(utcnow())))
     try:
         answer = pause_flow_run(
-            wait_for_input=ApprovalInput.with_initial_data(description=description, version=req.candidate_version),
-            timeout=timeout, poll_interval=2, key=f"approval-{req.rollout_id}-{seq}",
-        )  # fmt: skip
+            wait_for_input=ApprovalInput.with_initial_data(
+                description=description, version=req.candidate_version
+            ),
+            timeout=timeout,
+            poll_interval=2,
+            key=f"approval-{req.rollout_id}-{seq}",
+        )
     except FlowPauseTimeout:
         return None
-    return ApprovalResponse(approved=answer.approved, version=answer.version, by=answer.by or "prefect-ui",
-                            comment=answer.comment)  # fmt: skip
+    return ApprovalResponse(
+        approved=answer.approved, version=answer.version, by=answer.by or "prefect-ui", comment=answer.comment
+    )
 
 
 def _begin(settings: Settings, plan: RolloutPlan, candidate: str, rollout_id: str | None) -> RolloutStatus:
     now = utcnow()
     name, stable, cand, aliases = resolve_versions(settings, candidate)
     rid = rollout_id or new_rollout_id(now)
-    status = start(rid, plan, model_name=name, stable_version=stable, candidate_version=cand, aliases=aliases, now=now)
+    status = start(
+        rid, plan, model_name=name, stable_version=stable, candidate_version=cand, aliases=aliases, now=now
+    )
     save_plan(settings, rid, plan)
     save_status(settings, status)
     save_references(settings, rid, build_references(settings, status))
@@ -196,13 +218,22 @@ def rollout_flow(
     if resume:
         status = read_status(settings, resume)
         the_plan = read_plan(settings, resume)
-        logger.info("resuming rollout %s at %s (%s)", resume, status.phase.value, status.history[-1].step
-                    if status.history else "start")  # fmt: skip
+        logger.info(
+            "resuming rollout %s at %s (%s)",
+            resume,
+            status.phase.value,
+            status.history[-1].step if status.history else "start",
+        )
     else:
         the_plan = load_plan(plan)
         status = _begin(settings, the_plan, candidate, rollout_id)
-        logger.info("rollout %s: v%d against champion v%d, plan %s", status.rollout_id, status.candidate_version,
-                    status.stable_version, the_plan.name)  # fmt: skip
+        logger.info(
+            "rollout %s: v%d against champion v%d, plan %s",
+            status.rollout_id,
+            status.candidate_version,
+            status.stable_version,
+            the_plan.name,
+        )
     refs = read_references(settings, status.rollout_id)
     answer: ApprovalResponse | None = None
     tasks_ok = True  # False once an unanswered pause has left the run unable to start tasks
@@ -212,8 +243,12 @@ def rollout_flow(
             tick_started = time.monotonic()
             now = utcnow()
             obs = None if status.terminal or command else observe_tick(settings, status, the_plan, refs, now)
-            signals = Signals(approval=answer, challenger_version=challenger_version(settings, status.model_name),
-                              command=command, by="operator")  # fmt: skip
+            signals = Signals(
+                approval=answer,
+                challenger_version=challenger_version(settings, status.model_name),
+                command=command,
+                by="operator",
+            )
             answer = None
             d: Decision = decide(status, obs, the_plan, now, signals)
             if d.status != status:
@@ -227,14 +262,19 @@ def rollout_flow(
             if d.approval is not None and status.phase is Phase.AWAITING_APPROVAL:
                 answer = ask_approval(d.approval, approval, status.seq)
                 if answer is None:
-                    logger.info("no answer to the approval of v%d before its deadline", status.candidate_version)
+                    logger.info(
+                        "no answer to the approval of v%d before its deadline", status.candidate_version
+                    )
                     status = _time_out(settings, admin, status, the_plan, d.approval)
                     tasks_ok = False
                     break
                 continue
             if max_seconds is not None and time.monotonic() - started > max_seconds:
-                logger.warning("stopping after %.0f s; resume with: mlops rollout --resume %s", max_seconds,
-                               status.rollout_id)  # fmt: skip
+                logger.warning(
+                    "stopping after %.0f s; resume with: mlops rollout --resume %s",
+                    max_seconds,
+                    status.rollout_id,
+                )
                 break
             time.sleep(max(0.0, the_plan.tick_interval_s - (time.monotonic() - tick_started)))
     report = write_report(settings, status, the_plan)
@@ -243,22 +283,39 @@ def rollout_flow(
     logger.info("rollout %s ended %s: %s", status.rollout_id, status.phase.value, reason)
     if status.phase is Phase.TIMED_OUT:
         raise ApprovalTimedOut(f"rollout {status.rollout_id}: {reason} (report: {report})")
-    return RolloutSummary(status.rollout_id, status.model_name, status.stable_version, status.candidate_version,
-                          status.phase.value, reason, str(report), time.monotonic() - started)  # fmt: skip
+    return RolloutSummary(
+        status.rollout_id,
+        status.model_name,
+        status.stable_version,
+        status.candidate_version,
+        status.phase.value,
+        reason,
+        str(report),
+        time.monotonic() - started,
+    )
 
 
 def _publish(settings: Settings, status: RolloutStatus, report: Path, *, as_tasks: bool = True) -> None:
     """The report as artifacts: a link and a summary table on the Prefect run, a file on the
     candidate version's MLflow run."""
     run_id = (attach_report if as_tasks else attach_report.fn)(settings, status, report)
-    rows = "\n".join(f"| {h.at:%H:%M:%S} | {h.step} | {h.action.value} | {h.reason[:300].replace('|', '/')} |"
-                     for h in status.history if h.action.value != "hold")  # fmt: skip
-    create_link_artifact(link=report.resolve().as_uri(), link_text=f"rollout report {status.rollout_id}",
-                         key=f"rollout-report-{status.rollout_id}".lower().replace("_", "-")[:100],
-                         description=f"{status.phase.value}: v{status.candidate_version} vs v{status.stable_version}")  # fmt: skip
+    rows = "\n".join(
+        f"| {h.at:%H:%M:%S} | {h.step} | {h.action.value} | {h.reason[:300].replace('|', '/')} |"
+        for h in status.history
+        if h.action.value != "hold"
+    )
+    create_link_artifact(
+        link=report.resolve().as_uri(),
+        link_text=f"rollout report {status.rollout_id}",
+        key=f"rollout-report-{status.rollout_id}".lower().replace("_", "-")[:100],
+        description=f"{status.phase.value}: v{status.candidate_version} vs v{status.stable_version}",
+    )
     create_markdown_artifact(
-        markdown=(f"## Rollout {status.rollout_id}: {status.phase.value}\n\n{status.final_reason or ''}\n\n"
-                  f"Report: `{report}`" + (f" (also on MLflow run `{run_id}`)" if run_id else "") +
-                  f"\n\n| at | step | action | reason |\n|---|---|---|---|\n{rows}\n"),
+        markdown=(
+            f"## Rollout {status.rollout_id}: {status.phase.value}\n\n{status.final_reason or ''}\n\n"
+            f"Report: `{report}`"
+            + (f" (also on MLflow run `{run_id}`)" if run_id else "")
+            + f"\n\n| at | step | action | reason |\n|---|---|---|---|\n{rows}\n"
+        ),
         description=f"rollout {status.rollout_id}",
-    )  # fmt: skip
+    )

@@ -165,10 +165,17 @@ def score_flow(
     fr_id = flow_run.get_id()
     jobs = [
         PartitionJob(
-            partition=p, columns=columns, schema=schema, root=root, run_date=day, run_id=run_id,
-            models=tuple(m.ref for m in models), ort_threads=settings.scoring.ort_threads,
-            flow_run_id=str(fr_id) if fr_id else None, segments=segments,
-        )  # fmt: skip
+            partition=p,
+            columns=columns,
+            schema=schema,
+            root=root,
+            run_date=day,
+            run_id=run_id,
+            models=tuple(m.ref for m in models),
+            ort_threads=settings.scoring.ort_threads,
+            flow_run_id=str(fr_id) if fr_id else None,
+            segments=segments,
+        )
         for p in plan
     ]
     try:
@@ -189,31 +196,53 @@ def score_flow(
         for phase, s in r.seconds.items():
             seconds[f"workers_{phase}"] = round(seconds.get(f"workers_{phase}", 0.0) + s, 3)
     record = RunRecord(
-        model_name=ref.name, model_version=str(ref.version), alias=ref.alias,
-        flow_run_id=str(fr_id) if fr_id else None, rows_in=rows_in,
-        started_at=started, finished_at=datetime.now(UTC), phase_seconds=seconds,
-    )  # fmt: skip
+        model_name=ref.name,
+        model_version=str(ref.version),
+        alias=ref.alias,
+        flow_run_id=str(fr_id) if fr_id else None,
+        rows_in=rows_in,
+        started_at=started,
+        finished_at=datetime.now(UTC),
+        phase_seconds=seconds,
+    )
     info = commit_run(staged, [r.part for r in results if r.part is not None], record)
     lap("commit")
     logger.info("committed %s rows for %s (run %s)", f"{info.rows_out:,}", day, run_id)
 
     report = None
     if compare:
-        report = agreement_report(merge_all([r.agreement for r in results if r.agreement is not None]), settings.scoring.psi_bins)
+        report = agreement_report(
+            merge_all([r.agreement for r in results if r.agreement is not None]), settings.scoring.psi_bins
+        )
         record_comparison(root, day, run_id, models[0].ref, models[1].ref, report)
         logger.info(
             "%s vs %s: correlation %.4f, decision agreement %.4f, PSI %.4f",
-            models[0].ref.label(), models[1].ref.label(), report.correlation, report.decision_agreement, report.psi,
-        )  # fmt: skip
+            models[0].ref.label(),
+            models[1].ref.label(),
+            report.correlation,
+            report.decision_agreement,
+            report.psi,
+        )
 
     summary = ScoreSummary(
-        run_date=day, run_id=run_id, input_path=str(source), model_name=ref.name, model_version=ref.version,
-        alias=alias, rows_in=rows_in, rows_out=info.rows_out, partitions=len(plan),
+        run_date=day,
+        run_id=run_id,
+        input_path=str(source),
+        model_name=ref.name,
+        model_version=ref.version,
+        alias=alias,
+        rows_in=rows_in,
+        rows_out=info.rows_out,
+        partitions=len(plan),
         output_path=str(settings.home_path / "scores" / f"run_date={day.isoformat()}"),
-        warehouse=str(settings.warehouse_path), seconds=seconds,
-        comparison=report, compared_version=models[1].ref.version if compare else None,
-    )  # fmt: skip
-    create_markdown_artifact(key="score-run", markdown=_markdown(summary), description=f"Batch scoring of {day}")
+        warehouse=str(settings.warehouse_path),
+        seconds=seconds,
+        comparison=report,
+        compared_version=models[1].ref.version if compare else None,
+    )
+    create_markdown_artifact(
+        key="score-run", markdown=_markdown(summary), description=f"Batch scoring of {day}"
+    )
     return summary
 
 
@@ -272,8 +301,12 @@ def backfill_flow(
         for d in to_run:
             scored.append(
                 score_flow(
-                    run_date=d.isoformat(), input_path=input_path, alias=alias,
-                    compare=compare, version=version, config=config,
-                )  # fmt: skip
+                    run_date=d.isoformat(),
+                    input_path=input_path,
+                    alias=alias,
+                    compare=compare,
+                    version=version,
+                    config=config,
+                )
             )
     return BackfillSummary(tuple(scored), tuple(skipped))

@@ -49,7 +49,9 @@ def candidate_label(spec: ModelSpec, index: int, specs: tuple[ModelSpec, ...]) -
     return spec.kind if len(same) == 1 else f"{spec.kind}_{index}"
 
 
-def train_candidate(spec: ModelSpec, label: str, train: pd.DataFrame, test: pd.DataFrame, settings: Settings) -> Candidate:
+def train_candidate(
+    spec: ModelSpec, label: str, train: pd.DataFrame, test: pd.DataFrame, settings: Settings
+) -> Candidate:
     """Fit, export to ONNX, refuse on parity failure, and evaluate the ONNX model itself."""
     schema, cfg = settings.dataset, settings.training
     pipe = modeling.fit(spec, train, schema, cfg.seed)
@@ -92,7 +94,9 @@ def train_flow(data: str, config: str | None = None) -> TrainSummary:
         "lineage.dataset": schema.name,
     }
     train, test = modeling.split(frame, schema, cfg)
-    logger.info("training %d candidates on %d rows, testing on %d", len(cfg.candidates), len(train), len(test))
+    logger.info(
+        "training %d candidates on %d rows, testing on %d", len(cfg.candidates), len(train), len(test)
+    )
 
     candidates: dict[str, Candidate] = {}
     for i, spec in enumerate(cfg.candidates):
@@ -107,20 +111,42 @@ def train_flow(data: str, config: str | None = None) -> TrainSummary:
     table = metrics_markdown(f"{cfg.model_name}: candidates", results, chosen=best.label)
     files["candidates.md"] = table.encode()
     metrics = dict(best.metrics) | {f"{label}.{k}": v for label, m in results.items() for k, v in m.items()}
-    params = {"selected": best.label, "select_by": cfg.select_by, "train_rows": len(train), "test_rows": len(test)}
-    params |= {f"{label}.spec": spec.model_dump_json() for label, spec in zip(candidates, cfg.candidates, strict=True)}
-    example = modeling.features_frame(test.head(5), schema).astype({n: np.float32 for n in schema.numeric_names})
+    params = {
+        "selected": best.label,
+        "select_by": cfg.select_by,
+        "train_rows": len(train),
+        "test_rows": len(test),
+    }
+    params |= {
+        f"{label}.spec": spec.model_dump_json()
+        for label, spec in zip(candidates, cfg.candidates, strict=True)
+    }
+    example = modeling.features_frame(test.head(5), schema).astype(
+        {n: np.float32 for n in schema.numeric_names}
+    )
     logged = log_training_run(
-        settings, run_name=f"train-{best.label}", params=params, metrics=metrics,
-        tags=lineage | {"selected_candidate": best.label}, files=files, onnx_model=best.onnx_model,
-        example_features=example, example_scores=pd.DataFrame({"probability": best.scores[:5]}),
-    )  # fmt: skip
-    tags = lineage | {
-        "lineage.mlflow_run_id": logged.run_id,
-        "lineage.candidate": best.label,
-        "signature.inputs": ",".join(f"{t.name}:{t.datatype}" for t in OnnxScorer(best.onnx_model, schema).inputs),
-        "decision_threshold": str(cfg.decision_threshold),
-    } | {f"metric.{k}": f"{best.metrics[k]:.6g}" for k in ("roc_auc", "pr_auc", "log_loss")}
+        settings,
+        run_name=f"train-{best.label}",
+        params=params,
+        metrics=metrics,
+        tags=lineage | {"selected_candidate": best.label},
+        files=files,
+        onnx_model=best.onnx_model,
+        example_features=example,
+        example_scores=pd.DataFrame({"probability": best.scores[:5]}),
+    )
+    tags = (
+        lineage
+        | {
+            "lineage.mlflow_run_id": logged.run_id,
+            "lineage.candidate": best.label,
+            "signature.inputs": ",".join(
+                f"{t.name}:{t.datatype}" for t in OnnxScorer(best.onnx_model, schema).inputs
+            ),
+            "decision_threshold": str(cfg.decision_threshold),
+        }
+        | {f"metric.{k}": f"{best.metrics[k]:.6g}" for k in ("roc_auc", "pr_auc", "log_loss")}
+    )
     version = register_version(settings, logged.model_uri, logged.run_id, tags, reason=f"trained on {data}")
     promoted, gate = first_champion_or_gate(settings, version.version, logged.run_id)
 

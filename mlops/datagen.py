@@ -22,9 +22,17 @@ from mlops.settings import CategoricalFeature, DatasetSchema, NumericFeature
 BLOCK_ROWS = 250_000
 
 MERCHANT_CATEGORIES = (
-    "grocery", "restaurant", "fuel", "electronics", "travel",
-    "online_retail", "gaming", "jewelry", "cash_advance", "utilities",
-)  # fmt: skip
+    "grocery",
+    "restaurant",
+    "fuel",
+    "electronics",
+    "travel",
+    "online_retail",
+    "gaming",
+    "jewelry",
+    "cash_advance",
+    "utilities",
+)
 CHANNELS = ("pos", "ecommerce", "atm", "mobile_app")
 CARD_TYPES = ("debit", "credit", "prepaid")
 ENTRY_MODES = ("chip", "contactless", "swipe", "manual", "card_not_present")
@@ -78,7 +86,6 @@ def fraud_schema() -> DatasetSchema:
     )
 
 
-
 def _categorical(rng: np.random.Generator, values: tuple[str, ...], probs: list[float], n: int) -> np.ndarray:
     p = np.asarray(probs, dtype=float)
     p = p / p.sum()
@@ -98,8 +105,7 @@ def _block(rows: int, seed: int, block: int, drift: float, start: datetime, n_us
     hour = event_time.hour.to_numpy().astype(float)
     dow = event_time.day_of_week.to_numpy().astype(float)
 
-    merchant = _categorical(rng, MERCHANT_CATEGORIES,
-                            [22, 18, 10, 8, 5, 15, 4 + 6 * d, 2, 2, 14], rows)  # fmt: skip
+    merchant = _categorical(rng, MERCHANT_CATEGORIES, [22, 18, 10, 8, 5, 15, 4 + 6 * d, 2, 2, 14], rows)
     channel = _categorical(rng, CHANNELS, [50 - 15 * d, 30 + 15 * d, 8, 12], rows)
     card_type = _categorical(rng, CARD_TYPES, [55, 38, 7 + 5 * d], rows)
     entry = np.where(
@@ -117,16 +123,25 @@ def _block(rows: int, seed: int, block: int, drift: float, start: datetime, n_us
     customer_age = np.clip(rng.normal(44, 15, rows), 18, 100)
     credit_limit = np.round(rng.lognormal(8.5, 0.6, rows), -2)
     utilization = np.clip(rng.beta(2, 5, rows) * 1.3, 0, 1.99)
-    dist_home = np.where(geo == "foreign", rng.gamma(2, 1500, rows),
-                         np.where(geo == "domestic", rng.gamma(2, 200, rows), rng.gamma(1.2, 8, rows)))  # fmt: skip
+    dist_home = np.where(
+        geo == "foreign",
+        rng.gamma(2, 1500, rows),
+        np.where(geo == "domestic", rng.gamma(2, 200, rows), rng.gamma(1.2, 8, rows)),
+    )
     dist_last = np.clip(dist_home * rng.beta(2, 2, rows) + rng.gamma(1, 5, rows), 0, 20_000)
     since_last = rng.exponential(30_000, rows)
     cnt_1h = rng.poisson(0.4 + 0.8 * d, rows).astype(float)
     cnt_24h = cnt_1h + rng.poisson(3.0, rows)
     ratio = amount / amount_avg
-    merchant_risk = np.clip(rng.beta(2, 8, rows) + 0.25 * np.isin(merchant, ("gaming", "jewelry", "cash_advance")), 0, 1)
-    ip_risk = np.clip(rng.beta(1.5, 9 - 4 * d, rows) * np.isin(channel, ("ecommerce", "mobile_app"))
-                      + rng.beta(1, 30, rows), 0, 1)  # fmt: skip
+    merchant_risk = np.clip(
+        rng.beta(2, 8, rows) + 0.25 * np.isin(merchant, ("gaming", "jewelry", "cash_advance")), 0, 1
+    )
+    ip_risk = np.clip(
+        rng.beta(1.5, 9 - 4 * d, rows) * np.isin(channel, ("ecommerce", "mobile_app"))
+        + rng.beta(1, 30, rows),
+        0,
+        1,
+    )
     device_age = rng.gamma(1.3, 300.0, rows)
     failed_logins = rng.poisson(0.15, rows).astype(float)
     cards_on_device = 1.0 + rng.poisson(0.2, rows)
@@ -139,11 +154,12 @@ def _block(rows: int, seed: int, block: int, drift: float, start: datetime, n_us
     new_device = (device_age < 7).astype(float)
     logit = (
         -6.6
-        + 2.0 * (ratio > 4) + 1.5 * (ratio > 12)
+        + 2.0 * (ratio > 4)
+        + 1.5 * (ratio > 12)
         + 3.5 * merchant_risk
-        + 4.5 * (ip_risk > 0.3) * cnp              # interaction: risky IP only matters online
+        + 4.5 * (ip_risk > 0.3) * cnp  # interaction: risky IP only matters online
         + 2.0 * (utilization > 0.9) * (card_age < 60)  # maxing out a brand-new card
-        + 2.5 * foreign * (ratio > 3)              # big unusual spend abroad
+        + 2.5 * foreign * (ratio > 3)  # big unusual spend abroad
         + 2.0 * night * new_device
         + 0.8 * np.minimum(cnt_1h, 6)
         + 0.9 * np.minimum(failed_logins, 4)
@@ -153,7 +169,7 @@ def _block(rows: int, seed: int, block: int, drift: float, start: datetime, n_us
         - 0.5 * np.log1p(account_age / 365.0)
         - 0.3 * np.log1p(email_age / 365.0)
         + d * (2.5 * (merchant == "gaming") + 1.5 * (channel == "mobile_app") - 2.5 * merchant_risk)
-    )  # fmt: skip
+    )
     label = (rng.random(rows) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int64)
 
     frame = {

@@ -24,4 +24,6 @@ _PlatformAlias = Annotated[ModelAlias, Field(title="platform alias")]
 AliasParam = _PlatformAlias | Annotated[str, Field(title="another alias")]
 CandidateParam = _PlatformAlias | Annotated[str, Field(title="another alias or a version")]
 PlanParam = Annotated[ShippedPlan, Field(title="shipped plan")] | Annotated[str, Field(title="plan file")]
-BudgetParam = Annotated[ShippedBudget, Field(title="shipped budget")] | Annotated[str, Field(title="budget file")]
+BudgetParam = (
+    Annotated[ShippedBudget, Field(title="shipped budget")] | Annotated[str, Field(title="budget file")]
+)

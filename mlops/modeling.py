@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from skl2onnx import to_onnx
+from skl2onnx.common.data_types import FloatTensorType, StringTensorType
 from sklearn.compose import ColumnTransformer
 from sklearn.ensemble import GradientBoostingClassifier, RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
@@ -18,8 +20,6 @@ from sklearn.metrics import average_precision_score, brier_score_loss, log_loss,
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
-from skl2onnx import to_onnx
-from skl2onnx.common.data_types import FloatTensorType, StringTensorType
 
 from mlops.errors import ModelError, ParityFailed
 from mlops.onnx_model import OnnxScorer
@@ -53,7 +53,9 @@ def labels(frame: pd.DataFrame, schema: DatasetSchema) -> np.ndarray:
     return frame[schema.label_column].to_numpy(dtype=np.int64)
 
 
-def split(frame: pd.DataFrame, schema: DatasetSchema, cfg: TrainingConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+def split(
+    frame: pd.DataFrame, schema: DatasetSchema, cfg: TrainingConfig
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Stratified train/test split, deterministic for the configured seed."""
     y = labels(frame, schema)
     if len(np.unique(y)) < 2:
@@ -69,22 +71,32 @@ def build_pipeline(spec: ModelSpec, schema: DatasetSchema, seed: int) -> Pipelin
     pre = ColumnTransformer(
         [
             ("num", numeric, list(schema.numeric_names)),
-            ("cat", OneHotEncoder(handle_unknown="ignore", sparse_output=False), list(schema.categorical_names)),
+            (
+                "cat",
+                OneHotEncoder(handle_unknown="ignore", sparse_output=False),
+                list(schema.categorical_names),
+            ),
         ],
         sparse_threshold=0.0,
     )
     if isinstance(spec, GradientBoostingSpec):
         clf = GradientBoostingClassifier(
-            n_estimators=spec.n_estimators, learning_rate=spec.learning_rate,
-            max_depth=spec.max_depth, subsample=spec.subsample, random_state=seed,
-        )  # fmt: skip
+            n_estimators=spec.n_estimators,
+            learning_rate=spec.learning_rate,
+            max_depth=spec.max_depth,
+            subsample=spec.subsample,
+            random_state=seed,
+        )
     elif isinstance(spec, LogisticRegressionSpec):
         clf = LogisticRegression(C=spec.C, max_iter=spec.max_iter, class_weight=spec.class_weight)
     elif isinstance(spec, RandomForestSpec):
         clf = RandomForestClassifier(
-            n_estimators=spec.n_estimators, max_depth=spec.max_depth,
-            min_samples_leaf=spec.min_samples_leaf, random_state=seed, n_jobs=-1,
-        )  # fmt: skip
+            n_estimators=spec.n_estimators,
+            max_depth=spec.max_depth,
+            min_samples_leaf=spec.min_samples_leaf,
+            random_state=seed,
+            n_jobs=-1,
+        )
     else:  # pragma: no cover - the discriminated union admits nothing else
         raise ModelError(f"unknown model kind {spec!r}")
     return Pipeline([("pre", pre), ("clf", clf)])
@@ -106,11 +118,15 @@ def to_onnx_bytes(pipe: Pipeline, schema: DatasetSchema) -> bytes:
     initial_types += [(n, StringTensorType([None, 1])) for n in schema.categorical_names]
     try:
         model = to_onnx(
-            pipe, initial_types=initial_types, target_opset=TARGET_OPSET,
+            pipe,
+            initial_types=initial_types,
+            target_opset=TARGET_OPSET,
             options={id(pipe.named_steps["clf"]): {"zipmap": False}},
-        )  # fmt: skip
+        )
     except Exception as exc:  # skl2onnx raises many unrelated types for unsupported models
-        raise ModelError(f"ONNX conversion of {type(pipe.named_steps['clf']).__name__} failed: {exc}") from exc
+        raise ModelError(
+            f"ONNX conversion of {type(pipe.named_steps['clf']).__name__} failed: {exc}"
+        ) from exc
     return model.SerializeToString()
 
 

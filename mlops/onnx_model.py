@@ -56,7 +56,9 @@ class OnnxScorer:
 
     def __init__(self, model: bytes, schema: DatasetSchema, threads: int = 1):
         try:
-            self.session = ort.InferenceSession(model, session_options(threads), providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(
+                model, session_options(threads), providers=["CPUExecutionProvider"]
+            )
         except Exception as exc:  # onnxruntime raises bare RuntimeError subclasses
             raise ModelError(f"ONNX model cannot be loaded: {exc}") from exc
         self.schema = schema

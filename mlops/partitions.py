@@ -140,8 +140,7 @@ def plan_partitions(
 
     if len(merged) > MAX_PARTITIONS:
         raise ValueError(
-            f"{len(merged)} partitions exceed the limit of {MAX_PARTITIONS}; "
-            "raise rows_per_partition"
+            f"{len(merged)} partitions exceed the limit of {MAX_PARTITIONS}; raise rows_per_partition"
         )
     out: list[Partition] = []
     first = 0

@@ -78,6 +78,8 @@ def part_commit_time(name: str) -> datetime | None:
     """The commit time in a ``part_name`` (None for a file named otherwise)."""
     parts = name.split("-")
     try:
-        return datetime.strptime(parts[1], PART_TIME_FORMAT).replace(tzinfo=UTC) if parts[0] == "part" else None
+        return (
+            datetime.strptime(parts[1], PART_TIME_FORMAT).replace(tzinfo=UTC) if parts[0] == "part" else None
+        )
     except (IndexError, ValueError):
         return None

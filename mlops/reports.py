@@ -8,12 +8,12 @@ from collections.abc import Mapping
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from sklearn.metrics import precision_recall_curve, roc_curve
 
 
-def _png(fig) -> bytes:  # noqa: ANN001 - matplotlib Figure
+def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -60,5 +60,7 @@ def metrics_markdown(title: str, rows: Mapping[str, Mapping[str, float]], chosen
     lines = [f"### {title}", "", "| candidate | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for label, metrics in rows.items():
         mark = " (selected)" if label == chosen else ""
-        lines.append(f"| {label}{mark} | " + " | ".join(f"{metrics.get(n, float('nan')):.4g}" for n in names) + " |")
+        lines.append(
+            f"| {label}{mark} | " + " | ".join(f"{metrics.get(n, float('nan')):.4g}" for n in names) + " |"
+        )
     return "\n".join(lines)

@@ -95,7 +95,9 @@ def parse_json(body: bytes) -> Any:
     except UnicodeDecodeError:
         raise InvalidRequest("body is not UTF-8 text", 400) from None
     except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", 400) from None
+        raise InvalidRequest(
+            f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", 400
+        ) from None
     except RecursionError:
         raise InvalidRequest("malformed JSON: nested too deeply", 400) from None
 
@@ -103,9 +105,14 @@ def parse_json(body: bytes) -> Any:
 def _type_name(value: object) -> str:
     if value is None:
         return "null"
-    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object"}.get(
-        type(value), type(value).__name__
-    )
+    return {
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        str: "string",
+        list: "array",
+        dict: "object",
+    }.get(type(value), type(value).__name__)
 
 
 def _short(value: object) -> str:
@@ -128,7 +135,9 @@ def _identifier(value: object, what: str, limit: int = MAX_ID) -> str | None:
 def _unknown(keys: object, allowed: frozenset[str], where: str) -> None:
     extra = sorted(str(k) for k in keys if k not in allowed)  # type: ignore[attr-defined]
     if extra:
-        raise InvalidRequest(f"{where}: unknown field(s) {', '.join(extra)} (allowed: {', '.join(sorted(allowed))})")
+        raise InvalidRequest(
+            f"{where}: unknown field(s) {', '.join(extra)} (allowed: {', '.join(sorted(allowed))})"
+        )
 
 
 class RequestValidator:
@@ -182,7 +191,9 @@ class RequestValidator:
         if len(value) > MAX_STRING:
             return f"'{name}' is longer than {MAX_STRING} characters"
         if allowed is not None and value not in allowed:
-            return f"'{name}' = {_short(value)} is not a known category (one of: {', '.join(sorted(allowed))})"
+            return (
+                f"'{name}' = {_short(value)} is not a known category (one of: {', '.join(sorted(allowed))})"
+            )
         return None
 
     def _key_problem(self, keys: object, where: str) -> str:
@@ -199,7 +210,9 @@ class RequestValidator:
     def features(self, obj: object, where: str = "features") -> dict[str, float | str]:
         """One row's features, validated; ints become floats. ``where`` prefixes messages."""
         if type(obj) is not dict:
-            raise InvalidRequest(f"{where} must be an object mapping feature names to values, got {_type_name(obj)}")
+            raise InvalidRequest(
+                f"{where} must be an object mapping feature names to values, got {_type_name(obj)}"
+            )
         if len(obj) != len(self._names) or obj.keys() != self._names:
             raise InvalidRequest(self._key_problem(obj.keys(), where))
         for name, lo, hi in self._numeric:
@@ -247,7 +260,8 @@ class RequestValidator:
         """The records of a ``/predict`` body: one record, or ``{"records": [...]}``."""
         if type(body) is not dict:
             raise InvalidRequest(
-                f"body must be a JSON object (one record, or {{\"records\": [...]}}), got {_type_name(body)}", 400
+                f'body must be a JSON object (one record, or {{"records": [...]}}), got {_type_name(body)}',
+                400,
             )
         if "records" in body:
             if len(body) != 1:
@@ -324,7 +338,9 @@ class RequestValidator:
             rows = n
             columns[name] = values
         if len(columns) != len(self._names):
-            raise InvalidRequest(self._key_problem(columns.keys(), "inputs").replace("feature(s)", "input tensor(s)"), 400)
+            raise InvalidRequest(
+                self._key_problem(columns.keys(), "inputs").replace("feature(s)", "input tensor(s)"), 400
+            )
         assert rows is not None
         self._count(rows, "rows")
         self._check_columns(columns, rows)
@@ -354,10 +370,14 @@ class RequestValidator:
             or shape[1] != 1
             or shape[0] < 1
         ):
-            raise InvalidRequest(f"input '{name}' has shape {_short(shape)}, expected [N, 1] with N >= 1", 400)
+            raise InvalidRequest(
+                f"input '{name}' has shape {_short(shape)}, expected [N, 1] with N >= 1", 400
+            )
         n = shape[0]
         if n > self.max_rows:
-            raise InvalidRequest(f"input '{name}' has {n} rows, the limit is {self.max_rows} per request", 413)
+            raise InvalidRequest(
+                f"input '{name}' has {n} rows, the limit is {self.max_rows} per request", 413
+            )
         params = tensor.get("parameters")
         if params is not None and type(params) is not dict:
             raise InvalidRequest(f"input '{name}': parameters must be an object", 400)

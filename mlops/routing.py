@@ -32,10 +32,10 @@ is ignored and the reason says so.
 from __future__ import annotations
 
 import dataclasses
-from hashlib import blake2b
 import math
 from dataclasses import dataclass, field
 from enum import StrEnum
+from hashlib import blake2b
 from typing import Final, Literal, NamedTuple
 
 from mlops.errors import ConfigError
@@ -131,18 +131,14 @@ class RouteTable:
             mode = Mode(self.mode)
         except ValueError:
             allowed = ", ".join(m.value for m in Mode)
-            raise InvalidRouteTable(
-                f"mode must be one of {allowed}, got {self.mode!r}"
-            ) from None
+            raise InvalidRouteTable(f"mode must be one of {allowed}, got {self.mode!r}") from None
         object.__setattr__(self, "mode", mode)
         weight = _pct_to_buckets("weight_pct", self.weight_pct)
         mirror = _pct_to_buckets("mirror_pct", self.mirror_pct)
         if not isinstance(self.salt, str):
             raise InvalidRouteTable(f"salt must be a string, got {type(self.salt).__name__}")
         if self.active_slot not in VARIANTS:
-            raise InvalidRouteTable(
-                f"active_slot must be 'stable' or 'candidate', got {self.active_slot!r}"
-            )
+            raise InvalidRouteTable(f"active_slot must be 'stable' or 'candidate', got {self.active_slot!r}")
         if weight and mode not in _SPLIT_MODES:
             raise InvalidRouteTable(f"weight_pct applies to canary and ab, not {mode.value}")
         if mirror and mode is not Mode.SHADOW:
@@ -159,8 +155,9 @@ class RouteTable:
         hash_by = _HASH_ENTITY if mode in _SPLIT_MODES else _HASH_NONE
         object.__setattr__(self, "_hash_by", _HASH_REQUEST if mode is Mode.SHADOW else hash_by)
         object.__setattr__(self, "_forcible", mode in _FORCIBLE_MODES)
-        object.__setattr__(self, "_decisions", _decisions_for(mode, self.weight_pct,
-                                                              self.mirror_pct, self.active_slot))
+        object.__setattr__(
+            self, "_decisions", _decisions_for(mode, self.weight_pct, self.mirror_pct, self.active_slot)
+        )
 
     def ramped(self, weight_pct: float) -> RouteTable:
         """The same canary/ab rollout (same salt, so same buckets) at another weight."""
@@ -239,9 +236,7 @@ def route(
             if table._forcible:
                 return decisions[_FORCED_STABLE if forced_variant == STABLE else _FORCED_CANDIDATE]
             return decisions[_FORCE_IGNORED]
-        raise InvalidRouteTable(
-            f"{FORCE_HEADER} must be 'stable' or 'candidate', got {forced_variant!r}"
-        )
+        raise InvalidRouteTable(f"{FORCE_HEADER} must be 'stable' or 'candidate', got {forced_variant!r}")
     hash_by = table._hash_by
     if hash_by == _HASH_NONE:
         return decisions[_PRIMARY]

@@ -91,7 +91,9 @@ def missing_input_message(path: Path, run_date: date) -> str:
 # --------------------------------------------------------------------------- model
 
 
-def decision_threshold(configured: float | None, version_tags: Mapping[str, str], training_default: float) -> float:
+def decision_threshold(
+    configured: float | None, version_tags: Mapping[str, str], training_default: float
+) -> float:
     """The threshold that turns a score into a decision.
 
     The scoring config's, when set; else the one the version was registered with (its
@@ -141,7 +143,9 @@ def column_arrays(table: pa.Table, names: Sequence[str]) -> dict[str, np.ndarray
         if name not in table.column_names:
             continue
         column = table.column(name)
-        if (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)) and column.null_count == 0:
+        if (
+            pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+        ) and column.null_count == 0:
             encoded = column.combine_chunks().dictionary_encode()
             values = np.asarray(encoded.dictionary.to_pylist(), dtype=object)
             out[name] = values[encoded.indices.to_numpy()] if len(values) else np.empty(0, dtype=object)

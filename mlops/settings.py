@@ -265,7 +265,9 @@ class ServingConfig(StrictModel):
     this ``MLOPS_HOME`` (a shared volume), where the rollout gates read it.
     """
 
-    url: str | None = Field(None, pattern=r"^https?://[^\s/]+(:\d+)?/?$")  # default: services.host:serving_port
+    url: str | None = Field(
+        None, pattern=r"^https?://[^\s/]+(:\d+)?/?$"
+    )  # default: services.host:serving_port
     model_name: str | None = None  # default: training.model_name
     stable_alias: str = "champion"
     candidate_alias: str | None = None
@@ -282,7 +284,9 @@ class ServingConfig(StrictModel):
     load_on_demand: bool = True
     enforce_feature_ranges: bool = True
     shadow_max_pending: int = Field(256, ge=1)
-    shadow_nice: int = Field(0, ge=0, le=19)  # >0: mirrored calls on their own thread, this much nicer (opt-in)
+    shadow_nice: int = Field(
+        0, ge=0, le=19
+    )  # >0: mirrored calls on their own thread, this much nicer (opt-in)
     log_flush_seconds: float = Field(2.0, gt=0)
     log_flush_rows: int = Field(20_000, ge=1)
     log_max_buffer_rows: int = Field(500_000, ge=1)

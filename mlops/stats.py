@@ -68,7 +68,9 @@ def quantile_edges(expected: Sequence[float] | np.ndarray, bins: int) -> np.ndar
     return np.unique(np.quantile(e, np.linspace(0, 1, bins + 1)[1:-1]))
 
 
-def psi(expected: Sequence[float], actual: Sequence[float], bins: int = 10, eps: float = PSI_EPSILON) -> float:
+def psi(
+    expected: Sequence[float], actual: Sequence[float], bins: int = 10, eps: float = PSI_EPSILON
+) -> float:
     """PSI of ``actual`` against ``expected`` over ``bins`` quantile buckets of ``expected``."""
     e, a = _as_float(expected), _as_float(actual)
     if a.size == 0:
@@ -130,10 +132,13 @@ class SegmentStats:
 
     def __add__(self, other: SegmentStats) -> SegmentStats:
         return SegmentStats(
-            self.rows + other.rows, self.sum_a + other.sum_a, self.sum_b + other.sum_b,
-            self.positive_a + other.positive_a, self.positive_b + other.positive_b,
+            self.rows + other.rows,
+            self.sum_a + other.sum_a,
+            self.sum_b + other.sum_b,
+            self.positive_a + other.positive_a,
+            self.positive_b + other.positive_b,
             self.agree + other.agree,
-        )  # fmt: skip
+        )
 
 
 @dataclass(frozen=True)
@@ -175,8 +180,11 @@ def agreement_stats(
     n = int(x.size)
     da, db = x >= threshold_a, y >= threshold_b
     confusion = (
-        int(np.sum(da & db)), int(np.sum(da & ~db)), int(np.sum(~da & db)), int(np.sum(~da & ~db)),
-    )  # fmt: skip
+        int(np.sum(da & db)),
+        int(np.sum(da & ~db)),
+        int(np.sum(~da & db)),
+        int(np.sum(~da & ~db)),
+    )
     if n:
         mx, my = float(x.mean()), float(y.mean())
         dx, dy = x - mx, y - my
@@ -199,9 +207,17 @@ def agreement_stats(
                 int(rows[i]), float(sa[i]), float(sb[i]), int(pa_[i]), int(pb_[i]), int(ag[i])
             )
     return AgreementStats(
-        rows=n, mean_a=mx, mean_b=my, m2_a=m2a, m2_b=m2b, c_ab=cab, confusion=confusion,
-        hist_a=fine_histogram(x), hist_b=fine_histogram(y), segments=segs,
-    )  # fmt: skip
+        rows=n,
+        mean_a=mx,
+        mean_b=my,
+        m2_a=m2a,
+        m2_b=m2b,
+        c_ab=cab,
+        confusion=confusion,
+        hist_a=fine_histogram(x),
+        hist_b=fine_histogram(y),
+        segments=segs,
+    )
 
 
 def merge_agreement(left: AgreementStats, right: AgreementStats) -> AgreementStats:
@@ -310,11 +326,16 @@ def agreement_report(stats: AgreementStats, psi_bins: int = 10) -> AgreementRepo
     ra, rb = coarsen(stats.hist_a, stats.hist_b, psi_bins)
     segments = [
         SegmentDiff(
-            column=col, value=val, rows=s.rows,
-            mean_a=s.sum_a / s.rows, mean_b=s.sum_b / s.rows, mean_diff=(s.sum_b - s.sum_a) / s.rows,
-            decision_rate_a=s.positive_a / s.rows, decision_rate_b=s.positive_b / s.rows,
+            column=col,
+            value=val,
+            rows=s.rows,
+            mean_a=s.sum_a / s.rows,
+            mean_b=s.sum_b / s.rows,
+            mean_diff=(s.sum_b - s.sum_a) / s.rows,
+            decision_rate_a=s.positive_a / s.rows,
+            decision_rate_b=s.positive_b / s.rows,
             agreement=s.agree / s.rows,
-        )  # fmt: skip
+        )
         for (col, val), s in stats.segments.items()
         if s.rows
     ]

@@ -25,7 +25,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 ConfigOpt = Annotated[
     str | None,
-    typer.Option("--config", "-c", help="YAML config file (default: $MLOPS_CONFIG, else built-in defaults).", show_default=False),
+    typer.Option(
+        "--config",
+        "-c",
+        help="YAML config file (default: $MLOPS_CONFIG, else built-in defaults).",
+        show_default=False,
+    ),
 ]
 
 _state: dict[str, Any] = {"verbose": False}
@@ -38,7 +43,6 @@ def set_verbose(verbose: bool) -> None:
 def settings_for(config: str | None) -> Settings:
     """Load settings once and wire this process's backends to them."""
     from adapters.runtime import configure
-
     from adapters.services import active_prefect_api
 
     settings = load_settings(config)
@@ -86,7 +90,7 @@ class _StatusHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             msg = record.getMessage().splitlines()[0][:160]
-        except Exception:  # noqa: BLE001 - a log line must never break the run
+        except Exception:
             return
         self.status.update(f"[cyan]{msg}")
 

@@ -12,7 +12,6 @@ from mlops.datagen import generate_blocks
 from mlops.settings import Settings
 from mlops_cli.common import console, progress
 
-
 SCORE_ROWS = 200_000
 
 
@@ -40,9 +39,16 @@ def run_demo(settings: Settings, config: str | None, rows: int, rollout_plan: st
     # A day of new transactions, scored the way the nightly deployment does it.
     now = datetime.now(UTC)
     day_path = default_input(settings.data_dir, now.date())
-    write_parquet(generate_blocks(SCORE_ROWS, seed=2, start=now.replace(hour=0, minute=0, second=0, microsecond=0, tzinfo=None)), day_path)
+    write_parquet(
+        generate_blocks(
+            SCORE_ROWS, seed=2, start=now.replace(hour=0, minute=0, second=0, microsecond=0, tzinfo=None)
+        ),
+        day_path,
+    )
     alias = "champion" if summary.promoted_to_champion else "challenger"
-    with progress(f"3/3 batch scoring flow: {SCORE_ROWS:,} rows on Dask with ONNX Runtime -> Parquet -> DuckDB"):
+    with progress(
+        f"3/3 batch scoring flow: {SCORE_ROWS:,} rows on Dask with ONNX Runtime -> Parquet -> DuckDB"
+    ):
         scored = score_flow(run_date=now.date().isoformat(), alias=alias, config=config)
     console.print("[green]✓[/] batch scoring flow completed")
     print_run(scored)
@@ -73,7 +79,7 @@ def run_demo(settings: Settings, config: str | None, rows: int, rollout_plan: st
                     f" {rolled.seconds:.0f} s, approval auto-answered) -> {rolled.report}",
                     f"scored    {scored.rows_out:,} rows for {scored.run_date} with v{scored.model_version} ({alias})"
                     f" -> {scored.output_path}",
-                    "query     mlops query \"SELECT run_date, decision, count(*) FROM scores GROUP BY ALL ORDER BY ALL\"",
+                    'query     mlops query "SELECT run_date, decision, count(*) FROM scores GROUP BY ALL ORDER BY ALL"',
                     f"MLflow UI {mlflow_ui}",
                     f"Prefect UI {prefect_ui}",
                     f"took      {elapsed:.0f} s",

@@ -37,9 +37,14 @@ def _start_service(settings: Settings, port: int) -> subprocess.Popen:
     log = settings.run_dir / "demo-serving.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as fh:
-        proc = subprocess.Popen(serving_command(settings, "127.0.0.1", port), cwd=project_dir(),
-                                env=os.environ | serving_environment(settings), stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            serving_command(settings, "127.0.0.1", port),
+            cwd=project_dir(),
+            env=os.environ | serving_environment(settings),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -73,6 +78,7 @@ def demo_plan(plan: str | None) -> str:
 
 def run_rollout_demo(settings: Settings, config: str | None, rows: int, plan: str | None = None) -> object:
     """Train a challenger, serve, simulate users, roll out with ``plan``; the rollout summary."""
+    from adapters.datasets import write_parquet
     from adapters.traffic import LiveTraffic
     from flows.rollout import rollout_flow
     from flows.train import train_flow
@@ -80,7 +86,6 @@ def run_rollout_demo(settings: Settings, config: str | None, rows: int, plan: st
     from mlops.rollout.simulator import SimulatorConfig
     from mlops_cli.main import _print_training
     from mlops_cli.rollout import print_summary
-    from adapters.datasets import write_parquet
 
     more = settings.data_dir / "train-more.parquet"
     with progress(f"rollout 1/3 training a challenger on {2 * rows:,} transactions"):
@@ -89,13 +94,17 @@ def run_rollout_demo(settings: Settings, config: str | None, rows: int, plan: st
     _print_training(trained)
     port = _free_port()
     os.environ["MLOPS__SERVICES__SERVING_PORT"] = str(port)
-    os.environ["MLOPS__SERVING__URL"] = f"http://127.0.0.1:{port}"  # the rollout flow talks to the demo's service
+    os.environ["MLOPS__SERVING__URL"] = (
+        f"http://127.0.0.1:{port}"  # the rollout flow talks to the demo's service
+    )
     with progress(f"rollout 2/3 starting the online service on 127.0.0.1:{port}"):
         proc = _start_service(settings, port)
     try:
         sim = SimulatorConfig(seed=11, rate_per_s=RATE_PER_S, label_delay_s=5.0)
         with LiveTraffic(f"http://127.0.0.1:{port}", sim, threads=8, max_seconds=1800) as traffic:
-            console.print(f"simulated users: ~{RATE_PER_S:g} requests/s, labels ~5 s later, to http://127.0.0.1:{port}")
+            console.print(
+                f"simulated users: ~{RATE_PER_S:g} requests/s, labels ~5 s later, to http://127.0.0.1:{port}"
+            )
             console.print("[yellow]the approval step is answered automatically in the demo (auto-approve)[/]")
             time.sleep(20)  # recent champion traffic for the replay step
             plan = demo_plan(plan)

@@ -14,11 +14,22 @@ from mlops_cli.common import console, handle_errors, progress, settings_for
 
 ConfigOpt = Annotated[
     str | None,
-    typer.Option("--config", "-c", help="YAML config file (default: $MLOPS_CONFIG, else built-in defaults).", show_default=False),
+    typer.Option(
+        "--config",
+        "-c",
+        help="YAML config file (default: $MLOPS_CONFIG, else built-in defaults).",
+        show_default=False,
+    ),
 ]
-ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Registered model (default: from config).", show_default=False)]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help="Registered model (default: from config).", show_default=False),
+]
 
-edge_app = typer.Typer(help="Edge: compress for a device budget, sign OTA releases, roll them out to a fleet.", no_args_is_help=True)
+edge_app = typer.Typer(
+    help="Edge: compress for a device budget, sign OTA releases, roll them out to a fleet.",
+    no_args_is_help=True,
+)
 keys_app = typer.Typer(help="Signing keys: create, rotate, show.", no_args_is_help=True)
 budget_app = typer.Typer(help="Device budgets (configs/edge/*.yaml).", no_args_is_help=True)
 edge_app.add_typer(keys_app, name="keys")
@@ -38,9 +49,22 @@ def register(app: typer.Typer) -> None:
 # --------------------------------------------------------------------------- export / publish
 
 
-def print_export(summary) -> None:  # noqa: ANN001 - flows.edge.ExportSummary
-    table = Table(title=f"{summary.model_name} v{summary.source_version} ({summary.alias}) -> {summary.budget}")
-    for col in ("variant", "outcome", "size B", "x teacher", "p50 ms", "p99 ms", "auc", "drop", "max|dp|", "mean|dp|"):
+def print_export(summary) -> None:
+    table = Table(
+        title=f"{summary.model_name} v{summary.source_version} ({summary.alias}) -> {summary.budget}"
+    )
+    for col in (
+        "variant",
+        "outcome",
+        "size B",
+        "x teacher",
+        "p50 ms",
+        "p99 ms",
+        "auc",
+        "drop",
+        "max|dp|",
+        "mean|dp|",
+    ):
         table.add_column(col, justify="left" if col in ("variant", "outcome") else "right")
     for row in summary.variants:
         mark = " *" if row["variant"] == summary.selected else ""
@@ -48,23 +72,37 @@ def print_export(summary) -> None:  # noqa: ANN001 - flows.edge.ExportSummary
             table.add_row(row["variant"] + mark, row["outcome"], *["-"] * 8)
             continue
         table.add_row(
-            row["variant"] + mark, row["outcome"], f"{row['size_bytes']:,}", f"{summary.teacher_bytes / row['size_bytes']:.1f}",
-            f"{row['latency_p50_ms']:.3f}", f"{row['latency_p99_ms']:.3f}", f"{row['value']:.4f}", f"{row['drop']:+.4f}",
-            f"{row['max_abs_dp']:.4f}", f"{row['mean_abs_dp']:.5f}",
-        )  # fmt: skip
+            row["variant"] + mark,
+            row["outcome"],
+            f"{row['size_bytes']:,}",
+            f"{summary.teacher_bytes / row['size_bytes']:.1f}",
+            f"{row['latency_p50_ms']:.3f}",
+            f"{row['latency_p99_ms']:.3f}",
+            f"{row['value']:.4f}",
+            f"{row['drop']:+.4f}",
+            f"{row['max_abs_dp']:.4f}",
+            f"{row['mean_abs_dp']:.5f}",
+        )
     console.print(table)
     for row in summary.variants:
         if row["outcome"] != "PASS":
             console.print(f"  [dim]{row['variant']}[/]: {row['outcome']}: {row['verdict']}", soft_wrap=True)
-    console.print(f"selected: [bold]{summary.selected or 'nothing (no variant passed)'}[/]; export in {summary.export_dir}")
-    console.print(f"report: {summary.export_dir}/report.md, chart: {summary.export_dir}/variants.png, MLflow run {summary.run_id}")
+    console.print(
+        f"selected: [bold]{summary.selected or 'nothing (no variant passed)'}[/]; export in {summary.export_dir}"
+    )
+    console.print(
+        f"report: {summary.export_dir}/report.md, chart: {summary.export_dir}/variants.png, MLflow run {summary.run_id}"
+    )
 
 
 @edge_app.command("export")
 @handle_errors
 def export(
     alias: Annotated[str, typer.Option("--alias", "-a", help="Registry alias of the teacher.")] = "champion",
-    budget: Annotated[Path | None, typer.Option("--budget", "-b", help="Budget file (default: edge.budget, else pos-terminal).")] = None,
+    budget: Annotated[
+        Path | None,
+        typer.Option("--budget", "-b", help="Budget file (default: edge.budget, else pos-terminal)."),
+    ] = None,
     model: ModelOpt = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -80,7 +118,10 @@ def export(
 @edge_app.command("publish")
 @handle_errors
 def publish(
-    variant: Annotated[str | None, typer.Option("--variant", help="Variant of the latest export (default: the selected one).")] = None,
+    variant: Annotated[
+        str | None,
+        typer.Option("--variant", help="Variant of the latest export (default: the selected one)."),
+    ] = None,
     model: ModelOpt = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -99,9 +140,15 @@ def publish(
 @edge_app.command("fleet")
 @handle_errors
 def fleet(
-    devices: Annotated[int, typer.Option("--devices", "-n", min=1, help="Simulated devices in the fleet.")] = 1000,
-    name: Annotated[str, typer.Option("--fleet", help="Fleet name (its devices persist under MLOPS_HOME/edge/fleets).")] = "default",
-    drill: Annotated[Drill | None, typer.Option("--drill", help="First publish a deliberately bad release.")] = None,
+    devices: Annotated[
+        int, typer.Option("--devices", "-n", min=1, help="Simulated devices in the fleet.")
+    ] = 1000,
+    name: Annotated[
+        str, typer.Option("--fleet", help="Fleet name (its devices persist under MLOPS_HOME/edge/fleets).")
+    ] = "default",
+    drill: Annotated[
+        Drill | None, typer.Option("--drill", help="First publish a deliberately bad release.")
+    ] = None,
     model: ModelOpt = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -114,7 +161,7 @@ def fleet(
     print_rollout(s)
 
 
-def print_rollout(s) -> None:  # noqa: ANN001 - flows.edge.RolloutSummary
+def print_rollout(s) -> None:
     table = Table(title=f"{s.model_name} v{s.version} ({s.variant}) -> {s.devices} devices: {s.phase}")
     for col in ("stage", "action", "outcome", "reason"):
         table.add_column(col, overflow="fold")
@@ -149,8 +196,12 @@ def keys_rotate(config: ConfigOpt = None) -> None:
     from adapters.edge_store import key_store
 
     old, new = key_store(settings_for(config)).rotate()
-    console.print(f"rotated: root v{old.version} ({', '.join(old.keys)}) -> v{new.version} ({', '.join(new.keys)})")
-    console.print("devices trust the new key once they fetch root metadata; releases signed by the old key are refused")
+    console.print(
+        f"rotated: root v{old.version} ({', '.join(old.keys)}) -> v{new.version} ({', '.join(new.keys)})"
+    )
+    console.print(
+        "devices trust the new key once they fetch root metadata; releases signed by the old key are refused"
+    )
 
 
 @keys_app.command("show")
@@ -161,7 +212,9 @@ def keys_show(config: ConfigOpt = None) -> None:
 
     store = key_store(settings_for(config))
     root = store.root()
-    console.print(f"root v{root.version} (versions {store.root_versions()}), threshold {root.threshold}, expires {root.expires.isoformat()}")
+    console.print(
+        f"root v{root.version} (versions {store.root_versions()}), threshold {root.threshold}, expires {root.expires.isoformat()}"
+    )
     for kid, pub in root.keys.items():
         console.print(f"  {kid}  ed25519 {pub}")
 
@@ -171,7 +224,11 @@ def keys_show(config: ConfigOpt = None) -> None:
 
 @edge_app.command("status")
 @handle_errors
-def status(model: ModelOpt = None, name: Annotated[str, typer.Option("--fleet")] = "default", config: ConfigOpt = None) -> None:
+def status(
+    model: ModelOpt = None,
+    name: Annotated[str, typer.Option("--fleet")] = "default",
+    config: ConfigOpt = None,
+) -> None:
     """Releases, the last good one, recent rollouts and what the fleet's devices run."""
     settings = settings_for(config)
     import pandas as pd
@@ -182,12 +239,21 @@ def status(model: ModelOpt = None, name: Annotated[str, typer.Option("--fleet")]
     paths = edge_paths(settings)
     model_name = model or settings.training.model_name
     repo = ReleaseRepository(paths.repo)
-    table = Table(title=f"{model_name}: releases (last good: v{repo.state(model_name).get('last_good', '-')})")
+    table = Table(
+        title=f"{model_name}: releases (last good: v{repo.state(model_name).get('last_good', '-')})"
+    )
     for col in ("version", "variant", "bytes", "sha256", "restores", "expires"):
         table.add_column(col)
     for v in repo.versions(model_name):
         r = repo.release(model_name, v)
-        table.add_row(str(v), r.variant, f"{r.target.length:,}", r.target.sha256[:16], str(r.restores or ""), r.expires.isoformat())
+        table.add_row(
+            str(v),
+            r.variant,
+            f"{r.target.length:,}",
+            r.target.sha256[:16],
+            str(r.restores or ""),
+            r.expires.isoformat(),
+        )
     console.print(table)
     rollouts = TelemetryStore(paths.telemetry).rollouts() if paths.telemetry.exists() else []
     if rollouts:
@@ -195,7 +261,14 @@ def status(model: ModelOpt = None, name: Annotated[str, typer.Option("--fleet")]
         for col in ("rollout", "fleet", "version", "phase", "stage %", "updated"):
             rt.add_column(col)
         for r in rollouts:
-            rt.add_row(r["rollout_id"], r["fleet"], str(r["version"]), r["phase"], f"{r['percent']:g}", str(r["updated_at"])[:19])
+            rt.add_row(
+                r["rollout_id"],
+                r["fleet"],
+                str(r["version"]),
+                r["phase"],
+                f"{r['percent']:g}",
+                str(r["updated_at"])[:19],
+            )
         console.print(rt)
     roster = Fleet(paths.fleets / name, settings.dataset, pd.DataFrame())
     if roster.device_ids():
@@ -224,7 +297,7 @@ def budget_schema() -> None:
 # --------------------------------------------------------------------------- demo step
 
 
-def run_edge_step(settings, config: str | None, alias: str, devices: int = 200) -> None:  # noqa: ANN001 - Settings
+def run_edge_step(settings, config: str | None, alias: str, devices: int = 200) -> None:
     """`mlops demo`'s edge step: export for the default budget, publish the selection, roll it out to a small fleet."""
     from flows.edge import edge_export_flow, edge_publish_flow, edge_rollout_flow
 
@@ -237,10 +310,14 @@ def run_edge_step(settings, config: str | None, alias: str, devices: int = 200) 
         return
     with progress("edge: signing the selected variant"):
         published = edge_publish_flow(None, None, config)
-    console.print(f"[green]✓[/] published {published.model_name} v{published.version} ({published.variant}, {published.length:,} B, "
-                  f"Ed25519 key {', '.join(published.key_ids)})")  # fmt: skip
+    console.print(
+        f"[green]✓[/] published {published.model_name} v{published.version} ({published.variant}, {published.length:,} B, "
+        f"Ed25519 key {', '.join(published.key_ids)})"
+    )
     with progress(f"edge: staged OTA rollout to {devices} simulated devices"):
         rollout = edge_rollout_flow(devices, "demo", None, config)
     console.print("[green]✓[/] edge rollout flow completed")
     print_rollout(rollout)
-    console.print(f"drill: mlops edge fleet --devices {devices} --fleet demo --drill broken-model  (halts at 1%, every device keeps a working model)")
+    console.print(
+        f"drill: mlops edge fleet --devices {devices} --fleet demo --drill broken-model  (halts at 1%, every device keeps a working model)"
+    )

@@ -25,11 +25,12 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Show and check configuration.", no_args_is_help=True)
 data_app = typer.Typer(help="Generate and inspect datasets.", no_args_is_help=True)
-registry_app = typer.Typer(help="Model registry: versions, aliases and their audit history.", no_args_is_help=True)
+registry_app = typer.Typer(
+    help="Model registry: versions, aliases and their audit history.", no_args_is_help=True
+)
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
 app.add_typer(registry_app, name="registry")
-
 
 
 @app.callback()
@@ -47,7 +48,9 @@ def main(
 @handle_errors
 def config_show(
     config: ConfigOpt = None,
-    schema: Annotated[bool, typer.Option("--schema", help="Print the JSON schema of the config instead.")] = False,
+    schema: Annotated[
+        bool, typer.Option("--schema", help="Print the JSON schema of the config instead.")
+    ] = False,
 ) -> None:
     """Print the effective configuration (defaults < file < MLOPS__* env < MLOPS_HOME) as YAML."""
     import yaml
@@ -67,8 +70,11 @@ def config_validate(
     file: Annotated[Path, typer.Argument(help="Config file to check.")],
     kind: Annotated[
         str,
-        typer.Option("--kind", help="platform | rollout-plan | edge-budget (default: by folder: configs/rollout/ "
-                     "holds plans, configs/edge/ budgets, anything else is platform config)."),
+        typer.Option(
+            "--kind",
+            help="platform | rollout-plan | edge-budget (default: by folder: configs/rollout/ "
+            "holds plans, configs/edge/ budgets, anything else is platform config).",
+        ),
     ] = "auto",
 ) -> None:
     """Check one config file: the platform config, a rollout plan or an edge budget."""
@@ -99,8 +105,12 @@ def data_generate(
     out: Annotated[Path, typer.Option("--out", "-o", help="Parquet file to write.")],
     rows: Annotated[int, typer.Option("--rows", "-n", min=1, help="Number of transactions.")] = 100_000,
     seed: Annotated[int, typer.Option("--seed", help="Random seed: same seed, same data.")] = 0,
-    drift: Annotated[float, typer.Option("--drift", min=0.0, max=1.0, help="0 = reference world, 1 = strongly drifted.")] = 0.0,
-    start: Annotated[str, typer.Option("--start", help="Day the transactions happen (YYYY-MM-DD).")] = "2026-01-01",
+    drift: Annotated[
+        float, typer.Option("--drift", min=0.0, max=1.0, help="0 = reference world, 1 = strongly drifted.")
+    ] = 0.0,
+    start: Annotated[
+        str, typer.Option("--start", help="Day the transactions happen (YYYY-MM-DD).")
+    ] = "2026-01-01",
 ) -> None:
     """Write synthetic card transactions (features, user and transaction ids, fraud label) to Parquet."""
     from datetime import datetime
@@ -125,13 +135,15 @@ def data_generate(
                 bar.advance(job, len(block))
 
         written = write_parquet(blocks(), out)
-    console.print(f"wrote {written:,} rows to {out} (seed {seed}, drift {drift}, {-(-rows // BLOCK_ROWS)} blocks)")
+    console.print(
+        f"wrote {written:,} rows to {out} (seed {seed}, drift {drift}, {-(-rows // BLOCK_ROWS)} blocks)"
+    )
 
 
 # --------------------------------------------------------------------------- training
 
 
-def _default_training_data(settings) -> Path:  # noqa: ANN001
+def _default_training_data(settings) -> Path:
     return settings.data_dir / "train.parquet"
 
 
@@ -139,7 +151,12 @@ def _default_training_data(settings) -> Path:  # noqa: ANN001
 @handle_errors
 def train(
     config: ConfigOpt = None,
-    data: Annotated[str | None, typer.Option("--data", "-d", help="Training data (.parquet/.csv); default $MLOPS_HOME/data/train.parquet.")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data", "-d", help="Training data (.parquet/.csv); default $MLOPS_HOME/data/train.parquet."
+        ),
+    ] = None,
 ) -> None:
     """Validate data, train the configured candidates, export to ONNX, check parity, register the best."""
     settings = settings_for(config)
@@ -153,7 +170,7 @@ def train(
     _print_training(summary)
 
 
-def _print_training(summary) -> None:  # noqa: ANN001 - flows.train.TrainSummary
+def _print_training(summary) -> None:
     table = Table(title=f"{summary.model_name}: candidates", show_lines=False)
     names = ["roc_auc", "pr_auc", "log_loss", "ece", "latency_p50_ms", "latency_p99_ms"]
     table.add_column("candidate")
@@ -164,7 +181,9 @@ def _print_training(summary) -> None:  # noqa: ANN001 - flows.train.TrainSummary
         table.add_row(label + mark, *(f"{metrics[n]:.4f}" for n in names))
     console.print(table)
     promoted = " and champion" if summary.promoted_to_champion else ""
-    console.print(f"registered [bold]{summary.model_name} v{summary.version}[/] as challenger{promoted} (MLflow run {summary.run_id})")
+    console.print(
+        f"registered [bold]{summary.model_name} v{summary.version}[/] as challenger{promoted} (MLflow run {summary.run_id})"
+    )
     console.print(f"promotion gate: {summary.gate}")
 
 
@@ -175,14 +194,22 @@ def _print_training(summary) -> None:  # noqa: ANN001 - flows.train.TrainSummary
 @handle_errors
 def promote(
     alias: Annotated[str, typer.Option("--alias", "-a", help="Alias to move (champion, challenger, ...).")],
-    version: Annotated[int, typer.Option("--version", min=1, help="Model version the alias should point at.")],
+    version: Annotated[
+        int, typer.Option("--version", min=1, help="Model version the alias should point at.")
+    ],
     reason: Annotated[str, typer.Option("--reason", "-r", help="Why: recorded in the audit history.")],
     expect_current: Annotated[
         str | None,
-        typer.Option("--expect-current", help="Move only if the alias is at this version now ('none' = unset)."),
+        typer.Option(
+            "--expect-current", help="Move only if the alias is at this version now ('none' = unset)."
+        ),
     ] = None,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Registered model (default: from config).")] = None,
-    skip_gate: Annotated[bool, typer.Option("--skip-gate", help="Move to champion without the metric gate (audited as such).")] = False,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Registered model (default: from config).")
+    ] = None,
+    skip_gate: Annotated[
+        bool, typer.Option("--skip-gate", help="Move to champion without the metric gate (audited as such).")
+    ] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Move an alias to a version: compare-and-set, gated for champion, recorded in the audit history."""
@@ -198,9 +225,15 @@ def promote(
 
     name = model or settings.training.model_name
     result = do_promote(
-        settings, ModelRegistry(settings), name=name, alias=alias, version=version,
-        reason=reason, expect_current=expect, skip_gate=skip_gate,
-    )  # fmt: skip
+        settings,
+        ModelRegistry(settings),
+        name=name,
+        alias=alias,
+        version=version,
+        reason=reason,
+        expect_current=expect,
+        skip_gate=skip_gate,
+    )
     if result.gate is not None:
         console.print(f"gate {result.gate.outcome.value}: {result.gate.reason}")
     if not result.moves:
@@ -213,7 +246,9 @@ def promote(
 @handle_errors
 def registry_list(
     model: Annotated[str | None, typer.Argument(help="Registered model (default: from config).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per version, for scripts.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object per version, for scripts.")
+    ] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Versions of a model with their aliases, key metrics and lineage."""
@@ -224,8 +259,18 @@ def registry_list(
     versions = ModelRegistry(settings).versions(name)
     if as_json:
         for v in versions:
-            print(json.dumps({"model": name, "version": v.version, "aliases": list(v.aliases), "metrics": v.metrics,
-                              "tags": v.tags, "created_ms": v.created_ms}))  # fmt: skip
+            print(
+                json.dumps(
+                    {
+                        "model": name,
+                        "version": v.version,
+                        "aliases": list(v.aliases),
+                        "metrics": v.metrics,
+                        "tags": v.tags,
+                        "created_ms": v.created_ms,
+                    }
+                )
+            )
         return
     if not versions:
         console.print(f"model '{name}' has no versions")
@@ -238,19 +283,25 @@ def registry_list(
     for v in versions:
         m = v.metrics
         table.add_row(
-            str(v.version), ", ".join(v.aliases), v.tags.get("lineage.candidate", ""),
+            str(v.version),
+            ", ".join(v.aliases),
+            v.tags.get("lineage.candidate", ""),
             *(f"{m[k]:.4f}" if k in m else "" for k in ("roc_auc", "pr_auc", "log_loss")),
             v.tags.get("lineage.data_fingerprint", ""),
             datetime.fromtimestamp(v.created_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S"),
-        )  # fmt: skip
+        )
     console.print(table)
 
 
 @registry_app.command("history")
 @handle_errors
 def registry_history(
-    model: Annotated[str | None, typer.Argument(help="Registered model (default: from config; 'all' for every model).")] = None,
-    limit: Annotated[int | None, typer.Option("--limit", "-n", min=1, help="Only the newest N moves.")] = None,
+    model: Annotated[
+        str | None, typer.Argument(help="Registered model (default: from config; 'all' for every model).")
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", "-n", min=1, help="Only the newest N moves.")
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Every alias move: when, who, from -> to, why and the run that made it."""
@@ -264,11 +315,17 @@ def registry_history(
         table.add_column(col, overflow="fold")
     for m in moves:
         table.add_row(
-            str(m.seq), m.at, m.model, m.alias,
+            str(m.seq),
+            m.at,
+            m.model,
+            m.alias,
             "-" if m.from_version is None else str(m.from_version),
             "-" if m.to_version is None else str(m.to_version),
-            m.action, m.actor, m.reason, (m.run_id or "")[:12],
-        )  # fmt: skip
+            m.action,
+            m.actor,
+            m.reason,
+            (m.run_id or "")[:12],
+        )
     console.print(table)
 
 
@@ -281,8 +338,12 @@ def demo(
     rows: Annotated[int, typer.Option("--rows", min=1000, help="Training rows to generate.")] = 60_000,
     rollout_plan: Annotated[
         Path | None,
-        typer.Option("--rollout-plan", exists=True, dir_okay=False,
-                     help="Rollout plan for the last act (default: configs/rollout/demo.yaml)."),
+        typer.Option(
+            "--rollout-plan",
+            exists=True,
+            dir_okay=False,
+            help="Rollout plan for the last act (default: configs/rollout/demo.yaml).",
+        ),
     ] = None,
     config: ConfigOpt = None,
 ) -> None:

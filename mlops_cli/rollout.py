@@ -13,16 +13,20 @@ from mlops_cli.common import ConfigOpt, console, handle_errors, progress, settin
 
 rollout_app = typer.Typer(
     help="Roll a candidate out against the champion on the live service: replay, shadow, canary, A/B, approval, "
-         "blue-green; gates decide, failures roll back.",
+    "blue-green; gates decide, failures roll back.",
     invoke_without_command=True,
-)  # fmt: skip
+)
 
 
-def print_summary(summary) -> None:  # noqa: ANN001 - flows.rollout.RolloutSummary
-    colour = {"succeeded": "green", "rolled_back": "yellow", "aborted": "red", "timed_out": "yellow"}.get(summary.phase, "cyan")
-    console.print(f"[bold {colour}]rollout {summary.rollout_id}: {summary.phase}[/] "
-                  f"({summary.model_name} v{summary.candidate_version} vs v{summary.stable_version}, "
-                  f"{summary.seconds:.0f} s)")  # fmt: skip
+def print_summary(summary) -> None:
+    colour = {"succeeded": "green", "rolled_back": "yellow", "aborted": "red", "timed_out": "yellow"}.get(
+        summary.phase, "cyan"
+    )
+    console.print(
+        f"[bold {colour}]rollout {summary.rollout_id}: {summary.phase}[/] "
+        f"({summary.model_name} v{summary.candidate_version} vs v{summary.stable_version}, "
+        f"{summary.seconds:.0f} s)"
+    )
     console.print(f"  {summary.reason}", soft_wrap=True)
     console.print(f"  report: {summary.report}")
 
@@ -32,12 +36,26 @@ def print_summary(summary) -> None:  # noqa: ANN001 - flows.rollout.RolloutSumma
 def rollout(
     ctx: typer.Context,
     plan: Annotated[str, typer.Option("--plan", help="Rollout plan YAML.")] = "configs/rollout/demo.yaml",
-    candidate: Annotated[str, typer.Option("--candidate", help="Alias (or version number) of the candidate.")] = "challenger",
-    resume: Annotated[str | None, typer.Option("--resume", help="Continue the persisted rollout with this id.")] = None,
-    rollout_id: Annotated[str | None, typer.Option("--id", help="Id of a new rollout (default: time + random).")] = None,
-    auto: Annotated[str | None, typer.Option("--auto-answer", help="Answer the approval step at once: approve | reject "
-                                             "(demos and tests; default: pause for a human).")] = None,  # fmt: skip
-    max_seconds: Annotated[float | None, typer.Option("--max-seconds", help="Stop after this long (resumable).")] = None,
+    candidate: Annotated[
+        str, typer.Option("--candidate", help="Alias (or version number) of the candidate.")
+    ] = "challenger",
+    resume: Annotated[
+        str | None, typer.Option("--resume", help="Continue the persisted rollout with this id.")
+    ] = None,
+    rollout_id: Annotated[
+        str | None, typer.Option("--id", help="Id of a new rollout (default: time + random).")
+    ] = None,
+    auto: Annotated[
+        str | None,
+        typer.Option(
+            "--auto-answer",
+            help="Answer the approval step at once: approve | reject "
+            "(demos and tests; default: pause for a human).",
+        ),
+    ] = None,
+    max_seconds: Annotated[
+        float | None, typer.Option("--max-seconds", help="Stop after this long (resumable).")
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Run a rollout flow (when no subcommand is given)."""
@@ -49,14 +67,23 @@ def rollout(
 
     settings_for(config)
     with progress("rollout flow: observe -> decide -> apply, every tick"):
-        summary = rollout_flow(plan=plan, candidate=candidate, resume=resume, rollout_id=rollout_id,
-                               approval=auto or "prefect", max_seconds=max_seconds, config=config)  # fmt: skip
+        summary = rollout_flow(
+            plan=plan,
+            candidate=candidate,
+            resume=resume,
+            rollout_id=rollout_id,
+            approval=auto or "prefect",
+            max_seconds=max_seconds,
+            config=config,
+        )
     print_summary(summary)
     if summary.phase not in ("succeeded",):
         raise typer.Exit(code=3 if summary.phase in ("rolled_back", "aborted", "timed_out") else 0)
 
 
-def _answer(run_id: str, approved: bool, version: int | None, by: str | None, comment: str, config: str | None) -> None:
+def _answer(
+    run_id: str, approved: bool, version: int | None, by: str | None, comment: str, config: str | None
+) -> None:
     from uuid import UUID
 
     from mlops.errors import PlatformError
@@ -69,6 +96,7 @@ def _answer(run_id: str, approved: bool, version: int | None, by: str | None, co
         )
     from prefect.exceptions import ObjectNotFound
     from prefect.flow_runs import resume_flow_run
+
     run_input: dict[str, object] = {"approved": approved, "by": by or getpass.getuser(), "comment": comment}
     if version is not None:
         run_input["version"] = version
@@ -85,7 +113,9 @@ def _answer(run_id: str, approved: bool, version: int | None, by: str | None, co
 @handle_errors
 def approve(
     run_id: Annotated[str, typer.Argument(help="Prefect flow run id of the paused rollout.")],
-    version: Annotated[int | None, typer.Option("--version", help="The version you approve (default: the one shown).")] = None,
+    version: Annotated[
+        int | None, typer.Option("--version", help="The version you approve (default: the one shown).")
+    ] = None,
     by: Annotated[str | None, typer.Option("--by", help="Who approves (default: your user name).")] = None,
     comment: Annotated[str, typer.Option("--comment")] = "",
     config: ConfigOpt = None,
@@ -118,16 +148,24 @@ def list_cmd(config: ConfigOpt = None) -> None:
         reason = s.final_reason or (s.history[-1].reason if s.history else "")
         if s.phase is Phase.AWAITING_APPROVAL and s.approval is not None and s.approval.deadline <= now:
             # its run stopped before it could record the timeout (e.g. the worker died while paused)
-            reason = (f"approval deadline {s.approval.deadline:%Y-%m-%d %H:%M:%S} passed with no outcome recorded; "
-                      f"`mlops rollout --resume {s.rollout_id}` ends it timed_out")  # fmt: skip
-        console.print(f"{s.rollout_id}  {s.phase.value:<17} v{s.candidate_version} vs v{s.stable_version}  "
-                      f"{s.history[-1].step if s.history else '-'}  {s.updated_at:%Y-%m-%d %H:%M:%S}  {reason[:200]}",
-                      soft_wrap=True, markup=False, highlight=False)  # fmt: skip
+            reason = (
+                f"approval deadline {s.approval.deadline:%Y-%m-%d %H:%M:%S} passed with no outcome recorded; "
+                f"`mlops rollout --resume {s.rollout_id}` ends it timed_out"
+            )
+        console.print(
+            f"{s.rollout_id}  {s.phase.value:<17} v{s.candidate_version} vs v{s.stable_version}  "
+            f"{s.history[-1].step if s.history else '-'}  {s.updated_at:%Y-%m-%d %H:%M:%S}  {reason[:200]}",
+            soft_wrap=True,
+            markup=False,
+            highlight=False,
+        )
 
 
 @handle_errors
 def rollback(
-    rollout_id: Annotated[str | None, typer.Option("--rollout", help="Rollout to undo (default: the latest).")] = None,
+    rollout_id: Annotated[
+        str | None, typer.Option("--rollout", help="Rollout to undo (default: the latest).")
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Undo a rollout at once, skipping analysis: serving back to the old champion and, after a

@@ -11,16 +11,28 @@ import typer
 
 from mlops_cli.common import ConfigOpt, console, handle_errors, settings_for
 
-serving_app = typer.Typer(help="Inspect and change the running online service (routes, slots).", no_args_is_help=True)
+serving_app = typer.Typer(
+    help="Inspect and change the running online service (routes, slots).", no_args_is_help=True
+)
 
-UrlOpt = Annotated[str | None, typer.Option("--url", help="Service URL (default: serving.url, else services.host and serving_port).")]
-KeyOpt = Annotated[str | None, typer.Option("--idempotency-key", help="Repeat-safe key: a retry with it is applied once.")]
+UrlOpt = Annotated[
+    str | None,
+    typer.Option("--url", help="Service URL (default: serving.url, else services.host and serving_port)."),
+]
+KeyOpt = Annotated[
+    str | None, typer.Option("--idempotency-key", help="Repeat-safe key: a retry with it is applied once.")
+]
 
 
 @handle_errors
 def serve(
-    port: Annotated[int | None, typer.Option("--port", "-p", min=1, max=65535, help="Port (default: services.serving_port).")] = None,
-    host: Annotated[str | None, typer.Option("--host", help="Interface (default: services.host, loopback).")] = None,
+    port: Annotated[
+        int | None,
+        typer.Option("--port", "-p", min=1, max=65535, help="Port (default: services.serving_port)."),
+    ] = None,
+    host: Annotated[
+        str | None, typer.Option("--host", help="Interface (default: services.host, loopback).")
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Run the online service (BentoML) in the foreground: /predict, OIP v2, /feedback, /metrics, admin API.
@@ -39,15 +51,17 @@ def serve(
     if config:
         env["MLOPS_CONFIG"] = str(Path(config).resolve())
     where = f"http://{host or settings.services.host}:{port or settings.services.serving_port}"
-    console.print(f"serving {settings.serving.model_name or settings.training.model_name} at {where} "
-                  f"(state: {settings.home_path})")  # fmt: skip
+    console.print(
+        f"serving {settings.serving.model_name or settings.training.model_name} at {where} "
+        f"(state: {settings.home_path})"
+    )
     if not settings.serving.admin_token:
         console.print(f"admin token: {token_path(settings)}")
     os.chdir(project_dir())
     os.execve(argv[0], list(argv), env)
 
 
-def _client(config: str | None, url: str | None):  # noqa: ANN202 - serving.client.ServingClient
+def _client(config: str | None, url: str | None):
     from serving.client import ServingClient
 
     settings = settings_for(config)
@@ -69,10 +83,16 @@ def serving_state(url: UrlOpt = None, config: ConfigOpt = None) -> None:
 @handle_errors
 def serving_routes(
     mode: Annotated[str, typer.Argument(help="single, shadow, canary, ab or blue_green.")],
-    weight: Annotated[float, typer.Option("--weight", help="canary/ab: percent of entities on the candidate.")] = 0.0,
+    weight: Annotated[
+        float, typer.Option("--weight", help="canary/ab: percent of entities on the candidate.")
+    ] = 0.0,
     mirror: Annotated[float, typer.Option("--mirror", help="shadow: percent of requests mirrored.")] = 0.0,
-    salt: Annotated[str, typer.Option("--salt", help="canary/ab/shadow: hashing salt (the rollout id).")] = "",
-    active: Annotated[str, typer.Option("--active", help="blue_green: the slot receiving all traffic.")] = "stable",
+    salt: Annotated[
+        str, typer.Option("--salt", help="canary/ab/shadow: hashing salt (the rollout id).")
+    ] = "",
+    active: Annotated[
+        str, typer.Option("--active", help="blue_green: the slot receiving all traffic.")
+    ] = "stable",
     key: KeyOpt = None,
     url: UrlOpt = None,
     config: ConfigOpt = None,
@@ -87,7 +107,9 @@ def serving_routes(
 def serving_load(
     slot: Annotated[str, typer.Argument(help="stable or candidate.")],
     version: Annotated[int | None, typer.Option("--version", min=1, help="Model version to load.")] = None,
-    alias: Annotated[str | None, typer.Option("--alias", help="Load the version this registry alias points at.")] = None,
+    alias: Annotated[
+        str | None, typer.Option("--alias", help="Load the version this registry alias points at.")
+    ] = None,
     key: KeyOpt = None,
     url: UrlOpt = None,
     config: ConfigOpt = None,

@@ -11,7 +11,9 @@ from rich.table import Table
 
 from mlops_cli.common import ConfigOpt, console, handle_errors, settings_for
 
-server_app = typer.Typer(help="Start and stop the local Prefect server + worker and MLflow server.", no_args_is_help=True)
+server_app = typer.Typer(
+    help="Start and stop the local Prefect server + worker and MLflow server.", no_args_is_help=True
+)
 
 
 @server_app.command("up")
@@ -27,7 +29,9 @@ def server_up(config: ConfigOpt = None) -> None:
         state = "already running" if r.get("already_running") else "started"
         console.print(f"[green]✓[/] {r['name']:<15} {state:<16} pid {r['pid']:<7} {r.get('url') or ''}")
     console.print(f"pid files and logs: {settings.run_dir}")
-    console.print(f"commands of this MLOPS_HOME now use the Prefect server at {services.prefect_api_url(settings)}")
+    console.print(
+        f"commands of this MLOPS_HOME now use the Prefect server at {services.prefect_api_url(settings)}"
+    )
 
 
 @server_app.command("down")
@@ -54,14 +58,19 @@ def server_status(config: ConfigOpt = None) -> None:
         table.add_column(col)
     for svc in services.plan(settings):
         rec = alive.get(svc.name)
-        table.add_row(svc.name, "running" if rec else "stopped", str(rec["pid"]) if rec else "", svc.url or "")
+        table.add_row(
+            svc.name, "running" if rec else "stopped", str(rec["pid"]) if rec else "", svc.url or ""
+        )
     console.print(table)
 
 
 @handle_errors
 def deploy(
     config: ConfigOpt = None,
-    name: Annotated[list[str] | None, typer.Option("--name", "-n", help="Only these deployments (default: all in prefect.yaml).")] = None,
+    name: Annotated[
+        list[str] | None,
+        typer.Option("--name", "-n", help="Only these deployments (default: all in prefect.yaml)."),
+    ] = None,
 ) -> None:
     """Register the deployments of prefect.yaml (schedules, parameters, work pool) with the Prefect server."""
     from adapters import services
@@ -79,10 +88,14 @@ def deploy(
     if result.returncode != 0:
         tail = " | ".join((result.stdout + result.stderr).strip().splitlines()[-6:])
         raise services.ServiceError(f"prefect deploy failed (exit {result.returncode}): {tail}")
-    deployed = [line.split("'")[1] for line in result.stdout.splitlines() if "Deployment '" in line and "'" in line]
+    deployed = [
+        line.split("'")[1] for line in result.stdout.splitlines() if "Deployment '" in line and "'" in line
+    ]
     for d in deployed:
         console.print(f"[green]✓[/] deployed {d}")
-    console.print(f"work pool: {settings.prefect.work_pool}; trigger runs from the UI at {api.removesuffix('/api')}")
+    console.print(
+        f"work pool: {settings.prefect.work_pool}; trigger runs from the UI at {api.removesuffix('/api')}"
+    )
 
 
 def register(app: typer.Typer) -> None:

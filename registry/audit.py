@@ -106,12 +106,18 @@ class AuditLedger:
             now = time.time()
             try:
                 with self.engine.begin() as conn:
-                    conn.execute(delete(registry_lease).where(registry_lease.c.model == model, registry_lease.c.expires < now))
+                    conn.execute(
+                        delete(registry_lease).where(
+                            registry_lease.c.model == model, registry_lease.c.expires < now
+                        )
+                    )
                     conn.execute(insert(registry_lease).values(model=model, holder=holder, expires=now + ttl))
                 break
             except (IntegrityError, OperationalError):
                 if time.monotonic() >= deadline:
-                    raise RegistryBusy(f"another promotion of '{model}' holds the registry lease; retry later") from None
+                    raise RegistryBusy(
+                        f"another promotion of '{model}' holds the registry lease; retry later"
+                    ) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 0.25)
         lease = Lease(self, model, holder, ttl)
@@ -119,7 +125,11 @@ class AuditLedger:
             yield lease
         finally:
             with self.engine.begin() as conn:
-                conn.execute(delete(registry_lease).where(registry_lease.c.model == model, registry_lease.c.holder == holder))
+                conn.execute(
+                    delete(registry_lease).where(
+                        registry_lease.c.model == model, registry_lease.c.holder == holder
+                    )
+                )
 
     # ----------------------------------------------------------------- history
 
@@ -130,9 +140,16 @@ class AuditLedger:
             for m in moves:
                 conn.execute(
                     insert(alias_audit).values(
-                        at=m.at or at, model=m.model, alias=m.alias, from_version=m.from_version,
-                        to_version=m.to_version, actor=m.actor, action=m.action, reason=m.reason, run_id=m.run_id,
-                    )  # fmt: skip
+                        at=m.at or at,
+                        model=m.model,
+                        alias=m.alias,
+                        from_version=m.from_version,
+                        to_version=m.to_version,
+                        actor=m.actor,
+                        action=m.action,
+                        reason=m.reason,
+                        run_id=m.run_id,
+                    )
                 )
 
     def history(self, model: str | None = None, limit: int | None = None) -> list[AliasMove]:
@@ -169,10 +186,12 @@ class Lease:
                 .values(expires=time.time() + self.ttl)
             )
         if result.rowcount != 1:
-            raise RegistryBusy(f"the registry lease on '{self.model}' expired mid-operation; nothing more was moved")
+            raise RegistryBusy(
+                f"the registry lease on '{self.model}' expired mid-operation; nothing more was moved"
+            )
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001 - DBAPI connection
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA busy_timeout=30000")

@@ -31,7 +31,9 @@ def log_edge_run(
             experiment_id = found.experiment_id
         else:
             try:
-                experiment_id = client.create_experiment(experiment, artifact_location=settings.artifact_location)
+                experiment_id = client.create_experiment(
+                    experiment, artifact_location=settings.artifact_location
+                )
             except MlflowException:  # created concurrently
                 again = client.get_experiment_by_name(experiment)
                 if again is None:

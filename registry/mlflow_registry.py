@@ -69,7 +69,7 @@ class ModelRegistry:
             raise RegistryError(f"registry error reading model '{name}': {exc.message}") from exc
         return {alias: int(v) for alias, v in (model.aliases or {}).items()}
 
-    def _info(self, mv, aliases: Mapping[str, int]) -> VersionInfo:  # noqa: ANN001 - mlflow ModelVersion
+    def _info(self, mv, aliases: Mapping[str, int]) -> VersionInfo:
         version = int(mv.version)
         metrics: dict[str, float] = {}
         if mv.run_id:
@@ -128,7 +128,11 @@ class ModelRegistry:
             import mlflow.artifacts
 
             with tempfile.TemporaryDirectory() as tmp:
-                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=self.settings.tracking_uri))
+                local = Path(
+                    mlflow.artifacts.download_artifacts(
+                        artifact_uri=uri, dst_path=tmp, tracking_uri=self.settings.tracking_uri
+                    )
+                )
                 files = [local] if local.is_file() else sorted(local.rglob("*.onnx"))
                 if not files:
                     raise RegistryError(f"'{name}' v{version} has no ONNX file at {uri}")
@@ -141,7 +145,9 @@ class ModelRegistry:
 
     # ----------------------------------------------------------------- writes
 
-    def register(self, name: str, source_uri: str, run_id: str, tags: Mapping[str, str], reason: str) -> VersionInfo:
+    def register(
+        self, name: str, source_uri: str, run_id: str, tags: Mapping[str, str], reason: str
+    ) -> VersionInfo:
         """Create a version from a logged model and point ``challenger`` at it.
 
         Creation happens under the model's lease: concurrent ``create_model_version``
@@ -153,14 +159,27 @@ class ModelRegistry:
         with self.ledger.lease(name, self.lease_ttl, self.lease_wait) as lease:
             try:
                 if not self.exists(name):
-                    self.client.create_registered_model(name, description=f"Registered by the platform: {reason}")
+                    self.client.create_registered_model(
+                        name, description=f"Registered by the platform: {reason}"
+                    )
                 mv = self.client.create_model_version(
-                    name, source_uri, run_id=run_id, tags=dict(tags), model_id=logged.group(1) if logged else None
+                    name,
+                    source_uri,
+                    run_id=run_id,
+                    tags=dict(tags),
+                    model_id=logged.group(1) if logged else None,
                 )
             except MlflowException as exc:
                 raise RegistryError(f"cannot register a version of '{name}': {exc.message}") from exc
             version = int(mv.version)
-            self._apply(lease, name, plan_promotion(CHALLENGER, version, self.aliases(name)), "register", reason, run_id)
+            self._apply(
+                lease,
+                name,
+                plan_promotion(CHALLENGER, version, self.aliases(name)),
+                "register",
+                reason,
+                run_id,
+            )
         return self.version(name, version)
 
     def move_alias(
@@ -210,7 +229,9 @@ class ModelRegistry:
                 self.client.set_registered_model_alias(name, alias, str(new))
                 done.append((alias, old, new))
             at = now_iso()
-            records = [AliasMove(name, a, old, new, actor, reason, action, run_id, at) for a, old, new in moves]
+            records = [
+                AliasMove(name, a, old, new, actor, reason, action, run_id, at) for a, old, new in moves
+            ]
             self.ledger.append(records)
         except BaseException as exc:
             self._undo(name, done)
@@ -236,7 +257,15 @@ class ModelRegistry:
         known = self.ledger.last_known(name)
         actual = self.aliases(name)
         drift = [
-            AliasMove(name, alias, known.get(alias), actual.get(alias), "external", "alias changed outside the platform", "external")
+            AliasMove(
+                name,
+                alias,
+                known.get(alias),
+                actual.get(alias),
+                "external",
+                "alias changed outside the platform",
+                "external",
+            )
             for alias in sorted(set(known) | set(actual))
             if known.get(alias) != actual.get(alias)
         ]

@@ -51,7 +51,9 @@ def promote(
     if alias == CHAMPION and not skip_gate:
         gate = champion_gate(settings, registry, name, version)
         if not gate.passed:
-            raise GateFailed(f"'{name}' v{version} not promoted to {alias}: {gate.outcome.value}: {gate.reason}")
+            raise GateFailed(
+                f"'{name}' v{version} not promoted to {alias}: {gate.outcome.value}: {gate.reason}"
+            )
     action = "promote" if not skip_gate else "promote-ungated"
     moves = registry.move_alias(
         name, alias, version, reason=reason, expect_current=expect_current, action=action, run_id=run_id

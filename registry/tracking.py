@@ -72,7 +72,9 @@ def log_training_run(
                     path = Path(tmp) / name
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_bytes(data)
-                    mlflow.log_artifact(str(path), artifact_path=str(Path("evaluation") / Path(name).parent).rstrip("/."))
+                    mlflow.log_artifact(
+                        str(path), artifact_path=str(Path("evaluation") / Path(name).parent).rstrip("/.")
+                    )
             info = mlflow.onnx.log_model(
                 onnx.load_from_string(onnx_model),
                 name="model",

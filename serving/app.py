@@ -126,7 +126,9 @@ Handler = Callable[[Request, ServingRuntime], Awaitable[Response]]
 def build_app(ref: RuntimeRef) -> Starlette:
     """The Starlette app of every endpoint above, reading the runtime from ``ref``."""
 
-    def endpoint(name: str, *, scoring: bool = False) -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
+    def endpoint(
+        name: str, *, scoring: bool = False
+    ) -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
         def wrap(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
             async def run(request: Request) -> Response:
                 rt = ref.runtime
@@ -191,8 +193,13 @@ def build_app(ref: RuntimeRef) -> Starlette:
         ds = rt.settings.dataset
         inputs = [{"name": n, "datatype": "FP32", "shape": [-1, 1]} for n in ds.numeric_names]
         inputs += [{"name": n, "datatype": "BYTES", "shape": [-1, 1]} for n in ds.categorical_names]
-        return {"name": rt.model_name, "versions": [str(v) for v in versions], "platform": "onnxruntime_onnx",
-                "inputs": inputs, "outputs": [{"name": PROBA_OUTPUT, "datatype": "FP32", "shape": [-1, 2]}]}  # fmt: skip
+        return {
+            "name": rt.model_name,
+            "versions": [str(v) for v in versions],
+            "platform": "onnxruntime_onnx",
+            "inputs": inputs,
+            "outputs": [{"name": PROBA_OUTPUT, "datatype": "FP32", "shape": [-1, 2]}],
+        }
 
     @endpoint("v2_server")
     async def server_metadata(request: Request, rt: ServingRuntime) -> Response:
@@ -221,7 +228,9 @@ def build_app(ref: RuntimeRef) -> Starlette:
     async def infer(request: Request, rt: ServingRuntime) -> Response:
         started = time.perf_counter()
         _check_name(rt, request.path_params["name"])
-        req = rt.validator.v2_infer(_v2_body(rt, await _body(request, rt.cfg.max_body_bytes), request), [PROBA_OUTPUT])
+        req = rt.validator.v2_infer(
+            _v2_body(rt, await _body(request, rt.cfg.max_body_bytes), request), [PROBA_OUTPUT]
+        )
         return _answer(await rt.infer(req, request.headers.get(FORCE_HEADER), started))
 
     def _v2_body(rt: ServingRuntime, body: bytes, request: Request) -> Any:
@@ -255,19 +264,26 @@ def build_app(ref: RuntimeRef) -> Starlette:
         started = time.perf_counter()
         _check_name(rt, request.path_params["name"])
         v = _version(request.path_params["version"])
-        req = rt.validator.v2_infer(_v2_body(rt, await _body(request, rt.cfg.max_body_bytes), request), [PROBA_OUTPUT])
+        req = rt.validator.v2_infer(
+            _v2_body(rt, await _body(request, rt.cfg.max_body_bytes), request), [PROBA_OUTPUT]
+        )
         return _answer(await rt.infer_version(v, req, started))
 
     # ------------------------------------------------------------------ admin
 
-    def admin(name: str, *, idempotent: bool = True) -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
+    def admin(
+        name: str, *, idempotent: bool = True
+    ) -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
         def wrap(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
             @endpoint(name)
             async def run(request: Request, rt: ServingRuntime) -> Response:
                 denied = check_bearer(request.headers.get("authorization"), rt.token)
                 if denied == 401:
-                    return _error("admin token required (Authorization: Bearer <token>)", 401,
-                                  {"WWW-Authenticate": 'Bearer realm="mlops-serving"'})  # fmt: skip
+                    return _error(
+                        "admin token required (Authorization: Bearer <token>)",
+                        401,
+                        {"WWW-Authenticate": 'Bearer realm="mlops-serving"'},
+                    )
                 if denied == 403:
                     return _error("admin token is wrong", 403)
                 key = request.headers.get("idempotency-key")
@@ -276,7 +292,9 @@ def build_app(ref: RuntimeRef) -> Starlette:
                 if not 0 < len(key) <= 200:
                     raise InvalidRequest("Idempotency-Key must be 1-200 characters", 400)
                 body = await _body(request, rt.cfg.max_body_bytes)
-                fingerprint = hashlib.sha256(request.method.encode() + request.url.path.encode() + b"\0" + body).hexdigest()
+                fingerprint = hashlib.sha256(
+                    request.method.encode() + request.url.path.encode() + b"\0" + body
+                ).hexdigest()
                 hit = rt.remembered(key, fingerprint)
                 if hit is not None:
                     return _answer(hit[1], hit[0], {"Idempotent-Replayed": "true"})
@@ -328,8 +346,14 @@ def build_app(ref: RuntimeRef) -> Starlette:
         if ref.openapi is None:
             from importlib.metadata import version
 
-            ref.openapi = _dumps(openapi_document(rt.settings.dataset, rt.model_name, max_rows=rt.cfg.max_batch_rows,
-                                                  version=version("mlops-platform")))  # fmt: skip
+            ref.openapi = _dumps(
+                openapi_document(
+                    rt.settings.dataset,
+                    rt.model_name,
+                    max_rows=rt.cfg.max_batch_rows,
+                    version=version("mlops-platform"),
+                )
+            )
         return Response(ref.openapi, media_type=JSON)
 
     async def http_error(request: Request, exc: Exception) -> Response:

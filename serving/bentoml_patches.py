@@ -43,7 +43,7 @@ def patch_bentoml_timeout_middleware() -> bool:
         fut = asyncio.ensure_future(self.app(scope, receive, _send), loop=loop)
         try:
             await waiter
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if fut.cancel():
                 body = {"error": f"Not able to process the request in {self.timeout} seconds"}
                 await JSONResponse(body, status_code=504)(scope, receive, send)

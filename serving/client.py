@@ -62,14 +62,22 @@ class ServingAdmin(Protocol):
 class ServingClient:
     """The online service's data plane and admin API over HTTP."""
 
-    def __init__(self, base_url: str, token: str | None = None, *, timeout: float = 60.0,
-                 transport: httpx.BaseTransport | None = None):  # fmt: skip
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        *,
+        timeout: float = 60.0,
+        transport: httpx.BaseTransport | None = None,
+    ):
         self.base_url = base_url.rstrip("/")
         self.token = token
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
 
     @classmethod
-    def for_settings(cls, settings: Settings, *, base_url: str | None = None, timeout: float = 60.0) -> ServingClient:
+    def for_settings(
+        cls, settings: Settings, *, base_url: str | None = None, timeout: float = 60.0
+    ) -> ServingClient:
         """A client for this instance's service, with its admin token (config or token file)."""
         from serving.auth import read_token
 
@@ -86,8 +94,16 @@ class ServingClient:
 
     # ------------------------------------------------------------------ transport
 
-    def _call(self, method: str, path: str, *, json: Any = None, admin: bool = False, key: str | None = None,
-              headers: Mapping[str, str] | None = None) -> httpx.Response:  # fmt: skip
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        admin: bool = False,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> httpx.Response:
         hdrs = dict(headers or {})
         if admin:
             if not self.token:
@@ -98,7 +114,9 @@ class ServingClient:
         try:
             resp = self._http.request(method, path, json=json, headers=hdrs)
         except httpx.HTTPError as exc:
-            raise ServingUnavailable(f"serving at {self.base_url} unreachable ({method} {path}): {exc}") from exc
+            raise ServingUnavailable(
+                f"serving at {self.base_url} unreachable ({method} {path}): {exc}"
+            ) from exc
         if resp.status_code >= 400:
             try:
                 message = resp.json().get("error", resp.text)
@@ -112,7 +130,9 @@ class ServingClient:
 
     # ------------------------------------------------------------------ data plane
 
-    def predict(self, records: Sequence[Mapping[str, Any]], *, force: str | None = None) -> list[dict[str, Any]]:
+    def predict(
+        self, records: Sequence[Mapping[str, Any]], *, force: str | None = None
+    ) -> list[dict[str, Any]]:
         """Score records (``{"features": {...}, "entity_key"?, "request_id"?}``); one answer each."""
         headers = {FORCE_HEADER: force} if force else None
         body = records[0] if len(records) == 1 else {"records": list(records)}
@@ -143,8 +163,9 @@ class ServingClient:
     def set_routes(self, routes: Mapping[str, Any], *, key: str | None = None) -> dict[str, Any]:
         return self._call("POST", "/admin/routes", json=dict(routes), admin=True, key=key).json()
 
-    def load_slot(self, slot: str, *, version: int | None = None, alias: str | None = None,
-                  key: str | None = None) -> dict[str, Any]:  # fmt: skip
+    def load_slot(
+        self, slot: str, *, version: int | None = None, alias: str | None = None, key: str | None = None
+    ) -> dict[str, Any]:
         body: dict[str, Any] = {"alias": alias} if alias is not None else {"version": version}
         return self._call("POST", f"/admin/slots/{slot}", json=body, admin=True, key=key).json()
 
@@ -162,7 +183,9 @@ class FakeServingAdmin:
     service does (``ServingRequestFailed`` 404).
     """
 
-    def __init__(self, versions: Sequence[int], desired: Mapping[str, Any] | None = None, model_name: str = "model"):
+    def __init__(
+        self, versions: Sequence[int], desired: Mapping[str, Any] | None = None, model_name: str = "model"
+    ):
         self.versions = set(versions)
         self.model_name = model_name
         self.generation = 0
@@ -171,14 +194,25 @@ class FakeServingAdmin:
         self._desired = DesiredState.model_validate(dict(desired)) if desired else None
 
     def state(self) -> dict[str, Any]:
-        d = self._desired.model_dump() if self._desired else {"stable_version": None, "candidate_version": None}
-        return {"model_name": self.model_name, **d, "generation": self.generation, "ready": self._desired is not None}
+        d = (
+            self._desired.model_dump()
+            if self._desired
+            else {"stable_version": None, "candidate_version": None}
+        )
+        return {
+            "model_name": self.model_name,
+            **d,
+            "generation": self.generation,
+            "ready": self._desired is not None,
+        }
 
     def apply(self, desired: Mapping[str, Any], *, key: str | None = None) -> dict[str, Any]:
         if key is not None and key in self._keys:
             body, answer = self._keys[key]
             if body != dict(desired):
-                raise ServingRequestFailed(f"Idempotency-Key {key!r} was already used for a different request", 422)
+                raise ServingRequestFailed(
+                    f"Idempotency-Key {key!r} was already used for a different request", 422
+                )
             return answer
         try:
             state = DesiredState.model_validate(dict(desired))

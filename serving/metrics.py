@@ -7,12 +7,34 @@ request costs two counter increments and one histogram observation.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 
 from mlops.routing import VARIANTS
 
 ROLES = ("primary", "shadow")
-LATENCY_BUCKETS = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024, 2.048, 4.096, 8.192)
+LATENCY_BUCKETS = (
+    0.001,
+    0.002,
+    0.004,
+    0.008,
+    0.016,
+    0.032,
+    0.064,
+    0.128,
+    0.256,
+    0.512,
+    1.024,
+    2.048,
+    4.096,
+    8.192,
+)
 
 
 class ServingMetrics:
@@ -21,26 +43,68 @@ class ServingMetrics:
     def __init__(self) -> None:
         disable_created_metrics()  # no *_created series: they double the output for nothing
         self.registry = r = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("mlops_serving_requests", "Answers given, per variant and role (primary = returned, shadow = mirrored).",
-                                ["variant", "role"], registry=r)  # fmt: skip
-        self.errors = Counter("mlops_serving_errors", "Answers that failed after routing, per variant, role and HTTP status.",
-                              ["variant", "role", "status"], registry=r)  # fmt: skip
-        self.latency = Histogram("mlops_serving_latency_seconds", "Time from request received to answer ready, per variant and role.",
-                                 ["variant", "role"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.rejected = Counter("mlops_serving_rejected", "Requests answered before routing: client errors and shed load, per endpoint and status.",
-                                ["endpoint", "status"], registry=r)  # fmt: skip
+        self.requests = Counter(
+            "mlops_serving_requests",
+            "Answers given, per variant and role (primary = returned, shadow = mirrored).",
+            ["variant", "role"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "mlops_serving_errors",
+            "Answers that failed after routing, per variant, role and HTTP status.",
+            ["variant", "role", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "mlops_serving_latency_seconds",
+            "Time from request received to answer ready, per variant and role.",
+            ["variant", "role"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rejected = Counter(
+            "mlops_serving_rejected",
+            "Requests answered before routing: client errors and shed load, per endpoint and status.",
+            ["endpoint", "status"],
+            registry=r,
+        )
         self.inflight = Gauge("mlops_serving_inflight_requests", "Scoring requests in flight.", registry=r)
-        self.shadow_skipped = Counter("mlops_serving_shadow_skipped", "Mirror copies not sent because too many were pending.", registry=r)
+        self.shadow_skipped = Counter(
+            "mlops_serving_shadow_skipped",
+            "Mirror copies not sent because too many were pending.",
+            registry=r,
+        )
         self.feedback = Counter("mlops_serving_feedback", "Labels received on /feedback.", registry=r)
-        self.log_rows = Counter("mlops_serving_predlog_rows_written", "Prediction-log rows committed to Parquet.", registry=r)
-        self.log_dropped = Gauge("mlops_serving_predlog_dropped", "Prediction-log rows dropped because the buffer was full.", registry=r)
-        self.log_buffered = Gauge("mlops_serving_predlog_buffered", "Prediction-log and feedback rows waiting to be flushed.", registry=r)
-        self.slot_version = Gauge("mlops_serving_slot_version", "Model version in each slot (0 = empty).", ["slot"], registry=r)
-        self.candidate_pct = Gauge("mlops_serving_route_candidate_pct", "Share of live answers routed to the candidate, percent (mirror share in shadow).",
-                                   registry=r)  # fmt: skip
-        self.models_loaded = Gauge("mlops_serving_models_loaded", "Model versions loaded in the pool.", registry=r)
-        self.model_bytes = Gauge("mlops_serving_model_memory_bytes", "Memory charged to loaded model versions.", registry=r)
-        self.evictions = Gauge("mlops_serving_model_evictions", "Versions evicted from the pool since start.", registry=r)
+        self.log_rows = Counter(
+            "mlops_serving_predlog_rows_written", "Prediction-log rows committed to Parquet.", registry=r
+        )
+        self.log_dropped = Gauge(
+            "mlops_serving_predlog_dropped",
+            "Prediction-log rows dropped because the buffer was full.",
+            registry=r,
+        )
+        self.log_buffered = Gauge(
+            "mlops_serving_predlog_buffered",
+            "Prediction-log and feedback rows waiting to be flushed.",
+            registry=r,
+        )
+        self.slot_version = Gauge(
+            "mlops_serving_slot_version", "Model version in each slot (0 = empty).", ["slot"], registry=r
+        )
+        self.candidate_pct = Gauge(
+            "mlops_serving_route_candidate_pct",
+            "Share of live answers routed to the candidate, percent (mirror share in shadow).",
+            registry=r,
+        )
+        self.models_loaded = Gauge(
+            "mlops_serving_models_loaded", "Model versions loaded in the pool.", registry=r
+        )
+        self.model_bytes = Gauge(
+            "mlops_serving_model_memory_bytes", "Memory charged to loaded model versions.", registry=r
+        )
+        self.evictions = Gauge(
+            "mlops_serving_model_evictions", "Versions evicted from the pool since start.", registry=r
+        )
         self._req = {(v, role): self.requests.labels(v, role) for v in VARIANTS for role in ROLES}
         self._lat = {(v, role): self.latency.labels(v, role) for v in VARIANTS for role in ROLES}
 

@@ -134,7 +134,9 @@ class ModelWorker:
                 break  # FIFO with equal timeouts: later items have later deadlines
             if not item.future.done():
                 item.expired = True
-                item.future.set_exception(ModelTimeout(f"model {self.label} did not answer within the timeout"))
+                item.future.set_exception(
+                    ModelTimeout(f"model {self.label} did not answer within the timeout")
+                )
                 expired += 1
         opts = self._run_options
         started = self.running_since
@@ -155,7 +157,9 @@ class ModelWorker:
         for item in batch:
             item.finished = True
             if not item.future.done():  # expired while queued and skipped by the worker
-                item.future.set_exception(ModelTimeout(f"model {self.label} did not answer within the timeout"))
+                item.future.set_exception(
+                    ModelTimeout(f"model {self.label} did not answer within the timeout")
+                )
         out = self.outstanding
         while out and out[0].finished:
             out.popleft()
@@ -197,7 +201,7 @@ class ModelWorker:
             self._run_options = opts
             self.running_since = time.monotonic()
             return self.scorer.session.run([PROBA_OUTPUT], feeds, opts)[0]
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises bare RuntimeError subclasses
+        except Exception as exc:
             if opts.terminate:
                 return ModelTimeout(f"model {self.label} was stopped after exceeding the timeout")
             log.error("model %s failed on validated input: %s", self.label, exc)
@@ -209,8 +213,13 @@ class ModelWorker:
     def _run(self) -> None:
         if self.nice > 0:
             try:  # on Linux a thread has its own niceness, addressed by its thread id
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + self.nice)
-            except (OSError, AttributeError) as exc:  # no per-thread priority here: the lane runs at normal priority
+                os.setpriority(
+                    os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + self.nice
+                )
+            except (
+                OSError,
+                AttributeError,
+            ) as exc:  # no per-thread priority here: the lane runs at normal priority
                 log.warning("model %s: cannot lower the priority of its thread (%s)", self.label, exc)
         try:
             self._serve()
@@ -261,7 +270,9 @@ class LoadedModel:
         if nice <= 0:
             return self.worker
         if self.mirror is None:
-            self.mirror = ModelWorker(self.scorer, f"{self.worker.label} mirror", self.worker.max_batch_rows, nice=nice)
+            self.mirror = ModelWorker(
+                self.scorer, f"{self.worker.label} mirror", self.worker.max_batch_rows, nice=nice
+            )
         return self.mirror
 
     @property
@@ -285,12 +296,25 @@ class LoadedModel:
                 worker.stop()
 
     def describe(self) -> dict[str, Any]:
-        return {"version": self.version, "bytes": self.nbytes, "refs": self.refs,
-                "loaded_at": self.loaded_at, "idle_seconds": round(time.monotonic() - self.last_used, 3)}  # fmt: skip
+        return {
+            "version": self.version,
+            "bytes": self.nbytes,
+            "refs": self.refs,
+            "loaded_at": self.loaded_at,
+            "idle_seconds": round(time.monotonic() - self.last_used, 3),
+        }
 
 
-def build_model(name: str, version: int, onnx: bytes, schema: DatasetSchema, *, threads: int = 1,
-                max_batch_rows: int = 64, warmup_timeout: float = 10.0) -> LoadedModel:  # fmt: skip
+def build_model(
+    name: str,
+    version: int,
+    onnx: bytes,
+    schema: DatasetSchema,
+    *,
+    threads: int = 1,
+    max_batch_rows: int = 64,
+    warmup_timeout: float = 10.0,
+) -> LoadedModel:
     """Create the session (blocking; run it off the event loop), score one warm-up row, start
     its worker. A model that cannot answer the warm-up row within ``warmup_timeout`` seconds
     is refused (``ModelFailed``): it would only ever time out in service."""
@@ -302,10 +326,14 @@ def build_model(name: str, version: int, onnx: bytes, schema: DatasetSchema, *, 
     timer.start()
     try:
         scorer.session.run([PROBA_OUTPUT], scorer.feeds(warm), opts)
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises bare RuntimeError subclasses
+    except Exception as exc:
         if opts.terminate:
-            raise ModelFailed(f"{name} v{version} did not answer its warm-up row within {warmup_timeout:g} s") from None
-        raise ModelFailed(f"{name} v{version} failed on its warm-up row: {str(exc).splitlines()[0][:200]}") from None
+            raise ModelFailed(
+                f"{name} v{version} did not answer its warm-up row within {warmup_timeout:g} s"
+            ) from None
+        raise ModelFailed(
+            f"{name} v{version} failed on its warm-up row: {str(exc).splitlines()[0][:200]}"
+        ) from None
     finally:
         timer.cancel()
     nbytes = int(len(onnx) * MEMORY_FACTOR)

@@ -28,10 +28,17 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _responses(ok: str, ok_schema: dict[str, Any], *errors: int, ok_status: str = "200") -> dict[str, Any]:
-    why = {400: "Malformed request", 401: "No admin token", 403: "Wrong admin token", 404: "Unknown model or version",
-           409: "Conflicts with the current state", 413: "Body or batch too large",
-           422: "Values break the dataset schema", 503: "Overloaded or not ready (retry later)",
-           504: "The model did not answer in time"}  # fmt: skip
+    why = {
+        400: "Malformed request",
+        401: "No admin token",
+        403: "Wrong admin token",
+        404: "Unknown model or version",
+        409: "Conflicts with the current state",
+        413: "Body or batch too large",
+        422: "Values break the dataset schema",
+        503: "Overloaded or not ready (retry later)",
+        504: "The model did not answer in time",
+    }
     out = {ok_status: {"description": ok, **_json(ok_schema)}}
     for code in errors:
         out[str(code)] = {"description": why[code], **_json(_ref("Error"))}
@@ -44,10 +51,15 @@ def _pydantic(model: type) -> dict[str, Any]:
     return schema
 
 
-def openapi_document(dataset: DatasetSchema, model_name: str, *, max_rows: int, version: str) -> dict[str, Any]:
+def openapi_document(
+    dataset: DatasetSchema, model_name: str, *, max_rows: int, version: str
+) -> dict[str, Any]:
     numeric = {
-        f.name: {"type": "number", **({"minimum": f.min} if f.min is not None else {}),
-                 **({"maximum": f.max} if f.max is not None else {})}  # fmt: skip
+        f.name: {
+            "type": "number",
+            **({"minimum": f.min} if f.min is not None else {}),
+            **({"maximum": f.max} if f.max is not None else {}),
+        }
         for f in dataset.numeric
     }
     categorical = {f.name: {"type": "string", "enum": list(f.categories)} for f in dataset.categorical}
@@ -59,12 +71,22 @@ def openapi_document(dataset: DatasetSchema, model_name: str, *, max_rows: int, 
         "additionalProperties": False,
         "properties": {
             "features": _ref("Features"),
-            "request_id": ident | {"description": "Your id for this row (feedback joins on it); generated when absent."},
-            "entity_key": {"type": "string", "minLength": 1, "maxLength": MAX_STRING, "pattern": printable,
-                           "description": "User/card id: canary and A/B assignment is sticky per key."},  # fmt: skip
-            "ts": {"type": "string", "description": "Client event time (informational; the log records server time)."},
+            "request_id": ident
+            | {"description": "Your id for this row (feedback joins on it); generated when absent."},
+            "entity_key": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": MAX_STRING,
+                "pattern": printable,
+                "description": "User/card id: canary and A/B assignment is sticky per key.",
+            },
+            "ts": {
+                "type": "string",
+                "description": "Client event time (informational; the log records server time).",
+            },
         },
     }
+
     def tensor(name: str, datatype: str, item: dict[str, Any]) -> dict[str, Any]:
         return {
             "type": "object",
@@ -72,141 +94,349 @@ def openapi_document(dataset: DatasetSchema, model_name: str, *, max_rows: int, 
             "additionalProperties": False,
             "properties": {
                 "name": {"const": name},
-                "shape": {"type": "array", "prefixItems": [{"type": "integer", "minimum": 1, "maximum": max_rows},
-                                                           {"const": 1}],
-                          "minItems": 2, "maxItems": 2, "description": "[N, 1], the same N for every input"},
+                "shape": {
+                    "type": "array",
+                    "prefixItems": [{"type": "integer", "minimum": 1, "maximum": max_rows}, {"const": 1}],
+                    "minItems": 2,
+                    "maxItems": 2,
+                    "description": "[N, 1], the same N for every input",
+                },
                 "datatype": {"const": datatype},
                 "data": {"type": "array", "items": item, "minItems": 1, "maxItems": max_rows},
                 "parameters": {"type": "object"},
             },
-        }  # fmt: skip
+        }
 
     tensors = [tensor(n, NUMERIC_DATATYPE, numeric[n]) for n in dataset.numeric_names]
     tensors += [tensor(n, STRING_DATATYPE, categorical[n]) for n in dataset.categorical_names]
-    tensor_meta = {"type": "object", "properties": {"name": {"type": "string"}, "datatype": {"type": "string"},
-                                                    "shape": {"type": "array", "items": {"type": "integer"}}}}  # fmt: skip
+    tensor_meta = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "datatype": {"type": "string"},
+            "shape": {"type": "array", "items": {"type": "integer"}},
+        },
+    }
     schemas: dict[str, Any] = {
         "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
-        "Features": {"type": "object", "required": list(dataset.feature_names), "additionalProperties": False,
-                     "properties": numeric | categorical},  # fmt: skip
+        "Features": {
+            "type": "object",
+            "required": list(dataset.feature_names),
+            "additionalProperties": False,
+            "properties": numeric | categorical,
+        },
         "Record": record,
-        "PredictRequest": {"oneOf": [
-            _ref("Record"),
-            {"type": "object", "required": ["records"], "additionalProperties": False,
-             "properties": {"records": {"type": "array", "items": _ref("Record"), "minItems": 1, "maxItems": max_rows}}},
-        ]},  # fmt: skip
-        "Prediction": {"type": "object", "properties": {
-            "request_id": {"type": "string"}, "score": {"type": "number"}, "decision": {"type": "boolean"},
-            "variant": {"type": "string", "enum": ["stable", "candidate"]}, "model_name": {"type": "string"},
-            "model_version": {"type": "integer"}}},  # fmt: skip
-        "PredictResponse": {"type": "object", "properties": {
-            "predictions": {"type": "array", "items": _ref("Prediction")}, "mode": {"type": "string"}}},  # fmt: skip
-        "FeedbackItem": {"type": "object", "required": ["request_id", "label"], "additionalProperties": False,
-                         "properties": {"request_id": ident,
-                                        "label": {"type": "integer", "enum": list(dataset.label_values)}}},  # fmt: skip
-        "FeedbackRequest": {"oneOf": [
-            _ref("FeedbackItem"),
-            {"type": "object", "required": ["feedback"], "additionalProperties": False,
-             "properties": {"feedback": {"type": "array", "items": _ref("FeedbackItem"), "minItems": 1}}},
-        ]},  # fmt: skip
+        "PredictRequest": {
+            "oneOf": [
+                _ref("Record"),
+                {
+                    "type": "object",
+                    "required": ["records"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "records": {
+                            "type": "array",
+                            "items": _ref("Record"),
+                            "minItems": 1,
+                            "maxItems": max_rows,
+                        }
+                    },
+                },
+            ]
+        },
+        "Prediction": {
+            "type": "object",
+            "properties": {
+                "request_id": {"type": "string"},
+                "score": {"type": "number"},
+                "decision": {"type": "boolean"},
+                "variant": {"type": "string", "enum": ["stable", "candidate"]},
+                "model_name": {"type": "string"},
+                "model_version": {"type": "integer"},
+            },
+        },
+        "PredictResponse": {
+            "type": "object",
+            "properties": {
+                "predictions": {"type": "array", "items": _ref("Prediction")},
+                "mode": {"type": "string"},
+            },
+        },
+        "FeedbackItem": {
+            "type": "object",
+            "required": ["request_id", "label"],
+            "additionalProperties": False,
+            "properties": {
+                "request_id": ident,
+                "label": {"type": "integer", "enum": list(dataset.label_values)},
+            },
+        },
+        "FeedbackRequest": {
+            "oneOf": [
+                _ref("FeedbackItem"),
+                {
+                    "type": "object",
+                    "required": ["feedback"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "feedback": {"type": "array", "items": _ref("FeedbackItem"), "minItems": 1}
+                    },
+                },
+            ]
+        },
         "InferTensor": {"oneOf": tensors},
-        "InferRequest": {"type": "object", "required": ["inputs"], "additionalProperties": False, "properties": {
-            "id": ident,
-            "parameters": {"type": "object", "properties": {"entity_key": {"type": "string", "minLength": 1,
-                                                                           "maxLength": MAX_STRING, "pattern": printable}}},
-            "inputs": {"type": "array", "items": _ref("InferTensor"), "minItems": 1},
-            "outputs": {"type": "array", "items": {"type": "object", "required": ["name"],
-                                                   "properties": {"name": {"type": "string", "enum": [PROBA_OUTPUT]}}}},
-        }},  # fmt: skip
-        "InferResponse": {"type": "object", "properties": {
-            "model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {"type": "string"},
-            "parameters": {"type": "object"},
-            "outputs": {"type": "array", "items": {"type": "object", "properties": {
-                "name": {"type": "string"}, "datatype": {"type": "string"},
-                "shape": {"type": "array", "items": {"type": "integer"}}, "data": {"type": "array"}}}}}},  # fmt: skip
-        "ModelMetadata": {"type": "object", "properties": {
-            "name": {"type": "string"}, "versions": {"type": "array", "items": {"type": "string"}},
-            "platform": {"type": "string"}, "inputs": {"type": "array", "items": tensor_meta},
-            "outputs": {"type": "array", "items": tensor_meta}}},  # fmt: skip
+        "InferRequest": {
+            "type": "object",
+            "required": ["inputs"],
+            "additionalProperties": False,
+            "properties": {
+                "id": ident,
+                "parameters": {
+                    "type": "object",
+                    "properties": {
+                        "entity_key": {
+                            "type": "string",
+                            "minLength": 1,
+                            "maxLength": MAX_STRING,
+                            "pattern": printable,
+                        }
+                    },
+                },
+                "inputs": {"type": "array", "items": _ref("InferTensor"), "minItems": 1},
+                "outputs": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["name"],
+                        "properties": {"name": {"type": "string", "enum": [PROBA_OUTPUT]}},
+                    },
+                },
+            },
+        },
+        "InferResponse": {
+            "type": "object",
+            "properties": {
+                "model_name": {"type": "string"},
+                "model_version": {"type": "string"},
+                "id": {"type": "string"},
+                "parameters": {"type": "object"},
+                "outputs": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "name": {"type": "string"},
+                            "datatype": {"type": "string"},
+                            "shape": {"type": "array", "items": {"type": "integer"}},
+                            "data": {"type": "array"},
+                        },
+                    },
+                },
+            },
+        },
+        "ModelMetadata": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string"},
+                "versions": {"type": "array", "items": {"type": "string"}},
+                "platform": {"type": "string"},
+                "inputs": {"type": "array", "items": tensor_meta},
+                "outputs": {"type": "array", "items": tensor_meta},
+            },
+        },
         "Ready": {"type": "object", "properties": {"ready": {"type": "boolean"}, "name": {"type": "string"}}},
-        "ServingState": {"type": "object", "description": "The DesiredState fields plus slots, pool and bookkeeping."},
+        "ServingState": {
+            "type": "object",
+            "description": "The DesiredState fields plus slots, pool and bookkeeping.",
+        },
         "RoutesSpec": _pydantic(RoutesSpec),
         "DesiredState": _pydantic(DesiredState),
         "SlotRequest": _pydantic(SlotRequest),
         "PreloadRequest": _pydantic(PreloadRequest),
     }
-    name_param = {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "enum": [model_name]}}
-    version_param = {"name": "version", "in": "path", "required": True,
-                     "schema": {"type": "integer", "minimum": 1, "maximum": 999_999_999_999}}  # fmt: skip
-    force = {"name": FORCE_HEADER, "in": "header", "required": False,
-             "schema": {"type": "string", "enum": ["stable", "candidate"]},
-             "description": "Force a variant (honoured in canary, ab and blue_green; ignored in single and shadow)."}  # fmt: skip
-    key = {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 200},
-           "description": "Repeating a call with the same key returns the first answer without applying it again."}  # fmt: skip
+    name_param = {
+        "name": "name",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "enum": [model_name]},
+    }
+    version_param = {
+        "name": "version",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "integer", "minimum": 1, "maximum": 999_999_999_999},
+    }
+    force = {
+        "name": FORCE_HEADER,
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string", "enum": ["stable", "candidate"]},
+        "description": "Force a variant (honoured in canary, ab and blue_green; ignored in single and shadow).",
+    }
+    key = {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string", "maxLength": 200},
+        "description": "Repeating a call with the same key returns the first answer without applying it again.",
+    }
     admin = {"security": [{"bearer": []}], "tags": ["admin"]}
     admin_errors = (400, 401, 403, 404, 409, 422, 503)
     infer_errors = (400, 404, 413, 422, 503, 504)
     paths: dict[str, Any] = {
-        "/predict": {"post": {
-            "summary": "Score one record or many; each is routed (stable/candidate) and logged.",
-            "parameters": [force], "requestBody": {"required": True, **_json(_ref("PredictRequest"))},
-            "responses": _responses("Scores", _ref("PredictResponse"), 400, 413, 422, 503, 504)}},
-        "/feedback": {"post": {
-            "summary": "The outcome (label) of earlier requests, joined to their predictions by request_id.",
-            "requestBody": {"required": True, **_json(_ref("FeedbackRequest"))},
-            "responses": _responses("Accepted", {"type": "object"}, 400, 413, 422, 503, ok_status="202")}},
-        "/metrics": {"get": {"summary": "Prometheus metrics per variant.",
-                             "responses": {"200": {"description": "Prometheus text format",
-                                                   "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
-        "/v2": {"get": {"summary": "OIP server metadata", "responses": _responses("Server metadata", {"type": "object"})}},
-        "/v2/health/live": {"get": {"summary": "OIP liveness", "responses": _responses("Live", _ref("Ready"))}},
-        "/v2/health/ready": {"get": {"summary": "OIP readiness (a model is in the stable slot)",
-                                     "responses": _responses("Ready", _ref("Ready"), 503)}},
-        "/v2/models/{name}": {"get": {"parameters": [name_param], "summary": "OIP model metadata",
-                                      "responses": _responses("Metadata", _ref("ModelMetadata"), 404)}},
-        "/v2/models/{name}/ready": {"get": {"parameters": [name_param], "summary": "OIP model readiness",
-                                            "responses": _responses("Ready", _ref("Ready"), 404, 503)}},
-        "/v2/models/{name}/infer": {"post": {
-            "parameters": [name_param, force], "summary": "OIP inference, routed like /predict",
-            "requestBody": {"required": True, **_json(_ref("InferRequest"))},
-            "responses": _responses("Outputs", _ref("InferResponse"), *infer_errors)}},
-        "/v2/models/{name}/versions/{version}": {"get": {
-            "parameters": [name_param, version_param], "summary": "OIP model version metadata",
-            "responses": _responses("Metadata", _ref("ModelMetadata"), 400, 404)}},
-        "/v2/models/{name}/versions/{version}/ready": {"get": {
-            "parameters": [name_param, version_param], "summary": "OIP model version readiness (loaded)",
-            "responses": _responses("Ready", _ref("Ready"), 400, 404, 503)}},
-        "/v2/models/{name}/versions/{version}/infer": {"post": {
-            "parameters": [name_param, version_param], "summary": "OIP inference on one version (not routed)",
-            "requestBody": {"required": True, **_json(_ref("InferRequest"))},
-            "responses": _responses("Outputs", _ref("InferResponse"), *infer_errors)}},
-        "/admin/state": {
-            "get": {**admin, "summary": "Current routes, slots and pool",
-                    "responses": _responses("State", _ref("ServingState"), 401, 403)},
-            "put": {**admin, "summary": "Apply a complete desired state (idempotent)", "parameters": [key],
-                    "requestBody": {"required": True, **_json(_ref("DesiredState"))},
-                    "responses": _responses("Applied state", _ref("ServingState"), *admin_errors)},
+        "/predict": {
+            "post": {
+                "summary": "Score one record or many; each is routed (stable/candidate) and logged.",
+                "parameters": [force],
+                "requestBody": {"required": True, **_json(_ref("PredictRequest"))},
+                "responses": _responses("Scores", _ref("PredictResponse"), 400, 413, 422, 503, 504),
+            }
         },
-        "/admin/routes": {"post": {**admin, "summary": "Change the routes, slots unchanged", "parameters": [key],
-                                   "requestBody": {"required": True, **_json(_ref("RoutesSpec"))},
-                                   "responses": _responses("Applied state", _ref("ServingState"), *admin_errors)}},
-        "/admin/slots/{slot}": {"post": {
-            **admin, "summary": "Load a version (or an alias's version) into a slot, routes unchanged",
-            "parameters": [{"name": "slot", "in": "path", "required": True,
-                            "schema": {"type": "string", "enum": ["stable", "candidate"]}}, key],
-            "requestBody": {"required": True, **_json(_ref("SlotRequest"))},
-            "responses": _responses("Applied state", _ref("ServingState"), *admin_errors)}},
-        "/admin/flip": {"post": {**admin, "summary": "Blue-green: make the other slot active", "parameters": [key],
-                                 "responses": _responses("Applied state", _ref("ServingState"), *admin_errors)}},
-        "/admin/models": {"post": {**admin, "summary": "Load a version into the pool without a slot",
-                                   "requestBody": {"required": True, **_json(_ref("PreloadRequest"))},
-                                   "responses": _responses("State", _ref("ServingState"), *admin_errors)}},
+        "/feedback": {
+            "post": {
+                "summary": "The outcome (label) of earlier requests, joined to their predictions by request_id.",
+                "requestBody": {"required": True, **_json(_ref("FeedbackRequest"))},
+                "responses": _responses("Accepted", {"type": "object"}, 400, 413, 422, 503, ok_status="202"),
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics per variant.",
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        "/v2": {
+            "get": {
+                "summary": "OIP server metadata",
+                "responses": _responses("Server metadata", {"type": "object"}),
+            }
+        },
+        "/v2/health/live": {
+            "get": {"summary": "OIP liveness", "responses": _responses("Live", _ref("Ready"))}
+        },
+        "/v2/health/ready": {
+            "get": {
+                "summary": "OIP readiness (a model is in the stable slot)",
+                "responses": _responses("Ready", _ref("Ready"), 503),
+            }
+        },
+        "/v2/models/{name}": {
+            "get": {
+                "parameters": [name_param],
+                "summary": "OIP model metadata",
+                "responses": _responses("Metadata", _ref("ModelMetadata"), 404),
+            }
+        },
+        "/v2/models/{name}/ready": {
+            "get": {
+                "parameters": [name_param],
+                "summary": "OIP model readiness",
+                "responses": _responses("Ready", _ref("Ready"), 404, 503),
+            }
+        },
+        "/v2/models/{name}/infer": {
+            "post": {
+                "parameters": [name_param, force],
+                "summary": "OIP inference, routed like /predict",
+                "requestBody": {"required": True, **_json(_ref("InferRequest"))},
+                "responses": _responses("Outputs", _ref("InferResponse"), *infer_errors),
+            }
+        },
+        "/v2/models/{name}/versions/{version}": {
+            "get": {
+                "parameters": [name_param, version_param],
+                "summary": "OIP model version metadata",
+                "responses": _responses("Metadata", _ref("ModelMetadata"), 400, 404),
+            }
+        },
+        "/v2/models/{name}/versions/{version}/ready": {
+            "get": {
+                "parameters": [name_param, version_param],
+                "summary": "OIP model version readiness (loaded)",
+                "responses": _responses("Ready", _ref("Ready"), 400, 404, 503),
+            }
+        },
+        "/v2/models/{name}/versions/{version}/infer": {
+            "post": {
+                "parameters": [name_param, version_param],
+                "summary": "OIP inference on one version (not routed)",
+                "requestBody": {"required": True, **_json(_ref("InferRequest"))},
+                "responses": _responses("Outputs", _ref("InferResponse"), *infer_errors),
+            }
+        },
+        "/admin/state": {
+            "get": {
+                **admin,
+                "summary": "Current routes, slots and pool",
+                "responses": _responses("State", _ref("ServingState"), 401, 403),
+            },
+            "put": {
+                **admin,
+                "summary": "Apply a complete desired state (idempotent)",
+                "parameters": [key],
+                "requestBody": {"required": True, **_json(_ref("DesiredState"))},
+                "responses": _responses("Applied state", _ref("ServingState"), *admin_errors),
+            },
+        },
+        "/admin/routes": {
+            "post": {
+                **admin,
+                "summary": "Change the routes, slots unchanged",
+                "parameters": [key],
+                "requestBody": {"required": True, **_json(_ref("RoutesSpec"))},
+                "responses": _responses("Applied state", _ref("ServingState"), *admin_errors),
+            }
+        },
+        "/admin/slots/{slot}": {
+            "post": {
+                **admin,
+                "summary": "Load a version (or an alias's version) into a slot, routes unchanged",
+                "parameters": [
+                    {
+                        "name": "slot",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "enum": ["stable", "candidate"]},
+                    },
+                    key,
+                ],
+                "requestBody": {"required": True, **_json(_ref("SlotRequest"))},
+                "responses": _responses("Applied state", _ref("ServingState"), *admin_errors),
+            }
+        },
+        "/admin/flip": {
+            "post": {
+                **admin,
+                "summary": "Blue-green: make the other slot active",
+                "parameters": [key],
+                "responses": _responses("Applied state", _ref("ServingState"), *admin_errors),
+            }
+        },
+        "/admin/models": {
+            "post": {
+                **admin,
+                "summary": "Load a version into the pool without a slot",
+                "requestBody": {"required": True, **_json(_ref("PreloadRequest"))},
+                "responses": _responses("State", _ref("ServingState"), *admin_errors),
+            }
+        },
     }
     return {
         "openapi": "3.1.0",
-        "info": {"title": f"{model_name} online inference", "version": version,
-                 "description": "Traffic-routed scoring (stable/candidate), Open Inference Protocol v2, "
-                                "feedback and the admin API of the MLOps platform's serving layer."},  # fmt: skip
+        "info": {
+            "title": f"{model_name} online inference",
+            "version": version,
+            "description": "Traffic-routed scoring (stable/candidate), Open Inference Protocol v2, "
+            "feedback and the admin API of the MLOps platform's serving layer.",
+        },
         "paths": paths,
-        "components": {"schemas": schemas, "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
     }

@@ -82,8 +82,9 @@ class PredictionLogStore:
     def for_settings(cls, settings: Settings) -> PredictionLogStore:
         return cls(predictions_dir(settings), feedback_dir(settings), settings.dataset)
 
-    def _source(self, con: duckdb.DuckDBPyConnection, view: str, root: Path, schema: pa.Schema,
-                since: datetime | None) -> None:  # fmt: skip
+    def _source(
+        self, con: duckdb.DuckDBPyConnection, view: str, root: Path, schema: pa.Schema, since: datetime | None
+    ) -> None:
         if since is None:  # everything: the glob
             present, source = any(root.glob("date=*/*.parquet")), _sql_str(str(root / "date=*" / "*.parquet"))
         else:  # a window: only the files that can hold it
@@ -138,10 +139,14 @@ class PredictionLogStore:
             )
         except duckdb.Error as exc:
             con.close()
-            raise DataError(f"cannot read the prediction log under {self.predictions_root.parent}: {exc}") from exc
+            raise DataError(
+                f"cannot read the prediction log under {self.predictions_root.parent}: {exc}"
+            ) from exc
         return con
 
-    def query(self, sql: str, params: Sequence[Any] | None = None, since: datetime | None = None) -> pd.DataFrame:
+    def query(
+        self, sql: str, params: Sequence[Any] | None = None, since: datetime | None = None
+    ) -> pd.DataFrame:
         """Run one SQL query over the views (``since``: see ``connect``); the result as a pandas frame."""
         con = self.connect(since)
         try:
@@ -175,7 +180,9 @@ class PredictionLogStore:
             where += (" AND " if where else " WHERE ") + "model_name = ?"
             params.append(model_name)
         columns = ", ".join(f'"{f.name}"' for f in log_schema(self.dataset))
-        return self.query(f"SELECT {columns} FROM predictions{where} ORDER BY ts, request_id, role", params, since)
+        return self.query(
+            f"SELECT {columns} FROM predictions{where} ORDER BY ts, request_id, role", params, since
+        )
 
     def read_feedback(self, since: datetime | None = None, until: datetime | None = None) -> pd.DataFrame:
         """Feedback rows (``request_id``, ``label``, ``ts``) that arrived in the window."""

@@ -200,7 +200,7 @@ class PredictionLogWriter:
             self._wake.clear()
             try:
                 self.flush()
-            except Exception as exc:  # noqa: BLE001 - disk full, permissions...: keep serving, keep the rows
+            except Exception as exc:
                 self.last_error = str(exc)
                 log.exception("prediction log flush failed (rows kept in the buffer, retrying)")
                 self._stop.wait(min(self.flush_seconds, 5.0))
@@ -241,7 +241,9 @@ class PredictionLogWriter:
             {
                 "request_id": pa.array([i[0] for i in items], pa.string()),
                 "label": pa.array([i[1] for i in items], pa.int64()),
-                "ts": pa.array([int(i[2] * 1e6) for i in items], pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+                "ts": pa.array([int(i[2] * 1e6) for i in items], pa.int64()).cast(
+                    pa.timestamp("us", tz="UTC")
+                ),
             },
             schema=FEEDBACK_SCHEMA,
         )

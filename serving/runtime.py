@@ -23,11 +23,11 @@ The service exposes state and applies what it is told; it never decides a rollou
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
 import itertools
+import logging
 import os
 import secrets
+import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,13 +37,21 @@ from typing import Any
 
 import numpy as np
 
+from mlops.errors import ModelError
 from mlops.onnx_model import PROBA_OUTPUT
 from mlops.predlog import PRIMARY, SHADOW
 from mlops.request_validation import InvalidRequest, Record, RequestValidator, V2Request
 from mlops.routing import CANDIDATE, STABLE, InvalidRouteTable, Mode, RouteTable, route
 from mlops.settings import Settings
-from mlops.errors import ModelError
-from serving.errors import Conflict, ModelFailed, NotReady, Overloaded, ServingError, UnknownModel, UnusableModel
+from serving.errors import (
+    Conflict,
+    ModelFailed,
+    NotReady,
+    Overloaded,
+    ServingError,
+    UnknownModel,
+    UnusableModel,
+)
 from serving.metrics import ServingMetrics
 from serving.models import LoadedModel, ModelPool, build_model
 from serving.predlog_store import feedback_dir, predictions_dir
@@ -97,8 +105,11 @@ class ServingState:
     def desired(self) -> DesiredState | None:
         if self.stable is None:
             return None
-        return DesiredState(**RoutesSpec.of(self.table).model_dump(), stable_version=self.stable.version,
-                            candidate_version=self.candidate.version if self.candidate else None)  # fmt: skip
+        return DesiredState(
+            **RoutesSpec.of(self.table).model_dump(),
+            stable_version=self.stable.version,
+            candidate_version=self.candidate.version if self.candidate else None,
+        )
 
 
 class _Group:
@@ -128,15 +139,20 @@ class ServingRuntime:
         self.threshold = cfg.decision_threshold or settings.training.decision_threshold
         self.timeout = cfg.request_timeout_seconds
         self.feature_names = settings.dataset.feature_names
-        self.validator = RequestValidator(settings.dataset, enforce_ranges=cfg.enforce_feature_ranges,
-                                          max_rows=cfg.max_batch_rows)  # fmt: skip
+        self.validator = RequestValidator(
+            settings.dataset, enforce_ranges=cfg.enforce_feature_ranges, max_rows=cfg.max_batch_rows
+        )
         self.metrics = ServingMetrics()
         self.pool = ModelPool(self._build, int(cfg.model_memory_budget_mb * 2**20))
         self.writer = PredictionLogWriter(
-            predictions_dir(settings), feedback_dir(settings), settings.dataset,
-            flush_seconds=cfg.log_flush_seconds, flush_rows=cfg.log_flush_rows,
-            max_buffer_rows=cfg.log_max_buffer_rows, on_flush=lambda n, _f: self.metrics.log_rows.inc(n),
-        )  # fmt: skip
+            predictions_dir(settings),
+            feedback_dir(settings),
+            settings.dataset,
+            flush_seconds=cfg.log_flush_seconds,
+            flush_rows=cfg.log_flush_rows,
+            max_buffer_rows=cfg.log_max_buffer_rows,
+            on_flush=lambda n, _f: self.metrics.log_rows.inc(n),
+        )
         self.state = ServingState(RouteTable(), None, None)
         self.state_file = state_path(settings)
         self.inflight = 0
@@ -155,9 +171,15 @@ class ServingRuntime:
             raise UnusableModel(f"version {version} of '{self.model_name}' cannot be served: {exc}") from None
 
     def _build_bytes(self, version: int, onnx: bytes) -> LoadedModel:
-        return build_model(self.model_name, version, onnx, self.settings.dataset, threads=self.cfg.ort_threads,
-                           max_batch_rows=self.cfg.micro_batch_rows,
-                           warmup_timeout=max(10.0, self.timeout))  # fmt: skip
+        return build_model(
+            self.model_name,
+            version,
+            onnx,
+            self.settings.dataset,
+            threads=self.cfg.ort_threads,
+            max_batch_rows=self.cfg.micro_batch_rows,
+            warmup_timeout=max(10.0, self.timeout),
+        )
 
     def _initial(self) -> tuple[DesiredState | None, int, str]:
         if self.cfg.restore_state:
@@ -169,14 +191,20 @@ class ServingRuntime:
             return None, 0, f"'{self.model_name}@{self.cfg.stable_alias}' is not set"
         candidate = self.source.resolve(self.cfg.candidate_alias) if self.cfg.candidate_alias else None
         desired = DesiredState(stable_version=stable, candidate_version=candidate)
-        return desired, 0, f"from aliases {self.cfg.stable_alias}" + (
-            f" and {self.cfg.candidate_alias}" if self.cfg.candidate_alias else "")
+        return (
+            desired,
+            0,
+            f"from aliases {self.cfg.stable_alias}"
+            + (f" and {self.cfg.candidate_alias}" if self.cfg.candidate_alias else ""),
+        )
 
     def bootstrap(self) -> str:
         """Load the starting slots (blocking: called once, before serving). Returns what was loaded."""
         desired, generation, origin = self._initial()
         if desired is None:
-            log.warning("no model to serve yet (%s): not ready until a version is loaded via the admin API", origin)
+            log.warning(
+                "no model to serve yet (%s): not ready until a version is loaded via the admin API", origin
+            )
             return f"nothing loaded: {origin}"
         try:
             self._apply_sync(desired, generation)
@@ -236,12 +264,39 @@ class ServingRuntime:
 
     # ------------------------------------------------------------------ scoring
 
-    def _log(self, rid: str, entity: str | None, variant: str, role: str, mode: str, model: LoadedModel,
-             score: float | None, latency_ms: float, status: int, error: str | None,
-             features: Mapping[str, Any]) -> None:  # fmt: skip
+    def _log(
+        self,
+        rid: str,
+        entity: str | None,
+        variant: str,
+        role: str,
+        mode: str,
+        model: LoadedModel,
+        score: float | None,
+        latency_ms: float,
+        status: int,
+        error: str | None,
+        features: Mapping[str, Any],
+    ) -> None:
         decision = None if score is None else score >= self.threshold
-        self.writer.log(LogRow(rid, time.time(), entity, variant, role, mode, model.name, model.version, score,
-                               decision, latency_ms, status, error, features))  # fmt: skip
+        self.writer.log(
+            LogRow(
+                rid,
+                time.time(),
+                entity,
+                variant,
+                role,
+                mode,
+                model.name,
+                model.version,
+                score,
+                decision,
+                latency_ms,
+                status,
+                error,
+                features,
+            )
+        )
 
     @staticmethod
     def _columns(features: Sequence[Mapping[str, Any]], names: Sequence[str]) -> dict[str, list]:
@@ -257,7 +312,9 @@ class ServingRuntime:
             group.error = exc
             return
         if not np.isfinite(probs).all():
-            group.error = ModelFailed(f"model {group.model.name} v{group.model.version} returned non-finite scores")
+            group.error = ModelFailed(
+                f"model {group.model.name} v{group.model.version} returned non-finite scores"
+            )
             log.error("%s", group.error)
             return
         group.probs = probs
@@ -317,16 +374,38 @@ class ServingRuntime:
                 failure = failure or group.error
                 self.metrics.failed(variant, PRIMARY, group.error.status, len(group.index))
                 for i in group.index:
-                    self._log(request_ids[i], entity_keys[i], variant, PRIMARY, mode, model, None, latency_ms,
-                              group.error.status, str(group.error), features[i])  # fmt: skip
+                    self._log(
+                        request_ids[i],
+                        entity_keys[i],
+                        variant,
+                        PRIMARY,
+                        mode,
+                        model,
+                        None,
+                        latency_ms,
+                        group.error.status,
+                        str(group.error),
+                        features[i],
+                    )
                 continue
             probs = group.probs
             self.metrics.answered(variant, PRIMARY, elapsed, len(group.index))
             for j, i in enumerate(group.index):
                 s = float(probs[j, 1])
                 out[i] = (variant, model, probs[j])
-                self._log(request_ids[i], entity_keys[i], variant, PRIMARY, mode, model, s, latency_ms, 200, None,
-                          features[i])  # fmt: skip
+                self._log(
+                    request_ids[i],
+                    entity_keys[i],
+                    variant,
+                    PRIMARY,
+                    mode,
+                    model,
+                    s,
+                    latency_ms,
+                    200,
+                    None,
+                    features[i],
+                )
         if failure is not None:
             raise failure
         mirrored = [i for i, d in enumerate(decisions) if d.mirror]
@@ -336,8 +415,15 @@ class ServingRuntime:
 
     # ------------------------------------------------------------------ shadow
 
-    def _mirror(self, model: LoadedModel, index: list[int], features: Sequence[Mapping[str, Any]],
-                request_ids: Sequence[str], entity_keys: Sequence[str | None], mode: str) -> None:  # fmt: skip
+    def _mirror(
+        self,
+        model: LoadedModel,
+        index: list[int],
+        features: Sequence[Mapping[str, Any]],
+        request_ids: Sequence[str],
+        entity_keys: Sequence[str | None],
+        mode: str,
+    ) -> None:
         k = len(index)
         if self.shadow_pending + k > self.cfg.shadow_max_pending:
             self.metrics.shadow_skipped.inc(k)
@@ -350,8 +436,14 @@ class ServingRuntime:
         keys = ([request_ids[i] for i in index], [entity_keys[i] for i in index], rows)
         future.add_done_callback(partial(self._shadow_done, model, keys, mode, time.perf_counter()))
 
-    def _shadow_done(self, model: LoadedModel, keys: tuple[list, list, list], mode: str, started: float,
-                     future: asyncio.Future) -> None:  # fmt: skip
+    def _shadow_done(
+        self,
+        model: LoadedModel,
+        keys: tuple[list, list, list],
+        mode: str,
+        started: float,
+        future: asyncio.Future,
+    ) -> None:
         model.release()
         rids, entities, rows = keys
         self.shadow_pending -= len(rids)
@@ -368,20 +460,29 @@ class ServingRuntime:
             return
         self.metrics.answered(CANDIDATE, SHADOW, elapsed, len(rids))
         for j, (rid, ent, f) in enumerate(zip(rids, entities, rows, strict=True)):
-            self._log(rid, ent, CANDIDATE, SHADOW, mode, model, float(probs[j, 1]), elapsed * 1e3, 200, None, f)
+            self._log(
+                rid, ent, CANDIDATE, SHADOW, mode, model, float(probs[j, 1]), elapsed * 1e3, 200, None, f
+            )
 
     # ------------------------------------------------------------------ endpoints
 
     async def predict(self, records: list[Record], forced: str | None, started: float) -> dict[str, Any]:
         """``/predict``: each record routed on its own; score, decision and where it went."""
         rids = [r.request_id or new_request_id() for r in records]
-        answers, mode = await self.score([r.features for r in records], rids, [r.entity_key for r in records],
-                                         forced, started)  # fmt: skip
+        answers, mode = await self.score(
+            [r.features for r in records], rids, [r.entity_key for r in records], forced, started
+        )
         thr = self.threshold
         return {
             "predictions": [
-                {"request_id": rid, "score": (s := float(p[1])), "decision": s >= thr, "variant": variant,
-                 "model_name": model.name, "model_version": model.version}  # fmt: skip
+                {
+                    "request_id": rid,
+                    "score": (s := float(p[1])),
+                    "decision": s >= thr,
+                    "variant": variant,
+                    "model_name": model.name,
+                    "model_version": model.version,
+                }
                 for rid, (variant, model, p) in zip(rids, answers, strict=True)
             ],
             "mode": mode,
@@ -394,13 +495,20 @@ class ServingRuntime:
         rids = [base] if req.rows == 1 else [f"{base}:{j}" for j in range(req.rows)]
         return rows, rids
 
-    def _v2_response(self, req: V2Request, model: LoadedModel, probs: np.ndarray, variant: str | None,
-                     rids: list[str]) -> dict[str, Any]:  # fmt: skip
+    def _v2_response(
+        self, req: V2Request, model: LoadedModel, probs: np.ndarray, variant: str | None, rids: list[str]
+    ) -> dict[str, Any]:
         out = {
             "model_name": model.name,
             "model_version": str(model.version),
-            "outputs": [{"name": PROBA_OUTPUT, "datatype": "FP32", "shape": [req.rows, 2],
-                         "data": probs.ravel().tolist()}],  # fmt: skip
+            "outputs": [
+                {
+                    "name": PROBA_OUTPUT,
+                    "datatype": "FP32",
+                    "shape": [req.rows, 2],
+                    "data": probs.ravel().tolist(),
+                }
+            ],
             "parameters": {"request_ids": rids, **({"variant": variant} if variant else {})},
         }
         if req.id is not None:
@@ -410,7 +518,9 @@ class ServingRuntime:
     async def infer(self, req: V2Request, forced: str | None, started: float) -> dict[str, Any]:
         """OIP v2 infer on the model name: routed like ``/predict`` (the tensor is one request)."""
         rows, rids = self._v2_rows(req)
-        answers, _mode = await self.score(rows, rids, [req.entity_key] * req.rows, forced, started, split=False)
+        answers, _mode = await self.score(
+            rows, rids, [req.entity_key] * req.rows, forced, started, split=False
+        )
         variant, model, _ = answers[0]
         probs = np.stack([a[2] for a in answers])
         return self._v2_response(req, model, probs, variant, rids)
@@ -427,15 +537,18 @@ class ServingRuntime:
         """OIP v2 infer on one version, not routed. Logged when that version is in a slot."""
         model = await self.model_for(version, load=True)
         if model is None:
-            raise UnknownModel(f"version {version} of '{self.model_name}' is not loaded (loading on demand is off)")
+            raise UnknownModel(
+                f"version {version} of '{self.model_name}' is not loaded (loading on demand is off)"
+            )
         state = self.state
         variant = STABLE if state.stable is model else CANDIDATE if state.candidate is model else None
         rows, rids = self._v2_rows(req)
         model.acquire()
         try:
             group = _Group(variant or STABLE, model, list(range(req.rows)))
-            group.future = model.worker.submit(self._columns(rows, self.feature_names), req.rows,
-                                               time.monotonic() + self.timeout)  # fmt: skip
+            group.future = model.worker.submit(
+                self._columns(rows, self.feature_names), req.rows, time.monotonic() + self.timeout
+            )
             await self._await_group(group)
         finally:
             model.release()
@@ -445,8 +558,19 @@ class ServingRuntime:
             status = 200 if group.error is None else group.error.status
             for j, rid in enumerate(rids):
                 score = None if group.probs is None else float(group.probs[j, 1])
-                self._log(rid, None, variant, PRIMARY, mode, model, score, elapsed * 1e3, status,
-                          None if group.error is None else str(group.error), rows[j])  # fmt: skip
+                self._log(
+                    rid,
+                    None,
+                    variant,
+                    PRIMARY,
+                    mode,
+                    model,
+                    score,
+                    elapsed * 1e3,
+                    status,
+                    None if group.error is None else str(group.error),
+                    rows[j],
+                )
             if group.error is None:
                 self.metrics.answered(variant, PRIMARY, elapsed, req.rows)
             else:
@@ -466,7 +590,9 @@ class ServingRuntime:
     def admit(self) -> None:
         """Count a scoring request in, or shed it at once when at capacity."""
         if self.inflight >= self.cfg.max_inflight_requests:
-            raise Overloaded(f"overloaded: {self.inflight} requests in flight (limit {self.cfg.max_inflight_requests}); retry later")
+            raise Overloaded(
+                f"overloaded: {self.inflight} requests in flight (limit {self.cfg.max_inflight_requests}); retry later"
+            )
         self.inflight += 1
 
     def done(self) -> None:
@@ -510,17 +636,23 @@ class ServingRuntime:
             self.state = ServingState(table, stable, candidate, current.generation + 1, time.time(), key)
             self.pool.pin(self.state.versions())
             self._export_state()
-            await asyncio.to_thread(save_state, self.state_file, self.model_name, desired, self.state.generation, key)
+            await asyncio.to_thread(
+                save_state, self.state_file, self.model_name, desired, self.state.generation, key
+            )
             log.info("serving state %d applied: %s", self.state.generation, self.describe_routes())
             return self.describe(changed=True)
 
     def _current(self, what: str) -> DesiredState:
         desired = self.state.desired()
         if desired is None:
-            raise Conflict(f"nothing is loaded in the stable slot yet; {what} needs a full state (PUT /admin/state)")
+            raise Conflict(
+                f"nothing is loaded in the stable slot yet; {what} needs a full state (PUT /admin/state)"
+            )
         return desired
 
-    async def set_slot(self, slot: str, version: int | None, alias: str | None, key: str | None) -> dict[str, Any]:
+    async def set_slot(
+        self, slot: str, version: int | None, alias: str | None, key: str | None
+    ) -> dict[str, Any]:
         """Load ``version`` (or the version ``alias`` points at) into ``slot``, routes unchanged;
         no version and no alias empties the candidate slot."""
         if version is not None and alias is not None:
@@ -533,16 +665,25 @@ class ServingRuntime:
             if version is None:
                 raise Conflict("the stable slot cannot be emptied")
             base = self.state.desired()
-            desired = (base.model_copy(update={"stable_version": version}) if base is not None
-                       else DesiredState(stable_version=version))  # fmt: skip
+            desired = (
+                base.model_copy(update={"stable_version": version})
+                if base is not None
+                else DesiredState(stable_version=version)
+            )
         else:
             desired = self._current("loading the candidate").model_copy(update={"candidate_version": version})
         return await self.apply(DesiredState.model_validate(desired.model_dump()), key)
 
     async def set_routes(self, routes: RoutesSpec, key: str | None) -> dict[str, Any]:
         base = self._current("changing routes")
-        return await self.apply(DesiredState(**routes.model_dump(), stable_version=base.stable_version,
-                                             candidate_version=base.candidate_version), key)  # fmt: skip
+        return await self.apply(
+            DesiredState(
+                **routes.model_dump(),
+                stable_version=base.stable_version,
+                candidate_version=base.candidate_version,
+            ),
+            key,
+        )
 
     async def flip(self, key: str | None) -> dict[str, Any]:
         base = self._current("a flip")
@@ -560,19 +701,31 @@ class ServingRuntime:
 
     def describe_routes(self) -> str:
         s = self.state
-        slots = ", ".join(f"{name}=v{m.version}" if m else f"{name}=-" for name, m in (("stable", s.stable), ("candidate", s.candidate)))
+        slots = ", ".join(
+            f"{name}=v{m.version}" if m else f"{name}=-"
+            for name, m in (("stable", s.stable), ("candidate", s.candidate))
+        )
         t = s.table
-        detail = {Mode.CANARY: f" {t.weight_pct:g}%", Mode.AB: f" {t.weight_pct:g}%", Mode.SHADOW: f" {t.mirror_pct:g}% mirrored",
-                  Mode.BLUE_GREEN: f" active={t.active_slot}"}.get(t.mode, "")  # fmt: skip
+        detail = {
+            Mode.CANARY: f" {t.weight_pct:g}%",
+            Mode.AB: f" {t.weight_pct:g}%",
+            Mode.SHADOW: f" {t.mirror_pct:g}% mirrored",
+            Mode.BLUE_GREEN: f" active={t.active_slot}",
+        }.get(t.mode, "")
         return f"{t.mode.value}{detail} ({slots})"
 
     def describe(self, *, changed: bool | None = None) -> dict[str, Any]:
         """The applied state: the ``DesiredState`` fields plus slots, pool and bookkeeping."""
         s = self.state
         routes = RoutesSpec.of(s.table).model_dump()
-        slot = {name: (None if m is None else {"version": m.version,
-                                               "loaded_at": datetime.fromtimestamp(m.loaded_at, UTC).isoformat()})
-                for name, m in (("stable", s.stable), ("candidate", s.candidate))}  # fmt: skip
+        slot = {
+            name: (
+                None
+                if m is None
+                else {"version": m.version, "loaded_at": datetime.fromtimestamp(m.loaded_at, UTC).isoformat()}
+            )
+            for name, m in (("stable", s.stable), ("candidate", s.candidate))
+        }
         out: dict[str, Any] = {
             "model_name": self.model_name,
             **routes,
@@ -583,8 +736,12 @@ class ServingRuntime:
             "applied_key": s.applied_key,
             "ready": self.ready,
             "slots": slot,
-            "pool": {"budget_bytes": self.pool.budget_bytes, "used_bytes": self.pool.used_bytes,
-                     "evictions": self.pool.evictions, "models": [m.describe() for m in self.pool.models]},  # fmt: skip
+            "pool": {
+                "budget_bytes": self.pool.budget_bytes,
+                "used_bytes": self.pool.used_bytes,
+                "evictions": self.pool.evictions,
+                "models": [m.describe() for m in self.pool.models],
+            },
         }
         if changed is not None:
             out["changed"] = changed
@@ -596,8 +753,12 @@ class ServingRuntime:
         m.slot_version.labels(STABLE).set(s.stable.version if s.stable else 0)
         m.slot_version.labels(CANDIDATE).set(s.candidate.version if s.candidate else 0)
         t = s.table
-        pct = {Mode.CANARY: t.weight_pct, Mode.AB: t.weight_pct, Mode.SHADOW: t.mirror_pct,
-               Mode.BLUE_GREEN: 100.0 if t.active_slot == CANDIDATE else 0.0}.get(t.mode, 0.0)  # fmt: skip
+        pct = {
+            Mode.CANARY: t.weight_pct,
+            Mode.AB: t.weight_pct,
+            Mode.SHADOW: t.mirror_pct,
+            Mode.BLUE_GREEN: 100.0 if t.active_slot == CANDIDATE else 0.0,
+        }.get(t.mode, 0.0)
         m.candidate_pct.set(pct)
         self._export_pool()
 

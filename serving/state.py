@@ -37,13 +37,23 @@ class RoutesSpec(StrictModel):
     active_slot: Literal["stable", "candidate"] = "stable"
 
     def table(self) -> RouteTable:
-        return RouteTable(mode=Mode(self.mode), weight_pct=self.weight_pct, mirror_pct=self.mirror_pct,
-                          salt=self.salt, active_slot=self.active_slot)  # fmt: skip
+        return RouteTable(
+            mode=Mode(self.mode),
+            weight_pct=self.weight_pct,
+            mirror_pct=self.mirror_pct,
+            salt=self.salt,
+            active_slot=self.active_slot,
+        )
 
     @classmethod
     def of(cls, table: RouteTable) -> RoutesSpec:
-        return cls(mode=table.mode.value, weight_pct=float(table.weight_pct), mirror_pct=float(table.mirror_pct),
-                   salt=table.salt, active_slot=table.active_slot)  # fmt: skip
+        return cls(
+            mode=table.mode.value,
+            weight_pct=float(table.weight_pct),
+            mirror_pct=float(table.mirror_pct),
+            salt=table.salt,
+            active_slot=table.active_slot,
+        )
 
 
 class DesiredState(RoutesSpec):
@@ -71,11 +81,17 @@ def state_path(settings: Settings) -> Path:
     return settings.run_dir / STATE_FILE
 
 
-def save_state(path: Path, model_name: str, desired: DesiredState, generation: int, applied_key: str | None) -> None:
+def save_state(
+    path: Path, model_name: str, desired: DesiredState, generation: int, applied_key: str | None
+) -> None:
     """Persist the applied state atomically (temporary file, fsync, rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"model_name": model_name, "generation": generation, "applied_key": applied_key,
-            "state": desired.model_dump(mode="json")}  # fmt: skip
+    data = {
+        "model_name": model_name,
+        "generation": generation,
+        "applied_key": applied_key,
+        "state": desired.model_dump(mode="json"),
+    }
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as fh:
         json.dump(data, fh, indent=1)
@@ -91,10 +107,14 @@ def load_state(path: Path, model_name: str) -> tuple[DesiredState, int] | None:
     except FileNotFoundError:
         return None
     except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: unreadable serving state ({exc}); delete it to start from the registry aliases") from exc
+        raise ConfigError(
+            f"{path}: unreadable serving state ({exc}); delete it to start from the registry aliases"
+        ) from exc
     if data.get("model_name") != model_name:
         return None
     try:
         return DesiredState.model_validate_json(json.dumps(data.get("state"))), int(data.get("generation", 0))
     except (ValidationError, TypeError, ValueError) as exc:
-        raise ConfigError(f"{path}: invalid serving state ({exc}); delete it to start from the registry aliases") from exc
+        raise ConfigError(
+            f"{path}: invalid serving state ({exc}); delete it to start from the registry aliases"
+        ) from exc

@@ -15,6 +15,8 @@ def load_dataset(path: str) -> pd.DataFrame:
 
 
 @task(name="validate-dataset")
-def validate_dataset(frame: pd.DataFrame, schema: DatasetSchema, require_label: bool, source: str) -> validation.ValidationSummary:
+def validate_dataset(
+    frame: pd.DataFrame, schema: DatasetSchema, require_label: bool, source: str
+) -> validation.ValidationSummary:
     """Great Expectations suite of the schema; raises ``ValidationFailed`` listing each failure."""
     return validation.validate_or_raise(frame, schema, require_label=require_label, source=source)

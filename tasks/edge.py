@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,7 +23,6 @@ from mlops.registry_model import VersionInfo
 from mlops.settings import Settings
 from registry.edge_tracking import log_edge_run
 from registry.mlflow_registry import ModelRegistry
-
 
 paths = edge_paths
 
@@ -50,14 +48,23 @@ def load_teacher_data(settings: Settings, info: VersionInfo, budget: EdgeBudget)
     if path and Path(path).exists():
         return read_frame(path), path
     if settings.dataset.name != fraud_schema().name:
-        raise DataError(f"'{info.name}' v{info.version}: its training data {path or '(no lineage.data_path)'} is gone")
+        raise DataError(
+            f"'{info.name}' v{info.version}: its training data {path or '(no lineage.data_path)'} is gone"
+        )
     rows = budget.fallback_rows
-    return generate(rows, seed=budget.seed), f"generated ({rows:,} rows, seed {budget.seed}; {path or 'no lineage path'} not found)"
+    return generate(
+        rows, seed=budget.seed
+    ), f"generated ({rows:,} rows, seed {budget.seed}; {path or 'no lineage path'} not found)"
 
 
 @task(name="write-edge-export")
 def write_export(
-    settings: Settings, model: str, version: int, budget: str, files: Mapping[str, bytes], report: Mapping[str, Any]
+    settings: Settings,
+    model: str,
+    version: int,
+    budget: str,
+    files: Mapping[str, bytes],
+    report: Mapping[str, Any],
 ) -> str:
     return str(VariantStore(paths(settings).variants).write_export(model, version, budget, files, report))
 
@@ -78,9 +85,17 @@ def frame_bytes(frame: pd.DataFrame) -> bytes:
 
 @task(name="publish-release")
 def publish(
-    settings: Settings, *, model_name: str, variant: str, model: bytes, rows: pd.DataFrame,
-    device_classes: Sequence[str], min_runtime_version: str, source_version: int | None, restores: int | None = None,
-) -> ModelManifest:  # fmt: skip
+    settings: Settings,
+    *,
+    model_name: str,
+    variant: str,
+    model: bytes,
+    rows: pd.DataFrame,
+    device_classes: Sequence[str],
+    min_runtime_version: str,
+    source_version: int | None,
+    restores: int | None = None,
+) -> ModelManifest:
     """Sign a new release (next version, cohort 0%) and add it to the repository."""
     keys = key_store(settings)
     keys.init()
@@ -89,10 +104,20 @@ def publish(
     good = repo.state(model_name).get("last_good")
     baseline = (int(good), load_release(settings, model_name, int(good)).reference) if good else None
     signed = release.release_document(
-        model_name=model_name, version=version, variant=variant, model=model, source_version=source_version,
-        device_classes=tuple(device_classes), min_runtime_version=min_runtime_version, rows=rows, schema=settings.dataset,
-        edge=settings.edge, now=datetime.now(UTC), restores=restores, baseline=baseline,
-    )  # fmt: skip
+        model_name=model_name,
+        version=version,
+        variant=variant,
+        model=model,
+        source_version=source_version,
+        device_classes=tuple(device_classes),
+        min_runtime_version=min_runtime_version,
+        rows=rows,
+        schema=settings.dataset,
+        edge=settings.edge,
+        now=datetime.now(UTC),
+        restores=restores,
+        baseline=baseline,
+    )
     repo.add(model_name, version, model, keys.sign(signed))
     out = repo.folder / model_name / "releases" / str(version)
     (out / "sample.parquet").write_bytes(frame_bytes(rows))
@@ -125,10 +150,15 @@ def publish_drill(settings: Settings, model_name: str, drill: str) -> ModelManif
     bad = graph.with_output_transform(repo.model_bytes(model_name, base), how)
     base_release = load_release(settings, model_name, base)
     return publish.fn(
-        settings, model_name=model_name, variant=f"{base_release.variant}+drill-{drill}", model=bad,
-        rows=release_sample(settings, model_name, base), device_classes=base_release.device_classes,
-        min_runtime_version=base_release.min_runtime_version, source_version=base_release.source_version,
-    )  # fmt: skip
+        settings,
+        model_name=model_name,
+        variant=f"{base_release.variant}+drill-{drill}",
+        model=bad,
+        rows=release_sample(settings, model_name, base),
+        device_classes=base_release.device_classes,
+        min_runtime_version=base_release.min_runtime_version,
+        source_version=base_release.source_version,
+    )
 
 
 # --------------------------------------------------------------------------- rollout
@@ -145,9 +175,15 @@ def serve_cohort(settings: Settings, model_name: str, version: int, percent: flo
 
 @task(name="run-stage", cache_policy=NO_CACHE)
 def run_stage(
-    settings: Settings, fleet: Fleet, fleet_name: str, rollout_id: str, model_name: str, version: int, percent: float,
+    settings: Settings,
+    fleet: Fleet,
+    fleet_name: str,
+    rollout_id: str,
+    model_name: str,
+    version: int,
+    percent: float,
     device_ids: Sequence[str],
-) -> list[dict[str, Any]]:  # fmt: skip
+) -> list[dict[str, Any]]:
     """Serve the release to a ``percent`` cohort, let every device poll, store telemetry; the rollout's events so far."""
     serve_cohort.fn(settings, model_name, version, percent)
     poll_devices.fn(settings, fleet, fleet_name, rollout_id, device_ids)
@@ -155,11 +191,19 @@ def run_stage(
 
 
 def fleet_for(settings: Settings, name: str, traffic: pd.DataFrame) -> Fleet:
-    return Fleet(paths(settings).fleets / name, settings.dataset, traffic, settings.edge.traffic_rows, settings.edge.fleet_fsync)
+    return Fleet(
+        paths(settings).fleets / name,
+        settings.dataset,
+        traffic,
+        settings.edge.traffic_rows,
+        settings.edge.fleet_fsync,
+    )
 
 
 @task(name="provision-fleet", cache_policy=NO_CACHE)
-def provision_fleet(settings: Settings, fleet: Fleet, count: int, model_name: str, device_class: str) -> list[str]:
+def provision_fleet(
+    settings: Settings, fleet: Fleet, count: int, model_name: str, device_class: str
+) -> list[str]:
     """Grow the fleet to ``count`` devices; new ones carry the last good release and the current root."""
     import onnxruntime
 
@@ -168,20 +212,34 @@ def provision_fleet(settings: Settings, fleet: Fleet, count: int, model_name: st
     good = repo.state(model_name).get("last_good")
     factory = repo.model_bytes(model_name, int(good)) if good else None
     root = keys.root_bytes(keys.root_versions()[-1])
-    return fleet.provision(count, model_name, device_class, onnxruntime.__version__, root, factory, int(good or 0))
+    return fleet.provision(
+        count, model_name, device_class, onnxruntime.__version__, root, factory, int(good or 0)
+    )
 
 
 @task(name="poll-devices", cache_policy=NO_CACHE)
-def poll_devices(settings: Settings, fleet: Fleet, fleet_name: str, rollout_id: str, device_ids: Sequence[str] | None = None) -> int:
+def poll_devices(
+    settings: Settings,
+    fleet: Fleet,
+    fleet_name: str,
+    rollout_id: str,
+    device_ids: Sequence[str] | None = None,
+) -> int:
     """One update cycle on the devices; their telemetry appended to the telemetry store."""
     server = RepositoryServer(ReleaseRepository(paths(settings).repo), key_store(settings))
     events = fleet.poll(server, datetime.now(UTC), device_ids)
-    TelemetryStore(paths(settings).telemetry).append([e | {"fleet": fleet_name, "rollout_id": rollout_id} for e in events])
+    TelemetryStore(paths(settings).telemetry).append(
+        [e | {"fleet": fleet_name, "rollout_id": rollout_id} for e in events]
+    )
     fleet.ack(events)
     rejected = [e for e in events if e["event"] in ("rejected", "health_failed")]
     if rejected:
-        get_run_logger().warning("%d device(s) refused or failed the release, e.g. %s: %s", len(rejected),
-                                 rejected[0]["device_id"], rejected[0]["reason"])  # fmt: skip
+        get_run_logger().warning(
+            "%d device(s) refused or failed the release, e.g. %s: %s",
+            len(rejected),
+            rejected[0]["device_id"],
+            rejected[0]["reason"],
+        )
     return len(events)
 
 
@@ -196,4 +254,3 @@ def save_status(settings: Settings, fleet_name: str, status: dict[str, Any]) -> 
 
     write_json(paths(settings).rollouts / f"{status['rollout_id']}.json", status)
     TelemetryStore(paths(settings).telemetry).save_rollout(fleet_name, status)
-

@@ -14,13 +14,16 @@ from registry import tracking
 from registry.mlflow_registry import ModelRegistry
 from registry.promotion import champion_gate, promote
 
-
-log_training_run = task(name="log-training-run", retries=2, retry_delay_seconds=[2, 10])(tracking.log_training_run)
+log_training_run = task(name="log-training-run", retries=2, retry_delay_seconds=[2, 10])(
+    tracking.log_training_run
+)
 
 
 # Not retried: a retry after a lost response would register a second version.
 @task(name="register-version")
-def register_version(settings: Settings, source_uri: str, run_id: str, tags: Mapping[str, str], reason: str) -> VersionInfo:
+def register_version(
+    settings: Settings, source_uri: str, run_id: str, tags: Mapping[str, str], reason: str
+) -> VersionInfo:
     return ModelRegistry(settings).register(settings.training.model_name, source_uri, run_id, tags, reason)
 
 
@@ -32,9 +35,15 @@ def first_champion_or_gate(settings: Settings, version: int, run_id: str | None)
     if CHAMPION not in registry.aliases(name) and settings.promotion.promote_first_version:
         try:
             result = promote(
-                settings, registry, name=name, alias=CHAMPION, version=version,
-                reason="first version that passes the promotion gate", expect_current=None, run_id=run_id,
-            )  # fmt: skip
+                settings,
+                registry,
+                name=name,
+                alias=CHAMPION,
+                version=version,
+                reason="first version that passes the promotion gate",
+                expect_current=None,
+                run_id=run_id,
+            )
         except (GateFailed, StaleAlias):  # failed the gate, or another run got there first
             return False, champion_gate(settings, registry, name, version)
         return True, result.gate or champion_gate(settings, registry, name, version)

@@ -90,7 +90,9 @@ def read_plan(settings: Settings, rollout_id: str) -> RolloutPlan:
     try:
         return RolloutPlan.model_validate_json(path.read_text())
     except FileNotFoundError:
-        raise RolloutNotFound(f"rollout {rollout_id!r} has no plan.json under {rollouts_dir(settings)}") from None
+        raise RolloutNotFound(
+            f"rollout {rollout_id!r} has no plan.json under {rollouts_dir(settings)}"
+        ) from None
 
 
 def list_rollouts(settings: Settings) -> list[RolloutStatus]:
@@ -102,8 +104,10 @@ def list_rollouts(settings: Settings) -> list[RolloutStatus]:
 
 
 def save_references(settings: Settings, rollout_id: str, refs: dict[str, Reference]) -> None:
-    _atomic_write(rollout_dir(settings, rollout_id) / "references.json",
-                  json.dumps({k: r.to_dict() for k, r in refs.items()}))  # fmt: skip
+    _atomic_write(
+        rollout_dir(settings, rollout_id) / "references.json",
+        json.dumps({k: r.to_dict() for k, r in refs.items()}),
+    )
 
 
 def read_references(settings: Settings, rollout_id: str) -> dict[str, Reference]:
@@ -117,7 +121,9 @@ def read_references(settings: Settings, rollout_id: str) -> dict[str, Reference]
 
 
 @task(name="resolve-rollout-versions", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[1, 3, 10])
-def resolve_versions(settings: Settings, candidate_alias: str = CHALLENGER) -> tuple[str, int, int, dict[str, int]]:
+def resolve_versions(
+    settings: Settings, candidate_alias: str = CHALLENGER
+) -> tuple[str, int, int, dict[str, int]]:
     """``(model_name, champion version, candidate version, aliases)`` as the registry has them now."""
     registry = ModelRegistry(settings)
     name = settings.serving.model_name or settings.training.model_name
@@ -154,9 +160,13 @@ def apply_effect(settings: Settings, admin: ServingAdmin, status: RolloutStatus,
             if registry.aliases(status.model_name).get(change.alias) == change.to_version:
                 continue  # a repeat after a crash: already done
             registry.move_alias(
-                status.model_name, change.alias, change.to_version, expect_current=change.from_version,
-                reason=f"rollout {status.rollout_id}: {effect.description}", action="rollout",
-            )  # fmt: skip
+                status.model_name,
+                change.alias,
+                change.to_version,
+                expect_current=change.from_version,
+                reason=f"rollout {status.rollout_id}: {effect.description}",
+                action="rollout",
+            )
 
 
 # --------------------------------------------------------------------------- observations
@@ -170,7 +180,9 @@ def _recent_stable(settings: Settings, status: RolloutStatus, until: datetime) -
     store = PredictionLogStore.for_settings(settings)
     since = until - REPLAY_LOOKBACK
     log = store.read_log(since=since, until=until, model_name=status.model_name)
-    log = log[(log["role"] == PRIMARY) & (log["status"] == 200) & (log["model_version"] == status.stable_version)]
+    log = log[
+        (log["role"] == PRIMARY) & (log["status"] == 200) & (log["model_version"] == status.stable_version)
+    ]
     return log.tail(REPLAY_ROWS)
 
 
@@ -205,30 +217,49 @@ def build_references(settings: Settings, status: RolloutStatus) -> dict[str, Ref
 
 
 @task(name="observe", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[1, 3])
-def observe_tick(settings: Settings, status: RolloutStatus, plan: RolloutPlan, refs: dict[str, Reference],
-                 now: datetime) -> Observations | None:  # fmt: skip
+def observe_tick(
+    settings: Settings, status: RolloutStatus, plan: RolloutPlan, refs: dict[str, Reference], now: datetime
+) -> Observations | None:
     """This tick's observations of the current step (``None``: nothing to read yet)."""
     step = plan.steps[status.step_index]
     if isinstance(step, ReplayStep):
         rows = _recent_stable(settings, status, now)
         if rows.empty:
-            return observe_replay(np.empty(0), np.empty(0), stable_version=status.stable_version,
-                                  candidate_version=status.candidate_version)  # fmt: skip
+            return observe_replay(
+                np.empty(0),
+                np.empty(0),
+                stable_version=status.stable_version,
+                candidate_version=status.candidate_version,
+            )
         feats = _features(rows, settings)
         s = _Scorers.get(settings, status.model_name, status.stable_version).predict_proba(feats)
         c = _Scorers.get(settings, status.model_name, status.candidate_version).predict_proba(feats)
         thr = settings.serving.decision_threshold or settings.training.decision_threshold
-        return observe_replay(s, c, stable_version=status.stable_version, candidate_version=status.candidate_version,
-                              thresholds=(thr, thr), frame=feats, references=refs)  # fmt: skip
+        return observe_replay(
+            s,
+            c,
+            stable_version=status.stable_version,
+            candidate_version=status.candidate_version,
+            thresholds=(thr, thr),
+            frame=feats,
+            references=refs,
+        )
     since = status.window_start
     if since is None:
         return None
     store = PredictionLogStore.for_settings(settings)
     log = store.read_log(since=since, until=now, model_name=status.model_name)
     labels = store.read_feedback(since=since)
-    return observe(log, labels, stable_version=status.stable_version, candidate_version=status.candidate_version,
-                   since=since, until=now, references=refs if step.needs_reference else None,
-                   ab_metric=step.primary.metric if isinstance(step, ABStep) else None)  # fmt: skip
+    return observe(
+        log,
+        labels,
+        stable_version=status.stable_version,
+        candidate_version=status.candidate_version,
+        since=since,
+        until=now,
+        references=refs if step.needs_reference else None,
+        ab_metric=step.primary.metric if isinstance(step, ABStep) else None,
+    )
 
 
 def utcnow() -> datetime:
@@ -255,5 +286,7 @@ def attach_report(settings: Settings, status: RolloutStatus, path: Path) -> str 
     run_id = ModelRegistry(settings).version(status.model_name, status.candidate_version).run_id
     if not run_id:
         return None
-    MlflowClient(tracking_uri=settings.tracking_uri).log_artifact(run_id, str(path), f"rollouts/{status.rollout_id}")
+    MlflowClient(tracking_uri=settings.tracking_uri).log_artifact(
+        run_id, str(path), f"rollouts/{status.rollout_id}"
+    )
     return run_id

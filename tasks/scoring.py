@@ -178,7 +178,9 @@ def pin_model(settings: Settings, alias: str, version: int | None = None) -> Pin
     name = settings.training.model_name
     info = registry.version(name, version) if version is not None else registry.resolve(name, alias)
     onnx = registry.onnx_bytes(name, info.version)
-    threshold = decision_threshold(settings.scoring.decision_threshold, info.tags, settings.training.decision_threshold)
+    threshold = decision_threshold(
+        settings.scoring.decision_threshold, info.tags, settings.training.decision_threshold
+    )
     ref = ModelRef(name, info.version, alias, threshold, hashlib.sha256(onnx).hexdigest()[:16])
     return PinnedModel(ref, onnx)
 
@@ -213,7 +215,9 @@ def abort_staging(staged: StagedRun) -> None:
 # Not retried as a whole: Dask retries a failed partition, and reschedules the partitions
 # of a worker that died.
 @task(name="score-partitions")
-def score_partitions(settings: Settings, jobs: Sequence[PartitionJob], models: Sequence[PinnedModel]) -> list[PartitionResult]:
+def score_partitions(
+    settings: Settings, jobs: Sequence[PartitionJob], models: Sequence[PinnedModel]
+) -> list[PartitionResult]:
     """Run ``score_partition`` for every job on Dask and return the results by partition.
 
     The model files are broadcast to the workers once; results come back as partitions
@@ -231,9 +235,13 @@ def score_partitions(settings: Settings, jobs: Sequence[PartitionJob], models: S
         raise ClusterError(f"cannot send the model to the Dask workers: {exc}") from exc
     stop = Event(_stop_event_name(jobs[0].run_id), client=client) if jobs else None
     futures = client.map(
-        score_partition, list(jobs), models=onnx, pure=False, retries=1,
+        score_partition,
+        list(jobs),
+        models=onnx,
+        pure=False,
+        retries=1,
         key=[f"score-{j.run_id}-{j.partition.index:05d}" for j in jobs],
-    )  # fmt: skip
+    )
     results: list[PartitionResult] = []
     rows = 0
     total = sum(j.partition.rows for j in jobs)
@@ -245,11 +253,19 @@ def score_partitions(settings: Settings, jobs: Sequence[PartitionJob], models: S
             if result.failures and not failed:
                 failed = True
                 stop.set()
-                logger.warning("partition %d failed validation: the others are validated, not scored", result.index)
+                logger.warning(
+                    "partition %d failed validation: the others are validated, not scored", result.index
+                )
             rows += result.rows
-            logger.info("%s partition %d (%d of %d partitions, %s of %s rows)",
-                        "checked" if failed else "scored", result.index, len(results), len(jobs),
-                        f"{rows:,}", f"{total:,}")  # fmt: skip
+            logger.info(
+                "%s partition %d (%d of %d partitions, %s of %s rows)",
+                "checked" if failed else "scored",
+                result.index,
+                len(results),
+                len(jobs),
+                f"{rows:,}",
+                f"{total:,}",
+            )
     finally:
         client.cancel(futures)
         if stop is not None:
@@ -264,7 +280,9 @@ def commit_run(staged: StagedRun, parts: Sequence[PartInfo], record: RunRecord) 
 
 
 @task(name="record-comparison", retries=2, retry_delay_seconds=[2, 10])
-def record_comparison(root: str, run_date: date, run_id: str, reference: ModelRef, compared: ModelRef, report) -> None:  # noqa: ANN001
+def record_comparison(
+    root: str, run_date: date, run_id: str, reference: ModelRef, compared: ModelRef, report
+) -> None:
     from adapters.score_reports import write_comparison
 
     write_comparison(root, run_date, run_id, reference, compared, report)

@@ -113,9 +113,16 @@ def register_versions(settings: Settings, small_model: bytes, metrics: list[dict
     example = modeling.features_frame(generate(100, seed=9).head(3), settings.dataset)
     example = example.astype({n: np.float32 for n in settings.dataset.numeric_names})
     logged = log_training_run(
-        settings, run_name="fixture-model", params={}, metrics={}, tags={}, files={},
-        onnx_model=small_model, example_features=example, example_scores=pd.DataFrame({"probability": [0.1, 0.2, 0.3]}),
-    )  # fmt: skip
+        settings,
+        run_name="fixture-model",
+        params={},
+        metrics={},
+        tags={},
+        files={},
+        onnx_model=small_model,
+        example_features=example,
+        example_scores=pd.DataFrame({"probability": [0.1, 0.2, 0.3]}),
+    )
     client = MlflowClient(tracking_uri=settings.tracking_uri)
     registry = ModelRegistry(settings)
     versions = []
@@ -124,5 +131,9 @@ def register_versions(settings: Settings, small_model: bytes, metrics: list[dict
         for key, value in m.items():
             client.log_metric(run.info.run_id, key, value)
         client.set_terminated(run.info.run_id)
-        versions.append(registry.register(settings.training.model_name, logged.model_uri, run.info.run_id, {}, "fixture").version)
+        versions.append(
+            registry.register(
+                settings.training.model_name, logged.model_uri, run.info.run_id, {}, "fixture"
+            ).version
+        )
     return versions

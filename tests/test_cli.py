@@ -41,9 +41,17 @@ def test_every_command_has_help(path: tuple[str, ...]) -> None:
     assert "Usage:" in result.output and len(result.output.splitlines()) > 3
 
 
-def mlops(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+def mlops(
+    *args: str, env: dict[str, str] | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess[str]:
     full_env = os.environ.copy() | {"COLUMNS": "200"} | (env or {})  # tables wide enough to read
-    return subprocess.run([sys.executable, "-m", "mlops_cli.main", *args], capture_output=True, text=True, env=full_env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "mlops_cli.main", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+    )
 
 
 def test_invalid_config_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
@@ -59,7 +67,9 @@ def test_invalid_config_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
 def test_data_generate_writes_exactly_the_rows(tmp_path: Path) -> None:
     """`mlops data generate` writes the requested rows to Parquet; a non-Parquet target is refused."""
     out = tmp_path / "d.parquet"
-    result = RUNNER.invoke(app, ["data", "generate", "--rows", "1234", "--out", str(out), "--seed", "3", "--drift", "0.5"])
+    result = RUNNER.invoke(
+        app, ["data", "generate", "--rows", "1234", "--out", str(out), "--seed", "3", "--drift", "0.5"]
+    )
     assert result.exit_code == 0, result.output
     assert pq.ParquetFile(out).metadata.num_rows == 1234
     bad = RUNNER.invoke(app, ["data", "generate", "--rows", "10", "--out", str(tmp_path / "d.txt")])
@@ -67,7 +77,9 @@ def test_data_generate_writes_exactly_the_rows(tmp_path: Path) -> None:
     assert not (tmp_path / "d.txt").exists()
 
 
-def test_answering_an_approval_without_a_prefect_server_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_answering_an_approval_without_a_prefect_server_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A paused rollout lives on a Prefect server: without one for this home (no `mlops server
     up`, no prefect.api_url), `mlops rollout approve` says how to get one, exit 2."""
     monkeypatch.setenv("MLOPS_HOME", str(tmp_path / "home"))
@@ -77,7 +89,9 @@ def test_answering_an_approval_without_a_prefect_server_says_so(tmp_path: Path, 
     assert "no Prefect server for" in result.output and "mlops server up" in result.output
 
 
-def test_rollout_list_flags_an_approval_whose_deadline_passed_unrecorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rollout_list_flags_an_approval_whose_deadline_passed_unrecorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A rollout still recorded as awaiting approval after its deadline (its run stopped while
     paused) is listed with the passed deadline and how to end it, not as still waiting."""
     from datetime import UTC, datetime, timedelta
@@ -90,16 +104,33 @@ def test_rollout_list_flags_an_approval_whose_deadline_passed_unrecorded(tmp_pat
     monkeypatch.setenv("MLOPS_HOME", str(tmp_path / "home"))
     plan = load_plan(Path(__file__).parent / "plans" / "shadow-approval.yaml")
     then = datetime.now(UTC) - timedelta(hours=1)
-    status = start("r-stale", plan, model_name="fraud", stable_version=1, candidate_version=2,
-                   aliases={"champion": 1, "challenger": 2}, now=then)  # fmt: skip
-    request = ApprovalRequest(rollout_id="r-stale", model_name="fraud", candidate_version=2, stable_version=1,
-                              requested_at=then, deadline=then + timedelta(minutes=2))  # fmt: skip
-    save_status(load_settings(), status.model_copy(update={"phase": Phase.AWAITING_APPROVAL, "approval": request}))
+    status = start(
+        "r-stale",
+        plan,
+        model_name="fraud",
+        stable_version=1,
+        candidate_version=2,
+        aliases={"champion": 1, "challenger": 2},
+        now=then,
+    )
+    request = ApprovalRequest(
+        rollout_id="r-stale",
+        model_name="fraud",
+        candidate_version=2,
+        stable_version=1,
+        requested_at=then,
+        deadline=then + timedelta(minutes=2),
+    )
+    save_status(
+        load_settings(), status.model_copy(update={"phase": Phase.AWAITING_APPROVAL, "approval": request})
+    )
     result = RUNNER.invoke(app, ["rollout", "list"])
     assert result.exit_code == 0, result.output
     line = " ".join(result.output.split())
     assert "r-stale awaiting_approval v2 vs v1" in line, result.output
-    assert "passed with no outcome recorded" in line and "mlops rollout --resume r-stale" in line, result.output
+    assert "passed with no outcome recorded" in line and "mlops rollout --resume r-stale" in line, (
+        result.output
+    )
 
 
 @pytest.mark.slow
@@ -116,7 +147,12 @@ def test_train_on_bad_data_exits_nonzero_listing_expectations(tmp_path: Path, pr
     frame.loc[::50, "hour_of_day"] = 99.0
     write_parquet([frame], data)
     api = PREFECT_API_URL.value()
-    result = mlops("train", "--data", str(data), env={"MLOPS_HOME": str(home), "MLOPS__PREFECT__API_URL": api, "PREFECT_API_URL": api})
+    result = mlops(
+        "train",
+        "--data",
+        str(data),
+        env={"MLOPS_HOME": str(home), "MLOPS__PREFECT__API_URL": api, "PREFECT_API_URL": api},
+    )
     assert result.returncode == 3, result.stderr[-2000:]
     assert "expectations failed" in result.stderr
     assert "column 'ip_risk_score' is missing" in result.stderr
@@ -133,7 +169,10 @@ def test_demo_end_to_end_on_embedded_defaults(tmp_path: Path) -> None:
     then v2 rolled out against the live service (the compressed demo plan) and promoted:
     v2 is champion, v1 previous-champion, every move in the history."""
     home = tmp_path / "home"
-    env = {"MLOPS_HOME": str(home), "MLOPS__TRAINING__CANDIDATES": '[{"kind": "gradient_boosting", "n_estimators": 30}, {"kind": "logistic_regression"}]'}
+    env = {
+        "MLOPS_HOME": str(home),
+        "MLOPS__TRAINING__CANDIDATES": '[{"kind": "gradient_boosting", "n_estimators": 30}, {"kind": "logistic_regression"}]',
+    }
     plan = Path(__file__).parent / "plans" / "fast-rollout.yaml"
     result = mlops("demo", "--rows", "20000", "--rollout-plan", str(plan), env=env, timeout=2400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -143,7 +182,18 @@ def test_demo_end_to_end_on_embedded_defaults(tmp_path: Path) -> None:
     assert aliases == {1: {"previous-champion"}, 2: {"champion", "challenger"}}, listing.stdout
     history = mlops("registry", "history", env=env)
     assert history.returncode == 0 and "register" in history.stdout and "promote" in history.stdout
-    stale = mlops("promote", "--alias", "challenger", "--version", "1", "--expect-current", "7", "--reason", "x", env=env)
+    stale = mlops(
+        "promote",
+        "--alias",
+        "challenger",
+        "--version",
+        "1",
+        "--expect-current",
+        "7",
+        "--reason",
+        "x",
+        env=env,
+    )
     assert stale.returncode == 5 and "expected v7; nothing was moved" in stale.stderr
     for sub in ("mlflow.db", "registry_audit.db", "prefect", "data/train.parquet"):
         assert (home / sub).exists(), sub

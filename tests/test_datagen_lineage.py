@@ -35,7 +35,9 @@ def test_drift_moves_features_and_label_relationship() -> None:
     """Drift raises amounts and card-not-present share, and changes the fraud rate."""
     ref, drifted = generate(20_000, seed=1), generate(20_000, seed=1, drift=1.0)
     assert drifted["amount"].median() > 1.3 * ref["amount"].median()
-    assert (drifted["entry_mode"] == "card_not_present").mean() > (ref["entry_mode"] == "card_not_present").mean() + 0.1
+    assert (drifted["entry_mode"] == "card_not_present").mean() > (
+        ref["entry_mode"] == "card_not_present"
+    ).mean() + 0.1
     assert drifted["is_fraud"].mean() > 2 * ref["is_fraud"].mean()
     with pytest.raises(ValueError, match="drift"):
         generate(10, drift=1.5)
@@ -81,10 +83,16 @@ def test_onnx_export_matches_sklearn_for_each_candidate_kind() -> None:
 
     schema = fraud_schema()
     frame = generate(4000, seed=4)
-    for spec in (GradientBoostingSpec(n_estimators=10), LogisticRegressionSpec(), RandomForestSpec(n_estimators=10)):
+    for spec in (
+        GradientBoostingSpec(n_estimators=10),
+        LogisticRegressionSpec(),
+        RandomForestSpec(n_estimators=10),
+    ):
         pipe = modeling.fit(spec, frame, schema, 0)
         scorer = OnnxScorer(modeling.to_onnx_bytes(pipe, schema), schema)
         result = modeling.parity(pipe, scorer, frame.head(500), 1e-4)
         assert result.ok, (spec.kind, result)
         assert [t.name for t in scorer.inputs] == list(schema.feature_names)
-        assert np.all((scorer.predict_proba(frame.head(10)) >= 0) & (scorer.predict_proba(frame.head(10)) <= 1))
+        assert np.all(
+            (scorer.predict_proba(frame.head(10)) >= 0) & (scorer.predict_proba(frame.head(10)) <= 1)
+        )

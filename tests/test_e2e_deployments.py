@@ -28,7 +28,13 @@ def _free_port() -> int:
 
 
 def _mlops(env: dict[str, str], *args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "mlops_cli.main", *args], env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "mlops_cli.main", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +60,9 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
         down = _mlops(env, "server", "down")
         assert down.returncode == 0, down.stderr
         time.sleep(1)
-        survivors = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        survivors = [
+            p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+        ]
         assert not survivors, f"processes still running after `server down`: {survivors}"
 
 
@@ -70,14 +78,14 @@ def _api(env: dict[str, str]) -> str:
     return f"http://127.0.0.1:{env['MLOPS__SERVICES__PREFECT_PORT']}/api"
 
 
-def _run_deployment(env: dict[str, str], name: str, parameters: dict, timeout: float = 900):  # noqa: ANN202
+def _run_deployment(env: dict[str, str], name: str, parameters: dict, timeout: float = 900):
     """Create a flow run from a deployment through the API (as the UI does) and wait for a final state."""
     import asyncio
 
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    async def run():  # noqa: ANN202
+    async def run():
         async with get_client() as client:
             deployment = await client.read_deployment_by_name(name)
             flow_run = await client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
@@ -93,7 +101,9 @@ def _run_deployment(env: dict[str, str], name: str, parameters: dict, timeout: f
         return asyncio.run(run())
 
 
-def test_deployments_register_and_training_runs_on_the_worker(platform: dict[str, str], tmp_path: Path) -> None:
+def test_deployments_register_and_training_runs_on_the_worker(
+    platform: dict[str, str], tmp_path: Path
+) -> None:
     """`mlops deploy` registers prefect.yaml; a training run created through the API completes on the worker and registers v1.
 
     The run is given a config whose ``mlflow.tracking_uri`` is the MLflow tracking server
@@ -112,25 +122,42 @@ def test_deployments_register_and_training_runs_on_the_worker(platform: dict[str
     team.write_text(f"mlflow:\n  tracking_uri: {mlflow_url}\n")
     flow_run = _run_deployment(platform, "train/train", {"data": str(data), "config": str(team)})
     assert flow_run.state.is_completed(), flow_run.state
-    served = httpx.get(f"{mlflow_url}/api/2.0/mlflow/registered-models/alias", params={"name": "fraud-detector", "alias": "champion"})
+    served = httpx.get(
+        f"{mlflow_url}/api/2.0/mlflow/registered-models/alias",
+        params={"name": "fraud-detector", "alias": "champion"},
+    )
     assert served.status_code == 200 and served.json()["model_version"]["version"] == "1", served.text
-    run = httpx.get(f"{mlflow_url}/api/2.0/mlflow/runs/get", params={"run_id": served.json()["model_version"]["run_id"]})
+    run = httpx.get(
+        f"{mlflow_url}/api/2.0/mlflow/runs/get", params={"run_id": served.json()["model_version"]["run_id"]}
+    )
     assert run.json()["run"]["info"]["status"] == "FINISHED", run.text
     listing = _mlops(platform, "registry", "list", "--json")
-    assert [set(v["aliases"]) for v in map(json.loads, listing.stdout.splitlines())] == [{"challenger", "champion"}], listing.stdout + listing.stderr
+    assert [set(v["aliases"]) for v in map(json.loads, listing.stdout.splitlines())] == [
+        {"challenger", "champion"}
+    ], listing.stdout + listing.stderr
     status = _mlops(platform, "server", "status")
     assert "running" in status.stdout and "stopped" not in status.stdout, status.stdout
     nightly = _read_deployment(platform, "score/nightly-scoring")
-    assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in nightly.schedules] == [("0 2 * * *", "UTC", True)]
+    assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in nightly.schedules] == [
+        ("0 2 * * *", "UTC", True)
+    ]
     for other in ("edge-export/edge-export", "rollout/rollout"):
         assert _read_deployment(platform, other).work_pool_name == "mlops-process", other
     # the run forms the UI draws from the server's copy of each deployment's parameter schema
-    assert {"format": "date", "type": "string"} in nightly.parameter_openapi_schema["properties"]["run_date"]["anyOf"]
-    candidate = _read_deployment(platform, "rollout/rollout").parameter_openapi_schema["properties"]["candidate"]
-    assert [o["enum"] for o in candidate["anyOf"] if "enum" in o] == [["champion", "challenger", "previous-champion"]]
+    assert {"format": "date", "type": "string"} in nightly.parameter_openapi_schema["properties"]["run_date"][
+        "anyOf"
+    ]
+    candidate = _read_deployment(platform, "rollout/rollout").parameter_openapi_schema["properties"][
+        "candidate"
+    ]
+    assert [o["enum"] for o in candidate["anyOf"] if "enum" in o] == [
+        ["champion", "challenger", "previous-champion"]
+    ]
 
 
-def test_a_scoring_run_from_the_nightly_deployment_publishes_the_date_to_duckdb(platform: dict[str, str]) -> None:
+def test_a_scoring_run_from_the_nightly_deployment_publishes_the_date_to_duckdb(
+    platform: dict[str, str],
+) -> None:
     """A run of the nightly-scoring deployment for a given date (as the UI's date picker sends
     it) completes on the worker, and DuckDB holds exactly that day's rows."""
     from datetime import datetime
@@ -140,7 +167,11 @@ def test_a_scoring_run_from_the_nightly_deployment_publishes_the_date_to_duckdb(
     write_parquet([generate(20_000, seed=41, start=datetime(2026, 1, 5))], data)
     flow_run = _run_deployment(platform, "score/nightly-scoring", {"run_date": day})
     assert flow_run.state.is_completed(), flow_run.state
-    counted = _mlops(platform, "query", f"SELECT count(*) AS n, count(DISTINCT transaction_id) AS ids FROM scores WHERE run_date = '{day}'")
+    counted = _mlops(
+        platform,
+        "query",
+        f"SELECT count(*) AS n, count(DISTINCT transaction_id) AS ids FROM scores WHERE run_date = '{day}'",
+    )
     assert counted.returncode == 0 and "│ 20000 │ 20000 │" in counted.stdout, counted.stdout + counted.stderr
 
 
@@ -166,7 +197,9 @@ steps:
 """
 
 
-def test_rollout_runs_pause_for_approval_and_are_approved_rejected_or_time_out(platform: dict[str, str], tmp_path: Path) -> None:
+def test_rollout_runs_pause_for_approval_and_are_approved_rejected_or_time_out(
+    platform: dict[str, str], tmp_path: Path
+) -> None:
     """Against the served champion, with simulated users: a rollout run created through the API
     reaches Paused at its approval step; `mlops rollout approve` resumes it and it completes
     with champion moved to the challenger. A second run is rejected with `mlops rollout reject
@@ -202,17 +235,29 @@ def test_rollout_runs_pause_for_approval_and_are_approved_rejected_or_time_out(p
             assert trained.state.is_completed(), trained.state
             for answer in ("approve", "reject", None):
                 # first the new challenger; once it is champion, the old champion by version number
-                candidate = "challenger" if answer == "approve" else str(registry.aliases(name)["previous-champion"])
-                challenger = registry.resolve(name, candidate).version if answer == "approve" else int(candidate)
-                run = _create_run(platform, "rollout/rollout", {"plan": str(short if answer is None else plan), "candidate": candidate})
+                candidate = (
+                    "challenger" if answer == "approve" else str(registry.aliases(name)["previous-champion"])
+                )
+                challenger = (
+                    registry.resolve(name, candidate).version if answer == "approve" else int(candidate)
+                )
+                run = _create_run(
+                    platform,
+                    "rollout/rollout",
+                    {"plan": str(short if answer is None else plan), "candidate": candidate},
+                )
                 paused = _wait_state(platform, run.id, "PAUSED")
                 assert paused.state.is_paused(), f"{paused.state}: {_rollouts(platform)}"
                 if answer is not None:
-                    args = ["rollout", answer, str(run.id)] + (["--reason", "not this week"] if answer == "reject" else [])
+                    args = ["rollout", answer, str(run.id)] + (
+                        ["--reason", "not this week"] if answer == "reject" else []
+                    )
                     answered = _mlops(platform, *args)
                     assert answered.returncode == 0, answered.stdout + answered.stderr
                 final = _wait_state(platform, run.id, "COMPLETED")
-                if answer is None:  # the run fails, as an expired Prefect pause does (whichever side marks it first:
+                if (
+                    answer is None
+                ):  # the run fails, as an expired Prefect pause does (whichever side marks it first:
                     # the server's pause expiry, or the flow's own failure, which the server words the same way)
                     message = final.state.message or ""
                     assert final.state.is_failed(), f"{final.state}: {_rollouts(platform)}"
@@ -231,7 +276,9 @@ def test_rollout_runs_pause_for_approval_and_are_approved_rejected_or_time_out(p
     listing = _settled_rollouts(platform, count=3)
     phases = [line.split()[1] for line in listing.splitlines() if line.strip()]
     assert phases == ["succeeded", "rolled_back", "timed_out"], listing
-    history = [m for m in ModelRegistry(settings).history(name) if m.alias == "champion" and m.action == "rollout"]
+    history = [
+        m for m in ModelRegistry(settings).history(name) if m.alias == "champion" and m.action == "rollout"
+    ]
     assert [(m.from_version, m.to_version) for m in history] == [(old, new)]
 
 
@@ -256,13 +303,13 @@ def _rollouts(env: dict[str, str]) -> str:
     return listed.stdout + listed.stderr
 
 
-def _read_deployment(env: dict[str, str], name: str):  # noqa: ANN202
+def _read_deployment(env: dict[str, str], name: str):
     import asyncio
 
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    async def read():  # noqa: ANN202
+    async def read():
         async with get_client() as client:
             return await client.read_deployment_by_name(name)
 
@@ -270,14 +317,14 @@ def _read_deployment(env: dict[str, str], name: str):  # noqa: ANN202
         return asyncio.run(read())
 
 
-def _wait_state(env: dict[str, str], flow_run_id, wanted: str, timeout: float = 600):  # noqa: ANN001, ANN202
+def _wait_state(env: dict[str, str], flow_run_id, wanted: str, timeout: float = 600):
     """Poll a flow run until its state type is ``wanted`` (or final)."""
     import asyncio
 
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    async def poll():  # noqa: ANN202
+    async def poll():
         async with get_client() as client:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
@@ -291,17 +338,16 @@ def _wait_state(env: dict[str, str], flow_run_id, wanted: str, timeout: float = 
         return asyncio.run(poll())
 
 
-def _create_run(env: dict[str, str], name: str, parameters: dict):  # noqa: ANN202
+def _create_run(env: dict[str, str], name: str, parameters: dict):
     import asyncio
 
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    async def create():  # noqa: ANN202
+    async def create():
         async with get_client() as client:
             deployment = await client.read_deployment_by_name(name)
             return await client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
 
     with temporary_settings({PREFECT_API_URL: _api(env)}):
         return asyncio.run(create())
-

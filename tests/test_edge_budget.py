@@ -32,8 +32,12 @@ def test_pos_terminal_budget_is_the_embedded_default() -> None:
 def test_unknown_field_names_file_and_field(tmp_path: Path) -> None:
     """A typo inside a variant fails with the file and the dotted field path."""
     bad = tmp_path / "bad.yaml"
-    bad.write_text("variants:\n  - {kind: baseline, name: float}\n  - {kind: quantize, name: q, source: float, mod: dynamic}\n")
-    with pytest.raises(ConfigError, match=r"bad\.yaml: variants\.1\.quantize\.mod: Extra inputs are not permitted"):
+    bad.write_text(
+        "variants:\n  - {kind: baseline, name: float}\n  - {kind: quantize, name: q, source: float, mod: dynamic}\n"
+    )
+    with pytest.raises(
+        ConfigError, match=r"bad\.yaml: variants\.1\.quantize\.mod: Extra inputs are not permitted"
+    ):
         load_budget(bad)
 
 
@@ -48,11 +52,23 @@ def test_wrong_type_is_rejected_not_coerced(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("variants", "message"),
     [
-        ("[{kind: baseline, name: float}, {kind: quantize, name: q, source: nope}]", "source 'nope' is not an earlier variant"),
-        ("[{kind: baseline, name: float}, {kind: baseline, name: float}]", "variant name 'float' is used twice"),
+        (
+            "[{kind: baseline, name: float}, {kind: quantize, name: q, source: nope}]",
+            "source 'nope' is not an earlier variant",
+        ),
+        (
+            "[{kind: baseline, name: float}, {kind: baseline, name: float}]",
+            "variant name 'float' is used twice",
+        ),
         ("[{kind: distill, name: s}]", "need a 'baseline'"),
-        ("[{kind: baseline, name: f}, {kind: quantize, name: q, source: f, mode: static}]", "needs a calibration method"),
-        ("[{kind: baseline, name: f}, {kind: quantize, name: q, source: f, calibration: minmax}]", "remove 'calibration'"),
+        (
+            "[{kind: baseline, name: f}, {kind: quantize, name: q, source: f, mode: static}]",
+            "needs a calibration method",
+        ),
+        (
+            "[{kind: baseline, name: f}, {kind: quantize, name: q, source: f, calibration: minmax}]",
+            "remove 'calibration'",
+        ),
     ],
 )
 def test_inconsistent_variant_lists_are_rejected(tmp_path: Path, variants: str, message: str) -> None:
@@ -77,7 +93,13 @@ def test_missing_budget_file_names_it(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("1.20.0", (1, 20, 0)), ("1.32.0+cpu", (1, 32, 0)), ("1.21.0rc1", (1, 21, 0)), ("2", (2,)), ("1.x", (1,))],
+    [
+        ("1.20.0", (1, 20, 0)),
+        ("1.32.0+cpu", (1, 32, 0)),
+        ("1.21.0rc1", (1, 21, 0)),
+        ("2", (2,)),
+        ("1.x", (1,)),
+    ],
 )
 def test_runtime_versions_compare_numerically(text: str, expected: tuple[int, ...]) -> None:
     """Runtime versions compare as numbers (1.9 < 1.20), ignoring local and pre-release suffixes."""

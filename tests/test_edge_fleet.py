@@ -48,8 +48,16 @@ class World:
         return self.fleet.device(f"dev-{i:05d}")
 
     def publish(self, model: bytes, cohort: float = 100.0) -> int:
-        m = t.publish.fn(self.settings, model_name=MODEL, variant="v", model=model, rows=self.rows,
-                         device_classes=("pos-terminal",), min_runtime_version="1.20.0", source_version=1)  # fmt: skip
+        m = t.publish.fn(
+            self.settings,
+            model_name=MODEL,
+            variant="v",
+            model=model,
+            rows=self.rows,
+            device_classes=("pos-terminal",),
+            min_runtime_version="1.20.0",
+            source_version=1,
+        )
         t.serve_cohort.fn(self.settings, MODEL, m.version, cohort)
         return m.version
 
@@ -64,7 +72,9 @@ def world(home: Settings, small_model: bytes, tmp_path: Path) -> World:
     w = World(home, repo, server, fleet, rows, small_model, graph.compact(small_model))
     assert w.publish(small_model, cohort=0.0) == 1
     keys = t.key_store(home)
-    fleet.provision(4, MODEL, "pos-terminal", "1.32.0", keys.root_bytes(1), factory_model=small_model, factory_version=1)
+    fleet.provision(
+        4, MODEL, "pos-terminal", "1.32.0", keys.root_bytes(1), factory_model=small_model, factory_version=1
+    )
     assert w.publish(w.v2) == 2
     return w
 
@@ -85,7 +95,9 @@ class Mitm:
         return self._download if self._download is not None else self.inner.download(model, version)
 
 
-def assert_refused(w: World, device: SimulatedDevice, event: dict | None, code: str, caplog: pytest.LogCaptureFixture) -> None:
+def assert_refused(
+    w: World, device: SimulatedDevice, event: dict | None, code: str, caplog: pytest.LogCaptureFixture
+) -> None:
     """Refused with ``code``, logged with its reason, reported, and still serving v1 exactly as before."""
     assert event is not None and event["event"] == "rejected" and event["code"] == code
     again = w.fleet.device(device.device_id)  # re-read from disk
@@ -93,7 +105,11 @@ def assert_refused(w: World, device: SimulatedDevice, event: dict | None, code: 
     assert again.model_bytes() == w.v1
     expected = modeling_scores(w, w.v1)
     np.testing.assert_allclose(again.predict(w.rows.head(20)), expected, atol=1e-7)
-    assert any(code in r.getMessage() and event["reason"] in r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+    assert any(
+        code in r.getMessage() and event["reason"] in r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.WARNING
+    )
     assert again.outbox()[-1]["code"] == code
 
 
@@ -131,7 +147,9 @@ def test_a_truncated_download_is_refused(world: World, caplog: pytest.LogCapture
     assert_refused(world, d, d.poll(Mitm(world.server, download=world.v2[:-100]), NOW()), "length", caplog)
 
 
-def test_a_release_signed_with_the_wrong_key_is_refused(world: World, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_release_signed_with_the_wrong_key_is_refused(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
     signed, _ = open_envelope(world.repo.served(MODEL))
     forged = sign(signed, [Ed25519PrivateKey.generate()])
     d = world.device()
@@ -148,7 +166,9 @@ def test_metadata_altered_after_signing_is_refused(world: World, caplog: pytest.
     assert_refused(world, d, event, "signature", caplog)
 
 
-def test_an_older_release_is_refused_as_a_rollback_attack(world: World, caplog: pytest.LogCaptureFixture) -> None:
+def test_an_older_release_is_refused_as_a_rollback_attack(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
     """After v2, a replay of v1's genuine (and unexpired) metadata is refused: versions never go backwards."""
     d = world.device()
     assert d.poll(world.server, NOW())["event"] == "installed"  # type: ignore[index]
@@ -161,14 +181,18 @@ def test_an_older_release_is_refused_as_a_rollback_attack(world: World, caplog: 
     assert any("rollback" in r.getMessage() for r in caplog.records)
 
 
-def test_an_expired_release_is_refused_as_a_freeze_attack(world: World, caplog: pytest.LogCaptureFixture) -> None:
+def test_an_expired_release_is_refused_as_a_freeze_attack(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
     """Metadata replayed after its expiry is refused even though its signature is genuine."""
     d = world.device()
     later = NOW() + timedelta(hours=world.settings.edge.manifest_ttl_hours + 1)
     assert_refused(world, d, d.poll(world.server, later), "expired", caplog)
 
 
-def test_a_model_failing_its_health_check_falls_back_to_the_previous_model(world: World, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_model_failing_its_health_check_falls_back_to_the_previous_model(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
     """A signed, intact release whose model answers NaN is swapped in, fails the golden check, and is swapped out."""
     d = world.device()
     bad_version = world.publish(graph.with_output_transform(world.v1, "nan"))
@@ -182,7 +206,9 @@ def test_a_model_failing_its_health_check_falls_back_to_the_previous_model(world
     assert any("failed its health check" in r.getMessage() for r in caplog.records)
 
 
-def test_a_crash_before_the_state_commit_leaves_the_old_model_serving(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_crash_before_the_state_commit_leaves_the_old_model_serving(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """state.json is the commit point: killed after the download but before the swap, the device still runs v1,
     and the next poll completes the update."""
     d = world.device()
@@ -199,7 +225,9 @@ def test_a_crash_before_the_state_commit_leaves_the_old_model_serving(world: Wor
     assert d.poll(world.server, NOW())["event"] == "installed"  # type: ignore[index]
 
 
-def test_devices_follow_a_key_rotation_and_then_refuse_the_old_key(world: World, caplog: pytest.LogCaptureFixture) -> None:
+def test_devices_follow_a_key_rotation_and_then_refuse_the_old_key(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
     """After `keys rotate`, devices walk root v1 -> v2, install releases signed by the new key,
     and refuse anything the retired key signs."""
     keys = t.key_store(world.settings)
@@ -252,7 +280,11 @@ def test_telemetry_readers_and_writers_wait_for_another_process_holding_the_file
     TelemetryStore(path).rollouts()  # creates the file and its tables
 
     def hold(seconds: float) -> subprocess.Popen[str]:
-        proc = subprocess.Popen([sys.executable, "-c", _HOLD_TELEMETRY, str(path), str(seconds)], stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _HOLD_TELEMETRY, str(path), str(seconds)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
         return proc
 
@@ -264,9 +296,22 @@ def test_telemetry_readers_and_writers_wait_for_another_process_holding_the_file
         holder.wait(30)
     holder = hold(3.0)
     try:
-        with pytest.raises(EdgeError, match=r"telemetry store .*telemetry.duckdb stayed locked by another process for 0s"):
+        with pytest.raises(
+            EdgeError, match=r"telemetry store .*telemetry.duckdb stayed locked by another process for 0s"
+        ):
             TelemetryStore(path, lock_timeout=0.3).event_counts("r9")
-        TelemetryStore(path, lock_timeout=20).append([{"ts": NOW().isoformat(), "fleet": "f", "rollout_id": "r9", "device_id": "d", "model": "m", "event": "installed"}])
+        TelemetryStore(path, lock_timeout=20).append(
+            [
+                {
+                    "ts": NOW().isoformat(),
+                    "fleet": "f",
+                    "rollout_id": "r9",
+                    "device_id": "d",
+                    "model": "m",
+                    "event": "installed",
+                }
+            ]
+        )
     finally:
         holder.wait(30)
     assert TelemetryStore(path).event_counts("r9") == {"installed": 1}

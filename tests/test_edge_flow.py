@@ -68,9 +68,19 @@ def test_export_builds_every_variant_publishes_only_passing_ones_and_reports_eac
     summary = edge_export_flow("champion", str(budget))
 
     rows = {r["variant"]: r for r in summary.variants}
-    assert list(rows) == ["float", "float-int8", "student", "student-int8", "wide", "wide-pruned", "wide-int8-minmax"]
+    assert list(rows) == [
+        "float",
+        "float-int8",
+        "student",
+        "student-int8",
+        "wide",
+        "wide-pruned",
+        "wide-int8-minmax",
+    ]
     assert rows["float-int8"]["outcome"] == "SKIPPED" and "tree ensemble" in rows["float-int8"]["verdict"]
-    assert rows["float"]["outcome"] == "FAIL" and "size (B)" in rows["float"]["verdict"]  # the GBM is over 6,000 B
+    assert (
+        rows["float"]["outcome"] == "FAIL" and "size (B)" in rows["float"]["verdict"]
+    )  # the GBM is over 6,000 B
     out = Path(summary.export_dir)
     passing = {name for name, r in rows.items() if r["outcome"] == "PASS"}
     assert passing and summary.selected in passing
@@ -87,14 +97,19 @@ def test_export_builds_every_variant_publishes_only_passing_ones_and_reports_eac
 
     client = MlflowClient(tracking_uri=flow_home.tracking_uri)
     run = client.get_run(summary.run_id)
-    assert {a.path for a in client.list_artifacts(summary.run_id, "edge")} >= {"edge/report.md", "edge/variants.png"}
+    assert {a.path for a in client.list_artifacts(summary.run_id, "edge")} >= {
+        "edge/report.md",
+        "edge/variants.png",
+    }
     assert run.data.metrics[f"{summary.selected}.passed"] == 1.0
 
     published = edge_publish_flow()
     assert published.variant == summary.selected and published.version == 1
     from tasks.edge import key_store, paths
 
-    release = verified_manifest((paths(flow_home).repo / MODEL / "targets.json").read_bytes(), key_store(flow_home).root())
+    release = verified_manifest(
+        (paths(flow_home).repo / MODEL / "targets.json").read_bytes(), key_store(flow_home).root()
+    )
     assert release.target.sha256 == published.sha256 and release.cohort_percent == 0.0
     with pytest.raises(Exception, match="not publishable"):
         edge_publish_flow(variant="float")
@@ -104,8 +119,16 @@ def _publish(settings: Settings, model: bytes) -> int:
     from tasks import edge as t
 
     rows = modeling.features_frame(generate(600, seed=13), settings.dataset)
-    return t.publish.fn(settings, model_name=MODEL, variant="lr", model=model, rows=rows, device_classes=("pos-terminal",),
-                        min_runtime_version="1.20.0", source_version=1).version  # fmt: skip
+    return t.publish.fn(
+        settings,
+        model_name=MODEL,
+        variant="lr",
+        model=model,
+        rows=rows,
+        device_classes=("pos-terminal",),
+        min_runtime_version="1.20.0",
+        source_version=1,
+    ).version
 
 
 def _all_devices_serve(settings: Settings, model: bytes, fleet: str) -> None:
@@ -141,7 +164,9 @@ def test_a_thousand_devices_update_in_stages_and_a_broken_model_is_halted_at_the
     broken = edge_rollout_flow(devices=1000, fleet="acceptance", drill="broken-model")
     assert broken.version == 2 and broken.phase == "rolled-back"
     [stage] = broken.history
-    assert stage["percent"] == 1.0 and stage["action"] == "rollback" and "failure rate 100.0%" in stage["reason"]
+    assert (
+        stage["percent"] == 1.0 and stage["action"] == "rollback" and "failure rate 100.0%" in stage["reason"]
+    )
     failed = broken.events["health_failed:health"]
     assert 0 < failed < 30  # only the 1% cohort ever saw the broken model
     assert broken.rollback_version == 3
@@ -157,13 +182,17 @@ def test_a_model_that_shifts_predictions_passes_health_checks_but_is_rolled_back
     from flows.edge import edge_rollout_flow
 
     monkeypatch.setenv("MLOPS__EDGE__FLEET_FSYNC", "false")
-    monkeypatch.setenv("MLOPS__EDGE__STAGES", "[5.0, 50.0, 100.0]")  # a small fleet needs a wider first cohort
+    monkeypatch.setenv(
+        "MLOPS__EDGE__STAGES", "[5.0, 50.0, 100.0]"
+    )  # a small fleet needs a wider first cohort
     _publish(flow_home, small_model)
     assert edge_rollout_flow(devices=150, fleet="shift").phase == "completed"
 
     shifted = edge_rollout_flow(devices=150, fleet="shift", drill="shifted-model")
     assert shifted.phase == "rolled-back"
     assert "prediction PSI" in shifted.history[0]["reason"] and shifted.history[0]["percent"] == 5.0
-    assert shifted.events.get("installed:update", 0) > 0 and shifted.events.get("restored:previous-bytes", 0) > 0
+    assert (
+        shifted.events.get("installed:update", 0) > 0 and shifted.events.get("restored:previous-bytes", 0) > 0
+    )
     assert shifted.versions == {"v3": 150}
     _all_devices_serve(flow_home, small_model, "shift")

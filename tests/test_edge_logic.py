@@ -13,18 +13,38 @@ from mlops.edge.budget import EdgeLimits
 from mlops.edge.cohorts import bucket, cohort, in_cohort
 from mlops.edge.errors import RolloutConflict
 from mlops.edge.ota import Action, Phase, advance, decide, start
-from mlops.edge.telemetry import StageObservation, assess_stage, histogram, observe, psi, reference_distribution
+from mlops.edge.telemetry import (
+    StageObservation,
+    assess_stage,
+    histogram,
+    observe,
+    psi,
+    reference_distribution,
+)
 from mlops.edge.variants import Measurement, VariantResult, gate_variant, select_variant, skip_reason
 from mlops.gates import CheckResult, GateResult, Outcome
 from mlops.settings import EdgeConfig, OtaGates
 
-LIMITS = EdgeLimits(max_size_bytes=10_000, max_latency_p99_ms=5.0, max_metric_drop=0.005, max_abs_dp=0.05, max_mean_dp=0.002)
+LIMITS = EdgeLimits(
+    max_size_bytes=10_000, max_latency_p99_ms=5.0, max_metric_drop=0.005, max_abs_dp=0.05, max_mean_dp=0.002
+)
 
 
 def measurement(**over: float) -> Measurement:
-    base = dict(rows=1000, size_bytes=5000, latency_p50_ms=0.1, latency_p99_ms=0.3, batch_rows_per_s=1e5, metric="roc_auc",
-                value=0.90, teacher_value=0.901, max_abs_dp=0.01, mean_abs_dp=0.0005, max_abs_dp_teacher=0.02,
-                mean_abs_dp_teacher=0.001)  # fmt: skip
+    base = dict(
+        rows=1000,
+        size_bytes=5000,
+        latency_p50_ms=0.1,
+        latency_p99_ms=0.3,
+        batch_rows_per_s=1e5,
+        metric="roc_auc",
+        value=0.90,
+        teacher_value=0.901,
+        max_abs_dp=0.01,
+        mean_abs_dp=0.0005,
+        max_abs_dp_teacher=0.02,
+        mean_abs_dp_teacher=0.001,
+    )
     return Measurement(**(base | over))  # type: ignore[arg-type]
 
 
@@ -40,7 +60,13 @@ def test_variant_within_budget_passes_with_numbers_in_every_reason() -> None:
     gate = gate_variant(measurement(), LIMITS, preserves_function=True)
     assert gate.outcome is Outcome.PASS
     assert "roc_auc drop 0.0010 <= max 0.0050" in gate.reason
-    assert {c.metric for c in gate.checks} == {"size_bytes", "latency_p99_ms", "metric_drop", "max_abs_dp", "mean_abs_dp"}
+    assert {c.metric for c in gate.checks} == {
+        "size_bytes",
+        "latency_p99_ms",
+        "metric_drop",
+        "max_abs_dp",
+        "mean_abs_dp",
+    }
 
 
 def test_variant_over_the_metric_drop_budget_fails_and_says_why() -> None:
@@ -90,7 +116,9 @@ def test_best_passing_variant_is_selected_by_the_budget_criterion() -> None:
         ("prune", "neural", True, None),
     ],
 )
-def test_each_model_type_says_why_a_technique_is_skipped(technique: str, family: str, trainable: bool, expect: str | None) -> None:
+def test_each_model_type_says_why_a_technique_is_skipped(
+    technique: str, family: str, trainable: bool, expect: str | None
+) -> None:
     reason = skip_reason(technique, family, trainable)
     assert reason is None if expect is None else expect in reason
 
@@ -124,19 +152,31 @@ def test_reference_bins_are_quantiles_and_psi_is_zero_for_the_same_distribution(
     assert psi(fractions, shifted) > 1.0
 
 
-GATES = OtaGates(min_reporting_fraction=0.9, max_failure_rate=0.02, max_latency_p99_ms=20.0, max_prediction_psi=0.2, min_predictions=100)
+GATES = OtaGates(
+    min_reporting_fraction=0.9,
+    max_failure_rate=0.02,
+    max_latency_p99_ms=20.0,
+    max_prediction_psi=0.2,
+    min_predictions=100,
+)
 
 
 def test_stage_with_no_reports_is_inconclusive_never_pass() -> None:
-    obs = StageObservation(stage_percent=1.0, targeted=10, reported=0, failed=0, serving=0, latency_p99_ms=None)
+    obs = StageObservation(
+        stage_percent=1.0, targeted=10, reported=0, failed=0, serving=0, latency_p99_ms=None
+    )
     assert assess_stage(obs, [0.5, 0.5], GATES).outcome is Outcome.INCONCLUSIVE
-    empty = StageObservation(stage_percent=1.0, targeted=0, reported=0, failed=0, serving=0, latency_p99_ms=None)
+    empty = StageObservation(
+        stage_percent=1.0, targeted=0, reported=0, failed=0, serving=0, latency_p99_ms=None
+    )
     assert "no device in the cohort" in assess_stage(empty, [0.5, 0.5], GATES).reason
 
 
 def test_failed_health_checks_fail_the_stage_with_counts() -> None:
     """Ten of ten devices failing is a FAIL that says how many, whatever else is unknown."""
-    obs = StageObservation(stage_percent=1.0, targeted=10, reported=10, failed=10, serving=0, latency_p99_ms=None)
+    obs = StageObservation(
+        stage_percent=1.0, targeted=10, reported=10, failed=10, serving=0, latency_p99_ms=None
+    )
     gate = assess_stage(obs, [0.5, 0.5], GATES)
     assert gate.outcome is Outcome.FAIL
     assert "failure rate 100.0% (10 of 10 devices) > max 2.0%" in gate.reason
@@ -153,12 +193,48 @@ def test_prediction_shift_and_latency_fail_the_stage() -> None:
 
 def test_observation_takes_each_cohort_devices_latest_event_for_the_release() -> None:
     events = [
-        {"device_id": "a", "release_version": 2, "event": "installed", "latency_p99_ms": 1.0, "prediction_counts": [3, 1]},
-        {"device_id": "b", "release_version": 2, "event": "health_failed", "latency_p99_ms": None, "prediction_counts": None},
-        {"device_id": "c", "release_version": 2, "event": "rejected", "latency_p99_ms": None, "prediction_counts": None},
-        {"device_id": "c", "release_version": 2, "event": "installed", "latency_p99_ms": 2.0, "prediction_counts": [1, 3]},
-        {"device_id": "z", "release_version": 2, "event": "installed", "latency_p99_ms": 9.0, "prediction_counts": [9, 9]},
-        {"device_id": "a", "release_version": 1, "event": "installed", "latency_p99_ms": 7.0, "prediction_counts": [9, 9]},
+        {
+            "device_id": "a",
+            "release_version": 2,
+            "event": "installed",
+            "latency_p99_ms": 1.0,
+            "prediction_counts": [3, 1],
+        },
+        {
+            "device_id": "b",
+            "release_version": 2,
+            "event": "health_failed",
+            "latency_p99_ms": None,
+            "prediction_counts": None,
+        },
+        {
+            "device_id": "c",
+            "release_version": 2,
+            "event": "rejected",
+            "latency_p99_ms": None,
+            "prediction_counts": None,
+        },
+        {
+            "device_id": "c",
+            "release_version": 2,
+            "event": "installed",
+            "latency_p99_ms": 2.0,
+            "prediction_counts": [1, 3],
+        },
+        {
+            "device_id": "z",
+            "release_version": 2,
+            "event": "installed",
+            "latency_p99_ms": 9.0,
+            "prediction_counts": [9, 9],
+        },
+        {
+            "device_id": "a",
+            "release_version": 1,
+            "event": "installed",
+            "latency_p99_ms": 7.0,
+            "prediction_counts": [9, 9],
+        },
     ]
     obs = observe(events, ["a", "b", "c", "d"], version=2, percent=10.0)
     assert (obs.targeted, obs.reported, obs.failed, obs.serving) == (4, 3, 1, 2)
@@ -240,7 +316,14 @@ def test_distillation_gradient_is_the_derivative_of_the_loss() -> None:
             up, down = z_s.copy(), z_s.copy()
             up[i] += eps
             down[i] -= eps
-            numeric = (neural.distillation_loss(up, z_t, y, t, alpha) - neural.distillation_loss(down, z_t, y, t, alpha)) * 50 / (2 * eps)
+            numeric = (
+                (
+                    neural.distillation_loss(up, z_t, y, t, alpha)
+                    - neural.distillation_loss(down, z_t, y, t, alpha)
+                )
+                * 50
+                / (2 * eps)
+            )
             assert grad[i] == pytest.approx(numeric, rel=1e-4, abs=1e-6)
 
 
@@ -250,7 +333,13 @@ def test_training_on_soft_targets_fits_the_teacher() -> None:
     x = rng.normal(size=(4000, 5)).astype(np.float32)
     z_t = 2.0 * x[:, 0] - 1.5 * np.maximum(x[:, 1], 0) - 2.0
     y = (rng.random(4000) < neural.sigmoid(z_t)).astype(float)
-    mlp = neural.distill(x, z_t, y, neural.init_mlp(5, (8,), 0), neural.DistillConfig(temperature=2.0, alpha=1.0, epochs=30, batch_size=64, learning_rate=1e-2))
+    mlp = neural.distill(
+        x,
+        z_t,
+        y,
+        neural.init_mlp(5, (8,), 0),
+        neural.DistillConfig(temperature=2.0, alpha=1.0, epochs=30, batch_size=64, learning_rate=1e-2),
+    )
     assert np.mean(np.abs(mlp.predict_proba(x) - neural.sigmoid(z_t))) < 0.02
 
 
@@ -290,10 +379,14 @@ def test_a_tiny_cohort_is_not_failed_on_sampling_noise_alone() -> None:
     from mlops.edge.telemetry import psi_noise
 
     ref = [0.1] * 10
-    noisy_small = StageObservation(1.0, 2, 2, 0, 2, 1.0, prediction_counts=(24, 10, 12, 9, 16, 14, 8, 15, 11, 9))
+    noisy_small = StageObservation(
+        1.0, 2, 2, 0, 2, 1.0, prediction_counts=(24, 10, 12, 9, 16, 14, 8, 15, 11, 9)
+    )
     small = assess_stage(noisy_small, ref, GATES)
     assert psi(ref, noisy_small.prediction_counts) > GATES.max_prediction_psi * 0.5
     assert small.passed and "sampling noise alone reaches" in small.reason
     assert psi_noise(10, 128) > 0.2 > psi_noise(10, 6400)
-    shifted_large = StageObservation(10.0, 100, 100, 0, 100, 1.0, prediction_counts=(3200, 0, 0, 0, 0, 0, 0, 0, 0, 3200))
+    shifted_large = StageObservation(
+        10.0, 100, 100, 0, 100, 1.0, prediction_counts=(3200, 0, 0, 0, 0, 0, 0, 0, 0, 3200)
+    )
     assert not assess_stage(shifted_large, ref, GATES).passed

@@ -14,21 +14,40 @@ from mlops.edge.errors import MetadataInvalid, SignatureInvalid
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 
 
-def root_doc(version: int, keys: list[Ed25519PrivateKey], expires: datetime = NOW + timedelta(days=365)) -> dict:
-    return {"kind": "root", "spec_version": "1.0", "version": version, "threshold": 1, "expires": m.iso(expires),
-            "keys": {m.key_id(k.public_key()): m.public_bytes(k.public_key()).hex() for k in keys}}  # fmt: skip
+def root_doc(
+    version: int, keys: list[Ed25519PrivateKey], expires: datetime = NOW + timedelta(days=365)
+) -> dict:
+    return {
+        "kind": "root",
+        "spec_version": "1.0",
+        "version": version,
+        "threshold": 1,
+        "expires": m.iso(expires),
+        "keys": {m.key_id(k.public_key()): m.public_bytes(k.public_key()).hex() for k in keys},
+    }
 
 
 def release_doc(version: int = 2, **over: object) -> dict:
     model = b"model bytes"
     doc = {
-        "kind": "model-targets", "spec_version": "1.0", "model": "fraud", "version": version, "variant": "student",
-        "source_version": 1, "restores": None, "created": m.iso(NOW - timedelta(hours=1)), "expires": m.iso(NOW + timedelta(days=7)),
+        "kind": "model-targets",
+        "spec_version": "1.0",
+        "model": "fraud",
+        "version": version,
+        "variant": "student",
+        "source_version": 1,
+        "restores": None,
+        "created": m.iso(NOW - timedelta(hours=1)),
+        "expires": m.iso(NOW + timedelta(days=7)),
         "target": {"name": "fraud.onnx", "length": len(model), "sha256": m.sha256_hex(model)},
-        "device_classes": ["pos-terminal"], "min_runtime_version": "1.20.0", "cohort_percent": 100.0, "rollout_salt": "s",
+        "device_classes": ["pos-terminal"],
+        "min_runtime_version": "1.20.0",
+        "cohort_percent": 100.0,
+        "rollout_salt": "s",
         "golden": {"inputs": {"amount": [1.0]}, "expected": [0.1], "tolerance": 1e-4},
-        "reference": {"edges": [0.0, 0.5, 1.0], "fractions": [0.5, 0.5]}, "reference_version": 1,
-    }  # fmt: skip
+        "reference": {"edges": [0.0, 0.5, 1.0], "fractions": [0.5, 0.5]},
+        "reference_version": 1,
+    }
     return doc | over
 
 
@@ -43,8 +62,15 @@ def root(key: Ed25519PrivateKey) -> m.RootMeta:
 
 
 def device(**over: object) -> m.DeviceView:
-    base = dict(device_id="dev-1", device_class="pos-terminal", runtime_version="1.32.0", model="fraud",
-                current=m.Installed(1, "a" * 64), previous=None, highest_version=1)  # fmt: skip
+    base = dict(
+        device_id="dev-1",
+        device_class="pos-terminal",
+        runtime_version="1.32.0",
+        model="fraud",
+        current=m.Installed(1, "a" * 64),
+        previous=None,
+        highest_version=1,
+    )
     return m.DeviceView(**(base | over))  # type: ignore[arg-type]
 
 
@@ -94,7 +120,9 @@ def test_signed_but_incomplete_release_is_refused(key: Ed25519PrivateKey, root: 
 # --------------------------------------------------------------------------- key rotation
 
 
-def test_key_rotation_is_followed_only_through_a_chain_vouched_for_by_trusted_keys(key: Ed25519PrivateKey, root: m.RootMeta) -> None:
+def test_key_rotation_is_followed_only_through_a_chain_vouched_for_by_trusted_keys(
+    key: Ed25519PrivateKey, root: m.RootMeta
+) -> None:
     """Root v2 signed by the old and new keys is adopted; then only the new key signs releases."""
     new = Ed25519PrivateKey.generate()
     v2 = m.sign(root_doc(2, [new]), [key, new])
@@ -111,7 +139,9 @@ def test_a_root_not_signed_by_the_previous_keys_is_refused(key: Ed25519PrivateKe
         m.update_root(root, [m.sign(root_doc(2, [attacker]), [attacker])], NOW)
 
 
-def test_root_versions_cannot_skip_and_an_expired_root_is_refused(key: Ed25519PrivateKey, root: m.RootMeta) -> None:
+def test_root_versions_cannot_skip_and_an_expired_root_is_refused(
+    key: Ed25519PrivateKey, root: m.RootMeta
+) -> None:
     with pytest.raises(MetadataInvalid, match="does not follow"):
         m.update_root(root, [m.sign(root_doc(3, [key]), [key])], NOW)
     with pytest.raises(MetadataInvalid, match="expired"):
@@ -160,8 +190,11 @@ def test_same_bytes_are_adopted_and_the_previous_bytes_restored_without_download
     """A rollback release (a new version carrying the last good bytes) needs no download on devices that keep them."""
     sha = m.sha256_hex(b"model bytes")
     assert m.decide_update(release(), device(current=m.Installed(1, sha)), NOW).action == "adopt"
-    restored = m.decide_update(release(version=3), device(current=m.Installed(2, "b" * 64), previous=m.Installed(1, sha),
-                                                          highest_version=2), NOW)  # fmt: skip
+    restored = m.decide_update(
+        release(version=3),
+        device(current=m.Installed(2, "b" * 64), previous=m.Installed(1, sha), highest_version=2),
+        NOW,
+    )
     assert restored.action == "restore"
 
 

@@ -62,11 +62,15 @@ def test_bad_arguments_are_refused() -> None:
     target=st.integers(1, 400),
     min_rows=st.integers(1, 60),
 )
-def test_every_input_row_is_read_exactly_once_in_order(files: list[list[int]], target: int, min_rows: int) -> None:
+def test_every_input_row_is_read_exactly_once_in_order(
+    files: list[list[int]], target: int, min_rows: int
+) -> None:
     """For any layout, the plan reads each row once, in input order, numbered 0..n-1."""
     layouts = [FileLayout(f"f{i}", tuple(groups)) for i, groups in enumerate(files)]
     plan = plan_partitions(layouts, target, min_rows=min_rows)
-    expected = [(f"f{i}", g, r) for i, groups in enumerate(files) for g, n in enumerate(groups) for r in range(n)]
+    expected = [
+        (f"f{i}", g, r) for i, groups in enumerate(files) for g, n in enumerate(groups) for r in range(n)
+    ]
     assert rows_covered(plan) == expected
     assert [p.index for p in plan] == list(range(len(plan)))
     total = len(expected)

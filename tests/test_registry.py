@@ -10,7 +10,14 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from mlops.errors import GateFailed, NotFound, StaleAlias
-from mlops.registry_model import CHALLENGER, CHAMPION, PREVIOUS_CHAMPION, model_uri, parse_expect, plan_promotion
+from mlops.registry_model import (
+    CHALLENGER,
+    CHAMPION,
+    PREVIOUS_CHAMPION,
+    model_uri,
+    parse_expect,
+    plan_promotion,
+)
 from mlops.settings import Settings
 from registry.mlflow_registry import ModelRegistry
 from registry.promotion import promote
@@ -31,7 +38,10 @@ def test_uri_helpers_and_expectations() -> None:
 
 def test_promotion_plan_keeps_previous_champion() -> None:
     """Promoting a new champion first parks the outgoing one as previous-champion."""
-    assert plan_promotion(CHAMPION, 3, {CHAMPION: 2, PREVIOUS_CHAMPION: 1}) == [(PREVIOUS_CHAMPION, 1, 2), (CHAMPION, 2, 3)]
+    assert plan_promotion(CHAMPION, 3, {CHAMPION: 2, PREVIOUS_CHAMPION: 1}) == [
+        (PREVIOUS_CHAMPION, 1, 2),
+        (CHAMPION, 2, 3),
+    ]
     assert plan_promotion(CHAMPION, 1, {}) == [(CHAMPION, None, 1)]
     assert plan_promotion(CHAMPION, 2, {CHAMPION: 2}) == []
 
@@ -102,12 +112,26 @@ def test_concurrent_promotions_in_processes_have_one_winner(home: Settings, smal
     versions = register_versions(home, small_model, [GOOD] * 9)
     registry = ModelRegistry(home)
     name = home.training.model_name
-    promote(home, registry, name=name, alias=CHAMPION, version=versions[0], reason="base", expect_current=None)
+    promote(
+        home, registry, name=name, alias=CHAMPION, version=versions[0], reason="base", expect_current=None
+    )
     contenders = versions[1:]
 
     def run(version: int) -> subprocess.CompletedProcess[str]:
-        cmd = [sys.executable, "-m", "mlops_cli.main", "promote", "--alias", CHAMPION, "--version", str(version),
-               "--expect-current", str(versions[0]), "--reason", f"race {version}"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "mlops_cli.main",
+            "promote",
+            "--alias",
+            CHAMPION,
+            "--version",
+            str(version),
+            "--expect-current",
+            str(versions[0]),
+            "--reason",
+            f"race {version}",
+        ]
         return subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), timeout=300)
 
     with ThreadPoolExecutor(len(contenders)) as pool:
@@ -121,4 +145,7 @@ def test_concurrent_promotions_in_processes_have_one_winner(home: Settings, smal
     assert registry.aliases(name)[CHAMPION] == winner
     assert registry.aliases(name)[PREVIOUS_CHAMPION] == versions[0]
     champion_moves = [m for m in registry.history(name) if m.alias == CHAMPION]
-    assert [(m.from_version, m.to_version) for m in champion_moves] == [(None, versions[0]), (versions[0], winner)]
+    assert [(m.from_version, m.to_version) for m in champion_moves] == [
+        (None, versions[0]),
+        (versions[0], winner),
+    ]

@@ -44,8 +44,12 @@ def _log_losses(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     return np.where(y, -np.log(p), -np.log1p(-p))
 
 
-def _run(effect: float, seed: int, spec: SequentialTest = SPEC, experiments: int = EXPERIMENTS,
-         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+def _run(
+    effect: float,
+    seed: int,
+    spec: SequentialTest = SPEC,
+    experiments: int = EXPERIMENTS,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``experiments`` experiments, each looked at after every tick through ``evaluate_primary``.
 
     ``effect`` lowers the candidate's loss (an improvement). Returns, per experiment, the
@@ -168,7 +172,10 @@ def test_primary_verdicts_name_their_numbers() -> None:
     """Too few samples, a significantly worse candidate, an unpowered sample and a winner
     each give their own outcome and a reason with the numbers."""
     few = evaluate_primary(SPEC, Arms("log_loss", Arm(500, 0.03, 0.08), Arm(400, 0.03, 0.08)))
-    assert few.outcome is Outcome.INCONCLUSIVE and "500 stable / 400 candidate values < min_samples 1000" in few.reason
+    assert (
+        few.outcome is Outcome.INCONCLUSIVE
+        and "500 stable / 400 candidate values < min_samples 1000" in few.reason
+    )
     worse = evaluate_primary(SPEC, Arms("log_loss", Arm(5000, 0.03, 0.08), Arm(5000, 0.06, 0.16)))
     assert worse.outcome is Outcome.FAIL and "significantly worse" in worse.reason
     assert worse.improvement == pytest.approx(-0.03) and worse.ci_high < 0
@@ -190,8 +197,10 @@ def test_higher_is_better_and_non_inferiority() -> None:
     ni = SequentialTest(metric="log_loss", hypothesis="non_inferiority", mde=0.01, min_samples=100)
     same = evaluate_primary(ni, Arms("log_loss", Arm(60000, 0.03, 0.08), Arm(60000, 0.03, 0.08)))
     assert same.outcome is Outcome.PASS and "not worse by more than the mde" in same.reason
-    sup = evaluate_primary(SequentialTest(metric="log_loss", mde=0.01, min_samples=100),
-                           Arms("log_loss", Arm(60000, 0.03, 0.08), Arm(60000, 0.03, 0.08)))  # fmt: skip
+    sup = evaluate_primary(
+        SequentialTest(metric="log_loss", mde=0.01, min_samples=100),
+        Arms("log_loss", Arm(60000, 0.03, 0.08), Arm(60000, 0.03, 0.08)),
+    )
     assert sup.outcome is Outcome.INCONCLUSIVE and "no winner" in sup.reason
 
 

@@ -41,7 +41,9 @@ def test_erroring_and_less_accurate_models_are_so_deterministically(small_model:
     zeros[list(SCHEMA.numeric_names)] = 0.0
     assert np.isfinite(erroring.predict_proba(zeros)).all()
     clean = auc(y, OnnxScorer(small_model, SCHEMA).predict_proba(frame))
-    noisy = auc(y, OnnxScorer(degrade(small_model, SCHEMA, Pathology(extra_noise=4.0)), SCHEMA).predict_proba(frame))
+    noisy = auc(
+        y, OnnxScorer(degrade(small_model, SCHEMA, Pathology(extra_noise=4.0)), SCHEMA).predict_proba(frame)
+    )
     assert noisy < clean - 0.1
 
 

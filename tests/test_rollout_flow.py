@@ -45,7 +45,9 @@ SHADOW_APPROVAL = REPO / "tests/plans/shadow-approval.yaml"  # straight to the a
 STRICT_LATENCY = REPO / "tests/plans/strict-latency.yaml"  # the fast plan at p95 <= 2x, p99 <= 3x
 RATE = 70.0  # requests/s: the slower candidate can still be mirrored in shadow; 25 frauds take ~30 s
 BASE, BETTER, SLOWER, ERRORING, WORSE = 1, 2, 3, 4, 5
-SLOW_MS = 15.0  # extra ms per model call: ~3x stable's p99 here (more at p50/p95), light enough to mirror in shadow
+SLOW_MS = (
+    15.0  # extra ms per model call: ~3x stable's p99 here (more at p50/p95), light enough to mirror in shadow
+)
 
 
 def _free_port() -> int:
@@ -66,9 +68,10 @@ class Live:
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -> Iterator[Live]:
     """A started service with v1 champion in stable and v2-v5 registered, and its environment."""
+    from conftest import FAST_ENV, register_versions
+
     from adapters.runtime import configure
     from adapters.services import serving_command, serving_environment
-    from conftest import FAST_ENV, register_versions
     from mlops.rollout.degrade import degrade
     from registry.mlflow_registry import ModelRegistry
 
@@ -86,15 +89,20 @@ def live(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -> Iterat
         configure(settings)
         env = dict(os.environ)
         schema = settings.dataset
-        models = [degrade(small_model, schema, Pathology(extra_noise=1.5)), small_model,
-                  degrade(small_model, schema, Pathology(extra_latency_ms=SLOW_MS)),
-                  degrade(small_model, schema, Pathology(error_share=0.05)),
-                  degrade(small_model, schema, Pathology(extra_noise=4.0))]  # fmt: skip
+        models = [
+            degrade(small_model, schema, Pathology(extra_noise=1.5)),
+            small_model,
+            degrade(small_model, schema, Pathology(extra_latency_ms=SLOW_MS)),
+            degrade(small_model, schema, Pathology(error_share=0.05)),
+            degrade(small_model, schema, Pathology(extra_noise=4.0)),
+        ]
         versions = []
         for onnx_model in models:
             versions += register_versions(settings, onnx_model, [{"roc_auc": 0.8}])
         assert versions == [BASE, BETTER, SLOWER, ERRORING, WORSE]
-        ModelRegistry(settings).move_alias(settings.training.model_name, CHAMPION, BASE, reason="rollout tests")
+        ModelRegistry(settings).move_alias(
+            settings.training.model_name, CHAMPION, BASE, reason="rollout tests"
+        )
         from serving.auth import ensure_token
 
         ensure_token(settings)
@@ -105,9 +113,14 @@ def live(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -> Iterat
     plan.write_text(FAST_PLAN)
     log = root / "service.log"
     with open(log, "wb") as fh:
-        proc = subprocess.Popen(serving_command(settings, "127.0.0.1", port), cwd=REPO,
-                                env=env | serving_environment(settings), stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            serving_command(settings, "127.0.0.1", port),
+            cwd=REPO,
+            env=env | serving_environment(settings),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 240
     try:
@@ -157,8 +170,13 @@ def world(live: Live, prefect_api: None, monkeypatch: pytest.MonkeyPatch) -> Ite
 def _run(world: Live, candidate: int, **kw):
     from flows.rollout import rollout_flow
 
-    return rollout_flow(plan=str(kw.pop("plan", world.plan)), candidate=str(candidate), approval=kw.pop("approval", "approve"),
-                        max_seconds=kw.pop("max_seconds", 400), **kw)  # fmt: skip
+    return rollout_flow(
+        plan=str(kw.pop("plan", world.plan)),
+        candidate=str(candidate),
+        approval=kw.pop("approval", "approve"),
+        max_seconds=kw.pop("max_seconds", 400),
+        **kw,
+    )
 
 
 def _status(world: Live, rollout_id: str):
@@ -199,15 +217,24 @@ def test_a_better_candidate_is_promoted_through_every_stage(world: Live) -> None
     status = _status(world, summary.rollout_id)
     assert summary.phase == "succeeded", summary.reason
     assert _steps(status) == ["replay", "shadow", "canary 10%", "canary 50%", "ab", "approval", "blue_green"]
-    assert {k: v for k, v in _aliases(world).items() if k != "challenger"} == {CHAMPION: BETTER, PREVIOUS_CHAMPION: BASE}
-    moves = [m for m in ModelRegistry(world.settings).history(world.settings.training.model_name)
-             if m.alias == CHAMPION and m.action == "rollout"]  # fmt: skip
+    assert {k: v for k, v in _aliases(world).items() if k != "challenger"} == {
+        CHAMPION: BETTER,
+        PREVIOUS_CHAMPION: BASE,
+    }
+    moves = [
+        m
+        for m in ModelRegistry(world.settings).history(world.settings.training.model_name)
+        if m.alias == CHAMPION and m.action == "rollout"
+    ]
     assert [(m.from_version, m.to_version) for m in moves] == [(BASE, BETTER)]
     served = _served(world)
     assert (served["mode"], served["stable_version"], served["candidate_version"]) == ("single", BETTER, None)
     keys = [a.key for a in status.applied]
     assert len(keys) == len(set(keys))
-    assert Path(summary.report).read_text().startswith("<!DOCTYPE html>") or "<html" in Path(summary.report).read_text()
+    assert (
+        Path(summary.report).read_text().startswith("<!DOCTYPE html>")
+        or "<html" in Path(summary.report).read_text()
+    )
 
 
 def test_a_three_times_slower_candidate_is_rolled_back_at_the_first_canary_analysis(world: Live) -> None:
@@ -250,10 +277,12 @@ def test_an_erroring_candidate_is_rolled_back_and_no_stable_user_sees_an_error(w
     if failed:
         ids = "','".join(failed)
         rows = PredictionLogStore.for_settings(world.settings).query(
-            f"SELECT DISTINCT variant FROM predictions WHERE role = 'primary' AND status <> 200 AND request_id IN ('{ids}')")
+            f"SELECT DISTINCT variant FROM predictions WHERE role = 'primary' AND status <> 200 AND request_id IN ('{ids}')"
+        )
         assert set(rows["variant"]) <= {"candidate"}
     stable_errors = PredictionLogStore.for_settings(world.settings).query(
-        "SELECT count(*) n FROM predictions WHERE role = 'primary' AND variant = 'stable' AND status <> 200")
+        "SELECT count(*) n FROM predictions WHERE role = 'primary' AND variant = 'stable' AND status <> 200"
+    )
     assert stable_errors["n"].iloc[0] == 0
     assert _aliases(world)[CHAMPION] == BASE
 
@@ -281,8 +310,10 @@ def test_a_rejected_approval_rolls_back_through_the_prefect_pause(world: Live) -
     from prefect.flow_runs import resume_flow_run
 
     result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(s=_run(world, BETTER, plan=SHADOW_APPROVAL, approval="prefect")),
-                              daemon=True)  # fmt: skip
+    thread = threading.Thread(
+        target=lambda: result.update(s=_run(world, BETTER, plan=SHADOW_APPROVAL, approval="prefect")),
+        daemon=True,
+    )
     thread.start()
     run = _paused_run()
     resume_flow_run(run.id, run_input={"approved": True, "version": 99, "by": "mallory"})
@@ -298,7 +329,9 @@ def test_a_rejected_approval_rolls_back_through_the_prefect_pause(world: Live) -
     assert _served(world)["mode"] == "single"
 
 
-def test_an_unanswered_approval_times_out_restores_the_route_and_fails_the_run(world: Live, tmp_path: Path) -> None:
+def test_an_unanswered_approval_times_out_restores_the_route_and_fails_the_run(
+    world: Live, tmp_path: Path
+) -> None:
     """Nobody answers the paused run, and Prefect's server fails it for its expired pause (as
     its pause-expiry service does, here a moment early) while the flow still waits: at the
     plan's deadline the rollout is still recorded timed_out (not left awaiting approval),
@@ -323,7 +356,9 @@ def test_an_unanswered_approval_times_out_restores_the_route_and_fails_the_run(w
     thread.start()
     paused = _paused_run()
     with get_client(sync_client=True) as client:
-        client.set_flow_run_state(paused.id, Failed(message="The flow was paused and never resumed."), force=True)
+        client.set_flow_run_state(
+            paused.id, Failed(message="The flow was paused and never resumed."), force=True
+        )
     thread.join(timeout=120)
     assert "timed out" in str(result.get("e")), result
     status = list_rollouts(world.settings)[-1]
@@ -345,10 +380,25 @@ def test_a_rollout_killed_mid_canary_resumes_from_its_persisted_status(world: Li
 
     start_generation = _served(world)["generation"]
     rid = f"killed-{int(time.time())}"
-    env = world.env | {"MLOPS__PREFECT__API_URL": PREFECT_API_URL.value(), "PREFECT_API_URL": PREFECT_API_URL.value()}
-    argv = [str(Path(sys.executable).with_name("mlops")), "rollout", "--plan", str(CANARY_CUTOVER), "--candidate",
-            str(BETTER), "--id", rid, "--auto-answer", "approve"]  # fmt: skip
-    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    env = world.env | {
+        "MLOPS__PREFECT__API_URL": PREFECT_API_URL.value(),
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+    }
+    argv = [
+        str(Path(sys.executable).with_name("mlops")),
+        "rollout",
+        "--plan",
+        str(CANARY_CUTOVER),
+        "--candidate",
+        str(BETTER),
+        "--id",
+        rid,
+        "--auto-answer",
+        "approve",
+    ]
+    proc = subprocess.Popen(
+        argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     status_file = world.settings.home_path / "rollouts" / rid / "status.json"
     deadline = time.monotonic() + 150
     try:
@@ -376,8 +426,11 @@ def test_a_rollout_killed_mid_canary_resumes_from_its_persisted_status(world: Li
     assert len(keys) == len(set(keys))
     routes = [a.key for a in status.applied if a.key.endswith("/route")]
     assert _served(world)["generation"] - start_generation == len(routes)
-    moves = [m for m in ModelRegistry(world.settings).history(world.settings.training.model_name)
-             if m.alias == CHAMPION and m.reason.startswith(f"rollout {rid}")]  # fmt: skip
+    moves = [
+        m
+        for m in ModelRegistry(world.settings).history(world.settings.training.model_name)
+        if m.alias == CHAMPION and m.reason.startswith(f"rollout {rid}")
+    ]
     assert len(moves) == 1
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,15 @@ from mlops.rollout import machine as m
 from mlops.rollout.abtest import Arm, Arms
 from mlops.rollout.errors import ObservationMismatch, PlanMismatch, RolloutError, StatusFormatError
 from mlops.rollout.observe import Observations, PairStats, VariantStats
-from mlops.rollout.plan import ABStep, BlueGreenStep, CanaryStep, MetricCheck, RolloutPlan, ShadowStep, load_plan
+from mlops.rollout.plan import (
+    ABStep,
+    BlueGreenStep,
+    CanaryStep,
+    MetricCheck,
+    RolloutPlan,
+    ShadowStep,
+    load_plan,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = load_plan(REPO / "configs/rollout/demo.yaml")  # its A/B asks for non-inferiority
@@ -32,15 +40,18 @@ DEMO = load_plan(REPO / "configs/rollout/demo.yaml")  # its A/B asks for non-inf
 def _superiority(plan: RolloutPlan, mde: float = 0.012) -> RolloutPlan:
     """``plan`` with an A/B that must find a winner (superiority at ``mde``)."""
     steps = tuple(
-        s.model_copy(update={"primary": s.primary.model_copy(update={"hypothesis": "superiority", "mde": mde})})
-        if isinstance(s, ABStep) else s
+        s.model_copy(
+            update={"primary": s.primary.model_copy(update={"hypothesis": "superiority", "mde": mde})}
+        )
+        if isinstance(s, ABStep)
+        else s
         for s in plan.steps
     )
     return plan.model_copy(update={"steps": steps})
 
 
 DEMO_SUPERIORITY = _superiority(DEMO)
-T0 = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 S, C = 3, 4  # stable (champion) and candidate versions
 ALIASES = {CHAMPION: S, PREVIOUS_CHAMPION: 2, "challenger": C}
 RATE = 200.0
@@ -70,35 +81,68 @@ class Candidate:
 
     def __call__(self, plan: RolloutPlan, status: m.RolloutStatus, now: datetime) -> Observations | None:
         if plan.steps[status.step_index].kind == "replay":
-            return Observations(source="replay", pairs=PairStats(4000, 0.99, 0.9, 0.01),
-                                stable=VariantStats(version=S, requests=4000, score_psi=0.01),
-                                candidate=VariantStats(version=C, requests=4000, score_psi=0.02))  # fmt: skip
+            return Observations(
+                source="replay",
+                pairs=PairStats(4000, 0.99, 0.9, 0.01),
+                stable=VariantStats(version=S, requests=4000, score_psi=0.01),
+                candidate=VariantStats(version=C, requests=4000, score_psi=0.02),
+            )
         if status.window_start is None:
             return None
         seconds = (now - status.window_start).total_seconds()
         r = status.route
         total = RATE * seconds
-        share = {"shadow": r.mirror_pct, "canary": r.weight_pct, "ab": r.weight_pct}.get(r.mode, r.candidate_pct) / 100
+        share = {"shadow": r.mirror_pct, "canary": r.weight_pct, "ab": r.weight_pct}.get(
+            r.mode, r.candidate_pct
+        ) / 100
         share = 0.0 if r.mode in self.starved else share
         n_cand = int(total * share)
         n_stable = int(total * (1 - share)) if r.mode in ("canary", "ab", "blue_green") else int(total)
         if r.mode == "blue_green":
             n_stable = 0 if r.active_slot == "candidate" else int(total)
-        stable = VariantStats(version=S, requests=n_stable, entities=int(n_stable / 20), latency_p50_ms=6.0,
-                              latency_p95_ms=10.0, latency_p99_ms=12.0, labelled=int(0.8 * n_stable),
-                              positives=int(0.008 * n_stable), auc=0.95, log_loss=0.03, decision_rate=0.02)  # fmt: skip
-        cand = VariantStats(version=C, requests=n_cand, errors=round(n_cand * self.error_rate),
-                            entities=int(n_cand / 20), latency_p50_ms=6.0 * self.p99_factor,
-                            latency_p95_ms=10.0 * self.p99_factor, latency_p99_ms=12.0 * self.p99_factor,
-                            labelled=int(0.8 * n_cand), positives=int(0.008 * n_cand), auc=self.auc,
-                            log_loss=self.loss, decision_rate=0.02, score_psi=0.01, input_psi=0.02)  # fmt: skip
+        stable = VariantStats(
+            version=S,
+            requests=n_stable,
+            entities=int(n_stable / 20),
+            latency_p50_ms=6.0,
+            latency_p95_ms=10.0,
+            latency_p99_ms=12.0,
+            labelled=int(0.8 * n_stable),
+            positives=int(0.008 * n_stable),
+            auc=0.95,
+            log_loss=0.03,
+            decision_rate=0.02,
+        )
+        cand = VariantStats(
+            version=C,
+            requests=n_cand,
+            errors=round(n_cand * self.error_rate),
+            entities=int(n_cand / 20),
+            latency_p50_ms=6.0 * self.p99_factor,
+            latency_p95_ms=10.0 * self.p99_factor,
+            latency_p99_ms=12.0 * self.p99_factor,
+            labelled=int(0.8 * n_cand),
+            positives=int(0.008 * n_cand),
+            auc=self.auc,
+            log_loss=self.loss,
+            decision_rate=0.02,
+            score_psi=0.01,
+            input_psi=0.02,
+        )
         pairs = PairStats(n_cand, 0.99, 0.9, 0.01) if r.mode == "shadow" else PairStats()
         ab = None
         if r.mode == "ab":
             ns, nc = int(0.8 * n_stable), int(0.8 * n_cand)
-            ab = Arms("log_loss", self._arm("stable", ns, 0.030), self._arm("candidate", nc, self.loss),
-                      stable.entities, cand.entities)  # fmt: skip
-        return Observations(since=status.window_start, until=now, stable=stable, candidate=cand, pairs=pairs, ab=ab)
+            ab = Arms(
+                "log_loss",
+                self._arm("stable", ns, 0.030),
+                self._arm("candidate", nc, self.loss),
+                stable.entities,
+                cand.entities,
+            )
+        return Observations(
+            since=status.window_start, until=now, stable=stable, candidate=cand, pairs=pairs, ab=ab
+        )
 
 
 class World:
@@ -118,7 +162,9 @@ class World:
             now = self.aliases.get(move.alias)
             if now == move.to_version:
                 continue  # a repeat finds the alias at its target
-            assert now == move.from_version, f"compare-and-set: {move.alias} is {now}, expected {move.from_version}"
+            assert now == move.from_version, (
+                f"compare-and-set: {move.alias} is {now}, expected {move.from_version}"
+            )
             if move.to_version is None:
                 self.aliases.pop(move.alias)
             else:
@@ -148,10 +194,19 @@ def approve(status: m.RolloutStatus, now: datetime) -> m.Signals | None:
     return None
 
 
-def run(plan: RolloutPlan, feed: Feed, answer: Answer | None = approve, *, ticks: int = 600,
-        until: Callable[[m.RolloutStatus], bool] | None = None, now: datetime = T0) -> Run:  # fmt: skip
+def run(
+    plan: RolloutPlan,
+    feed: Feed,
+    answer: Answer | None = approve,
+    *,
+    ticks: int = 600,
+    until: Callable[[m.RolloutStatus], bool] | None = None,
+    now: datetime = T0,
+) -> Run:
     """Tick until the rollout ends (or ``until``): observe, decide, apply each effect, record it."""
-    status = m.start("r-7", plan, model_name="fraud", stable_version=S, candidate_version=C, aliases=ALIASES, now=now)
+    status = m.start(
+        "r-7", plan, model_name="fraud", stable_version=S, candidate_version=C, aliases=ALIASES, now=now
+    )
     world = World()
     decisions = []
     for _ in range(ticks):
@@ -198,12 +253,22 @@ def test_better_candidate_is_promoted_through_every_stage() -> None:
     ever applied twice."""
     r = run(DEMO, Candidate(loss=0.015))
     assert r.status.phase is m.Phase.SUCCEEDED, r.status.history[-1].reason
-    assert _modes(r.world) == ["shadow 100", "canary 1", "canary 5", "canary 25", "canary 50", "ab 50",
-                               "blue_green candidate", "single v4"]  # fmt: skip
+    assert _modes(r.world) == [
+        "shadow 100",
+        "canary 1",
+        "canary 5",
+        "canary 25",
+        "canary 50",
+        "ab 50",
+        "blue_green candidate",
+        "single v4",
+    ]
     assert r.actions() == ["advance"] * 7 + ["await_approval", "promote", "advance"]
     assert r.world.aliases == {CHAMPION: C, PREVIOUS_CHAMPION: S, "challenger": C}
     promote = r.first(m.Action.PROMOTE).effects[0]
-    assert [(c.alias, c.from_version, c.to_version) for c in promote.aliases if not c.implied] == [(CHAMPION, S, C)]
+    assert [(c.alias, c.from_version, c.to_version) for c in promote.aliases if not c.implied] == [
+        (CHAMPION, S, C)
+    ]
     assert len(r.world.keys) == len(set(r.world.keys))
     ab_pass = next(h for h in r.status.history if h.action is m.Action.AWAIT_APPROVAL)
     assert ab_pass.ab is not None and ab_pass.ab.outcome is Outcome.PASS
@@ -221,8 +286,12 @@ def test_three_times_slower_candidate_is_rolled_back_at_the_first_canary_analysi
     assert r.status.phase is m.Phase.ROLLED_BACK
     back = r.first(m.Action.ROLLBACK)
     assert back.status.history[-1].step == "canary 1%"
-    assert "latency_p95_ms_vs_stable_ratio: candidate 30.0ms / stable 10.0ms = 3.00x > max 1.50x" in back.reason
-    assert "latency_p99_ms_vs_stable_ratio: candidate 36.0ms / stable 12.0ms = 3.00x > max 2.50x" in back.reason
+    assert (
+        "latency_p95_ms_vs_stable_ratio: candidate 30.0ms / stable 10.0ms = 3.00x > max 1.50x" in back.reason
+    )
+    assert (
+        "latency_p99_ms_vs_stable_ratio: candidate 36.0ms / stable 12.0ms = 3.00x > max 2.50x" in back.reason
+    )
     assert "(failures 2 > limit 1)" in back.reason and "registry aliases untouched" in back.reason
     assert back.route is not None and back.route.mode.value == "single"
     assert _modes(r.world) == ["shadow 100", "canary 1", "single v3"]
@@ -233,7 +302,9 @@ def test_three_times_slower_candidate_is_rolled_back_at_the_first_canary_analysi
     assert before.status.counters["latency_p95_ms_vs_stable_ratio"].failures == 1
     assert before.status.counters["latency_p99_ms_vs_stable_ratio"].failures == 1
     shadow_notes = [h.reason for h in r.status.history if h.step == "shadow"]
-    assert any("dry-run, not acted on: would rollback: latency_p99_ms_vs_stable_ratio" in t for t in shadow_notes)
+    assert any(
+        "dry-run, not acted on: would rollback: latency_p99_ms_vs_stable_ratio" in t for t in shadow_notes
+    )
 
 
 def test_clearly_worse_auc_is_stopped_in_shadow() -> None:
@@ -276,7 +347,9 @@ def test_rejected_approval_rolls_back_and_approved_one_proceeds() -> None:
 
     def reject(status: m.RolloutStatus, now: datetime) -> m.Signals | None:
         if status.phase is m.Phase.AWAITING_APPROVAL:
-            return m.Signals(approval=m.ApprovalResponse(approved=False, version=C, by="bob", comment="not today"))
+            return m.Signals(
+                approval=m.ApprovalResponse(approved=False, version=C, by="bob", comment="not today")
+            )
         return None
 
     rejected = run(DEMO, Candidate(loss=0.015), reject)
@@ -307,7 +380,9 @@ def test_approval_for_another_version_is_refused_and_a_timeout_promotes_nothing(
     left = [d.approval.remaining_s(d.status.updated_at) for d in waits]
     assert left == sorted(left, reverse=True) and left[0] == 300
     end = r.decisions[-1]
-    assert end.action is m.Action.ABORT and "timed out: no answer within 300 s; nothing promoted" in end.reason
+    assert (
+        end.action is m.Action.ABORT and "timed out: no answer within 300 s; nothing promoted" in end.reason
+    )
     assert r.world.aliases == ALIASES and r.world.routes[-1].mode == "single"
 
 
@@ -317,7 +392,9 @@ def test_an_answer_after_the_deadline_does_not_count() -> None:
     r = run(DEMO, Candidate(loss=0.015), None, until=lambda st: st.phase is m.Phase.AWAITING_APPROVAL)
     assert r.status.phase is m.Phase.AWAITING_APPROVAL
     late = r.status.approval.deadline + timedelta(seconds=1)
-    d = m.decide(r.status, None, DEMO, late, m.Signals(approval=m.ApprovalResponse(approved=True, version=C, by="al")))
+    d = m.decide(
+        r.status, None, DEMO, late, m.Signals(approval=m.ApprovalResponse(approved=True, version=C, by="al"))
+    )
     assert d.status.phase is m.Phase.TIMED_OUT and "arrived after the deadline" in d.reason
 
 
@@ -350,7 +427,9 @@ def test_killed_orchestrator_resumes_mid_canary_without_repeating_a_change() -> 
         registry = World()
         disk: dict[str, str] = {}
         plan, feed = DEMO, Candidate(loss=0.015)
-        status = m.start("r-7", plan, model_name="fraud", stable_version=S, candidate_version=C, aliases=ALIASES, now=T0)
+        status = m.start(
+            "r-7", plan, model_name="fraud", stable_version=S, candidate_version=C, aliases=ALIASES, now=T0
+        )
         disk["status"] = m.dump_status(status)
         now, crashed = T0, False
 
@@ -411,7 +490,10 @@ def test_canary_with_no_candidate_traffic_is_never_promoted() -> None:
     assert r.status.phase is m.Phase.ABORTED
     end = r.decisions[-1]
     assert end.status.history[-1].step == "canary 1%"
-    assert "candidate_traffic: candidate answered 0 requests < min_samples 40 (inconclusive 25 > limit 24)" in end.reason
+    assert (
+        "candidate_traffic: candidate answered 0 requests < min_samples 40 (inconclusive 25 > limit 24)"
+        in end.reason
+    )
     holds = [d for d in r.decisions if d.status.history[-1].step == "canary 1%" and d.action is m.Action.HOLD]
     assert len(holds) == 3 + 24  # the 20 s duration, then 24 counted ticks
     assert r.world.routes[-1].mode == "single" and r.world.aliases == ALIASES
@@ -432,12 +514,27 @@ def test_dry_run_check_is_reported_but_never_fails_the_step() -> None:
     """A failing dry-run check is counted and named in the reason ('would rollback') while
     the step completes on its other checks."""
     plan = RolloutPlan(
-        name="dry", tick_interval_s=5,
-        steps=(ShadowStep(mirror_pct=50, duration_s=10, min_samples=10, checks=(
-            MetricCheck(metric="latency_p99_ms", relative_to_stable="ratio", max=1.2, min_samples=10, dry_run=True),
-            MetricCheck(metric="error_rate", max=0.01, min_samples=10),
-        )), DEMO.steps[-1]),
-    )  # fmt: skip
+        name="dry",
+        tick_interval_s=5,
+        steps=(
+            ShadowStep(
+                mirror_pct=50,
+                duration_s=10,
+                min_samples=10,
+                checks=(
+                    MetricCheck(
+                        metric="latency_p99_ms",
+                        relative_to_stable="ratio",
+                        max=1.2,
+                        min_samples=10,
+                        dry_run=True,
+                    ),
+                    MetricCheck(metric="error_rate", max=0.01, min_samples=10),
+                ),
+            ),
+            DEMO.steps[-1],
+        ),
+    )
     r = run(plan, Candidate(p99_factor=2.0, loss=0.03), ticks=5)
     advanced = [d for d in r.decisions if d.action is m.Action.PROMOTE]
     assert advanced, [d.reason for d in r.decisions]
@@ -455,13 +552,18 @@ def test_an_auc_over_a_handful_of_frauds_is_inconclusive_not_a_verdict() -> None
     from mlops.rollout.gate import evaluate_check
 
     check = MetricCheck(metric="auc", relative_to_stable="diff", min=-0.03, min_samples=300, min_positives=25)
-    few = Observations(stable=VariantStats(requests=500, labelled=500, positives=6, auc=0.88),
-                       candidate=VariantStats(requests=500, labelled=500, positives=5, auc=0.77))  # fmt: skip
+    few = Observations(
+        stable=VariantStats(requests=500, labelled=500, positives=6, auc=0.88),
+        candidate=VariantStats(requests=500, labelled=500, positives=5, auc=0.77),
+    )
     verdict = evaluate_check(check, few)
     assert verdict.result.outcome is Outcome.INCONCLUSIVE
     assert "5 positive / 495 negative candidate labels < min_positives 25" in verdict.result.reason
-    enough = replace(few, stable=replace(few.stable, labelled=3000, positives=40),
-                     candidate=replace(few.candidate, labelled=3000, positives=38))  # fmt: skip
+    enough = replace(
+        few,
+        stable=replace(few.stable, labelled=3000, positives=40),
+        candidate=replace(few.candidate, labelled=3000, positives=38),
+    )
     assert evaluate_check(check, enough).result.outcome is Outcome.FAIL
     stable_short = replace(enough, stable=replace(enough.stable, positives=10))
     assert "stable labels < min_positives" in evaluate_check(check, stable_short).result.reason
@@ -473,15 +575,24 @@ def test_an_auc_over_a_handful_of_frauds_is_inconclusive_not_a_verdict() -> None
 
 
 def _one_step_plan(*checks: MetricCheck, duration: float = 30) -> RolloutPlan:
-    return RolloutPlan(name="one", tick_interval_s=5,
-                       steps=(CanaryStep(weights=(50,), duration_s=duration, min_samples=10, checks=checks),
-                              BlueGreenStep(min_samples=10)))  # fmt: skip
+    return RolloutPlan(
+        name="one",
+        tick_interval_s=5,
+        steps=(
+            CanaryStep(weights=(50,), duration_s=duration, min_samples=10, checks=checks),
+            BlueGreenStep(min_samples=10),
+        ),
+    )
 
 
 def test_failures_are_counted_against_the_failure_limit() -> None:
     """With failure_limit 2 a failing check holds twice and rolls back at the third
     failure, saying '(failures 3 > limit 2)'."""
-    plan = _one_step_plan(MetricCheck(metric="latency_p99_ms", relative_to_stable="ratio", max=1.5, failure_limit=2, min_samples=10))
+    plan = _one_step_plan(
+        MetricCheck(
+            metric="latency_p99_ms", relative_to_stable="ratio", max=1.5, failure_limit=2, min_samples=10
+        )
+    )
     r = run(plan, Candidate(p99_factor=2.0))
     fails = [d for d in r.decisions if any(x.outcome is Outcome.FAIL for x in d.measurements)]
     assert [d.action for d in fails] == [m.Action.HOLD, m.Action.HOLD, m.Action.ROLLBACK]
@@ -491,11 +602,22 @@ def test_failures_are_counted_against_the_failure_limit() -> None:
 def test_on_fail_pause_keeps_traffic_and_waits_for_an_operator() -> None:
     """A check with on_fail: pause stops the rollout where it is (no traffic change); it
     holds until an operator resumes it (the step's analysis restarts) or rolls it back."""
-    plan = _one_step_plan(MetricCheck(metric="decision_rate", relative_to_stable="ratio", min=0.8, max=1.25,
-                                      min_samples=10, on_fail="pause"))  # fmt: skip
+    plan = _one_step_plan(
+        MetricCheck(
+            metric="decision_rate",
+            relative_to_stable="ratio",
+            min=0.8,
+            max=1.25,
+            min_samples=10,
+            on_fail="pause",
+        )
+    )
     feed = Candidate()
-    paused = run(plan, lambda p, st, now: _with_decision_rate(feed(p, st, now), 0.05),
-                 until=lambda st: st.phase is m.Phase.PAUSED)
+    paused = run(
+        plan,
+        lambda p, st, now: _with_decision_rate(feed(p, st, now), 0.05),
+        until=lambda st: st.phase is m.Phase.PAUSED,
+    )
     assert paused.status.phase is m.Phase.PAUSED and paused.decisions[-1].action is m.Action.PAUSE
     assert paused.decisions[-1].effects == () and paused.status.route.mode == "canary"
     st = paused.status
@@ -522,7 +644,10 @@ def test_a_check_that_cannot_be_measured_aborts_after_its_error_limit() -> None:
     plan = _one_step_plan(MetricCheck(metric="input_ks", max=0.2, min_samples=10, error_limit=2))
     r = run(plan, Candidate())  # its observations carry no input KS
     assert r.status.phase is m.Phase.ABORTED
-    assert "input_ks: not measured" in r.decisions[-1].reason and "(errors 3 > limit 2)" in r.decisions[-1].reason
+    assert (
+        "input_ks: not measured" in r.decisions[-1].reason
+        and "(errors 3 > limit 2)" in r.decisions[-1].reason
+    )
 
 
 # --------------------------------------------------------------------------- versions and evidence
@@ -569,7 +694,9 @@ def test_failing_post_promotion_analysis_flips_back_to_the_previous_champion() -
     previous-champion)."""
     feed = Candidate(loss=0.015)
 
-    def errors_after_cutover(plan: RolloutPlan, status: m.RolloutStatus, now: datetime) -> Observations | None:
+    def errors_after_cutover(
+        plan: RolloutPlan, status: m.RolloutStatus, now: datetime
+    ) -> Observations | None:
         obs = feed(plan, status, now)
         if obs is not None and status.phase is m.Phase.PROMOTED:
             return replace(obs, candidate=replace(obs.candidate, errors=obs.candidate.requests // 10))
@@ -578,7 +705,10 @@ def test_failing_post_promotion_analysis_flips_back_to_the_previous_champion() -
     r = run(DEMO, errors_after_cutover)
     assert r.status.phase is m.Phase.ROLLED_BACK
     back = r.first(m.Action.ROLLBACK)
-    assert "error_rate: candidate 0.1 > max 0.01" in back.reason and "aliases restored: champion v3" in back.reason
+    assert (
+        "error_rate: candidate 0.1 > max 0.01" in back.reason
+        and "aliases restored: champion v3" in back.reason
+    )
     assert [e.kind for e in back.effects] == ["aliases", "route"]
     applied = [c for c in back.effects[0].aliases if not c.implied]
     assert [(c.alias, c.from_version, c.to_version) for c in applied] == [(CHAMPION, C, S)]
@@ -619,7 +749,9 @@ def test_status_round_trips_through_json_and_refuses_unknown_versions() -> None:
 def test_decide_refuses_another_plan_and_waits_for_outstanding_effects() -> None:
     """A status only continues under the plan it started with; while a decision's effects
     are outstanding, ``decide`` re-issues them and decides nothing new."""
-    status = m.start("r-8", DEMO, model_name="fraud", stable_version=S, candidate_version=C, aliases=ALIASES, now=T0)
+    status = m.start(
+        "r-8", DEMO, model_name="fraud", stable_version=S, candidate_version=C, aliases=ALIASES, now=T0
+    )
     other = DEMO.model_copy(update={"tick_interval_s": 6.0})
     with pytest.raises(PlanMismatch):
         m.decide(status, None, other, T0)

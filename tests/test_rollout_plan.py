@@ -103,14 +103,22 @@ def test_unknown_step_kind_and_metric_are_refused(tmp_path: Path) -> None:
         (lambda d: d["steps"][0]["checks"][0].pop("max"), "give min, max or both"),
         (lambda d: d["steps"][0]["checks"][0].update(min=0.5, max=0.1), "min 0.5 > max 0.1"),
         (lambda d: d["steps"][0]["checks"].append({"metric": "error_rate", "max": 0.2}), "used twice"),
-        (lambda d: d["steps"][1].update(checks=[{"metric": "auc", "min": -0.01, "relative_to_stable": "diff"}]),
-         "cannot compare with stable"),
+        (
+            lambda d: d["steps"][1].update(
+                checks=[{"metric": "auc", "min": -0.01, "relative_to_stable": "diff"}]
+            ),
+            "cannot compare with stable",
+        ),
         (lambda d: d["steps"].pop(0), "at least one shadow, canary or ab"),
-        (lambda d: d["steps"][0]["checks"][0].update(metric="agreement", relative_to_stable="ratio", max=1.1),
-         "already compares both"),
+        (
+            lambda d: d["steps"][0]["checks"][0].update(
+                metric="agreement", relative_to_stable="ratio", max=1.1
+            ),
+            "already compares both",
+        ),
     ],
 )
-def test_inconsistent_plans_are_refused(tmp_path: Path, mutate, message: str) -> None:  # noqa: ANN001
+def test_inconsistent_plans_are_refused(tmp_path: Path, mutate, message: str) -> None:
     """Cross-field rules: increasing ramp, blue-green last, a threshold range per check,
     unique check names, absolute checks after the flip, some traffic step before it."""
     data = yaml.safe_load(yaml.safe_dump(MINIMAL))
@@ -131,12 +139,21 @@ def test_missing_file_and_bad_yaml_are_config_errors(tmp_path: Path) -> None:
 def test_check_keys_and_step_labels() -> None:
     """A check's counters are keyed by its name, by default the metric and comparison;
     steps are labelled by name, else by kind (numbered when a kind repeats)."""
-    assert MetricCheck(metric="latency_p99_ms", relative_to_stable="ratio", max=1.5).key == "latency_p99_ms_vs_stable_ratio"
+    assert (
+        MetricCheck(metric="latency_p99_ms", relative_to_stable="ratio", max=1.5).key
+        == "latency_p99_ms_vs_stable_ratio"
+    )
     assert MetricCheck(metric="auc", min=0.9, name="auc-floor").key == "auc-floor"
     plan = RolloutPlan(
-        name="t", tick_interval_s=1,
-        steps=(ShadowStep(mirror_pct=5), ShadowStep(mirror_pct=50), CanaryStep(weights=(5,), name="ramp"), BlueGreenStep()),
-    )  # fmt: skip
+        name="t",
+        tick_interval_s=1,
+        steps=(
+            ShadowStep(mirror_pct=5),
+            ShadowStep(mirror_pct=50),
+            CanaryStep(weights=(5,), name="ramp"),
+            BlueGreenStep(),
+        ),
+    )
     assert [step_label(plan, i) for i in range(4)] == ["shadow-1", "shadow-2", "ramp", "blue_green"]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -14,20 +14,36 @@ from mlops.rollout.observe import Observations, VariantStats
 from mlops.rollout.plan import ABStep, BlueGreenStep, CanaryStep, MetricCheck, RolloutPlan, SequentialTest
 from mlops.rollout.report import render_report, report_figures
 
-T0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 1, tzinfo=UTC)
 PNG = b"\x89PNG\r\n\x1a\n"
 PLAN = RolloutPlan(
-    name="report", tick_interval_s=10,
+    name="report",
+    tick_interval_s=10,
     steps=(
-        CanaryStep(weights=(10, 50), duration_s=20, min_samples=10, checks=(
-            MetricCheck(metric="latency_p99_ms", relative_to_stable="ratio", max=1.5, min_samples=10),
-            MetricCheck(metric="score_psi", max=0.2, min_samples=10, dry_run=True),
-        )),
-        ABStep(duration_s=20, min_samples=10, primary=SequentialTest(metric="log_loss", mde=0.01, sigma=0.1, min_samples=100, inconclusive_limit=10),
-               checks=(MetricCheck(metric="error_rate", max=0.01, min_samples=10),)),
-        BlueGreenStep(duration_s=20, min_samples=10, checks=(MetricCheck(metric="error_rate", max=0.01, min_samples=10),)),
+        CanaryStep(
+            weights=(10, 50),
+            duration_s=20,
+            min_samples=10,
+            checks=(
+                MetricCheck(metric="latency_p99_ms", relative_to_stable="ratio", max=1.5, min_samples=10),
+                MetricCheck(metric="score_psi", max=0.2, min_samples=10, dry_run=True),
+            ),
+        ),
+        ABStep(
+            duration_s=20,
+            min_samples=10,
+            primary=SequentialTest(
+                metric="log_loss", mde=0.01, sigma=0.1, min_samples=100, inconclusive_limit=10
+            ),
+            checks=(MetricCheck(metric="error_rate", max=0.01, min_samples=10),),
+        ),
+        BlueGreenStep(
+            duration_s=20,
+            min_samples=10,
+            checks=(MetricCheck(metric="error_rate", max=0.01, min_samples=10),),
+        ),
     ),
-)  # fmt: skip
+)
 
 
 def _feed(status: m.RolloutStatus, now: datetime) -> Observations | None:
@@ -38,7 +54,9 @@ def _feed(status: m.RolloutStatus, now: datetime) -> Observations | None:
     share = status.route.candidate_pct / 100
     nc, ns = int(n * share), int(n * (1 - share))
     stable = VariantStats(version=3, requests=ns, latency_p50_ms=5, latency_p95_ms=9, latency_p99_ms=11)
-    cand = VariantStats(version=4, requests=nc, latency_p50_ms=5.5, latency_p95_ms=9.9, latency_p99_ms=12.1, score_psi=0.3)
+    cand = VariantStats(
+        version=4, requests=nc, latency_p50_ms=5.5, latency_p95_ms=9.9, latency_p99_ms=12.1, score_psi=0.3
+    )
     ab = None
     if status.route.mode == "ab":
         ab = Arms("log_loss", Arm(ns, 0.03, 0.01), Arm(nc, 0.015, 0.005), ns // 10, nc // 10)
@@ -47,8 +65,15 @@ def _feed(status: m.RolloutStatus, now: datetime) -> Observations | None:
 
 @pytest.fixture(scope="module")
 def status() -> m.RolloutStatus:
-    st = m.start("rep-1", PLAN, model_name="fraud <detector>", stable_version=3, candidate_version=4,
-                 aliases={"champion": 3}, now=T0)  # fmt: skip
+    st = m.start(
+        "rep-1",
+        PLAN,
+        model_name="fraud <detector>",
+        stable_version=3,
+        candidate_version=4,
+        aliases={"champion": 3},
+        now=T0,
+    )
     now = T0
     for _ in range(100):
         now += timedelta(seconds=10)
@@ -82,8 +107,9 @@ def test_report_is_one_self_contained_page(page: str, figures: dict[str, bytes])
     assert all(base64.b64decode(i).startswith(PNG) for i in images)
 
 
-def test_report_shows_the_decision_log_with_its_numbers(status: m.RolloutStatus, page: str,
-                                                        figures: dict[str, bytes]) -> None:  # fmt: skip
+def test_report_shows_the_decision_log_with_its_numbers(
+    status: m.RolloutStatus, page: str, figures: dict[str, bytes]
+) -> None:
     """Every decision that changed something is in the log with its reason (HTML-escaped),
     plain holds only on request; the header names the versions and the outcome."""
     assert "fraud &lt;detector&gt; v4 against v3" in page
@@ -98,14 +124,23 @@ def test_report_shows_the_decision_log_with_its_numbers(status: m.RolloutStatus,
     assert "rep-1/promote/aliases" in page  # the applied-effects ledger
 
 
-def test_figures_cover_traffic_latency_every_check_and_the_ab_effect(status: m.RolloutStatus,
-                                                                    figures: dict[str, bytes]) -> None:  # fmt: skip
+def test_figures_cover_traffic_latency_every_check_and_the_ab_effect(
+    status: m.RolloutStatus, figures: dict[str, bytes]
+) -> None:
     """One figure for traffic, one for latency, one per check (dry runs included) and one
     for the A/B effect; a rollout with no A/B measurement has no A/B figure."""
     figs = figures
-    assert {"traffic.png", "latency.png", "ab.png", "check-latency_p99_ms_vs_stable_ratio.png",
-            "check-score_psi.png", "check-error_rate.png", "check-candidate_traffic.png",
-            "check-sample_ratio.png", "check-ab_log_loss.png"} <= set(figs)  # fmt: skip
+    assert {
+        "traffic.png",
+        "latency.png",
+        "ab.png",
+        "check-latency_p99_ms_vs_stable_ratio.png",
+        "check-score_psi.png",
+        "check-error_rate.png",
+        "check-candidate_traffic.png",
+        "check-sample_ratio.png",
+        "check-ab_log_loss.png",
+    } <= set(figs)
     assert all(v.startswith(PNG) for v in figs.values())
     early = status.model_copy(update={"history": status.history[:3]})
     early_figs = report_figures(early)

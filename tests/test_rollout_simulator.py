@@ -8,7 +8,7 @@ a virtual clock, so a demo-plan rollout takes seconds.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,7 @@ from mlops.rollout.simulator import (
 from mlops.routing import Mode, RouteTable
 
 REPO = Path(__file__).resolve().parent.parent
-T0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 1, tzinfo=UTC)
 BASE = SimulatedModel()
 
 
@@ -45,7 +45,11 @@ def test_same_seed_same_traffic_and_labels() -> None:
     """Two simulators with one config and the same calls produce identical requests and
     labels; another seed produces other traffic."""
     cfg = SimulatorConfig(seed=4, rate_per_s=50)
-    a, b, c = TrafficSimulator(cfg, T0), TrafficSimulator(cfg, T0), TrafficSimulator(cfg.model_copy(update={"seed": 5}), T0)
+    a, b, c = (
+        TrafficSimulator(cfg, T0),
+        TrafficSimulator(cfg, T0),
+        TrafficSimulator(cfg.model_copy(update={"seed": 5}), T0),
+    )
     for t in (10, 20, 30):
         until = T0 + timedelta(seconds=t)
         ba, bb, bc = a.requests_until(until), b.requests_until(until), c.requests_until(until)
@@ -63,7 +67,9 @@ def test_labels_arrive_once_after_their_request() -> None:
     cfg = SimulatorConfig(seed=1, rate_per_s=100, label_delay_s=8, label_share=0.5)
     sim = TrafficSimulator(cfg, T0)
     batches = [sim.requests_until(T0 + timedelta(seconds=s)) for s in range(10, 130, 10)]
-    labels = pd.concat([sim.labels_until(T0 + timedelta(seconds=s)) for s in range(0, 400, 7)], ignore_index=True)
+    labels = pd.concat(
+        [sim.labels_until(T0 + timedelta(seconds=s)) for s in range(0, 400, 7)], ignore_index=True
+    )
     frame = pd.concat([b.frame for b in batches], ignore_index=True).set_index("request_id")
     assert labels["request_id"].is_unique
     assert abs(len(labels) / len(frame) - 0.5) < 0.03
@@ -107,7 +113,9 @@ def test_pathologies_show_in_the_observations(name: str) -> None:
     a lower AUC, a drifted score distribution; the stable model is unaffected."""
     cfg = SimulatorConfig(seed=7, rate_per_s=300, pathology=PATHOLOGIES[name])
     service = _service(cfg, RouteTable(mode=Mode.SHADOW, mirror_pct=100, salt="r"))
-    ref_batch = TrafficSimulator(cfg.model_copy(update={"seed": 99}), T0).requests_until(T0 + timedelta(seconds=20))
+    ref_batch = TrafficSimulator(cfg.model_copy(update={"seed": 99}), T0).requests_until(
+        T0 + timedelta(seconds=20)
+    )
     refs = service.references(ref_batch)
     log, fb = run_window(TrafficSimulator(cfg, T0), service, 40, 10)
     obs = observe(log, fb, stable_version=3, candidate_version=4, references=refs)
@@ -140,15 +148,24 @@ def test_input_drift_moves_the_input_psi() -> None:
 # --------------------------------------------------------------------------- whole rollouts
 
 
-def drive(plan: RolloutPlan, cfg: SimulatorConfig, *, approve: bool = True, ticks: int = 200) -> tuple[m.RolloutStatus, SimulatedService]:
+def drive(
+    plan: RolloutPlan, cfg: SimulatorConfig, *, approve: bool = True, ticks: int = 200
+) -> tuple[m.RolloutStatus, SimulatedService]:
     """The rollout flow's loop, in process: traffic for one tick, observe the step's window,
     decide, apply the effects to the simulated service, record them applied."""
     sim = TrafficSimulator(cfg, T0)
     service = SimulatedService(cfg, model_name="fraud", stable_version=3, candidate_version=4)
     offline = TrafficSimulator(cfg.model_copy(update={"seed": cfg.seed + 1000, "input_drift": 0.0}), T0)
     refs = service.references(offline.requests_until(T0 + timedelta(seconds=30)))
-    status = m.start("sim-1", plan, model_name="fraud", stable_version=3, candidate_version=4,
-                     aliases={"champion": 3, "challenger": 4}, now=T0)  # fmt: skip
+    status = m.start(
+        "sim-1",
+        plan,
+        model_name="fraud",
+        stable_version=3,
+        candidate_version=4,
+        aliases={"champion": 3, "challenger": 4},
+        now=T0,
+    )
     logs: list[pd.DataFrame] = []
     labels: list[pd.DataFrame] = []
     now = T0
@@ -165,9 +182,16 @@ def drive(plan: RolloutPlan, cfg: SimulatorConfig, *, approve: bool = True, tick
             log = pd.concat(logs, ignore_index=True)
             log = log[log["ts"] >= status.window_start]
             logs = [log]
-            obs = observe(log, pd.concat(labels, ignore_index=True), stable_version=3, candidate_version=4,
-                          since=status.window_start, until=now, references=refs if step.needs_reference else None,
-                          ab_metric=step.primary.metric if isinstance(step, ABStep) else None)  # fmt: skip
+            obs = observe(
+                log,
+                pd.concat(labels, ignore_index=True),
+                stable_version=3,
+                candidate_version=4,
+                since=status.window_start,
+                until=now,
+                references=refs if step.needs_reference else None,
+                ab_metric=step.primary.metric if isinstance(step, ABStep) else None,
+            )
         answer = None
         if status.phase is m.Phase.AWAITING_APPROVAL:
             answer = m.Signals(approval=m.ApprovalResponse(approved=approve, version=4, by="demo"))
@@ -175,7 +199,9 @@ def drive(plan: RolloutPlan, cfg: SimulatorConfig, *, approve: bool = True, tick
         status = d.status
         for effect in d.effects:
             if effect.route is not None:
-                service.apply(effect.route.table(), effect.route.stable_version, effect.route.candidate_version)
+                service.apply(
+                    effect.route.table(), effect.route.stable_version, effect.route.candidate_version
+                )
             status = m.mark_applied(status, effect.key, now)
         if status.terminal:
             break
@@ -219,8 +245,17 @@ def test_demo_plan_promotes_a_better_candidate_in_minutes_of_simulated_time() ->
     for h in status.history:
         if not steps or steps[-1] != h.step:
             steps.append(h.step)
-    assert steps == ["replay", "shadow", "canary 1%", "canary 5%", "canary 25%", "canary 50%", "ab", "approval",
-                     "blue_green"]  # fmt: skip
+    assert steps == [
+        "replay",
+        "shadow",
+        "canary 1%",
+        "canary 5%",
+        "canary 25%",
+        "canary 50%",
+        "ab",
+        "approval",
+        "blue_green",
+    ]
     assert service.table.mode is Mode.SINGLE and service.versions == {"stable": 4, "candidate": None}
 
 
@@ -242,7 +277,9 @@ def test_pathology_perturbs_real_answers_deterministically_per_input() -> None:
     keys = [f"h{i}" for i in range(20_000)]
     scores = np.full(len(keys), 0.1)
     latency = np.full(len(keys), 10.0)
-    p = Pathology(error_share=0.05, latency_factor=3.0, extra_latency_ms=1.0, score_shift=1.0, extra_noise=0.5)
+    p = Pathology(
+        error_share=0.05, latency_factor=3.0, extra_latency_ms=1.0, score_shift=1.0, extra_noise=0.5
+    )
     s1, d1, f1 = p.perturb(scores, keys, latency)
     s2, d2, f2 = p.perturb(scores, keys, latency)
     assert np.array_equal(f1, f2) and np.array_equal(s1, s2)

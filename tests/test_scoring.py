@@ -70,10 +70,21 @@ def test_failures_of_many_partitions_read_as_one_list() -> None:
     """The same problem in several partitions is listed once, naming where it was found."""
     from mlops.scoring import merge_failures
 
-    lines = merge_failures([
-        ("partition 0 (input rows 0-9)", ["column 'a': values must be >= 0 (2 of 10 rows outside, e.g. -1.0)"]),
-        ("partition 1 (input rows 10-19)", ["column 'a': values must be >= 0 (5 of 10 rows outside, e.g. -3.0)", "column 'b' is missing"]),
-    ])  # fmt: skip
+    lines = merge_failures(
+        [
+            (
+                "partition 0 (input rows 0-9)",
+                ["column 'a': values must be >= 0 (2 of 10 rows outside, e.g. -1.0)"],
+            ),
+            (
+                "partition 1 (input rows 10-19)",
+                [
+                    "column 'a': values must be >= 0 (5 of 10 rows outside, e.g. -3.0)",
+                    "column 'b' is missing",
+                ],
+            ),
+        ]
+    )
     assert lines == [
         "column 'a': values must be >= 0 (partition 0 (input rows 0-9) and 1 more partition: 2 of 10 rows outside, e.g. -1.0)",
         "column 'b' is missing (partition 1 (input rows 10-19))",
@@ -93,9 +104,21 @@ def test_arrow_columns_become_the_feeds_pandas_would_give(small_model: bytes) ->
     from_arrow = scorer.predict_proba(column_arrays(table, settings.dataset.feature_names))
     np.testing.assert_array_equal(from_arrow, scorer.predict_proba(frame))
     part = score_table(table.select(KEYS), from_arrow, ModelRef("m", 3, "champion", 0.5, "d"), "run-1")
-    assert part.column_names == [*KEYS, "score", "decision", "threshold", "model_name", "model_version", "alias", "flow_run_id"]
+    assert part.column_names == [
+        *KEYS,
+        "score",
+        "decision",
+        "threshold",
+        "model_name",
+        "model_version",
+        "alias",
+        "flow_run_id",
+    ]
     assert part.column("decision").to_pylist() == list(from_arrow >= 0.5)
-    assert set(part.column("model_version").to_pylist()) == {3} and part.schema.field("score").type == pa.float32()
+    assert (
+        set(part.column("model_version").to_pylist()) == {3}
+        and part.schema.field("score").type == pa.float32()
+    )
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -128,12 +151,21 @@ def register(settings: Settings, onnx_model: bytes, alias: str) -> int:
     example = modeling.features_frame(generate(10, seed=9).head(3), settings.dataset)
     example = example.astype({n: np.float32 for n in settings.dataset.numeric_names})
     logged = log_training_run(
-        settings, run_name=f"fixture-{alias}", params={}, metrics={}, tags={}, files={},
-        onnx_model=onnx_model, example_features=example, example_scores=pd.DataFrame({"probability": [0.1, 0.2, 0.3]}),
-    )  # fmt: skip
+        settings,
+        run_name=f"fixture-{alias}",
+        params={},
+        metrics={},
+        tags={},
+        files={},
+        onnx_model=onnx_model,
+        example_features=example,
+        example_scores=pd.DataFrame({"probability": [0.1, 0.2, 0.3]}),
+    )
     registry = ModelRegistry(settings)
     name = settings.training.model_name
-    version = registry.register(name, logged.model_uri, logged.run_id, {"decision_threshold": "0.3"}, "fixture").version
+    version = registry.register(
+        name, logged.model_uri, logged.run_id, {"decision_threshold": "0.3"}, "fixture"
+    ).version
     if alias != "challenger":
         registry.move_alias(name, alias, version, reason="fixture")
     return version
@@ -149,15 +181,21 @@ def scoring_home(flow_home: Settings, monkeypatch: pytest.MonkeyPatch, small_mod
     return settings
 
 
-def write_input(path: Path, rows: int = ROWS, seed: int = 4, row_group_rows: int | None = None, day: date = DAY) -> pd.DataFrame:
+def write_input(
+    path: Path, rows: int = ROWS, seed: int = 4, row_group_rows: int | None = None, day: date = DAY
+) -> pd.DataFrame:
     frame = generate(rows, seed=seed, start=datetime(day.year, day.month, day.day))
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), path, row_group_size=row_group_rows or rows)
+    pq.write_table(
+        pa.Table.from_pandas(frame, preserve_index=False), path, row_group_size=row_group_rows or rows
+    )
     return frame
 
 
 def scores_of(settings: Settings, day: date = DAY) -> pd.DataFrame:
-    table = storage.query(settings.home_path, "SELECT * FROM scores WHERE run_date = ? ORDER BY transaction_id", [day])
+    table = storage.query(
+        settings.home_path, "SELECT * FROM scores WHERE run_date = ? ORDER BY transaction_id", [day]
+    )
     return table.to_pandas()
 
 
@@ -165,7 +203,7 @@ def score_runs(settings: Settings) -> list[dict[str, object]]:
     return storage.query(settings.home_path, "SELECT * FROM score_runs ORDER BY run_date").to_pylist()
 
 
-def run(settings: Settings, **kwargs: object):  # noqa: ANN201 - flows.score.ScoreSummary
+def run(settings: Settings, **kwargs: object):
     from flows.score import score_flow
 
     return score_flow(**({"run_date": DAY.isoformat()} | kwargs))
@@ -188,11 +226,15 @@ def test_a_run_publishes_every_row_once_with_the_registered_models_scores(
     settings = scoring_home
     rows = 1_000_000
     monkeypatch.setenv("MLOPS__SCORING__ROWS_PER_PARTITION", str(rows // 4))
-    frame = write_input(settings.data_dir / "score" / f"{DAY}.parquet", rows=rows, row_group_rows=rows // 8)  # the default input
+    frame = write_input(
+        settings.data_dir / "score" / f"{DAY}.parquet", rows=rows, row_group_rows=rows // 8
+    )  # the default input
     summary = run(settings)
 
     assert (summary.rows_in, summary.rows_out, summary.partitions) == (rows, rows, 4)
-    assert storage.query(settings.home_path, "SELECT count(*) AS n FROM scores").column("n")[0].as_py() == rows
+    assert (
+        storage.query(settings.home_path, "SELECT count(*) AS n FROM scores").column("n")[0].as_py() == rows
+    )
     out = scores_of(settings)
     expected = frame.sort_values("transaction_id").reset_index(drop=True)
     assert out["transaction_id"].tolist() == expected["transaction_id"].tolist()
@@ -206,8 +248,15 @@ def test_a_run_publishes_every_row_once_with_the_registered_models_scores(
     parts = sorted((settings.home_path / "scores" / f"run_date={DAY}").glob("part-*.parquet"))
     assert [p.name for p in parts] == [f"part-{i:05d}.parquet" for i in range(4)]
     (row,) = score_runs(settings)
-    assert (row["model_version"], row["alias"], row["rows_in"], row["rows_out"]) == ("1", "champion", rows, rows)
-    assert {"pin", "plan", "score", "workers_validate", "workers_score"} <= set(yaml.safe_load(row["phase_seconds"]))
+    assert (row["model_version"], row["alias"], row["rows_in"], row["rows_out"]) == (
+        "1",
+        "champion",
+        rows,
+        rows,
+    )
+    assert {"pin", "plan", "score", "workers_validate", "workers_score"} <= set(
+        yaml.safe_load(row["phase_seconds"])
+    )
 
     from tasks.scoring import scorer_loads
 
@@ -229,17 +278,24 @@ def test_running_a_date_again_replaces_it_and_never_duplicates(scoring_home: Set
     assert len(scores_of(settings)) == 12_000
     runs = score_runs(settings)
     assert [r["run_id"] for r in runs] == [second.run_id]
-    assert [p.name for p in (settings.home_path / "scores" / "_runs" / f"run_date={DAY}").iterdir()] == [second.run_id]
+    assert [p.name for p in (settings.home_path / "scores" / "_runs" / f"run_date={DAY}").iterdir()] == [
+        second.run_id
+    ]
     from mlops_cli.main import app
 
     runner = CliRunner()
-    listed = runner.invoke(app, ["query", "SELECT count(*) AS n, count(DISTINCT flow_run_id) AS runs FROM scores", "--limit", "5"])
+    listed = runner.invoke(
+        app,
+        ["query", "SELECT count(*) AS n, count(DISTINCT flow_run_id) AS runs FROM scores", "--limit", "5"],
+    )
     assert listed.exit_code == 0 and "12000" in listed.output and "1 rows" in listed.output, listed.output
     bad = runner.invoke(app, ["query", "SELECT nope FROM scores"])
     assert bad.exit_code == 3 and 'column "nope" not found' in bad.output and "Traceback" not in bad.output
 
 
-def test_invalid_input_fails_listing_the_expectations_and_keeps_the_previous_output(scoring_home: Settings) -> None:
+def test_invalid_input_fails_listing_the_expectations_and_keeps_the_previous_output(
+    scoring_home: Settings,
+) -> None:
     """A run whose input breaks the GX suite raises ValidationFailed with each failed expectation;
     the date's committed run, its rows and the store's folders are exactly as before."""
     settings = scoring_home
@@ -258,14 +314,22 @@ def test_invalid_input_fails_listing_the_expectations_and_keeps_the_previous_out
     text = str(caught.value)
     assert "nothing was written" in text
     assert any("column 'amount': values must be between 0.0 and 100000.0" in f for f in caught.value.failures)
-    assert any("column 'channel': values must be one of" in f and "carrier_pigeon" in f for f in caught.value.failures)
+    assert any(
+        "column 'channel': values must be one of" in f and "carrier_pigeon" in f
+        for f in caught.value.failures
+    )
 
     assert [r["run_id"] for r in score_runs(settings)] == [before.run_id]
     assert len(scores_of(settings)) == 8_000
-    assert sorted(p.relative_to(settings.home_path) for p in (settings.home_path / "scores").rglob("*")) == listing
+    assert (
+        sorted(p.relative_to(settings.home_path) for p in (settings.home_path / "scores").rglob("*"))
+        == listing
+    )
 
 
-def test_replay_scores_both_aliases_and_writes_the_agreement_report(scoring_home: Settings, challenger_model: bytes, small_model: bytes) -> None:
+def test_replay_scores_both_aliases_and_writes_the_agreement_report(
+    scoring_home: Settings, challenger_model: bytes, small_model: bytes
+) -> None:
     """`--compare challenger` publishes the champion's scores and stores correlation, decision agreement,
     PSI, KS and per-segment differences between the two, equal to those computed directly."""
     from mlops.stats import decision_agreement, pearson
@@ -289,7 +353,12 @@ def test_replay_scores_both_aliases_and_writes_the_agreement_report(scoring_home
         settings.home_path,
         "SELECT segment_value, rows, mean_diff FROM score_comparison_segments WHERE segment_column = 'channel' ORDER BY 1",
     ).to_pandas()
-    by_channel = frame.assign(d=b.astype(np.float64) - a.astype(np.float64)).groupby("channel")["d"].agg(["size", "mean"]).sort_index()
+    by_channel = (
+        frame.assign(d=b.astype(np.float64) - a.astype(np.float64))
+        .groupby("channel")["d"]
+        .agg(["size", "mean"])
+        .sort_index()
+    )
     assert segments["segment_value"].tolist() == by_channel.index.tolist()
     assert segments["rows"].tolist() == by_channel["size"].tolist()
     np.testing.assert_allclose(segments["mean_diff"], by_channel["mean"], rtol=1e-9, atol=1e-12)
@@ -324,7 +393,9 @@ def test_backfill_skips_committed_dates_unless_forced(scoring_home: Settings) ->
     forced = runner.invoke(app, [*args, "--force"])
     assert forced.exit_code == 0, forced.output
     assert all(new != old for new, old in zip([r["run_id"] for r in score_runs(settings)], ids, strict=True))
-    assert storage.query(settings.home_path, "SELECT count(*) AS n FROM scores").column("n")[0].as_py() == 6_000
+    assert (
+        storage.query(settings.home_path, "SELECT count(*) AS n FROM scores").column("n")[0].as_py() == 6_000
+    )
 
 
 def test_missing_input_and_bad_options_are_one_line_errors(home: Settings) -> None:
@@ -338,7 +409,12 @@ def test_missing_input_and_bad_options_are_one_line_errors(home: Settings) -> No
     assert f"{home.data_dir}/score/2026-02-01.parquet: no scoring input for 2026-02-01" in missing.output
     assert "mlops data generate --start 2026-02-01" in missing.output
     assert runner.invoke(app, ["score", "--from", "2026-02-01"]).exit_code == 2
-    assert runner.invoke(app, ["score", "--date", "2026-02-01", "--from", "2026-02-01", "--to", "2026-02-02"]).exit_code == 2
+    assert (
+        runner.invoke(
+            app, ["score", "--date", "2026-02-01", "--from", "2026-02-01", "--to", "2026-02-02"]
+        ).exit_code
+        == 2
+    )
 
 
 def test_every_prefect_deployment_imports_and_nightly_scoring_is_scheduled() -> None:
@@ -360,7 +436,9 @@ def test_every_prefect_deployment_imports_and_nightly_scoring_is_scheduled() -> 
     (schedule,) = nightly["schedules"]
     CronSchedule(cron=schedule["cron"], timezone=schedule.get("timezone"))
     assert "run_date" not in nightly["parameters"]  # None -> the day the run starts
-    assert {"format": "date", "type": "string"} in scoring.parameters.properties["run_date"]["anyOf"]  # a date picker
+    assert {"format": "date", "type": "string"} in scoring.parameters.properties["run_date"][
+        "anyOf"
+    ]  # a date picker
     assert scoring.parameters.properties["alias"]["description"]  # the UI form explains each field
     assert {d["name"] for d in spec["deployments"]} == {"train", "nightly-scoring", "edge-export", "rollout"}
 
@@ -377,20 +455,36 @@ def test_the_run_forms_offer_the_platforms_aliases_plans_and_budgets_and_accept_
     from mlops.registry_model import ALIASES, ModelAlias
 
     assert get_args(ModelAlias) == ALIASES
-    assert set(SHIPPED_PLANS) == {str(p.relative_to(REPO)) for p in (REPO / "configs" / "rollout").glob("*.yaml")}
-    assert set(SHIPPED_BUDGETS) == {str(p.relative_to(REPO)) for p in (REPO / "configs" / "edge").glob("*.yaml")}
-    flows = {d["name"]: load_flow_from_entrypoint(str(REPO / d["entrypoint"])) for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]}
+    assert set(SHIPPED_PLANS) == {
+        str(p.relative_to(REPO)) for p in (REPO / "configs" / "rollout").glob("*.yaml")
+    }
+    assert set(SHIPPED_BUDGETS) == {
+        str(p.relative_to(REPO)) for p in (REPO / "configs" / "edge").glob("*.yaml")
+    }
+    flows = {
+        d["name"]: load_flow_from_entrypoint(str(REPO / d["entrypoint"]))
+        for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
+    }
     fields = {
-        ("nightly-scoring", "alias"): ALIASES, ("nightly-scoring", "compare"): ALIASES, ("edge-export", "alias"): ALIASES,
-        ("edge-export", "budget"): SHIPPED_BUDGETS, ("rollout", "candidate"): ALIASES, ("rollout", "plan"): SHIPPED_PLANS,
-    }  # fmt: skip
+        ("nightly-scoring", "alias"): ALIASES,
+        ("nightly-scoring", "compare"): ALIASES,
+        ("edge-export", "alias"): ALIASES,
+        ("edge-export", "budget"): SHIPPED_BUDGETS,
+        ("rollout", "candidate"): ALIASES,
+        ("rollout", "plan"): SHIPPED_PLANS,
+    }
     for (deployment, field), choices in fields.items():
         options = flows[deployment].parameters.properties[field]["anyOf"]
         assert [tuple(o["enum"]) for o in options if "enum" in o] == [choices], (deployment, field)
         assert {"type": "string"}.items() <= options[1].items(), (deployment, field)  # or typed in
         assert flows[deployment].validate_parameters({field: choices[0]})[field] == choices[0]
-        assert flows[deployment].validate_parameters({field: "team/own-choice.yaml"})[field] == "team/own-choice.yaml"
-    assert flows["rollout"].validate_parameters({"candidate": "7"})["candidate"] == "7"  # a version number stays text
+        assert (
+            flows[deployment].validate_parameters({field: "team/own-choice.yaml"})[field]
+            == "team/own-choice.yaml"
+        )
+    assert (
+        flows["rollout"].validate_parameters({"candidate": "7"})["candidate"] == "7"
+    )  # a version number stays text
 
 
 # --------------------------------------------------------------------------- failures and scale-out
@@ -401,7 +495,9 @@ def _staged_parts(settings: Settings) -> list[Path]:
 
 
 @pytest.mark.slow
-def test_a_killed_run_rerun_leaves_exactly_the_rows_of_a_clean_run(scoring_home: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_killed_run_rerun_leaves_exactly_the_rows_of_a_clean_run(
+    scoring_home: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`mlops score` SIGKILLed mid-run (a part staged, nothing committed): readers still see the previous
     run whole, no stray file is visible, and re-running leaves the very rows of a clean run with no
     staging behind."""
@@ -423,9 +519,22 @@ def test_a_killed_run_rerun_leaves_exactly_the_rows_of_a_clean_run(scoring_home:
     log = settings.home_path / "killed-run.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mlops_cli.main", "score", "--date", DAY.isoformat(), "--input", str(path)],
-            env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "mlops_cli.main",
+                "score",
+                "--date",
+                DAY.isoformat(),
+                "--input",
+                str(path),
+            ],
+            env=env,
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 180
         while not _staged_parts(settings):
@@ -463,14 +572,43 @@ class ExternalCluster:
     def __init__(self, folder: Path):
         self.sched_file = folder / "scheduler.json"
         self.procs: list[subprocess.Popen[bytes]] = []
-        self.start("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file", str(self.sched_file))
-        self.start("worker", "--scheduler-file", str(self.sched_file), "--nworkers", "2", "--nthreads", "1",
-                   "--no-dashboard", "--memory-limit", "2GiB", "--preload", "great_expectations", "--preload", "tasks.scoring")  # fmt: skip
+        self.start(
+            "scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--no-dashboard",
+            "--scheduler-file",
+            str(self.sched_file),
+        )
+        self.start(
+            "worker",
+            "--scheduler-file",
+            str(self.sched_file),
+            "--nworkers",
+            "2",
+            "--nthreads",
+            "1",
+            "--no-dashboard",
+            "--memory-limit",
+            "2GiB",
+            "--preload",
+            "great_expectations",
+            "--preload",
+            "tasks.scoring",
+        )
 
     def start(self, *args: str) -> None:
         dask = str(Path(sys.executable).with_name("dask"))
         self.procs.append(
-            subprocess.Popen([dask, *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            subprocess.Popen(
+                [dask, *args],
+                cwd=REPO,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         )
 
     def address(self) -> str:
@@ -499,8 +637,12 @@ class ExternalCluster:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def external_cluster(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[ExternalCluster | None]:
-    wanted = any(item.get_closest_marker("slow") and "existing_dask" in item.name for item in request.session.items)
+def external_cluster(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[ExternalCluster | None]:
+    wanted = any(
+        item.get_closest_marker("slow") and "existing_dask" in item.name for item in request.session.items
+    )
     cluster = ExternalCluster(tmp_path_factory.mktemp("dask")) if wanted else None
     yield cluster
     if cluster is not None:
@@ -513,7 +655,10 @@ def external_cluster(tmp_path_factory: pytest.TempPathFactory, request: pytest.F
 
 @pytest.mark.slow
 def test_the_flow_runs_on_an_existing_dask_scheduler_given_by_address(
-    scoring_home: Settings, external_cluster: ExternalCluster | None, monkeypatch: pytest.MonkeyPatch, small_model: bytes
+    scoring_home: Settings,
+    external_cluster: ExternalCluster | None,
+    monkeypatch: pytest.MonkeyPatch,
+    small_model: bytes,
 ) -> None:
     """With dask.address set to a scheduler started apart (`dask scheduler` + `dask worker
     --nworkers 2`), the same flow scores on that scheduler's workers. One worker is killed
@@ -542,7 +687,7 @@ def test_the_flow_runs_on_an_existing_dask_scheduler_given_by_address(
     def score() -> None:
         try:
             result["summary"] = score_flow(run_date=DAY.isoformat(), input_path=str(path))
-        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+        except BaseException as exc:
             result["error"] = exc
 
     runner = threading.Thread(target=score)

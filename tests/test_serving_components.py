@@ -45,13 +45,19 @@ def slow_model(schema: DatasetSchema, steps_per_unit: float = 1e12, offset: floa
     inputs = [h.make_tensor_value_info(n, T.FLOAT, [None, 1]) for n in schema.numeric_names]
     inputs += [h.make_tensor_value_info(n, T.STRING, [None, 1]) for n in schema.categorical_names]
     body = h.make_graph(
-        [h.make_node("Identity", ["cond_in"], ["cond_out"]), h.make_node("Add", ["acc_in", "one"], ["acc_out"])],
+        [
+            h.make_node("Identity", ["cond_in"], ["cond_out"]),
+            h.make_node("Add", ["acc_in", "one"], ["acc_out"]),
+        ],
         "spin",
-        [h.make_tensor_value_info("i", T.INT64, []), h.make_tensor_value_info("cond_in", T.BOOL, []),
-         h.make_tensor_value_info("acc_in", T.FLOAT, [])],
+        [
+            h.make_tensor_value_info("i", T.INT64, []),
+            h.make_tensor_value_info("cond_in", T.BOOL, []),
+            h.make_tensor_value_info("acc_in", T.FLOAT, []),
+        ],
         [h.make_tensor_value_info("cond_out", T.BOOL, []), h.make_tensor_value_info("acc_out", T.FLOAT, [])],
         [h.make_tensor("one", T.FLOAT, [], [1.0])],
-    )  # fmt: skip
+    )
     nodes = [
         h.make_node("ReduceMax", [first], ["top"], keepdims=0),
         h.make_node("Add", ["top", "offset"], ["shifted"]),
@@ -64,11 +70,17 @@ def slow_model(schema: DatasetSchema, steps_per_unit: float = 1e12, offset: floa
         h.make_node("Concat", ["p", "p"], ["probabilities"], axis=1),
     ]
     graph = h.make_graph(
-        nodes, "slow", inputs, [h.make_tensor_value_info("probabilities", T.FLOAT, [None, 2])],
-        [h.make_tensor("scale", T.FLOAT, [], [steps_per_unit]), h.make_tensor("offset", T.FLOAT, [], [offset]),
-         h.make_tensor("cond", T.BOOL, [], [True]),
-         h.make_tensor("zero", T.FLOAT, [], [0.0])],
-    )  # fmt: skip
+        nodes,
+        "slow",
+        inputs,
+        [h.make_tensor_value_info("probabilities", T.FLOAT, [None, 2])],
+        [
+            h.make_tensor("scale", T.FLOAT, [], [steps_per_unit]),
+            h.make_tensor("offset", T.FLOAT, [], [offset]),
+            h.make_tensor("cond", T.BOOL, [], [True]),
+            h.make_tensor("zero", T.FLOAT, [], [0.0]),
+        ],
+    )
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -111,7 +123,9 @@ def test_the_mirror_lane_scores_the_same_on_a_lower_priority_thread(small_model)
     probabilities and stops with its model."""
     model = build_model("fraud", 1, small_model, SCHEMA)
     lane = model.mirror_worker(7)
-    assert lane is not model.worker and model.mirror_worker(7) is lane and model.workers == (model.worker, lane)
+    assert (
+        lane is not model.worker and model.mirror_worker(7) is lane and model.workers == (model.worker, lane)
+    )
     assert model.mirror_worker(0) is model.worker
     part = columns(4)
 
@@ -215,9 +229,13 @@ def test_pool_evicts_least_recently_used_and_never_a_pinned_or_busy_model(small_
 # ----------------------------------------------------------------------------- prediction log
 
 
-def _row(rid: str, ts: float, role: str = PRIMARY, variant: str = "stable", version: int = 1, score: float = 0.3):
+def _row(
+    rid: str, ts: float, role: str = PRIMARY, variant: str = "stable", version: int = 1, score: float = 0.3
+):
     feats = {n: 1.0 for n in SCHEMA.numeric_names} | {n: "x" for n in SCHEMA.categorical_names}
-    return LogRow(rid, ts, "u1", variant, role, "shadow", "m", version, score, score >= 0.2, 1.5, 200, None, feats)
+    return LogRow(
+        rid, ts, "u1", variant, role, "shadow", "m", version, score, score >= 0.2, 1.5, 200, None, feats
+    )
 
 
 def test_prediction_log_round_trip_views_and_feedback_join(tmp_path):
@@ -259,13 +277,22 @@ def test_a_windowed_read_opens_only_the_files_committed_since_its_start(tmp_path
     day = tmp_path / "predictions" / f"date={datetime.fromtimestamp(now, UTC):%Y-%m-%d}"
     for root in ("predictions", "feedback"):
         (tmp_path / root / "date=2020-01-01").mkdir()
-        (tmp_path / root / "date=2020-01-01" / part_name(datetime(2020, 1, 1, tzinfo=UTC), 1, 1)).write_bytes(b"not parquet")
+        (tmp_path / root / "date=2020-01-01" / part_name(datetime(2020, 1, 1, tzinfo=UTC), 1, 1)).write_bytes(
+            b"not parquet"
+        )
     (day / part_name(datetime.fromtimestamp(now - 3600, UTC), 1, 1)).write_bytes(b"not parquet")
-    shutil.copy(sorted(day.glob("part-*.parquet"))[-1], day / "copied-by-hand.parquet")  # no commit time: read
+    shutil.copy(
+        sorted(day.glob("part-*.parquet"))[-1], day / "copied-by-hand.parquet"
+    )  # no commit time: read
     store = PredictionLogStore(tmp_path / "predictions", tmp_path / "feedback", SCHEMA)
     since = datetime.fromtimestamp(now - 60, UTC)
     log = store.read_log(since=since)
-    assert sorted(log["request_id"]) == ["new"] * 4 and sorted(log["role"]) == [PRIMARY, PRIMARY, SHADOW, SHADOW]
+    assert sorted(log["request_id"]) == ["new"] * 4 and sorted(log["role"]) == [
+        PRIMARY,
+        PRIMARY,
+        SHADOW,
+        SHADOW,
+    ]
     assert store.read_feedback(since=since)["request_id"].tolist() == ["new"]
     with pytest.raises(DataError, match="prediction"):
         store.read_log()  # everything: the old files are read and fail
@@ -331,7 +358,9 @@ def test_admin_token_is_generated_once_private_and_read_by_clients(tmp_path):
     token = ensure_token(settings)
     assert len(token) >= 32 and ensure_token(settings) == token == read_token(settings)
     assert stat.S_IMODE(token_path(settings).stat().st_mode) == 0o600
-    configured = load_settings(environ={"MLOPS_HOME": str(tmp_path), "MLOPS__SERVING__ADMIN_TOKEN": "s3cret-token-0123456789"})
+    configured = load_settings(
+        environ={"MLOPS_HOME": str(tmp_path), "MLOPS__SERVING__ADMIN_TOKEN": "s3cret-token-0123456789"}
+    )
     assert read_token(configured) == ensure_token(configured) == "s3cret-token-0123456789"
     with pytest.raises(ConfigError, match="admin_token"):
         load_settings(environ={"MLOPS_HOME": str(tmp_path), "MLOPS__SERVING__ADMIN_TOKEN": "''"})
@@ -360,8 +389,12 @@ def test_fake_admin_validates_like_the_service_and_is_idempotent():
     first = fake.apply(state, key="k")
     assert first["changed"] and fake.apply(state, key="k") == first and fake.generation == 1
     assert fake.apply(state)["changed"] is False
-    for bad, status in (({**state, "weight_pct": 10.001}, 422), ({**state, "candidate_version": None}, 409),
-                        ({**state, "candidate_version": 9}, 404), ({**state, "colour": 1}, 422)):  # fmt: skip
+    for bad, status in (
+        ({**state, "weight_pct": 10.001}, 422),
+        ({**state, "candidate_version": None}, 409),
+        ({**state, "candidate_version": 9}, 404),
+        ({**state, "colour": 1}, 422),
+    ):
         with pytest.raises(ServingRequestFailed) as info:
             fake.apply(bad)
         assert info.value.status == status

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from hypothesis import HealthCheck, Phase, settings
 import pandas as pd
 import pytest
+from hypothesis import HealthCheck, Phase, settings
+from test_serving_components import slow_model
 
 from mlops.datagen import generate
 from mlops.onnx_model import OnnxScorer
@@ -36,7 +37,6 @@ from mlops.settings import Settings, load_settings
 from serving.client import ServingClient, ServingRequestFailed
 from serving.models import MEMORY_FACTOR
 from serving.predlog_store import PredictionLogStore
-from test_serving_components import slow_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -88,7 +88,9 @@ class Service:
         deadline = time.monotonic() + timeout
         ids = "','".join(request_ids)
         while time.monotonic() < deadline:
-            n = self.store().query(f"SELECT count(DISTINCT request_id) n FROM predictions WHERE request_id IN ('{ids}')")
+            n = self.store().query(
+                f"SELECT count(DISTINCT request_id) n FROM predictions WHERE request_id IN ('{ids}')"
+            )
             if n["n"].iloc[0] == len(request_ids):
                 return
             time.sleep(0.2)
@@ -96,10 +98,21 @@ class Service:
 
 
 def _start(env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
-    argv = [str(Path(sys.executable).with_name("bentoml")), "serve", "serving.service:ScoringService",
-            "--host", "127.0.0.1", "--port", str(port), "--working-dir", str(REPO)]  # fmt: skip
+    argv = [
+        str(Path(sys.executable).with_name("bentoml")),
+        "serve",
+        "serving.service:ScoringService",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--working-dir",
+        str(REPO),
+    ]
     with open(log, "wb") as fh:
-        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            argv, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+        )
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -127,8 +140,9 @@ def _stop(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -> Iterator[Service]:
     """A started service: champion v1 in stable, versions 1-4 registered (same small model)."""
-    from adapters.runtime import configure
     from conftest import FAST_ENV, register_versions
+
+    from adapters.runtime import configure
     from registry.mlflow_registry import ModelRegistry
 
     home = tmp_path_factory.mktemp("serving") / "home"
@@ -147,7 +161,9 @@ def service(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -> Ite
         configure(settings)
         env = dict(os.environ)
         versions = register_versions(settings, small_model, [{"roc_auc": 0.8 + i / 100} for i in range(4)])
-        ModelRegistry(settings).move_alias(settings.training.model_name, "champion", versions[0], reason="serving tests")
+        ModelRegistry(settings).move_alias(
+            settings.training.model_name, "champion", versions[0], reason="serving tests"
+        )
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -157,10 +173,25 @@ def service(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -> Ite
     try:
         client = ServingClient.for_settings(settings, base_url=f"http://127.0.0.1:{port}")
         frame = generate(1000, seed=11)
-        rows = [{n: (float(r[n]) if n in settings.dataset.numeric_names else str(r[n])) for n in settings.dataset.feature_names}
-                for r in frame.to_dict("records")]  # fmt: skip
-        yield Service(f"http://127.0.0.1:{port}", settings, env, proc, log, versions, client.token or "", client,
-                      OnnxScorer(small_model, settings.dataset), rows)  # fmt: skip
+        rows = [
+            {
+                n: (float(r[n]) if n in settings.dataset.numeric_names else str(r[n]))
+                for n in settings.dataset.feature_names
+            }
+            for r in frame.to_dict("records")
+        ]
+        yield Service(
+            f"http://127.0.0.1:{port}",
+            settings,
+            env,
+            proc,
+            log,
+            versions,
+            client.token or "",
+            client,
+            OnnxScorer(small_model, settings.dataset),
+            rows,
+        )
         client.close()
     finally:
         _stop(proc)
@@ -188,8 +219,15 @@ def _metric(http: httpx.Client, name: str) -> float:
 class Load:
     """Closed-loop /predict traffic from ``threads`` keep-alive clients, bounded in count and time."""
 
-    def __init__(self, service: Service, threads: int = 3, max_requests: int = 20_000, max_seconds: float = 60.0,
-                 headers: dict[str, str] | None = None, new_connections: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        service: Service,
+        threads: int = 3,
+        max_requests: int = 20_000,
+        max_seconds: float = 60.0,
+        headers: dict[str, str] | None = None,
+        new_connections: bool = False,
+    ):
         self.service = service
         self.stop = threading.Event()
         self.statuses: Counter[int] = Counter()
@@ -260,7 +298,9 @@ def test_health_metadata_and_openapi_describe_the_model(service: Service, http: 
     name = service.settings.training.model_name
     meta = http.get(f"/v2/models/{name}").json()
     want = [{"name": t.name, "datatype": t.datatype, "shape": [-1, 1]} for t in service.scorer.inputs]
-    assert meta["inputs"] == want and meta["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]}]
+    assert meta["inputs"] == want and meta["outputs"] == [
+        {"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]}
+    ]
     assert meta["platform"] == "onnxruntime_onnx" and "1" in meta["versions"]
     assert http.get(f"/v2/models/{name}/ready").json() == {"name": name, "ready": True}
     assert http.get(f"/v2/models/{name}/versions/1").json()["versions"] == ["1"]
@@ -269,8 +309,15 @@ def test_health_metadata_and_openapi_describe_the_model(service: Service, http: 
     assert http.get(f"/v2/models/{name}/versions/x1").status_code == 400
     assert http.get("/v2/models/other-model").status_code == 404
     doc = http.get("/openapi.json").json()
-    assert {"/predict", "/feedback", "/metrics", "/v2/models/{name}/infer", "/admin/state", "/admin/flip",
-            "/v2/models/{name}/versions/{version}/infer"} <= set(doc["paths"])  # fmt: skip
+    assert {
+        "/predict",
+        "/feedback",
+        "/metrics",
+        "/v2/models/{name}/infer",
+        "/admin/state",
+        "/admin/flip",
+        "/v2/models/{name}/versions/{version}/infer",
+    } <= set(doc["paths"])
     assert http.get("/docs.json").json() == doc
 
 
@@ -281,10 +328,16 @@ def test_predict_scores_one_or_many_records_like_the_model(service: Service, htt
     one = http.post("/predict", json=service.record(0, rid="given-id")).json()
     [p] = one["predictions"]
     expected = service.scorer.predict_proba({k: [v] for k, v in service.rows[0].items()})[0]
-    assert p["request_id"] == "given-id" and p["variant"] == "stable" and p["model_version"] == service.versions[0]
+    assert (
+        p["request_id"] == "given-id"
+        and p["variant"] == "stable"
+        and p["model_version"] == service.versions[0]
+    )
     assert math.isclose(p["score"], expected, rel_tol=1e-6)
     assert p["decision"] == (p["score"] >= service.settings.training.decision_threshold)
-    many = http.post("/predict", json={"records": [service.record(i) for i in range(20)]}).json()["predictions"]
+    many = http.post("/predict", json={"records": [service.record(i) for i in range(20)]}).json()[
+        "predictions"
+    ]
     frame = {n: [r[n] for r in service.rows[:20]] for n in service.settings.dataset.feature_names}
     np.testing.assert_allclose([x["score"] for x in many], service.scorer.predict_proba(frame), rtol=1e-6)
     assert len({x["request_id"] for x in many}) == 20
@@ -292,8 +345,15 @@ def test_predict_scores_one_or_many_records_like_the_model(service: Service, htt
 
 def _tensors(service: Service, rows: list[dict]) -> list[dict]:
     ds = service.settings.dataset
-    return [{"name": n, "datatype": "FP32" if n in ds.numeric_names else "BYTES", "shape": [len(rows), 1],
-             "data": [r[n] for r in rows]} for n in ds.feature_names]  # fmt: skip
+    return [
+        {
+            "name": n,
+            "datatype": "FP32" if n in ds.numeric_names else "BYTES",
+            "shape": [len(rows), 1],
+            "data": [r[n] for r in rows],
+        }
+        for n in ds.feature_names
+    ]
 
 
 def test_v2_infer_routed_and_per_version(service: Service, http: httpx.Client):
@@ -308,7 +368,9 @@ def test_v2_infer_routed_and_per_version(service: Service, http: httpx.Client):
     [probs] = out["outputs"]
     assert probs["name"] == "probabilities" and probs["datatype"] == "FP32" and probs["shape"] == [3, 2]
     frame = {n: [r[n] for r in rows] for n in service.settings.dataset.feature_names}
-    np.testing.assert_allclose(np.array(probs["data"]).reshape(3, 2)[:, 1], service.scorer.predict_proba(frame), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.array(probs["data"]).reshape(3, 2)[:, 1], service.scorer.predict_proba(frame), rtol=1e-6
+    )
     assert out["parameters"]["request_ids"] == ["req-9:0", "req-9:1", "req-9:2"]
     pinned = http.post(f"/v2/models/{name}/versions/{service.versions[1]}/infer", json=body).json()
     assert pinned["model_version"] == str(service.versions[1])
@@ -321,12 +383,19 @@ def test_v2_infer_routed_and_per_version(service: Service, http: httpx.Client):
 def test_admin_api_needs_the_token(service: Service, http: httpx.Client):
     """Every admin route answers 401 without a token and 403 with a wrong one; nothing changes."""
     before = service.client.state()["generation"]
-    calls = [("GET", "/admin/state", None), ("PUT", "/admin/state", {"stable_version": 1}),
-             ("POST", "/admin/routes", {"mode": "single"}), ("POST", "/admin/slots/candidate", {"version": 2}),
-             ("POST", "/admin/flip", None), ("POST", "/admin/models", {"version": 2})]  # fmt: skip
+    calls = [
+        ("GET", "/admin/state", None),
+        ("PUT", "/admin/state", {"stable_version": 1}),
+        ("POST", "/admin/routes", {"mode": "single"}),
+        ("POST", "/admin/slots/candidate", {"version": 2}),
+        ("POST", "/admin/flip", None),
+        ("POST", "/admin/models", {"version": 2}),
+    ]
     for method, path, body in calls:
         assert http.request(method, path, json=body).status_code == 401, path
-        assert http.request(method, path, json=body, headers={"Authorization": "Bearer nope"}).status_code == 403, path
+        assert (
+            http.request(method, path, json=body, headers={"Authorization": "Bearer nope"}).status_code == 403
+        ), path
     assert service.client.state()["generation"] == before
 
 
@@ -334,14 +403,22 @@ def test_admin_state_is_desired_state_idempotent_and_reported(service: Service, 
     """PUT /admin/state applies a whole state and returns it; the same state again changes
     nothing; an Idempotency-Key replays its first answer and refuses a different body."""
     v1, v2 = service.versions[:2]
-    desired = {"mode": "canary", "weight_pct": 5.0, "salt": "rollout-1", "stable_version": v1, "candidate_version": v2}
+    desired = {
+        "mode": "canary",
+        "weight_pct": 5.0,
+        "salt": "rollout-1",
+        "stable_version": v1,
+        "candidate_version": v2,
+    }
     key = f"effect-{uuid.uuid4().hex}"
     first = http.put("/admin/state", json=desired, headers=service.auth | {"Idempotency-Key": key})
     assert first.status_code == 200 and first.json()["changed"] is True
     assert {k: first.json()[k] for k in desired} == desired
     again = http.put("/admin/state", json=desired, headers=service.auth | {"Idempotency-Key": key})
     assert again.json() == first.json() and again.headers["Idempotent-Replayed"] == "true"
-    other = http.put("/admin/state", json=desired | {"weight_pct": 6.0}, headers=service.auth | {"Idempotency-Key": key})
+    other = http.put(
+        "/admin/state", json=desired | {"weight_pct": 6.0}, headers=service.auth | {"Idempotency-Key": key}
+    )
     assert other.status_code == 422
     same = http.put("/admin/state", json=desired, headers=service.auth)
     assert same.json()["changed"] is False and same.json()["generation"] == first.json()["generation"]
@@ -371,11 +448,24 @@ def test_cli_reads_the_token_file_and_drives_the_admin_api(service: Service):
     with pytest.raises(ServingRequestFailed, match="409: canary routing needs a model in the candidate slot"):
         service.client.set_routes({"mode": "canary", "weight_pct": 10.0, "salt": "cli"})
     service.apply(mode="single", candidate_version=service.versions[1])
-    routes = subprocess.run([mlops, "serving", "routes", "canary", "--weight", "10", "--salt", "cli", *url],
-                            env=service.env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    routes = subprocess.run(
+        [mlops, "serving", "routes", "canary", "--weight", "10", "--salt", "cli", *url],
+        env=service.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert routes.returncode == 0, routes.stderr
-    state = json.loads(subprocess.run([mlops, "serving", "state", *url], env=service.env, capture_output=True,
-                                      text=True, timeout=120, check=True).stdout)  # fmt: skip
+    state = json.loads(
+        subprocess.run(
+            [mlops, "serving", "state", *url],
+            env=service.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        ).stdout
+    )
     assert (state["mode"], state["weight_pct"], state["salt"]) == ("canary", 10.0, "cli")
 
 
@@ -397,8 +487,12 @@ def test_shadow_mirrors_a_share_off_the_response_path_and_logs_pairs(service: Se
     for start in range(0, 2000, 100):
         batch = [service.record(i, entity=f"u{i}", rid=ids[i]) for i in range(start, start + 100)]
         answers += http.post("/predict", json={"records": batch}).json()["predictions"]
-    forced = http.post("/predict", json=service.record(0), headers={FORCE_HEADER: "candidate"}).json()["predictions"]
-    assert {(a["variant"], a["model_version"]) for a in answers + forced} == {("stable", v1)}  # forcing is ignored too
+    forced = http.post("/predict", json=service.record(0), headers={FORCE_HEADER: "candidate"}).json()[
+        "predictions"
+    ]
+    assert {(a["variant"], a["model_version"]) for a in answers + forced} == {
+        ("stable", v1)
+    }  # forcing is ignored too
     service.wait_logged(set(ids))
     skipped = _metric(http, "mlops_serving_shadow_skipped_total") - skipped_before
     deadline = time.monotonic() + 15
@@ -408,7 +502,11 @@ def test_shadow_mirrors_a_share_off_the_response_path_and_logs_pairs(service: Se
             break
         time.sleep(0.3)
     assert set(pairs["request_id"]) <= sampled  # exactly the hashed sample, each paired once
-    assert len(pairs) == pairs["request_id"].nunique() == len(sampled) - skipped, (len(pairs), len(sampled), skipped)
+    assert len(pairs) == pairs["request_id"].nunique() == len(sampled) - skipped, (
+        len(pairs),
+        len(sampled),
+        skipped,
+    )
     assert skipped <= len(sampled) * 0.1  # the pending bound only sheds copies under pressure
     assert set(pairs["shadow_version"]) == {v2} and set(pairs["primary_version"]) == {v1}
     np.testing.assert_allclose(pairs["primary_score"], pairs["shadow_score"], rtol=1e-6)  # same model file
@@ -432,7 +530,7 @@ def test_canary_is_sticky_for_10000_users_while_the_weight_ramps(service: Servic
                 if answer.status_code not in (503, 504):
                     break
             assert answer.status_code == 200, answer.text
-            for u, p in zip(users[start:start + 250], answer.json()["predictions"], strict=True):
+            for u, p in zip(users[start : start + 250], answer.json()["predictions"], strict=True):
                 assert p["model_version"] == (v2 if p["variant"] == "candidate" else v1)
                 out[u] = p["variant"]
         return out
@@ -443,7 +541,10 @@ def test_canary_is_sticky_for_10000_users_while_the_weight_ramps(service: Servic
         got = assign()
         on = {u for u, v in got.items() if v == "candidate"}
         p = weight / 100
-        assert abs(len(on) / len(users) - p) <= 5 * math.sqrt(p * (1 - p) / len(users)) + 1e-9, (weight, len(on))
+        assert abs(len(on) / len(users) - p) <= 5 * math.sqrt(p * (1 - p) / len(users)) + 1e-9, (
+            weight,
+            len(on),
+        )
         assert previous <= on, f"{len(previous - on)} users moved back to stable at {weight}%"
         previous = on
         if weight == 25.0:
@@ -460,12 +561,16 @@ def test_ab_records_each_arm_and_a_header_forces_a_variant(service: Service, htt
     answers = http.post("/predict", json={"records": recs}).json()["predictions"]
     arms = Counter(a["variant"] for a in answers)
     assert arms["stable"] > 100 and arms["candidate"] > 100
-    forced = http.post("/predict", json=service.record(0, entity="ab-user-0"), headers={FORCE_HEADER: "candidate"}).json()
+    forced = http.post(
+        "/predict", json=service.record(0, entity="ab-user-0"), headers={FORCE_HEADER: "candidate"}
+    ).json()
     assert forced["predictions"][0]["variant"] == "candidate" and forced["mode"] == "ab"
     bad = http.post("/predict", json=service.record(0), headers={FORCE_HEADER: "purple"})
     assert bad.status_code == 400 and FORCE_HEADER in bad.json()["error"]
     service.wait_logged(set(ids))
-    logged = service.store().query("SELECT request_id, variant, mode FROM predictions WHERE request_id LIKE 'ab-%'")
+    logged = service.store().query(
+        "SELECT request_id, variant, mode FROM predictions WHERE request_id LIKE 'ab-%'"
+    )
     by_id = dict(zip(logged["request_id"], logged["variant"], strict=True))
     assert all(by_id[a["request_id"]] == a["variant"] for a in answers) and set(logged["mode"]) == {"ab"}
 
@@ -520,22 +625,37 @@ def test_prediction_log_and_feedback_are_queryable_in_duckdb(service: Service, h
     score and latency; feedback posted later joins to it by request id."""
     service.apply(mode="single")
     ids = [f"log-{uuid.uuid4().hex}" for _ in range(5)]
-    answers = http.post("/predict", json={"records": [service.record(i, entity=f"e{i}", rid=ids[i]) for i in range(5)]}).json()
-    assert http.post("/feedback", json={"feedback": [{"request_id": ids[0], "label": 1},
-                                                     {"request_id": ids[1], "label": 0}]}).status_code == 202  # fmt: skip
+    answers = http.post(
+        "/predict", json={"records": [service.record(i, entity=f"e{i}", rid=ids[i]) for i in range(5)]}
+    ).json()
+    assert (
+        http.post(
+            "/feedback",
+            json={"feedback": [{"request_id": ids[0], "label": 1}, {"request_id": ids[1], "label": 0}]},
+        ).status_code
+        == 202
+    )
     assert http.post("/feedback", json={"request_id": ids[0], "label": 0}).status_code == 202
     service.wait_logged(set(ids))
     store = service.store()
     deadline = time.monotonic() + 10
     while store.read_feedback()["request_id"].isin(ids).sum() < 3 and time.monotonic() < deadline:
         time.sleep(0.2)
-    rows = store.query("SELECT * FROM labelled WHERE request_id LIKE 'log-%' ORDER BY request_id").set_index("request_id")
+    rows = store.query("SELECT * FROM labelled WHERE request_id LIKE 'log-%' ORDER BY request_id").set_index(
+        "request_id"
+    )
     for a in answers["predictions"]:
         row = rows.loc[a["request_id"]]
-        assert row["model_version"] == a["model_version"] and math.isclose(row["score"], a["score"], rel_tol=1e-9)
+        assert row["model_version"] == a["model_version"] and math.isclose(
+            row["score"], a["score"], rel_tol=1e-9
+        )
         assert row["variant"] == "stable" and row["role"] == "primary" and row["status"] == 200
         assert row["latency_ms"] > 0 and len(row["features_hash"]) == 16 and row["entity_key"].startswith("e")
-    assert rows.loc[ids[0], "label"] == 0 and rows.loc[ids[1], "label"] == 0 and pd.isna(rows.loc[ids[2], "label"])
+    assert (
+        rows.loc[ids[0], "label"] == 0
+        and rows.loc[ids[1], "label"] == 0
+        and pd.isna(rows.loc[ids[2], "label"])
+    )
     files = list((service.settings.home_path / "predictions").glob("date=*/*.parquet"))
     assert files and not list((service.settings.home_path / "predictions").glob("date=*/.*.tmp"))
 
@@ -552,19 +672,31 @@ def _bad_cases(rows: list[dict]) -> list[tuple[str, object, int, str]]:
     return [
         ("malformed JSON", b'{"features": ', 400, "malformed JSON"),
         ("not an object", b"[1]", 400, "body must be a JSON object"),
-        ("missing feature", {"features": {k: v for k, v in f.items() if k != "amount"}}, 422, "missing feature(s) amount"),
+        (
+            "missing feature",
+            {"features": {k: v for k, v in f.items() if k != "amount"}},
+            422,
+            "missing feature(s) amount",
+        ),
         ("extra feature", {"features": f | {"shoe_size": 9}}, 422, "unknown feature(s) shoe_size"),
         ("wrong type", {"features": f | {"amount": "lots"}}, 422, "'amount' must be a number"),
         ("NaN literal", literal("NaN"), 422, "'amount' is NaN"),
         ("Infinity literal", literal("-Infinity"), 422, "'amount' is infinite"),
         ("huge number", literal("1e999"), 422, "'amount' is infinite"),
         ("out of range", {"features": f | {"utilization": 7.0}}, 422, "'utilization' = 7.0 is outside"),
-        ("unknown category", {"features": f | {"geo": "moon"}}, 422, "'geo' = 'moon' is not a known category"),
+        (
+            "unknown category",
+            {"features": f | {"geo": "moon"}},
+            422,
+            "'geo' = 'moon' is not a known category",
+        ),
         ("too many records", {"records": [{"features": f}] * 1001}, 413, "limit of 1000"),
     ]
 
 
-def test_every_bad_input_is_a_4xx_naming_the_problem_and_the_service_keeps_serving(service: Service, http: httpx.Client):
+def test_every_bad_input_is_a_4xx_naming_the_problem_and_the_service_keeps_serving(
+    service: Service, http: httpx.Client
+):
     """Malformed JSON, missing/extra features, wrong types, NaN/inf, out-of-range values,
     unknown categories, oversized batches and bodies, and wrong v2 tensors each get a 4xx
     whose message names the problem; a good request afterwards is still answered."""
@@ -575,16 +707,32 @@ def test_every_bad_input_is_a_4xx_naming_the_problem_and_the_service_keeps_servi
             resp = http.post("/predict", content=body, headers={"Content-Type": "application/json"})
         else:
             resp = http.post("/predict", json=body)
-        assert resp.status_code == status and needle in resp.json()["error"], (label, resp.status_code, resp.text[:300])
+        assert resp.status_code == status and needle in resp.json()["error"], (
+            label,
+            resp.status_code,
+            resp.text[:300],
+        )
     big = b'{"features": {"amount": "' + b"x" * 2_000_000 + b'"}}'
     resp = http.post("/predict", content=big, headers={"Content-Type": "application/json"})
     assert resp.status_code == 413 and "exceeds the limit" in resp.json()["error"]
     good = _tensors(service, service.rows[:2])
     v2_cases = [
-        ([t | {"datatype": "FP64"} if t["name"] == "amount" else t for t in good], 400, "datatype 'FP64', expected FP32"),
+        (
+            [t | {"datatype": "FP64"} if t["name"] == "amount" else t for t in good],
+            400,
+            "datatype 'FP64', expected FP32",
+        ),
         ([t | {"shape": [2]} if t["name"] == "amount" else t for t in good], 400, "expected [N, 1]"),
-        ([t | {"shape": [1, 1], "data": ["pos"]} if t["name"] == "channel" else t for t in good], 400, "has 1 rows"),
-        ([t | {"data": [1.0, None]} if t["name"] == "amount" else t for t in good], 422, "must be a number, got null"),
+        (
+            [t | {"shape": [1, 1], "data": ["pos"]} if t["name"] == "channel" else t for t in good],
+            400,
+            "has 1 rows",
+        ),
+        (
+            [t | {"data": [1.0, None]} if t["name"] == "amount" else t for t in good],
+            422,
+            "must be a number, got null",
+        ),
         (good[:-1], 400, "missing input tensor(s)"),
     ]
     for inputs, status, needle in v2_cases:
@@ -618,14 +766,15 @@ def test_versions_load_on_demand_and_are_evicted_least_recently_used(service: Se
 @pytest.fixture
 def slow_version(service: Service) -> Iterator[int]:
     """A registered version whose model never finishes; unloaded and deleted afterwards."""
-    from mlflow.tracking import MlflowClient
-
     from conftest import register_versions
+    from mlflow.tracking import MlflowClient
 
     saved = dict(os.environ)
     try:
         os.environ.update({k: v for k, v in service.env.items() if k.startswith(("MLOPS", "MLFLOW"))})
-        [version] = register_versions(service.settings, slow_model(service.settings.dataset), [{"roc_auc": 0.5}])
+        [version] = register_versions(
+            service.settings, slow_model(service.settings.dataset), [{"roc_auc": 0.5}]
+        )
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -634,7 +783,8 @@ def slow_version(service: Service) -> Iterator[int]:
     finally:
         service.apply(mode="single")
         MlflowClient(tracking_uri=service.settings.tracking_uri).delete_model_version(
-            service.settings.training.model_name, str(version))
+            service.settings.training.model_name, str(version)
+        )
 
 
 def test_a_hung_model_answers_504_in_time_and_overload_is_shed_fast(service: Service, slow_version: int):
@@ -673,9 +823,19 @@ def test_a_hung_model_answers_504_in_time_and_overload_is_shed_fast(service: Ser
     assert max(s for c, s, _ in results if c == 504) < TIMEOUT_S + 1.5  # client side, on a busy machine
     timed_out = {rid for c, _, rid in results if c == 504}
     service.wait_logged(timed_out)
-    logged = service.store().query("SELECT request_id, status, latency_ms FROM predictions WHERE request_id LIKE 'hang-%'")
-    assert set(logged["status"]) == {504} and logged["latency_ms"].max() < (TIMEOUT_S + 0.3) * 1000  # server side
-    assert _metric(http_client(service), 'mlops_serving_errors_total{role="primary",status="504",variant="candidate"}') >= 1
+    logged = service.store().query(
+        "SELECT request_id, status, latency_ms FROM predictions WHERE request_id LIKE 'hang-%'"
+    )
+    assert (
+        set(logged["status"]) == {504} and logged["latency_ms"].max() < (TIMEOUT_S + 0.3) * 1000
+    )  # server side
+    assert (
+        _metric(
+            http_client(service),
+            'mlops_serving_errors_total{role="primary",status="504",variant="candidate"}',
+        )
+        >= 1
+    )
     # stable may be shed (503) too while the hung requests fill every slot; after they end it answers
     assert stable.status_code in (200, 503)
     after = httpx.post(f"{service.url}/predict", json=service.record(1), timeout=10)
@@ -704,8 +864,14 @@ def test_metrics_count_requests_errors_and_latency_per_variant(service: Service,
 def test_bentoml_build_packages_the_service(tmp_path: Path):
     """`bentoml build` with the repository's bentofile.yaml produces a bento of ScoringService."""
     env = os.environ | {"BENTOML_HOME": str(tmp_path), "BENTOML_DO_NOT_TRACK": "true"}
-    out = subprocess.run([str(Path(sys.executable).with_name("bentoml")), "build", str(REPO), "--output", "tag"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    out = subprocess.run(
+        [str(Path(sys.executable).with_name("bentoml")), "build", str(REPO), "--output", "tag"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     [bento_yaml] = tmp_path.glob("bentos/mlops-serving/*/bento.yaml")
     text = bento_yaml.read_text()
@@ -737,22 +903,32 @@ def test_no_request_the_published_openapi_allows_or_breaks_gets_a_5xx(service: S
     for operation in operations:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
 
-            @settings(max_examples=FUZZ_EXAMPLES, derandomize=True, deadline=None, database=None,
-                      suppress_health_check=list(HealthCheck), phases=[Phase.generate])  # fmt: skip
+            @settings(
+                max_examples=FUZZ_EXAMPLES,
+                derandomize=True,
+                deadline=None,
+                database=None,
+                suppress_health_check=list(HealthCheck),
+                phases=[Phase.generate],
+            )
             @given(case=operation.as_strategy(generation_mode=mode))
             def run(case) -> None:
                 response = case.call(base_url=service.url, timeout=30)
                 statuses[response.status_code] += 1
                 if response.status_code >= 500:
-                    server_errors.append(f"{case.method} {case.formatted_path} -> {response.status_code}: "
-                                         f"{response.text[:200]} (body {str(case.body)[:200]})")  # fmt: skip
+                    server_errors.append(
+                        f"{case.method} {case.formatted_path} -> {response.status_code}: "
+                        f"{response.text[:200]} (body {str(case.body)[:200]})"
+                    )
 
             try:
                 run()
             except Unsatisfiable:  # nothing to break: an operation without parameters or body
                 assert mode is GenerationMode.NEGATIVE
     assert server_errors == [], server_errors[:5]
-    assert sum(statuses.values()) > 200 and statuses[200] + statuses[202] > 20, statuses  # handlers were reached
+    assert sum(statuses.values()) > 200 and statuses[200] + statuses[202] > 20, (
+        statuses
+    )  # handlers were reached
 
 
 # ----------------------------------------------------------------------------- shutdown (last: stops the service)
@@ -772,8 +948,13 @@ def test_sigterm_under_load_answers_every_accepted_request_and_flushes_the_log(s
         time.sleep(0.5)
     assert before > 0 and service.proc.returncode == 0, service.log.read_text()[-2000:]
     assert set(load.statuses) == {200}, load.statuses
-    assert all(e.startswith(("ConnectError", "ReadError", "RemoteProtocolError")) for e in load.errors), load.errors[:5]
+    assert all(e.startswith(("ConnectError", "ReadError", "RemoteProtocolError")) for e in load.errors), (
+        load.errors[:5]
+    )
     service.wait_logged(set(load.ok_ids), timeout=5)  # flushed on the way out
-    handled = set(service.store().query("SELECT DISTINCT request_id FROM predictions WHERE request_id LIKE 'load-%'")
-                  ["request_id"])  # fmt: skip
+    handled = set(
+        service.store().query("SELECT DISTINCT request_id FROM predictions WHERE request_id LIKE 'load-%'")[
+            "request_id"
+        ]
+    )
     assert handled.isdisjoint(load.error_ids), sorted(handled & set(load.error_ids))[:5]

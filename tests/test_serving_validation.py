@@ -24,8 +24,14 @@ def features() -> dict:
 
 def tensors(rows: int = 1) -> list[dict]:
     f = features()
-    out = [{"name": n, "datatype": "FP32", "shape": [rows, 1], "data": [f[n]] * rows} for n in SCHEMA.numeric_names]
-    out += [{"name": n, "datatype": "BYTES", "shape": [rows, 1], "data": [f[n]] * rows} for n in SCHEMA.categorical_names]
+    out = [
+        {"name": n, "datatype": "FP32", "shape": [rows, 1], "data": [f[n]] * rows}
+        for n in SCHEMA.numeric_names
+    ]
+    out += [
+        {"name": n, "datatype": "BYTES", "shape": [rows, 1], "data": [f[n]] * rows}
+        for n in SCHEMA.categorical_names
+    ]
     return out
 
 
@@ -59,10 +65,25 @@ def test_one_record_and_many_records_are_accepted_with_their_keys():
         (lambda f: f.update(amount=math.nan), 422, "'amount' is NaN"),
         (lambda f: f.update(amount=math.inf), 422, "'amount' is infinite"),
         (lambda f: f.update(amount=-1.0), 422, "'amount' = -1.0 is outside its valid range [0, 100000]"),
-        (lambda f: f.update(channel="carrier-pigeon"), 422, "'channel' = 'carrier-pigeon' is not a known category"),
+        (
+            lambda f: f.update(channel="carrier-pigeon"),
+            422,
+            "'channel' = 'carrier-pigeon' is not a known category",
+        ),
         (lambda f: f.update(channel=3), 422, "'channel' must be a string, got integer"),
     ],
-    ids=["missing", "extra", "string-number", "bool", "null", "nan", "inf", "range", "category", "int-category"],
+    ids=[
+        "missing",
+        "extra",
+        "string-number",
+        "bool",
+        "null",
+        "nan",
+        "inf",
+        "range",
+        "category",
+        "int-category",
+    ],
 )
 def test_bad_features_are_422_naming_the_feature(mutate, status, needle):
     """Given one bad feature, validation answers its status with a message naming the feature."""
@@ -96,8 +117,19 @@ def test_nan_and_infinity_literals_are_rejected_by_name():
         (b'{"features": {}, "colour": 1}', 422, "unknown field(s) colour"),
         (b"[" * 100_000, 400, "malformed JSON"),
     ],
-    ids=["empty", "truncated", "binary", "array", "features-number", "records-object", "records-empty",
-         "no-features", "extra-top", "extra-record", "deep"],
+    ids=[
+        "empty",
+        "truncated",
+        "binary",
+        "array",
+        "features-number",
+        "records-object",
+        "records-empty",
+        "no-features",
+        "extra-top",
+        "extra-record",
+        "deep",
+    ],
 )
 def test_malformed_bodies_are_4xx(body, status, needle):
     """Bodies that are not the expected structure answer 400/422 with a message, never raise otherwise."""
@@ -143,7 +175,11 @@ def _with(tensor: str, **change) -> list[dict]:
         (_with("channel", datatype="FP32"), 400, "input 'channel' has datatype 'FP32', expected BYTES"),
         (_with("amount", shape=[2]), 400, "input 'amount' has shape [2], expected [N, 1]"),
         (_with("amount", shape=[1, 2]), 400, "expected [N, 1]"),
-        (_with("geo", shape=[3, 1], data=["home_region"] * 3), 400, "input 'geo' has 3 rows, the first input has 2"),
+        (
+            _with("geo", shape=[3, 1], data=["home_region"] * 3),
+            400,
+            "input 'geo' has 3 rows, the first input has 2",
+        ),
         (_with("amount", data=[1.0]), 400, "input 'amount' has 1 values, shape [2, 1] needs 2"),
         (_with("amount", data=[1.0, math.nan]), 422, "'amount' is NaN"),
         (_with("amount", data=[1.0, "2"]), 422, "'amount' must be a number, got string"),
@@ -154,8 +190,22 @@ def _with(tensor: str, **change) -> list[dict]:
         (_with("amount", shape=[11, 1], data=[1.0] * 11), 413, "limit is 10"),
         (_with("amount", parameters={"binary_data_size": 8}), 400, "binary tensor data is not supported"),
     ],
-    ids=["fp64", "bytes-as-fp32", "rank1", "wide", "rows-mismatch", "count", "nan", "string", "int-bytes",
-         "unknown", "missing", "twice", "too-many", "binary"],
+    ids=[
+        "fp64",
+        "bytes-as-fp32",
+        "rank1",
+        "wide",
+        "rows-mismatch",
+        "count",
+        "nan",
+        "string",
+        "int-bytes",
+        "unknown",
+        "missing",
+        "twice",
+        "too-many",
+        "binary",
+    ],
 )
 def test_v2_shape_datatype_and_value_errors_are_4xx(inputs, status, needle):
     """Wrong tensor names, shapes, datatypes, counts or values answer 4xx naming the tensor."""
@@ -176,7 +226,10 @@ def test_v2_unknown_output_and_fields_are_400():
 def test_feedback_labels_must_come_from_the_schema():
     """Feedback takes request ids with labels from the schema's label values, one or many."""
     assert V.feedback({"request_id": "r", "label": 1}) == [("r", 1)]
-    assert V.feedback({"feedback": [{"request_id": "a", "label": 0}, {"request_id": "b", "label": 1}]}) == [("a", 0), ("b", 1)]
+    assert V.feedback({"feedback": [{"request_id": "a", "label": 0}, {"request_id": "b", "label": 1}]}) == [
+        ("a", 0),
+        ("b", 1),
+    ]
     assert "label must be one of 0, 1" in str(problem(V.feedback, {"request_id": "r", "label": 2}))
     assert "label must be one of" in str(problem(V.feedback, {"request_id": "r", "label": True}))
     assert "missing field 'request_id'" in str(problem(V.feedback, {"label": 1}))
@@ -187,13 +240,18 @@ def test_feedback_labels_must_come_from_the_schema():
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
+    ),
     max_leaves=30,
 )
 
 
 @settings(max_examples=300, derandomize=True, suppress_health_check=list(HealthCheck))
-@given(body=json_values, record=st.dictionaries(st.sampled_from([*SCHEMA.feature_names, "x"]), json_values, max_size=30))
+@given(
+    body=json_values,
+    record=st.dictionaries(st.sampled_from([*SCHEMA.feature_names, "x"]), json_values, max_size=30),
+)
 def test_any_json_either_validates_or_is_a_4xx(body, record):
     """Whatever JSON arrives, validation returns rows or raises InvalidRequest with a 4xx: nothing else."""
     for candidate in (body, {"features": record}, {"records": [{"features": record}]}, {"inputs": [record]}):

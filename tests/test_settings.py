@@ -51,7 +51,9 @@ def test_scaled_out_config_switches_each_backend() -> None:
     assert "serving" not in [svc.name for svc in plan(s)]
     assert "serving" in [svc.name for svc in plan(load_settings(environ={}))]
     token = {"MLOPS__SERVING__ADMIN_TOKEN": "t" * 16}
-    with ServingClient.for_settings(load_settings(Path("configs/scaled-out.yaml").resolve(), environ=token)) as client:
+    with ServingClient.for_settings(
+        load_settings(Path("configs/scaled-out.yaml").resolve(), environ=token)
+    ) as client:
         assert client.base_url == "http://127.0.0.1:3000"
     with pytest.raises(ConfigError, match=r"serving\.url"):
         load_settings(environ={"MLOPS__SERVING__URL": "not a url"})
@@ -115,8 +117,6 @@ def test_settings_are_frozen() -> None:
 def test_dataset_schema_rejects_duplicate_columns(tmp_path: Path) -> None:
     """A column declared both as a feature and as the label is a config error."""
     bad = tmp_path / "dup.yaml"
-    bad.write_text(
-        "dataset:\n  label_column: amount\n  numeric:\n    - name: amount\n  categorical: []\n"
-    )
+    bad.write_text("dataset:\n  label_column: amount\n  numeric:\n    - name: amount\n  categorical: []\n")
     with pytest.raises(ConfigError, match="column names used twice: amount"):
         load_settings(bad, environ={})

@@ -74,7 +74,9 @@ def test_merged_partition_summaries_equal_the_whole_data(scores: tuple[np.ndarra
     assert merged.correlation == pytest.approx(whole.correlation, rel=1e-9)
     assert merged.decision_agreement == decision_agreement(a >= 0.1, b >= 0.1)
     assert merged.psi == pytest.approx(whole.psi) and merged.ks == pytest.approx(whole.ks)
-    assert [(s.column, s.value, s.rows) for s in merged.segments] == [(s.column, s.value, s.rows) for s in whole.segments]
+    assert [(s.column, s.value, s.rows) for s in merged.segments] == [
+        (s.column, s.value, s.rows) for s in whole.segments
+    ]
     assert sum(s.rows for s in merged.segments) == a.size
 
 

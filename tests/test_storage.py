@@ -134,9 +134,7 @@ def test_commit_makes_exactly_its_rows_visible(root: Path) -> None:
     assert count(root) == 150
     assert count(root, f"run_date = DATE '{DAY}'") == 150
     assert storage.committed_dates(root) == [DAY]
-    (row,) = storage.query(
-        root, "SELECT *, phase_seconds->>'score' AS score_s FROM score_runs"
-    ).to_pylist()
+    (row,) = storage.query(root, "SELECT *, phase_seconds->>'score' AS score_s FROM score_runs").to_pylist()
     assert row["run_id"] == info.run_id
     assert (row["model_name"], row["model_version"], row["alias"]) == ("fraud", "7", "champion")
     assert (row["rows_in"], row["rows_out"], row["parts"]) == (150, 150, 3)
@@ -181,9 +179,7 @@ def test_the_hive_layout_reads_the_same_rows_through_the_pointers(root: Path) ->
         f"read_parquet('{glob}', hive_partitioning = true, hive_types = {{'run_date': DATE}}) "
         "ORDER BY ALL",
     )
-    view = storage.query(
-        root, "SELECT run_date, tag, transaction_id, score FROM scores ORDER BY ALL"
-    )
+    view = storage.query(root, "SELECT run_date, tag, transaction_id, score FROM scores ORDER BY ALL")
     assert through_pointers.equals(view) and view.num_rows == 45
     recursive = storage.query(root, f"SELECT file FROM glob('{root}/scores/**/*.parquet')")
     assert all("/_runs/" in f for f in recursive["file"].to_pylist())
@@ -301,7 +297,9 @@ def test_leftovers_of_a_sweep_killed_mid_delete_are_swept_at_once(root: Path) ->
     renamed = StagedRun.open(root, OTHER_DAY, "renamed")
     renamed.write_part(0, part_table(0, 4))
     os.rename(staging / "renamed", staging / ".renamed.0123abcd.removed")
-    half_deleted = StagedRun.open(root, OTHER_DAY, "half-deleted")  # (this open sweeps the hidden one already)
+    half_deleted = StagedRun.open(
+        root, OTHER_DAY, "half-deleted"
+    )  # (this open sweeps the hidden one already)
     os.makedirs(staging / ".renamed.0123abcd.removed")
     half_deleted.write_part(0, part_table(0, 4))
     half_deleted.write_part(3, part_table(3, 4))
@@ -469,9 +467,7 @@ def test_a_reader_during_recommits_sees_one_whole_run(
     polls = forkserver.RawValue("i", 0)
     receive, send = forkserver.Pipe(duplex=False)
     glob = f"{root}/scores/run_date=*/*.parquet"
-    reader = spawn(
-        forkserver, _POLL_READER, root=str(root), glob=glob, stop=stop, polls=polls, out=send
-    )
+    reader = spawn(forkserver, _POLL_READER, root=str(root), glob=glob, stop=stop, polls=polls, out=send)
     try:
         wait_for(lambda: polls.value > 0, reader)
         commits = 0
@@ -587,13 +583,17 @@ def test_a_killed_scoring_run_rerun_leaves_exactly_the_rows_of_a_clean_run(
     rerun, fresh = clean_run(root), clean_run(tmp_path / "fresh")
     assert rerun.equals(fresh)
     assert rerun.select(clean.column_names).equals(clean)
-    assert tree(root / "scores") == tree(tmp_path / "fresh" / "scores") == {
-        "_staging",
-        "_runs",
-        f"_runs/run_date={DAY}",
-        f"_runs/run_date={DAY}/rerun",
-        *(f"_runs/run_date={DAY}/rerun/part-0000{i}.parquet" for i in range(4)),
-        f"run_date={DAY} -> _runs/run_date={DAY}/rerun",
-    }
+    assert (
+        tree(root / "scores")
+        == tree(tmp_path / "fresh" / "scores")
+        == {
+            "_staging",
+            "_runs",
+            f"_runs/run_date={DAY}",
+            f"_runs/run_date={DAY}/rerun",
+            *(f"_runs/run_date={DAY}/rerun/part-0000{i}.parquet" for i in range(4)),
+            f"run_date={DAY} -> _runs/run_date={DAY}/rerun",
+        }
+    )
     assert storage.query(root, "SELECT count(*) AS n FROM score_runs")["n"].to_pylist() == [1]
     assert not list(root.glob(".warehouse.duckdb.*")), "a killed writer's working copy was left"

@@ -36,14 +36,26 @@ def test_first_training_registers_challenger_and_champion_with_lineage(flow_home
     assert summary.version == 1 and summary.promoted_to_champion
     assert registry.aliases(name) == {CHALLENGER: 1, CHAMPION: 1}
     v1 = registry.version(name, 1)
-    for key in ("lineage.data_fingerprint", "lineage.config_hash", "lineage.code_version", "lineage.mlflow_run_id",
-                "lineage.flow_run_id", "signature.inputs"):  # fmt: skip
+    for key in (
+        "lineage.data_fingerprint",
+        "lineage.config_hash",
+        "lineage.code_version",
+        "lineage.mlflow_run_id",
+        "lineage.flow_run_id",
+        "signature.inputs",
+    ):
         assert v1.tags.get(key), key
     assert v1.tags["lineage.mlflow_run_id"] == summary.run_id
     assert {"roc_auc", "pr_auc", "log_loss", "ece", "latency_p99_ms", "batch_rows_per_s"} <= set(v1.metrics)
     assert set(summary.candidates) == {"gradient_boosting", "logistic_regression"}
-    artifacts = {a.path for a in MlflowClient(flow_home.tracking_uri).list_artifacts(summary.run_id, "evaluation")}
-    assert {"evaluation/roc.png", "evaluation/precision_recall.png", "evaluation/calibration.png"} <= artifacts
+    artifacts = {
+        a.path for a in MlflowClient(flow_home.tracking_uri).list_artifacts(summary.run_id, "evaluation")
+    }
+    assert {
+        "evaluation/roc.png",
+        "evaluation/precision_recall.png",
+        "evaluation/calibration.png",
+    } <= artifacts
     assert [m.alias for m in registry.history(name)] == [CHALLENGER, CHAMPION]
 
     # A second training on the same data is a new challenger; champion stays until promoted.
@@ -74,7 +86,9 @@ def _out_of_range(f: pd.DataFrame) -> pd.DataFrame:
     ],
     ids=["missing-column", "wrong-dtype", "out-of-range"],
 )
-def test_invalid_data_stops_before_anything_is_registered(flow_home: Settings, corrupt, expected: str) -> None:  # noqa: ANN001
+def test_invalid_data_stops_before_anything_is_registered(
+    flow_home: Settings, corrupt, expected: str
+) -> None:
     """Given a corrupt dataset, the flow fails listing the failed expectation and registers nothing."""
     from flows.train import train_flow
 
@@ -98,9 +112,15 @@ def test_bring_your_own_dataset_trains_without_code_changes(flow_home: Settings,
     churned = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(int)
     csv = tmp_path / "churn.csv"
     pd.DataFrame(
-        {"customer": [f"c{i}" for i in range(n)], "account": [f"a{i % 500}" for i in range(n)],
-         "tenure_months": tenure, "monthly_charges": charges, "plan": plan, "churned": churned}
-    ).to_csv(csv, index=False)  # fmt: skip
+        {
+            "customer": [f"c{i}" for i in range(n)],
+            "account": [f"a{i % 500}" for i in range(n)],
+            "tenure_months": tenure,
+            "monthly_charges": charges,
+            "plan": plan,
+            "churned": churned,
+        }
+    ).to_csv(csv, index=False)
     config = tmp_path / "churn.yaml"
     config.write_text(
         """

@@ -74,7 +74,9 @@ def test_generated_frame_passes(frame: pd.DataFrame, schema: DatasetSchema) -> N
     assert summary.rows == ROWS
 
 
-def test_frame_without_label_passes_when_label_not_required(frame: pd.DataFrame, schema: DatasetSchema) -> None:
+def test_frame_without_label_passes_when_label_not_required(
+    frame: pd.DataFrame, schema: DatasetSchema
+) -> None:
     """A scoring frame without the label column passes with require_label=False."""
     summary = validate_frame(frame.drop(columns=[schema.label_column]), schema, require_label=False)
     assert summary.success, summary.failures
@@ -207,7 +209,9 @@ def test_each_defect_fails_with_one_line_naming_column_and_problem(
     assert lines_about(broken, column) == [expected]
 
 
-def test_defects_are_listed_once_each_in_suite_order(broken: ValidationSummary, schema: DatasetSchema) -> None:
+def test_defects_are_listed_once_each_in_suite_order(
+    broken: ValidationSummary, schema: DatasetSchema
+) -> None:
     """A frame with defects in ten columns lists exactly ten lines, in the suite's column order."""
     order = {c: i for i, c in enumerate(schema.key_columns + schema.feature_names + (schema.label_column,))}
     expected = sorted((line for _, _, line in DEFECTS.values()), key=lambda line: order[line.split("'")[1]])
@@ -238,9 +242,7 @@ def _tiny(null_x: int, null_c: int, rows: int = 100) -> pd.DataFrame:
     x[:null_x] = np.nan
     c = np.array(["a", "b"] * (rows // 2), dtype=object)
     c[:null_c] = None
-    return pd.DataFrame(
-        {"id": [f"r{i}" for i in range(rows)], "user": "u", "x": x, "c": c, "y": 0}
-    )
+    return pd.DataFrame({"id": [f"r{i}" for i in range(rows)], "user": "u", "x": x, "c": c, "y": 0})
 
 
 def test_nulls_within_max_null_fraction_pass(nullable_schema: DatasetSchema) -> None:
@@ -252,9 +254,7 @@ def test_nulls_within_max_null_fraction_pass(nullable_schema: DatasetSchema) -> 
 def test_nulls_beyond_max_null_fraction_fail(nullable_schema: DatasetSchema) -> None:
     """Given max_null_fraction 0.1, a column with 20% nulls fails, saying what is allowed."""
     summary = validate_frame(_tiny(null_x=20, null_c=0), nullable_schema)
-    assert summary.failures == (
-        "column 'x': at most 10.00% nulls allowed (20 of 100 rows null, 20.00%)",
-    )
+    assert summary.failures == ("column 'x': at most 10.00% nulls allowed (20 of 100 rows null, 20.00%)",)
 
 
 # --------------------------------------------------------------------------- raising
@@ -271,9 +271,14 @@ def test_raise_for_failures_returns_a_passing_summary() -> None:
 def test_raise_for_failures_raises_with_counts_and_lines() -> None:
     """raise_for_failures on a failed summary raises ValidationFailed: source, counts, each line."""
     failed = ValidationSummary(
-        suite="s", source="day-1.parquet", rows=10, success=False, evaluated=3, failed=2,
+        suite="s",
+        source="day-1.parquet",
+        rows=10,
+        success=False,
+        evaluated=3,
+        failed=2,
         failures=("column 'a' is missing",),
-    )  # fmt: skip
+    )
     with pytest.raises(ValidationFailed) as caught:
         raise_for_failures(failed)
     assert str(caught.value) == "day-1.parquet: 2 of 3 expectations failed\n  - column 'a' is missing"
@@ -321,8 +326,6 @@ def test_validated_frame_is_not_kept_alive_by_gx(nullable_schema: DatasetSchema)
     validate_frame(df, nullable_schema)
     del df
     assert ref() is None
-
-
 
 
 def test_frames_validated_on_two_threads_get_their_own_results(

@@ -36,9 +36,18 @@ def one_window(client: str, port: int, window: int, concurrency: int, roots: set
     watch = ForeignCpu(roots)
     watch.start()
     if client == "raw" or client == "aiohttp":
-        r = asyncio.run(run_async("127.0.0.1", port, "/predict", payload,
-                                  concurrency=concurrency, duration_s=window, client=client,
-                                  warmup_s=0.5))
+        r = asyncio.run(
+            run_async(
+                "127.0.0.1",
+                port,
+                "/predict",
+                payload,
+                concurrency=concurrency,
+                duration_s=window,
+                client=client,
+                warmup_s=0.5,
+            )
+        )
     elif client == "seq":
         r = run_sync("127.0.0.1", port, "/predict", payload, duration_s=window)
     elif client == "wrk":
@@ -64,8 +73,7 @@ def main() -> None:
     if not model_path().exists():
         build_model(model_path())
     label = args.label or f"{args.kind} {args.cfg} gc={args.gc or '-'} env={args.env}"
-    env = {"PROBE_KIND": args.kind, "PROBE_CFG": args.cfg, "PROBE_GC": args.gc,
-           **json.loads(args.env)}
+    env = {"PROBE_KIND": args.kind, "PROBE_CFG": args.cfg, "PROBE_GC": args.gc, **json.loads(args.env)}
     clients = args.clients.split(",")
     pm, pb = free_port(), free_port()
     pooled: dict[tuple[str, str], list] = {}
@@ -91,8 +99,7 @@ def main() -> None:
                 if len(rps) == 2:
                     ratios[client].append(rps["bento"] / rps["minimal"])
     print(f"== {label}  ({args.rounds} rounds x {args.window}s, c={args.concurrency})")
-    record = {"label": label, "time": time.time(), "rounds": args.rounds,
-              "window": args.window, "rows": []}
+    record = {"label": label, "time": time.time(), "rounds": args.rounds, "window": args.window, "rows": []}
     for client in clients:
         for target in ("minimal", "bento"):
             rs = pooled.get((target, client))
@@ -105,23 +112,30 @@ def main() -> None:
                 row = p.summary()
             else:  # wrk dicts: pool what can be pooled
                 secs = [r["requests"] / r["rps"] for r in rs]
-                row = {"name": f"{target} {client}", "requests": sum(r["requests"] for r in rs),
-                       "rps": round(sum(r["requests"] for r in rs) / sum(secs), 1),
-                       "p50_ms": round(statistics.median(r["p50_ms"] for r in rs), 3),
-                       "p99_ms": round(max(r["p99_ms"] for r in rs), 3),
-                       "max_ms": max(r["max_ms"] for r in rs),
-                       "stalls": sum(r["stalls"] for r in rs),
-                       "errors": sum(r["errors"] for r in rs)}
+                row = {
+                    "name": f"{target} {client}",
+                    "requests": sum(r["requests"] for r in rs),
+                    "rps": round(sum(r["requests"] for r in rs) / sum(secs), 1),
+                    "p50_ms": round(statistics.median(r["p50_ms"] for r in rs), 3),
+                    "p99_ms": round(max(r["p99_ms"] for r in rs), 3),
+                    "max_ms": max(r["max_ms"] for r in rs),
+                    "stalls": sum(r["stalls"] for r in rs),
+                    "errors": sum(r["errors"] for r in rs),
+                }
             row["foreign_cores"] = round(statistics.mean(foreign[(target, client)]), 2)
             record["rows"].append(row)
-            print(f"  {row['name']:16s} {row['rps']:8.1f} rps  p50 {row['p50_ms']:7.3f}  "
-                  f"p99 {row['p99_ms']:7.3f}  max {row['max_ms']:8.2f} ms  stalls "
-                  f"{row['stalls']:4d}  err {row['errors']}  foreign {row['foreign_cores']:.2f}")
+            print(
+                f"  {row['name']:16s} {row['rps']:8.1f} rps  p50 {row['p50_ms']:7.3f}  "
+                f"p99 {row['p99_ms']:7.3f}  max {row['max_ms']:8.2f} ms  stalls "
+                f"{row['stalls']:4d}  err {row['errors']}  foreign {row['foreign_cores']:.2f}"
+            )
         if ratios[client]:
             med = statistics.median(ratios[client])
             record.setdefault("ratio", {})[client] = [round(x, 3) for x in ratios[client]]
-            print(f"  -> {client}: bento/minimal RPS median {med:.3f}  rounds "
-                  f"{[round(x, 2) for x in ratios[client]]}")
+            print(
+                f"  -> {client}: bento/minimal RPS median {med:.3f}  rounds "
+                f"{[round(x, 2) for x in ratios[client]]}"
+            )
     with open(OUT / "ab_results.jsonl", "a") as fh:
         fh.write(json.dumps(record) + "\n")
 

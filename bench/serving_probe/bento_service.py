@@ -22,12 +22,11 @@ import json
 import os
 
 import bentoml
+from model import Scorer
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-
-from model import Scorer
 
 KIND = os.environ.get("PROBE_KIND", "typed")
 CONFIG = json.loads(os.environ.get("PROBE_CFG") or "{}")
@@ -47,9 +46,11 @@ def _install_gc_log(path: str) -> None:
             ms = (time.perf_counter() - state.get("t", time.perf_counter())) * 1e3
             if ms > 5:
                 with open(path, "a") as fh:
-                    fh.write(f"{time.time():.3f} pid={os.getpid()} gen={info['generation']} "
-                             f"{ms:.1f}ms collected={info['collected']} "
-                             f"objects={len(gc.get_objects())}\n")
+                    fh.write(
+                        f"{time.time():.3f} pid={os.getpid()} gen={info['generation']} "
+                        f"{ms:.1f}ms collected={info['collected']} "
+                        f"objects={len(gc.get_objects())}\n"
+                    )
 
     gc.callbacks.append(cb)
 
@@ -93,11 +94,11 @@ def _patch_timeout_middleware() -> None:
         fut = asyncio.ensure_future(self.app(scope, receive, _send), loop=loop)
         try:
             await waiter
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if fut.cancel():
                 resp = JSONResponse(
-                    {"error": f"Not able to process the request in {self.timeout} seconds"},
-                    status_code=504)
+                    {"error": f"Not able to process the request in {self.timeout} seconds"}, status_code=504
+                )
                 await resp(scope, receive, send)
         else:
             handle.cancel()
@@ -132,9 +133,11 @@ async def predict_threaded(request: Request) -> Response:
     return Response(json.dumps(scores), media_type="application/json")
 
 
-scoring_app = Starlette(routes=[Route(
-    "/predict", predict_threaded if KIND == "asgi_thread" else predict_inline, methods=["POST"]
-)])
+scoring_app = Starlette(
+    routes=[
+        Route("/predict", predict_threaded if KIND == "asgi_thread" else predict_inline, methods=["POST"])
+    ]
+)
 
 
 class _Base:

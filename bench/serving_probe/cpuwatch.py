@@ -18,7 +18,7 @@ def _procs() -> dict[int, tuple[int, int]]:
                 raw = fh.read()
         except OSError:
             continue
-        rest = raw[raw.rfind(")") + 2:].split()
+        rest = raw[raw.rfind(")") + 2 :].split()
         ppid = int(rest[1])
         ticks = int(rest[11]) + int(rest[12])
         out[int(name)] = (ppid, ticks)
@@ -63,9 +63,11 @@ class ForeignCpu:
         procs = _procs()
         mine = _tree(procs, self.roots)
         own = sum(procs[p][1] - self.mine0.get(p, 0) for p in mine if p in procs)
-        return {"machine_cores": round(busy / TICK / elapsed, 2),
-                "own_cores": round(own / TICK / elapsed, 2),
-                "foreign_cores": round(max(busy - own, 0) / TICK / elapsed, 2)}
+        return {
+            "machine_cores": round(busy / TICK / elapsed, 2),
+            "own_cores": round(own / TICK / elapsed, 2),
+            "foreign_cores": round(max(busy - own, 0) / TICK / elapsed, 2),
+        }
 
 
 if __name__ == "__main__":

@@ -51,23 +51,32 @@ class Result:
 
     def summary(self) -> dict:
         return {
-            "name": self.name, "requests": self.count, "errors": self.errors,
-            "rps": round(self.rps, 1), "p50_ms": round(self.pct_ms(50), 3),
-            "p99_ms": round(self.pct_ms(99), 3), "p999_ms": round(self.pct_ms(99.9), 3),
-            "max_ms": round(self.max_ms, 2), "stalls": self.stalls,
+            "name": self.name,
+            "requests": self.count,
+            "errors": self.errors,
+            "rps": round(self.rps, 1),
+            "p50_ms": round(self.pct_ms(50), 3),
+            "p99_ms": round(self.pct_ms(99), 3),
+            "p999_ms": round(self.pct_ms(99.9), 3),
+            "max_ms": round(self.max_ms, 2),
+            "stalls": self.stalls,
         }
 
     def line(self) -> str:
         s = self.summary()
-        return (f"{s['name']:28s} {s['rps']:9.1f} rps  p50 {s['p50_ms']:7.3f}  p99 {s['p99_ms']:7.3f}"
-                f"  p99.9 {s['p999_ms']:8.3f}  max {s['max_ms']:8.2f} ms  stalls>{self.stall_ms:g}ms "
-                f"{s['stalls']:4d}  err {s['errors']}")
+        return (
+            f"{s['name']:28s} {s['rps']:9.1f} rps  p50 {s['p50_ms']:7.3f}  p99 {s['p99_ms']:7.3f}"
+            f"  p99.9 {s['p999_ms']:8.3f}  max {s['max_ms']:8.2f} ms  stalls>{self.stall_ms:g}ms "
+            f"{s['stalls']:4d}  err {s['errors']}"
+        )
 
 
 def build_request(host: str, port: int, path: str, payload: dict) -> bytes:
     body = json.dumps(payload).encode()
-    head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n").encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n"
+    ).encode()
     return head + body
 
 
@@ -130,13 +139,24 @@ async def _aiohttp_worker(session, url, body, deadline_ns, lat, offsets, t0, err
         offsets.append(start - t0)
 
 
-async def run_async(host: str, port: int, path: str, payload: dict, *, concurrency: int,
-                    duration_s: float, client: str = "raw", warmup_s: float = 1.0,
-                    stall_ms: float = 50.0, name: str | None = None) -> Result:
+async def run_async(
+    host: str,
+    port: int,
+    path: str,
+    payload: dict,
+    *,
+    concurrency: int,
+    duration_s: float,
+    client: str = "raw",
+    warmup_s: float = 1.0,
+    stall_ms: float = 50.0,
+    name: str | None = None,
+) -> Result:
     """Drive the server with ``concurrency`` keep-alive connections for ``duration_s``."""
     if warmup_s > 0:
-        await run_async(host, port, path, payload, concurrency=concurrency, duration_s=warmup_s,
-                        client=client, warmup_s=0)
+        await run_async(
+            host, port, path, payload, concurrency=concurrency, duration_s=warmup_s, client=client, warmup_s=0
+        )
     lat: list[int] = []
     offsets: list[int] = []
     errors = [0]
@@ -144,8 +164,12 @@ async def run_async(host: str, port: int, path: str, payload: dict, *, concurren
     deadline = t0 + int(duration_s * 1e9)
     if client == "raw":
         request = build_request(host, port, path, payload)
-        await asyncio.gather(*(_raw_worker(host, port, request, deadline, lat, offsets, t0, errors)
-                               for _ in range(concurrency)))
+        await asyncio.gather(
+            *(
+                _raw_worker(host, port, request, deadline, lat, offsets, t0, errors)
+                for _ in range(concurrency)
+            )
+        )
     elif client == "aiohttp":
         import aiohttp
 
@@ -153,20 +177,31 @@ async def run_async(host: str, port: int, path: str, payload: dict, *, concurren
         conn = aiohttp.TCPConnector(limit=concurrency, force_close=False)
         async with aiohttp.ClientSession(connector=conn) as session:
             url = f"http://{host}:{port}{path}"
-            await asyncio.gather(*(_aiohttp_worker(session, url, body, deadline, lat, offsets, t0,
-                                                   errors) for _ in range(concurrency)))
+            await asyncio.gather(
+                *(
+                    _aiohttp_worker(session, url, body, deadline, lat, offsets, t0, errors)
+                    for _ in range(concurrency)
+                )
+            )
     else:
         raise ValueError(f"unknown client {client!r}")
     elapsed = (time.perf_counter_ns() - t0) / 1e9
     arr = np.asarray(lat, dtype=np.int64)
     offs = np.asarray(offsets, dtype=np.int64)
     stall_offsets = (offs[arr > stall_ms * 1e6] / 1e9).round(3).tolist()
-    return Result(name or f"{client} c={concurrency}", elapsed, arr, errors[0], stall_ms,
-                  stall_offsets)
+    return Result(name or f"{client} c={concurrency}", elapsed, arr, errors[0], stall_ms, stall_offsets)
 
 
-def run_sync(host: str, port: int, path: str, payload: dict, *, duration_s: float,
-             stall_ms: float = 50.0, name: str = "sequential c=1") -> Result:
+def run_sync(
+    host: str,
+    port: int,
+    path: str,
+    payload: dict,
+    *,
+    duration_s: float,
+    stall_ms: float = 50.0,
+    name: str = "sequential c=1",
+) -> Result:
     """One blocking keep-alive connection (http.client), one request after another."""
     import http.client
 
@@ -194,5 +229,4 @@ def run_sync(host: str, port: int, path: str, payload: dict, *, duration_s: floa
     elapsed = (time.perf_counter_ns() - t0) / 1e9
     arr = np.asarray(lat, dtype=np.int64)
     offs = np.asarray(offsets, dtype=np.int64)
-    return Result(name, elapsed, arr, errors, stall_ms,
-                  (offs[arr > stall_ms * 1e6] / 1e9).round(3).tolist())
+    return Result(name, elapsed, arr, errors, stall_ms, (offs[arr > stall_ms * 1e6] / 1e9).round(3).tolist())

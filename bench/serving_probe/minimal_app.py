@@ -8,12 +8,11 @@ from __future__ import annotations
 import contextlib
 import json
 
+from model import Scorer
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-
-from model import Scorer
 
 _scorer: Scorer | None = None
 

@@ -44,14 +44,35 @@ def free_port() -> int:
 def server(target: str, port: int, env_extra: dict[str, str], log: Path):
     env = {**os.environ, "PROBE_MODEL": str(model_path()), **env_extra}
     if target == "minimal":
-        cmd = [PY, "-m", "uvicorn", "minimal_app:app", "--host", "127.0.0.1", "--port",
-               str(port), "--no-access-log", "--log-level", "warning"]
+        cmd = [
+            PY,
+            "-m",
+            "uvicorn",
+            "minimal_app:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ]
     else:
-        cmd = [PY, "-m", "bentoml", "serve", "bento_service:Probe", "--host", "127.0.0.1",
-               "--port", str(port)]
+        cmd = [
+            PY,
+            "-m",
+            "bentoml",
+            "serve",
+            "bento_service:Probe",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, cwd=HERE, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=HERE, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         wait_ready(port, proc)
         yield proc
@@ -72,8 +93,9 @@ def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 90) -> None:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         try:
-            req = urllib.request.Request(f"http://127.0.0.1:{port}/predict", body,
-                                         {"Content-Type": "application/json"})
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}/predict", body, {"Content-Type": "application/json"}
+            )
             with urllib.request.urlopen(req, timeout=2) as r:
                 if r.status == 200:
                     return
@@ -87,25 +109,45 @@ def run_wrk(port: int, concurrency: int, duration: int, threads: int = 1) -> dic
         return None
     env = {**os.environ, "WRK_BODY": json.dumps(sample_payload())}
     out = subprocess.run(
-        ["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{duration}s", "--timeout", "5s",
-         "-s", str(HERE / "post.lua"), f"http://127.0.0.1:{port}/predict"],
-        env=env, capture_output=True, text=True, check=True).stdout
+        [
+            "wrk",
+            f"-t{threads}",
+            f"-c{concurrency}",
+            f"-d{duration}s",
+            "--timeout",
+            "5s",
+            "-s",
+            str(HERE / "post.lua"),
+            f"http://127.0.0.1:{port}/predict",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     stats = json.loads(out.strip().splitlines()[-1])
     secs = stats["duration_us"] / 1e6
-    return {"name": f"wrk c={concurrency}", "requests": stats["requests"],
-            "rps": round(stats["requests"] / secs, 1), "p50_ms": stats["p50_us"] / 1e3,
-            "p99_ms": stats["p99_us"] / 1e3, "max_ms": stats["max_us"] / 1e3,
-            "stalls": stats["stalls"], "mean_ms": round(stats["mean_us"] / 1e3, 3),
-            "busy_fraction": round(stats["requests"] * stats["mean_us"] / 1e6
-                                   / (secs * concurrency), 3),
-            "errors": sum(v for k, v in stats.items() if k.startswith("err_"))}
+    return {
+        "name": f"wrk c={concurrency}",
+        "requests": stats["requests"],
+        "rps": round(stats["requests"] / secs, 1),
+        "p50_ms": stats["p50_us"] / 1e3,
+        "p99_ms": stats["p99_us"] / 1e3,
+        "max_ms": stats["max_us"] / 1e3,
+        "stalls": stats["stalls"],
+        "mean_ms": round(stats["mean_us"] / 1e3, 3),
+        "busy_fraction": round(stats["requests"] * stats["mean_us"] / 1e6 / (secs * concurrency), 3),
+        "errors": sum(v for k, v in stats.items() if k.startswith("err_")),
+    }
 
 
 def fmt(d: dict) -> str:
     extra = f"  busy {d['busy_fraction']:.2f}" if "busy_fraction" in d else ""
-    return (f"  {d['name']:20s} {d['rps']:8.1f} rps  p50 {d['p50_ms']:7.3f}  p99 "
-            f"{d['p99_ms']:7.3f}  max {d['max_ms']:8.2f} ms  stalls {d['stalls']:4d}  "
-            f"err {d['errors']}{extra}")
+    return (
+        f"  {d['name']:20s} {d['rps']:8.1f} rps  p50 {d['p50_ms']:7.3f}  p99 "
+        f"{d['p99_ms']:7.3f}  max {d['max_ms']:8.2f} ms  stalls {d['stalls']:4d}  "
+        f"err {d['errors']}{extra}"
+    )
 
 
 def main() -> None:
@@ -124,8 +166,9 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     if not model_path().exists():
         build_model(model_path())
-    label = args.label or (args.target if args.target == "minimal"
-                           else f"bento {args.kind} {args.cfg} gc={args.gc or 'default'}")
+    label = args.label or (
+        args.target if args.target == "minimal" else f"bento {args.kind} {args.cfg} gc={args.gc or 'default'}"
+    )
     env = {"PROBE_KIND": args.kind, "PROBE_CFG": args.cfg, "PROBE_GC": args.gc}
     port = free_port()
     payload = sample_payload()
@@ -134,9 +177,17 @@ def main() -> None:
     with server(args.target, port, env, OUT / "server.log"):
         for client in ("raw", "aiohttp"):
             if client in clients:
-                r = asyncio.run(run_async("127.0.0.1", port, "/predict", payload,
-                                          concurrency=args.concurrency,
-                                          duration_s=args.duration, client=client))
+                r = asyncio.run(
+                    run_async(
+                        "127.0.0.1",
+                        port,
+                        "/predict",
+                        payload,
+                        concurrency=args.concurrency,
+                        duration_s=args.duration,
+                        client=client,
+                    )
+                )
                 d = r.summary()
                 d["stall_offsets_s"] = r.stall_offsets_s[:20]
                 rows.append(d)
@@ -159,8 +210,9 @@ def main() -> None:
         if d.get("stall_offsets_s"):
             print("    stalls at s:", d["stall_offsets_s"])
     with open(OUT / "results.jsonl", "a") as fh:
-        fh.write(json.dumps({"label": label, "duration": args.duration, "rows": rows,
-                             "time": time.time()}) + "\n")
+        fh.write(
+            json.dumps({"label": label, "duration": args.duration, "rows": rows, "time": time.time()}) + "\n"
+        )
 
 
 if __name__ == "__main__":

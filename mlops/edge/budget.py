@@ -133,16 +133,31 @@ def _default_variants() -> tuple[VariantSpec, ...]:
         DistillSpec(name="student"),
         QuantizeSpec(name="student-int8-dynamic", source="student", mode="dynamic"),
         QuantizeSpec(
-            name="student-int8-minmax", source="student", mode="static", calibration="minmax", per_channel=True, auto_exclude=1
+            name="student-int8-minmax",
+            source="student",
+            mode="static",
+            calibration="minmax",
+            per_channel=True,
+            auto_exclude=1,
         ),
         DistillSpec(name="wide", hidden=(64, 32), epochs=8, restarts=1, compression=1.0),
         PruneSpec(name="wide-pruned", source="wide", keep_fraction=0.5),
         QuantizeSpec(name="wide-int8-dynamic", source="wide", mode="dynamic"),
         QuantizeSpec(
-            name="wide-int8-entropy", source="wide", mode="static", calibration="entropy", per_channel=True, auto_exclude=1
+            name="wide-int8-entropy",
+            source="wide",
+            mode="static",
+            calibration="entropy",
+            per_channel=True,
+            auto_exclude=1,
         ),
         QuantizeSpec(
-            name="wide-int8-percentile", source="wide", mode="static", calibration="percentile", per_channel=True, auto_exclude=1
+            name="wide-int8-percentile",
+            source="wide",
+            mode="static",
+            calibration="percentile",
+            per_channel=True,
+            auto_exclude=1,
         ),
         QuantizeSpec(name="wide-pruned-int8-dynamic", source="wide-pruned", mode="dynamic"),
     )
@@ -178,7 +193,9 @@ class EdgeBudget(StrictModel):
                 raise ValueError(f"variant '{spec.name}': source '{source}' is not an earlier variant")
             seen[spec.name] = spec.kind
         if not any(s.kind == "baseline" for s in self.variants):
-            raise ValueError("the variants need a 'baseline' (the float teacher every variant is compared with)")
+            raise ValueError(
+                "the variants need a 'baseline' (the float teacher every variant is compared with)"
+            )
         return self
 
     def spec(self, name: str) -> VariantSpec:

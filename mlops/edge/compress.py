@@ -30,7 +30,15 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from mlops import modeling
 from mlops.edge import graph, neural
-from mlops.edge.budget import BaselineSpec, DistillSpec, EdgeBudget, EdgeLimits, PruneSpec, QuantizeSpec, VariantSpec
+from mlops.edge.budget import (
+    BaselineSpec,
+    DistillSpec,
+    EdgeBudget,
+    EdgeLimits,
+    PruneSpec,
+    QuantizeSpec,
+    VariantSpec,
+)
 from mlops.edge.variants import Measurement, VariantResult, gate_variant, skip_reason
 from mlops.errors import ModelError
 from mlops.onnx_model import OnnxScorer
@@ -114,7 +122,9 @@ class ExportData:
     y_eval: np.ndarray
 
 
-def prepare_data(train: pd.DataFrame, test: pd.DataFrame, schema: DatasetSchema, budget: EdgeBudget) -> ExportData:
+def prepare_data(
+    train: pd.DataFrame, test: pd.DataFrame, schema: DatasetSchema, budget: EdgeBudget
+) -> ExportData:
     """Split the teacher's training rows into fit/validation; eval = the held-out test rows."""
     rng = np.random.default_rng(budget.seed)
     order = rng.permutation(len(train))
@@ -123,10 +133,13 @@ def prepare_data(train: pd.DataFrame, test: pd.DataFrame, schema: DatasetSchema,
     ev = test.iloc[: min(budget.eval_rows, len(test))]
     feats = lambda f: modeling.features_frame(f, schema).reset_index(drop=True)  # noqa: E731
     return ExportData(
-        train=feats(fit_rows), y_train=modeling.labels(fit_rows, schema),
-        validation=feats(val_rows), y_validation=modeling.labels(val_rows, schema),
-        eval=feats(ev), y_eval=modeling.labels(ev, schema),
-    )  # fmt: skip
+        train=feats(fit_rows),
+        y_train=modeling.labels(fit_rows, schema),
+        validation=feats(val_rows),
+        y_validation=modeling.labels(val_rows, schema),
+        eval=feats(ev),
+        y_eval=modeling.labels(ev, schema),
+    )
 
 
 class _Reader:
@@ -143,7 +156,9 @@ class _Reader:
         self._it = iter(self.feeds)
 
 
-def calibration_feeds(model: bytes, rows: pd.DataFrame, schema: DatasetSchema, batch: int) -> list[dict[str, np.ndarray]]:
+def calibration_feeds(
+    model: bytes, rows: pd.DataFrame, schema: DatasetSchema, batch: int
+) -> list[dict[str, np.ndarray]]:
     scorer = OnnxScorer(model, schema)
     n = max(batch, (len(rows) // batch) * batch)
     rows = rows.iloc[:n]
@@ -185,7 +200,12 @@ def _quiet() -> Iterator[None]:
 
 def calibrate(model: bytes, method: str, feeds: list[dict[str, np.ndarray]], cache: Path) -> None:
     """Collect activation ranges of the dense layers over ``feeds`` and save them to ``cache``."""
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, create_calibrator, save_tensors_data
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        create_calibrator,
+        save_tensors_data,
+    )
 
     class Reader(_Reader, CalibrationDataReader):
         pass
@@ -196,9 +216,12 @@ def calibrate(model: bytes, method: str, feeds: list[dict[str, np.ndarray]], cac
         src.write_bytes(model)
         try:
             calibrator = create_calibrator(
-                src, ["MatMul", "Gemm"], augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-                calibrate_method=getattr(CalibrationMethod, name), extra_options=dict(options),
-            )  # fmt: skip
+                src,
+                ["MatMul", "Gemm"],
+                augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                calibrate_method=getattr(CalibrationMethod, name),
+                extra_options=dict(options),
+            )
             calibrator.collect_data(Reader(feeds))
             save_tensors_data(calibrator.compute_data(), cache)
         except Exception as exc:  # the calibrators raise many unrelated types
@@ -207,7 +230,13 @@ def calibrate(model: bytes, method: str, feeds: list[dict[str, np.ndarray]], cac
 
 def quantize(model: bytes, spec: QuantizeSpec, exclude: tuple[str, ...], cache: Path | None = None) -> bytes:
     """INT8 weights (and, for ``static``, activations from the ``cache`` ranges); ``exclude`` stays float."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         src, out = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
@@ -216,18 +245,31 @@ def quantize(model: bytes, spec: QuantizeSpec, exclude: tuple[str, ...], cache: 
             try:
                 if spec.mode == "dynamic":
                     quantize_dynamic(
-                        src, out, op_types_to_quantize=["MatMul", "Gemm"], per_channel=spec.per_channel,
-                        weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude),
-                    )  # fmt: skip
+                        src,
+                        out,
+                        op_types_to_quantize=["MatMul", "Gemm"],
+                        per_channel=spec.per_channel,
+                        weight_type=QuantType.QInt8,
+                        nodes_to_exclude=list(exclude),
+                    )
                 else:
                     if cache is None or not cache.is_file():
                         raise ModelError("static quantization needs calibrated ranges")
                     quantize_static(
-                        src, out, None, quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Gemm"],
-                        per_channel=spec.per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=list(exclude), calibration_cache_path=cache,
-                        calibrate_method=getattr(CalibrationMethod, CALIBRATORS[spec.calibration or "minmax"][0]),
-                    )  # fmt: skip
+                        src,
+                        out,
+                        None,
+                        quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=["MatMul", "Gemm"],
+                        per_channel=spec.per_channel,
+                        activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8,
+                        nodes_to_exclude=list(exclude),
+                        calibration_cache_path=cache,
+                        calibrate_method=getattr(
+                            CalibrationMethod, CALIBRATORS[spec.calibration or "minmax"][0]
+                        ),
+                    )
             except ModelError:
                 raise
             except Exception as exc:  # the quantizer raises many unrelated types
@@ -247,7 +289,9 @@ def describe(spec: VariantSpec, excluded: tuple[str, ...] = (), calibration_rows
     if spec.mode == "dynamic":
         text = "INT8 dynamic" + (", per-channel" if spec.per_channel else "")
     else:
-        text = f"INT8 static QDQ, {spec.calibration} calibration on {calibration_rows} rows" + (", per-channel" if spec.per_channel else "")
+        text = f"INT8 static QDQ, {spec.calibration} calibration on {calibration_rows} rows" + (
+            ", per-channel" if spec.per_channel else ""
+        )
     if excluded:
         text += f"; kept in float: {', '.join(excluded)}"
     return text
@@ -283,26 +327,44 @@ class VariantBuilder:
         self.teacher_validation_p = scorer.predict_proba(data.validation)
         self.teacher_eval_p = scorer.predict_proba(data.eval)
         self.teacher_value = metric_value(self.limits.metric, data.y_eval, self.teacher_eval_p)
-        self.built: dict[str, _Built] = {"teacher": _Built(teacher, self.teacher_family, eval_p=self.teacher_eval_p,
-                                                            validation_p=self.teacher_validation_p)}  # fmt: skip
+        self.built: dict[str, _Built] = {
+            "teacher": _Built(
+                teacher,
+                self.teacher_family,
+                eval_p=self.teacher_eval_p,
+                validation_p=self.teacher_validation_p,
+            )
+        }
         self._calibration_feeds: list[dict[str, np.ndarray]] | None = None
 
     # ----------------------------------------------------------------- public
 
     def build(self, spec: VariantSpec) -> VariantResult:
         source = getattr(spec, "source", None) or "teacher"
-        head = dict(name=spec.name, kind=spec.kind, source=source, preserves_function=spec.kind in ("baseline", "quantize"))
+        head = dict(
+            name=spec.name,
+            kind=spec.kind,
+            source=source,
+            preserves_function=spec.kind in ("baseline", "quantize"),
+        )
         parent = self.built.get(source)
         if parent is None:
-            return VariantResult(**head, technique=describe(spec), family="-", status="skipped",
-                                 reason=f"source '{source}' was not built")  # fmt: skip
+            return VariantResult(
+                **head,
+                technique=describe(spec),
+                family="-",
+                status="skipped",
+                reason=f"source '{source}' was not built",
+            )
         reason = None
         if isinstance(spec, QuantizeSpec):
             reason = skip_reason("quantize", parent.family)
         elif isinstance(spec, PruneSpec):
             reason = skip_reason("prune", parent.family, trainable=parent.mlp is not None)
         if reason is not None:
-            return VariantResult(**head, technique=describe(spec), family=parent.family, status="skipped", reason=reason)
+            return VariantResult(
+                **head, technique=describe(spec), family=parent.family, status="skipped", reason=reason
+            )
         try:
             if isinstance(spec, BaselineSpec):
                 return self._baseline(spec, head)
@@ -312,7 +374,9 @@ class VariantBuilder:
                 return self._prune(spec, head, parent)
             return self._quantize(spec, head, parent)
         except ModelError as exc:
-            return VariantResult(**head, technique=describe(spec), family=parent.family, status="error", reason=str(exc))
+            return VariantResult(
+                **head, technique=describe(spec), family=parent.family, status="error", reason=str(exc)
+            )
 
     def model(self, name: str) -> bytes:
         return self.built[name].model
@@ -325,7 +389,15 @@ class VariantBuilder:
         # ONNX Runtime's quantizer cannot read the graphs its own optimiser saves (it loses
         # the weights' types); it quantizes the compacted graph, and ONNX Runtime applies the
         # same optimisations again when a device loads the model.
-        return self._finish(spec, head, model, self.built["teacher"], describe(spec), notes, quant_source=graph.compact(self.teacher))
+        return self._finish(
+            spec,
+            head,
+            model,
+            self.built["teacher"],
+            describe(spec),
+            notes,
+            quant_source=graph.compact(self.teacher),
+        )
 
     def _student_size_target(self, spec: DistillSpec) -> int:
         return int(min(self.limits.max_size_bytes, self.teacher_bytes / spec.compression))
@@ -333,7 +405,9 @@ class VariantBuilder:
     def _finish_float(self, model: bytes) -> bytes:
         return graph.compact(model)
 
-    def size_student(self, spec: DistillSpec, pre: ColumnTransformer, n_inputs: int) -> tuple[tuple[int, ...], str]:
+    def size_student(
+        self, spec: DistillSpec, pre: ColumnTransformer, n_inputs: int
+    ) -> tuple[tuple[int, ...], str]:
         """The widest single hidden layer whose exported model fits the size target.
 
         Exact, not estimated: each candidate width is exported (untrained) exactly as the
@@ -375,7 +449,9 @@ class VariantBuilder:
         best, best_score, scores = None, -np.inf, []
         for r in range(spec.restarts):
             seed = self.budget.seed + r
-            cfg = neural.DistillConfig(spec.temperature, spec.alpha, spec.epochs, spec.batch_size, spec.learning_rate, seed)
+            cfg = neural.DistillConfig(
+                spec.temperature, spec.alpha, spec.epochs, spec.batch_size, spec.learning_rate, seed
+            )
             mlp = self._fit(x, neural.init_mlp(x.shape[1], hidden, seed), cfg, rows)
             score = neural.expected_auc(mlp.predict_proba(x_val), self.teacher_validation_p)
             scores.append(score)
@@ -384,8 +460,12 @@ class VariantBuilder:
         assert best is not None
         notes = [sizing, f"{best.n_params:,} parameters, trained on {len(x):,} rows"]
         if spec.restarts > 1:
-            notes.append("restarts (validation AUC vs teacher-drawn labels): " + ", ".join(f"{s:.4f}" for s in scores))
-        cfg = neural.DistillConfig(spec.temperature, spec.alpha, spec.epochs, spec.batch_size, spec.learning_rate, self.budget.seed)
+            notes.append(
+                "restarts (validation AUC vs teacher-drawn labels): " + ", ".join(f"{s:.4f}" for s in scores)
+            )
+        cfg = neural.DistillConfig(
+            spec.temperature, spec.alpha, spec.epochs, spec.batch_size, spec.learning_rate, self.budget.seed
+        )
         return self._finish_network(spec, head, pre, best, self.built["teacher"], tuple(notes), cfg)
 
     def _prune(self, spec: PruneSpec, head: dict, parent: _Built) -> VariantResult:
@@ -403,13 +483,25 @@ class VariantBuilder:
         )
         return self._finish_network(spec, head, parent.pre, pruned, parent, notes, cfg)
 
-    def _finish_network(self, spec: VariantSpec, head: dict, pre: ColumnTransformer, mlp: neural.Mlp, parent: _Built,
-                        notes: tuple[str, ...], cfg: neural.DistillConfig) -> VariantResult:  # fmt: skip
+    def _finish_network(
+        self,
+        spec: VariantSpec,
+        head: dict,
+        pre: ColumnTransformer,
+        mlp: neural.Mlp,
+        parent: _Built,
+        notes: tuple[str, ...],
+        cfg: neural.DistillConfig,
+    ) -> VariantResult:
         pipe, raw = neural.export(pre, mlp, self.schema)
         model = self._finish_float(raw)
-        parity = modeling.parity(pipe, OnnxScorer(model, self.schema), self.data.eval, self.limits.parity_tolerance)
+        parity = modeling.parity(
+            pipe, OnnxScorer(model, self.schema), self.data.eval, self.limits.parity_tolerance
+        )
         tech = describe(spec) + (f" {list(mlp.hidden)}" if isinstance(spec, DistillSpec) else "")
-        return self._finish(spec, head, model, parent, tech, notes, pre=pre, mlp=mlp, parity=parity.max_abs_diff, distill=cfg)
+        return self._finish(
+            spec, head, model, parent, tech, notes, pre=pre, mlp=mlp, parity=parity.max_abs_diff, distill=cfg
+        )
 
     def calibration_rows(self) -> pd.DataFrame:
         """Training rows for static calibration: the teacher's riskiest rows plus a random sample.
@@ -431,12 +523,16 @@ class VariantBuilder:
         known = {n.name for n in graph.dense_nodes(source)}
         unknown = [n for n in excluded if n not in known]
         if unknown:
-            raise ModelError(f"exclude_nodes {unknown} are not dense layers of '{spec.source}' (it has {sorted(known)})")
+            raise ModelError(
+                f"exclude_nodes {unknown} are not dense layers of '{spec.source}' (it has {sorted(known)})"
+            )
         with tempfile.TemporaryDirectory() as tmp:
             cache, n_calib = None, 0
             if spec.mode == "static":
                 assert spec.calibration is not None
-                feeds = calibration_feeds(source, self.calibration_rows(), self.schema, self.budget.calibration_batch)
+                feeds = calibration_feeds(
+                    source, self.calibration_rows(), self.schema, self.budget.calibration_batch
+                )
                 n_calib = sum(len(next(iter(f.values()))) for f in feeds)
                 cache = Path(tmp) / "ranges.json"
                 calibrate(source, spec.calibration, feeds, cache)
@@ -445,8 +541,9 @@ class VariantBuilder:
         notes.append(f"{n_dense - len(excluded)} of {n_dense} dense layers in INT8")
         return self._finish(spec, head, model, parent, describe(spec, excluded, n_calib), tuple(notes))
 
-    def _quantize_search(self, source: bytes, spec: QuantizeSpec, excluded: tuple[str, ...], cache: Path | None,
-                         parent: _Built) -> tuple[bytes, tuple[str, ...], list[str]]:  # fmt: skip
+    def _quantize_search(
+        self, source: bytes, spec: QuantizeSpec, excluded: tuple[str, ...], cache: Path | None, parent: _Built
+    ) -> tuple[bytes, tuple[str, ...], list[str]]:
         """Quantize; while validation drift is over budget, keep the most sensitive layer in float.
 
         Sensitivity is measured, not guessed: each remaining dense layer is tried in float in
@@ -467,10 +564,15 @@ class VariantBuilder:
                 trial = quantize(source, spec, excluded + (node.name,), cache)
                 trials[node.describe()] = (node.name, self._validation_drift(trial, parent), trial)
             within = [k for k in trials if self._within_drift(trials[k][1])]
-            best = (min(within, key=lambda k: len(trials[k][2])) if within
-                    else min(trials, key=lambda k: (trials[k][1].max_abs, trials[k][1].mean_abs)))  # fmt: skip
+            best = (
+                min(within, key=lambda k: len(trials[k][2]))
+                if within
+                else min(trials, key=lambda k: (trials[k][1].max_abs, trials[k][1].mean_abs))
+            )
             name, after, model = trials[best]
-            notes.append(f"validation max |dp| {drift.max_abs:.4f} over budget; {best} kept in float: {after.max_abs:.4f}")
+            notes.append(
+                f"validation max |dp| {drift.max_abs:.4f} over budget; {best} kept in float: {after.max_abs:.4f}"
+            )
             excluded += (name,)
         return model, excluded, notes
 
@@ -478,14 +580,26 @@ class VariantBuilder:
         return drift.max_abs <= self.limits.max_abs_dp and drift.mean_abs <= self.limits.max_mean_dp
 
     def _validation_drift(self, model: bytes, parent: _Built) -> Drift:
-        return Drift.between(OnnxScorer(model, self.schema).predict_proba(self.data.validation), parent.validation_p)
+        return Drift.between(
+            OnnxScorer(model, self.schema).predict_proba(self.data.validation), parent.validation_p
+        )
 
     # ----------------------------------------------------------------- measure and gate
 
-    def _finish(self, spec: VariantSpec, head: dict, model: bytes, parent: _Built, technique: str, notes: tuple[str, ...],
-                pre: ColumnTransformer | None = None, mlp: neural.Mlp | None = None,
-                parity: float | None = None, distill: neural.DistillConfig | None = None,
-                quant_source: bytes | None = None) -> VariantResult:  # fmt: skip
+    def _finish(
+        self,
+        spec: VariantSpec,
+        head: dict,
+        model: bytes,
+        parent: _Built,
+        technique: str,
+        notes: tuple[str, ...],
+        pre: ColumnTransformer | None = None,
+        mlp: neural.Mlp | None = None,
+        parity: float | None = None,
+        distill: neural.DistillConfig | None = None,
+        quant_source: bytes | None = None,
+    ) -> VariantResult:
         graph.check(model)
         scorer = OnnxScorer(model, self.schema)  # also checks the input/output contract
         eval_p = scorer.predict_proba(self.data.eval)
@@ -494,17 +608,35 @@ class VariantBuilder:
         to_parent = Drift.between(eval_p, parent.eval_p)
         to_teacher = Drift.between(eval_p, self.teacher_eval_p)
         m = Measurement(
-            rows=len(eval_p), size_bytes=len(model),
-            latency_p50_ms=lat["latency_p50_ms"], latency_p99_ms=lat["latency_p99_ms"], batch_rows_per_s=lat["batch_rows_per_s"],
-            wall_p50_ms=lat["wall_p50_ms"], wall_p99_ms=lat["wall_p99_ms"],
-            metric=self.limits.metric, value=metric_value(self.limits.metric, self.data.y_eval, eval_p), teacher_value=self.teacher_value,
-            max_abs_dp=to_parent.max_abs, mean_abs_dp=to_parent.mean_abs,
-            max_abs_dp_teacher=to_teacher.max_abs, mean_abs_dp_teacher=to_teacher.mean_abs,
-            parity_max_abs_diff=parity, weight_shapes=tuple(graph.weight_shapes(model)),
-        )  # fmt: skip
+            rows=len(eval_p),
+            size_bytes=len(model),
+            latency_p50_ms=lat["latency_p50_ms"],
+            latency_p99_ms=lat["latency_p99_ms"],
+            batch_rows_per_s=lat["batch_rows_per_s"],
+            wall_p50_ms=lat["wall_p50_ms"],
+            wall_p99_ms=lat["wall_p99_ms"],
+            metric=self.limits.metric,
+            value=metric_value(self.limits.metric, self.data.y_eval, eval_p),
+            teacher_value=self.teacher_value,
+            max_abs_dp=to_parent.max_abs,
+            mean_abs_dp=to_parent.mean_abs,
+            max_abs_dp_teacher=to_teacher.max_abs,
+            mean_abs_dp_teacher=to_teacher.mean_abs,
+            parity_max_abs_diff=parity,
+            weight_shapes=tuple(graph.weight_shapes(model)),
+        )
         family = graph.family(model)
-        self.built[spec.name] = _Built(model, family, pre=pre, mlp=mlp, eval_p=eval_p, validation_p=val_p, distill=distill,
-                                       quant_source=quant_source)  # fmt: skip
+        self.built[spec.name] = _Built(
+            model,
+            family,
+            pre=pre,
+            mlp=mlp,
+            eval_p=eval_p,
+            validation_p=val_p,
+            distill=distill,
+            quant_source=quant_source,
+        )
         gate = gate_variant(m, self.limits, head["preserves_function"])
-        return VariantResult(**head, technique=technique, family=family, status="built", measurement=m, gate=gate, notes=notes)
-
+        return VariantResult(
+            **head, technique=technique, family=family, status="built", measurement=m, gate=gate, notes=notes
+        )

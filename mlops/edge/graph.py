@@ -26,7 +26,9 @@ from mlops.onnx_model import PROBA_OUTPUT
 DENSE_OPS = frozenset({"MatMul", "Gemm"})
 TREE_OPS = frozenset({"TreeEnsembleClassifier", "TreeEnsembleRegressor", "TreeEnsemble"})
 LINEAR_OPS = frozenset({"LinearClassifier", "LinearRegressor", "SVMClassifier", "SVMRegressor"})
-QUANTIZED_OPS = frozenset({"MatMulInteger", "QLinearMatMul", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear"})
+QUANTIZED_OPS = frozenset(
+    {"MatMulInteger", "QLinearMatMul", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear"}
+)
 
 _LEVELS = {
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

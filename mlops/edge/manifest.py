@@ -54,7 +54,9 @@ HEX64 = r"^[0-9a-f]{64}$"
 
 def canonical(obj: Any) -> bytes:
     """Canonical JSON bytes: sorted keys, no whitespace, UTF-8, no NaN."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode()
 
 
 def public_bytes(key: Ed25519PublicKey) -> bytes:
@@ -168,14 +170,25 @@ def open_envelope(data: bytes) -> tuple[dict[str, Any], list[dict[str, str]]]:
         env = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MetadataInvalid(f"metadata is not JSON ({exc.__class__.__name__})") from None
-    if not isinstance(env, dict) or not isinstance(env.get("signed"), dict) or not isinstance(env.get("signatures"), list):
+    if (
+        not isinstance(env, dict)
+        or not isinstance(env.get("signed"), dict)
+        or not isinstance(env.get("signatures"), list)
+    ):
         raise MetadataInvalid("metadata is not a signed envelope ({'signed': ..., 'signatures': [...]})")
-    sigs = [s for s in env["signatures"] if isinstance(s, dict) and isinstance(s.get("keyid"), str) and isinstance(s.get("sig"), str)]
+    sigs = [
+        s
+        for s in env["signatures"]
+        if isinstance(s, dict) and isinstance(s.get("keyid"), str) and isinstance(s.get("sig"), str)
+    ]
     return env["signed"], sigs
 
 
 def verify_signatures(
-    signed: Mapping[str, Any], signatures: Sequence[Mapping[str, str]], trusted: Mapping[str, Ed25519PublicKey], threshold: int
+    signed: Mapping[str, Any],
+    signatures: Sequence[Mapping[str, str]],
+    trusted: Mapping[str, Ed25519PublicKey],
+    threshold: int,
 ) -> list[str]:
     """Key ids of the trusted keys whose signature verifies; ``SignatureInvalid`` below ``threshold``."""
     body = canonical(dict(signed))
@@ -240,7 +253,9 @@ def update_root(trusted: RootMeta, newer: Sequence[bytes], now: datetime) -> Roo
     for data in newer:
         root, signed, sigs = parse_root(data)
         if root.version != current.version + 1:
-            raise MetadataInvalid(f"root version {root.version} does not follow trusted version {current.version}")
+            raise MetadataInvalid(
+                f"root version {root.version} does not follow trusted version {current.version}"
+            )
         verify_signatures(signed, sigs, current.trusted(), current.threshold)  # the old keys vouch
         verify_signatures(signed, sigs, root.trusted(), root.threshold)  # the new keys are held
         current = root
@@ -294,31 +309,49 @@ def decide_update(m: ModelManifest, d: DeviceView, now: datetime) -> UpdateDecis
     """The update rules, applied to a release whose signature already verified."""
     if m.expires <= now:
         return UpdateDecision(
-            "reject", "expired",
+            "reject",
+            "expired",
             f"release v{m.version} expired at {iso(m.expires)} (now {iso(now)}): stale metadata replayed (freeze attack?)",
-        )  # fmt: skip
+        )
     if m.model != d.model:
-        return UpdateDecision("reject", "wrong-model", f"release is for model '{m.model}', device runs '{d.model}'")
+        return UpdateDecision(
+            "reject", "wrong-model", f"release is for model '{m.model}', device runs '{d.model}'"
+        )
     if m.version < d.highest_version:
         return UpdateDecision(
-            "reject", "rollback",
+            "reject",
+            "rollback",
             f"release v{m.version} is older than v{d.highest_version} already accepted (rollback attack refused)",
-        )  # fmt: skip
+        )
     if d.device_class not in m.device_classes:
-        return UpdateDecision("noop", "device-class", f"release is for {', '.join(m.device_classes)}, not {d.device_class}")
+        return UpdateDecision(
+            "noop", "device-class", f"release is for {', '.join(m.device_classes)}, not {d.device_class}"
+        )
     if runtime_tuple(d.runtime_version) < runtime_tuple(m.min_runtime_version):
-        return UpdateDecision("noop", "runtime", f"runtime {d.runtime_version} < required {m.min_runtime_version}")
+        return UpdateDecision(
+            "noop", "runtime", f"runtime {d.runtime_version} < required {m.min_runtime_version}"
+        )
     if m.version == d.highest_version:
         if m.version in d.failed_versions:
-            return UpdateDecision("noop", "failed-before", f"v{m.version} failed its health check here; waiting for a newer release")
+            return UpdateDecision(
+                "noop",
+                "failed-before",
+                f"v{m.version} failed its health check here; waiting for a newer release",
+            )
         return UpdateDecision("noop", "up-to-date", f"v{m.version} already accepted")
     b = bucket(d.device_id, m.rollout_salt)
     if b >= m.cohort_percent:
-        return UpdateDecision("noop", "not-in-cohort", f"bucket {b:.2f} not in the {m.cohort_percent:g}% cohort of v{m.version}")
+        return UpdateDecision(
+            "noop", "not-in-cohort", f"bucket {b:.2f} not in the {m.cohort_percent:g}% cohort of v{m.version}"
+        )
     if d.current is not None and d.current.sha256 == m.target.sha256:
         return UpdateDecision("adopt", "same-bytes", f"v{m.version} has the bytes already installed")
     if d.previous is not None and d.previous.sha256 == m.target.sha256:
-        return UpdateDecision("restore", "previous-bytes", f"v{m.version} restores the kept previous model (v{d.previous.version})")
+        return UpdateDecision(
+            "restore",
+            "previous-bytes",
+            f"v{m.version} restores the kept previous model (v{d.previous.version})",
+        )
     return UpdateDecision("install", "update", f"v{m.version} ({m.variant}) for cohort {m.cohort_percent:g}%")
 
 
@@ -326,8 +359,14 @@ def check_download(data: bytes, target: TargetFile) -> UpdateDecision | None:
     """None when ``data`` is exactly the signed target; else the rejection."""
     if len(data) != target.length:
         what = "truncated download" if len(data) < target.length else "oversized download"
-        return UpdateDecision("reject", "length", f"{what}: {len(data):,} bytes, signed length {target.length:,}")
+        return UpdateDecision(
+            "reject", "length", f"{what}: {len(data):,} bytes, signed length {target.length:,}"
+        )
     digest = sha256_hex(data)
     if digest != target.sha256:
-        return UpdateDecision("reject", "hash", f"sha256 {digest[:16]}... differs from signed {target.sha256[:16]}... (tampered bytes)")
+        return UpdateDecision(
+            "reject",
+            "hash",
+            f"sha256 {digest[:16]}... differs from signed {target.sha256[:16]}... (tampered bytes)",
+        )
     return None

@@ -52,11 +52,11 @@ class ClipFeatures(TransformerMixin, BaseEstimator):
     def __init__(self, bound: float = 4.0):
         self.bound = bound
 
-    def fit(self, X, y=None):  # noqa: ANN001, N803 - scikit-learn signature
+    def fit(self, X, y=None):
         self.n_features_in_ = np.asarray(X).shape[1]
         return self
 
-    def transform(self, X):  # noqa: ANN001, N803
+    def transform(self, X):
         return np.clip(np.asarray(X, dtype=np.float64), -self.bound, self.bound)
 
 
@@ -72,21 +72,23 @@ def register_converters() -> None:
     from skl2onnx import update_registered_converter
     from skl2onnx.common.data_types import FloatTensorType
 
-    def shape(operator) -> None:  # noqa: ANN001 - skl2onnx Operator
+    def shape(operator) -> None:
         n = operator.inputs[0].get_first_dimension()
         cols = operator.inputs[0].get_second_dimension()
         operator.outputs[0].type = FloatTensorType([n, cols])
 
-    def convert(scope, operator, container) -> None:  # noqa: ANN001
+    def convert(scope, operator, container) -> None:
         bound = float(operator.raw_operator.bound)
         lo = scope.get_unique_variable_name("clip_lo")
         hi = scope.get_unique_variable_name("clip_hi")
         container.add_initializer(lo, TensorProto.FLOAT, [], [-bound])
         container.add_initializer(hi, TensorProto.FLOAT, [], [bound])
         container.add_node(
-            "Clip", [operator.inputs[0].full_name, lo, hi], operator.outputs[0].full_name,
+            "Clip",
+            [operator.inputs[0].full_name, lo, hi],
+            operator.outputs[0].full_name,
             name=scope.get_unique_operator_name("Clip"),
-        )  # fmt: skip
+        )
 
     update_registered_converter(ClipFeatures, "MlopsEdgeClipFeatures", shape, convert)
     _registered = True
@@ -96,9 +98,21 @@ def student_preprocessor(schema: DatasetSchema, clip: float) -> ColumnTransforme
     """Standardise and clip numerics, one-hot categoricals (unknown categories -> all zeros)."""
     parts = []
     if schema.numeric_names:
-        parts.append(("num", Pipeline([("scale", StandardScaler()), ("clip", ClipFeatures(clip))]), list(schema.numeric_names)))
+        parts.append(
+            (
+                "num",
+                Pipeline([("scale", StandardScaler()), ("clip", ClipFeatures(clip))]),
+                list(schema.numeric_names),
+            )
+        )
     if schema.categorical_names:
-        parts.append(("cat", OneHotEncoder(handle_unknown="ignore", sparse_output=False), list(schema.categorical_names)))
+        parts.append(
+            (
+                "cat",
+                OneHotEncoder(handle_unknown="ignore", sparse_output=False),
+                list(schema.categorical_names),
+            )
+        )
     return ColumnTransformer(parts, sparse_threshold=0.0)
 
 
@@ -146,7 +160,8 @@ def init_mlp(n_inputs: int, hidden: tuple[int, ...], seed: int) -> Mlp:
     rng = np.random.default_rng(seed)
     sizes = [n_inputs, *hidden, 1]
     weights = tuple(
-        rng.normal(0.0, math.sqrt(2.0 / sizes[i]), (sizes[i], sizes[i + 1])).astype(np.float32) for i in range(len(sizes) - 1)
+        rng.normal(0.0, math.sqrt(2.0 / sizes[i]), (sizes[i], sizes[i + 1])).astype(np.float32)
+        for i in range(len(sizes) - 1)
     )
     biases = tuple(np.zeros(sizes[i + 1], dtype=np.float32) for i in range(len(sizes) - 1))
     return Mlp(weights, biases)
@@ -176,7 +191,9 @@ class DistillConfig:
     seed: int = 0
 
 
-def distillation_loss(z_s: np.ndarray, z_t: np.ndarray, y: np.ndarray, temperature: float, alpha: float) -> float:
+def distillation_loss(
+    z_s: np.ndarray, z_t: np.ndarray, y: np.ndarray, temperature: float, alpha: float
+) -> float:
     """Mean of ``alpha T^2 BCE(soft teacher, soft student) + (1 - alpha) BCE(y, student)``."""
 
     def bce(target: np.ndarray, z: np.ndarray) -> np.ndarray:
@@ -189,7 +206,9 @@ def distillation_loss(z_s: np.ndarray, z_t: np.ndarray, y: np.ndarray, temperatu
     return float(np.mean(alpha * soft + (1.0 - alpha) * hard))
 
 
-def distillation_gradient(z_s: np.ndarray, z_t: np.ndarray, y: np.ndarray, temperature: float, alpha: float) -> np.ndarray:
+def distillation_gradient(
+    z_s: np.ndarray, z_t: np.ndarray, y: np.ndarray, temperature: float, alpha: float
+) -> np.ndarray:
     """Per-row ``dL/dz_s`` of ``distillation_loss`` (not divided by the batch size)."""
     t = temperature
     return alpha * t * (sigmoid(z_s / t) - sigmoid(z_t / t)) + (1.0 - alpha) * (sigmoid(z_s) - y)
@@ -228,7 +247,9 @@ def _distill(x: np.ndarray, teacher_logits: np.ndarray, y: np.ndarray, init: Mlp
                 h = np.maximum(h @ weights[i] + biases[i], 0.0)
                 acts.append(h)
             z = (h @ weights[-1] + biases[-1])[:, 0]
-            g = (distillation_gradient(z, z_t[idx], y[idx], cfg.temperature, cfg.alpha) / len(idx))[:, None].astype(np.float32)
+            g = (distillation_gradient(z, z_t[idx], y[idx], cfg.temperature, cfg.alpha) / len(idx))[
+                :, None
+            ].astype(np.float32)
             grads_w: list[np.ndarray] = [np.empty(0)] * layers
             grads_b: list[np.ndarray] = [np.empty(0)] * layers
             for i in range(layers - 1, -1, -1):
@@ -283,7 +304,9 @@ def unit_importance(mlp: Mlp, x: np.ndarray, layer: int, criterion: str) -> np.n
     raise ValueError(f"unknown pruning criterion {criterion!r}")
 
 
-def prune_units(mlp: Mlp, x: np.ndarray, keep_fraction: float, criterion: str) -> tuple[Mlp, tuple[np.ndarray, ...]]:
+def prune_units(
+    mlp: Mlp, x: np.ndarray, keep_fraction: float, criterion: str
+) -> tuple[Mlp, tuple[np.ndarray, ...]]:
     """Remove the least important units of every hidden layer; returns the smaller net and kept indices.
 
     Layers are pruned first to last, each scored on the network already pruned before it.

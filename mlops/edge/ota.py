@@ -90,11 +90,16 @@ class RolloutStatus:
     def from_dict(cls, data: dict[str, Any]) -> RolloutStatus:
         try:
             return cls(
-                rollout_id=data["rollout_id"], model=data["model"], version=int(data["version"]),
-                stages=tuple(float(s) for s in data["stages"]), stage=int(data["stage"]), phase=Phase(data["phase"]),
-                failures=int(data["failures"]), inconclusives=int(data["inconclusives"]),
+                rollout_id=data["rollout_id"],
+                model=data["model"],
+                version=int(data["version"]),
+                stages=tuple(float(s) for s in data["stages"]),
+                stage=int(data["stage"]),
+                phase=Phase(data["phase"]),
+                failures=int(data["failures"]),
+                inconclusives=int(data["inconclusives"]),
                 history=tuple(StageRecord(**h) for h in data["history"]),
-            )  # fmt: skip
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise RolloutConflict(f"rollout status cannot be read: {exc}") from None
 
@@ -108,28 +113,46 @@ def decide(status: RolloutStatus, gate: GateResult, plan: EdgeConfig) -> Decisio
     if status.done:
         raise RolloutConflict(f"rollout {status.rollout_id} is {status.phase.value}; nothing to decide")
     if status.stages != plan.stages:
-        raise RolloutConflict(f"rollout {status.rollout_id} started with stages {status.stages}, plan now has {plan.stages}")
+        raise RolloutConflict(
+            f"rollout {status.rollout_id} started with stages {status.stages}, plan now has {plan.stages}"
+        )
     outcome = gate.outcome
     pct = f"{status.percent:g}%"
     if outcome in (Outcome.FAIL, Outcome.ERROR):
         n = status.failures + 1
         if n > plan.failure_limit:
-            return Decision(Action.ROLLBACK, f"{gate.reason} (failures {n} > limit {plan.failure_limit})", outcome.value)
-        return Decision(Action.HOLD, f"{gate.reason} (failures {n} <= limit {plan.failure_limit}; observing again)", outcome.value)
+            return Decision(
+                Action.ROLLBACK, f"{gate.reason} (failures {n} > limit {plan.failure_limit})", outcome.value
+            )
+        return Decision(
+            Action.HOLD,
+            f"{gate.reason} (failures {n} <= limit {plan.failure_limit}; observing again)",
+            outcome.value,
+        )
     if outcome is Outcome.INCONCLUSIVE:
         n = status.inconclusives + 1
         if n > plan.inconclusive_limit:
-            return Decision(Action.ABORT, f"{gate.reason} (inconclusive {n} > limit {plan.inconclusive_limit})", outcome.value)
-        return Decision(Action.HOLD, f"{gate.reason} (inconclusive {n} <= limit {plan.inconclusive_limit})", outcome.value)
+            return Decision(
+                Action.ABORT,
+                f"{gate.reason} (inconclusive {n} > limit {plan.inconclusive_limit})",
+                outcome.value,
+            )
+        return Decision(
+            Action.HOLD, f"{gate.reason} (inconclusive {n} <= limit {plan.inconclusive_limit})", outcome.value
+        )
     if status.stage + 1 >= len(status.stages):
-        return Decision(Action.PROMOTE, f"stage {pct} passed: every device runs v{status.version}", outcome.value)
+        return Decision(
+            Action.PROMOTE, f"stage {pct} passed: every device runs v{status.version}", outcome.value
+        )
     nxt = f"{status.stages[status.stage + 1]:g}%"
     return Decision(Action.ADVANCE, f"stage {pct} passed ({gate.reason}); widening to {nxt}", outcome.value)
 
 
 def advance(status: RolloutStatus, decision: Decision) -> RolloutStatus:
     """The status after applying ``decision``."""
-    record = StageRecord(status.stage, status.percent, decision.action.value, decision.outcome, decision.reason)
+    record = StageRecord(
+        status.stage, status.percent, decision.action.value, decision.outcome, decision.reason
+    )
     s = replace(status, history=status.history + (record,))
     if decision.action is Action.ADVANCE:
         return replace(s, stage=status.stage + 1, failures=0, inconclusives=0)

@@ -67,15 +67,22 @@ def release_document(
     sha = sha256_hex(model)
     graph.check(model)
     doc = ModelManifest(
-        model=model_name, version=version, variant=variant, source_version=source_version, restores=restores,
-        created=now, expires=now + timedelta(hours=edge.manifest_ttl_hours),
+        model=model_name,
+        version=version,
+        variant=variant,
+        source_version=source_version,
+        restores=restores,
+        created=now,
+        expires=now + timedelta(hours=edge.manifest_ttl_hours),
         target=TargetFile(name=f"{model_name}-v{version}.onnx", length=len(model), sha256=sha),
-        device_classes=tuple(device_classes), min_runtime_version=min_runtime_version,
-        cohort_percent=0.0, rollout_salt=f"{model_name}:{version}:{sha[:12]}",
+        device_classes=tuple(device_classes),
+        min_runtime_version=min_runtime_version,
+        cohort_percent=0.0,
+        rollout_salt=f"{model_name}:{version}:{sha[:12]}",
         golden=golden(model, rows.iloc[: edge.golden_rows], schema, edge.golden_tolerance),
         reference=baseline[1] if baseline else reference(model, rows, schema, edge.reference_bins),
         reference_version=baseline[0] if baseline else version,
-    )  # fmt: skip
+    )
     return signed_dict(doc)
 
 

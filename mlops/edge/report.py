@@ -15,12 +15,12 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
-from mlops.edge.budget import EdgeBudget  # noqa: E402
-from mlops.edge.variants import VariantResult  # noqa: E402
+from mlops.edge.budget import EdgeBudget
+from mlops.edge.variants import VariantResult
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -59,7 +59,9 @@ def variant_rows(results: Sequence[VariantResult]) -> list[dict[str, Any]]:
     return rows
 
 
-def markdown(title: str, results: Sequence[VariantResult], chosen: str | None, budget: EdgeBudget, teacher_bytes: int) -> str:
+def markdown(
+    title: str, results: Sequence[VariantResult], chosen: str | None, budget: EdgeBudget, teacher_bytes: int
+) -> str:
     """The variants table with every figure and each verdict's reason (Prefect artifact, MLflow, CLI)."""
     lim = budget.limits
     lines = [
@@ -69,7 +71,9 @@ def markdown(title: str, results: Sequence[VariantResult], chosen: str | None, b
         f"{lim.metric} drop <= {lim.max_metric_drop:g} vs the float teacher ({teacher_bytes:,} B), "
         f"max |dp| <= {lim.max_abs_dp:g} and mean |dp| <= {lim.max_mean_dp:g} vs the parent for quantization.",
         "",
-        "| variant | outcome | size (B) | x teacher | p50 ms | p99 ms | " + lim.metric + " | drop | max abs dp | mean abs dp | weights |",
+        "| variant | outcome | size (B) | x teacher | p50 ms | p99 ms | "
+        + lim.metric
+        + " | drop | max abs dp | mean abs dp | weights |",
         "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for r in results:
@@ -89,7 +93,11 @@ def markdown(title: str, results: Sequence[VariantResult], chosen: str | None, b
         lines.append(f"- `{r.name}` ({r.technique}): {r.outcome}: {r.verdict}")
         lines += [f"  - {n}" for n in r.notes]
     lines.append("")
-    lines.append(f"Selected by {budget.select_by}: **{chosen}**" if chosen else "No variant passed: nothing is published.")
+    lines.append(
+        f"Selected by {budget.select_by}: **{chosen}**"
+        if chosen
+        else "No variant passed: nothing is published."
+    )
     return "\n".join(lines)
 
 
@@ -110,8 +118,14 @@ def chart(results: Sequence[VariantResult], budget: EdgeBudget) -> bytes:
     axes[1].barh(y, p50, color=colors)
     axes[1].axvline(budget.limits.max_latency_p99_ms, ls="--", c="grey")
     axes[1].set(xlabel="single-row latency, CPU ms", title="latency (p50, p99 in grey)")
-    axes[0].legend(handles=[Patch(color="tab:green", label="passed"), Patch(color="tab:red", label="failed"),
-                            Line2D([], [], ls="--", c="grey", label="budget")], loc="lower right")  # fmt: skip
+    axes[0].legend(
+        handles=[
+            Patch(color="tab:green", label="passed"),
+            Patch(color="tab:red", label="failed"),
+            Line2D([], [], ls="--", c="grey", label="budget"),
+        ],
+        loc="lower right",
+    )
     drops = [r.measurement.drop for r in built]  # type: ignore[union-attr]
     axes[2].barh(y, drops, color=colors)
     axes[2].axvline(budget.limits.max_metric_drop, ls="--", c="grey")
@@ -133,4 +147,7 @@ def budget_dict(budget: EdgeBudget) -> dict[str, Any]:
 def gate_dict(result: VariantResult) -> dict[str, Any] | None:
     if result.gate is None:
         return None
-    return {"outcome": result.gate.outcome.value, "checks": [asdict(c) | {"outcome": c.outcome.value} for c in result.gate.checks]}
+    return {
+        "outcome": result.gate.outcome.value,
+        "checks": [asdict(c) | {"outcome": c.outcome.value} for c in result.gate.checks],
+    }

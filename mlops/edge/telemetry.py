@@ -80,47 +80,71 @@ def assess_stage(obs: StageObservation, reference: Sequence[float], gates: OtaGa
     where = f"stage {obs.stage_percent:g}%"
     checks: list[CheckResult] = []
     if obs.targeted == 0:
-        return GateResult((CheckResult("reporting", Outcome.INCONCLUSIVE, f"{where}: no device in the cohort yet"),))
+        return GateResult(
+            (CheckResult("reporting", Outcome.INCONCLUSIVE, f"{where}: no device in the cohort yet"),)
+        )
     share = obs.reported / obs.targeted
     ok = share >= gates.min_reporting_fraction
-    checks.append(CheckResult(
-        "reporting", Outcome.PASS if ok else Outcome.INCONCLUSIVE,
-        f"{where}: {obs.reported} of {obs.targeted} devices reported ({share:.0%}, min {gates.min_reporting_fraction:.0%})", share,
-    ))  # fmt: skip
+    checks.append(
+        CheckResult(
+            "reporting",
+            Outcome.PASS if ok else Outcome.INCONCLUSIVE,
+            f"{where}: {obs.reported} of {obs.targeted} devices reported ({share:.0%}, min {gates.min_reporting_fraction:.0%})",
+            share,
+        )
+    )
     if obs.reported:
         rate = obs.failed / obs.reported
         bad = rate > gates.max_failure_rate
-        checks.append(CheckResult(
-            "failure_rate", Outcome.FAIL if bad else Outcome.PASS,
-            f"{where}: failure rate {rate:.1%} ({obs.failed} of {obs.reported} devices) {'>' if bad else '<='} max {gates.max_failure_rate:.1%}",
-            rate,
-        ))  # fmt: skip
+        checks.append(
+            CheckResult(
+                "failure_rate",
+                Outcome.FAIL if bad else Outcome.PASS,
+                f"{where}: failure rate {rate:.1%} ({obs.failed} of {obs.reported} devices) {'>' if bad else '<='} max {gates.max_failure_rate:.1%}",
+                rate,
+            )
+        )
     if obs.latency_p99_ms is None:
-        checks.append(CheckResult("latency_p99_ms", Outcome.INCONCLUSIVE, f"{where}: no device serves the release yet"))
+        checks.append(
+            CheckResult("latency_p99_ms", Outcome.INCONCLUSIVE, f"{where}: no device serves the release yet")
+        )
     else:
         bad = obs.latency_p99_ms > gates.max_latency_p99_ms
-        checks.append(CheckResult(
-            "latency_p99_ms", Outcome.FAIL if bad else Outcome.PASS,
-            f"{where}: device p99 {obs.latency_p99_ms:.2f} ms {'>' if bad else '<='} max {gates.max_latency_p99_ms:g} ms",
-            obs.latency_p99_ms,
-        ))  # fmt: skip
+        checks.append(
+            CheckResult(
+                "latency_p99_ms",
+                Outcome.FAIL if bad else Outcome.PASS,
+                f"{where}: device p99 {obs.latency_p99_ms:.2f} ms {'>' if bad else '<='} max {gates.max_latency_p99_ms:g} ms",
+                obs.latency_p99_ms,
+            )
+        )
     if obs.predictions < gates.min_predictions:
-        checks.append(CheckResult(
-            "prediction_psi", Outcome.INCONCLUSIVE,
-            f"{where}: {obs.predictions} predictions reported, min {gates.min_predictions} to compare distributions",
-        ))  # fmt: skip
+        checks.append(
+            CheckResult(
+                "prediction_psi",
+                Outcome.INCONCLUSIVE,
+                f"{where}: {obs.predictions} predictions reported, min {gates.min_predictions} to compare distributions",
+            )
+        )
     else:
         value = psi(reference, obs.prediction_counts)
         noise = psi_noise(len(reference), obs.predictions)
         limit = max(gates.max_prediction_psi, noise)
         bad = value > limit
-        why = f" (sampling noise alone reaches {noise:.3f} at this count)" if noise > gates.max_prediction_psi else ""
-        checks.append(CheckResult(
-            "prediction_psi", Outcome.FAIL if bad else Outcome.PASS,
-            f"{where}: prediction PSI {value:.3f} over {obs.predictions} predictions "
-            f"{'>' if bad else '<='} max {gates.max_prediction_psi:g}{why}",
-            value,
-        ))  # fmt: skip
+        why = (
+            f" (sampling noise alone reaches {noise:.3f} at this count)"
+            if noise > gates.max_prediction_psi
+            else ""
+        )
+        checks.append(
+            CheckResult(
+                "prediction_psi",
+                Outcome.FAIL if bad else Outcome.PASS,
+                f"{where}: prediction PSI {value:.3f} over {obs.predictions} predictions "
+                f"{'>' if bad else '<='} max {gates.max_prediction_psi:g}{why}",
+                value,
+            )
+        )
     return GateResult(tuple(checks))
 
 
@@ -128,7 +152,9 @@ SERVING_EVENTS = frozenset({"installed", "adopted", "restored"})
 FAILED_EVENTS = frozenset({"health_failed", "rejected"})
 
 
-def observe(events: Sequence[Mapping[str, Any]], cohort_ids: Sequence[str], version: int, percent: float) -> StageObservation:
+def observe(
+    events: Sequence[Mapping[str, Any]], cohort_ids: Sequence[str], version: int, percent: float
+) -> StageObservation:
     """A stage's observation from the rollout's device events: the latest event of each cohort device.
 
     A refusal counts as a failed update: whether the bytes were bad on the way or the device
@@ -147,6 +173,11 @@ def observe(events: Sequence[Mapping[str, Any]], cohort_ids: Sequence[str], vers
         c = list(e.get("prediction_counts") or [])
         counts = c if not counts else [a + b for a, b in zip(counts, c, strict=True)]
     return StageObservation(
-        stage_percent=percent, targeted=len(members), reported=len(latest), failed=failed, serving=len(serving),
-        latency_p99_ms=float(np.percentile(p99s, 99)) if p99s else None, prediction_counts=tuple(counts),
-    )  # fmt: skip
+        stage_percent=percent,
+        targeted=len(members),
+        reported=len(latest),
+        failed=failed,
+        serving=len(serving),
+        latency_p99_ms=float(np.percentile(p99s, 99)) if p99s else None,
+        prediction_counts=tuple(counts),
+    )

@@ -31,7 +31,10 @@ SKIP_REASONS: dict[tuple[str, str], str] = {
         "(measured: it raised an error on logistic regression), and its weights are a few hundred bytes anyway"
     ),
     ("quantize", "other"): "the graph has no dense layer (MatMul/Gemm with constant weights) to quantize",
-    ("prune", "tree"): "tree ensemble: structured pruning removes hidden units of a neural network, and trees have none",
+    (
+        "prune",
+        "tree",
+    ): "tree ensemble: structured pruning removes hidden units of a neural network, and trees have none",
     ("prune", "linear"): "linear model: no hidden units to remove",
     ("prune", "other"): "no hidden units to remove",
     ("prune", "neural"): (
@@ -44,7 +47,11 @@ SKIP_REASONS: dict[tuple[str, str], str] = {
 def skip_reason(technique: str, family: str, trainable: bool = False) -> str | None:
     """Why ``technique`` does not apply to a source of model type ``family`` (None: it applies)."""
     if technique == "quantize":
-        return None if family == "neural" else SKIP_REASONS.get(("quantize", family), SKIP_REASONS[("quantize", "other")])
+        return (
+            None
+            if family == "neural"
+            else SKIP_REASONS.get(("quantize", family), SKIP_REASONS[("quantize", "other")])
+        )
     if technique == "prune":
         if family == "neural" and trainable:
             return None
@@ -132,14 +139,24 @@ def gate_variant(m: Measurement, limits: EdgeLimits, preserves_function: bool) -
     """
     checks = [
         _check("size_bytes", float(m.size_bytes), float(limits.max_size_bytes), "size (B)", ",.0f"),
-        _check("latency_p99_ms", m.latency_p99_ms, limits.max_latency_p99_ms, "single-row p99 CPU (ms)", ".3f"),
+        _check(
+            "latency_p99_ms", m.latency_p99_ms, limits.max_latency_p99_ms, "single-row p99 CPU (ms)", ".3f"
+        ),
         _check("metric_drop", m.drop, limits.max_metric_drop, f"{m.metric} drop", ".4f"),
     ]
     if preserves_function:
         checks.append(_check("max_abs_dp", m.max_abs_dp, limits.max_abs_dp, "max |dp|", ".4f"))
         checks.append(_check("mean_abs_dp", m.mean_abs_dp, limits.max_mean_dp, "mean |dp|", ".5f"))
     if m.parity_max_abs_diff is not None:
-        checks.append(_check("parity", m.parity_max_abs_diff, limits.parity_tolerance, "ONNX vs scikit-learn max |dp|", ".1e"))
+        checks.append(
+            _check(
+                "parity",
+                m.parity_max_abs_diff,
+                limits.parity_tolerance,
+                "ONNX vs scikit-learn max |dp|",
+                ".1e",
+            )
+        )
     return GateResult(tuple(checks))
 
 

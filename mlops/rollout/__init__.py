@@ -36,7 +36,24 @@ from mlops.rollout.observe import Observations, Reference, observe, observe_repl
 from mlops.rollout.plan import RolloutPlan, load_plan
 
 __all__ = [
-    "Action", "ApprovalRequest", "ApprovalResponse", "Decision", "Effect", "Observations", "Phase",
-    "Reference", "RolloutPlan", "RolloutStatus", "RouteSpec", "Signals", "decide", "dump_status",
-    "load_plan", "load_status", "mark_applied", "observe", "observe_replay", "start",
-]  # fmt: skip
+    "Action",
+    "ApprovalRequest",
+    "ApprovalResponse",
+    "Decision",
+    "Effect",
+    "Observations",
+    "Phase",
+    "Reference",
+    "RolloutPlan",
+    "RolloutStatus",
+    "RouteSpec",
+    "Signals",
+    "decide",
+    "dump_status",
+    "load_plan",
+    "load_status",
+    "mark_applied",
+    "observe",
+    "observe_replay",
+    "start",
+]

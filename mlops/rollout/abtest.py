@@ -30,7 +30,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-
 from statistics import NormalDist
 
 import numpy as np
@@ -91,7 +90,9 @@ def mixture_half_width(v: np.ndarray | float, tau: float, alpha: float) -> np.nd
     return float(out) if out.ndim == 0 else out
 
 
-def log_likelihood_ratio(theta_hat: np.ndarray | float, v: np.ndarray | float, tau: float, theta0: float = 0.0):
+def log_likelihood_ratio(
+    theta_hat: np.ndarray | float, v: np.ndarray | float, tau: float, theta0: float = 0.0
+):
     """``ln Lambda(theta0)`` of the normal-mixture SPRT (vectorised)."""
     t2 = tau * tau
     v = np.asarray(v, dtype=np.float64)
@@ -126,9 +127,14 @@ def msprt(arms: Arms, alpha: float, tau: float) -> SequentialResult:
     half = mixture_half_width(v, tau, alpha)
     lr = math.exp(min(llr, 700.0))
     return SequentialResult(
-        effect=effect, std_error=math.sqrt(v), ci_low=effect - half, ci_high=effect + half,
-        likelihood_ratio=lr, p_value=min(1.0, 1.0 / lr), rejected=llr >= math.log(1.0 / alpha),
-    )  # fmt: skip
+        effect=effect,
+        std_error=math.sqrt(v),
+        ci_low=effect - half,
+        ci_high=effect + half,
+        likelihood_ratio=lr,
+        p_value=min(1.0, 1.0 / lr),
+        rejected=llr >= math.log(1.0 / alpha),
+    )
 
 
 # --------------------------------------------------------------------------- sample size
@@ -166,8 +172,9 @@ def required_std_error(mde: float, alpha: float, power: float, tau: float) -> fl
     return lo
 
 
-def sequential_sample_size(mde: float, sigma: float, alpha: float = 0.05, power: float = 0.8,
-                           tau: float | None = None) -> int:  # fmt: skip
+def sequential_sample_size(
+    mde: float, sigma: float, alpha: float = 0.05, power: float = 0.8, tau: float | None = None
+) -> int:
     """Per-arm n (equal arms) at which the mSPRT detects ``mde`` with ``power``."""
     u = required_std_error(mde, alpha, power, tau or mde)
     return math.ceil(2.0 * sigma * sigma / (u * u))
@@ -231,8 +238,9 @@ def evaluate_primary(spec: SequentialTest, arms: Arms | None) -> ABVerdict:
         return ABVerdict(
             Outcome.INCONCLUSIVE,
             f"ab {name}: {s.n} stable / {c.n} candidate values < min_samples {spec.min_samples} per arm",
-            s.n, c.n,
-        )  # fmt: skip
+            s.n,
+            c.n,
+        )
     sigma = spec.sigma if spec.sigma is not None else math.sqrt(s.var)
     if not sigma > 0:
         sigma = math.sqrt(0.5 * (s.var + c.var))
@@ -252,8 +260,15 @@ def evaluate_primary(spec: SequentialTest, arms: Arms | None) -> ABVerdict:
         f"always-valid {1 - spec.alpha:.0%} CI [{_g(lo)}, {_g(hi)}], p {res.p_value:.3g}, "
         f"n {s.n}/{c.n} of {n_req} per arm for power {spec.power:.0%} at mde {spec.mde:.4g}"
     )
-    verdict = dict(n_stable=s.n, n_candidate=c.n, n_required=n_req, improvement=imp,
-                   ci_low=lo, ci_high=hi, p_value=res.p_value)  # fmt: skip
+    verdict = dict(
+        n_stable=s.n,
+        n_candidate=c.n,
+        n_required=n_req,
+        improvement=imp,
+        ci_low=lo,
+        ci_high=hi,
+        p_value=res.p_value,
+    )
     if hi < 0:
         return ABVerdict(Outcome.FAIL, f"{numbers}: candidate significantly worse", **verdict)
     if not powered:
@@ -268,17 +283,24 @@ def evaluate_primary(spec: SequentialTest, arms: Arms | None) -> ABVerdict:
     return ABVerdict(Outcome.INCONCLUSIVE, f"{numbers}: non-inferiority not shown yet", **verdict)
 
 
-def evaluate_srm(spec: SrmCheck, arms: Arms | None, candidate_pct: float) -> tuple[Outcome, str, float | None]:
+def evaluate_srm(
+    spec: SrmCheck, arms: Arms | None, candidate_pct: float
+) -> tuple[Outcome, str, float | None]:
     """Outcome, reason and p-value of the sample-ratio check on the arms' entity counts."""
     if arms is None:
         return Outcome.INCONCLUSIVE, "sample ratio: no arms observed", None
     ns, nc = arms.entities_stable, arms.entities_candidate
     split = f"{100 - candidate_pct:g}/{candidate_pct:g}"
     if ns + nc < spec.min_samples:
-        return Outcome.INCONCLUSIVE, f"sample ratio: {ns + nc} entities < min_samples {spec.min_samples}", None
+        return (
+            Outcome.INCONCLUSIVE,
+            f"sample ratio: {ns + nc} entities < min_samples {spec.min_samples}",
+            None,
+        )
     chi2, p = srm_test([ns, nc], [100 - candidate_pct, candidate_pct])
-    text = (f"sample ratio: {ns} stable / {nc} candidate entities for a {split} split "
-            f"(chi2 {chi2:.2f}, p {p:.3g}")  # fmt: skip
+    text = (
+        f"sample ratio: {ns} stable / {nc} candidate entities for a {split} split (chi2 {chi2:.2f}, p {p:.3g}"
+    )
     if p < spec.alpha:
         return Outcome.FAIL, f"{text} < {spec.alpha:g}): the split is not what was configured", p
     return Outcome.PASS, f"{text} >= {spec.alpha:g})", p

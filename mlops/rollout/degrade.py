@@ -30,7 +30,7 @@ from mlops.settings import DatasetSchema
 _ORIG = "probabilities_undegraded"
 
 
-def _uniform(h, name: str, a: str, b: str, ka: float, kb: float, offset: float) -> list:  # noqa: ANN001 - onnx.helper
+def _uniform(h, name: str, a: str, b: str, ka: float, kb: float, offset: float) -> list:
     """Nodes computing ``frac(a*ka + b*kb + offset)``: a pseudo-uniform number per input."""
     return [
         h.make_node("Mul", [a, f"{name}_ka"], [f"{name}_a"]),
@@ -39,8 +39,11 @@ def _uniform(h, name: str, a: str, b: str, ka: float, kb: float, offset: float) 
         h.make_node("Add", [f"{name}_ab", f"{name}_off"], [f"{name}_x"]),
         h.make_node("Floor", [f"{name}_x"], [f"{name}_fl"]),
         h.make_node("Sub", [f"{name}_x", f"{name}_fl"], [name]),
-    ], [h.make_tensor(f"{name}_ka", 1, [], [ka]), h.make_tensor(f"{name}_kb", 1, [], [kb]),
-        h.make_tensor(f"{name}_off", 1, [], [offset])]  # fmt: skip
+    ], [
+        h.make_tensor(f"{name}_ka", 1, [], [ka]),
+        h.make_tensor(f"{name}_kb", 1, [], [kb]),
+        h.make_tensor(f"{name}_off", 1, [], [offset]),
+    ]
 
 
 def _build(onnx_model: bytes, schema: DatasetSchema, p: Pathology, spin_steps: int) -> bytes:
@@ -62,14 +65,22 @@ def _build(onnx_model: bytes, schema: DatasetSchema, p: Pathology, spin_steps: i
     n2, i2 = _uniform(h, "_u_noise", a, c, 31.7, 7.3, 0.37)
     nodes += n1 + n2
     inits += i1 + i2
-    inits += [h.make_tensor("_one", T.FLOAT, [], [1.0]), h.make_tensor("_eps", T.FLOAT, [], [1e-6]),
-              h.make_tensor("_hi", T.FLOAT, [], [1 - 1e-6]), h.make_tensor("_half", T.FLOAT, [], [0.5]),
-              h.make_tensor("_noise", T.FLOAT, [], [p.extra_noise * math.sqrt(12.0)]),
-              h.make_tensor("_shift", T.FLOAT, [], [p.score_shift]),
-              h.make_tensor("_share", T.FLOAT, [], [p.error_share]), h.make_tensor("_nan", T.FLOAT, [], [math.nan]),
-              h.make_tensor("_starts", T.INT64, [1], [1]), h.make_tensor("_ends", T.INT64, [1], [2]),
-              h.make_tensor("_axes", T.INT64, [1], [1]), h.make_tensor("_zero", T.FLOAT, [], [0.0]),
-              h.make_tensor("_steps", T.FLOAT, [], [float(spin_steps)]), h.make_tensor("_cond", T.BOOL, [], [True])]  # fmt: skip
+    inits += [
+        h.make_tensor("_one", T.FLOAT, [], [1.0]),
+        h.make_tensor("_eps", T.FLOAT, [], [1e-6]),
+        h.make_tensor("_hi", T.FLOAT, [], [1 - 1e-6]),
+        h.make_tensor("_half", T.FLOAT, [], [0.5]),
+        h.make_tensor("_noise", T.FLOAT, [], [p.extra_noise * math.sqrt(12.0)]),
+        h.make_tensor("_shift", T.FLOAT, [], [p.score_shift]),
+        h.make_tensor("_share", T.FLOAT, [], [p.error_share]),
+        h.make_tensor("_nan", T.FLOAT, [], [math.nan]),
+        h.make_tensor("_starts", T.INT64, [1], [1]),
+        h.make_tensor("_ends", T.INT64, [1], [2]),
+        h.make_tensor("_axes", T.INT64, [1], [1]),
+        h.make_tensor("_zero", T.FLOAT, [], [0.0]),
+        h.make_tensor("_steps", T.FLOAT, [], [float(spin_steps)]),
+        h.make_tensor("_cond", T.BOOL, [], [True]),
+    ]
     nodes += [
         h.make_node("Slice", [_ORIG, "_starts", "_ends", "_axes"], ["_p"]),  # [N, 1] fraud probability
         h.make_node("Clip", ["_p", "_eps", "_hi"], ["_pc"]),
@@ -86,15 +97,26 @@ def _build(onnx_model: bytes, schema: DatasetSchema, p: Pathology, spin_steps: i
     ]
     if spin_steps > 0:
         body = h.make_graph(
-            [h.make_node("Identity", ["cond_in"], ["cond_out"]), h.make_node("Add", ["acc_in", "one"], ["acc_out"])],
+            [
+                h.make_node("Identity", ["cond_in"], ["cond_out"]),
+                h.make_node("Add", ["acc_in", "one"], ["acc_out"]),
+            ],
             "spin",
-            [h.make_tensor_value_info("i", T.INT64, []), h.make_tensor_value_info("cond_in", T.BOOL, []),
-             h.make_tensor_value_info("acc_in", T.FLOAT, [])],
-            [h.make_tensor_value_info("cond_out", T.BOOL, []), h.make_tensor_value_info("acc_out", T.FLOAT, [])],
+            [
+                h.make_tensor_value_info("i", T.INT64, []),
+                h.make_tensor_value_info("cond_in", T.BOOL, []),
+                h.make_tensor_value_info("acc_in", T.FLOAT, []),
+            ],
+            [
+                h.make_tensor_value_info("cond_out", T.BOOL, []),
+                h.make_tensor_value_info("acc_out", T.FLOAT, []),
+            ],
             [h.make_tensor("one", T.FLOAT, [], [1.0])],
-        )  # fmt: skip
+        )
         nodes += [
-            h.make_node("ReduceMax", [a], ["_top"], keepdims=0),  # depends on the input: never constant-folded
+            h.make_node(
+                "ReduceMax", [a], ["_top"], keepdims=0
+            ),  # depends on the input: never constant-folded
             h.make_node("Mul", ["_top", "_zero"], ["_top0"]),
             h.make_node("Add", ["_top0", "_steps"], ["_trip_f"]),
             h.make_node("Cast", ["_trip_f"], ["_trip"], to=T.INT64),
@@ -105,7 +127,10 @@ def _build(onnx_model: bytes, schema: DatasetSchema, p: Pathology, spin_steps: i
         last = "_p4"
     else:
         last = "_p3"
-    nodes += [h.make_node("Sub", ["_one", last], ["_neg"]), h.make_node("Concat", ["_neg", last], [PROBA_OUTPUT], axis=1)]
+    nodes += [
+        h.make_node("Sub", ["_one", last], ["_neg"]),
+        h.make_node("Concat", ["_neg", last], [PROBA_OUTPUT], axis=1),
+    ]
     g.node.extend(nodes)
     g.initializer.extend(inits)
     g.output.append(h.make_tensor_value_info(PROBA_OUTPUT, T.FLOAT, [None, 2]))

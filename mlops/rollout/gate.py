@@ -66,7 +66,11 @@ def _finite(x: float) -> float | None:
 
 
 def _samples(kind: str, variant: str) -> str:
-    return {"requests": f"{variant} requests", "labelled": f"labelled {variant} answers", "pairs": "paired answers"}[kind]
+    return {
+        "requests": f"{variant} requests",
+        "labelled": f"labelled {variant} answers",
+        "pairs": "paired answers",
+    }[kind]
 
 
 def evaluate_check(check: MetricCheck, obs: Observations) -> Measurement:
@@ -80,26 +84,40 @@ def evaluate_check(check: MetricCheck, obs: Observations) -> Measurement:
 
     value, n = obs.metric(metric, CANDIDATE)
     if n < check.min_samples:
-        return out(Outcome.INCONCLUSIVE, f"{n} {_samples(kind, CANDIDATE)} < min_samples {check.min_samples}", samples=n)
+        return out(
+            Outcome.INCONCLUSIVE,
+            f"{n} {_samples(kind, CANDIDATE)} < min_samples {check.min_samples}",
+            samples=n,
+        )
     if check.min_positives:
         sides = (CANDIDATE, STABLE) if check.relative_to_stable else (CANDIDATE,)
         for side in sides:
             v = obs.variant(side)
             fewest = min(v.positives, v.labelled - v.positives)
             if fewest < check.min_positives:
-                return out(Outcome.INCONCLUSIVE, f"{v.positives} positive / {v.labelled - v.positives} negative "
-                           f"{side} labels < min_positives {check.min_positives}", samples=n)  # fmt: skip
+                return out(
+                    Outcome.INCONCLUSIVE,
+                    f"{v.positives} positive / {v.labelled - v.positives} negative "
+                    f"{side} labels < min_positives {check.min_positives}",
+                    samples=n,
+                )
     if not math.isfinite(value):
         if kind == "labelled":
             pos = obs.candidate.positives
             return out(Outcome.INCONCLUSIVE, f"undefined on {n} labelled answers ({pos} positive)", samples=n)
-        return out(Outcome.ERROR, f"not measured on {n} candidate samples (missing reference or column?)", samples=n)
+        return out(
+            Outcome.ERROR, f"not measured on {n} candidate samples (missing reference or column?)", samples=n
+        )
     compared, text, stable_value = value, f"candidate {fmt(metric, value)}", None
     if check.relative_to_stable:
         sv, sn = obs.metric(metric, STABLE)
         if sn < check.min_samples:
-            return out(Outcome.INCONCLUSIVE, f"{sn} {_samples(kind, STABLE)} < min_samples {check.min_samples}",
-                       samples=min(n, sn), candidate=value)  # fmt: skip
+            return out(
+                Outcome.INCONCLUSIVE,
+                f"{sn} {_samples(kind, STABLE)} < min_samples {check.min_samples}",
+                samples=min(n, sn),
+                candidate=value,
+            )
         if not math.isfinite(sv):
             status = Outcome.INCONCLUSIVE if kind == "labelled" else Outcome.ERROR
             return out(status, f"stable value undefined on {sn} samples", samples=min(n, sn), candidate=value)
@@ -143,8 +161,14 @@ def traffic_check(step: Step, obs: Observations) -> Measurement:
     outcome = Outcome.PASS if n >= need else Outcome.INCONCLUSIVE
     sign = ">=" if n >= need else "<"
     reason = f"{TRAFFIC_CHECK}: candidate answered {n} requests {sign} min_samples {need}"
-    return Measurement(CheckResult(TRAFFIC_CHECK, outcome, reason, float(n)), limits, TRAFFIC_CHECK, samples=n,
-                       candidate=float(n), min=float(need))  # fmt: skip
+    return Measurement(
+        CheckResult(TRAFFIC_CHECK, outcome, reason, float(n)),
+        limits,
+        TRAFFIC_CHECK,
+        samples=n,
+        candidate=float(n),
+        min=float(need),
+    )
 
 
 def measure_step(step: Step, obs: Observations) -> tuple[Measurement, ...]:
@@ -156,11 +180,23 @@ def measure_step(step: Step, obs: Observations) -> tuple[Measurement, ...]:
         outcome, reason, p = evaluate_srm(step.srm, obs.ab, step.candidate_pct)
         ab = obs.ab
         ents = (ab.entities_stable + ab.entities_candidate) if ab else 0
-        out.append(Measurement(CheckResult(step.srm.key, outcome, reason, p), step.srm, "sample_ratio",
-                               samples=ents, min=step.srm.alpha))  # fmt: skip
+        out.append(
+            Measurement(
+                CheckResult(step.srm.key, outcome, reason, p),
+                step.srm,
+                "sample_ratio",
+                samples=ents,
+                min=step.srm.alpha,
+            )
+        )
         verdict = evaluate_primary(step.primary, obs.ab)
-        out.append(Measurement(
-            CheckResult(step.primary.key, verdict.outcome, verdict.reason, verdict.improvement),
-            step.primary, step.primary.metric, samples=min(verdict.n_stable, verdict.n_candidate), ab=verdict,
-        ))  # fmt: skip
+        out.append(
+            Measurement(
+                CheckResult(step.primary.key, verdict.outcome, verdict.reason, verdict.improvement),
+                step.primary,
+                step.primary.metric,
+                samples=min(verdict.n_stable, verdict.n_candidate),
+                ab=verdict,
+            )
+        )
     return tuple(out)

@@ -122,8 +122,13 @@ class RouteSpec(StrictModel):
     candidate_version: int | None = None
 
     def table(self) -> RouteTable:
-        return RouteTable(mode=Mode(self.mode), weight_pct=self.weight_pct, mirror_pct=self.mirror_pct,
-                          salt=self.salt, active_slot=self.active_slot)  # fmt: skip
+        return RouteTable(
+            mode=Mode(self.mode),
+            weight_pct=self.weight_pct,
+            mirror_pct=self.mirror_pct,
+            salt=self.salt,
+            active_slot=self.active_slot,
+        )
 
     @property
     def candidate_pct(self) -> float:
@@ -135,7 +140,9 @@ class RouteSpec(StrictModel):
         return 0.0
 
     def describe(self) -> str:
-        slots = f"stable=v{self.stable_version}, candidate=" + (f"v{self.candidate_version}" if self.candidate_version else "-")
+        slots = f"stable=v{self.stable_version}, candidate=" + (
+            f"v{self.candidate_version}" if self.candidate_version else "-"
+        )
         if self.mode in ("canary", "ab"):
             return f"{self.mode} {self.weight_pct:g}% candidate ({slots})"
         if self.mode == "shadow":
@@ -373,13 +380,21 @@ def start(
     if candidate_version == stable_version:
         raise RolloutError(f"candidate v{candidate_version} is already the stable version")
     if aliases.get(CHAMPION) != stable_version:
-        raise RolloutError(f"stable v{stable_version} is not the champion (champion is {aliases.get(CHAMPION)})")
+        raise RolloutError(
+            f"stable v{stable_version} is not the champion (champion is {aliases.get(CHAMPION)})"
+        )
     return RolloutStatus(
-        rollout_id=rollout_id, model_name=model_name, plan_name=plan.name, plan_digest=plan.digest,
-        stable_version=stable_version, candidate_version=candidate_version, aliases_before=dict(aliases),
-        created_at=now, updated_at=now,
+        rollout_id=rollout_id,
+        model_name=model_name,
+        plan_name=plan.name,
+        plan_digest=plan.digest,
+        stable_version=stable_version,
+        candidate_version=candidate_version,
+        aliases_before=dict(aliases),
+        created_at=now,
+        updated_at=now,
         route=RouteSpec(stable_version=stable_version, candidate_version=candidate_version),
-    )  # fmt: skip
+    )
 
 
 def mark_applied(status: RolloutStatus, key: str, at: datetime) -> RolloutStatus:
@@ -457,8 +472,14 @@ def _elapsed(status: RolloutStatus, now: datetime) -> float:
 class _Tick:
     """One call of ``decide``: the inputs, and the builders of its possible decisions."""
 
-    def __init__(self, status: RolloutStatus, plan: RolloutPlan, now: datetime, obs: Observations | None,
-                 notes: list[str]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        status: RolloutStatus,
+        plan: RolloutPlan,
+        now: datetime,
+        obs: Observations | None,
+        notes: list[str],
+    ) -> None:
         self.status, self.plan, self.now, self.notes = status, plan, now, notes
         self.obs = obs
         self.measurements: tuple[Measurement, ...] = ()
@@ -488,11 +509,20 @@ class _Tick:
         return RouteSpec(mode=mode, **{**base, **kw})  # type: ignore[arg-type]
 
     def route_effect(self, name: str, spec: RouteSpec, why: str) -> Effect:
-        return Effect(key=f"{self.rid}/{name}/route", kind="route", route=spec, description=f"{why}: {spec.describe()}")
+        return Effect(
+            key=f"{self.rid}/{name}/route", kind="route", route=spec, description=f"{why}: {spec.describe()}"
+        )
 
     # ---- decision builder
-    def decide(self, action: Action, reason: str, *, effects: tuple[Effect, ...] = (),
-               ask: ApprovalRequest | None = None, **update: object) -> Decision:  # fmt: skip
+    def decide(
+        self,
+        action: Action,
+        reason: str,
+        *,
+        effects: tuple[Effect, ...] = (),
+        ask: ApprovalRequest | None = None,
+        **update: object,
+    ) -> Decision:
         """A recorded decision: the next status (with ``effects`` pending) and its log entry."""
         s = self.status
         done = s.applied_keys
@@ -507,7 +537,9 @@ class _Tick:
                 update["step_started_at"] = None  # set by mark_applied when traffic has moved
         update["updated_at"] = self.now
         new = s.model_copy(update=update)
-        new = new.model_copy(update={"seq": s.seq + 1, "history": s.history + (self.record(new, action, reason, effects),)})
+        new = new.model_copy(
+            update={"seq": s.seq + 1, "history": s.history + (self.record(new, action, reason, effects),)}
+        )
         return Decision(action, reason, new, effects, self.measurements, ask)
 
     def record(self, new: RolloutStatus, action: Action, reason: str, effects: tuple[Effect, ...]) -> Record:
@@ -516,31 +548,64 @@ class _Tick:
         ab = None
         for m in self.measurements:
             c = self.counters.get(m.key, Counters())
-            checks.append(CheckRecord(
-                key=m.key, metric=m.metric, outcome=m.outcome, reason=m.result.reason,
-                value=_none(m.result.value), candidate=_none(m.candidate), stable=_none(m.stable),
-                min=m.min, max=m.max, samples=m.samples, dry_run=m.limits.dry_run,
-                failures=c.failures, inconclusives=c.inconclusives, errors=c.errors,
-            ))  # fmt: skip
+            checks.append(
+                CheckRecord(
+                    key=m.key,
+                    metric=m.metric,
+                    outcome=m.outcome,
+                    reason=m.result.reason,
+                    value=_none(m.result.value),
+                    candidate=_none(m.candidate),
+                    stable=_none(m.stable),
+                    min=m.min,
+                    max=m.max,
+                    samples=m.samples,
+                    dry_run=m.limits.dry_run,
+                    failures=c.failures,
+                    inconclusives=c.inconclusives,
+                    errors=c.errors,
+                )
+            )
             if m.ab is not None:
                 v = m.ab
-                ab = ABSnapshot(metric=m.metric, outcome=v.outcome, improvement=_none(v.improvement),
-                                ci_low=_none(v.ci_low), ci_high=_none(v.ci_high), p_value=_none(v.p_value),
-                                n_stable=v.n_stable, n_candidate=v.n_candidate, n_required=v.n_required)  # fmt: skip
+                ab = ABSnapshot(
+                    metric=m.metric,
+                    outcome=v.outcome,
+                    improvement=_none(v.improvement),
+                    ci_low=_none(v.ci_low),
+                    ci_high=_none(v.ci_high),
+                    p_value=_none(v.p_value),
+                    n_stable=v.n_stable,
+                    n_candidate=v.n_candidate,
+                    n_required=v.n_required,
+                )
         variants = {}
         if self.obs is not None and self.obs.source == "log":
             for name in (STABLE, CANDIDATE):
                 v = self.obs.variant(name)
                 variants[name] = VariantSnapshot(
-                    requests=v.requests, errors=v.errors, latency_p50_ms=_none(v.latency_p50_ms),
-                    latency_p95_ms=_none(v.latency_p95_ms), latency_p99_ms=_none(v.latency_p99_ms),
-                    auc=_none(v.auc), labelled=v.labelled,
-                )  # fmt: skip
+                    requests=v.requests,
+                    errors=v.errors,
+                    latency_p50_ms=_none(v.latency_p50_ms),
+                    latency_p95_ms=_none(v.latency_p95_ms),
+                    latency_p99_ms=_none(v.latency_p99_ms),
+                    auc=_none(v.auc),
+                    labelled=v.labelled,
+                )
         return Record(
-            seq=s.seq + 1, at=self.now, phase=new.phase, step_index=s.step_index, step=self.label(),
-            action=action, reason=reason, route=new.route, checks=tuple(checks), variants=variants, ab=ab,
+            seq=s.seq + 1,
+            at=self.now,
+            phase=new.phase,
+            step_index=s.step_index,
+            step=self.label(),
+            action=action,
+            reason=reason,
+            route=new.route,
+            checks=tuple(checks),
+            variants=variants,
+            ab=ab,
             effects=tuple(e.key for e in effects),
-        )  # fmt: skip
+        )
 
     # ---- entering steps
     def enter(self, index: int, weight: int, why: str) -> Decision:
@@ -549,10 +614,18 @@ class _Tick:
         self.status = s = s.model_copy(update={"step_index": index, "weight_index": weight, "counters": {}})
         step = plan.steps[index]
         label = self.label()
-        common: dict[str, object] = dict(phase=Phase.RUNNING, step_index=index, weight_index=weight, counters={},
-                                         step_started_at=self.now, paused_phase=None)  # fmt: skip
+        common: dict[str, object] = dict(
+            phase=Phase.RUNNING,
+            step_index=index,
+            weight_index=weight,
+            counters={},
+            step_started_at=self.now,
+            paused_phase=None,
+        )
         if isinstance(step, ReplayStep):
-            return self.decide(Action.ADVANCE, f"{why}; {label}: waiting for the offline comparison", **common)
+            return self.decide(
+                Action.ADVANCE, f"{why}; {label}: waiting for the offline comparison", **common
+            )
         if isinstance(step, ShadowStep | CanaryStep | ABStep):
             if isinstance(step, ShadowStep):
                 spec = self.route("shadow", mirror_pct=step.mirror_pct)
@@ -562,22 +635,32 @@ class _Tick:
                 spec = self.route("ab", weight_pct=step.candidate_pct)
             key = f"step{index}" + (f".{weight}" if isinstance(step, CanaryStep) else "")
             effect = self.route_effect(key, spec, f"enter {label}")
-            return self.decide(Action.ADVANCE, f"{why}; entering {label}: {spec.describe()}", effects=(effect,), **common)
+            return self.decide(
+                Action.ADVANCE, f"{why}; entering {label}: {spec.describe()}", effects=(effect,), **common
+            )
         if isinstance(step, ApprovalStep):
             req = ApprovalRequest(
-                rollout_id=s.rollout_id, model_name=s.model_name, candidate_version=s.candidate_version,
-                stable_version=s.stable_version, requested_at=self.now,
-                deadline=self.now + timedelta(seconds=step.timeout_s), evidence=self.evidence(),
-            )  # fmt: skip
+                rollout_id=s.rollout_id,
+                model_name=s.model_name,
+                candidate_version=s.candidate_version,
+                stable_version=s.stable_version,
+                requested_at=self.now,
+                deadline=self.now + timedelta(seconds=step.timeout_s),
+                evidence=self.evidence(),
+            )
             common["phase"] = Phase.AWAITING_APPROVAL
-            reason = f"{why}; {label}: approval of v{s.candidate_version} requested, timeout {step.timeout_s:g} s"
+            reason = (
+                f"{why}; {label}: approval of v{s.candidate_version} requested, timeout {step.timeout_s:g} s"
+            )
             return self.decide(Action.AWAIT_APPROVAL, reason, ask=req, approval=req, **common)
         assert isinstance(step, BlueGreenStep)
         aliases = _champion_effect(f"{self.rid}/promote/aliases", dict(s.aliases_before), s.candidate_version)
         flip = self.route_effect("promote", self.route("blue_green", active_slot=CANDIDATE), "cut over")
         common["phase"] = Phase.PROMOTED
-        reason = (f"{why}; promoting v{s.candidate_version}: champion alias moves and all traffic flips to the "
-                  f"candidate slot, v{s.stable_version} stays warm for {step.keep_warm_s:g} s")  # fmt: skip
+        reason = (
+            f"{why}; promoting v{s.candidate_version}: champion alias moves and all traffic flips to the "
+            f"candidate slot, v{s.stable_version} stays warm for {step.keep_warm_s:g} s"
+        )
         return self.decide(Action.PROMOTE, reason, effects=(aliases, flip), promoted_at=self.now, **common)
 
     def evidence(self) -> str:
@@ -593,11 +676,14 @@ class _Tick:
         if s.step_index + 1 < len(plan.steps):
             return self.enter(s.step_index + 1, 0, why)
         release = self.route_effect(
-            "release", RouteSpec(stable_version=s.candidate_version, candidate_version=None),
+            "release",
+            RouteSpec(stable_version=s.candidate_version, candidate_version=None),
             f"v{s.candidate_version} is champion, release v{s.stable_version}",
-        )  # fmt: skip
+        )
         reason = f"{why}; rollout succeeded: v{s.candidate_version} serves all traffic, v{s.stable_version} released"
-        return self.decide(Action.ADVANCE, reason, effects=(release,), phase=Phase.SUCCEEDED, final_reason=reason)
+        return self.decide(
+            Action.ADVANCE, reason, effects=(release,), phase=Phase.SUCCEEDED, final_reason=reason
+        )
 
     # ---- stopping
     def stop(self, action: Action, reason: str, phase: Phase | None = None) -> Decision:
@@ -619,12 +705,21 @@ class _Tick:
         if cancelled:
             reason += f" (cancelled unapplied effects: {', '.join(cancelled)})"
         if promoted:
-            reason += f"; aliases restored: champion v{s.stable_version} (previous-champion v{s.candidate_version})"
+            reason += (
+                f"; aliases restored: champion v{s.stable_version} (previous-champion v{s.candidate_version})"
+            )
         else:
             reason += "; registry aliases untouched"
         effects = [e for e in effects if e.key not in done]
-        return self.decide(action, reason, effects=tuple(effects), phase=phase, final_reason=reason,
-                           pending=tuple(effects), approval=None)  # fmt: skip
+        return self.decide(
+            action,
+            reason,
+            effects=tuple(effects),
+            phase=phase,
+            final_reason=reason,
+            pending=tuple(effects),
+            approval=None,
+        )
 
 
 def _champion_effect(key: str, current: dict[str, int], target: int) -> Effect:
@@ -632,19 +727,28 @@ def _champion_effect(key: str, current: dict[str, int], target: int) -> Effect:
     the outgoing champion becomes previous-champion)."""
     moves = plan_promotion(CHAMPION, target, current)
     text = ", ".join(f"{a} v{f} -> v{t}" for a, f, t in moves)
-    return Effect(key=key, kind="aliases", description=text,
-                  aliases=tuple(AliasChange(alias=a, from_version=f, to_version=t, implied=a != CHAMPION)
-                                for a, f, t in moves))  # fmt: skip
+    return Effect(
+        key=key,
+        kind="aliases",
+        description=text,
+        aliases=tuple(
+            AliasChange(alias=a, from_version=f, to_version=t, implied=a != CHAMPION) for a, f, t in moves
+        ),
+    )
 
 
-def _validated(obs: Observations | None, status: RolloutStatus, replay: bool) -> tuple[Observations, list[str]]:
+def _validated(
+    obs: Observations | None, status: RolloutStatus, replay: bool
+) -> tuple[Observations, list[str]]:
     """The observations usable for this step, or an error when they are evidence about
     something else (other versions, traffic from before the step's change)."""
     notes: list[str] = []
     if obs is None:
         return Observations(source="replay" if replay else "log"), notes
     if replay != (obs.source == "replay"):
-        want = "the offline comparison (observe_replay)" if replay else "prediction-log observations (observe)"
+        want = (
+            "the offline comparison (observe_replay)" if replay else "prediction-log observations (observe)"
+        )
         raise ObservationMismatch(f"this step needs {want}, got {obs.source} observations")
     for name, pinned in ((STABLE, status.stable_version), (CANDIDATE, status.candidate_version)):
         v = obs.variant(name).version
@@ -657,11 +761,15 @@ def _validated(obs: Observations | None, status: RolloutStatus, replay: bool) ->
                 f"{status.step_started_at.isoformat()}"
             )
     if obs.foreign:
-        notes.append("excluded rows of other versions: " + ", ".join(f"{v} v{ver} x{n}" for v, ver, n in obs.foreign))
+        notes.append(
+            "excluded rows of other versions: " + ", ".join(f"{v} v{ver} x{n}" for v, ver, n in obs.foreign)
+        )
     return obs, notes
 
 
-def _count(status: RolloutStatus, ms: tuple[Measurement, ...], due: bool) -> tuple[dict[str, Counters], list[tuple[str, Measurement, str]]]:
+def _count(
+    status: RolloutStatus, ms: tuple[Measurement, ...], due: bool
+) -> tuple[dict[str, Counters], list[tuple[str, Measurement, str]]]:
     """New counters, and the checks that trip: ``(action, measurement, reason)``."""
     counters = dict(status.counters)
     trips: list[tuple[str, Measurement, str]] = []
@@ -681,7 +789,13 @@ def _count(status: RolloutStatus, ms: tuple[Measurement, ...], due: bool) -> tup
         elif o is Outcome.ERROR and c.errors > lim.error_limit:
             trips.append(("abort", m, f"{why} (errors {c.errors} > limit {lim.error_limit})"))
         elif o is Outcome.INCONCLUSIVE and due and c.inconclusives > lim.inconclusive_limit:
-            trips.append((lim.on_inconclusive, m, f"{why} (inconclusive {c.inconclusives} > limit {lim.inconclusive_limit})"))
+            trips.append(
+                (
+                    lim.on_inconclusive,
+                    m,
+                    f"{why} (inconclusive {c.inconclusives} > limit {lim.inconclusive_limit})",
+                )
+            )
     return counters, trips
 
 
@@ -699,16 +813,21 @@ def decide(
     is treated as no data (INCONCLUSIVE), never as a pass.
     """
     if plan.digest != status.plan_digest or plan.name != status.plan_name:
-        raise PlanMismatch(f"rollout {status.rollout_id} runs plan {status.plan_name} ({status.plan_digest}), "
-                           f"not {plan.name} ({plan.digest})")  # fmt: skip
+        raise PlanMismatch(
+            f"rollout {status.rollout_id} runs plan {status.plan_name} ({status.plan_digest}), "
+            f"not {plan.name} ({plan.digest})"
+        )
     sig = signals or Signals()
     who = f"{sig.by}" + (f" ({sig.comment})" if sig.comment else "")
     tick = _Tick(status, plan, now, None, [])
 
     if status.terminal:
         if sig.command == "rollback" and status.phase is Phase.SUCCEEDED:
-            return tick.stop(Action.ROLLBACK, f"rollback requested by {who} after promotion: back to "
-                                              f"v{status.stable_version}, skipping analysis")  # fmt: skip
+            return tick.stop(
+                Action.ROLLBACK,
+                f"rollback requested by {who} after promotion: back to "
+                f"v{status.stable_version}, skipping analysis",
+            )
         return Decision(Action.HOLD, f"rollout is {status.phase.value}: {status.final_reason}", status)
     if sig.command in ("rollback", "abort"):
         action = Action.ROLLBACK if sig.command == "rollback" else Action.ABORT
@@ -717,26 +836,43 @@ def decide(
         keys = ", ".join(e.key for e in status.outstanding)
         return Decision(Action.HOLD, f"waiting for effects to be applied: {keys}", status, status.outstanding)
 
-    if sig.challenger_version is not None and sig.challenger_version != status.candidate_version \
-            and sig.challenger_version not in status.noted_versions:  # fmt: skip
+    if (
+        sig.challenger_version is not None
+        and sig.challenger_version != status.candidate_version
+        and sig.challenger_version not in status.noted_versions
+    ):
         tick.notes.append(
             f"challenger alias moved to v{sig.challenger_version}: ignored, this rollout stays pinned to "
             f"v{status.candidate_version} (v{sig.challenger_version} needs its own rollout, with its own evidence)"
         )
-        tick.status = status = status.model_copy(update={"noted_versions": status.noted_versions + (sig.challenger_version,)})
+        tick.status = status = status.model_copy(
+            update={"noted_versions": status.noted_versions + (sig.challenger_version,)}
+        )
     if sig.command == "resume" and status.phase is not Phase.PAUSED:
         tick.notes.append(f"resume from {who} ignored: the rollout is not paused")
     if sig.approval is not None and status.phase is not Phase.AWAITING_APPROVAL:
-        tick.notes.append(f"approval from {sig.approval.by} for v{sig.approval.version} ignored: nothing awaits approval")
+        tick.notes.append(
+            f"approval from {sig.approval.by} for v{sig.approval.version} ignored: nothing awaits approval"
+        )
 
     if status.phase is Phase.PENDING:
-        return tick.enter(0, 0, f"rollout of v{status.candidate_version} against v{status.stable_version} started")
+        return tick.enter(
+            0, 0, f"rollout of v{status.candidate_version} against v{status.stable_version} started"
+        )
     if status.phase is Phase.PAUSED:
         if sig.command == "resume":
             resumed = status.paused_phase or Phase.RUNNING
-            return tick.decide(Action.HOLD, f"resumed by {who}: {tick.label()} analysis restarts",
-                               phase=resumed, paused_phase=None, counters={}, step_started_at=now)  # fmt: skip
-        return tick.decide(Action.HOLD, f"paused at {tick.label()}: waiting for an operator to resume, roll back or abort")
+            return tick.decide(
+                Action.HOLD,
+                f"resumed by {who}: {tick.label()} analysis restarts",
+                phase=resumed,
+                paused_phase=None,
+                counters={},
+                step_started_at=now,
+            )
+        return tick.decide(
+            Action.HOLD, f"paused at {tick.label()}: waiting for an operator to resume, roll back or abort"
+        )
 
     step = plan.steps[status.step_index]
     obs, notes = _validated(observations, status, isinstance(step, ReplayStep))
@@ -744,8 +880,11 @@ def decide(
     tick.notes.extend(notes)
     foreign_candidate = sum(n for v, _, n in obs.foreign if v == CANDIDATE)
     if foreign_candidate and obs.candidate.requests == 0:
-        return tick.stop(Action.ABORT, f"the candidate slot answers with another version ({foreign_candidate} rows), "
-                                       f"not v{status.candidate_version} under test")  # fmt: skip
+        return tick.stop(
+            Action.ABORT,
+            f"the candidate slot answers with another version ({foreign_candidate} rows), "
+            f"not v{status.candidate_version} under test",
+        )
 
     elapsed = _elapsed(status, now)
     duration = step.duration_s
@@ -786,7 +925,9 @@ def decide(
         elif m.outcome is Outcome.ERROR:
             parts.append(f"{m.result.reason} (errors {c.errors}, limit {lim.error_limit})")
         elif due:
-            parts.append(f"{m.result.reason} (inconclusive {c.inconclusives}, limit {lim.inconclusive_limit})")
+            parts.append(
+                f"{m.result.reason} (inconclusive {c.inconclusives}, limit {lim.inconclusive_limit})"
+            )
         else:
             parts.append(m.result.reason)
     return tick.decide(Action.HOLD, f"{tick.label()}: " + "; ".join(parts or ["waiting"]))
@@ -799,25 +940,46 @@ def _approval(tick: _Tick, sig: Signals) -> Decision:
     if tick.now >= req.deadline:
         valid = sig.approval is not None and sig.approval.version == s.candidate_version
         late = f" (an answer from {sig.approval.by} arrived after the deadline)" if valid else ""  # type: ignore[union-attr]
-        return tick.stop(Action.ABORT, f"approval of v{s.candidate_version} timed out: no answer within "
-                                       f"{(req.deadline - req.requested_at).total_seconds():g} s{late}; nothing promoted",
-                         phase=Phase.TIMED_OUT)  # fmt: skip
+        return tick.stop(
+            Action.ABORT,
+            f"approval of v{s.candidate_version} timed out: no answer within "
+            f"{(req.deadline - req.requested_at).total_seconds():g} s{late}; nothing promoted",
+            phase=Phase.TIMED_OUT,
+        )
     a = sig.approval
     if a is not None:
         who = a.by + (f" ({a.comment})" if a.comment else "")
         if a.version != s.candidate_version:
-            tick.notes.append(f"approval refused: {who} answered for v{a.version}, this rollout tests "
-                              f"v{s.candidate_version}")  # fmt: skip
+            tick.notes.append(
+                f"approval refused: {who} answered for v{a.version}, this rollout tests "
+                f"v{s.candidate_version}"
+            )
         elif a.approved:
             return tick.advance(f"v{a.version} approved by {who}")
         else:
             return tick.stop(Action.ROLLBACK, f"v{a.version} rejected by {who}")
     left = req.remaining_s(tick.now)
-    return tick.decide(Action.AWAIT_APPROVAL, f"{tick.label()}: waiting for approval of v{s.candidate_version}, "
-                                              f"{left:.0f} s left", ask=req)  # fmt: skip
+    return tick.decide(
+        Action.AWAIT_APPROVAL,
+        f"{tick.label()}: waiting for approval of v{s.candidate_version}, {left:.0f} s left",
+        ask=req,
+    )
 
 
 __all__ = [
-    "Action", "ApprovalRequest", "ApprovalResponse", "Decision", "Effect", "Phase", "RolloutStatus",
-    "RouteSpec", "Signals", "decide", "dump_status", "load_status", "mark_applied", "start", "fmt",
-]  # fmt: skip
+    "Action",
+    "ApprovalRequest",
+    "ApprovalResponse",
+    "Decision",
+    "Effect",
+    "Phase",
+    "RolloutStatus",
+    "RouteSpec",
+    "Signals",
+    "decide",
+    "dump_status",
+    "load_status",
+    "mark_applied",
+    "start",
+    "fmt",
+]

@@ -69,7 +69,9 @@ class FeatureReference:
             return np.append(known, int(seen.sum()) - int(known.sum()))
         x = np.asarray(values, dtype=np.float64)
         x = x[np.isfinite(x)]
-        return np.bincount(np.searchsorted(np.asarray(self.edges), x, side="right"), minlength=len(self.counts))
+        return np.bincount(
+            np.searchsorted(np.asarray(self.edges), x, side="right"), minlength=len(self.counts)
+        )
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,9 @@ class Reference:
                 values = frame[name].to_numpy(dtype=object)
                 cats = tuple(sorted(str(v) for v in pd.unique(values[pd.notna(values)])))
                 ref = FeatureReference(name, (0,) * (len(cats) + 1), categories=cats)
-                feats.append(FeatureReference(name, tuple(int(c) for c in ref.histogram(values)), categories=cats))
+                feats.append(
+                    FeatureReference(name, tuple(int(c) for c in ref.histogram(values)), categories=cats)
+                )
         hist = stats.fine_histogram(np.asarray(scores)) if scores is not None else None
         return cls(score_counts=hist, features=tuple(feats))
 
@@ -109,24 +113,31 @@ class Reference:
         return {
             "score_counts": None if self.score_counts is None else [int(c) for c in self.score_counts],
             "features": [
-                {"name": f.name, "counts": list(f.counts), "edges": None if f.edges is None else list(f.edges),
-                 "categories": None if f.categories is None else list(f.categories)}
+                {
+                    "name": f.name,
+                    "counts": list(f.counts),
+                    "edges": None if f.edges is None else list(f.edges),
+                    "categories": None if f.categories is None else list(f.categories),
+                }
                 for f in self.features
             ],
-        }  # fmt: skip
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Reference:
         counts = data.get("score_counts")
         feats = tuple(
             FeatureReference(
-                f["name"], tuple(int(c) for c in f["counts"]),
+                f["name"],
+                tuple(int(c) for c in f["counts"]),
                 edges=None if f.get("edges") is None else tuple(float(e) for e in f["edges"]),
                 categories=None if f.get("categories") is None else tuple(f["categories"]),
-            )  # fmt: skip
+            )
             for f in data.get("features", ())
         )
-        return cls(score_counts=None if counts is None else np.asarray(counts, dtype=np.int64), features=feats)
+        return cls(
+            score_counts=None if counts is None else np.asarray(counts, dtype=np.int64), features=feats
+        )
 
 
 def _psi_ks(ref_counts: np.ndarray, counts: np.ndarray, bins: int, ordered: bool) -> tuple[float, float]:
@@ -309,15 +320,25 @@ def _variant_stats(version: int | None, rows: _Rows, ref: Reference | None, psi_
     lab = ok & np.isfinite(rows.label)
     y, p = rows.label[lab], rows.score[lab]
     out: dict[str, Any] = dict(
-        version=version, requests=n, errors=int(n - ok.sum()), entities=rows.entities,
-        latency_p50_ms=p50, latency_p95_ms=p95, latency_p99_ms=p99,
+        version=version,
+        requests=n,
+        errors=int(n - ok.sum()),
+        entities=rows.entities,
+        latency_p50_ms=p50,
+        latency_p95_ms=p95,
+        latency_p99_ms=p99,
         decision_rate=float(dec.mean()) if dec.size else NAN,
-        labelled=int(y.size), positives=int(y.sum()),
-        auc=auc(y, p), log_loss=log_loss(y, p), calibration_error=calibration_error(y, p),
-    )  # fmt: skip
+        labelled=int(y.size),
+        positives=int(y.sum()),
+        auc=auc(y, p),
+        log_loss=log_loss(y, p),
+        calibration_error=calibration_error(y, p),
+    )
     if ref is not None:
         if ref.score_counts is not None and ok.any():
-            out["score_psi"], out["score_ks"] = _psi_ks(ref.score_counts, stats.fine_histogram(rows.score[ok]), psi_bins, True)
+            out["score_psi"], out["score_ks"] = _psi_ks(
+                ref.score_counts, stats.fine_histogram(rows.score[ok]), psi_bins, True
+            )
         worst_psi: tuple[float, str | None] = (NAN, None)
         worst_ks: tuple[float, str | None] = (NAN, None)
         for f in ref.features:
@@ -365,7 +386,11 @@ class _Log:
         self.frame = frame
         n = len(frame)
         fb = feedback if feedback is not None and not feedback.empty else None
-        ids = frame["request_id"] if fb is None else pd.concat([frame["request_id"], fb["request_id"]], ignore_index=True)
+        ids = (
+            frame["request_id"]
+            if fb is None
+            else pd.concat([frame["request_id"], fb["request_id"]], ignore_index=True)
+        )
         codes, uniques = pd.factorize(ids)
         self.codes = codes[:n]
         self.label = np.full(n, np.nan)
@@ -388,11 +413,18 @@ class _Log:
             col = FEATURE_PREFIX + name
             if col in f:
                 values = f[col]
-                feats[name] = values.to_numpy()[idx] if pd.api.types.is_numeric_dtype(values) else values.iloc[idx]
+                feats[name] = (
+                    values.to_numpy()[idx] if pd.api.types.is_numeric_dtype(values) else values.iloc[idx]
+                )
         return _Rows(
-            latency=self.latency[idx], ok=self.ok[idx], score=self.score[idx], decision=self.decision[idx],
-            label=self.label[idx], entities=_entities(f["entity_key"].iloc[idx]), features=feats,
-        )  # fmt: skip
+            latency=self.latency[idx],
+            ok=self.ok[idx],
+            score=self.score[idx],
+            decision=self.decision[idx],
+            label=self.label[idx],
+            entities=_entities(f["entity_key"].iloc[idx]),
+            features=feats,
+        )
 
     def pairs(self, primary: np.ndarray, shadow: np.ndarray) -> PairStats:
         """Shadow answers paired with the primary answer to the same request."""
@@ -444,7 +476,10 @@ def observe(
     window = _Log(frame, feedback)
     refs = references or {}
     feature_names = sorted({f.name for r in refs.values() for f in r.features})
-    idx = {v: np.flatnonzero((frame["variant"] == v).to_numpy(dtype=bool, na_value=False)) for v in (STABLE, CANDIDATE)}
+    idx = {
+        v: np.flatnonzero((frame["variant"] == v).to_numpy(dtype=bool, na_value=False))
+        for v in (STABLE, CANDIDATE)
+    }
     parts = {v: window.rows(idx[v], feature_names if v in refs else ()) for v in (STABLE, CANDIDATE)}
     variants = {v: _variant_stats(pinned[v], parts[v], refs.get(v), psi_bins) for v in (STABLE, CANDIDATE)}
 
@@ -460,9 +495,15 @@ def observe(
             arms[v] = (Arm.of(per_request_metric(ab_metric, rows)), rows.entities)
         ab = Arms(ab_metric, arms[STABLE][0], arms[CANDIDATE][0], arms[STABLE][1], arms[CANDIDATE][1])
     return Observations(
-        source="log", since=since, until=until, stable=variants[STABLE], candidate=variants[CANDIDATE],
-        pairs=pairs, ab=ab, foreign=foreign,
-    )  # fmt: skip
+        source="log",
+        since=since,
+        until=until,
+        stable=variants[STABLE],
+        candidate=variants[CANDIDATE],
+        pairs=pairs,
+        ab=ab,
+        foreign=foreign,
+    )
 
 
 def _paired(s: np.ndarray, c: np.ndarray, ds: np.ndarray, dc: np.ndarray) -> PairStats:
@@ -472,7 +513,9 @@ def _paired(s: np.ndarray, c: np.ndarray, ds: np.ndarray, dc: np.ndarray) -> Pai
     both = np.isfinite(ds) & np.isfinite(dc)
     agree = stats.decision_agreement(ds[both] > 0.5, dc[both] > 0.5) if both.any() else NAN
     corr = stats.pearson(s, c) if n >= 2 else NAN
-    return PairStats(pairs=n, agreement=agree, score_correlation=corr, mean_abs_diff=float(np.mean(np.abs(s - c))))
+    return PairStats(
+        pairs=n, agreement=agree, score_correlation=corr, mean_abs_diff=float(np.mean(np.abs(s - c)))
+    )
 
 
 def observe_replay(
@@ -502,9 +545,20 @@ def observe_replay(
     feats = {n: frame[n].to_numpy() for n in names} if frame is not None else {}
     out = {}
     for v, scores, thr in ((STABLE, s, thresholds[0]), (CANDIDATE, c, thresholds[1])):
-        rows = _Rows(latency=None, ok=np.isfinite(scores), score=scores,
-                     decision=(scores >= thr).astype(np.float64), label=y, entities=0, features=feats)  # fmt: skip
-        out[v] = _variant_stats(stable_version if v == STABLE else candidate_version, rows, refs.get(v), psi_bins)
+        rows = _Rows(
+            latency=None,
+            ok=np.isfinite(scores),
+            score=scores,
+            decision=(scores >= thr).astype(np.float64),
+            label=y,
+            entities=0,
+            features=feats,
+        )
+        out[v] = _variant_stats(
+            stable_version if v == STABLE else candidate_version, rows, refs.get(v), psi_bins
+        )
     ok = np.isfinite(s) & np.isfinite(c)
-    pairs = _paired(s[ok], c[ok], (s[ok] >= thresholds[0]).astype(float), (c[ok] >= thresholds[1]).astype(float))
+    pairs = _paired(
+        s[ok], c[ok], (s[ok] >= thresholds[0]).astype(float), (c[ok] >= thresholds[1]).astype(float)
+    )
     return Observations(source="replay", stable=out[STABLE], candidate=out[CANDIDATE], pairs=pairs)

@@ -64,11 +64,21 @@ METRICS: dict[str, tuple[SampleKind, str]] = {
 """Every metric a check may name: how its samples are counted, and what it measures."""
 
 Metric = Literal[
-    "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "error_rate", "decision_rate",
-    "auc", "log_loss", "calibration_error",
-    "score_psi", "score_ks", "input_psi", "input_ks",
-    "agreement", "score_correlation",
-]  # fmt: skip
+    "latency_p50_ms",
+    "latency_p95_ms",
+    "latency_p99_ms",
+    "error_rate",
+    "decision_rate",
+    "auc",
+    "log_loss",
+    "calibration_error",
+    "score_psi",
+    "score_ks",
+    "input_psi",
+    "input_ks",
+    "agreement",
+    "score_correlation",
+]
 PAIRED_METRICS = frozenset({"agreement", "score_correlation"})
 DRIFT_METRICS = frozenset({"score_psi", "score_ks", "input_psi", "input_ks"})
 

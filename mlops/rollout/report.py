@@ -31,8 +31,11 @@ from mlops.rollout.machine import Record, RolloutStatus
 from mlops.rollout.plan import RolloutPlan
 
 OUTCOME_COLOURS = {
-    Outcome.PASS: "#2e7d32", Outcome.FAIL: "#c62828", Outcome.INCONCLUSIVE: "#9e9e9e", Outcome.ERROR: "#6a1b9a",
-}  # fmt: skip
+    Outcome.PASS: "#2e7d32",
+    Outcome.FAIL: "#c62828",
+    Outcome.INCONCLUSIVE: "#9e9e9e",
+    Outcome.ERROR: "#6a1b9a",
+}
 VARIANT_COLOURS = {"stable": "#1565c0", "candidate": "#ef6c00"}
 ACTION_COLOURS = {"rollback": "#c62828", "abort": "#6a1b9a", "pause": "#f9a825", "promote": "#2e7d32"}
 
@@ -52,15 +55,24 @@ def _nan(x: float | None) -> float:
     return math.nan if x is None else x
 
 
-def _mark_steps(ax, history: Sequence[Record], start: datetime) -> None:  # noqa: ANN001 - matplotlib Axes
+def _mark_steps(ax, history: Sequence[Record], start: datetime) -> None:
     """Vertical lines where the rollout changed step, and the terminal action."""
     last = None
     for r in history:
         x = (r.at - start).total_seconds() / 60.0
         if r.step != last:
             ax.axvline(x, color="#bdbdbd", lw=0.8, ls=":")
-            ax.text(x, 1.0, f" {r.step}", transform=ax.get_xaxis_transform(), rotation=90, va="top", ha="left",
-                    fontsize=7, color="#616161")  # fmt: skip
+            ax.text(
+                x,
+                1.0,
+                f" {r.step}",
+                transform=ax.get_xaxis_transform(),
+                rotation=90,
+                va="top",
+                ha="left",
+                fontsize=7,
+                color="#616161",
+            )
             last = r.step
         if r.action.value in ACTION_COLOURS:
             ax.axvline(x, color=ACTION_COLOURS[r.action.value], lw=1.2)
@@ -72,8 +84,21 @@ def traffic_figure(status: RolloutStatus) -> bytes:
     x = _minutes(h, start)
     fig = Figure(figsize=(9, 2.8))
     ax = fig.add_subplot()
-    ax.step(x, [r.route.candidate_pct for r in h], where="post", color=VARIANT_COLOURS["candidate"], label="candidate share of live answers (%)")
-    ax.step(x, [r.route.mirror_pct for r in h], where="post", color="#7e57c2", ls="--", label="mirrored to candidate (%)")
+    ax.step(
+        x,
+        [r.route.candidate_pct for r in h],
+        where="post",
+        color=VARIANT_COLOURS["candidate"],
+        label="candidate share of live answers (%)",
+    )
+    ax.step(
+        x,
+        [r.route.mirror_pct for r in h],
+        where="post",
+        color="#7e57c2",
+        ls="--",
+        label="mirrored to candidate (%)",
+    )
     _mark_steps(ax, h, start)
     ax.set(xlabel="minutes since start", ylabel="%", ylim=(-3, 105), title="Traffic")
     ax.legend(loc="upper left", fontsize=8)
@@ -111,7 +136,14 @@ def check_figure(status: RolloutStatus, key: str) -> bytes:
     for outcome, colour in OUTCOME_COLOURS.items():
         sel = [(x, c.value) for x, c in pts if c.outcome is outcome and c.value is not None]
         if sel:
-            ax.scatter([x for x, _ in sel], [y for _, y in sel], s=10, color=colour, label=outcome.value.lower(), zorder=3)
+            ax.scatter(
+                [x for x, _ in sel],
+                [y for _, y in sel],
+                s=10,
+                color=colour,
+                label=outcome.value.lower(),
+                zorder=3,
+            )
     dry = " (dry run)" if pts and pts[-1][1].dry_run else ""
     ax.set_title(f"{key}{dry}", fontsize=9)
     ax.set_xlabel("minutes since start", fontsize=8)
@@ -123,7 +155,11 @@ def check_figure(status: RolloutStatus, key: str) -> bytes:
 def ab_figure(status: RolloutStatus, mde: float | None = None) -> bytes | None:
     """The A/B primary improvement (positive = candidate better) with its always-valid CI."""
     h, start = status.history, status.created_at
-    pts = [((r.at - start).total_seconds() / 60.0, r.ab) for r in h if r.ab is not None and r.ab.improvement is not None]
+    pts = [
+        ((r.at - start).total_seconds() / 60.0, r.ab)
+        for r in h
+        if r.ab is not None and r.ab.improvement is not None
+    ]
     if not pts:
         return None
     x = [p for p, _ in pts]
@@ -131,14 +167,24 @@ def ab_figure(status: RolloutStatus, mde: float | None = None) -> bytes | None:
     ax = fig.add_subplot()
     lo = [_nan(a.ci_low) for _, a in pts]
     hi = [_nan(a.ci_high) for _, a in pts]
-    ax.fill_between(x, lo, hi, color=VARIANT_COLOURS["candidate"], alpha=0.2, step="post", label="always-valid CI")
-    ax.plot(x, [a.improvement for _, a in pts], color=VARIANT_COLOURS["candidate"], marker=".", ms=3,
-            label=f"improvement in {pts[0][1].metric}")  # fmt: skip
+    ax.fill_between(
+        x, lo, hi, color=VARIANT_COLOURS["candidate"], alpha=0.2, step="post", label="always-valid CI"
+    )
+    ax.plot(
+        x,
+        [a.improvement for _, a in pts],
+        color=VARIANT_COLOURS["candidate"],
+        marker=".",
+        ms=3,
+        label=f"improvement in {pts[0][1].metric}",
+    )
     ax.axhline(0.0, color="black", lw=0.8)
     if mde is not None:
         ax.axhline(mde, color="#2e7d32", ls="--", lw=0.8, label="+mde")
         ax.axhline(-mde, color="#c62828", ls="--", lw=0.8, label="-mde")
-    powered = next((xx for xx, a in pts if a.n_required and min(a.n_stable, a.n_candidate) >= a.n_required), None)
+    powered = next(
+        (xx for xx, a in pts if a.n_required and min(a.n_stable, a.n_candidate) >= a.n_required), None
+    )
     if powered is not None:
         ax.axvline(powered, color="#616161", ls=":", lw=1, label="powered sample reached")
     ax.set(xlabel="minutes since start", title="A/B primary metric: candidate improvement over stable")
@@ -179,8 +225,13 @@ def _img(data: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
 
 
-def render_report(status: RolloutStatus, plan: RolloutPlan | None = None, *, holds: bool = False,
-                  figures: dict[str, bytes] | None = None) -> str:  # fmt: skip
+def render_report(
+    status: RolloutStatus,
+    plan: RolloutPlan | None = None,
+    *,
+    holds: bool = False,
+    figures: dict[str, bytes] | None = None,
+) -> str:
     """The rollout's HTML report (self-contained: figures are inline PNGs).
 
     The decision log lists every decision except plain holds, unless ``holds``; the
@@ -199,7 +250,9 @@ def render_report(status: RolloutStatus, plan: RolloutPlan | None = None, *, hol
             f"<td>{e(r.step)}</td><td>{e(r.action.value)}</td><td>{e(r.reason)}</td>"
             f"<td>{'<br>'.join(f'<code>{e(k)}</code>' for k in r.effects)}</td></tr>"
         )
-    applied = "".join(f"<tr><td><code>{e(a.key)}</code></td><td>{a.at:%Y-%m-%d %H:%M:%S}</td></tr>" for a in s.applied)
+    applied = "".join(
+        f"<tr><td><code>{e(a.key)}</code></td><td>{a.at:%Y-%m-%d %H:%M:%S}</td></tr>" for a in s.applied
+    )
     checks = "".join(_img(v, k) for k, v in figs.items() if k.startswith("check-"))
     ab = _img(figs["ab.png"], "A/B effect") if "ab.png" in figs else "<p>No A/B measurements.</p>"
     plan_line = f"{e(s.plan_name)} (<code>{e(s.plan_digest)}</code>)"

@@ -46,8 +46,8 @@ from pydantic import Field
 
 from mlops.datagen import fraud_schema, generate
 from mlops.predlog import FEATURE_PREFIX, PRIMARY, SHADOW
-from mlops.routing import CANDIDATE, STABLE, Mode, RouteTable, route
 from mlops.rollout.observe import Reference
+from mlops.routing import CANDIDATE, STABLE, Mode, RouteTable, route
 from mlops.settings import DatasetSchema, StrictModel
 
 _LATENTS = ("_z", "_e_stable", "_e_candidate", "_u_error", "_l_stable", "_l_candidate")
@@ -82,16 +82,22 @@ class Pathology(StrictModel):
         """The model as its quality pathologies make it (latency and errors apply per request)."""
         return model.model_copy(update={"noise": math.hypot(model.noise, self.extra_noise)})
 
-    def perturb(self, scores: np.ndarray, keys: Sequence[str], latency_ms: np.ndarray,
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    def perturb(
+        self,
+        scores: np.ndarray,
+        keys: Sequence[str],
+        latency_ms: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """What this pathology does to a real model's answers, for a fault-injecting wrapper
         around a served candidate: the perturbed scores (logit noise and shift), the delay
         to add to each answer (ms) and which answers fail. Deterministic per input ``key``
         (e.g. the features hash), so an input fails or is perturbed the same way every time.
         """
         n = len(keys)
-        digests = np.array([int.from_bytes(blake2b(k.encode(), digest_size=8).digest(), "little") for k in keys],
-                           dtype=np.uint64).reshape(n)  # fmt: skip
+        digests = np.array(
+            [int.from_bytes(blake2b(k.encode(), digest_size=8).digest(), "little") for k in keys],
+            dtype=np.uint64,
+        ).reshape(n)
         u1 = ((digests >> np.uint64(32)).astype(np.float64) + 0.5) / 2.0**32
         u2 = ((digests & np.uint64(0xFFFFFFFF)).astype(np.float64) + 0.5) / 2.0**32
         z = np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)  # Box-Muller from the key
@@ -168,7 +174,7 @@ class TrafficSimulator:
         self._issued = 0
         self._rng = np.random.default_rng(np.random.SeedSequence([config.seed, 1]))
         ranks = np.arange(1, config.users + 1, dtype=np.float64)
-        weights = ranks ** -config.user_skew
+        weights = ranks**-config.user_skew
         self._user_p = weights / weights.sum()
         self._pending: tuple[np.ndarray, np.ndarray, pd.DatetimeIndex] | None = None
         self.tally: dict[tuple[str, int], int] = {}
@@ -194,10 +200,13 @@ class TrafficSimulator:
             "label": frame[self.schema.label_column].to_numpy(dtype=np.int64),
             # features_hash of the log: over the numeric features (enough to tell requests apart)
             "_hash": pd.util.hash_pandas_object(features[list(self.schema.numeric_names)], index=False)
-            .map("{:016x}".format).to_numpy(dtype=object),
+            .map("{:016x}".format)
+            .to_numpy(dtype=object),
         }
         columns.update({name: features[name].to_numpy() for name in self.schema.feature_names})
-        columns.update({c: rng.uniform(size=n) if c.startswith("_u") else rng.standard_normal(n) for c in _LATENTS})
+        columns.update(
+            {c: rng.uniform(size=n) if c.startswith("_u") else rng.standard_normal(n) for c in _LATENTS}
+        )
         self._issued += n
         self.clock = end
         delays = rng.exponential(cfg.label_delay_s, n) if cfg.label_delay_s > 0 else np.zeros(n)
@@ -213,14 +222,21 @@ class TrafficSimulator:
     def labels_until(self, until: datetime) -> pd.DataFrame:
         """Labels that arrive by ``until`` and were not returned before: feedback rows
         ``request_id``, ``label``, ``ts`` in arrival order."""
-        ids, labels, ts = self._pending or (np.empty(0, dtype=object), np.empty(0, dtype=np.int64),
-                                            pd.DatetimeIndex([], tz="UTC"))  # fmt: skip
+        ids, labels, ts = self._pending or (
+            np.empty(0, dtype=object),
+            np.empty(0, dtype=np.int64),
+            pd.DatetimeIndex([], tz="UTC"),
+        )
         due = np.asarray(ts <= pd.Timestamp(until))
         self._pending = (ids[~due], labels[~due], ts[~due])
         order = np.argsort(np.asarray(ts[due]), kind="stable")
-        return pd.DataFrame({"request_id": ids[due][order], "label": labels[due][order], "ts": ts[due][order]})
+        return pd.DataFrame(
+            {"request_id": ids[due][order], "label": labels[due][order], "ts": ts[due][order]}
+        )
 
-    def stream(self, until: datetime, step_s: float) -> Iterator[tuple[pd.Timestamp, RequestBatch, pd.DataFrame]]:
+    def stream(
+        self, until: datetime, step_s: float
+    ) -> Iterator[tuple[pd.Timestamp, RequestBatch, pd.DataFrame]]:
         """``(t, requests arriving before t, labels arriving by t)`` every ``step_s`` up to
         ``until``: a driver sends each batch (pacing itself to ``t`` in real time, if it
         runs against a live service) and posts the labels."""
@@ -233,7 +249,9 @@ class TrafficSimulator:
         """Count answers per ``(variant, status)`` as the client saw them."""
         if isinstance(responses, pd.DataFrame):
             counts = responses.groupby(["variant", "status"]).size()
-            pairs: Iterable[tuple[tuple[str, int], int]] = (((str(v), int(st)), int(n)) for (v, st), n in counts.items())
+            pairs: Iterable[tuple[tuple[str, int], int]] = (
+                ((str(v), int(st)), int(n)) for (v, st), n in counts.items()
+            )
         else:
             pairs = (((str(r.get("variant")), int(r.get("status", 200))), 1) for r in responses)  # type: ignore[arg-type]
         for key, n in pairs:
@@ -243,8 +261,9 @@ class TrafficSimulator:
 # --------------------------------------------------------------------------- service stand-in
 
 
-def _scores(model: SimulatedModel, label: np.ndarray, z: np.ndarray, e: np.ndarray, rho: float,
-            shift: float) -> np.ndarray:  # fmt: skip
+def _scores(
+    model: SimulatedModel, label: np.ndarray, z: np.ndarray, e: np.ndarray, rho: float, shift: float
+) -> np.ndarray:
     d, s = model.separation, model.noise
     r = d * label + s * (rho * z + math.sqrt(1.0 - rho * rho) * e)
     prior = math.log(model.base_rate / (1.0 - model.base_rate))
@@ -260,13 +279,16 @@ class SimulatedService:
     ``config.candidate`` under ``config.pathology``.
     """
 
-    def __init__(self, config: SimulatorConfig, *, model_name: str, stable_version: int,
-                 candidate_version: int) -> None:  # fmt: skip
+    def __init__(
+        self, config: SimulatorConfig, *, model_name: str, stable_version: int, candidate_version: int
+    ) -> None:
         self.config = config
         self.model_name = model_name
         self.versions = {STABLE: stable_version, CANDIDATE: candidate_version}
-        self.behaviour = {stable_version: (config.stable, Pathology(), STABLE),
-                          candidate_version: (config.pathology.apply(config.candidate), config.pathology, CANDIDATE)}  # fmt: skip
+        self.behaviour = {
+            stable_version: (config.stable, Pathology(), STABLE),
+            candidate_version: (config.pathology.apply(config.candidate), config.pathology, CANDIDATE),
+        }
         self.table = RouteTable()
         self.changes = 0
 
@@ -284,21 +306,28 @@ class SimulatedService:
         model, patho, draws = self.behaviour[version]  # a model keeps its own draws in either slot
         c = rows.columns
         n = len(rows)
-        score = _scores(model, c["label"], c["_z"], c[f"_e_{draws}"], self.config.correlation, patho.score_shift)
+        score = _scores(
+            model, c["label"], c["_z"], c[f"_e_{draws}"], self.config.correlation, patho.score_shift
+        )
         latency = model.latency_ms * np.exp(model.latency_spread * c[f"_l_{draws}"]) * patho.latency_factor
         failed = c["_u_error"] < patho.error_share
         decision = np.where(failed, None, score >= model.threshold)
         out: dict[str, Any] = {
-            "request_id": c["request_id"], "ts": c["ts"], "entity_key": c["entity_key"],
-            "variant": np.full(n, slot, dtype=object), "role": np.full(n, role, dtype=object),
-            "mode": np.full(n, mode, dtype=object), "model_name": np.full(n, self.model_name, dtype=object),
+            "request_id": c["request_id"],
+            "ts": c["ts"],
+            "entity_key": c["entity_key"],
+            "variant": np.full(n, slot, dtype=object),
+            "role": np.full(n, role, dtype=object),
+            "mode": np.full(n, mode, dtype=object),
+            "model_name": np.full(n, self.model_name, dtype=object),
             "model_version": np.full(n, version, dtype=np.int64),
-            "score": np.where(failed, np.nan, score), "decision": decision,
+            "score": np.where(failed, np.nan, score),
+            "decision": decision,
             "latency_ms": latency + patho.extra_latency_ms,
             "status": np.where(failed, 500, 200).astype(np.int32),
             "error": np.where(failed, "simulated model failure", None).astype(object),
             "features_hash": c["_hash"],
-        }  # fmt: skip
+        }
         out.update({FEATURE_PREFIX + name: c[name] for name in rows.feature_names})
         return out
 
@@ -313,15 +342,28 @@ class SimulatedService:
             mirror = np.zeros(n, dtype=bool)
         else:
             cols = batch.columns
-            decisions = [route(table, e, r) for e, r in zip(cols["entity_key"], cols["request_id"], strict=True)]
+            decisions = [
+                route(table, e, r) for e, r in zip(cols["entity_key"], cols["request_id"], strict=True)
+            ]
             variant = np.array([d.variant for d in decisions], dtype=object).reshape(n)
             mirror = np.array([d.mirror for d in decisions], dtype=bool).reshape(n)
         mode = table.mode.value
-        parts = [self._answer(batch.take(np.flatnonzero(variant == v)), v, PRIMARY, mode) for v in (STABLE, CANDIDATE)]
-        parts.append(self._answer(batch.take(np.flatnonzero(mirror)), CANDIDATE, SHADOW, mode) if mirror.any() else {})
+        parts = [
+            self._answer(batch.take(np.flatnonzero(variant == v)), v, PRIMARY, mode)
+            for v in (STABLE, CANDIDATE)
+        ]
+        parts.append(
+            self._answer(batch.take(np.flatnonzero(mirror)), CANDIDATE, SHADOW, mode) if mirror.any() else {}
+        )
         parts = [p for p in parts if p and len(p["request_id"])] or parts[:1]
-        merged = {k: (parts[0][k].append([p[k] for p in parts[1:]]) if isinstance(parts[0][k], pd.Index)
-                      else np.concatenate([p[k] for p in parts])) for k in parts[0]}  # fmt: skip
+        merged = {
+            k: (
+                parts[0][k].append([p[k] for p in parts[1:]])
+                if isinstance(parts[0][k], pd.Index)
+                else np.concatenate([p[k] for p in parts])
+            )
+            for k in parts[0]
+        }
         order = np.argsort(np.asarray(merged["ts"]), kind="stable")
         frame = pd.DataFrame({k: v[order] for k, v in merged.items()})
         frame["decision"] = frame["decision"].astype("boolean")
@@ -341,14 +383,18 @@ class SimulatedService:
         frame = batch.frame
         schema = fraud_schema()
         out = {}
-        for slot, model in ((STABLE, self.config.stable), (CANDIDATE, self.config.pathology.apply(self.config.candidate))):
+        for slot, model in (
+            (STABLE, self.config.stable),
+            (CANDIDATE, self.config.pathology.apply(self.config.candidate)),
+        ):
             scores = _scores(model, c["label"], c["_z"], c[f"_e_{slot}"], self.config.correlation, 0.0)
             out[slot] = Reference.build(scores, frame, schema.numeric_names, schema.categorical_names)
         return out
 
 
-def run_window(sim: TrafficSimulator, service: SimulatedService, seconds: float,
-               step_s: float = 1.0) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
+def run_window(
+    sim: TrafficSimulator, service: SimulatedService, seconds: float, step_s: float = 1.0
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Drive ``service`` with ``sim`` for ``seconds`` from the simulator's clock: the log
     rows and the labels that arrived meanwhile."""
     logs, labels = [], []
