@@ -107,6 +107,7 @@ def test_moves_made_outside_the_platform_are_recorded(home: Settings, small_mode
     assert moves[-2:] == [(PREVIOUS_CHAMPION, None, v1, "promote"), (CHAMPION, v1, v2, "promote")]
 
 
+@pytest.mark.slow
 def test_concurrent_promotions_in_processes_have_one_winner(home: Settings, small_model: bytes) -> None:
     """Eight processes promote different versions over the same champion: exactly one wins, history stays consistent."""
     versions = register_versions(home, small_model, [GOOD] * 9)
