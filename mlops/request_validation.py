@@ -141,7 +141,7 @@ def _type_name(value: object) -> str:
 
 def _short(value: object) -> str:
     if type(value) is int and abs(value) >= 10**40:  # its digits are no use in a message
-        return f"{'-' if value < 0 else ''}an integer of {len(str(abs(value)))} digits"
+        return f"{'a negative' if value < 0 else 'an'} integer of {len(str(abs(value)))} digits"
     try:
         text = repr(value)
     except RecursionError:
