@@ -637,3 +637,20 @@ def test_huge_integer_literals_over_http_are_4xx(service: Service, http: httpx.C
     for path, body, status, needle in cases:
         resp = http.post(path, content=body.encode(), headers={"Content-Type": "application/json"})
         assert resp.status_code == status and needle in resp.json()["error"], (path, resp.text[:300])
+
+
+def test_openapi_documents_the_binary_extension_and_the_new_statuses():
+    """The published OpenAPI document offers the Inference-Header-Content-Length header and
+    the binary_data parameters on both infer routes, and lists 408 for every scoring route."""
+    from serving.openapi import openapi_document
+
+    doc = openapi_document(SCHEMA, "fraud", max_rows=10, version="0")
+    for path in ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"):
+        op = doc["paths"][path]["post"]
+        assert "Inference-Header-Content-Length" in [p["name"] for p in op["parameters"]]
+        assert {"408", "415"} <= set(op["responses"])
+    for path in ("/predict", "/feedback"):
+        assert "408" in doc["paths"][path]["post"]["responses"]
+    request = doc["components"]["schemas"]["InferRequest"]["properties"]
+    assert request["parameters"]["properties"]["binary_data_output"]["type"] == "boolean"
+    assert request["outputs"]["items"]["properties"]["parameters"]["properties"]["binary_data"]
