@@ -18,6 +18,13 @@ Three request shapes:
 ``/feedback``
     ``{"request_id", "label"}`` or ``{"feedback": [...]}``, labels from the schema.
 
+OIP requests may use the binary tensor data extension: an ``Inference-Header-Content-Length``
+header gives the length of the JSON header at the start of the body; the bytes after it are
+the data of every input whose ``parameters.binary_data_size`` is set, in input order (FP32
+as little-endian float32, BYTES as a little-endian uint32 length before each element).
+``split_binary`` separates the two; ``v2_infer`` checks that the sizes add up, match each
+tensor's shape and datatype, and reads the values as if they had come as JSON.
+
 Values: numbers must be finite (NaN and infinity are rejected, also when they arrive as
 ``NaN``/``Infinity`` literals, which Python's JSON parser accepts) and, unless range
 checks are off, inside the schema's ``[min, max]``; without range checks they must still
@@ -29,6 +36,9 @@ from __future__ import annotations
 
 import json
 import math
+import struct
+import sys
+from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -45,6 +55,10 @@ V2_REQUEST_FIELDS: Final = frozenset({"id", "parameters", "inputs", "outputs"})
 V2_INPUT_FIELDS: Final = frozenset({"name", "shape", "datatype", "data", "parameters"})
 NUMERIC_DATATYPE: Final = "FP32"
 STRING_DATATYPE: Final = "BYTES"
+MAX_INT_DIGITS: Final = 4300
+"""Longest integer literal a body may hold (Python's own limit on int/str conversion)."""
+BINARY_HEADER: Final = "inference-header-content-length"
+"""Header of the OIP binary tensor data extension: length of the JSON part of the body."""
 
 
 class InvalidRequest(DataError):
@@ -78,6 +92,7 @@ class V2Request:
     id: str | None = None
     entity_key: str | None = None
     outputs: tuple[str, ...] = ()
+    binary_outputs: frozenset[str] = frozenset()
 
 
 def _nan_literal(name: str) -> float:
@@ -86,12 +101,21 @@ def _nan_literal(name: str) -> float:
     return float(name.replace("Infinity", "inf"))
 
 
+def _int_literal(text: str) -> int:
+    digits = len(text) - text.startswith("-")
+    if digits > MAX_INT_DIGITS:
+        raise InvalidRequest(
+            f"malformed JSON: an integer literal of {digits} digits is too long (limit {MAX_INT_DIGITS})", 400
+        )
+    return int(text)
+
+
 def parse_json(body: bytes) -> Any:
     """The parsed JSON body, or ``InvalidRequest`` (400) saying where it is malformed."""
     if not body:
         raise InvalidRequest("empty body: expected a JSON document", 400)
     try:
-        return json.loads(body, parse_constant=_nan_literal)
+        return json.loads(body, parse_constant=_nan_literal, parse_int=_int_literal)
     except UnicodeDecodeError:
         raise InvalidRequest("body is not UTF-8 text", 400) from None
     except json.JSONDecodeError as exc:
@@ -116,8 +140,29 @@ def _type_name(value: object) -> str:
 
 
 def _short(value: object) -> str:
-    text = repr(value)
+    if type(value) is int and abs(value) >= 10**40:  # its digits are no use in a message
+        return f"{'a negative' if value < 0 else 'an'} integer of {len(str(abs(value)))} digits"
+    try:
+        text = repr(value)
+    except RecursionError:
+        return f"a deeply nested {_type_name(value)}"
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def split_binary(body: bytes, header_length: str) -> tuple[Any, bytes]:
+    """The parsed JSON header and the binary tensor data of a body sent with the binary
+    tensor data extension (``header_length`` is the ``Inference-Header-Content-Length``)."""
+    text = header_length.strip()
+    if not (text.isascii() and text.isdigit()) or len(text) > 15:
+        raise InvalidRequest(
+            f"Inference-Header-Content-Length must be a byte count, got {_short(header_length)}", 400
+        )
+    n = int(text)
+    if n > len(body):
+        raise InvalidRequest(
+            f"Inference-Header-Content-Length is {n} but the body has only {len(body)} bytes", 400
+        )
+    return parse_json(body[:n]), body[n:]
 
 
 def _identifier(value: object, what: str, limit: int = MAX_ID) -> str | None:
@@ -176,14 +221,13 @@ class RequestValidator:
     def _number_problem(self, name: str, value: object, lo: float, hi: float) -> str:
         if type(value) not in (int, float):
             return f"'{name}' must be a number, got {_type_name(value)} {_short(value)}"
-        v = float(value)
-        if math.isnan(v):
+        if type(value) is float and math.isnan(value):
             return f"'{name}' is NaN; only finite numbers are accepted"
-        if math.isinf(v):
+        if type(value) is float and math.isinf(value):
             return f"'{name}' is infinite; only finite numbers are accepted"
         if self.enforce_ranges:
-            return f"'{name}' = {value!r} is outside its valid range [{lo:g}, {hi:g}]"
-        return f"'{name}' = {value!r} does not fit the model's float32 input"
+            return f"'{name}' = {_short(value)} is outside its valid range [{lo:g}, {hi:g}]"
+        return f"'{name}' = {_short(value)} does not fit the model's float32 input"
 
     def _category_problem(self, name: str, value: object, allowed: frozenset[str] | None) -> str | None:
         if type(value) is not str:
@@ -312,8 +356,12 @@ class RequestValidator:
 
     # ----------------------------------------------------------------- OIP v2
 
-    def v2_infer(self, body: object, outputs: Sequence[str]) -> V2Request:
-        """A validated OIP v2 inference request against the model's inputs and ``outputs``."""
+    def v2_infer(self, body: object, outputs: Sequence[str], binary: bytes | None = None) -> V2Request:
+        """A validated OIP v2 inference request against the model's inputs and ``outputs``.
+
+        ``binary`` is the tensor data after the JSON header when the request uses the binary
+        tensor data extension (``split_binary``), None when the body was JSON only.
+        """
         if type(body) is not dict:
             raise InvalidRequest(f"body must be a JSON object, got {_type_name(body)}", 400)
         _unknown(body.keys(), V2_REQUEST_FIELDS, "request")
@@ -323,20 +371,24 @@ class RequestValidator:
         request_id = _identifier(body.get("id"), "id")
         params = body.get("parameters")
         entity_key = None
+        binary_default = False
         if params is not None:
             if type(params) is not dict:
                 raise InvalidRequest(f"parameters must be an object, got {_type_name(params)}", 400)
             entity_key = _identifier(params.get("entity_key"), "parameters.entity_key", MAX_STRING)
+            binary_default = _flag(params, "binary_data_output", "parameters")
         rows: int | None = None
         columns: dict[str, list[Any]] = {}
+        reader = _BinaryReader(binary)
         for i, tensor in enumerate(inputs):
-            name, n, values = self._tensor(tensor, i)
+            name, n, values = self._tensor(tensor, i, reader)
             if name in columns:
                 raise InvalidRequest(f"input '{name}' is given twice", 400)
             if rows is not None and n != rows:
                 raise InvalidRequest(f"input '{name}' has {n} rows, the first input has {rows}", 400)
             rows = n
             columns[name] = values
+        reader.finish()
         if len(columns) != len(self._names):
             raise InvalidRequest(
                 self._key_problem(columns.keys(), "inputs").replace("feature(s)", "input tensor(s)"), 400
@@ -344,10 +396,17 @@ class RequestValidator:
         assert rows is not None
         self._count(rows, "rows")
         self._check_columns(columns, rows)
-        wanted = self._outputs(body.get("outputs"), outputs)
-        return V2Request(rows=rows, columns=columns, id=request_id, entity_key=entity_key, outputs=wanted)
+        wanted, binary_outputs = self._outputs(body.get("outputs"), outputs, binary_default)
+        return V2Request(
+            rows=rows,
+            columns=columns,
+            id=request_id,
+            entity_key=entity_key,
+            outputs=wanted,
+            binary_outputs=binary_outputs,
+        )
 
-    def _tensor(self, tensor: object, i: int) -> tuple[str, int, list[Any]]:
+    def _tensor(self, tensor: object, i: int, reader: _BinaryReader) -> tuple[str, int, list[Any]]:
         if type(tensor) is not dict:
             raise InvalidRequest(f"inputs[{i}] must be a tensor object, got {_type_name(tensor)}", 400)
         _unknown(tensor.keys(), V2_INPUT_FIELDS, f"inputs[{i}]")
@@ -382,7 +441,12 @@ class RequestValidator:
         if params is not None and type(params) is not dict:
             raise InvalidRequest(f"input '{name}': parameters must be an object", 400)
         if params and params.get("binary_data_size") is not None:
-            raise InvalidRequest(f"input '{name}': binary tensor data is not supported; send JSON data", 400)
+            if "data" in tensor:
+                raise InvalidRequest(
+                    f"input '{name}' has both data and parameters.binary_data_size; send one", 400
+                )
+            raw = reader.take(name, params["binary_data_size"])
+            return name, n, _decode(name, datatype, raw, n)
         data = tensor.get("data")
         if type(data) is not list:
             raise InvalidRequest(f"input '{name}': data must be an array, got {_type_name(data)}", 400)
@@ -412,12 +476,14 @@ class RequestValidator:
                     raise InvalidRequest(f"input {problem} (row {j})")
 
     @staticmethod
-    def _outputs(requested: object, available: Sequence[str]) -> tuple[str, ...]:
+    def _outputs(
+        requested: object, available: Sequence[str], binary_default: bool
+    ) -> tuple[tuple[str, ...], frozenset[str]]:
         if requested is None:
-            return tuple(available)
+            return tuple(available), frozenset(available) if binary_default else frozenset()
         if type(requested) is not list:
             raise InvalidRequest(f"outputs must be an array, got {_type_name(requested)}", 400)
-        names = []
+        names, binary = [], set()
         for i, out in enumerate(requested):
             if type(out) is not dict or type(out.get("name")) is not str:
                 raise InvalidRequest(f"outputs[{i}] must be an object with a name", 400)
@@ -426,5 +492,97 @@ class RequestValidator:
                     f"output '{_short(out['name'])[1:-1]}' is not an output of the model (outputs: {', '.join(available)})",
                     400,
                 )
+            params = out.get("parameters")
+            if params is not None and type(params) is not dict:
+                raise InvalidRequest(f"outputs[{i}].parameters must be an object", 400)
+            flag = _flag(params, "binary_data", f"outputs[{i}].parameters") if params else None
+            if flag or (flag is None and binary_default):
+                binary.add(out["name"])
             names.append(out["name"])
-        return tuple(dict.fromkeys(names)) or tuple(available)
+        if not names:
+            return tuple(available), frozenset(available) if binary_default else frozenset()
+        return tuple(dict.fromkeys(names)), frozenset(binary)
+
+
+def _flag(params: dict, key: str, where: str) -> bool | None:
+    value = params.get(key)
+    if value is not None and type(value) is not bool:
+        raise InvalidRequest(f"{where}.{key} must be true or false, got {_short(value)}", 400)
+    return value
+
+
+class _BinaryReader:
+    """Hands out the binary tensor data after the JSON header, tensor by tensor, in order."""
+
+    __slots__ = ("data", "offset")
+
+    def __init__(self, data: bytes | None) -> None:
+        self.data = data
+        self.offset = 0
+
+    def take(self, name: str, size: object) -> bytes:
+        if self.data is None:
+            raise InvalidRequest(
+                f"input '{name}' has parameters.binary_data_size but the request has no "
+                "Inference-Header-Content-Length header",
+                400,
+            )
+        if type(size) is not int or size < 0:
+            raise InvalidRequest(
+                f"input '{name}': parameters.binary_data_size must be a byte count, got {_short(size)}", 400
+            )
+        end = self.offset + size
+        if end > len(self.data):
+            raise InvalidRequest(
+                f"input '{name}': binary data ends at byte {end} past the JSON header, but only "
+                f"{len(self.data)} bytes follow it",
+                400,
+            )
+        raw = self.data[self.offset : end]
+        self.offset = end
+        return raw
+
+    def finish(self) -> None:
+        if self.data is not None and self.offset != len(self.data):
+            raise InvalidRequest(
+                f"{len(self.data)} bytes of binary data follow the JSON header, but the inputs' "
+                f"binary_data_size add up to {self.offset}",
+                400,
+            )
+
+
+def _decode(name: str, datatype: str, raw: bytes, n: int) -> list[Any]:
+    """The ``n`` values of one tensor's binary data (row-major), or a 400 naming what is wrong."""
+    if datatype == NUMERIC_DATATYPE:
+        if len(raw) != 4 * n:
+            raise InvalidRequest(
+                f"input '{name}': {len(raw)} bytes of FP32 data, shape [{n}, 1] needs {4 * n}", 400
+            )
+        values = array("f", raw)
+        if sys.byteorder == "big":
+            values.byteswap()
+        return values.tolist()
+    out: list[str] = []
+    offset = 0
+    while offset < len(raw):
+        if len(out) == n:
+            raise InvalidRequest(
+                f"input '{name}': BYTES data holds more than the {n} elements of shape [{n}, 1]", 400
+            )
+        if offset + 4 > len(raw):
+            raise InvalidRequest(f"input '{name}': BYTES element {len(out)} has a truncated length", 400)
+        (length,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + length > len(raw):
+            raise InvalidRequest(
+                f"input '{name}': BYTES element {len(out)} of {length} bytes runs past its binary_data_size",
+                400,
+            )
+        try:
+            out.append(raw[offset : offset + length].decode())
+        except UnicodeDecodeError:
+            raise InvalidRequest(f"input '{name}': BYTES element {len(out)} is not UTF-8 text", 400) from None
+        offset += length
+    if len(out) != n:
+        raise InvalidRequest(f"input '{name}' has {len(out)} BYTES elements, shape [{n}, 1] needs {n}", 400)
+    return out

@@ -277,6 +277,9 @@ class ServingConfig(StrictModel):
     request_timeout_seconds: float = Field(2.0, gt=0, le=300)
     max_inflight_requests: int = Field(64, ge=1)
     max_body_bytes: int = Field(1_048_576, ge=1024)
+    body_timeout_seconds: float = Field(
+        5.0, gt=0, le=300
+    )  # a request body must arrive within this; a slower client gets 408 before taking a slot
     max_batch_rows: int = Field(1000, ge=1)
     micro_batch_rows: int = Field(64, ge=1)
     ort_threads: int = Field(1, ge=1)

@@ -2,9 +2,13 @@
 
 Scoring routes are plain ``async`` Starlette handlers (BentoML's typed ``@bentoml.api``
 path reaches about a third of this throughput, see bench/serving_probe/RESULTS.md): read
-the body within its size limit, validate with ``mlops.request_validation``, hand over to
-``ServingRuntime``, answer JSON. Every client error is a 4xx with ``{"error": message}``;
-being at capacity is a fast 503 with ``Retry-After``; a model past its deadline is a 504.
+the body within its size limit and ``serving.body_timeout_seconds`` (a 408 when it does not
+arrive in time; only a request whose body has arrived is admitted into an in-flight slot, so
+clients that trickle their bodies cannot starve the others), validate with
+``mlops.request_validation``, hand over to ``ServingRuntime``, answer JSON. Every client
+error is a 4xx with ``{"error": message}``; being at capacity is a fast 503 with
+``Retry-After``; a model past its deadline is a 504. OIP inference also speaks the binary
+tensor data extension (``Inference-Header-Content-Length``) for inputs and outputs.
 
 Endpoints (``name`` is the served registered model):
 
@@ -28,7 +32,9 @@ import contextlib
 import hashlib
 import json
 import logging
+import sys
 import time
+from array import array
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,8 +47,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from mlops.onnx_model import PROBA_OUTPUT
-from mlops.request_validation import InvalidRequest, parse_json
+from mlops.request_validation import BINARY_HEADER, InvalidRequest, V2Request, parse_json, split_binary
 from mlops.routing import FORCE_HEADER, InvalidRouteTable
+from mlops.settings import ServingConfig
 from serving.auth import check_bearer
 from serving.errors import ServingError, UnknownModel
 from serving.openapi import openapi_document
@@ -53,6 +60,8 @@ log = logging.getLogger(__name__)
 
 JSON = "application/json"
 SERVER_NAME = "mlops-serving"
+EXTENSIONS = ("binary_tensor_data",)
+"""Open Inference Protocol extensions the service implements (listed by ``GET /v2``)."""
 SCORING_PATHS = ("/predict", "/v2/models", "/feedback")
 """Paths with a per-request cost worth keeping BentoML's tracing middleware off."""
 
@@ -77,28 +86,46 @@ def _error(message: str, status: int, headers: dict[str, str] | None = None) -> 
     return _answer({"error": message}, status, headers)
 
 
-async def _body(request: Request, limit: int) -> bytes:
+async def _body(request: Request, cfg: ServingConfig) -> bytes:
+    """The whole request body, read once (then cached on the request).
+
+    413 when it is larger than ``cfg.max_body_bytes``, 408 when it has not fully arrived
+    within ``cfg.body_timeout_seconds`` of the handler starting to read it.
+    """
     cached = request.scope.get("mlops.body")
     if cached is not None:
         return cached
+    limit = cfg.max_body_bytes
     length = request.headers.get("content-length")
     if length is not None:
-        if not length.isdigit():
+        if not (length.isascii() and length.isdigit()):
             raise InvalidRequest("Content-Length is not a number", 400)
         if int(length) > limit:
             raise InvalidRequest(f"body of {int(length)} bytes exceeds the limit of {limit} bytes", 413)
-    chunks, size = [], 0
+    chunks: list[bytes] = []
+    size = 0
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise InvalidRequest(f"body exceeds the limit of {limit} bytes", 413)
-            chunks.append(chunk)
+        async with asyncio.timeout(cfg.body_timeout_seconds):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise InvalidRequest(f"body exceeds the limit of {limit} bytes", 413)
+                chunks.append(chunk)
     except ClientDisconnect:
         raise InvalidRequest("client disconnected before sending the whole body", 400) from None
+    except TimeoutError:
+        expected = f" of {length}" if length is not None else ""
+        raise InvalidRequest(
+            f"request body not received within {cfg.body_timeout_seconds:g} s ({size}{expected} bytes arrived)",
+            408,
+        ) from None
     body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     request.scope["mlops.body"] = body
     return body
+
+
+CLOSE_AFTER = frozenset({408, 413})
+"""Statuses answered before the body was read in full: the connection is closed after them."""
 
 
 def _pydantic_error(exc: ValidationError) -> str:
@@ -118,6 +145,43 @@ def _model(cls: type[BaseModel], body: bytes) -> Any:
         raise InvalidRequest(_pydantic_error(exc)) from None
     except ValueError as exc:  # allow_nan=False in _dumps: NaN/Infinity given for a number
         raise InvalidRequest(f"invalid number in body: {exc}") from None
+    except RecursionError:
+        raise InvalidRequest("body is nested too deeply", 400) from None
+
+
+def _v2_request(rt: ServingRuntime, request: Request, body: bytes) -> V2Request:
+    """The validated OIP request of ``body``: JSON, or a JSON header plus binary tensor data."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise InvalidRequest(f"Content-Encoding {encoding[:40]!r} is not supported; send the body as is", 415)
+    header_length = request.headers.get(BINARY_HEADER)
+    if header_length is None:
+        return rt.validator.v2_infer(parse_json(body), [PROBA_OUTPUT])
+    header, binary = split_binary(body, header_length)
+    return rt.validator.v2_infer(header, [PROBA_OUTPUT], binary)
+
+
+def _v2_answer(answer: dict[str, Any], binary_outputs: frozenset[str]) -> Response:
+    """The OIP response: JSON, or (when outputs were asked for as binary data) a JSON header
+    whose length is in ``Inference-Header-Content-Length`` followed by those outputs' data."""
+    if not binary_outputs:
+        return _answer(answer)
+    blobs = []
+    for out in answer["outputs"]:
+        if out["name"] in binary_outputs:
+            values = array("f", out.pop("data"))  # every output of the model is FP32
+            if sys.byteorder == "big":
+                values.byteswap()
+            raw = values.tobytes()
+            out["parameters"] = {**out.get("parameters", {}), "binary_data_size": len(raw)}
+            blobs.append(raw)
+    header = _dumps(answer)
+    return Response(
+        b"".join([header, *blobs]),
+        200,
+        headers={"Inference-Header-Content-Length": str(len(header))},
+        media_type="application/octet-stream",
+    )
 
 
 Handler = Callable[[Request, ServingRuntime], Awaitable[Response]]
@@ -136,6 +200,7 @@ def build_app(ref: RuntimeRef) -> Starlette:
                     return _error("the service is starting", 503, {"Retry-After": "1"})
                 try:
                     if scoring:
+                        await _body(request, rt.cfg)  # before admission: a slow body holds no slot
                         rt.admit()
                         try:
                             return await handler(request, rt)
@@ -144,7 +209,9 @@ def build_app(ref: RuntimeRef) -> Starlette:
                     return await handler(request, rt)
                 except InvalidRequest as exc:
                     rt.metrics.rejected.labels(name, str(exc.status)).inc()
-                    return _error(str(exc), exc.status)
+                    return _error(
+                        str(exc), exc.status, {"Connection": "close"} if exc.status in CLOSE_AFTER else None
+                    )
                 except InvalidRouteTable as exc:
                     rt.metrics.rejected.labels(name, "400").inc()
                     return _error(str(exc), 400)
@@ -164,12 +231,12 @@ def build_app(ref: RuntimeRef) -> Starlette:
     @endpoint("predict", scoring=True)
     async def predict(request: Request, rt: ServingRuntime) -> Response:
         started = time.perf_counter()
-        records = rt.validator.predict(parse_json(await _body(request, rt.cfg.max_body_bytes)))
+        records = rt.validator.predict(parse_json(await _body(request, rt.cfg)))
         return _answer(await rt.predict(records, request.headers.get(FORCE_HEADER), started))
 
     @endpoint("feedback", scoring=True)
     async def feedback(request: Request, rt: ServingRuntime) -> Response:
-        items = rt.validator.feedback(parse_json(await _body(request, rt.cfg.max_body_bytes)))
+        items = rt.validator.feedback(parse_json(await _body(request, rt.cfg)))
         return _answer(rt.feedback(items), 202)
 
     async def metrics(request: Request) -> Response:
@@ -205,7 +272,9 @@ def build_app(ref: RuntimeRef) -> Starlette:
     async def server_metadata(request: Request, rt: ServingRuntime) -> Response:
         from importlib.metadata import version
 
-        return _answer({"name": SERVER_NAME, "version": version("mlops-platform"), "extensions": []})
+        return _answer(
+            {"name": SERVER_NAME, "version": version("mlops-platform"), "extensions": list(EXTENSIONS)}
+        )
 
     async def live(request: Request) -> Response:
         return _answer({"live": True})
@@ -228,15 +297,8 @@ def build_app(ref: RuntimeRef) -> Starlette:
     async def infer(request: Request, rt: ServingRuntime) -> Response:
         started = time.perf_counter()
         _check_name(rt, request.path_params["name"])
-        req = rt.validator.v2_infer(
-            _v2_body(rt, await _body(request, rt.cfg.max_body_bytes), request), [PROBA_OUTPUT]
-        )
-        return _answer(await rt.infer(req, request.headers.get(FORCE_HEADER), started))
-
-    def _v2_body(rt: ServingRuntime, body: bytes, request: Request) -> Any:
-        if request.headers.get("inference-header-content-length") is not None:
-            raise InvalidRequest("binary tensor data is not supported; send the tensors as JSON", 400)
-        return parse_json(body)
+        req = _v2_request(rt, request, await _body(request, rt.cfg))
+        return _v2_answer(await rt.infer(req, request.headers.get(FORCE_HEADER), started), req.binary_outputs)
 
     @endpoint("v2_version")
     async def version_metadata(request: Request, rt: ServingRuntime) -> Response:
@@ -264,10 +326,8 @@ def build_app(ref: RuntimeRef) -> Starlette:
         started = time.perf_counter()
         _check_name(rt, request.path_params["name"])
         v = _version(request.path_params["version"])
-        req = rt.validator.v2_infer(
-            _v2_body(rt, await _body(request, rt.cfg.max_body_bytes), request), [PROBA_OUTPUT]
-        )
-        return _answer(await rt.infer_version(v, req, started))
+        req = _v2_request(rt, request, await _body(request, rt.cfg))
+        return _v2_answer(await rt.infer_version(v, req, started), req.binary_outputs)
 
     # ------------------------------------------------------------------ admin
 
@@ -291,7 +351,7 @@ def build_app(ref: RuntimeRef) -> Starlette:
                     return await handler(request, rt)
                 if not 0 < len(key) <= 200:
                     raise InvalidRequest("Idempotency-Key must be 1-200 characters", 400)
-                body = await _body(request, rt.cfg.max_body_bytes)
+                body = await _body(request, rt.cfg)
                 fingerprint = hashlib.sha256(
                     request.method.encode() + request.url.path.encode() + b"\0" + body
                 ).hexdigest()
@@ -314,12 +374,12 @@ def build_app(ref: RuntimeRef) -> Starlette:
     async def admin_state(request: Request, rt: ServingRuntime) -> Response:
         if request.method == "GET":
             return _answer(rt.describe())
-        desired = _model(DesiredState, await _body(request, rt.cfg.max_body_bytes))
+        desired = _model(DesiredState, await _body(request, rt.cfg))
         return _answer(await rt.apply(desired, _key(request)))
 
     @admin("admin_routes")
     async def admin_routes(request: Request, rt: ServingRuntime) -> Response:
-        routes = _model(RoutesSpec, await _body(request, rt.cfg.max_body_bytes))
+        routes = _model(RoutesSpec, await _body(request, rt.cfg))
         return _answer(await rt.set_routes(routes, _key(request)))
 
     @admin("admin_slot")
@@ -327,7 +387,7 @@ def build_app(ref: RuntimeRef) -> Starlette:
         slot = request.path_params["slot"]
         if slot not in ("stable", "candidate"):
             raise UnknownModel(f"no slot {slot[:40]!r}: slots are stable and candidate")
-        req = _model(SlotRequest, await _body(request, rt.cfg.max_body_bytes))
+        req = _model(SlotRequest, await _body(request, rt.cfg))
         return _answer(await rt.set_slot(slot, req.version, req.alias, _key(request)))
 
     @admin("admin_flip")
@@ -336,7 +396,7 @@ def build_app(ref: RuntimeRef) -> Starlette:
 
     @admin("admin_models")
     async def admin_models(request: Request, rt: ServingRuntime) -> Response:
-        req = _model(PreloadRequest, await _body(request, rt.cfg.max_body_bytes))
+        req = _model(PreloadRequest, await _body(request, rt.cfg))
         return _answer(await rt.preload(req.version))
 
     async def openapi(request: Request) -> Response:

@@ -34,7 +34,9 @@ def _responses(ok: str, ok_schema: dict[str, Any], *errors: int, ok_status: str 
         403: "Wrong admin token",
         404: "Unknown model or version",
         409: "Conflicts with the current state",
+        408: "The request body did not arrive within serving.body_timeout_seconds",
         413: "Body or batch too large",
+        415: "Content-Encoding other than identity",
         422: "Values break the dataset schema",
         503: "Overloaded or not ready (retry later)",
         504: "The model did not answer in time",
@@ -54,6 +56,7 @@ def _pydantic(model: type) -> dict[str, Any]:
 def openapi_document(
     dataset: DatasetSchema, model_name: str, *, max_rows: int, version: str
 ) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the service scoring ``model_name`` on ``dataset``."""
     numeric = {
         f.name: {
             "type": "number",
@@ -199,7 +202,11 @@ def openapi_document(
                             "minLength": 1,
                             "maxLength": MAX_STRING,
                             "pattern": printable,
-                        }
+                        },
+                        "binary_data_output": {
+                            "type": "boolean",
+                            "description": "Answer every output as binary tensor data.",
+                        },
                     },
                 },
                 "inputs": {"type": "array", "items": _ref("InferTensor"), "minItems": 1},
@@ -208,7 +215,13 @@ def openapi_document(
                     "items": {
                         "type": "object",
                         "required": ["name"],
-                        "properties": {"name": {"type": "string", "enum": [PROBA_OUTPUT]}},
+                        "properties": {
+                            "name": {"type": "string", "enum": [PROBA_OUTPUT]},
+                            "parameters": {
+                                "type": "object",
+                                "properties": {"binary_data": {"type": "boolean"}},
+                            },
+                        },
                     },
                 },
             },
@@ -229,6 +242,10 @@ def openapi_document(
                             "datatype": {"type": "string"},
                             "shape": {"type": "array", "items": {"type": "integer"}},
                             "data": {"type": "array"},
+                            "parameters": {
+                                "type": "object",
+                                "properties": {"binary_data_size": {"type": "integer"}},
+                            },
                         },
                     },
                 },
@@ -282,21 +299,35 @@ def openapi_document(
     }
     admin = {"security": [{"bearer": []}], "tags": ["admin"]}
     admin_errors = (400, 401, 403, 404, 409, 422, 503)
-    infer_errors = (400, 404, 413, 422, 503, 504)
+    infer_errors = (400, 404, 408, 413, 415, 422, 503, 504)
+    binary_header = {
+        "name": "Inference-Header-Content-Length",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "integer", "minimum": 0},
+        "description": "Binary tensor data extension: the body starts with this many bytes of JSON "
+        "(the InferRequest), followed by the data of each input whose parameters.binary_data_size "
+        "is set, in input order (FP32 little-endian float32; BYTES a little-endian uint32 length "
+        "before each UTF-8 element). Outputs asked for with parameters.binary_data (or every output, "
+        "with the request's parameters.binary_data_output) come back the same way, the answer's JSON "
+        "length in this response header.",
+    }
     paths: dict[str, Any] = {
         "/predict": {
             "post": {
                 "summary": "Score one record or many; each is routed (stable/candidate) and logged.",
                 "parameters": [force],
                 "requestBody": {"required": True, **_json(_ref("PredictRequest"))},
-                "responses": _responses("Scores", _ref("PredictResponse"), 400, 413, 422, 503, 504),
+                "responses": _responses("Scores", _ref("PredictResponse"), 400, 408, 413, 422, 503, 504),
             }
         },
         "/feedback": {
             "post": {
                 "summary": "The outcome (label) of earlier requests, joined to their predictions by request_id.",
                 "requestBody": {"required": True, **_json(_ref("FeedbackRequest"))},
-                "responses": _responses("Accepted", {"type": "object"}, 400, 413, 422, 503, ok_status="202"),
+                "responses": _responses(
+                    "Accepted", {"type": "object"}, 400, 408, 413, 422, 503, ok_status="202"
+                ),
             }
         },
         "/metrics": {
@@ -341,7 +372,7 @@ def openapi_document(
         },
         "/v2/models/{name}/infer": {
             "post": {
-                "parameters": [name_param, force],
+                "parameters": [name_param, force, binary_header],
                 "summary": "OIP inference, routed like /predict",
                 "requestBody": {"required": True, **_json(_ref("InferRequest"))},
                 "responses": _responses("Outputs", _ref("InferResponse"), *infer_errors),
@@ -363,7 +394,7 @@ def openapi_document(
         },
         "/v2/models/{name}/versions/{version}/infer": {
             "post": {
-                "parameters": [name_param, version_param],
+                "parameters": [name_param, version_param, binary_header],
                 "summary": "OIP inference on one version (not routed)",
                 "requestBody": {"required": True, **_json(_ref("InferRequest"))},
                 "responses": _responses("Outputs", _ref("InferResponse"), *infer_errors),
@@ -431,8 +462,9 @@ def openapi_document(
         "info": {
             "title": f"{model_name} online inference",
             "version": version,
-            "description": "Traffic-routed scoring (stable/candidate), Open Inference Protocol v2, "
-            "feedback and the admin API of the MLOps platform's serving layer.",
+            "description": "Traffic-routed scoring (stable/candidate), Open Inference Protocol v2 "
+            "(with the binary_tensor_data extension), feedback and the admin API of the MLOps "
+            "platform's serving layer.",
         },
         "paths": paths,
         "components": {

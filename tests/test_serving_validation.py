@@ -188,7 +188,11 @@ def _with(tensor: str, **change) -> list[dict]:
         ([t for t in tensors(2) if t["name"] != "geo"], 400, "missing input tensor(s) geo"),
         (tensors(2) + tensors(2)[:1], 400, "input 'amount' is given twice"),
         (_with("amount", shape=[11, 1], data=[1.0] * 11), 413, "limit is 10"),
-        (_with("amount", parameters={"binary_data_size": 8}), 400, "binary tensor data is not supported"),
+        (
+            _with("amount", parameters={"binary_data_size": 8}),
+            400,
+            "has both data and parameters.binary_data_size",
+        ),
     ],
     ids=[
         "fp64",
