@@ -197,3 +197,40 @@ def test_demo_end_to_end_on_embedded_defaults(tmp_path: Path) -> None:
     assert stale.returncode == 5 and "expected v7; nothing was moved" in stale.stderr
     for sub in ("mlflow.db", "registry_audit.db", "prefect", "data/train.parquet"):
         assert (home / sub).exists(), sub
+
+
+def test_query_is_read_only_each_refusal_one_line_and_nonzero(tmp_path: Path) -> None:
+    """`mlops query` answers a SELECT over the store; reading a file outside it, COPY TO, ATTACH,
+    SET and several statements each end in one error line and exit code 3, changing nothing."""
+    from datetime import UTC, date, datetime
+
+    import pyarrow as pa
+
+    from adapters import storage
+
+    home = tmp_path / "home"
+    day = date(2025, 3, 1)
+    stage = storage.StagedRun.open(home, day, storage.new_run_id())
+    part = stage.write_part(0, pa.table({"transaction_id": [1, 2, 3], "score": [0.1, 0.5, 0.9]}))
+    now = datetime.now(UTC)
+    stage.commit([part], storage.RunRecord("fraud", "1", "champion", None, 3, now, now, {}))
+    (tmp_path / "secret.csv").write_text("password\nhunter2\n")
+    env = {"MLOPS_HOME": str(home)}
+
+    ok = mlops("query", "SELECT count(*) AS n FROM scores", env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert "3" in ok.stdout
+
+    for sql in (
+        f"SELECT * FROM read_csv('{tmp_path}/secret.csv')",
+        f"COPY (SELECT * FROM scores) TO '{tmp_path}/out.csv'",
+        f"ATTACH '{tmp_path}/other.duckdb' AS o",
+        "SET enable_external_access = true",
+        "SELECT 1; SELECT 2",
+    ):
+        result = mlops("query", sql, env=env)
+        assert result.returncode == 3, (sql, result.stdout, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:"), (sql, result.stderr)
+        assert "hunter2" not in result.stdout + result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "secret.csv"]
