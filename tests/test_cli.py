@@ -234,3 +234,38 @@ def test_query_is_read_only_each_refusal_one_line_and_nonzero(tmp_path: Path) ->
         assert len(lines) == 1 and lines[0].startswith("error:"), (sql, result.stderr)
         assert "hunter2" not in result.stdout + result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "secret.csv"]
+
+
+def test_config_show_masks_tokens_uri_passwords_and_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`mlops config show` prints which secrets are set but never their values: the admin token,
+    the password in a database URI (user and host kept), secret query parameters."""
+    cfg = tmp_path / "platform.yaml"
+    cfg.write_text(
+        "mlflow:\n"
+        "  tracking_uri: postgresql://mlflow:s3cr3t-db-pass@db.internal:5432/mlflow\n"
+        "  audit_db_uri: postgresql://db.internal/audit?sslmode=require&password=s3cr3t-query-pass\n"
+        "serving:\n"
+        "  admin_token: s3cr3t-admin-token-0123456789\n"
+        "  url: https://s3cr3t-url-token@serving.internal\n"
+    )
+    monkeypatch.setenv("MLOPS_HOME", str(tmp_path / "home"))
+    result = RUNNER.invoke(app, ["config", "show", "--config", str(cfg)])
+    assert result.exit_code == 0, result.output
+    assert "s3cr3t" not in result.output
+    assert "postgresql://mlflow:***@db.internal:5432/mlflow" in result.output
+    assert "sslmode=require&password=***" in result.output
+    assert "admin_token: '***'" in result.output
+    assert "https://***@serving.internal" in result.output
+
+
+def test_redaction_leaves_plain_values_and_masks_secret_names() -> None:
+    """Secret-named fields are masked wherever they nest; unset ones stay visibly unset."""
+    from mlops.redact import redact
+
+    data = {"a": {"api_key": "k", "token": None, "threads": 4}, "uris": ["sqlite:///x.db", "http://u:p@h/"]}
+    assert redact(data) == {
+        "a": {"api_key": "***", "token": None, "threads": 4},
+        "uris": ["sqlite:///x.db", "http://u:***@h/"],
+    }
