@@ -227,14 +227,18 @@ def test_a_crash_before_the_state_commit_leaves_the_old_model_serving(
     """state.json is the commit point: killed after the download but before the swap, the device still runs v1,
     and the next poll completes the update."""
     d = world.device()
+    commit = SimulatedDevice._commit
 
     def crash(self: SimulatedDevice) -> None:
-        raise KeyboardInterrupt("power cut")
+        if self.state.current and self.state.current["version"] == 2:  # the swap's commit
+            raise KeyboardInterrupt("power cut")
+        commit(self)  # e.g. remembering the newest timestamp
 
     monkeypatch.setattr(SimulatedDevice, "_commit", crash)
     with pytest.raises(KeyboardInterrupt):
         d.poll(world.server, NOW())
     monkeypatch.undo()
+    assert (d.folder / "models" / f"{sha256_hex(world.v2)}.onnx").read_bytes() == world.v2  # downloaded
     d = world.fleet.device(d.device_id)
     assert d.state.current == {"version": 1, "sha256": sha256_hex(world.v1)} and d.model_bytes() == world.v1
     assert d.poll(world.server, NOW())["event"] == "installed"  # type: ignore[index]
