@@ -7,8 +7,9 @@ the update cycle a real device would run, with every decision taken by the pure 
 1. fetch newer root metadata and walk the key-rotation chain from the pinned root;
 2. fetch the timestamp, verify it with the release keys, refuse it if expired or older than
    the newest one this device accepted (remembered in ``state.json``);
-3. fetch the release metadata (size-limited, strictly parsed) and verify its signature with
-   the release keys;
+3. fetch the release metadata the timestamp names, by its sha256 (consistent snapshots:
+   a publish in progress never hands a device a mismatched pair), size-limited and
+   strictly parsed, and verify its signature with the release keys;
 4. ``decide_update``: expiry, version monotonicity, device class, runtime, cohort; then
    ``check_snapshot``: the release must be the exact one the timestamp names (a superseded
    release replayed by a mirror or a man in the middle is refused);
@@ -72,8 +73,8 @@ class UpdateServer(Protocol):
         """The current timestamp of ``model``."""
         ...
 
-    def release(self, model: str) -> bytes | None:
-        """The current release metadata of ``model``."""
+    def release(self, model: str, sha256: str) -> bytes | None:
+        """The release metadata of ``model`` whose sha256 the timestamp names."""
         ...
 
     def download(self, model: str, version: int) -> BinaryIO:
@@ -96,9 +97,9 @@ class RepositoryServer:
         """The current timestamp of ``model``."""
         return self.repo.timestamp(model)
 
-    def release(self, model: str) -> bytes | None:
-        """The current release metadata of ``model``."""
-        return self.repo.served(model)
+    def release(self, model: str, sha256: str) -> bytes | None:
+        """The release metadata of ``model`` whose sha256 the timestamp names."""
+        return self.repo.served(model, sha256)
 
     def download(self, model: str, version: int) -> BinaryIO:
         """The model file of a release, opened for streaming."""
@@ -337,13 +338,8 @@ class SimulatedDevice:
         except (SignatureInvalid, MetadataInvalid) as exc:
             return self._reject("root", str(exc), None)
         stamp = server.timestamp(self.state.model)
-        data = server.release(self.state.model)
-        if stamp is None and data is None:
-            return None
         if stamp is None:
-            return self._reject(
-                "timestamp", "no timestamp: cannot tell whether the release served is current", None
-            )
+            return None  # nothing published yet (a release without a timestamp is never fetched)
         root_digest = _digest(root.model_dump_json())
         try:
             ts = self.scorers.memo(
@@ -359,9 +355,12 @@ class SimulatedDevice:
         if ts.version > self.state.timestamp_version:
             self.state.timestamp_version = ts.version
             self._commit()
+        data = server.release(self.state.model, ts.release.sha256)
         if data is None:
             return self._reject(
-                "superseded", f"the timestamp names release v{ts.release.version}, none is served", None
+                "missing",
+                f"the release metadata the timestamp names (v{ts.release.version}) is not served",
+                None,
             )
         try:
             key = ("release", _digest(data), root_digest)

@@ -14,6 +14,7 @@ Layout under ``$MLOPS_HOME/edge``::
     repo/<model>/releases/<v>/       model.onnx + release.json (the release as first signed)
     repo/<model>/targets.json        the signed release metadata devices poll (current cohort)
     repo/<model>/timestamp.json      short-lived signed statement of which targets.json is current
+    repo/<model>/snapshots/<sha256>.json  the served release metadata by hash (what devices fetch)
     repo/<model>/state.json          last good (fully rolled-out) release
     rollouts/<rollout_id>.json       rollout status
     fleets/<fleet>/devices/<id>/     simulated devices (adapters.edge_fleet)
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -57,6 +59,7 @@ from mlops.edge.manifest import (
     parse_manifest,
     parse_root,
     public_bytes,
+    sha256_hex,
     sign,
 )
 from mlops.settings import Settings
@@ -334,6 +337,10 @@ class VariantStore:
 
 # --------------------------------------------------------------------------- releases
 
+KEEP_SNAPSHOTS = 8
+"""Release metadata snapshots kept per model (devices fetch the one the timestamp names)."""
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
 
 class ReleaseRepository:
     """What the update server serves: releases (model + signed metadata) and the current targets."""
@@ -365,14 +372,33 @@ class ReleaseRepository:
         atomic_write(out / "release.json", metadata, mode=0o644)
 
     def serve(self, model: str, metadata: bytes, timestamp: bytes) -> None:
-        """Replace the metadata devices poll (e.g. the same release with a wider cohort) and its timestamp."""
+        """Replace the metadata devices poll (e.g. the same release with a wider cohort) and its timestamp.
+
+        Consistent snapshots: the release metadata is first stored under its sha256, which
+        is how devices fetch it (the hash the timestamp names), then ``targets.json`` and
+        last ``timestamp.json`` are replaced. A device polling in between gets the old
+        timestamp and the metadata it names, or the new pair, never a mismatch. The last
+        ``KEEP_SNAPSHOTS`` snapshots are kept for devices that read the previous timestamp.
+        """
+        snapshots = self._model_dir(model) / "snapshots"
+        atomic_write(snapshots / f"{sha256_hex(metadata)}.json", metadata, mode=0o644)
         atomic_write(self._model_dir(model) / "targets.json", metadata, mode=0o644)
         atomic_write(self._model_dir(model) / "timestamp.json", timestamp, mode=0o644)
+        old = sorted(snapshots.glob("*.json"), key=lambda p: p.stat().st_mtime_ns)[:-KEEP_SNAPSHOTS]
+        for path in old:
+            path.unlink(missing_ok=True)
 
-    def served(self, model: str) -> bytes | None:
-        """The release metadata devices poll now, if any."""
+    def served(self, model: str, sha256: str | None = None) -> bytes | None:
+        """The release metadata devices poll now, or the snapshot with that ``sha256``; None if absent."""
+        if sha256 is not None and not _HEX64.fullmatch(sha256):
+            return None
+        path = (
+            self._model_dir(model) / "targets.json"
+            if sha256 is None
+            else self._model_dir(model) / "snapshots" / f"{sha256}.json"
+        )
         try:
-            return (self._model_dir(model) / "targets.json").read_bytes()
+            return path.read_bytes()
         except FileNotFoundError:
             return None
 

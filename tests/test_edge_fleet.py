@@ -99,8 +99,8 @@ class Mitm:
     def timestamp(self, model: str) -> bytes | None:
         return self._timestamp if self._timestamp is not None else self.inner.timestamp(model)
 
-    def release(self, model: str) -> bytes | None:
-        return self._release if self._release is not None else self.inner.release(model)
+    def release(self, model: str, sha256: str) -> bytes | None:
+        return self._release if self._release is not None else self.inner.release(model, sha256)
 
     def download(self, model: str, version: int):
         if self._download is None:
@@ -326,15 +326,34 @@ def test_a_superseded_release_replayed_to_a_device_that_never_saw_the_newer_one_
     assert event is not None and event["code"] == "rollback" and "timestamp" in event["reason"]
 
 
-def test_metadata_without_a_timestamp_is_refused(world: World, caplog: pytest.LogCaptureFixture) -> None:
-    """A server (or mirror) that serves a release but no timestamp gives the device no freshness: refused."""
+def test_release_metadata_is_fetched_only_by_the_hash_the_timestamp_names(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without a timestamp a device fetches nothing (as when offline) and keeps v1; with one, it
+    asks for the metadata by the sha256 the timestamp names, and refuses if that is not served."""
 
     class NoTimestamp(Mitm):
         def timestamp(self, model: str) -> bytes | None:
             return None
 
     d = world.device()
-    assert_refused(world, d, d.poll(NoTimestamp(world.server), NOW()), "timestamp", caplog)
+    assert d.poll(NoTimestamp(world.server), NOW()) is None
+    assert world.fleet.device(d.device_id).state.current == {"version": 1, "sha256": sha256_hex(world.v1)}
+    for snapshot in (world.repo.folder / MODEL / "snapshots").glob("*.json"):
+        snapshot.unlink()
+    assert_refused(world, d, d.poll(world.server, NOW()), "missing", caplog)
+
+
+def test_publishing_keeps_the_last_snapshots_so_a_device_reading_the_previous_timestamp_is_served(
+    world: World,
+) -> None:
+    """Consistent snapshots: each served release stays fetchable by hash for a few more publishes."""
+    first = world.repo.served(MODEL)
+    assert first is not None
+    for _ in range(3):
+        t.serve_cohort.fn(world.settings, MODEL, 2, 100.0)
+    assert world.repo.served(MODEL, sha256_hex(first)) == first
+    assert world.repo.served(MODEL, "../../etc/passwd") is None
 
 
 @pytest.mark.parametrize(
