@@ -5,16 +5,24 @@ the update cycle a real device would run, with every decision taken by the pure 
 ``mlops.edge.manifest``:
 
 1. fetch newer root metadata and walk the key-rotation chain from the pinned root;
-2. fetch the release metadata and verify its signature with the pinned keys;
-3. ``decide_update``: expiry, version monotonicity, device class, runtime, cohort;
-4. download, check length and sha256 against the signed target;
-5. swap atomically: the model file is written under its sha256 (temp file, fsync, rename),
-   then ``state.json`` (the commit point) is replaced to name it current and keep the old
-   model as previous;
-6. health-check the new model on the golden inputs the release carries (loads, finite
+2. fetch the timestamp, verify it with the release keys, refuse it if expired or older than
+   the newest one this device accepted (remembered in ``state.json``);
+3. fetch the release metadata the timestamp names, by its sha256 (consistent snapshots:
+   a publish in progress never hands a device a mismatched pair), size-limited and
+   strictly parsed, and verify its signature with the release keys;
+4. ``decide_update``: expiry, version monotonicity, device class, runtime, cohort; then
+   ``check_snapshot``: the release must be the exact one the timestamp names (a superseded
+   release replayed by a mirror or a man in the middle is refused);
+5. download in chunks, checking length (cut off past the signed length) and sha256 against
+   the signed target while reading;
+6. swap atomically: the model file is written under its sha256 (temp file, fsync, rename,
+   fsync of the folder), then ``state.json`` (the commit point) is replaced to name it
+   current and keep the old model as previous, and the folder fsynced, before any model
+   that state no longer names is deleted;
+7. health-check the new model on the golden inputs the release carries (loads, finite
    probabilities, equal to the publisher's within tolerance); on failure commit the
    previous model back as current;
-7. report telemetry: the event, the version it serves, single-row latency and a histogram
+8. report telemetry: the event, the version it serves, single-row latency and a histogram
    of its predictions on the device's own traffic. Events wait in the device's outbox
    until the collector acknowledges them (store and forward), so a telemetry sink that is
    down loses nothing: the next poll sends them again.
@@ -28,18 +36,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 import pandas as pd
 
-from adapters.edge_store import KeyStore, ReleaseRepository, atomic_write
+from adapters.edge_store import KeyStore, ReleaseRepository, atomic_write, fsync_dir
 from mlops.edge import manifest as rules
 from mlops.edge.errors import EdgeError, MetadataInvalid, SignatureInvalid
 from mlops.edge.telemetry import histogram
@@ -50,14 +59,27 @@ from mlops.settings import DatasetSchema
 log = logging.getLogger("mlops.edge.device")
 
 
+DOWNLOAD_CHUNK = 1 << 16
+
+
 class UpdateServer(Protocol):
     """What a device can ask the update server for."""
 
-    def roots_after(self, version: int) -> list[bytes]: ...
+    def roots_after(self, version: int) -> list[bytes]:
+        """Root metadata newer than ``version``, ascending."""
+        ...
 
-    def release(self, model: str) -> bytes | None: ...
+    def timestamp(self, model: str) -> bytes | None:
+        """The current timestamp of ``model``."""
+        ...
 
-    def download(self, model: str, version: int) -> bytes: ...
+    def release(self, model: str, sha256: str) -> bytes | None:
+        """The release metadata of ``model`` whose sha256 the timestamp names."""
+        ...
+
+    def download(self, model: str, version: int) -> BinaryIO:
+        """The model file of a release, as a stream the device reads (and closes) itself."""
+        ...
 
 
 class RepositoryServer:
@@ -68,13 +90,20 @@ class RepositoryServer:
         self.keys = keys
 
     def roots_after(self, version: int) -> list[bytes]:
+        """Root metadata newer than ``version``, ascending."""
         return [self.keys.root_bytes(v) for v in self.keys.root_versions() if v > version]
 
-    def release(self, model: str) -> bytes | None:
-        return self.repo.served(model)
+    def timestamp(self, model: str) -> bytes | None:
+        """The current timestamp of ``model``."""
+        return self.repo.timestamp(model)
 
-    def download(self, model: str, version: int) -> bytes:
-        return self.repo.model_bytes(model, version)
+    def release(self, model: str, sha256: str) -> bytes | None:
+        """The release metadata of ``model`` whose sha256 the timestamp names."""
+        return self.repo.served(model, sha256)
+
+    def download(self, model: str, version: int) -> BinaryIO:
+        """The model file of a release, opened for streaming."""
+        return self.repo.open_model(model, version)
 
 
 class ScorerCache:
@@ -134,6 +163,7 @@ class DeviceState:
     previous: dict[str, Any] | None = None
     highest_version: int = 0
     failed_versions: tuple[int, ...] = ()
+    timestamp_version: int = 0  # newest timestamp accepted: older ones are refused
 
     def view(self) -> rules.DeviceView:
         def inst(d: dict[str, Any] | None) -> rules.Installed | None:
@@ -148,6 +178,7 @@ class DeviceState:
             inst(self.previous),
             self.highest_version,
             frozenset(self.failed_versions),
+            self.timestamp_version,
         )
 
 
@@ -203,7 +234,12 @@ class SimulatedDevice:
         return DeviceState(**data)
 
     def _commit(self) -> None:
-        """``state.json`` is the commit point of every swap."""
+        """``state.json`` is the commit point of every swap.
+
+        ``atomic_write`` fsyncs the folder after the rename, so the new state is on disk
+        before a model file it no longer names is deleted: after a power cut the device
+        finds a state whose models are all there.
+        """
         atomic_write(
             self.folder / "state.json",
             json.dumps(self.state.__dict__).encode(),
@@ -301,11 +337,33 @@ class SimulatedDevice:
             root = self._root(server, now)
         except (SignatureInvalid, MetadataInvalid) as exc:
             return self._reject("root", str(exc), None)
-        data = server.release(self.state.model)
-        if data is None:
-            return None
+        stamp = server.timestamp(self.state.model)
+        if stamp is None:
+            return None  # nothing published yet (a release without a timestamp is never fetched)
+        root_digest = _digest(root.model_dump_json())
         try:
-            key = ("release", _digest(data), _digest(root.model_dump_json()))
+            ts = self.scorers.memo(
+                ("timestamp", _digest(stamp), root_digest), lambda: rules.verified_timestamp(stamp, root)
+            )
+        except SignatureInvalid as exc:
+            return self._reject("signature", f"timestamp: {exc}", None)
+        except MetadataInvalid as exc:
+            return self._reject("malformed", str(exc), None)
+        bad = rules.check_timestamp(ts, self.state.view(), now)
+        if bad is not None:
+            return self._reject(bad.code, bad.reason, ts.release.version)
+        if ts.version > self.state.timestamp_version:
+            self.state.timestamp_version = ts.version
+            self._commit()
+        data = server.release(self.state.model, ts.release.sha256)
+        if data is None:
+            return self._reject(
+                "missing",
+                f"the release metadata the timestamp names (v{ts.release.version}) is not served",
+                None,
+            )
+        try:
+            key = ("release", _digest(data), root_digest)
             release = self.scorers.memo(key, lambda: rules.verified_manifest(data, root))
         except SignatureInvalid as exc:
             return self._reject("signature", str(exc), _claimed_version(data))
@@ -316,21 +374,52 @@ class SimulatedDevice:
             return self._reject(decision.code, decision.reason, release.version)
         if decision.action == "noop":
             return None
+        stale = rules.check_snapshot(data, release, ts)
+        if stale is not None:
+            return self._reject(stale.code, stale.reason, release.version)
         if decision.action == "install":
-            try:
-                blob = server.download(release.model, release.version)
-            except (OSError, EdgeError) as exc:
-                return self._reject("download", f"download failed: {exc}", release.version)
-            bad = rules.check_download(blob, release.target)
+            bad = self._download(server, release)
             if bad is not None:
                 return self._reject(bad.code, bad.reason, release.version)
-            atomic_write(
-                self.folder / "models" / f"{release.target.sha256}.onnx",
-                blob,
-                mode=0o644,
-                durable=self.durable,
-            )
         return self._swap(release, decision)
+
+    def _download(self, server: UpdateServer, release: rules.ModelManifest) -> rules.UpdateDecision | None:
+        """Stream the target into ``models/<sha256>.onnx``, checked while read; the rejection if any.
+
+        Never reads more than one chunk past the signed length, never keeps the whole file
+        in memory, and never gives the file its final name unless length and sha256 match.
+        """
+        models = self.folder / "models"
+        models.mkdir(parents=True, exist_ok=True)
+        final = models / f"{release.target.sha256}.onnx"
+        tmp = models / f".{release.target.sha256}.{os.getpid()}.download"
+        check = rules.DownloadCheck(release.target)
+        bad: rules.UpdateDecision | None = None
+        try:
+            with server.download(release.model, release.version) as stream, open(tmp, "wb") as out:
+                while True:
+                    chunk = stream.read(check.wanted(DOWNLOAD_CHUNK))
+                    if not chunk:
+                        break
+                    bad = check.feed(chunk)
+                    if bad is not None:
+                        break
+                    out.write(chunk)
+                if bad is None:
+                    bad = check.finish()
+                if bad is None and self.durable:
+                    out.flush()
+                    os.fsync(out.fileno())
+        except (OSError, EdgeError) as exc:
+            bad = rules.UpdateDecision("reject", "download", f"download failed: {exc}")
+        if bad is not None:
+            tmp.unlink(missing_ok=True)
+            return bad
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, final)
+        if self.durable:
+            fsync_dir(models)
+        return None
 
     def _swap(self, release: rules.ModelManifest, decision: rules.UpdateDecision) -> dict[str, Any]:
         before_current, before_previous = self.state.current, self.state.previous
@@ -430,10 +519,11 @@ class SimulatedDevice:
 def _claimed_version(data: bytes) -> int | None:
     """The version an unverified release claims (for the log line only; never trusted)."""
     try:
-        v = json.loads(data)["signed"]["version"]
-        return int(v) if isinstance(v, int) else None
-    except (ValueError, KeyError, TypeError):
+        signed, _ = rules.open_envelope(data)
+    except MetadataInvalid:
         return None
+    v = signed.get("version")
+    return v if isinstance(v, int) and 0 <= v <= rules.MAX_INT else None
 
 
 class Fleet:

@@ -2,20 +2,27 @@
 
 Layout under ``$MLOPS_HOME/edge``::
 
-    keys/private/<keyid>.pem         Ed25519 private keys (PKCS8 PEM, mode 0600, folder 0700)
+    keys/online/<keyid>.pem          the release key: signs releases and timestamps (PKCS8 PEM,
+                                     mode 0600, folder 0700); publishing reads only this one
+    keys/offline/<keyid>.pem         the root key: signs root metadata only (init, rotate). Move
+                                     it off the machine and point ``edge.root_key_dir`` at it
+                                     when a rotation needs it
     keys/root/<n>.root.json          signed root metadata, every version (devices walk the chain)
     variants/<model>/v<N>/<budget>/  one export: report.json/.md, variants.png, sample.parquet,
                                      and the ONNX file of each variant that passed its gate
     variants/<model>/latest.json     which export ``publish`` takes by default
     repo/<model>/releases/<v>/       model.onnx + release.json (the release as first signed)
-    repo/<model>/targets.json        the signed metadata devices poll (current cohort)
+    repo/<model>/targets.json        the signed release metadata devices poll (current cohort)
+    repo/<model>/timestamp.json      short-lived signed statement of which targets.json is current
+    repo/<model>/snapshots/<sha256>.json  the served release metadata by hash (what devices fetch)
     repo/<model>/state.json          last good (fully rolled-out) release
     rollouts/<rollout_id>.json       rollout status
     fleets/<fleet>/devices/<id>/     simulated devices (adapters.edge_fleet)
     telemetry.duckdb                 device events; its own file, never the scoring warehouse
 
-Every file is written to a temporary name in its folder, fsynced and renamed, so a reader
-sees the old file or the new one, never half of one. DuckDB connections are short-lived,
+Every file is written to a temporary name in its folder, fsynced and renamed, and the folder
+is fsynced after the rename, so a reader sees the old file or the new one, never half of
+one, and after a power cut the rename is there too. DuckDB connections are short-lived,
 serialised per process, and wait for each other's file lock across processes.
 """
 
@@ -23,12 +30,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import duckdb
 import pyarrow as pa
@@ -51,6 +59,7 @@ from mlops.edge.manifest import (
     parse_manifest,
     parse_root,
     public_bytes,
+    sha256_hex,
     sign,
 )
 from mlops.settings import Settings
@@ -58,11 +67,21 @@ from mlops.settings import Settings
 # --------------------------------------------------------------------------- files
 
 
+def fsync_dir(folder: Path) -> None:
+    """Make the entries of ``folder`` (a rename, a new or removed file) survive a power cut."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: Path, data: bytes, mode: int | None = None, durable: bool = True) -> None:
     """Write ``data`` to ``path`` via a temporary file and a rename (fsynced unless ``durable=False``).
 
     The rename makes the write atomic for readers and against a crash of the process;
-    the fsync makes it survive a power cut too.
+    the fsync of the file before the rename, and of its folder after it, make it survive
+    a power cut too.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -80,13 +99,17 @@ def atomic_write(path: Path, data: bytes, mode: int | None = None, durable: bool
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if durable:
+        fsync_dir(path.parent)
 
 
 def write_json(path: Path, obj: Any) -> None:
+    """``obj`` as indented JSON at ``path``, atomically."""
     atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), mode=0o644)
 
 
 def read_json(path: Path) -> Any:
+    """The JSON at ``path``; None if there is no file."""
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -129,39 +152,53 @@ def edge_paths(settings: Settings) -> EdgePaths:
 
 
 def key_store(settings: Settings) -> KeyStore:
-    return KeyStore(edge_paths(settings).keys, timedelta(days=settings.edge.root_ttl_days))
+    """The key store of ``settings`` (root key in ``edge.root_key_dir`` if set)."""
+    offline = Path(settings.edge.root_key_dir) if settings.edge.root_key_dir else None
+    return KeyStore(edge_paths(settings).keys, timedelta(days=settings.edge.root_ttl_days), offline)
 
 
 # --------------------------------------------------------------------------- keys
 
 
 class KeyStore:
-    """Ed25519 signing keys and the signed root chain that tells devices which keys to trust."""
+    """Ed25519 keys in two roles and the signed root chain that tells devices which keys to trust.
 
-    def __init__(self, folder: Path, root_ttl: timedelta):
+    The *root* key signs root metadata only: it is needed by ``init`` and ``rotate`` and
+    by nothing that runs routinely, so it can be kept offline (``offline`` folder). The
+    *release* key is online: it signs releases, cohort changes and timestamps. A stolen
+    release key can sign releases until it is rotated out; it cannot sign a root, so it
+    cannot make devices trust another key.
+    """
+
+    def __init__(self, folder: Path, root_ttl: timedelta, offline: Path | None = None):
         self.folder = folder
         self.root_ttl = root_ttl
+        self.offline = offline if offline is not None else folder / "offline"
 
     @property
-    def _private(self) -> Path:
-        return self.folder / "private"
+    def online(self) -> Path:
+        """Folder of the release (online) private keys."""
+        return self.folder / "online"
 
     @property
     def _roots(self) -> Path:
         return self.folder / "root"
 
     def root_versions(self) -> list[int]:
+        """Versions of the root metadata stored, ascending."""
         if not self._roots.is_dir():
             return []
         return sorted(int(p.name.split(".")[0]) for p in self._roots.glob("*.root.json"))
 
     def root_bytes(self, version: int) -> bytes:
+        """The signed root metadata of ``version``."""
         try:
             return (self._roots / f"{version}.root.json").read_bytes()
         except FileNotFoundError:
             raise KeyStoreError(f"no root metadata version {version} in {self._roots}") from None
 
     def root(self) -> RootMeta:
+        """The newest root metadata."""
         versions = self.root_versions()
         if not versions:
             raise KeyStoreError(
@@ -169,13 +206,14 @@ class KeyStore:
             )
         return parse_root(self.root_bytes(versions[-1]))[0]
 
-    def _load(self, kid: str) -> Ed25519PrivateKey:
-        path = self._private / f"{kid}.pem"
+    @staticmethod
+    def _load(folder: Path, kid: str, role: str) -> Ed25519PrivateKey:
+        path = folder / f"{kid}.pem"
         try:
             key = load_pem_private_key(path.read_bytes(), password=None)
         except FileNotFoundError:
             raise KeyStoreError(
-                f"private key {kid} is not in {self._private} (rotated out, or never here)"
+                f"{role} key {kid[:16]}... is not in {folder} (rotated out, kept offline, or never here)"
             ) from None
         except (ValueError, TypeError) as exc:
             raise KeyStoreError(f"{path}: not a readable private key ({exc})") from None
@@ -183,53 +221,77 @@ class KeyStore:
             raise KeyStoreError(f"{path}: not an Ed25519 key")
         return key
 
-    def _new_key(self) -> Ed25519PrivateKey:
+    @staticmethod
+    def _new_key(folder: Path) -> Ed25519PrivateKey:
         key = Ed25519PrivateKey.generate()
-        self._private.mkdir(parents=True, exist_ok=True)
-        os.chmod(self._private, 0o700)
+        folder.mkdir(parents=True, exist_ok=True)
+        os.chmod(folder, 0o700)
         pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
-        atomic_write(self._private / f"{key_id(key.public_key())}.pem", pem, mode=0o600)
+        atomic_write(folder / f"{key_id(key.public_key())}.pem", pem, mode=0o600)
         return key
 
     def _write_root(
-        self, version: int, keys: Sequence[Ed25519PrivateKey], signers: Sequence[Ed25519PrivateKey]
+        self,
+        version: int,
+        root_keys: Sequence[Ed25519PrivateKey],
+        release_keys: Sequence[Ed25519PrivateKey],
+        signers: Sequence[Ed25519PrivateKey],
     ) -> RootMeta:
+        pub = {
+            key_id(k.public_key()): public_bytes(k.public_key()).hex() for k in [*root_keys, *release_keys]
+        }
         signed = {
             "kind": "root",
             "spec_version": "1.0",
             "version": version,
-            "threshold": 1,
             "expires": iso(datetime.now(UTC) + self.root_ttl),
-            "keys": {key_id(k.public_key()): public_bytes(k.public_key()).hex() for k in keys},
+            "keys": pub,
+            "roles": {
+                "root": {"keyids": [key_id(k.public_key()) for k in root_keys], "threshold": 1},
+                "release": {"keyids": [key_id(k.public_key()) for k in release_keys], "threshold": 1},
+            },
         }
         atomic_write(self._roots / f"{version}.root.json", sign(signed, signers), mode=0o644)
         return self.root()
 
     def init(self) -> RootMeta:
-        """Create the first key and root v1 (self-signed); an existing store is left as it is."""
+        """Create a root key, a release key and root v1 (signed by the root key); an existing store is kept."""
         if self.root_versions():
             return self.root()
-        key = self._new_key()
-        return self._write_root(1, [key], [key])
+        root_key = self._new_key(self.offline)
+        release_key = self._new_key(self.online)
+        return self._write_root(1, [root_key], [release_key], [root_key])
 
-    def rotate(self) -> tuple[RootMeta, RootMeta]:
-        """A new signing key; root ``n+1`` lists only it and is signed by the old and the new key.
+    def root_keys(self) -> list[Ed25519PrivateKey]:
+        """The root role's private keys, from the offline folder (``KeyStoreError`` if not mounted)."""
+        return [self._load(self.offline, kid, "root") for kid in self.root().keyids("root")]
 
-        The old private key is deleted: metadata it signs is refused by every device that
-        has seen the new root.
+    def rotate(self, *, root: bool = False) -> tuple[RootMeta, RootMeta]:
+        """A new release key (and with ``root``, a new root key too) in root ``n+1``.
+
+        Root ``n+1`` is signed by the current root key and, if it changes, by the new one.
+        The retired private keys are deleted: what they sign is refused by every device that
+        has seen the new root. Re-sign what is served afterwards (``tasks.edge.rotate_keys``).
         """
         old_root = self.root()
-        old_keys = [self._load(kid) for kid in old_root.keys]
-        new = self._new_key()
-        root = self._write_root(old_root.version + 1, [new], [*old_keys, new])
-        for kid in old_root.keys:
-            (self._private / f"{kid}.pem").unlink(missing_ok=True)
-        return old_root, root
+        old_root_keys = self.root_keys()
+        new_release = self._new_key(self.online)
+        new_root_keys = [self._new_key(self.offline)] if root else old_root_keys
+        signers = [*old_root_keys, *(new_root_keys if root else [])]
+        new = self._write_root(old_root.version + 1, new_root_keys, [new_release], signers)
+        for kid in old_root.keyids("release"):
+            (self.online / f"{kid}.pem").unlink(missing_ok=True)
+        if root:
+            for kid in old_root.keyids("root"):
+                (self.offline / f"{kid}.pem").unlink(missing_ok=True)
+        return old_root, new
 
     def signing_keys(self) -> list[Ed25519PrivateKey]:
-        return [self._load(kid) for kid in self.root().keys]
+        """The release role's private keys (online)."""
+        return [self._load(self.online, kid, "release") for kid in self.root().keyids("release")]
 
     def sign(self, signed: Mapping[str, Any]) -> bytes:
+        """The envelope of ``signed``, signed by the release key(s)."""
         return sign(signed, self.signing_keys())
 
 
@@ -275,6 +337,10 @@ class VariantStore:
 
 # --------------------------------------------------------------------------- releases
 
+KEEP_SNAPSHOTS = 8
+"""Release metadata snapshots kept per model (devices fetch the one the timestamp names)."""
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
 
 class ReleaseRepository:
     """What the update server serves: releases (model + signed metadata) and the current targets."""
@@ -296,7 +362,7 @@ class ReleaseRepository:
         return versions[-1] if versions else 0
 
     def add(self, model: str, version: int, model_bytes: bytes, metadata: bytes) -> None:
-        """Store a new release and make it the served one. Versions only go up."""
+        """Store a new release (not yet served: ``serve`` it with a timestamp). Versions only go up."""
         if version <= self.latest_version(model):
             raise EdgeError(
                 f"release v{version} of '{model}' is not newer than v{self.latest_version(model)}"
@@ -304,17 +370,53 @@ class ReleaseRepository:
         out = self._model_dir(model) / "releases" / str(version)
         atomic_write(out / "model.onnx", model_bytes, mode=0o644)
         atomic_write(out / "release.json", metadata, mode=0o644)
-        self.serve(model, metadata)
 
-    def serve(self, model: str, metadata: bytes) -> None:
-        """Replace the metadata devices poll (e.g. the same release with a wider cohort)."""
+    def serve(self, model: str, metadata: bytes, timestamp: bytes) -> None:
+        """Replace the metadata devices poll (e.g. the same release with a wider cohort) and its timestamp.
+
+        Consistent snapshots: the release metadata is first stored under its sha256, which
+        is how devices fetch it (the hash the timestamp names), then ``targets.json`` and
+        last ``timestamp.json`` are replaced. A device polling in between gets the old
+        timestamp and the metadata it names, or the new pair, never a mismatch. The last
+        ``KEEP_SNAPSHOTS`` snapshots are kept for devices that read the previous timestamp.
+        """
+        snapshots = self._model_dir(model) / "snapshots"
+        atomic_write(snapshots / f"{sha256_hex(metadata)}.json", metadata, mode=0o644)
         atomic_write(self._model_dir(model) / "targets.json", metadata, mode=0o644)
+        atomic_write(self._model_dir(model) / "timestamp.json", timestamp, mode=0o644)
+        old = sorted(snapshots.glob("*.json"), key=lambda p: p.stat().st_mtime_ns)[:-KEEP_SNAPSHOTS]
+        for path in old:
+            path.unlink(missing_ok=True)
 
-    def served(self, model: str) -> bytes | None:
+    def served(self, model: str, sha256: str | None = None) -> bytes | None:
+        """The release metadata devices poll now, or the snapshot with that ``sha256``; None if absent."""
+        if sha256 is not None and not _HEX64.fullmatch(sha256):
+            return None
+        path = (
+            self._model_dir(model) / "targets.json"
+            if sha256 is None
+            else self._model_dir(model) / "snapshots" / f"{sha256}.json"
+        )
         try:
-            return (self._model_dir(model) / "targets.json").read_bytes()
+            return path.read_bytes()
         except FileNotFoundError:
             return None
+
+    def timestamp(self, model: str) -> bytes | None:
+        """The timestamp devices poll now, if any."""
+        try:
+            return (self._model_dir(model) / "timestamp.json").read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def timestamp_version(self, model: str) -> int:
+        """The version of the timestamp served now (0 for none): the next one is one higher."""
+        data = self.timestamp(model)
+        if data is None:
+            return 0
+        signed, _ = open_envelope(data)
+        version = signed.get("version")
+        return version if isinstance(version, int) else 0
 
     def release_metadata(self, model: str, version: int) -> bytes:
         try:
@@ -328,8 +430,16 @@ class ReleaseRepository:
         return parse_manifest(signed)
 
     def model_bytes(self, model: str, version: int) -> bytes:
+        """A release's model file."""
         try:
             return (self._model_dir(model) / "releases" / str(version) / "model.onnx").read_bytes()
+        except FileNotFoundError:
+            raise NothingToPublish(f"'{model}' has no release v{version}") from None
+
+    def open_model(self, model: str, version: int) -> BinaryIO:
+        """A release's model file opened for streaming (the caller closes it)."""
+        try:
+            return (self._model_dir(model) / "releases" / str(version) / "model.onnx").open("rb")
         except FileNotFoundError:
             raise NothingToPublish(f"'{model}' has no release v{version}") from None
 

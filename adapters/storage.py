@@ -92,7 +92,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from adapters import duckdb_files
+from adapters import duckdb_files, warehouse_query
 from mlops.errors import DataError, PlatformError
 
 __all__ = [
@@ -1086,14 +1086,16 @@ def query(
 ) -> pa.Table:
     """Run ``sql`` on the warehouse opened read-only, returning the whole result as Arrow.
 
-    ``scores`` (every committed run, with ``run_date``) and ``score_runs`` are there. The
-    connection lives for this call only, so writers are kept waiting no longer.
+    ``scores`` (every committed run, with ``run_date``) and ``score_runs`` are there. Only
+    one read statement is accepted, and it runs confined to the store's files
+    (``adapters.warehouse_query``). The connection lives for this call only, so writers are
+    kept waiting no longer.
     """
+    sql = warehouse_query.check_read_only(sql)
     layout = _Layout.of(root)
     with _reader(layout, lock_timeout) as con:
-        # A relation's to_arrow_table() materializes the result before the connection
-        # closes (in DuckDB 2.0, execute() results stream and would not).
-        return con.sql(sql, params=params).to_arrow_table()
+        warehouse_query.confine(con, [layout.scores])
+        return warehouse_query.run(con, sql, params)
 
 
 def committed_dates(

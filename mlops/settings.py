@@ -331,7 +331,11 @@ class EdgeConfig(StrictModel):
     failure_limit: int = Field(0, ge=0)
     inconclusive_limit: int = Field(2, ge=0)
     manifest_ttl_hours: float = Field(168.0, gt=0)
+    timestamp_ttl_hours: float = Field(24.0, gt=0)  # how stale a device lets "which release is current" get
     root_ttl_days: float = Field(365.0, gt=0)
+    root_key_dir: str | None = (
+        None  # offline root signing key (default: edge/keys/offline); publishing never reads it
+    )
     golden_rows: int = Field(16, ge=1)
     golden_tolerance: float = Field(1e-4, gt=0)
     traffic_rows: int = Field(64, ge=1)

@@ -182,41 +182,76 @@ def print_rollout(s) -> None:
 @keys_app.command("init")
 @handle_errors
 def keys_init(config: ConfigOpt = None) -> None:
-    """Create the first signing key and root metadata (kept if they exist)."""
+    """Create the root key (offline), the release key (online) and root v1 (kept if they exist)."""
     from adapters.edge_store import key_store
 
-    root = key_store(settings_for(config)).init()
-    console.print(f"root v{root.version}: keys {', '.join(root.keys)}; expires {root.expires.isoformat()}")
+    store = key_store(settings_for(config))
+    root = store.init()
+    console.print(
+        f"root v{root.version}: root key {_ids(root.keyids('root'))} in {store.offline} (move it offline), "
+        f"release key {_ids(root.keyids('release'))} in {store.online}; expires {root.expires.isoformat()}"
+    )
+
+
+def _ids(kids) -> str:
+    return ", ".join(k[:16] for k in kids)
 
 
 @keys_app.command("rotate")
 @handle_errors
-def keys_rotate(config: ConfigOpt = None) -> None:
-    """New signing key; the next root is signed by the old and new keys, the old private key is deleted."""
-    from adapters.edge_store import key_store
+def keys_rotate(
+    root: Annotated[
+        bool, typer.Option("--root", help="Rotate the offline root key too, not only the online release key.")
+    ] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """New release key (and with --root a new root key) in the next root, signed by the root key; what is
+    served is re-signed at once, so devices keep accepting it; the retired private keys are deleted."""
+    from tasks.edge import rotate_keys
 
-    old, new = key_store(settings_for(config)).rotate()
+    old, new, served = rotate_keys(settings_for(config), root=root)
     console.print(
-        f"rotated: root v{old.version} ({', '.join(old.keys)}) -> v{new.version} ({', '.join(new.keys)})"
+        f"rotated: root v{old.version} -> v{new.version}; release key {_ids(old.keyids('release'))} -> "
+        f"{_ids(new.keyids('release'))}; root key {_ids(new.keyids('root'))}"
     )
     console.print(
-        "devices trust the new key once they fetch root metadata; releases signed by the old key are refused"
+        "re-signed with the new key: "
+        + (", ".join(f"{m} v{v}" for m, v in served) or "nothing served yet")
+        + "; metadata signed by the retired key is refused by devices that have the new root"
     )
 
 
 @keys_app.command("show")
 @handle_errors
 def keys_show(config: ConfigOpt = None) -> None:
-    """The current root: trusted key ids, threshold and expiry."""
+    """The current root: key ids per role, thresholds and expiry."""
     from adapters.edge_store import key_store
 
     store = key_store(settings_for(config))
     root = store.root()
     console.print(
-        f"root v{root.version} (versions {store.root_versions()}), threshold {root.threshold}, expires {root.expires.isoformat()}"
+        f"root v{root.version} (versions {store.root_versions()}), expires {root.expires.isoformat()}"
     )
-    for kid, pub in root.keys.items():
-        console.print(f"  {kid}  ed25519 {pub}")
+    for role in ("root", "release"):
+        console.print(f"  {role} (threshold {root.threshold(role)}):")
+        for kid in root.keyids(role):
+            console.print(f"    {kid}  ed25519 {root.keys[kid]}")
+
+
+@edge_app.command("refresh")
+@handle_errors
+def refresh(config: ConfigOpt = None) -> None:
+    """Re-sign the short-lived timestamp of every served release; schedule it well within
+    edge.timestamp_ttl_hours, or devices refuse the served release as stale."""
+    settings = settings_for(config)
+    from tasks.edge import refresh_timestamps
+
+    done = refresh_timestamps(settings)
+    console.print(
+        "timestamps re-signed: "
+        + (", ".join(f"{m} (v{v})" for m, v in done) or "nothing served yet")
+        + f"; valid {settings.edge.timestamp_ttl_hours:g} h"
+    )
 
 
 # --------------------------------------------------------------------------- status / budgets

@@ -52,16 +52,18 @@ def config_show(
         bool, typer.Option("--schema", help="Print the JSON schema of the config instead.")
     ] = False,
 ) -> None:
-    """Print the effective configuration (defaults < file < MLOPS__* env < MLOPS_HOME) as YAML."""
+    """Print the effective configuration (defaults < file < MLOPS__* env < MLOPS_HOME) as YAML, secrets masked."""
     import yaml
 
+    from mlops.redact import redact
     from mlops.settings import Settings, load_settings
 
     if schema:
         console.print_json(json.dumps(Settings.model_json_schema()))
         return
     settings = load_settings(config)
-    console.print(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False), end="", markup=False)
+    shown = redact(settings.model_dump(mode="json"))  # tokens, passwords, keys: never printed
+    console.print(yaml.safe_dump(shown, sort_keys=False), end="", markup=False)
 
 
 @config_app.command("validate")

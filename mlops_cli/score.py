@@ -152,13 +152,17 @@ def query(
     limit: Annotated[int, typer.Option("--limit", min=1, help="Rows to print at most.")] = 50,
     config: ConfigOpt = None,
 ) -> None:
-    """Query the DuckDB warehouse read-only: ``scores`` (every committed run), ``score_runs``, replay reports."""
+    """Query the DuckDB warehouse read-only: ``scores`` (every committed run), ``score_runs``, replay reports.
+
+    Exactly one SELECT is accepted; it can read the store and nothing else (no other file,
+    no COPY, ATTACH, SET, INSTALL/LOAD, no second statement), and a refusal is one line, exit 3.
+    """
     from adapters import storage
 
     settings = settings_for(config)
     if not settings.warehouse_path.exists():
         raise ConfigError(f"{settings.warehouse_path}: no warehouse yet; run `mlops score` first")
-    result = storage.query(settings.home_path, sql)  # read-only; a bad query is one line, exit 3
+    result = storage.query(settings.home_path, sql)  # refused or failed: one line, exit 3
     table = Table(
         caption=f"{result.num_rows:,} rows" + (f" (first {limit} shown)" if result.num_rows > limit else "")
     )

@@ -119,6 +119,7 @@ def publish(
         baseline=baseline,
     )
     repo.add(model_name, version, model, keys.sign(signed))
+    serve_signed(settings, model_name, signed)
     out = repo.folder / model_name / "releases" / str(version)
     (out / "sample.parquet").write_bytes(frame_bytes(rows))
     return parse_manifest(signed)
@@ -170,7 +171,60 @@ def serve_cohort(settings: Settings, model_name: str, version: int, percent: flo
     repo = ReleaseRepository(paths(settings).repo)
     signed, _ = open_envelope(repo.release_metadata(model_name, version))
     doc = release.with_cohort(signed, percent, datetime.now(UTC), settings.edge.manifest_ttl_hours)
-    repo.serve(model_name, key_store(settings).sign(doc))
+    serve_signed(settings, model_name, doc)
+
+
+def serve_signed(settings: Settings, model_name: str, signed: Mapping[str, Any]) -> bytes:
+    """Sign a release with the release key and serve it with a fresh timestamp naming it; the served bytes."""
+    metadata = key_store(settings).sign(signed)
+    _serve_with_timestamp(settings, model_name, metadata, int(signed["version"]))
+    return metadata
+
+
+def _serve_with_timestamp(settings: Settings, model_name: str, metadata: bytes, release_version: int) -> None:
+    repo = ReleaseRepository(paths(settings).repo)
+    ts = release.timestamp_document(
+        model_name=model_name,
+        version=repo.timestamp_version(model_name) + 1,
+        release_version=release_version,
+        release_metadata=metadata,
+        now=datetime.now(UTC),
+        ttl_hours=settings.edge.timestamp_ttl_hours,
+    )
+    repo.serve(model_name, metadata, key_store(settings).sign(ts))
+
+
+def refresh_timestamps(settings: Settings, *, resign: bool = False) -> list[tuple[str, int]]:
+    """Re-sign the timestamp of every served release (run more often than ``edge.timestamp_ttl_hours``).
+
+    With ``resign`` the served releases are re-signed too, unchanged, by the current
+    release key (after a rotation, so devices that trust only the new key accept them).
+    Returns ``(model, served release version)`` for each model.
+    """
+    repo = ReleaseRepository(paths(settings).repo)
+    done = []
+    for model_name in repo.models():
+        served = repo.served(model_name)
+        if served is None:
+            continue
+        signed, _ = open_envelope(served)
+        version = int(signed["version"])
+        if resign:
+            serve_signed(settings, model_name, signed)
+        else:
+            _serve_with_timestamp(settings, model_name, served, version)
+        done.append((model_name, version))
+    return done
+
+
+def rotate_keys(settings: Settings, *, root: bool = False) -> tuple[Any, Any, list[tuple[str, int]]]:
+    """Rotate the release key (and the root key with ``root``), then re-sign what is served with the new key.
+
+    Devices fetch the new root before the release metadata, so from the moment this returns
+    they accept what is served; nothing waits for the next publish.
+    """
+    old, new = key_store(settings).rotate(root=root)
+    return old, new, refresh_timestamps(settings, resign=True)
 
 
 @task(name="run-stage", cache_policy=NO_CACHE)

@@ -197,3 +197,75 @@ def test_demo_end_to_end_on_embedded_defaults(tmp_path: Path) -> None:
     assert stale.returncode == 5 and "expected v7; nothing was moved" in stale.stderr
     for sub in ("mlflow.db", "registry_audit.db", "prefect", "data/train.parquet"):
         assert (home / sub).exists(), sub
+
+
+def test_query_is_read_only_each_refusal_one_line_and_nonzero(tmp_path: Path) -> None:
+    """`mlops query` answers a SELECT over the store; reading a file outside it, COPY TO, ATTACH,
+    SET and several statements each end in one error line and exit code 3, changing nothing."""
+    from datetime import UTC, date, datetime
+
+    import pyarrow as pa
+
+    from adapters import storage
+
+    home = tmp_path / "home"
+    day = date(2025, 3, 1)
+    stage = storage.StagedRun.open(home, day, storage.new_run_id())
+    part = stage.write_part(0, pa.table({"transaction_id": [1, 2, 3], "score": [0.1, 0.5, 0.9]}))
+    now = datetime.now(UTC)
+    stage.commit([part], storage.RunRecord("fraud", "1", "champion", None, 3, now, now, {}))
+    (tmp_path / "secret.csv").write_text("password\nhunter2\n")
+    env = {"MLOPS_HOME": str(home)}
+
+    ok = mlops("query", "SELECT count(*) AS n FROM scores", env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert "3" in ok.stdout
+
+    for sql in (
+        f"SELECT * FROM read_csv('{tmp_path}/secret.csv')",
+        f"COPY (SELECT * FROM scores) TO '{tmp_path}/out.csv'",
+        f"ATTACH '{tmp_path}/other.duckdb' AS o",
+        "SET enable_external_access = true",
+        "SELECT 1; SELECT 2",
+    ):
+        result = mlops("query", sql, env=env)
+        assert result.returncode == 3, (sql, result.stdout, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:"), (sql, result.stderr)
+        assert "hunter2" not in result.stdout + result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "secret.csv"]
+
+
+def test_config_show_masks_tokens_uri_passwords_and_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`mlops config show` prints which secrets are set but never their values: the admin token,
+    the password in a database URI (user and host kept), secret query parameters."""
+    cfg = tmp_path / "platform.yaml"
+    cfg.write_text(
+        "mlflow:\n"
+        "  tracking_uri: postgresql://mlflow:s3cr3t-db-pass@db.internal:5432/mlflow\n"
+        "  audit_db_uri: postgresql://db.internal/audit?sslmode=require&password=s3cr3t-query-pass\n"
+        "serving:\n"
+        "  admin_token: s3cr3t-admin-token-0123456789\n"
+        "  url: https://s3cr3t-url-token@serving.internal\n"
+    )
+    monkeypatch.setenv("MLOPS_HOME", str(tmp_path / "home"))
+    result = RUNNER.invoke(app, ["config", "show", "--config", str(cfg)])
+    assert result.exit_code == 0, result.output
+    assert "s3cr3t" not in result.output
+    assert "postgresql://mlflow:***@db.internal:5432/mlflow" in result.output
+    assert "sslmode=require&password=***" in result.output
+    assert "admin_token: '***'" in result.output
+    assert "https://***@serving.internal" in result.output
+
+
+def test_redaction_leaves_plain_values_and_masks_secret_names() -> None:
+    """Secret-named fields are masked wherever they nest; unset ones stay visibly unset."""
+    from mlops.redact import redact
+
+    data = {"a": {"api_key": "k", "token": None, "threads": 4}, "uris": ["sqlite:///x.db", "http://u:p@h/"]}
+    assert redact(data) == {
+        "a": {"api_key": "***", "token": None, "threads": 4},
+        "uris": ["sqlite:///x.db", "http://u:***@h/"],
+    }

@@ -14,20 +14,40 @@ RUNNER = CliRunner()
 
 
 def test_keys_are_created_in_mlops_home_and_rotated(home: Settings) -> None:
-    """`keys init` writes a 0600 private key and root v1; `keys rotate` makes root v2 and deletes the old private key."""
+    """`keys init` writes a 0600 offline root key, a 0600 online release key and root v1; `keys rotate`
+    makes root v2 with a new release key, signed by the root key, and deletes the old release key."""
     first = RUNNER.invoke(app, ["edge", "keys", "init"])
-    assert first.exit_code == 0, first.output and "root v1" in first.output
+    assert first.exit_code == 0, first.output
+    assert "root v1" in first.output
     keys_dir = home.edge_dir / "keys"
-    [pem] = list((keys_dir / "private").glob("*.pem"))
-    assert pem.stat().st_mode & 0o777 == 0o600
+    [root_pem] = list((keys_dir / "offline").glob("*.pem"))
+    [release_pem] = list((keys_dir / "online").glob("*.pem"))
+    assert root_pem.stat().st_mode & 0o777 == 0o600 and release_pem.stat().st_mode & 0o777 == 0o600
+    assert root_pem.name != release_pem.name
     rotated = RUNNER.invoke(app, ["edge", "keys", "rotate"])
     assert rotated.exit_code == 0, rotated.output
-    assert "root v1" in rotated.output and "v2" in rotated.output
-    assert not pem.exists() and len(list((keys_dir / "private").glob("*.pem"))) == 1
+    assert "root v1 -> v2" in rotated.output and "nothing served yet" in rotated.output
+    assert not release_pem.exists() and len(list((keys_dir / "online").glob("*.pem"))) == 1
+    assert root_pem.exists()
     root2 = json.loads((keys_dir / "root" / "2.root.json").read_text())
-    assert len(root2["signatures"]) == 2  # vouched for by the old key and the new one
+    assert [s["keyid"] for s in root2["signatures"]] == [root_pem.stem]  # vouched for by the root key
     shown = RUNNER.invoke(app, ["edge", "keys", "show"])
-    assert "root v2 (versions [1, 2])" in shown.output
+    assert "root v2 (versions [1, 2])" in shown.output and "release (threshold 1)" in shown.output
+    again = RUNNER.invoke(app, ["edge", "keys", "rotate", "--root"])
+    assert again.exit_code == 0, again.output
+    assert not root_pem.exists() and len(list((keys_dir / "offline").glob("*.pem"))) == 1
+    refreshed = RUNNER.invoke(app, ["edge", "refresh"])
+    assert refreshed.exit_code == 0 and "nothing served yet" in refreshed.output
+
+
+def test_rotating_with_the_root_key_offline_is_one_line_and_an_exit_code(home: Settings) -> None:
+    """The root key is needed only to rotate: with it unmounted, rotation says where it looked."""
+    assert RUNNER.invoke(app, ["edge", "keys", "init"]).exit_code == 0
+    offline = home.edge_dir / "keys" / "offline"
+    offline.rename(offline.with_name("elsewhere"))
+    res = RUNNER.invoke(app, ["edge", "keys", "rotate"])
+    assert res.exit_code == 8, res.output
+    assert "root key" in res.output and "Traceback" not in res.output
 
 
 def test_budget_files_are_validated_with_file_and_field_in_the_error(tmp_path: Path) -> None:

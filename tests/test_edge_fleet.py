@@ -6,8 +6,10 @@ the device refuses the bundle, logs why, reports it, and keeps serving the model
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -82,17 +84,30 @@ def world(home: Settings, small_model: bytes, tmp_path: Path) -> World:
 class Mitm:
     """A man in the middle: serves altered metadata or altered downloads, otherwise the real server."""
 
-    def __init__(self, inner: RepositoryServer, release: bytes | None = None, download: bytes | None = None):
-        self.inner, self._release, self._download = inner, release, download
+    def __init__(
+        self,
+        inner: RepositoryServer,
+        release: bytes | None = None,
+        download: bytes | io.RawIOBase | None = None,
+        timestamp: bytes | None = None,
+    ):
+        self.inner, self._release, self._download, self._timestamp = inner, release, download, timestamp
 
     def roots_after(self, version: int) -> list[bytes]:
         return self.inner.roots_after(version)
 
-    def release(self, model: str) -> bytes | None:
-        return self._release if self._release is not None else self.inner.release(model)
+    def timestamp(self, model: str) -> bytes | None:
+        return self._timestamp if self._timestamp is not None else self.inner.timestamp(model)
 
-    def download(self, model: str, version: int) -> bytes:
-        return self._download if self._download is not None else self.inner.download(model, version)
+    def release(self, model: str, sha256: str) -> bytes | None:
+        return self._release if self._release is not None else self.inner.release(model, sha256)
+
+    def download(self, model: str, version: int):
+        if self._download is None:
+            return self.inner.download(model, version)
+        if isinstance(self._download, bytes):
+            return io.BytesIO(self._download)
+        return self._download
 
 
 def assert_refused(
@@ -212,14 +227,18 @@ def test_a_crash_before_the_state_commit_leaves_the_old_model_serving(
     """state.json is the commit point: killed after the download but before the swap, the device still runs v1,
     and the next poll completes the update."""
     d = world.device()
+    commit = SimulatedDevice._commit
 
     def crash(self: SimulatedDevice) -> None:
-        raise KeyboardInterrupt("power cut")
+        if self.state.current and self.state.current["version"] == 2:  # the swap's commit
+            raise KeyboardInterrupt("power cut")
+        commit(self)  # e.g. remembering the newest timestamp
 
     monkeypatch.setattr(SimulatedDevice, "_commit", crash)
     with pytest.raises(KeyboardInterrupt):
         d.poll(world.server, NOW())
     monkeypatch.undo()
+    assert (d.folder / "models" / f"{sha256_hex(world.v2)}.onnx").read_bytes() == world.v2  # downloaded
     d = world.fleet.device(d.device_id)
     assert d.state.current == {"version": 1, "sha256": sha256_hex(world.v1)} and d.model_bytes() == world.v1
     assert d.poll(world.server, NOW())["event"] == "installed"  # type: ignore[index]
@@ -232,10 +251,11 @@ def test_devices_follow_a_key_rotation_and_then_refuse_the_old_key(
     and refuse anything the retired key signs."""
     keys = t.key_store(world.settings)
     retired = keys.signing_keys()
-    old_root, new_root = keys.rotate()
-    assert new_root.version == old_root.version + 1 and set(new_root.keys).isdisjoint(old_root.keys)
+    old_root, new_root, _ = t.rotate_keys(world.settings)
+    assert new_root.version == old_root.version + 1
+    assert set(new_root.keyids("release")).isdisjoint(old_root.keyids("release"))
+    assert new_root.keyids("root") == old_root.keyids("root")
     d = world.device()
-    t.serve_cohort.fn(world.settings, MODEL, 2, 100.0)  # re-signed with the new key
     assert d.poll(world.server, NOW())["event"] == "installed"  # type: ignore[index]
     assert json.loads(world.fleet.device(d.device_id).state.root)["signed"]["version"] == new_root.version
     signed, _ = open_envelope(world.repo.served(MODEL))
@@ -243,6 +263,191 @@ def test_devices_follow_a_key_rotation_and_then_refuse_the_old_key(
     other = world.device(1)
     event = other.poll(Mitm(world.server, release=by_old_key), NOW())
     assert_refused(world, other, event, "signature", caplog)
+
+
+def test_rotating_keys_re_signs_what_is_served_so_devices_keep_accepting_it(world: World) -> None:
+    """Right after `keys rotate` (release key, and root key too), before any new publish, a device
+    that fetches the new root installs the release served: it was re-signed by the new key."""
+    for rotate_root in (False, True):
+        old_root, new_root, served = t.rotate_keys(world.settings, root=rotate_root)
+        assert served == [(MODEL, 2)]
+        if rotate_root:
+            assert set(new_root.keyids("root")).isdisjoint(old_root.keyids("root"))
+    d = world.device()
+    event = d.poll(world.server, NOW())
+    assert event is not None and event["event"] == "installed", event
+    assert json.loads(d.state.root)["signed"]["version"] == 3
+
+
+def test_publishing_needs_only_the_online_key_and_the_root_key_signs_no_release(
+    world: World, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the root key taken offline, publishing and widening a cohort still work; a rotation
+    says the root key is missing; a release signed by the root key itself is refused by devices."""
+    keys = t.key_store(world.settings)
+    offline = tmp_path / "usb-stick"
+    keys.offline.rename(offline)
+    assert any(keys.online.glob("*.pem")) and keys.online != keys.offline
+    v3 = world.publish(graph.with_output_transform(world.v1, "sqrt"))
+    assert v3 == 3
+    with pytest.raises(EdgeError, match="root key .* is not in"):
+        t.rotate_keys(world.settings)
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    [pem] = offline.glob("*.pem")
+    root_key = load_pem_private_key(pem.read_bytes(), password=None)
+    signed, _ = open_envelope(world.repo.served(MODEL))
+    by_root_key = sign(signed, [root_key])  # type: ignore[list-item]
+    d = world.device()
+    assert_refused(world, d, d.poll(Mitm(world.server, release=by_root_key), NOW()), "signature", caplog)
+
+
+def test_a_superseded_release_replayed_to_a_device_that_never_saw_the_newer_one_is_refused(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """v2 is rolled back by v3 while device 0 is offline; a mirror then serves it v2's genuine,
+    unexpired metadata (newer than its v1): the current timestamp names v3, so v2 is refused."""
+    v2_metadata = world.repo.served(MODEL)
+    v2_timestamp = world.repo.timestamp(MODEL)
+    assert world.publish(world.v1) == 3  # the rollback release: v1's bytes under a new version
+    d = world.device()
+    event = d.poll(Mitm(world.server, release=v2_metadata), NOW())
+    assert_refused(world, d, event, "superseded", caplog)
+    assert "names v3" in event["reason"]  # type: ignore[index]
+    # the old timestamp that named v2 is refused once it expires...
+    stale = NOW() + timedelta(hours=world.settings.edge.timestamp_ttl_hours, minutes=1)
+    event = d.poll(Mitm(world.server, release=v2_metadata, timestamp=v2_timestamp), stale)
+    assert_refused(world, d, event, "expired", caplog)
+    assert "timestamp" in event["reason"]  # type: ignore[index]
+    # ...and at once by a device that has seen the newer timestamp
+    other = world.device(1)
+    assert other.poll(world.server, NOW())["event"] == "adopted"  # type: ignore[index]
+    event = other.poll(Mitm(world.server, release=v2_metadata, timestamp=v2_timestamp), NOW())
+    assert event is not None and event["code"] == "rollback" and "timestamp" in event["reason"]
+
+
+def test_release_metadata_is_fetched_only_by_the_hash_the_timestamp_names(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without a timestamp a device fetches nothing (as when offline) and keeps v1; with one, it
+    asks for the metadata by the sha256 the timestamp names, and refuses if that is not served."""
+
+    class NoTimestamp(Mitm):
+        def timestamp(self, model: str) -> bytes | None:
+            return None
+
+    d = world.device()
+    assert d.poll(NoTimestamp(world.server), NOW()) is None
+    assert world.fleet.device(d.device_id).state.current == {"version": 1, "sha256": sha256_hex(world.v1)}
+    for snapshot in (world.repo.folder / MODEL / "snapshots").glob("*.json"):
+        snapshot.unlink()
+    assert_refused(world, d, d.poll(world.server, NOW()), "missing", caplog)
+
+
+def test_publishing_keeps_the_last_snapshots_so_a_device_reading_the_previous_timestamp_is_served(
+    world: World,
+) -> None:
+    """Consistent snapshots: each served release stays fetchable by hash for a few more publishes."""
+    first = world.repo.served(MODEL)
+    assert first is not None
+    for _ in range(3):
+        t.serve_cohort.fn(world.settings, MODEL, 2, 100.0)
+    assert world.repo.served(MODEL, sha256_hex(first)) == first
+    assert world.repo.served(MODEL, "../../etc/passwd") is None
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"signed": {"version": NaN}, "signatures": []}',
+        b'{"signed": {"version": ' + b"9" * 5000 + b'}, "signatures": []}',
+        b'{"signed": ' + b"[" * 100_000 + b"]" * 100_000 + b', "signatures": []}',
+        b"[" * 10_000_000,
+    ],
+    ids=["nan", "huge-integer", "deep-nesting", "oversized"],
+)
+@pytest.mark.parametrize("where", ["release", "timestamp"])
+def test_hostile_metadata_is_refused_and_the_device_keeps_running(
+    world: World, caplog: pytest.LogCaptureFixture, data: bytes, where: str
+) -> None:
+    """NaN, huge integers, deep nesting and oversized documents, as release metadata or as the
+    timestamp, end the poll in a refusal with a reason; the device keeps serving v1."""
+    d = world.device()
+    event = d.poll(Mitm(world.server, **{where: data}), NOW())
+    assert_refused(world, d, event, "malformed", caplog)
+
+
+class Endless(io.RawIOBase):
+    """A download that never ends; counts what the device read."""
+
+    def __init__(self) -> None:
+        self.read_bytes = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
+        n = len(buffer)
+        buffer[:n] = b"\0" * n
+        self.read_bytes += n
+        return n
+
+
+def test_an_endless_download_is_cut_off_at_the_signed_length(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The length is enforced while reading: the device stops one chunk past the signed length."""
+    d = world.device()
+    endless = Endless()
+    event = d.poll(Mitm(world.server, download=endless), NOW())
+    assert_refused(world, d, event, "length", caplog)
+    assert len(world.v2) < endless.read_bytes <= len(world.v2) + 1
+    assert not [p for p in (d.folder / "models").iterdir() if p.name.startswith(".")]  # no partial file left
+
+
+def test_state_naming_a_model_is_on_disk_before_the_model_it_replaced_is_deleted(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Power-cut safety: the new model file's rename and then state.json's are made durable by an
+    fsync of their folders before any model that the new state no longer names is unlinked."""
+    fleet = Fleet(tmp_path / "durable", world.settings.dataset, world.rows, durable=True)
+    keys = t.key_store(world.settings)
+    fleet.provision(1, MODEL, "pos-terminal", "1.32.0", keys.root_bytes(1), world.v1, 1)
+    device = fleet.device("dev-00000")
+    assert device.poll(world.server, NOW())["event"] == "installed"  # type: ignore[index]  # v1 kept as previous
+    world.publish(graph.with_output_transform(world.v1, "sqrt"))
+
+    ops: list[tuple[str, str]] = []
+    real_fsync, real_replace, real_unlink = os.fsync, os.replace, os.unlink
+
+    def fsync(fd: int) -> None:
+        ops.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst, **kw) -> None:  # type: ignore[no-untyped-def]
+        real_replace(src, dst, **kw)
+        ops.append(("replace", str(dst)))
+
+    def unlink(path, **kw) -> None:  # type: ignore[no-untyped-def]
+        ops.append(("unlink", str(path)))
+        real_unlink(path, **kw)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "unlink", unlink)
+    event = fleet.device("dev-00000").poll(world.server, NOW())
+    monkeypatch.undo()
+    assert event is not None and event["event"] == "installed", event
+
+    folder = str(device.folder)
+    old_model = f"{folder}/models/{sha256_hex(world.v1)}.onnx"
+    deleted = ops.index(("unlink", old_model))
+    new_model = next(
+        i for i, op in enumerate(ops) if op[0] == "replace" and op[1].startswith(f"{folder}/models/")
+    )
+    assert ("fsync", f"{folder}/models") in ops[new_model:deleted]
+    last_state = max(i for i, op in enumerate(ops[:deleted]) if op == ("replace", f"{folder}/state.json"))
+    assert ("fsync", folder) in ops[last_state:deleted]
 
 
 def test_telemetry_is_stored_in_duckdb_and_kept_on_the_device_until_acknowledged(world: World) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import UTC, datetime, timedelta
 
@@ -15,15 +16,23 @@ NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 
 
 def root_doc(
-    version: int, keys: list[Ed25519PrivateKey], expires: datetime = NOW + timedelta(days=365)
+    version: int,
+    keys: list[Ed25519PrivateKey],
+    expires: datetime = NOW + timedelta(days=365),
+    release: list[Ed25519PrivateKey] | None = None,
 ) -> dict:
+    """Root metadata whose root role is ``keys`` and release role ``release`` (default: the same keys)."""
+    release = keys if release is None else release
     return {
         "kind": "root",
         "spec_version": "1.0",
         "version": version,
-        "threshold": 1,
         "expires": m.iso(expires),
-        "keys": {m.key_id(k.public_key()): m.public_bytes(k.public_key()).hex() for k in keys},
+        "keys": {m.key_id(k.public_key()): m.public_bytes(k.public_key()).hex() for k in [*keys, *release]},
+        "roles": {
+            "root": {"keyids": [m.key_id(k.public_key()) for k in keys], "threshold": 1},
+            "release": {"keyids": [m.key_id(k.public_key()) for k in release], "threshold": 1},
+        },
     }
 
 
@@ -206,3 +215,139 @@ def test_downloads_must_match_the_signed_length_and_hash() -> None:
     assert short is not None and short.code == "length" and "truncated" in short.reason
     bad = m.check_download(b"model BYTES", target)
     assert bad is not None and bad.code == "hash" and "tampered" in bad.reason
+
+
+# --------------------------------------------------------------------------- keys, thresholds, roles
+
+
+def test_a_key_id_is_the_sha256_of_the_public_key_and_a_root_cannot_claim_otherwise(
+    key: Ed25519PrivateKey,
+) -> None:
+    """Key ids are derived from the key; a root listing a key under an id that is not its hash is malformed."""
+    raw = m.public_bytes(key.public_key())
+    assert m.key_id(key.public_key()) == hashlib.sha256(raw).hexdigest()
+    doc = root_doc(1, [key])
+    doc["keys"] = {"ab" * 32: raw.hex()}
+    doc["roles"]["root"]["keyids"] = doc["roles"]["release"]["keyids"] = ["ab" * 32]
+    with pytest.raises(MetadataInvalid, match="not the sha256 of its public key"):
+        m.self_signed_root(m.sign(doc, [key]))
+
+
+def test_a_threshold_counts_distinct_keys_not_key_ids_or_signatures(key: Ed25519PrivateKey) -> None:
+    """One key listed under two ids, signing twice, does not meet a threshold of 2."""
+    body = release_doc()
+    sig = key.sign(m.canonical(body)).hex()
+    pub = key.public_key()
+    with pytest.raises(SignatureInvalid, match="1 of 2"):
+        m.verify_signatures(
+            body, [{"keyid": "a", "sig": sig}, {"keyid": "b", "sig": sig}], {"a": pub, "b": pub}, 2
+        )
+    kid = m.key_id(pub)
+    with pytest.raises(SignatureInvalid, match="1 of 2"):
+        m.verify_signatures(body, [{"keyid": kid, "sig": sig}] * 2, {kid: pub}, 2)
+    doc = root_doc(1, [key])
+    doc["roles"]["root"] = {"keyids": [kid, kid], "threshold": 2}
+    with pytest.raises(MetadataInvalid, match="threshold 2 exceeds the 1 distinct keys"):
+        m.self_signed_root(m.sign(doc, [key, key]))
+    other = Ed25519PrivateKey.generate()
+    both = {kid: pub, m.key_id(other.public_key()): other.public_key()}
+    two = m.sign(body, [key, other])
+    signed, sigs = m.open_envelope(two)
+    assert len(m.verify_signatures(signed, sigs, both, 2)) == 2
+
+
+def test_releases_are_signed_by_the_release_role_and_roots_by_the_root_role() -> None:
+    """The offline root key cannot sign releases and the online release key cannot sign a root."""
+    root_key, release_key = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    root = m.self_signed_root(m.sign(root_doc(1, [root_key], release=[release_key]), [root_key]))
+    assert m.verified_manifest(m.sign(release_doc(), [release_key]), root).version == 2
+    with pytest.raises(SignatureInvalid):
+        m.verified_manifest(m.sign(release_doc(), [root_key]), root)
+    attacker = Ed25519PrivateKey.generate()
+    by_release_key = m.sign(root_doc(2, [attacker], release=[attacker]), [release_key, attacker])
+    with pytest.raises(SignatureInvalid):
+        m.update_root(root, [by_release_key], NOW)  # a stolen online key cannot hand trust to another key
+
+
+# --------------------------------------------------------------------------- malformed metadata
+
+DEEP = b'{"signed": ' + b"[" * 100_000 + b"]" * 100_000 + b', "signatures": []}'
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"signed": {"version": NaN}, "signatures": []}',
+        b'{"signed": {"version": Infinity}, "signatures": []}',
+        b'{"signed": {"version": ' + b"9" * 5000 + b'}, "signatures": []}',
+        DEEP,
+        b'{"signed": {"pad": "' + b"x" * (2 << 20) + b'"}, "signatures": []}',
+        b"\xff\xfe",
+    ],
+    ids=["nan", "infinity", "huge-integer", "deep-nesting", "oversized", "not-utf8"],
+)
+def test_hostile_metadata_is_refused_as_malformed_never_crashing(data: bytes, root: m.RootMeta) -> None:
+    """NaN, integers past the digit limit, nesting deep enough to exhaust the parser and oversized
+    documents are each a MetadataInvalid with a reason, not a ValueError or RecursionError."""
+    for verify in (m.verified_manifest, m.verified_timestamp):
+        with pytest.raises(MetadataInvalid):
+            verify(data, root)
+
+
+def test_signed_nan_or_huge_numbers_are_refused_after_the_signature(
+    key: Ed25519PrivateKey, root: m.RootMeta
+) -> None:
+    """Even correctly signed, a NaN tolerance or a version past 2**63 is malformed metadata."""
+    env = json.loads(m.sign(release_doc(), [key]))
+    env["signed"]["golden"]["tolerance"] = float("nan")
+    with pytest.raises(MetadataInvalid):
+        m.verified_manifest(json.dumps(env).encode(), root)
+    with pytest.raises(MetadataInvalid, match="version"):
+        m.verified_manifest(m.sign(release_doc(version=2**70), [key]), root)
+
+
+# --------------------------------------------------------------------------- timestamps, snapshots, downloads
+
+
+def timestamp_doc(version: int = 5, release_version: int = 2, data: bytes = b"{}", **over: object) -> dict:
+    doc = {
+        "kind": "timestamp",
+        "spec_version": "1.0",
+        "model": "fraud",
+        "version": version,
+        "created": m.iso(NOW - timedelta(hours=1)),
+        "expires": m.iso(NOW + timedelta(hours=23)),
+        "release": {"version": release_version, "length": len(data), "sha256": m.sha256_hex(data)},
+    }
+    return doc | over
+
+
+def test_a_stale_or_older_timestamp_is_refused(key: Ed25519PrivateKey, root: m.RootMeta) -> None:
+    """An expired timestamp is a freeze attack, one older than the newest accepted a rollback."""
+    ts = m.verified_timestamp(m.sign(timestamp_doc(), [key]), root)
+    assert m.check_timestamp(ts, device(timestamp_version=5), NOW) is None
+    stale = m.check_timestamp(ts, device(), NOW + timedelta(hours=24))
+    assert stale is not None and stale.code == "expired" and "timestamp v5 expired" in stale.reason
+    older = m.check_timestamp(ts, device(timestamp_version=6), NOW)
+    assert older is not None and older.code == "rollback"
+    other = m.check_timestamp(ts, device(model="churn"), NOW)
+    assert other is not None and other.code == "wrong-model"
+
+
+def test_a_release_other_than_the_one_the_timestamp_names_is_superseded(key: Ed25519PrivateKey) -> None:
+    """A genuine, unexpired, newer-than-installed release is refused when the timestamp names another."""
+    current = m.sign(release_doc(version=3), [key])
+    replayed = m.sign(release_doc(version=2), [key])
+    ts = m.TimestampMeta.model_validate_json(json.dumps(timestamp_doc(release_version=3, data=current)))
+    assert m.check_snapshot(current, release(version=3), ts) is None
+    bad = m.check_snapshot(replayed, release(version=2), ts)
+    assert bad is not None and bad.code == "superseded" and "names v3" in bad.reason
+
+
+def test_a_download_is_cut_off_as_soon_as_it_passes_the_signed_length() -> None:
+    """The check runs while reading: it asks for at most one byte past the length and refuses then."""
+    target = release().target
+    check = m.DownloadCheck(target)
+    assert check.wanted(1 << 16) == target.length + 1
+    refused = check.feed(b"x" * (target.length + 1))
+    assert refused is not None and refused.code == "length" and "oversized" in refused.reason

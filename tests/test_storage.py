@@ -17,6 +17,7 @@ from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
 import pytest
 
@@ -497,6 +498,7 @@ SWEEP, OPEN, WRITE, COMMIT, COMMITTED = 1, 2, 3, 4, 5
 PHASES = {SWEEP: "sweep", OPEN: "open", WRITE: "write", COMMIT: "commit", COMMITTED: "committed"}
 _CRASHING_SCORER = """
 import datetime as dt
+import duckdb
 import pyarrow as pa
 from adapters import storage
 
@@ -597,3 +599,139 @@ def test_a_killed_scoring_run_rerun_leaves_exactly_the_rows_of_a_clean_run(
     )
     assert storage.query(root, "SELECT count(*) AS n FROM score_runs")["n"].to_pylist() == [1]
     assert not list(root.glob(".warehouse.duckdb.*")), "a killed writer's working copy was left"
+
+
+# --------------------------------------------------------------------------- read-only queries
+
+
+@pytest.fixture
+def published(root: Path, tmp_path: Path) -> Path:
+    """A store with one committed run and a replay report, and files outside it worth stealing."""
+    import pyarrow.parquet as pq
+
+    from adapters import score_reports
+    from mlops.scoring import ModelRef
+    from mlops.stats import AgreementReport
+
+    info = run_once(root, DAY, [30, 20])
+    ref = ModelRef("fraud", 7, "champion", 0.5, "d" * 64)
+    cmp = ModelRef("fraud", 8, "challenger", 0.5, "e" * 64)
+    report = AgreementReport(50, 0.99, 0.98, 0.01, 0.02, 0.3, 0.31, 0.1, 0.11)
+    score_reports.write_comparison(root, DAY, info.run_id, ref, cmp, report)
+    (tmp_path / "secret.csv").write_text("user,password\nadmin,hunter2\n")
+    (tmp_path / "secret.txt").write_text("hunter2\n")
+    pq.write_table(pa.table({"password": ["hunter2"]}), tmp_path / "secret.parquet")
+    duckdb.connect(str(tmp_path / "other.duckdb")).close()
+    return root
+
+
+def test_read_queries_over_scores_runs_and_reports_still_work(published: Path) -> None:
+    """SELECT, WITH, FROM-first, DESCRIBE and SUMMARIZE over ``scores``, ``score_runs`` and the
+    replay report tables answer as before, with parameters too."""
+    root = published
+    assert count(root) == 50
+    with_cte = "WITH s AS (SELECT * FROM scores) SELECT count(*) AS n FROM s WHERE run_date = ?"
+    assert storage.query(root, with_cte, [DAY])["n"].to_pylist() == [50]
+    assert storage.query(root, "FROM score_runs SELECT rows_out")["rows_out"].to_pylist() == [50]
+    got = storage.query(root, "SELECT compared_version, psi FROM score_comparisons").to_pylist()
+    assert got == [{"compared_version": 8, "psi": 0.01}]
+    columns = storage.query(root, "DESCRIBE scores")["column_name"].to_pylist()
+    assert {"transaction_id", "score", "tag", "run_date"} <= set(columns)
+    assert storage.query(root, "SUMMARIZE score_runs").num_rows > 5
+    files = storage.query(root, f"SELECT count(*) AS n FROM glob('{root}/scores/**/*.parquet')")
+    assert files["n"].to_pylist() == [2]  # the store's own files stay readable
+
+
+ESCAPES = {
+    "read_csv outside": "SELECT * FROM read_csv('{out}/secret.csv')",
+    "read_parquet outside": "SELECT * FROM read_parquet('{out}/secret.parquet')",
+    "read_text outside": "SELECT content FROM read_text('{out}/secret.txt')",
+    "read_text /etc": "SELECT content FROM read_text('/etc/passwd')",
+    "dot-dot out of the store": "SELECT * FROM read_csv('{root}/scores/../../secret.csv')",
+    "glob outside": "SELECT * FROM glob('{out}/*')",
+    "COPY TO": "COPY (SELECT * FROM scores) TO '{out}/stolen.csv'",
+    "COPY TO inside the store": "COPY (SELECT 1) TO '{root}/scores/planted.csv'",
+    "EXPORT DATABASE": "EXPORT DATABASE '{out}/export'",
+    "ATTACH": "ATTACH '{out}/other.duckdb' AS other",
+    "ATTACH the warehouse writable": "ATTACH '{root}/warehouse.duckdb' AS rw",
+    "DETACH": "DETACH warehouse",
+    "INSTALL": "INSTALL httpfs",
+    "LOAD": "LOAD httpfs",
+    "SET to unlock": "SET enable_external_access = true",
+    "RESET": "RESET lock_configuration",
+    "PRAGMA": "PRAGMA enable_checkpoint_on_shutdown",
+    "CALL": "CALL checkpoint()",
+    "multi-statement": "SELECT 1; COPY (SELECT 1) TO '{out}/stolen.csv'",
+    "SET then SELECT": "SET enable_external_access = true; SELECT * FROM read_csv('{out}/secret.csv')",
+    "INSERT": "INSERT INTO score_runs SELECT * FROM score_runs",
+    "DELETE": "DELETE FROM score_runs",
+    "UPDATE": "UPDATE score_comparisons SET psi = 0",
+    "CREATE TABLE": "CREATE TABLE memory.stolen AS SELECT * FROM read_csv('{out}/secret.csv')",
+    "DROP": "DROP VIEW scores",
+    "EXPLAIN ANALYZE": "EXPLAIN ANALYZE COPY (SELECT 1) TO '{out}/stolen.csv'",
+}
+
+
+@pytest.mark.parametrize("sql", list(ESCAPES.values()), ids=list(ESCAPES))
+def test_a_query_cannot_read_write_attach_or_configure_anything(
+    published: Path, tmp_path: Path, sql: str
+) -> None:
+    """Every way out of a read-only query is refused with a one-line error, and nothing changed:
+    no file written, the warehouse and its rows as they were."""
+    root = published
+    before = tree(tmp_path)
+    warehouse = (root / "warehouse.duckdb").read_bytes()
+    with pytest.raises(DataError) as err:
+        storage.query(root, sql.format(out=tmp_path, root=root))
+    assert "\n" not in str(err.value)
+    assert "hunter2" not in str(err.value)
+    assert tree(tmp_path) == before
+    assert (root / "warehouse.duckdb").read_bytes() == warehouse
+    assert count(root) == 50
+
+
+def test_statements_other_than_one_select_are_refused_before_they_run() -> None:
+    """The parser step names what it refused: several statements, or the statement's type."""
+    from adapters.warehouse_query import QueryRefused, check_read_only
+
+    assert check_read_only("SELECT 1") == "SELECT 1"
+    with pytest.raises(QueryRefused, match="2 statements"):
+        check_read_only("SELECT 1; SELECT 2")
+    with pytest.raises(QueryRefused, match="COPY statement refused"):
+        check_read_only("COPY scores TO 'x.csv'")
+    with pytest.raises(QueryRefused, match="does not parse"):
+        check_read_only("SELEC 1")
+    with pytest.raises(QueryRefused, match="empty"):
+        check_read_only("  ")
+
+
+SLIPPED = [
+    "SELECT * FROM read_csv('{out}/secret.csv')",
+    "COPY (SELECT 1) TO '{out}/stolen.csv'",
+    "ATTACH '{out}/other.duckdb' AS other",
+    "INSTALL httpfs",
+    "LOAD httpfs",
+    "SET enable_external_access = true",
+    "SET allowed_directories = ['/']",
+    "SET autoload_known_extensions = true",
+]
+
+
+@pytest.mark.parametrize("sql", SLIPPED)
+def test_a_statement_that_slips_past_the_parser_still_cannot_escape(
+    published: Path, tmp_path: Path, sql: str
+) -> None:
+    """The confined connection itself refuses files outside the store, extensions and setting
+    changes, whatever statement reaches it; the store's own data stays readable."""
+    from adapters.warehouse_query import confine
+
+    con = duckdb.connect(":memory:")
+    con.execute(f"ATTACH '{published}/warehouse.duckdb' AS warehouse (READ_ONLY)")
+    con.execute("USE warehouse")
+    confine(con, [published / "scores"])
+    before = tree(tmp_path)
+    with pytest.raises(duckdb.Error):
+        con.execute(sql.format(out=tmp_path))
+    assert tree(tmp_path) == before
+    assert con.execute("SELECT count(*) FROM scores").fetchall() == [(50,)]
+    con.close()

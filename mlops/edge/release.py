@@ -16,7 +16,16 @@ import numpy as np
 import pandas as pd
 
 from mlops.edge import graph
-from mlops.edge.manifest import Golden, ModelManifest, Reference, TargetFile, iso, sha256_hex
+from mlops.edge.manifest import (
+    Golden,
+    ModelManifest,
+    Reference,
+    SnapshotFile,
+    TargetFile,
+    TimestampMeta,
+    iso,
+    sha256_hex,
+)
 from mlops.edge.telemetry import reference_distribution
 from mlops.onnx_model import OnnxScorer
 from mlops.settings import DatasetSchema, EdgeConfig
@@ -87,6 +96,7 @@ def release_document(
 
 
 def signed_dict(doc: ModelManifest) -> dict[str, Any]:
+    """A release as the JSON object that is signed (timestamps in ``iso`` form)."""
     data = doc.model_dump(mode="json")
     data["created"], data["expires"] = iso(doc.created), iso(doc.expires)
     return data
@@ -97,3 +107,31 @@ def with_cohort(signed: Mapping[str, Any], percent: float, now: datetime, ttl_ho
     doc = ModelManifest.model_validate_json(json.dumps(dict(signed)))
     update = {"cohort_percent": float(percent), "created": now, "expires": now + timedelta(hours=ttl_hours)}
     return signed_dict(doc.model_copy(update=update))
+
+
+def timestamp_document(
+    *,
+    model_name: str,
+    version: int,
+    release_version: int,
+    release_metadata: bytes,
+    now: datetime,
+    ttl_hours: float,
+) -> dict[str, Any]:
+    """The ``signed`` part of timestamp ``version``: ``release_metadata`` (release ``release_version``) is current.
+
+    Short-lived by design: a device refuses it after ``ttl_hours``, which bounds how long
+    an attacker who replays old metadata can keep a device from seeing a newer release.
+    """
+    doc = TimestampMeta(
+        model=model_name,
+        version=version,
+        created=now,
+        expires=now + timedelta(hours=ttl_hours),
+        release=SnapshotFile(
+            version=release_version, length=len(release_metadata), sha256=sha256_hex(release_metadata)
+        ),
+    )
+    data = doc.model_dump(mode="json")
+    data["created"], data["expires"] = iso(doc.created), iso(doc.expires)
+    return data

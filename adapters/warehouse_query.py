@@ -1,0 +1,106 @@
+"""Read-only SQL over the score store's warehouse: one read statement, in a confined DuckDB.
+
+``mlops query`` hands SQL typed by a user to DuckDB, which can read any file the process
+can (``read_csv('/etc/passwd')``), write files (``COPY ... TO``), attach other databases,
+install and load extensions and change its own settings. Two independent defences keep a
+query to reading the store:
+
+1. ``check_read_only``: DuckDB's own parser splits the text into statements; exactly one
+   statement of type SELECT is accepted (``SELECT``, ``WITH``, ``FROM t``, ``VALUES``,
+   ``DESCRIBE``, ``SUMMARIZE``, ``SHOW``). Anything else -- several statements, ``COPY``,
+   ``ATTACH``/``DETACH``, ``INSTALL``/``LOAD``, ``SET``/``RESET``, ``PRAGMA``, ``CALL``,
+   ``EXPORT``, ``EXPLAIN``, DDL and DML -- is refused with ``QueryRefused`` before it runs.
+2. ``confine``: after the warehouse is attached (read-only), the connection's file system
+   is limited to the store's ``scores`` folder (the Parquet files the ``scores`` view
+   reads), external access, extension auto-install and auto-load are switched off, and the
+   configuration is locked, so a statement that got past the parser still cannot read or
+   write a file outside the store, reach the network, load code or undo the settings.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from mlops.errors import DataError
+
+__all__ = ["QueryRefused", "check_read_only", "confine", "run"]
+
+
+class QueryRefused(DataError):
+    """A query is not exactly one read statement (it would write, attach, configure or run several)."""
+
+
+def _one_line(sql: str, width: int = 60) -> str:
+    flat = " ".join(sql.split())
+    return flat if len(flat) <= width else flat[: width - 3] + "..."
+
+
+def check_read_only(sql: str) -> str:
+    """``sql`` if DuckDB parses it as exactly one SELECT statement; else ``QueryRefused`` saying why."""
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as exc:
+        first = str(exc).splitlines()[0]
+        raise QueryRefused(f"query does not parse: {first}") from None
+    if not statements:
+        raise QueryRefused("empty query: give one SELECT statement")
+    if len(statements) > 1:
+        kinds = ", ".join(s.type.name for s in statements)
+        raise QueryRefused(
+            f"query has {len(statements)} statements ({kinds}); only one read statement is accepted"
+        )
+    kind = statements[0].type
+    if kind != duckdb.StatementType.SELECT:
+        raise QueryRefused(
+            f"{kind.name} statement refused ({_one_line(sql)}): the warehouse is queried read-only, "
+            "only a single SELECT (or WITH / FROM / DESCRIBE / SUMMARIZE) is accepted"
+        )
+    return sql
+
+
+def _directories(folders: Iterable[Path]) -> list[str]:
+    """Each folder as given (made absolute) and with symlinks resolved, with a trailing slash."""
+    out: list[str] = []
+    for folder in folders:
+        for form in (Path(os.path.abspath(folder)), folder.resolve()):
+            text = str(form).rstrip("/") + "/"
+            if text not in out:
+                out.append(text)
+    return out
+
+
+def confine(con: duckdb.DuckDBPyConnection, readable: Iterable[Path]) -> None:
+    """Limit ``con`` for good to the files under ``readable``: no other file, network, extension or setting."""
+    allowed = ", ".join("'" + d.replace("'", "''") + "'" for d in _directories(readable))
+    for statement in (
+        f"SET allowed_directories = [{allowed}]",
+        "SET enable_external_access = false",
+        "SET autoinstall_known_extensions = false",
+        "SET autoload_known_extensions = false",
+        "SET lock_configuration = true",
+    ):
+        con.execute(statement)
+
+
+def run(con: duckdb.DuckDBPyConnection, sql: str, params: Sequence[object] | None = None) -> pa.Table:
+    """The whole result of ``sql`` on a confined ``con`` as Arrow; a refusal or failure is one line.
+
+    A relation's ``to_arrow_table()`` materializes the result before the connection closes
+    (in DuckDB 2.0, ``execute()`` results stream and would not).
+    """
+    try:
+        return con.sql(sql, params=params).to_arrow_table()
+    except duckdb.PermissionException as exc:
+        raise QueryRefused(f"query refused: {_first_line(exc)} (only the score store can be read)") from None
+    except duckdb.Error as exc:
+        raise DataError(f"query failed: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
