@@ -97,21 +97,23 @@ def check_callback(url: object, allowed_hosts: tuple[str, ...]) -> str:
     spellings are refused: a caller cannot make the service call arbitrary addresses.
     """
     if type(url) is not str:
-        raise InvalidRequest(f"{CALLBACK_FIELD} must be a string URL")
+        raise InvalidRequest(f"{CALLBACK_FIELD} must be a string URL", 400)
     if not 0 < len(url) <= MAX_URL or any(c.isspace() or ord(c) < 32 for c in url):
-        raise InvalidRequest(f"{CALLBACK_FIELD} must be a URL of at most {MAX_URL} characters, no spaces")
+        raise InvalidRequest(
+            f"{CALLBACK_FIELD} must be a URL of at most {MAX_URL} characters, no spaces", 400
+        )
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
-        raise InvalidRequest(f"{CALLBACK_FIELD} is not a valid URL: {exc}") from None
+        raise InvalidRequest(f"{CALLBACK_FIELD} is not a valid URL: {exc}", 400) from None
     if parts.scheme not in ("http", "https"):
-        raise InvalidRequest(f"{CALLBACK_FIELD} must be http or https, got {parts.scheme[:20]!r}")
+        raise InvalidRequest(f"{CALLBACK_FIELD} must be http or https, got {parts.scheme[:20]!r}", 400)
     if parts.username is not None or parts.password is not None or "@" in parts.netloc:
-        raise InvalidRequest(f"{CALLBACK_FIELD} must not carry credentials")
+        raise InvalidRequest(f"{CALLBACK_FIELD} must not carry credentials", 400)
     host = (parts.hostname or "").lower()
     if not host:
-        raise InvalidRequest(f"{CALLBACK_FIELD} has no host")
+        raise InvalidRequest(f"{CALLBACK_FIELD} has no host", 400)
     try:
         canonical = str(ipaddress.ip_address(host))
     except ValueError:
@@ -120,9 +122,10 @@ def check_callback(url: object, allowed_hosts: tuple[str, ...]) -> str:
     if canonical != host or host not in allowed:
         raise InvalidRequest(
             f"{CALLBACK_FIELD} host {host[:100]!r} is not allowed "
-            f"(serving.async_jobs.callback_hosts: {', '.join(sorted(allowed)) or 'none'})"
+            f"(serving.async_jobs.callback_hosts: {', '.join(sorted(allowed)) or 'none'})",
+            400,
         )
-    del port
+    del port  # parsed only to refuse an out-of-range port
     return url
 
 
