@@ -206,7 +206,8 @@ class JobStore:
                 callback_state TEXT,
                 callback_job_id TEXT,
                 callback_attempts INTEGER NOT NULL DEFAULT 0,
-                callback_next_at REAL
+                callback_next_at REAL,
+                ready_at REAL NOT NULL DEFAULT 0
             );
             CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, seq);
             CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expires_at);
@@ -290,8 +291,9 @@ class JobStore:
         while True:
             with self._tx() as db:
                 row = db.execute(
-                    f"SELECT {_COLUMNS} FROM jobs WHERE state = ? AND expires_at > ? ORDER BY seq LIMIT 1",
-                    (QUEUED, now),
+                    f"SELECT {_COLUMNS} FROM jobs WHERE state = ? AND expires_at > ? AND ready_at <= ?"
+                    " ORDER BY seq LIMIT 1",
+                    (QUEUED, now, now),
                 ).fetchone()
                 if row is None:
                     return None
@@ -316,13 +318,14 @@ class JobStore:
                     **{**_asdict(job), "state": RUNNING, "attempts": job.attempts + 1, "updated_at": now}
                 )
 
-    def release(self, key: str, now: float) -> None:
-        """Put a running job back in the queue without counting the attempt (capacity, no model)."""
+    def release(self, key: str, now: float, retry_at: float) -> None:
+        """Put a running job back in the queue without counting the attempt (capacity, no model);
+        it is not claimed again before ``retry_at``, so it does not hold up the jobs behind it."""
         with self._tx() as db:
             db.execute(
-                "UPDATE jobs SET state = ?, attempts = max(attempts - 1, 0), updated_at = ?"
+                "UPDATE jobs SET state = ?, attempts = max(attempts - 1, 0), updated_at = ?, ready_at = ?"
                 " WHERE key = ? AND state = ?",
-                (QUEUED, now, key, RUNNING),
+                (QUEUED, now, retry_at, key, RUNNING),
             )
 
     @staticmethod
@@ -572,7 +575,8 @@ class AsyncJobs:
                 break
             except Overloaded:
                 if self._stopping:
-                    await asyncio.to_thread(self.store.release, job.key, time.time())
+                    now = time.time()
+                    await asyncio.to_thread(self.store.release, job.key, now, now)
                     return
                 await asyncio.sleep(0.01)
         try:
@@ -582,8 +586,9 @@ class AsyncJobs:
             return
         except ServingError as exc:
             if exc.status == 503:  # no model in the slot yet, or shedding: try again later
-                await asyncio.to_thread(self.store.release, job.key, time.time())
-                await asyncio.sleep(RETRY_S)
+                now = time.time()
+                await asyncio.to_thread(self.store.release, job.key, now, now + RETRY_S)
+                await asyncio.sleep(RETRY_S)  # and no busy loop through a queue nothing can score
                 return
             await self._fail(job, str(exc), exc.status)
             return

@@ -132,6 +132,22 @@ def test_a_job_interrupted_max_attempts_times_fails_with_a_reason(tmp_path: Path
     assert job.state == FAILED and job.status == 500 and "interrupted 2 times" in job.error
 
 
+def test_a_job_put_back_for_lack_of_a_model_does_not_hold_up_the_queue(tmp_path: Path):
+    """A job released because its slot holds no model (503) waits until its retry time
+    without counting an attempt, and the jobs behind it are claimed meanwhile."""
+    cfg = AsyncJobsConfig()
+    store = JobStore(tmp_path / "jobs.db")
+    store.submit("forced-candidate", _payload(0), "candidate", None, 0.0, cfg)
+    store.submit("next", _payload(1), None, None, 0.0, cfg)
+    head = store.claim(1.0, cfg.max_attempts, cfg.ttl_seconds)
+    assert head.key == "forced-candidate" and head.forced == "candidate"
+    store.release(head.key, 1.0, 1.5)
+    assert store.claim(1.1, cfg.max_attempts, cfg.ttl_seconds).key == "next"
+    assert store.claim(1.2, cfg.max_attempts, cfg.ttl_seconds) is None
+    again = store.claim(1.5, cfg.max_attempts, cfg.ttl_seconds)
+    assert again.key == "forced-candidate" and again.attempts == 1
+
+
 def test_the_queue_is_bounded_and_jobs_expire_then_disappear(tmp_path: Path):
     """max_pending queued/running jobs fill the queue (QueueFull, a 429); finishing one makes
     room. Past its TTL a job reads as expired with its payload and result deleted; a TTL
