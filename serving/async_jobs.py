@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from mlops.request_validation import InvalidRequest, Record, parse_json
+from mlops.routing import CANDIDATE, FORCE_HEADER, STABLE, InvalidRouteTable
 from mlops.settings import AsyncJobsConfig, Settings
 from serving.errors import Overloaded, ServingError
 
@@ -509,6 +510,8 @@ class AsyncJobs:
             data = dict(data)
             callback = check_callback(data.pop(CALLBACK_FIELD), self.cfg.callback_hosts)
         records = self.rt.validator.predict(data)
+        if forced is not None and forced not in (STABLE, CANDIDATE):
+            raise InvalidRequest(f"{FORCE_HEADER} must be 'stable' or 'candidate', got {forced[:40]!r}", 400)
         job_id = secrets.token_urlsafe(16)
         key = job_key(job_id)
         single = len(records) == 1
@@ -584,6 +587,9 @@ class AsyncJobs:
         except InvalidRequest as exc:
             await self._fail(job, str(exc), exc.status)
             return
+        except InvalidRouteTable as exc:
+            await self._fail(job, str(exc), 400)
+            return
         except ServingError as exc:
             if exc.status == 503:  # no model in the slot yet, or shedding: try again later
                 now = time.time()
@@ -616,7 +622,13 @@ class AsyncJobs:
             if not due:
                 await asyncio.sleep(0.2)
                 continue
-            await asyncio.gather(*(self._deliver(job) for job in due))
+            outcomes = await asyncio.gather(*(self._deliver(job) for job in due), return_exceptions=True)
+            for job, outcome in zip(due, outcomes, strict=True):
+                if isinstance(outcome, Exception):  # a bug; the delivery is retried with backoff
+                    log.error("async job %s: callback delivery crashed: %r", job.key, outcome)
+                    await asyncio.to_thread(
+                        self.store.callback_result, job.key, False, time.time(), self.cfg.callback_attempts
+                    )
 
     async def _deliver(self, job: Job) -> None:
         """POST the job's status body to its callback URL; a 2xx answer counts as delivered."""

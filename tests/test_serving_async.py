@@ -451,6 +451,8 @@ def test_full_queue_429_callbacks_expiry_and_malformed_bodies(start, hook):
         resp = http.post("/predict/async", content=body, headers={"content-type": "application/json"})
         assert 400 <= resp.status_code < 500 and words in resp.json()["error"], (body[:80], resp.text)
         assert status is None or resp.status_code == status, (body[:80], resp.text)
+    resp = http.post("/predict/async", json={"features": rows[0]}, headers={"X-Mlops-Variant": "other"})
+    assert resp.status_code == 400 and "stable" in resp.json()["error"]
     assert http.get("/predict/async/not-a-job").status_code == 404
     assert http.get("/predict/async/AAAAAAAAAAAAAAAAAAAAAA").status_code == 404
 
