@@ -249,6 +249,31 @@ class ScoringConfig(StrictModel):
     psi_bins: int = Field(10, ge=2, le=100)
 
 
+class AsyncJobsConfig(StrictModel):
+    """Async inference (``POST /predict/async``): a durable, bounded job queue under MLOPS_HOME.
+
+    Jobs live in ``$MLOPS_HOME/run/async-jobs.db`` (SQLite, WAL, one row per job) and survive
+    a restart; ``workers`` of them are scored at a time through the same path as ``/predict``.
+    A submit is refused with 429 once ``max_pending`` jobs wait or run, or ``max_stored``
+    jobs are kept. A job and its result are deleted ``ttl_seconds`` after it was submitted or
+    finished (a GET then says expired, later 404). A job interrupted by ``max_attempts``
+    restarts fails. Callbacks go only to hosts in ``callback_hosts`` (loopback by default):
+    any other callback URL is refused at submit time.
+    """
+
+    enabled: bool = True
+    max_pending: int = Field(10_000, ge=1)
+    max_stored: int = Field(100_000, ge=1)
+    ttl_seconds: float = Field(86_400.0, gt=0)
+    workers: int = Field(2, ge=1, le=64)
+    max_attempts: int = Field(3, ge=1)
+    callback_hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "::1")
+    callback_timeout_seconds: float = Field(5.0, gt=0, le=60)
+    callback_attempts: int = Field(5, ge=1)
+    sweep_seconds: float = Field(10.0, gt=0)
+    fsync: bool = True  # commit with an fsync (durable across power loss, not only a crash)
+
+
 class ServingConfig(StrictModel):
     """Online inference (`mlops serve`): what the BentoML service loads, its limits and logs.
 
@@ -294,6 +319,7 @@ class ServingConfig(StrictModel):
     log_flush_rows: int = Field(20_000, ge=1)
     log_max_buffer_rows: int = Field(500_000, ge=1)
     idempotency_keys: int = Field(1024, ge=1)
+    async_jobs: AsyncJobsConfig = AsyncJobsConfig()
 
 
 # --------------------------------------------------------------------------- edge

@@ -13,6 +13,8 @@ tensor data extension (``Inference-Header-Content-Length``) for inputs and outpu
 Endpoints (``name`` is the served registered model):
 
     POST /predict                         records in, score/decision/variant/version out
+    POST /predict/async                   the same body queued as a job: 202 + job id (429 when full)
+    GET  /predict/async/{job_id}          queued/running/done (the /predict answer)/failed/expired
     POST /feedback                        labels for earlier request ids
     GET  /metrics                         Prometheus, per variant
     GET  /v2, /v2/health/live, /v2/health/ready
@@ -50,6 +52,7 @@ from mlops.onnx_model import PROBA_OUTPUT
 from mlops.request_validation import BINARY_HEADER, InvalidRequest, V2Request, parse_json, split_binary
 from mlops.routing import FORCE_HEADER, InvalidRouteTable
 from mlops.settings import ServingConfig
+from serving.async_jobs import AsyncJobs, QueueFull
 from serving.auth import check_bearer
 from serving.errors import ServingError, UnknownModel
 from serving.openapi import openapi_document
@@ -72,6 +75,7 @@ class RuntimeRef:
 
     runtime: ServingRuntime | None = None
     openapi: bytes | None = None
+    jobs: AsyncJobs | None = None
 
 
 def _dumps(obj: Any) -> bytes:
@@ -238,6 +242,28 @@ def build_app(ref: RuntimeRef) -> Starlette:
     async def feedback(request: Request, rt: ServingRuntime) -> Response:
         items = rt.validator.feedback(parse_json(await _body(request, rt.cfg)))
         return _answer(rt.feedback(items), 202)
+
+    # ------------------------------------------------------------------ async jobs
+
+    def _jobs() -> AsyncJobs:
+        if ref.jobs is None:
+            raise UnknownModel("async inference is off (serving.async_jobs.enabled)")
+        return ref.jobs
+
+    @endpoint("predict_async")
+    async def predict_async(request: Request, rt: ServingRuntime) -> Response:
+        jobs = _jobs()
+        try:
+            job = await jobs.submit(await _body(request, rt.cfg), request.headers.get(FORCE_HEADER))
+        except QueueFull as exc:
+            rt.metrics.rejected.labels("predict_async", "429").inc()
+            return _error(str(exc), 429, {"Retry-After": "1"})
+        return _answer(job, 202, {"Location": job["status_url"]})
+
+    @endpoint("predict_async_job")
+    async def predict_async_job(request: Request, rt: ServingRuntime) -> Response:
+        status, job = await _jobs().lookup(request.path_params["job_id"])
+        return _answer(job, status)
 
     async def metrics(request: Request) -> Response:
         rt = ref.runtime
@@ -425,14 +451,22 @@ def build_app(ref: RuntimeRef) -> Starlette:
         rt = ref.runtime
         if rt is not None:
             rt.start()
+            if rt.cfg.async_jobs.enabled:
+                ref.jobs = AsyncJobs(rt)
+                await ref.jobs.start()
         try:
             yield
         finally:
+            if ref.jobs is not None:  # before the runtime: running jobs finish and are logged
+                await ref.jobs.stop()
+                ref.jobs = None
             if ref.runtime is not None:
                 await ref.runtime.stop()
 
     routes = [
         Route("/predict", predict, methods=["POST"]),
+        Route("/predict/async", predict_async, methods=["POST"]),
+        Route("/predict/async/{job_id}", predict_async_job, methods=["GET"]),
         Route("/feedback", feedback, methods=["POST"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/v2", server_metadata, methods=["GET"]),

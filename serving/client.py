@@ -15,6 +15,7 @@ answers 5xx), ``ServingRequestFailed`` (with ``status``) when it refuses the req
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -137,6 +138,44 @@ class ServingClient:
         headers = {FORCE_HEADER: force} if force else None
         body = records[0] if len(records) == 1 else {"records": list(records)}
         return self._call("POST", "/predict", json=body, headers=headers).json()["predictions"]
+
+    def submit_async(
+        self,
+        records: Sequence[Mapping[str, Any]],
+        *,
+        force: str | None = None,
+        callback_url: str | None = None,
+    ) -> str:
+        """Queue records for async scoring (``POST /predict/async``); the job id.
+
+        A full queue raises ``ServingRequestFailed`` with status 429 (retry later).
+        """
+        headers = {FORCE_HEADER: force} if force else None
+        body: dict[str, Any] = dict(records[0]) if len(records) == 1 else {"records": list(records)}
+        if callback_url is not None:
+            body["callback_url"] = callback_url
+        return self._call("POST", "/predict/async", json=body, headers=headers).json()["job_id"]
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        """An async job's state (``queued``, ``running``, ``done`` with ``result``, ``failed``
+        with ``error``, or ``expired``); ``ServingRequestFailed`` 404 for an unknown id."""
+        try:
+            return self._call("GET", f"/predict/async/{job_id}").json()
+        except ServingRequestFailed as exc:
+            if exc.status != 410:
+                raise
+            return {"job_id": job_id, "state": "expired", "error": str(exc)}
+
+    def wait_job(self, job_id: str, *, timeout: float = 60.0, poll: float = 0.2) -> dict[str, Any]:
+        """Poll an async job until it is done, failed or expired; ``ServingUnavailable`` after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if job["state"] in ("done", "failed", "expired"):
+                return job
+            if time.monotonic() > deadline:
+                raise ServingUnavailable(f"async job {job_id} still {job['state']} after {timeout:g} s")
+            time.sleep(poll)
 
     def feedback(self, labels: Sequence[tuple[str, int]]) -> int:
         """Send (request_id, label) pairs; how many were accepted."""

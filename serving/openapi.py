@@ -37,7 +37,9 @@ def _responses(ok: str, ok_schema: dict[str, Any], *errors: int, ok_status: str 
         408: "The request body did not arrive within serving.body_timeout_seconds",
         413: "Body or batch too large",
         415: "Content-Encoding other than identity",
+        410: "The async job expired; its result was deleted",
         422: "Values break the dataset schema",
+        429: "The async job queue is full (retry later)",
         503: "Overloaded or not ready (retry later)",
         504: "The model did not answer in time",
     }
@@ -120,6 +122,7 @@ def openapi_document(
             "shape": {"type": "array", "items": {"type": "integer"}},
         },
     }
+    callback = {"type": "string", "format": "uri", "maxLength": 2000}
     schemas: dict[str, Any] = {
         "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
         "Features": {
@@ -163,6 +166,60 @@ def openapi_document(
             "properties": {
                 "predictions": {"type": "array", "items": _ref("Prediction")},
                 "mode": {"type": "string"},
+            },
+        },
+        "AsyncPredictRequest": {
+            "description": "A /predict body, plus an optional callback_url: POSTed the job's status "
+            "body when it is done or failed. Only hosts in serving.async_jobs.callback_hosts "
+            "(loopback by default) are accepted; any other is a 400.",
+            "oneOf": [
+                {
+                    **record,
+                    "properties": {**record["properties"], "callback_url": callback},
+                },
+                {
+                    "type": "object",
+                    "required": ["records"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "records": {
+                            "type": "array",
+                            "items": _ref("Record"),
+                            "minItems": 1,
+                            "maxItems": max_rows,
+                        },
+                        "callback_url": callback,
+                    },
+                },
+            ],
+        },
+        "AsyncJobAccepted": {
+            "type": "object",
+            "required": ["job_id", "state", "status_url"],
+            "properties": {
+                "job_id": {"type": "string", "pattern": "^[A-Za-z0-9_-]{22}$"},
+                "state": {"const": "queued"},
+                "status_url": {"type": "string"},
+            },
+        },
+        "AsyncJob": {
+            "type": "object",
+            "required": ["job_id", "state", "created_at", "updated_at", "attempts"],
+            "properties": {
+                "job_id": {"type": "string"},
+                "state": {"type": "string", "enum": ["queued", "running", "done", "failed", "expired"]},
+                "created_at": {"type": "string", "format": "date-time"},
+                "updated_at": {"type": "string", "format": "date-time"},
+                "expires_at": {"type": "string", "format": "date-time"},
+                "attempts": {
+                    "type": "integer",
+                    "description": "Times a worker started the job (more than 1 after a restart "
+                    "interrupted it; its request ids stay the same).",
+                },
+                "result": {**_ref("PredictResponse"), "description": "When done: what /predict answers."},
+                "error": {"type": "string", "description": "When failed or expired: why."},
+                "status": {"type": "integer", "description": "When failed: the HTTP status /predict gave."},
+                "callback": {"type": "string", "enum": ["waiting", "pending", "delivered", "failed"]},
             },
         },
         "FeedbackItem": {
@@ -319,6 +376,26 @@ def openapi_document(
                 "parameters": [force],
                 "requestBody": {"required": True, **_json(_ref("PredictRequest"))},
                 "responses": _responses("Scores", _ref("PredictResponse"), 400, 408, 413, 422, 503, 504),
+            }
+        },
+        "/predict/async": {
+            "post": {
+                "summary": "Queue a /predict body as a job (durable across restarts): 202 with the "
+                "job id at once; 429 when serving.async_jobs.max_pending jobs wait or run.",
+                "parameters": [force],
+                "requestBody": {"required": True, **_json(_ref("AsyncPredictRequest"))},
+                "responses": _responses(
+                    "Queued", _ref("AsyncJobAccepted"), 400, 404, 408, 413, 422, 429, 503, ok_status="202"
+                ),
+            }
+        },
+        "/predict/async/{job_id}": {
+            "get": {
+                "summary": "An async job's state; when done, the answer /predict would have given.",
+                "parameters": [
+                    {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": _responses("The job", _ref("AsyncJob"), 404, 410, 503),
             }
         },
         "/feedback": {
