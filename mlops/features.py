@@ -158,9 +158,33 @@ def _values(frame: Frame, name: str) -> np.ndarray:
     return out
 
 
-def _entities(frame: Frame, name: str) -> np.ndarray:
+def _entities(frame: Frame, name: str) -> Any:
     col = _column(frame, name)
-    return col.to_numpy() if isinstance(col, pa.ChunkedArray) else col.to_numpy()
+    if (isinstance(col, pa.ChunkedArray) and col.null_count) or (
+        isinstance(col, pd.Series) and col.isna().any()
+    ):
+        raise DataError(f"events: column {name!r} has missing entity ids")
+    return col
+
+
+def _entity_codes(*cols: Any) -> list[np.ndarray]:
+    """One integer code per distinct entity id, shared by all the given columns (Arrow or pandas)."""
+    if all(isinstance(c, pd.Series) for c in cols):
+        codes = pd.factorize(pd.concat(cols, ignore_index=True))[0]
+    elif all(isinstance(c, pa.ChunkedArray) for c in cols) and len({c.type for c in cols}) == 1:
+        both = pa.chunked_array([ch for c in cols for ch in c.chunks], cols[0].type)
+        codes = pc.dictionary_encode(both.combine_chunks()).indices.to_numpy()
+    else:
+        as_obj = [
+            c.to_numpy(zero_copy_only=False) if isinstance(c, pa.ChunkedArray) else c.to_numpy() for c in cols
+        ]
+        codes = pd.factorize(np.concatenate([np.asarray(a, dtype=object) for a in as_obj]))[0]
+    codes = np.asarray(codes, dtype=np.int64)
+    out, at = [], 0
+    for c in cols:
+        out.append(codes[at : at + len(c)])
+        at += len(c)
+    return out
 
 
 # --------------------------------------------------------------------------- offline
@@ -168,52 +192,76 @@ def _entities(frame: Frame, name: str) -> np.ndarray:
 
 @dataclass(frozen=True)
 class _Sorted:
-    """Events sorted by (entity, time) with the window bounds of each query row."""
+    """Events sorted by (entity, time), and the query rows in the same order with their window bounds."""
 
     ts: np.ndarray  # sorted event times
     values: dict[str, np.ndarray]  # sorted source columns
+    q_order: np.ndarray  # query rows sorted by (entity, time): the order of everything below
+    q_ts: np.ndarray  # query times, in q_order
     right: np.ndarray  # per query: index past the last event strictly before t
     left: dict[int, np.ndarray]  # per window length: index of the first event at or after t - w
-    q_ts: np.ndarray
+
+
+def _sorted_unique(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(distinct sorted values, the sorting permutation, each value's rank among the distinct)."""
+    order = np.argsort(values, kind="stable")
+    srt = values[order]
+    new = np.ones(len(srt), dtype=bool)
+    new[1:] = srt[1:] != srt[:-1]
+    rank = np.empty(len(values), dtype=np.int64)
+    rank[order] = np.cumsum(new) - 1
+    return srt[new], order, rank
+
+
+def _time_rank(uniq: np.ndarray, times: np.ndarray, by_time: np.ndarray, side: str) -> np.ndarray:
+    """How many distinct event times lie below each time (``<`` or ``<=``), searched in time order."""
+    out = np.empty(len(times), dtype=np.int64)
+    out[by_time] = np.searchsorted(uniq, times[by_time], side)  # sorted needles: cache-friendly
+    return out
 
 
 def _bounds(
     fs: FeatureSet,
-    ev_ent: np.ndarray,
+    ev_ent: Any,
     ev_ts: np.ndarray,
-    q_ent: np.ndarray | None,
+    q_ent: Any,
     q_ts: np.ndarray,
     ev_vals: dict[str, np.ndarray],
     inclusive: bool = False,
 ) -> _Sorted:
-    n = len(ev_ts)
-    if q_ent is None:  # the queries are the events themselves (a training set)
-        codes, _ = pd.factorize(ev_ent)
-        ev_code = q_code = codes.astype(np.int64)
+    same = q_ent is None  # the queries are the events themselves (a training set)
+    if same:
+        (ev_code,) = _entity_codes(ev_ent)
+        q_code = ev_code
     else:
-        codes, _ = pd.factorize(
-            np.concatenate([np.asarray(ev_ent, dtype=object), np.asarray(q_ent, dtype=object)])
-        )
-        ev_code, q_code = codes[:n].astype(np.int64), codes[n:].astype(np.int64)
+        ev_code, q_code = _entity_codes(ev_ent, q_ent)
     # Times become ranks among the distinct event times, so (entity, rank) packs into one int64
-    # key whose order is (entity, time); a query time maps to the number of event times below it.
-    uniq = np.unique(ev_ts)
+    # key ordered by (entity, time); a query time maps to the number of event times below it.
+    # Every search runs with sorted needles (queries in key order), which keeps it in cache.
+    uniq, ev_by_time, ev_rank = _sorted_unique(ev_ts)
     stride = np.int64(len(uniq) + 1)
-    ev_key = ev_code * stride + np.searchsorted(uniq, ev_ts)
+    ev_key = ev_code * stride + ev_rank
     order = np.argsort(ev_key, kind="stable")
     key = ev_key[order]
-    q_base = q_code * stride
-    side = "right" if inclusive else "left"
-    right = np.searchsorted(key, q_base + np.searchsorted(uniq, q_ts, side), "left")
+    if same:
+        q_by_time, q_rank = ev_by_time, ev_rank + (1 if inclusive else 0)
+    else:
+        q_by_time = np.argsort(q_ts, kind="stable")
+        q_rank = _time_rank(uniq, q_ts, q_by_time, "right" if inclusive else "left")
+    q_key = q_code * stride + q_rank
+    q_order = order if same and not inclusive else np.argsort(q_key, kind="stable")
+    right = np.searchsorted(key, q_key[q_order], "left")
     left: dict[int, np.ndarray] = {}
     for w in {_seconds_to_ns(w.window_seconds) for w in fs.windows}:
-        left[w] = np.searchsorted(key, q_base + np.searchsorted(uniq, q_ts - w, "left"), "left")
+        w_rank = _time_rank(uniq, q_ts - w, q_by_time, "left")
+        left[w] = np.searchsorted(key, (q_code * stride + w_rank)[q_order], "left")
     return _Sorted(
         ts=ev_ts[order],
         values={c: v[order] for c, v in ev_vals.items()},
+        q_order=q_order,
+        q_ts=q_ts[q_order],
         right=right,
         left=left,
-        q_ts=q_ts,
     )
 
 
@@ -239,38 +287,38 @@ def _range_max(values: np.ndarray, left: np.ndarray, right: np.ndarray, empty: f
 
 
 def _aggregate(fs: FeatureSet, s: _Sorted) -> dict[str, np.ndarray]:
+    """Every declared feature per query row (in the rows' own order)."""
     cums = {
         c: np.concatenate([np.zeros(1, np.longdouble), np.cumsum(v, dtype=np.longdouble)])
         for c, v in s.values.items()
     }
     out: dict[str, np.ndarray] = {}
     right = s.right
-    has_last = right > 0
     for w in fs.windows:
         left = s.left[_seconds_to_ns(w.window_seconds)]
-        count = (right - left).astype(np.int64)
+        count = right - left
         empty = count == 0
         last = np.where(empty, 0, right - 1)
         if w.agg == "count":
-            out[w.name] = count.astype(np.float64)
+            value = count.astype(np.float64)
         elif w.agg in ("sum", "mean"):
             cum = cums[w.column]  # type: ignore[index]
             total = cum[right] - cum[left]
             if w.agg == "sum":
-                out[w.name] = total.astype(np.float64)
+                value = total.astype(np.float64)
             else:
-                mean = (total / np.maximum(count, 1)).astype(np.float64)
-                out[w.name] = np.where(empty, w.empty_value, mean)
+                value = np.where(empty, w.empty_value, (total / np.maximum(count, 1)).astype(np.float64))
         elif w.agg == "max":
-            out[w.name] = _range_max(s.values[w.column], left, right, w.empty_value)  # type: ignore[index]
+            value = _range_max(s.values[w.column], left, right, w.empty_value)  # type: ignore[index]
         elif w.agg == "last":
             vals = s.values[w.column]  # type: ignore[index]
-            picked = vals[last] if len(vals) else np.zeros(len(right))
-            out[w.name] = np.where(empty, w.empty_value, picked)
+            value = np.where(empty, w.empty_value, vals[last] if len(vals) else 0.0)
         else:  # seconds_since_last
-            ts = s.ts[last] if len(s.ts) else np.zeros(len(right), np.int64)
-            since = (s.q_ts - ts) / NS_PER_SECOND
-            out[w.name] = np.where(empty | ~has_last, w.empty_value, since)
+            ts = s.ts[last] if len(s.ts) else 0
+            value = np.where(empty, w.empty_value, (s.q_ts - ts) / NS_PER_SECOND)
+        result = np.empty(len(right), dtype=np.float64)
+        result[s.q_order] = value
+        out[w.name] = result
     return out
 
 
