@@ -41,7 +41,9 @@ def _pandas_baseline(fs: FeatureSet, df: pd.DataFrame) -> tuple[float, dict[str,
             continue
         roll = grouped.rolling(f"{int(w.window_seconds)}s", on="event_time", closed="left")["amount"]
         res = getattr(roll, w.agg)()
-        vals, rows = res.to_numpy(), res.index.get_level_values(-1).to_numpy()  # original row of each value
+        # groupby(sort=False).rolling answers group by group in the frame's (user, time) order
+        assert (res.index.get_level_values(0) == srt["user_id"].to_numpy()).all()
+        vals, rows = res.to_numpy(), srt.index.to_numpy()
         if w.agg in ("count", "sum"):
             vals = np.nan_to_num(vals, nan=0.0)
         else:
