@@ -481,6 +481,7 @@ class StreamFeatures:
         self.max_ts: int | None = None
         self.late_events = 0
         self.events_seen = 0
+        self._changed: set[str] = set()  # entities whose window changed since take_changed()
 
     @property
     def watermark(self) -> int | None:
@@ -539,6 +540,7 @@ class StreamFeatures:
             self.late_events += 1
             return FeatureUpdate(feats, late=True)
         win = self._entities.setdefault(key, _EntityWindow(values=[[] for _ in self._cols]))
+        self._changed.add(key)
         at = bisect.bisect_right(win.ts, ts_ns)
         win.ts.insert(at, ts_ns)
         for col, v in zip(win.values, row, strict=True):
@@ -558,6 +560,7 @@ class StreamFeatures:
             return
         cut = bisect.bisect_left(win.ts, horizon)
         if cut:
+            self._changed.add(key)
             del win.ts[:cut]
             for col in win.values:
                 del col[:cut]
@@ -583,6 +586,64 @@ class StreamFeatures:
 
     # ------------------------------------------------------------------ persistence
 
+    def take_changed(self) -> set[str]:
+        """The entities whose windows changed (or emptied) since the last call, and forget them."""
+        changed, self._changed = self._changed, set()
+        return changed
+
+    def mark_changed(self, entities: Iterable[str]) -> None:
+        """Count ``entities`` as changed again (their last save did not go through)."""
+        self._changed.update(entities)
+
+    def entity_window(self, entity: str) -> dict[str, Any] | None:
+        """One entity's retained events as plain data (``ts_ns`` and one list per source column)."""
+        win = self._entities.get(str(entity))
+        if win is None:
+            return None
+        return {
+            "ts_ns": list(win.ts),
+            "values": {c: list(v) for c, v in zip(self._cols, win.values, strict=True)},
+        }
+
+    def set_entity_window(self, entity: str, window: Mapping[str, Any]) -> None:
+        """Put back one entity's events as ``entity_window`` gave them (times must be sorted)."""
+        ts = [int(t) for t in window["ts_ns"]]
+        if any(b < a for a, b in zip(ts, ts[1:], strict=False)):
+            raise StateMismatch(f"window state of {entity}: event times are not sorted")
+        try:
+            vals = [[float(v) for v in window["values"][c]] for c in self._cols]
+        except KeyError as exc:
+            raise StateMismatch(f"window state of {entity}: no column {exc.args[0]!r}") from None
+        if any(len(v) != len(ts) for v in vals):
+            raise StateMismatch(f"window state of {entity}: columns of different lengths")
+        if ts:
+            self._entities[str(entity)] = _EntityWindow(ts=ts, values=vals)
+        else:
+            self._entities.pop(str(entity), None)
+
+    def counters(self) -> dict[str, Any]:
+        """What the state knows besides the windows: format, declaration digest, newest time, counts."""
+        return {
+            "format": STATE_FORMAT,
+            "digest": self.fs.digest(),
+            "max_ts": self.max_ts,
+            "late_events": self.late_events,
+            "events_seen": self.events_seen,
+        }
+
+    def restore_counters(self, counters: Mapping[str, Any]) -> None:
+        """Take back ``counters()``; ``StateMismatch`` if they belong to other feature declarations."""
+        if counters.get("format") != STATE_FORMAT:
+            raise StateMismatch(f"window state: unknown format {counters.get('format')!r}")
+        if counters.get("digest") != self.fs.digest():
+            raise StateMismatch(
+                f"window state was built for features {counters.get('digest')}, the declaration is now "
+                f"{self.fs.digest()}: rebuild it from the events"
+            )
+        self.max_ts = None if counters.get("max_ts") is None else int(counters["max_ts"])
+        self.late_events = int(counters.get("late_events", 0))
+        self.events_seen = int(counters.get("events_seen", 0))
+
     def to_table(self) -> pa.Table:
         """The state as an Arrow table (one row per retained event) with its counters as metadata."""
         self.prune()
@@ -599,30 +660,25 @@ class StreamFeatures:
         }
         for c, vals in zip(self._cols, cols, strict=True):
             data["value:" + c] = pa.array(vals, pa.float64())
-        meta = {
-            "format": STATE_FORMAT,
-            "digest": self.fs.digest(),
-            "max_ts": "" if self.max_ts is None else str(self.max_ts),
-            "late_events": str(self.late_events),
-            "events_seen": str(self.events_seen),
-        }
-        return pa.table(data).replace_schema_metadata({k: v.encode() for k, v in meta.items()})
+        return pa.table(data).replace_schema_metadata({"counters": json.dumps(self.counters())})
 
     @classmethod
     def from_table(cls, fs: FeatureSet, table: pa.Table) -> StreamFeatures:
         """Rebuild the state ``to_table`` saved; ``StateMismatch`` if it was built for other features."""
-        meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-        if meta.get("format") != STATE_FORMAT:
-            raise StateMismatch(f"window state: unknown format {meta.get('format')!r}")
-        if meta.get("digest") != fs.digest():
-            raise StateMismatch(
-                f"window state was built for features {meta.get('digest')}, the declaration is now "
-                f"{fs.digest()}: rebuild it from the events"
-            )
+        meta = table.schema.metadata or {}
         state = cls(fs)
-        state.max_ts = int(meta["max_ts"]) if meta.get("max_ts") else None
-        state.late_events = int(meta.get("late_events", "0"))
-        state.events_seen = int(meta.get("events_seen", "0"))
+        try:
+            counters = json.loads(meta[b"counters"])
+        except (KeyError, ValueError):
+            raise StateMismatch("window state: no counters in the saved table") from None
+        state.restore_counters(counters)
+        missing = [
+            c
+            for c in ("entity", "ts_ns", *("value:" + c for c in state._cols))
+            if c not in table.column_names
+        ]
+        if missing:
+            raise StateMismatch(f"window state: no column {', '.join(missing)}")
         ents = table.column("entity").to_pylist()
         ts = table.column("ts_ns").to_pylist()
         vals = [table.column("value:" + c).to_pylist() for c in state._cols]
