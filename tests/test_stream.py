@@ -24,7 +24,7 @@ from mlops.modeling import fit, to_onnx_bytes
 from mlops.onnx_model import OnnxScorer
 from mlops.scoring import ModelRef
 from mlops.settings import LogisticRegressionSpec, load_settings
-from tasks.stream import StreamConsumer, frame_messages, read_parts
+from tasks.stream import StreamConsumer, frame_messages, part_name, read_parts
 
 REPO = Path(__file__).resolve().parent.parent
 FEATURES_YAML = REPO / "configs" / "features.yaml"
@@ -57,11 +57,13 @@ def events() -> pd.DataFrame:
     return df.sort_values("event_time", kind="stable").reset_index(drop=True)
 
 
-def _consumer(settings, fs, model_file: Path, home: Path, group: str = "scorer") -> StreamConsumer:
+def _consumer(
+    settings, fs, model_file: Path, home: Path, group: str = "scorer", broker_timeout: float = 30.0
+) -> StreamConsumer:
     onnx = model_file.read_bytes()
     ref = ModelRef("fraud-detector", 1, "champion", 0.2, hashlib.sha256(onnx).hexdigest()[:16])
     return StreamConsumer(
-        broker=SqliteBroker(home / "broker.db"),
+        broker=SqliteBroker(home / "broker.db", timeout_seconds=broker_timeout),
         store=EmbeddedFeatureStore(home / "state" / group, fs),
         fs=fs,
         schema=settings.dataset,
@@ -156,6 +158,44 @@ def test_stream_scores_every_event_once_with_the_offline_features(
     scorer = OnnxScorer(model_file.read_bytes(), settings.dataset)
     np.testing.assert_allclose(out["score"], scorer.predict_proba(events), rtol=1e-6)
     assert (out["decision"] == (out["score"] >= 0.2)).all()
+
+
+def test_a_part_whose_commit_failed_is_replaced_and_the_state_replays_to_the_commit(
+    settings, fs: FeatureSet, model_file: Path, events: pd.DataFrame, tmp_path: Path
+) -> None:
+    """Given a batch whose part was written but whose offset commit failed (the broker was
+    locked), and a window checkpoint one batch behind the commit, a restarted consumer with
+    another batch size deletes the uncommitted part, replays the log from the checkpoint to the
+    committed offset without scoring, and ends with each event exactly once and the offline
+    features."""
+    import sqlite3
+
+    from adapters.broker import BrokerError
+
+    consumer = _consumer(settings, fs, model_file, tmp_path, broker_timeout=0.2)
+    consumer.broker.publish("tx", frame_messages(events, settings.dataset, fs))
+    consumer.checkpoint_every = 2
+    consumer.start()
+    for _ in range(3):
+        consumer.step(100)  # checkpoint after the 2nd batch: state at 200, committed 300
+    lock = sqlite3.connect(tmp_path / "broker.db", isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    with pytest.raises(BrokerError, match="cannot commit"):
+        consumer.step(100)  # part 300-400 is on disk, its commit failed
+    lock.execute("ROLLBACK")
+    lock.close()
+    assert (tmp_path / "out" / "scorer" / part_name(300, 400)).exists()
+
+    restarted = _consumer(settings, fs, model_file, tmp_path)
+    report = restarted.start()
+    assert (report.committed, report.checkpoint, report.replayed) == (300, 200, 100)
+    assert report.swept == (part_name(300, 400),)
+    restarted.run(max_events=10_000, batch_size=250)
+    out = read_parts(tmp_path / "out" / "scorer").to_pandas()
+    assert out["offset"].tolist() == list(range(len(events)))
+    expected = compute_offline(fs, events).to_pandas()
+    for name in fs.names:
+        np.testing.assert_allclose(out[name], expected[name], rtol=1e-12, atol=1e-9, err_msg=name)
 
 
 CONSUME_LOOP = textwrap.dedent(
