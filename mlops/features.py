@@ -477,6 +477,12 @@ class StreamFeatures:
         self._cols = fs.source_columns
         self._col_index = {c: i for i, c in enumerate(self._cols)}
         self._windows_ns = [_seconds_to_ns(w.window_seconds) for w in fs.windows]
+        self._keep_ns = fs.lateness_ns + max(self._windows_ns)  # history any accepted event can see
+        self._specs = [
+            (w.name, w.agg, w_ns, self._col_index.get(w.column, -1), 0.0 if w.agg == "sum" else w.empty_value)
+            for w, w_ns in zip(fs.windows, self._windows_ns, strict=True)
+        ]
+        self._empty = {name: (0.0 if agg == "count" else empty) for name, agg, _, _, empty in self._specs}
         self._entities: dict[str, _EntityWindow] = {}
         self.max_ts: int | None = None
         self.late_events = 0
@@ -501,27 +507,31 @@ class StreamFeatures:
     def lookup(self, entity: str, ts_ns: int) -> dict[str, float]:
         """The features of ``entity`` at ``ts_ns`` from the retained events strictly before it."""
         win = self._entities.get(str(entity))
+        if win is None:
+            return dict(self._empty)
+        ts = win.ts
+        right = bisect.bisect_left(ts, ts_ns)
+        lefts: dict[int, int] = {}
         out: dict[str, float] = {}
-        right = bisect.bisect_left(win.ts, ts_ns) if win else 0
-        for w, w_ns in zip(self.fs.windows, self._windows_ns, strict=True):
-            left = bisect.bisect_left(win.ts, ts_ns - w_ns, 0, right) if win else 0
+        for name, agg, w_ns, col, empty in self._specs:
+            left = lefts.get(w_ns)
+            if left is None:
+                left = lefts[w_ns] = bisect.bisect_left(ts, ts_ns - w_ns, 0, right)
             count = right - left
-            if w.agg == "count":
-                out[w.name] = float(count)
+            if agg == "count":
+                out[name] = float(count)
             elif count == 0:
-                out[w.name] = 0.0 if w.agg == "sum" else w.empty_value
-            elif w.agg == "seconds_since_last":
-                out[w.name] = (ts_ns - win.ts[right - 1]) / NS_PER_SECOND  # type: ignore[union-attr]
-            else:
-                vals = win.values[self._col_index[w.column]]  # type: ignore[union-attr,index]
-                if w.agg == "sum":
-                    out[w.name] = math.fsum(vals[left:right])
-                elif w.agg == "mean":
-                    out[w.name] = math.fsum(vals[left:right]) / count
-                elif w.agg == "max":
-                    out[w.name] = max(vals[left:right])
-                else:  # last
-                    out[w.name] = vals[right - 1]
+                out[name] = empty
+            elif agg == "seconds_since_last":
+                out[name] = (ts_ns - ts[right - 1]) / NS_PER_SECOND
+            elif agg == "sum":
+                out[name] = math.fsum(win.values[col][left:right])
+            elif agg == "mean":
+                out[name] = math.fsum(win.values[col][left:right]) / count
+            elif agg == "max":
+                out[name] = max(win.values[col][left:right])
+            else:  # last
+                out[name] = win.values[col][right - 1]
         return out
 
     def update(self, entity: str, ts_ns: int, values: Mapping[str, float]) -> FeatureUpdate:
@@ -551,8 +561,7 @@ class StreamFeatures:
         return FeatureUpdate(feats, late=False)
 
     def _horizon(self) -> int | None:
-        mark = self.watermark
-        return None if mark is None else mark - self.fs.max_window_ns
+        return None if self.max_ts is None else self.max_ts - self._keep_ns
 
     def _prune_entity(self, key: str, win: _EntityWindow) -> None:
         horizon = self._horizon()
