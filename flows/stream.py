@@ -6,8 +6,8 @@ or run in a loop, it keeps up with the topic; killed at any point, the next run 
 exactly what an uninterrupted one would have (see ``tasks.stream``).
 
 State under ``MLOPS_HOME/stream/``: ``broker.db`` (the embedded broker's log and offsets),
-``state/<topic>/<group>/`` (the window-state checkpoint), ``out/<topic>/<group>/`` (Parquet
-parts named by offset range).
+``state/<topic>/<group>/`` (the window-state checkpoint, unless ``features.store`` puts it in
+Redis), ``out/<topic>/<group>/`` (Parquet parts named by offset range).
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 
 from adapters.broker import SqliteBroker
-from adapters.feature_store import EmbeddedFeatureStore
+from adapters.feature_store import EmbeddedFeatureStore, FeatureStore, RedisFeatureStore
 from adapters.runtime import configure
 from mlops.features import FeatureSet
 from mlops.flow_params import AliasParam
 from mlops.onnx_model import OnnxScorer
 from mlops.registry_model import CHAMPION
-from mlops.settings import Settings, load_settings
+from mlops.settings import RedisStateStore, Settings, load_settings
 from tasks.scoring import pin_model
 from tasks.stream import StreamConsumer
 
@@ -37,6 +37,14 @@ def stream_dir(settings: Settings) -> Path:
 def broker_for(settings: Settings) -> SqliteBroker:
     """The embedded broker of this platform instance."""
     return SqliteBroker(stream_dir(settings) / "broker.db")
+
+
+def state_store(settings: Settings, fs: FeatureSet, topic: str, group: str) -> FeatureStore:
+    """The configured window-state store of one consumer group (``features.store``)."""
+    spec = settings.features.store
+    if isinstance(spec, RedisStateStore):
+        return RedisFeatureStore.from_url(spec.url, fs, f"{spec.prefix}:{topic}:{group}")
+    return EmbeddedFeatureStore(stream_dir(settings) / "state" / topic / group, fs)
 
 
 def output_dir(settings: Settings, topic: str, group: str) -> Path:
@@ -97,7 +105,7 @@ def stream_flow(
     out = output_dir(settings, topic, group)
     consumer = StreamConsumer(
         broker=broker,
-        store=EmbeddedFeatureStore(stream_dir(settings) / "state" / topic / group, fs),
+        store=state_store(settings, fs, topic, group),
         fs=fs,
         schema=settings.dataset,
         scorer=OnnxScorer(pinned.onnx, settings.dataset, threads=settings.scoring.ort_threads),

@@ -145,19 +145,38 @@ class WindowFeature(StrictModel):
         return self.window_seconds if self.agg == "seconds_since_last" else 0.0
 
 
+class EmbeddedStateStore(StrictModel):
+    """Window state checkpointed to a file under ``MLOPS_HOME/stream/state`` (the default)."""
+
+    kind: Literal["embedded"] = "embedded"
+
+
+class RedisStateStore(StrictModel):
+    """Window state in Redis, readable by any process for online lookups."""
+
+    kind: Literal["redis"] = "redis"
+    url: str = Field(pattern=r"^rediss?://[^\s/]+(:\d+)?(/\d+)?$")
+    prefix: str = Field("mlops:features", min_length=1)
+
+
+StateStoreSpec = Annotated[EmbeddedStateStore | RedisStateStore, Field(discriminator="kind")]
+
+
 class FeaturesConfig(StrictModel):
     """Entity-keyed rolling-window features, computed from raw events by one implementation
     (``mlops.features``) for training, batch scoring, the stream and online lookups.
 
     ``entity_column`` and ``timestamp_column`` default to the dataset's. The stream accepts
     an event up to ``allowed_lateness_seconds`` older than the newest one it has seen; an
-    older event is counted as late and not added to the windows.
+    older event is counted as late and not added to the windows. ``store`` is where the
+    stream keeps its window state: an embedded checkpoint file, or Redis.
     """
 
     entity_column: str | None = None
     timestamp_column: str | None = None
     allowed_lateness_seconds: float = Field(300.0, ge=0)
     windows: tuple[WindowFeature, ...] = ()
+    store: StateStoreSpec = EmbeddedStateStore()
 
     @model_validator(mode="after")
     def _unique_names(self) -> FeaturesConfig:

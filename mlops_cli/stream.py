@@ -101,13 +101,12 @@ def lookup(
     """The window features of one entity, read from the group's last state checkpoint."""
     import pandas as pd
 
-    from adapters.feature_store import EmbeddedFeatureStore
-    from flows.stream import stream_dir
+    from flows.stream import state_store
     from mlops.features import FeatureSet
 
     settings = settings_for(config)
     fs = FeatureSet.from_settings(settings)
-    store = EmbeddedFeatureStore(stream_dir(settings) / "state" / topic / group, fs)
+    store = state_store(settings, fs, topic, group)
     if at is not None:
         try:
             when = pd.Timestamp(datetime.fromisoformat(at))

@@ -308,3 +308,32 @@ def test_a_checkpoint_that_fails_half_written_leaves_the_previous_one(tmp_path: 
     state, positions = EmbeddedFeatureStore(folder, fs).load()
     assert positions == {"events": 100} and state.events_seen == 100 and state.entities == 100
     assert [p.name for p in folder.iterdir()] == ["window-state.arrow"]
+
+
+def test_the_configured_store_is_the_one_the_stream_uses(
+    redis_url: str, tmp_path: Path, fs: FeatureSet
+) -> None:
+    """`features.store` picks the stream's state store: embedded by default, Redis by URL, with a
+    key prefix per topic and group; a malformed URL or kind is a config error naming the field."""
+    from flows.stream import state_store
+    from mlops.errors import ConfigError
+
+    env = {"MLOPS_HOME": str(tmp_path)}
+    embedded = state_store(load_settings(FEATURES_YAML, environ=env), fs, "tx", "g1")
+    assert isinstance(embedded, EmbeddedFeatureStore)
+    assert embedded.folder == tmp_path.resolve() / "stream" / "state" / "tx" / "g1"
+
+    env["MLOPS__FEATURES__STORE"] = f"{{kind: redis, url: '{redis_url}'}}"
+    redis_store = state_store(load_settings(FEATURES_YAML, environ=env), fs, "tx", "g1")
+    assert isinstance(redis_store, RedisFeatureStore) and redis_store.prefix == "mlops:features:tx:g1"
+    state = StreamFeatures(fs)
+    state.update("u1", 10**18, {"amount": 5.0})
+    redis_store.save(state, {"tx": 1})
+    assert redis_store.lookup("u1", 10**18 + 1)["user_amount_sum_24h"] == 5.0
+
+    for bad, field in (
+        ("{kind: redis, url: 'http://x'}", "features.store.redis.url"),
+        ("{kind: s3}", "features.store"),
+    ):
+        with pytest.raises(ConfigError, match=field):
+            load_settings(FEATURES_YAML, environ={"MLOPS__FEATURES__STORE": bad})
