@@ -207,7 +207,7 @@ class StreamConsumer:
 
     def _score(self, msgs: list[Message], feats: list[dict[str, float]]) -> pa.Table:
         frame = pd.DataFrame([m.payload for m in msgs])
-        missing = [c for c in self.schema.feature_names if c not in frame.columns]
+        missing = [c for c in (self.schema.id_column, *self.schema.feature_names) if c not in frame.columns]
         if missing:
             raise DataError(f"{self.topic!r} offsets {msgs[0].offset}..: events lack {', '.join(missing)}")
         windows = pd.DataFrame(feats, columns=list(self.fs.names))
