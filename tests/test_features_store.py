@@ -235,6 +235,7 @@ CHECKPOINT_LOOP = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_checkpoint_survives_being_killed_mid_write(tmp_path: Path, fs: FeatureSet) -> None:
     """A writer killed with SIGKILL at arbitrary moments of its checkpoint loop always leaves a
     readable checkpoint whose state matches its positions, and the next writer resumes from it."""
