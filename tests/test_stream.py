@@ -198,6 +198,43 @@ def test_a_part_whose_commit_failed_is_replaced_and_the_state_replays_to_the_com
         np.testing.assert_allclose(out[name], expected[name], rtol=1e-12, atol=1e-9, err_msg=name)
 
 
+def test_a_model_trained_with_window_features_is_fed_them_in_the_stream(
+    settings, fs: FeatureSet, events: pd.DataFrame, tmp_path: Path
+) -> None:
+    """A model trained on a point-in-time training set (dataset columns + window features) gets,
+    in the stream, the window features of each event: its stream scores equal its scores on the
+    offline features of the same events."""
+    from mlops.features import with_features
+    from mlops.settings import NumericFeature
+
+    extended = settings.dataset.model_copy(
+        update={"numeric": settings.dataset.numeric + tuple(NumericFeature(name=n) for n in fs.names)}
+    )
+    train = with_features(fs, generate(5_000, seed=2)).to_pandas()
+    onnx = to_onnx_bytes(fit(LogisticRegressionSpec(), train, extended, seed=0), extended)
+    model_file = tmp_path / "windowed.onnx"
+    model_file.write_bytes(onnx)
+    consumer = _consumer(settings, fs, model_file, tmp_path)
+    assert consumer._model_windows == list(fs.names)
+    consumer.broker.publish("tx", frame_messages(events, settings.dataset, fs))
+    consumer.start()
+    consumer.run(max_events=10_000, batch_size=500)
+
+    out = read_parts(tmp_path / "out" / "scorer").to_pandas()
+    offline = with_features(fs, events).to_pandas()
+    expected = OnnxScorer(onnx, extended).predict_proba(offline)
+    np.testing.assert_allclose(out["score"], expected, rtol=1e-6)
+    without = OnnxScorer(model_file.read_bytes(), settings.dataset)
+    assert not np.allclose(expected, _scores_with_zero_windows(without, offline, fs), rtol=1e-3)
+
+
+def _scores_with_zero_windows(scorer: OnnxScorer, frame: pd.DataFrame, fs: FeatureSet) -> np.ndarray:
+    feeds = scorer.feeds(frame)
+    for name in fs.names:
+        feeds[name] = np.zeros((len(frame), 1), np.float32)
+    return scorer.run(feeds)
+
+
 CONSUME_LOOP = textwrap.dedent(
     """
     import hashlib, sys
