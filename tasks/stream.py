@@ -4,7 +4,8 @@
 per-entity window state (``mlops.features.StreamFeatures``) event by event, scores the
 events with the model (dataset columns from the event; window features are computed,
 written with the scores, and fed to the model when its graph has inputs of those names),
-writes one Parquet part named by the batch's offset range (temporary file, fsync, rename),
+writes one Parquet part named by the batch's offset range (temporary file, fsync, rename;
+a ``late`` column flags events older than the watermark, whose features are best effort),
 and only then commits the group's offset. The committed offset is the commit point:
 
 * a part whose first offset is at or after the committed offset was never committed; a
@@ -185,12 +186,12 @@ class StreamConsumer:
         msgs = self.broker.poll(self.topic, self.group, max_messages, start=self.next_offset)
         if not msgs:
             return None
-        feats, late = [], 0
+        feats, late = [], []
         for m in msgs:
             f, was_late = self._update(self.state, m)
             feats.append(f)
-            late += was_late
-        table = self._score(msgs, feats)
+            late.append(was_late)
+        table = self._score(msgs, feats).append_column("late", pa.array(late, pa.bool_()))
         first, nxt = msgs[0].offset, msgs[-1].offset + 1
         path = write_part(self.out_dir, table, first, nxt)
         self.broker.commit(self.topic, self.group, nxt)  # the commit point: the part is durable
@@ -198,7 +199,7 @@ class StreamConsumer:
         self._batches_since_checkpoint += 1
         if self._batches_since_checkpoint >= self.checkpoint_every:
             self.checkpoint()
-        return BatchResult(first, nxt, len(msgs), late, path.name)
+        return BatchResult(first, nxt, len(msgs), sum(late), path.name)
 
     def checkpoint(self) -> None:
         """Save the window state as covering everything up to the current offset."""

@@ -158,6 +158,7 @@ def test_stream_scores_every_event_once_with_the_offline_features(
     scorer = OnnxScorer(model_file.read_bytes(), settings.dataset)
     np.testing.assert_allclose(out["score"], scorer.predict_proba(events), rtol=1e-6)
     assert (out["decision"] == (out["score"] >= 0.2)).all()
+    assert not out["late"].any()
 
 
 def test_a_part_whose_commit_failed_is_replaced_and_the_state_replays_to_the_commit(
@@ -314,6 +315,26 @@ def test_a_consumer_killed_at_random_moments_writes_exactly_an_uninterrupted_run
     got = read_parts(home / "out" / "scorer").to_pandas()
     assert got["offset"].tolist() == list(range(len(events)))
     pd.testing.assert_frame_equal(got, expected)
+
+
+def test_an_event_older_than_the_watermark_is_scored_and_flagged_late(
+    settings, fs: FeatureSet, model_file: Path, events: pd.DataFrame, tmp_path: Path
+) -> None:
+    """An event that arrives more than the allowed lateness behind the newest one is still
+    scored, flagged ``late`` in its row and counted, and does not enter the windows."""
+    consumer = _consumer(settings, fs, model_file, tmp_path)
+    head = events.head(200)
+    stale = head.head(1).assign(
+        transaction_id="stale", event_time=head["event_time"].min() - pd.Timedelta(hours=1)
+    )
+    consumer.broker.publish("tx", frame_messages(head, settings.dataset, fs))
+    consumer.broker.publish("tx", frame_messages(stale, settings.dataset, fs))
+    consumer.start()
+    results = consumer.run(max_events=1_000, batch_size=1_000)
+    assert [r.late for r in results] == [1]
+    out = read_parts(tmp_path / "out" / "scorer").to_pandas()
+    assert out.loc[out["late"], "transaction_id"].tolist() == ["stale"]
+    assert consumer.state.late_events == 1 and consumer.state.retained_events == 200
 
 
 def test_events_missing_model_columns_are_a_data_error(
