@@ -104,6 +104,89 @@ def _fraud_schema() -> DatasetSchema:
     return fraud_schema()
 
 
+# --------------------------------------------------------------------------- features
+
+FeatureAgg = Literal["count", "sum", "mean", "max", "last", "seconds_since_last"]
+_NEEDS_COLUMN = ("sum", "mean", "max", "last")
+
+
+class WindowFeature(StrictModel):
+    """One per-entity aggregate over a sliding time window of raw events.
+
+    A row at time ``t`` sees the events of its entity with ``t - window_seconds <= time < t``:
+    strictly before ``t``, so a training row never sees its own event or a later one.
+    ``count`` and ``seconds_since_last`` take no column; ``sum``, ``mean``, ``max`` and
+    ``last`` (the value of the most recent event) aggregate ``column``. ``default`` is the
+    value when the window is empty (``count`` and ``sum`` are then 0; ``seconds_since_last``
+    defaults to the window length, the others to 0).
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    agg: FeatureAgg
+    column: str | None = None
+    window_seconds: float = Field(gt=0)
+    default: float | None = None
+
+    @model_validator(mode="after")
+    def _column_matches_agg(self) -> WindowFeature:
+        if self.agg in _NEEDS_COLUMN and self.column is None:
+            raise ValueError(f"{self.name}: agg {self.agg!r} needs a column")
+        if self.agg not in _NEEDS_COLUMN and self.column is not None:
+            raise ValueError(f"{self.name}: agg {self.agg!r} takes no column")
+        if self.agg in ("count", "sum") and self.default not in (None, 0.0):
+            raise ValueError(f"{self.name}: an empty window {self.agg} is 0, not {self.default}")
+        return self
+
+    @property
+    def empty_value(self) -> float:
+        """The feature's value when its window holds no event."""
+        if self.default is not None:
+            return self.default
+        return self.window_seconds if self.agg == "seconds_since_last" else 0.0
+
+
+class EmbeddedStateStore(StrictModel):
+    """Window state checkpointed to a file under ``MLOPS_HOME/stream/state`` (the default)."""
+
+    kind: Literal["embedded"] = "embedded"
+
+
+class RedisStateStore(StrictModel):
+    """Window state in Redis, readable by any process for online lookups."""
+
+    kind: Literal["redis"] = "redis"
+    url: str = Field(pattern=r"^rediss?://[^\s/]+(:\d+)?(/\d+)?$")
+    prefix: str = Field("mlops:features", min_length=1)
+
+
+StateStoreSpec = Annotated[EmbeddedStateStore | RedisStateStore, Field(discriminator="kind")]
+
+
+class FeaturesConfig(StrictModel):
+    """Entity-keyed rolling-window features, computed from raw events by one implementation
+    (``mlops.features``) for training, batch scoring, the stream and online lookups.
+
+    ``entity_column`` and ``timestamp_column`` default to the dataset's. The stream accepts
+    an event up to ``allowed_lateness_seconds`` older than the newest one it has seen; an
+    older event is counted as late and not added to the windows. ``store`` is where the
+    stream keeps its window state: an embedded checkpoint file, or Redis.
+    """
+
+    entity_column: str | None = None
+    timestamp_column: str | None = None
+    allowed_lateness_seconds: float = Field(300.0, ge=0)
+    windows: tuple[WindowFeature, ...] = ()
+    store: StateStoreSpec = EmbeddedStateStore()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> FeaturesConfig:
+        names = [w.name for w in self.windows]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"feature names used twice: {', '.join(dupes)}")
+        return self
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -381,6 +464,7 @@ class Settings(StrictModel):
 
     home: str = DEFAULT_HOME
     dataset: DatasetSchema = Field(default_factory=_fraud_schema)
+    features: FeaturesConfig = FeaturesConfig()
     training: TrainingConfig = TrainingConfig()
     promotion: PromotionConfig = PromotionConfig()
     prefect: PrefectConfig = PrefectConfig()
@@ -390,6 +474,21 @@ class Settings(StrictModel):
     scoring: ScoringConfig = ScoringConfig()
     serving: ServingConfig = ServingConfig()
     edge: EdgeConfig = EdgeConfig()
+
+    @model_validator(mode="after")
+    def _features_fit_dataset(self) -> Settings:
+        ds, fc = self.dataset, self.features
+        if not fc.windows:
+            return self
+        if (fc.timestamp_column or ds.timestamp_column) is None:
+            raise ValueError("features: the dataset has no timestamp_column; set features.timestamp_column")
+        taken = set(ds.feature_names + ds.key_columns + (ds.label_column,))
+        for w in fc.windows:
+            if w.name in taken:
+                raise ValueError(f"features.windows: {w.name!r} is already a dataset column")
+            if w.column is not None and w.column not in ds.numeric_names:
+                raise ValueError(f"features.windows: {w.name}: {w.column!r} is not a numeric dataset column")
+        return self
 
     # Derived locations; every piece of state lives under ``home``.
     @property

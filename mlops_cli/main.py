@@ -375,6 +375,9 @@ _edge.register(app)
 from mlops_cli import rollout as _rollout  # noqa: E402
 
 _rollout.register(app)
+from mlops_cli import stream as _stream  # noqa: E402
+
+_stream.register(app)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,144 @@
+"""Stream scoring flow: consume events, update the window features, score, commit after durability.
+
+A bounded run: it resumes the consumer group where its committed offset left it, scores at
+most ``max_events`` events (or until the topic is caught up) and returns. Scheduled often,
+or run in a loop, it keeps up with the topic; killed at any point, the next run writes
+exactly what an uninterrupted one would have (see ``tasks.stream``).
+
+State under ``MLOPS_HOME/stream/``: ``broker.db`` (the embedded broker's log and offsets),
+``state/<topic>/<group>/`` (the window-state checkpoint, unless ``features.store`` puts it in
+Redis), ``out/<topic>/<group>/`` (Parquet parts named by offset range).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+from adapters.broker import SqliteBroker
+from adapters.feature_store import EmbeddedFeatureStore, FeatureStore, RedisFeatureStore
+from adapters.runtime import configure
+from mlops.features import FeatureSet
+from mlops.flow_params import AliasParam
+from mlops.onnx_model import OnnxScorer
+from mlops.registry_model import CHAMPION
+from mlops.settings import RedisStateStore, Settings, load_settings
+from tasks.scoring import pin_model
+from tasks.stream import StreamConsumer
+
+
+def stream_dir(settings: Settings) -> Path:
+    """Where the stream's broker log, window state and outputs live."""
+    return settings.home_path / "stream"
+
+
+def broker_for(settings: Settings) -> SqliteBroker:
+    """The embedded broker of this platform instance."""
+    return SqliteBroker(stream_dir(settings) / "broker.db")
+
+
+def state_store(settings: Settings, fs: FeatureSet, topic: str, group: str) -> FeatureStore:
+    """The configured window-state store of one consumer group (``features.store``)."""
+    spec = settings.features.store
+    if isinstance(spec, RedisStateStore):
+        return RedisFeatureStore.from_url(spec.url, fs, f"{spec.prefix}:{topic}:{group}")
+    return EmbeddedFeatureStore(stream_dir(settings) / "state" / topic / group, fs)
+
+
+def output_dir(settings: Settings, topic: str, group: str) -> Path:
+    """The folder of a consumer group's committed Parquet parts."""
+    return stream_dir(settings) / "out" / topic / group
+
+
+@dataclass(frozen=True)
+class StreamSummary:
+    """What one bounded stream run did."""
+
+    topic: str
+    group: str
+    model: str
+    resumed_at: int
+    replayed: int
+    swept: int
+    batches: int
+    events: int
+    late: int
+    next_offset: int
+    end_offset: int
+    output: str
+
+    @property
+    def lag(self) -> int:
+        """Events published but not yet scored by this group."""
+        return self.end_offset - self.next_offset
+
+
+@flow(name="stream-score", log_prints=True)
+def stream_flow(
+    topic: str = "transactions",
+    group: str = "scorer",
+    max_events: int = 100_000,
+    batch_size: int = 1_000,
+    alias: AliasParam = CHAMPION,
+    checkpoint_every: int = 10,
+    config: str | None = None,
+) -> StreamSummary:
+    """Score up to ``max_events`` new events of ``topic`` for consumer group ``group``.
+
+    Args:
+        topic: Broker topic of raw events (one per transaction).
+        group: Consumer group: its committed offset, window state and outputs are its own.
+        max_events: Bound of this run (it also stops when the topic is caught up).
+        batch_size: Events per output part and per offset commit.
+        alias: Registry alias of the model that scores.
+        checkpoint_every: Batches between window-state checkpoints (a restart replays at most these).
+        config: Platform config YAML (default: $MLOPS_CONFIG, else built-in defaults).
+    """
+    settings = load_settings(config)
+    configure(settings)
+    logger = get_run_logger()
+    fs = FeatureSet.from_settings(settings)
+    pinned = pin_model(settings, alias)
+    broker = broker_for(settings)
+    out = output_dir(settings, topic, group)
+    consumer = StreamConsumer(
+        broker=broker,
+        store=state_store(settings, fs, topic, group),
+        fs=fs,
+        schema=settings.dataset,
+        scorer=OnnxScorer(pinned.onnx, settings.dataset, threads=settings.scoring.ort_threads),
+        model=pinned.ref,
+        out_dir=out,
+        topic=topic,
+        group=group,
+        checkpoint_every=checkpoint_every,
+    )
+    start = consumer.start()
+    logger.info(
+        "%s/%s resumes at offset %d (checkpoint %d, replayed %d, swept %d uncommitted parts)",
+        topic,
+        group,
+        start.committed,
+        start.checkpoint,
+        start.replayed,
+        len(start.swept),
+    )
+    results = consumer.run(max_events, batch_size)
+    summary = StreamSummary(
+        topic=topic,
+        group=group,
+        model=pinned.ref.label(),
+        resumed_at=start.committed,
+        replayed=start.replayed,
+        swept=len(start.swept),
+        batches=len(results),
+        events=sum(r.rows for r in results),
+        late=sum(r.late for r in results),
+        next_offset=consumer.next_offset,
+        end_offset=broker.end_offset(topic),
+        output=str(out),
+    )
+    logger.info("scored %d events in %d parts; lag %d", summary.events, summary.batches, summary.lag)
+    return summary

@@ -1,0 +1,104 @@
+"""The stream-score flow and the `mlops stream` / `mlops features` commands, end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from adapters.datasets import write_parquet
+from mlops.datagen import generate
+from mlops.features import FeatureSet, compute_offline
+from mlops.settings import Settings, load_settings
+from mlops_cli.main import app
+from tests.conftest import register_versions
+
+REPO = Path(__file__).resolve().parent.parent
+FEATURES_YAML = str(REPO / "configs" / "features.yaml")
+RUNNER = CliRunner()
+
+
+def test_features_build_then_check_and_a_leak_fails_the_check(home: Settings, tmp_path: Path) -> None:
+    """`mlops features build` writes a training set that `mlops features check` accepts; the same
+    set with one feature taken at or after each row's time fails the check in one line, exit 3."""
+    events = tmp_path / "events.parquet"
+    write_parquet([generate(5_000, seed=4)], events)
+    training = tmp_path / "training.parquet"
+    built = RUNNER.invoke(app, ["features", "build", str(events), str(training), "-c", FEATURES_YAML])
+    assert built.exit_code == 0, built.output
+    assert "wrote 5,000 rows with 7 window features" in built.output
+    ok = RUNNER.invoke(app, ["features", "check", str(training), "-c", FEATURES_YAML])
+    assert ok.exit_code == 0, ok.output
+    assert "point-in-time correct: 5,000 rows, 7 features" in ok.output
+
+    frame = pd.read_parquet(training)
+    fs = FeatureSet.from_settings(load_settings(FEATURES_YAML, environ={}))
+    later = frame.assign(event_time=frame["event_time"] + pd.Timedelta(nanoseconds=1))
+    frame["user_txn_count_24h"] = compute_offline(fs, frame, later).column("user_txn_count_24h").to_numpy()
+    leaky = tmp_path / "leaky.parquet"
+    write_parquet([frame], leaky)
+    bad = RUNNER.invoke(app, ["features", "check", str(leaky), "-c", FEATURES_YAML])
+    assert bad.exit_code == 3
+    assert "not point-in-time correct" in bad.output and "user_txn_count_24h: 5000 of 5000 rows" in bad.output
+    assert "Traceback" not in bad.output
+
+
+def test_stream_commands_need_declared_features(home: Settings) -> None:
+    """Without window features in the config, `mlops stream publish` says so in one line (exit 2)."""
+    result = RUNNER.invoke(app, ["stream", "publish", "--rows", "10"])
+    assert result.exit_code == 2
+    assert "features.windows: no window features are declared" in result.output
+
+
+@pytest.mark.slow
+def test_stream_flow_scores_published_events_with_the_champion(
+    flow_home: Settings, small_model: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Given a champion and 2,500 published transactions, two bounded `mlops stream run`s score
+    every event once with the champion, the lag goes to 0, the window features equal the offline
+    computation, and `mlops stream lookup` answers from the checkpoint."""
+    from flows.stream import output_dir, stream_flow
+    from registry.mlflow_registry import ModelRegistry
+    from tasks.stream import read_parts
+
+    [version] = register_versions(flow_home, small_model, [{"roc_auc": 0.9, "pr_auc": 0.2, "log_loss": 0.05}])
+    ModelRegistry(flow_home).move_alias(
+        flow_home.training.model_name, "champion", version, reason="stream test"
+    )
+    monkeypatch.setenv("MLOPS_CONFIG", FEATURES_YAML)
+    published = RUNNER.invoke(app, ["stream", "publish", "--rows", "2500", "--seed", "6"])
+    assert published.exit_code == 0, published.output
+    assert "published 2,500 events to 'transactions' (end offset 2,500)" in published.output
+
+    first = stream_flow(max_events=1_000, batch_size=400, config=FEATURES_YAML)
+    assert (first.events, first.batches, first.next_offset, first.lag) == (1_000, 3, 1_000, 1_500)
+    assert first.model == f"fraud-detector v{version}@champion"
+    second = RUNNER.invoke(app, ["stream", "run", "--batch-size", "400"])
+    assert second.exit_code == 0, second.output
+    assert "1,500 events in 4 parts" in second.output and "lag 0" in second.output
+
+    out = read_parts(output_dir(flow_home, "transactions", "scorer")).to_pandas()
+    events = generate(2500, seed=6).sort_values("event_time", kind="stable").reset_index(drop=True)
+    assert out["transaction_id"].tolist() == events["transaction_id"].tolist()
+    fs = FeatureSet.from_settings(load_settings(FEATURES_YAML, environ={}))
+    expected = compute_offline(fs, events).to_pandas()
+    for name in fs.names:
+        np.testing.assert_allclose(out[name], expected[name], rtol=1e-12, atol=1e-9, err_msg=name)
+    assert (out["model_version"] == version).all()
+
+    user = events["user_id"].iloc[-1]
+    looked = RUNNER.invoke(app, ["stream", "lookup", user])
+    assert looked.exit_code == 0, looked.output
+    shown = {
+        parts[0]: float(parts[1])
+        for line in looked.output.splitlines()
+        if len(parts := line.replace("│", " ").split()) == 2 and parts[0] in fs.names
+    }
+    now = pd.Timestamp(events["event_time"].max()) + pd.Timedelta(nanoseconds=1)
+    direct = compute_offline(fs, events, pd.DataFrame({"user_id": [user], "event_time": [now]})).to_pylist()[
+        0
+    ]
+    assert shown == pytest.approx(direct, rel=1e-5)
