@@ -199,7 +199,7 @@ def watch_rollout(settings, rollout_id: str, *, stop=None, interval: float = 1.0
 def watch(
     rollout_id: Annotated[str, typer.Argument(help="Id of the rollout (see `mlops rollout list`).")],
     interval: Annotated[
-        float, typer.Option("--interval", min=0.1, help="Seconds between reads of its status.")
+        float, typer.Option("--interval", min=0.01, help="Seconds between reads of its status.")
     ] = 1.0,
     config: ConfigOpt = None,
 ) -> None:

@@ -60,7 +60,7 @@ class RolloutView:
     candidate_version: int
     stable_version: int
     phase: str
-    step_number: int  # 1-based; 0 before the first step is entered
+    step_number: int  # 1-based
     step_count: int
     step: str
     route: str
@@ -144,7 +144,7 @@ def build_view(status: RolloutStatus, plan: RolloutPlan, now: datetime) -> Rollo
     if isinstance(step, CanaryStep):
         label = f"{label} {step.weights[status.weight_index]:g}% (weight {status.weight_index + 1}/{len(step.weights)})"
     started = status.step_started_at
-    elapsed = (now - started).total_seconds() if started else 0.0
+    elapsed = max(0.0, (now - started).total_seconds()) if started else 0.0
     record = _current_record(status, status.history[-1].step) if status.history else None
     measured = {c.key: c for c in record.checks} if record else {}
 
@@ -191,7 +191,7 @@ def build_view(status: RolloutStatus, plan: RolloutPlan, now: datetime) -> Rollo
         candidate_version=status.candidate_version,
         stable_version=status.stable_version,
         phase=status.phase.value,
-        step_number=index + 1 if status.phase is not Phase.PENDING else 0,
+        step_number=index + 1,
         step_count=len(plan.steps),
         step=label,
         route=status.route.describe(),
