@@ -29,10 +29,11 @@ if TYPE_CHECKING:
     from adapters.traffic import LiveTraffic
     from mlops_cli.demo import DemoSteps
 
-DEMO_PLAN = "configs/rollout/demo.yaml"  # relative to the project directory
-RATE_PER_S = 150.0
-LABEL_DELAY_S = 5.0
+DEMO_PLAN = "configs/rollout/demo-live.yaml"  # relative to the project directory
+RATE_PER_S = 200.0
+LABEL_DELAY_S = 2.0
 READY_TIMEOUT_S = 240.0
+CHALLENGER_DATA = 5  # the challenger's data, in multiples of the champion's
 
 
 def _free_port() -> int:
@@ -117,7 +118,7 @@ class DemoService:
                 return
             self.ready_after_s = time.monotonic() - started
             sim = SimulatorConfig(seed=11, rate_per_s=RATE_PER_S, label_delay_s=LABEL_DELAY_S)
-            self.traffic = LiveTraffic(self.url, sim, threads=8, max_seconds=1800).start()
+            self.traffic = LiveTraffic(self.url, sim, threads=12, max_seconds=1800).start()
         finally:
             self._done.set()
 
@@ -194,9 +195,14 @@ def run_rollout_demo(
         ):
             service.start()
 
+        # More data: a bigger training set, and a test set big enough that the promotion
+        # gate's comparison with the champion is not decided by which frauds it happened to hold.
         more = settings.data_dir / "train-more.parquet"
-        with steps.step(f"challenger: training flow on {2 * rows:,} new transactions"):
-            write_parquet(generate_blocks(2 * rows, seed=7), more)
+        n = CHALLENGER_DATA * rows
+        with steps.step(
+            f"challenger: training flow on {n:,} new transactions ({CHALLENGER_DATA}x the champion's)"
+        ):
+            write_parquet(generate_blocks(n, seed=7), more)
             trained = train_flow(str(more), config)
         _print_training(trained)
 

@@ -156,7 +156,9 @@ def test_watch_follows_a_rollout_written_by_another_process_until_it_succeeds(ho
     writer.join()
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
-    assert len({part.split("]")[0] for part in text.split("rollout r-ok [")[1:]}) >= 3, text  # steps as they went
+    assert len({part.split("]")[0] for part in text.split("rollout r-ok [")[1:]}) >= 3, (
+        text
+    )  # steps as they went
     assert "[6/6] blue_green: succeeded" in text and "rollout r-ok: succeeded" in text, text
 
 
