@@ -67,7 +67,8 @@ def test_a_rollout_of_a_candidate_failing_the_offline_gate_starts_nothing(
     """Given champion v1 and a challenger v2 whose pr_auc regresses past the gate's limit in
     a real MLflow registry, when a rollout of v2 is started under an enforcing plan, then it
     fails with GateFailed before anything happens: no rollout is persisted and the aliases
-    are as they were (no serving is needed to find that out)."""
+    are as they were (no serving is needed to find that out). `mlops rollout` says so in
+    one line and exits 6."""
     from conftest import register_versions
 
     from flows.rollout import rollout_flow
@@ -83,4 +84,14 @@ def test_a_rollout_of_a_candidate_failing_the_offline_gate_starts_nothing(
     with pytest.raises(GateFailed, match=r"pr_auc 0.2200 vs champion 0.2500 \(regression 0.0300"):
         rollout_flow(plan=str(plan), candidate="challenger", approval="approve")
     assert not (home.home_path / "rollouts").exists() or not any((home.home_path / "rollouts").iterdir())
+    assert registry.aliases(name) == before
+
+    from typer.testing import CliRunner
+
+    from mlops_cli.main import app
+
+    result = CliRunner().invoke(app, ["rollout", "--plan", str(plan), "--auto-answer", "approve"])
+    assert result.exit_code == 6, result.output
+    assert "error: offline promotion gate of v2 against champion v1: FAIL" in " ".join(result.output.split())
+    assert "Traceback" not in result.output
     assert registry.aliases(name) == before
