@@ -7,6 +7,7 @@ traffic moves, no alias moves. ``advisory`` logs the verdict and lets the live g
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,22 @@ def test_plans_enforce_the_offline_gate_unless_they_say_advisory(tmp_path: Path)
         assert load_plan(path).offline_gate == "enforce", path
     _, advisory = _plan(tmp_path, "advisory")
     assert advisory.offline_gate == "advisory"
+
+
+def test_rollouts_persisted_before_the_field_existed_resume_under_their_plan(tmp_path: Path) -> None:
+    """A plan.json written before plans had offline_gate reads back with the same digest its
+    rollout recorded; an advisory plan hashes differently from the enforcing one."""
+    import json
+
+    from mlops.rollout.plan import RolloutPlan
+
+    _, plan = _plan(tmp_path, None)
+    old = json.loads(plan.model_dump_json())
+    del old["offline_gate"]
+    before = hashlib.blake2b(json.dumps(old, separators=(",", ":")).encode(), digest_size=8).hexdigest()
+    assert RolloutPlan.model_validate_json(json.dumps(old)).digest == before
+    _, advisory = _plan(tmp_path, "advisory")
+    assert advisory.digest != plan.digest
 
 
 def test_an_enforced_gate_refuses_a_failing_candidate_and_an_advisory_one_says_why_it_goes_on(

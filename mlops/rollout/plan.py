@@ -356,8 +356,12 @@ class RolloutPlan(StrictModel):
 
     @property
     def digest(self) -> str:
-        """A short hash of the plan's content: a rollout refuses to continue under another."""
-        return hashlib.blake2b(self.model_dump_json().encode(), digest_size=8).hexdigest()
+        """A short hash of the plan's content: a rollout refuses to continue under another.
+
+        ``offline_gate`` counts only when it is not the default, so rollouts persisted before
+        the field existed resume under their own plan (the gate is checked only at the start)."""
+        skip = {"offline_gate"} if self.offline_gate == "enforce" else None
+        return hashlib.blake2b(self.model_dump_json(exclude=skip).encode(), digest_size=8).hexdigest()
 
 
 def step_label(plan: RolloutPlan, index: int) -> str:
