@@ -67,6 +67,7 @@ class RolloutView:
     candidate_pct: float
     step_elapsed_s: float
     step_left_s: float | None  # until the step may complete (its duration, or the approval deadline)
+    samples_eta_s: float | None  # at the step's sample rate so far, until every gate has the samples it needs
     rollout_left_s: float  # the plan's remaining minimum: this step's and every later step's duration
     gates: tuple[GateRow, ...]
     ab: str | None
@@ -79,6 +80,8 @@ class RolloutView:
     def line(self) -> str:
         """The view as one line of text (for logs and terminals without live display)."""
         left = f", {self.step_left_s:.0f} s left in step" if self.step_left_s is not None else ""
+        if self.samples_eta_s is not None:
+            left += f", ~{self.samples_eta_s:.0f} s more for the samples the gates need"
         head = (
             f"rollout {self.rollout_id} [{self.step_number}/{self.step_count}] {self.step}: {self.phase}"
             f" ({self.step_elapsed_s:.0f} s{left}, plan minimum {self.rollout_left_s:.0f} s to go)"
@@ -136,6 +139,17 @@ def _current_record(status: RolloutStatus, label: str) -> Record | None:
     return None
 
 
+def _samples_eta(gates: list[GateRow], elapsed: float) -> float | None:
+    """Seconds until the slowest counted gate has its samples, at the rate seen so far in
+    the step (``None`` when no gate is short of samples or none has started counting)."""
+    etas = [
+        (g.needed - g.samples) * elapsed / g.samples
+        for g in gates
+        if not g.dry_run and g.outcome != "PASS" and 0 < g.samples < g.needed and elapsed > 0
+    ]
+    return max(etas) if etas else None
+
+
 def build_view(status: RolloutStatus, plan: RolloutPlan, now: datetime) -> RolloutView:
     """The live view of ``status`` (run under ``plan``) at ``now``."""
     index = min(status.step_index, len(plan.steps) - 1)
@@ -172,7 +186,9 @@ def build_view(status: RolloutStatus, plan: RolloutPlan, now: datetime) -> Rollo
         step_left = status.approval.remaining_s(now)
     elif not status.terminal and status.phase is not Phase.PENDING:
         step_left = max(0.0, _duration(step) - elapsed) if started else _duration(step)
-    ahead = 0.0 if status.terminal else _remaining_after(plan, status) + (step_left or 0.0)
+    eta = _samples_eta(gates, elapsed) if not status.terminal else None
+    here = max(step_left or 0.0, eta or 0.0)
+    ahead = 0.0 if status.terminal else _remaining_after(plan, status) + here
 
     ab = None
     if record is not None and record.ab is not None:
@@ -198,6 +214,7 @@ def build_view(status: RolloutStatus, plan: RolloutPlan, now: datetime) -> Rollo
         candidate_pct=status.route.candidate_pct,
         step_elapsed_s=elapsed,
         step_left_s=step_left,
+        samples_eta_s=eta,
         rollout_left_s=ahead,
         gates=tuple(gates),
         ab=ab,
@@ -217,6 +234,8 @@ def render(view: RolloutView) -> Group:
     """The view as a rich renderable: a header and a table of the current step's gates."""
     colour = _PHASE_COLOURS.get(view.phase, "cyan")
     left = "" if view.step_left_s is None else f"  ·  {view.step_left_s:.0f} s left in step"
+    if view.samples_eta_s is not None:
+        left += f"  ·  ~{view.samples_eta_s:.0f} s more for the samples the gates need"
     head = Table.grid(padding=(0, 1))
     head.add_row(
         f"[bold]rollout {view.rollout_id}[/]  {view.model_name} v{view.candidate_version} vs v{view.stable_version}"

@@ -92,11 +92,28 @@ def test_view_of_the_ab_step_shows_the_powered_sample_as_needed() -> None:
     statuses = _statuses(DEMO, Candidate(loss=0.015))
     status = _at(statuses, "ab")
     view = build_view(status, DEMO, status.history[-1].at)
+    midway = next(
+        s
+        for s in statuses
+        if s.history
+        and s.history[-1].step == "ab"
+        and s.history[-1].ab
+        and 0 < s.history[-1].ab.n_candidate < 2000
+    )
     primary = next(g for g in view.gates if g.name == "ab_log_loss")
     ab = status.history[-1].ab
     assert ab is not None and ab.n_required is not None
     assert primary.needed == max(DEMO.steps[3].primary.min_samples, ab.n_required)
     assert view.ab is not None and f"of {ab.n_required} per arm" in view.ab
+    # midway, time left counts the samples still missing at the step's rate so far
+    early = build_view(midway, DEMO, midway.history[-1].at)
+    short = next(g for g in early.gates if g.name == "ab_log_loss")
+    elapsed = (midway.history[-1].at - midway.step_started_at).total_seconds()
+    assert 0 < short.samples < short.needed
+    assert early.samples_eta_s is not None
+    assert early.samples_eta_s >= (short.needed - short.samples) * elapsed / short.samples - 1e-6
+    assert early.rollout_left_s >= early.samples_eta_s
+    assert "more for the samples the gates need" in early.line()
     assert [g.name for g in view.gates][-2:] == ["sample_ratio", "ab_log_loss"]
     Console(width=160, file=open("/dev/null", "w")).print(render(view))  # renders without error
 
