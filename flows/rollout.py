@@ -31,7 +31,9 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.input import RunInput
 
 from adapters.runtime import configure
+from mlops.errors import GateFailed
 from mlops.flow_params import CandidateParam, PlanParam
+from mlops.gates import GateResult
 from mlops.rollout.errors import ApprovalTimedOut
 from mlops.rollout.machine import (
     ApprovalRequest,
@@ -53,6 +55,7 @@ from tasks.rollout import (
     build_references,
     challenger_version,
     observe_tick,
+    offline_gate,
     read_plan,
     read_references,
     read_status,
@@ -170,9 +173,33 @@ def ask_approval(req: ApprovalRequest, mode: ApprovalMode, seq: int) -> Approval
     )
 
 
+def check_offline_gate(
+    plan: RolloutPlan, gate: GateResult, candidate_version: int, stable_version: int
+) -> str:
+    """What the offline promotion gate's verdict means for a new rollout under ``plan``.
+
+    Raises ``GateFailed`` when the candidate does not pass and the plan enforces the gate
+    (the rollout would end by promoting a version the registry's own gate refuses);
+    otherwise returns the line to log.
+    """
+    verdict = (
+        f"offline promotion gate of v{candidate_version} against champion v{stable_version}: "
+        f"{gate.outcome.value}: {gate.reason}"
+    )
+    if gate.passed:
+        return verdict
+    if plan.offline_gate == "enforce":
+        raise GateFailed(
+            f"{verdict}; plan {plan.name} enforces it, so no rollout starts "
+            "(a plan with offline_gate: advisory lets the live gates alone decide)"
+        )
+    return f"{verdict}; advisory under plan {plan.name}: the live gates alone decide"
+
+
 def _begin(settings: Settings, plan: RolloutPlan, candidate: str, rollout_id: str | None) -> RolloutStatus:
     now = utcnow()
     name, stable, cand, aliases = resolve_versions(settings, candidate)
+    get_run_logger().info(check_offline_gate(plan, offline_gate(settings, name, cand), cand, stable))
     rid = rollout_id or new_rollout_id(now)
     status = start(
         rid, plan, model_name=name, stable_version=stable, candidate_version=cand, aliases=aliases, now=now

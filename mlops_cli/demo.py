@@ -1,11 +1,22 @@
-"""``mlops demo``: the platform end to end on the embedded defaults, with a summary."""
+"""``mlops demo``: the platform end to end on the embedded defaults, with a summary.
+
+Seven numbered steps, each timed (the summary lists the times):
+
+1. generate card transactions          5. start the online service and simulated users
+2. training flow (v1: champion)        6. train a challenger (v2) on more data
+3. batch scoring flow                  7. safe rollout of v2 against the live service
+4. edge: compress, sign, OTA rollout
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 
 from rich.panel import Panel
+from rich.table import Table
 
 from adapters.datasets import write_parquet
 from mlops.datagen import generate_blocks
@@ -13,59 +24,96 @@ from mlops.settings import Settings
 from mlops_cli.common import console, progress
 
 SCORE_ROWS = 200_000
+STEPS = 7
+
+
+class DemoSteps:
+    """Numbers the demo's steps ``[k/N]`` in one sequence and times each one."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.timings: list[tuple[str, float]] = []
+
+    @contextmanager
+    def step(self, title: str, *, spinner: bool = True) -> Iterator[None]:
+        """Run one numbered step: announce it, show a spinner fed by the flow's log lines
+        (``spinner=False`` for a step that shows its own progress), then print its time."""
+        label = f"[{len(self.timings) + 1}/{self.total}] {title}"
+        started = time.perf_counter()
+        if spinner:
+            with progress(label):
+                yield
+        else:
+            console.print(f"[bold]{label}[/]")
+            yield
+        took = time.perf_counter() - started
+        self.timings.append((title, took))
+        console.print(f"[green]✓[/] {label} [dim]({took:.0f} s)[/]")
+
+    def table(self, total_s: float) -> Table:
+        """The step times as a table, with the whole run's wall time."""
+        table = Table(title="demo steps", show_edge=False)
+        table.add_column("step")
+        table.add_column("seconds", justify="right")
+        for i, (title, took) in enumerate(self.timings, 1):
+            table.add_row(f"{i}/{self.total} {title}", f"{took:.0f}")
+        table.add_row("[bold]total (wall)[/]", f"[bold]{total_s:.0f}[/]")
+        return table
 
 
 def run_demo(settings: Settings, config: str | None, rows: int, rollout_plan: str | None = None) -> None:
+    """Run the seven demo steps on ``settings``' home and print a summary with their times."""
     from flows.score import score_flow
     from flows.train import train_flow
     from mlops.scoring import default_input
+    from mlops_cli.demo_rollout import run_rollout_demo
+    from mlops_cli.edge import run_edge_step
     from mlops_cli.main import _print_training
     from mlops_cli.score import print_run
 
     started = time.perf_counter()
     home = settings.home_path
+    steps = DemoSteps(STEPS)
     console.rule(f"[bold]mlops demo[/] (state in {home})")
 
     train_path = settings.data_dir / "train.parquet"
-    with progress(f"1/3 generating {rows:,} card transactions"):
+    with steps.step(f"generate {rows:,} card transactions"):
         write_parquet(generate_blocks(rows, seed=1), train_path)
-    console.print(f"[green]✓[/] data: {rows:,} rows -> {train_path}")
+    console.print(f"data: {rows:,} rows -> {train_path}")
 
-    with progress("2/3 training flow: validate -> train -> ONNX parity -> evaluate -> register"):
+    with steps.step("training flow: validate -> train -> ONNX parity -> evaluate -> register"):
         summary = train_flow(str(train_path), config)
-    console.print("[green]✓[/] training flow completed")
     _print_training(summary)
 
     # A day of new transactions, scored the way the nightly deployment does it.
     now = datetime.now(UTC)
     day_path = default_input(settings.data_dir, now.date())
-    write_parquet(
-        generate_blocks(
-            SCORE_ROWS, seed=2, start=now.replace(hour=0, minute=0, second=0, microsecond=0, tzinfo=None)
-        ),
-        day_path,
-    )
     alias = "champion" if summary.promoted_to_champion else "challenger"
-    with progress(
-        f"3/3 batch scoring flow: {SCORE_ROWS:,} rows on Dask with ONNX Runtime -> Parquet -> DuckDB"
+    with steps.step(
+        f"batch scoring flow: {SCORE_ROWS:,} rows on Dask with ONNX Runtime -> Parquet -> DuckDB"
     ):
+        write_parquet(
+            generate_blocks(
+                SCORE_ROWS,
+                seed=2,
+                start=now.replace(hour=0, minute=0, second=0, microsecond=0, tzinfo=None),
+            ),
+            day_path,
+        )
         scored = score_flow(run_date=now.date().isoformat(), alias=alias, config=config)
-    console.print("[green]✓[/] batch scoring flow completed")
     print_run(scored)
 
     # Edge: compress the model for card terminals, sign it, roll it out to a small simulated fleet.
-    from mlops_cli.edge import run_edge_step
+    with steps.step("edge: compress for card terminals -> sign -> OTA rollout to 200 devices", spinner=False):
+        run_edge_step(settings, config, alias)
 
-    run_edge_step(settings, config, "champion" if summary.promoted_to_champion else "challenger")
-
-    # Last act: a better challenger rolled out against the live service (mlops_cli/demo_rollout.py).
-    from mlops_cli.demo_rollout import run_rollout_demo
-
-    rolled = run_rollout_demo(settings, config, rows, rollout_plan)
+    # Last act: a better challenger rolled out against the live service (steps 5-7).
+    rolled = run_rollout_demo(settings, config, rows, rollout_plan, steps)
 
     elapsed = time.perf_counter() - started
     mlflow_ui = f"mlflow ui --backend-store-uri {settings.tracking_uri} --port 5000"
     prefect_ui = f"PREFECT_HOME={settings.prefect_home} prefect server start"
+    console.print(steps.table(elapsed))
     console.print(
         Panel.fit(
             "\n".join(

@@ -344,7 +344,7 @@ def demo(
             "--rollout-plan",
             exists=True,
             dir_okay=False,
-            help="Rollout plan for the last act (default: configs/rollout/demo.yaml).",
+            help="Rollout plan for the last act (default: configs/rollout/demo-live.yaml).",
         ),
     ] = None,
     config: ConfigOpt = None,

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from mlops.errors import ConfigError
-from mlops_cli.common import ConfigOpt, console, handle_errors, progress, settings_for
+from mlops_cli.common import ConfigOpt, console, handle_errors, settings_for
 
 rollout_app = typer.Typer(
     help="Roll a candidate out against the champion on the live service: replay, shadow, canary, A/B, approval, "
@@ -19,6 +19,7 @@ rollout_app = typer.Typer(
 
 
 def print_summary(summary) -> None:
+    """The rollout's outcome in three lines: phase and versions, the reason, the report."""
     colour = {"succeeded": "green", "rolled_back": "yellow", "aborted": "red", "timed_out": "yellow"}.get(
         summary.phase, "cyan"
     )
@@ -63,19 +64,31 @@ def rollout(
         return
     if auto not in (None, "approve", "reject"):
         raise typer.BadParameter("--auto-answer takes approve or reject")
-    from flows.rollout import rollout_flow
+    import threading
 
-    settings_for(config)
-    with progress("rollout flow: observe -> decide -> apply, every tick"):
+    from flows.rollout import new_rollout_id, rollout_flow
+    from tasks.rollout import utcnow
+
+    settings = settings_for(config)
+    rid = resume or rollout_id or new_rollout_id(utcnow())
+    stop = threading.Event()
+    view = threading.Thread(
+        target=watch_rollout, args=(settings, rid), kwargs={"stop": stop}, name="rollout-view", daemon=True
+    )
+    view.start()
+    try:
         summary = rollout_flow(
             plan=plan,
             candidate=candidate,
             resume=resume,
-            rollout_id=rollout_id,
+            rollout_id=None if resume else rid,
             approval=auto or "prefect",
             max_seconds=max_seconds,
             config=config,
         )
+    finally:
+        stop.set()
+        view.join(timeout=10)
     print_summary(summary)
     if summary.phase not in ("succeeded",):
         raise typer.Exit(code=3 if summary.phase in ("rolled_back", "aborted", "timed_out") else 0)
@@ -161,6 +174,53 @@ def list_cmd(config: ConfigOpt = None) -> None:
         )
 
 
+def watch_rollout(settings, rollout_id: str, *, stop=None, interval: float = 1.0):
+    """Show rollout ``rollout_id``'s live view from its files under MLOPS_HOME/rollouts/
+    until it ends (or ``stop`` is set); its last status (``None``: it never appeared)."""
+    from mlops_cli.rollout_view import follow
+    from tasks.rollout import RolloutNotFound, read_plan, read_status
+
+    plans = {}
+
+    def load():
+        try:
+            status = read_status(settings, rollout_id)
+            if rollout_id not in plans:
+                plans[rollout_id] = read_plan(settings, rollout_id)
+        except RolloutNotFound:
+            return None
+        return status, plans[rollout_id]
+
+    return follow(load, console, interval=interval, stop=stop)
+
+
+@rollout_app.command("watch")
+@handle_errors
+def watch(
+    rollout_id: Annotated[str, typer.Argument(help="Id of the rollout (see `mlops rollout list`).")],
+    interval: Annotated[
+        float, typer.Option("--interval", min=0.01, help="Seconds between reads of its status.")
+    ] = 1.0,
+    config: ConfigOpt = None,
+) -> None:
+    """Follow a rollout started elsewhere until it ends: step, traffic, each gate's state,
+    samples collected vs needed, time left. Exit code 0 if it succeeded, 3 if it rolled
+    back, aborted or timed out."""
+    from tasks.rollout import RolloutNotFound, read_status
+
+    settings = settings_for(config)
+    read_status(settings, rollout_id)  # an unknown id is an error now, not an endless wait
+    status = watch_rollout(settings, rollout_id, interval=interval)
+    if status is None:  # pragma: no cover - the status existed a moment ago
+        raise RolloutNotFound(f"rollout {rollout_id!r} disappeared")
+    reason = status.final_reason or ""
+    console.print(
+        f"rollout {status.rollout_id}: {status.phase.value}: {reason}", soft_wrap=True, markup=False
+    )
+    if status.phase.value != "succeeded":
+        raise typer.Exit(code=3)
+
+
 @handle_errors
 def rollback(
     rollout_id: Annotated[
@@ -184,5 +244,6 @@ def rollback(
 
 
 def register(app: typer.Typer) -> None:
+    """Add the `rollout` command group and `rollback` to the `mlops` CLI."""
     app.add_typer(rollout_app, name="rollout")
     app.command("rollback")(rollback)

@@ -25,6 +25,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from mlops.errors import PlatformError, StaleAlias
+from mlops.gates import GateResult
 from mlops.onnx_model import OnnxScorer
 from mlops.predlog import FEATURE_PREFIX, PRIMARY
 from mlops.registry_model import CHALLENGER, CHAMPION
@@ -33,6 +34,7 @@ from mlops.rollout.observe import CANDIDATE, STABLE, Observations, Reference, ob
 from mlops.rollout.plan import ABStep, ReplayStep, RolloutPlan
 from mlops.settings import Settings
 from registry.mlflow_registry import ModelRegistry
+from registry.promotion import champion_gate
 from serving.client import ServingAdmin
 from serving.predlog_store import PredictionLogStore
 
@@ -137,6 +139,12 @@ def resolve_versions(
         else:
             raise StaleAlias(f"'{name}' has no alias '{candidate_alias}'")
     return name, aliases[CHAMPION], candidate, aliases
+
+
+@task(name="offline-promotion-gate", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[1, 3, 10])
+def offline_gate(settings: Settings, model_name: str, version: int) -> GateResult:
+    """The registry's promotion gate for ``version``: its offline metrics against the champion's."""
+    return champion_gate(settings, ModelRegistry(settings), model_name, version)
 
 
 @task(name="read-challenger", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[1, 3, 10])

@@ -166,8 +166,10 @@ def test_train_on_bad_data_exits_nonzero_listing_expectations(tmp_path: Path, pr
 @pytest.mark.timeout(2700)
 def test_demo_end_to_end_on_embedded_defaults(tmp_path: Path) -> None:
     """`mlops demo` on a fresh MLOPS_HOME exits 0: v1 trained, scored, shipped to the edge,
-    then v2 rolled out against the live service (the compressed demo plan) and promoted:
-    v2 is champion, v1 previous-champion, every move in the history."""
+    then v2 (passing the offline promotion gate) rolled out against the live service (the
+    compressed demo plan) and promoted: v2 is champion, v1 previous-champion, every move in
+    the history. Its seven steps are numbered in one sequence and timed, and the rollout's
+    progress is printed as it happens (step, gates, samples collected vs needed)."""
     home = tmp_path / "home"
     env = {
         "MLOPS_HOME": str(home),
@@ -177,6 +179,12 @@ def test_demo_end_to_end_on_embedded_defaults(tmp_path: Path) -> None:
     result = mlops("demo", "--rows", "20000", "--rollout-plan", str(plan), env=env, timeout=2400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "demo summary" in result.stdout and ": succeeded (v2 vs v1" in result.stdout, result.stdout[-3000:]
+    for k in range(1, 8):
+        assert f"✓ [{k}/7] " in result.stdout, result.stdout[-3000:]
+    assert "promotion gate: PASS" in result.stdout.split("✓ [6/7]")[1], result.stdout[-3000:]
+    rollout_lines = [line for line in result.stdout.splitlines() if " [2/6] shadow: running" in line]
+    assert rollout_lines and "candidate_traffic" in rollout_lines[-1], result.stdout[-3000:]
+    assert "total (wall)" in result.stdout
     listing = mlops("registry", "list", "--json", env=env)
     aliases = {v["version"]: set(v["aliases"]) for v in map(json.loads, listing.stdout.splitlines())}
     assert aliases == {1: {"previous-champion"}, 2: {"champion", "challenger"}}, listing.stdout

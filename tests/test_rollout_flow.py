@@ -98,7 +98,10 @@ def live(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -> Iterat
         ]
         versions = []
         for onnx_model in models:
-            versions += register_versions(settings, onnx_model, [{"roc_auc": 0.8}])
+            # equal offline metrics: each passes the offline promotion gate, the live gates decide
+            versions += register_versions(
+                settings, onnx_model, [{"roc_auc": 0.8, "pr_auc": 0.2, "log_loss": 0.05}]
+            )
         assert versions == [BASE, BETTER, SLOWER, ERRORING, WORSE]
         ModelRegistry(settings).move_alias(
             settings.training.model_name, CHAMPION, BASE, reason="rollout tests"

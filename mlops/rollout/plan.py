@@ -328,11 +328,17 @@ class RolloutPlan(StrictModel):
     ``tick_interval_s`` is how often the orchestrator observes and calls ``decide``; every
     counted limit is in ticks, so ``inconclusive_limit: 12`` at a 5 s tick grants a check
     one more minute after its step's duration.
+
+    ``offline_gate`` is what the registry's promotion gate (the candidate's offline metrics
+    against the champion's) means to the rollout, which ends by promoting: ``enforce``
+    refuses to start a rollout of a candidate that does not pass it, before any traffic
+    moves; ``advisory`` logs the verdict and lets the live gates alone decide.
     """
 
     name: str = Field(min_length=1)
     description: str = ""
     tick_interval_s: float = Field(gt=0)
+    offline_gate: Literal["enforce", "advisory"] = "enforce"
     steps: tuple[Step, ...] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -350,8 +356,12 @@ class RolloutPlan(StrictModel):
 
     @property
     def digest(self) -> str:
-        """A short hash of the plan's content: a rollout refuses to continue under another."""
-        return hashlib.blake2b(self.model_dump_json().encode(), digest_size=8).hexdigest()
+        """A short hash of the plan's content: a rollout refuses to continue under another.
+
+        ``offline_gate`` counts only when it is not the default, so rollouts persisted before
+        the field existed resume under their own plan (the gate is checked only at the start)."""
+        skip = {"offline_gate"} if self.offline_gate == "enforce" else None
+        return hashlib.blake2b(self.model_dump_json(exclude=skip).encode(), digest_size=8).hexdigest()
 
 
 def step_label(plan: RolloutPlan, index: int) -> str:
