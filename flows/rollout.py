@@ -31,7 +31,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.input import RunInput
 
 from adapters.runtime import configure
-from mlops.flow_params import CandidateParam, PlanParam
+from flows.params import CandidateParam, PlanParam
 from mlops.rollout.errors import ApprovalTimedOut
 from mlops.rollout.machine import (
     ApprovalRequest,

@@ -47,7 +47,6 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from enum import StrEnum
 from typing import Literal
 
 from pydantic import Field, ValidationError
@@ -58,7 +57,6 @@ from mlops.rollout.errors import ObservationMismatch, PlanMismatch, RolloutError
 from mlops.rollout.gate import TRAFFIC_CHECK, Measurement, fmt, measure_step
 from mlops.rollout.observe import CANDIDATE, STABLE, Observations
 from mlops.rollout.plan import (
-    SEVERITY,
     ABStep,
     ApprovalStep,
     BlueGreenStep,
@@ -68,42 +66,12 @@ from mlops.rollout.plan import (
     ShadowStep,
     step_label,
 )
+from mlops.rollout.vocabulary import SEVERITY, TERMINAL, Action, Counters, Phase, tally
+from mlops.rollout.vocabulary import Decision as _Decision
 from mlops.routing import Mode, RouteTable
 from mlops.settings import StrictModel
 
 SCHEMA_VERSION = 1
-
-
-class Phase(StrEnum):
-    """Where a rollout is. The last four are terminal."""
-
-    PENDING = "pending"
-    RUNNING = "running"
-    AWAITING_APPROVAL = "awaiting_approval"
-    PAUSED = "paused"
-    PROMOTED = "promoted"  # cut over; post-promotion analysis and keep-warm window
-    SUCCEEDED = "succeeded"
-    ROLLED_BACK = "rolled_back"
-    ABORTED = "aborted"
-    TIMED_OUT = "timed_out"
-
-
-TERMINAL = frozenset({Phase.SUCCEEDED, Phase.ROLLED_BACK, Phase.ABORTED, Phase.TIMED_OUT})
-
-
-class Action(StrEnum):
-    """What a decision does. ``advance``/``promote`` apply the next step's changes;
-    ``rollback``/``abort`` send all traffic back to stable (and aliases back, after a
-    promotion); ``pause`` keeps traffic and waits for an operator; ``hold`` changes
-    nothing; ``await_approval`` asks a human (again, after a restart) and changes nothing."""
-
-    ADVANCE = "advance"
-    HOLD = "hold"
-    PAUSE = "pause"
-    ROLLBACK = "rollback"
-    ABORT = "abort"
-    PROMOTE = "promote"
-    AWAIT_APPROVAL = "await_approval"
 
 
 # --------------------------------------------------------------------------- effects
@@ -186,14 +154,6 @@ class Applied(StrictModel):
 
 
 # --------------------------------------------------------------------------- history
-
-
-class Counters(StrictModel):
-    """A check's counted measurements in the current step."""
-
-    failures: int = 0
-    inconclusives: int = 0
-    errors: int = 0
 
 
 class CheckRecord(StrictModel):
@@ -438,17 +398,13 @@ def load_status(text: str) -> RolloutStatus:
 
 
 @dataclass(frozen=True)
-class Decision:
-    """The outcome of one tick.
+class Decision(_Decision["RolloutStatus", Effect]):
+    """The outcome of one tick of a server rollout.
 
     ``status`` is the next status, to persist *before* applying ``effects`` (which it
     lists as pending). ``approval`` is set when a human must be asked (again).
     """
 
-    action: Action
-    reason: str
-    status: RolloutStatus
-    effects: tuple[Effect, ...] = ()
     measurements: tuple[Measurement, ...] = ()
     approval: ApprovalRequest | None = None
 
@@ -774,28 +730,10 @@ def _count(
     counters = dict(status.counters)
     trips: list[tuple[str, Measurement, str]] = []
     for m in ms:
-        c = counters.get(m.key, Counters())
-        lim = m.limits
-        o = m.outcome
-        c = Counters(
-            failures=c.failures + (o is Outcome.FAIL),
-            errors=c.errors + (o is Outcome.ERROR),
-            inconclusives=c.inconclusives + (o is Outcome.INCONCLUSIVE and due),
-        )
-        counters[m.key] = c
-        why = m.result.reason
-        if o is Outcome.FAIL and c.failures > lim.failure_limit:
-            trips.append((lim.on_fail, m, f"{why} (failures {c.failures} > limit {lim.failure_limit})"))
-        elif o is Outcome.ERROR and c.errors > lim.error_limit:
-            trips.append(("abort", m, f"{why} (errors {c.errors} > limit {lim.error_limit})"))
-        elif o is Outcome.INCONCLUSIVE and due and c.inconclusives > lim.inconclusive_limit:
-            trips.append(
-                (
-                    lim.on_inconclusive,
-                    m,
-                    f"{why} (inconclusive {c.inconclusives} > limit {lim.inconclusive_limit})",
-                )
-            )
+        t = tally(counters.get(m.key, Counters()), m.outcome, m.limits, due=due)
+        counters[m.key] = t.counters
+        if t.trip is not None:
+            trips.append((t.trip, m, f"{m.result.reason} ({t.note})"))
     return counters, trips
 
 

@@ -88,9 +88,6 @@ judged worse), ``abort`` (all traffic to stable now, no verdict on the candidate
 experiment itself is invalid) or ``pause`` (traffic stays as it is, the rollout waits for an
 operator to resume, roll back or abort)."""
 
-SEVERITY: dict[str, int] = {"rollback": 3, "abort": 2, "pause": 1}
-"""When several checks trip in one tick, the most severe action wins."""
-
 
 class GateLimits(StrictModel):
     """How one check's measurements are counted, and what happens when it trips."""
