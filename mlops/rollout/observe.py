@@ -36,11 +36,11 @@ from mlops import stats
 from mlops.predlog import FEATURE_PREFIX, PRIMARY, SHADOW
 from mlops.rollout.abtest import Arm, Arms
 from mlops.rollout.plan import METRICS
+from mlops.stats import calibration_error
 
 STABLE, CANDIDATE = "stable", "candidate"
 LOSS_CLIP = 1e-7
 """Scores are clipped to ``[1e-7, 1 - 1e-7]`` for log loss, as in training's evaluation."""
-ECE_BINS = 10
 REFERENCE_FINE_BINS = 100
 NAN = math.nan
 
@@ -262,22 +262,6 @@ def log_loss(y: np.ndarray, p: np.ndarray) -> float:
 def row_log_loss(y: np.ndarray, p: np.ndarray) -> np.ndarray:
     q = np.clip(p, LOSS_CLIP, 1.0 - LOSS_CLIP)
     return -(y * np.log(q) + (1.0 - y) * np.log1p(-q))
-
-
-def calibration_error(y: np.ndarray, p: np.ndarray, bins: int = ECE_BINS) -> float:
-    """Expected calibration error over equal-frequency bins (the definition training uses,
-    ``mlops.modeling.calibration_error``), vectorised."""
-    n = y.size
-    if n == 0:
-        return NAN
-    order = np.argsort(p, kind="stable")
-    k = min(bins, n)
-    sizes = np.full(k, n // k)
-    sizes[: n % k] += 1
-    starts = np.r_[0, np.cumsum(sizes)[:-1]]
-    sp = np.add.reduceat(p[order], starts)
-    sy = np.add.reduceat(y[order].astype(np.float64), starts)
-    return float(np.abs(sp - sy).sum() / n)
 
 
 def _percentiles(x: np.ndarray) -> tuple[float, float, float]:
