@@ -140,10 +140,3 @@ class LiveTraffic:
                     f.result()
 
     # ------------------------------------------------------------------ reading
-
-    def errors_by_status(self) -> dict[int, int]:
-        out: Counter[int] = Counter()
-        for (_, status), n in self.tally.items():
-            if status != 200:
-                out[status] += n
-        return dict(out)

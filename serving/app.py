@@ -1,7 +1,7 @@
 """The HTTP surface of the online service: a Starlette app mounted into the BentoML service.
 
 Scoring routes are plain ``async`` Starlette handlers (BentoML's typed ``@bentoml.api``
-path reaches about a third of this throughput, see bench/serving_probe/RESULTS.md): read
+path reaches about a third of this throughput, see docs/design/serving-overhead.md): read
 the body within its size limit, validate with ``mlops.request_validation``, hand over to
 ``ServingRuntime``, answer JSON. Every client error is a 4xx with ``{"error": message}``;
 being at capacity is a fast 503 with ``Retry-After``; a model past its deadline is a 504.

@@ -61,10 +61,6 @@ def fmt(metric: str, x: float) -> str:
     return f"{x:.1f}ms" if metric.endswith("_ms") else f"{x:.4g}"
 
 
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None
-
-
 def _samples(kind: str, variant: str) -> str:
     return {
         "requests": f"{variant} requests",

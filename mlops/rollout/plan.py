@@ -316,7 +316,6 @@ Step = Annotated[
     ReplayStep | ShadowStep | CanaryStep | ABStep | ApprovalStep | BlueGreenStep,
     Field(discriminator="kind"),
 ]
-TRAFFIC_STEPS = ("shadow", "canary", "ab", "blue_green")
 
 
 class RolloutPlan(StrictModel):
