@@ -138,5 +138,3 @@ class LiveTraffic:
                 self._feedback(labels)
                 for f in futures:  # bounded: never more than one interval in flight
                     f.result()
-
-    # ------------------------------------------------------------------ reading
