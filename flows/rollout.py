@@ -1,7 +1,7 @@
 """Rollout flow: observe -> decide -> persist -> apply, once per tick, until the rollout ends.
 
 The decisions are ``mlops.rollout.machine.decide`` (pure); this flow only sequences the
-IO around it (tasks/rollout.py) in the write-ahead order the machine's docstring gives:
+IO around it (tasks/rollout.py) in the write-ahead order of docs/design/rollout-model.md:
 
     finish effects left outstanding by a crash -> observe -> decide -> save status
     -> apply each effect, save status after each -> ask for approval if asked -> sleep

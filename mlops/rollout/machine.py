@@ -1,44 +1,11 @@
-"""The rollout state machine: ``decide(status, observations, plan, now) -> Decision``.
+"""The server rollout as a pure state machine: ``decide(status, observations, plan, now,
+signals) -> Decision``.
 
-Pure: no IO, no clock, no randomness. The orchestrator (a Prefect flow) runs one tick as
-
-    status = load_status(read("rollouts/<id>/status.json"))
-    for effect in status.outstanding:                 # left over by a crash: finish them
-        apply(effect); status = mark_applied(status, effect.key, now()); save(status)
-    obs = observe(log rows since status.step_started_at, feedback, ...)
-    decision = decide(status, obs, plan, now(), signals)
-    save(decision.status)                             # write-ahead: the intent is durable
-    for effect in decision.effects:                   # then act, one effect at a time
-        apply(effect); status = mark_applied(decision.status, effect.key, now()); save(status)
-
-Effects are absolute and keyed: a route effect sets the whole route table (applying it
-twice leaves the same routes), an alias effect is a list of compare-and-set moves (a repeat
-finds the alias already at its target). Each key is recorded in the status's ledger once
-applied, ``decide`` never emits a key the ledger holds and makes no new decision while an
-effect is outstanding, so an orchestrator killed at any point resumes at the same step and
-never repeats a traffic change or an alias move. Passing the key to the serving admin API
-and the registry as an idempotency key makes even the crash-between-apply-and-record window
-exactly-once.
-
-Phases::
-
-    PENDING -> RUNNING (replay, shadow, canary, ab) -> AWAITING_APPROVAL -> PROMOTED -> SUCCEEDED
-                  |  ^                                  |   |                  |
-                  v  | resume                           |   +-> TIMED_OUT      +-> ROLLED_BACK
-                PAUSED        any running phase  ->  ROLLED_BACK | ABORTED
-
-Counting (per check, reset at every step and canary weight): FAIL adds a failure, ERROR an
-error, INCONCLUSIVE an inconclusive once the step's ``duration_s`` has passed. A check trips
-when failures > failure_limit (-> its on_fail), errors > error_limit (-> abort) or
-inconclusives > inconclusive_limit (-> its on_inconclusive); the most severe action among
-the tripped checks wins and is applied in the same tick. A ``dry_run`` check is counted and
-reported but never trips. A step completes when its duration has passed and every counted
-check PASSes at the same tick.
-
-A candidate registered while a rollout runs is **ignored**: the rollout is pinned to the
-version it started with (observations of other versions are refused or excluded), the
-decision log notes the new challenger once, and the new version needs its own rollout,
-which starts with no evidence from this one.
+No IO, no clock, no randomness. A decision carries the next status (persist it first) and
+its effects: absolute, keyed route tables and alias compare-and-set moves, recorded in the
+status's ledger by ``mark_applied`` so a resumed orchestrator never repeats one. Phases,
+actions and counting are the shared rollout vocabulary (``mlops.rollout.vocabulary``). The
+tick loop, the phase diagram and the crash semantics: docs/design/rollout-model.md.
 """
 
 from __future__ import annotations

@@ -1,30 +1,11 @@
 """Rollout plans: the ordered steps a candidate goes through, and the gates of each step.
 
-A plan is configuration (``configs/rollout/*.yaml``), validated once into frozen strict
-models like every other setting: an unknown field, a wrong type or an inconsistent plan is a
-``ConfigError`` naming the file and the field. Durations and sample minimums live here, so
-the same machine runs a demo plan in minutes and a production plan over days.
-
-Steps, in the order a plan usually lists them (a discriminated union on ``kind``):
-
-``replay``      offline champion/challenger comparison on labelled rows; no traffic.
-``shadow``      the candidate answers a mirrored ``mirror_pct`` of requests off the
-                response path; users only ever see ``stable``.
-``canary``      ``weights`` ramp (e.g. 1 -> 5 -> 25 -> 50 %) of sticky users on the
-                candidate, with an analysis after each weight.
-``ab``          a sticky split read as an experiment: a pre-registered ``primary`` metric
-                tested sequentially, guardrail ``checks`` and a sample-ratio-mismatch check.
-``approval``    a human approves or rejects the version under test, within ``timeout_s``.
-``blue_green``  the cutover: aliases move and all traffic flips to the candidate slot, a
-                post-promotion analysis runs and the old slot stays warm for ``keep_warm_s``.
-
-Gate vocabulary (shared by every check): a measurement with fewer than ``min_samples`` is
-INCONCLUSIVE, never PASS; FAILs are counted and the check trips when ``failures >
-failure_limit``; INCONCLUSIVE measurements are counted once the step's ``duration_s`` has
-passed and trip when ``inconclusives > inconclusive_limit``; a ``dry_run`` check is
-measured, counted and reported but never changes the rollout. Every step that sends traffic
-to the candidate also has an implicit ``candidate_traffic`` check (its ``min_samples``
-answers from the candidate), so a step whose candidate gets no traffic never completes.
+A plan is configuration (``configs/rollout/*.yaml``) validated once into frozen strict
+models: an unknown field, a wrong type or an inconsistent plan is a ``ConfigError`` naming
+the file and the field. Steps are a discriminated union on ``kind`` (``replay``,
+``shadow``, ``canary``, ``ab``, ``approval``, ``blue_green``); each check carries the
+limits it is counted against (``GateLimits``). What each step does and how checks are
+counted: docs/design/rollout-model.md.
 """
 
 from __future__ import annotations
