@@ -38,6 +38,8 @@ from tasks.edge import Fleet
 
 @dataclass(frozen=True)
 class ExportSummary:
+    """What an export run built: every variant's numbers, the selected one and where they were written."""
+
     model_name: str
     source_version: int
     alias: str
@@ -185,6 +187,8 @@ def edge_export_flow(
 
 @dataclass(frozen=True)
 class PublishSummary:
+    """The release an edge publish signed: version, variant, size, digest, signing keys, expiry."""
+
     model_name: str
     version: int
     variant: str
@@ -251,6 +255,8 @@ def edge_publish_flow(
 
 @dataclass(frozen=True)
 class RolloutSummary:
+    """How an OTA rollout ended: its phase, stage history, devices per version and device events."""
+
     rollout_id: str
     model_name: str
     version: int
@@ -387,6 +393,7 @@ def _apply(
 
 
 def rollout_markdown(s: RolloutSummary) -> str:
+    """The rollout summary as the Markdown of the flow run's artifact."""
     lines = [
         f"### OTA rollout {s.rollout_id}",
         "",

@@ -79,6 +79,8 @@ class ApprovalInput(RunInput):
 
 @dataclass(frozen=True)
 class RolloutSummary:
+    """How a server rollout run ended: its phase, final reason and report."""
+
     rollout_id: str
     model_name: str
     stable_version: int
@@ -90,6 +92,7 @@ class RolloutSummary:
 
 
 def new_rollout_id(now: datetime) -> str:
+    """A fresh rollout id: the start time and a random suffix."""
     return f"{now:%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 

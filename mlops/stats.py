@@ -268,6 +268,7 @@ def merge_agreement(left: AgreementStats, right: AgreementStats) -> AgreementSta
 
 
 def merge_all(stats: Sequence[AgreementStats]) -> AgreementStats:
+    """All partition summaries merged into one."""
     if not stats:
         raise ValueError("nothing to merge")
     out = stats[0]

@@ -37,6 +37,7 @@ class Arm:
 
     @classmethod
     def of(cls, values: np.ndarray) -> Arm:
+        """The sufficient statistics of one arm's per-request values."""
         x = np.asarray(values, dtype=np.float64)
         if x.size == 0:
             return cls()

@@ -47,10 +47,12 @@ class Measurement:
 
     @property
     def key(self) -> str:
+        """The check's name (its counters are kept under it)."""
         return self.result.metric
 
     @property
     def outcome(self) -> Outcome:
+        """The check's outcome at this tick."""
         return self.result.outcome
 
 

@@ -57,6 +57,7 @@ class RouteSpec(StrictModel):
     candidate_version: int | None = None
 
     def table(self) -> RouteTable:
+        """The router's route table for this spec."""
         return RouteTable(
             mode=Mode(self.mode),
             weight_pct=self.weight_pct,
@@ -75,6 +76,7 @@ class RouteSpec(StrictModel):
         return 0.0
 
     def describe(self) -> str:
+        """The routes in words, for reasons and logs."""
         slots = f"stable=v{self.stable_version}, candidate=" + (
             f"v{self.candidate_version}" if self.candidate_version else "-"
         )
@@ -270,10 +272,12 @@ class RolloutStatus(StrictModel):
 
     @property
     def terminal(self) -> bool:
+        """Whether the rollout has ended."""
         return self.phase in TERMINAL
 
     @property
     def applied_keys(self) -> frozenset[str]:
+        """Keys of every effect applied so far."""
         return frozenset(a.key for a in self.applied)
 
     @property

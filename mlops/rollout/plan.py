@@ -117,6 +117,7 @@ class MetricCheck(GateLimits):
 
     @property
     def key(self) -> str:
+        """The check's name: ``name``, else the metric with its comparison."""
         if self.name:
             return self.name
         suffix = f"_vs_stable_{self.relative_to_stable}" if self.relative_to_stable else ""
@@ -124,6 +125,7 @@ class MetricCheck(GateLimits):
 
     @property
     def samples(self) -> SampleKind:
+        """What the metric's samples are (requests, labelled answers or pairs)."""
         return METRICS[self.metric][0]
 
 
@@ -153,10 +155,12 @@ class SequentialTest(GateLimits):
 
     @property
     def key(self) -> str:
+        """The name the primary test is counted and reported under."""
         return f"ab_{self.metric}"
 
     @property
     def higher_is_better(self) -> bool:
+        """Whether a larger value of the metric is better."""
         return self.metric == "accuracy"
 
 
@@ -174,6 +178,7 @@ class SrmCheck(GateLimits):
 
     @property
     def key(self) -> str:
+        """The name the sample-ratio check is counted and reported under."""
         return "sample_ratio"
 
 

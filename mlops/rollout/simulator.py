@@ -137,10 +137,12 @@ class RequestBatch:
         return len(self.columns["request_id"])
 
     def take(self, index: np.ndarray) -> RequestBatch:
+        """The requests at positions ``index``."""
         return RequestBatch({k: v[index] for k, v in self.columns.items()}, self.feature_names)
 
     @property
     def frame(self) -> pd.DataFrame:
+        """The batch as a data frame, one row per request."""
         return pd.DataFrame(dict(self.columns))
 
     def payloads(self) -> Iterator[dict[str, object]]:
