@@ -316,6 +316,7 @@ def edge_rollout_flow(
 
     decision = start(rollout_id, name, version, plan, last_good=repo.state(name).get("last_good"))
     status = decision.status
+    t.save_status(settings, fleet, status.to_dict())
     rollback_version = None
     while True:
         for effect in decision.effects:
@@ -365,31 +366,13 @@ def _apply(
 ) -> int | None:
     """Carry out one effect of an OTA decision; the version of a restoring release, if one was made."""
     name = release.model
-    repo = t.ReleaseRepository(t.paths(settings).repo)
     if effect.kind == "serve_cohort":
         t.run_stage(settings, roster, fleet, rollout_id, name, effect.version, effect.percent, ids)
         return None
     if effect.kind == "mark_good":
-        repo.set_state(name, last_good=effect.version)
+        t.mark_good(settings, name, effect.version)
         return None
-    good = effect.version
-    rb = t.publish(
-        settings,
-        model_name=name,
-        variant=t.load_release(settings, name, good).variant,
-        model=repo.model_bytes(name, good),
-        rows=t.release_sample(settings, name, good),
-        device_classes=release.device_classes,
-        min_runtime_version=release.min_runtime_version,
-        source_version=release.source_version,
-        restores=good,
-    )
-    t.run_stage(settings, roster, fleet, rollout_id, name, rb.version, 100.0, ids)
-    repo.set_state(name, last_good=rb.version)
-    get_run_logger().warning(
-        "rolled back: release v%d restores v%d's model on every device", rb.version, good
-    )
-    return rb.version
+    return t.restore_release(settings, roster, fleet, rollout_id, release, effect.version, ids)
 
 
 def rollout_markdown(s: RolloutSummary) -> str:

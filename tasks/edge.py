@@ -249,6 +249,45 @@ def poll_devices(
     return len(events)
 
 
+@task(name="mark-good-release", retries=2, retry_delay_seconds=[1, 3])
+def mark_good(settings: Settings, model_name: str, version: int) -> None:
+    """Record ``version`` as the release devices are restored to on a rollback."""
+    ReleaseRepository(paths(settings).repo).set_state(model_name, last_good=version)
+
+
+@task(name="restore-release", cache_policy=NO_CACHE)
+def restore_release(
+    settings: Settings,
+    fleet: Fleet,
+    fleet_name: str,
+    rollout_id: str,
+    release: ModelManifest,
+    good: int,
+    device_ids: Sequence[str],
+) -> int:
+    """Publish a release carrying release ``good``'s model (newer than ``release``, so devices
+    take it), serve it to every device and record it as good; its version."""
+    repo = ReleaseRepository(paths(settings).repo)
+    name = release.model
+    restored = publish.fn(
+        settings,
+        model_name=name,
+        variant=load_release(settings, name, good).variant,
+        model=repo.model_bytes(name, good),
+        rows=release_sample(settings, name, good),
+        device_classes=release.device_classes,
+        min_runtime_version=release.min_runtime_version,
+        source_version=release.source_version,
+        restores=good,
+    )
+    run_stage.fn(settings, fleet, fleet_name, rollout_id, name, restored.version, 100.0, device_ids)
+    repo.set_state(name, last_good=restored.version)
+    get_run_logger().warning(
+        "rolled back: release v%d restores v%d's model on every device", restored.version, good
+    )
+    return restored.version
+
+
 @task(name="read-telemetry", retries=2, retry_delay_seconds=[1, 3])
 def rollout_events(settings: Settings, rollout_id: str) -> list[dict[str, Any]]:
     """Every device event recorded for a rollout so far."""
