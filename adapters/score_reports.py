@@ -10,9 +10,7 @@ previous one.
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict
 from datetime import UTC, date, datetime
 
 import duckdb
@@ -140,8 +138,3 @@ def write_comparison(
             except duckdb.Error:
                 pass  # the failed statement already ended the transaction
             raise
-
-
-def report_json(report: AgreementReport) -> str:
-    """The report as JSON (for a Prefect artifact or a log line)."""
-    return json.dumps(asdict(report), default=str)

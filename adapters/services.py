@@ -8,12 +8,15 @@ the processes it started, with their whole process trees, and nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +34,8 @@ class ServiceError(PlatformError):
 
 @dataclass(frozen=True)
 class Service:
+    """A long-running process ``up`` starts: its command, URL, health URL and environment."""
+
     name: str
     argv: tuple[str, ...]
     url: str | None = None
@@ -48,6 +53,7 @@ def _bin(name: str) -> str:
 
 
 def prefect_api_url(settings: Settings) -> str:
+    """The API URL of the Prefect server ``up`` starts for these settings."""
     s = settings.services
     return f"http://{s.host}:{s.prefect_port}/api"
 
@@ -233,16 +239,7 @@ def start(settings: Settings, svc: Service) -> dict:
     if _alive(existing):
         return existing | {"already_running": True}
     log = settings.run_dir / f"{svc.name}.log"
-    with open(log, "ab") as fh:
-        proc = subprocess.Popen(
-            svc.argv,
-            cwd=str(project_dir()),
-            env=os.environ.copy() | svc.env,
-            stdin=subprocess.DEVNULL,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = spawn(svc.argv, log, env=os.environ.copy() | svc.env, append=True)
     record = {
         "name": svc.name,
         "pid": proc.pid,
@@ -254,19 +251,129 @@ def start(settings: Settings, svc: Service) -> dict:
         "api_url": prefect_api_url(settings) if svc.name == "prefect-server" else None,
     }
     _pid_file(settings, svc.name).write_text(json.dumps(record, indent=1))
-    deadline = time.monotonic() + settings.services.startup_timeout_seconds
-    ready = (lambda: _healthy(svc.health_url)) if svc.health_url else (lambda: _worker_online(settings))
+    ready = http_ok(svc.health_url) if svc.health_url else (lambda: _worker_online(settings))
+    try:
+        wait_ready(proc, ready, log, settings.services.startup_timeout_seconds, name=svc.name, poll=0.5)
+    except ServiceError:
+        if proc.poll() is None:
+            stop(settings, svc.name)
+        _pid_file(settings, svc.name).unlink(missing_ok=True)
+        raise
+    return record
+
+
+# --------------------------------------------------------------------------- one process
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (for a service started right after)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def http_ok(url: str) -> Callable[[], bool]:
+    """A readiness probe: ``url`` answers 200 to a GET."""
+    return lambda: _healthy(url)
+
+
+def spawn(
+    argv: Sequence[str],
+    log: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    append: bool = False,
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in a session of its own (so ``terminate`` reaches its whole tree), with
+    stdout and stderr in ``log``; the working directory defaults to the project folder."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab" if append else "wb") as fh:
+        return subprocess.Popen(
+            list(argv),
+            cwd=str(cwd or project_dir()),
+            env=dict(os.environ if env is None else env),
+            stdin=subprocess.DEVNULL,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def wait_ready(
+    proc: subprocess.Popen,
+    ready: Callable[[], bool],
+    log: Path,
+    timeout: float,
+    *,
+    name: str = "service",
+    poll: float = 0.3,
+) -> None:
+    """Wait until ``ready()`` is true; ``ServiceError`` with the log's last lines if the
+    process exits first or ``timeout`` seconds pass (the process is left to the caller)."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            _pid_file(settings, svc.name).unlink(missing_ok=True)
-            raise ServiceError(f"{svc.name} exited with code {proc.returncode}: {_tail(log)}")
+            raise ServiceError(f"{name} exited with code {proc.returncode}: {_tail(log)}")
         if ready():
-            return record
-        time.sleep(0.5)
-    stop(settings, svc.name)
-    raise ServiceError(
-        f"{svc.name} not healthy after {settings.services.startup_timeout_seconds:.0f} s: {_tail(log)}"
-    )
+            return
+        time.sleep(poll)
+    raise ServiceError(f"{name} not ready after {timeout:.0f} s: {_tail(log)}")
+
+
+def terminate(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """Stop a process started by ``spawn`` and its whole session: SIGTERM, then SIGKILL
+    after ``grace`` seconds."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def launch(
+    argv: Sequence[str],
+    ready: Callable[[], bool],
+    log: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 240.0,
+    name: str = "service",
+) -> subprocess.Popen[bytes]:
+    """Start a service and wait until it is ready; on failure it is stopped and
+    ``ServiceError`` says why. Stop it with ``terminate``."""
+    proc = spawn(argv, log, env=env, cwd=cwd)
+    try:
+        wait_ready(proc, ready, log, timeout, name=name)
+    except BaseException:
+        terminate(proc)
+        raise
+    return proc
+
+
+@contextlib.contextmanager
+def started(
+    argv: Sequence[str],
+    ready: Callable[[], bool],
+    log: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 240.0,
+    name: str = "service",
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``launch`` as a context manager: the service runs for the ``with`` block."""
+    proc = launch(argv, ready, log, env=env, cwd=cwd, timeout=timeout, name=name)
+    try:
+        yield proc
+    finally:
+        terminate(proc)
 
 
 def _tree(proc: psutil.Process) -> list[psutil.Process]:

@@ -138,12 +138,3 @@ class LiveTraffic:
                 self._feedback(labels)
                 for f in futures:  # bounded: never more than one interval in flight
                     f.result()
-
-    # ------------------------------------------------------------------ reading
-
-    def errors_by_status(self) -> dict[int, int]:
-        out: Counter[int] = Counter()
-        for (_, status), n in self.tally.items():
-            if status != 200:
-                out[status] += n
-        return dict(out)

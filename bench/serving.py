@@ -36,8 +36,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -334,52 +332,31 @@ def foreign_cpu(roots: set[int], out: list[float]):
 # --------------------------------------------------------------------------- servers
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _server(cmd: list[str], cwd: Path, env: dict[str, str], port: int, log: Path, payload: dict):
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=cwd,
-            env={**os.environ, **env},
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        _wait_ready(proc, port, log, payload)
+    from adapters.services import started
+
+    with started(
+        cmd, _answers(port, payload), log, env={**os.environ, **env}, cwd=cwd, name=log.stem
+    ) as proc:
         yield proc
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
-def _wait_ready(proc: subprocess.Popen, port: int, log: Path, payload: dict, timeout: float = 240) -> None:
+def _answers(port: int, payload: dict):
+    """A readiness probe: the server answers a prediction request with 200."""
     body = json.dumps(payload).encode()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}; see {log}")
+
+    def ready() -> bool:
         req = urllib.request.Request(
             f"http://127.0.0.1:{port}{PREDICT_PATH}", body, {"Content-Type": "application/json"}
         )
         try:
             with urllib.request.urlopen(req, timeout=2) as resp:
-                if resp.status == 200:
-                    return
+                return resp.status == 200
         except OSError:
-            time.sleep(0.3)
-    raise RuntimeError(f"server on port {port} not ready after {timeout:.0f}s; see {log}")
+            return False
+
+    return ready
 
 
 def _admin(port: int, token: str, state: dict) -> None:
@@ -488,7 +465,9 @@ def main(argv: list[str] | None = None) -> int:
         payload = sample_payload()
         lua = tmp / "post.lua"
         lua.write_text(_WRK_LUA)
-        ports = {"minimal": _free_port(), "bentoml": _free_port()}
+        from adapters.services import free_port
+
+        ports = {"minimal": free_port(), "bentoml": free_port()}
         py = sys.executable
         commands = {
             "minimal": [

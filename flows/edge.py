@@ -16,25 +16,30 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from adapters.runtime import configure
+from flows.params import AliasParam, BudgetParam
 from mlops import modeling
 from mlops.edge import report
 from mlops.edge.budget import load_budget
 from mlops.edge.cohorts import cohort
 from mlops.edge.compress import VariantBuilder, prepare_data
 from mlops.edge.errors import NothingToPublish, RolloutConflict
-from mlops.edge.ota import Action, Phase, advance, decide, start
+from mlops.edge.manifest import ModelManifest
+from mlops.edge.ota import OtaEffect, decide, start
 from mlops.edge.telemetry import assess_stage, observe
 from mlops.edge.variants import VariantResult, select_variant
-from mlops.flow_params import AliasParam, BudgetParam
 from mlops.registry_model import CHAMPION
-from mlops.settings import load_settings
+from mlops.rollout.vocabulary import Action, Phase
+from mlops.settings import Settings, load_settings
 from tasks import edge as t
+from tasks.edge import Fleet
 
 # --------------------------------------------------------------------------- export
 
 
 @dataclass(frozen=True)
 class ExportSummary:
+    """What an export run built: every variant's numbers, the selected one and where they were written."""
+
     model_name: str
     source_version: int
     alias: str
@@ -182,6 +187,8 @@ def edge_export_flow(
 
 @dataclass(frozen=True)
 class PublishSummary:
+    """The release an edge publish signed: version, variant, size, digest, signing keys, expiry."""
+
     model_name: str
     version: int
     variant: str
@@ -248,6 +255,8 @@ def edge_publish_flow(
 
 @dataclass(frozen=True)
 class RolloutSummary:
+    """How an OTA rollout ended: its phase, stage history, devices per version and device events."""
+
     rollout_id: str
     model_name: str
     version: int
@@ -305,48 +314,26 @@ def edge_rollout_flow(
         "/".join(f"{s:g}%" for s in plan.stages),
     )
 
-    status = start(rollout_id, name, version, plan)
-    while not status.done:
-        events = t.run_stage(settings, roster, fleet, rollout_id, name, version, status.percent, ids)
-        members = cohort(ids, release.rollout_salt, status.percent)
-        obs = observe(events, members, version, status.percent)
-        gate = assess_stage(obs, release.reference.fractions, plan.gates)
-        decision = decide(status, gate, plan)
-        status = advance(status, decision)
-        t.save_status(settings, fleet, status.to_dict())
-        log = (
-            logger.info
-            if decision.action in (Action.ADVANCE, Action.PROMOTE, Action.HOLD)
-            else logger.warning
-        )
-        log("%s: %s", decision.action.value, decision.reason)
-
+    decision = start(rollout_id, name, version, plan, last_good=repo.state(name).get("last_good"))
+    status = decision.status
+    t.save_status(settings, fleet, status.to_dict())
     rollback_version = None
-    notes: list[str] = []
-    if status.phase is Phase.COMPLETED:
-        repo.set_state(name, last_good=version)
-    elif status.phase is Phase.ROLLED_BACK:
-        good = repo.state(name).get("last_good")
-        if good is None:
-            notes.append("no earlier good release to restore: the rollout is halted where it stood")
-        else:
-            rb = t.publish(
-                settings,
-                model_name=name,
-                variant=t.load_release(settings, name, int(good)).variant,
-                model=repo.model_bytes(name, int(good)),
-                rows=t.release_sample(settings, name, int(good)),
-                device_classes=release.device_classes,
-                min_runtime_version=release.min_runtime_version,
-                source_version=release.source_version,
-                restores=int(good),
-            )
-            rollback_version = rb.version
-            t.run_stage(settings, roster, fleet, rollout_id, name, rb.version, 100.0, ids)
-            repo.set_state(name, last_good=rb.version)
-            logger.warning("rolled back: release v%d restores v%d's model on every device", rb.version, good)
-    elif status.phase is Phase.ABORTED:
-        notes.append("aborted: too few devices reported; nothing was rolled back")
+    while True:
+        for effect in decision.effects:
+            restored = _apply(settings, roster, fleet, rollout_id, release, effect, ids)
+            rollback_version = restored or rollback_version
+        if status.done:
+            break
+        events = t.rollout_events(settings, rollout_id)
+        members = cohort(ids, release.rollout_salt, status.percent)
+        gate = assess_stage(
+            observe(events, members, version, status.percent), release.reference.fractions, plan.gates
+        )
+        decision = decide(status, gate, plan)
+        status = decision.status
+        t.save_status(settings, fleet, status.to_dict())
+        quiet = decision.action in (Action.ADVANCE, Action.PROMOTE, Action.HOLD)
+        (logger.info if quiet else logger.warning)("%s: %s", decision.action.value, decision.reason)
 
     summary = RolloutSummary(
         rollout_id=rollout_id,
@@ -360,7 +347,7 @@ def edge_rollout_flow(
         events=t.TelemetryStore(t.paths(settings).telemetry).event_counts(rollout_id),
         rollback_version=rollback_version,
         provisioned=len(new),
-        notes=notes,
+        notes=[] if decision.effects or status.phase is Phase.SUCCEEDED else [decision.reason],
     )
     create_markdown_artifact(
         key="edge-rollout", markdown=rollout_markdown(summary), description=f"OTA rollout {rollout_id}"
@@ -368,7 +355,28 @@ def edge_rollout_flow(
     return summary
 
 
+def _apply(
+    settings: Settings,
+    roster: Fleet,
+    fleet: str,
+    rollout_id: str,
+    release: ModelManifest,
+    effect: OtaEffect,
+    ids: list[str],
+) -> int | None:
+    """Carry out one effect of an OTA decision; the version of a restoring release, if one was made."""
+    name = release.model
+    if effect.kind == "serve_cohort":
+        t.run_stage(settings, roster, fleet, rollout_id, name, effect.version, effect.percent, ids)
+        return None
+    if effect.kind == "mark_good":
+        t.mark_good(settings, name, effect.version)
+        return None
+    return t.restore_release(settings, roster, fleet, rollout_id, release, effect.version, ids)
+
+
 def rollout_markdown(s: RolloutSummary) -> str:
+    """The rollout summary as the Markdown of the flow run's artifact."""
     lines = [
         f"### OTA rollout {s.rollout_id}",
         "",

@@ -1,7 +1,7 @@
 """Rollout flow: observe -> decide -> persist -> apply, once per tick, until the rollout ends.
 
 The decisions are ``mlops.rollout.machine.decide`` (pure); this flow only sequences the
-IO around it (tasks/rollout.py) in the write-ahead order the machine's docstring gives:
+IO around it (tasks/rollout.py) in the write-ahead order of docs/design/rollout-model.md:
 
     finish effects left outstanding by a crash -> observe -> decide -> save status
     -> apply each effect, save status after each -> ask for approval if asked -> sleep
@@ -31,8 +31,8 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.input import RunInput
 
 from adapters.runtime import configure
+from flows.params import CandidateParam, PlanParam
 from mlops.errors import GateFailed
-from mlops.flow_params import CandidateParam, PlanParam
 from mlops.gates import GateResult
 from mlops.rollout.errors import ApprovalTimedOut
 from mlops.rollout.machine import (
@@ -82,6 +82,8 @@ class ApprovalInput(RunInput):
 
 @dataclass(frozen=True)
 class RolloutSummary:
+    """How a server rollout run ended: its phase, final reason and report."""
+
     rollout_id: str
     model_name: str
     stable_version: int
@@ -93,6 +95,7 @@ class RolloutSummary:
 
 
 def new_rollout_id(now: datetime) -> str:
+    """A fresh rollout id: the start time and a random suffix."""
     return f"{now:%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 

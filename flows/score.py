@@ -23,8 +23,8 @@ from prefect.runtime import flow_run
 
 from adapters.runtime import configure
 from adapters.storage import RunRecord, new_run_id
+from flows.params import AliasParam
 from mlops.errors import ConfigError, DataError, ValidationFailed
-from mlops.flow_params import AliasParam
 from mlops.registry_model import CHAMPION
 from mlops.scoring import (
     date_range,

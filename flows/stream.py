@@ -20,8 +20,8 @@ from prefect import flow, get_run_logger
 from adapters.broker import SqliteBroker
 from adapters.feature_store import EmbeddedFeatureStore, FeatureStore, RedisFeatureStore
 from adapters.runtime import configure
+from flows.params import AliasParam
 from mlops.features import FeatureSet
-from mlops.flow_params import AliasParam
 from mlops.onnx_model import OnnxScorer
 from mlops.registry_model import CHAMPION
 from mlops.settings import RedisStateStore, Settings, load_settings

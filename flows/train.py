@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -169,7 +169,3 @@ def train_flow(data: str, config: str | None = None) -> TrainSummary:
         gate=f"{gate.outcome.value}: {gate.reason}",
         lineage=lineage,
     )
-
-
-def summary_dict(summary: TrainSummary) -> dict[str, object]:
-    return asdict(summary)

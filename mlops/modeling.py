@@ -31,6 +31,7 @@ from mlops.settings import (
     RandomForestSpec,
     TrainingConfig,
 )
+from mlops.stats import calibration_error
 
 TARGET_OPSET = 17
 
@@ -159,16 +160,6 @@ def require_parity(result: Parity, label: str) -> None:
             f"{label}: ONNX and scikit-learn disagree on {result.rows} held-out rows "
             f"(max |dp| {result.max_abs_diff:.2e} > tolerance {result.tolerance:.2e}); not registered"
         )
-
-
-def calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
-    """Expected calibration error over equal-frequency bins."""
-    order = np.argsort(p)
-    total = 0.0
-    for chunk in np.array_split(order, bins):
-        if len(chunk):
-            total += len(chunk) * abs(float(p[chunk].mean()) - float(y[chunk].mean()))
-    return total / len(p)
 
 
 def classification_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:

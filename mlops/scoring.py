@@ -23,7 +23,6 @@ MAX_FAILURE_LINES = 40
 
 SCORE = "score"
 DECISION = "decision"
-OUTPUT_META_COLUMNS = ("threshold", "model_name", "model_version", "alias", "flow_run_id")
 
 
 # --------------------------------------------------------------------------- dates

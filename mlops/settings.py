@@ -99,9 +99,9 @@ class DatasetSchema(StrictModel):
 
 
 def _fraud_schema() -> DatasetSchema:
-    from mlops.datagen import fraud_schema
+    from mlops.fraud_columns import FRAUD_SCHEMA
 
-    return fraud_schema()
+    return DatasetSchema.model_validate(FRAUD_SCHEMA, strict=False)
 
 
 # --------------------------------------------------------------------------- features

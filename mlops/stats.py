@@ -8,6 +8,9 @@ here grows with the number of rows, so a replay of any size is summarised on the
 
 Vocabulary: ``a`` is the reference (the alias being scored, usually ``champion``), ``b``
 the compared one (usually ``challenger``); differences are ``b - a``.
+
+``calibration_error`` is the one definition of expected calibration error that training
+metrics and rollout observations share.
 """
 
 from __future__ import annotations
@@ -38,6 +41,23 @@ def _as_float(x: Sequence[float] | np.ndarray) -> np.ndarray:
     if arr.size and not np.all(np.isfinite(arr)):
         raise ValueError("scores must be finite")
     return arr
+
+
+def calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
+    """Expected calibration error over ``bins`` equal-frequency bins of the scores ``p``
+    (ties kept in input order): the row-weighted mean of |mean score - positive rate|.
+    NaN without rows."""
+    n = y.size
+    if n == 0:
+        return math.nan
+    order = np.argsort(p, kind="stable")
+    k = min(bins, n)
+    sizes = np.full(k, n // k)
+    sizes[: n % k] += 1
+    starts = np.r_[0, np.cumsum(sizes)[:-1]]
+    sp = np.add.reduceat(p[order], starts)
+    sy = np.add.reduceat(y[order].astype(np.float64), starts)
+    return float(np.abs(sp - sy).sum() / n)
 
 
 def psi_counts(expected: Sequence[float], actual: Sequence[float], eps: float = PSI_EPSILON) -> float:
@@ -248,6 +268,7 @@ def merge_agreement(left: AgreementStats, right: AgreementStats) -> AgreementSta
 
 
 def merge_all(stats: Sequence[AgreementStats]) -> AgreementStats:
+    """All partition summaries merged into one."""
     if not stats:
         raise ValueError("nothing to merge")
     out = stats[0]

@@ -270,6 +270,7 @@ def status(
 
     from adapters.edge_fleet import Fleet
     from adapters.edge_store import ReleaseRepository, TelemetryStore, edge_paths
+    from mlops.rollout.vocabulary import parse_phase
 
     paths = edge_paths(settings)
     model_name = model or settings.training.model_name
@@ -300,7 +301,7 @@ def status(
                 r["rollout_id"],
                 r["fleet"],
                 str(r["version"]),
-                r["phase"],
+                parse_phase(r["phase"]).value,  # rows of older releases say rolled-back etc.
                 f"{r['percent']:g}",
                 str(r["updated_at"])[:19],
             )

@@ -31,8 +31,6 @@ from registry.audit import AuditLedger, Lease, default_actor, now_iso
 
 LOGGED_MODEL_URI = re.compile(r"models:/(m-[0-9a-f]+)")
 
-ONNX_FILE = "model.onnx"
-
 
 def _not_found(exc: MlflowException) -> bool:
     return getattr(exc, "error_code", "") in {"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"}
@@ -114,12 +112,6 @@ class ModelRegistry:
             raise RegistryError(f"registry error listing '{name}': {exc.message}") from exc
         infos = [self._info(mv, aliases) for mv in found]
         return sorted(infos, key=lambda v: v.version, reverse=True)
-
-    def model_names(self) -> list[str]:
-        try:
-            return sorted(m.name for m in self.client.search_registered_models())
-        except MlflowException as exc:
-            raise RegistryError(f"registry error listing models: {exc.message}") from exc
 
     def onnx_bytes(self, name: str, version: int) -> bytes:
         """The ONNX file of a version."""

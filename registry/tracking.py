@@ -86,11 +86,3 @@ def log_training_run(
             return LoggedRun(run.info.run_id, info.model_uri, experiment_id)
     except MlflowException as exc:
         raise RegistryError(f"MLflow tracking at {settings.tracking_uri} failed: {exc.message}") from exc
-
-
-def log_artifact_file(settings: Settings, run_id: str, path: Path, artifact_path: str | None = None) -> None:
-    client = MlflowClient(tracking_uri=settings.tracking_uri)
-    try:
-        client.log_artifact(run_id, str(path), artifact_path)
-    except MlflowException as exc:
-        raise RegistryError(f"cannot attach {path.name} to run {run_id}: {exc.message}") from exc

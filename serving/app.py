@@ -1,7 +1,7 @@
 """The HTTP surface of the online service: a Starlette app mounted into the BentoML service.
 
 Scoring routes are plain ``async`` Starlette handlers (BentoML's typed ``@bentoml.api``
-path reaches about a third of this throughput, see bench/serving_probe/RESULTS.md): read
+path reaches about a third of this throughput, see docs/design/serving-overhead.md): read
 the body within its size limit and ``serving.body_timeout_seconds`` (a 408 when it does not
 arrive in time; only a request whose body has arrived is admitted into an in-flight slot, so
 clients that trickle their bodies cannot starve the others), validate with

@@ -1,7 +1,7 @@
 """Prometheus metrics of the online service, per variant, in the service's own registry.
 
 Scoring is measured here rather than by BentoML's metrics middleware (which costs 10-30 %
-of throughput, see bench/serving_probe/RESULTS.md): label children are created once, so a
+of throughput, see docs/design/serving-overhead.md): label children are created once, so a
 request costs two counter increments and one histogram observation.
 """
 

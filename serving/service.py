@@ -2,7 +2,7 @@
 
 A real ``@bentoml.service`` (``bentoml build`` packages it with ``bentofile.yaml``) whose
 routes live in a Starlette app mounted with ``@bentoml.asgi_app`` (``serving.app``), the
-design measured in bench/serving_probe/RESULTS.md: async handlers, BentoML's tracing kept
+design measured in docs/design/serving-overhead.md: async handlers, BentoML's tracing kept
 off the scoring paths, its metrics middleware and access log off (the service exports its
 own per-variant Prometheus metrics and logs every answer to the prediction log), one
 worker (routes and slots are process state), and the TimeoutMiddleware timer fix.

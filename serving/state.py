@@ -24,7 +24,6 @@ from mlops.routing import Mode, RouteTable
 from mlops.settings import Settings, StrictModel
 
 STATE_FILE = "serving-state.json"
-SLOTS = ("stable", "candidate")
 
 
 class RoutesSpec(StrictModel):

@@ -66,15 +66,18 @@ def write_export(
     files: Mapping[str, bytes],
     report: Mapping[str, Any],
 ) -> str:
+    """Write an export's files and report under the variant store; its folder."""
     return str(VariantStore(paths(settings).variants).write_export(model, version, budget, files, report))
 
 
 @task(name="log-edge-export", retries=2, retry_delay_seconds=[2, 10])
 def log_export(settings: Settings, **kwargs: Any) -> str:
+    """Log an export as an MLflow run; its run id."""
     return log_edge_run(settings, **kwargs)
 
 
 def frame_bytes(frame: pd.DataFrame) -> bytes:
+    """A data frame as Parquet bytes."""
     buf = io.BytesIO()
     frame.to_parquet(buf, index=False)
     return buf.getvalue()
@@ -126,6 +129,7 @@ def publish(
 
 
 def release_sample(settings: Settings, model_name: str, version: int) -> pd.DataFrame:
+    """The sample rows stored with a release (its reference traffic)."""
     path = paths(settings).repo / model_name / "releases" / str(version) / "sample.parquet"
     if not path.exists():
         raise NothingToPublish(f"release v{version} of '{model_name}' has no sample rows ({path})")
@@ -133,6 +137,7 @@ def release_sample(settings: Settings, model_name: str, version: int) -> pd.Data
 
 
 def load_release(settings: Settings, model_name: str, version: int) -> ModelManifest:
+    """The manifest of a release in the repository."""
     return ReleaseRepository(paths(settings).repo).release(model_name, version)
 
 
@@ -245,6 +250,7 @@ def run_stage(
 
 
 def fleet_for(settings: Settings, name: str, traffic: pd.DataFrame) -> Fleet:
+    """The simulated fleet ``name``, replaying ``traffic`` rows."""
     return Fleet(
         paths(settings).fleets / name,
         settings.dataset,
@@ -297,13 +303,54 @@ def poll_devices(
     return len(events)
 
 
+@task(name="mark-good-release", retries=2, retry_delay_seconds=[1, 3])
+def mark_good(settings: Settings, model_name: str, version: int) -> None:
+    """Record ``version`` as the release devices are restored to on a rollback."""
+    ReleaseRepository(paths(settings).repo).set_state(model_name, last_good=version)
+
+
+@task(name="restore-release", cache_policy=NO_CACHE)
+def restore_release(
+    settings: Settings,
+    fleet: Fleet,
+    fleet_name: str,
+    rollout_id: str,
+    release: ModelManifest,
+    good: int,
+    device_ids: Sequence[str],
+) -> int:
+    """Publish a release carrying release ``good``'s model (newer than ``release``, so devices
+    take it), serve it to every device and record it as good; its version."""
+    repo = ReleaseRepository(paths(settings).repo)
+    name = release.model
+    restored = publish.fn(
+        settings,
+        model_name=name,
+        variant=load_release(settings, name, good).variant,
+        model=repo.model_bytes(name, good),
+        rows=release_sample(settings, name, good),
+        device_classes=release.device_classes,
+        min_runtime_version=release.min_runtime_version,
+        source_version=release.source_version,
+        restores=good,
+    )
+    run_stage.fn(settings, fleet, fleet_name, rollout_id, name, restored.version, 100.0, device_ids)
+    repo.set_state(name, last_good=restored.version)
+    get_run_logger().warning(
+        "rolled back: release v%d restores v%d's model on every device", restored.version, good
+    )
+    return restored.version
+
+
 @task(name="read-telemetry", retries=2, retry_delay_seconds=[1, 3])
 def rollout_events(settings: Settings, rollout_id: str) -> list[dict[str, Any]]:
+    """Every device event recorded for a rollout so far."""
     return TelemetryStore(paths(settings).telemetry).events(rollout_id=rollout_id)
 
 
 @task(name="save-rollout-status", retries=2, retry_delay_seconds=[1, 3])
 def save_status(settings: Settings, fleet_name: str, status: dict[str, Any]) -> None:
+    """Persist an OTA rollout's status (JSON file and telemetry database)."""
     from adapters.edge_store import write_json
 
     write_json(paths(settings).rollouts / f"{status['rollout_id']}.json", status)

@@ -53,10 +53,12 @@ class RolloutNotFound(PlatformError):
 
 
 def rollouts_dir(settings: Settings) -> Path:
+    """The folder holding every rollout's files."""
     return settings.home_path / ROLLOUTS
 
 
 def rollout_dir(settings: Settings, rollout_id: str) -> Path:
+    """The folder of one rollout's files."""
     return rollouts_dir(settings) / rollout_id
 
 
@@ -76,6 +78,7 @@ def save_status(settings: Settings, status: RolloutStatus) -> None:
 
 
 def read_status(settings: Settings, rollout_id: str) -> RolloutStatus:
+    """The persisted status of a rollout."""
     path = rollout_dir(settings, rollout_id) / "status.json"
     try:
         return load_status(path.read_text())
@@ -84,10 +87,12 @@ def read_status(settings: Settings, rollout_id: str) -> RolloutStatus:
 
 
 def save_plan(settings: Settings, rollout_id: str, plan: RolloutPlan) -> None:
+    """Keep the plan a rollout runs, so a resume runs the same one."""
     _atomic_write(rollout_dir(settings, rollout_id) / "plan.json", plan.model_dump_json(indent=1))
 
 
 def read_plan(settings: Settings, rollout_id: str) -> RolloutPlan:
+    """The plan a rollout was started with."""
     path = rollout_dir(settings, rollout_id) / "plan.json"
     try:
         return RolloutPlan.model_validate_json(path.read_text())
@@ -106,6 +111,7 @@ def list_rollouts(settings: Settings) -> list[RolloutStatus]:
 
 
 def save_references(settings: Settings, rollout_id: str, refs: dict[str, Reference]) -> None:
+    """Keep each variant's reference, built once at the start."""
     _atomic_write(
         rollout_dir(settings, rollout_id) / "references.json",
         json.dumps({k: r.to_dict() for k, r in refs.items()}),
@@ -113,6 +119,7 @@ def save_references(settings: Settings, rollout_id: str, refs: dict[str, Referen
 
 
 def read_references(settings: Settings, rollout_id: str) -> dict[str, Reference]:
+    """The variants' references saved at the start."""
     path = rollout_dir(settings, rollout_id) / "references.json"
     if not path.exists():
         return {}
@@ -149,6 +156,7 @@ def offline_gate(settings: Settings, model_name: str, version: int) -> GateResul
 
 @task(name="read-challenger", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[1, 3, 10])
 def challenger_version(settings: Settings, model_name: str) -> int | None:
+    """Where the registry's ``challenger`` alias points now."""
     return ModelRegistry(settings).aliases(model_name).get(CHALLENGER)
 
 
@@ -271,6 +279,7 @@ def observe_tick(
 
 
 def utcnow() -> datetime:
+    """The current time in UTC (the flow's clock)."""
     return datetime.now(UTC)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,15 +15,10 @@ import psutil
 import pytest
 
 from adapters.datasets import write_parquet
+from adapters.services import free_port
 from mlops.datagen import generate
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(2400)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _mlops(env: dict[str, str], *args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
@@ -44,9 +38,9 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLOPS"))}
     env |= {
         "MLOPS_HOME": str(home),
-        "MLOPS__SERVICES__PREFECT_PORT": str(_free_port()),
-        "MLOPS__SERVICES__MLFLOW_PORT": str(_free_port()),
-        "MLOPS__SERVICES__SERVING_PORT": str(_free_port()),
+        "MLOPS__SERVICES__PREFECT_PORT": str(free_port()),
+        "MLOPS__SERVICES__MLFLOW_PORT": str(free_port()),
+        "MLOPS__SERVICES__SERVING_PORT": str(free_port()),
         # Generous: four servers import their stacks at once on a 2-core machine.
         "MLOPS__SERVICES__STARTUP_TIMEOUT_SECONDS": "600",
         "MLOPS__TRAINING__CANDIDATES": '[{"kind": "gradient_boosting", "n_estimators": 20}, {"kind": "logistic_regression"}]',

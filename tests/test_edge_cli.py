@@ -72,3 +72,14 @@ def test_status_of_an_empty_home_lists_no_releases(home: Settings) -> None:
     res = RUNNER.invoke(app, ["edge", "status"])
     assert res.exit_code == 0, res.output
     assert "releases (last good: v-)" in res.output
+
+
+def test_status_lists_rollouts_recorded_before_the_shared_vocabulary_in_todays_words(home: Settings) -> None:
+    """A rollout row written with the older OTA spelling (``rolled-back``) is listed as ``rolled_back``."""
+    from adapters.edge_store import TelemetryStore, edge_paths
+
+    old = {"rollout_id": "fraud-v2-old", "model": "fraud", "version": 2, "phase": "rolled-back"}
+    TelemetryStore(edge_paths(home).telemetry).save_rollout("default", old | {"stages": [1.0], "stage": 0})
+    res = RUNNER.invoke(app, ["edge", "status"], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    assert "fraud-v2-old" in res.output and "rolled_back" in res.output and "rolled-back" not in res.output

@@ -156,13 +156,13 @@ def test_a_thousand_devices_update_in_stages_and_a_broken_model_is_halted_at_the
     _publish(flow_home, small_model)
 
     good = edge_rollout_flow(devices=1000, fleet="acceptance")
-    assert good.phase == "completed"
+    assert good.phase == "succeeded"
     assert [h["percent"] for h in good.history] == [1.0, 10.0, 50.0, 100.0]
     assert [h["action"] for h in good.history] == ["advance", "advance", "advance", "promote"]
     assert good.versions == {"v1": 1000} and good.events == {"installed:update": 1000}
 
     broken = edge_rollout_flow(devices=1000, fleet="acceptance", drill="broken-model")
-    assert broken.version == 2 and broken.phase == "rolled-back"
+    assert broken.version == 2 and broken.phase == "rolled_back"
     [stage] = broken.history
     assert (
         stage["percent"] == 1.0 and stage["action"] == "rollback" and "failure rate 100.0%" in stage["reason"]
@@ -186,10 +186,10 @@ def test_a_model_that_shifts_predictions_passes_health_checks_but_is_rolled_back
         "MLOPS__EDGE__STAGES", "[5.0, 50.0, 100.0]"
     )  # a small fleet needs a wider first cohort
     _publish(flow_home, small_model)
-    assert edge_rollout_flow(devices=150, fleet="shift").phase == "completed"
+    assert edge_rollout_flow(devices=150, fleet="shift").phase == "succeeded"
 
     shifted = edge_rollout_flow(devices=150, fleet="shift", drill="shifted-model")
-    assert shifted.phase == "rolled-back"
+    assert shifted.phase == "rolled_back"
     assert "prediction PSI" in shifted.history[0]["reason"] and shifted.history[0]["percent"] == 5.0
     assert (
         shifted.events.get("installed:update", 0) > 0 and shifted.events.get("restored:previous-bytes", 0) > 0

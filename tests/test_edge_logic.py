@@ -3,6 +3,7 @@ and the distillation/pruning maths, tested directly (no Prefect, no files)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -12,7 +13,7 @@ from mlops.edge import neural
 from mlops.edge.budget import EdgeLimits
 from mlops.edge.cohorts import bucket, cohort, in_cohort
 from mlops.edge.errors import RolloutConflict
-from mlops.edge.ota import Action, Phase, advance, decide, start
+from mlops.edge.ota import OtaEffect, RolloutStatus, decide, start
 from mlops.edge.telemetry import (
     StageObservation,
     assess_stage,
@@ -23,6 +24,7 @@ from mlops.edge.telemetry import (
 )
 from mlops.edge.variants import Measurement, VariantResult, gate_variant, select_variant, skip_reason
 from mlops.gates import CheckResult, GateResult, Outcome
+from mlops.rollout.vocabulary import Action, Counters, Phase
 from mlops.settings import EdgeConfig, OtaGates
 
 LIMITS = EdgeLimits(
@@ -252,53 +254,107 @@ def gate(outcome: Outcome, reason: str = "r") -> GateResult:
 
 
 def test_passing_stages_widen_the_cohort_then_promote() -> None:
-    """1% -> 10% -> 50% -> 100%, then the rollout completes."""
-    s = start("r1", "m", 2, PLAN)
-    seen = []
+    """1% -> 10% -> 50% -> 100%, each stage served as an effect, then the rollout succeeds
+    and records the release as the last good one."""
+    first = start("r1", "m", 2, PLAN)
+    assert first.effects == (OtaEffect("serve_cohort", 2, 1.0),)
+    s, seen, served = first.status, [], []
     while not s.done:
         seen.append(s.percent)
         d = decide(s, gate(Outcome.PASS), PLAN)
-        s = advance(s, d)
-    assert seen == [1.0, 10.0, 50.0, 100.0]
-    assert s.phase is Phase.COMPLETED and s.history[-1].action == "promote"
+        served += [e.percent for e in d.effects if e.kind == "serve_cohort"]
+        s = d.status
+    assert seen == [1.0, 10.0, 50.0, 100.0] and served == [10.0, 50.0, 100.0]
+    assert s.phase is Phase.SUCCEEDED and s.history[-1].action == "promote"
+    assert d.effects == (OtaEffect("mark_good", 2),)
 
 
-def test_a_failed_stage_rolls_back_at_once_with_its_reason() -> None:
-    """With failure_limit 0 the first FAIL halts the rollout at its stage and rolls back."""
-    s = start("r1", "m", 2, PLAN)
+def test_a_failed_stage_rolls_back_at_once_and_restores_the_last_good_release() -> None:
+    """With failure_limit 0 the first FAIL halts the rollout at its stage and rolls back: the
+    decision carries the restore of the last good release as its effect."""
+    s = start("r1", "m", 2, PLAN, last_good=1).status
     d = decide(s, gate(Outcome.FAIL, "stage 1%: failure rate 100.0%"), PLAN)
     assert d.action is Action.ROLLBACK
-    assert d.reason == "stage 1%: failure rate 100.0% (failures 1 > limit 0)"
-    s = advance(s, d)
-    assert s.phase is Phase.ROLLED_BACK and s.percent == 1.0
+    assert d.reason == ("stage 1%: failure rate 100.0% (failures 1 > limit 0); restoring v1 on every device")
+    assert d.effects == (OtaEffect("restore", 1),)
+    s = d.status
+    assert s.phase is Phase.ROLLED_BACK and s.phase.value == "rolled_back" and s.percent == 1.0
     with pytest.raises(RolloutConflict):
         decide(s, gate(Outcome.PASS), PLAN)
 
 
-def test_failures_within_the_limit_hold_and_are_counted() -> None:
+def test_a_rollback_without_an_earlier_good_release_halts_where_it_stands() -> None:
+    """The first release of a model has nothing to restore: rollback, no effect, and the reason says so."""
+    d = decide(start("r1", "m", 1, PLAN).status, gate(Outcome.FAIL, "bad"), PLAN)
+    assert d.action is Action.ROLLBACK and d.effects == ()
+    assert "no earlier good release to restore" in d.reason
+
+
+def test_failures_and_errors_within_their_limits_hold_and_are_counted_apart() -> None:
+    """FAIL and ERROR are counted in the rollout vocabulary's counters (failures, errors), each
+    against the failure limit; a hold serves the same cohort again to observe it afresh."""
     plan = EdgeConfig(failure_limit=1)
-    s = start("r1", "m", 2, plan)
-    s = advance(s, d1 := decide(s, gate(Outcome.FAIL), plan))
-    assert d1.action is Action.HOLD and s.failures == 1 and s.stage == 0
-    assert decide(s, gate(Outcome.ERROR), plan).action is Action.ROLLBACK
+    s = start("r1", "m", 2, plan).status
+    d1 = decide(s, gate(Outcome.FAIL), plan)
+    assert d1.action is Action.HOLD and d1.status.counters == Counters(failures=1) and d1.status.stage == 0
+    assert d1.effects == (OtaEffect("serve_cohort", 2, 1.0),)
+    d2 = decide(d1.status, gate(Outcome.ERROR), plan)
+    assert d2.action is Action.HOLD and d2.status.counters == Counters(failures=1, errors=1)
+    d3 = decide(d2.status, gate(Outcome.ERROR), plan)
+    assert d3.action is Action.ROLLBACK and "errors 2 > limit 1" in d3.reason
 
 
 def test_inconclusive_stages_hold_then_abort_past_the_limit() -> None:
-    s = start("r1", "m", 2, PLAN)
+    s = start("r1", "m", 2, PLAN).status
     actions = []
     while not s.done:
         d = decide(s, gate(Outcome.INCONCLUSIVE, "no reports"), PLAN)
         actions.append(d.action)
-        s = advance(s, d)
+        s = d.status
     assert actions == [Action.HOLD, Action.HOLD, Action.ABORT]
-    assert s.phase is Phase.ABORTED
+    assert s.phase is Phase.ABORTED and d.effects == ()
 
 
 def test_status_round_trips_through_json_and_refuses_a_changed_plan() -> None:
-    s = advance(start("r1", "m", 2, PLAN), decide(start("r1", "m", 2, PLAN), gate(Outcome.PASS), PLAN))
-    assert type(s).from_dict(s.to_dict()) == s
+    s = decide(start("r1", "m", 2, PLAN, last_good=1).status, gate(Outcome.PASS), PLAN).status
+    assert type(s).from_dict(json.loads(json.dumps(s.to_dict()))) == s
     with pytest.raises(RolloutConflict, match="plan now has"):
         decide(s, gate(Outcome.PASS), EdgeConfig(stages=(5.0, 100.0)))
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [("rolled-back", Phase.ROLLED_BACK), ("completed", Phase.SUCCEEDED), ("progressing", Phase.RUNNING)],
+)
+def test_a_status_file_of_the_old_spelling_still_loads(old: str, new: Phase) -> None:
+    """Status files written before the shared vocabulary (phase ``rolled-back``, counters as
+    ``failures``/``inconclusives``) load into today's phases and counters."""
+    legacy = {
+        "rollout_id": "fraud-v2-acceptance-20261201T000000",
+        "model": "fraud",
+        "version": 2,
+        "stages": [1.0, 10.0, 50.0, 100.0],
+        "stage": 0,
+        "phase": old,
+        "failures": 1,
+        "inconclusives": 2,
+        "history": [
+            {"stage": 0, "percent": 1.0, "action": "rollback", "outcome": "FAIL", "reason": "failure rate"}
+        ],
+    }
+    s = RolloutStatus.from_dict(json.loads(json.dumps(legacy)))
+    assert s.phase is new and s.counters == Counters(failures=1, inconclusives=2) and s.last_good is None
+    assert s.history[0].action == "rollback"
+    assert RolloutStatus.from_dict(s.to_dict()) == s
+
+
+def test_server_and_device_rollouts_share_one_vocabulary() -> None:
+    """Both targets use the same phase, action and counter types: one spelling of each."""
+    from mlops.rollout import machine
+
+    assert machine.Phase is Phase and machine.Action is Action
+    assert {a.value for a in Action} >= {"advance", "hold", "pause", "rollback", "abort", "promote"}
+    assert all("-" not in p.value for p in Phase)
 
 
 # --------------------------------------------------------------------------- distillation and pruning maths

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,9 +27,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 
+from adapters.services import free_port, http_ok, serving_command, serving_environment, started
 from mlops.registry_model import CHAMPION, PREVIOUS_CHAMPION
 from mlops.rollout.machine import Phase
 from mlops.rollout.simulator import Pathology, SimulatorConfig
@@ -50,12 +49,6 @@ SLOW_MS = (
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Live:
     settings: Settings
@@ -71,12 +64,11 @@ def live(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -> Iterat
     from conftest import FAST_ENV, register_versions
 
     from adapters.runtime import configure
-    from adapters.services import serving_command, serving_environment
     from mlops.rollout.degrade import degrade
     from registry.mlflow_registry import ModelRegistry
 
     root = tmp_path_factory.mktemp("rollout")
-    port = _free_port()
+    port = free_port()
     overrides = FAST_ENV | {
         "MLOPS_HOME": str(root / "home"),
         "MLOPS__SERVING__URL": f"http://127.0.0.1:{port}",
@@ -115,35 +107,12 @@ def live(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -> Iterat
     plan = root / "fast.yaml"
     plan.write_text(FAST_PLAN)
     log = root / "service.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(
-            serving_command(settings, "127.0.0.1", port),
-            cwd=REPO,
-            env=env | serving_environment(settings),
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    try:
-        while True:
-            assert proc.poll() is None, log.read_text()[-2000:]
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(0.3)
+    argv = serving_command(settings, "127.0.0.1", port)
+    ready = http_ok(f"{url}/v2/health/ready")
+    service_env = env | serving_environment(settings)
+    with started(argv, ready, log, env=service_env, cwd=REPO, name="scoring service") as proc:
         yield Live(settings, env, url, plan, proc)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture

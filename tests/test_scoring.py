@@ -451,7 +451,7 @@ def test_the_run_forms_offer_the_platforms_aliases_plans_and_budgets_and_accept_
 
     from prefect.flows import load_flow_from_entrypoint
 
-    from mlops.flow_params import SHIPPED_BUDGETS, SHIPPED_PLANS
+    from flows.params import SHIPPED_BUDGETS, SHIPPED_PLANS
     from mlops.registry_model import ALIASES, ModelAlias
 
     assert get_args(ModelAlias) == ALIASES

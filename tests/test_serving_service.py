@@ -12,7 +12,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +29,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, settings
 from test_serving_components import slow_model
 
+from adapters.services import free_port, http_ok, launch, serving_command, terminate
 from mlops.datagen import generate
 from mlops.onnx_model import OnnxScorer
 from mlops.routing import FORCE_HEADER, Mode, RouteTable, route
@@ -44,12 +44,6 @@ REPO = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 1.0
 MAX_INFLIGHT = 8
 START_TIMEOUT_S = 240
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -97,44 +91,10 @@ class Service:
         raise AssertionError("prediction-log rows did not appear in time")
 
 
-def _start(env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
-    argv = [
-        str(Path(sys.executable).with_name("bentoml")),
-        "serve",
-        "serving.service:ScoringService",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--working-dir",
-        str(REPO),
-    ]
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(
-            argv, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"service exited with {proc.returncode}: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError(f"service not ready after {START_TIMEOUT_S}s: {log.read_text()[-2000:]}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+def _start(settings: Settings, env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
+    argv = serving_command(settings, "127.0.0.1", port)
+    ready = http_ok(f"http://127.0.0.1:{port}/v2/health/ready")
+    return launch(argv, ready, log, env=env, cwd=REPO, timeout=START_TIMEOUT_S, name="scoring service")
 
 
 @pytest.fixture(scope="module")
@@ -167,9 +127,9 @@ def service(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -> Ite
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    port = _free_port()
+    port = free_port()
     log = home / "service.log"
-    proc = _start(env, port, log)
+    proc = _start(settings, env, port, log)
     try:
         client = ServingClient.for_settings(settings, base_url=f"http://127.0.0.1:{port}")
         frame = generate(1000, seed=11)
@@ -194,7 +154,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -> Ite
         )
         client.close()
     finally:
-        _stop(proc)
+        terminate(proc)
 
 
 def http_client(service: Service) -> httpx.Client:

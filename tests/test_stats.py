@@ -102,3 +102,19 @@ def test_segments_report_the_largest_differences_first() -> None:
     assert top.decision_rate_a == 1.0 and top.decision_rate_b == 0.5 and top.agreement == 0.5
     assert report.decision_agreement == 0.75
     assert report.decision_rate_a == 0.5 and report.decision_rate_b == 0.25
+
+
+def test_training_and_rollouts_measure_calibration_with_one_definition() -> None:
+    """Training metrics and rollout observations compute expected calibration error with the
+    same function, so a model's ECE at registration and during its rollout are comparable;
+    tied scores are binned in input order."""
+    from mlops import modeling, stats
+    from mlops.rollout.observe import calibration_error as observed
+
+    assert modeling.calibration_error is stats.calibration_error is observed
+    y = np.array([1.0, 0.0, 0.0, 0.0])
+    p = np.full(4, 0.5)
+    assert stats.calibration_error(y, p, bins=2) == pytest.approx(0.25)
+    assert math.isnan(stats.calibration_error(np.array([]), np.array([])))
+    metrics = modeling.classification_metrics(y.astype(int), p, 0.5)
+    assert metrics["ece"] == pytest.approx(0.5)  # ten bins of at most one row each

@@ -19,6 +19,7 @@ def bucket(device_id: str, salt: str) -> float:
 
 
 def in_cohort(device_id: str, salt: str, percent: float) -> bool:
+    """Whether the device is inside the ``percent`` cohort for this salt."""
     return bucket(device_id, salt) < percent
 
 

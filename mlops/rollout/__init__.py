@@ -4,6 +4,8 @@ Pure logic (no Prefect, MLflow, BentoML, DuckDB or HTTP): the rollout flow reads
 prediction log and the registry through adapters, calls these functions, and applies what
 they decide through adapters.
 
+- ``vocabulary``: phases, actions, counters and ``tally``, shared with the device OTA
+  rollout (``mlops.edge.ota``).
 - ``plan``: ``load_plan(path) -> RolloutPlan`` (configs/rollout/*.yaml).
 - ``observe``: ``observe(log, feedback, ...) -> Observations`` from a window of the
   prediction log; ``observe_replay`` for the offline comparison; ``Reference`` for drift.

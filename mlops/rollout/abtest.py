@@ -1,27 +1,11 @@
 """Statistics of the A/B step: sample size, an always-valid sequential test, and SRM.
 
-The rollout looks at the experiment at every tick. A fixed-horizon test read at every look
-declares far more false winners than its alpha; this module uses the **mixture sequential
-probability ratio test** (mSPRT; Robbins 1970, Johari, Pekelis & Walsh, "Always valid
-inference", 2017) for the difference of two means under the normal approximation:
-
-    theta_hat = mean(candidate) - mean(stable),   V = var_s / n_s + var_c / n_c
-    Lambda(theta0) = sqrt(V / (V + tau^2)) * exp(tau^2 (theta_hat - theta0)^2 / (2 V (V + tau^2)))
-
-Under ``theta = theta0`` the mixture likelihood ratio is a martingale, so by Ville's
-inequality ``P(Lambda >= 1/alpha at ANY look) <= alpha``: the test may be read at every
-tick, and stopped whenever, without inflating false positives. Inverting it gives a
-confidence sequence, ``theta_hat +- half_width(V)``, that covers the true effect at all
-looks simultaneously with probability ``1 - alpha``. ``tau`` (the mixing scale) tunes where
-the test is most powerful; the default is the minimum detectable effect.
-
-The price of validity at every look is width: at a given sample size the sequential
-interval is wider than the fixed-horizon one, so the sample size that gives the configured
-power is computed for *this* test (``sequential_sample_size``), not borrowed from the
-fixed-horizon formula (which is also provided, for comparison).
-
-The sample-ratio-mismatch check is a chi-square goodness-of-fit test of entity counts
-against the configured split.
+``evaluate_primary`` reads the primary metric with the mixture sequential probability
+ratio test (mSPRT) and its confidence sequence, valid at every tick;
+``sequential_sample_size`` is the sample size that gives the configured power for that
+test (``fixed_horizon_sample_size`` is the fixed-horizon one, for comparison); ``evaluate_srm`` is
+a chi-square sample-ratio-mismatch check. Why a sequential test, and its formulas:
+docs/design/rollout-model.md.
 """
 
 from __future__ import annotations
@@ -53,6 +37,7 @@ class Arm:
 
     @classmethod
     def of(cls, values: np.ndarray) -> Arm:
+        """The sufficient statistics of one arm's per-request values."""
         x = np.asarray(values, dtype=np.float64)
         if x.size == 0:
             return cls()

@@ -47,10 +47,12 @@ class Measurement:
 
     @property
     def key(self) -> str:
+        """The check's name (its counters are kept under it)."""
         return self.result.metric
 
     @property
     def outcome(self) -> Outcome:
+        """The check's outcome at this tick."""
         return self.result.outcome
 
 
@@ -59,10 +61,6 @@ def fmt(metric: str, x: float) -> str:
     if not math.isfinite(x):
         return str(x)
     return f"{x:.1f}ms" if metric.endswith("_ms") else f"{x:.4g}"
-
-
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None
 
 
 def _samples(kind: str, variant: str) -> str:

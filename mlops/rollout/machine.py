@@ -1,44 +1,11 @@
-"""The rollout state machine: ``decide(status, observations, plan, now) -> Decision``.
+"""The server rollout as a pure state machine: ``decide(status, observations, plan, now,
+signals) -> Decision``.
 
-Pure: no IO, no clock, no randomness. The orchestrator (a Prefect flow) runs one tick as
-
-    status = load_status(read("rollouts/<id>/status.json"))
-    for effect in status.outstanding:                 # left over by a crash: finish them
-        apply(effect); status = mark_applied(status, effect.key, now()); save(status)
-    obs = observe(log rows since status.step_started_at, feedback, ...)
-    decision = decide(status, obs, plan, now(), signals)
-    save(decision.status)                             # write-ahead: the intent is durable
-    for effect in decision.effects:                   # then act, one effect at a time
-        apply(effect); status = mark_applied(decision.status, effect.key, now()); save(status)
-
-Effects are absolute and keyed: a route effect sets the whole route table (applying it
-twice leaves the same routes), an alias effect is a list of compare-and-set moves (a repeat
-finds the alias already at its target). Each key is recorded in the status's ledger once
-applied, ``decide`` never emits a key the ledger holds and makes no new decision while an
-effect is outstanding, so an orchestrator killed at any point resumes at the same step and
-never repeats a traffic change or an alias move. Passing the key to the serving admin API
-and the registry as an idempotency key makes even the crash-between-apply-and-record window
-exactly-once.
-
-Phases::
-
-    PENDING -> RUNNING (replay, shadow, canary, ab) -> AWAITING_APPROVAL -> PROMOTED -> SUCCEEDED
-                  |  ^                                  |   |                  |
-                  v  | resume                           |   +-> TIMED_OUT      +-> ROLLED_BACK
-                PAUSED        any running phase  ->  ROLLED_BACK | ABORTED
-
-Counting (per check, reset at every step and canary weight): FAIL adds a failure, ERROR an
-error, INCONCLUSIVE an inconclusive once the step's ``duration_s`` has passed. A check trips
-when failures > failure_limit (-> its on_fail), errors > error_limit (-> abort) or
-inconclusives > inconclusive_limit (-> its on_inconclusive); the most severe action among
-the tripped checks wins and is applied in the same tick. A ``dry_run`` check is counted and
-reported but never trips. A step completes when its duration has passed and every counted
-check PASSes at the same tick.
-
-A candidate registered while a rollout runs is **ignored**: the rollout is pinned to the
-version it started with (observations of other versions are refused or excluded), the
-decision log notes the new challenger once, and the new version needs its own rollout,
-which starts with no evidence from this one.
+No IO, no clock, no randomness. A decision carries the next status (persist it first) and
+its effects: absolute, keyed route tables and alias compare-and-set moves, recorded in the
+status's ledger by ``mark_applied`` so a resumed orchestrator never repeats one. Phases,
+actions and counting are the shared rollout vocabulary (``mlops.rollout.vocabulary``). The
+tick loop, the phase diagram and the crash semantics: docs/design/rollout-model.md.
 """
 
 from __future__ import annotations
@@ -47,7 +14,6 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from enum import StrEnum
 from typing import Literal
 
 from pydantic import Field, ValidationError
@@ -58,7 +24,6 @@ from mlops.rollout.errors import ObservationMismatch, PlanMismatch, RolloutError
 from mlops.rollout.gate import TRAFFIC_CHECK, Measurement, fmt, measure_step
 from mlops.rollout.observe import CANDIDATE, STABLE, Observations
 from mlops.rollout.plan import (
-    SEVERITY,
     ABStep,
     ApprovalStep,
     BlueGreenStep,
@@ -68,42 +33,12 @@ from mlops.rollout.plan import (
     ShadowStep,
     step_label,
 )
+from mlops.rollout.vocabulary import SEVERITY, TERMINAL, Action, Counters, Phase, tally
+from mlops.rollout.vocabulary import Decision as _Decision
 from mlops.routing import Mode, RouteTable
 from mlops.settings import StrictModel
 
 SCHEMA_VERSION = 1
-
-
-class Phase(StrEnum):
-    """Where a rollout is. The last four are terminal."""
-
-    PENDING = "pending"
-    RUNNING = "running"
-    AWAITING_APPROVAL = "awaiting_approval"
-    PAUSED = "paused"
-    PROMOTED = "promoted"  # cut over; post-promotion analysis and keep-warm window
-    SUCCEEDED = "succeeded"
-    ROLLED_BACK = "rolled_back"
-    ABORTED = "aborted"
-    TIMED_OUT = "timed_out"
-
-
-TERMINAL = frozenset({Phase.SUCCEEDED, Phase.ROLLED_BACK, Phase.ABORTED, Phase.TIMED_OUT})
-
-
-class Action(StrEnum):
-    """What a decision does. ``advance``/``promote`` apply the next step's changes;
-    ``rollback``/``abort`` send all traffic back to stable (and aliases back, after a
-    promotion); ``pause`` keeps traffic and waits for an operator; ``hold`` changes
-    nothing; ``await_approval`` asks a human (again, after a restart) and changes nothing."""
-
-    ADVANCE = "advance"
-    HOLD = "hold"
-    PAUSE = "pause"
-    ROLLBACK = "rollback"
-    ABORT = "abort"
-    PROMOTE = "promote"
-    AWAIT_APPROVAL = "await_approval"
 
 
 # --------------------------------------------------------------------------- effects
@@ -122,6 +57,7 @@ class RouteSpec(StrictModel):
     candidate_version: int | None = None
 
     def table(self) -> RouteTable:
+        """The router's route table for this spec."""
         return RouteTable(
             mode=Mode(self.mode),
             weight_pct=self.weight_pct,
@@ -140,6 +76,7 @@ class RouteSpec(StrictModel):
         return 0.0
 
     def describe(self) -> str:
+        """The routes in words, for reasons and logs."""
         slots = f"stable=v{self.stable_version}, candidate=" + (
             f"v{self.candidate_version}" if self.candidate_version else "-"
         )
@@ -186,14 +123,6 @@ class Applied(StrictModel):
 
 
 # --------------------------------------------------------------------------- history
-
-
-class Counters(StrictModel):
-    """A check's counted measurements in the current step."""
-
-    failures: int = 0
-    inconclusives: int = 0
-    errors: int = 0
 
 
 class CheckRecord(StrictModel):
@@ -343,10 +272,12 @@ class RolloutStatus(StrictModel):
 
     @property
     def terminal(self) -> bool:
+        """Whether the rollout has ended."""
         return self.phase in TERMINAL
 
     @property
     def applied_keys(self) -> frozenset[str]:
+        """Keys of every effect applied so far."""
         return frozenset(a.key for a in self.applied)
 
     @property
@@ -438,17 +369,13 @@ def load_status(text: str) -> RolloutStatus:
 
 
 @dataclass(frozen=True)
-class Decision:
-    """The outcome of one tick.
+class Decision(_Decision["RolloutStatus", Effect]):
+    """The outcome of one tick of a server rollout.
 
     ``status`` is the next status, to persist *before* applying ``effects`` (which it
     lists as pending). ``approval`` is set when a human must be asked (again).
     """
 
-    action: Action
-    reason: str
-    status: RolloutStatus
-    effects: tuple[Effect, ...] = ()
     measurements: tuple[Measurement, ...] = ()
     approval: ApprovalRequest | None = None
 
@@ -774,28 +701,10 @@ def _count(
     counters = dict(status.counters)
     trips: list[tuple[str, Measurement, str]] = []
     for m in ms:
-        c = counters.get(m.key, Counters())
-        lim = m.limits
-        o = m.outcome
-        c = Counters(
-            failures=c.failures + (o is Outcome.FAIL),
-            errors=c.errors + (o is Outcome.ERROR),
-            inconclusives=c.inconclusives + (o is Outcome.INCONCLUSIVE and due),
-        )
-        counters[m.key] = c
-        why = m.result.reason
-        if o is Outcome.FAIL and c.failures > lim.failure_limit:
-            trips.append((lim.on_fail, m, f"{why} (failures {c.failures} > limit {lim.failure_limit})"))
-        elif o is Outcome.ERROR and c.errors > lim.error_limit:
-            trips.append(("abort", m, f"{why} (errors {c.errors} > limit {lim.error_limit})"))
-        elif o is Outcome.INCONCLUSIVE and due and c.inconclusives > lim.inconclusive_limit:
-            trips.append(
-                (
-                    lim.on_inconclusive,
-                    m,
-                    f"{why} (inconclusive {c.inconclusives} > limit {lim.inconclusive_limit})",
-                )
-            )
+        t = tally(counters.get(m.key, Counters()), m.outcome, m.limits, due=due)
+        counters[m.key] = t.counters
+        if t.trip is not None:
+            trips.append((t.trip, m, f"{m.result.reason} ({t.note})"))
     return counters, trips
 
 

@@ -36,11 +36,11 @@ from mlops import stats
 from mlops.predlog import FEATURE_PREFIX, PRIMARY, SHADOW
 from mlops.rollout.abtest import Arm, Arms
 from mlops.rollout.plan import METRICS
+from mlops.stats import calibration_error
 
 STABLE, CANDIDATE = "stable", "candidate"
 LOSS_CLIP = 1e-7
 """Scores are clipped to ``[1e-7, 1 - 1e-7]`` for log loss, as in training's evaluation."""
-ECE_BINS = 10
 REFERENCE_FINE_BINS = 100
 NAN = math.nan
 
@@ -125,6 +125,7 @@ class Reference:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Reference:
+        """A reference from its ``to_dict`` data."""
         counts = data.get("score_counts")
         feats = tuple(
             FeatureReference(
@@ -179,10 +180,12 @@ class VariantStats:
 
     @property
     def ok(self) -> int:
+        """Answers without an error."""
         return self.requests - self.errors
 
     @property
     def error_rate(self) -> float:
+        """Share of answers that were errors (NaN without answers)."""
         return self.errors / self.requests if self.requests else NAN
 
     def metric(self, name: str) -> tuple[float, int]:
@@ -206,6 +209,7 @@ class PairStats:
     mean_abs_diff: float = NAN
 
     def metric(self, name: str) -> tuple[float, int]:
+        """A paired metric's value and the pairs it rests on."""
         return float(getattr(self, name)), self.pairs
 
 
@@ -228,6 +232,7 @@ class Observations:
     foreign: tuple[tuple[str, int, int], ...] = ()
 
     def variant(self, name: str) -> VariantStats:
+        """The statistics of variant ``name`` (``stable`` or ``candidate``)."""
         return self.stable if name == STABLE else self.candidate
 
     def metric(self, name: str, variant: str = CANDIDATE) -> tuple[float, int]:
@@ -256,28 +261,14 @@ def auc(y: np.ndarray, p: np.ndarray) -> float:
 
 
 def log_loss(y: np.ndarray, p: np.ndarray) -> float:
+    """Mean log loss of scores ``p`` against labels ``y`` (NaN without rows)."""
     return float(np.mean(row_log_loss(y, p))) if y.size else NAN
 
 
 def row_log_loss(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Each row's log loss, scores clipped away from 0 and 1."""
     q = np.clip(p, LOSS_CLIP, 1.0 - LOSS_CLIP)
     return -(y * np.log(q) + (1.0 - y) * np.log1p(-q))
-
-
-def calibration_error(y: np.ndarray, p: np.ndarray, bins: int = ECE_BINS) -> float:
-    """Expected calibration error over equal-frequency bins (the definition training uses,
-    ``mlops.modeling.calibration_error``), vectorised."""
-    n = y.size
-    if n == 0:
-        return NAN
-    order = np.argsort(p, kind="stable")
-    k = min(bins, n)
-    sizes = np.full(k, n // k)
-    sizes[: n % k] += 1
-    starts = np.r_[0, np.cumsum(sizes)[:-1]]
-    sp = np.add.reduceat(p[order], starts)
-    sy = np.add.reduceat(y[order].astype(np.float64), starts)
-    return float(np.abs(sp - sy).sum() / n)
 
 
 def _percentiles(x: np.ndarray) -> tuple[float, float, float]:

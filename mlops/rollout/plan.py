@@ -1,30 +1,11 @@
 """Rollout plans: the ordered steps a candidate goes through, and the gates of each step.
 
-A plan is configuration (``configs/rollout/*.yaml``), validated once into frozen strict
-models like every other setting: an unknown field, a wrong type or an inconsistent plan is a
-``ConfigError`` naming the file and the field. Durations and sample minimums live here, so
-the same machine runs a demo plan in minutes and a production plan over days.
-
-Steps, in the order a plan usually lists them (a discriminated union on ``kind``):
-
-``replay``      offline champion/challenger comparison on labelled rows; no traffic.
-``shadow``      the candidate answers a mirrored ``mirror_pct`` of requests off the
-                response path; users only ever see ``stable``.
-``canary``      ``weights`` ramp (e.g. 1 -> 5 -> 25 -> 50 %) of sticky users on the
-                candidate, with an analysis after each weight.
-``ab``          a sticky split read as an experiment: a pre-registered ``primary`` metric
-                tested sequentially, guardrail ``checks`` and a sample-ratio-mismatch check.
-``approval``    a human approves or rejects the version under test, within ``timeout_s``.
-``blue_green``  the cutover: aliases move and all traffic flips to the candidate slot, a
-                post-promotion analysis runs and the old slot stays warm for ``keep_warm_s``.
-
-Gate vocabulary (shared by every check): a measurement with fewer than ``min_samples`` is
-INCONCLUSIVE, never PASS; FAILs are counted and the check trips when ``failures >
-failure_limit``; INCONCLUSIVE measurements are counted once the step's ``duration_s`` has
-passed and trip when ``inconclusives > inconclusive_limit``; a ``dry_run`` check is
-measured, counted and reported but never changes the rollout. Every step that sends traffic
-to the candidate also has an implicit ``candidate_traffic`` check (its ``min_samples``
-answers from the candidate), so a step whose candidate gets no traffic never completes.
+A plan is configuration (``configs/rollout/*.yaml``) validated once into frozen strict
+models: an unknown field, a wrong type or an inconsistent plan is a ``ConfigError`` naming
+the file and the field. Steps are a discriminated union on ``kind`` (``replay``,
+``shadow``, ``canary``, ``ab``, ``approval``, ``blue_green``); each check carries the
+limits it is counted against (``GateLimits``). What each step does and how checks are
+counted: docs/design/rollout-model.md.
 """
 
 from __future__ import annotations
@@ -88,9 +69,6 @@ judged worse), ``abort`` (all traffic to stable now, no verdict on the candidate
 experiment itself is invalid) or ``pause`` (traffic stays as it is, the rollout waits for an
 operator to resume, roll back or abort)."""
 
-SEVERITY: dict[str, int] = {"rollback": 3, "abort": 2, "pause": 1}
-"""When several checks trip in one tick, the most severe action wins."""
-
 
 class GateLimits(StrictModel):
     """How one check's measurements are counted, and what happens when it trips."""
@@ -139,6 +117,7 @@ class MetricCheck(GateLimits):
 
     @property
     def key(self) -> str:
+        """The check's name: ``name``, else the metric with its comparison."""
         if self.name:
             return self.name
         suffix = f"_vs_stable_{self.relative_to_stable}" if self.relative_to_stable else ""
@@ -146,6 +125,7 @@ class MetricCheck(GateLimits):
 
     @property
     def samples(self) -> SampleKind:
+        """What the metric's samples are (requests, labelled answers or pairs)."""
         return METRICS[self.metric][0]
 
 
@@ -175,10 +155,12 @@ class SequentialTest(GateLimits):
 
     @property
     def key(self) -> str:
+        """The name the primary test is counted and reported under."""
         return f"ab_{self.metric}"
 
     @property
     def higher_is_better(self) -> bool:
+        """Whether a larger value of the metric is better."""
         return self.metric == "accuracy"
 
 
@@ -196,6 +178,7 @@ class SrmCheck(GateLimits):
 
     @property
     def key(self) -> str:
+        """The name the sample-ratio check is counted and reported under."""
         return "sample_ratio"
 
 
@@ -319,7 +302,6 @@ Step = Annotated[
     ReplayStep | ShadowStep | CanaryStep | ABStep | ApprovalStep | BlueGreenStep,
     Field(discriminator="kind"),
 ]
-TRAFFIC_STEPS = ("shadow", "canary", "ab", "blue_green")
 
 
 class RolloutPlan(StrictModel):

@@ -1,12 +1,9 @@
 """Traffic simulator for rollout demos and tests: pure, seeded, clock-free.
 
-Two halves, so the same traffic drives either the real service or an in-process stand-in:
-
-``TrafficSimulator`` is the client side. It generates requests (card transactions from
-``mlops.datagen``, with sticky user ids drawn from a skewed user population and Poisson
-arrivals at ``rate_per_s``), and the labels of those requests, each arriving after a random
-delay (the generated data's true label; a ``label_share`` of requests ever gets one). It
-never sleeps and never sends anything; a driver loop owns the clock and the IO::
+``TrafficSimulator`` is the client side: it generates requests (card transactions from
+``mlops.datagen``, sticky user ids from a skewed population, Poisson arrivals at
+``rate_per_s``) and their delayed labels, and never sleeps or sends; a driver loop owns the
+clock and the IO::
 
     sim = TrafficSimulator(config, start=t0)
     for t, batch, labels in sim.stream(until=t0 + duration, step_s=1.0):
@@ -15,20 +12,11 @@ never sleeps and never sends anything; a driver loop owns the clock and the IO::
         sim.record(responses)                      # optional: client-side tally
         post_feedback(labels)                      # request_id, label, ts
 
-``SimulatedService`` is a stand-in for the serving layer, for tests and a server-less demo:
-it routes each request with ``mlops.routing`` under the current ``RouteTable`` and answers
-with simulated models, returning prediction-log rows in the ``mlops.predlog`` columns.
-``Pathology.perturb`` applies the same pathologies to a real model's answers, for a
-fault-injecting wrapper around a served candidate.
-
-Simulated models: each request carries a latent risk ``r = separation * label +
-noise * (rho * z + sqrt(1 - rho^2) * e_model)``; a model answers with the calibrated
-posterior ``P(fraud | r)`` for its own ``noise``, so a smaller noise is both sharper (higher
-AUC) and lower in log loss, and ``rho`` makes two models agree like two real models trained
-on the same data. Candidate pathologies (``Pathology``) are chosen by config: less accurate
-(more noise), drifted (a logit shift of every score), slower (latency factor and extra
-milliseconds), erroring (failing on a fixed share of inputs). All randomness is drawn when a
-request is generated, so a request's answers do not depend on how traffic was routed.
+``SimulatedService`` stands in for the serving layer: it routes each request with
+``mlops.routing`` and answers with simulated models (``SimulatedModel``), returning
+prediction-log rows. ``Pathology`` describes a bad candidate (less accurate, drifted,
+slower, erroring); ``Pathology.perturb`` applies it to a real model's answers. The model of
+simulated scores: docs/design/rollout-model.md.
 """
 
 from __future__ import annotations
@@ -149,10 +137,12 @@ class RequestBatch:
         return len(self.columns["request_id"])
 
     def take(self, index: np.ndarray) -> RequestBatch:
+        """The requests at positions ``index``."""
         return RequestBatch({k: v[index] for k, v in self.columns.items()}, self.feature_names)
 
     @property
     def frame(self) -> pd.DataFrame:
+        """The batch as a data frame, one row per request."""
         return pd.DataFrame(dict(self.columns))
 
     def payloads(self) -> Iterator[dict[str, object]]:
