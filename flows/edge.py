@@ -228,7 +228,7 @@ def edge_publish_flow(
         min_runtime_version=doc["budget"]["min_runtime_version"],
         source_version=doc["source_version"],
     )
-    keys = t.key_store(settings).root().keys
+    keys = t.key_store(settings).root().keyids("release")
     get_run_logger().info(
         "published %s v%d (%s, %s B, sha256 %s) signed by %s",
         name,
@@ -236,7 +236,7 @@ def edge_publish_flow(
         chosen,
         f"{manifest.target.length:,}",
         manifest.target.sha256[:16],
-        ", ".join(keys),
+        ", ".join(k[:16] for k in keys),
     )
     return PublishSummary(
         name,
