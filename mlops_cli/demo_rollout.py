@@ -11,16 +11,12 @@ nobody to click the form.
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import threading
 import time
 from typing import TYPE_CHECKING
 
-import httpx
-
-from adapters.services import ServiceError
+from adapters.services import ServiceError, free_port, terminate
 from mlops.rollout.plan import RolloutPlan
 from mlops.settings import Settings
 from mlops_cli.common import console
@@ -34,12 +30,6 @@ RATE_PER_S = 200.0
 LABEL_DELAY_S = 2.0
 READY_TIMEOUT_S = 240.0
 CHALLENGER_DATA = 5  # the challenger's data, in multiples of the champion's
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def demo_plan(plan: str | None) -> str:
@@ -75,46 +65,39 @@ class DemoService:
 
     def start(self) -> None:
         """Launch the service process and the thread that starts the users once it is ready."""
-        from adapters.services import project_dir, serving_command, serving_environment
+        from adapters.services import serving_command, serving_environment, spawn
         from serving.auth import ensure_token
 
         ensure_token(self.settings)
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "wb") as fh:
-            self.proc = subprocess.Popen(
-                serving_command(self.settings, "127.0.0.1", self.port),
-                cwd=project_dir(),
-                env=os.environ | serving_environment(self.settings),
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self.proc = spawn(
+            serving_command(self.settings, "127.0.0.1", self.port),
+            self.log,
+            env=os.environ | serving_environment(self.settings),
+        )
         self._thread = threading.Thread(target=self._users_when_ready, name="demo-service", daemon=True)
         self._thread.start()
 
     def _users_when_ready(self) -> None:
+        from adapters.services import http_ok, wait_ready
         from adapters.traffic import LiveTraffic
         from mlops.rollout.simulator import SimulatorConfig
 
         assert self.proc is not None
         started = time.monotonic()
         try:
-            while not self._halt.is_set():
-                if self.proc.poll() is not None:
-                    self.failure = f"the demo service exited with code {self.proc.returncode}: see {self.log}"
-                    return
-                if time.monotonic() - started > READY_TIMEOUT_S:
-                    self.failure = (
-                        f"the demo service was not ready after {READY_TIMEOUT_S:g} s: see {self.log}"
-                    )
-                    return
-                try:
-                    if httpx.get(f"{self.url}/v2/health/ready", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                self._halt.wait(0.5)
-            else:
+            try:
+                wait_ready(
+                    self.proc,
+                    http_ok(f"{self.url}/v2/health/ready"),
+                    self.log,
+                    READY_TIMEOUT_S,
+                    name="the demo service",
+                    poll=0.5,
+                )
+            except ServiceError as exc:
+                self.failure = f"{exc} (log: {self.log})"
+                return
+            if self._halt.is_set():
                 return
             self.ready_after_s = time.monotonic() - started
             sim = SimulatorConfig(seed=11, rate_per_s=RATE_PER_S, label_delay_s=LABEL_DELAY_S)
@@ -151,18 +134,14 @@ class DemoService:
     def stop(self) -> None:
         """Stop the users, then the service process (its whole process group)."""
         self._halt.set()
+        if not self._done.is_set() and self.proc is not None:
+            terminate(self.proc)  # still booting: its readiness wait ends when it exits
         if self._thread is not None:
             self._thread.join(timeout=10)
         if self.traffic is not None:
             self.traffic.stop()
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        if self.proc is not None:
+            terminate(self.proc)
 
 
 def run_rollout_demo(
@@ -181,7 +160,7 @@ def run_rollout_demo(
 
     plan_path = demo_plan(plan)
     the_plan = load_plan(plan_path)
-    port = _free_port()
+    port = free_port()
     os.environ["MLOPS__SERVICES__SERVING_PORT"] = str(port)
     os.environ["MLOPS__SERVING__URL"] = (
         f"http://127.0.0.1:{port}"  # the rollout flow talks to the demo's service
