@@ -75,6 +75,7 @@ def fraud_schema() -> DatasetSchema:
     """The dataset schema of the generated card transactions."""
     return DatasetSchema(
         name="card-transactions",
+        model_name="fraud-detector",
         id_column="transaction_id",
         entity_column="user_id",
         timestamp_column="event_time",
