@@ -100,3 +100,28 @@ def test_a_model_of_odd_column_names_exports_and_scores_by_column_name(spec) -> 
     assert result.ok, result
     record = {n: [frame[n].iloc[0]] for n in schema.feature_names}  # one online-style record
     assert scorer.predict_proba(record)[0] == pytest.approx(scorer.predict_proba(frame.head(1))[0])
+
+
+# --------------------------------------------------------------------------- model name
+
+
+def test_the_registered_model_is_named_after_the_dataset_unless_config_says_otherwise(tmp_path) -> None:
+    """A declared dataset names its model (``dataset.model_name``, else a slug of its name);
+    ``training.model_name`` overrides both; the experiment follows the model name; the
+    embedded demo dataset still registers ``fraud-detector``."""
+    dataset = "dataset:\n  name: Breast Cancer (Wisconsin)\n  label_column: target\n  numeric: [{name: mean radius}]\n"
+    config = tmp_path / "bc.yaml"
+    config.write_text(dataset)
+    derived = load_settings(config, environ={})
+    assert (derived.training.model_name, derived.training.experiment) == ("breast-cancer-wisconsin",) * 2
+
+    config.write_text(dataset + "  model_name: tumour-classifier\n")
+    assert load_settings(config, environ={}).training.model_name == "tumour-classifier"
+
+    config.write_text(dataset + "training:\n  model_name: custom\n")
+    named = load_settings(config, environ={})
+    assert (named.training.model_name, named.training.experiment) == ("custom", "custom")
+    assert load_settings(config, environ={"MLOPS__TRAINING__EXPERIMENT": "exp"}).training.experiment == "exp"
+
+    demo = load_settings(environ={})
+    assert (demo.training.model_name, demo.training.experiment) == ("fraud-detector", "fraud-detector")
