@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import httpx
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from mlops import modeling
 from mlops.errors import ConfigError
@@ -16,8 +21,12 @@ from mlops.settings import (
     GradientBoostingSpec,
     LogisticRegressionSpec,
     NumericFeature,
+    Settings,
     load_settings,
 )
+
+DATASET_CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs" / "datasets").glob("*.yaml"))
+DAY = "2026-01-02"
 
 # Spaces, dots, parentheses, a slash, accents, a non-Latin script and a leading digit.
 ODD_NUMERIC = ("mean radius", "od280/od315", "sepal length (cm)", "température", "温度", "2nd.reading")
@@ -125,3 +134,162 @@ def test_the_registered_model_is_named_after_the_dataset_unless_config_says_othe
 
     demo = load_settings(environ={})
     assert (demo.training.model_name, demo.training.experiment) == ("fraud-detector", "fraud-detector")
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _records(frame: pd.DataFrame, schema: DatasetSchema) -> list[dict]:
+    """Online-request records of ``frame``, keyed by the dataset's column names."""
+    return [
+        {"features": {n: (float(r[n]) if n in schema.numeric_names else r[n]) for n in schema.feature_names}}
+        for r in frame.to_dict("records")
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.timeout(2400)
+def test_odd_column_names_give_the_same_scores_in_training_batch_and_online(
+    flow_home: Settings, tmp_path: Path
+) -> None:
+    """A CSV dataset whose columns hold spaces, dots, unicode and leading digits trains and
+    registers under its own name, scores in batch from CSV, and is served online (/predict
+    and OIP v2 infer, by column name): all three give the registered ONNX model's scores."""
+    from test_serving_service import _free_port, _start, _stop
+
+    from adapters import storage
+    from flows.score import score_flow
+    from flows.train import train_flow
+    from registry.mlflow_registry import ModelRegistry
+
+    schema = odd_schema()
+    config = tmp_path / "odd.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {"dataset": schema.model_dump(mode="json"), "scoring": {"rows_per_partition": 700}},
+            allow_unicode=True,
+        )
+    )
+    train_csv = tmp_path / "train.csv"
+    odd_frame(3000, seed=2).to_csv(train_csv, index=False)
+    summary = train_flow(str(train_csv), str(config))
+    settings = load_settings(config)
+    assert summary.model_name == settings.training.model_name == "odd-names"
+    assert summary.promoted_to_champion
+    scorer = OnnxScorer(ModelRegistry(settings).onnx_bytes("odd-names", summary.version), schema)
+
+    score_in = odd_frame(2000, seed=3).drop(columns=["is bad?"])
+    score_csv = tmp_path / "score.csv"
+    score_in.to_csv(score_csv, index=False)
+    run = score_flow(run_date=DAY, input_path=str(score_csv), config=str(config))
+    assert (run.rows_out, run.partitions, run.model_name) == (2000, 3, "odd-names")
+    batch = storage.query(settings.home_path, 'SELECT "row id", score FROM scores ORDER BY "row id"')
+    batch = batch.to_pandas()
+    assert batch["row id"].tolist() == list(range(2000))
+    np.testing.assert_allclose(batch["score"], scorer.predict_proba(score_in), rtol=0, atol=1e-6)
+
+    env = dict(os.environ) | {"MLOPS_CONFIG": str(config)}
+    port = _free_port()
+    proc = _start(env, port, tmp_path / "service.log")
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            rows = score_in.head(25)
+            answer = http.post("/predict", json={"records": _records(rows, schema)})
+            assert answer.status_code == 200, answer.text
+            online = [p["score"] for p in answer.json()["predictions"]]
+            np.testing.assert_allclose(online, batch["score"][:25], rtol=0, atol=1e-6)
+
+            meta = http.get("/v2/models/odd-names").json()
+            assert [i["name"] for i in meta["inputs"]] == list(schema.feature_names)
+            inputs = [
+                {
+                    "name": i["name"],
+                    "datatype": i["datatype"],
+                    "shape": [len(rows), 1],
+                    "data": [float(v) if i["datatype"] == "FP32" else v for v in rows[i["name"]]],
+                }
+                for i in meta["inputs"]
+            ]
+            infer = http.post("/v2/models/odd-names/infer", json={"inputs": inputs})
+            assert infer.status_code == 200, infer.text
+            [probs] = infer.json()["outputs"]
+            np.testing.assert_allclose(
+                np.asarray(probs["data"]).reshape(-1, 2)[:, 1], batch["score"][:25], rtol=0, atol=1e-6
+            )
+    finally:
+        _stop(proc)
+
+
+@pytest.mark.parametrize("path", DATASET_CONFIGS, ids=[p.name for p in DATASET_CONFIGS])
+def test_every_shipped_dataset_declaration_loads(path: Path) -> None:
+    """Each config under configs/datasets/ is a valid platform config whose model is named for its dataset."""
+    settings = load_settings(path, environ={})
+    assert settings.training.model_name == settings.dataset.default_model_name
+    assert settings.training.model_name != "fraud-detector"
+
+
+def _bundled(name: str) -> tuple[pd.DataFrame, Path]:
+    """A bundled scikit-learn table as the platform's users would export it, and its declaration.
+
+    Rows keep their number as "sample id"; wine's three cultivars become a yes/no label.
+    """
+    from sklearn import datasets as sk
+
+    if name == "breast-cancer":
+        frame = sk.load_breast_cancer(as_frame=True).frame
+    else:
+        frame = sk.load_wine(as_frame=True).frame
+        frame["is cultivar 0"] = (frame.pop("target") == 0).astype(np.int64)
+    frame = frame.rename_axis("sample id").reset_index()
+    return frame, Path(__file__).resolve().parent.parent / "configs" / "datasets" / f"{name}.yaml"
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.timeout(2400)
+@pytest.mark.parametrize(
+    ("name", "train_format", "model"),
+    [("breast-cancer", "parquet", "breast-cancer"), ("wine", "csv", "wine-cultivar-0")],
+)
+def test_bundled_scikit_learn_tables_train_and_score_through_the_cli(
+    prefect_api: None, tmp_path: Path, name: str, train_format: str, model: str
+) -> None:
+    """`mlops train --data ... --config configs/datasets/<name>.yaml` then `mlops score` on a
+    CSV export: the model registers under the dataset's name, every row is scored once with
+    the champion's own scores, and nothing is named fraud-detector."""
+    from prefect.settings import PREFECT_API_URL
+    from test_cli import mlops
+
+    from adapters import storage
+    from adapters.datasets import write_parquet
+    from registry.mlflow_registry import ModelRegistry
+
+    frame, config = _bundled(name)
+    home = tmp_path / "home"
+    api = PREFECT_API_URL.value()
+    env = {"MLOPS_HOME": str(home), "MLOPS__PREFECT__API_URL": api, "PREFECT_API_URL": api}
+    data = tmp_path / f"{name}.{train_format}"
+    if train_format == "csv":
+        frame.to_csv(data, index=False)
+    else:
+        write_parquet([frame], data)
+    trained = mlops("train", "--data", str(data), "--config", str(config), env=env)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert model in trained.stdout
+
+    export = tmp_path / f"{name}-score.csv"
+    frame.drop(columns=[frame.columns[-1]] if name == "wine" else ["target"]).to_csv(export, index=False)
+    scored = mlops("score", "--date", DAY, "--input", str(export), "--config", str(config), env=env)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+
+    settings = load_settings(config, environ={"MLOPS_HOME": str(home)})
+    registry = ModelRegistry(settings)
+    assert registry.aliases(model)["champion"] == 1 and not registry.exists("fraud-detector")
+    scorer = OnnxScorer(registry.onnx_bytes(model, 1), settings.dataset)
+    out = storage.query(
+        home, 'SELECT "sample id", score, model_name FROM scores ORDER BY "sample id"'
+    ).to_pandas()
+    assert out["sample id"].tolist() == frame["sample id"].tolist()
+    assert set(out["model_name"]) == {model}
+    np.testing.assert_allclose(out["score"], scorer.predict_proba(frame), rtol=0, atol=1e-6)
