@@ -25,13 +25,17 @@ _MAX_ERROR_CHARS = 300
 
 
 def csv_convert_options(schema: DatasetSchema | None) -> pacsv.ConvertOptions:
-    """How CSV cells become typed values: declared features get their declared type, empty
-    cells are nulls (which the dataset's null checks then judge)."""
+    """How CSV cells become typed values: declared features get their declared type; empty
+    cells and the usual markers (``NA``, ``null``, ...) are nulls, which the dataset's null
+    checks then judge, except a marker that is one of the declared categories."""
     types: dict[str, pa.DataType] = {}
+    nulls = pacsv.ConvertOptions().null_values
     if schema is not None:
         types |= {name: pa.float64() for name in schema.numeric_names}
         types |= {name: pa.string() for name in schema.categorical_names}
-    return pacsv.ConvertOptions(column_types=types, strings_can_be_null=True)
+        categories = {c for f in schema.categorical for c in f.categories}
+        nulls = [n for n in nulls if n not in categories]
+    return pacsv.ConvertOptions(column_types=types, strings_can_be_null=True, null_values=nulls)
 
 
 def arrow_error(exc: BaseException) -> str:

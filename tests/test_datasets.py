@@ -293,3 +293,29 @@ def test_bundled_scikit_learn_tables_train_and_score_through_the_cli(
     assert out["sample id"].tolist() == frame["sample id"].tolist()
     assert set(out["model_name"]) == {model}
     np.testing.assert_allclose(out["score"], scorer.predict_proba(frame), rtol=0, atol=1e-6)
+
+
+def test_csv_cells_are_typed_by_the_declaration(tmp_path) -> None:
+    """A CSV reads numeric features as numbers and categorical ones as strings, whatever they
+    look like; empty cells and NA markers are nulls, unless the marker is a declared category."""
+    from adapters.datasets import read_frame
+
+    schema = DatasetSchema(
+        name="typed",
+        id_column="id",
+        entity_column=None,
+        timestamp_column=None,
+        label_column="y",
+        numeric=(NumericFeature(name="x 1", max_null_fraction=1.0),),
+        categorical=(
+            CategoricalFeature(name="code", categories=("1", "2")),
+            CategoricalFeature(name="region", categories=("EU", "NA"), max_null_fraction=1.0),
+        ),
+    )
+    csv = tmp_path / "typed.csv"
+    csv.write_text("id,x 1,code,region,y\n1,3,1,NA,0\n2,,2,,1\n3,NaN,1,EU,0\n")
+    frame = read_frame(csv, schema)
+    assert frame["x 1"].dtype == np.float64 and frame["x 1"].isna().tolist() == [False, True, True]
+    assert frame["code"].tolist() == ["1", "2", "1"]
+    assert frame["region"].isna().tolist() == [False, True, False]
+    assert frame["region"][0] == "NA" and frame["region"][2] == "EU"
