@@ -263,6 +263,7 @@ def test_bundled_scikit_learn_tables_train_and_score_through_the_cli(
 
     from adapters import storage
     from adapters.datasets import write_parquet
+    from adapters.runtime import configure
     from registry.mlflow_registry import ModelRegistry
 
     frame, config = _bundled(name)
@@ -284,9 +285,15 @@ def test_bundled_scikit_learn_tables_train_and_score_through_the_cli(
     assert scored.returncode == 0, scored.stderr[-3000:]
 
     settings = load_settings(config, environ={"MLOPS_HOME": str(home)})
-    registry = ModelRegistry(settings)
-    assert registry.aliases(model)["champion"] == 1 and not registry.exists("fraud-detector")
-    scorer = OnnxScorer(registry.onnx_bytes(model, 1), settings.dataset)
+    saved = dict(os.environ)
+    try:  # configure() points MLflow at this home through os.environ: restore it after
+        configure(settings)
+        registry = ModelRegistry(settings)
+        assert registry.aliases(model)["champion"] == 1 and not registry.exists("fraud-detector")
+        scorer = OnnxScorer(registry.onnx_bytes(model, 1), settings.dataset)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     out = storage.query(
         home, 'SELECT "sample id", score, model_name FROM scores ORDER BY "sample id"'
     ).to_pandas()

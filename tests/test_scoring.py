@@ -377,7 +377,8 @@ def test_a_malformed_csv_is_one_line_a_nonzero_exit_and_writes_nothing(scoring_h
         (ragged, "not a readable CSV file (CSV parse error: Expected"),
         (
             text_cell,
-            "not a readable CSV file (column 'amount': CSV conversion error to double: invalid value 'twelve')",
+            "not a readable CSV file (column 'amount': CSV conversion error to double: "
+            "invalid value 'twelve')",
         ),
         (invalid, "column 'amount': values must be between 0.0 and 100000.0"),
     ]:
