@@ -1,4 +1,9 @@
-"""Reading and writing tabular datasets (Parquet or CSV), with errors that name the file."""
+"""Reading and writing tabular datasets (Parquet or CSV), with errors that name the file.
+
+A CSV file is read with the column types its dataset declares (numeric features as
+float64, categorical ones as strings, empty cells as nulls), the same way for training
+and for batch scoring, so both validate the very same values; other columns are inferred.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,35 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from mlops.errors import DataError
+from mlops.settings import DatasetSchema
 
 SUFFIXES = {".parquet", ".pq", ".csv"}
+_MAX_ERROR_CHARS = 300
+
+
+def csv_convert_options(schema: DatasetSchema | None) -> pacsv.ConvertOptions:
+    """How CSV cells become typed values: declared features get their declared type; empty
+    cells and the usual markers (``NA``, ``null``, ...) are nulls, which the dataset's null
+    checks then judge, except a marker that is one of the declared categories."""
+    types: dict[str, pa.DataType] = {}
+    nulls = pacsv.ConvertOptions().null_values
+    if schema is not None:
+        types |= {name: pa.float64() for name in schema.numeric_names}
+        types |= {name: pa.string() for name in schema.categorical_names}
+        categories = {c for f in schema.categorical for c in f.categories}
+        nulls = [n for n in nulls if n not in categories]
+    return pacsv.ConvertOptions(column_types=types, strings_can_be_null=True, null_values=nulls)
+
+
+def arrow_error(exc: BaseException) -> str:
+    """pyarrow's message on one short line (CSV errors quote whole rows)."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 3] + "..."
 
 
 def _check(path: Path) -> Path:
@@ -24,24 +52,29 @@ def _check(path: Path) -> Path:
     return path
 
 
-def _dataset(path: Path) -> pads.Dataset:
-    fmt = "csv" if path.suffix.lower() == ".csv" else "parquet"
+def _dataset(path: Path, schema: DatasetSchema | None = None) -> pads.Dataset:
+    if path.suffix.lower() == ".csv":
+        fmt: str | pads.FileFormat = pads.CsvFileFormat(convert_options=csv_convert_options(schema))
+        kind = "CSV"
+    else:
+        fmt, kind = "parquet", "Parquet"
     try:
         return pads.dataset(str(path), format=fmt)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(f"{path}: cannot be read as {fmt} ({exc})") from None
+        raise DataError(f"{path}: cannot be read as {kind} ({arrow_error(exc)})") from None
 
 
-def read_frame(path: str | Path) -> pd.DataFrame:
-    """A whole dataset in memory."""
+def read_frame(path: str | Path, schema: DatasetSchema | None = None) -> pd.DataFrame:
+    """A whole dataset in memory (a CSV typed by ``schema``, see ``csv_convert_options``)."""
     path = _check(Path(path))
     try:
-        return _dataset(path).to_table().to_pandas()
+        return _dataset(path, schema).to_table().to_pandas()
     except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(f"{path}: cannot be read ({exc})") from None
+        raise DataError(f"{path}: cannot be read ({arrow_error(exc)})") from None
 
 
 def count_rows(path: str | Path) -> int:
+    """The number of rows of a dataset."""
     return _dataset(_check(Path(path))).count_rows()
 
 
@@ -53,7 +86,7 @@ def iter_batches(path: str | Path, rows: int, columns: list[str] | None = None) 
             if batch.num_rows:
                 yield batch.to_pandas()
     except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(f"{path}: cannot be read ({exc})") from None
+        raise DataError(f"{path}: cannot be read ({arrow_error(exc)})") from None
 
 
 def write_parquet(frames: Iterable[pd.DataFrame], path: str | Path) -> int:

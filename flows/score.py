@@ -46,7 +46,9 @@ from tasks.scoring import (
     open_staging,
     pin_model,
     plan_input,
+    prepare_input,
     record_comparison,
+    remove_workdir,
     score_partitions,
     sweep_store,
 )
@@ -119,7 +121,7 @@ def score_flow(
 
     Args:
         run_date: The day to score and publish (default: today, UTC).
-        input_path: Input Parquet (default: $MLOPS_HOME/data/score/<run_date>.parquet).
+        input_path: Input Parquet or CSV file or folder (default: $MLOPS_HOME/data/score/<run_date>.parquet).
         alias: Registry alias of the model to score with (champion, challenger, ...).
         compare: A second alias scored on the same rows for a champion/challenger report.
         version: A model version to pin instead of resolving the alias.
@@ -132,24 +134,54 @@ def score_flow(
     day = resolve_run_date(run_date, _today())
     source = _resolve_input(settings, input_path, day)
     segments = _segments(settings) if compare else ()
-    root = str(settings.home_path)
-    seconds: dict[str, float] = {}
-    mark = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal mark
-        now = time.perf_counter()
-        seconds[name] = round(now - mark, 3)
-        mark = now
-
+    laps = _Laps()
     models: list[PinnedModel] = [pin_model(settings, alias, version)]
     if compare:
         models.append(pin_model(settings, compare))
-    ref = models[0].ref
     logger.info("scoring %s for %s with %s", source, day, " vs ".join(m.ref.label() for m in models))
-    lap("pin")
-    sweep_store(root)
-    plan = plan_input(str(source), settings.scoring.rows_per_partition, settings.dataset.min_rows)
+    laps.lap("pin")
+    sweep_store(str(settings.home_path))
+    run_id = new_run_id()
+    workdir = str(settings.home_path / "tmp" / f"score-input-{run_id}")
+    try:
+        return _score_run(settings, source, day, run_id, workdir, alias, models, segments, started, laps)
+    finally:
+        remove_workdir(workdir)
+
+
+class _Laps:
+    """Wall seconds of a run's phases, each measured from the end of the previous one."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._mark = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._mark, 3)
+        self._mark = now
+
+
+def _score_run(
+    settings: Settings,
+    source: Path,
+    day: date,
+    run_id: str,
+    workdir: str,
+    alias: str,
+    models: list[PinnedModel],
+    segments: tuple[str, ...],
+    started: datetime,
+    laps: _Laps,
+) -> ScoreSummary:
+    """Read (CSV through a Parquet copy in ``workdir``), plan, score, validate and commit one run."""
+    logger = get_run_logger()
+    root = str(settings.home_path)
+    seconds, lap = laps.seconds, laps.lap
+    ref = models[0].ref
+    compare = len(models) > 1
+    parquet = prepare_input(str(source), workdir, settings.scoring.rows_per_partition, settings.dataset)
+    plan = plan_input(parquet, settings.scoring.rows_per_partition, settings.dataset.min_rows)
     if not plan:
         raise ValidationFailed(
             f"{source}: 1 of 1 expectations failed",
@@ -158,7 +190,6 @@ def score_flow(
     rows_in = sum(p.rows for p in plan)
     lap("plan")
 
-    run_id = new_run_id()
     staged = open_staging(root, day, run_id)
     schema = settings.dataset
     columns = tuple(dict.fromkeys(schema.key_columns + schema.feature_names))

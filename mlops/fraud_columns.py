@@ -58,6 +58,7 @@ CATEGORICAL: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 FRAUD_SCHEMA: dict[str, object] = {
     "name": "card-transactions",
+    "model_name": "fraud-detector",
     "id_column": "transaction_id",
     "entity_column": "user_id",
     "timestamp_column": "event_time",

@@ -7,9 +7,11 @@ sequences them and the registry adapter persists what they return.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import pandas as pd
 from skl2onnx import to_onnx
 from skl2onnx.common.data_types import FloatTensorType, StringTensorType
@@ -51,6 +53,7 @@ def features_frame(frame: pd.DataFrame, schema: DatasetSchema) -> pd.DataFrame:
 
 
 def labels(frame: pd.DataFrame, schema: DatasetSchema) -> np.ndarray:
+    """The label column as int64."""
     return frame[schema.label_column].to_numpy(dtype=np.int64)
 
 
@@ -114,7 +117,12 @@ def fit(spec: ModelSpec, train: pd.DataFrame, schema: DatasetSchema, seed: int) 
 
 
 def to_onnx_bytes(pipe: Pipeline, schema: DatasetSchema) -> bytes:
-    """Export a fitted pipeline: one input per feature, a ``probabilities`` output."""
+    """Export a fitted pipeline: one input per feature, a ``probabilities`` output.
+
+    The pipeline selects columns by their dataset names, so skl2onnx is given those; it
+    renames inputs whose names are not identifiers its own way, and the exported graph's
+    inputs are then renamed to the platform's ``schema.input_names``.
+    """
     initial_types = [(n, FloatTensorType([None, 1])) for n in schema.numeric_names]
     initial_types += [(n, StringTensorType([None, 1])) for n in schema.categorical_names]
     try:
@@ -128,7 +136,33 @@ def to_onnx_bytes(pipe: Pipeline, schema: DatasetSchema) -> bytes:
         raise ModelError(
             f"ONNX conversion of {type(pipe.named_steps['clf']).__name__} failed: {exc}"
         ) from exc
+    names = schema.input_names
+    rename_inputs(model.graph, [names[n] for n, _ in initial_types])
     return model.SerializeToString()
+
+
+def rename_inputs(graph: onnx.GraphProto, names: Sequence[str]) -> None:
+    """Rename the graph's inputs, in order, to ``names`` (and every use of them, in place).
+
+    Raises ``ModelError`` when the counts differ or a new name is already taken by another
+    value of the graph.
+    """
+    if len(graph.input) != len(names):
+        raise ModelError(f"the exported graph has {len(graph.input)} inputs for {len(names)} features")
+    renames = {i.name: new for i, new in zip(graph.input, names, strict=True) if i.name != new}
+    if not renames:
+        return
+    taken = {o for node in graph.node for o in node.output} | {t.name for t in graph.initializer}
+    taken |= {i.name for i in graph.input if i.name not in renames}
+    clash = sorted(set(renames.values()) & taken)
+    if clash:
+        raise ModelError(f"ONNX input name {clash[0]!r} is already used inside the exported graph")
+    for value in graph.input:
+        value.name = renames.get(value.name, value.name)
+    for node in graph.node:
+        node.input[:] = [renames.get(x, x) for x in node.input]
+    for value in graph.output:
+        value.name = renames.get(value.name, value.name)
 
 
 @dataclass(frozen=True)
@@ -142,6 +176,7 @@ class Parity:
 
     @property
     def ok(self) -> bool:
+        """Whether the largest difference is within tolerance."""
         return self.max_abs_diff <= self.tolerance
 
 
@@ -155,6 +190,7 @@ def parity(pipe: Pipeline, scorer: OnnxScorer, rows: pd.DataFrame, tolerance: fl
 
 
 def require_parity(result: Parity, label: str) -> None:
+    """Raise ``ParityFailed`` for candidate ``label`` unless ``result`` is within tolerance."""
     if not result.ok:
         raise ParityFailed(
             f"{label}: ONNX and scikit-learn disagree on {result.rows} held-out rows "

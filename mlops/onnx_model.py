@@ -2,8 +2,9 @@
 
 Training's parity check, batch scoring and online serving all feed the model through
 ``OnnxScorer``, so the column-to-tensor contract lives in one place: one ``[N, 1]`` input
-per feature, float32 for numeric and string for categorical columns, and a
-``probabilities`` output of shape ``[N, 2]``.
+per feature, named by ``mlops.feature_names.onnx_input_name`` of its column, float32 for
+numeric and string for categorical columns, and a ``probabilities`` output of shape
+``[N, 2]``. Callers always pass columns by the dataset's own names.
 """
 
 from __future__ import annotations
@@ -23,14 +24,17 @@ PROBA_OUTPUT = "probabilities"
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """An ONNX graph input: name, OIP v2 datatype and shape (None for a free dimension)."""
+    """A model input: the feature column it is fed from (the name clients use), its OIP v2
+    datatype, shape (None for a free dimension) and the ONNX graph input it feeds."""
 
     name: str
     datatype: str  # "FP32" or "BYTES" in Open Inference Protocol terms
     shape: tuple[int | None, ...]
+    onnx_name: str
 
 
 def session_options(threads: int = 1) -> ort.SessionOptions:
+    """ONNX Runtime options: ``threads`` intra-op threads, full graph optimisation, quiet logs."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -64,25 +68,32 @@ class OnnxScorer:
         self.schema = schema
         self._numeric = schema.numeric_names
         self._categorical = schema.categorical_names
+        self._input_names = schema.input_names
         graph_inputs = {i.name for i in self.session.get_inputs()}
-        missing = set(schema.feature_names) - graph_inputs
+        missing = [c for c, n in self._input_names.items() if n not in graph_inputs]
         if missing:
-            raise ModelError(f"ONNX model lacks inputs for features: {', '.join(sorted(missing))}")
+            listed = ", ".join(
+                f"{c} (input {self._input_names[c]})" if c != self._input_names[c] else c for c in missing
+            )
+            raise ModelError(f"ONNX model lacks inputs for features: {listed}")
         outputs = [o.name for o in self.session.get_outputs()]
         if PROBA_OUTPUT not in outputs:
             raise ModelError(f"ONNX model has no '{PROBA_OUTPUT}' output (outputs: {outputs})")
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
-        numeric = tuple(TensorSpec(n, "FP32", (None, 1)) for n in self._numeric)
-        return numeric + tuple(TensorSpec(n, "BYTES", (None, 1)) for n in self._categorical)
+        """The model's inputs in schema order: numeric features, then categorical ones."""
+        names = self._input_names
+        numeric = tuple(TensorSpec(n, "FP32", (None, 1), names[n]) for n in self._numeric)
+        return numeric + tuple(TensorSpec(n, "BYTES", (None, 1), names[n]) for n in self._categorical)
 
     def feeds(self, frame: pd.DataFrame | Mapping[str, object]) -> dict[str, np.ndarray]:
-        """Column arrays shaped as the graph's inputs."""
+        """The graph's feeds from columns named as in the dataset, keyed by ONNX input name."""
+        names = self._input_names
         try:
-            feeds = {n: np.asarray(frame[n], dtype=np.float32).reshape(-1, 1) for n in self._numeric}
+            feeds = {names[n]: np.asarray(frame[n], dtype=np.float32).reshape(-1, 1) for n in self._numeric}
             for n in self._categorical:
-                feeds[n] = _strings(np.asarray(frame[n], dtype=object)).reshape(-1, 1)
+                feeds[names[n]] = _strings(np.asarray(frame[n], dtype=object)).reshape(-1, 1)
         except KeyError as exc:
             raise DataError(f"missing feature column {exc}") from None
         except (TypeError, ValueError) as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -20,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mlops.errors import ConfigError
+from mlops.feature_names import onnx_input_names
 
 ENV_PREFIX = "MLOPS__"
 HOME_ENV = "MLOPS_HOME"
@@ -56,13 +58,17 @@ class CategoricalFeature(StrictModel):
 class DatasetSchema(StrictModel):
     """Which columns a dataset has and what valid values look like.
 
-    Declaring another table here is all it takes to train and score it: the id and entity
-    columns are carried through scoring, the label is what training learns.
+    Declaring another table here is all it takes to train and score it: the id, entity and
+    timestamp columns (each optional) are carried through scoring, the label is what
+    training learns. Column names may hold any characters; the ONNX model sees them through
+    ``mlops.feature_names`` (``input_names``). ``model_name`` is the registered model's
+    default name (``training.model_name`` overrides it); unset, it is derived from ``name``.
     """
 
-    name: str = "card-transactions"
-    id_column: str = "transaction_id"
-    entity_column: str = "user_id"
+    name: str = Field("card-transactions", min_length=1)
+    model_name: str | None = Field(None, min_length=1)
+    id_column: str | None = "transaction_id"
+    entity_column: str | None = "user_id"
     timestamp_column: str | None = "event_time"
     label_column: str = "is_fraud"
     label_values: tuple[int, ...] = (0, 1)
@@ -78,7 +84,18 @@ class DatasetSchema(StrictModel):
             raise ValueError(f"column names used twice: {', '.join(dupes)}")
         if not self.feature_names:
             raise ValueError("the dataset declares no feature columns")
+        onnx_input_names(self.feature_names)  # raises when two columns map to one input name
         return self
+
+    @property
+    def input_names(self) -> dict[str, str]:
+        """Each feature column's ONNX input name (see ``mlops.feature_names``)."""
+        return onnx_input_names(self.feature_names)
+
+    @property
+    def default_model_name(self) -> str:
+        """The registered model's name unless config sets one: ``model_name``, else one derived from ``name``."""
+        return self.model_name or derived_model_name(self.name)
 
     @property
     def numeric_names(self) -> tuple[str, ...]:
@@ -94,8 +111,15 @@ class DatasetSchema(StrictModel):
 
     @property
     def key_columns(self) -> tuple[str, ...]:
-        keys = (self.id_column, self.entity_column)
-        return keys + ((self.timestamp_column,) if self.timestamp_column else ())
+        """The declared id, entity and timestamp columns, in that order."""
+        return tuple(c for c in (self.id_column, self.entity_column, self.timestamp_column) if c)
+
+
+def derived_model_name(dataset_name: str) -> str:
+    """A registry-friendly model name from a dataset name: lower case, runs of anything but
+    letters, digits, ``.``, ``_`` and ``-`` become one ``-`` (``"Breast Cancer"`` -> ``"breast-cancer"``)."""
+    slug = re.sub(r"[^a-z0-9._-]+", "-", dataset_name.strip().lower()).strip("-.")
+    return slug or "model"
 
 
 def _fraud_schema() -> DatasetSchema:
@@ -228,8 +252,8 @@ ModelSpec = Annotated[
 class TrainingConfig(StrictModel):
     """How the training flow splits data, which candidates it fits and how it checks them."""
 
-    model_name: str = "fraud-detector"
-    experiment: str = "fraud-detector"
+    model_name: str | None = Field(None, min_length=1)  # default: the dataset's model name
+    experiment: str | None = Field(None, min_length=1)  # default: the model name
     candidates: tuple[ModelSpec, ...] = (GradientBoostingSpec(), LogisticRegressionSpec())
     select_by: Literal["roc_auc", "pr_auc", "log_loss"] = "pr_auc"
     test_fraction: float = Field(0.2, gt=0, lt=1)
@@ -488,6 +512,20 @@ class Settings(StrictModel):
                 raise ValueError(f"features.windows: {w.name!r} is already a dataset column")
             if w.column is not None and w.column not in ds.numeric_names:
                 raise ValueError(f"features.windows: {w.name}: {w.column!r} is not a numeric dataset column")
+        return self
+
+    @model_validator(mode="after")
+    def _name_the_model(self) -> Settings:
+        """Fill ``training.model_name`` from the dataset (and ``experiment`` from the model name)
+        when the config leaves them out, so every reader finds one resolved name."""
+        training = self.training
+        if training.model_name is None or training.experiment is None:
+            name = training.model_name or self.dataset.default_model_name
+            named = training.model_copy(
+                update={"model_name": name, "experiment": training.experiment or name}
+            )
+            # Still inside validation: the frozen instance is completed before anyone sees it.
+            object.__setattr__(self, "training", named)
         return self
 
     # Derived locations; every piece of state lives under ``home``.

@@ -34,7 +34,7 @@ def score(
         typer.Option(
             "--input",
             "-i",
-            help="Parquet file or folder to score ('{date}' is replaced by each run date); default $MLOPS_HOME/data/score/<date>.parquet.",
+            help="Parquet or CSV file, or a folder of them, to score ('{date}' is replaced by each run date); default $MLOPS_HOME/data/score/<date>.parquet.",
             show_default=False,
         ),
     ] = None,

@@ -10,8 +10,9 @@ from mlops.settings import DatasetSchema
 
 
 @task(name="load-dataset", retries=2, retry_delay_seconds=[1, 5])
-def load_dataset(path: str) -> pd.DataFrame:
-    return datasets.read_frame(path)
+def load_dataset(path: str, schema: DatasetSchema | None = None) -> pd.DataFrame:
+    """The whole dataset at ``path`` (a CSV typed by ``schema``'s declared columns)."""
+    return datasets.read_frame(path, schema)
 
 
 @task(name="validate-dataset")

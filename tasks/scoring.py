@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -194,6 +195,17 @@ def sweep_store(root: str) -> storage.SweepReport:
 @task(name="committed-dates", retries=2, retry_delay_seconds=[2, 10])
 def committed_dates(root: str) -> list[date]:
     return storage.committed_dates(root)
+
+
+@task(name="prepare-input")
+def prepare_input(path: str, workdir: str, rows_per_partition: int, schema: DatasetSchema) -> str:
+    """The Parquet input to plan: ``path`` itself, or Parquet copies of its CSV files in ``workdir``."""
+    return str(parquet_input.parquet_input(path, workdir, rows_per_partition, schema))
+
+
+def remove_workdir(workdir: str) -> None:
+    """Remove a run's input work folder (CSV copies), whatever the run's outcome."""
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 @task(name="plan-partitions")

@@ -327,6 +327,82 @@ def test_invalid_input_fails_listing_the_expectations_and_keeps_the_previous_out
     )
 
 
+def test_a_csv_input_is_scored_like_the_same_rows_in_parquet(
+    scoring_home: Settings, small_model: bytes
+) -> None:
+    """A CSV export of a day's rows scores through the same flow as Parquet: every row once,
+    with the registered model's scores, in several partitions; its Parquet copy is removed."""
+    settings = scoring_home
+    frame = generate(14_000, seed=8, start=datetime(DAY.year, DAY.month, DAY.day))
+    csv = settings.data_dir / "export.csv"
+    csv.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(csv, index=False)
+    summary = run(settings, input_path=str(csv))
+
+    assert (summary.rows_in, summary.rows_out, summary.partitions) == (14_000, 14_000, 3)
+    out = scores_of(settings)
+    expected = frame.sort_values("transaction_id").reset_index(drop=True)
+    assert out["transaction_id"].tolist() == expected["transaction_id"].tolist()
+    direct = OnnxScorer(small_model, settings.dataset).predict_proba(expected)
+    np.testing.assert_allclose(out["score"].to_numpy(), direct, rtol=0, atol=1e-6)
+    assert not list((settings.home_path / "tmp").glob("*"))
+
+
+def test_a_malformed_csv_is_one_line_a_nonzero_exit_and_writes_nothing(scoring_home: Settings) -> None:
+    """`mlops score` on a CSV with a ragged row, or with a value that is not a number, exits
+    non-zero with one line naming the file (and the column); a CSV whose values break the
+    suite lists the failed expectations. The store is exactly as before each time."""
+    from mlops_cli.main import app
+
+    settings = scoring_home
+    good = settings.data_dir / "good.parquet"
+    write_input(good, rows=8_000)
+    before = run(settings, input_path=str(good))
+    listing = sorted(p.relative_to(settings.home_path) for p in (settings.home_path / "scores").rglob("*"))
+
+    frame = generate(8_000, seed=6)
+    ragged = settings.data_dir / "ragged.csv"
+    lines = frame.to_csv(index=False).splitlines()
+    lines[5_000] = ",".join(lines[5_000].split(",")[:4])
+    ragged.write_text("\n".join(lines) + "\n")
+    text_cell = settings.data_dir / "text.csv"
+    frame.astype({"amount": object}).assign(
+        amount=lambda f: f["amount"].where(f.index != 7_000, "twelve")
+    ).to_csv(text_cell, index=False)
+    invalid = settings.data_dir / "invalid.csv"
+    frame.assign(amount=lambda f: f["amount"].where(f.index % 100 != 0, -5.0)).to_csv(invalid, index=False)
+
+    runner = CliRunner()
+    for path, expected in [
+        (ragged, "not a readable CSV file (CSV parse error: Expected"),
+        (
+            text_cell,
+            "not a readable CSV file (column 'amount': CSV conversion error to double: "
+            "invalid value 'twelve')",
+        ),
+        (invalid, "column 'amount': values must be between 0.0 and 100000.0"),
+    ]:
+        result = runner.invoke(app, ["score", "--date", DAY.isoformat(), "--input", str(path)])
+        assert result.exit_code != 0, result.output
+        assert expected in " ".join(result.output.split()), result.output
+        assert "Traceback" not in result.output
+        assert [r["run_id"] for r in score_runs(settings)] == [before.run_id]
+        assert len(scores_of(settings)) == 8_000
+        assert (
+            sorted(p.relative_to(settings.home_path) for p in (settings.home_path / "scores").rglob("*"))
+            == listing
+        )
+        assert not list((settings.home_path / "tmp").glob("*"))
+    error_lines = [
+        line
+        for line in runner.invoke(
+            app, ["score", "--date", DAY.isoformat(), "--input", str(ragged)]
+        ).output.splitlines()
+        if line.startswith("error:")
+    ]
+    assert len(error_lines) == 1
+
+
 def test_replay_scores_both_aliases_and_writes_the_agreement_report(
     scoring_home: Settings, challenger_model: bytes, small_model: bytes
 ) -> None:
