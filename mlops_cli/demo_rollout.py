@@ -31,9 +31,10 @@ def _free_port() -> int:
 
 def _start_service(settings: Settings, port: int) -> subprocess.Popen:
     from adapters.services import project_dir, serving_command, serving_environment
-    from serving.auth import ensure_token
+    from serving.auth import ensure_feedback_token, ensure_token
 
     ensure_token(settings)
+    ensure_feedback_token(settings)
     log = settings.run_dir / "demo-serving.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as fh:
@@ -86,6 +87,7 @@ def run_rollout_demo(settings: Settings, config: str | None, rows: int, plan: st
     from mlops.rollout.simulator import SimulatorConfig
     from mlops_cli.main import _print_training
     from mlops_cli.rollout import print_summary
+    from serving.auth import read_feedback_token
 
     more = settings.data_dir / "train-more.parquet"
     with progress(f"rollout 1/3 training a challenger on {2 * rows:,} transactions"):
@@ -101,7 +103,13 @@ def run_rollout_demo(settings: Settings, config: str | None, rows: int, plan: st
         proc = _start_service(settings, port)
     try:
         sim = SimulatorConfig(seed=11, rate_per_s=RATE_PER_S, label_delay_s=5.0)
-        with LiveTraffic(f"http://127.0.0.1:{port}", sim, threads=8, max_seconds=1800) as traffic:
+        with LiveTraffic(
+            f"http://127.0.0.1:{port}",
+            sim,
+            feedback_token=read_feedback_token(settings),
+            threads=8,
+            max_seconds=1800,
+        ) as traffic:
             console.print(
                 f"simulated users: ~{RATE_PER_S:g} requests/s, labels ~5 s later, to http://127.0.0.1:{port}"
             )

@@ -9,7 +9,7 @@ being at capacity is a fast 503 with ``Retry-After``; a model past its deadline 
 Endpoints (``name`` is the served registered model):
 
     POST /predict                         records in, score/decision/variant/version out
-    POST /feedback                        labels for earlier request ids
+    POST /feedback                        labels for earlier request ids (feedback or admin token)
     GET  /metrics                         Prometheus, per variant
     GET  /v2, /v2/health/live, /v2/health/ready
     GET  /v2/models/{name}[/versions/{v}][/ready]
@@ -18,7 +18,11 @@ Endpoints (``name`` is the served registered model):
     GET  /openapi.json (also /docs.json)
 
 Admin routes need ``Authorization: Bearer <token>`` (401 without, 403 when wrong) and take
-an optional ``Idempotency-Key`` header.
+an optional ``Idempotency-Key`` header. ``/feedback`` needs the feedback token or the admin
+token; a version that is not loaded is scored through ``/versions/{v}/infer`` only when
+``serving.load_on_demand`` is on and the caller sends the admin token. Predict and the OIP
+routes are public; a forced variant (``x-mlops-variant``) is answered and logged as forced,
+which no rollout gate counts. See docs/sec-serving.md for the threat model.
 """
 
 from __future__ import annotations
@@ -101,6 +105,17 @@ async def _body(request: Request, limit: int) -> bytes:
     return body
 
 
+def _denied(status: int, what: str, why: str = "") -> Response:
+    """The 401 (no credentials) or 403 (wrong ones) answer for a route needing ``what``."""
+    if status == 401:
+        return _error(
+            f"{what} required{why} (Authorization: Bearer <token>)",
+            401,
+            {"WWW-Authenticate": 'Bearer realm="mlops-serving"'},
+        )
+    return _error(f"{what} is wrong{why}", 403)
+
+
 def _pydantic_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err["loc"]) or "body"
@@ -149,7 +164,7 @@ def build_app(ref: RuntimeRef) -> Starlette:
                     rt.metrics.rejected.labels(name, "400").inc()
                     return _error(str(exc), 400)
                 except ServingError as exc:
-                    if exc.status in (503, 504, 409, 404):
+                    if exc.status in (503, 504, 409, 404, 422):
                         rt.metrics.rejected.labels(name, str(exc.status)).inc()
                     headers = {"Retry-After": "1"} if exc.status == 503 else None
                     return _error(str(exc), exc.status, headers)
@@ -169,6 +184,10 @@ def build_app(ref: RuntimeRef) -> Starlette:
 
     @endpoint("feedback", scoring=True)
     async def feedback(request: Request, rt: ServingRuntime) -> Response:
+        denied = check_bearer(request.headers.get("authorization"), rt.feedback_token, rt.token)
+        if denied is not None:
+            rt.metrics.rejected.labels("feedback", str(denied)).inc()
+            return _denied(denied, "feedback token (or admin token)")
         items = rt.validator.feedback(parse_json(await _body(request, rt.cfg.max_body_bytes)))
         return _answer(rt.feedback(items), 202)
 
@@ -264,10 +283,17 @@ def build_app(ref: RuntimeRef) -> Starlette:
         started = time.perf_counter()
         _check_name(rt, request.path_params["name"])
         v = _version(request.path_params["version"])
+        load = False
+        if rt.cfg.load_on_demand and rt.pool.get(v) is None:
+            denied = check_bearer(request.headers.get("authorization"), rt.token)
+            if denied is not None:
+                rt.metrics.rejected.labels("v2_version_infer", str(denied)).inc()
+                return _denied(denied, "admin token", f" to load version {v} on demand (it is not loaded)")
+            load = True
         req = rt.validator.v2_infer(
             _v2_body(rt, await _body(request, rt.cfg.max_body_bytes), request), [PROBA_OUTPUT]
         )
-        return _answer(await rt.infer_version(v, req, started))
+        return _answer(await rt.infer_version(v, req, started, load=load))
 
     # ------------------------------------------------------------------ admin
 
@@ -278,14 +304,8 @@ def build_app(ref: RuntimeRef) -> Starlette:
             @endpoint(name)
             async def run(request: Request, rt: ServingRuntime) -> Response:
                 denied = check_bearer(request.headers.get("authorization"), rt.token)
-                if denied == 401:
-                    return _error(
-                        "admin token required (Authorization: Bearer <token>)",
-                        401,
-                        {"WWW-Authenticate": 'Bearer realm="mlops-serving"'},
-                    )
-                if denied == 403:
-                    return _error("admin token is wrong", 403)
+                if denied is not None:
+                    return _denied(denied, "admin token")
                 key = request.headers.get("idempotency-key")
                 if not idempotent or request.method == "GET" or key is None:
                     return await handler(request, rt)
