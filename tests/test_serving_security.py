@@ -90,7 +90,7 @@ def make_settings(registry_env: dict[str, str], tmp_path: Path):
 @pytest.fixture(scope="module")
 def traffic() -> tuple[list[dict[str, Any]], np.ndarray]:
     """Feature records and their true labels."""
-    frame = generate(6000, seed=21)
+    frame = generate(16_000, seed=21)
     schema = load_settings(environ={}).dataset
     rows = [
         {n: (float(r[n]) if n in schema.numeric_names else str(r[n])) for n in schema.feature_names}
@@ -345,7 +345,7 @@ def test_forcing_10000_requests_onto_the_candidate_with_wrong_labels_changes_no_
                 "candidate_version": 2,
             }
             assert (await s.http.put("/admin/state", json=state, headers=s.admin)).status_code == 200
-            routed = [{"features": rows[i], "entity_key": f"user-{i % 3000}"} for i in range(len(rows))]
+            routed = [{"features": rows[i], "entity_key": f"user-{i % 5000}"} for i in range(len(rows))]
             answers = await s.predict(routed)
             assert {a["variant"] for a in answers} == {"stable", "candidate"}
             ids = [a["request_id"] for a in answers]
@@ -374,10 +374,14 @@ def test_forcing_10000_requests_onto_the_candidate_with_wrong_labels_changes_no_
     assert obs.forced == n_forced
     assert obs.candidate.requests + obs.stable.requests == len(rows)
     assert after == before
-    assert any(o.value != "INCONCLUSIVE" for _, o, _ in after), after  # the gates had evidence
     counted, as_routed = _outcomes(settings, since, drop_forced=True)
+    decided = {k for k, o, _ in after if o.value != "INCONCLUSIVE"}
+    assert {"auc_vs_stable_diff", "auc", "ab_log_loss", "sample_ratio"} <= decided, after  # with evidence
     assert counted.candidate.auc < obs.candidate.auc - 0.2
-    assert as_routed != before  # counted as routed, the same rows would move the gates
+    failed = {k for k, o, _ in as_routed if o.value == "FAIL"} - {
+        k for k, o, _ in before if o.value == "FAIL"
+    }
+    assert {"auc_vs_stable_diff", "auc", "ab_log_loss", "sample_ratio"} <= failed, as_routed
 
 
 # ----------------------------------------------------------------------------- load on demand
