@@ -392,7 +392,9 @@ def test_v2_infer_routed_and_per_version(service: Service, http: httpx.Client):
         assert http.post(path, json=body).status_code == 401  # loading on demand is admin-only
     pinned = http.post(path, json=body, headers=service.auth).json()
     assert pinned["model_version"] == str(service.versions[1])
-    assert http.post(f"/v2/models/{name}/versions/99/infer", json=body).status_code == 404
+    missing = f"/v2/models/{name}/versions/99/infer"
+    assert http.post(missing, json=body, headers=service.auth).status_code == 404
+    assert http.post(missing, json=body).status_code == 401  # not loaded: nothing said without the token
 
 
 # ----------------------------------------------------------------------------- admin
