@@ -124,13 +124,17 @@ class RequestIds:
     def __init__(self, key: bytes):
         if len(key) < 16:
             raise ValueError("the request-id key must have at least 16 bytes")
-        self._key = key
+        if len(key) > 64:  # BLAKE2b keys hold at most 64 bytes
+            key = hashlib.blake2b(key).digest()
+        self._mac = hashlib.blake2b(key=key, digest_size=TAG_BYTES)  # keyed once, copied per id
         self._pid = -1
         self._prefix = ""
         self._count = itertools.count()
 
     def _tag(self, body: str) -> str:
-        return hashlib.blake2b(body.encode(), key=self._key, digest_size=TAG_BYTES).hexdigest()
+        mac = self._mac.copy()
+        mac.update(body.encode())
+        return mac.hexdigest()
 
     def issue(self, client_id: str | None = None) -> str:
         """A new id for one answer, carrying ``client_id`` (the caller's own id) when given."""
