@@ -686,15 +686,15 @@ class ServingRuntime:
                 # Persist first, then swap: a state that cannot be saved is not applied, so
                 # memory and disk never disagree (a retry re-applies, a restart restores it).
                 generation = current.generation + 1
-                await asyncio.to_thread(
-                    save_state, self.state_file, self.model_name, desired, generation, key
-                )
-            except OSError as exc:
-                self.pool.pin(self.state.versions())
-                raise StateNotSaved(
-                    f"cannot persist the serving state to {self.state_file} ({exc.strerror or exc}); "
-                    f"still serving generation {current.generation}: {self.describe_routes()}"
-                ) from exc
+                try:
+                    await asyncio.to_thread(
+                        save_state, self.state_file, self.model_name, desired, generation, key
+                    )
+                except OSError as exc:
+                    raise StateNotSaved(
+                        f"cannot persist the serving state to {self.state_file} ({exc.strerror or exc}); "
+                        f"still serving generation {current.generation}: {self.describe_routes()}"
+                    ) from exc
             except BaseException:
                 self.pool.pin(self.state.versions())
                 raise
