@@ -105,10 +105,7 @@ def part_commit_time(name: str) -> datetime | None:
 ID_SEP = "."
 TAG_BYTES = 12
 ID_KEY_BYTES = 32
-MAX_CLIENT_ID = 128
-ISSUED_ID_SUFFIX = 1 + 16 + 8 + 1 + 2 * TAG_BYTES
-"""Characters an issued id adds to the client's own: ``.<process prefix><counter>.<tag>``."""
-MAX_ISSUED_ID = MAX_CLIENT_ID + ISSUED_ID_SUFFIX + 16
+"""Random bytes behind a generated token or request-id key."""
 
 
 class RequestIds:

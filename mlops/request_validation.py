@@ -39,7 +39,7 @@ from mlops.settings import DatasetSchema
 FLOAT32_MAX: Final = 3.4028234663852886e38
 MAX_STRING: Final = 256
 MAX_ID: Final = 128
-MAX_ISSUED_ID: Final = 256  # ids the service issues carry the client's id plus its own suffix
+MAX_ISSUED_ID: Final = 256  # an issued id: the client's (<= MAX_ID) + ".<24 hex>.<24 hex>" (+ ":<row>")
 RECORD_FIELDS: Final = frozenset({"features", "request_id", "entity_key", "ts"})
 FEEDBACK_FIELDS: Final = frozenset({"request_id", "label"})
 V2_REQUEST_FIELDS: Final = frozenset({"id", "parameters", "inputs", "outputs"})
