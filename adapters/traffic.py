@@ -3,12 +3,15 @@
 ``LiveTraffic`` paces ``TrafficSimulator.stream`` in real time, sends every simulated
 request as its own ``POST /predict`` (one user, one request: a failing candidate answer
 never touches another user's request) from a small thread pool, and posts each label to
-``/feedback`` when it "arrives". It only talks to loopback addresses and is bounded by
+``/feedback`` when it "arrives", like a label pipeline: with the feedback token, under the
+request id the service issued for the answer (it carries the simulator's own id, see
+``mlops.predlog.RequestIds``). It only talks to loopback addresses and is bounded by
 ``max_seconds`` and ``max_requests``. What each client saw is tallied per
-``(variant, HTTP status)``; failed requests are kept by id so a test can look up, in the
-prediction log, which variant failed them.
+``(variant, HTTP status)``; failed requests are kept by the simulator's id so a test can
+look up, in the prediction log, which variant failed them.
 
-    with LiveTraffic("http://127.0.0.1:3000", SimulatorConfig(rate_per_s=80)) as traffic:
+    token = read_feedback_token(settings)
+    with LiveTraffic("http://127.0.0.1:3000", SimulatorConfig(rate_per_s=80), feedback_token=token) as traffic:
         ...                                   # run a rollout meanwhile
     traffic.tally                             # {("stable", 200): 5123, ("candidate", 500): 12, ...}
 """
@@ -43,6 +46,7 @@ class LiveTraffic:
         base_url: str,
         config: SimulatorConfig,
         *,
+        feedback_token: str,
         threads: int = 6,
         step_s: float = 0.25,
         max_seconds: float = 900.0,
@@ -59,6 +63,8 @@ class LiveTraffic:
         self.failed: dict[str, int] = {}  # request_id -> HTTP status
         self.sent = 0
         self.labels_sent = 0
+        self.labels_refused = 0  # labels the service did not record (4xx): should stay 0
+        self._issued: dict[str, str] = {}  # simulator's request id -> the id the service issued
         self.lagging = 0  # intervals sent late because the pool could not keep the pace
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -68,6 +74,7 @@ class LiveTraffic:
             timeout=30,
             limits=httpx.Limits(max_connections=threads + 2, max_keepalive_connections=threads + 2),
         )
+        self._auth = {"Authorization": f"Bearer {feedback_token}"}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -98,26 +105,32 @@ class LiveTraffic:
             status, variant = 599, "unreachable"
         else:
             status = resp.status_code
-            variant = resp.json()["predictions"][0]["variant"] if status == 200 else "error"
+            answer = resp.json()["predictions"][0] if status == 200 else None
+            variant = answer["variant"] if answer is not None else "error"
         with self._lock:
             self.tally[(variant, status)] += 1
             if status != 200:
                 self.failed[payload["request_id"]] = status
+            else:
+                self._issued[payload["request_id"]] = answer["request_id"]
 
     def _feedback(self, labels: pd.DataFrame) -> None:
-        if labels.empty:
-            return
-        body = {
-            "feedback": [
-                {"request_id": r, "label": int(lab)}
+        with self._lock:  # a request that failed has no answer to label
+            items = [
+                {"request_id": self._issued.pop(r), "label": int(lab)}
                 for r, lab in zip(labels["request_id"], labels["label"], strict=True)
+                if r in self._issued
             ]
-        }
+        if not items:
+            return
         try:
-            self._http.post("/feedback", json=body)
+            resp = self._http.post("/feedback", json={"feedback": items}, headers=self._auth)
         except httpx.HTTPError:
             return
-        self.labels_sent += len(labels)
+        if resp.status_code == 202:
+            self.labels_sent += len(items)
+        else:
+            self.labels_refused += len(items)
 
     def _run(self) -> None:
         t0 = datetime.now(UTC)
@@ -135,6 +148,6 @@ class LiveTraffic:
                     self.lagging += 1
                 futures = [pool.submit(self._send, p) for p in batch.payloads()]
                 self.sent += len(futures)
-                self._feedback(labels)
                 for f in futures:  # bounded: never more than one interval in flight
                     f.result()
+                self._feedback(labels)  # after the answers: a label quotes the id its answer carried

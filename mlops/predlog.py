@@ -4,14 +4,28 @@ gates that read it.
 One row per model answer: the primary answer every request gets (``role='primary'``)
 and, for mirrored requests, the candidate's shadow answer (``role='shadow'``) with the
 same ``request_id``. Feedback (the label that arrives later) is a separate table joined
-on ``request_id``. Feature values are logged too, so drift can be measured against the
-training reference.
+on ``request_id``; a request's first label is the one that counts. Feature values are
+logged too, so drift can be measured against the training reference.
+
+Request ids are issued by the service (``RequestIds``): a client's own id (if it sent one),
+a part unique to this answer, and a keyed tag only the service's secret produces. So a
+label can be given only for an answer the service issued, two answers never share an id
+(a caller reusing someone else's id gets a different one), and the tag still verifies
+after a restart (the secret is kept under MLOPS_HOME).
+
+``forced`` marks an answer whose variant the caller chose (the ``x-mlops-variant`` header,
+or a request to one version's endpoint) instead of the router: such rows are served and
+logged but are evidence of nothing, so rollout gates and the A/B test leave them out.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
+import itertools
 import json
+import os
+import secrets
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -39,6 +53,7 @@ BASE_FIELDS: tuple[pa.Field, ...] = (
     pa.field("status", pa.int32(), nullable=False),  # 200, or the HTTP status the model call ended in
     pa.field("error", pa.string()),
     pa.field("features_hash", pa.string(), nullable=False),
+    pa.field("forced", pa.bool_()),  # the caller chose the variant; null in logs from before the column
 )
 
 FEEDBACK_SCHEMA = pa.schema(
@@ -83,3 +98,60 @@ def part_commit_time(name: str) -> datetime | None:
         )
     except (IndexError, ValueError):
         return None
+
+
+# --------------------------------------------------------------------------- request ids
+
+ID_SEP = "."
+TAG_BYTES = 12
+ID_KEY_BYTES = 32
+"""Random bytes behind a generated token or request-id key."""
+
+
+class RequestIds:
+    """Issues request ids that only the holder of ``key`` can mint, and verifies them.
+
+    An issued id is ``[<client id>.]<unique>.<tag>``: ``unique`` is a random prefix per
+    process (drawn again after a fork) plus a counter, so ids never repeat without a random
+    draw per request (``os.urandom`` per request releases the GIL, and under load the
+    scoring threads then keep the event loop waiting); ``tag`` is a keyed BLAKE2b MAC of
+    everything before it. Verifying needs only the key, so it holds after a restart.
+    """
+
+    def __init__(self, key: bytes):
+        if len(key) < 16:
+            raise ValueError("the request-id key must have at least 16 bytes")
+        if len(key) > 64:  # BLAKE2b keys hold at most 64 bytes
+            key = hashlib.blake2b(key).digest()
+        self._mac = hashlib.blake2b(key=key, digest_size=TAG_BYTES)  # keyed once, copied per id
+        self._pid = -1
+        self._prefix = ""
+        self._count = itertools.count()
+
+    def _tag(self, body: str) -> str:
+        mac = self._mac.copy()
+        mac.update(body.encode())
+        return mac.hexdigest()
+
+    def issue(self, client_id: str | None = None) -> str:
+        """A new id for one answer, carrying ``client_id`` (the caller's own id) when given."""
+        if os.getpid() != self._pid:
+            self._pid = os.getpid()
+            self._prefix = secrets.token_hex(8)
+            self._count = itertools.count()
+        unique = f"{self._prefix}{next(self._count):08x}"
+        body = unique if client_id is None else f"{client_id}{ID_SEP}{unique}"
+        return f"{body}{ID_SEP}{self._tag(body)}"
+
+    def verify(self, request_id: str) -> bool:
+        """Whether ``request_id`` was issued with this key."""
+        body, sep, tag = request_id.rpartition(ID_SEP)
+        if not sep or not body or len(tag) != 2 * TAG_BYTES:
+            return False
+        return hmac.compare_digest(tag, self._tag(body))
+
+
+def client_request_id(request_id: str) -> str | None:
+    """The caller's own id inside an issued id (None when the caller sent none)."""
+    parts = request_id.rsplit(ID_SEP, 2)
+    return parts[0] if len(parts) == 3 else None

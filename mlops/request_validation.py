@@ -49,6 +49,7 @@ from mlops.settings import DatasetSchema
 FLOAT32_MAX: Final = 3.4028234663852886e38
 MAX_STRING: Final = 256
 MAX_ID: Final = 128
+MAX_ISSUED_ID: Final = 256  # an issued id: the client's (<= MAX_ID) + ".<24 hex>.<24 hex>" (+ ":<row>")
 RECORD_FIELDS: Final = frozenset({"features", "request_id", "entity_key", "ts"})
 FEEDBACK_FIELDS: Final = frozenset({"request_id", "label"})
 V2_REQUEST_FIELDS: Final = frozenset({"id", "parameters", "inputs", "outputs"})
@@ -344,7 +345,7 @@ class RequestValidator:
             if type(item) is not dict:
                 raise InvalidRequest(f"{where} must be an object, got {_type_name(item)}")
             _unknown(item.keys(), FEEDBACK_FIELDS, where)
-            rid = _identifier(item.get("request_id"), f"{where}.request_id")
+            rid = _identifier(item.get("request_id"), f"{where}.request_id", MAX_ISSUED_ID)
             if rid is None:
                 raise InvalidRequest(f"{where}: missing field 'request_id'")
             label = item.get("label")

@@ -26,7 +26,8 @@ Modes (variants are always ``stable`` and ``candidate``):
 
 A forced variant is honoured in ``canary``, ``ab`` and ``blue_green`` (to reach the idle
 slot before a flip); in ``single`` and ``shadow`` the candidate must never answer, so it
-is ignored and the reason says so.
+is ignored and the reason says so. An honoured one is marked ``forced``: the serving layer
+logs it so, and the rollout gates and the A/B test never count it.
 """
 
 from __future__ import annotations
@@ -82,12 +83,15 @@ class RouteDecision(NamedTuple):
 
     ``variant`` answers the request; ``mirror`` says whether a copy also goes to
     ``candidate`` off the response path (shadow mode only); ``reason`` is a short
-    human-readable account for logs and the prediction log.
+    human-readable account for logs and the prediction log; ``forced`` says the caller
+    chose the variant (an honoured ``x-mlops-variant``), so the answer is no evidence
+    about the variant and gates leave it out.
     """
 
     variant: Variant
     mirror: bool
     reason: str
+    forced: bool = False
 
 
 def _pct_to_buckets(name: str, pct: float) -> int:
@@ -189,8 +193,8 @@ def _decisions_for(
     mode: Mode, weight_pct: float, mirror_pct: float, active_slot: Variant
 ) -> tuple[RouteDecision, ...]:
     forced = (
-        RouteDecision(STABLE, False, f"{mode.value}: forced by {FORCE_HEADER}"),
-        RouteDecision(CANDIDATE, False, f"{mode.value}: forced by {FORCE_HEADER}"),
+        RouteDecision(STABLE, False, f"{mode.value}: forced by {FORCE_HEADER}", True),
+        RouteDecision(CANDIDATE, False, f"{mode.value}: forced by {FORCE_HEADER}", True),
     )
     if mode is Mode.SINGLE:
         d = RouteDecision(STABLE, False, "single: stable only")

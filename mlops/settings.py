@@ -389,7 +389,10 @@ class ServingConfig(StrictModel):
     slots and routes it last applied in ``$MLOPS_HOME/run/serving-state.json``. The admin
     token comes from ``admin_token`` (or ``MLOPS__SERVING__ADMIN_TOKEN``); without one, a
     random token is generated into ``$MLOPS_HOME/run/serving.token`` (mode 0600), which
-    clients read. One BentoML worker per service: routes and slots are process state.
+    clients read. ``/feedback`` takes ``feedback_token`` (or ``MLOPS__SERVING__FEEDBACK_TOKEN``;
+    default: generated into ``$MLOPS_HOME/run/feedback.token``) or the admin token.
+    ``load_on_demand`` lets admin-token holders score a version that is not loaded through
+    ``/v2/models/{name}/versions/{v}/infer`` (loading it); off, only loaded versions answer. One BentoML worker per service: routes and slots are process state.
 
     ``url`` points the platform's clients (rollout flow, `mlops serving`, the demo) at a
     service that runs elsewhere, e.g. a BentoML container built from ``bentofile.yaml``;
@@ -405,6 +408,7 @@ class ServingConfig(StrictModel):
     candidate_alias: str | None = None
     restore_state: bool = True
     admin_token: str | None = Field(None, min_length=16)
+    feedback_token: str | None = Field(None, min_length=16)
     decision_threshold: float | None = Field(None, gt=0, lt=1)  # default: training's
     request_timeout_seconds: float = Field(2.0, gt=0, le=300)
     max_inflight_requests: int = Field(64, ge=1)
@@ -416,7 +420,7 @@ class ServingConfig(StrictModel):
     micro_batch_rows: int = Field(64, ge=1)
     ort_threads: int = Field(1, ge=1)
     model_memory_budget_mb: float = Field(1024.0, gt=0)
-    load_on_demand: bool = True
+    load_on_demand: bool = False  # when on, only admin-token holders may load a version this way
     enforce_feature_ranges: bool = True
     shadow_max_pending: int = Field(256, ge=1)
     shadow_nice: int = Field(

@@ -66,9 +66,10 @@ class DemoService:
     def start(self) -> None:
         """Launch the service process and the thread that starts the users once it is ready."""
         from adapters.services import serving_command, serving_environment, spawn
-        from serving.auth import ensure_token
+        from serving.auth import ensure_feedback_token, ensure_token
 
         ensure_token(self.settings)
+        ensure_feedback_token(self.settings)
         self.proc = spawn(
             serving_command(self.settings, "127.0.0.1", self.port),
             self.log,
@@ -81,6 +82,7 @@ class DemoService:
         from adapters.services import http_ok, wait_ready
         from adapters.traffic import LiveTraffic
         from mlops.rollout.simulator import SimulatorConfig
+        from serving.auth import read_feedback_token
 
         assert self.proc is not None
         started = time.monotonic()
@@ -101,7 +103,13 @@ class DemoService:
                 return
             self.ready_after_s = time.monotonic() - started
             sim = SimulatorConfig(seed=11, rate_per_s=RATE_PER_S, label_delay_s=LABEL_DELAY_S)
-            self.traffic = LiveTraffic(self.url, sim, threads=12, max_seconds=1800).start()
+            self.traffic = LiveTraffic(
+                self.url,
+                sim,
+                feedback_token=read_feedback_token(self.settings),
+                threads=12,
+                max_seconds=1800,
+            ).start()
         finally:
             self._done.set()
 

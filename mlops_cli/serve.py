@@ -42,10 +42,11 @@ def serve(
     applied. Ctrl-C or SIGTERM stops it after in-flight requests are answered.
     """
     from adapters.services import project_dir, serving_command, serving_environment
-    from serving.auth import ensure_token, token_path
+    from serving.auth import ensure_feedback_token, ensure_token, feedback_token_path, token_path
 
     settings = settings_for(config)
     ensure_token(settings)
+    ensure_feedback_token(settings)
     argv = serving_command(settings, host, port)
     env = os.environ | serving_environment(settings)
     if config:
@@ -57,6 +58,8 @@ def serve(
     )
     if not settings.serving.admin_token:
         console.print(f"admin token: {token_path(settings)}")
+    if not settings.serving.feedback_token:
+        console.print(f"feedback token (give it to the label pipeline): {feedback_token_path(settings)}")
     os.chdir(project_dir())
     os.execve(argv[0], list(argv), env)
 

@@ -15,7 +15,7 @@ Endpoints (``name`` is the served registered model):
     POST /predict                         records in, score/decision/variant/version out
     POST /predict/async                   the same body queued as a job: 202 + job id (429 when full)
     GET  /predict/async/{job_id}          queued/running/done (the /predict answer)/failed/expired
-    POST /feedback                        labels for earlier request ids
+    POST /feedback                        labels for earlier request ids (feedback or admin token)
     GET  /metrics                         Prometheus, per variant
     GET  /v2, /v2/health/live, /v2/health/ready
     GET  /v2/models/{name}[/versions/{v}][/ready]
@@ -24,7 +24,11 @@ Endpoints (``name`` is the served registered model):
     GET  /openapi.json (also /docs.json)
 
 Admin routes need ``Authorization: Bearer <token>`` (401 without, 403 when wrong) and take
-an optional ``Idempotency-Key`` header.
+an optional ``Idempotency-Key`` header. ``/feedback`` needs the feedback token or the admin
+token; a version that is not loaded is scored through ``/versions/{v}/infer`` only when
+``serving.load_on_demand`` is on and the caller sends the admin token. Predict and the OIP
+routes are public; a forced variant (``x-mlops-variant``) is answered and logged as forced,
+which no rollout gate counts. See docs/sec-serving.md for the threat model.
 """
 
 from __future__ import annotations
@@ -132,6 +136,17 @@ CLOSE_AFTER = frozenset({408, 413})
 """Statuses answered before the body was read in full: the connection is closed after them."""
 
 
+def _denied(status: int, what: str, why: str = "") -> Response:
+    """The 401 (no credentials) or 403 (wrong ones) answer for a route needing ``what``."""
+    if status == 401:
+        return _error(
+            f"{what} required{why} (Authorization: Bearer <token>)",
+            401,
+            {"WWW-Authenticate": 'Bearer realm="mlops-serving"'},
+        )
+    return _error(f"{what} is wrong{why}", 403)
+
+
 def _pydantic_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err["loc"]) or "body"
@@ -220,7 +235,7 @@ def build_app(ref: RuntimeRef) -> Starlette:
                     rt.metrics.rejected.labels(name, "400").inc()
                     return _error(str(exc), 400)
                 except ServingError as exc:
-                    if exc.status in (503, 504, 409, 404):
+                    if exc.status in (503, 504, 409, 404, 422):
                         rt.metrics.rejected.labels(name, str(exc.status)).inc()
                     headers = {"Retry-After": "1"} if exc.status == 503 else None
                     return _error(str(exc), exc.status, headers)
@@ -240,6 +255,10 @@ def build_app(ref: RuntimeRef) -> Starlette:
 
     @endpoint("feedback", scoring=True)
     async def feedback(request: Request, rt: ServingRuntime) -> Response:
+        denied = check_bearer(request.headers.get("authorization"), rt.feedback_token, rt.token)
+        if denied is not None:
+            rt.metrics.rejected.labels("feedback", str(denied)).inc()
+            return _denied(denied, "feedback token (or admin token)")
         items = rt.validator.feedback(parse_json(await _body(request, rt.cfg)))
         return _answer(rt.feedback(items), 202)
 
@@ -352,8 +371,15 @@ def build_app(ref: RuntimeRef) -> Starlette:
         started = time.perf_counter()
         _check_name(rt, request.path_params["name"])
         v = _version(request.path_params["version"])
+        load = False
+        if rt.cfg.load_on_demand and rt.pool.get(v) is None:
+            denied = check_bearer(request.headers.get("authorization"), rt.token)
+            if denied is not None:
+                rt.metrics.rejected.labels("v2_version_infer", str(denied)).inc()
+                return _denied(denied, "admin token", f" to load version {v} on demand (it is not loaded)")
+            load = True
         req = _v2_request(rt, request, await _body(request, rt.cfg))
-        return _v2_answer(await rt.infer_version(v, req, started), req.binary_outputs)
+        return _v2_answer(await rt.infer_version(v, req, started, load=load), req.binary_outputs)
 
     # ------------------------------------------------------------------ admin
 
@@ -364,14 +390,8 @@ def build_app(ref: RuntimeRef) -> Starlette:
             @endpoint(name)
             async def run(request: Request, rt: ServingRuntime) -> Response:
                 denied = check_bearer(request.headers.get("authorization"), rt.token)
-                if denied == 401:
-                    return _error(
-                        "admin token required (Authorization: Bearer <token>)",
-                        401,
-                        {"WWW-Authenticate": 'Bearer realm="mlops-serving"'},
-                    )
-                if denied == 403:
-                    return _error("admin token is wrong", 403)
+                if denied is not None:
+                    return _denied(denied, "admin token")
                 key = request.headers.get("idempotency-key")
                 if not idempotent or request.method == "GET" or key is None:
                     return await handler(request, rt)

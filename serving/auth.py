@@ -1,10 +1,20 @@
-"""The admin API's bearer token: from config, else generated once into MLOPS_HOME.
+"""The service's secrets: the admin token, the feedback token and the request-id key.
 
-``serving.admin_token`` (or ``MLOPS__SERVING__ADMIN_TOKEN``) wins. Without it, the first
-process that needs a token (``mlops serve`` or the service itself) creates
-``$MLOPS_HOME/run/serving.token`` with a random value, mode 0600, exclusively (two starters
-racing end up with the same token); the admin client reads the same file. An empty token
-is never accepted.
+Each comes from config when configured, else from a file under ``$MLOPS_HOME/run/`` that
+the first process needing it (``mlops serve`` or the service itself) creates with a random
+value, mode 0600, exclusively (two starters racing end up with the same value):
+
+``serving.token``
+    Admin token (``serving.admin_token`` / ``MLOPS__SERVING__ADMIN_TOKEN`` wins): routes,
+    slots, flips, preloading, forcing a load on demand. Also accepted on ``/feedback``.
+``feedback.token``
+    Feedback token (``serving.feedback_token`` / ``MLOPS__SERVING__FEEDBACK_TOKEN`` wins):
+    posting labels to ``/feedback`` and nothing else. A label pipeline is given this one.
+``request-ids.key``
+    The key request ids are tagged with (``mlops.predlog.RequestIds``), so ``/feedback``
+    accepts labels only for ids this service issued, also after a restart. Never sent.
+
+An empty token or key file is never accepted.
 """
 
 from __future__ import annotations
@@ -15,20 +25,55 @@ import secrets
 from pathlib import Path
 
 from mlops.errors import ConfigError
+from mlops.predlog import ID_KEY_BYTES
 from mlops.settings import Settings
 
 TOKEN_FILE = "serving.token"
+FEEDBACK_TOKEN_FILE = "feedback.token"
+ID_KEY_FILE = "request-ids.key"
 
 
 def token_path(settings: Settings) -> Path:
+    """Where the generated admin token lives."""
     return settings.run_dir / TOKEN_FILE
 
 
-def _read(path: Path) -> str:
+def feedback_token_path(settings: Settings) -> Path:
+    """Where the generated feedback token lives."""
+    return settings.run_dir / FEEDBACK_TOKEN_FILE
+
+
+def id_key_path(settings: Settings) -> Path:
+    """Where the request-id key lives."""
+    return settings.run_dir / ID_KEY_FILE
+
+
+def _read(path: Path, what: str) -> str:
     token = path.read_text().strip()
     if not token:
-        raise ConfigError(f"{path}: the serving admin token file is empty; delete it to generate a new one")
+        raise ConfigError(f"{path}: the {what} file is empty; delete it to generate a new one")
     return token
+
+
+def _ensure(path: Path, what: str) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return _read(path, what)
+    value = secrets.token_urlsafe(ID_KEY_BYTES)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(value + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    return value
+
+
+def _missing(what: str, setting: str, path: Path) -> ConfigError:
+    return ConfigError(
+        f"no serving {what}: set serving.{setting} (MLOPS__SERVING__{setting.upper()}) or start the "
+        f"service once with `mlops serve`, which writes {path}"
+    )
 
 
 def read_token(settings: Settings) -> str:
@@ -37,37 +82,51 @@ def read_token(settings: Settings) -> str:
         return settings.serving.admin_token
     path = token_path(settings)
     try:
-        return _read(path)
+        return _read(path, "serving admin token")
     except FileNotFoundError:
-        raise ConfigError(
-            f"no serving admin token: set serving.admin_token (MLOPS__SERVING__ADMIN_TOKEN) or start "
-            f"the service once with `mlops serve`, which writes {path}"
-        ) from None
+        raise _missing("admin token", "admin_token", path) from None
 
 
 def ensure_token(settings: Settings) -> str:
     """The admin token the service checks: configured, else read or created (0600) in MLOPS_HOME."""
     if settings.serving.admin_token:
         return settings.serving.admin_token
-    path = token_path(settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    return _ensure(token_path(settings), "serving admin token")
+
+
+def read_feedback_token(settings: Settings) -> str:
+    """The feedback token a label pipeline sends: configured, else the generated file's."""
+    if settings.serving.feedback_token:
+        return settings.serving.feedback_token
+    path = feedback_token_path(settings)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return _read(path)
-    token = secrets.token_urlsafe(32)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(token + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    return token
+        return _read(path, "serving feedback token")
+    except FileNotFoundError:
+        raise _missing("feedback token", "feedback_token", path) from None
 
 
-def check_bearer(authorization: str | None, token: str) -> int | None:
-    """None when ``authorization`` carries ``token``; else 401 (no credentials) or 403 (wrong ones)."""
+def ensure_feedback_token(settings: Settings) -> str:
+    """The feedback token the service checks: configured, else read or created (0600)."""
+    if settings.serving.feedback_token:
+        return settings.serving.feedback_token
+    return _ensure(feedback_token_path(settings), "serving feedback token")
+
+
+def ensure_id_key(settings: Settings) -> bytes:
+    """The key request ids are tagged with: read or created (0600) in MLOPS_HOME."""
+    return _ensure(id_key_path(settings), "request-id key").encode()
+
+
+def check_bearer(authorization: str | None, *tokens: str) -> int | None:
+    """None when ``authorization`` carries one of ``tokens``; else 401 (no credentials) or 403
+    (wrong ones)."""
     if not authorization:
         return 401
     scheme, _, value = authorization.partition(" ")
     if scheme.lower() != "bearer" or not value.strip():
         return 401
-    return None if hmac.compare_digest(value.strip().encode(), token.encode()) else 403
+    given = value.strip().encode()
+    ok = False
+    for token in tokens:
+        ok |= hmac.compare_digest(given, token.encode())
+    return None if ok else 403

@@ -68,21 +68,34 @@ class ServingClient:
         base_url: str,
         token: str | None = None,
         *,
+        feedback_token: str | None = None,
         timeout: float = 60.0,
         transport: httpx.BaseTransport | None = None,
     ):
         self.base_url = base_url.rstrip("/")
         self.token = token
+        self.feedback_token = feedback_token
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
 
     @classmethod
     def for_settings(
         cls, settings: Settings, *, base_url: str | None = None, timeout: float = 60.0
     ) -> ServingClient:
-        """A client for this instance's service, with its admin token (config or token file)."""
-        from serving.auth import read_token
+        """A client for this instance's service, with its admin and feedback tokens (config or
+        token files; a missing feedback token falls back to the admin token)."""
+        from mlops.errors import ConfigError
+        from serving.auth import read_feedback_token, read_token
 
-        return cls(base_url or settings.serving_url, read_token(settings), timeout=timeout)
+        try:
+            feedback_token: str | None = read_feedback_token(settings)
+        except ConfigError:
+            feedback_token = None
+        return cls(
+            base_url or settings.serving_url,
+            read_token(settings),
+            feedback_token=feedback_token,
+            timeout=timeout,
+        )
 
     def close(self) -> None:
         self._http.close()
@@ -102,6 +115,7 @@ class ServingClient:
         *,
         json: Any = None,
         admin: bool = False,
+        labels: bool = False,
         key: str | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> httpx.Response:
@@ -110,6 +124,11 @@ class ServingClient:
             if not self.token:
                 raise ServingRequestFailed("this client has no admin token", 401)
             hdrs["Authorization"] = f"Bearer {self.token}"
+        elif labels:
+            token = self.feedback_token or self.token
+            if not token:
+                raise ServingRequestFailed("this client has no feedback token (nor an admin token)", 401)
+            hdrs["Authorization"] = f"Bearer {token}"
         if key is not None:
             hdrs["Idempotency-Key"] = key
         try:
@@ -178,9 +197,12 @@ class ServingClient:
             time.sleep(poll)
 
     def feedback(self, labels: Sequence[tuple[str, int]]) -> int:
-        """Send (request_id, label) pairs; how many were accepted."""
+        """Send (request_id, label) pairs, the ids as ``predict`` returned them, with the
+        feedback token (else the admin token); how many new labels were recorded. All or
+        none: an id the service did not issue (422) or a label that differs from the first
+        one of its request (409) fails the whole batch (``ServingRequestFailed``)."""
         body = {"feedback": [{"request_id": r, "label": int(lab)} for r, lab in labels]}
-        return self._call("POST", "/feedback", json=body).json()["accepted"]
+        return self._call("POST", "/feedback", json=body, labels=True).json()["accepted"]
 
     def ready(self) -> bool:
         try:

@@ -63,3 +63,21 @@ class UnusableModel(ServingError):
     dataset schema, or no answer to its warm-up row. The service keeps what it had: 422."""
 
     status = 422
+
+
+class UnknownRequest(ServingError):
+    """Feedback names a request id this service never issued (mistyped, made up or forged): 422."""
+
+    status = 422
+
+
+class LabelConflict(ServingError):
+    """Feedback gives a request another label than the first one it got (the first is kept): 409."""
+
+    status = 409
+
+
+class StateNotSaved(ServingError):
+    """The new serving state could not be persisted; the service keeps serving the old one: 500."""
+
+    status = 500

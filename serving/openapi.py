@@ -30,15 +30,15 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
 def _responses(ok: str, ok_schema: dict[str, Any], *errors: int, ok_status: str = "200") -> dict[str, Any]:
     why = {
         400: "Malformed request",
-        401: "No admin token",
-        403: "Wrong admin token",
+        401: "No token (admin; feedback token on /feedback)",
+        403: "Wrong token",
         404: "Unknown model or version",
-        409: "Conflicts with the current state",
+        409: "Conflicts with the current state (on /feedback: the request already has another label)",
         408: "The request body did not arrive within serving.body_timeout_seconds",
         413: "Body or batch too large",
         415: "Content-Encoding other than identity",
         410: "The async job expired; its result was deleted",
-        422: "Values break the dataset schema",
+        422: "Values break the dataset schema (on /feedback: a request id the service did not issue)",
         429: "The async job queue is full (retry later)",
         503: "Overloaded or not ready (retry later)",
         504: "The model did not answer in time",
@@ -345,7 +345,10 @@ def openapi_document(
         "in": "header",
         "required": False,
         "schema": {"type": "string", "enum": ["stable", "candidate"]},
-        "description": "Force a variant (honoured in canary, ab and blue_green; ignored in single and shadow).",
+        "description": (
+            "Force a variant (honoured in canary, ab and blue_green; ignored in single and shadow). "
+            "Forced answers are logged as forced and count in no rollout gate or A/B test."
+        ),
     }
     key = {
         "name": "Idempotency-Key",
@@ -400,10 +403,16 @@ def openapi_document(
         },
         "/feedback": {
             "post": {
-                "summary": "The outcome (label) of earlier requests, joined to their predictions by request_id.",
+                "summary": (
+                    "The outcome (label) of earlier requests, by the request_id the service issued; "
+                    "needs the feedback (or admin) token. All or none: an id the service did not issue "
+                    "is a 422, a label differing from a request's first one a 409."
+                ),
+                "security": [{"bearer": []}],
+                "tags": ["feedback"],
                 "requestBody": {"required": True, **_json(_ref("FeedbackRequest"))},
                 "responses": _responses(
-                    "Accepted", {"type": "object"}, 400, 408, 413, 422, 503, ok_status="202"
+                    "Accepted", {"type": "object"}, 400, 401, 403, 408, 409, 413, 422, 503, ok_status="202"
                 ),
             }
         },
@@ -472,9 +481,12 @@ def openapi_document(
         "/v2/models/{name}/versions/{version}/infer": {
             "post": {
                 "parameters": [name_param, version_param, binary_header],
-                "summary": "OIP inference on one version (not routed)",
+                "summary": (
+                    "OIP inference on one version (not routed; logged as forced). A version that is not "
+                    "loaded answers 404, unless serving.load_on_demand is on and the admin token is sent."
+                ),
                 "requestBody": {"required": True, **_json(_ref("InferRequest"))},
-                "responses": _responses("Outputs", _ref("InferResponse"), *infer_errors),
+                "responses": _responses("Outputs", _ref("InferResponse"), 401, 403, *infer_errors),
             }
         },
         "/admin/state": {

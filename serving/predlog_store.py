@@ -18,10 +18,13 @@ Views:
     partition): ``role='primary'`` rows are what clients got; ``role='shadow'`` rows are a
     candidate's mirrored answers, paired with their primary row by ``request_id``.
 ``feedback``
-    Labels as they arrived (``request_id``, ``label``, ``ts``), possibly several per request.
+    Labels as they arrived (``request_id``, ``label``, ``ts``). The service records one
+    per request, but several services sharing one MLOPS_HOME each keep their own record.
 ``labelled``
-    Primary answers with the latest label of their request (``label`` null while none
-    arrived): the business view; shadow answers never appear in it.
+    Primary answers with the first label of their request (``label`` null while none
+    arrived; a later, different label never replaces it): the business view; shadow
+    answers never appear in it. ``forced`` answers (the caller chose the variant) are
+    in it; rollout gates leave them out.
 ``shadow_pairs``
     One row per mirrored request: the primary's and the shadow's version, score, decision,
     status and latency side by side.
@@ -58,6 +61,9 @@ FEEDBACK = "feedback"
 COMMIT_MARGIN = timedelta(seconds=5)
 
 
+_SQL_TYPES = {pa.bool_(): "BOOLEAN", pa.string(): "VARCHAR", pa.float64(): "DOUBLE", pa.int64(): "BIGINT"}
+
+
 def predictions_dir(settings: Settings) -> Path:
     return settings.home_path / PREDICTIONS
 
@@ -92,9 +98,17 @@ class PredictionLogStore:
             present, source = bool(files), "[" + ", ".join(_sql_str(str(f)) for f in files) + "]"
         if present:
             con.execute(
-                f"CREATE VIEW {view} AS SELECT * FROM read_parquet({source}, hive_partitioning = true, "
-                "union_by_name = true)"
+                f"CREATE VIEW _{view}_files AS SELECT * FROM read_parquet({source}, "
+                "hive_partitioning = true, union_by_name = true)"
             )
+            have = {row[0] for row in con.execute(f"DESCRIBE _{view}_files").fetchall()}
+            # Columns added to the schema later read as null in files written before them.
+            added = "".join(
+                f', CAST(NULL AS {_SQL_TYPES[f.type]}) AS "{f.name}"'
+                for f in schema
+                if f.name not in have and f.type in _SQL_TYPES
+            )
+            con.execute(f"CREATE VIEW {view} AS SELECT *{added} FROM _{view}_files")
         else:  # nothing flushed yet: an empty relation with the same columns
             empty = schema.empty_table().append_column("date", pa.array([], pa.date32()))
             con.register(f"_{view}_empty", empty)
@@ -111,8 +125,8 @@ class PredictionLogStore:
             self._source(con, "feedback", self.feedback_root, FEEDBACK_SCHEMA, since)
             con.execute(
                 """
-                CREATE VIEW latest_feedback AS
-                SELECT request_id, arg_max(label, ts) AS label, max(ts) AS label_ts
+                CREATE VIEW first_feedback AS
+                SELECT request_id, arg_min(label, ts) AS label, min(ts) AS label_ts
                 FROM feedback GROUP BY request_id
                 """
             )
@@ -120,7 +134,7 @@ class PredictionLogStore:
                 """
                 CREATE VIEW labelled AS
                 SELECT p.*, f.label, f.label_ts
-                FROM predictions p LEFT JOIN latest_feedback f USING (request_id)
+                FROM predictions p LEFT JOIN first_feedback f USING (request_id)
                 WHERE p.role = 'primary'
                 """
             )
@@ -183,6 +197,11 @@ class PredictionLogStore:
         return self.query(
             f"SELECT {columns} FROM predictions{where} ORDER BY ts, request_id, role", params, since
         )
+
+    def first_labels(self) -> dict[str, int]:
+        """Every labelled request's first label (what the service refuses to overwrite)."""
+        labels = self.query("SELECT request_id, label FROM first_feedback")
+        return dict(zip(labels["request_id"], labels["label"].astype(int), strict=True))
 
     def read_feedback(self, since: datetime | None = None, until: datetime | None = None) -> pd.DataFrame:
         """Feedback rows (``request_id``, ``label``, ``ts``) that arrived in the window."""

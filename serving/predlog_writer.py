@@ -60,6 +60,7 @@ class LogRow(NamedTuple):
     status: int
     error: str | None
     features: Mapping[str, Any]
+    forced: bool = False  # the caller chose the variant: logged, never counted by a gate
 
 
 def _fsync_dir(path: Path) -> None:
@@ -165,11 +166,11 @@ class PredictionLogWriter:
             self._wake.set()
         return True
 
-    def feedback(self, request_id: str, label: int, ts: float) -> bool:
-        if len(self._labels) >= self.max_buffer_rows:
-            self.dropped += 1
+    def feedback(self, items: list[tuple[str, int]], ts: float) -> bool:
+        """Buffer every ``(request_id, label)`` of ``items``, or none when they do not all fit."""
+        if len(self._labels) + len(items) > self.max_buffer_rows:
             return False
-        self._labels.append((request_id, label, ts))
+        self._labels.extend((rid, label, ts) for rid, label in items)
         return True
 
     @property
@@ -276,6 +277,7 @@ class PredictionLogWriter:
             "status": pa.array([r.status for r in rows], pa.int32()),
             "error": pa.array([r.error for r in rows], pa.string()),
             "features_hash": pa.array([features_hash(r.features) for r in rows], pa.string()),
+            "forced": pa.array([r.forced for r in rows], pa.bool_()),
         }
         for name in self.dataset.numeric_names:
             cols[FEATURE_PREFIX + name] = pa.array([r.features.get(name) for r in rows], pa.float64())

@@ -23,10 +23,7 @@ The service exposes state and applies what it is told; it never decides a rollou
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import os
-import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -39,22 +36,25 @@ import numpy as np
 
 from mlops.errors import ModelError
 from mlops.onnx_model import PROBA_OUTPUT
-from mlops.predlog import PRIMARY, SHADOW
+from mlops.predlog import PRIMARY, SHADOW, RequestIds
 from mlops.request_validation import InvalidRequest, Record, RequestValidator, V2Request
 from mlops.routing import CANDIDATE, STABLE, InvalidRouteTable, Mode, RouteTable, route
 from mlops.settings import Settings
 from serving.errors import (
     Conflict,
+    LabelConflict,
     ModelFailed,
     NotReady,
     Overloaded,
     ServingError,
+    StateNotSaved,
     UnknownModel,
+    UnknownRequest,
     UnusableModel,
 )
 from serving.metrics import ServingMetrics
 from serving.models import LoadedModel, ModelPool, build_model
-from serving.predlog_store import feedback_dir, predictions_dir
+from serving.predlog_store import PredictionLogStore, feedback_dir, predictions_dir
 from serving.predlog_writer import LogRow, PredictionLogWriter
 from serving.source import ModelSource
 from serving.state import DesiredState, RoutesSpec, load_state, save_state, state_path
@@ -62,27 +62,6 @@ from serving.state import DesiredState, RoutesSpec, load_state, save_state, stat
 log = logging.getLogger(__name__)
 
 NEEDS_CANDIDATE = frozenset({Mode.SHADOW, Mode.CANARY, Mode.AB, Mode.BLUE_GREEN})
-
-
-class _RequestIds:
-    """Unique request ids without a random draw per request: a random prefix per process
-    (drawn again after a fork) plus a counter. ``os.urandom`` per request releases the GIL,
-    and under load the scoring threads then keep the event loop waiting for it back."""
-
-    def __init__(self) -> None:
-        self._pid = -1
-        self._prefix = ""
-        self._count = itertools.count()
-
-    def __call__(self) -> str:
-        if os.getpid() != self._pid:
-            self._pid = os.getpid()
-            self._prefix = secrets.token_hex(8)
-            self._count = itertools.count()
-        return f"{self._prefix}{next(self._count):08x}"
-
-
-new_request_id = _RequestIds()
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,12 +108,17 @@ class _Group:
 class ServingRuntime:
     """Routes, slots, pool, prediction log and metrics of one service process."""
 
-    def __init__(self, settings: Settings, source: ModelSource, *, token: str):
+    def __init__(
+        self, settings: Settings, source: ModelSource, *, token: str, feedback_token: str, id_key: bytes
+    ):
         cfg = settings.serving
         self.settings = settings
         self.cfg = cfg
         self.source = source
         self.token = token
+        self.feedback_token = feedback_token
+        self.ids = RequestIds(id_key)
+        self.labels: dict[str, int] = {}  # request id -> its first label (kept; later ones refused)
         self.model_name = cfg.model_name or settings.training.model_name
         self.threshold = cfg.decision_threshold or settings.training.decision_threshold
         self.timeout = cfg.request_timeout_seconds
@@ -199,7 +183,9 @@ class ServingRuntime:
         )
 
     def bootstrap(self) -> str:
-        """Load the starting slots (blocking: called once, before serving). Returns what was loaded."""
+        """Load the starting slots and the labels already recorded (blocking: called once,
+        before serving). Returns what was loaded."""
+        self.load_labels()
         desired, generation, origin = self._initial()
         if desired is None:
             log.warning(
@@ -277,6 +263,7 @@ class ServingRuntime:
         status: int,
         error: str | None,
         features: Mapping[str, Any],
+        forced: bool = False,
     ) -> None:
         decision = None if score is None else score >= self.threshold
         self.writer.log(
@@ -295,6 +282,7 @@ class ServingRuntime:
                 status,
                 error,
                 features,
+                forced,
             )
         )
 
@@ -327,22 +315,27 @@ class ServingRuntime:
         forced: str | None,
         started: float,
         *,
+        route_keys: Sequence[str] | None = None,
         split: bool = True,
     ) -> tuple[list[tuple[str, LoadedModel, np.ndarray]], str]:
         """Route, score and log rows; per row (variant, model, probabilities) and the route mode.
 
-        ``split`` routes every row on its own (``/predict``: rows are separate requests);
-        otherwise the first row's keys route the whole batch (an OIP tensor is one request).
-        Raises the failed group's ``ServingError`` (after logging every row).
+        ``route_keys`` are what routing hashes in place of the request id (the caller's own
+        ids, so a retried request is routed alike; default: ``request_ids``). ``split``
+        routes every row on its own (``/predict``: rows are separate requests); otherwise
+        the first row's keys route the whole batch (an OIP tensor is one request). Rows
+        whose variant the caller forced are logged as ``forced``. Raises the failed group's
+        ``ServingError`` (after logging every row).
         """
         state = self.state
         table = state.table
         mode = table.mode.value
         n = len(features)
+        keys = request_ids if route_keys is None else route_keys
         if split:
-            decisions = [route(table, entity_keys[i], request_ids[i], forced) for i in range(n)]
+            decisions = [route(table, entity_keys[i], keys[i], forced) for i in range(n)]
         else:
-            decisions = [route(table, entity_keys[0], request_ids[0], forced)] * n
+            decisions = [route(table, entity_keys[0], keys[0], forced)] * n
         groups: dict[str, _Group] = {}
         for i, d in enumerate(decisions):
             group = groups.get(d.variant)
@@ -386,6 +379,7 @@ class ServingRuntime:
                         group.error.status,
                         str(group.error),
                         features[i],
+                        decisions[i].forced,
                     )
                 continue
             probs = group.probs
@@ -405,6 +399,7 @@ class ServingRuntime:
                     200,
                     None,
                     features[i],
+                    decisions[i].forced,
                 )
         if failure is not None:
             raise failure
@@ -467,10 +462,19 @@ class ServingRuntime:
     # ------------------------------------------------------------------ endpoints
 
     async def predict(self, records: list[Record], forced: str | None, started: float) -> dict[str, Any]:
-        """``/predict``: each record routed on its own; score, decision and where it went."""
-        rids = [r.request_id or new_request_id() for r in records]
+        """``/predict``: each record routed on its own; score, decision and where it went.
+
+        Every answer gets an id issued here (carrying the record's own ``request_id``, if
+        any); labels for it are posted to ``/feedback`` under that id."""
+        issue = self.ids.issue
+        rids = [issue(r.request_id) for r in records]
         answers, mode = await self.score(
-            [r.features for r in records], rids, [r.entity_key for r in records], forced, started
+            [r.features for r in records],
+            rids,
+            [r.entity_key for r in records],
+            forced,
+            started,
+            route_keys=[r.request_id or rid for r, rid in zip(records, rids, strict=True)],
         )
         thr = self.threshold
         return {
@@ -491,9 +495,10 @@ class ServingRuntime:
     def _v2_rows(self, req: V2Request) -> tuple[list[dict[str, Any]], list[str]]:
         cols = req.columns
         rows = [{n: cols[n][j] for n in self.feature_names} for j in range(req.rows)]
-        base = req.id or new_request_id()
-        rids = [base] if req.rows == 1 else [f"{base}:{j}" for j in range(req.rows)]
-        return rows, rids
+        issue = self.ids.issue
+        if req.rows == 1:
+            return rows, [issue(req.id)]
+        return rows, [issue(f"{req.id}:{j}" if req.id is not None else None) for j in range(req.rows)]
 
     def _v2_response(
         self, req: V2Request, model: LoadedModel, probs: np.ndarray, variant: str | None, rids: list[str]
@@ -519,27 +524,40 @@ class ServingRuntime:
         """OIP v2 infer on the model name: routed like ``/predict`` (the tensor is one request)."""
         rows, rids = self._v2_rows(req)
         answers, _mode = await self.score(
-            rows, rids, [req.entity_key] * req.rows, forced, started, split=False
+            rows,
+            rids,
+            [req.entity_key] * req.rows,
+            forced,
+            started,
+            route_keys=[req.id or rids[0]] * req.rows,
+            split=False,
         )
         variant, model, _ = answers[0]
         probs = np.stack([a[2] for a in answers])
         return self._v2_response(req, model, probs, variant, rids)
 
     async def model_for(self, version: int, *, load: bool) -> LoadedModel | None:
-        """A loaded version (loading it on demand when ``load`` and configured so)."""
+        """A loaded version (loading it on demand when ``load`` and configured so: the HTTP
+        layer passes ``load`` only for admin-token holders)."""
         model = self.pool.get(version)
         if model is None and load and self.cfg.load_on_demand:
             model = await self.pool.load(version, required=False)
             self._export_pool()
         return model
 
-    async def infer_version(self, version: int, req: V2Request, started: float) -> dict[str, Any]:
-        """OIP v2 infer on one version, not routed. Logged when that version is in a slot."""
-        model = await self.model_for(version, load=True)
+    async def infer_version(
+        self, version: int, req: V2Request, started: float, *, load: bool = False
+    ) -> dict[str, Any]:
+        """OIP v2 infer on one version, not routed (``load``: see ``model_for``). Logged, as
+        ``forced`` (the caller chose the model), when that version is in a slot."""
+        model = await self.model_for(version, load=load)
         if model is None:
-            raise UnknownModel(
-                f"version {version} of '{self.model_name}' is not loaded (loading on demand is off)"
+            why = (
+                "loading on demand needs the admin token"
+                if self.cfg.load_on_demand
+                else "loading on demand is off"
             )
+            raise UnknownModel(f"version {version} of '{self.model_name}' is not loaded ({why})")
         state = self.state
         variant = STABLE if state.stable is model else CANDIDATE if state.candidate is model else None
         rows, rids = self._v2_rows(req)
@@ -570,6 +588,7 @@ class ServingRuntime:
                     status,
                     None if group.error is None else str(group.error),
                     rows[j],
+                    True,
                 )
             if group.error is None:
                 self.metrics.answered(variant, PRIMARY, elapsed, req.rows)
@@ -579,13 +598,47 @@ class ServingRuntime:
             raise group.error
         return self._v2_response(req, model, group.probs, variant, rids)
 
+    def load_labels(self) -> int:
+        """Remember the first label of every request the feedback log already holds (blocking:
+        called once at start), so a label sent again after a restart is still refused."""
+        self.labels = PredictionLogStore.for_settings(self.settings).first_labels()
+        return len(self.labels)
+
     def feedback(self, items: list[tuple[str, int]]) -> dict[str, Any]:
-        now = time.time()
-        accepted = sum(self.writer.feedback(rid, label, now) for rid, label in items)
-        self.metrics.feedback.inc(accepted)
-        if accepted < len(items):
-            raise Overloaded("the feedback buffer is full; retry later")
-        return {"accepted": accepted}
+        """Record labels, all or none: every request id must be one this service issued, and a
+        request keeps its first label. A label equal to the one already recorded is a no-op
+        (a retried batch succeeds); ``{"accepted": new labels, "unchanged": repeats}``.
+
+        Raises ``UnknownRequest`` (422) for an id the service did not issue,
+        ``LabelConflict`` (409) for a label that differs from the first one, and
+        ``Overloaded`` (503) when the buffer cannot take them; nothing is recorded then.
+        """
+        forged = [rid for rid, _ in items if not self.ids.verify(rid)]
+        if forged:
+            raise UnknownRequest(
+                f"{len(forged)} of {len(items)} labels name a request id this service did not issue "
+                f"(first: {forged[0][:80]!r}); nothing was recorded"
+            )
+        known = self.labels
+        new: dict[str, int] = {}
+        conflicts = []
+        for rid, label in items:
+            first = known.get(rid, new.get(rid))
+            if first is None:
+                new[rid] = label
+            elif first != label:
+                conflicts.append((rid, first, label))
+        if conflicts:
+            rid, first, label = conflicts[0]
+            raise LabelConflict(
+                f"{len(conflicts)} of {len(items)} labels conflict with the first label of their request, "
+                f"which is kept (first: {rid[:80]!r} has {first}, got {label}); nothing was recorded"
+            )
+        if not self.writer.feedback(list(new.items()), time.time()):
+            raise Overloaded("the feedback buffer is full; nothing was recorded, retry later")
+        known.update(new)
+        self.metrics.feedback.inc(len(new))
+        return {"accepted": len(new), "unchanged": len(items) - len(new)}
 
     def admit(self) -> None:
         """Count a scoring request in, or shed it at once when at capacity."""
@@ -630,15 +683,24 @@ class ServingRuntime:
                 candidate = None
                 if desired.candidate_version is not None:
                     candidate = await self.pool.load(desired.candidate_version, required=True)
+                # Persist first, then swap: a state that cannot be saved is not applied, so
+                # memory and disk never disagree (a retry re-applies, a restart restores it).
+                generation = current.generation + 1
+                try:
+                    await asyncio.to_thread(
+                        save_state, self.state_file, self.model_name, desired, generation, key
+                    )
+                except OSError as exc:
+                    raise StateNotSaved(
+                        f"cannot persist the serving state to {self.state_file} ({exc.strerror or exc}); "
+                        f"still serving generation {current.generation}: {self.describe_routes()}"
+                    ) from exc
             except BaseException:
                 self.pool.pin(self.state.versions())
                 raise
-            self.state = ServingState(table, stable, candidate, current.generation + 1, time.time(), key)
+            self.state = ServingState(table, stable, candidate, generation, time.time(), key)
             self.pool.pin(self.state.versions())
             self._export_state()
-            await asyncio.to_thread(
-                save_state, self.state_file, self.model_name, desired, self.state.generation, key
-            )
             log.info("serving state %d applied: %s", self.state.generation, self.describe_routes())
             return self.describe(changed=True)
 

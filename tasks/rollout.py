@@ -196,8 +196,12 @@ def _recent_stable(settings: Settings, status: RolloutStatus, until: datetime) -
     store = PredictionLogStore.for_settings(settings)
     since = until - REPLAY_LOOKBACK
     log = store.read_log(since=since, until=until, model_name=status.model_name)
+    routed = ~log["forced"].to_numpy(dtype=bool, na_value=False)  # a caller's choice is no evidence
     log = log[
-        (log["role"] == PRIMARY) & (log["status"] == 200) & (log["model_version"] == status.stable_version)
+        routed
+        & (log["role"] == PRIMARY)
+        & (log["status"] == 200)
+        & (log["model_version"] == status.stable_version)
     ]
     return log.tail(REPLAY_ROWS)
 

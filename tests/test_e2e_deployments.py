@@ -206,6 +206,7 @@ def test_rollout_runs_pause_for_approval_and_are_approved_rejected_or_time_out(
     from mlops.rollout.simulator import SimulatorConfig
     from mlops.settings import load_settings
     from registry.mlflow_registry import ModelRegistry
+    from serving.auth import read_feedback_token
     from serving.client import ServingClient
 
     plan = tmp_path / "e2e.yaml"
@@ -224,7 +225,8 @@ def test_rollout_runs_pause_for_approval_and_are_approved_rejected_or_time_out(
         with ServingClient.for_settings(settings, base_url=url) as admin:
             admin.apply({"stable_version": champion})
         outcomes = []
-        with LiveTraffic(url, SimulatorConfig(seed=5, rate_per_s=40, label_delay_s=0.5), max_seconds=1200):
+        sim = SimulatorConfig(seed=5, rate_per_s=40, label_delay_s=0.5)
+        with LiveTraffic(url, sim, feedback_token=read_feedback_token(settings), max_seconds=1200):
             data = Path(platform["MLOPS_HOME"]) / "data" / "more.parquet"
             write_parquet([generate(8000, seed=31)], data)
             trained = _run_deployment(platform, "train/train", {"data": str(data)})

@@ -62,4 +62,4 @@ def test_live_traffic_only_drives_loopback_services() -> None:
     from adapters.traffic import LiveTraffic, TrafficRefused
 
     with pytest.raises(TrafficRefused):
-        LiveTraffic("http://10.1.2.3:3000", SimulatorConfig())
+        LiveTraffic("http://10.1.2.3:3000", SimulatorConfig(), feedback_token="not-used-0123456789")

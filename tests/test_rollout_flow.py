@@ -98,9 +98,10 @@ def live(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -> Iterat
         ModelRegistry(settings).move_alias(
             settings.training.model_name, CHAMPION, BASE, reason="rollout tests"
         )
-        from serving.auth import ensure_token
+        from serving.auth import ensure_feedback_token, ensure_token
 
         ensure_token(settings)
+        ensure_feedback_token(settings)
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -121,6 +122,7 @@ def world(live: Live, prefect_api: None, monkeypatch: pytest.MonkeyPatch) -> Ite
     simulated users sending requests and labels throughout the test."""
     from adapters.traffic import LiveTraffic
     from registry.mlflow_registry import ModelRegistry
+    from serving.auth import read_feedback_token
     from serving.client import ServingClient
 
     for key, value in live.env.items():
@@ -133,7 +135,8 @@ def world(live: Live, prefect_api: None, monkeypatch: pytest.MonkeyPatch) -> Ite
     with ServingClient.for_settings(live.settings) as admin:
         admin.apply({"stable_version": BASE})
     cfg = SimulatorConfig(seed=int(time.time()) % 1000, rate_per_s=RATE, label_delay_s=0.5)
-    with LiveTraffic(live.url, cfg, threads=6, max_seconds=900) as traffic:
+    token = read_feedback_token(live.settings)
+    with LiveTraffic(live.url, cfg, feedback_token=token, threads=6, max_seconds=900) as traffic:
         live.traffic = traffic  # type: ignore[attr-defined]
         time.sleep(6)  # recent stable traffic for the replay step
         yield live
@@ -246,10 +249,11 @@ def test_an_erroring_candidate_is_rolled_back_and_no_stable_user_sees_an_error(w
     assert summary.phase == "rolled_back", summary.reason
     assert "error_rate" in summary.reason
     failed = dict(world.traffic.failed)  # type: ignore[attr-defined]
-    if failed:
+    if failed:  # the simulator's ids, carried inside the ids the service issued
         ids = "','".join(failed)
         rows = PredictionLogStore.for_settings(world.settings).query(
-            f"SELECT DISTINCT variant FROM predictions WHERE role = 'primary' AND status <> 200 AND request_id IN ('{ids}')"
+            "SELECT DISTINCT variant FROM predictions WHERE role = 'primary' AND status <> 200 AND "
+            f"regexp_extract(request_id, '^(.*)\\.[^.]+\\.[^.]+$', 1) IN ('{ids}')"
         )
         assert set(rows["variant"]) <= {"candidate"}
     stable_errors = PredictionLogStore.for_settings(world.settings).query(

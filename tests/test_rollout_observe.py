@@ -126,14 +126,15 @@ def test_window_bounds_are_half_open() -> None:
 
 
 def test_quality_metrics_on_labelled_answers_match_their_definitions() -> None:
-    """AUC, log loss and calibration error use the answers whose label arrived (the last
-    label of a request wins) and that did not fail, and equal their textbook values."""
+    """AUC, log loss and calibration error use the answers whose label arrived (the first
+    label of a request counts: a later, different one never replaces it) and that did not
+    fail, and equal their textbook values."""
     cand = _log(600, "candidate", 4, seed=5, errors=20)
     fb = _feedback(cand, seed=6).iloc[:500]  # the last 100 labels have not arrived
     flipped = fb.iloc[:10].assign(label=1 - fb["label"].iloc[:10])
     obs = observe(cand, pd.concat([fb, flipped], ignore_index=True), stable_version=3, candidate_version=4)
     labels = (
-        pd.concat([fb, flipped]).drop_duplicates("request_id", keep="last").set_index("request_id")["label"]
+        pd.concat([fb, flipped]).drop_duplicates("request_id", keep="first").set_index("request_id")["label"]
     )
     rows = cand[(cand["status"] == 200) & cand["request_id"].isin(labels.index)]
     y = labels.loc[rows["request_id"]].to_numpy().astype(float)

@@ -289,8 +289,12 @@ def test_ramp_and_flip_are_refused_by_the_wrong_mode():
 
 
 def test_decision_is_a_small_value():
-    """A decision is a plain (variant, mirror, reason) value, equal by content."""
+    """A decision is a plain (variant, mirror, reason, forced) value, equal by content; only
+    an honoured x-mlops-variant header makes it forced."""
     decision = route(RouteTable(), "u", "r")
     assert decision == RouteDecision(STABLE, False, "single: stable only")
-    variant, mirror, reason = decision
-    assert (variant, mirror) == (STABLE, False) and reason
+    variant, mirror, reason, forced = decision
+    assert (variant, mirror, forced) == (STABLE, False, False) and reason
+    canary = RouteTable(Mode.CANARY, weight_pct=50, salt="s")
+    assert route(canary, "u", "r", "candidate").forced and not route(canary, "u", "r").forced
+    assert not route(RouteTable(), "u", "r", "candidate").forced  # ignored in single: routed

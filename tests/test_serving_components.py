@@ -240,19 +240,21 @@ def _row(
 
 def test_prediction_log_round_trip_views_and_feedback_join(tmp_path):
     """Logged answers and labels are flushed to Parquet and read back through DuckDB views:
-    labelled joins the latest label to primary answers only, shadow_pairs pairs by request id."""
+    labelled joins the first label to primary answers only (a later one never replaces it),
+    shadow_pairs pairs by request id."""
     writer = PredictionLogWriter(tmp_path / "predictions", tmp_path / "feedback", SCHEMA, flush_seconds=60)
     now = time.time()
     writer.log(_row("a", now))
     writer.log(_row("a", now, SHADOW, "candidate", 2, 0.1))
     writer.log(_row("b", now + 1))
-    writer.feedback("a", 0, now + 2)
-    writer.feedback("a", 1, now + 3)  # the later label wins
+    writer.feedback([("a", 0)], now + 2)
+    writer.feedback([("a", 1)], now + 3)  # the first label counts
     assert writer.flush() == (3, 2)
     store = PredictionLogStore(tmp_path / "predictions", tmp_path / "feedback", SCHEMA)
     labelled = store.query("SELECT request_id, label FROM labelled ORDER BY request_id")
     assert labelled["request_id"].tolist() == ["a", "b"]
-    assert labelled["label"].iloc[0] == 1 and labelled["label"].isna().iloc[1]
+    assert labelled["label"].iloc[0] == 0 and labelled["label"].isna().iloc[1]
+    assert store.first_labels() == {"a": 0}
     pairs = store.query("SELECT * FROM shadow_pairs")
     assert pairs[["request_id", "primary_version", "shadow_version"]].values.tolist() == [["a", 1, 2]]
     log = store.read_log(since=datetime.fromtimestamp(now + 0.5, UTC))
@@ -268,11 +270,11 @@ def test_a_windowed_read_opens_only_the_files_committed_since_its_start(tmp_path
     writer = PredictionLogWriter(tmp_path / "predictions", tmp_path / "feedback", SCHEMA, flush_seconds=60)
     now = time.time()
     writer.log(_row("old", now - 7200))
-    writer.feedback("old", 1, now - 7200)
+    writer.feedback([("old", 1)], now - 7200)
     writer.flush()
     writer.log(_row("new", now))
     writer.log(_row("new", now, SHADOW, "candidate", 2, 0.1))
-    writer.feedback("new", 0, now)
+    writer.feedback([("new", 0)], now)
     writer.flush()
     day = tmp_path / "predictions" / f"date={datetime.fromtimestamp(now, UTC):%Y-%m-%d}"
     for root in ("predictions", "feedback"):

@@ -32,6 +32,7 @@ from test_serving_components import slow_model
 from adapters.services import free_port, http_ok, launch, serving_command, terminate
 from mlops.datagen import generate
 from mlops.onnx_model import OnnxScorer
+from mlops.predlog import client_request_id
 from mlops.routing import FORCE_HEADER, Mode, RouteTable, route
 from mlops.settings import Settings, load_settings
 from serving.client import ServingClient, ServingRequestFailed
@@ -44,6 +45,8 @@ REPO = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 1.0
 MAX_INFLIGHT = 8
 START_TIMEOUT_S = 240
+CLIENT_ID = r"regexp_extract(request_id, '^(.*)\.[^.]+\.[^.]+$', 1)"
+"""SQL: the caller's own id inside an id the service issued (``mlops.predlog.client_request_id``)."""
 
 
 @dataclass
@@ -63,6 +66,10 @@ class Service:
     def auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
 
+    @property
+    def labeller(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.client.feedback_token}"}
+
     def store(self) -> PredictionLogStore:
         return PredictionLogStore.for_settings(self.settings)
 
@@ -78,12 +85,14 @@ class Service:
         return rec
 
     def wait_logged(self, request_ids: set[str], timeout: float = 15.0) -> None:
-        """Until every id is in the prediction log (flushes run every 0.2 s here)."""
+        """Until every id (issued, or the caller's own inside one) is in the prediction log
+        (flushes run every 0.2 s here)."""
         deadline = time.monotonic() + timeout
         ids = "','".join(request_ids)
         while time.monotonic() < deadline:
             n = self.store().query(
-                f"SELECT count(DISTINCT request_id) n FROM predictions WHERE request_id IN ('{ids}')"
+                f"SELECT count(DISTINCT request_id) n FROM predictions "
+                f"WHERE request_id IN ('{ids}') OR {CLIENT_ID} IN ('{ids}')"
             )
             if n["n"].iloc[0] == len(request_ids):
                 return
@@ -113,6 +122,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -> Ite
         "MLOPS__SERVING__MAX_INFLIGHT_REQUESTS": str(MAX_INFLIGHT),
         "MLOPS__SERVING__LOG_FLUSH_SECONDS": "0.2",
         "MLOPS__SERVING__MODEL_MEMORY_BUDGET_MB": repr(budget_mb),
+        "MLOPS__SERVING__LOAD_ON_DEMAND": "true",
     }
     saved = dict(os.environ)
     try:  # configure() writes the backends' variables into os.environ: restore them after
@@ -283,13 +293,14 @@ def test_health_metadata_and_openapi_describe_the_model(service: Service, http: 
 
 def test_predict_scores_one_or_many_records_like_the_model(service: Service, http: httpx.Client):
     """POST /predict returns, per record, the model's score, the thresholded decision, the
-    request id (given or generated), the variant and the model version."""
+    request id the service issued (carrying the caller's, when given), the variant and the
+    model version."""
     service.apply(mode="single")
     one = http.post("/predict", json=service.record(0, rid="given-id")).json()
     [p] = one["predictions"]
     expected = service.scorer.predict_proba({k: [v] for k, v in service.rows[0].items()})[0]
     assert (
-        p["request_id"] == "given-id"
+        client_request_id(p["request_id"]) == "given-id"
         and p["variant"] == "stable"
         and p["model_version"] == service.versions[0]
     )
@@ -318,7 +329,7 @@ def _tensors(service: Service, rows: list[dict]) -> list[dict]:
 
 def test_v2_infer_routed_and_per_version(service: Service, http: httpx.Client):
     """OIP v2 infer returns the [N, 2] FP32 probabilities, routed on the model name and
-    pinned on /versions/{v} (loaded on demand)."""
+    pinned on /versions/{v} (loaded on demand for the admin token holder only)."""
     service.apply(mode="single")
     name = service.settings.training.model_name
     rows = service.rows[:3]
@@ -331,10 +342,19 @@ def test_v2_infer_routed_and_per_version(service: Service, http: httpx.Client):
     np.testing.assert_allclose(
         np.array(probs["data"]).reshape(3, 2)[:, 1], service.scorer.predict_proba(frame), rtol=1e-6
     )
-    assert out["parameters"]["request_ids"] == ["req-9:0", "req-9:1", "req-9:2"]
-    pinned = http.post(f"/v2/models/{name}/versions/{service.versions[1]}/infer", json=body).json()
+    assert [client_request_id(r) for r in out["parameters"]["request_ids"]] == [
+        "req-9:0",
+        "req-9:1",
+        "req-9:2",
+    ]
+    path = f"/v2/models/{name}/versions/{service.versions[1]}/infer"
+    if service.versions[1] not in {m["version"] for m in service.client.state()["pool"]["models"]}:
+        assert http.post(path, json=body).status_code == 401  # loading on demand is admin-only
+    pinned = http.post(path, json=body, headers=service.auth).json()
     assert pinned["model_version"] == str(service.versions[1])
-    assert http.post(f"/v2/models/{name}/versions/99/infer", json=body).status_code == 404
+    missing = f"/v2/models/{name}/versions/99/infer"
+    assert http.post(missing, json=body, headers=service.auth).status_code == 404
+    assert http.post(missing, json=body).status_code == 401  # not loaded: nothing said without the token
 
 
 # ----------------------------------------------------------------------------- admin
@@ -461,6 +481,8 @@ def test_shadow_mirrors_a_share_off_the_response_path_and_logs_pairs(service: Se
         if pairs["request_id"].nunique() + skipped >= len(sampled):
             break
         time.sleep(0.3)
+    assert {a["request_id"] for a in answers} >= set(pairs["request_id"])
+    pairs["request_id"] = pairs["request_id"].map(client_request_id)  # routing hashed the caller's ids
     assert set(pairs["request_id"]) <= sampled  # exactly the hashed sample, each paired once
     assert len(pairs) == pairs["request_id"].nunique() == len(sampled) - skipped, (
         len(pairs),
@@ -582,24 +604,25 @@ def test_hot_swap_of_the_candidate_under_load_fails_no_request(service: Service)
 
 def test_prediction_log_and_feedback_are_queryable_in_duckdb(service: Service, http: httpx.Client):
     """Every answer lands in the Parquet prediction log with its keys, version, features hash,
-    score and latency; feedback posted later joins to it by request id."""
+    score and latency; feedback posted later with the feedback token joins to it by the
+    issued request id, and a request keeps its first label (a different one is a 409)."""
     service.apply(mode="single")
     ids = [f"log-{uuid.uuid4().hex}" for _ in range(5)]
     answers = http.post(
         "/predict", json={"records": [service.record(i, entity=f"e{i}", rid=ids[i]) for i in range(5)]}
     ).json()
-    assert (
-        http.post(
-            "/feedback",
-            json={"feedback": [{"request_id": ids[0], "label": 1}, {"request_id": ids[1], "label": 0}]},
-        ).status_code
-        == 202
-    )
-    assert http.post("/feedback", json={"request_id": ids[0], "label": 0}).status_code == 202
+    issued = [a["request_id"] for a in answers["predictions"]]
+    labels = {"feedback": [{"request_id": issued[0], "label": 1}, {"request_id": issued[1], "label": 0}]}
+    assert http.post("/feedback", json=labels).status_code == 401
+    assert http.post("/feedback", json=labels, headers=service.labeller).status_code == 202
+    again = http.post("/feedback", json={"request_id": issued[0], "label": 0}, headers=service.labeller)
+    assert again.status_code == 409
+    mine = {"request_id": ids[2], "label": 1}  # the caller's own id: not one the service issued
+    assert http.post("/feedback", json=mine, headers=service.labeller).status_code == 422
     service.wait_logged(set(ids))
     store = service.store()
     deadline = time.monotonic() + 10
-    while store.read_feedback()["request_id"].isin(ids).sum() < 3 and time.monotonic() < deadline:
+    while store.read_feedback()["request_id"].isin(issued).sum() < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
     rows = store.query("SELECT * FROM labelled WHERE request_id LIKE 'log-%' ORDER BY request_id").set_index(
         "request_id"
@@ -612,9 +635,9 @@ def test_prediction_log_and_feedback_are_queryable_in_duckdb(service: Service, h
         assert row["variant"] == "stable" and row["role"] == "primary" and row["status"] == 200
         assert row["latency_ms"] > 0 and len(row["features_hash"]) == 16 and row["entity_key"].startswith("e")
     assert (
-        rows.loc[ids[0], "label"] == 0
-        and rows.loc[ids[1], "label"] == 0
-        and pd.isna(rows.loc[ids[2], "label"])
+        rows.loc[issued[0], "label"] == 1
+        and rows.loc[issued[1], "label"] == 0
+        and pd.isna(rows.loc[issued[2], "label"])
     )
     files = list((service.settings.home_path / "predictions").glob("date=*/*.parquet"))
     assert files and not list((service.settings.home_path / "predictions").glob("date=*/.*.tmp"))
@@ -698,7 +721,10 @@ def test_every_bad_input_is_a_4xx_naming_the_problem_and_the_service_keeps_servi
     for inputs, status, needle in v2_cases:
         resp = http.post(f"/v2/models/{name}/infer", json={"inputs": inputs})
         assert resp.status_code == status and needle in resp.json()["error"], (needle, resp.text[:300])
-    assert http.post("/feedback", json={"request_id": "x", "label": 7}).status_code == 422
+    assert (
+        http.post("/feedback", json={"request_id": "x", "label": 7}, headers=service.labeller).status_code
+        == 422
+    )
     assert http.post("/predict", json=service.record(3)).status_code == 200
 
 
@@ -706,14 +732,16 @@ def test_every_bad_input_is_a_4xx_naming_the_problem_and_the_service_keeps_servi
 
 
 def test_versions_load_on_demand_and_are_evicted_least_recently_used(service: Service, http: httpx.Client):
-    """Pinned inference on versions outside the slots loads them into the pool; beyond the
-    memory budget the least recently used unpinned version is evicted, never a slot's."""
+    """Pinned inference on versions outside the slots loads them into the pool (with the admin
+    token, load_on_demand being on here); beyond the memory budget the least recently used
+    unpinned version is evicted, never a slot's."""
     v1, v2, v3, v4 = service.versions[:4]
     service.apply(mode="single")  # only v1 in a slot
     name = service.settings.training.model_name
     body = {"inputs": _tensors(service, service.rows[:1])}
     for v in (v2, v3, v4, v2):
-        assert http.post(f"/v2/models/{name}/versions/{v}/infer", json=body).status_code == 200
+        path = f"/v2/models/{name}/versions/{v}/infer"
+        assert http.post(path, json=body, headers=service.auth).status_code == 200
     state = service.client.state()
     loaded = {m["version"] for m in state["pool"]["models"]}
     assert v1 in loaded and v2 in loaded and len(loaded) == 3, loaded  # budget: three versions
@@ -913,8 +941,8 @@ def test_sigterm_under_load_answers_every_accepted_request_and_flushes_the_log(s
     )
     service.wait_logged(set(load.ok_ids), timeout=5)  # flushed on the way out
     handled = set(
-        service.store().query("SELECT DISTINCT request_id FROM predictions WHERE request_id LIKE 'load-%'")[
-            "request_id"
-        ]
+        service.store().query(
+            f"SELECT DISTINCT {CLIENT_ID} AS request_id FROM predictions WHERE request_id LIKE 'load-%'"
+        )["request_id"]
     )
     assert handled.isdisjoint(load.error_ids), sorted(handled & set(load.error_ids))[:5]

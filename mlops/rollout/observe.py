@@ -16,7 +16,10 @@ them over as pandas frames with the ``mlops.predlog`` columns, and gets back one
 
 Evidence never leaks between versions: rows are kept only when their ``model_version`` is
 the version pinned for their variant; rows of any other version are counted in
-``foreign`` and otherwise ignored. Drift statistics reuse ``mlops.stats`` (fine histograms,
+``foreign`` and otherwise ignored. Nor is it steered by callers: rows marked ``forced``
+(the caller chose the variant instead of the router) are counted in ``forced`` and
+otherwise ignored, so forcing traffic onto a variant and labelling it changes no gate and
+no A/B arm. A request's first label is the one that counts. Drift statistics reuse ``mlops.stats`` (fine histograms,
 ``coarsen`` into equal-mass buckets, ``psi_counts``, ``histogram_ks``), so a reference is a
 few hundred counts per feature, not a copy of the training data.
 """
@@ -219,7 +222,8 @@ class Observations:
 
     ``since``/``until`` bound the window of log rows (``source='log'``); a replay carries
     none. ``foreign`` lists ``(variant, version, rows)`` excluded because the version is not
-    the one pinned for the variant.
+    the one pinned for the variant; ``forced`` counts the rows excluded because the caller
+    chose their variant.
     """
 
     source: Literal["log", "replay"] = "log"
@@ -230,6 +234,7 @@ class Observations:
     pairs: PairStats = PairStats()
     ab: Arms | None = None
     foreign: tuple[tuple[str, int, int], ...] = ()
+    forced: int = 0
 
     def variant(self, name: str) -> VariantStats:
         """The statistics of variant ``name`` (``stable`` or ``candidate``)."""
@@ -387,8 +392,8 @@ class _Log:
         self.label = np.full(n, np.nan)
         if fb is not None:
             by_code = np.full(len(uniques), np.nan)
-            fb_codes, fb_labels = codes[n:][::-1], fb["label"].to_numpy(dtype=np.float64)[::-1]
-            first, at = np.unique(fb_codes, return_index=True)  # first in reverse: a request's last label
+            fb_codes, fb_labels = codes[n:], fb["label"].to_numpy(dtype=np.float64)
+            first, at = np.unique(fb_codes, return_index=True)  # a request's first label
             by_code[first] = fb_labels[at]
             self.label = by_code[self.codes]
         self.n_codes = len(uniques)
@@ -443,9 +448,9 @@ def observe(
 ) -> Observations:
     """Observations of one tick from prediction-log rows and feedback rows.
 
-    ``log`` has the ``mlops.predlog`` columns (feature columns optional); rows outside
-    ``[since, until)`` are dropped. ``feedback`` has ``request_id`` and ``label`` (the last
-    label of a request wins). ``references`` maps ``stable``/``candidate`` to the reference
+    ``log`` has the ``mlops.predlog`` columns (feature columns and ``forced`` optional); rows
+    outside ``[since, until)`` and ``forced`` rows are dropped. ``feedback`` has
+    ``request_id`` and ``label``, oldest first (the first label of a request counts). ``references`` maps ``stable``/``candidate`` to the reference
     of that variant's model; without one, its drift metrics are NaN. ``ab_metric`` names
     the A/B primary metric whose per-request values to condense into ``Observations.ab``.
     """
@@ -454,6 +459,11 @@ def observe(
         keep &= (log["ts"] >= pd.Timestamp(since)).to_numpy()
     if until is not None:
         keep &= (log["ts"] < pd.Timestamp(until)).to_numpy()
+    n_forced = 0
+    if "forced" in log:
+        forced = log["forced"].to_numpy(dtype=bool, na_value=False) & keep
+        n_forced = int(forced.sum())
+        keep &= ~forced
     version = log["model_version"].to_numpy()
     pinned = {STABLE: stable_version, CANDIDATE: candidate_version}
     is_variant = {v: (log["variant"] == v).to_numpy(dtype=bool, na_value=False) for v in (STABLE, CANDIDATE)}
@@ -494,6 +504,7 @@ def observe(
         pairs=pairs,
         ab=ab,
         foreign=foreign,
+        forced=n_forced,
     )
 
 
