@@ -148,9 +148,9 @@ def test_the_built_bento_serves_and_answers_predict(
     starts, becomes ready with the registry's champion and answers /predict with the
     model's scores."""
     from conftest import FAST_ENV, register_versions
-    from test_serving_service import _free_port, _stop
 
     from adapters.runtime import configure
+    from adapters.services import free_port, terminate
     from mlops.datagen import generate
     from mlops.onnx_model import OnnxScorer
     from mlops.settings import load_settings
@@ -168,7 +168,7 @@ def test_the_built_bento_serves_and_answers_predict(
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "bento.log"
     with open(log, "wb") as fh:
         proc = subprocess.Popen(
@@ -211,4 +211,4 @@ def test_the_built_bento_serves_and_answers_predict(
         cwds = {c.cwd() for c in psutil.Process(proc.pid).children(recursive=True) if c.is_running()}
         assert str(path / "src") in cwds, cwds  # the service runs in the bento's copy of the code
     finally:
-        _stop(proc)
+        terminate(proc)

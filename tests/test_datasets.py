@@ -156,9 +156,10 @@ def test_odd_column_names_give_the_same_scores_in_training_batch_and_online(
     """A CSV dataset whose columns hold spaces, dots, unicode and leading digits trains and
     registers under its own name, scores in batch from CSV, and is served online (/predict
     and OIP v2 infer, by column name): all three give the registered ONNX model's scores."""
-    from test_serving_service import _free_port, _start, _stop
+    from test_serving_service import _start
 
     from adapters import storage
+    from adapters.services import free_port, terminate
     from flows.score import score_flow
     from flows.train import train_flow
     from registry.mlflow_registry import ModelRegistry
@@ -190,7 +191,7 @@ def test_odd_column_names_give_the_same_scores_in_training_batch_and_online(
     np.testing.assert_allclose(batch["score"], scorer.predict_proba(score_in), rtol=0, atol=1e-6)
 
     env = dict(os.environ) | {"MLOPS_CONFIG": str(config)}
-    port = _free_port()
+    port = free_port()
     proc = _start(env, port, tmp_path / "service.log")
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
@@ -218,7 +219,7 @@ def test_odd_column_names_give_the_same_scores_in_training_batch_and_online(
                 np.asarray(probs["data"]).reshape(-1, 2)[:, 1], batch["score"][:25], rtol=0, atol=1e-6
             )
     finally:
-        _stop(proc)
+        terminate(proc)
 
 
 @pytest.mark.parametrize("path", DATASET_CONFIGS, ids=[p.name for p in DATASET_CONFIGS])

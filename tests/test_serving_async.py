@@ -24,8 +24,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_serving_service import REPO, _free_port, _stop
+from test_serving_service import REPO
 
+from adapters.services import free_port, terminate
 from mlops.datagen import generate
 from mlops.request_validation import InvalidRequest
 from mlops.settings import AsyncJobsConfig, Settings, load_settings
@@ -266,7 +267,7 @@ def start(registry: dict[str, str], tmp_path: Path) -> Iterator:
         env |= overrides
         settings = load_settings(environ=env)
         settings.home_path.mkdir(parents=True, exist_ok=True)
-        port = started[-1].port if started else _free_port()
+        port = started[-1].port if started else free_port()
         log = tmp_path / "service.log"
         svc = Svc(f"http://127.0.0.1:{port}", env, settings, _spawn(env, port, log), log, port)
         started.append(svc)
@@ -274,7 +275,7 @@ def start(registry: dict[str, str], tmp_path: Path) -> Iterator:
 
     yield run
     for svc in started:
-        _stop(svc.proc)
+        terminate(svc.proc)
 
 
 def _rows(settings: Settings, n: int) -> list[dict]:
@@ -359,7 +360,7 @@ def test_1000_jobs_across_a_sigkill_all_finish_none_lost_none_scored_twice(start
         assert pred["model_version"] == direct["predictions"][0]["model_version"]
         assert pred["request_id"].startswith("job-") and body["result"]["mode"] == "single"
     http.close()
-    _stop(svc.proc)  # flushes the prediction log
+    terminate(svc.proc)  # flushes the prediction log
 
     logged = PredictionLogStore.for_settings(svc.settings).query(
         "SELECT request_id, count(*) n FROM predictions WHERE request_id LIKE 'job-%' GROUP BY request_id"

@@ -262,9 +262,10 @@ class Service:
 def service(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -> Iterator[Service]:
     """A started service with champion v1 in the stable slot and a short body deadline."""
     from conftest import FAST_ENV, register_versions
-    from test_serving_service import _free_port, _start, _stop
+    from test_serving_service import _start
 
     from adapters.runtime import configure
+    from adapters.services import free_port, terminate
     from registry.mlflow_registry import ModelRegistry
 
     home = tmp_path_factory.mktemp("protocol") / "home"
@@ -288,12 +289,12 @@ def service(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -> Ite
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    port = _free_port()
+    port = free_port()
     proc = _start(env, port, home / "service.log")
     try:
         yield Service(f"http://127.0.0.1:{port}", port, settings, _rows(50, seed=21))
     finally:
-        _stop(proc)
+        terminate(proc)
 
 
 @pytest.fixture
