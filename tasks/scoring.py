@@ -116,7 +116,7 @@ def score_partition(job: PartitionJob, models: Sequence[bytes]) -> PartitionResu
     Nothing is staged when the rows fail validation. With two models, the second scores
     the same feeds and only a constant-size ``AgreementStats`` comes back for it.
     """
-    from adapters.validation import validate_frame
+    from adapters.validation import validate_table
 
     clock, cpu = time.perf_counter(), time.thread_time()
     seconds: dict[str, float] = {}
@@ -129,16 +129,15 @@ def score_partition(job: PartitionJob, models: Sequence[bytes]) -> PartitionResu
 
     part = job.partition
     table = parquet_input.read_partition(part, job.columns)
-    frame = table.to_pandas(use_threads=False)  # for GX; one thread per worker is the plan
     lap("read")
-    summary = validate_frame(frame, job.schema, require_label=False, source=part.describe())
+    # Arrow checks decide a pass; only a failing partition becomes a pandas frame for GX.
+    summary = validate_table(table, job.schema, require_label=False, source=part.describe())
     lap("validate")
     if not summary.success:
         return PartitionResult(part.index, table.num_rows, None, summary.failures, seconds)
     if _stop_requested(job.run_id):
         return PartitionResult(part.index, table.num_rows, None, (), seconds, skipped=True)
 
-    del frame
     primary = worker_scorer(job.models[0], models[0], job.schema, job.ort_threads)
     columns = column_arrays(table, job.schema.feature_names)
     feeds = primary.feeds(columns)
