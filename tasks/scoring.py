@@ -1,7 +1,8 @@
 """Batch scoring tasks: pin models, plan the input, score partitions on Dask, commit.
 
 Two halves. ``score_partition`` runs on the Dask workers: it reads its own rows, validates
-them with the Great Expectations suite, scores them with an ONNX Runtime session that the
+them against the schema's suite (vectorised Arrow checks; Great Expectations reports a
+partition that fails), scores them with an ONNX Runtime session that the
 worker builds once per model version and keeps (``worker_scorer``), writes one staged
 Parquet part and returns a small ``PartitionResult``. The Prefect tasks run on the driver
 and wrap one adapter call each; retries sit only on the IO that can be retried.
@@ -192,6 +193,7 @@ def sweep_store(root: str) -> storage.SweepReport:
 
 @task(name="committed-dates", retries=2, retry_delay_seconds=[2, 10])
 def committed_dates(root: str) -> list[date]:
+    """The run dates the score store has a committed run for."""
     return storage.committed_dates(root)
 
 
@@ -203,11 +205,13 @@ def plan_input(path: str, rows_per_partition: int, min_rows: int) -> tuple[Parti
 
 @task(name="open-staging", retries=2, retry_delay_seconds=[2, 10])
 def open_staging(root: str, run_date: date, run_id: str) -> StagedRun:
+    """Open the staging folder of this run (sweeping abandoned runs of the date)."""
     return StagedRun.open(root, run_date, run_id)
 
 
 @task(name="abort-staging")
 def abort_staging(staged: StagedRun) -> None:
+    """Drop the staging run; the date's published run stays as it is."""
     staged.abort()
 
 
@@ -282,6 +286,7 @@ def commit_run(staged: StagedRun, parts: Sequence[PartInfo], record: RunRecord) 
 def record_comparison(
     root: str, run_date: date, run_id: str, reference: ModelRef, compared: ModelRef, report
 ) -> None:
+    """Store the champion/challenger agreement report of the run date in the warehouse."""
     from adapters.score_reports import write_comparison
 
     write_comparison(root, run_date, run_id, reference, compared, report)
