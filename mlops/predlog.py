@@ -14,7 +14,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pyarrow as pa
@@ -143,3 +143,17 @@ def visible_files(listing: Iterable[str], journal: Compaction | None) -> list[st
     if journal is None:
         return sorted(parts)
     return sorted((parts - set(journal.sources)) | set(journal.merged))
+
+
+def closed_days(days: Iterable[str], now: datetime, grace: timedelta) -> list[str]:
+    """The days (``YYYY-MM-DD``, UTC) no writer adds to any more: ended at least ``grace``
+    before ``now`` (a writer's last flush of a day can land just after midnight)."""
+    last_closed = (now.astimezone(UTC) - grace).date()
+    out = []
+    for day in days:
+        try:
+            if datetime.strptime(day, "%Y-%m-%d").date() < last_closed:
+                out.append(day)
+        except ValueError:
+            continue
+    return sorted(out)

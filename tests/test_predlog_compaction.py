@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mlops.datagen import fraud_schema
-from mlops.predlog import COMPACTION_JOURNAL, log_schema, part_name
+from mlops.predlog import COMPACTION_JOURNAL, closed_days, log_schema, part_name
 from serving.predlog_store import PredictionLogStore, compact_day
 
 pytestmark = pytest.mark.integration
@@ -137,3 +137,12 @@ def test_a_compaction_killed_at_any_point_loses_and_duplicates_nothing(tmp_path:
     names = sorted(p.name for p in folder.iterdir())
     assert names == sorted([*report.into, COMPACTION_JOURNAL])
     assert request_ids(tmp_path) == expected_ids(range(written))
+
+
+def test_only_days_that_ended_a_grace_period_ago_count_as_closed() -> None:
+    """Just after midnight yesterday is still open (a last flush may land); later it closes.
+    Names that are not days are ignored."""
+    days = ["2026-12-04", "2026-12-05", "2026-12-06", "junk"]
+    grace = timedelta(minutes=30)
+    assert closed_days(days, datetime(2026, 12, 6, 0, 10, tzinfo=UTC), grace) == ["2026-12-04"]
+    assert closed_days(days, datetime(2026, 12, 6, 0, 40, tzinfo=UTC), grace) == ["2026-12-04", "2026-12-05"]
