@@ -10,9 +10,9 @@ gradient-boosting candidate, 100 trees, exported to ONNX and registered as champ
   (b) naive baseline: ``pandas.read_parquet`` -> predict in one process -> ``to_parquet``,
       with the scikit-learn pipeline (b_sklearn) and with one ONNX Runtime session using all
       cores (b_onnx); ``b`` is the faster of the two;
-  (c) `mlops score` end to end: the scoring flow (read, validate (Arrow checks of the GX suite), score, stage,
-      commit, DuckDB) on a warm local Dask cluster; the cold-start cost (Prefect API, cluster
-      start, GX import on the workers) is measured on a small warm-up run and reported apart.
+  (c) `mlops score` end to end: the scoring flow (read, validate with the GX suite's checks
+      on Arrow, score, stage, commit, DuckDB) on a warm local Dask cluster; the cold-start
+      cost (Prefect API, cluster start) is measured on a small warm-up run and reported apart.
 
 It prints rows/s of each, the ratios c/a and c/b, peak memory (RSS) of (b) and of (c)'s
 driver and workers, and checks that (c) wrote exactly N rows, that DuckDB counts N, and

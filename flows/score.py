@@ -74,6 +74,8 @@ class ScoreSummary:
 
 @dataclass(frozen=True)
 class BackfillSummary:
+    """What a backfill did: the dates it scored and those it skipped as committed already."""
+
     scored: tuple[ScoreSummary, ...]
     skipped: tuple[date, ...]
 
