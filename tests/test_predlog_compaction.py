@@ -91,7 +91,27 @@ def test_a_compacted_day_has_few_files_every_row_once_and_every_column(tmp_path:
 
 
 _COMPACTOR = """
+import os
+import signal
+
 from serving.predlog_store import compact_day
+
+# Fault injection: with kill_at > 0 the process SIGKILLs itself just before its
+# kill_at-th rename or delete, so every step of the protocol gets interrupted.
+ops = [0]
+
+
+def counted(fn):
+    def step(*args, **kwargs):
+        ops[0] += 1
+        if ops[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return fn(*args, **kwargs)
+
+    return step
+
+
+os.replace, os.unlink = counted(os.replace), counted(os.unlink)
 started.set()
 compact_day(root, day, rows_per_file=rows_per_file)
 done.set()
@@ -100,8 +120,9 @@ done.set()
 
 def test_a_compaction_killed_at_any_point_loses_and_duplicates_nothing(tmp_path: Path) -> None:
     """Given a day that keeps receiving late files, when compactions of it are SIGKILLed
-    again and again at random points, then after every kill (and while they run) a reader
-    sees every row exactly once, and the next compaction finishes the job."""
+    again and again (before a random one of their renames and deletes, or after a random
+    time while a reader polls), then after every kill and while they run a reader sees every
+    row exactly once, and the next compaction finishes the job."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["serving.predlog_store", "pyarrow.parquet", "duckdb", "pandas"])
     root = tmp_path / "predictions"
@@ -109,30 +130,37 @@ def test_a_compaction_killed_at_any_point_loses_and_duplicates_nothing(tmp_path:
     written = 0
     killed_mid_way = 0
     for round_ in range(16):
-        for _ in range(25):  # late files since the last compaction
+        for _ in range(10):  # late files since the last compaction
             write_part(tmp_path, written)
             written += 1
+        kill_at = rng.randint(1, 20) if round_ % 4 else 0
         started, done = ctx.Event(), ctx.Event()
-        child = ctx.Process(
-            target=exec,
-            args=(
-                _COMPACTOR,
-                {"root": str(root), "day": DAY, "rows_per_file": 150, "started": started, "done": done},
-            ),
-            daemon=True,
-        )
+        names = {
+            "root": str(root),
+            "day": DAY,
+            "rows_per_file": 1_000,
+            "kill_at": kill_at,
+            "started": started,
+            "done": done,
+        }
+        child = ctx.Process(target=exec, args=(_COMPACTOR, names), daemon=True)
         child.start()
         assert started.wait(30), "the compactor never started"
-        deadline = time.monotonic() + rng.uniform(0, 0.6)
-        while time.monotonic() < deadline:  # a reader at work during the compaction
-            assert request_ids(tmp_path) == expected_ids(range(written))
-        os.kill(child.pid, signal.SIGKILL)
-        child.join(10)
+        if kill_at:
+            child.join(60)
+        else:
+            deadline = time.monotonic() + rng.uniform(0, 0.6)
+            while time.monotonic() < deadline:  # a reader at work during the compaction
+                assert request_ids(tmp_path) == expected_ids(range(written))
+            os.kill(child.pid, signal.SIGKILL)
+            child.join(10)
+        # Killed (by itself or by us), or finished: never crashed.
+        assert done.is_set() or child.exitcode == -signal.SIGKILL, f"compactor exit code {child.exitcode}"
         if not done.is_set():
             killed_mid_way += 1
-        assert request_ids(tmp_path) == expected_ids(range(written)), f"round {round_}"
-    assert killed_mid_way >= 4, killed_mid_way
-    report = compact_day(root, DAY, rows_per_file=150)
+        assert request_ids(tmp_path) == expected_ids(range(written)), f"round {round_}, kill_at {kill_at}"
+    assert killed_mid_way >= 8, killed_mid_way
+    report = compact_day(root, DAY, rows_per_file=1_000)
     folder = root / f"date={DAY}"
     names = sorted(p.name for p in folder.iterdir())
     assert names == sorted([*report.into, COMPACTION_JOURNAL])
