@@ -16,9 +16,6 @@ from datetime import UTC, date, datetime
 import duckdb
 
 from adapters import storage
-
-# The score store's own write lock and layout: these tables live in its warehouse file.
-from adapters.storage import _Layout, _writer
 from mlops.scoring import ModelRef
 from mlops.stats import AgreementReport
 
@@ -79,8 +76,8 @@ def write_comparison(
     lock_timeout: float = storage.DEFAULT_LOCK_TIMEOUT,
 ) -> None:
     """Replace the agreement report of ``run_date`` with ``report``, atomically."""
-    layout = _Layout.of(root)
-    with _writer(layout, lock_timeout) as work:
+    # The score store's own write lock: these tables live in its warehouse file.
+    with storage.writer(root, lock_timeout) as work:
         con = work.con
         for ddl in _DDL:
             con.execute(ddl)

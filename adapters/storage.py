@@ -1,107 +1,62 @@
-"""Score storage: staged Parquet parts, an atomic publish per run date, DuckDB views.
+"""Score store: staged Parquet parts, an atomic publish per run date, DuckDB views.
 
 Exactly once per run date: a scoring run writes its partitions into a private staging
-folder, and ``commit`` publishes the whole run in one step. A reader of the warehouse sees
-either the whole previous run for that date or the whole new one, never a mix and never
-half; re-running a date replaces it, it never duplicates.
+folder, and ``commit`` publishes the whole run in one step; a reader sees the whole
+previous run of a date or the whole new one, never a mix. Layout under ``root``::
 
-Layout under ``root`` (the caller's MLOPS_HOME)::
-
-    warehouse.duckdb                          table score_runs, view scores
-    .warehouse.lock                           the store's reader/writer lock (flock)
-    scores/_staging/<run_id>/_stage.json      which run_date this staging run is for
-    scores/_staging/<run_id>/part-00000.parquet ...
-    scores/_runs/run_date=D/<run_id>/part-*.parquet   committed runs, immutable
+    warehouse.duckdb                          tables score_runs, views scores, scores_on(d)
+    scores/_staging/<run_id>/part-*.parquet   staging runs (with _stage.json)
+    scores/_runs/run_date=D/<run_id>/         committed runs, immutable, with _manifest.json
     scores/run_date=D -> _runs/run_date=D/<run_id>    pointer for Hive-style readers
 
-Writing. ``StagedRun.open`` creates the staging folder (sweeping abandoned staging runs of
-the same date); ``write_part`` needs only (root, run_date, run_id, index), so Dask workers
-call it directly. Each part is written by pyarrow to a temporary name in the staging
-folder, fsynced and renamed, so a part is either absent or complete at its final name;
-writing an index again replaces it (idempotent retries). DuckDB ``COPY`` is never used for
-outputs: killed mid-write it leaves truncated files at their final names.
-
-Publishing. The commit point is one rename of the warehouse file. ``commit`` takes the
-store's write lock, renames the staging folder to its immutable run folder, verifies every
-expected part (present, readable footer, right row count, one schema), then, in a private
-copy of the warehouse, replaces the date's ``score_runs`` row and recreates the ``scores``
-view over the explicit list of committed part files in one transaction, checkpoints and
-closes the copy, fsyncs it and renames it onto ``warehouse.duckdb``. The published file is
-never opened for writing: DuckDB rewrites blocks of its file in place when it checkpoints,
-and a process killed in the middle of such a write leaves a block whose checksum fails,
-which makes the whole warehouse unreadable. Only after the rename does it swap the
-``scores/run_date=D`` symlink (``os.replace`` of a fresh symlink onto the old one, atomic
-on POSIX) and sweep the superseded run folder. A crash before the rename publishes nothing
-(the orphan run folder and the stray copy are swept later); a crash after it leaves the
-warehouse correct and only the derived symlink or the sweep behind, which the next
-``sweep`` (run at the start of every run) or commit reconciles from ``score_runs``.
-
-Why an explicit file list and not a glob over the symlinks. Both read the same files, and
-``read_parquet('scores/run_date=*/*.parquet', hive_partitioning = true)`` does follow the
-directory symlinks in DuckDB 2.0.1 (checked by a test; ``scores/**/*.parquet`` does not
-follow them and finds ``_runs`` instead). But a view naming immutable files cannot change
-under a reader whatever the timing, keeps the view and ``score_runs`` in one transaction
-(one commit point instead of two), and never picks up a stray file.
-
-Readers and the lock. ``.warehouse.lock`` is a reader/writer lock (``flock``): writers
-(open, commit, sweep, abort, replay reports) hold it exclusively, ``query`` and
-``committed_dates`` shared for one call, so while a store reader runs no writer can swap a
-pointer or delete a superseded run folder. The lock belongs to an open file, so threads
-of one process exclude each other as processes do. A waiter sleeps in the kernel's
-``flock`` queue and is woken when the lock is released, so readers get in between the
-commits of a busy writer; after ``lock_timeout`` it gives up with ``WarehouseBusy``. Each
-store read attaches the current file in a fresh in-memory DuckDB (``duckdb.connect(path)``
-would reuse an instance this process already has open, which may be the file as it was
-before the last rename). Other tools may open ``warehouse.duckdb``
-read-only at any time and never block a commit: they keep the snapshot they opened, and a
-query of theirs over ``scores`` can fail on the files of a date re-scored since (open
-again to see it). The file is written by the store only; changes made to it by another
-tool are folded in (a write-ahead log left beside it is checkpointed into it under the
-write lock) but a tool holding it open read-write races the store. Non-DuckDB readers of
-the symlinked layout should resolve ``scores/run_date=D`` once (``os.path.realpath``) and
-read from there.
-
-Stale staging runs. A staging run is abandoned when a newer run of the same date is opened
-(one live run per date), or when nothing in it changed for ``stale_after`` (other dates,
-whose runs may be live in other processes), or when it has no marker (left by a process
-killed half-way through building or removing it). Both are swept under the write lock, and
-a swept folder is renamed to a hidden name before it is deleted, so a sweep killed half-way
-leaves nothing that looks live.
+The warehouse file and its lock are ``adapters.warehouse``; the design (commit point,
+pointers, sweeping, the lock) is in docs/design/score-store.md.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
 import re
 import secrets
 import shutil
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import TypeVar
 
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from adapters import duckdb_files, warehouse_query
-from mlops.errors import DataError, PlatformError
+from adapters import warehouse_query
+from adapters.warehouse import (
+    LOCK_FILE,
+    WAREHOUSE_FILE,
+    StorageError,
+    Warehouse,
+    WarehouseBusy,
+    WorkingCopy,
+    sql_literal,
+)
+from adapters.warehouse import fsync_dir as _fsync_dir
+from mlops.errors import DataError
 
 __all__ = [
     "DEFAULT_LOCK_TIMEOUT",
     "DEFAULT_STALE_AFTER",
     "CommitInfo",
+    "LOCK_FILE",
+    "MANIFEST",
+    "WAREHOUSE_FILE",
     "IncompleteRun",
     "PartInfo",
     "RunRecord",
+    "ScoreLayout",
     "StagedRun",
     "StagingMissing",
     "StorageError",
@@ -112,20 +67,22 @@ __all__ = [
     "new_run_id",
     "part_name",
     "query",
+    "read_manifest",
+    "reader",
+    "rebuild",
     "sweep",
     "write_part",
+    "writer",
 ]
 
 log = logging.getLogger(__name__)
 
-WAREHOUSE_FILE = "warehouse.duckdb"
-LOCK_FILE = ".warehouse.lock"
-_WORK_PREFIX = ".warehouse.duckdb."
-_WORK_SUFFIX = ".tmp"
 SCORES_DIR = "scores"
 STAGING_DIR = "_staging"
 RUNS_DIR = "_runs"
+PENDING_DIR = "_pending"
 STAGE_MARKER = "_stage.json"
+MANIFEST = "_manifest.json"
 PARTITION_KEY = "run_date"
 
 DEFAULT_LOCK_TIMEOUT = 30.0
@@ -157,18 +114,9 @@ CREATE TABLE IF NOT EXISTS score_runs (
 )
 """
 
-_T = TypeVar("_T")
-
-
 # --------------------------------------------------------------------------- errors
 
-
-class StorageError(PlatformError):
-    """The score store (its Parquet folders or the DuckDB warehouse) refused an operation."""
-
-
-class WarehouseBusy(StorageError):
-    """Another process kept the warehouse file locked for longer than we may wait."""
+# StorageError and WarehouseBusy come from adapters.warehouse (re-exported here).
 
 
 class StagingMissing(StorageError):
@@ -242,46 +190,60 @@ class SweepReport:
 
 
 @dataclass(frozen=True)
-class _Layout:
+class ScoreLayout:
+    """Where the score store keeps what under ``root`` (the caller's MLOPS_HOME)."""
+
     root: Path
 
     @classmethod
-    def of(cls, root: str | os.PathLike[str]) -> _Layout:
-        # One spelling per file: DuckDB caches database instances by path, and two
-        # instances of one file in one process would not exclude each other.
+    def of(cls, root: str | os.PathLike[str]) -> ScoreLayout:
+        """The layout of ``root``, spelled one way (DuckDB caches instances by path)."""
         return cls(Path(root).expanduser().resolve())
 
     @property
-    def warehouse(self) -> Path:
-        return self.root / WAREHOUSE_FILE
-
-    @property
-    def lock(self) -> Path:
-        return self.root / LOCK_FILE
+    def warehouse(self) -> Warehouse:
+        """The DuckDB warehouse file and its lock."""
+        return Warehouse(self.root)
 
     @property
     def scores(self) -> Path:
+        """The folder of staging runs, committed runs and date pointers."""
         return self.root / SCORES_DIR
 
     @property
     def staging(self) -> Path:
+        """The folder of staging runs."""
         return self.scores / STAGING_DIR
 
     @property
     def runs(self) -> Path:
+        """The folder of committed runs, one folder per date."""
         return self.scores / RUNS_DIR
 
+    @property
+    def pending(self) -> Path:
+        """The folder of dates whose folders a commit may have left untidy (one empty file each)."""
+        return self.scores / PENDING_DIR
+
     def stage_dir(self, run_id: str) -> Path:
+        """The staging folder of ``run_id``."""
         return self.staging / run_id
 
+    def date_dir(self, run_date: date) -> Path:
+        """The folder of the committed runs of ``run_date``."""
+        return self.runs / f"{PARTITION_KEY}={run_date.isoformat()}"
+
     def run_dir(self, run_date: date, run_id: str) -> Path:
-        return self.runs / f"{PARTITION_KEY}={run_date.isoformat()}" / run_id
+        """The folder of committed run ``run_id`` of ``run_date``."""
+        return self.date_dir(run_date) / run_id
 
     def link(self, run_date: date) -> Path:
+        """The Hive-style pointer ``scores/run_date=D`` to the published run of the date."""
         return self.scores / f"{PARTITION_KEY}={run_date.isoformat()}"
 
     @staticmethod
     def link_target(run_date: date, run_id: str) -> str:
+        """What the pointer of ``run_date`` holds when ``run_id`` is published."""
         return f"{RUNS_DIR}/{PARTITION_KEY}={run_date.isoformat()}/{run_id}"
 
 
@@ -324,14 +286,6 @@ def _parse_partition(name: str) -> date | None:
 
 
 # --------------------------------------------------------------------------- file system
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove_tree(path: Path) -> None:
@@ -393,6 +347,26 @@ def _last_change(path: Path) -> float:
     return newest
 
 
+def _mark_pending(layout: ScoreLayout, run_date: date) -> None:
+    """Note that the folders of ``run_date`` are about to change (a sweep tidies them)."""
+    layout.pending.mkdir(parents=True, exist_ok=True)
+    entry = layout.pending / f"{PARTITION_KEY}={run_date.isoformat()}"
+    if not entry.exists():
+        entry.touch()
+        _fsync_dir(layout.pending)
+
+
+def _pending_dates(layout: ScoreLayout) -> list[date]:
+    if not layout.pending.is_dir():
+        return []
+    return sorted(d for d in (_parse_partition(e.name) for e in layout.pending.iterdir()) if d is not None)
+
+
+def _clear_pending(layout: ScoreLayout, dates: Iterable[date]) -> None:
+    for run_date in dates:
+        (layout.pending / f"{PARTITION_KEY}={run_date.isoformat()}").unlink(missing_ok=True)
+
+
 def _point(link: Path, target: str) -> bool:
     """Make ``link`` a symlink to ``target`` with one atomic rename; True if it changed."""
     if link.is_symlink() and os.readlink(link) == target:
@@ -408,221 +382,58 @@ def _point(link: Path, target: str) -> bool:
 
 # --------------------------------------------------------------------------- warehouse
 
-
-def _retrying(path: Path, timeout: float, open_: Callable[[], _T]) -> _T:
-    """``open_()``, waiting while another process holds DuckDB's own lock on ``path``."""
-    try:
-        return duckdb_files.open_waiting(open_, timeout)
-    except duckdb_files.StillLocked as exc:
-        raise WarehouseBusy(f"warehouse {path} stayed locked for {timeout:.1f}s: {exc}") from exc
-    except duckdb.Error as exc:
-        raise StorageError(f"cannot open warehouse {path}: {exc}") from exc
+_FILE_COLUMN = "_score_file"
+_RESERVED = (PARTITION_KEY, _FILE_COLUMN)
 
 
-def _flock(fd: int, mode: int, timeout: float) -> bool:
-    """Take ``flock`` ``mode`` on ``fd``, waiting up to ``timeout`` s; whether it was taken.
+def _read_sql(layout: ScoreLayout, dates: str) -> str:
+    """Committed rows under ``_runs/run_date=<dates>``: parts of the runs score_runs names.
 
-    The wait is a blocking ``flock`` in a helper thread, not a poll: the kernel wakes a
-    waiter the moment the lock is released, so a reader gets in between two commits of a
-    busy writer instead of probing at random and starving. If the time runs out first,
-    the helper gives the lock back as soon as it gets it.
+    The run folders are globbed (no file list to rebuild per commit, one schema, so only
+    the first file's footer is read to bind) and rows of folders that are not the
+    published run of their date (a run being committed, an orphan of a killed commit, a
+    superseded run not yet swept) are left out by the join on score_runs.
     """
-    try:
-        fcntl.flock(fd, mode | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        if timeout <= 0:
-            return False
-    waiter_fd = os.dup(fd)  # same open file: a lock it takes is held through ``fd`` too
-    decided = threading.Lock()
-    taken = threading.Event()
-    abandoned = False
-
-    def wait() -> None:
-        try:
-            fcntl.flock(waiter_fd, mode)
-            with decided:
-                if abandoned:
-                    fcntl.flock(waiter_fd, fcntl.LOCK_UN)
-                else:
-                    taken.set()
-        finally:
-            os.close(waiter_fd)
-
-    threading.Thread(target=wait, name="warehouse-lock-wait", daemon=True).start()
-    taken.wait(timeout)
-    with decided:
-        if taken.is_set():
-            return True
-        abandoned = True
-        return False
-
-
-@contextmanager
-def _store_lock(layout: _Layout, *, exclusive: bool, timeout: float) -> Iterator[None]:
-    """The store's reader/writer lock: ``flock`` on ``.warehouse.lock`` beside the file.
-
-    Writers hold it exclusively, the store's own readers shared. ``flock`` locks belong to
-    an open file, so two threads of one process exclude each other like two processes do.
-    """
-    layout.root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(layout.lock, os.O_RDONLY | os.O_CREAT, 0o644)
-    try:
-        if not _flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH, timeout):
-            holder = "readers or another writer" if exclusive else "a writer"
-            raise WarehouseBusy(f"warehouse {layout.warehouse} stayed locked by {holder} for {timeout:.1f}s")
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-class _WorkingCopy:
-    """A private copy of the warehouse that a writer changes and then publishes whole.
-
-    DuckDB rewrites some blocks of its file in place when it checkpoints, and a process
-    killed in the middle of such a write leaves a block whose checksum no longer matches:
-    the whole warehouse becomes unreadable. So the published file is never opened for
-    writing: a writer copies it, changes the copy, checkpoints and closes it (no WAL
-    left), fsyncs it and renames it onto the published name. A kill at any point leaves
-    the previous file intact and at worst a stray copy, which the next writer deletes.
-    """
-
-    def __init__(self, layout: _Layout) -> None:
-        self.layout = layout
-        self.path = layout.root / f"{_WORK_PREFIX}{uuid.uuid4().hex}{_WORK_SUFFIX}"
-        if layout.warehouse.exists():
-            shutil.copyfile(layout.warehouse, self.path)
-        self._con: duckdb.DuckDBPyConnection | None = duckdb.connect(str(self.path))
-        self.published = False
-
-    @property
-    def con(self) -> duckdb.DuckDBPyConnection:
-        """The working copy, open read-write until ``publish``."""
-        if self._con is None:
-            raise StorageError(f"{self.path} was published or discarded; it is closed")
-        return self._con
-
-    def publish(self) -> None:
-        """Make this copy the warehouse (one rename); the connection is closed."""
-        con, self._con = self.con, None
-        try:
-            con.execute("CHECKPOINT")
-        finally:
-            con.close()
-        if _wal(self.path).exists():
-            raise StorageError(f"{self.path} kept a write-ahead log after closing; not published")
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(self.path, self.layout.warehouse)
-        self.published = True
-        _fsync_dir(self.layout.root)
-
-    def discard(self) -> None:
-        if self._con is not None:
-            self._con.close()
-            self._con = None
-        for path in (self.path, _wal(self.path)):
-            path.unlink(missing_ok=True)
-
-
-def _wal(path: Path) -> Path:
-    return path.with_name(path.name + ".wal")
-
-
-def _settle(layout: _Layout, timeout: float) -> None:
-    """Under the write lock: drop working copies of killed writers and fold a WAL that
-    the published file still has (a warehouse written in place by an older release, or
-    by another tool) into it, so that a copy of the file alone is the whole warehouse."""
-    for entry in layout.root.glob(f"{_WORK_PREFIX}*{_WORK_SUFFIX}*"):
-        entry.unlink(missing_ok=True)
-    if _wal(layout.warehouse).exists():
-        con = _retrying(layout.warehouse, timeout, lambda: duckdb.connect(str(layout.warehouse)))
-        try:
-            con.execute("CHECKPOINT")
-        finally:
-            con.close()
-
-
-@contextmanager
-def _writer(layout: _Layout, timeout: float) -> Iterator[_WorkingCopy]:
-    """The warehouse's write lock and a working copy of it, published on a clean exit.
-
-    A caller that must publish before doing more (``commit`` publishes, then sweeps what
-    the new state supersedes) calls ``publish()`` itself; an exception discards the copy
-    and leaves the published warehouse as it was.
-    """
-    deadline = time.monotonic() + timeout
-    with _store_lock(layout, exclusive=True, timeout=timeout):
-        _settle(layout, max(0.0, deadline - time.monotonic()))
-        try:
-            work = _WorkingCopy(layout)
-        except duckdb.Error as exc:
-            raise StorageError(f"cannot open warehouse {layout.warehouse}: {exc}") from exc
-        try:
-            work.con.execute(_SCORE_RUNS_DDL)
-            work.con.execute(
-                "CREATE VIEW IF NOT EXISTS scores AS "
-                f"SELECT CAST(NULL AS DATE) AS {PARTITION_KEY} WHERE false"
-            )
-            yield work
-            if not work.published:
-                work.publish()
-        except duckdb.Error as exc:
-            raise StorageError(f"warehouse {layout.warehouse}: {exc}") from exc
-        finally:
-            work.discard()
-
-
-def _attach_read_only(path: Path) -> duckdb.DuckDBPyConnection:
-    # A fresh in-memory instance that attaches the file: duckdb.connect(path) would hand
-    # back a database instance this process already has open on that path, which may be
-    # the file as it was before the last publish (a rename does not reach open files).
-    con = duckdb.connect(":memory:")
-    try:
-        con.execute(f"ATTACH {_sql_str(str(path))} AS warehouse (READ_ONLY)")
-        con.execute("USE warehouse")
-    except BaseException:
-        con.close()
-        raise
-    return con
-
-
-@contextmanager
-def _reader(layout: _Layout, timeout: float) -> Iterator[duckdb.DuckDBPyConnection]:
-    if not layout.warehouse.exists():
-        raise DataError(f"no warehouse at {layout.warehouse}: nothing has been committed yet")
-    deadline = time.monotonic() + timeout
-    with _store_lock(layout, exclusive=False, timeout=timeout):
-        con = _retrying(
-            layout.warehouse,
-            max(0.0, deadline - time.monotonic()),
-            lambda: _attach_read_only(layout.warehouse),
-        )
-        try:
-            yield con
-        except duckdb.Error as exc:
-            raise DataError(f"query on {layout.warehouse} failed: {exc}") from exc
-        finally:
-            con.close()
-
-
-def _sql_str(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
-def _scores_view_sql(files: Sequence[str]) -> str:
-    """The DDL of the ``scores`` view over exactly ``files`` (run_date from their paths)."""
-    if not files:
-        return f"CREATE OR REPLACE VIEW scores AS SELECT CAST(NULL AS DATE) AS {PARTITION_KEY} WHERE false"
-    listing = ", ".join(_sql_str(f) for f in files)
+    glob = f"{sql_literal(str(layout.runs) + '/' + PARTITION_KEY + '=')} || {dates} || '/*/part-*.parquet'"
     return (
-        f"CREATE OR REPLACE VIEW scores AS SELECT * FROM read_parquet([{listing}], "
-        f"hive_partitioning = true, hive_types = {{'{PARTITION_KEY}': DATE}}, "
-        "union_by_name = true)"
+        f"SELECT s.* EXCLUDE ({_FILE_COLUMN}) FROM read_parquet({glob}, hive_partitioning = true, "
+        f"hive_types = {{'{PARTITION_KEY}': DATE}}, filename = '{_FILE_COLUMN}') AS s "
+        f"SEMI JOIN score_runs AS r ON s.{PARTITION_KEY} = r.{PARTITION_KEY} "
+        f"AND string_split(s.{_FILE_COLUMN}, '/')[-2] = r.run_id"
     )
+
+
+def _view_ddl(layout: ScoreLayout, empty: bool) -> list[str]:
+    """The DDL of ``scores`` (every committed run) and ``scores_on(d)`` (one date's run)."""
+    if empty:
+        body = f"SELECT CAST(NULL AS DATE) AS {PARTITION_KEY} WHERE false"
+        return [
+            f"CREATE OR REPLACE VIEW scores AS {body}",
+            f"CREATE OR REPLACE MACRO scores_on(d) AS TABLE {body}",
+        ]
+    return [
+        "CREATE OR REPLACE VIEW scores AS " + _read_sql(layout, "'*'"),
+        "CREATE OR REPLACE MACRO scores_on(d) AS TABLE "
+        + _read_sql(layout, "strftime(CAST(d AS DATE), '%Y-%m-%d')"),
+    ]
+
+
+def _ensure_views(con: duckdb.DuckDBPyConnection, layout: ScoreLayout, *, force: bool = False) -> None:
+    """Create the views if they are missing or name another folder (a moved home).
+
+    Neither depends on which runs are committed, so a commit of a date that already has a
+    schema in the warehouse does not touch them: its cost does not grow with history.
+    """
+    empty = not con.execute("SELECT count(*) FROM score_runs").fetchall()[0][0]
+    wanted = _view_ddl(layout, empty)
+    current = con.execute(
+        "SELECT sql FROM duckdb_views() WHERE view_name = 'scores' AND NOT internal"
+    ).fetchall()
+    # The glob's folder literal, as DuckDB keeps it in the view's SQL.
+    marker = sql_literal(f"{layout.runs}/{PARTITION_KEY}=") if not empty else "WHERE false"
+    if force or not current or marker not in current[0][0]:
+        for statement in wanted:
+            con.execute(statement)
 
 
 def _published(con: duckdb.DuckDBPyConnection) -> dict[date, tuple[str, int]]:
@@ -630,16 +441,24 @@ def _published(con: duckdb.DuckDBPyConnection) -> dict[date, tuple[str, int]]:
     return {d: (run_id, parts) for d, run_id, parts in rows.fetchall()}
 
 
-def _rebuild_view(con: duckdb.DuckDBPyConnection, layout: _Layout) -> dict[date, tuple[str, int]]:
-    """Recreate ``scores`` over the part files of ``score_runs``; the runs it was built from."""
-    published = _published(con)
-    files = [
-        str(layout.run_dir(d, run_id) / part_name(i))
-        for d, (run_id, parts) in published.items()
-        for i in range(parts)
-    ]
-    con.execute(_scores_view_sql(files))
-    return published
+@contextmanager
+def writer(root: str | os.PathLike[str], lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> Iterator[WorkingCopy]:
+    """The score store's write lock and a working copy of its warehouse (``score_runs`` and
+    the views exist in it), published on a clean exit; for tables that live beside the
+    scores and must change under the same lock (agreement reports)."""
+    layout = ScoreLayout.of(root)
+    with layout.warehouse.writer(lock_timeout, ddl=[_SCORE_RUNS_DDL]) as work:
+        _ensure_views(work.con, layout)
+        yield work
+
+
+@contextmanager
+def reader(
+    root: str | os.PathLike[str], lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+) -> Iterator[duckdb.DuckDBPyConnection]:
+    """The score store's lock, shared, and a read-only connection to its warehouse."""
+    with ScoreLayout.of(root).warehouse.reader(lock_timeout) as con:
+        yield con
 
 
 # --------------------------------------------------------------------------- staging
@@ -669,11 +488,11 @@ class StagedRun:
         it has. Opening a run id that stages another date, or that is the committed run of
         the date, is an error.
         """
-        layout = _Layout.of(root)
+        layout = ScoreLayout.of(root)
         _check_date(run_date)
         _check_run_id(run_id)
         stage_dir = layout.stage_dir(run_id)
-        with _writer(layout, lock_timeout) as work:
+        with writer(layout.root, lock_timeout) as work:
             published = _published(work.con)
             if published.get(run_date, ("",))[0] == run_id:
                 raise StorageError(
@@ -721,8 +540,8 @@ class StagedRun:
 
     def abort(self, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> None:
         """Drop this staging run; what is published for the date stays as it is."""
-        layout = _Layout.of(self.root)
-        with _writer(layout, lock_timeout):
+        layout = ScoreLayout.of(self.root)
+        with writer(layout.root, lock_timeout):
             _remove_tree(layout.stage_dir(self.run_id))
 
 
@@ -755,14 +574,15 @@ def write_part(
     pyarrow would otherwise build for every column and abandon for these once it outgrows
     its page, at a cost of about a quarter of the write. Other columns keep it.
     """
-    layout = _Layout.of(root)
+    layout = ScoreLayout.of(root)
     _check_date(run_date)
     _check_run_id(run_id)
     name = part_name(index)
     if not isinstance(table, pa.Table):
         raise TypeError(f"a part must be a pyarrow.Table, got {type(table).__name__}")
-    if PARTITION_KEY in table.column_names:
-        raise DataError(f"a scores part must not have a {PARTITION_KEY!r} column: it comes from the folder")
+    for reserved in _RESERVED:
+        if reserved in table.column_names:
+            raise DataError(f"a scores part must not have a {reserved!r} column: the store adds it")
     stage_dir = layout.stage_dir(run_id)
     marker = _read_marker(stage_dir)
     if marker is None or marker.get("run_date") != run_date.isoformat():
@@ -808,8 +628,8 @@ def _expected_by_index(expected_parts: Iterable[PartInfo]) -> dict[int, PartInfo
     return by_index
 
 
-def _verify(run_dir: Path, expected: Mapping[int, PartInfo]) -> tuple[int, int, list[str]]:
-    """Rows, bytes and the problems of the expected parts in ``run_dir``."""
+def _verify(run_dir: Path, expected: Mapping[int, PartInfo]) -> tuple[int, int, pa.Schema | None, list[str]]:
+    """Rows, bytes, schema and the problems of the expected parts in ``run_dir``."""
     problems: list[str] = []
     rows = size = 0
     schema: pa.Schema | None = None
@@ -832,10 +652,67 @@ def _verify(run_dir: Path, expected: Mapping[int, PartInfo]) -> tuple[int, int, 
         elif not part_schema.equals(schema):
             problems.append(f"{path.name}: schema differs from part-00000")
         rows += meta.num_rows
-    return rows, size, problems
+    return rows, size, schema, problems
 
 
-def _unstage(layout: _Layout, run_date: date, run_id: str) -> None:
+def _part_schema(path: Path) -> pa.Schema:
+    return pq.read_metadata(path).schema.to_arrow_schema().remove_metadata()
+
+
+def _schema_problem(
+    con: duckdb.DuckDBPyConnection, layout: ScoreLayout, run_date: date, schema: pa.Schema | None
+) -> tuple[str | None, bool]:
+    """Whether ``schema`` differs from the committed runs of other dates (the views bind
+    one schema), and whether no other date is committed (then the views are rebuilt)."""
+    other = con.execute(
+        "SELECT run_date, run_id FROM score_runs WHERE run_date <> ? LIMIT 1", [run_date]
+    ).fetchall()
+    if not other:
+        return None, True
+    other_date, other_run = other[0]
+    try:
+        committed = _part_schema(layout.run_dir(other_date, other_run) / part_name(0))
+    except (OSError, pa.ArrowException) as exc:
+        log.warning("cannot read the schema of the run of %s: %s", other_date, exc)
+        return None, False
+    if schema is not None and not schema.equals(committed):
+        return (
+            f"schema differs from the committed runs (run_date={other_date}): "
+            f"{schema.to_string(show_schema_metadata=False)!r} vs "
+            f"{committed.to_string(show_schema_metadata=False)!r}"
+        ), False
+    return None, False
+
+
+def _manifest(
+    run_date: date,
+    run_id: str,
+    record: RunRecord,
+    rows_out: int,
+    parts: int,
+    size: int,
+    committed_at: datetime,
+) -> dict[str, object]:
+    return {
+        "format": 1,
+        "run_date": run_date.isoformat(),
+        "run_id": run_id,
+        "model_name": record.model_name,
+        "model_version": str(record.model_version),
+        "alias": record.alias,
+        "flow_run_id": record.flow_run_id,
+        "rows_in": int(record.rows_in),
+        "rows_out": rows_out,
+        "parts": parts,
+        "bytes": size,
+        "started_at": _as_utc(record.started_at, "started_at").isoformat(),
+        "finished_at": _as_utc(record.finished_at, "finished_at").isoformat(),
+        "phase_seconds": {str(k): float(v) for k, v in record.phase_seconds.items()},
+        "committed_at": committed_at.isoformat(),
+    }
+
+
+def _unstage(layout: ScoreLayout, run_date: date, run_id: str) -> None:
     """Give an unpublished run folder back to staging, marker included, for a retry."""
     stage_dir = layout.stage_dir(run_id)
     os.rename(layout.run_dir(run_date, run_id), stage_dir)
@@ -876,7 +753,7 @@ def commit(
     staging runs of the date are swept. Committing again a run that is already the
     published one returns its ``CommitInfo`` (safe for task retries).
     """
-    layout = _Layout.of(root)
+    layout = ScoreLayout.of(root)
     _check_date(run_date)
     _check_run_id(run_id)
     expected = _expected_by_index(expected_parts)
@@ -886,7 +763,7 @@ def commit(
     stage_dir = layout.stage_dir(run_id)
     run_dir = layout.run_dir(run_date, run_id)
 
-    with _writer(layout, lock_timeout) as work:
+    with writer(layout.root, lock_timeout) as work:
         con = work.con
         row = con.execute(
             "SELECT run_id, rows_out, parts, bytes, committed_at FROM score_runs WHERE run_date = ?",
@@ -895,12 +772,14 @@ def commit(
         if row and row[0][0] == run_id:
             _, rows_out, parts, size, committed_at = row[0]
             _reconcile(_published(con), layout, strict=False, supersede=run_date, keep=None)
+            _clear_pending(layout, [run_date])
             return CommitInfo(run_date, run_id, rows_out, parts, size, committed_at, str(run_dir))
 
         marker = _read_marker(stage_dir)
         if marker is not None:
             if marker.get("run_date") != run_date.isoformat():
                 raise StorageError(f"run {run_id} staged {marker.get('run_date')}, not {run_date}")
+            _mark_pending(layout, run_date)  # a kill from here on leaves work for sweep
             run_dir.parent.mkdir(parents=True, exist_ok=True)
             _remove_tree(run_dir)  # unpublished leftover of an earlier, killed commit
             os.rename(stage_dir, run_dir)
@@ -913,7 +792,10 @@ def commit(
             )
         # From here on no worker can write into the run: its folder left staging.
 
-        rows_out, size, problems = _verify(run_dir, expected)
+        rows_out, size, schema, problems = _verify(run_dir, expected)
+        schema_problem, only_date = _schema_problem(con, layout, run_date, schema)
+        if schema_problem:
+            problems.append(schema_problem)
         if problems:
             _unstage(layout, run_date, run_id)
             raise IncompleteRun(f"run {run_id} for {run_date} is incomplete", problems)
@@ -923,6 +805,11 @@ def commit(
                 _remove_tree(entry)  # temp files of late retries, surplus parts
 
         committed_at = datetime.now(UTC)
+        # The run's manifest, beside its parts: the warehouse can be rebuilt from the
+        # folders (``rebuild``). It is written before the commit point; a run folder that
+        # never got published is swept with it.
+        manifest = _manifest(run_date, run_id, run_record, rows_out, len(expected), size, committed_at)
+        _write_json_atomic(run_dir / MANIFEST, manifest)
         con.execute("BEGIN TRANSACTION")
         try:
             con.execute("DELETE FROM score_runs WHERE run_date = ?", [run_date])
@@ -945,7 +832,9 @@ def commit(
                     committed_at,
                 ],
             )
-            published = _rebuild_view(con, layout)
+            published = _published(con)
+            if only_date:
+                _ensure_views(con, layout, force=True)  # bind the views to this run's schema
             con.execute("COMMIT")
             work.publish()  # the commit point: one rename of the warehouse file
         except BaseException:
@@ -960,6 +849,7 @@ def commit(
         # the next sweep and must not make the caller retry a commit that happened.
         try:
             _reconcile(published, layout, strict=False, supersede=run_date, keep=None)
+            _clear_pending(layout, [run_date])
         except (OSError, StorageError) as exc:
             log.warning("run %s of %s is committed; cleanup failed: %s", run_id, run_date, exc)
         return CommitInfo(run_date, run_id, rows_out, len(expected), size, committed_at, str(run_dir))
@@ -992,11 +882,12 @@ def _abandoned(entry: Path, *, supersede: date | None, stale_after: timedelta, n
 
 def _reconcile(
     published: Mapping[date, tuple[str, int]],
-    layout: _Layout,
+    layout: ScoreLayout,
     *,
     strict: bool,
     supersede: date | None,
     keep: str | None,
+    dates: Iterable[date] | None = None,
     stale_after: timedelta = DEFAULT_STALE_AFTER,
 ) -> SweepReport:
     """Make the folders agree with ``published`` (score_runs as the caller just published
@@ -1005,13 +896,20 @@ def _reconcile(
     Pointers are set to the published runs first, then every run folder that is not
     published is deleted (superseded runs, orphans of killed commits), then abandoned
     staging runs other than ``keep``; staging runs of ``supersede`` count as abandoned.
-    ``strict`` raises on a pointer that cannot be set instead of logging it.
+    Only ``dates`` are tidied (every date if None; ``supersede`` is always one of them),
+    so that a commit's or a sweep's cost does not grow with history. ``strict`` raises on
+    a pointer that cannot be set instead of logging it.
     """
     removed: list[str] = []
     repointed: list[str] = []
     layout.scores.mkdir(parents=True, exist_ok=True)
+    scope: set[date] | None = None
+    if dates is not None or supersede is not None:
+        scope = set(dates or ()) | ({supersede} if supersede is not None else set())
 
     for run_date, (run_id, _) in published.items():
+        if scope is not None and run_date not in scope:
+            continue
         link = layout.link(run_date)
         try:
             if _point(link, layout.link_target(run_date, run_id)):
@@ -1020,28 +918,39 @@ def _reconcile(
             if strict:
                 raise
             log.warning("%s is not a pointer; left as it is", link)
-    for entry in layout.scores.iterdir():
-        name = entry.name
-        if name.startswith(f".{PARTITION_KEY}=") and name.endswith(".tmp"):
-            _remove_tree(entry)  # the new symlink of a swap that was killed
-            removed.append(name)
-        elif entry.is_symlink():
-            run_date = _parse_partition(name)
-            if run_date is not None and run_date not in published:
-                _remove_tree(entry)
+    if scope is None:
+        for entry in layout.scores.iterdir():
+            name = entry.name
+            if name.startswith(f".{PARTITION_KEY}=") and name.endswith(".tmp"):
+                _remove_tree(entry)  # the new symlink of a swap that was killed
                 removed.append(name)
+            elif entry.is_symlink():
+                run_date = _parse_partition(name)
+                if run_date is not None and run_date not in published:
+                    _remove_tree(entry)
+                    removed.append(name)
+        date_dirs = sorted(layout.runs.iterdir()) if layout.runs.is_dir() else []
+    else:
+        for run_date in sorted(scope - set(published)):
+            link = layout.link(run_date)
+            if link.is_symlink():
+                _remove_tree(link)
+                removed.append(link.name)
+        date_dirs = [layout.date_dir(d) for d in sorted(scope)]
+        for tmp in layout.scores.glob(f".{PARTITION_KEY}=*.tmp"):
+            _remove_tree(tmp)  # the new symlink of a swap that was killed
+            removed.append(tmp.name)
 
-    if layout.runs.is_dir():
-        for date_dir in sorted(layout.runs.iterdir()):
-            run_date = _parse_partition(date_dir.name)
-            keep_run = published[run_date][0] if run_date in published else None
-            if date_dir.is_dir() and not date_dir.is_symlink():
-                for run_dir in sorted(date_dir.iterdir()):
-                    if run_dir.name != keep_run:
-                        _remove_tree(run_dir)
-                        removed.append(str(run_dir.relative_to(layout.scores)))
-            if keep_run is None:
-                _remove_tree(date_dir)
+    for date_dir in date_dirs:
+        run_date = _parse_partition(date_dir.name)
+        keep_run = published[run_date][0] if run_date in published else None
+        if date_dir.is_dir() and not date_dir.is_symlink():
+            for run_dir in sorted(date_dir.iterdir()):
+                if run_dir.name != keep_run:
+                    _remove_tree(run_dir)
+                    removed.append(str(run_dir.relative_to(layout.scores)))
+        if keep_run is None and (date_dir.exists() or date_dir.is_symlink()):
+            _remove_tree(date_dir)
 
     if layout.staging.is_dir():
         now = time.time()
@@ -1059,19 +968,34 @@ def sweep(
     *,
     stale_after: timedelta = DEFAULT_STALE_AFTER,
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    full: bool = False,
 ) -> SweepReport:
     """Repair and tidy the score store; run it at the start of every scoring run.
 
-    Recreates the ``scores`` view from ``score_runs`` (so a moved MLOPS_HOME heals), points
-    every ``scores/run_date=D`` at its published run, and deletes what no reader can see:
-    superseded and orphaned run folders, leftovers of killed swaps, and staging runs with
-    no change for ``stale_after``. Creates the warehouse if there is none.
+    Recreates the ``scores`` views if they are missing or name another folder (so a moved
+    MLOPS_HOME heals), and for every date a commit may have left untidy (killed, or its
+    cleanup failed) points ``scores/run_date=D`` at its published run and deletes what no
+    reader can see: superseded and orphaned run folders and leftovers of killed swaps.
+    Staging runs with no change for ``stale_after`` go too. ``full`` goes over every
+    committed date instead (for folders changed by hand); otherwise the cost does not grow
+    with the number of dates. Creates the warehouse if there is none.
     """
-    layout = _Layout.of(root)
-    with _writer(layout, lock_timeout) as work:
-        published = _rebuild_view(work.con, layout)
+    layout = ScoreLayout.of(root)
+    with writer(layout.root, lock_timeout) as work:
+        published = _published(work.con)  # writer() made the views if they were missing
         work.publish()
-        return _reconcile(published, layout, strict=True, supersede=None, keep=None, stale_after=stale_after)
+        pending = _pending_dates(layout)
+        report = _reconcile(
+            published,
+            layout,
+            strict=True,
+            supersede=None,
+            keep=None,
+            dates=None if full else pending,
+            stale_after=stale_after,
+        )
+        _clear_pending(layout, pending)
+        return report
 
 
 # --------------------------------------------------------------------------- readers
@@ -1086,15 +1010,15 @@ def query(
 ) -> pa.Table:
     """Run ``sql`` on the warehouse opened read-only, returning the whole result as Arrow.
 
-    ``scores`` (every committed run, with ``run_date``) and ``score_runs`` are there. Only
+    ``scores`` (every committed run, with ``run_date``), ``scores_on(date)`` (one date's
+    run; its cost does not grow with the number of dates) and ``score_runs`` are there. Only
     one read statement is accepted, and it runs confined to the store's files
     (``adapters.warehouse_query``). The connection lives for this call only, so writers are
     kept waiting no longer.
     """
     sql = warehouse_query.check_read_only(sql)
-    layout = _Layout.of(root)
-    with _reader(layout, lock_timeout) as con:
-        warehouse_query.confine(con, [layout.scores])
+    with reader(root, lock_timeout) as con:
+        warehouse_query.confine(con, [ScoreLayout.of(root).scores])
         return warehouse_query.run(con, sql, params)
 
 
@@ -1102,10 +1026,10 @@ def committed_dates(
     root: str | os.PathLike[str], *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT
 ) -> list[date]:
     """The run dates that have a committed run, ascending (what a backfill may skip)."""
-    layout = _Layout.of(root)
-    if not layout.warehouse.exists():
+    layout = ScoreLayout.of(root)
+    if not layout.warehouse.path.exists():
         return []
-    with _reader(layout, lock_timeout) as con:
+    with reader(root, lock_timeout) as con:
         has_table = con.execute(
             "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'score_runs'"
         ).fetchall()[0][0]
@@ -1113,3 +1037,116 @@ def committed_dates(
             return []
         rows = con.execute("SELECT run_date FROM score_runs ORDER BY run_date").fetchall()
         return [d for (d,) in rows]
+
+
+# --------------------------------------------------------------------------- rebuild
+
+
+def read_manifest(run_dir: str | os.PathLike[str]) -> dict[str, object] | None:
+    """The manifest a commit wrote beside a run's parts, or None if it has none."""
+    try:
+        with open(Path(run_dir) / MANIFEST, encoding="utf-8") as f:
+            data = json.load(f)
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) and data.get("format") == 1 else None
+
+
+def _manifest_row(manifest: Mapping[str, object]) -> list[object]:
+    return [
+        date.fromisoformat(str(manifest["run_date"])),
+        manifest["run_id"],
+        manifest["model_name"],
+        manifest["model_version"],
+        manifest["alias"],
+        manifest["flow_run_id"],
+        manifest["rows_in"],
+        manifest["rows_out"],
+        manifest["parts"],
+        manifest["bytes"],
+        datetime.fromisoformat(str(manifest["started_at"])),
+        datetime.fromisoformat(str(manifest["finished_at"])),
+        json.dumps(manifest["phase_seconds"]),
+        datetime.fromisoformat(str(manifest["committed_at"])),
+    ]
+
+
+def _whole(run_dir: Path, parts: int, rows_out: int) -> bool:
+    """Whether ``run_dir`` has parts 0..parts-1, all readable, with ``rows_out`` rows in all."""
+    rows = 0
+    try:
+        for index in range(parts):
+            rows += pq.read_metadata(run_dir / part_name(index)).num_rows
+    except (OSError, pa.ArrowException):
+        return False
+    return rows == rows_out
+
+
+def _rebuild_choice(layout: ScoreLayout, date_dir: Path) -> dict[str, object] | None:
+    """The run of one date folder to restore: the one its pointer names if that run is
+    whole, else the whole run committed last; None if no run there is whole."""
+    run_date = _parse_partition(date_dir.name)
+    if run_date is None or not date_dir.is_dir():
+        return None
+    candidates: list[dict[str, object]] = []
+    for run_dir in date_dir.iterdir():
+        manifest = read_manifest(run_dir)
+        if manifest is None or manifest.get("run_id") != run_dir.name:
+            continue
+        if _whole(run_dir, int(manifest["parts"]), int(manifest["rows_out"])):  # type: ignore[call-overload]
+            candidates.append(manifest)
+    if not candidates:
+        return None
+    link = layout.link(run_date)
+    pointed = os.readlink(link).rsplit("/", 1)[-1] if link.is_symlink() else None
+    for manifest in candidates:
+        if manifest["run_id"] == pointed:
+            return manifest
+    return max(candidates, key=lambda m: str(m["committed_at"]))
+
+
+def rebuild(root: str | os.PathLike[str], *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> list[date]:
+    """Recreate ``score_runs`` and the views from the run folders' manifests; the dates restored.
+
+    For a warehouse that was lost or damaged: every date folder under ``scores/_runs``
+    gives back the run its pointer names (or, without a usable pointer, the whole run
+    committed last), provided its parts are all there with the manifest's row count.
+    A damaged warehouse file is moved aside to ``warehouse.duckdb.damaged-<time>``; other
+    tables of the warehouse (agreement reports) are not in the folders and are not
+    restored. Then the folders are tidied as by ``sweep``.
+    """
+    layout = ScoreLayout.of(root)
+    path = layout.warehouse.path
+    if path.exists():
+        probe = duckdb.connect(":memory:")
+        try:
+            probe.execute(f"ATTACH {sql_literal(str(path))} AS w (READ_ONLY)")
+            probe.execute("SELECT count(*) FROM w.score_runs").fetchall()
+        except duckdb.Error as exc:
+            aside = path.with_name(f"{path.name}.damaged-{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
+            log.warning("warehouse %s is unreadable (%s); moved to %s", path, exc, aside)
+            os.replace(path, aside)
+        finally:
+            probe.close()
+    with writer(layout.root, lock_timeout) as work:
+        manifests = []
+        if layout.runs.is_dir():
+            for date_dir in sorted(layout.runs.iterdir()):
+                chosen = _rebuild_choice(layout, date_dir)
+                if chosen is not None:
+                    manifests.append(chosen)
+        con = work.con
+        con.execute("BEGIN TRANSACTION")
+        con.execute("DELETE FROM score_runs")
+        for manifest in manifests:
+            con.execute(
+                "INSERT INTO score_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?::JSON, ?)",
+                _manifest_row(manifest),
+            )
+        _ensure_views(con, layout, force=True)
+        con.execute("COMMIT")
+        published = _published(con)
+        work.publish()
+        _reconcile(published, layout, strict=False, supersede=None, keep=None)
+        _clear_pending(layout, _pending_dates(layout))
+    return sorted(published)

@@ -21,9 +21,9 @@ import functools
 import gc
 import os
 import threading
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from mlops.errors import DataError, ValidationFailed
@@ -32,9 +32,8 @@ from mlops.settings import DatasetSchema
 if TYPE_CHECKING:
     import great_expectations as gx
     import pandas as pd
+    import pyarrow as pa
     from great_expectations.core.expectation_validation_result import ExpectationValidationResult
-    from great_expectations.datasource.fluent.interfaces import Batch
-    from great_expectations.execution_engine import PandasExecutionEngine
 
 # Dtype names GX accepts as "numeric": numpy dtypes for typed columns, and ``int``/``float``
 # for object columns, whose values GX then checks one by one.
@@ -118,8 +117,27 @@ def _suite_name(schema: DatasetSchema, require_label: bool) -> str:
     return f"{schema.name}.{'labelled' if require_label else 'unlabelled'}"
 
 
-def build_suite(schema: DatasetSchema, *, require_label: bool) -> gx.ExpectationSuite:
-    """The GX expectation suite a frame of ``schema`` must pass.
+@dataclass(frozen=True)
+class Check:
+    """One expectation of a schema's suite, as plain data: what it checks, on which column.
+
+    ``build_suite`` turns each into its GX expectation; ``table_passes`` evaluates the same
+    list on an Arrow table without GX. ``check`` is one of rows, exists, numeric, string,
+    nulls, range, allowed; ``params`` are the GX expectation's arguments.
+    """
+
+    check: str
+    column: str | None
+    params: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """``params`` as a dict."""
+        return dict(self.params)
+
+
+def checks(schema: DatasetSchema, *, require_label: bool) -> tuple[Check, ...]:
+    """The checks a frame of ``schema`` must pass, in suite order.
 
     Every declared column must exist (key columns, features, and the label when
     ``require_label``); numeric features must have a numeric type and lie in their declared
@@ -128,68 +146,68 @@ def build_suite(schema: DatasetSchema, *, require_label: bool) -> gx.Expectation
     label takes only ``label_values``; the frame has at least ``min_rows`` rows. Extra columns
     are allowed.
     """
-    import great_expectations as gx
-
-    E = gx.expectations
-    out: list[Any] = [
-        E.ExpectTableRowCountToBeBetween(min_value=schema.min_rows, meta=_meta("rows")),
-    ]
+    out: list[Check] = [Check("rows", None, (("min_value", schema.min_rows),))]
 
     def not_null(column: str, max_null_fraction: float) -> None:
         if max_null_fraction < 1.0:
-            out.append(
-                E.ExpectColumnValuesToNotBeNull(
-                    column=column, mostly=_mostly(max_null_fraction), meta=_meta("nulls", column)
-                )
-            )
+            out.append(Check("nulls", column, (("mostly", _mostly(max_null_fraction)),)))
 
     for key in schema.key_columns:
-        out.append(E.ExpectColumnToExist(column=key, meta=_meta("exists", key)))
+        out.append(Check("exists", key))
         not_null(key, 0.0)
-
     for num in schema.numeric:
-        out.append(E.ExpectColumnToExist(column=num.name, meta=_meta("exists", num.name)))
-        out.append(
-            E.ExpectColumnValuesToBeInTypeList(
-                column=num.name, type_list=list(NUMERIC_TYPES), meta=_meta("numeric", num.name)
-            )
-        )
+        out.append(Check("exists", num.name))
+        out.append(Check("numeric", num.name, (("type_list", NUMERIC_TYPES),)))
         not_null(num.name, num.max_null_fraction)
         if num.min is not None or num.max is not None:
-            out.append(
-                E.ExpectColumnValuesToBeBetween(
-                    column=num.name,
-                    min_value=num.min,
-                    max_value=num.max,
-                    meta=_meta("range", num.name),
-                )
-            )
-
+            out.append(Check("range", num.name, (("min_value", num.min), ("max_value", num.max))))
     for cat in schema.categorical:
-        out.append(E.ExpectColumnToExist(column=cat.name, meta=_meta("exists", cat.name)))
-        out.append(
-            E.ExpectColumnValuesToBeOfType(column=cat.name, type_=STRING_TYPE, meta=_meta("string", cat.name))
-        )
+        out.append(Check("exists", cat.name))
+        out.append(Check("string", cat.name, (("type_", STRING_TYPE),)))
         not_null(cat.name, cat.max_null_fraction)
-        out.append(
-            E.ExpectColumnValuesToBeInSet(
-                column=cat.name, value_set=list(cat.categories), meta=_meta("allowed", cat.name)
-            )
-        )
-
+        out.append(Check("allowed", cat.name, (("value_set", tuple(cat.categories)),)))
     if require_label:
         label = schema.label_column
-        out.append(E.ExpectColumnToExist(column=label, meta=_meta("exists", label)))
+        out.append(Check("exists", label))
         not_null(label, 0.0)
-        out.append(
-            E.ExpectColumnValuesToBeInSet(
-                column=label, value_set=list(schema.label_values), meta=_meta("allowed", label)
-            )
+        out.append(Check("allowed", label, (("value_set", tuple(schema.label_values)),)))
+    return tuple(out)
+
+
+def _expectation(check: Check) -> Any:
+    import great_expectations as gx
+
+    E = gx.expectations
+    kw = check.kwargs
+    meta = _meta(check.check, check.column)
+    if check.check == "rows":
+        return E.ExpectTableRowCountToBeBetween(min_value=kw["min_value"], meta=meta)
+    if check.check == "exists":
+        return E.ExpectColumnToExist(column=check.column, meta=meta)
+    if check.check == "numeric":
+        return E.ExpectColumnValuesToBeInTypeList(
+            column=check.column, type_list=list(kw["type_list"]), meta=meta
         )
+    if check.check == "string":
+        return E.ExpectColumnValuesToBeOfType(column=check.column, type_=kw["type_"], meta=meta)
+    if check.check == "nulls":
+        return E.ExpectColumnValuesToNotBeNull(column=check.column, mostly=kw["mostly"], meta=meta)
+    if check.check == "range":
+        return E.ExpectColumnValuesToBeBetween(
+            column=check.column, min_value=kw["min_value"], max_value=kw["max_value"], meta=meta
+        )
+    if check.check == "allowed":
+        return E.ExpectColumnValuesToBeInSet(column=check.column, value_set=list(kw["value_set"]), meta=meta)
+    raise ValueError(f"unknown check {check.check!r}")
+
+
+def build_suite(schema: DatasetSchema, *, require_label: bool) -> gx.ExpectationSuite:
+    """The GX expectation suite a frame of ``schema`` must pass: one expectation per ``checks``."""
+    import great_expectations as gx
 
     return gx.ExpectationSuite(
         name=_suite_name(schema, require_label),
-        expectations=out,
+        expectations=[_expectation(c) for c in checks(schema, require_label=require_label)],
         meta={"dataset": schema.name, "require_label": require_label},
     )
 
@@ -214,14 +232,7 @@ class _GxRun:
 
 
 class _Runtime:
-    """The process's ephemeral GX Data Context and one pandas data asset, made once and reused.
-
-    Every validation gets its own GX execution engine, which holds the frame and every
-    metric computed on it and is dropped when the run ends: nothing keeps the last
-    (possibly 1M-row) frame alive, and frames validated by two threads at once never share
-    an engine, so the shared data source and asset (never changed after ``__init__``) need
-    no lock.
-    """
+    """The process's ephemeral GX Data Context, made once and reused."""
 
     def __init__(self) -> None:
         import great_expectations as gx
@@ -241,66 +252,33 @@ class _Runtime:
             progress_bars=ProgressBarsConfig(globally=False, metric_calculations=False),
         )
         self.context = gx.get_context(mode="ephemeral", project_config=config)
-        self.source = self.context.data_sources.add_pandas(_DATASOURCE)
-        self.asset = self.source.add_dataframe_asset(_ASSET)
-        self.batch_definition = self.asset.add_batch_definition_whole_dataframe(_BATCH_DEFINITION)
-
-    def _batch(self, df: pd.DataFrame, engine: PandasExecutionEngine) -> Batch:
-        """``df`` as a GX batch on an execution engine of its own, loaded without a fingerprint.
-
-        This is the batch that the asset's ``get_batch`` makes, less one step: on load GX
-        hashes every row of a frame under 1 GB into a ``pandas_data_fingerprint`` batch
-        marker (0.4 s per 500,000-row partition here, a third of a validation). The marker
-        only labels results that GX would store; no expectation reads it, and these
-        results are condensed into a ``ValidationSummary`` and never stored.
-        """
-        from great_expectations.core.batch import BatchMarkers, LegacyBatchDefinition
-        from great_expectations.core.batch_spec import RuntimeDataBatchSpec
-        from great_expectations.datasource.fluent.batch_identifier_util import make_batch_identifier
-        from great_expectations.datasource.fluent.constants import _DATA_CONNECTOR_NAME
-        from great_expectations.datasource.fluent.interfaces import Batch
-        from great_expectations.execution_engine.pandas_batch_data import PandasBatchData
-
-        request = self.batch_definition.build_batch_request(batch_parameters={"dataframe": df})
-        loaded = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-        return Batch(
-            datasource=self.source,
-            data_asset=self.asset,
-            batch_request=request,
-            data=PandasBatchData(execution_engine=engine, dataframe=df),
-            batch_markers=BatchMarkers({"ge_load_time": loaded}),
-            batch_spec=RuntimeDataBatchSpec(batch_data="PandasDataFrame"),
-            batch_definition=LegacyBatchDefinition(
-                datasource_name=self.source.name,
-                data_connector_name=_DATA_CONNECTOR_NAME,
-                data_asset_name=self.asset.name,
-                batch_identifiers=make_batch_identifier(request.options),
-                batch_spec_passthrough=None,
-            ),
-        )
 
     def run(self, df: pd.DataFrame, suite: gx.ExpectationSuite, result_format: Mapping[str, Any]) -> _GxRun:
-        """One GX validation of ``suite`` on ``df``, as GX's ``Validator`` runs a suite.
+        """One GX validation of ``suite`` on ``df`` through GX's public batch API.
 
-        The same steps as ``validate_expectation_suite`` of GX's ``Validator`` (prepare the
-        expectations, resolve every metric they need in one graph, judge each one), on a
-        batch loaded by ``_batch``. GX's ``ValidationDefinition.run`` is not used either: it
-        keeps every result in the context's in-memory store, which would grow for as long
-        as a scoring worker lives.
+        Each run gets a pandas data source of its own, deleted afterwards: a data source's
+        execution engine keeps the batches it loaded, which would keep the last (possibly
+        1M-row) frame alive, and two threads never share one. ``Batch.validate`` keeps no
+        result in the context (``ValidationDefinition.run`` would, and its store would grow
+        for as long as a scoring worker lives).
         """
-        from great_expectations.execution_engine import PandasExecutionEngine
-        from great_expectations.validator.validator import Validator, calc_validation_statistics
-
-        engine = PandasExecutionEngine()
-        validator = Validator(
-            execution_engine=engine, data_context=self.context, batches=[self._batch(df, engine)]
+        name = f"{_DATASOURCE}-{uuid.uuid4().hex}"
+        source = self.context.data_sources.add_pandas(name)
+        try:
+            definition = source.add_dataframe_asset(_ASSET).add_batch_definition_whole_dataframe(
+                _BATCH_DEFINITION
+            )
+            batch = definition.get_batch(batch_parameters={"dataframe": df})
+            result = batch.validate(suite, result_format=dict(result_format))
+        finally:
+            self.context.data_sources.delete(name)
+        stats = result.statistics
+        return _GxRun(
+            list(result.results),
+            bool(result.success),
+            int(stats["evaluated_expectations"]),
+            int(stats["unsuccessful_expectations"]),
         )
-        configs = validator.process_expectations_for_validation(suite.expectation_configurations)
-        results = validator.graph_validate(
-            configurations=configs, runtime_configuration={"result_format": dict(result_format)}
-        )
-        stats = calc_validation_statistics(results)
-        return _GxRun(results, stats.success, stats.evaluated_expectations, stats.unsuccessful_expectations)
 
 
 _runtime: _Runtime | None = None
@@ -418,7 +396,7 @@ def _summarize(results: Sequence[ExpectationValidationResult]) -> list[str]:
     missing = {m.get(_COLUMN) for m in meta if m.get(_CHECK) == "exists"}
     mistyped = {m.get(_COLUMN) for m in meta if m.get(_CHECK) in ("numeric", "string")}
     lines: list[str] = []
-    for res, m in zip(failed, meta):
+    for res, m in zip(failed, meta, strict=True):
         check, column = m.get(_CHECK, "unknown"), m.get(_COLUMN)
         if column in missing and check != "exists":
             continue
@@ -484,6 +462,106 @@ def validate_frame(
         failed=int(result.failed),
         failures=tuple(_summarize(result.results)),
     )
+
+
+def _column_passes(column: pa.ChunkedArray, check: Check) -> bool:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kw = check.kwargs
+    kind = column.type
+    if check.check == "numeric":
+        return pa.types.is_integer(kind) or pa.types.is_floating(kind)
+    if check.check == "string":
+        return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+    if check.check == "nulls":
+        # pandas (and so GX) counts NaN as null.
+        nulls = column.null_count + (_nan_count(column) if pa.types.is_floating(kind) else 0)
+        return (1.0 - nulls / len(column)) >= kw["mostly"]
+    if check.check == "range":
+        if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
+            return False
+        bounds = pc.min_max(column)
+        lo, hi = bounds["min"].as_py(), bounds["max"].as_py()
+        if lo is None:  # all null: nothing outside
+            return True
+        if lo != lo or hi != hi:  # NaN: leave it to GX
+            return False
+        return (kw["min_value"] is None or lo >= kw["min_value"]) and (
+            kw["max_value"] is None or hi <= kw["max_value"]
+        )
+    if check.check == "allowed":
+        values = list(kw["value_set"])
+        if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+            if not all(isinstance(v, str) for v in values):
+                return False
+        elif pa.types.is_integer(kind):
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+                return False
+        else:
+            return False
+        outside = pc.and_(pc.is_valid(column), pc.invert(pc.is_in(column, value_set=pa.array(values, kind))))
+        return not pc.any(outside).as_py()
+    return False
+
+
+def _nan_count(column: pa.ChunkedArray) -> int:
+    import pyarrow.compute as pc
+
+    return int(pc.sum(pc.is_nan(column)).as_py() or 0)
+
+
+def table_passes(table: pa.Table, schema: DatasetSchema, *, require_label: bool = True) -> bool:
+    """Whether ``table`` passes every check of the schema's suite, computed with Arrow.
+
+    The same declaration (``checks``) that ``build_suite`` gives GX, evaluated with
+    vectorised pyarrow compute on the Arrow columns, with pandas' reading of the data that
+    GX validates (NaN counts as null; nulls are neither in nor out of a range or set). It
+    is conservative: True only when GX's verdict on the frame is a pass as well; anything it
+    cannot decide for sure (a type pandas would convert, NaN in a range column, an empty
+    table) is False, and GX then decides.
+    """
+    if table.num_rows == 0:
+        return False
+    names = set(table.column_names)
+    for check in checks(schema, require_label=require_label):
+        if check.check == "rows":
+            if table.num_rows < check.kwargs["min_value"]:
+                return False
+        elif check.column not in names:
+            return False
+        elif check.check != "exists" and not _column_passes(table.column(check.column), check):
+            return False
+    return True
+
+
+def validate_table(
+    table: pa.Table,
+    schema: DatasetSchema,
+    *,
+    require_label: bool = True,
+    source: str = "batch",
+) -> ValidationSummary:
+    """Validate an Arrow table: the Arrow checks decide a pass, GX reports a failure.
+
+    A table that ``table_passes`` is a pass with every expectation evaluated, at the cost
+    of a few vectorised scans (no pandas frame, no GX import). Any other table is
+    converted to pandas and validated by GX (``validate_frame``), so a failure's verdict and
+    its lines are GX's, exactly as for a frame.
+    """
+    if table_passes(table, schema, require_label=require_label):
+        evaluated = len(checks(schema, require_label=require_label))
+        return ValidationSummary(
+            suite=_suite_name(schema, require_label),
+            source=source,
+            rows=table.num_rows,
+            success=True,
+            evaluated=evaluated,
+            failed=0,
+            failures=(),
+        )
+    frame = table.to_pandas(use_threads=False)
+    return validate_frame(frame, schema, require_label=require_label, source=source)
 
 
 def raise_for_failures(summary: ValidationSummary) -> ValidationSummary:

@@ -1,31 +1,25 @@
-"""Warehouse commit benchmark: the score store's publish-by-rename against an in-place write.
+"""Warehouse commit benchmark: does a commit (and a sweep, and a one-date query) slow down as history grows?
 
-    .venv/bin/python bench/warehouse_commit.py --dates 365 --trials 40
+    .venv/bin/python bench/warehouse_commit.py --small 10 --large 1000 --trials 15
 
-A commit changes ``warehouse.duckdb`` in a private copy (copy, one transaction, checkpoint,
-close, fsync, rename; ``adapters.storage``) so that a process killed mid-write cannot leave
-the file unreadable. This measures what that costs, in one run on the same warehouse:
-
-  (a) baseline: the same transaction (replace the date's ``score_runs`` row, recreate the
-      ``scores`` view over every committed part) on the file opened read-write in place,
-      closed (DuckDB checkpoints on close) and fsynced, which is what a plain DuckDB
-      writer does;
-  (b) the store's warehouse step: ``_writer`` + the same transaction + ``publish``.
-
-The warehouse first gets ``--dates`` committed run dates of four parts each (a year of
-nightly runs by default). Trials alternate (a) and (b), so drift in machine load hits both;
-the script prints the median and p90 milliseconds of each and the ratio b/a of the medians.
+Builds two score stores, one with ``--small`` committed run dates and one with ``--large``
+(four small parts each), then times, alternating between the two so drift in machine
+load hits both: a whole re-commit of one date (open, write four parts, commit), a
+``sweep``, a query of one date through ``scores_on(d)`` and the same count through
+``scores``. Prints the median milliseconds of each and the ratio large/small; the goal for
+commit is a ratio <= 1.5 at 10 vs 1,000 dates.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import json
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
@@ -33,13 +27,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import duckdb  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from adapters import storage  # noqa: E402
-from adapters.storage import _Layout, _published, _rebuild_view, _writer  # noqa: E402
 
-FIRST_DAY = date(2025, 1, 1)
+FIRST_DAY = date(2023, 1, 1)
+TABLE = pa.table({"transaction_id": pa.array(range(10), pa.int64()), "score": [0.5] * 10})
 
 
 def _record(rows: int) -> storage.RunRecord:
@@ -47,78 +40,76 @@ def _record(rows: int) -> storage.RunRecord:
     return storage.RunRecord("fraud", "1", "champion", None, rows, now, now, {"score": 1.0})
 
 
+def _commit(root: Path, day: date) -> None:
+    stage = storage.StagedRun.open(root, day, storage.new_run_id())
+    infos = [stage.write_part(i, TABLE) for i in range(4)]
+    stage.commit(infos, _record(40))
+
+
 def _populate(root: Path, dates: int) -> None:
-    table = pa.table({"transaction_id": pa.array(range(10), pa.int64()), "score": [0.5] * 10})
-    for d in range(dates):
+    """Commit one date through the store, copy its run folder to ``dates - 1`` more dates
+    (manifest edited to match) and let ``storage.rebuild`` restore the warehouse from the
+    folders: a history of ``dates`` committed runs in seconds rather than a commit each."""
+    _commit(root, FIRST_DAY)
+    layout = storage.ScoreLayout.of(root)
+    (source,) = layout.date_dir(FIRST_DAY).iterdir()
+    manifest = storage.read_manifest(source)
+    assert manifest is not None
+    for d in range(1, dates):
         day = FIRST_DAY + timedelta(days=d)
-        stage = storage.StagedRun.open(root, day, f"run-{d}")
-        infos = [stage.write_part(i, table) for i in range(4)]
-        stage.commit(infos, _record(40))
-
-
-def _transaction(con: duckdb.DuckDBPyConnection, layout: _Layout, day: date, trial: int) -> None:
-    run_id, parts = _published(con)[day]
-    now = datetime.now(UTC)
-    con.execute("BEGIN TRANSACTION")
-    con.execute("DELETE FROM score_runs WHERE run_date = ?", [day])
-    con.execute(
-        "INSERT INTO score_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?::JSON, ?)",
-        [day, run_id, "fraud", str(trial), "champion", None, 40, 40, parts, 1, now, now, "{}", now],
-    )
-    _rebuild_view(con, layout)
-    con.execute("COMMIT")
-
-
-def _in_place(layout: _Layout, day: date, trial: int) -> None:
-    con = duckdb.connect(str(layout.warehouse))
-    try:
-        _transaction(con, layout, day, trial)
-    finally:
-        con.close()
-    fd = os.open(layout.warehouse, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _published_by_rename(layout: _Layout, day: date, trial: int) -> None:
-    with _writer(layout, storage.DEFAULT_LOCK_TIMEOUT) as work:
-        _transaction(work.con, layout, day, trial)
-        work.publish()
+        run_dir = layout.run_dir(day, f"run-{d}")
+        shutil.copytree(source, run_dir)
+        manifest.update(run_date=day.isoformat(), run_id=run_dir.name)
+        (run_dir / storage.MANIFEST).write_text(json.dumps(manifest))
+    restored = storage.rebuild(root)
+    assert len(restored) == dates, f"{len(restored)} dates restored"
 
 
 def main() -> None:
+    """Build both stores, time the operations alternately and print medians and ratios."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dates", type=int, default=365, help="Committed run dates first.")
-    parser.add_argument("--trials", type=int, default=40, help="Commits of each kind.")
+    parser.add_argument("--small", type=int, default=10, help="Committed run dates of the small store.")
+    parser.add_argument("--large", type=int, default=1000, help="Committed run dates of the large store.")
+    parser.add_argument("--trials", type=int, default=15, help="Timings of each operation per store.")
     args = parser.parse_args()
 
-    root = Path(tempfile.mkdtemp(prefix="bench-warehouse-"))
+    base = Path(tempfile.mkdtemp(prefix="bench-warehouse-"))
     try:
-        t0 = time.perf_counter()
-        _populate(root, args.dates)
-        layout = _Layout.of(root)
-        size = layout.warehouse.stat().st_size
-        print(
-            f"warehouse: {args.dates} dates, {size / 1e6:.2f} MB (built in {time.perf_counter() - t0:.1f} s)"
-        )
-        timings: dict[str, list[float]] = {"a_in_place": [], "b_store": []}
-        for trial in range(args.trials):
-            day = FIRST_DAY + timedelta(days=trial % args.dates)
-            for name, step in (("a_in_place", _in_place), ("b_store", _published_by_rename)):
-                start = time.perf_counter()
-                step(layout, day, trial)
-                timings[name].append((time.perf_counter() - start) * 1000)
-        for name, ms in timings.items():
-            p90 = statistics.quantiles(ms, n=10)[-1]
-            print(f"{name:11s} median {statistics.median(ms):7.2f} ms   p90 {p90:7.2f} ms")
-        ratio = statistics.median(timings["b_store"]) / statistics.median(timings["a_in_place"])
-        print(f"b/a (median) = {ratio:.2f}")
-        dates = storage.committed_dates(root)
-        assert len(dates) == args.dates, f"{len(dates)} dates after the trials"
+        stores = {"small": base / "small", "large": base / "large"}
+        sizes = {"small": args.small, "large": args.large}
+        for name, root in stores.items():
+            t0 = time.perf_counter()
+            _populate(root, sizes[name])
+            print(f"{name}: {sizes[name]} dates built in {time.perf_counter() - t0:.1f} s")
+        day = FIRST_DAY + timedelta(days=3)
+        ops: dict[str, Callable[[Path], object]] = {
+            "commit": lambda root: _commit(root, day),
+            "sweep": storage.sweep,
+            "query scores_on(d)": lambda root: storage.query(
+                root, "SELECT count(*) FROM scores_on(?)", [day]
+            ),
+            "query scores where d": lambda root: storage.query(
+                root, "SELECT count(*) FROM scores WHERE run_date = ?", [day]
+            ),
+        }
+        timings = {(op, name): [] for op in ops for name in stores}
+        for _ in range(args.trials):
+            for op, fn in ops.items():
+                for name, root in stores.items():
+                    start = time.perf_counter()
+                    fn(root)
+                    timings[(op, name)].append((time.perf_counter() - start) * 1000)
+        for op in ops:
+            small = statistics.median(timings[(op, "small")])
+            large = statistics.median(timings[(op, "large")])
+            print(
+                f"{op:22s} {args.small:5d} dates {small:7.2f} ms   {args.large:5d} dates {large:7.2f} ms"
+                f"   ratio {large / small:.2f}"
+            )
+        for name, root in stores.items():
+            assert len(storage.committed_dates(root)) == sizes[name]
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":

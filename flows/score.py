@@ -1,7 +1,7 @@
 """Batch scoring flows: one run date (``score_flow``) and a range of them (``backfill_flow``).
 
 pin the model version -> sweep the store -> plan partitions -> on Dask, per partition:
-read -> validate (Great Expectations) -> score (ONNX Runtime) -> stage a Parquet part ->
+read -> validate (the GX suite's checks on Arrow; GX reports failures) -> score (ONNX Runtime) -> stage a Parquet part ->
 commit all parts at once -> (replay) write the agreement report.
 
 Exactly once per run date: parts are staged privately and ``commit`` publishes the whole
@@ -76,6 +76,8 @@ class ScoreSummary:
 
 @dataclass(frozen=True)
 class BackfillSummary:
+    """What a backfill did: the dates it scored and those it skipped as committed already."""
+
     scored: tuple[ScoreSummary, ...]
     skipped: tuple[date, ...]
 

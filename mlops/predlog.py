@@ -26,8 +26,9 @@ import itertools
 import json
 import os
 import secrets
-from collections.abc import Mapping
-from datetime import UTC, datetime
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pyarrow as pa
@@ -155,3 +156,76 @@ def client_request_id(request_id: str) -> str | None:
     """The caller's own id inside an issued id (None when the caller sent none)."""
     parts = request_id.rsplit(ID_SEP, 2)
     return parts[0] if len(parts) == 3 else None
+
+
+# --------------------------------------------------------------------------- compaction
+
+MERGED_PREFIX = "merged"
+COMPACTION_JOURNAL = "_compaction.json"
+
+
+def merged_name(committed: datetime, compaction_id: str, seq: int) -> str:
+    """``merged-<commit time>-<id>-<seq>.parquet``: a file of a compacted day.
+
+    Its commit time is the newest of the files merged into it, so a windowed read that
+    would have opened any of them opens it (no row of it is younger than that time)."""
+    return f"{MERGED_PREFIX}-{committed.astimezone(UTC).strftime(PART_TIME_FORMAT)}-{compaction_id}-{seq:04d}.parquet"
+
+
+def file_commit_time(name: str) -> datetime | None:
+    """The commit time in a ``part_name`` or a ``merged_name`` (None for any other name)."""
+    head = name.split("-", 1)[0]
+    if head == MERGED_PREFIX:
+        return part_commit_time("part-" + name.split("-", 1)[1])
+    return part_commit_time(name)
+
+
+@dataclass(frozen=True)
+class Compaction:
+    """A day folder's compaction journal: ``merged`` files replace the ``sources`` parts.
+
+    Written with one atomic rename, it is the switch point of a compaction: before it,
+    readers read the sources; from it on, the merged files and none of the sources (which
+    are deleted afterwards). It stays in place until the next compaction of the day
+    replaces it."""
+
+    merged: tuple[str, ...]
+    sources: tuple[str, ...]
+
+    def to_json(self) -> str:
+        """The journal's file content."""
+        return json.dumps({"merged": list(self.merged), "sources": list(self.sources)})
+
+    @classmethod
+    def from_json(cls, text: str) -> Compaction | None:
+        """The journal in ``text``, or None if it is not one."""
+        try:
+            data = json.loads(text)
+            return cls(tuple(map(str, data["merged"])), tuple(map(str, data["sources"])))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+
+def visible_files(listing: Iterable[str], journal: Compaction | None) -> list[str]:
+    """The files of one day folder a reader must read, from the folder's names (listed
+    before the journal was read) and its journal: the writer's parts that no compaction
+    merged, plus the merged files of the journal. Sorted, each once."""
+    names = set(listing)
+    parts = {n for n in names if n.startswith("part-") and n.endswith(".parquet")}
+    if journal is None:
+        return sorted(parts)
+    return sorted((parts - set(journal.sources)) | set(journal.merged))
+
+
+def closed_days(days: Iterable[str], now: datetime, grace: timedelta) -> list[str]:
+    """The days (``YYYY-MM-DD``, UTC) no writer adds to any more: ended at least ``grace``
+    before ``now`` (a writer's last flush of a day can land just after midnight)."""
+    last_closed = (now.astimezone(UTC) - grace).date()
+    out = []
+    for day in days:
+        try:
+            if datetime.strptime(day, "%Y-%m-%d").date() < last_closed:
+                out.append(day)
+        except ValueError:
+            continue
+    return sorted(out)

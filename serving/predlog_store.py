@@ -40,6 +40,8 @@ Example::
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -49,9 +51,19 @@ from typing import Any
 import duckdb
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from mlops.errors import DataError
-from mlops.predlog import FEEDBACK_SCHEMA, log_schema, part_commit_time
+from mlops.predlog import (
+    COMPACTION_JOURNAL,
+    FEEDBACK_SCHEMA,
+    MERGED_PREFIX,
+    Compaction,
+    file_commit_time,
+    log_schema,
+    merged_name,
+    visible_files,
+)
 from mlops.settings import DatasetSchema, Settings
 
 PREDICTIONS = "predictions"
@@ -59,16 +71,19 @@ FEEDBACK = "feedback"
 # A file named part-<commit time>-... holds no row younger than its commit time. The margin
 # only guards against a clock stepped back between answering and committing.
 COMMIT_MARGIN = timedelta(seconds=5)
+_READ_ATTEMPTS = 3
 
 
 _SQL_TYPES = {pa.bool_(): "BOOLEAN", pa.string(): "VARCHAR", pa.float64(): "DOUBLE", pa.int64(): "BIGINT"}
 
 
 def predictions_dir(settings: Settings) -> Path:
+    """The prediction log's folder under MLOPS_HOME."""
     return settings.home_path / PREDICTIONS
 
 
 def feedback_dir(settings: Settings) -> Path:
+    """The feedback folder under MLOPS_HOME."""
     return settings.home_path / FEEDBACK
 
 
@@ -86,19 +101,18 @@ class PredictionLogStore:
 
     @classmethod
     def for_settings(cls, settings: Settings) -> PredictionLogStore:
+        """The store of the settings' MLOPS_HOME."""
         return cls(predictions_dir(settings), feedback_dir(settings), settings.dataset)
 
     def _source(
         self, con: duckdb.DuckDBPyConnection, view: str, root: Path, schema: pa.Schema, since: datetime | None
     ) -> None:
-        if since is None:  # everything: the glob
-            present, source = any(root.glob("date=*/*.parquet")), _sql_str(str(root / "date=*" / "*.parquet"))
-        else:  # a window: only the files that can hold it
-            files = _committed_since(root, since)
-            present, source = bool(files), "[" + ", ".join(_sql_str(str(f)) for f in files) + "]"
-        if present:
+        sources = (
+            _all_files(root) if since is None else [_sql_str(str(f)) for f in _committed_since(root, since)]
+        )
+        if sources:
             con.execute(
-                f"CREATE VIEW _{view}_files AS SELECT * FROM read_parquet({source}, "
+                f"CREATE VIEW _{view}_files AS SELECT * FROM read_parquet([{', '.join(sources)}], "
                 "hive_partitioning = true, union_by_name = true)"
             )
             have = {row[0] for row in con.execute(f"DESCRIBE _{view}_files").fetchall()}
@@ -162,13 +176,18 @@ class PredictionLogStore:
         self, sql: str, params: Sequence[Any] | None = None, since: datetime | None = None
     ) -> pd.DataFrame:
         """Run one SQL query over the views (``since``: see ``connect``); the result as a pandas frame."""
-        con = self.connect(since)
-        try:
-            return con.execute(sql, params or []).df()
-        except duckdb.Error as exc:
-            raise DataError(f"prediction-log query failed: {exc}") from exc
-        finally:
-            con.close()
+        for attempt in range(_READ_ATTEMPTS):
+            con = self.connect(since)
+            try:
+                return con.execute(sql, params or []).df()
+            except duckdb.Error as exc:
+                # A compaction deleted a file this read had listed: list again.
+                if attempt + 1 < _READ_ATTEMPTS and _vanished(exc):
+                    continue
+                raise DataError(f"prediction-log query failed: {exc}") from exc
+            finally:
+                con.close()
+        raise AssertionError("unreachable")
 
     @staticmethod
     def _window(since: datetime | None, until: datetime | None) -> tuple[str, list[Any]]:
@@ -209,15 +228,207 @@ class PredictionLogStore:
         return self.query(f"SELECT request_id, label, ts FROM feedback{where} ORDER BY ts", params, since)
 
 
+def _vanished(exc: duckdb.Error) -> bool:
+    text = str(exc)
+    return "No files found" in text or "No such file" in text
+
+
+def _day_files(day: Path) -> list[Path]:
+    """The files of one day folder to read: its writer parts, or what compaction made of them."""
+    try:
+        listing = [entry.name for entry in os.scandir(day)]  # listed first, journal read after
+    except FileNotFoundError:
+        return []
+    return [day / name for name in visible_files(listing, _read_journal(day))]
+
+
+def _read_journal(day: Path) -> Compaction | None:
+    try:
+        return Compaction.from_json((day / COMPACTION_JOURNAL).read_text(encoding="utf-8"))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _days(root: Path) -> list[Path]:
+    return sorted(d for d in root.glob("date=*") if d.is_dir())
+
+
+def _all_files(root: Path) -> list[str]:
+    """SQL literals for every committed file: a day folder without a compaction journal is
+    one glob over its writer parts; a compacted one lists its files."""
+    out: list[str] = []
+    for day in _days(root):
+        if (day / COMPACTION_JOURNAL).exists():
+            out.extend(_sql_str(str(f)) for f in _day_files(day))
+        elif any(day.glob("part-*.parquet")):
+            out.append(_sql_str(str(day / "part-*.parquet")))
+    return out
+
+
 def _committed_since(root: Path, since: datetime) -> list[Path]:
     """The committed files under ``root`` that may hold rows with ``ts >= since``, oldest first."""
     since = since if since.tzinfo else since.replace(tzinfo=UTC)
     cutoff = since - COMMIT_MARGIN
     first_day = f"date={cutoff.astimezone(UTC).date().isoformat()}"
     files = []
-    for day in sorted(d for d in root.glob("date=*") if d.is_dir() and d.name >= first_day):
-        for f in day.glob("*.parquet"):
-            committed = part_commit_time(f.name)
+    for day in (d for d in _days(root) if d.name >= first_day):
+        for f in _day_files(day):
+            committed = file_commit_time(f.name)
             if committed is None or committed >= cutoff:
                 files.append(f)
     return sorted(files)
+
+
+# --------------------------------------------------------------------------- compaction
+
+COMPACTION_LOCK = ".compaction.lock"
+ROWS_PER_MERGED_FILE = 2_000_000
+_TMP_SUFFIX = ".tmp"
+
+
+@dataclass(frozen=True)
+class CompactionReport:
+    """What compacting one day folder did: files merged into files, rows carried over."""
+
+    day: str
+    merged_files: int
+    into: tuple[str, ...]
+    rows: int
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _recover(day: Path) -> None:
+    """Finish or undo a compaction of ``day`` that was killed (the caller holds the lock).
+
+    Temporary files go; the sources a journal replaced are deleted (the switch happened);
+    merged files that no journal names (written before a journal that never came) go.
+    """
+    journal = _read_journal(day)
+    keep = set(journal.merged) if journal else set()
+    for entry in os.scandir(day):
+        name = entry.name
+        if name.startswith(f".{MERGED_PREFIX}-") and name.endswith(_TMP_SUFFIX):
+            os.unlink(entry.path)
+        elif name.startswith(f".{COMPACTION_JOURNAL}") and name.endswith(_TMP_SUFFIX):
+            os.unlink(entry.path)
+        elif name.startswith(f"{MERGED_PREFIX}-") and name not in keep:
+            os.unlink(entry.path)
+        elif journal is not None and name in journal.sources and name not in keep:
+            os.unlink(entry.path)
+    _fsync_dir(day)
+
+
+def _aligned(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with ``schema``'s columns in its order: missing ones null, types promoted."""
+    columns = [
+        table.column(f.name).cast(f.type)
+        if f.name in table.column_names
+        else pa.nulls(table.num_rows, f.type)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _write_merged(day: Path, name: str, tables: list[pa.Table], schema: pa.Schema) -> int:
+    tmp = day / f".{name}{_TMP_SUFFIX}"
+    rows = 0
+    with open(tmp, "wb") as fh:
+        with pq.ParquetWriter(fh, schema, compression="zstd") as writer:
+            for table in tables:
+                writer.write_table(table, row_group_size=256_000)
+                rows += table.num_rows
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, day / name)
+    return rows
+
+
+def compact_day(
+    root: str | os.PathLike[str],
+    day: str,
+    *,
+    rows_per_file: int = ROWS_PER_MERGED_FILE,
+    lock_timeout: float = 60.0,
+) -> CompactionReport:
+    """Merge the files of the closed day folder ``root/date=<day>`` into a few files, atomically.
+
+    The merged files carry every column of every source (a union by name; a column some
+    files lack is null there) and keep the rows in commit order. They are written under
+    names readers ignore, then one atomic rename of the day's journal (``_compaction.json``)
+    switches readers from the sources to them, and only then are the sources deleted: a
+    reader sees every row exactly once at any moment, and a compaction killed anywhere
+    loses and duplicates nothing (the next one finishes or undoes it). Each merged file is
+    named after the newest commit time among its sources, so a windowed read opens it
+    whenever it would have opened one of them. Compactions of one log exclude each other
+    (a lock file); a day compacted already is left as it is.
+    """
+    from adapters import rwlock
+
+    base = Path(root)
+    folder = base / f"date={day}"
+    if not folder.is_dir():
+        return CompactionReport(day, 0, (), 0)
+    try:
+        with rwlock.locked(base / COMPACTION_LOCK, exclusive=True, timeout=lock_timeout):
+            _recover(folder)
+            journal = _read_journal(folder)
+            sources = visible_files((e.name for e in os.scandir(folder)), journal)
+            if not sources or (journal is not None and sources == sorted(journal.merged)):
+                return CompactionReport(day, 0, tuple(sorted(journal.merged)) if journal else (), 0)
+            schema = pa.unify_schemas(
+                [pq.read_schema(folder / n).remove_metadata() for n in sources], promote_options="permissive"
+            )
+            compaction_id = uuid.uuid4().hex[:8]
+            merged: list[str] = []
+            rows = 0
+            buffer: list[pa.Table] = []
+            buffered = 0
+            newest: datetime | None = None
+
+            def flush() -> None:
+                nonlocal rows, buffer, buffered, newest
+                name = merged_name(newest or datetime.now(UTC), compaction_id, len(merged))
+                rows += _write_merged(folder, name, buffer, schema)
+                merged.append(name)
+                buffer, buffered, newest = [], 0, None
+
+            for name in sorted(
+                sources, key=lambda n: (file_commit_time(n) or datetime.min.replace(tzinfo=UTC), n)
+            ):
+                table = _aligned(pq.read_table(folder / name, use_threads=False), schema)
+                committed = file_commit_time(name)
+                if committed is not None and (newest is None or committed > newest):
+                    newest = committed
+                buffer.append(table)
+                buffered += table.num_rows
+                if buffered >= rows_per_file:
+                    flush()
+            if buffer:
+                flush()
+            _fsync_dir(folder)
+            # The switch point: one rename of the journal.
+            tmp = folder / f".{COMPACTION_JOURNAL}.{uuid.uuid4().hex}{_TMP_SUFFIX}"
+            with open(tmp, "w", encoding="utf-8") as fh:
+                fh.write(Compaction(tuple(merged), tuple(sources)).to_json())
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, folder / COMPACTION_JOURNAL)
+            _fsync_dir(folder)
+            _recover(folder)  # delete the sources
+            return CompactionReport(day, len(sources), tuple(merged), rows)
+    except rwlock.LockTimeout as exc:
+        raise DataError(f"another compaction of {base} kept its lock: {exc}") from exc
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(f"cannot compact {folder}: {exc}") from exc
+
+
+def log_days(root: str | os.PathLike[str]) -> list[str]:
+    """The day folders (``YYYY-MM-DD``) under a log root, ascending."""
+    return [d.name.split("=", 1)[1] for d in _days(Path(root))]

@@ -1,7 +1,8 @@
 """Batch scoring tasks: pin models, plan the input, score partitions on Dask, commit.
 
 Two halves. ``score_partition`` runs on the Dask workers: it reads its own rows, validates
-them with the Great Expectations suite, scores them with an ONNX Runtime session that the
+them against the schema's suite (vectorised Arrow checks; Great Expectations reports a
+partition that fails), scores them with an ONNX Runtime session that the
 worker builds once per model version and keeps (``worker_scorer``), writes one staged
 Parquet part and returns a small ``PartitionResult``. The Prefect tasks run on the driver
 and wrap one adapter call each; retries sit only on the IO that can be retried.
@@ -117,7 +118,7 @@ def score_partition(job: PartitionJob, models: Sequence[bytes]) -> PartitionResu
     Nothing is staged when the rows fail validation. With two models, the second scores
     the same feeds and only a constant-size ``AgreementStats`` comes back for it.
     """
-    from adapters.validation import validate_frame
+    from adapters.validation import validate_table
 
     clock, cpu = time.perf_counter(), time.thread_time()
     seconds: dict[str, float] = {}
@@ -130,16 +131,15 @@ def score_partition(job: PartitionJob, models: Sequence[bytes]) -> PartitionResu
 
     part = job.partition
     table = parquet_input.read_partition(part, job.columns)
-    frame = table.to_pandas(use_threads=False)  # for GX; one thread per worker is the plan
     lap("read")
-    summary = validate_frame(frame, job.schema, require_label=False, source=part.describe())
+    # Arrow checks decide a pass; only a failing partition becomes a pandas frame for GX.
+    summary = validate_table(table, job.schema, require_label=False, source=part.describe())
     lap("validate")
     if not summary.success:
         return PartitionResult(part.index, table.num_rows, None, summary.failures, seconds)
     if _stop_requested(job.run_id):
         return PartitionResult(part.index, table.num_rows, None, (), seconds, skipped=True)
 
-    del frame
     primary = worker_scorer(job.models[0], models[0], job.schema, job.ort_threads)
     columns = column_arrays(table, job.schema.feature_names)
     feeds = primary.feeds(columns)
@@ -194,6 +194,7 @@ def sweep_store(root: str) -> storage.SweepReport:
 
 @task(name="committed-dates", retries=2, retry_delay_seconds=[2, 10])
 def committed_dates(root: str) -> list[date]:
+    """The run dates the score store has a committed run for."""
     return storage.committed_dates(root)
 
 
@@ -216,11 +217,13 @@ def plan_input(path: str, rows_per_partition: int, min_rows: int) -> tuple[Parti
 
 @task(name="open-staging", retries=2, retry_delay_seconds=[2, 10])
 def open_staging(root: str, run_date: date, run_id: str) -> StagedRun:
+    """Open the staging folder of this run (sweeping abandoned runs of the date)."""
     return StagedRun.open(root, run_date, run_id)
 
 
 @task(name="abort-staging")
 def abort_staging(staged: StagedRun) -> None:
+    """Drop the staging run; the date's published run stays as it is."""
     staged.abort()
 
 
@@ -295,6 +298,7 @@ def commit_run(staged: StagedRun, parts: Sequence[PartInfo], record: RunRecord) 
 def record_comparison(
     root: str, run_date: date, run_id: str, reference: ModelRef, compared: ModelRef, report
 ) -> None:
+    """Store the champion/challenger agreement report of the run date in the warehouse."""
     from adapters.score_reports import write_comparison
 
     write_comparison(root, run_date, run_id, reference, compared, report)

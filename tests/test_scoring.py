@@ -516,7 +516,16 @@ def test_every_prefect_deployment_imports_and_nightly_scoring_is_scheduled() -> 
         "anyOf"
     ]  # a date picker
     assert scoring.parameters.properties["alias"]["description"]  # the UI form explains each field
-    assert {d["name"] for d in spec["deployments"]} == {"train", "nightly-scoring", "edge-export", "rollout"}
+    assert {d["name"] for d in spec["deployments"]} == {
+        "train",
+        "nightly-scoring",
+        "edge-export",
+        "rollout",
+        "compact-prediction-log",
+    }
+    (compaction,) = [d for d in spec["deployments"] if d["name"] == "compact-prediction-log"]
+    (schedule,) = compaction["schedules"]
+    CronSchedule(cron=schedule["cron"], timezone=schedule.get("timezone"))
 
 
 def test_the_run_forms_offer_the_platforms_aliases_plans_and_budgets_and_accept_others() -> None:

@@ -340,7 +340,7 @@ def test_reader_errors_are_platform_errors(root: Path) -> None:
 _HOLD_READ_LOCK = """
 import time
 from adapters import storage
-with storage._reader(storage._Layout.of(root), 10) as con:  # what query() holds
+with storage.reader(root, 10) as con:  # what query() holds
     con.execute("SELECT count(*) FROM scores").fetchall()
     held.set()
     time.sleep(hold_s)
@@ -590,10 +590,12 @@ def test_a_killed_scoring_run_rerun_leaves_exactly_the_rows_of_a_clean_run(
         == tree(tmp_path / "fresh" / "scores")
         == {
             "_staging",
+            "_pending",
             "_runs",
             f"_runs/run_date={DAY}",
             f"_runs/run_date={DAY}/rerun",
             *(f"_runs/run_date={DAY}/rerun/part-0000{i}.parquet" for i in range(4)),
+            f"_runs/run_date={DAY}/rerun/_manifest.json",
             f"run_date={DAY} -> _runs/run_date={DAY}/rerun",
         }
     )
@@ -735,3 +737,78 @@ def test_a_statement_that_slips_past_the_parser_still_cannot_escape(
     assert tree(tmp_path) == before
     assert con.execute("SELECT count(*) FROM scores").fetchall() == [(50,)]
     con.close()
+
+
+# --------------------------------------------------------------------------- history and rebuild
+
+
+def test_a_stray_run_folder_is_never_read_and_one_date_reads_through_scores_on(root: Path) -> None:
+    """The views glob the run folders but read only the run score_runs publishes for a date:
+    a folder left beside it (a killed commit's orphan) adds no row. ``scores_on(d)`` reads one
+    date's run and nothing else."""
+    run_once(root, DAY, [3, 2])
+    run_once(root, OTHER_DAY, [4])
+    orphan = root / "scores" / "_runs" / f"run_date={DAY}" / "orphan"
+    orphan.mkdir()
+    import pyarrow.parquet as pq
+
+    pq.write_table(part_table(0, 7, tag="orphan"), orphan / "part-00000.parquet")
+    assert count(root) == 9
+    assert storage.query(root, "SELECT DISTINCT tag FROM scores")["tag"].to_pylist() == ["x"]
+    one = storage.query(root, "SELECT count(*) AS n, min(run_date) AS d FROM scores_on(?)", [DAY])
+    assert one.to_pylist() == [{"n": 5, "d": DAY}]
+    storage.sweep(root)  # no commit left work for it: the orphan is not looked for
+    assert orphan.exists()
+    storage.sweep(root, full=True)
+    assert not orphan.exists() and count(root) == 9
+
+
+def test_a_run_of_another_schema_is_refused_while_other_dates_are_committed(root: Path) -> None:
+    """The views bind one schema: a run whose columns differ from the committed runs of other
+    dates is refused with the difference named and nothing published; replacing the only
+    committed date with a new schema is fine (the views are rebound)."""
+    run_once(root, DAY, [3])
+    narrow = StagedRun.open(root, DAY, "narrow")
+    narrow.commit([narrow.write_part(0, part_table(0, 2).drop_columns(["tag"]))], record())
+    assert storage.query(root, "SELECT * FROM scores").column_names == ["transaction_id", "score", "run_date"]
+    stage = StagedRun.open(root, OTHER_DAY, "wide")
+    infos = [stage.write_part(0, part_table(0, 4))]
+    with pytest.raises(IncompleteRun, match="schema differs from the committed runs"):
+        stage.commit(infos, record())
+    assert storage.committed_dates(root) == [DAY] and count(root) == 2
+
+
+def test_a_lost_warehouse_is_rebuilt_from_the_run_manifests(root: Path) -> None:
+    """Every committed run leaves a manifest beside its parts; with warehouse.duckdb deleted,
+    ``rebuild`` restores score_runs (same rows as before) and the views from the folders,
+    ignoring a run folder without a manifest or with a part missing."""
+    run_once(root, DAY, [3, 2])
+    run_once(root, DAY, [6], tag="newer")
+    run_once(root, OTHER_DAY, [4])
+    before = storage.query(root, "SELECT * FROM score_runs ORDER BY run_date")
+    rows_before = storage.query(root, "SELECT * FROM scores ORDER BY ALL")
+    # A half-made run folder of a third date: parts without a manifest.
+    half = root / "scores" / "_runs" / "run_date=2025-03-03" / "half"
+    half.mkdir(parents=True)
+    import pyarrow.parquet as pq
+
+    pq.write_table(part_table(0, 5), half / "part-00000.parquet")
+    (root / "warehouse.duckdb").unlink()
+
+    assert storage.rebuild(root) == [DAY, OTHER_DAY]
+    after = storage.query(root, "SELECT * FROM score_runs ORDER BY run_date")
+    assert after.equals(before)
+    assert storage.query(root, "SELECT * FROM scores ORDER BY ALL").equals(rows_before)
+    assert not half.exists()
+    run_once(root, OTHER_DAY, [1])  # the rebuilt warehouse takes commits as before
+    assert count(root) == 7
+
+
+def test_a_damaged_warehouse_is_moved_aside_and_rebuilt(root: Path) -> None:
+    """A warehouse file that DuckDB cannot open is kept aside, not overwritten, and the
+    rebuilt one has every committed run."""
+    run_once(root, DAY, [3])
+    (root / "warehouse.duckdb").write_bytes(b"not a database" * 100)
+    assert storage.rebuild(root) == [DAY]
+    assert count(root) == 3
+    assert len(list(root.glob("warehouse.duckdb.damaged-*"))) == 1

@@ -8,14 +8,17 @@ from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from adapters.validation import (
     ValidationSummary,
     build_suite,
     raise_for_failures,
+    table_passes,
     validate_frame,
     validate_or_raise,
+    validate_table,
 )
 from mlops.datagen import fraud_schema, generate
 from mlops.errors import DataError, ValidationFailed
@@ -346,3 +349,48 @@ def test_frames_validated_on_two_threads_get_their_own_results(
         t.join()
     assert results["good"].success, results["good"].failures
     assert results["bad"].failures == (DEFECTS["out-of-range values"][2],)
+
+
+# --------------------------------------------------------------------------- Arrow tables
+
+
+ARROW_DEFECTS = [d for d in DEFECTS if d != "stray string in an object column"]  # not one Arrow type
+
+
+def test_a_clean_table_passes_the_arrow_checks_with_every_expectation_evaluated(
+    clean: pd.DataFrame, schema: DatasetSchema
+) -> None:
+    """A generated table passes ``table_passes`` (no GX run) and its summary counts every
+    expectation of the suite, as GX's would."""
+    table = pa.Table.from_pandas(clean, preserve_index=False)
+    assert table_passes(table, schema)
+    summary = validate_table(table, schema, source="part 0")
+    assert summary.success and summary.failures == () and summary.rows == ROWS
+    assert summary.evaluated == len(build_suite(schema, require_label=True).expectations)
+    assert summary == validate_frame(table.to_pandas(), schema, source="part 0")
+
+
+@pytest.mark.parametrize("defect", ARROW_DEFECTS)
+def test_a_defective_table_fails_with_the_same_lines_as_the_frame_validated_by_gx(
+    defect: str, clean: pd.DataFrame, schema: DatasetSchema
+) -> None:
+    """Each defect makes the Arrow checks fail, and the table's summary (GX's verdict and
+    lines) is the one GX gives the same rows as a pandas frame."""
+    df = clean.copy()
+    mutate, _, expected = DEFECTS[defect]
+    mutate(df)
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    assert not table_passes(table, schema)
+    summary = validate_table(table, schema, source="part 3")
+    assert summary == validate_frame(table.to_pandas(), schema, source="part 3")
+    assert summary.failures == (expected,)
+
+
+def test_nulls_and_nan_count_alike_in_the_arrow_checks(nullable_schema: DatasetSchema) -> None:
+    """NaN is a null for GX on pandas, so for the Arrow checks too: within max_null_fraction
+    it passes, beyond it it fails."""
+    ok = pa.Table.from_pandas(_tiny(null_x=10, null_c=10), preserve_index=False)
+    assert table_passes(ok, nullable_schema)
+    too_many = pa.Table.from_pandas(_tiny(null_x=11, null_c=0), preserve_index=False)
+    assert not table_passes(too_many, nullable_schema)
+    assert not validate_table(too_many, nullable_schema).success
