@@ -134,6 +134,7 @@ class ScorerCache:
         return value
 
     def get(self, sha256: str, model: bytes) -> OnnxScorer:
+        """The session of the model with this sha256, built from ``model`` on a miss (``size`` are kept)."""
         if sha256 in self._cache:
             self._cache.move_to_end(sha256)
             return self._cache[sha256]
@@ -145,6 +146,7 @@ class ScorerCache:
 
 
 def golden_frame(golden: rules.Golden) -> pd.DataFrame:
+    """A release's golden inputs as a frame the scorer reads."""
     return pd.DataFrame({k: list(v) for k, v in golden.inputs.items()})
 
 
@@ -154,6 +156,12 @@ def _digest(data: bytes | str) -> str:
 
 @dataclass
 class DeviceState:
+    """What a device keeps in ``state.json`` across restarts.
+
+    Who it is, its pinned root, its current and previous model, the newest release and
+    timestamp versions it accepted and the versions that failed on it, so it never goes back.
+    """
+
     device_id: str
     device_class: str
     runtime_version: str
@@ -166,6 +174,8 @@ class DeviceState:
     timestamp_version: int = 0  # newest timestamp accepted: older ones are refused
 
     def view(self) -> rules.DeviceView:
+        """This state as the pure update rules see it."""
+
         def inst(d: dict[str, Any] | None) -> rules.Installed | None:
             return None if d is None else rules.Installed(int(d["version"]), str(d["sha256"]))
 
@@ -253,9 +263,11 @@ class SimulatedDevice:
 
     @property
     def device_id(self) -> str:
+        """The id the device reports under."""
         return self.state.device_id
 
     def model_bytes(self, which: str = "current") -> bytes | None:
+        """The ONNX file of the ``current`` (or ``previous``) model; None when that slot is empty."""
         slot = self.state.current if which == "current" else self.state.previous
         return None if slot is None else (self.folder / "models" / f"{slot['sha256']}.onnx").read_bytes()
 
@@ -548,16 +560,19 @@ class Fleet:
         return self.folder / "devices"
 
     def device_ids(self) -> list[str]:
+        """Ids of the provisioned devices, sorted."""
         if not self._devices_dir.is_dir():
             return []
         return sorted(p.name for p in self._devices_dir.iterdir() if (p / "state.json").is_file())
 
     def device(self, device_id: str) -> SimulatedDevice:
+        """The device with this id, as its folder holds it now."""
         return SimulatedDevice(
             self._devices_dir / device_id, self.scorers, self.traffic, self.traffic_rows, durable=self.durable
         )
 
     def devices(self) -> list[SimulatedDevice]:
+        """Every provisioned device, in id order."""
         return [self.device(d) for d in self.device_ids()]
 
     def provision(

@@ -120,34 +120,43 @@ def read_json(path: Path) -> Any:
 
 @dataclass(frozen=True)
 class EdgePaths:
+    """Where each part of the edge state lives under ``$MLOPS_HOME/edge`` (layout above)."""
+
     root: Path
 
     @property
     def keys(self) -> Path:
+        """Signing keys and every version of the signed root metadata."""
         return self.root / "keys"
 
     @property
     def variants(self) -> Path:
+        """Exported variants, by model, version and budget."""
         return self.root / "variants"
 
     @property
     def repo(self) -> Path:
+        """The release repository devices poll."""
         return self.root / "repo"
 
     @property
     def rollouts(self) -> Path:
+        """One status file per OTA rollout."""
         return self.root / "rollouts"
 
     @property
     def fleets(self) -> Path:
+        """Simulated fleets and their devices."""
         return self.root / "fleets"
 
     @property
     def telemetry(self) -> Path:
+        """The DuckDB file of device events."""
         return self.root / "telemetry.duckdb"
 
 
 def edge_paths(settings: Settings) -> EdgePaths:
+    """The edge folders under these settings' home."""
     return EdgePaths(settings.edge_dir)
 
 
@@ -305,6 +314,7 @@ class VariantStore:
         self.folder = folder
 
     def export_dir(self, model: str, version: int, budget: str) -> Path:
+        """The folder of one export: ``<model>/v<version>/<budget>``."""
         return self.folder / model / f"v{version}" / budget
 
     def write_export(
@@ -325,6 +335,7 @@ class VariantStore:
         return out
 
     def latest(self, model: str) -> tuple[Path, dict[str, Any]]:
+        """The folder and report of the export ``latest.json`` names; ``NothingToPublish`` if none."""
         pointer = read_json(self.folder / model / "latest.json")
         if pointer is None:
             raise NothingToPublish(f"no edge export of '{model}' yet (run `mlops edge export`)")
@@ -352,12 +363,14 @@ class ReleaseRepository:
         return self.folder / model
 
     def versions(self, model: str) -> list[int]:
+        """The release versions stored for ``model``, ascending."""
         rel = self._model_dir(model) / "releases"
         if not rel.is_dir():
             return []
         return sorted(int(p.name) for p in rel.iterdir() if p.name.isdigit())
 
     def latest_version(self, model: str) -> int:
+        """The newest release version of ``model``; 0 before its first release."""
         versions = self.versions(model)
         return versions[-1] if versions else 0
 
@@ -419,6 +432,7 @@ class ReleaseRepository:
         return version if isinstance(version, int) else 0
 
     def release_metadata(self, model: str, version: int) -> bytes:
+        """A release's signed metadata as the publisher first stored it; ``NothingToPublish`` if none."""
         try:
             return (self._model_dir(model) / "releases" / str(version) / "release.json").read_bytes()
         except FileNotFoundError:
@@ -444,12 +458,15 @@ class ReleaseRepository:
             raise NothingToPublish(f"'{model}' has no release v{version}") from None
 
     def state(self, model: str) -> dict[str, Any]:
+        """The model's release state (e.g. ``last_good``); empty before anything was recorded."""
         return read_json(self._model_dir(model) / "state.json") or {}
 
     def set_state(self, model: str, **values: Any) -> None:
+        """Set fields of the model's release state, keeping the others, atomically."""
         write_json(self._model_dir(model) / "state.json", self.state(model) | values)
 
     def models(self) -> list[str]:
+        """The models with a folder in the repository, sorted."""
         return sorted(p.name for p in self.folder.iterdir() if p.is_dir()) if self.folder.is_dir() else []
 
 
@@ -575,6 +592,7 @@ class TelemetryStore:
     def events(
         self, rollout_id: str | None = None, device_id: str | None = None, fleet: str | None = None
     ) -> list[dict[str, Any]]:
+        """Device events in time order, only those of the given rollout, device and fleet."""
         where, params = [], []
         for col, value in (("rollout_id", rollout_id), ("device_id", device_id), ("fleet", fleet)):
             if value is not None:
@@ -588,6 +606,7 @@ class TelemetryStore:
         return [dict(zip(EVENT_COLUMNS, r, strict=True)) for r in rows]
 
     def save_rollout(self, fleet: str, status: Mapping[str, Any]) -> None:
+        """Record a rollout's latest status (phase, stage percent and the whole status as JSON)."""
         with _LOCK, self._connect() as con:
             con.execute(
                 "INSERT OR REPLACE INTO rollouts VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -604,6 +623,7 @@ class TelemetryStore:
             )
 
     def rollouts(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The ``limit`` most recently updated rollouts, newest first."""
         with _LOCK, self._connect(read_only=True) as con:
             rows = con.execute(
                 "SELECT rollout_id, fleet, model, version, phase, percent, updated_at FROM rollouts ORDER BY updated_at DESC LIMIT ?",
@@ -613,6 +633,7 @@ class TelemetryStore:
         return [dict(zip(cols, r, strict=True)) for r in rows]
 
     def event_counts(self, rollout_id: str) -> dict[str, int]:
+        """How many events of each kind (``event`` or ``event:code``) a rollout's devices reported."""
         with _LOCK, self._connect(read_only=True) as con:
             rows = con.execute(
                 "SELECT event || coalesce(':' || code, ''), count(*) FROM device_events WHERE rollout_id = ? GROUP BY 1 ORDER BY 1",

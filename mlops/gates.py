@@ -9,12 +9,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 from mlops.settings import MetricGate
 
 
-class Outcome(str, Enum):
+class Outcome(StrEnum):
     """Result of evaluating one check."""
 
     PASS = "PASS"
@@ -41,6 +41,7 @@ class GateResult:
 
     @property
     def outcome(self) -> Outcome:
+        """The worst outcome of the checks (ERROR, then FAIL, then INCONCLUSIVE); PASS when none is worse."""
         order = (Outcome.ERROR, Outcome.FAIL, Outcome.INCONCLUSIVE)
         for worst in order:
             if any(c.outcome is worst for c in self.checks):
@@ -49,10 +50,12 @@ class GateResult:
 
     @property
     def passed(self) -> bool:
+        """Whether the gate's outcome is PASS."""
         return self.outcome is Outcome.PASS
 
     @property
     def reason(self) -> str:
+        """The reasons of the checks that did not pass, or of every check when all passed."""
         bad = [c.reason for c in self.checks if c.outcome is not Outcome.PASS]
         return "; ".join(bad) if bad else "; ".join(c.reason for c in self.checks)
 

@@ -69,6 +69,7 @@ class AliasMove:
     seq: int = 0
 
     def describe(self) -> str:
+        """One line for the history: alias, from and to version, action, actor and reason."""
         src = "-" if self.from_version is None else f"v{self.from_version}"
         dst = "-" if self.to_version is None else f"v{self.to_version}"
         return f"{self.alias}: {src} -> {dst} ({self.action}) by {self.actor}: {self.reason}"

@@ -37,6 +37,7 @@ _state: dict[str, Any] = {"verbose": False}
 
 
 def set_verbose(verbose: bool) -> None:
+    """Show Prefect's INFO logs on the terminal and progress as plain lines instead of a spinner."""
     _state["verbose"] = verbose
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -36,7 +36,13 @@ edge_app.add_typer(keys_app, name="keys")
 edge_app.add_typer(budget_app, name="budget")
 
 
-class Drill(str, Enum):
+class Drill(StrEnum):
+    """A deliberately bad release to publish before a fleet rollout (``--drill``).
+
+    ``broken-model`` answers NaN (fails every device's health check); ``shifted-model`` shifts
+    the predictions (passes the health check, fails the prediction-shift gate).
+    """
+
     broken_model = "broken-model"
     shifted_model = "shifted-model"
 
@@ -50,6 +56,11 @@ def register(app: typer.Typer) -> None:
 
 
 def print_export(summary) -> None:
+    """Print an export's variants as a table, the selected one starred.
+
+    Then why each variant that did not pass failed, and where the export, its report and its
+    MLflow run are.
+    """
     table = Table(
         title=f"{summary.model_name} v{summary.source_version} ({summary.alias}) -> {summary.budget}"
     )
@@ -162,6 +173,7 @@ def fleet(
 
 
 def print_rollout(s) -> None:
+    """Print a rollout's stages as a table, then devices per version, device events and any rollback."""
     table = Table(title=f"{s.model_name} v{s.version} ({s.variant}) -> {s.devices} devices: {s.phase}")
     for col in ("stage", "action", "outcome", "reason"):
         table.add_column(col, overflow="fold")

@@ -71,7 +71,7 @@ def score(
         raise ConfigError(
             "--force applies to a backfill (--from/--to); a single --date always replaces its run"
         )
-    settings = settings_for(config)
+    settings_for(config)
     from flows.score import backfill_flow, score_flow
 
     if start is not None:

@@ -129,5 +129,6 @@ def serving_flip(key: KeyOpt = None, url: UrlOpt = None, config: ConfigOpt = Non
 
 
 def register(app: typer.Typer) -> None:
+    """Add the ``serve`` command and the ``serving`` command group to the ``mlops`` CLI."""
     app.command("serve")(serve)
     app.add_typer(serving_app, name="serving")

@@ -77,6 +77,7 @@ def default_actor() -> str:
 
 
 def now_iso() -> str:
+    """Now, in UTC, as ISO 8601 with milliseconds (the ledger's timestamps)."""
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 

@@ -49,6 +49,7 @@ class ModelRegistry:
     # ----------------------------------------------------------------- reads
 
     def exists(self, name: str) -> bool:
+        """Whether ``name`` is a registered model."""
         try:
             self.client.get_registered_model(name)
             return True
@@ -87,6 +88,7 @@ class ModelRegistry:
         )
 
     def version(self, name: str, version: int) -> VersionInfo:
+        """One version of ``name`` with its aliases, tags and run metrics; ``NotFound`` if there is none."""
         try:
             mv = self.client.get_model_version(name, str(version))
         except MlflowException as exc:
@@ -133,6 +135,7 @@ class ModelRegistry:
             raise RegistryError(f"cannot download '{name}' v{version}: {exc.message}") from exc
 
     def history(self, name: str | None = None, limit: int | None = None) -> list[AliasMove]:
+        """Audited alias moves of ``name`` (else all models), oldest first; at most the newest ``limit``."""
         return self.ledger.history(name, limit)
 
     # ----------------------------------------------------------------- writes

@@ -13,6 +13,8 @@ from registry.mlflow_registry import ModelRegistry
 
 @dataclass(frozen=True)
 class PromotionResult:
+    """A completed alias move: the gate that allowed it (None when no gate applied) and the audited moves."""
+
     model: str
     alias: str
     version: int

@@ -27,6 +27,8 @@ def serving_requirements() -> list[str]:
 
 @dataclass(frozen=True)
 class LoggedRun:
+    """A logged training run: its id, the URI of its logged ONNX model and its experiment."""
+
     run_id: str
     model_uri: str
     experiment_id: str

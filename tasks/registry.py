@@ -24,6 +24,7 @@ log_training_run = task(name="log-training-run", retries=2, retry_delay_seconds=
 def register_version(
     settings: Settings, source_uri: str, run_id: str, tags: Mapping[str, str], reason: str
 ) -> VersionInfo:
+    """Register a logged model as a new version of the configured model and make it challenger."""
     return ModelRegistry(settings).register(settings.training.model_name, source_uri, run_id, tags, reason)
 
 

@@ -47,3 +47,9 @@ def test_champion_without_metric_is_inconclusive() -> None:
     """If the champion has no value to compare with, the check is INCONCLUSIVE, not PASS."""
     result = promotion_gate(GATES, {"roc_auc": 0.9, "log_loss": 0.05}, {"log_loss": 0.05})
     assert result.outcome is Outcome.INCONCLUSIVE
+
+
+def test_an_outcome_formats_as_its_value() -> None:
+    """An outcome prints as PASS/FAIL/..., so a reason or report can format it directly."""
+    assert [f"{o}" for o in Outcome] == ["PASS", "FAIL", "INCONCLUSIVE", "ERROR"]
+    assert str(Outcome.FAIL) == "FAIL" == Outcome.FAIL

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -67,7 +68,7 @@ def test_merged_partition_summaries_equal_the_whole_data(scores: tuple[np.ndarra
     seg = np.where(np.arange(a.size) % 3 == 0, "x", "y")
     whole = agreement_report(agreement_stats(a, b, 0.1, 0.1, {"s": seg}))
     cuts = [0, 1, 5000, 5001, 12_000, a.size]
-    chunks = [agreement_stats(a[i:j], b[i:j], 0.1, 0.1, {"s": seg[i:j]}) for i, j in zip(cuts, cuts[1:])]
+    chunks = [agreement_stats(a[i:j], b[i:j], 0.1, 0.1, {"s": seg[i:j]}) for i, j in pairwise(cuts)]
     merged = agreement_report(merge_all(chunks[::-1]))
     assert merged.rows == whole.rows == a.size
     assert merged.correlation == pytest.approx(pearson(a, b), rel=1e-9)

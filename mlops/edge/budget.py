@@ -199,6 +199,7 @@ class EdgeBudget(StrictModel):
         return self
 
     def spec(self, name: str) -> VariantSpec:
+        """The variant named ``name``; ``KeyError`` when the budget has none."""
         for s in self.variants:
             if s.name == name:
                 return s

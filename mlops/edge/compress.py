@@ -46,6 +46,7 @@ from mlops.settings import DatasetSchema
 
 
 def metric_value(metric: str, y: np.ndarray, p: np.ndarray) -> float:
+    """``metric`` (``roc_auc`` or ``pr_auc``) of probabilities ``p`` against labels ``y``."""
     if metric == "roc_auc":
         return float(roc_auc_score(y, p))
     if metric == "pr_auc":
@@ -106,6 +107,7 @@ class Drift:
 
     @classmethod
     def between(cls, a: np.ndarray, b: np.ndarray) -> Drift:
+        """Largest and mean absolute difference between two models' probabilities."""
         d = np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))
         return cls(float(d.max()), float(d.mean()))
 
@@ -159,6 +161,11 @@ class _Reader:
 def calibration_feeds(
     model: bytes, rows: pd.DataFrame, schema: DatasetSchema, batch: int
 ) -> list[dict[str, np.ndarray]]:
+    """Calibration data for static quantization: the model's feeds for ``rows`` in equal batches.
+
+    Every batch has exactly ``batch`` rows (histogram calibrators stack them); with fewer rows
+    than that, the one shorter batch there is.
+    """
     scorer = OnnxScorer(model, schema)
     n = max(batch, (len(rows) // batch) * batch)
     rows = rows.iloc[:n]
@@ -340,6 +347,11 @@ class VariantBuilder:
     # ----------------------------------------------------------------- public
 
     def build(self, spec: VariantSpec) -> VariantResult:
+        """Build, measure and gate one variant from its source.
+
+        A source that was not built, a technique the source's family does not allow and a
+        ``ModelError`` while building each give a skipped or errored result instead of raising.
+        """
         source = getattr(spec, "source", None) or "teacher"
         head = dict(
             name=spec.name,
@@ -379,6 +391,7 @@ class VariantBuilder:
             )
 
     def model(self, name: str) -> bytes:
+        """The ONNX file of a built variant (or of ``teacher``)."""
         return self.built[name].model
 
     # ----------------------------------------------------------------- techniques

@@ -37,6 +37,7 @@ _LEVELS = {
 
 
 def load(model: bytes) -> onnx.ModelProto:
+    """The parsed model; ``ModelError`` when the bytes are not ONNX."""
     try:
         return onnx.load_from_string(model)
     except Exception as exc:  # protobuf's DecodeError and friends
@@ -127,6 +128,7 @@ class DenseNode:
     weight_shape: tuple[int, ...]
 
     def describe(self) -> str:
+        """``name (op weight-shape)``, e.g. ``dense0 (MatMul 12x16)``."""
         return f"{self.name} ({self.op_type} {'x'.join(map(str, self.weight_shape))})"
 
 
@@ -144,6 +146,7 @@ def dense_nodes(model: bytes) -> list[DenseNode]:
 
 
 def op_types(model: bytes) -> list[str]:
+    """The op type of every node, in graph order."""
     return [n.op_type for n in load(model).graph.node]
 
 
@@ -177,6 +180,7 @@ def weight_shapes(model: bytes) -> list[tuple[int, ...]]:
 
 
 def parameter_count(model: bytes) -> int:
+    """How many weights the dense layers hold (biases not counted)."""
     return int(sum(np.prod(s) for s in weight_shapes(model)))
 
 

@@ -53,10 +53,12 @@ class ClipFeatures(TransformerMixin, BaseEstimator):
         self.bound = bound
 
     def fit(self, X, y=None):
+        """Record the number of input columns; clipping learns nothing else."""
         self.n_features_in_ = np.asarray(X).shape[1]
         return self
 
     def transform(self, X):
+        """``X`` with every value clipped to ``[-bound, bound]``."""
         return np.clip(np.asarray(X, dtype=np.float64), -self.bound, self.bound)
 
 
@@ -128,14 +130,17 @@ class Mlp:
 
     @property
     def hidden(self) -> tuple[int, ...]:
+        """Widths of the hidden layers."""
         return tuple(int(w.shape[1]) for w in self.weights[:-1])
 
     @property
     def n_inputs(self) -> int:
+        """Number of input features."""
         return int(self.weights[0].shape[0])
 
     @property
     def n_params(self) -> int:
+        """Number of weights and biases."""
         return int(sum(w.size + b.size for w, b in zip(self.weights, self.biases, strict=True)))
 
     def activations(self, x: np.ndarray) -> list[np.ndarray]:
@@ -147,11 +152,13 @@ class Mlp:
         return out
 
     def logits(self, x: np.ndarray) -> np.ndarray:
+        """The output logit of each row of ``x``."""
         acts = self.activations(x)
         h = acts[-1] if acts else x
         return (h @ self.weights[-1] + self.biases[-1])[:, 0]
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """The positive-class probability of each row of ``x``."""
         return sigmoid(self.logits(x))
 
 
@@ -168,10 +175,12 @@ def init_mlp(n_inputs: int, hidden: tuple[int, ...], seed: int) -> Mlp:
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
+    """The logistic function, free of overflow for large ``|z|``."""
     return 0.5 * (1.0 + np.tanh(0.5 * z))  # overflow-free logistic
 
 
 def logit(p: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """The inverse of ``sigmoid``, with ``p`` clipped to ``[eps, 1 - eps]`` so it stays finite."""
     p = np.clip(np.asarray(p, dtype=np.float64), eps, 1.0 - eps)
     return np.log(p / (1.0 - p))
 

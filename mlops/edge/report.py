@@ -141,10 +141,12 @@ def chart(results: Sequence[VariantResult], budget: EdgeBudget) -> bytes:
 
 
 def budget_dict(budget: EdgeBudget) -> dict[str, Any]:
+    """The budget as JSON-ready data, for the export report."""
     return budget.model_dump(mode="json")
 
 
 def gate_dict(result: VariantResult) -> dict[str, Any] | None:
+    """A variant's gate outcome and checks as JSON-ready data; None when it was not gated."""
     if result.gate is None:
         return None
     return {

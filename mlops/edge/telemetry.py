@@ -72,6 +72,7 @@ class StageObservation:
 
     @property
     def predictions(self) -> int:
+        """How many predictions the cohort's histograms count in all."""
         return int(sum(self.prediction_counts))
 
 

@@ -104,6 +104,7 @@ class VariantResult:
 
     @property
     def outcome(self) -> str:
+        """The gate's outcome; ``ERROR`` if the variant could not be built, ``SKIPPED`` if not tried."""
         if self.status == "skipped":
             return SKIPPED
         if self.status == "error" or self.gate is None:
@@ -112,6 +113,7 @@ class VariantResult:
 
     @property
     def passed(self) -> bool:
+        """Whether the variant was built and passed its gate."""
         return self.gate is not None and self.gate.passed
 
     @property
