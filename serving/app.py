@@ -28,7 +28,7 @@ an optional ``Idempotency-Key`` header. ``/feedback`` needs the feedback token o
 token; a version that is not loaded is scored through ``/versions/{v}/infer`` only when
 ``serving.load_on_demand`` is on and the caller sends the admin token. Predict and the OIP
 routes are public; a forced variant (``x-mlops-variant``) is answered and logged as forced,
-which no rollout gate counts. See docs/sec-serving.md for the threat model.
+which no rollout gate counts. README (Security, Serving) states the threat model.
 """
 
 from __future__ import annotations

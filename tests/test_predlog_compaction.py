@@ -28,9 +28,9 @@ DAY = "2026-12-01"
 START = datetime(2026, 12, 1, 8, 0, tzinfo=UTC)
 
 
-def write_part(root: Path, index: int, rows: int = 20, forced: bool = False) -> None:
+def write_part(root: Path, index: int, rows: int = 20, extra: bool = False) -> None:
     """One flush file of the writer's shape, committed ``index`` seconds after START; rows
-    ``index*1000 ..``; with ``forced`` an extra column only later files have."""
+    ``index*1000 ..``; with ``extra`` a column only later files have (``annotation``)."""
     folder = root / "predictions" / f"date={DAY}"
     folder.mkdir(parents=True, exist_ok=True)
     committed = START + timedelta(seconds=index)
@@ -42,9 +42,9 @@ def write_part(root: Path, index: int, rows: int = 20, forced: bool = False) -> 
         "score": pa.array([i / rows for i in range(rows)], pa.float64()),
     }
     fields = [f.with_nullable(True) for f in log_schema(fraud_schema())]
-    if forced:
-        columns["forced"] = pa.array([i % 2 == 0 for i in range(rows)], pa.bool_())
-        fields.append(pa.field("forced", pa.bool_()))
+    if extra:
+        columns["annotation"] = pa.array([f"a{i}" for i in range(rows)], pa.string())
+        fields.append(pa.field("annotation", pa.string()))
     arrays = [columns.get(f.name, pa.nulls(rows, f.type)) for f in fields]
     pq.write_table(
         pa.Table.from_arrays(arrays, schema=pa.schema(fields)), folder / part_name(committed, 4242, index)
@@ -69,7 +69,7 @@ def test_a_compacted_day_has_few_files_every_row_once_and_every_column(tmp_path:
     column carried through (null where a file lacked it), and a rollout window read returns
     the same rows from no more files than before."""
     for i in range(120):
-        write_part(tmp_path, i, forced=i >= 100)
+        write_part(tmp_path, i, extra=i >= 100)
     before = store(tmp_path).query("SELECT * EXCLUDE (date) FROM predictions ORDER BY request_id")
     window = START + timedelta(seconds=110)
     window_before = store(tmp_path).read_log(since=window)
@@ -79,7 +79,7 @@ def test_a_compacted_day_has_few_files_every_row_once_and_every_column(tmp_path:
     assert sorted(p.name for p in folder.glob("*.parquet")) == sorted(report.into)
     after = store(tmp_path).query("SELECT * EXCLUDE (date) FROM predictions ORDER BY request_id")
     assert after.equals(before)
-    assert after["forced"].notna().sum() == 20 * 20
+    assert after["annotation"].notna().sum() == 20 * 20
     assert store(tmp_path).read_log(since=window).equals(window_before)
     # Compacting again changes nothing; a late file is merged with the rest next time.
     assert compact_day(tmp_path / "predictions", DAY).merged_files == 0
