@@ -79,11 +79,13 @@ class LiveTraffic:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> LiveTraffic:
+        """Start sending the simulated users' requests (and their labels) in the background."""
         self._thread = threading.Thread(target=self._run, name="live-traffic", daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        """Stop sending, wait for the sender (up to a minute) and close the HTTP client."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=60)

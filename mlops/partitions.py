@@ -29,6 +29,7 @@ class FileLayout:
 
     @property
     def rows(self) -> int:
+        """Rows in the file (the sum of its row groups)."""
         return sum(self.row_groups)
 
 
@@ -44,6 +45,7 @@ class Piece:
 
     @property
     def rows(self) -> int:
+        """Rows in this slice."""
         return self.stop - self.start
 
     @property
@@ -62,6 +64,7 @@ class Partition:
 
     @property
     def rows(self) -> int:
+        """Rows in the partition, over all its pieces."""
         return sum(p.rows for p in self.pieces)
 
     def describe(self) -> str:

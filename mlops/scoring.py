@@ -122,6 +122,7 @@ class ModelRef:
     digest: str
 
     def label(self) -> str:
+        """``name vN@alias`` for logs and reports."""
         at = f"@{self.alias}" if self.alias else ""
         return f"{self.name} v{self.version}{at}"
 

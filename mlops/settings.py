@@ -10,6 +10,7 @@ field (the value is parsed as YAML, so ``MLOPS__DASK__N_WORKERS=4`` is an int).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -99,14 +100,17 @@ class DatasetSchema(StrictModel):
 
     @property
     def numeric_names(self) -> tuple[str, ...]:
+        """Names of the numeric features, in declared order."""
         return tuple(f.name for f in self.numeric)
 
     @property
     def categorical_names(self) -> tuple[str, ...]:
+        """Names of the categorical features, in declared order."""
         return tuple(f.name for f in self.categorical)
 
     @property
     def feature_names(self) -> tuple[str, ...]:
+        """Every feature name: numeric first, then categorical."""
         return self.numeric_names + self.categorical_names
 
     @property
@@ -482,7 +486,7 @@ class EdgeConfig(StrictModel):
     @model_validator(mode="after")
     def _stages_widen_to_all(self) -> EdgeConfig:
         st = self.stages
-        if not st or any(b <= a for a, b in zip(st, st[1:])) or st[0] <= 0 or st[-1] != 100.0:
+        if not st or any(b <= a for a, b in itertools.pairwise(st)) or st[0] <= 0 or st[-1] != 100.0:
             raise ValueError("stages must be increasing percentages above 0 that end at 100")
         return self
 
@@ -535,26 +539,32 @@ class Settings(StrictModel):
     # Derived locations; every piece of state lives under ``home``.
     @property
     def home_path(self) -> Path:
+        """``home`` as a path: the root of every piece of state."""
         return Path(self.home)
 
     @property
     def tracking_uri(self) -> str:
+        """MLflow tracking URI: ``mlflow.tracking_uri``, else SQLite under ``home``."""
         return self.mlflow.tracking_uri or f"sqlite:///{self.home_path / 'mlflow.db'}"
 
     @property
     def registry_uri(self) -> str:
+        """MLflow registry URI: ``mlflow.registry_uri``, else the tracking URI."""
         return self.mlflow.registry_uri or self.tracking_uri
 
     @property
     def artifact_location(self) -> str:
+        """Where new MLflow experiments keep artifacts (default ``home/mlartifacts``)."""
         return self.mlflow.artifact_location or (self.home_path / "mlartifacts").as_uri()
 
     @property
     def audit_db_uri(self) -> str:
+        """SQLAlchemy URL of the alias audit ledger (default SQLite under ``home``)."""
         return self.mlflow.audit_db_uri or f"sqlite:///{self.home_path / 'registry_audit.db'}"
 
     @property
     def prefect_home(self) -> Path:
+        """Prefect's local database and settings folder."""
         return self.home_path / "prefect"
 
     @property
@@ -566,14 +576,17 @@ class Settings(StrictModel):
 
     @property
     def warehouse_path(self) -> Path:
+        """The score store's DuckDB warehouse file."""
         return self.home_path / "warehouse.duckdb"
 
     @property
     def data_dir(self) -> Path:
+        """Generated and copied datasets."""
         return self.home_path / "data"
 
     @property
     def edge_dir(self) -> Path:
+        """Edge variants, bundles, keys and fleet state."""
         return self.home_path / "edge"
 
     @property

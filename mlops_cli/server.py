@@ -99,5 +99,6 @@ def deploy(
 
 
 def register(app: typer.Typer) -> None:
+    """Add ``mlops server`` and ``mlops deploy`` to the CLI."""
     app.add_typer(server_app, name="server")
     app.command("deploy")(deploy)

@@ -433,7 +433,7 @@ def test_killed_orchestrator_resumes_mid_canary_without_repeating_a_change() -> 
         disk["status"] = m.dump_status(status)
         now, crashed = T0, False
 
-        def apply(effect: m.Effect) -> None:
+        def apply(effect: m.Effect, admin: FakeServingAdmin = admin, registry: World = registry) -> None:
             if effect.route is not None:
                 admin.apply(effect.route.model_dump(), key=effect.key)
             registry.apply(replace_route(effect))
