@@ -192,7 +192,7 @@ def test_odd_column_names_give_the_same_scores_in_training_batch_and_online(
 
     env = dict(os.environ) | {"MLOPS_CONFIG": str(config)}
     port = free_port()
-    proc = _start(env, port, tmp_path / "service.log")
+    proc = _start(settings, env, port, tmp_path / "service.log")
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
             rows = score_in.head(25)

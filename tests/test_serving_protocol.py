@@ -290,7 +290,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -> Ite
         os.environ.clear()
         os.environ.update(saved)
     port = free_port()
-    proc = _start(env, port, home / "service.log")
+    proc = _start(settings, env, port, home / "service.log")
     try:
         yield Service(f"http://127.0.0.1:{port}", port, settings, _rows(50, seed=21))
     finally:
