@@ -1,7 +1,8 @@
 """The server rollout as a pure state machine: ``decide(status, observations, plan, now,
 signals) -> Decision``.
 
-No IO, no clock, no randomness. A decision carries the next status (persist it first) and
+No IO, no clock, no unseeded randomness (the bandit step draws from a generator seeded by
+the rollout id, the step and the tick, so a resumed rollout decides the same). A decision carries the next status (persist it first) and
 its effects: absolute, keyed route tables and alias compare-and-set moves, recorded in the
 status's ledger by ``mark_applied`` so a resumed orchestrator never repeats one. Phases,
 actions and counting are the shared rollout vocabulary (``mlops.rollout.vocabulary``). The
@@ -10,22 +11,26 @@ tick loop, the phase diagram and the crash semantics: docs/design/rollout-model.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
+import numpy as np
 from pydantic import Field, ValidationError
 
 from mlops.gates import Outcome
 from mlops.registry_model import CHAMPION, PREVIOUS_CHAMPION, plan_promotion
+from mlops.rollout.bandit import ArmStats, BanditPolicy, assess
 from mlops.rollout.errors import ObservationMismatch, PlanMismatch, RolloutError, StatusFormatError
 from mlops.rollout.gate import TRAFFIC_CHECK, Measurement, fmt, measure_step
 from mlops.rollout.observe import CANDIDATE, STABLE, Observations
 from mlops.rollout.plan import (
     ABStep,
     ApprovalStep,
+    BanditStep,
     BlueGreenStep,
     CanaryStep,
     ReplayStep,
@@ -106,13 +111,18 @@ class AliasChange(StrictModel):
 
 
 class Effect(StrictModel):
-    """One change to the outside world, with the idempotency key it is recorded under."""
+    """One change to the outside world, with the idempotency key it is recorded under.
+
+    A route effect normally starts a new analysis window once applied; a bandit step's
+    re-allocation (``restarts_window=False``) keeps the step's window, whose evidence
+    accumulates across re-allocations."""
 
     key: str
     kind: Literal["route", "aliases"]
     description: str
     route: RouteSpec | None = None
     aliases: tuple[AliasChange, ...] = ()
+    restarts_window: bool = True
 
 
 class Applied(StrictModel):
@@ -170,6 +180,21 @@ class ABSnapshot(StrictModel):
     n_required: int | None = None
 
 
+class BanditState(StrictModel):
+    """A bandit step's reading so far: ticks assessed, the arm leading the stopping rule and
+    on how many consecutive ticks, the candidate's weight, and the last tick's numbers per
+    arm (stable, candidate)."""
+
+    ticks: int = 0
+    leader: int | None = None
+    streak: int = 0
+    weight_pct: float = 0.0
+    n: tuple[int, ...] = ()
+    means: tuple[float | None, ...] = ()
+    prob_best: tuple[float, ...] = ()
+    expected_loss: tuple[float, ...] = ()
+
+
 class Record(StrictModel):
     """One decision of the rollout's log."""
 
@@ -184,6 +209,7 @@ class Record(StrictModel):
     checks: tuple[CheckRecord, ...] = ()
     variants: dict[str, VariantSnapshot] = Field(default_factory=dict)
     ab: ABSnapshot | None = None
+    bandit: BanditState | None = None
     effects: tuple[str, ...] = ()
 
 
@@ -269,6 +295,7 @@ class RolloutStatus(StrictModel):
     seq: int = 0
     noted_versions: tuple[int, ...] = ()
     final_reason: str | None = None
+    bandit: BanditState | None = None
 
     @property
     def terminal(self) -> bool:
@@ -341,8 +368,8 @@ def mark_applied(status: RolloutStatus, key: str, at: datetime) -> RolloutStatus
     if key in status.applied_keys:
         return status
     update: dict[str, object] = {"applied": status.applied + (Applied(key=key, at=at),), "updated_at": at}
-    remaining = [e for e in status.outstanding if e.key != key and e.kind == "route"]
-    if effect.kind == "route" and not remaining and not status.terminal:
+    remaining = [e for e in status.outstanding if e.key != key and e.kind == "route" and e.restarts_window]
+    if effect.kind == "route" and effect.restarts_window and not remaining and not status.terminal:
         update["step_started_at"] = at
         if status.phase is Phase.PROMOTED:
             update["promoted_at"] = at
@@ -411,6 +438,7 @@ class _Tick:
         self.obs = obs
         self.measurements: tuple[Measurement, ...] = ()
         self.counters: dict[str, Counters] = {}  # after counting this tick's measurements
+        self.bandit: BanditState | None = None  # this tick's bandit reading, for the log
 
     # ---- status helpers
     @property
@@ -435,9 +463,13 @@ class _Tick:
             base["salt"] = s.rollout_id
         return RouteSpec(mode=mode, **{**base, **kw})  # type: ignore[arg-type]
 
-    def route_effect(self, name: str, spec: RouteSpec, why: str) -> Effect:
+    def route_effect(self, name: str, spec: RouteSpec, why: str, restarts_window: bool = True) -> Effect:
         return Effect(
-            key=f"{self.rid}/{name}/route", kind="route", route=spec, description=f"{why}: {spec.describe()}"
+            key=f"{self.rid}/{name}/route",
+            kind="route",
+            route=spec,
+            description=f"{why}: {spec.describe()}",
+            restarts_window=restarts_window,
         )
 
     # ---- decision builder
@@ -458,10 +490,11 @@ class _Tick:
             reason = f"{reason}; " + "; ".join(self.notes)
         if effects:
             update["pending"] = effects
-            route = next((e.route for e in effects if e.route is not None), None)
-            if route is not None:
-                update["route"] = route
-                update["step_started_at"] = None  # set by mark_applied when traffic has moved
+            moves = next((e for e in effects if e.route is not None), None)
+            if moves is not None:
+                update["route"] = moves.route
+                if moves.restarts_window:
+                    update["step_started_at"] = None  # set by mark_applied when traffic has moved
         update["updated_at"] = self.now
         new = s.model_copy(update=update)
         new = new.model_copy(
@@ -531,6 +564,7 @@ class _Tick:
             checks=tuple(checks),
             variants=variants,
             ab=ab,
+            bandit=self.bandit,
             effects=tuple(e.key for e in effects),
         )
 
@@ -553,11 +587,14 @@ class _Tick:
             return self.decide(
                 Action.ADVANCE, f"{why}; {label}: waiting for the offline comparison", **common
             )
-        if isinstance(step, ShadowStep | CanaryStep | ABStep):
+        if isinstance(step, ShadowStep | CanaryStep | ABStep | BanditStep):
             if isinstance(step, ShadowStep):
                 spec = self.route("shadow", mirror_pct=step.mirror_pct)
             elif isinstance(step, CanaryStep):
                 spec = self.route("canary", weight_pct=step.weights[weight])
+            elif isinstance(step, BanditStep):
+                spec = self.route("canary", weight_pct=step.initial_pct)
+                common["bandit"] = BanditState(weight_pct=step.initial_pct)
             else:
                 spec = self.route("ab", weight_pct=step.candidate_pct)
             key = f"step{index}" + (f".{weight}" if isinstance(step, CanaryStep) else "")
@@ -818,6 +855,8 @@ def decide(
 
     if status.phase is Phase.AWAITING_APPROVAL:
         return _approval(tick, sig)
+    if isinstance(step, BanditStep):
+        return _bandit(tick, step, elapsed, due)
 
     counted = [m for m in ms if not m.limits.dry_run]
     waiting = [m for m in counted if m.outcome is not Outcome.PASS]
@@ -840,6 +879,105 @@ def decide(
         else:
             parts.append(m.result.reason)
     return tick.decide(Action.HOLD, f"{tick.label()}: " + "; ".join(parts or ["waiting"]))
+
+
+def bandit_seed(rollout_id: str, step_index: int, tick: int) -> int:
+    """The seed of a bandit tick's posterior draws: a hash of the rollout, step and tick, so
+    the same tick of a resumed rollout draws (and decides) the same."""
+    text = f"{rollout_id}/bandit/{step_index}/{tick}".encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "big")
+
+
+def _bandit(tick: _Tick, step: BanditStep, elapsed: float, due: bool) -> Decision:
+    """One bandit tick: assess the arms' rewards, then promote-on-confirmed-win, roll back on
+    a confirmed loss or at ``max_duration_s``, or re-allocate the candidate's sticky weight."""
+    s = tick.status
+    obs = tick.obs
+    assert obs is not None
+    before = s.bandit or BanditState(weight_pct=s.route.weight_pct)
+    stats = obs.rewards or (ArmStats(), ArmStats())
+    policy = BanditPolicy(
+        reward=step.reward,
+        floor=step.floor,
+        threshold=step.threshold,
+        max_expected_loss=step.max_expected_loss,
+        min_samples=step.min_samples,
+        draws=step.draws,
+    )
+    n_tick = before.ticks + 1
+    v = assess(stats, policy, np.random.default_rng(bandit_seed(s.rollout_id, s.step_index, n_tick)))
+    if v.winner is None:
+        leader, streak = None, 0
+    else:
+        leader, streak = v.winner, before.streak + 1 if v.winner == before.leader else 1
+    target = round(v.weights[1] * 100.0, 2)
+    state = BanditState(
+        ticks=n_tick,
+        leader=leader,
+        streak=streak,
+        weight_pct=s.route.weight_pct,
+        n=tuple(a.n for a in stats),
+        means=tuple(_none(m) for m in v.means),
+        prob_best=v.prob_best,
+        expected_loss=v.expected_loss,
+    )
+    tick.status = s = s.model_copy(update={"bandit": state})
+    tick.bandit = state
+    verdict = v.reason.replace("arm 0 ", "stable ").replace("arm 1 ", "candidate ")
+    label = tick.label()
+
+    def arm(i: int, name: str) -> str:
+        mean = f"{v.means[i]:.4g}" if math.isfinite(v.means[i]) else "-"
+        return (
+            f"{name} mean {step.reward_metric} {mean} (n={stats[i].n}, P(best) {v.prob_best[i]:.3f}, "
+            f"expected loss {v.expected_loss[i]:.4g})"
+        )
+
+    numbers = f"{arm(0, 'stable')}, {arm(1, 'candidate')}"
+    if obs.forced:
+        numbers += f"; {obs.forced} forced answers excluded"
+    confirmed = leader is not None and streak >= step.confirm_ticks
+    if confirmed and leader == 0:
+        return tick.stop(
+            Action.ROLLBACK,
+            f"{label}: stable wins ({verdict}, on {streak} consecutive ticks): {numbers}",
+        )
+    guard = [m for m in tick.measurements if not m.limits.dry_run and m.outcome is not Outcome.PASS]
+    if confirmed and leader == 1 and due and not guard:
+        summary = "; ".join(m.result.reason for m in tick.measurements if not m.limits.dry_run)
+        return tick.advance(
+            f"{label}: candidate wins after {elapsed:.0f} s ({verdict}, on {streak} consecutive ticks): "
+            f"{numbers}" + (f"; {summary}" if summary else "")
+        )
+    if elapsed >= step.max_duration_s:
+        return tick.stop(
+            Action.ROLLBACK,
+            f"{label}: no winner within max_duration_s {step.max_duration_s:g} ({elapsed:.0f} s): "
+            f"{verdict}: {numbers}",
+        )
+    waiting = []
+    if confirmed:
+        waiting.append(f"candidate leads on {streak} ticks")
+        if not due:
+            waiting.append(f"{elapsed:.0f} of {step.duration_s:g} s elapsed")
+        waiting += [m.result.reason for m in guard]
+    else:
+        waiting.append(
+            verdict + (f" (leader on {streak} of {step.confirm_ticks} ticks)" if leader is not None else "")
+        )
+    effects: tuple[Effect, ...] = ()
+    if not confirmed and abs(target - s.route.weight_pct) >= max(step.min_weight_change_pct, 0.01):
+        spec = tick.route("canary", weight_pct=target)
+        effects = (
+            tick.route_effect(
+                f"step{s.step_index}.b{n_tick}", spec, f"re-allocate {label}", restarts_window=False
+            ),
+        )
+        state = state.model_copy(update={"weight_pct": target})
+        tick.bandit = state
+        waiting.append(f"candidate weight {s.route.weight_pct:g}% -> {target:g}%")
+    reason = f"{label}: " + "; ".join(waiting) + f"; {numbers}"
+    return tick.decide(Action.HOLD, reason, effects=effects, bandit=state)
 
 
 def _approval(tick: _Tick, sig: Signals) -> Decision:
