@@ -42,6 +42,7 @@ FAST_PLAN = (REPO / "tests/plans/fast-rollout.yaml").read_text()
 CANARY_CUTOVER = REPO / "tests/plans/canary-cutover.yaml"  # no analysis before the traffic changes
 SHADOW_APPROVAL = REPO / "tests/plans/shadow-approval.yaml"  # straight to the approval step
 STRICT_LATENCY = REPO / "tests/plans/strict-latency.yaml"  # the fast plan at p95 <= 2x, p99 <= 3x
+FAST_BANDIT = REPO / "tests/plans/fast-bandit.yaml"  # bandit -> approval -> blue-green
 RATE = 70.0  # requests/s: the slower candidate can still be mirrored in shadow; 25 frauds take ~30 s
 BASE, BETTER, SLOWER, ERRORING, WORSE = 1, 2, 3, 4, 5
 SLOW_MS = (
@@ -207,6 +208,32 @@ def test_a_better_candidate_is_promoted_through_every_stage(world: Live) -> None
         Path(summary.report).read_text().startswith("<!DOCTYPE html>")
         or "<html" in Path(summary.report).read_text()
     )
+
+
+def test_a_better_candidate_is_promoted_by_a_bandit_step(world: Live) -> None:
+    """Given v1 champion and a better v2, a plan whose experiment is a bandit step: the
+    bandit reads each arm's rewards (minus log loss of labelled answers) from the live
+    prediction log and feedback, moves sticky traffic towards v2 while judging, declares v2
+    the winner, and the plan goes on through approval and blue-green: champion v1 -> v2
+    once, the service ends serving v2 alone, and the report draws the allocation."""
+    summary = _run(world, BETTER, plan=FAST_BANDIT)
+    status = _status(world, summary.rollout_id)
+    assert summary.phase == "succeeded", summary.reason
+    assert _steps(status) == ["bandit", "approval", "blue_green"]
+    won = next(h for h in status.history if "bandit: candidate wins" in h.reason)
+    assert "P(best)" in won.reason and "n=" in won.reason
+    readings = [h.bandit for h in status.history if h.bandit is not None]
+    assert readings[-1].leader == 1 and min(readings[-1].n) >= 300
+    assert max(r.weight_pct for r in readings) > 50.0  # traffic moved towards the better arm
+    realloc = [a.key for a in status.applied if "/step0.b" in a.key]
+    assert realloc, "the bandit re-allocated traffic at least once"
+    assert {k: v for k, v in _aliases(world).items() if k != "challenger"} == {
+        CHAMPION: BETTER,
+        PREVIOUS_CHAMPION: BASE,
+    }
+    served = _served(world)
+    assert (served["mode"], served["stable_version"], served["candidate_version"]) == ("single", BETTER, None)
+    assert 'alt="bandit allocation"' in Path(summary.report).read_text()
 
 
 def test_a_three_times_slower_candidate_is_rolled_back_at_the_first_canary_analysis(world: Live) -> None:
