@@ -3,7 +3,8 @@
 A plan is configuration (``configs/rollout/*.yaml``) validated once into frozen strict
 models: an unknown field, a wrong type or an inconsistent plan is a ``ConfigError`` naming
 the file and the field. Steps are a discriminated union on ``kind`` (``replay``,
-``shadow``, ``canary``, ``ab``, ``bandit``, ``approval``, ``blue_green``); each check carries the
+``shadow``, ``canary``, ``ab``, ``bandit``, ``approval``, ``blue_green``, then optionally
+``devices``); each check carries the
 limits it is counted against (``GateLimits``). What each step does and how checks are
 counted: docs/design/rollout-model.md.
 """
@@ -298,6 +299,43 @@ class BlueGreenStep(_Step):
         return self
 
 
+class DeviceStep(_Step):
+    """After the cutover, the promoted model goes on to the edge fleet, in the same rollout.
+
+    On entry the promoted version is compressed for the device ``budget`` (the edge export:
+    ``configs/edge/*.yaml``; ``variant`` names a passing variant, default: the export's
+    selection) and published as the next signed release; the release is then served to
+    widening cohorts (``stages``, percent of the fleet) of ``devices`` devices of ``fleet``,
+    each stage gated on device telemetry by the OTA machine (``mlops.edge.ota``) with
+    ``failure_limit`` / ``inconclusive_limit``. The last stage passing marks the release
+    good and the rollout succeeds. A failing stage halts the fleet (restoring the last good
+    release where there is one); ``on_device_failure: rollback_server`` also rolls the
+    server back (champion alias back by compare-and-set, traffic back to the old slot,
+    which stays warm until the devices are done). ``checks`` keep guarding the server's
+    live traffic (absolute, as after the flip).
+    """
+
+    kind: Literal["devices"] = "devices"
+    budget: str = Field(min_length=1)
+    variant: str | None = Field(None, min_length=1)
+    stages: tuple[float, ...] = (1.0, 10.0, 50.0, 100.0)
+    devices: int = Field(1000, ge=1)
+    fleet: str = Field("default", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    failure_limit: int = Field(0, ge=0)
+    inconclusive_limit: int = Field(2, ge=0)
+    on_device_failure: Literal["halt_fleet", "rollback_server"] = "halt_fleet"
+
+    @model_validator(mode="after")
+    def _device_shape(self) -> DeviceStep:
+        st = self.stages
+        if not st or any(b <= a for a, b in zip(st, st[1:], strict=False)) or st[0] <= 0 or st[-1] != 100.0:
+            raise ValueError("stages must be increasing percentages above 0 that end at 100")
+        rel = [c.key for c in self.checks if c.relative_to_stable or c.metric in PAIRED_METRICS]
+        if rel:
+            raise ValueError(f"devices checks cannot compare with stable (after the flip): {', '.join(rel)}")
+        return self
+
+
 RewardMetric = Literal["correct", "neg_log_loss", "neg_brier"]
 REWARD_KINDS: dict[str, str] = {"correct": "bernoulli", "neg_log_loss": "gaussian", "neg_brier": "gaussian"}
 """Each reward's model: ``correct`` (the decision matched the label) is 0/1, the others are
@@ -351,7 +389,7 @@ class BanditStep(_Step):
 
 
 Step = Annotated[
-    ReplayStep | ShadowStep | CanaryStep | ABStep | BanditStep | ApprovalStep | BlueGreenStep,
+    ReplayStep | ShadowStep | CanaryStep | ABStep | BanditStep | ApprovalStep | BlueGreenStep | DeviceStep,
     Field(discriminator="kind"),
 ]
 
@@ -378,8 +416,12 @@ class RolloutPlan(StrictModel):
     @model_validator(mode="after")
     def _shape(self) -> RolloutPlan:
         kinds = [s.kind for s in self.steps]
-        if kinds.count("blue_green") != 1 or kinds[-1] != "blue_green":
-            raise ValueError("a plan ends with exactly one blue_green step (the only step that promotes)")
+        server = kinds[: len(kinds) - 1] if kinds[-1] == "devices" else kinds
+        if kinds.count("blue_green") != 1 or server[-1] != "blue_green" or "devices" in server:
+            raise ValueError(
+                "a plan ends with exactly one blue_green step (the only step that promotes), "
+                "optionally followed by one devices step"
+            )
         names = [step_label(self, i) for i in range(len(self.steps))]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
