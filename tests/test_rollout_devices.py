@@ -263,3 +263,18 @@ def test_a_plan_with_a_devices_step_loads() -> None:
     step = _plan().steps[-1]
     assert isinstance(step, DeviceStep)
     assert (step.on_device_failure, step.fleet, step.devices) == ("halt_fleet", "default", 1000)
+
+
+def test_the_report_lists_the_device_stages() -> None:
+    """One report: the rollout report gains a Devices section with every cohort's gate."""
+    from mlops.rollout.report import render_report
+
+    o = Orchestrator(_plan())
+    o.to_devices()
+    o.tick()
+    o.tick(_gate(Outcome.PASS))
+    o.tick(_gate(Outcome.FAIL))
+    page = render_report(o.status, o.plan, figures={"traffic.png": b"", "latency.png": b""})
+    assert "<h2>Devices</h2>" in page and "release v12 (model v4)" in page
+    assert "<td>10%</td><td>advance</td><td>PASS</td>" in page
+    assert "<td>50%</td><td>rollback</td><td>FAIL</td>" in page
