@@ -278,3 +278,22 @@ def test_the_report_lists_the_device_stages() -> None:
     assert "<h2>Devices</h2>" in page and "release v12 (model v4)" in page
     assert "<td>10%</td><td>advance</td><td>PASS</td>" in page
     assert "<td>50%</td><td>rollback</td><td>FAIL</td>" in page
+
+
+def test_the_live_view_follows_bandit_and_devices_steps() -> None:
+    """``mlops rollout watch`` shows a devices step (which has no traffic gate) and a bandit
+    step with the gates the machine measures, not an implicit traffic gate."""
+    from mlops_cli.rollout_view import build_view
+
+    o = Orchestrator(_plan())
+    o.to_devices()
+    o.tick()
+    view = build_view(o.status, o.plan, o.now)
+    assert view.step.startswith("devices") and "candidate_traffic" not in [g.name for g in view.gates]
+    from tests.test_rollout_bandit_step import World, _run
+    from tests.test_rollout_bandit_step import _plan as bandit_plan
+
+    plan = bandit_plan()
+    status, _ = _run(plan, World(stable_loss=0.10, candidate_loss=0.10), max_ticks=3)
+    gates = [g.name for g in build_view(status, plan, T0 + timedelta(seconds=15)).gates]
+    assert gates == ["error_rate_vs_stable_diff"]
