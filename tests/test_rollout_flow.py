@@ -283,7 +283,7 @@ def test_one_plan_takes_a_better_candidate_from_the_server_to_the_devices(
     name = world.settings.training.model_name
     assert te.ReleaseRepository(te.paths(world.settings).repo).state(name)["last_good"] == release
     roster = te.fleet_for(world.settings, "rollout-test", te.release_sample(world.settings, name, release))
-    assert roster.versions().get(str(release)) == 40, roster.versions()
+    assert roster.versions() == {f"v{release}": 40}
     assert _aliases(world)[CHAMPION] == BETTER
     served = _served(world)
     assert (served["mode"], served["stable_version"], served["candidate_version"]) == ("single", BETTER, None)

@@ -1121,7 +1121,10 @@ def _devices(tick: _Tick, step: DeviceStep, sig: Signals) -> Decision:
     tick.status = s.model_copy(update={"device": new_dev})
     reason = f"{label}: " + (f"{why}; " if why else "") + d.reason
     if d.action is Action.PROMOTE:
-        return tick.advance(f"{reason} (release v{dev.release_version})", extra=tuple(effects))
+        return tick.advance(
+            f"{reason} (release v{dev.release_version} carries model v{s.candidate_version})",
+            extra=tuple(effects),
+        )
     if d.action in (Action.ROLLBACK, Action.ABORT):
         fleet = tuple(effects) or (tick.fleet_stop(None),)
         if step.on_device_failure == "rollback_server":
