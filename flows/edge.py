@@ -1,4 +1,5 @@
-"""Edge flows: export (compress + gate + report), publish (sign a release), OTA rollout (staged, gated).
+"""Edge flows: export (compress + gate + report), publish (sign a release), OTA rollout (staged, gated),
+and the fleet side of a server rollout's devices step (``apply_device_effect``, ``device_gate``).
 
 The flows sequence calls and pass data; every decision is a plain function in
 ``mlops.edge`` (variant gate and selection, release metadata, cohorts, the telemetry gate,
@@ -27,7 +28,11 @@ from mlops.edge.manifest import ModelManifest
 from mlops.edge.ota import OtaEffect, decide, start
 from mlops.edge.telemetry import assess_stage, observe
 from mlops.edge.variants import VariantResult, select_variant
+from mlops.gates import GateResult
 from mlops.registry_model import CHAMPION
+from mlops.rollout.machine import Effect, record_release
+from mlops.rollout.machine import RolloutStatus as ServerStatus
+from mlops.rollout.plan import DeviceStep
 from mlops.rollout.vocabulary import Action, Phase
 from mlops.settings import Settings, load_settings
 from tasks import edge as t
@@ -391,3 +396,90 @@ def rollout_markdown(s: RolloutSummary) -> str:
     if s.rollback_version:
         lines.append(f"\nRolled back with release v{s.rollback_version}.")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- a server rollout's devices step
+
+
+def device_rollout_id(status: ServerStatus) -> str:
+    """The OTA rollout id of a server rollout's devices step (its device telemetry is keyed by it)."""
+    return f"{status.rollout_id}-devices"
+
+
+def _release_for(settings: Settings, status: ServerStatus, step: DeviceStep) -> tuple[int, int | None]:
+    """Compress the promoted version for the step's budget and publish it; the release's
+    version and the last good release before it. A release of this version already published
+    and not yet good (a repeat after a crash) is reused, not published again."""
+    name = status.model_name
+    repo = t.ReleaseRepository(t.paths(settings).repo)
+    good = repo.state(name).get("last_good")
+    last_good = None if good is None else int(good)
+    latest = repo.latest_version(name)
+    if latest and latest != last_good:
+        existing = t.load_release(settings, name, latest)
+        if existing.source_version == status.candidate_version and existing.restores is None:
+            return latest, last_good
+    export = edge_export_flow(alias=CHAMPION, budget=step.budget, model=name)
+    if export.source_version != status.candidate_version:
+        raise RolloutConflict(
+            f"the champion is v{export.source_version}, not v{status.candidate_version} promoted by rollout "
+            f"{status.rollout_id}: nothing published"
+        )
+    published = edge_publish_flow(variant=step.variant, model=name)
+    return published.version, last_good
+
+
+def _fleet(
+    settings: Settings, status: ServerStatus, step: DeviceStep, version: int
+) -> tuple[Fleet, list[str]]:
+    roster = t.fleet_for(settings, step.fleet, t.release_sample(settings, status.model_name, version))
+    return roster, roster.device_ids()[: step.devices]
+
+
+def apply_device_effect(
+    settings: Settings, status: ServerStatus, step: DeviceStep, effect: Effect
+) -> ServerStatus:
+    """Carry out one fleet effect of a server rollout's devices step; the status with the
+    published release recorded (for a ``release`` effect), else unchanged."""
+    action = effect.edge
+    assert action is not None
+    name = status.model_name
+    if action.action == "release":
+        version, last_good = _release_for(settings, status, step)
+        return record_release(status, version, last_good)
+    if action.action == "halt":
+        get_run_logger().warning("%s", effect.description)
+        return status
+    dev = status.device
+    assert dev is not None and dev.release_version is not None
+    release = t.load_release(settings, name, dev.release_version)
+    roster, ids = _fleet(settings, status, step, dev.release_version)
+    if action.action == "serve_cohort":
+        t.provision_fleet(settings, roster, step.devices, name, release.device_classes[0])
+        roster, ids = _fleet(settings, status, step, dev.release_version)
+        t.run_stage(
+            settings, roster, step.fleet, device_rollout_id(status), name, action.version, action.percent, ids
+        )
+    elif action.action == "mark_good":
+        t.mark_good(settings, name, action.version)
+    else:
+        t.restore_release(
+            settings, roster, step.fleet, device_rollout_id(status), release, action.version, ids
+        )
+    return status
+
+
+def device_gate(settings: Settings, status: ServerStatus, step: DeviceStep) -> GateResult | None:
+    """The telemetry gate of the devices step's current cohort (``None`` before the first
+    cohort is served or after the device rollout ended)."""
+    dev = status.device
+    st = dev.ota_status() if dev is not None else None
+    if st is None or st.done or status.outstanding:
+        return None
+    release = t.load_release(settings, status.model_name, st.version)
+    _, ids = _fleet(settings, status, step, st.version)
+    events = t.rollout_events(settings, device_rollout_id(status))
+    members = cohort(ids, release.rollout_salt, st.percent)
+    return assess_stage(
+        observe(events, members, st.version, st.percent), release.reference.fractions, settings.edge.gates
+    )

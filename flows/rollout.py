@@ -34,7 +34,7 @@ from adapters.runtime import configure
 from flows.params import CandidateParam, PlanParam
 from mlops.errors import GateFailed
 from mlops.gates import GateResult
-from mlops.rollout.errors import ApprovalTimedOut
+from mlops.rollout.errors import ApprovalTimedOut, RolloutError
 from mlops.rollout.machine import (
     ApprovalRequest,
     ApprovalResponse,
@@ -46,7 +46,7 @@ from mlops.rollout.machine import (
     mark_applied,
     start,
 )
-from mlops.rollout.plan import RolloutPlan, load_plan
+from mlops.rollout.plan import DeviceStep, RolloutPlan, load_plan
 from mlops.settings import Settings, load_settings
 from serving.client import ServingAdmin, ServingClient
 from tasks.rollout import (
@@ -100,15 +100,29 @@ def new_rollout_id(now: datetime) -> str:
 
 
 def apply_all(
-    settings: Settings, admin: ServingAdmin, status: RolloutStatus, *, as_tasks: bool = True
+    settings: Settings,
+    admin: ServingAdmin,
+    status: RolloutStatus,
+    plan: RolloutPlan | None = None,
+    *,
+    as_tasks: bool = True,
 ) -> RolloutStatus:
     """Apply the status's outstanding effects in order, persisting after each one.
 
-    ``as_tasks=False`` calls the effect function itself instead of running a Prefect task
-    (for a run that can start no more tasks, see ``_time_out``)."""
+    Fleet effects (a devices step's) go through ``flows.edge.apply_device_effect``, with the
+    plan's devices step. ``as_tasks=False`` calls the effect function itself instead of
+    running a Prefect task (for a run that can start no more tasks, see ``_time_out``)."""
     apply = apply_effect if as_tasks else apply_effect.fn
     for effect in status.outstanding:
-        apply(settings, admin, status, effect)
+        if effect.kind == "edge":
+            from flows.edge import apply_device_effect
+
+            step = plan.steps[status.step_index] if plan is not None else None
+            if not isinstance(step, DeviceStep):
+                raise RolloutError(f"fleet effect {effect.key} outside a devices step")
+            status = apply_device_effect(settings, status, step, effect)
+        else:
+            apply(settings, admin, status, effect)
         status = mark_applied(status, effect.key, utcnow())
         save_status(settings, status)
     return status
@@ -137,7 +151,7 @@ def _time_out(
         Signals(approval=None, challenger_version=None, command=None, by="operator"),
     )
     save_status(settings, d.status)
-    return apply_all(settings, admin, d.status, as_tasks=False)
+    return apply_all(settings, admin, d.status, plan, as_tasks=False)
 
 
 def ask_approval(req: ApprovalRequest, mode: ApprovalMode, seq: int) -> ApprovalResponse | None:
@@ -268,14 +282,21 @@ def rollout_flow(
     answer: ApprovalResponse | None = None
     tasks_ok = True  # False once an unanswered pause has left the run unable to start tasks
     with ServingClient.for_settings(settings) as admin:
-        status = apply_all(settings, admin, status)  # left over by a crash
+        status = apply_all(settings, admin, status, the_plan)  # left over by a crash
         while True:
             tick_started = time.monotonic()
             now = utcnow()
             obs = None if status.terminal or command else observe_tick(settings, status, the_plan, refs, now)
+            step = the_plan.steps[min(status.step_index, len(the_plan.steps) - 1)]
+            gate = None
+            if isinstance(step, DeviceStep) and not status.terminal and not command:
+                from flows.edge import device_gate
+
+                gate = device_gate(settings, status, step)
             signals = Signals(
                 approval=answer,
                 challenger_version=challenger_version(settings, status.model_name),
+                device_gate=gate,
                 command=command,
                 by="operator",
             )
@@ -285,7 +306,7 @@ def rollout_flow(
                 save_status(settings, d.status)  # write-ahead: the intent is durable before acting
             if d.action.value != "hold" or d.effects:
                 logger.info("%s: %s", d.action.value, d.reason)
-            status = apply_all(settings, admin, d.status)
+            status = apply_all(settings, admin, d.status, the_plan)
             command = None
             if status.terminal:
                 break

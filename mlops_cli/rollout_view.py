@@ -113,7 +113,7 @@ def _remaining_after(plan: RolloutPlan, status: RolloutStatus) -> float:
 def _gate_limits(step: Step) -> list[tuple[str, GateLimits, bool]]:
     """``(key, limits, dry_run)`` of every gate ``step`` measures, in the machine's order."""
     out: list[tuple[str, GateLimits, bool]] = [(c.key, c, c.dry_run) for c in step.checks]
-    if not isinstance(step, ApprovalStep) and step.kind != "replay":
+    if step.kind in ("shadow", "canary", "ab", "blue_green"):  # the steps the machine checks traffic of
         counted = [c.inconclusive_limit for c in step.checks if not c.dry_run]
         if isinstance(step, ABStep):
             counted += [step.primary.inconclusive_limit, step.srm.inconclusive_limit]

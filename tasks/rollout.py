@@ -31,7 +31,7 @@ from mlops.predlog import FEATURE_PREFIX, PRIMARY
 from mlops.registry_model import CHALLENGER, CHAMPION
 from mlops.rollout.machine import Effect, RolloutStatus, dump_status, load_status
 from mlops.rollout.observe import CANDIDATE, STABLE, Observations, Reference, observe, observe_replay
-from mlops.rollout.plan import ABStep, ReplayStep, RolloutPlan
+from mlops.rollout.plan import ABStep, BanditStep, ReplayStep, RolloutPlan
 from mlops.settings import Settings
 from registry.mlflow_registry import ModelRegistry
 from registry.promotion import champion_gate
@@ -279,6 +279,7 @@ def observe_tick(
         until=now,
         references=refs if step.needs_reference else None,
         ab_metric=step.primary.metric if isinstance(step, ABStep) else None,
+        reward=step.reward_metric if isinstance(step, BanditStep) else None,
     )
 
 

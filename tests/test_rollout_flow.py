@@ -42,6 +42,7 @@ FAST_PLAN = (REPO / "tests/plans/fast-rollout.yaml").read_text()
 CANARY_CUTOVER = REPO / "tests/plans/canary-cutover.yaml"  # no analysis before the traffic changes
 SHADOW_APPROVAL = REPO / "tests/plans/shadow-approval.yaml"  # straight to the approval step
 STRICT_LATENCY = REPO / "tests/plans/strict-latency.yaml"  # the fast plan at p95 <= 2x, p99 <= 3x
+FAST_BANDIT = REPO / "tests/plans/fast-bandit.yaml"  # bandit -> approval -> blue-green
 RATE = 70.0  # requests/s: the slower candidate can still be mirrored in shadow; 25 frauds take ~30 s
 BASE, BETTER, SLOWER, ERRORING, WORSE = 1, 2, 3, 4, 5
 SLOW_MS = (
@@ -210,6 +211,103 @@ def test_a_better_candidate_is_promoted_through_every_stage(world: Live) -> None
         Path(summary.report).read_text().startswith("<!DOCTYPE html>")
         or "<html" in Path(summary.report).read_text()
     )
+
+
+def test_a_better_candidate_is_promoted_by_a_bandit_step(world: Live) -> None:
+    """Given v1 champion and a better v2, a plan whose experiment is a bandit step: the
+    bandit reads each arm's rewards (minus log loss of labelled answers) from the live
+    prediction log and feedback, moves sticky traffic towards v2 while judging, declares v2
+    the winner, and the plan goes on through approval and blue-green: champion v1 -> v2
+    once, the service ends serving v2 alone, and the report draws the allocation."""
+    summary = _run(world, BETTER, plan=FAST_BANDIT)
+    status = _status(world, summary.rollout_id)
+    assert summary.phase == "succeeded", summary.reason
+    assert _steps(status) == ["bandit", "approval", "blue_green"]
+    won = next(h for h in status.history if "bandit: candidate wins" in h.reason)
+    assert "P(best)" in won.reason and "n=" in won.reason
+    readings = [h.bandit for h in status.history if h.bandit is not None]
+    assert readings[-1].leader == 1 and min(readings[-1].n) >= 300
+    assert max(r.weight_pct for r in readings) > 50.0  # traffic moved towards the better arm
+    realloc = [a.key for a in status.applied if "/step0.b" in a.key]
+    assert realloc, "the bandit re-allocated traffic at least once"
+    assert {k: v for k, v in _aliases(world).items() if k != "challenger"} == {
+        CHAMPION: BETTER,
+        PREVIOUS_CHAMPION: BASE,
+    }
+    served = _served(world)
+    assert (served["mode"], served["stable_version"], served["candidate_version"]) == ("single", BETTER, None)
+    assert 'alt="bandit allocation"' in Path(summary.report).read_text()
+
+
+EDGE_BUDGET = """
+name: test-terminal
+device_classes: [pos-terminal]
+limits: {max_size_bytes: 1000000, max_latency_p99_ms: 50.0, max_metric_drop: 0.03, max_abs_dp: 0.1, max_mean_dp: 0.01}
+eval_rows: 2000
+calibration_rows: 256
+latency_repeats: 30
+fallback_rows: 6000
+variants:
+  - {kind: baseline, name: float}
+"""
+
+
+def _device_plan(world: Live, tmp_path: Path, on_device_failure: str) -> Path:
+    """The canary-cutover plan continued by a devices step: 40 devices, cohorts 25/100 %."""
+    budget = tmp_path / "test-terminal.yaml"
+    budget.write_text(EDGE_BUDGET)
+    devices = (
+        "  - kind: devices\n"
+        f"    budget: {budget}\n"
+        "    stages: [25, 100]\n"
+        "    devices: 40\n"
+        "    fleet: rollout-test\n"
+        f"    on_device_failure: {on_device_failure}\n"
+    )
+    plan = tmp_path / "to-devices.yaml"
+    plan.write_text(CANARY_CUTOVER.read_text().replace("name: canary-cutover", "name: to-devices") + devices)
+    return plan
+
+
+def test_one_plan_takes_a_better_candidate_from_the_server_to_the_devices(
+    world: Live, tmp_path: Path
+) -> None:
+    """Canary -> blue-green (champion v1 -> v2) -> devices: v2 is compressed for the budget,
+    published as a signed release and served to 25 % then 100 % of a simulated fleet, each
+    cohort gated on its telemetry; the release ends good on every device, the server ends
+    serving v2 alone, and the one status and report hold the device stages."""
+    from tasks import edge as te
+
+    summary = _run(world, BETTER, plan=_device_plan(world, tmp_path, "rollback_server"))
+    status = _status(world, summary.rollout_id)
+    assert summary.phase == "succeeded", summary.reason
+    assert _steps(status)[-2:] == ["devices 25%", "devices 100%"], _steps(status)
+    release = status.device.release_version
+    name = world.settings.training.model_name
+    assert te.ReleaseRepository(te.paths(world.settings).repo).state(name)["last_good"] == release
+    roster = te.fleet_for(world.settings, "rollout-test", te.release_sample(world.settings, name, release))
+    assert roster.versions() == {f"v{release}": 40}
+    assert _aliases(world)[CHAMPION] == BETTER
+    served = _served(world)
+    assert (served["mode"], served["stable_version"], served["candidate_version"]) == ("single", BETTER, None)
+    assert "devices 100%" in Path(summary.report).read_text()
+
+
+def test_a_failing_device_stage_rolls_the_server_back_when_the_plan_says_so(
+    world: Live, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same plan with device latency gated at an impossible 0.0001 ms: the first cohort
+    fails, the fleet is halted (the last good release restored) and, as the plan says
+    rollback_server, the champion alias goes back v2 -> v1 and traffic back to v1."""
+    monkeypatch.setenv("MLOPS__EDGE__GATES__MAX_LATENCY_P99_MS", "0.0001")
+    summary = _run(world, BETTER, plan=_device_plan(world, tmp_path, "rollback_server"))
+    status = _status(world, summary.rollout_id)
+    assert summary.phase == "rolled_back", summary.reason
+    assert status.history[-1].step == "devices 25%", summary.reason
+    assert "rollback_server" in summary.reason and "aliases restored" in summary.reason
+    assert _aliases(world)[CHAMPION] == BASE
+    served = _served(world)
+    assert served["stable_version"] == BASE and served.get("active_slot", "stable") == "stable"
 
 
 def test_a_three_times_slower_candidate_is_rolled_back_at_the_first_canary_analysis(world: Live) -> None:

@@ -11,6 +11,7 @@ import yaml
 from mlops.errors import ConfigError
 from mlops.rollout.plan import (
     ABStep,
+    BanditStep,
     BlueGreenStep,
     CanaryStep,
     MetricCheck,
@@ -52,10 +53,10 @@ def _minimum_seconds(plan: RolloutPlan) -> float:
 @pytest.mark.parametrize("path", PLANS, ids=[p.stem for p in PLANS])
 def test_every_shipped_plan_loads(path: Path) -> None:
     """Every plan in configs/rollout validates, ends with the blue-green cutover and has
-    an A/B step with a pre-registered primary metric."""
+    an experiment: an A/B step with a pre-registered primary metric, or a bandit step."""
     plan = load_plan(path)
     assert plan.steps[-1].kind == "blue_green"
-    assert any(isinstance(s, ABStep) for s in plan.steps)
+    assert any(isinstance(s, ABStep | BanditStep) for s in plan.steps)
 
 
 def test_demo_plan_takes_minutes_and_production_plan_days() -> None:
@@ -109,7 +110,7 @@ def test_unknown_step_kind_and_metric_are_refused(tmp_path: Path) -> None:
             ),
             "cannot compare with stable",
         ),
-        (lambda d: d["steps"].pop(0), "at least one shadow, canary or ab"),
+        (lambda d: d["steps"].pop(0), "at least one shadow, canary, ab or bandit"),
         (
             lambda d: d["steps"][0]["checks"][0].update(
                 metric="agreement", relative_to_stable="ratio", max=1.1
@@ -163,3 +164,64 @@ def test_digest_follows_content() -> None:
     b = RolloutPlan.model_validate_json(json.dumps(MINIMAL))
     c = RolloutPlan.model_validate_json(json.dumps(dict(MINIMAL, tick_interval_s=11)))
     assert a.digest == b.digest != c.digest
+
+
+BANDIT = {
+    "name": "b",
+    "tick_interval_s": 5,
+    "steps": [
+        {
+            "kind": "bandit",
+            "reward": "gaussian",
+            "reward_metric": "neg_log_loss",
+            "max_duration_s": 600,
+            "checks": [{"metric": "error_rate", "relative_to_stable": "diff", "max": 0.01}],
+        },
+        {"kind": "blue_green"},
+    ],
+}
+
+
+def test_shipped_bandit_plan_has_a_bandit_step_with_guardrails() -> None:
+    """configs/rollout/bandit.yaml: a two-arm gaussian bandit on minus log loss, guarded like an A/B."""
+    plan = load_plan(REPO / "configs/rollout/bandit.yaml")
+    (step,) = [s for s in plan.steps if isinstance(s, BanditStep)]
+    assert (step.arms, step.reward, step.reward_metric) == (2, "gaussian", "neg_log_loss")
+    assert step.duration_s < step.max_duration_s
+    assert {c.metric for c in step.checks} >= {"error_rate", "latency_p99_ms"}
+    assert plan.steps.index(step) < len(plan.steps) - 1
+    assert [s.kind for s in plan.steps][-2:] == ["approval", "blue_green"]
+
+
+def test_a_bandit_step_alone_makes_a_plan(tmp_path: Path) -> None:
+    """A bandit step is a traffic step: a plan of a bandit and the cutover is valid."""
+    plan = load_plan(_write(tmp_path, BANDIT))
+    step = plan.steps[0]
+    assert isinstance(step, BanditStep)
+    assert (step.floor, step.threshold, step.confirm_ticks, step.initial_pct) == (0.05, 0.95, 2, 50.0)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"arms": 3}, "router serves exactly two slots"),
+        ({"reward": "bernoulli"}, "reward_metric neg_log_loss is gaussian, not bernoulli"),
+        ({"reward_metric": "correct"}, "reward_metric correct is bernoulli, not gaussian"),
+        ({"reward_metric": "ctr"}, "reward_metric"),
+        ({"duration_s": 700}, "max_duration_s 600 < duration_s 700"),
+        ({"floor": 0.5}, "floor"),
+        ({"threshold": 0.5}, "threshold"),
+        ({"floor": 0.2, "initial_pct": 10}, "outside the floor"),
+        ({"max_duration_s": None}, "max_duration_s"),
+        ({"min_sample": 10}, "min_sample"),
+    ],
+)
+def test_bad_bandit_steps_are_refused(tmp_path: Path, change: dict, message: str) -> None:
+    """The bandit step is strict: two arms, a reward model that fits its metric, a maximum
+    duration past the minimum, a floor and initial weight that fit, no unknown field."""
+    data = yaml.safe_load(yaml.safe_dump(BANDIT))
+    data["steps"][0].update(change)
+    if change.get("max_duration_s", 0) is None:
+        data["steps"][0].pop("max_duration_s")
+    with pytest.raises(ConfigError, match=message):
+        load_plan(_write(tmp_path, data))

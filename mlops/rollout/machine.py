@@ -1,7 +1,8 @@
 """The server rollout as a pure state machine: ``decide(status, observations, plan, now,
 signals) -> Decision``.
 
-No IO, no clock, no randomness. A decision carries the next status (persist it first) and
+No IO, no clock, no unseeded randomness (the bandit step draws from a generator seeded by
+the rollout id, the step and the tick, so a resumed rollout decides the same). A decision carries the next status (persist it first) and
 its effects: absolute, keyed route tables and alias compare-and-set moves, recorded in the
 status's ledger by ``mark_applied`` so a resumed orchestrator never repeats one. Phases,
 actions and counting are the shared rollout vocabulary (``mlops.rollout.vocabulary``). The
@@ -10,24 +11,30 @@ tick loop, the phase diagram and the crash semantics: docs/design/rollout-model.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
+import numpy as np
 from pydantic import Field, ValidationError
 
-from mlops.gates import Outcome
+from mlops.edge import ota
+from mlops.gates import GateResult, Outcome
 from mlops.registry_model import CHAMPION, PREVIOUS_CHAMPION, plan_promotion
+from mlops.rollout.bandit import ArmStats, BanditPolicy, assess
 from mlops.rollout.errors import ObservationMismatch, PlanMismatch, RolloutError, StatusFormatError
 from mlops.rollout.gate import TRAFFIC_CHECK, Measurement, fmt, measure_step
 from mlops.rollout.observe import CANDIDATE, STABLE, Observations
 from mlops.rollout.plan import (
     ABStep,
     ApprovalStep,
+    BanditStep,
     BlueGreenStep,
     CanaryStep,
+    DeviceStep,
     ReplayStep,
     RolloutPlan,
     ShadowStep,
@@ -36,7 +43,7 @@ from mlops.rollout.plan import (
 from mlops.rollout.vocabulary import SEVERITY, TERMINAL, Action, Counters, Phase, tally
 from mlops.rollout.vocabulary import Decision as _Decision
 from mlops.routing import Mode, RouteTable
-from mlops.settings import StrictModel
+from mlops.settings import EdgeConfig, StrictModel
 
 SCHEMA_VERSION = 1
 
@@ -105,14 +112,37 @@ class AliasChange(StrictModel):
     implied: bool = False
 
 
+class EdgeAction(StrictModel):
+    """A change to the edge fleet or its release repository.
+
+    ``release``: compress ``source_version`` for the devices step's budget and publish it as
+    the next signed release (a repeat after a crash finds that release already published).
+    ``serve_cohort``: serve release ``version`` to a ``percent`` cohort and let the devices
+    poll. ``mark_good``: record ``version`` as the last good release. ``restore``: publish a
+    release carrying ``version``'s model and serve it to every device. ``halt``: serve
+    nothing more (no earlier good release to restore): the record of a halted fleet.
+    """
+
+    action: Literal["release", "serve_cohort", "mark_good", "restore", "halt"]
+    version: int | None = None
+    percent: float = 100.0
+    source_version: int | None = None
+
+
 class Effect(StrictModel):
-    """One change to the outside world, with the idempotency key it is recorded under."""
+    """One change to the outside world, with the idempotency key it is recorded under.
+
+    A route effect normally starts a new analysis window once applied; a bandit step's
+    re-allocation (``restarts_window=False``) keeps the step's window, whose evidence
+    accumulates across re-allocations."""
 
     key: str
-    kind: Literal["route", "aliases"]
+    kind: Literal["route", "aliases", "edge"]
     description: str
     route: RouteSpec | None = None
     aliases: tuple[AliasChange, ...] = ()
+    edge: EdgeAction | None = None
+    restarts_window: bool = True
 
 
 class Applied(StrictModel):
@@ -170,6 +200,35 @@ class ABSnapshot(StrictModel):
     n_required: int | None = None
 
 
+class BanditState(StrictModel):
+    """A bandit step's reading so far: ticks assessed, the arm leading the stopping rule and
+    on how many consecutive ticks, the candidate's weight, and the last tick's numbers per
+    arm (stable, candidate)."""
+
+    ticks: int = 0
+    leader: int | None = None
+    streak: int = 0
+    weight_pct: float = 0.0
+    n: tuple[int, ...] = ()
+    means: tuple[float | None, ...] = ()
+    prob_best: tuple[float, ...] = ()
+    expected_loss: tuple[float, ...] = ()
+
+
+class DeviceState(StrictModel):
+    """The devices step: the published release, the last good release before it (what a
+    device rollback restores) and the OTA machine's status (``mlops.edge.ota``, as data)."""
+
+    release_version: int | None = None
+    last_good: int | None = None
+    ota: dict | None = None
+    serves: int = 0  # cohort serves so far: keys each one
+
+    def ota_status(self) -> ota.RolloutStatus | None:
+        """The OTA machine's status, or ``None`` before the first cohort."""
+        return None if self.ota is None else ota.RolloutStatus.from_dict(self.ota)
+
+
 class Record(StrictModel):
     """One decision of the rollout's log."""
 
@@ -184,6 +243,7 @@ class Record(StrictModel):
     checks: tuple[CheckRecord, ...] = ()
     variants: dict[str, VariantSnapshot] = Field(default_factory=dict)
     ab: ABSnapshot | None = None
+    bandit: BanditState | None = None
     effects: tuple[str, ...] = ()
 
 
@@ -226,6 +286,7 @@ class Signals:
 
     approval: ApprovalResponse | None = None
     challenger_version: int | None = None
+    device_gate: GateResult | None = None
     command: Literal["resume", "rollback", "abort"] | None = None
     by: str = "operator"
     comment: str = ""
@@ -269,6 +330,8 @@ class RolloutStatus(StrictModel):
     seq: int = 0
     noted_versions: tuple[int, ...] = ()
     final_reason: str | None = None
+    bandit: BanditState | None = None
+    device: DeviceState | None = None
 
     @property
     def terminal(self) -> bool:
@@ -341,8 +404,8 @@ def mark_applied(status: RolloutStatus, key: str, at: datetime) -> RolloutStatus
     if key in status.applied_keys:
         return status
     update: dict[str, object] = {"applied": status.applied + (Applied(key=key, at=at),), "updated_at": at}
-    remaining = [e for e in status.outstanding if e.key != key and e.kind == "route"]
-    if effect.kind == "route" and not remaining and not status.terminal:
+    remaining = [e for e in status.outstanding if e.key != key and e.kind == "route" and e.restarts_window]
+    if effect.kind == "route" and effect.restarts_window and not remaining and not status.terminal:
         update["step_started_at"] = at
         if status.phase is Phase.PROMOTED:
             update["promoted_at"] = at
@@ -411,6 +474,7 @@ class _Tick:
         self.obs = obs
         self.measurements: tuple[Measurement, ...] = ()
         self.counters: dict[str, Counters] = {}  # after counting this tick's measurements
+        self.bandit: BanditState | None = None  # this tick's bandit reading, for the log
 
     # ---- status helpers
     @property
@@ -426,6 +490,10 @@ class _Tick:
         if isinstance(step, CanaryStep):
             w = self.status.weight_index if index is None else 0
             return f"{name} {step.weights[w]:g}%"
+        if isinstance(step, DeviceStep) and index is None and self.status.device is not None:
+            st = self.status.device.ota_status()
+            if st is not None:
+                return f"{name} {st.percent:g}%"
         return name
 
     def route(self, mode: str = "single", **kw: object) -> RouteSpec:
@@ -435,9 +503,13 @@ class _Tick:
             base["salt"] = s.rollout_id
         return RouteSpec(mode=mode, **{**base, **kw})  # type: ignore[arg-type]
 
-    def route_effect(self, name: str, spec: RouteSpec, why: str) -> Effect:
+    def route_effect(self, name: str, spec: RouteSpec, why: str, restarts_window: bool = True) -> Effect:
         return Effect(
-            key=f"{self.rid}/{name}/route", kind="route", route=spec, description=f"{why}: {spec.describe()}"
+            key=f"{self.rid}/{name}/route",
+            kind="route",
+            route=spec,
+            description=f"{why}: {spec.describe()}",
+            restarts_window=restarts_window,
         )
 
     # ---- decision builder
@@ -458,10 +530,11 @@ class _Tick:
             reason = f"{reason}; " + "; ".join(self.notes)
         if effects:
             update["pending"] = effects
-            route = next((e.route for e in effects if e.route is not None), None)
-            if route is not None:
-                update["route"] = route
-                update["step_started_at"] = None  # set by mark_applied when traffic has moved
+            moves = next((e for e in effects if e.route is not None), None)
+            if moves is not None:
+                update["route"] = moves.route
+                if moves.restarts_window:
+                    update["step_started_at"] = None  # set by mark_applied when traffic has moved
         update["updated_at"] = self.now
         new = s.model_copy(update=update)
         new = new.model_copy(
@@ -531,6 +604,7 @@ class _Tick:
             checks=tuple(checks),
             variants=variants,
             ab=ab,
+            bandit=self.bandit,
             effects=tuple(e.key for e in effects),
         )
 
@@ -553,11 +627,14 @@ class _Tick:
             return self.decide(
                 Action.ADVANCE, f"{why}; {label}: waiting for the offline comparison", **common
             )
-        if isinstance(step, ShadowStep | CanaryStep | ABStep):
+        if isinstance(step, ShadowStep | CanaryStep | ABStep | BanditStep):
             if isinstance(step, ShadowStep):
                 spec = self.route("shadow", mirror_pct=step.mirror_pct)
             elif isinstance(step, CanaryStep):
                 spec = self.route("canary", weight_pct=step.weights[weight])
+            elif isinstance(step, BanditStep):
+                spec = self.route("canary", weight_pct=step.initial_pct)
+                common["bandit"] = BanditState(weight_pct=step.initial_pct)
             else:
                 spec = self.route("ab", weight_pct=step.candidate_pct)
             key = f"step{index}" + (f".{weight}" if isinstance(step, CanaryStep) else "")
@@ -580,6 +657,20 @@ class _Tick:
                 f"{why}; {label}: approval of v{s.candidate_version} requested, timeout {step.timeout_s:g} s"
             )
             return self.decide(Action.AWAIT_APPROVAL, reason, ask=req, approval=req, **common)
+        if isinstance(step, DeviceStep):
+            common["phase"] = Phase.PROMOTED
+            release = Effect(
+                key=f"{self.rid}/edge/release",
+                kind="edge",
+                edge=EdgeAction(action="release", source_version=s.candidate_version),
+                description=(
+                    f"compress v{s.candidate_version} for {step.budget} and publish it as the next signed release"
+                ),
+            )
+            reason = (
+                f"{why}; {label}: v{s.candidate_version} goes on to the {step.fleet} fleet ({step.budget})"
+            )
+            return self.decide(Action.ADVANCE, reason, effects=(release,), device=DeviceState(), **common)
         assert isinstance(step, BlueGreenStep)
         aliases = _champion_effect(f"{self.rid}/promote/aliases", dict(s.aliases_before), s.candidate_version)
         flip = self.route_effect("promote", self.route("blue_green", active_slot=CANDIDATE), "cut over")
@@ -590,12 +681,31 @@ class _Tick:
         )
         return self.decide(Action.PROMOTE, reason, effects=(aliases, flip), promoted_at=self.now, **common)
 
+    def edge_effect(self, name: str, action: EdgeAction) -> Effect:
+        """A keyed fleet effect."""
+        if action.action == "serve_cohort":
+            text = f"serve release v{action.version} to {action.percent:g}% of the fleet"
+        elif action.action == "mark_good":
+            text = f"record release v{action.version} as the last good one"
+        elif action.action == "restore":
+            text = f"publish a release restoring release v{action.version}'s model on every device"
+        else:
+            text = "fleet halted: no earlier good release to restore, devices stay where they are"
+        return Effect(key=f"{self.rid}/edge/{name}", kind="edge", edge=action, description=text)
+
+    def fleet_stop(self, last_good: int | None) -> Effect:
+        """The effect that halts the fleet: restore the last good release, or stop serving."""
+        if last_good is None:
+            return self.edge_effect("halt", EdgeAction(action="halt"))
+        return self.edge_effect("restore", EdgeAction(action="restore", version=last_good))
+
     def evidence(self) -> str:
         last = [r for r in self.status.history if r.action in (Action.ADVANCE, Action.PROMOTE)][-3:]
         return " | ".join(f"{r.step}: {r.reason}" for r in last)
 
-    def advance(self, why: str) -> Decision:
-        """Move past the current step (or canary weight)."""
+    def advance(self, why: str, extra: tuple[Effect, ...] = (), phase: Phase = Phase.SUCCEEDED) -> Decision:
+        """Move past the current step (or canary weight); past the last one, finish with
+        ``extra`` effects first and the old slot released."""
         s, plan = self.status, self.plan
         step = plan.steps[s.step_index]
         if isinstance(step, CanaryStep) and s.weight_index + 1 < len(step.weights):
@@ -607,18 +717,28 @@ class _Tick:
             RouteSpec(stable_version=s.candidate_version, candidate_version=None),
             f"v{s.candidate_version} is champion, release v{s.stable_version}",
         )
-        reason = f"{why}; rollout succeeded: v{s.candidate_version} serves all traffic, v{s.stable_version} released"
-        return self.decide(
-            Action.ADVANCE, reason, effects=(release,), phase=Phase.SUCCEEDED, final_reason=reason
-        )
+        if phase is Phase.SUCCEEDED:
+            reason = f"{why}; rollout succeeded: v{s.candidate_version} serves all traffic, v{s.stable_version} released"
+            action = Action.ADVANCE
+        else:
+            reason = f"{why}; v{s.candidate_version} keeps serving all traffic, v{s.stable_version} released"
+            action = Action.ABORT
+        return self.decide(action, reason, effects=(*extra, release), phase=phase, final_reason=reason)
 
     # ---- stopping
-    def stop(self, action: Action, reason: str, phase: Phase | None = None) -> Decision:
-        """Send all traffic back to stable (and aliases back, after a promotion) now."""
+    def stop(
+        self, action: Action, reason: str, phase: Phase | None = None, extra: tuple[Effect, ...] = ()
+    ) -> Decision:
+        """Send all traffic back to stable (and aliases back, after a promotion) now; a fleet
+        rollout under way is halted (``extra``: the fleet effects the caller decided)."""
         s = self.status
         phase = phase or (Phase.ROLLED_BACK if action is Action.ROLLBACK else Phase.ABORTED)
         done = s.applied_keys
-        effects: list[Effect] = []
+        effects: list[Effect] = list(extra)
+        st = s.device.ota_status() if s.device is not None else None
+        if not extra and st is not None and not st.done:
+            effects.append(self.fleet_stop(st.last_good))
+            reason += "; " + effects[-1].description
         promoted = f"{self.rid}/promote/aliases" in done
         if promoted:
             after = {**s.aliases_before, CHAMPION: s.candidate_version, PREVIOUS_CHAMPION: s.stable_version}
@@ -818,6 +938,10 @@ def decide(
 
     if status.phase is Phase.AWAITING_APPROVAL:
         return _approval(tick, sig)
+    if isinstance(step, BanditStep):
+        return _bandit(tick, step, elapsed, due)
+    if isinstance(step, DeviceStep):
+        return _devices(tick, step, sig)
 
     counted = [m for m in ms if not m.limits.dry_run]
     waiting = [m for m in counted if m.outcome is not Outcome.PASS]
@@ -840,6 +964,181 @@ def decide(
         else:
             parts.append(m.result.reason)
     return tick.decide(Action.HOLD, f"{tick.label()}: " + "; ".join(parts or ["waiting"]))
+
+
+def bandit_seed(rollout_id: str, step_index: int, tick: int) -> int:
+    """The seed of a bandit tick's posterior draws: a hash of the rollout, step and tick, so
+    the same tick of a resumed rollout draws (and decides) the same."""
+    text = f"{rollout_id}/bandit/{step_index}/{tick}".encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "big")
+
+
+def _bandit(tick: _Tick, step: BanditStep, elapsed: float, due: bool) -> Decision:
+    """One bandit tick: assess the arms' rewards, then promote-on-confirmed-win, roll back on
+    a confirmed loss or at ``max_duration_s``, or re-allocate the candidate's sticky weight."""
+    s = tick.status
+    obs = tick.obs
+    assert obs is not None
+    before = s.bandit or BanditState(weight_pct=s.route.weight_pct)
+    stats = obs.rewards or (ArmStats(), ArmStats())
+    policy = BanditPolicy(
+        reward=step.reward,
+        floor=step.floor,
+        threshold=step.threshold,
+        max_expected_loss=step.max_expected_loss,
+        min_samples=step.min_samples,
+        draws=step.draws,
+    )
+    n_tick = before.ticks + 1
+    v = assess(stats, policy, np.random.default_rng(bandit_seed(s.rollout_id, s.step_index, n_tick)))
+    if v.winner is None:
+        leader, streak = None, 0
+    else:
+        leader, streak = v.winner, before.streak + 1 if v.winner == before.leader else 1
+    target = round(v.weights[1] * 100.0, 2)
+    state = BanditState(
+        ticks=n_tick,
+        leader=leader,
+        streak=streak,
+        weight_pct=s.route.weight_pct,
+        n=tuple(a.n for a in stats),
+        means=tuple(_none(m) for m in v.means),
+        prob_best=v.prob_best,
+        expected_loss=v.expected_loss,
+    )
+    tick.status = s = s.model_copy(update={"bandit": state})
+    tick.bandit = state
+    verdict = v.reason.replace("arm 0 ", "stable ").replace("arm 1 ", "candidate ")
+    label = tick.label()
+
+    def arm(i: int, name: str) -> str:
+        mean = f"{v.means[i]:.4g}" if math.isfinite(v.means[i]) else "-"
+        return (
+            f"{name} mean {step.reward_metric} {mean} (n={stats[i].n}, P(best) {v.prob_best[i]:.3f}, "
+            f"expected loss {v.expected_loss[i]:.4g})"
+        )
+
+    numbers = f"{arm(0, 'stable')}, {arm(1, 'candidate')}"
+    if obs.forced:
+        numbers += f"; {obs.forced} forced answers excluded"
+    confirmed = leader is not None and streak >= step.confirm_ticks
+    if confirmed and leader == 0:
+        return tick.stop(
+            Action.ROLLBACK,
+            f"{label}: stable wins ({verdict}, on {streak} consecutive ticks): {numbers}",
+        )
+    guard = [m for m in tick.measurements if not m.limits.dry_run and m.outcome is not Outcome.PASS]
+    if confirmed and leader == 1 and due and not guard:
+        summary = "; ".join(m.result.reason for m in tick.measurements if not m.limits.dry_run)
+        return tick.advance(
+            f"{label}: candidate wins after {elapsed:.0f} s ({verdict}, on {streak} consecutive ticks): "
+            f"{numbers}" + (f"; {summary}" if summary else "")
+        )
+    if elapsed >= step.max_duration_s:
+        return tick.stop(
+            Action.ROLLBACK,
+            f"{label}: no winner within max_duration_s {step.max_duration_s:g} ({elapsed:.0f} s): "
+            f"{verdict}: {numbers}",
+        )
+    waiting = []
+    if confirmed:
+        waiting.append(f"candidate leads on {streak} ticks")
+        if not due:
+            waiting.append(f"{elapsed:.0f} of {step.duration_s:g} s elapsed")
+        waiting += [m.result.reason for m in guard]
+    else:
+        waiting.append(
+            verdict + (f" (leader on {streak} of {step.confirm_ticks} ticks)" if leader is not None else "")
+        )
+    effects: tuple[Effect, ...] = ()
+    if not confirmed and abs(target - s.route.weight_pct) >= max(step.min_weight_change_pct, 0.01):
+        spec = tick.route("canary", weight_pct=target)
+        effects = (
+            tick.route_effect(
+                f"step{s.step_index}.b{n_tick}", spec, f"re-allocate {label}", restarts_window=False
+            ),
+        )
+        state = state.model_copy(update={"weight_pct": target})
+        tick.bandit = state
+        waiting.append(f"candidate weight {s.route.weight_pct:g}% -> {target:g}%")
+    reason = f"{label}: " + "; ".join(waiting) + f"; {numbers}"
+    return tick.decide(Action.HOLD, reason, effects=effects, bandit=state)
+
+
+def record_release(status: RolloutStatus, version: int, last_good: int | None) -> RolloutStatus:
+    """The status once the devices step's release is published: release ``version``, and
+    ``last_good``, the release devices are restored to if a stage fails (persist it before
+    marking the release effect applied)."""
+    dev = status.device or DeviceState()
+    if dev.release_version is not None and dev.release_version != version:
+        raise RolloutError(
+            f"rollout {status.rollout_id} already published release v{dev.release_version}, not v{version}"
+        )
+    return status.model_copy(
+        update={"device": dev.model_copy(update={"release_version": version, "last_good": last_good})}
+    )
+
+
+def edge_plan(step: DeviceStep) -> EdgeConfig:
+    """The OTA machine's plan for a devices step: its stages and counting limits."""
+    return EdgeConfig(
+        stages=step.stages, failure_limit=step.failure_limit, inconclusive_limit=step.inconclusive_limit
+    )
+
+
+def _devices(tick: _Tick, step: DeviceStep, sig: Signals) -> Decision:
+    """One tick of the devices step: start the OTA rollout of the published release, then
+    feed each cohort's telemetry gate to the OTA machine and carry out what it decides."""
+    s = tick.status
+    dev = s.device or DeviceState()
+    label = tick.label()
+    if dev.release_version is None:
+        return tick.decide(Action.HOLD, f"{label}: waiting for the release of v{s.candidate_version}")
+    plan = edge_plan(step)
+    st = dev.ota_status()
+    if st is None:
+        d = ota.start(
+            f"{s.rollout_id}-devices", s.model_name, dev.release_version, plan, last_good=dev.last_good
+        )
+        why = f"release v{dev.release_version} (model v{s.candidate_version}) published"
+    elif sig.device_gate is None:
+        return tick.decide(Action.HOLD, f"{label}: waiting for the cohort's device telemetry")
+    else:
+        d = ota.decide(st, sig.device_gate, plan)
+        why = ""
+    serves = dev.serves
+    effects: list[Effect] = []
+    for e in d.effects:
+        if e.kind == "serve_cohort":
+            serves += 1
+            action = EdgeAction(action="serve_cohort", version=e.version, percent=e.percent)
+            effects.append(tick.edge_effect(f"serve{serves}", action))
+        elif e.kind == "mark_good":
+            effects.append(tick.edge_effect("mark_good", EdgeAction(action="mark_good", version=e.version)))
+        else:
+            effects.append(tick.edge_effect("restore", EdgeAction(action="restore", version=e.version)))
+    new_dev = dev.model_copy(update={"ota": d.status.to_dict(), "serves": serves})
+    tick.status = s.model_copy(update={"device": new_dev})
+    reason = f"{label}: " + (f"{why}; " if why else "") + d.reason
+    if d.action is Action.PROMOTE:
+        return tick.advance(
+            f"{reason} (release v{dev.release_version} carries model v{s.candidate_version})",
+            extra=tuple(effects),
+        )
+    if d.action in (Action.ROLLBACK, Action.ABORT):
+        fleet = tuple(effects) or (tick.fleet_stop(None),)
+        if step.on_device_failure == "rollback_server":
+            return tick.stop(
+                Action.ROLLBACK,
+                f"{reason}; device stage failed, the plan says rollback_server",
+                extra=fleet,
+            )
+        return tick.advance(
+            f"{reason}; device stage failed: fleet halted (on_device_failure: halt_fleet)",
+            extra=fleet,
+            phase=Phase.ABORTED,
+        )
+    return tick.decide(d.action, reason, effects=tuple(effects), device=new_dev)
 
 
 def _approval(tick: _Tick, sig: Signals) -> Decision:

@@ -12,7 +12,11 @@ them over as pandas frames with the ``mlops.predlog`` columns, and gets back one
 - paired answers (a shadow answer and the primary answer to the same ``request_id``, or
   both models on the same replay row): decision agreement and score correlation;
 - for the A/B step, the per-request values of the primary metric, condensed to each arm's
-  sufficient statistics, and each arm's distinct entities for the SRM check.
+  sufficient statistics, and each arm's distinct entities for the SRM check;
+- for the bandit step, each arm's rewards (one per labelled primary answer, e.g. 1 when the
+  decision matched the label, or minus the answer's log loss) as sufficient statistics.
+  Answers whose variant was forced by the caller (a ``forced`` column, when the log has one)
+  are left out: they were not allocated by the bandit.
 
 Evidence never leaks between versions: rows are kept only when their ``model_version`` is
 the version pinned for their variant; rows of any other version are counted in
@@ -38,6 +42,7 @@ import pandas as pd
 from mlops import stats
 from mlops.predlog import FEATURE_PREFIX, PRIMARY, SHADOW
 from mlops.rollout.abtest import Arm, Arms
+from mlops.rollout.bandit import ArmStats
 from mlops.rollout.plan import METRICS
 from mlops.stats import calibration_error
 
@@ -235,6 +240,7 @@ class Observations:
     ab: Arms | None = None
     foreign: tuple[tuple[str, int, int], ...] = ()
     forced: int = 0
+    rewards: tuple[ArmStats, ArmStats] | None = None  # the bandit's (stable, candidate) rewards
 
     def variant(self, name: str) -> VariantStats:
         """The statistics of variant ``name`` (``stable`` or ``candidate``)."""
@@ -368,6 +374,18 @@ def per_request_metric(metric: str, rows: _Rows) -> np.ndarray:
     raise ValueError(f"unknown A/B metric {metric!r}")
 
 
+def per_request_reward(reward: str, rows: _Rows) -> np.ndarray:
+    """The bandit's reward for each labelled answer: ``correct`` (1.0 when the decision
+    matched the label), ``neg_log_loss`` or ``neg_brier`` (higher is better)."""
+    if reward == "correct":
+        return per_request_metric("accuracy", rows)
+    if reward == "neg_log_loss":
+        return -per_request_metric("log_loss", rows)
+    if reward == "neg_brier":
+        return -per_request_metric("brier", rows)
+    raise ValueError(f"unknown bandit reward {reward!r}")
+
+
 # --------------------------------------------------------------------------- entry points
 
 
@@ -444,6 +462,7 @@ def observe(
     until: datetime | None = None,
     references: Mapping[str, Reference] | None = None,
     ab_metric: str | None = None,
+    reward: str | None = None,
     psi_bins: int = 10,
 ) -> Observations:
     """Observations of one tick from prediction-log rows and feedback rows.
@@ -452,7 +471,9 @@ def observe(
     outside ``[since, until)`` and ``forced`` rows are dropped. ``feedback`` has
     ``request_id`` and ``label``, oldest first (the first label of a request counts). ``references`` maps ``stable``/``candidate`` to the reference
     of that variant's model; without one, its drift metrics are NaN. ``ab_metric`` names
-    the A/B primary metric whose per-request values to condense into ``Observations.ab``.
+    the A/B primary metric whose per-request values to condense into ``Observations.ab``;
+    ``reward`` the bandit reward to condense into ``Observations.rewards`` (forced answers
+    excluded).
     """
     keep = np.ones(len(log), dtype=bool)
     if since is not None:
@@ -495,6 +516,13 @@ def observe(
             rows = window.rows(idx[v][is_primary[idx[v]]], ())
             arms[v] = (Arm.of(per_request_metric(ab_metric, rows)), rows.entities)
         ab = Arms(ab_metric, arms[STABLE][0], arms[CANDIDATE][0], arms[STABLE][1], arms[CANDIDATE][1])
+    rewards = None
+    if reward is not None:  # forced rows are already out of the window
+        per_arm = [
+            ArmStats.of(per_request_reward(reward, window.rows(idx[v][is_primary[idx[v]]], ())))
+            for v in (STABLE, CANDIDATE)
+        ]
+        rewards = (per_arm[0], per_arm[1])
     return Observations(
         source="log",
         since=since,
@@ -504,6 +532,7 @@ def observe(
         pairs=pairs,
         ab=ab,
         foreign=foreign,
+        rewards=rewards,
         forced=n_forced,
     )
 

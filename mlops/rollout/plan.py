@@ -3,7 +3,8 @@
 A plan is configuration (``configs/rollout/*.yaml``) validated once into frozen strict
 models: an unknown field, a wrong type or an inconsistent plan is a ``ConfigError`` naming
 the file and the field. Steps are a discriminated union on ``kind`` (``replay``,
-``shadow``, ``canary``, ``ab``, ``approval``, ``blue_green``); each check carries the
+``shadow``, ``canary``, ``ab``, ``bandit``, ``approval``, ``blue_green``, then optionally
+``devices``); each check carries the
 limits it is counted against (``GateLimits``). What each step does and how checks are
 counted: docs/design/rollout-model.md.
 """
@@ -298,8 +299,97 @@ class BlueGreenStep(_Step):
         return self
 
 
+class DeviceStep(_Step):
+    """After the cutover, the promoted model goes on to the edge fleet, in the same rollout.
+
+    On entry the promoted version is compressed for the device ``budget`` (the edge export:
+    ``configs/edge/*.yaml``; ``variant`` names a passing variant, default: the export's
+    selection) and published as the next signed release; the release is then served to
+    widening cohorts (``stages``, percent of the fleet) of ``devices`` devices of ``fleet``,
+    each stage gated on device telemetry by the OTA machine (``mlops.edge.ota``) with
+    ``failure_limit`` / ``inconclusive_limit``. The last stage passing marks the release
+    good and the rollout succeeds. A failing stage halts the fleet (restoring the last good
+    release where there is one); ``on_device_failure: rollback_server`` also rolls the
+    server back (champion alias back by compare-and-set, traffic back to the old slot,
+    which stays warm until the devices are done). ``checks`` keep guarding the server's
+    live traffic (absolute, as after the flip).
+    """
+
+    kind: Literal["devices"] = "devices"
+    budget: str = Field(min_length=1)
+    variant: str | None = Field(None, min_length=1)
+    stages: tuple[float, ...] = (1.0, 10.0, 50.0, 100.0)
+    devices: int = Field(1000, ge=1)
+    fleet: str = Field("default", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    failure_limit: int = Field(0, ge=0)
+    inconclusive_limit: int = Field(2, ge=0)
+    on_device_failure: Literal["halt_fleet", "rollback_server"] = "halt_fleet"
+
+    @model_validator(mode="after")
+    def _device_shape(self) -> DeviceStep:
+        st = self.stages
+        if not st or any(b <= a for a, b in zip(st, st[1:], strict=False)) or st[0] <= 0 or st[-1] != 100.0:
+            raise ValueError("stages must be increasing percentages above 0 that end at 100")
+        rel = [c.key for c in self.checks if c.relative_to_stable or c.metric in PAIRED_METRICS]
+        if rel:
+            raise ValueError(f"devices checks cannot compare with stable (after the flip): {', '.join(rel)}")
+        return self
+
+
+RewardMetric = Literal["correct", "neg_log_loss", "neg_brier"]
+REWARD_KINDS: dict[str, str] = {"correct": "bernoulli", "neg_log_loss": "gaussian", "neg_brier": "gaussian"}
+"""Each reward's model: ``correct`` (the decision matched the label) is 0/1, the others are
+continuous (minus each labelled answer's log loss or Brier score: higher is better)."""
+
+
+class BanditStep(_Step):
+    """Thompson-sampling allocation between stable and the candidate, read as an experiment.
+
+    Every tick the arms' rewards over the step's window (one per labelled primary answer:
+    ``reward_metric``) update each arm's posterior; the candidate's sticky weight follows its
+    P(best), never below ``floor`` for either arm. An arm wins when both arms hold
+    ``min_samples`` rewards, its P(best) >= ``threshold`` and its expected loss <=
+    ``max_expected_loss``, on ``confirm_ticks`` consecutive ticks. The candidate winning
+    (after ``duration_s`` and with every guardrail ``check`` passing) completes the step;
+    stable winning, or no winner within ``max_duration_s``, rolls back.
+
+    ``arms`` is 2: the router serves two slots (stable and candidate) today.
+    """
+
+    kind: Literal["bandit"] = "bandit"
+    arms: int = 2
+    reward: Literal["bernoulli", "gaussian"] = "bernoulli"
+    reward_metric: RewardMetric = "correct"
+    initial_pct: float = Field(50.0, gt=0, lt=100)
+    floor: float = Field(0.05, gt=0, lt=0.5)
+    threshold: float = Field(0.95, gt=0.5, lt=1)
+    max_expected_loss: float = Field(0.001, ge=0)
+    min_samples: int = Field(200, ge=2)
+    confirm_ticks: int = Field(2, ge=1)
+    max_duration_s: float = Field(gt=0)
+    min_weight_change_pct: float = Field(1.0, ge=0, lt=50)
+    draws: int = Field(4000, ge=100, le=100_000)
+
+    @model_validator(mode="after")
+    def _bandit_shape(self) -> BanditStep:
+        if self.arms != 2:
+            raise ValueError(
+                f"arms: {self.arms} arms asked for, but the router serves exactly two slots "
+                "(stable and candidate); a bandit step has arms: 2"
+            )
+        if REWARD_KINDS[self.reward_metric] != self.reward:
+            raise ValueError(
+                f"reward_metric {self.reward_metric} is {REWARD_KINDS[self.reward_metric]}, not {self.reward}"
+            )
+        if self.max_duration_s < self.duration_s:
+            raise ValueError(f"max_duration_s {self.max_duration_s:g} < duration_s {self.duration_s:g}")
+        if not self.floor * 100 <= self.initial_pct <= 100 - self.floor * 100:
+            raise ValueError(f"initial_pct {self.initial_pct:g} is outside the floor {self.floor:g}")
+        return self
+
+
 Step = Annotated[
-    ReplayStep | ShadowStep | CanaryStep | ABStep | ApprovalStep | BlueGreenStep,
+    ReplayStep | ShadowStep | CanaryStep | ABStep | BanditStep | ApprovalStep | BlueGreenStep | DeviceStep,
     Field(discriminator="kind"),
 ]
 
@@ -326,14 +416,18 @@ class RolloutPlan(StrictModel):
     @model_validator(mode="after")
     def _shape(self) -> RolloutPlan:
         kinds = [s.kind for s in self.steps]
-        if kinds.count("blue_green") != 1 or kinds[-1] != "blue_green":
-            raise ValueError("a plan ends with exactly one blue_green step (the only step that promotes)")
+        server = kinds[: len(kinds) - 1] if kinds[-1] == "devices" else kinds
+        if kinds.count("blue_green") != 1 or server[-1] != "blue_green" or "devices" in server:
+            raise ValueError(
+                "a plan ends with exactly one blue_green step (the only step that promotes), "
+                "optionally followed by one devices step"
+            )
         names = [step_label(self, i) for i in range(len(self.steps))]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"step names used twice: {', '.join(dupes)}")
-        if not any(k in ("shadow", "canary", "ab") for k in kinds):
-            raise ValueError("a plan needs at least one shadow, canary or ab step before the cutover")
+        if not any(k in ("shadow", "canary", "ab", "bandit") for k in kinds):
+            raise ValueError("a plan needs at least one shadow, canary, ab or bandit step before the cutover")
         return self
 
     @property

@@ -192,6 +192,30 @@ def ab_figure(status: RolloutStatus, mde: float | None = None) -> bytes | None:
     return _png(fig)
 
 
+def bandit_figure(status: RolloutStatus) -> bytes | None:
+    """A bandit step's P(candidate best) and the candidate's allocated weight, per tick."""
+    start = status.created_at
+    pts = [
+        ((r.at - start).total_seconds() / 60.0, r.bandit)
+        for r in status.history
+        if r.bandit is not None and len(r.bandit.prob_best) == 2
+    ]
+    if not pts:
+        return None
+    x = [p for p, _ in pts]
+    fig = Figure(figsize=(9, 3.0))
+    ax = fig.add_subplot()
+    colour = VARIANT_COLOURS["candidate"]
+    ax.plot(x, [b.prob_best[1] for _, b in pts], color=colour, marker=".", ms=3, label="P(candidate best)")
+    ax.step(
+        x, [b.weight_pct / 100.0 for _, b in pts], where="post", color="#616161", label="candidate weight"
+    )
+    ax.set_ylim(-0.02, 1.02)
+    ax.set(xlabel="minutes since start", title="Bandit: P(candidate best) and candidate traffic share")
+    ax.legend(fontsize=7, loc="upper left")
+    return _png(fig)
+
+
 def report_figures(status: RolloutStatus, plan: RolloutPlan | None = None) -> dict[str, bytes]:
     """Every figure of the report as PNG bytes, by file name."""
     out = {"traffic.png": traffic_figure(status), "latency.png": latency_figure(status)}
@@ -208,6 +232,9 @@ def report_figures(status: RolloutStatus, plan: RolloutPlan | None = None) -> di
     ab = ab_figure(status, mde)
     if ab is not None:
         out["ab.png"] = ab
+    bandit = bandit_figure(status)
+    if bandit is not None:
+        out["bandit.png"] = bandit
     return out
 
 
@@ -255,6 +282,21 @@ def render_report(
     )
     checks = "".join(_img(v, k) for k, v in figs.items() if k.startswith("check-"))
     ab = _img(figs["ab.png"], "A/B effect") if "ab.png" in figs else "<p>No A/B measurements.</p>"
+    if "bandit.png" in figs:
+        ab += _img(figs["bandit.png"], "bandit allocation")
+    devices = ""
+    st = s.device.ota_status() if s.device is not None else None
+    if st is not None:
+        stage_rows = "".join(
+            f"<tr><td>{h.percent:g}%</td><td>{e(h.action)}</td><td>{e(h.outcome)}</td><td>{e(h.reason)}</td></tr>"
+            for h in st.history
+        )
+        devices = (
+            f"<h2>Devices</h2><p>release v{st.version} (model v{s.candidate_version}), last good before it: "
+            f"{'v' + str(s.device.last_good) if s.device.last_good else 'none'}; device rollout "
+            f"{e(st.phase.value)}</p><table><tr><th>cohort</th><th>action</th><th>gate</th><th>reason</th></tr>"
+            f"{stage_rows}</table>"
+        )
     plan_line = f"{e(s.plan_name)} (<code>{e(s.plan_digest)}</code>)"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Rollout {e(s.rollout_id)}</title><style>{_CSS}</style></head>
@@ -269,7 +311,8 @@ def render_report(
 <h2>Traffic</h2>{_img(figs["traffic.png"], "traffic")}
 <h2>Latency</h2>{_img(figs["latency.png"], "latency")}
 <h2>Gates</h2><div class="grid">{checks}</div>
-<h2>A/B test</h2>{ab}
+<h2>Experiment (A/B, bandit)</h2>{ab}
+{devices}
 <h2>Decision log</h2>
 <table><tr><th>#</th><th>at</th><th>step</th><th>action</th><th>reason</th><th>effects</th></tr>{"".join(rows)}</table>
 <h2>Applied effects</h2>
