@@ -121,6 +121,11 @@ class ModelRegistry:
         try:
             import mlflow.artifacts
 
+            if uri.startswith("models:/m-"):
+                # A logged model's id is resolved through this registry's own tracking store,
+                # not whichever one MLflow's process-wide default points at.
+                uri = self.client.get_logged_model(uri.removeprefix("models:/")).artifact_location
+
             with tempfile.TemporaryDirectory() as tmp:
                 local = Path(
                     mlflow.artifacts.download_artifacts(

@@ -299,7 +299,11 @@ def service(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -> Ite
 
 @pytest.fixture
 def http(service: Service) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=service.url, timeout=30) as c:
+    """A client that carries the feedback token, so /feedback bodies reach their parsing."""
+    from serving.auth import read_feedback_token
+
+    token = read_feedback_token(service.settings)
+    with httpx.Client(base_url=service.url, timeout=30, headers={"Authorization": f"Bearer {token}"}) as c:
         yield c
 
 
@@ -536,11 +540,18 @@ def _replace_at(doc: object, path: list[int], value: object) -> object:
     return copy
 
 
-def _templates(service: Service) -> dict[str, object]:
+def _issued_id(http: httpx.Client, row: dict) -> str:
+    """The request id the service issued for one scored row (labels must quote it)."""
+    resp = http.post("/predict", json={"features": row})
+    assert resp.status_code == 200, resp.text
+    return resp.json()["predictions"][0]["request_id"]
+
+
+def _templates(service: Service, http: httpx.Client) -> dict[str, object]:
     rows = service.rows[:2]
     return {
         "/predict": {"records": [{"features": r, "request_id": f"p-{i}"} for i, r in enumerate(rows)]},
-        "/feedback": {"feedback": [{"request_id": "p-0", "label": 1}]},
+        "/feedback": {"feedback": [{"request_id": _issued_id(http, rows[0]), "label": 1}]},
         f"/v2/models/{service.model}/infer": {
             "id": "v-1",
             "inputs": _json_tensors(rows),
@@ -582,7 +593,7 @@ def test_no_json_value_or_malformed_body_gets_a_5xx(service: Service, http: http
     float range, NaN and infinities), valid bodies with any node replaced, cut bodies, random
     bytes and random binary framing, sent to /predict, /feedback and the OIP infer route, are
     each answered below 500, a 4xx carrying an error message; the service keeps answering."""
-    templates = _templates(service)
+    templates = _templates(service, http)
     for path, body in templates.items():  # the templates themselves are valid
         assert http.post(path, content=_encode(body, "0")).status_code in (200, 202), path
     failures: list[str] = []
