@@ -483,3 +483,24 @@ def device_gate(settings: Settings, status: ServerStatus, step: DeviceStep) -> G
     return assess_stage(
         observe(events, members, st.version, st.percent), release.reference.fractions, settings.edge.gates
     )
+
+
+@flow(name="edge-refresh", log_prints=True)
+def edge_refresh_flow(config: str | None = None) -> list[tuple[str, int]]:
+    """Re-sign the short-lived timestamp of every served release, so devices keep accepting it.
+
+    Scheduled well within ``edge.timestamp_ttl_hours`` (prefect.yaml: every 6 hours); without
+    it, a release that is not republished is refused as stale once its timestamp expires.
+
+    Args:
+        config: Platform config YAML (default: $MLOPS_CONFIG, else built-in defaults).
+    """
+    settings = load_settings(config)
+    configure(settings)
+    done = t.refresh_timestamps(settings)
+    get_run_logger().info(
+        "timestamps re-signed: %s; valid %g h",
+        ", ".join(f"{m} v{v}" for m, v in done) or "nothing served yet",
+        settings.edge.timestamp_ttl_hours,
+    )
+    return done

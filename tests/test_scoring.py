@@ -520,12 +520,18 @@ def test_every_prefect_deployment_imports_and_nightly_scoring_is_scheduled() -> 
         "train",
         "nightly-scoring",
         "edge-export",
+        "edge-refresh",
         "rollout",
         "compact-prediction-log",
     }
-    (compaction,) = [d for d in spec["deployments"] if d["name"] == "compact-prediction-log"]
-    (schedule,) = compaction["schedules"]
-    CronSchedule(cron=schedule["cron"], timezone=schedule.get("timezone"))
+    for name in ("compact-prediction-log", "edge-refresh"):
+        (dep,) = [d for d in spec["deployments"] if d["name"] == name]
+        (schedule,) = dep["schedules"]
+        CronSchedule(cron=schedule["cron"], timezone=schedule.get("timezone"))
+    # a served release's timestamp is re-signed several times within its lifetime
+    (refresh,) = [d for d in spec["deployments"] if d["name"] == "edge-refresh"]
+    hours = refresh["schedules"][0]["cron"].split()[1]
+    assert hours.startswith("*/") and int(hours[2:]) * 2 <= load_settings(environ={}).edge.timestamp_ttl_hours
 
 
 def test_the_run_forms_offer_the_platforms_aliases_plans_and_budgets_and_accept_others() -> None:
