@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,7 @@ class Service:
     url: str | None = None
     health_url: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    ready: Callable[[], bool] | None = None  # readiness check of a service without a health URL
 
 
 def project_dir() -> Path:
@@ -140,6 +142,7 @@ def plan(settings: Settings) -> list[Service]:
             env=base,
         ),
     ]
+    services += _broker_services(settings)
     if settings.serving.url:  # the online service runs elsewhere (serving.url)
         return services
     services += [
@@ -153,6 +156,24 @@ def plan(settings: Settings) -> list[Service]:
         ),
     ]
     return services
+
+
+def _broker_services(settings: Settings) -> list[Service]:
+    """redis-server on loopback when ``stream.broker`` is a Redis broker without an external ``url``."""
+    from adapters.broker_redis import redis_ready, redis_server_command
+
+    spec = settings.stream.broker
+    if getattr(spec, "kind", None) != "redis" or spec.url:
+        return []
+    folder = settings.run_dir / "redis-broker"
+    return [
+        Service(
+            "redis-broker",
+            redis_server_command(spec.host, spec.port, folder, spec.appendfsync),
+            url=spec.effective_url,
+            ready=lambda: redis_ready(spec.effective_url),
+        )
+    ]
 
 
 # --------------------------------------------------------------------------- pid files
@@ -256,6 +277,7 @@ def start(settings: Settings, svc: Service) -> dict:
     _pid_file(settings, svc.name).write_text(json.dumps(record, indent=1))
     deadline = time.monotonic() + settings.services.startup_timeout_seconds
     ready = (lambda: _healthy(svc.health_url)) if svc.health_url else (lambda: _worker_online(settings))
+    ready = svc.ready or ready
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             _pid_file(settings, svc.name).unlink(missing_ok=True)

@@ -17,14 +17,14 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from adapters.broker import SqliteBroker
+from adapters.broker import Broker, SqliteBroker
 from adapters.feature_store import EmbeddedFeatureStore, FeatureStore, RedisFeatureStore
 from adapters.runtime import configure
 from mlops.features import FeatureSet
 from mlops.flow_params import AliasParam
 from mlops.onnx_model import OnnxScorer
 from mlops.registry_model import CHAMPION
-from mlops.settings import RedisStateStore, Settings, load_settings
+from mlops.settings import KafkaBrokerSpec, RedisBrokerSpec, RedisStateStore, Settings, load_settings
 from tasks.scoring import pin_model
 from tasks.stream import StreamConsumer
 
@@ -34,8 +34,17 @@ def stream_dir(settings: Settings) -> Path:
     return settings.home_path / "stream"
 
 
-def broker_for(settings: Settings) -> SqliteBroker:
-    """The embedded broker of this platform instance."""
+def broker_for(settings: Settings) -> Broker:
+    """The configured broker (``stream.broker``): embedded SQLite, Redis Streams or Kafka."""
+    spec = settings.stream.broker
+    if isinstance(spec, RedisBrokerSpec):
+        from adapters.broker_redis import RedisBroker
+
+        return RedisBroker.from_url(spec.effective_url, spec.prefix)
+    if isinstance(spec, KafkaBrokerSpec):
+        from adapters.broker_kafka import KafkaBroker
+
+        return KafkaBroker.from_spec(spec)
     return SqliteBroker(stream_dir(settings) / "broker.db")
 
 
