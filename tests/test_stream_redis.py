@@ -239,7 +239,7 @@ def kill_and_resume(
         )
         assert proc.stdout.readline().strip() == b"started"
         try:
-            proc.wait(timeout=float(rng.uniform(0.05, 1.5)) if kills < kills_wanted else 3600)
+            proc.wait(timeout=float(rng.uniform(0.05, 0.35)) if kills < kills_wanted else 3600)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)
