@@ -30,15 +30,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from adapters.broker import SqliteBroker  # noqa: E402
-from adapters.feature_store import EmbeddedFeatureStore  # noqa: E402
-from mlops.datagen import generate  # noqa: E402
-from mlops.features import FeatureSet  # noqa: E402
-from mlops.modeling import fit, to_onnx_bytes  # noqa: E402
-from mlops.onnx_model import OnnxScorer  # noqa: E402
-from mlops.scoring import ModelRef  # noqa: E402
-from mlops.settings import LogisticRegressionSpec, load_settings  # noqa: E402
-from tasks.stream import StreamConsumer, frame_messages, read_parts  # noqa: E402
+from adapters.broker import SqliteBroker
+from adapters.feature_store import EmbeddedFeatureStore
+from mlops.datagen import generate
+from mlops.features import FeatureSet
+from mlops.modeling import fit, to_onnx_bytes
+from mlops.onnx_model import OnnxScorer
+from mlops.scoring import ModelRef
+from mlops.settings import LogisticRegressionSpec, load_settings
+from tasks.stream import StreamConsumer, frame_messages, read_parts
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "features.yaml"
 
@@ -162,9 +162,18 @@ def main() -> None:
         mins.append(minimal(settings, onnx, broker, a.batch))
         fulls.append(full(settings, fs, onnx, broker, root / f"full{r}", a.batch))
         print(f"round {r}: full {fulls[-1]:,.0f} ev/s, minimal {mins[-1]:,.0f} ev/s")
-    print(f"throughput: full {max(fulls):,.0f} ev/s, minimal {max(mins):,.0f} ev/s, ratio {max(fulls) / max(mins):.2f}")
+    print(
+        f"throughput: full {max(fulls):,.0f} ev/s, minimal {max(mins):,.0f} ev/s, ratio {max(fulls) / max(mins):.2f}"
+    )
     lat = latency(
-        settings, fs, onnx, _broker(a.broker, root / "lat", a.redis_url), root / "lat", a.rate, a.seconds, events
+        settings,
+        fs,
+        onnx,
+        _broker(a.broker, root / "lat", a.redis_url),
+        root / "lat",
+        a.rate,
+        a.seconds,
+        events,
     )
     print(
         f"latency at {a.rate:,.0f} ev/s for {a.seconds:.0f} s: p50 {np.percentile(lat, 50):.1f} ms, "
@@ -189,7 +198,9 @@ def _kill_run(a, settings, fs, onnx: bytes, root: Path) -> None:
     if a.broker == "redis":
         from adapters.broker_redis import RedisBroker
 
-        RedisBroker.from_url(a.redis_url, prefix=home.name).publish("tx", frame_messages(events, settings.dataset, fs))
+        RedisBroker.from_url(a.redis_url, prefix=home.name).publish(
+            "tx", frame_messages(events, settings.dataset, fs)
+        )
     else:
         SqliteBroker(home / "broker.db").publish("tx", frame_messages(events, settings.dataset, fs))
     t = time.perf_counter()
