@@ -141,6 +141,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--kill-events", type=int, default=0)
     ap.add_argument("--kills", type=int, default=10)
+    ap.add_argument("--kill-wait", type=float, default=20.0, help="Longest run before a kill (seconds).")
     a = ap.parse_args()
     settings = load_settings(CONFIG, environ={})
     fs = FeatureSet.from_settings(settings)
@@ -204,7 +205,7 @@ def _kill_run(a, settings, fs, onnx: bytes, root: Path) -> None:
     else:
         SqliteBroker(home / "broker.db").publish("tx", frame_messages(events, settings.dataset, fs))
     t = time.perf_counter()
-    kills = kill_and_resume(home, model, where, a.kills, seed=17)
+    kills = kill_and_resume(home, model, where, a.kills, seed=17, max_wait=a.kill_wait)
     print(f"killed run: {kills} SIGKILLs, {time.perf_counter() - t:.0f} s")
     got, expected = read_parts(home / "out" / "scorer"), read_parts(clean_home / "out")
     same = got.equals(expected)

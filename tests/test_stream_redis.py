@@ -222,10 +222,16 @@ KILL_EVENTS = int(os.environ.get("MLOPS_STREAM_KILL_EVENTS", "30000"))
 
 
 def kill_and_resume(
-    home: Path, model_file: Path, where: str, kills_wanted: int, seed: int, batch: int = 500
+    home: Path,
+    model_file: Path,
+    where: str,
+    kills_wanted: int,
+    seed: int,
+    batch: int = 500,
+    max_wait: float = 0.35,
 ) -> int:
-    """Run the consumer in a subprocess, SIGKILL it at random moments ``kills_wanted`` times, then let
-    it finish; returns the number of kills."""
+    """Run the consumer in a subprocess, SIGKILL it at a random moment (up to ``max_wait`` seconds after
+    it started consuming) ``kills_wanted`` times, then let it finish; returns the number of kills."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     rng = np.random.default_rng(seed)
     kills = 0
@@ -239,7 +245,7 @@ def kill_and_resume(
         )
         assert proc.stdout.readline().strip() == b"started"
         try:
-            proc.wait(timeout=float(rng.uniform(0.05, 0.35)) if kills < kills_wanted else 3600)
+            proc.wait(timeout=float(rng.uniform(0.05, max_wait)) if kills < kills_wanted else 3600)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)
