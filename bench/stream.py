@@ -162,9 +162,13 @@ def main() -> None:
     for r in range(a.rounds):
         mins.append(minimal(settings, onnx, broker, a.batch))
         fulls.append(full(settings, fs, onnx, broker, root / f"full{r}", a.batch))
-        print(f"round {r}: full {fulls[-1]:,.0f} ev/s, minimal {mins[-1]:,.0f} ev/s")
+        print(
+            f"round {r}: full {fulls[-1]:,.0f} ev/s, minimal {mins[-1]:,.0f} ev/s, ratio {fulls[-1] / mins[-1]:.2f}"
+        )
+    ratios = [f / m for f, m in zip(fulls, mins, strict=True)]
     print(
-        f"throughput: full {max(fulls):,.0f} ev/s, minimal {max(mins):,.0f} ev/s, ratio {max(fulls) / max(mins):.2f}"
+        f"throughput: full {max(fulls):,.0f} ev/s, minimal {max(mins):,.0f} ev/s (best of {a.rounds}), "
+        f"ratio of bests {max(fulls) / max(mins):.2f}, median round ratio {float(np.median(ratios)):.2f}"
     )
     lat = latency(
         settings,
