@@ -41,6 +41,7 @@ class Service:
     url: str | None = None
     health_url: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    ready: Callable[[], bool] | None = None  # readiness check of a service without a health URL
 
 
 def project_dir() -> Path:
@@ -146,6 +147,7 @@ def plan(settings: Settings) -> list[Service]:
             env=base,
         ),
     ]
+    services += _broker_services(settings)
     if settings.serving.url:  # the online service runs elsewhere (serving.url)
         return services
     services += [
@@ -159,6 +161,24 @@ def plan(settings: Settings) -> list[Service]:
         ),
     ]
     return services
+
+
+def _broker_services(settings: Settings) -> list[Service]:
+    """redis-server on loopback when ``stream.broker`` is a Redis broker without an external ``url``."""
+    from adapters.broker_redis import redis_ready, redis_server_command
+
+    spec = settings.stream.broker
+    if getattr(spec, "kind", None) != "redis" or spec.url:
+        return []
+    folder = settings.run_dir / "redis-broker"
+    return [
+        Service(
+            "redis-broker",
+            redis_server_command(spec.host, spec.port, folder, spec.appendfsync),
+            url=spec.effective_url,
+            ready=lambda: redis_ready(spec.effective_url),
+        )
+    ]
 
 
 # --------------------------------------------------------------------------- pid files
@@ -251,7 +271,7 @@ def start(settings: Settings, svc: Service) -> dict:
         "api_url": prefect_api_url(settings) if svc.name == "prefect-server" else None,
     }
     _pid_file(settings, svc.name).write_text(json.dumps(record, indent=1))
-    ready = http_ok(svc.health_url) if svc.health_url else (lambda: _worker_online(settings))
+    ready = svc.ready or (http_ok(svc.health_url) if svc.health_url else (lambda: _worker_online(settings)))
     try:
         wait_ready(proc, ready, log, settings.services.startup_timeout_seconds, name=svc.name, poll=0.5)
     except ServiceError:

@@ -12,19 +12,21 @@ Redis), ``out/<topic>/<group>/`` (Parquet parts named by offset range).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
 
-from adapters.broker import SqliteBroker
+from adapters.broker import Broker, SqliteBroker
 from adapters.feature_store import EmbeddedFeatureStore, FeatureStore, RedisFeatureStore
 from adapters.runtime import configure
 from flows.params import AliasParam
 from mlops.features import FeatureSet
 from mlops.onnx_model import OnnxScorer
 from mlops.registry_model import CHAMPION
-from mlops.settings import RedisStateStore, Settings, load_settings
+from mlops.settings import KafkaBrokerSpec, RedisBrokerSpec, RedisStateStore, Settings, load_settings
 from tasks.scoring import pin_model
 from tasks.stream import StreamConsumer
 
@@ -34,8 +36,17 @@ def stream_dir(settings: Settings) -> Path:
     return settings.home_path / "stream"
 
 
-def broker_for(settings: Settings) -> SqliteBroker:
-    """The embedded broker of this platform instance."""
+def broker_for(settings: Settings) -> Broker:
+    """The configured broker (``stream.broker``): embedded SQLite, Redis Streams or Kafka."""
+    spec = settings.stream.broker
+    if isinstance(spec, RedisBrokerSpec):
+        from adapters.broker_redis import RedisBroker
+
+        return RedisBroker.from_url(spec.effective_url, spec.prefix)
+    if isinstance(spec, KafkaBrokerSpec):
+        from adapters.broker_kafka import KafkaBroker
+
+        return KafkaBroker.from_spec(spec)
     return SqliteBroker(stream_dir(settings) / "broker.db")
 
 
@@ -68,11 +79,47 @@ class StreamSummary:
     next_offset: int
     end_offset: int
     output: str
+    seconds: float = 0.0
 
     @property
     def lag(self) -> int:
         """Events published but not yet scored by this group."""
         return self.end_offset - self.next_offset
+
+    @property
+    def events_per_second(self) -> float:
+        """Scoring throughput of this run (0 when it scored nothing)."""
+        return self.events / self.seconds if self.seconds > 0 and self.events else 0.0
+
+
+def metrics_text(summary: StreamSummary) -> str:
+    """The run's lag, throughput and counters in the Prometheus text format (labels: topic, group)."""
+    from prometheus_client import CollectorRegistry, Gauge, generate_latest
+
+    registry = CollectorRegistry()
+    labels = ("topic", "group")
+    values = {
+        "mlops_stream_lag_events": ("Events published and not yet scored by the group", summary.lag),
+        "mlops_stream_committed_offset": ("The group's committed offset", summary.next_offset),
+        "mlops_stream_end_offset": ("The topic's end offset", summary.end_offset),
+        "mlops_stream_events_per_second": ("Scoring throughput of the last run", summary.events_per_second),
+        "mlops_stream_run_events": ("Events scored by the last run", summary.events),
+        "mlops_stream_run_late_events": ("Late events scored by the last run", summary.late),
+    }
+    for name, (doc, value) in values.items():
+        Gauge(name, doc, labels, registry=registry).labels(summary.topic, summary.group).set(value)
+    return generate_latest(registry).decode()
+
+
+def write_metrics(settings: Settings, summary: StreamSummary) -> Path:
+    """Write the run's metrics where a node-exporter textfile collector can pick them up (atomic)."""
+    folder = stream_dir(settings) / "metrics"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{summary.topic}-{summary.group}.prom"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(metrics_text(summary))
+    tmp.replace(path)
+    return path
 
 
 @flow(name="stream-score", log_prints=True)
@@ -125,7 +172,9 @@ def stream_flow(
         start.replayed,
         len(start.swept),
     )
+    started = time.perf_counter()
     results = consumer.run(max_events, batch_size)
+    seconds = time.perf_counter() - started
     summary = StreamSummary(
         topic=topic,
         group=group,
@@ -139,6 +188,24 @@ def stream_flow(
         next_offset=consumer.next_offset,
         end_offset=broker.end_offset(topic),
         output=str(out),
+        seconds=seconds,
     )
-    logger.info("scored %d events in %d parts; lag %d", summary.events, summary.batches, summary.lag)
+    metrics = write_metrics(settings, summary)
+    create_markdown_artifact(
+        key=f"stream-{topic}-{group}".lower().replace("_", "-"),
+        markdown=(
+            f"| topic/group | events | events/s | late | committed | end | lag |\n|---|---|---|---|---|---|---|\n"
+            f"| {topic}/{group} | {summary.events} | {summary.events_per_second:,.0f} | {summary.late} "
+            f"| {summary.next_offset} | {summary.end_offset} | {summary.lag} |"
+        ),
+        description="Stream scoring run: throughput and lag",
+    )
+    logger.info(
+        "scored %d events in %d parts (%.0f events/s); lag %d; metrics %s",
+        summary.events,
+        summary.batches,
+        summary.events_per_second,
+        summary.lag,
+        metrics,
+    )
     return summary

@@ -511,12 +511,16 @@ class StreamFeatures:
             return dict(self._empty)
         ts = win.ts
         right = bisect.bisect_left(ts, ts_ns)
+        if right == 0:  # no event before ts_ns: every window is empty
+            return dict(self._empty)
+        values = win.values
+        bisect_left, fsum = bisect.bisect_left, math.fsum
         lefts: dict[int, int] = {}
         out: dict[str, float] = {}
         for name, agg, w_ns, col, empty in self._specs:
             left = lefts.get(w_ns)
             if left is None:
-                left = lefts[w_ns] = bisect.bisect_left(ts, ts_ns - w_ns, 0, right)
+                left = lefts[w_ns] = bisect_left(ts, ts_ns - w_ns, 0, right)
             count = right - left
             if agg == "count":
                 out[name] = float(count)
@@ -524,14 +528,16 @@ class StreamFeatures:
                 out[name] = empty
             elif agg == "seconds_since_last":
                 out[name] = (ts_ns - ts[right - 1]) / NS_PER_SECOND
+            elif agg == "last":
+                out[name] = values[col][right - 1]
+            elif count == 1:  # sum, mean and max of one value
+                out[name] = values[col][left]
             elif agg == "sum":
-                out[name] = math.fsum(win.values[col][left:right])
+                out[name] = fsum(values[col][left:right])
             elif agg == "mean":
-                out[name] = math.fsum(win.values[col][left:right]) / count
-            elif agg == "max":
-                out[name] = max(win.values[col][left:right])
-            else:  # last
-                out[name] = win.values[col][right - 1]
+                out[name] = fsum(values[col][left:right]) / count
+            else:  # max
+                out[name] = max(values[col][left:right])
         return out
 
     def update(self, entity: str, ts_ns: int, values: Mapping[str, float]) -> FeatureUpdate:
@@ -545,19 +551,28 @@ class StreamFeatures:
             raise DataError(f"event of {key}: missing value in {', '.join(self._cols)}")
         feats = self.lookup(key, ts_ns)
         self.events_seen += 1
-        mark = self.watermark
-        if mark is not None and ts_ns < mark:
+        max_ts = self.max_ts
+        if max_ts is not None and ts_ns < max_ts - self.fs.lateness_ns:
             self.late_events += 1
             return FeatureUpdate(feats, late=True)
-        win = self._entities.setdefault(key, _EntityWindow(values=[[] for _ in self._cols]))
+        win = self._entities.get(key)
+        if win is None:
+            win = self._entities[key] = _EntityWindow(values=[[] for _ in self._cols])
         self._changed.add(key)
-        at = bisect.bisect_right(win.ts, ts_ns)
-        win.ts.insert(at, ts_ns)
-        for col, v in zip(win.values, row, strict=True):
-            col.insert(at, v)
-        if self.max_ts is None or ts_ns > self.max_ts:
-            self.max_ts = ts_ns
-        self._prune_entity(key, win)
+        wts = win.ts
+        if not wts or ts_ns >= wts[-1]:  # in order: the common case
+            wts.append(ts_ns)
+            for col, v in zip(win.values, row, strict=True):
+                col.append(v)
+        else:
+            at = bisect.bisect_right(wts, ts_ns)
+            wts.insert(at, ts_ns)
+            for col, v in zip(win.values, row, strict=True):
+                col.insert(at, v)
+        if max_ts is None or ts_ns > max_ts:
+            self.max_ts = max_ts = ts_ns
+        if wts[0] < max_ts - self._keep_ns:
+            self._prune_entity(key, win)
         return FeatureUpdate(feats, late=False)
 
     def _horizon(self) -> int | None:

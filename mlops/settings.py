@@ -215,6 +215,48 @@ class FeaturesConfig(StrictModel):
         return self
 
 
+class EmbeddedBrokerSpec(StrictModel):
+    """The embedded broker: topics and offsets in ``MLOPS_HOME/stream/broker.db`` (SQLite)."""
+
+    kind: Literal["embedded"] = "embedded"
+
+
+class RedisBrokerSpec(StrictModel):
+    """Redis Streams as the broker. Without ``url``, `mlops server up` runs ``redis-server`` on
+    ``host:port`` with its data and pid file under ``MLOPS_HOME/run``; with ``url`` it is external.
+    ``appendfsync`` is the server's AOF policy (``always``: a commit survives a power loss)."""
+
+    kind: Literal["redis"] = "redis"
+    url: str | None = Field(None, pattern=r"^rediss?://[^\s/]+(:\d+)?(/\d+)?$")
+    host: str = "127.0.0.1"
+    port: int = Field(6390, ge=1, le=65535)
+    prefix: str = Field("mlops:stream", min_length=1)
+    appendfsync: Literal["always", "everysec"] = "always"
+
+    @property
+    def effective_url(self) -> str:
+        """Where the broker is: ``url``, else the local server's."""
+        return self.url or f"redis://{self.host}:{self.port}/0"
+
+
+class KafkaBrokerSpec(StrictModel):
+    """Kafka as the broker (needs the optional ``confluent-kafka`` client): one partition per topic,
+    offsets committed to Kafka after the outputs are durable. ``options`` are passed to the client."""
+
+    kind: Literal["kafka"] = "kafka"
+    bootstrap_servers: str = Field(min_length=1)
+    options: dict[str, str] = Field(default_factory=dict)
+
+
+BrokerSpec = Annotated[EmbeddedBrokerSpec | RedisBrokerSpec | KafkaBrokerSpec, Field(discriminator="kind")]
+
+
+class StreamConfig(StrictModel):
+    """Where stream events are published and consumed: ``broker`` (embedded, redis or kafka)."""
+
+    broker: BrokerSpec = EmbeddedBrokerSpec()
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -497,6 +539,7 @@ class Settings(StrictModel):
     home: str = DEFAULT_HOME
     dataset: DatasetSchema = Field(default_factory=_fraud_schema)
     features: FeaturesConfig = FeaturesConfig()
+    stream: StreamConfig = StreamConfig()
     training: TrainingConfig = TrainingConfig()
     promotion: PromotionConfig = PromotionConfig()
     prefect: PrefectConfig = PrefectConfig()

@@ -78,7 +78,7 @@ def run(
     for label, value in (
         ("model", s.model),
         ("resumed at offset", f"{s.resumed_at:,} (replayed {s.replayed:,}, swept {s.swept} parts)"),
-        ("scored", f"{s.events:,} events in {s.batches} parts ({s.late} late)"),
+        ("scored", f"{s.events:,} events in {s.batches} parts ({s.late} late, {s.events_per_second:,.0f}/s)"),
         ("committed offset", f"{s.next_offset:,} of {s.end_offset:,} (lag {s.lag:,})"),
         ("output", s.output),
     ):

@@ -207,25 +207,29 @@ class StreamConsumer:
         self._batches_since_checkpoint = 0
 
     def _score(self, msgs: list[Message], feats: list[dict[str, float]]) -> pa.Table:
-        frame = pd.DataFrame([m.payload for m in msgs])
-        missing = [c for c in (self.schema.id_column, *self.schema.feature_names) if c not in frame.columns]
-        if missing:
-            raise DataError(f"{self.topic!r} offsets {msgs[0].offset}..: events lack {', '.join(missing)}")
-        windows = pd.DataFrame(feats, columns=list(self.fs.names))
-        feeds = self.scorer.feeds(frame)
+        payloads = [m.payload for m in msgs]
+        needed = (self.schema.id_column, self.fs.entity_column, *self.schema.feature_names)
+        try:
+            cols_in = {c: [p[c] for p in payloads] for c in needed}
+        except KeyError:
+            missing = [c for c in needed if any(c not in p for p in payloads)]
+            raise DataError(
+                f"{self.topic!r} offsets {msgs[0].offset}..: events lack {', '.join(missing)}"
+            ) from None
+        ts = np.fromiter((p[self.fs.timestamp_column] for p in payloads), np.int64, len(payloads))
+        windows = {n: np.fromiter((f[n] for f in feats), np.float64, len(feats)) for n in self.fs.names}
+        feeds = self.scorer.feeds(cols_in)
         for name in self._model_windows:
-            feeds[name] = windows[name].to_numpy(np.float32).reshape(-1, 1)
+            feeds[name] = windows[name].astype(np.float32).reshape(-1, 1)
         scores = self.scorer.run(feeds).astype(np.float64)
         cols: dict[str, Any] = {
             "offset": pa.array([m.offset for m in msgs], pa.int64()),
-            self.schema.id_column: pa.array(frame[self.schema.id_column].astype(str), pa.string()),
-            self.fs.entity_column: pa.array(frame[self.fs.entity_column].astype(str), pa.string()),
-            self.fs.timestamp_column: pa.array(
-                frame[self.fs.timestamp_column].to_numpy(np.int64), pa.timestamp("ns")
-            ),
+            self.schema.id_column: pa.array([str(v) for v in cols_in[self.schema.id_column]], pa.string()),
+            self.fs.entity_column: pa.array([str(v) for v in cols_in[self.fs.entity_column]], pa.string()),
+            self.fs.timestamp_column: pa.array(ts, pa.timestamp("ns")),
         }
         for name in self.fs.names:
-            cols[name] = pa.array(windows[name].to_numpy(np.float64), pa.float64())
+            cols[name] = pa.array(windows[name], pa.float64())
         cols["score"] = pa.array(scores, pa.float64())
         cols["decision"] = pa.array(scores >= self.model.threshold, pa.bool_())
         cols["model_name"] = pa.repeat(pa.scalar(self.model.name, pa.string()), len(msgs))

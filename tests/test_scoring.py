@@ -523,6 +523,7 @@ def test_every_prefect_deployment_imports_and_nightly_scoring_is_scheduled() -> 
         "edge-refresh",
         "rollout",
         "compact-prediction-log",
+        "stream-score",
     }
     for name in ("compact-prediction-log", "edge-refresh"):
         (dep,) = [d for d in spec["deployments"] if d["name"] == name]

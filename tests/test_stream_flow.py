@@ -79,6 +79,9 @@ def test_stream_flow_scores_published_events_with_the_champion(
     second = RUNNER.invoke(app, ["stream", "run", "--batch-size", "400"])
     assert second.exit_code == 0, second.output
     assert "1,500 events in 4 parts" in second.output and "lag 0" in second.output
+    prom = (flow_home.home_path / "stream" / "metrics" / "transactions-scorer.prom").read_text()
+    assert 'mlops_stream_lag_events{group="scorer",topic="transactions"} 0.0' in prom
+    assert 'mlops_stream_run_events{group="scorer",topic="transactions"} 1500.0' in prom
 
     out = read_parts(output_dir(flow_home, "transactions", "scorer")).to_pandas()
     events = generate(2500, seed=6).sort_values("event_time", kind="stable").reset_index(drop=True)
@@ -102,3 +105,16 @@ def test_stream_flow_scores_published_events_with_the_champion(
         0
     ]
     assert shown == pytest.approx(direct, rel=1e-5)
+
+
+def test_stream_metrics_are_prometheus_text_with_lag_and_throughput() -> None:
+    """A run's summary becomes Prometheus gauges labelled by topic and group: lag, offsets,
+    events/s and counts."""
+    from flows.stream import StreamSummary, metrics_text
+
+    s = StreamSummary("tx", "g", "m v1@champion", 0, 0, 0, 3, 1_200, 5, 1_200, 2_000, "/x", seconds=0.5)
+    text = metrics_text(s)
+    assert 'mlops_stream_lag_events{group="g",topic="tx"} 800.0' in text
+    assert 'mlops_stream_events_per_second{group="g",topic="tx"} 2400.0' in text
+    assert 'mlops_stream_run_late_events{group="g",topic="tx"} 5.0' in text
+    assert "# HELP mlops_stream_committed_offset" in text
