@@ -14,7 +14,12 @@ from pydantic import Field
 
 from mlops.registry_model import ModelAlias
 
-ShippedPlan = Literal["configs/rollout/demo.yaml", "configs/rollout/production.yaml"]
+ShippedPlan = Literal[
+    "configs/rollout/demo.yaml",
+    "configs/rollout/demo-live.yaml",
+    "configs/rollout/production.yaml",
+    "configs/rollout/bandit.yaml",
+]
 ShippedBudget = Literal["configs/edge/pos-terminal.yaml", "configs/edge/mobile-app.yaml"]
 
 SHIPPED_PLANS: tuple[str, ...] = get_args(ShippedPlan)
