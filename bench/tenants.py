@@ -168,6 +168,9 @@ async def run(args: argparse.Namespace, home: Path) -> None:
         single = [("/predict", {})]
         await _load(http, single, body, args.concurrency, 200)  # warm both paths
         await _load(http, tenant_targets, body, args.concurrency, 200)
+        if args.hot:
+            tenant_targets = tenant_targets[: args.hot]
+            print(f"warm load spread over {len(tenant_targets)} of the {len(names)} models")
         results: dict[str, list[float]] = {"single": [], "tenants": []}
         for rnd in range(args.rounds):
             order = [("single", single), ("tenants", tenant_targets)]
@@ -192,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--requests", type=int, default=3000, help="per target per round")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--hot", type=int, default=0, help="warm load on only the first N models (0: all)")
     args = ap.parse_args(argv)
     random.seed(0)
     with tempfile.TemporaryDirectory(prefix="bench-tenants-") as tmp:

@@ -2,9 +2,9 @@
 
 Credentials. ``mlops tenants add NAME`` creates a random token, prints it once and stores
 only its SHA-256 in ``$MLOPS_HOME/run/tenants/NAME.sha256`` (mode 0600, created
-exclusively). The service maps a presented token to its tenant by hash; a token added
-while the service runs is picked up on the next request that presents it (the folder is
-re-read at most once a second).
+exclusively). The service maps a presented token to its tenant by hash; the folder is
+re-read at most once a second, so a tenant added or removed (its file deleted) while the
+service runs is accepted or refused within a second.
 
 Models. A tenant's model is the registered model ``<model>--<tenant>``
 (``mlops.tenancy.tenant_model_name``), served at ``serving.tenants.alias``. Versions are
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import os
 import secrets
 import time
@@ -122,18 +121,15 @@ class TenantDirectory:
         value = value.strip()
         if scheme.lower() != "bearer" or not value:
             return None, 401
-        digest = _digest(value)
-        name = self._lookup(digest)
-        if name is None and time.monotonic() - self._read_at >= self.refresh_seconds:
-            self._reload()
-            name = self._lookup(digest)
+        if time.monotonic() - self._read_at >= self.refresh_seconds:
+            self._reload()  # picks up added tenants and drops removed ones within a second
+        name = self._lookup(_digest(value))
         return (name, 0) if name is not None else (None, 403)
 
     def _lookup(self, digest: str) -> str | None:
-        for known, name in self._by_hash.items():
-            if hmac.compare_digest(known, digest):
-                return name
-        return None
+        # A dict lookup by SHA-256: its timing can only tell about the hash of a guess,
+        # which says nothing usable about any tenant's token.
+        return self._by_hash.get(digest)
 
 
 class TenantModels:

@@ -197,7 +197,8 @@ def url(tenant: str) -> str:
 def test_a_tenant_reaches_only_its_own_models_and_others_look_absent(make_settings, rows):
     """Given tenants acme and beta, acme scores its model (logged under tenant=acme, counted
     under its label); beta's model and a model that does not exist are the same 404 to acme;
-    no token is 401, a wrong one 403; the main model's log gets no tenant rows."""
+    no token is 401, a wrong one 403; a removed tenant is refused within a second; the main
+    model's log gets no tenant rows."""
     settings = make_settings()
     acme, beta = add_tenant(settings, "acme"), add_tenant(settings, "beta")
 
@@ -227,6 +228,10 @@ def test_a_tenant_reaches_only_its_own_models_and_others_look_absent(make_settin
             assert 'mlops_serving_tenant_requests_total{status="200",tenant="acme"} 1.0' in metrics
             assert 'mlops_serving_tenant_requests_total{status="404",tenant="acme"} 3.0' in metrics
             assert 'mlops_serving_tenant_requests_total{status="200",tenant="beta"} 1.0' in metrics
+            (tenants_dir(settings) / "beta.sha256").unlink()  # beta revoked
+            await asyncio.sleep(1.1)
+            gone = await http.post(url("beta"), json={"features": rows[0]}, headers=bearer(beta))
+            assert gone.status_code == 403
 
     asyncio.run(scenario())
     import pyarrow.parquet as pq
@@ -364,3 +369,53 @@ def test_a_noisy_tenant_cannot_raise_a_quiet_tenants_p99_beyond_the_bound(make_s
     )
     assert codes.get(429, 0) > 10 * codes.get(200, 0), codes
     assert _p99(loud) <= bound
+
+
+@pytest.mark.slow
+def test_cli_adds_a_tenant_and_trains_its_own_model(tmp_path: Path, prefect_api: None, rows):
+    """`mlops tenants add acme` prints a token once; `mlops train --tenant acme` registers
+    'fraud-detector--acme' (champion set by the gate) and leaves the main model unregistered."""
+    import subprocess
+    import sys
+
+    from conftest import FAST_ENV
+    from prefect.settings import PREFECT_API_URL
+
+    from adapters.datasets import write_parquet
+    from registry.mlflow_registry import ModelRegistry
+
+    home = tmp_path / "home"
+    api = PREFECT_API_URL.value()
+    env = (
+        os.environ
+        | FAST_ENV
+        | {"MLOPS_HOME": str(home), "MLOPS__PREFECT__API_URL": api, "PREFECT_API_URL": api}
+    )
+
+    def mlops(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "mlops_cli.main", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
+
+    added = mlops("tenants", "add", "acme")
+    assert added.returncode == 0, added.stderr
+    token = added.stdout.splitlines()[0].strip()
+    assert len(token) >= 40 and token not in (home / "run" / "tenants" / "acme.sha256").read_text()
+    again = mlops("tenants", "add", "acme")
+    assert again.returncode == 2 and "already exists" in again.stderr + again.stdout
+    data = tmp_path / "train.parquet"
+    write_parquet([generate(3000, seed=4)], data)
+    trained = mlops("train", "--tenant", "acme", "--data", str(data))
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert f"{BASE}--acme" in trained.stdout
+
+    settings = load_settings(
+        environ=FAST_ENV | {"MLOPS_HOME": str(home), "MLOPS__SERVING__TENANTS__ENABLED": "true"}
+    )
+    registry = ModelRegistry(settings)
+    assert registry.aliases(f"{BASE}--acme").get("champion") == 1
+    assert not registry.exists(BASE)
