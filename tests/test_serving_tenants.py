@@ -29,7 +29,7 @@ from serving.models import MEMORY_FACTOR
 from serving.predlog_store import predictions_dir
 from serving.runtime import ServingRuntime
 from serving.source import RegistrySource
-from serving.tenants import add_tenant, list_tenants, tenant_log_dir, tenants_dir
+from serving.tenants import MODEL_OVERHEAD_BYTES, add_tenant, list_tenants, tenant_log_dir, tenants_dir
 
 BASE = "fraud-detector"
 SLOW_STEPS = 1e5  # ~0.3 s for a row whose amount is 1.0 (a warm-up row answers at once)
@@ -282,7 +282,10 @@ def test_eviction_never_drops_a_request_in_flight(make_settings, rows, small_mod
     from test_serving_components import slow_model
 
     schema = load_settings(environ={}).dataset
-    sizes = sorted(n * MEMORY_FACTOR for n in (len(small_model), len(slow_model(schema, SLOW_STEPS))))
+    sizes = sorted(
+        n * MEMORY_FACTOR + MODEL_OVERHEAD_BYTES
+        for n in (len(small_model), len(slow_model(schema, SLOW_STEPS)))
+    )
     settings = make_settings(model_memory_budget_mb=str((sizes[1] + 0.5 * sizes[0]) / 2**20))
     slow, acme = add_tenant(settings, "slow"), add_tenant(settings, "acme")
     held = dict(rows[0], amount=1.0)
@@ -300,6 +303,7 @@ def test_eviction_never_drops_a_request_in_flight(make_settings, rows, small_mod
             assert r.status_code == 200, r.text
             assert pool.evictions == 1 and slow_model_loaded.retired and not slow_model_loaded.closed
             assert [m.name for m in pool.models] == [f"{BASE}--acme"]
+            assert pool.models[0].nbytes >= MODEL_OVERHEAD_BYTES  # a session costs more than its bytes
             answer = await task
             assert answer.status_code == 200, answer.text
             assert answer.json()["predictions"][0]["version"] == 1
