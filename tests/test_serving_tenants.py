@@ -378,7 +378,7 @@ def test_a_noisy_tenant_cannot_raise_a_quiet_tenants_p99_beyond_the_bound(make_s
 @pytest.mark.slow
 def test_cli_adds_a_tenant_and_trains_its_own_model(tmp_path: Path, prefect_api: None, rows):
     """`mlops tenants add acme` prints a token once; `mlops train --tenant acme` registers
-    'fraud-detector--acme' (champion set by the gate) and leaves the main model unregistered."""
+    'fraud-detector--acme' (v1, challenger) and leaves the main model unregistered."""
     import subprocess
     import sys
 
@@ -421,5 +421,5 @@ def test_cli_adds_a_tenant_and_trains_its_own_model(tmp_path: Path, prefect_api:
         environ=FAST_ENV | {"MLOPS_HOME": str(home), "MLOPS__SERVING__TENANTS__ENABLED": "true"}
     )
     registry = ModelRegistry(settings)
-    assert registry.aliases(f"{BASE}--acme").get("champion") == 1
+    assert registry.aliases(f"{BASE}--acme").get("challenger") == 1
     assert not registry.exists(BASE)
