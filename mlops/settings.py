@@ -427,6 +427,27 @@ class AsyncJobsConfig(StrictModel):
     fsync: bool = True  # commit with an fsync (durable across power loss, not only a crash)
 
 
+class TenantsConfig(StrictModel):
+    """Many tenants in one service (off by default): per-tenant models, credentials and quotas.
+
+    On, ``POST /tenants/models/{name}/predict`` scores a tenant's own registered model
+    ``<model>--<tenant>`` at ``alias`` (loaded on demand into a pool of its own, within
+    ``model_memory_budget_mb``, least recently used evicted) for a caller presenting that
+    tenant's token (``mlops tenants add NAME``; only its SHA-256 is stored, under
+    ``$MLOPS_HOME/run/tenants/``). Each tenant may make ``rate_per_second`` requests (bursts
+    up to ``burst``) with at most ``max_concurrent`` in flight; beyond that it gets a 429
+    with ``Retry-After``. A resolved alias is reused for ``alias_refresh_seconds``.
+    """
+
+    enabled: bool = False
+    alias: str = "champion"
+    rate_per_second: float = Field(50.0, gt=0)
+    burst: int = Field(100, ge=1)
+    max_concurrent: int = Field(8, ge=1)
+    model_memory_budget_mb: float = Field(512.0, gt=0)
+    alias_refresh_seconds: float = Field(30.0, ge=0)
+
+
 class ServingConfig(StrictModel):
     """Online inference (`mlops serve`): what the BentoML service loads, its limits and logs.
 
@@ -477,6 +498,7 @@ class ServingConfig(StrictModel):
     log_max_buffer_rows: int = Field(500_000, ge=1)
     idempotency_keys: int = Field(1024, ge=1)
     async_jobs: AsyncJobsConfig = AsyncJobsConfig()
+    tenants: TenantsConfig = TenantsConfig()
 
 
 # --------------------------------------------------------------------------- edge

@@ -159,9 +159,21 @@ def train(
             "--data", "-d", help="Training data (.parquet/.csv); default $MLOPS_HOME/data/train.parquet."
         ),
     ] = None,
+    tenant: Annotated[
+        str | None,
+        typer.Option("--tenant", help="Register the model as '<model>--<tenant>', that tenant's own model."),
+    ] = None,
 ) -> None:
     """Validate data, train the configured candidates, export to ONNX, check parity, register the best."""
     settings = settings_for(config)
+    if tenant is not None:
+        import os
+
+        from mlops.tenancy import tenant_model_name
+
+        # The flow reads its settings itself: the override reaches it through the environment.
+        os.environ["MLOPS__TRAINING__MODEL_NAME"] = tenant_model_name(settings.training.model_name, tenant)
+        settings = settings_for(config)
     path = data or str(_default_training_data(settings))
     if not Path(path).exists():
         raise DataError(f"{path}: no training data (generate some with `mlops data generate --out {path}`)")
@@ -378,6 +390,9 @@ _rollout.register(app)
 from mlops_cli import stream as _stream  # noqa: E402
 
 _stream.register(app)
+from mlops_cli import tenants as _tenants  # noqa: E402
+
+_tenants.register(app)
 
 
 if __name__ == "__main__":

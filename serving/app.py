@@ -22,13 +22,16 @@ Endpoints (``name`` is the served registered model):
     POST /v2/models/{name}[/versions/{v}]/infer
     GET|PUT /admin/state, POST /admin/routes, /admin/slots/{slot}, /admin/flip, /admin/models
     GET  /openapi.json (also /docs.json)
+    POST /tenants/models/{name}/predict   a tenant's own model (only with serving.tenants.enabled)
 
 Admin routes need ``Authorization: Bearer <token>`` (401 without, 403 when wrong) and take
 an optional ``Idempotency-Key`` header. ``/feedback`` needs the feedback token or the admin
 token; a version that is not loaded is scored through ``/versions/{v}/infer`` only when
 ``serving.load_on_demand`` is on and the caller sends the admin token. Predict and the OIP
 routes are public; a forced variant (``x-mlops-variant``) is answered and logged as forced,
-which no rollout gate counts. README (Security, Serving) states the threat model.
+which no rollout gate counts. The tenant route needs a tenant token (401/403), answers 404
+for any model that is not the caller's own and 429 with ``Retry-After`` past the tenant's
+quota. README (Security) states the threat model.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ from serving.errors import ServingError, UnknownModel
 from serving.openapi import openapi_document
 from serving.runtime import ServingRuntime
 from serving.state import DesiredState, PreloadRequest, RoutesSpec, SlotRequest
+from serving.tenants import QuotaExceeded
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +265,39 @@ def build_app(ref: RuntimeRef) -> Starlette:
             return _denied(denied, "feedback token (or admin token)")
         items = rt.validator.feedback(parse_json(await _body(request, rt.cfg)))
         return _answer(rt.feedback(items), 202)
+
+    # ------------------------------------------------------------------ tenants
+
+    async def tenant_predict(request: Request) -> Response:
+        rt = ref.runtime
+        if rt is None:
+            return _error("the service is starting", 503, {"Retry-After": "1"})
+        tenants = rt.tenants
+        if tenants is None:
+            return _error("tenant serving is off (serving.tenants.enabled)", 404)
+        tenant, denied = tenants.directory.tenant_of(request.headers.get("authorization"))
+        if tenant is None:
+            rt.metrics.rejected.labels("tenant_predict", str(denied)).inc()
+            return _denied(denied, "tenant token")
+        started = time.perf_counter()
+        try:
+            tenants.admit(tenant)
+        except QuotaExceeded as exc:
+            rt.metrics.tenant_requests.labels(tenant, "429").inc()
+            return _error(str(exc), 429, {"Retry-After": str(exc.retry_after)})
+        request.scope["mlops.tenant"] = (tenant, started)
+        try:
+            response = await _tenant_scored(request)
+        finally:
+            tenants.done(tenant)
+        rt.metrics.tenant_requests.labels(tenant, str(response.status_code)).inc()
+        return response
+
+    @endpoint("tenant_predict", scoring=True)
+    async def _tenant_scored(request: Request, rt: ServingRuntime) -> Response:
+        tenant, started = request.scope["mlops.tenant"]
+        records = rt.validator.predict(parse_json(await _body(request, rt.cfg)))
+        return _answer(await rt.tenant_predict(tenant, request.path_params["name"], records, started))
 
     # ------------------------------------------------------------------ async jobs
 
@@ -503,6 +540,7 @@ def build_app(ref: RuntimeRef) -> Starlette:
         Route("/admin/slots/{slot}", admin_slot, methods=["POST"]),
         Route("/admin/flip", admin_flip, methods=["POST"]),
         Route("/admin/models", admin_models, methods=["POST"]),
+        Route("/tenants/models/{name}/predict", tenant_predict, methods=["POST"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/docs.json", openapi, methods=["GET"]),
     ]

@@ -105,6 +105,22 @@ class ServingMetrics:
         self.evictions = Gauge(
             "mlops_serving_model_evictions", "Versions evicted from the pool since start.", registry=r
         )
+        self.tenant_requests = Counter(
+            "mlops_serving_tenant_requests",
+            "Requests on the tenant route, per tenant and HTTP status.",
+            ["tenant", "status"],
+            registry=r,
+        )
+        self.tenant_latency = Histogram(
+            "mlops_serving_tenant_latency_seconds",
+            "Time from request received to answer ready on the tenant route, per tenant.",
+            ["tenant"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tenant_models_loaded = Gauge(
+            "mlops_serving_tenant_models_loaded", "Tenant model versions loaded in their pool.", registry=r
+        )
         self._req = {(v, role): self.requests.labels(v, role) for v in VARIANTS for role in ROLES}
         self._lat = {(v, role): self.latency.labels(v, role) for v in VARIANTS for role in ROLES}
 

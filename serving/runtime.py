@@ -26,7 +26,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -56,8 +56,9 @@ from serving.metrics import ServingMetrics
 from serving.models import LoadedModel, ModelPool, build_model
 from serving.predlog_store import PredictionLogStore, feedback_dir, predictions_dir
 from serving.predlog_writer import LogRow, PredictionLogWriter
-from serving.source import ModelSource
+from serving.source import ModelSource, RegistrySource
 from serving.state import DesiredState, RoutesSpec, load_state, save_state, state_path
+from serving.tenants import TenantModels
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,14 @@ class ServingRuntime:
     """Routes, slots, pool, prediction log and metrics of one service process."""
 
     def __init__(
-        self, settings: Settings, source: ModelSource, *, token: str, feedback_token: str, id_key: bytes
+        self,
+        settings: Settings,
+        source: ModelSource,
+        *,
+        token: str,
+        feedback_token: str,
+        id_key: bytes,
+        sources: Callable[[str], ModelSource] | None = None,
     ):
         cfg = settings.serving
         self.settings = settings
@@ -144,6 +152,11 @@ class ServingRuntime:
         self.idempotency: OrderedDict[str, tuple[str, int, dict[str, Any]]] = OrderedDict()
         self._admin_lock: asyncio.Lock | None = None
         self._watchdog: asyncio.Task | None = None
+        self.tenants: TenantModels | None = None
+        if cfg.tenants.enabled:
+            self.tenants = TenantModels(
+                settings, sources or partial(RegistrySource, settings), self._build_tenant
+            )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -164,6 +177,20 @@ class ServingRuntime:
             max_batch_rows=self.cfg.micro_batch_rows,
             warmup_timeout=max(10.0, self.timeout),
         )
+
+    def _build_tenant(self, name: str, version: int, onnx: bytes) -> LoadedModel:
+        try:
+            return build_model(
+                name,
+                version,
+                onnx,
+                self.settings.dataset,
+                threads=self.cfg.ort_threads,
+                max_batch_rows=self.cfg.micro_batch_rows,
+                warmup_timeout=max(10.0, self.timeout),
+            )
+        except (ModelError, ModelFailed) as exc:
+            raise UnusableModel(f"version {version} of '{name}' cannot be served: {exc}") from None
 
     def _initial(self) -> tuple[DesiredState | None, int, str]:
         if self.cfg.restore_state:
@@ -234,13 +261,18 @@ class ServingRuntime:
                 pass
         await asyncio.to_thread(self.writer.stop)
         self.pool.close()
+        if self.tenants is not None:
+            await asyncio.to_thread(self.tenants.stop)
 
     async def _watch(self) -> None:
         tick = min(0.1, max(0.01, self.timeout / 20))
         while True:
             await asyncio.sleep(tick)
             now = time.monotonic()
-            for worker in self.pool.workers:
+            workers = self.pool.workers
+            if self.tenants is not None:
+                workers = [*workers, *self.tenants.pool.workers]
+            for worker in workers:
                 if worker.outstanding or worker.running_since:
                     worker.expire(now, self.timeout)
 
@@ -535,6 +567,70 @@ class ServingRuntime:
         variant, model, _ = answers[0]
         probs = np.stack([a[2] for a in answers])
         return self._v2_response(req, model, probs, variant, rids)
+
+    async def tenant_predict(
+        self, tenant: str, name: str, records: list[Record], started: float
+    ) -> dict[str, Any]:
+        """Score ``records`` with ``tenant``'s model ``name`` (at the tenants' alias, loaded on
+        demand), log them to the tenant's partition; its answers as ``/predict`` gives them.
+
+        The caller has authenticated ``tenant`` and admitted the request under its quota.
+        ``UnknownModel`` (404) for a name that is not the tenant's own, whoever owns it."""
+        assert self.tenants is not None
+        tenants = self.tenants
+        tenants.check_owner(tenant, name)
+        model = await tenants.model(name)
+        rids = [self.ids.issue(r.request_id) for r in records]
+        features = [r.features for r in records]
+        model.acquire()
+        try:
+            group = _Group(STABLE, model, list(range(len(records))))
+            group.future = model.worker.submit(
+                self._columns(features, self.feature_names), len(records), time.monotonic() + self.timeout
+            )
+            await self._await_group(group)
+        finally:
+            model.release()
+        elapsed = time.perf_counter() - started
+        writer = tenants.writer(tenant)
+        status = 200 if group.error is None else group.error.status
+        for j, rid in enumerate(rids):
+            score = None if group.probs is None else float(group.probs[j, 1])
+            writer.log(
+                LogRow(
+                    rid,
+                    time.time(),
+                    records[j].entity_key,
+                    STABLE,
+                    PRIMARY,
+                    Mode.SINGLE.value,
+                    model.name,
+                    model.version,
+                    score,
+                    None if score is None else score >= self.threshold,
+                    elapsed * 1e3,
+                    status,
+                    None if group.error is None else str(group.error),
+                    features[j],
+                    False,
+                )
+            )
+        if group.error is not None:
+            raise group.error
+        self.metrics.tenant_latency.labels(tenant).observe(elapsed)
+        probs = group.probs
+        return {
+            "model_name": model.name,
+            "predictions": [
+                {
+                    "request_id": rid,
+                    "score": float(probs[j, 1]),
+                    "decision": bool(probs[j, 1] >= self.threshold),
+                    "version": model.version,
+                }
+                for j, rid in enumerate(rids)
+            ],
+        }
 
     async def model_for(self, version: int, *, load: bool) -> LoadedModel | None:
         """A loaded version (loading it on demand when ``load`` and configured so: the HTTP
@@ -836,6 +932,8 @@ class ServingRuntime:
         m.log_buffered.set(self.writer.buffered)
         m.log_dropped.set(self.writer.dropped)
         self._export_pool()
+        if self.tenants is not None:
+            m.tenant_models_loaded.set(len(self.tenants.pool.models))
         return m.render()
 
     # ------------------------------------------------------------------ idempotency

@@ -1,0 +1,207 @@
+"""Multi-tenant serving benchmark: 200 tenant models in one service vs. the single-model service.
+
+One run, in one process: a temporary MLOPS_HOME whose registry holds the main model and
+``--models`` tenant models ``fraud-detector--t000`` ... (the same tiny logistic regression,
+each its own registered model with ``champion`` at v1) and as many tenants, each with its own
+token. The real ``ServingRuntime`` and Starlette app are driven through httpx's ASGI transport
+(client and service share the process, alike for both targets).
+
+Printed:
+  * cold load: the first request to each model (alias resolved, ONNX fetched from the
+    registry, session built and warmed up, then scored): p50 / p99 / max;
+  * memory: resident set growth per loaded model (all ``--models`` loaded) and what the pool
+    charges per model;
+  * warm: p50 / p99 at ``--concurrency`` of the tenant route (each request to a random tenant
+    model, all loaded) against ``/predict`` of the single-model service, in alternating
+    rounds; the ratio tenant p99 / single p99 (goal <= 1.2).
+
+    python bench/tenants.py --models 200 --requests 3000 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+BASE = "fraud-detector"
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _register(settings, n: int) -> list[str]:
+    import pandas as pd
+
+    from adapters.runtime import configure
+    from mlops import modeling
+    from mlops.datagen import generate
+    from mlops.settings import LogisticRegressionSpec
+    from mlops.tenancy import tenant_model_name
+    from registry.mlflow_registry import ModelRegistry
+    from registry.tracking import log_training_run
+
+    configure(settings)
+    frame = generate(3000, seed=3)
+    pipe = modeling.fit(LogisticRegressionSpec(max_iter=200), frame, settings.dataset, 0)
+    onnx = modeling.to_onnx_bytes(pipe, settings.dataset)
+    example = modeling.features_frame(frame.head(3), settings.dataset)
+    example = example.astype({c: np.float32 for c in settings.dataset.numeric_names})
+    logged = log_training_run(
+        settings,
+        run_name="bench-tenants",
+        params={},
+        metrics={},
+        tags={},
+        files={},
+        onnx_model=onnx,
+        example_features=example,
+        example_scores=pd.DataFrame({"probability": [0.1, 0.2, 0.3]}),
+    )
+    registry = ModelRegistry(settings)
+    names = [BASE] + [tenant_model_name(BASE, f"t{i:03d}") for i in range(n)]
+    for i, name in enumerate(names):
+        v = registry.register(name, logged.model_uri, logged.run_id, {}, "bench").version
+        registry.move_alias(name, "champion", v, reason="bench")
+        if i % 50 == 0:
+            print(f"  registered {i + 1}/{len(names)}", flush=True)
+    return names[1:]
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+async def _load(http, targets: list[tuple[str, dict]], body: dict, concurrency: int, n: int) -> list[float]:
+    out: list[float] = []
+    left = [n]
+
+    async def client() -> None:
+        while left[0] > 0:
+            left[0] -= 1
+            path, headers = random.choice(targets)
+            t = time.perf_counter()
+            r = await http.post(path, json=body, headers=headers)
+            out.append((time.perf_counter() - t) * 1e3)
+            if r.status_code != 200:
+                raise SystemExit(f"{path}: {r.status_code} {r.text}")
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return out
+
+
+async def run(args: argparse.Namespace, home: Path) -> None:
+    import httpx
+
+    from mlops.datagen import generate
+    from mlops.settings import load_settings
+    from serving.app import RuntimeRef, build_app
+    from serving.auth import ensure_feedback_token, ensure_id_key, ensure_token
+    from serving.runtime import ServingRuntime
+    from serving.source import RegistrySource
+    from serving.tenants import add_tenant
+
+    env = {
+        "MLOPS_HOME": str(home),
+        "MLOPS__SERVING__TENANTS__ENABLED": "true",
+        "MLOPS__SERVING__TENANTS__RATE_PER_SECOND": "100000",
+        "MLOPS__SERVING__TENANTS__BURST": "100000",
+        "MLOPS__SERVING__LOG_FLUSH_SECONDS": "5",
+    }
+    settings = load_settings(environ=env)
+    t = time.perf_counter()
+    names = await asyncio.to_thread(_register, settings, args.models)
+    print(f"registered {len(names)} tenant models + the main one in {time.perf_counter() - t:.1f} s")
+    tokens = {name: add_tenant(settings, name.rsplit("--", 1)[1]) for name in names}
+    schema = settings.dataset
+    row = generate(1, seed=5).to_dict("records")[0]
+    body = {
+        "features": {
+            n: (float(row[n]) if n in schema.numeric_names else str(row[n])) for n in schema.feature_names
+        }
+    }
+
+    rt = ServingRuntime(
+        settings,
+        RegistrySource(settings, BASE),
+        token=ensure_token(settings),
+        feedback_token=ensure_feedback_token(settings),
+        id_key=ensure_id_key(settings),
+    )
+    await asyncio.to_thread(rt.bootstrap)
+    rt.start()
+    transport = httpx.ASGITransport(app=build_app(RuntimeRef(rt)))
+    async with httpx.AsyncClient(transport=transport, base_url="http://bench") as http:
+        tenant_targets = [
+            (f"/tenants/models/{name}/predict", {"Authorization": f"Bearer {tokens[name]}"}) for name in names
+        ]
+        rss0 = _rss_bytes()
+        cold = []
+        for path, headers in tenant_targets:
+            t = time.perf_counter()
+            r = await http.post(path, json=body, headers=headers)
+            cold.append((time.perf_counter() - t) * 1e3)
+            assert r.status_code == 200, r.text
+        rss1 = _rss_bytes()
+        pool = rt.tenants.pool
+        print(
+            f"cold load (first request per model, n={len(cold)}): p50 {_pct(cold, 50):.1f} ms, "
+            f"p99 {_pct(cold, 99):.1f} ms, max {max(cold):.1f} ms "
+            f"(of which model build p50 {_pct(rt.tenants.load_seconds, 50) * 1e3:.1f} ms)"
+        )
+        print(
+            f"memory: {len(pool.models)} models loaded, RSS +{(rss1 - rss0) / 2**20:.1f} MiB = "
+            f"{(rss1 - rss0) / len(pool.models) / 2**10:.0f} KiB per model "
+            f"(pool charges {pool.loaded_bytes / len(pool.models) / 2**10:.0f} KiB each)"
+        )
+        single = [("/predict", {})]
+        await _load(http, single, body, args.concurrency, 200)  # warm both paths
+        await _load(http, tenant_targets, body, args.concurrency, 200)
+        if args.hot:
+            tenant_targets = tenant_targets[: args.hot]
+            print(f"warm load spread over {len(tenant_targets)} of the {len(names)} models")
+        results: dict[str, list[float]] = {"single": [], "tenants": []}
+        for rnd in range(args.rounds):
+            order = [("single", single), ("tenants", tenant_targets)]
+            if rnd % 2:
+                order.reverse()
+            for label, targets in order:
+                results[label] += await _load(http, targets, body, args.concurrency, args.requests)
+        for label, lat in results.items():
+            print(
+                f"warm {label:8s} c={args.concurrency}: n={len(lat)} "
+                f"p50 {_pct(lat, 50):.2f} ms, p99 {_pct(lat, 99):.2f} ms"
+            )
+        ratio = _pct(results["tenants"], 99) / _pct(results["single"], 99)
+        print(f"warm p99 ratio tenants/single = {ratio:.2f} (goal <= 1.2)")
+    await rt.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse options, run the benchmark in a temporary MLOPS_HOME, print the figures."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", type=int, default=200)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=3000, help="per target per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--hot", type=int, default=0, help="warm load on only the first N models (0: all)")
+    args = ap.parse_args(argv)
+    random.seed(0)
+    with tempfile.TemporaryDirectory(prefix="bench-tenants-") as tmp:
+        asyncio.run(run(args, Path(tmp) / "home"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

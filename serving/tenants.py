@@ -1,0 +1,246 @@
+"""Tenants of the online service: their credentials, their models and their quotas.
+
+Credentials. ``mlops tenants add NAME`` creates a random token, prints it once and stores
+only its SHA-256 in ``$MLOPS_HOME/run/tenants/NAME.sha256`` (mode 0600, created
+exclusively). The service maps a presented token to its tenant by hash; the folder is
+re-read at most once a second, so a tenant added or removed (its file deleted) while the
+service runs is accepted or refused within a second.
+
+Models. A tenant's model is the registered model ``<model>--<tenant>``
+(``mlops.tenancy.tenant_model_name``), served at ``serving.tenants.alias``. Versions are
+loaded on demand, by a caller holding that tenant's token only, into a ``ModelPool`` of
+their own (keys ``(name, version)``, budget ``serving.tenants.model_memory_budget_mb``,
+least recently used evicted). A request holds a reference on its model, so an eviction
+never drops a request in flight: the evicted model closes after its last answer.
+
+Prediction log. Each tenant's answers go to its own partition, ``$MLOPS_HOME/
+predictions-tenants/tenant=NAME/predictions/date=YYYY-MM-DD/*.parquet``, away from the main
+model's log that the rollout gates read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from mlops.errors import ConfigError
+from mlops.settings import Settings
+from mlops.tenancy import TenantQuota, TokenBucket, check_tenant_name, owner_of
+from serving.errors import ServingError, UnknownModel
+from serving.models import LoadedModel, ModelPool
+from serving.predlog_writer import PredictionLogWriter
+from serving.source import ModelSource
+
+TENANTS_DIR = "tenants"
+HASH_SUFFIX = ".sha256"
+TENANT_LOG_DIR = "predictions-tenants"
+MODEL_OVERHEAD_BYTES = 1 << 20
+"""Charged per loaded tenant model on top of its ONNX size: an ONNX Runtime session, its
+worker thread and buffers cost ~0.4-1.2 MiB resident however small the model (measured by
+bench/tenants.py), so a budget of tiny models is not counted in kilobytes."""
+
+
+class QuotaExceeded(ServingError):
+    """A tenant is past its request rate or its requests in flight: 429 with ``Retry-After``."""
+
+    status = 429
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def tenants_dir(settings: Settings) -> Path:
+    """Where tenants' token hashes live."""
+    return settings.run_dir / TENANTS_DIR
+
+
+def tenant_log_dir(settings: Settings, tenant: str) -> Path:
+    """The prediction-log partition of one tenant."""
+    return settings.home_path / TENANT_LOG_DIR / f"tenant={tenant}"
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def add_tenant(settings: Settings, name: str) -> str:
+    """Create tenant ``name`` and return its token (the only time it is shown); only the
+    token's SHA-256 is written. ``ConfigError`` when the name is invalid or taken."""
+    check_tenant_name(name)
+    folder = tenants_dir(settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    token = secrets.token_urlsafe(32)
+    path = folder / f"{name}{HASH_SUFFIX}"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise ConfigError(f"tenant '{name}' already exists ({path}); remove the file to reissue") from None
+    with os.fdopen(fd, "w") as fh:
+        fh.write(_digest(token) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    return token
+
+
+def list_tenants(settings: Settings) -> list[str]:
+    """Names of the tenants created so far."""
+    folder = tenants_dir(settings)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name.removesuffix(HASH_SUFFIX) for p in folder.glob(f"*{HASH_SUFFIX}"))
+
+
+class TenantDirectory:
+    """Maps a presented token to its tenant, from the hashes under ``run/tenants/``."""
+
+    def __init__(self, folder: Path, refresh_seconds: float = 1.0):
+        self.folder = folder
+        self.refresh_seconds = refresh_seconds
+        self._by_hash: dict[str, str] = {}
+        self._read_at = -float("inf")
+
+    def _reload(self) -> None:
+        found: dict[str, str] = {}
+        if self.folder.is_dir():
+            for path in self.folder.glob(f"*{HASH_SUFFIX}"):
+                digest = path.read_text().strip()
+                if len(digest) == 64:
+                    found[digest] = path.name.removesuffix(HASH_SUFFIX)
+        self._by_hash = found
+        self._read_at = time.monotonic()
+
+    def tenant_of(self, authorization: str | None) -> tuple[str | None, int]:
+        """(tenant, 0) for a valid ``Bearer <tenant token>``; else (None, 401) when no bearer
+        credentials were sent and (None, 403) when they match no tenant."""
+        if not authorization:
+            return None, 401
+        scheme, _, value = authorization.partition(" ")
+        value = value.strip()
+        if scheme.lower() != "bearer" or not value:
+            return None, 401
+        if time.monotonic() - self._read_at >= self.refresh_seconds:
+            self._reload()  # picks up added tenants and drops removed ones within a second
+        name = self._lookup(_digest(value))
+        return (name, 0) if name is not None else (None, 403)
+
+    def _lookup(self, digest: str) -> str | None:
+        # A dict lookup by SHA-256: its timing can only tell about the hash of a guess,
+        # which says nothing usable about any tenant's token.
+        return self._by_hash.get(digest)
+
+
+class TenantModels:
+    """Tenants' quotas, their models' pool, resolved aliases and per-tenant prediction logs."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sources: Callable[[str], ModelSource],
+        build: Callable[[str, int, bytes], LoadedModel],
+    ):
+        cfg = settings.serving.tenants
+        self.settings = settings
+        self.cfg = cfg
+        self.base_name = settings.serving.model_name or settings.training.model_name
+        self.directory = TenantDirectory(tenants_dir(settings))
+        self._sources_of = sources
+        self._sources: dict[str, ModelSource] = {}
+        self._build = build
+        self.pool = ModelPool(self._load, int(cfg.model_memory_budget_mb * 2**20))
+        self._aliases: dict[str, tuple[int, float]] = {}
+        self.quotas: dict[str, TenantQuota] = {}
+        self.writers: dict[str, PredictionLogWriter] = {}
+        self.load_seconds: list[float] = []
+
+    # ------------------------------------------------------------ admission
+
+    def admit(self, tenant: str, now: float | None = None) -> None:
+        """Count a request of ``tenant`` in flight, or raise ``QuotaExceeded``."""
+        quota = self.quotas.get(tenant)
+        if quota is None:
+            quota = self.quotas[tenant] = TenantQuota(
+                TokenBucket(self.cfg.rate_per_second, float(self.cfg.burst)), self.cfg.max_concurrent
+            )
+        wait = quota.admit(time.monotonic() if now is None else now)
+        if wait:
+            raise QuotaExceeded(
+                f"tenant '{tenant}' is over its quota ({self.cfg.rate_per_second:g} requests/s, "
+                f"{self.cfg.max_concurrent} in flight); retry after {wait} s",
+                wait,
+            )
+
+    def done(self, tenant: str) -> None:
+        """A request admitted for ``tenant`` has been answered."""
+        self.quotas[tenant].done()
+
+    # ------------------------------------------------------------ models
+
+    def check_owner(self, tenant: str, name: str) -> None:
+        """``UnknownModel`` (404) unless ``name`` is ``<model>--<tenant>``: another tenant's
+        model is answered exactly like a model that does not exist."""
+        base, _, _ = name.rpartition("--")
+        if owner_of(name) != tenant or base != self.base_name:
+            raise UnknownModel(f"unknown model '{name[:100]}'")
+
+    def _source(self, name: str) -> ModelSource:
+        source = self._sources.get(name)
+        if source is None:
+            source = self._sources[name] = self._sources_of(name)
+        return source
+
+    async def version(self, name: str) -> int:
+        """The version ``name``'s alias points at (cached ``alias_refresh_seconds``)."""
+        hit = self._aliases.get(name)
+        now = time.monotonic()
+        if hit is not None and now - hit[1] < self.cfg.alias_refresh_seconds:
+            return hit[0]
+        version = await asyncio.to_thread(self._source(name).resolve, self.cfg.alias)
+        if version is None:
+            raise UnknownModel(f"unknown model '{name[:100]}'")
+        self._aliases[name] = (version, now)
+        return version
+
+    def _load(self, key: tuple[str, int]) -> LoadedModel:
+        name, version = key
+        started = time.perf_counter()
+        model = self._build(name, version, self._source(name).onnx(version))
+        model.nbytes += MODEL_OVERHEAD_BYTES
+        self.load_seconds.append(time.perf_counter() - started)
+        return model
+
+    async def model(self, name: str) -> LoadedModel:
+        """``name`` at the tenants' alias, loaded if need be (the caller's ownership checked)."""
+        version = await self.version(name)
+        return await self.pool.load((name, version), required=False)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------ prediction log
+
+    def writer(self, tenant: str) -> PredictionLogWriter:
+        """The tenant's prediction-log writer, started on its first answer."""
+        writer = self.writers.get(tenant)
+        if writer is None:
+            folder = tenant_log_dir(self.settings, tenant)
+            serving = self.settings.serving
+            writer = self.writers[tenant] = PredictionLogWriter(
+                folder / "predictions",
+                folder / "feedback",
+                self.settings.dataset,
+                flush_seconds=serving.log_flush_seconds,
+                flush_rows=serving.log_flush_rows,
+                max_buffer_rows=serving.log_max_buffer_rows,
+            )
+            writer.start()
+        return writer
+
+    def stop(self) -> None:
+        """Flush every tenant's log (blocking) and release every model."""
+        for writer in self.writers.values():
+            writer.stop()
+        self.pool.close()
