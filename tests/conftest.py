@@ -137,3 +137,21 @@ def register_versions(settings: Settings, small_model: bytes, metrics: list[dict
             ).version
         )
     return versions
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server (Debian's) on a free loopback port for one test module, started as
+    `mlops server up` starts it (.ci/run installs the package when it is missing)."""
+    import shutil
+
+    from adapters.broker_redis import redis_ready, redis_server_command
+    from adapters.services import free_port, started
+
+    assert shutil.which("redis-server"), "redis-server is not installed (apt-get install -y redis-server)"
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    folder = tmp_path_factory.mktemp("redis")
+    argv = redis_server_command("127.0.0.1", port, folder, "everysec")
+    with started(argv, lambda: redis_ready(url), folder / "redis.log", timeout=20, name="redis-server"):
+        yield url

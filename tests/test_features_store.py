@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +16,7 @@ import pandas as pd
 import pytest
 
 from adapters.feature_store import EmbeddedFeatureStore, FeatureStore, FeatureStoreError, RedisFeatureStore
+from adapters.services import free_port
 from mlops.datagen import generate
 from mlops.features import FeatureSet, StateMismatch, StreamFeatures, timestamps_ns
 from mlops.settings import load_settings
@@ -42,54 +40,6 @@ def stream() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         timestamps_ns(df["event_time"])[order],
         df["amount"].to_numpy()[order],
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real redis-server (Debian's) on a free loopback port, without persistence, for this module."""
-    import redis
-
-    binary = shutil.which("redis-server")
-    assert binary, "redis-server is not installed (apt-get install -y redis-server)"
-    port = _free_port()
-    folder = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(folder),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-    yield url
-    client.close()
-    proc.terminate()
-    proc.wait(timeout=10)
 
 
 def _run(state: StreamFeatures, stream: tuple, start: int, stop: int) -> None:
@@ -198,7 +148,7 @@ def test_redis_store_writes_only_changed_entities_and_deletes_emptied_ones(
 
 def test_redis_down_is_a_store_error(fs: FeatureSet) -> None:
     """With no Redis listening, saving fails with one readable FeatureStoreError."""
-    store = RedisFeatureStore.from_url(f"redis://127.0.0.1:{_free_port()}/0", fs)
+    store = RedisFeatureStore.from_url(f"redis://127.0.0.1:{free_port()}/0", fs)
     with pytest.raises(FeatureStoreError, match="redis: cannot"):
         store.save(StreamFeatures(fs), {})
 

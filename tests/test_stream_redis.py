@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +16,9 @@ import pandas as pd
 import pytest
 
 from adapters.broker import BrokerError, SqliteBroker
-from adapters.broker_redis import RedisBroker, redis_server_command
+from adapters.broker_redis import RedisBroker
 from adapters.feature_store import EmbeddedFeatureStore
+from adapters.services import free_port
 from mlops.datagen import generate
 from mlops.features import FeatureSet
 from mlops.modeling import fit, to_onnx_bytes
@@ -32,37 +29,6 @@ from tasks.stream import StreamConsumer, frame_messages, read_parts
 
 REPO = Path(__file__).resolve().parent.parent
 FEATURES_YAML = REPO / "configs" / "features.yaml"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real redis-server (Debian's) on a free loopback port, started as `mlops server up` starts it."""
-    import redis
-
-    assert shutil.which("redis-server"), "redis-server is not installed (apt-get install -y redis-server)"
-    port = _free_port()
-    argv = redis_server_command("127.0.0.1", port, tmp_path_factory.mktemp("redis"), "everysec")
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-    yield url
-    client.close()
-    proc.terminate()
-    proc.wait(timeout=10)
 
 
 def _broker(url: str, name: str, consumer: str = "c1") -> RedisBroker:
@@ -141,7 +107,7 @@ def test_redis_concurrent_publishers_never_share_an_offset(
 
 def test_redis_down_is_a_broker_error() -> None:
     """No server at the URL: one BrokerError naming redis, no redis exception leaking."""
-    broker = RedisBroker.from_url(f"redis://127.0.0.1:{_free_port()}/0", prefix="x")
+    broker = RedisBroker.from_url(f"redis://127.0.0.1:{free_port()}/0", prefix="x")
     with pytest.raises(BrokerError, match="redis: cannot"):
         broker.end_offset("t")
 
@@ -151,7 +117,7 @@ def test_server_up_runs_the_configured_redis_broker_and_down_stops_it(tmp_path: 
     pid file and log under MLOPS_HOME/run; started, it accepts a publish; stopped, it is gone."""
     from adapters import services
 
-    port = _free_port()
+    port = free_port()
     env = {
         "MLOPS_HOME": str(tmp_path / "home"),
         "MLOPS__STREAM__BROKER": f"{{kind: redis, port: {port}, appendfsync: everysec}}",
