@@ -98,6 +98,7 @@ class ServingClient:
         )
 
     def close(self) -> None:
+        """Close the HTTP connections."""
         self._http.close()
 
     def __enter__(self) -> ServingClient:
@@ -205,35 +206,43 @@ class ServingClient:
         return self._call("POST", "/feedback", json=body, labels=True).json()["accepted"]
 
     def ready(self) -> bool:
+        """Whether the service answers ready on ``/v2/health/ready``; False when it cannot be reached."""
         try:
             return self._http.get("/v2/health/ready").status_code == 200
         except httpx.HTTPError:
             return False
 
     def metrics(self) -> str:
+        """The service's Prometheus metrics, as exposition text."""
         return self._call("GET", "/metrics").text
 
     # ------------------------------------------------------------------ admin
 
     def state(self) -> dict[str, Any]:
+        """The applied state: ``DesiredState`` fields plus slots and bookkeeping."""
         return self._call("GET", "/admin/state", admin=True).json()
 
     def apply(self, desired: Mapping[str, Any], *, key: str | None = None) -> dict[str, Any]:
+        """Make ``desired`` (``DesiredState`` fields) the serving state; the applied state."""
         return self._call("PUT", "/admin/state", json=dict(desired), admin=True, key=key).json()
 
     def set_routes(self, routes: Mapping[str, Any], *, key: str | None = None) -> dict[str, Any]:
+        """Set the routes, slots unchanged; the applied state."""
         return self._call("POST", "/admin/routes", json=dict(routes), admin=True, key=key).json()
 
     def load_slot(
         self, slot: str, *, version: int | None = None, alias: str | None = None, key: str | None = None
     ) -> dict[str, Any]:
+        """Load ``version`` (or the version ``alias`` points at) into ``slot``; the applied state."""
         body: dict[str, Any] = {"alias": alias} if alias is not None else {"version": version}
         return self._call("POST", f"/admin/slots/{slot}", json=body, admin=True, key=key).json()
 
     def flip(self, *, key: str | None = None) -> dict[str, Any]:
+        """Swap the active slot of blue_green routing; the applied state."""
         return self._call("POST", "/admin/flip", admin=True, key=key).json()
 
     def preload(self, version: int) -> dict[str, Any]:
+        """Load ``version`` into the model pool without giving it a slot; the applied state."""
         return self._call("POST", "/admin/models", json={"version": version}, admin=True).json()
 
 
@@ -255,6 +264,7 @@ class FakeServingAdmin:
         self._desired = DesiredState.model_validate(dict(desired)) if desired else None
 
     def state(self) -> dict[str, Any]:
+        """The applied state in the service's answer shape (no slot or pool details)."""
         d = (
             self._desired.model_dump()
             if self._desired
@@ -268,6 +278,7 @@ class FakeServingAdmin:
         }
 
     def apply(self, desired: Mapping[str, Any], *, key: str | None = None) -> dict[str, Any]:
+        """Validate and apply ``desired`` as the service does; the applied state plus ``changed``."""
         if key is not None and key in self._keys:
             body, answer = self._keys[key]
             if body != dict(desired):

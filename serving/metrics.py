@@ -125,11 +125,14 @@ class ServingMetrics:
         self._lat = {(v, role): self.latency.labels(v, role) for v in VARIANTS for role in ROLES}
 
     def answered(self, variant: str, role: str, seconds: float, n: int = 1) -> None:
+        """Count ``n`` answers of ``variant`` in ``role`` and observe their latency once."""
         self._req[variant, role].inc(n)
         self._lat[variant, role].observe(seconds)
 
     def failed(self, variant: str, role: str, status: int, n: int = 1) -> None:
+        """Count ``n`` answers of ``variant`` in ``role`` that failed with HTTP ``status``."""
         self.errors.labels(variant, role, str(status)).inc(n)
 
     def render(self) -> bytes:
+        """Every metric of the registry in the Prometheus text format."""
         return generate_latest(self.registry)

@@ -277,25 +277,30 @@ class LoadedModel:
 
     @property
     def workers(self) -> tuple[ModelWorker, ...]:
+        """The model's worker, plus the mirror worker once it is started."""
         return (self.worker,) if self.mirror is None else (self.worker, self.mirror)
 
     def acquire(self) -> LoadedModel:
+        """Take a reference for one request and mark the version recently used; the model."""
         self.refs += 1
         self.last_used = time.monotonic()
         return self
 
     def release(self) -> None:
+        """Drop one request's reference; a retired model closes with its last one."""
         self.refs -= 1
         if self.retired and self.refs == 0:
             self.close()
 
     def close(self) -> None:
+        """Stop the workers (once)."""
         if not self.closed:
             self.closed = True
             for worker in self.workers:
                 worker.stop()
 
     def describe(self) -> dict[str, Any]:
+        """Version, charged bytes, references, load time and idle time, for the admin state."""
         return {
             "version": self.version,
             "bytes": self.nbytes,
@@ -358,6 +363,7 @@ class ModelPool:
         self.evictions = 0
 
     def get(self, version: int) -> LoadedModel | None:
+        """The loaded version, now the most recently used, or None when it is not in the pool."""
         model = self._models.get(version)
         if model is not None:
             self._models.move_to_end(version)
@@ -368,10 +374,12 @@ class ModelPool:
 
     @property
     def models(self) -> list[LoadedModel]:
+        """The loaded versions, least recently used first."""
         return list(self._models.values())
 
     @property
     def workers(self) -> Iterable[ModelWorker]:
+        """The workers of every loaded version and of evicted ones still in use."""
         self._retired = [m for m in self._retired if not m.closed]
         return [w for m in (*self._models.values(), *self._retired) for w in m.workers]
 
@@ -449,6 +457,7 @@ class ModelPool:
             self._retired.append(model)
 
     def close(self) -> None:
+        """Retire and close every model, in the pool or evicted."""
         for model in (*self._models.values(), *self._retired):
             model.retired = True
             model.close()

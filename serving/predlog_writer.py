@@ -175,11 +175,13 @@ class PredictionLogWriter:
 
     @property
     def buffered(self) -> int:
+        """Prediction and feedback rows waiting to be flushed."""
         return len(self._rows) + len(self._labels)
 
     # ------------------------------------------------------------ flushing
 
     def start(self) -> None:
+        """Clear temporary files a crashed writer left, then start the flush thread."""
         self.predictions.sweep()
         self.feedback_sink.sweep()
         self._stop.clear()

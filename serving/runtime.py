@@ -77,12 +77,15 @@ class ServingState:
     applied_key: str | None = None
 
     def slot(self, variant: str) -> LoadedModel | None:
+        """The model in ``variant``'s slot (stable or candidate), or None when it is empty."""
         return self.stable if variant == STABLE else self.candidate
 
     def versions(self) -> set[int]:
+        """The versions in the two slots."""
         return {m.version for m in (self.stable, self.candidate) if m is not None}
 
     def desired(self) -> DesiredState | None:
+        """The state as ``DesiredState``, or None before a stable version is loaded."""
         if self.stable is None:
             return None
         return DesiredState(
@@ -278,6 +281,7 @@ class ServingRuntime:
 
     @property
     def ready(self) -> bool:
+        """Whether a stable version is loaded, so requests can be served."""
         return self.state.stable is not None
 
     # ------------------------------------------------------------------ scoring
@@ -745,6 +749,7 @@ class ServingRuntime:
         self.inflight += 1
 
     def done(self) -> None:
+        """Count a request admitted by ``admit`` out again."""
         self.inflight -= 1
 
     # ------------------------------------------------------------------ admin
@@ -833,6 +838,7 @@ class ServingRuntime:
         return await self.apply(DesiredState.model_validate(desired.model_dump()), key)
 
     async def set_routes(self, routes: RoutesSpec, key: str | None) -> dict[str, Any]:
+        """Replace the routes, slots unchanged; the applied state."""
         base = self._current("changing routes")
         return await self.apply(
             DesiredState(
@@ -844,6 +850,7 @@ class ServingRuntime:
         )
 
     async def flip(self, key: str | None) -> dict[str, Any]:
+        """Swap the active slot of blue_green routing; the applied state."""
         base = self._current("a flip")
         if base.mode != Mode.BLUE_GREEN.value:
             raise Conflict(f"only blue_green routing flips; the mode is {base.mode}")
@@ -851,6 +858,7 @@ class ServingRuntime:
         return await self.apply(base.model_copy(update={"active_slot": other}), key)
 
     async def preload(self, version: int) -> dict[str, Any]:
+        """Load ``version`` into the pool without giving it a slot; the applied state."""
         await self.pool.load(version, required=True)
         self._export_pool()
         return self.describe(changed=False)
@@ -858,6 +866,7 @@ class ServingRuntime:
     # ------------------------------------------------------------------ describing
 
     def describe_routes(self) -> str:
+        """The routes and slots in one line, e.g. ``canary 10% (stable=v1, candidate=v2)``."""
         s = self.state
         slots = ", ".join(
             f"{name}=v{m.version}" if m else f"{name}=-"
@@ -927,6 +936,7 @@ class ServingRuntime:
         m.evictions.set(self.pool.evictions)
 
     def render_metrics(self) -> bytes:
+        """Refresh the gauges and render every metric in the Prometheus text format."""
         m = self.metrics
         m.inflight.set(self.inflight)
         m.log_buffered.set(self.writer.buffered)
@@ -948,6 +958,7 @@ class ServingRuntime:
         return hit[1], hit[2]
 
     def remember(self, key: str, fingerprint: str, status: int, body: dict[str, Any]) -> None:
+        """Store the answer to an admin call under its Idempotency-Key, oldest keys dropped past the limit."""
         self.idempotency[key] = (fingerprint, status, body)
         while len(self.idempotency) > self.cfg.idempotency_keys:
             self.idempotency.popitem(last=False)

@@ -16,6 +16,8 @@ from serving.errors import ServingError, UnknownModel
 
 
 class ModelSource(Protocol):
+    """Where the service gets model versions: resolve aliases and read ONNX bytes."""
+
     def resolve(self, alias: str) -> int | None:
         """The version ``alias`` points at now, or None when the alias is unset."""
         ...
@@ -40,6 +42,7 @@ class RegistrySource:
         self._lock = threading.Lock()  # loads run in threads; MLflow clients are not shared concurrently
 
     def resolve(self, alias: str) -> int | None:
+        """The version ``alias`` points at now, or None when the alias is unset."""
         with self._lock:
             try:
                 return self.registry.aliases(self.model_name).get(alias)
@@ -47,6 +50,7 @@ class RegistrySource:
                 raise ServingError(f"registry unavailable: {exc}", 503) from exc
 
     def onnx(self, version: int) -> bytes:
+        """The ONNX model of ``version``; ``UnknownModel`` when there is no such version."""
         with self._lock:
             try:
                 return self.registry.onnx_bytes(self.model_name, version)
@@ -56,6 +60,7 @@ class RegistrySource:
                 raise ServingError(f"registry unavailable: {exc}", 503) from exc
 
     def exists(self, version: int) -> bool:
+        """Whether ``version`` is registered."""
         with self._lock:
             try:
                 self.registry.version(self.model_name, version)

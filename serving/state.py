@@ -36,6 +36,7 @@ class RoutesSpec(StrictModel):
     active_slot: Literal["stable", "candidate"] = "stable"
 
     def table(self) -> RouteTable:
+        """The routing table these fields describe (validated by ``RouteTable``)."""
         return RouteTable(
             mode=Mode(self.mode),
             weight_pct=self.weight_pct,
@@ -46,6 +47,7 @@ class RoutesSpec(StrictModel):
 
     @classmethod
     def of(cls, table: RouteTable) -> RoutesSpec:
+        """The fields of a routing table."""
         return cls(
             mode=table.mode.value,
             weight_pct=float(table.weight_pct),
@@ -77,6 +79,7 @@ class PreloadRequest(StrictModel):
 
 
 def state_path(settings: Settings) -> Path:
+    """Where the applied serving state of this instance is persisted."""
     return settings.run_dir / STATE_FILE
 
 
