@@ -285,7 +285,9 @@ def test_a_consumer_killed_at_random_moments_writes_exactly_an_uninterrupted_run
     clean = _consumer(settings, fs, model_file, clean_home)
     clean.broker.publish("tx", frame_messages(events, settings.dataset, fs))
     clean.start()
+    began = time.monotonic()
     clean.run(max_events=10**9, batch_size=97)
+    clean_s = time.monotonic() - began  # kills land within the first half of a whole run's time
     expected = read_parts(clean_home / "out" / "scorer").to_pandas()
 
     home = tmp_path / "killed"
@@ -302,7 +304,7 @@ def test_a_consumer_killed_at_random_moments_writes_exactly_an_uninterrupted_run
         )
         assert proc.stdout.readline().strip() == b"started"
         try:
-            proc.wait(timeout=float(rng.uniform(0.05, 0.5)) if attempt < 5 else 300)
+            proc.wait(timeout=float(rng.uniform(0.05, 0.5)) * clean_s if attempt < 5 else 300)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)
