@@ -95,34 +95,42 @@ def small_model() -> bytes:
     return modeling.to_onnx_bytes(pipe, settings.dataset)
 
 
+def log_fixture_model(settings: Settings, onnx_model: bytes, run_name: str):
+    """Log a ready-made ONNX model as an MLflow run (no training metrics), with three
+    generated rows as its input example; the returned run's ``model_uri`` registers versions."""
+    import numpy as np
+    import pandas as pd
+
+    from mlops import modeling
+    from mlops.datagen import generate
+    from registry.tracking import log_training_run
+
+    example = modeling.features_frame(generate(10, seed=9).head(3), settings.dataset)
+    example = example.astype({n: np.float32 for n in settings.dataset.numeric_names})
+    return log_training_run(
+        settings,
+        run_name=run_name,
+        params={},
+        metrics={},
+        tags={},
+        files={},
+        onnx_model=onnx_model,
+        example_features=example,
+        example_scores=pd.DataFrame({"probability": [0.1, 0.2, 0.3]}),
+    )
+
+
 def register_versions(settings: Settings, small_model: bytes, metrics: list[dict[str, float]]) -> list[int]:
     """Register one version per metrics dict, each with its own MLflow run.
 
     The ONNX model is logged once and shared by every version's source (logging a model
     costs seconds); each version still has a real run carrying its own metrics.
     """
-    import numpy as np
-    import pandas as pd
     from mlflow.tracking import MlflowClient
 
-    from mlops import modeling
-    from mlops.datagen import generate
     from registry.mlflow_registry import ModelRegistry
-    from registry.tracking import log_training_run
 
-    example = modeling.features_frame(generate(100, seed=9).head(3), settings.dataset)
-    example = example.astype({n: np.float32 for n in settings.dataset.numeric_names})
-    logged = log_training_run(
-        settings,
-        run_name="fixture-model",
-        params={},
-        metrics={},
-        tags={},
-        files={},
-        onnx_model=small_model,
-        example_features=example,
-        example_scores=pd.DataFrame({"probability": [0.1, 0.2, 0.3]}),
-    )
+    logged = log_fixture_model(settings, small_model, "fixture-model")
     client = MlflowClient(tracking_uri=settings.tracking_uri)
     registry = ModelRegistry(settings)
     versions = []

@@ -30,7 +30,7 @@ from mlops.datagen import generate
 from mlops.errors import ValidationFailed
 from mlops.onnx_model import OnnxScorer
 from mlops.settings import DaskConfig, Settings, load_settings
-from tests.conftest import REPO
+from tests.conftest import REPO, log_fixture_model
 
 pytestmark = pytest.mark.integration
 
@@ -144,23 +144,9 @@ def challenger_model() -> bytes:
 
 def register(settings: Settings, onnx_model: bytes, alias: str) -> int:
     """Log ``onnx_model`` in its own MLflow run, register it (as challenger) and point ``alias`` at it."""
-    from mlops import modeling
     from registry.mlflow_registry import ModelRegistry
-    from registry.tracking import log_training_run
 
-    example = modeling.features_frame(generate(10, seed=9).head(3), settings.dataset)
-    example = example.astype({n: np.float32 for n in settings.dataset.numeric_names})
-    logged = log_training_run(
-        settings,
-        run_name=f"fixture-{alias}",
-        params={},
-        metrics={},
-        tags={},
-        files={},
-        onnx_model=onnx_model,
-        example_features=example,
-        example_scores=pd.DataFrame({"probability": [0.1, 0.2, 0.3]}),
-    )
+    logged = log_fixture_model(settings, onnx_model, f"fixture-{alias}")
     registry = ModelRegistry(settings)
     name = settings.training.model_name
     version = registry.register(

@@ -90,38 +90,23 @@ def registry_env(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -
     """A registry with the main model and the tenant models ``--acme``, ``--beta`` (the small
     model) and ``--slow`` (a model that spins ~0.3 s on a row whose amount is 1.0), each with
     ``champion`` at version 1."""
-    import pandas as pd
-    from conftest import FAST_ENV
+    from conftest import FAST_ENV, log_fixture_model
     from test_serving_components import slow_model
 
     from adapters.runtime import configure
-    from mlops import modeling
     from registry.mlflow_registry import ModelRegistry
-    from registry.tracking import log_training_run
 
     shared = tmp_path_factory.mktemp("tenant-registry") / "home"
     settings = load_settings(environ=FAST_ENV | {"MLOPS_HOME": str(shared)})
     saved = dict(os.environ)
     try:
         configure(settings)
-        example = modeling.features_frame(generate(10, seed=9).head(3), settings.dataset)
-        example = example.astype({n: np.float32 for n in settings.dataset.numeric_names})
         registry = ModelRegistry(settings)
         for onnx, names in (
             (small_model, [BASE, f"{BASE}--acme", f"{BASE}--beta"]),
             (slow_model(settings.dataset, SLOW_STEPS), [f"{BASE}--slow"]),
         ):
-            logged = log_training_run(
-                settings,
-                run_name="tenant-fixture",
-                params={},
-                metrics={},
-                tags={},
-                files={},
-                onnx_model=onnx,
-                example_features=example,
-                example_scores=pd.DataFrame({"probability": [0.1, 0.2, 0.3]}),
-            )
+            logged = log_fixture_model(settings, onnx, "tenant-fixture")
             for name in names:
                 v = registry.register(name, logged.model_uri, logged.run_id, {}, "fixture").version
                 registry.move_alias(name, "champion", v, reason="tenant tests")
