@@ -32,6 +32,7 @@ from mlops.rollout.plan import ABStep, BlueGreenStep, CanaryStep, ShadowStep, lo
 from mlops.routing import FORCE_HEADER
 from mlops.settings import Settings, load_settings
 from serving.app import RuntimeRef, build_app
+from serving.async_jobs import AsyncJobs
 from serving.auth import (
     ensure_feedback_token,
     ensure_id_key,
@@ -146,8 +147,9 @@ class serve:
     """``async with serve(settings) as s``: bootstrap, start, and on the way out stop (which
     flushes the prediction log), like the BentoML service does."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, *, jobs: bool = False):
         self.settings = settings
+        self.jobs = jobs
 
     async def __aenter__(self) -> Served:
         s = self.settings
@@ -161,13 +163,19 @@ class serve:
         )
         await asyncio.to_thread(rt.bootstrap)
         rt.start()
-        app = build_app(RuntimeRef(rt))
+        self.ref = RuntimeRef(rt)
+        if self.jobs:  # what the app's lifespan does when async jobs are enabled
+            self.ref.jobs = AsyncJobs(rt)
+            await self.ref.jobs.start()
+        app = build_app(self.ref)
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
         self.served = Served(s, rt, httpx.AsyncClient(transport=transport, base_url="http://serving"))
         return self.served
 
     async def __aexit__(self, *exc: object) -> None:
         await self.served.http.aclose()
+        if self.ref.jobs is not None:
+            await self.ref.jobs.stop()
         await self.served.runtime.stop()
 
 
