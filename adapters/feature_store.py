@@ -309,12 +309,19 @@ def _entity_spans(table: pa.Table) -> dict[str, tuple[int, int]] | None:
 
 
 def window_answer(
-    fs: FeatureSet, meta_raw: bytes | str | None, window_raw: bytes | str | None, entity: str, ts_ns: int
+    fs: FeatureSet,
+    meta_raw: bytes | str | None,
+    window_raw: bytes | str | None,
+    entity: str,
+    ts_ns: int,
+    *,
+    check_meta: bool = True,
 ) -> dict[str, float]:
     """The features of ``entity`` at ``ts_ns`` from a Redis checkpoint's raw meta and window values
-    (``StateMismatch`` when the checkpoint was built for other feature declarations)."""
+    (``StateMismatch`` when the checkpoint was built for other feature declarations; with
+    ``check_meta=False`` the caller has checked this meta already)."""
     state = StreamFeatures(fs)
-    if meta_raw is not None:
+    if meta_raw is not None and check_meta:
         state.restore_counters(json.loads(meta_raw)["counters"])
     if window_raw is not None:
         state.set_entity_window(entity, json.loads(window_raw))
@@ -331,6 +338,7 @@ class AsyncRedisFeatureReader:
         self.fs = fs
         self.prefix = prefix
         self.where = f"{_redacted(url)} {prefix}"
+        self._checked_meta: bytes | None = None
         self.client = redis.asyncio.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False
         )
@@ -347,9 +355,16 @@ class AsyncRedisFeatureReader:
             raise FeatureStoreError(
                 f"redis: cannot read the window state ({exc.__class__.__name__})"
             ) from None
-        if raw[0] is None:
+        meta = raw[0]
+        if meta is None:
             raise FeatureStoreError(f"redis: no window state checkpoint under {self.prefix!r} yet")
-        return [window_answer(self.fs, raw[0], w, e, t) for (e, t), w in zip(keys, raw[1:], strict=True)]
+        if meta != self._checked_meta:  # a new checkpoint: check its declaration digest once
+            StreamFeatures(self.fs).restore_counters(json.loads(meta)["counters"])
+            self._checked_meta = meta
+        return [
+            window_answer(self.fs, meta, w, e, t, check_meta=False)
+            for (e, t), w in zip(keys, raw[1:], strict=True)
+        ]
 
     async def close(self) -> None:
         """Close the connection pool."""

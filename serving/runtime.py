@@ -42,6 +42,7 @@ from mlops.routing import CANDIDATE, STABLE, InvalidRouteTable, Mode, RouteTable
 from mlops.settings import Settings
 from serving.errors import (
     Conflict,
+    FeaturesUnavailable,
     LabelConflict,
     ModelFailed,
     NotReady,
@@ -559,12 +560,8 @@ class ServingRuntime:
         return stable + tuple(n for n in state.candidate.windows if n not in stable)
 
     async def _fill_records(self, records: Sequence[Record], needed: Sequence[str]) -> None:
-        if not needed:
-            return
-        if self.online is None:  # a model takes window inputs only when they are declared
-            raise NotReady("the served model takes window features but none are declared")
         single = len(records) == 1
-        await self.online.fill(
+        await self._fill(
             [r.features for r in records],
             [r.entity for r in records],
             [r.ts_ns for r in records],
@@ -573,18 +570,37 @@ class ServingRuntime:
         )
 
     async def _fill_v2(self, req: V2Request, rows: list[dict[str, Any]], needed: Sequence[str]) -> None:
-        if not needed:
-            return
-        if self.online is None:
-            raise NotReady("the served model takes window features but none are declared")
         n = req.rows
-        await self.online.fill(
+        await self._fill(
             rows,
             req.entities or (None,) * n,
             req.times_ns or (None,) * n,
             needed,
             lambda j: f"inputs (row {j})",
         )
+
+    async def _fill(
+        self,
+        rows: Sequence[dict[str, Any]],
+        entities: Sequence[str | None],
+        times_ns: Sequence[int | None],
+        needed: Sequence[str],
+        where: Callable[[int], str],
+    ) -> None:
+        """Look up the ``needed`` window features rows lack (``OnlineFeatures.fill``), counted in metrics."""
+        if not needed:
+            return
+        if self.online is None:  # a model takes window inputs only when they are declared
+            raise NotReady("the served model takes window features but none are declared")
+        started = time.perf_counter()
+        try:
+            looked_up = await self.online.fill(rows, entities, times_ns, needed, where)
+        except FeaturesUnavailable:
+            self.metrics.feature_lookups.labels("unavailable").inc(len(rows))
+            raise
+        if looked_up:
+            self.metrics.feature_lookups.labels("ok").inc(looked_up)
+            self.metrics.feature_lookup_latency.observe(time.perf_counter() - started)
 
     def _v2_rows(self, req: V2Request) -> tuple[list[dict[str, Any]], list[str]]:
         cols = req.columns

@@ -190,6 +190,12 @@ def test_raw_transactions_are_scored_with_the_stream_state_features(
             assert got.status_code == 200, got.text
             scores = np.array([p["score"] for p in got.json()["predictions"]])
             np.testing.assert_allclose(scores, want, atol=1e-6)
+            metrics = (await s.http.get("/metrics")).text
+            assert 'mlops_serving_feature_lookups_total{outcome="ok"} 30.0' in metrics
+            assert "mlops_serving_feature_lookup_seconds_count 1.0" in metrics
+            doc = (await s.http.get("/openapi.json")).json()["components"]["schemas"]["Features"]
+            assert set(fs.names) | {"user_id", "event_time"} <= doc["properties"].keys()
+            assert doc["required"] == list(schema.feature_names)
             sent = await s.http.post("/predict", json={"records": full})
             assert sent.status_code == 200, sent.text
             np.testing.assert_allclose([p["score"] for p in sent.json()["predictions"]], scores, atol=1e-7)
@@ -276,6 +282,10 @@ def test_features_sent_need_no_store_and_a_dead_store_is_a_503(
             assert bad.status_code == 503 and bad.headers["retry-after"] == "1"
             error = bad.json()["error"]
             assert "online feature store unavailable" in error and "\n" not in error
+            assert (
+                'mlops_serving_feature_lookups_total{outcome="unavailable"} 1.0'
+                in (await s.http.get("/metrics")).text
+            )
 
     run(lambda: scenario(down))
     run(
@@ -432,3 +442,22 @@ def test_skew_over_the_tolerance_is_reported_per_feature(
         and bad.stream < 1e-9
     )
     assert report.reasons() == [report.reasons()[0]] and "user_amount_sum_24h" in report.reasons()[0]
+
+
+def test_state_built_for_other_declarations_is_a_503(
+    settings: Settings, fs: FeatureSet, events: pd.DataFrame
+):
+    """A checkpoint the stream wrote for other feature declarations (here another allowed
+    lateness) is never used: raw transactions get a 503 saying so."""
+    from dataclasses import replace
+
+    publish(settings, replace(fs, lateness_ns=fs.lateness_ns + 1), events.iloc[:200])
+
+    async def scenario() -> None:
+        async with serve(settings) as s:
+            r = await s.http.post(
+                "/predict", json=raw(events.iloc[200], "2026-01-02T00:00:00", settings.dataset)
+            )
+            assert r.status_code == 503 and "rebuild it from the events" in r.json()["error"]
+
+    run(scenario)
