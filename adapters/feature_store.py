@@ -330,31 +330,32 @@ def window_answer(
 
 class AsyncRedisFeatureReader:
     """Online lookups in a ``RedisFeatureStore``'s keys from an event loop: read-only, one ``MGET``
-    per batch of entities, every call bounded by ``timeout`` seconds."""
+    per batch of entities on a pipelined connection (``adapters.redis_reads``), every call
+    bounded by ``timeout`` seconds."""
 
     def __init__(self, url: str, fs: FeatureSet, prefix: str, timeout: float):
-        import redis.asyncio
+        from adapters.redis_reads import PipelinedRedis
 
         self.fs = fs
         self.prefix = prefix
         self.where = f"{_redacted(url)} {prefix}"
         self._checked_meta: bytes | None = None
-        self.client = redis.asyncio.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False
-        )
+        self.client = PipelinedRedis(url, timeout)
 
     async def lookup_many(self, keys: Sequence[tuple[str, int]]) -> list[dict[str, float]]:
         """The features of each (entity, time); ``FeatureStoreError`` when Redis does not answer
         or holds no checkpoint under the prefix."""
-        import redis
+        from adapters.redis_reads import RespError
 
         names = [f"{self.prefix}:meta", *(f"{self.prefix}:e:{e}" for e, _ in keys)]
         try:
             raw = await self.client.mget(names)
-        except (redis.RedisError, OSError) as exc:
+        except TimeoutError:
             raise FeatureStoreError(
-                f"redis: cannot read the window state ({exc.__class__.__name__})"
+                f"redis: no answer within {self.client.timeout:g} s (serving.online_features.timeout_seconds)"
             ) from None
+        except RespError as exc:
+            raise FeatureStoreError(f"redis: cannot read the window state ({exc})") from None
         meta = raw[0]
         if meta is None:
             raise FeatureStoreError(f"redis: no window state checkpoint under {self.prefix!r} yet")
@@ -367,8 +368,8 @@ class AsyncRedisFeatureReader:
         ]
 
     async def close(self) -> None:
-        """Close the connection pool."""
-        await self.client.aclose()
+        """Close the connection."""
+        await self.client.close()
 
 
 def _redacted(url: str) -> str:

@@ -126,8 +126,10 @@ def redis_server(folder: Path):
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
     argv = redis_server_command("127.0.0.1", port, folder, "everysec")
-    with started(argv, lambda: redis_ready(url), folder / "redis.log", timeout=20, name="redis-server"):
-        yield url
+    with started(
+        argv, lambda: redis_ready(url), folder / "redis.log", timeout=20, name="redis-server"
+    ) as proc:
+        yield url, proc.pid
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         lua = tmp / "post.lua"
         lua.write_text(bench._WRK_LUA)
         (tmp / "redis").mkdir()
-        with redis_server(tmp / "redis") as redis_url, contextlib.ExitStack() as stack:
+        with redis_server(tmp / "redis") as (redis_url, redis_pid), contextlib.ExitStack() as stack:
             publish(home, redis_url, columns)
             ports = {kind: free_port() for kind in stores}
             envs = {
@@ -182,14 +184,16 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 for kind in stores
             }
-            roots = {p.pid for p in procs.values()}
+            roots = {p.pid for p in procs.values()} | {redis_pid}
             pooled: dict[str, dict[str, list]] = {c: {t: [] for t in targets} for c in clients}
+            ticks = {c: {t: [0, 0] for t in targets} for c in clients}  # service tree, redis-server
             foreign: dict[str, dict[str, list[float]]] = {c: {t: [] for t in targets} for c in clients}
             for rnd in range(args.rounds):
                 order = targets[rnd % len(targets) :] + targets[: rnd % len(targets)]
                 for client in clients:
                     for target in order:
                         kind, body = target.split(":")
+                        before = (bench._tree_ticks({procs[kind].pid}), bench._tree_ticks({redis_pid}))
                         with bench.foreign_cpu(roots, foreign[client][target]):
                             run = bench.measure(
                                 client,
@@ -200,17 +204,24 @@ def main(argv: list[str] | None = None) -> int:
                                 args.stall_ms,
                                 lua,
                             )
+                        ticks[client][target][0] += bench._tree_ticks({procs[kind].pid}) - before[0]
+                        ticks[client][target][1] += bench._tree_ticks({redis_pid}) - before[1]
                         pooled[client][target].append(run)
                 print(f"round {rnd + 1}/{args.rounds} done", flush=True)
 
     results = {c: {t: bench._pool(c, pooled[c][t], args.stall_ms) for t in targets} for c in clients}
+    for c in clients:
+        for t in targets:
+            n = max(results[c][t]["requests"], 1)
+            results[c][t]["service_cpu_ms_per_req"] = ticks[c][t][0] / bench._TICK * 1e3 / n
+            results[c][t]["redis_cpu_ms_per_req"] = ticks[c][t][1] / bench._TICK * 1e3 / n
     print(
         f"\nconcurrency {args.concurrency}, {args.rounds} rounds x {window:.1f}s per target and client; "
         "wrk p99 is the worst window's"
     )
     print(
         f"{'client':7s} {'target':14s} {'rps':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'max ms':>8s} "
-        f"{'errors':>6s} {'foreign cores':>13s}"
+        f"{'errors':>6s} {'foreign cores':>13s} {'cpu ms/req':>10s} {'redis cpu':>9s}"
     )
     summary = {}
     for client in clients:
@@ -218,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             s = results[client][t]
             print(
                 f"{client:7s} {t:14s} {s['rps']:8.1f} {s['p50_ms']:8.2f} {s['p99_ms']:8.2f} {s['max_ms']:8.1f} "
-                f"{s['errors']:6d} {statistics.mean(foreign[client][t]):13.2f}"
+                f"{s['errors']:6d} {statistics.mean(foreign[client][t]):13.2f} "
+                f"{s['service_cpu_ms_per_req']:10.3f} {s['redis_cpu_ms_per_req']:9.3f}"
             )
         for kind in stores:
             a, b = results[client][f"{kind}:sent"], results[client][f"{kind}:raw"]
@@ -226,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             summary[f"{client}:{kind}"] = {"added_p99_ms": added, "p99_ratio": b["p99_ms"] / a["p99_ms"]}
             print(
                 f"{client:7s} {kind} lookup: p99 +{added:.2f} ms (raw/sent {b['p99_ms'] / a['p99_ms']:.2f}), "
-                f"p50 +{b['p50_ms'] - a['p50_ms']:.2f} ms, rps raw/sent {b['rps'] / a['rps']:.2f}"
+                f"p50 +{b['p50_ms'] - a['p50_ms']:.2f} ms, rps raw/sent {b['rps'] / a['rps']:.2f}, "
+                f"service cpu/req +{b['service_cpu_ms_per_req'] - a['service_cpu_ms_per_req']:.3f} ms"
                 f"  goal <= 2 ms: {'met' if added <= 2.0 else 'NOT met'}"
             )
     if args.json:

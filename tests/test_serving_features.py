@@ -461,3 +461,64 @@ def test_state_built_for_other_declarations_is_a_503(
             assert r.status_code == 503 and "rebuild it from the events" in r.json()["error"]
 
     run(scenario)
+
+
+def test_a_hung_store_is_a_503_within_the_timeout(
+    registry_env: dict[str, str], tmp_path: Path, events: pd.DataFrame
+):
+    """A Redis that accepts connections and never answers costs a raw transaction one lookup
+    timeout and a 503 (the next one reconnects and fails the same way); features sent still score."""
+    import socket
+    import time
+
+    hung = socket.create_server(("127.0.0.1", 0))
+    url = f"redis://127.0.0.1:{hung.getsockname()[1]}/0"
+    env = registry_env | {
+        "MLOPS_HOME": str(tmp_path / "home"),
+        "MLOPS__FEATURES__STORE": f"{{kind: redis, url: '{url}'}}",
+        "MLOPS__SERVING__ONLINE_FEATURES__TIMEOUT_SECONDS": "0.2",
+    }
+    settings = load_settings(FEATURES_YAML, environ=env)
+
+    async def scenario() -> None:
+        async with serve(settings) as s:
+            for _ in range(2):
+                started = time.perf_counter()
+                r = await s.http.post(
+                    "/predict", json=raw(events.iloc[0], "2026-01-02T00:00:00", settings.dataset)
+                )
+                assert r.status_code == 503 and "no answer within 0.2 s" in r.json()["error"]
+                assert time.perf_counter() - started < 1.5
+
+    try:
+        run(scenario)
+    finally:
+        hung.close()
+
+
+def test_pipelined_replies_split_anywhere_reach_their_callers_in_order():
+    """The Redis reply parser matches replies to calls in order however the bytes arrive:
+    arrays with missing keys, empty values, integers and error replies."""
+    from adapters.redis_reads import RespError, _Connection, command
+
+    assert command(b"MGET", b"a", b"bc") == b"*3\r\n$4\r\nMGET\r\n$1\r\na\r\n$2\r\nbc\r\n"
+    wire = b"*3\r\n$3\r\nabc\r\n$-1\r\n$0\r\n\r\n" + b"+OK\r\n" + b"-ERR wrong\r\n" + b":42\r\n" + b"*0\r\n"
+
+    async def scenario() -> None:
+        for step in (1, 2, 3, 7, len(wire)):
+            conn = _Connection()
+
+            class Sink:
+                def write(self, data: bytes) -> None:
+                    pass
+
+            conn.transport = Sink()  # type: ignore[assignment]
+            futures = [conn.send(b"") for _ in range(5)]
+            for i in range(0, len(wire), step):
+                conn.data_received(wire[i : i + step])
+            got = [f.result() for f in futures]
+            assert got[:2] == [[b"abc", None, b""], "OK"] and got[3:] == [42, []]
+            assert isinstance(got[2], RespError) and str(got[2]) == "ERR wrong"
+            assert not conn.buffer and not conn.waiters
+
+    run(scenario)
