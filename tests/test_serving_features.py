@@ -73,26 +73,12 @@ def registry_env(
     tmp_path_factory: pytest.TempPathFactory, window_model: tuple[bytes, OnnxScorer]
 ) -> dict[str, str]:
     """A registry whose champion v1 is the window model."""
-    from conftest import FAST_ENV, register_versions
+    from conftest import shared_registry
 
-    from adapters.runtime import configure
-    from registry.mlflow_registry import ModelRegistry
-
-    shared = tmp_path_factory.mktemp("registry") / "home"
-    settings = load_settings(FEATURES_YAML, environ=FAST_ENV | {"MLOPS_HOME": str(shared)})
-    saved = dict(os.environ)
-    try:
-        configure(settings)
-        assert register_versions(settings, window_model[0], [{"roc_auc": 0.8}]) == [1]
-        ModelRegistry(settings).move_alias(
-            settings.training.model_name, "champion", 1, reason="feature tests"
-        )
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    return FAST_ENV | {
-        "MLOPS__MLFLOW__TRACKING_URI": settings.tracking_uri,
-        "MLOPS__MLFLOW__AUDIT_DB_URI": settings.audit_db_uri,
+    env = shared_registry(
+        tmp_path_factory.mktemp("registry"), window_model[0], [{"roc_auc": 0.8}], FEATURES_YAML
+    )
+    return env | {
         "MLOPS__SERVING__LOG_FLUSH_SECONDS": "60",
         "MLOPS__SERVING__ONLINE_FEATURES__REFRESH_SECONDS": "0.05",
     }

@@ -52,28 +52,11 @@ DEMO_PLAN = REPO / "configs" / "rollout" / "demo.yaml"
 def registry_env(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -> dict[str, str]:
     """A registry holding versions 1 and 2 (the same small model), champion at 1; the
     ``MLOPS__MLFLOW__*`` settings that point a fresh MLOPS_HOME at it."""
-    from conftest import FAST_ENV, register_versions
+    from conftest import shared_registry
 
-    from adapters.runtime import configure
-    from registry.mlflow_registry import ModelRegistry
-
-    shared = tmp_path_factory.mktemp("registry") / "home"
-    settings = load_settings(environ=FAST_ENV | {"MLOPS_HOME": str(shared)})
-    saved = dict(os.environ)
-    try:  # configure() writes the backends' variables into os.environ: restore them after
-        configure(settings)
-        versions = register_versions(settings, small_model, [{"roc_auc": 0.8}, {"roc_auc": 0.81}])
-        assert versions == [1, 2]
-        ModelRegistry(settings).move_alias(
-            settings.training.model_name, "champion", 1, reason="security tests"
-        )
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    return FAST_ENV | {
-        "MLOPS__MLFLOW__TRACKING_URI": settings.tracking_uri,
-        "MLOPS__MLFLOW__AUDIT_DB_URI": settings.audit_db_uri,
-    }
+    return shared_registry(
+        tmp_path_factory.mktemp("registry"), small_model, [{"roc_auc": 0.8}, {"roc_auc": 0.81}]
+    )
 
 
 @pytest.fixture
