@@ -22,6 +22,7 @@ from typing import TypeVar
 import duckdb
 
 from adapters import duckdb_files, rwlock
+from adapters.files import fsync_dir, fsync_file
 from mlops.errors import DataError, PlatformError
 
 __all__ = [
@@ -31,7 +32,6 @@ __all__ = [
     "Warehouse",
     "WarehouseBusy",
     "WorkingCopy",
-    "fsync_dir",
     "sql_literal",
 ]
 
@@ -49,15 +49,6 @@ class StorageError(PlatformError):
 
 class WarehouseBusy(StorageError):
     """Another process kept the warehouse file locked for longer than we may wait."""
-
-
-def fsync_dir(path: Path) -> None:
-    """Make the entries of folder ``path`` (renames, new files) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def sql_literal(text: str) -> str:
@@ -100,11 +91,7 @@ class WorkingCopy:
             con.close()
         if _wal(self.path).exists():
             raise StorageError(f"{self.path} kept a write-ahead log after closing; not published")
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_file(self.path)
         os.replace(self.path, self.warehouse.path)
         self.published = True
         fsync_dir(self.warehouse.root)
