@@ -107,9 +107,7 @@ async def run(args: argparse.Namespace, home: Path) -> None:
     from mlops.datagen import generate
     from mlops.settings import load_settings
     from serving.app import RuntimeRef, build_app
-    from serving.auth import ensure_feedback_token, ensure_id_key, ensure_token
     from serving.runtime import ServingRuntime
-    from serving.source import RegistrySource
     from serving.tenants import add_tenant
 
     env = {
@@ -132,13 +130,7 @@ async def run(args: argparse.Namespace, home: Path) -> None:
         }
     }
 
-    rt = ServingRuntime(
-        settings,
-        RegistrySource(settings, BASE),
-        token=ensure_token(settings),
-        feedback_token=ensure_feedback_token(settings),
-        id_key=ensure_id_key(settings),
-    )
+    rt = ServingRuntime.for_model(settings, BASE)
     await asyncio.to_thread(rt.bootstrap)
     rt.start()
     transport = httpx.ASGITransport(app=build_app(RuntimeRef(rt)))

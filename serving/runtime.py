@@ -40,6 +40,7 @@ from mlops.predlog import PRIMARY, SHADOW, RequestIds
 from mlops.request_validation import InvalidRequest, Record, RequestValidator, V2Request
 from mlops.routing import CANDIDATE, STABLE, InvalidRouteTable, Mode, RouteTable, route
 from mlops.settings import Settings
+from serving.auth import ensure_feedback_token, ensure_id_key, ensure_token
 from serving.errors import (
     Conflict,
     LabelConflict,
@@ -160,6 +161,18 @@ class ServingRuntime:
             self.tenants = TenantModels(
                 settings, sources or partial(RegistrySource, settings), self._build_tenant
             )
+
+    @classmethod
+    def for_model(cls, settings: Settings, model_name: str) -> ServingRuntime:
+        """The runtime serving ``model_name`` from the registry, with the admin and feedback
+        tokens and the request-id key of ``settings`` (read, or created in MLOPS_HOME)."""
+        return cls(
+            settings,
+            RegistrySource(settings, model_name),
+            token=ensure_token(settings),
+            feedback_token=ensure_feedback_token(settings),
+            id_key=ensure_id_key(settings),
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
