@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError
 
 from mlops.errors import ConfigError
-from mlops.routing import Mode, RouteTable
+from mlops.routing import RouteTable
 from mlops.settings import Settings, StrictModel
 
 STATE_FILE = "serving-state.json"
@@ -37,13 +37,7 @@ class RoutesSpec(StrictModel):
 
     def table(self) -> RouteTable:
         """The routing table these fields describe (validated by ``RouteTable``)."""
-        return RouteTable(
-            mode=Mode(self.mode),
-            weight_pct=self.weight_pct,
-            mirror_pct=self.mirror_pct,
-            salt=self.salt,
-            active_slot=self.active_slot,
-        )
+        return RouteTable.of(self)
 
     @classmethod
     def of(cls, table: RouteTable) -> RoutesSpec:

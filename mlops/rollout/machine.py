@@ -42,7 +42,7 @@ from mlops.rollout.plan import (
 )
 from mlops.rollout.vocabulary import SEVERITY, TERMINAL, Action, Counters, Phase, tally
 from mlops.rollout.vocabulary import Decision as _Decision
-from mlops.routing import Mode, RouteTable
+from mlops.routing import RouteTable
 from mlops.settings import EdgeConfig, StrictModel
 
 SCHEMA_VERSION = 1
@@ -65,13 +65,7 @@ class RouteSpec(StrictModel):
 
     def table(self) -> RouteTable:
         """The router's route table for this spec."""
-        return RouteTable(
-            mode=Mode(self.mode),
-            weight_pct=self.weight_pct,
-            mirror_pct=self.mirror_pct,
-            salt=self.salt,
-            active_slot=self.active_slot,
-        )
+        return RouteTable.of(self)
 
     @property
     def candidate_pct(self) -> float:
