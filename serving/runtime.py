@@ -411,31 +411,20 @@ class ServingRuntime:
         out: list[tuple[str, LoadedModel, np.ndarray]] = [None] * n  # type: ignore[list-item]
         failure: ServingError | None = None
         for group in groups.values():
-            model, variant = group.model, group.variant
-            if group.error is not None:
-                failure = failure or group.error
-                self.metrics.failed(variant, PRIMARY, group.error.status, len(group.index))
-                for i in group.index:
-                    self._log(
-                        request_ids[i],
-                        entity_keys[i],
-                        variant,
-                        PRIMARY,
-                        mode,
-                        model,
-                        None,
-                        latency_ms,
-                        group.error.status,
-                        str(group.error),
-                        features[i],
-                        decisions[i].forced,
-                    )
-                continue
-            probs = group.probs
-            self.metrics.answered(variant, PRIMARY, elapsed, len(group.index))
+            model, variant, error = group.model, group.variant, group.error
+            if error is not None:
+                failure = failure or error
+                self.metrics.failed(variant, PRIMARY, error.status, len(group.index))
+                status, message = error.status, str(error)
+            else:
+                self.metrics.answered(variant, PRIMARY, elapsed, len(group.index))
+                status, message = 200, None
             for j, i in enumerate(group.index):
-                s = float(probs[j, 1])
-                out[i] = (variant, model, probs[j])
+                score = None
+                if error is None:
+                    probs = group.probs[j]
+                    score = float(probs[1])
+                    out[i] = (variant, model, probs)
                 self._log(
                     request_ids[i],
                     entity_keys[i],
@@ -443,10 +432,10 @@ class ServingRuntime:
                     PRIMARY,
                     mode,
                     model,
-                    s,
+                    score,
                     latency_ms,
-                    200,
-                    None,
+                    status,
+                    message,
                     features[i],
                     decisions[i].forced,
                 )
