@@ -159,7 +159,7 @@ class ServingRuntime:
         self.tenants: TenantModels | None = None
         if cfg.tenants.enabled:
             self.tenants = TenantModels(
-                settings, sources or partial(RegistrySource, settings), self._build_tenant
+                settings, sources or partial(RegistrySource, settings), self._build_named
             )
 
     @classmethod
@@ -177,24 +177,10 @@ class ServingRuntime:
     # ------------------------------------------------------------------ lifecycle
 
     def _build(self, version: int) -> LoadedModel:
-        onnx = self.source.onnx(version)
-        try:
-            return self._build_bytes(version, onnx)
-        except (ModelError, ModelFailed) as exc:
-            raise UnusableModel(f"version {version} of '{self.model_name}' cannot be served: {exc}") from None
+        return self._build_named(self.model_name, version, self.source.onnx(version))
 
-    def _build_bytes(self, version: int, onnx: bytes) -> LoadedModel:
-        return build_model(
-            self.model_name,
-            version,
-            onnx,
-            self.settings.dataset,
-            threads=self.cfg.ort_threads,
-            max_batch_rows=self.cfg.micro_batch_rows,
-            warmup_timeout=max(10.0, self.timeout),
-        )
-
-    def _build_tenant(self, name: str, version: int, onnx: bytes) -> LoadedModel:
+    def _build_named(self, name: str, version: int, onnx: bytes) -> LoadedModel:
+        """Build and warm up version ``version`` of model ``name`` (the served one or a tenant's)."""
         try:
             return build_model(
                 name,
