@@ -42,6 +42,7 @@ from adapters.warehouse import (
     Warehouse,
     WarehouseBusy,
     WorkingCopy,
+    attach_read_only,
     sql_literal,
 )
 from mlops.errors import DataError
@@ -1118,16 +1119,16 @@ def rebuild(root: str | os.PathLike[str], *, lock_timeout: float = DEFAULT_LOCK_
     layout = ScoreLayout.of(root)
     path = layout.warehouse.path
     if path.exists():
-        probe = duckdb.connect(":memory:")
         try:
-            probe.execute(f"ATTACH {sql_literal(str(path))} AS w (READ_ONLY)")
-            probe.execute("SELECT count(*) FROM w.score_runs").fetchall()
+            probe = attach_read_only(path)
+            try:
+                probe.execute("SELECT count(*) FROM score_runs").fetchall()
+            finally:
+                probe.close()
         except duckdb.Error as exc:
             aside = path.with_name(f"{path.name}.damaged-{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
             log.warning("warehouse %s is unreadable (%s); moved to %s", path, exc, aside)
             os.replace(path, aside)
-        finally:
-            probe.close()
     with writer(layout.root, lock_timeout) as work:
         manifests = []
         if layout.runs.is_dir():

@@ -32,6 +32,7 @@ __all__ = [
     "Warehouse",
     "WarehouseBusy",
     "WorkingCopy",
+    "attach_read_only",
     "sql_literal",
 ]
 
@@ -49,6 +50,24 @@ class StorageError(PlatformError):
 
 class WarehouseBusy(StorageError):
     """Another process kept the warehouse file locked for longer than we may wait."""
+
+
+def attach_read_only(path: Path) -> duckdb.DuckDBPyConnection:
+    """A fresh in-memory DuckDB with the file at ``path`` attached read-only as the default
+    database (close it when done); a ``duckdb.Error`` if the file cannot be attached.
+
+    ``duckdb.connect(path)`` would hand back an instance this process already has open on
+    that path, which may be the file as it was before the last publish (a rename does not
+    reach open files).
+    """
+    con = duckdb.connect(":memory:")
+    try:
+        con.execute(f"ATTACH {sql_literal(str(path))} AS warehouse (READ_ONLY)")
+        con.execute("USE warehouse")
+    except BaseException:
+        con.close()
+        raise
+    return con
 
 
 def sql_literal(text: str) -> str:
@@ -183,19 +202,6 @@ class Warehouse:
             finally:
                 work.discard()
 
-    def _attach_read_only(self) -> duckdb.DuckDBPyConnection:
-        # A fresh in-memory instance that attaches the file: duckdb.connect(path) would
-        # hand back an instance this process already has open on that path, which may be
-        # the file as it was before the last publish (a rename does not reach open files).
-        con = duckdb.connect(":memory:")
-        try:
-            con.execute(f"ATTACH {sql_literal(str(self.path))} AS warehouse (READ_ONLY)")
-            con.execute("USE warehouse")
-        except BaseException:
-            con.close()
-            raise
-        return con
-
     @contextmanager
     def reader(self, timeout: float) -> Iterator[duckdb.DuckDBPyConnection]:
         """The lock shared and a read-only connection to the current file for the block.
@@ -206,7 +212,7 @@ class Warehouse:
             raise DataError(f"no warehouse at {self.path}: nothing has been committed yet")
         deadline = time.monotonic() + timeout
         with self._locked(exclusive=False, timeout=timeout):
-            con = self._retrying(max(0.0, deadline - time.monotonic()), self._attach_read_only)
+            con = self._retrying(max(0.0, deadline - time.monotonic()), lambda: attach_read_only(self.path))
             try:
                 yield con
             except duckdb.Error as exc:
