@@ -199,7 +199,7 @@ class ScoreLayout:
     @classmethod
     def of(cls, root: str | os.PathLike[str]) -> ScoreLayout:
         """The layout of ``root``, spelled one way (DuckDB caches instances by path)."""
-        return cls(Path(root).expanduser().resolve())
+        return cls(Warehouse.at(root).root)
 
     @property
     def warehouse(self) -> Warehouse:
