@@ -13,12 +13,12 @@ silently reverting to the champion alone.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
+from adapters.files import atomic_write
 from mlops.errors import ConfigError
 from mlops.routing import RouteTable
 from mlops.settings import Settings, StrictModel
@@ -88,12 +88,7 @@ def save_state(
         "applied_key": applied_key,
         "state": desired.model_dump(mode="json"),
     }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=1).encode(), mode=0o644)
 
 
 def load_state(path: Path, model_name: str) -> tuple[DesiredState, int] | None:
