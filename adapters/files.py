@@ -10,7 +10,7 @@ import os
 import threading
 from pathlib import Path
 
-__all__ = ["atomic_write", "fsync_dir", "fsync_file"]
+__all__ = ["atomic_write", "create_new", "fsync_dir", "fsync_file"]
 
 
 def fsync_file(path: Path) -> None:
@@ -56,3 +56,19 @@ def atomic_write(path: Path, data: bytes, mode: int | None = None, durable: bool
         raise
     if durable:
         fsync_dir(path.parent)
+
+
+def create_new(path: Path, data: bytes, mode: int = 0o600) -> bool:
+    """Create the file ``path`` holding ``data`` (fsynced) unless it exists; whether it did.
+
+    Exclusive (``O_EXCL``): of processes racing to create the same file, exactly one does.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return True

@@ -20,11 +20,11 @@ An empty token or key file is never accepted.
 from __future__ import annotations
 
 import hmac
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from adapters.files import create_new
 from mlops.errors import ConfigError
 from mlops.predlog import ID_KEY_BYTES
 from mlops.settings import Settings
@@ -58,15 +58,9 @@ def _read(path: Path, what: str) -> str:
 
 def _ensure(path: Path, what: str) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return _read(path, what)
     value = secrets.token_urlsafe(ID_KEY_BYTES)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(value + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    if not create_new(path, (value + "\n").encode()):
+        return _read(path, what)
     return value
 
 
