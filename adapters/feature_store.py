@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
+from adapters.files import fsync_dir, fsync_file
 from mlops.errors import PlatformError
 from mlops.features import FeatureSet, StreamFeatures
 from mlops.settings import RedisStateStore, Settings
@@ -59,14 +60,6 @@ class FeatureStore(Protocol):
     def lookup(self, entity: str, ts_ns: int) -> dict[str, float]:
         """The features of ``entity`` at ``ts_ns`` according to the last checkpoint."""
         ...
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class EmbeddedFeatureStore:
@@ -107,13 +100,9 @@ class EmbeddedFeatureStore:
         try:
             with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
                 writer.write_table(table)
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(tmp)
             os.replace(tmp, self.path)
-            _fsync_dir(self.folder)
+            fsync_dir(self.folder)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise FeatureStoreError(f"{self.path}: cannot write window state ({exc.strerror})") from None

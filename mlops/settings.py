@@ -14,7 +14,7 @@ import itertools
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -34,6 +34,14 @@ class StrictModel(BaseModel):
     """Base of every settings model: strict types, immutable, unknown fields rejected."""
 
     model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+
+
+def require_unique(names: Sequence[str], what: str, scope: str = "", hint: str = "") -> None:
+    """A ``ValueError`` naming each of ``names`` given more than once, in a validator's words:
+    ``"<what> used twice<scope>: a, b<hint>"``."""
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{what} used twice{scope}: {', '.join(dupes)}{hint}")
 
 
 # --------------------------------------------------------------------------- dataset
@@ -80,9 +88,7 @@ class DatasetSchema(StrictModel):
     @model_validator(mode="after")
     def _unique_columns(self) -> DatasetSchema:
         names = self.feature_names + self.key_columns + (self.label_column,)
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"column names used twice: {', '.join(dupes)}")
+        require_unique(names, "column names")
         if not self.feature_names:
             raise ValueError("the dataset declares no feature columns")
         onnx_input_names(self.feature_names)  # raises when two columns map to one input name
@@ -209,9 +215,7 @@ class FeaturesConfig(StrictModel):
     @model_validator(mode="after")
     def _unique_names(self) -> FeaturesConfig:
         names = [w.name for w in self.windows]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"feature names used twice: {', '.join(dupes)}")
+        require_unique(names, "feature names")
         return self
 
 

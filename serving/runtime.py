@@ -40,6 +40,7 @@ from mlops.predlog import PRIMARY, SHADOW, RequestIds
 from mlops.request_validation import InvalidRequest, Record, RequestValidator, V2Request
 from mlops.routing import CANDIDATE, STABLE, InvalidRouteTable, Mode, RouteTable, route
 from mlops.settings import Settings
+from serving.auth import ensure_feedback_token, ensure_id_key, ensure_token
 from serving.errors import (
     Conflict,
     FeaturesUnavailable,
@@ -165,31 +166,28 @@ class ServingRuntime:
         self.tenants: TenantModels | None = None
         if cfg.tenants.enabled:
             self.tenants = TenantModels(
-                settings, sources or partial(RegistrySource, settings), self._build_tenant
+                settings, sources or partial(RegistrySource, settings), self._build_named
             )
+
+    @classmethod
+    def for_model(cls, settings: Settings, model_name: str) -> ServingRuntime:
+        """The runtime serving ``model_name`` from the registry, with the admin and feedback
+        tokens and the request-id key of ``settings`` (read, or created in MLOPS_HOME)."""
+        return cls(
+            settings,
+            RegistrySource(settings, model_name),
+            token=ensure_token(settings),
+            feedback_token=ensure_feedback_token(settings),
+            id_key=ensure_id_key(settings),
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
     def _build(self, version: int) -> LoadedModel:
-        onnx = self.source.onnx(version)
-        try:
-            return self._build_bytes(version, onnx)
-        except (ModelError, ModelFailed) as exc:
-            raise UnusableModel(f"version {version} of '{self.model_name}' cannot be served: {exc}") from None
+        return self._build_named(self.model_name, version, self.source.onnx(version))
 
-    def _build_bytes(self, version: int, onnx: bytes) -> LoadedModel:
-        return build_model(
-            self.model_name,
-            version,
-            onnx,
-            self.settings.dataset,
-            threads=self.cfg.ort_threads,
-            max_batch_rows=self.cfg.micro_batch_rows,
-            warmup_timeout=max(10.0, self.timeout),
-            declared_windows=self.windows,
-        )
-
-    def _build_tenant(self, name: str, version: int, onnx: bytes) -> LoadedModel:
+    def _build_named(self, name: str, version: int, onnx: bytes) -> LoadedModel:
+        """Build and warm up version ``version`` of model ``name`` (the served one or a tenant's)."""
         try:
             return build_model(
                 name,
@@ -416,31 +414,20 @@ class ServingRuntime:
         out: list[tuple[str, LoadedModel, np.ndarray]] = [None] * n  # type: ignore[list-item]
         failure: ServingError | None = None
         for group in groups.values():
-            model, variant = group.model, group.variant
-            if group.error is not None:
-                failure = failure or group.error
-                self.metrics.failed(variant, PRIMARY, group.error.status, len(group.index))
-                for i in group.index:
-                    self._log(
-                        request_ids[i],
-                        entity_keys[i],
-                        variant,
-                        PRIMARY,
-                        mode,
-                        model,
-                        None,
-                        latency_ms,
-                        group.error.status,
-                        str(group.error),
-                        features[i],
-                        decisions[i].forced,
-                    )
-                continue
-            probs = group.probs
-            self.metrics.answered(variant, PRIMARY, elapsed, len(group.index))
+            model, variant, error = group.model, group.variant, group.error
+            if error is not None:
+                failure = failure or error
+                self.metrics.failed(variant, PRIMARY, error.status, len(group.index))
+                status, message = error.status, str(error)
+            else:
+                self.metrics.answered(variant, PRIMARY, elapsed, len(group.index))
+                status, message = 200, None
             for j, i in enumerate(group.index):
-                s = float(probs[j, 1])
-                out[i] = (variant, model, probs[j])
+                score = None
+                if error is None:
+                    probs = group.probs[j]
+                    score = float(probs[1])
+                    out[i] = (variant, model, probs)
                 self._log(
                     request_ids[i],
                     entity_keys[i],
@@ -448,10 +435,10 @@ class ServingRuntime:
                     PRIMARY,
                     mode,
                     model,
-                    s,
+                    score,
                     latency_ms,
-                    200,
-                    None,
+                    status,
+                    message,
                     features[i],
                     decisions[i].forced,
                 )
