@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -33,17 +32,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
 
-def _serving_bench():
-    """bench/serving.py (the serving benchmark's load generators and server helpers), loaded
-    under its own name: ``serving`` is the service's package."""
-    spec = importlib.util.spec_from_file_location("bench_serving", HERE / "serving.py")
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    sys.modules["bench_serving"] = module  # dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
-bench = _serving_bench()
+from bench import serving as bench  # noqa: E402  (the serving benchmark's load generators and servers)
 
 FEATURES_YAML = REPO / "configs" / "features.yaml"
 EVENTS = 20_000
@@ -53,16 +42,15 @@ TOPIC, GROUP = "transactions", "scorer"
 def prepare(home: Path) -> tuple[dict, dict, tuple]:
     """Train and register the window model in ``home``; the (sent, raw) request bodies and the
     events' (user, time ns, amount) columns."""
-    import numpy as np
     import pandas as pd
 
     from adapters.runtime import configure
+    from bench.support import log_onnx_model
     from mlops import modeling
     from mlops.datagen import generate
     from mlops.features import FeatureSet, compute_offline, timestamps_ns
     from mlops.settings import LogisticRegressionSpec, NumericFeature, load_settings
     from registry.mlflow_registry import ModelRegistry
-    from registry.tracking import log_training_run
 
     settings = load_settings(FEATURES_YAML, environ={"MLOPS_HOME": str(home)})
     configure(settings)
@@ -73,18 +61,7 @@ def prepare(home: Path) -> tuple[dict, dict, tuple]:
     wide = ds.model_copy(update={"numeric": ds.numeric + tuple(NumericFeature(name=n) for n in fs.names)})
     frame = pd.concat([events, offline], axis=1)
     pipe = modeling.fit(LogisticRegressionSpec(max_iter=300), frame, wide, 0)
-    example = modeling.features_frame(frame.head(3), wide).astype({n: np.float32 for n in wide.numeric_names})
-    logged = log_training_run(
-        settings,
-        run_name="bench-features-lookup",
-        params={},
-        metrics={},
-        tags={},
-        files={},
-        onnx_model=modeling.to_onnx_bytes(pipe, wide),
-        example_features=example,
-        example_scores=pd.DataFrame({"probability": [0.1, 0.2, 0.3]}),
-    )
+    logged = log_onnx_model(settings, modeling.to_onnx_bytes(pipe, wide), "bench-features-lookup")
     registry = ModelRegistry(settings)
     name = settings.training.model_name
     version = registry.register(name, logged.model_uri, logged.run_id, {}, "lookup benchmark").version
