@@ -452,6 +452,18 @@ class TenantsConfig(StrictModel):
     alias_refresh_seconds: float = Field(30.0, ge=0)
 
 
+class OnlineFeaturesConfig(StrictModel):
+    """Where ``/predict`` looks up the window features a caller did not send: the window state
+    of the stream's consumer group ``group`` on ``topic``, in the store ``features.store`` names
+    (the embedded checkpoint file, re-read at most every ``refresh_seconds`` when it changed, or
+    Redis, each read bounded by ``timeout_seconds``). Only used when ``features.windows`` are declared."""
+
+    topic: str = Field("transactions", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+    group: str = Field("scorer", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+    refresh_seconds: float = Field(0.5, gt=0, le=60)
+    timeout_seconds: float = Field(0.25, gt=0, le=30)
+
+
 class ServingConfig(StrictModel):
     """Online inference (`mlops serve`): what the BentoML service loads, its limits and logs.
 
@@ -503,6 +515,7 @@ class ServingConfig(StrictModel):
     idempotency_keys: int = Field(1024, ge=1)
     async_jobs: AsyncJobsConfig = AsyncJobsConfig()
     tenants: TenantsConfig = TenantsConfig()
+    online_features: OnlineFeaturesConfig = OnlineFeaturesConfig()
 
 
 # --------------------------------------------------------------------------- edge

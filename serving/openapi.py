@@ -11,7 +11,14 @@ from __future__ import annotations
 from typing import Any
 
 from mlops.onnx_model import PROBA_OUTPUT
-from mlops.request_validation import MAX_ID, MAX_STRING, NUMERIC_DATATYPE, STRING_DATATYPE
+from mlops.request_validation import (
+    ENTITY_ID,
+    MAX_ID,
+    MAX_STRING,
+    NUMERIC_DATATYPE,
+    STRING_DATATYPE,
+    OnlineKeys,
+)
 from mlops.routing import FORCE_HEADER
 from mlops.settings import DatasetSchema
 from serving.state import DesiredState, PreloadRequest, RoutesSpec, SlotRequest
@@ -60,10 +67,31 @@ def _pydantic(model: type) -> dict[str, Any]:
     return schema
 
 
+def _raw_transaction(online: OnlineKeys | None) -> dict[str, Any]:
+    """The optional fields of a raw transaction: window features, entity id and event time."""
+    if online is None:
+        return {}
+    window = {"type": "number", "description": "A window feature; looked up for the entity when absent."}
+    return {n: window for n in online.windows} | {
+        online.entity_column: {
+            "type": "string",
+            "pattern": f"^{ENTITY_ID.pattern}$",
+            "not": {"pattern": "[.][.]"},
+            "description": "Entity id: the window features not sent are looked up for it.",
+        },
+        online.timestamp_column: {
+            "type": "string",
+            "maxLength": 40,
+            "description": "Event time, ISO 8601 (without a zone: UTC); default: when the request arrives.",
+        },
+    }
+
+
 def openapi_document(
-    dataset: DatasetSchema, model_name: str, *, max_rows: int, version: str
+    dataset: DatasetSchema, model_name: str, *, max_rows: int, version: str, online: OnlineKeys | None = None
 ) -> dict[str, Any]:
-    """The OpenAPI 3.1 document of the service scoring ``model_name`` on ``dataset``."""
+    """The OpenAPI 3.1 document of the service scoring ``model_name`` on ``dataset`` (with
+    ``online``: the window features, entity id and event time a raw transaction may carry)."""
     numeric = {
         f.name: {
             "type": "number",
@@ -139,7 +167,7 @@ def openapi_document(
             "type": "object",
             "required": list(dataset.feature_names),
             "additionalProperties": False,
-            "properties": numeric | categorical,
+            "properties": numeric | categorical | _raw_transaction(online),
         },
         "Record": record,
         "PredictRequest": {
