@@ -9,7 +9,6 @@ and property-based bodies sent to every scoring route. All traffic goes to 127.0
 from __future__ import annotations
 
 import json
-import os
 import socket
 import struct
 import threading
@@ -32,7 +31,8 @@ from mlops.request_validation import (
     parse_json,
     split_binary,
 )
-from mlops.settings import Settings, load_settings
+from mlops.settings import Settings
+from tests.support.serving import champion_registry, feature_records
 
 SCHEMA = fraud_schema()
 V = RequestValidator(SCHEMA, max_rows=10)
@@ -40,11 +40,7 @@ OUT = ["probabilities"]
 
 
 def _rows(n: int, seed: int = 5) -> list[dict]:
-    frame = generate(max(n, 10), seed=seed).head(n)
-    return [
-        {k: (float(r[k]) if k in SCHEMA.numeric_names else str(r[k])) for k in SCHEMA.feature_names}
-        for r in frame.to_dict("records")
-    ]
+    return feature_records(generate(max(n, 10), seed=seed).head(n), SCHEMA)
 
 
 def _json_tensors(rows: list[dict]) -> list[dict]:
@@ -261,34 +257,19 @@ class Service:
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -> Iterator[Service]:
     """A started service with champion v1 in the stable slot and a short body deadline."""
-    from conftest import FAST_ENV, register_versions
     from test_serving_service import _start
 
-    from adapters.runtime import configure
     from adapters.services import free_port, terminate
-    from registry.mlflow_registry import ModelRegistry
 
     home = tmp_path_factory.mktemp("protocol") / "home"
-    overrides = FAST_ENV | {
-        "MLOPS_HOME": str(home),
+    overrides = {
         "MLOPS__SERVING__REQUEST_TIMEOUT_SECONDS": str(TIMEOUT_S),
         "MLOPS__SERVING__MAX_INFLIGHT_REQUESTS": str(MAX_INFLIGHT),
         "MLOPS__SERVING__BODY_TIMEOUT_SECONDS": str(BODY_TIMEOUT_S),
         "MLOPS__SERVING__LOG_FLUSH_SECONDS": "0.5",
     }
-    saved = dict(os.environ)
-    try:  # configure() writes the backends' variables into os.environ: restore them after
-        os.environ.update(overrides)
-        settings = load_settings()
-        configure(settings)
-        env = dict(os.environ)
-        versions = register_versions(settings, small_model, [{"roc_auc": 0.8}, {"roc_auc": 0.81}])
-        ModelRegistry(settings).move_alias(
-            settings.training.model_name, "champion", versions[0], reason="protocol tests"
-        )
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    metrics = [{"roc_auc": 0.8}, {"roc_auc": 0.81}]
+    settings, env, _ = champion_registry(home, small_model, metrics, "protocol tests", overrides)
     port = free_port()
     proc = _start(settings, env, port, home / "service.log")
     try:

@@ -34,10 +34,11 @@ from mlops.datagen import generate
 from mlops.onnx_model import OnnxScorer
 from mlops.predlog import client_request_id
 from mlops.routing import FORCE_HEADER, Mode, RouteTable, route
-from mlops.settings import Settings, load_settings
+from mlops.settings import Settings
 from serving.client import ServingClient, ServingRequestFailed
 from serving.models import MEMORY_FACTOR
 from serving.predlog_store import PredictionLogStore
+from tests.support.serving import champion_registry, feature_records
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -109,47 +110,23 @@ def _start(settings: Settings, env: dict[str, str], port: int, log: Path) -> sub
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -> Iterator[Service]:
     """A started service: champion v1 in stable, versions 1-4 registered (same small model)."""
-    from conftest import FAST_ENV, register_versions
-
-    from adapters.runtime import configure
-    from registry.mlflow_registry import ModelRegistry
-
     home = tmp_path_factory.mktemp("serving") / "home"
     budget_mb = 3.5 * len(small_model) * MEMORY_FACTOR / 2**20  # room for three versions
-    overrides = FAST_ENV | {
-        "MLOPS_HOME": str(home),
+    overrides = {
         "MLOPS__SERVING__REQUEST_TIMEOUT_SECONDS": str(TIMEOUT_S),
         "MLOPS__SERVING__MAX_INFLIGHT_REQUESTS": str(MAX_INFLIGHT),
         "MLOPS__SERVING__LOG_FLUSH_SECONDS": "0.2",
         "MLOPS__SERVING__MODEL_MEMORY_BUDGET_MB": repr(budget_mb),
         "MLOPS__SERVING__LOAD_ON_DEMAND": "true",
     }
-    saved = dict(os.environ)
-    try:  # configure() writes the backends' variables into os.environ: restore them after
-        os.environ.update(overrides)
-        settings = load_settings()
-        configure(settings)
-        env = dict(os.environ)
-        versions = register_versions(settings, small_model, [{"roc_auc": 0.8 + i / 100} for i in range(4)])
-        ModelRegistry(settings).move_alias(
-            settings.training.model_name, "champion", versions[0], reason="serving tests"
-        )
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    metrics = [{"roc_auc": 0.8 + i / 100} for i in range(4)]
+    settings, env, versions = champion_registry(home, small_model, metrics, "serving tests", overrides)
     port = free_port()
     log = home / "service.log"
     proc = _start(settings, env, port, log)
     try:
         client = ServingClient.for_settings(settings, base_url=f"http://127.0.0.1:{port}")
-        frame = generate(1000, seed=11)
-        rows = [
-            {
-                n: (float(r[n]) if n in settings.dataset.numeric_names else str(r[n]))
-                for n in settings.dataset.feature_names
-            }
-            for r in frame.to_dict("records")
-        ]
+        rows = feature_records(generate(1000, seed=11), settings.dataset)
         yield Service(
             f"http://127.0.0.1:{port}",
             settings,
