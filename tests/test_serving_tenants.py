@@ -25,6 +25,7 @@ from mlops.tenancy import TenantQuota, TokenBucket, check_tenant_name, owner_of,
 from serving.models import MEMORY_FACTOR
 from serving.predlog_store import predictions_dir
 from serving.tenants import MODEL_OVERHEAD_BYTES, add_tenant, list_tenants, tenant_log_dir, tenants_dir
+from tests.support.cli import run_cli
 from tests.support.serving import configured, env_reaching, feature_records, serve_in_process
 
 BASE = "fraud-detector"
@@ -323,7 +324,6 @@ def test_cli_adds_a_tenant_and_trains_its_own_model(tmp_path: Path, prefect_api:
     """`mlops tenants add acme` prints a token once; `mlops train --tenant acme` registers
     'fraud-detector--acme' (v1, challenger) and leaves the main model unregistered."""
     import subprocess
-    import sys
 
     from conftest import FAST_ENV
     from prefect.settings import PREFECT_API_URL
@@ -340,13 +340,7 @@ def test_cli_adds_a_tenant_and_trains_its_own_model(tmp_path: Path, prefect_api:
     )
 
     def mlops(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "mlops_cli.main", *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=600,
-        )
+        return run_cli(env, *args)
 
     added = mlops("tenants", "add", "acme")
     assert added.returncode == 0, added.stderr

@@ -14,6 +14,7 @@ import httpx
 import pandas as pd
 
 from mlops.settings import DatasetSchema, Settings, load_settings
+from tests.support import environ_restored
 
 
 @contextmanager
@@ -26,15 +27,11 @@ def configured(
     from adapters.runtime import configure
     from tests.conftest import FAST_ENV
 
-    saved = dict(os.environ)
-    try:
+    with environ_restored():
         os.environ.update(FAST_ENV | {"MLOPS_HOME": str(home)} | (overrides or {}))
         settings = load_settings()
         configure(settings)
         yield settings, dict(os.environ)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def champion_registry(
