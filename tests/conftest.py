@@ -50,12 +50,33 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a module kept
 
 
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow SQLite store, created once per session as MLflow creates one on first use
+    (its schema migrations cost seconds, each time)."""
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    return db
+
+
+def seed_mlflow_store(state: Path, template: Path) -> None:
+    """Give the platform in ``state`` a fresh copy of the empty MLflow store ``template``."""
+    import shutil
+
+    state.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, state / "mlflow.db")
+
+
 @pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    """Settings of a fresh platform instance whose state lives in this test's tmp_path."""
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_template: Path) -> Settings:
+    """Settings of a fresh platform instance whose state lives in this test's tmp_path (its
+    MLflow store a copy of the session's empty one)."""
     from adapters.runtime import configure
 
     state = tmp_path / "mlops-home"
+    seed_mlflow_store(state, mlflow_template)
     monkeypatch.setenv("MLOPS_HOME", str(state))
     for key, value in FAST_ENV.items():
         monkeypatch.setenv(key, value)
