@@ -197,10 +197,14 @@ def test_job_ids_are_random_and_not_stored():
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -> dict[str, str]:
+def registry(
+    tmp_path_factory: pytest.TempPathFactory, small_model: bytes, mlflow_template: Path
+) -> dict[str, str]:
     """A registry with champion v1 (the small model); the env that points a service at it."""
     home = tmp_path_factory.mktemp("async") / "registry"
-    settings, env, _ = champion_registry(home, small_model, [{"roc_auc": 0.8}], "async tests")
+    settings, env, _ = champion_registry(
+        home, mlflow_template, small_model, [{"roc_auc": 0.8}], "async tests"
+    )
     return env | {
         "MLOPS__MLFLOW__TRACKING_URI": settings.tracking_uri,
         "MLOPS__MLFLOW__AUDIT_DB_URI": settings.audit_db_uri,

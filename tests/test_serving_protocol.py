@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -255,7 +256,9 @@ class Service:
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -> Iterator[Service]:
+def service(
+    tmp_path_factory: pytest.TempPathFactory, small_model: bytes, mlflow_template: Path
+) -> Iterator[Service]:
     """A started service with champion v1 in the stable slot and a short body deadline."""
     from test_serving_service import _start
 
@@ -269,7 +272,9 @@ def service(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -> Ite
         "MLOPS__SERVING__LOG_FLUSH_SECONDS": "0.5",
     }
     metrics = [{"roc_auc": 0.8}, {"roc_auc": 0.81}]
-    settings, env, _ = champion_registry(home, small_model, metrics, "protocol tests", overrides)
+    settings, env, _ = champion_registry(
+        home, mlflow_template, small_model, metrics, "protocol tests", overrides
+    )
     port = free_port()
     proc = _start(settings, env, port, home / "service.log")
     try:

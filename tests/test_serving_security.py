@@ -45,12 +45,14 @@ DEMO_PLAN = REPO / "configs" / "rollout" / "demo.yaml"
 
 
 @pytest.fixture(scope="module")
-def registry_env(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -> dict[str, str]:
+def registry_env(
+    tmp_path_factory: pytest.TempPathFactory, small_model: bytes, mlflow_template: Path
+) -> dict[str, str]:
     """A registry holding versions 1 and 2 (the same small model), champion at 1; the
     ``MLOPS__MLFLOW__*`` settings that point a fresh MLOPS_HOME at it."""
     home = tmp_path_factory.mktemp("registry") / "home"
     metrics = [{"roc_auc": 0.8}, {"roc_auc": 0.81}]
-    settings, _, versions = champion_registry(home, small_model, metrics, "security tests")
+    settings, _, versions = champion_registry(home, mlflow_template, small_model, metrics, "security tests")
     assert versions == [1, 2]
     return env_reaching(settings)
 

@@ -108,7 +108,9 @@ def _start(settings: Settings, env: dict[str, str], port: int, log: Path) -> sub
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -> Iterator[Service]:
+def service(
+    tmp_path_factory: pytest.TempPathFactory, small_model: bytes, mlflow_template: Path
+) -> Iterator[Service]:
     """A started service: champion v1 in stable, versions 1-4 registered (same small model)."""
     home = tmp_path_factory.mktemp("serving") / "home"
     budget_mb = 3.5 * len(small_model) * MEMORY_FACTOR / 2**20  # room for three versions
@@ -120,7 +122,9 @@ def service(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -> Ite
         "MLOPS__SERVING__LOAD_ON_DEMAND": "true",
     }
     metrics = [{"roc_auc": 0.8 + i / 100} for i in range(4)]
-    settings, env, versions = champion_registry(home, small_model, metrics, "serving tests", overrides)
+    settings, env, versions = champion_registry(
+        home, mlflow_template, small_model, metrics, "serving tests", overrides
+    )
     port = free_port()
     log = home / "service.log"
     proc = _start(settings, env, port, log)

@@ -83,7 +83,9 @@ def test_tenants_add_stores_only_a_hash_and_refuses_a_second_add(tmp_path: Path)
 
 
 @pytest.fixture(scope="module")
-def registry_env(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -> dict[str, str]:
+def registry_env(
+    tmp_path_factory: pytest.TempPathFactory, small_model: bytes, mlflow_template: Path
+) -> dict[str, str]:
     """A registry with the main model and the tenant models ``--acme``, ``--beta`` (the small
     model) and ``--slow`` (a model that spins ~0.3 s on a row whose amount is 1.0), each with
     ``champion`` at version 1."""
@@ -92,7 +94,7 @@ def registry_env(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -
 
     from registry.mlflow_registry import ModelRegistry
 
-    with configured(tmp_path_factory.mktemp("tenant-registry") / "home") as (settings, _):
+    with configured(tmp_path_factory.mktemp("tenant-registry") / "home", mlflow_template) as (settings, _):
         registry = ModelRegistry(settings)
         for onnx, names in (
             (small_model, [BASE, f"{BASE}--acme", f"{BASE}--beta"]),

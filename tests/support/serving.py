@@ -19,14 +19,16 @@ from tests.support import environ_restored
 
 @contextmanager
 def configured(
-    home: Path, overrides: dict[str, str] | None = None
+    home: Path, mlflow_template: Path, overrides: dict[str, str] | None = None
 ) -> Iterator[tuple[Settings, dict[str, str]]]:
-    """Settings of a platform in ``home`` (fast training settings plus ``overrides``), configured;
-    yields them with the environment ``configure`` produced, and restores ``os.environ`` after
-    (``configure`` writes the backends' variables into it)."""
+    """Settings of a platform in ``home`` (fast training settings plus ``overrides``, its MLflow
+    store a copy of ``mlflow_template``), configured; yields them with the environment
+    ``configure`` produced, and restores ``os.environ`` after (``configure`` writes the
+    backends' variables into it)."""
     from adapters.runtime import configure
-    from tests.conftest import FAST_ENV
+    from tests.conftest import FAST_ENV, seed_mlflow_store
 
+    seed_mlflow_store(home, mlflow_template)
     with environ_restored():
         os.environ.update(FAST_ENV | {"MLOPS_HOME": str(home)} | (overrides or {}))
         settings = load_settings()
@@ -36,6 +38,7 @@ def configured(
 
 def champion_registry(
     home: Path,
+    mlflow_template: Path,
     small_model: bytes,
     metrics: list[dict[str, float]],
     reason: str,
@@ -46,7 +49,7 @@ def champion_registry(
     from registry.mlflow_registry import ModelRegistry
     from tests.conftest import register_versions
 
-    with configured(home, overrides) as (settings, env):
+    with configured(home, mlflow_template, overrides) as (settings, env):
         versions = register_versions(settings, small_model, metrics)
         ModelRegistry(settings).move_alias(
             settings.training.model_name, "champion", versions[0], reason=reason
