@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from mlops.settings import Settings, load_settings
+from tests.support.models import log_fixture_model
 
 # Small but real candidates: the same code paths as production, in seconds.
 FAST_CANDIDATES = [
@@ -41,8 +42,21 @@ def pytest_configure(config: pytest.Config) -> None:
 # The longest modules first: CI runs two pytest-xdist workers that take whole modules
 # (--dist loadfile, in collection order: --no-loadscope-reorder, or xdist would put the
 # modules with the most tests first and the three-test end-to-end module last), so both
-# start on long end-to-end modules and the short ones fill in.
-LONG_FIRST = ("test_e2e_deployments.py", "test_rollout_flow.py", "test_cli.py", "test_scoring.py")
+# start on long modules and the short ones fill in. The first four lead the whole suite
+# (CI); the fast suite has no test in the first two and is led by the rest, longest first
+# (alphabetical order would leave test_validation and test_train_flow for the end).
+LONG_FIRST = (
+    "test_e2e_deployments.py",
+    "test_rollout_flow.py",
+    "test_cli.py",
+    "test_scoring.py",
+    "test_validation.py",
+    "test_predlog_compaction.py",
+    "test_train_flow.py",
+    "test_serving_tenants.py",
+    "test_storage.py",
+    "test_serving_security.py",
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -114,31 +128,6 @@ def small_model() -> bytes:
     frame = generate(3000, seed=3)
     pipe = modeling.fit(LogisticRegressionSpec(max_iter=200), frame, settings.dataset, 0)
     return modeling.to_onnx_bytes(pipe, settings.dataset)
-
-
-def log_fixture_model(settings: Settings, onnx_model: bytes, run_name: str):
-    """Log a ready-made ONNX model as an MLflow run (no training metrics), with three
-    generated rows as its input example; the returned run's ``model_uri`` registers versions."""
-    import numpy as np
-    import pandas as pd
-
-    from mlops import modeling
-    from mlops.datagen import generate
-    from registry.tracking import log_training_run
-
-    example = modeling.features_frame(generate(10, seed=9).head(3), settings.dataset)
-    example = example.astype({n: np.float32 for n in settings.dataset.numeric_names})
-    return log_training_run(
-        settings,
-        run_name=run_name,
-        params={},
-        metrics={},
-        tags={},
-        files={},
-        onnx_model=onnx_model,
-        example_features=example,
-        example_scores=pd.DataFrame({"probability": [0.1, 0.2, 0.3]}),
-    )
 
 
 def register_versions(settings: Settings, small_model: bytes, metrics: list[dict[str, float]]) -> list[int]:
