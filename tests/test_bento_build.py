@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.support.serving import configured
+
 REPO = Path(__file__).resolve().parent.parent
 LOCK_EXPORT = [
     "export",
@@ -142,32 +144,23 @@ def test_bento_built_offline_carries_the_locked_requirements_and_its_code_import
 @pytest.mark.integration
 @pytest.mark.timeout(1200)
 def test_the_built_bento_serves_and_answers_predict(
-    bento: tuple[Path, dict[str, str]], tmp_path: Path, small_model: bytes
+    bento: tuple[Path, dict[str, str]], tmp_path: Path, small_model: bytes, mlflow_template: Path
 ):
     """`bentoml serve` of the built bento (its own copy of the code, not the repository's)
     starts, becomes ready with the registry's champion and answers /predict with the
     model's scores."""
-    from conftest import FAST_ENV, register_versions
+    from conftest import register_versions
 
-    from adapters.runtime import configure
     from adapters.services import free_port, terminate
     from mlops.datagen import generate
     from mlops.onnx_model import OnnxScorer
-    from mlops.settings import load_settings
     from registry.mlflow_registry import ModelRegistry
 
     path, build_env = bento
-    saved = dict(os.environ)
-    try:  # configure() writes the backends' variables into os.environ: restore them after
-        os.environ.update(FAST_ENV | {"MLOPS_HOME": str(tmp_path / "home")})
-        settings = load_settings()
-        configure(settings)
-        env = dict(os.environ) | {"BENTOML_HOME": build_env["BENTOML_HOME"], "BENTOML_DO_NOT_TRACK": "true"}
+    with configured(tmp_path / "home", mlflow_template) as (settings, env):
+        env |= {"BENTOML_HOME": build_env["BENTOML_HOME"], "BENTOML_DO_NOT_TRACK": "true"}
         [version] = register_versions(settings, small_model, [{"roc_auc": 0.8}])
         ModelRegistry(settings).move_alias(settings.training.model_name, "champion", version, reason="bento")
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
     port = free_port()
     log = tmp_path / "bento.log"
     with open(log, "wb") as fh:
