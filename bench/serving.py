@@ -111,29 +111,15 @@ def prepare_home(home: Path | None, tmp: Path) -> tuple[Path, int, int, Path]:
 
 
 def _train_and_register(settings, registry) -> None:
-    import pandas as pd
-
     from mlops import modeling
     from mlops.datagen import generate
     from mlops.settings import GradientBoostingSpec
-    from registry.tracking import log_training_run
+    from tests.support.models import log_fixture_model
 
     frame = generate(20_000, seed=5)
     pipe = modeling.fit(GradientBoostingSpec(), frame, settings.dataset, settings.training.seed)
     onnx = modeling.to_onnx_bytes(pipe, settings.dataset)
-    example = modeling.features_frame(frame.head(3), settings.dataset)
-    example = example.astype({n: np.float32 for n in settings.dataset.numeric_names})
-    logged = log_training_run(
-        settings,
-        run_name="bench-serving",
-        params={},
-        metrics={},
-        tags={},
-        files={},
-        onnx_model=onnx,
-        example_features=example,
-        example_scores=pd.DataFrame({"probability": [0.1, 0.2, 0.3]}),
-    )
+    logged = log_fixture_model(settings, onnx, "bench-serving")
     name = settings.training.model_name
     first = registry.register(name, logged.model_uri, logged.run_id, {}, "serving benchmark").version
     registry.move_alias(name, "champion", first, reason="serving benchmark")

@@ -42,33 +42,19 @@ def _rss_bytes() -> int:
 
 
 def _register(settings, n: int) -> list[str]:
-    import pandas as pd
-
     from adapters.runtime import configure
     from mlops import modeling
     from mlops.datagen import generate
     from mlops.settings import LogisticRegressionSpec
     from mlops.tenancy import tenant_model_name
     from registry.mlflow_registry import ModelRegistry
-    from registry.tracking import log_training_run
+    from tests.support.models import log_fixture_model
 
     configure(settings)
     frame = generate(3000, seed=3)
     pipe = modeling.fit(LogisticRegressionSpec(max_iter=200), frame, settings.dataset, 0)
     onnx = modeling.to_onnx_bytes(pipe, settings.dataset)
-    example = modeling.features_frame(frame.head(3), settings.dataset)
-    example = example.astype({c: np.float32 for c in settings.dataset.numeric_names})
-    logged = log_training_run(
-        settings,
-        run_name="bench-tenants",
-        params={},
-        metrics={},
-        tags={},
-        files={},
-        onnx_model=onnx,
-        example_features=example,
-        example_scores=pd.DataFrame({"probability": [0.1, 0.2, 0.3]}),
-    )
+    logged = log_fixture_model(settings, onnx, "bench-tenants")
     registry = ModelRegistry(settings)
     names = [BASE] + [tenant_model_name(BASE, f"t{i:03d}") for i in range(n)]
     for i, name in enumerate(names):
