@@ -38,7 +38,7 @@ from mlops.settings import Settings
 from serving.client import ServingClient, ServingRequestFailed
 from serving.models import MEMORY_FACTOR
 from serving.predlog_store import PredictionLogStore
-from tests.support.serving import champion_registry, feature_records
+from tests.support.serving import champion_registry, feature_records, json_tensors
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -295,26 +295,13 @@ def test_predict_scores_one_or_many_records_like_the_model(service: Service, htt
     assert len({x["request_id"] for x in many}) == 20
 
 
-def _tensors(service: Service, rows: list[dict]) -> list[dict]:
-    ds = service.settings.dataset
-    return [
-        {
-            "name": n,
-            "datatype": "FP32" if n in ds.numeric_names else "BYTES",
-            "shape": [len(rows), 1],
-            "data": [r[n] for r in rows],
-        }
-        for n in ds.feature_names
-    ]
-
-
 def test_v2_infer_routed_and_per_version(service: Service, http: httpx.Client):
     """OIP v2 infer returns the [N, 2] FP32 probabilities, routed on the model name and
     pinned on /versions/{v} (loaded on demand for the admin token holder only)."""
     service.apply(mode="single")
     name = service.settings.training.model_name
     rows = service.rows[:3]
-    body = {"id": "req-9", "inputs": _tensors(service, rows)}
+    body = {"id": "req-9", "inputs": json_tensors(rows, service.settings.dataset)}
     out = http.post(f"/v2/models/{name}/infer", json=body).json()
     assert out["id"] == "req-9" and out["model_version"] == str(service.versions[0])
     [probs] = out["outputs"]
@@ -679,7 +666,7 @@ def test_every_bad_input_is_a_4xx_naming_the_problem_and_the_service_keeps_servi
     big = b'{"features": {"amount": "' + b"x" * 2_000_000 + b'"}}'
     resp = http.post("/predict", content=big, headers={"Content-Type": "application/json"})
     assert resp.status_code == 413 and "exceeds the limit" in resp.json()["error"]
-    good = _tensors(service, service.rows[:2])
+    good = json_tensors(service.rows[:2], service.settings.dataset)
     v2_cases = [
         (
             [t | {"datatype": "FP64"} if t["name"] == "amount" else t for t in good],
@@ -719,7 +706,7 @@ def test_versions_load_on_demand_and_are_evicted_least_recently_used(service: Se
     v1, v2, v3, v4 = service.versions[:4]
     service.apply(mode="single")  # only v1 in a slot
     name = service.settings.training.model_name
-    body = {"inputs": _tensors(service, service.rows[:1])}
+    body = {"inputs": json_tensors(service.rows[:1], service.settings.dataset)}
     for v in (v2, v3, v4, v2):
         path = f"/v2/models/{name}/versions/{v}/infer"
         assert http.post(path, json=body, headers=service.auth).status_code == 200

@@ -102,3 +102,17 @@ async def serve_in_process(settings: Settings) -> AsyncIterator[tuple[Any, httpx
     finally:
         await http.aclose()
         await rt.stop()
+
+
+def json_tensors(rows: list[dict[str, Any]], schema: DatasetSchema) -> list[dict[str, Any]]:
+    """Feature records as Open Inference Protocol v2 input tensors: one ``[rows, 1]`` tensor a
+    feature, FP32 for numbers and BYTES for categories."""
+    return [
+        {
+            "name": n,
+            "datatype": "FP32" if n in schema.numeric_names else "BYTES",
+            "shape": [len(rows), 1],
+            "data": [r[n] for r in rows],
+        }
+        for n in schema.feature_names
+    ]
