@@ -187,7 +187,7 @@ def main() -> None:
 
 
 def _kill_run(a, settings, fs, onnx: bytes, root: Path) -> None:
-    from tests.test_stream_redis import kill_and_resume
+    from tests.support.stream import kill_and_resume
 
     events = generate(a.kill_events, seed=9).sort_values("event_time", kind="stable").reset_index(drop=True)
     model = root / "model.onnx"

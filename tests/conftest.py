@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from mlops.settings import Settings, load_settings
+from tests.support.models import log_fixture_model
 
 # Small but real candidates: the same code paths as production, in seconds.
 FAST_CANDIDATES = [
@@ -41,8 +42,21 @@ def pytest_configure(config: pytest.Config) -> None:
 # The longest modules first: CI runs two pytest-xdist workers that take whole modules
 # (--dist loadfile, in collection order: --no-loadscope-reorder, or xdist would put the
 # modules with the most tests first and the three-test end-to-end module last), so both
-# start on long end-to-end modules and the short ones fill in.
-LONG_FIRST = ("test_e2e_deployments.py", "test_rollout_flow.py", "test_cli.py", "test_scoring.py")
+# start on long modules and the short ones fill in. The first four lead the whole suite
+# (CI); the fast suite has no test in the first two and is led by the rest, longest first
+# (alphabetical order would leave test_validation and test_train_flow for the end).
+LONG_FIRST = (
+    "test_e2e_deployments.py",
+    "test_rollout_flow.py",
+    "test_cli.py",
+    "test_scoring.py",
+    "test_validation.py",
+    "test_predlog_compaction.py",
+    "test_train_flow.py",
+    "test_serving_tenants.py",
+    "test_storage.py",
+    "test_serving_security.py",
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -50,12 +64,33 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a module kept
 
 
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow SQLite store, created once per session as MLflow creates one on first use
+    (its schema migrations cost seconds, each time)."""
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    return db
+
+
+def seed_mlflow_store(state: Path, template: Path) -> None:
+    """Give the platform in ``state`` a fresh copy of the empty MLflow store ``template``."""
+    import shutil
+
+    state.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, state / "mlflow.db")
+
+
 @pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    """Settings of a fresh platform instance whose state lives in this test's tmp_path."""
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_template: Path) -> Settings:
+    """Settings of a fresh platform instance whose state lives in this test's tmp_path (its
+    MLflow store a copy of the session's empty one)."""
     from adapters.runtime import configure
 
     state = tmp_path / "mlops-home"
+    seed_mlflow_store(state, mlflow_template)
     monkeypatch.setenv("MLOPS_HOME", str(state))
     for key, value in FAST_ENV.items():
         monkeypatch.setenv(key, value)
@@ -95,31 +130,6 @@ def small_model() -> bytes:
     return modeling.to_onnx_bytes(pipe, settings.dataset)
 
 
-def log_fixture_model(settings: Settings, onnx_model: bytes, run_name: str):
-    """Log a ready-made ONNX model as an MLflow run (no training metrics), with three
-    generated rows as its input example; the returned run's ``model_uri`` registers versions."""
-    import numpy as np
-    import pandas as pd
-
-    from mlops import modeling
-    from mlops.datagen import generate
-    from registry.tracking import log_training_run
-
-    example = modeling.features_frame(generate(10, seed=9).head(3), settings.dataset)
-    example = example.astype({n: np.float32 for n in settings.dataset.numeric_names})
-    return log_training_run(
-        settings,
-        run_name=run_name,
-        params={},
-        metrics={},
-        tags={},
-        files={},
-        onnx_model=onnx_model,
-        example_features=example,
-        example_scores=pd.DataFrame({"probability": [0.1, 0.2, 0.3]}),
-    )
-
-
 def register_versions(settings: Settings, small_model: bytes, metrics: list[dict[str, float]]) -> list[int]:
     """Register one version per metrics dict, each with its own MLflow run.
 
@@ -145,31 +155,6 @@ def register_versions(settings: Settings, small_model: bytes, metrics: list[dict
             ).version
         )
     return versions
-
-
-def shared_registry(
-    folder: Path, onnx_model: bytes, metrics: list[dict[str, float]], config: Path | None = None
-) -> dict[str, str]:
-    """A registry in ``folder`` holding one version of ``onnx_model`` per metrics dict, the
-    champion at version 1; the settings (``FAST_ENV`` plus ``MLOPS__MLFLOW__*``) that point a
-    fresh MLOPS_HOME at it."""
-    from adapters.runtime import configure
-    from registry.mlflow_registry import ModelRegistry
-
-    settings = load_settings(config, environ=FAST_ENV | {"MLOPS_HOME": str(folder / "home")})
-    saved = dict(os.environ)
-    try:  # configure() writes the backends' variables into os.environ: restore them after
-        configure(settings)
-        versions = register_versions(settings, onnx_model, metrics)
-        assert versions == list(range(1, len(metrics) + 1))
-        ModelRegistry(settings).move_alias(settings.training.model_name, "champion", 1, reason="tests")
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    return FAST_ENV | {
-        "MLOPS__MLFLOW__TRACKING_URI": settings.tracking_uri,
-        "MLOPS__MLFLOW__AUDIT_DB_URI": settings.audit_db_uri,
-    }
 
 
 @pytest.fixture(scope="module")

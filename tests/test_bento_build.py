@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +18,8 @@ import httpx
 import numpy as np
 import pytest
 import yaml
+
+from tests.support.serving import configured, feature_records
 
 REPO = Path(__file__).resolve().parent.parent
 LOCK_EXPORT = [
@@ -142,62 +143,29 @@ def test_bento_built_offline_carries_the_locked_requirements_and_its_code_import
 @pytest.mark.integration
 @pytest.mark.timeout(1200)
 def test_the_built_bento_serves_and_answers_predict(
-    bento: tuple[Path, dict[str, str]], tmp_path: Path, small_model: bytes
+    bento: tuple[Path, dict[str, str]], tmp_path: Path, small_model: bytes, mlflow_template: Path
 ):
     """`bentoml serve` of the built bento (its own copy of the code, not the repository's)
     starts, becomes ready with the registry's champion and answers /predict with the
     model's scores."""
-    from conftest import FAST_ENV, register_versions
+    from conftest import register_versions
 
-    from adapters.runtime import configure
-    from adapters.services import free_port, terminate
+    from adapters.services import free_port, http_ok, started
     from mlops.datagen import generate
     from mlops.onnx_model import OnnxScorer
-    from mlops.settings import load_settings
     from registry.mlflow_registry import ModelRegistry
 
     path, build_env = bento
-    saved = dict(os.environ)
-    try:  # configure() writes the backends' variables into os.environ: restore them after
-        os.environ.update(FAST_ENV | {"MLOPS_HOME": str(tmp_path / "home")})
-        settings = load_settings()
-        configure(settings)
-        env = dict(os.environ) | {"BENTOML_HOME": build_env["BENTOML_HOME"], "BENTOML_DO_NOT_TRACK": "true"}
+    with configured(tmp_path / "home", mlflow_template) as (settings, env):
+        env |= {"BENTOML_HOME": build_env["BENTOML_HOME"], "BENTOML_DO_NOT_TRACK": "true"}
         [version] = register_versions(settings, small_model, [{"roc_auc": 0.8}])
         ModelRegistry(settings).move_alias(settings.training.model_name, "champion", version, reason="bento")
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
     port = free_port()
     log = tmp_path / "bento.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(
-            [_bentoml(), "serve", str(path), "--host", "127.0.0.1", "--port", str(port)],
-            cwd=tmp_path,
-            env=env,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "bento not ready: " + log.read_text()[-3000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        frame = generate(20, seed=4)
-        rows = [
-            {
-                n: (float(r[n]) if n in settings.dataset.numeric_names else str(r[n]))
-                for n in settings.dataset.feature_names
-            }
-            for r in frame.to_dict("records")
-        ]
+    argv = [_bentoml(), "serve", str(path), "--host", "127.0.0.1", "--port", str(port)]
+    ready = http_ok(f"http://127.0.0.1:{port}/v2/health/ready")
+    with started(argv, ready, log, env=env, cwd=tmp_path, timeout=START_TIMEOUT_S, name="bento") as proc:
+        rows = feature_records(generate(20, seed=4), settings.dataset)
         resp = httpx.post(
             f"http://127.0.0.1:{port}/predict", json={"records": [{"features": r} for r in rows]}, timeout=30
         )
@@ -210,5 +178,3 @@ def test_the_built_bento_serves_and_answers_predict(
 
         cwds = {c.cwd() for c in psutil.Process(proc.pid).children(recursive=True) if c.is_running()}
         assert str(path / "src") in cwds, cwds  # the service runs in the bento's copy of the code
-    finally:
-        terminate(proc)

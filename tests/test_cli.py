@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import click
@@ -17,6 +16,8 @@ from typer.testing import CliRunner
 from adapters.datasets import write_parquet
 from mlops.datagen import generate
 from mlops_cli.main import app
+from tests.support import environ_restored
+from tests.support.cli import run_cli
 
 RUNNER = CliRunner()
 
@@ -45,13 +46,7 @@ def mlops(
     *args: str, env: dict[str, str] | None = None, timeout: int = 600
 ) -> subprocess.CompletedProcess[str]:
     full_env = os.environ.copy() | {"COLUMNS": "200"} | (env or {})  # tables wide enough to read
-    return subprocess.run(
-        [sys.executable, "-m", "mlops_cli.main", *args],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        timeout=timeout,
-    )
+    return run_cli(full_env, *args, timeout=timeout)
 
 
 def test_invalid_config_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
@@ -229,6 +224,7 @@ def test_query_is_read_only_each_refusal_one_line_and_nonzero(tmp_path: Path) ->
     assert ok.returncode == 0, ok.stderr
     assert "3" in ok.stdout
 
+    # The refusals in this process (the same command and error handling, without an interpreter each).
     for sql in (
         f"SELECT * FROM read_csv('{tmp_path}/secret.csv')",
         f"COPY (SELECT * FROM scores) TO '{tmp_path}/out.csv'",
@@ -236,8 +232,9 @@ def test_query_is_read_only_each_refusal_one_line_and_nonzero(tmp_path: Path) ->
         "SET enable_external_access = true",
         "SELECT 1; SELECT 2",
     ):
-        result = mlops("query", sql, env=env)
-        assert result.returncode == 3, (sql, result.stdout, result.stderr)
+        with environ_restored():
+            result = RUNNER.invoke(app, ["query", sql], env=env | {"COLUMNS": "200"})
+        assert result.exit_code == 3, (sql, result.stdout, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:"), (sql, result.stderr)
         assert "hunter2" not in result.stdout + result.stderr

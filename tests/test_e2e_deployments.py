@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,18 +15,9 @@ import pytest
 from adapters.datasets import write_parquet
 from adapters.services import free_port
 from mlops.datagen import generate
+from tests.support.cli import run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(2400)]
-
-
-def _mlops(env: dict[str, str], *args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mlops_cli.main", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +34,13 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
         "MLOPS__SERVICES__STARTUP_TIMEOUT_SECONDS": "600",
         "MLOPS__TRAINING__CANDIDATES": '[{"kind": "gradient_boosting", "n_estimators": 20}, {"kind": "logistic_regression"}]',
     }
-    up = _mlops(env, "server", "up", timeout=900)
+    up = run_cli(env, "server", "up", timeout=900)
     assert up.returncode == 0, up.stdout + up.stderr
     pids = _recorded_pids(home)
     try:
         yield env
     finally:
-        down = _mlops(env, "server", "down")
+        down = run_cli(env, "server", "down")
         assert down.returncode == 0, down.stderr
         time.sleep(1)
         survivors = [
@@ -105,7 +94,7 @@ def test_deployments_register_and_training_runs_on_the_worker(
     and the server answers for the version the embedded SQLite form then lists."""
     import httpx
 
-    deployed = _mlops(platform, "deploy")
+    deployed = run_cli(platform, "deploy")
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
     assert "train/train" in deployed.stdout
 
@@ -125,11 +114,11 @@ def test_deployments_register_and_training_runs_on_the_worker(
         f"{mlflow_url}/api/2.0/mlflow/runs/get", params={"run_id": served.json()["model_version"]["run_id"]}
     )
     assert run.json()["run"]["info"]["status"] == "FINISHED", run.text
-    listing = _mlops(platform, "registry", "list", "--json")
+    listing = run_cli(platform, "registry", "list", "--json")
     assert [set(v["aliases"]) for v in map(json.loads, listing.stdout.splitlines())] == [
         {"challenger", "champion"}
     ], listing.stdout + listing.stderr
-    status = _mlops(platform, "server", "status")
+    status = run_cli(platform, "server", "status")
     assert "running" in status.stdout and "stopped" not in status.stdout, status.stdout
     nightly = _read_deployment(platform, "score/nightly-scoring")
     assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in nightly.schedules] == [
@@ -161,7 +150,7 @@ def test_a_scoring_run_from_the_nightly_deployment_publishes_the_date_to_duckdb(
     write_parquet([generate(20_000, seed=41, start=datetime(2026, 1, 5))], data)
     flow_run = _run_deployment(platform, "score/nightly-scoring", {"run_date": day})
     assert flow_run.state.is_completed(), flow_run.state
-    counted = _mlops(
+    counted = run_cli(
         platform,
         "query",
         f"SELECT count(*) AS n, count(DISTINCT transaction_id) AS ids FROM scores WHERE run_date = '{day}'",
@@ -250,7 +239,7 @@ def test_rollout_runs_pause_for_approval_and_are_approved_rejected_or_time_out(
                     args = ["rollout", answer, str(run.id)] + (
                         ["--reason", "not this week"] if answer == "reject" else []
                     )
-                    answered = _mlops(platform, *args)
+                    answered = run_cli(platform, *args)
                     assert answered.returncode == 0, answered.stdout + answered.stderr
                 final = _wait_state(platform, run.id, "COMPLETED")
                 if (
@@ -297,7 +286,7 @@ def _settled_rollouts(env: dict[str, str], count: int, within_s: float = 20) -> 
 
 def _rollouts(env: dict[str, str]) -> str:
     """`mlops rollout list` (each rollout's phase and last reason), for assertions and their messages."""
-    listed = _mlops(env, "rollout", "list")
+    listed = run_cli(env, "rollout", "list")
     return listed.stdout + listed.stderr
 
 

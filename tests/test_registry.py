@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -22,6 +21,7 @@ from mlops.settings import Settings
 from registry.mlflow_registry import ModelRegistry
 from registry.promotion import promote
 from tests.conftest import register_versions
+from tests.support.cli import run_cli
 
 GOOD = {"roc_auc": 0.90, "pr_auc": 0.30, "log_loss": 0.05}
 pytestmark = pytest.mark.integration
@@ -119,21 +119,8 @@ def test_concurrent_promotions_in_processes_have_one_winner(home: Settings, smal
     contenders = versions[1:]
 
     def run(version: int) -> subprocess.CompletedProcess[str]:
-        cmd = [
-            sys.executable,
-            "-m",
-            "mlops_cli.main",
-            "promote",
-            "--alias",
-            CHAMPION,
-            "--version",
-            str(version),
-            "--expect-current",
-            str(versions[0]),
-            "--reason",
-            f"race {version}",
-        ]
-        return subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), timeout=300)
+        args = ["--alias", CHAMPION, "--version", str(version), "--expect-current", str(versions[0])]
+        return run_cli(os.environ.copy(), "promote", *args, "--reason", f"race {version}", timeout=300)
 
     with ThreadPoolExecutor(len(contenders)) as pool:
         results = dict(zip(contenders, pool.map(run, contenders), strict=True))

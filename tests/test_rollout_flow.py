@@ -33,7 +33,8 @@ from adapters.services import free_port, http_ok, serving_command, serving_envir
 from mlops.registry_model import CHAMPION, PREVIOUS_CHAMPION
 from mlops.rollout.machine import Phase
 from mlops.rollout.simulator import Pathology, SimulatorConfig
-from mlops.settings import Settings, load_settings
+from mlops.settings import Settings
+from tests.support.serving import configured
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -60,27 +61,22 @@ class Live:
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -> Iterator[Live]:
+def live(
+    tmp_path_factory: pytest.TempPathFactory, small_model: bytes, mlflow_template: Path
+) -> Iterator[Live]:
     """A started service with v1 champion in stable and v2-v5 registered, and its environment."""
-    from conftest import FAST_ENV, register_versions
+    from conftest import register_versions
 
-    from adapters.runtime import configure
     from mlops.rollout.degrade import degrade
     from registry.mlflow_registry import ModelRegistry
 
     root = tmp_path_factory.mktemp("rollout")
     port = free_port()
-    overrides = FAST_ENV | {
-        "MLOPS_HOME": str(root / "home"),
+    overrides = {
         "MLOPS__SERVING__URL": f"http://127.0.0.1:{port}",
         "MLOPS__SERVING__LOG_FLUSH_SECONDS": "0.2",
     }
-    saved = dict(os.environ)
-    try:
-        os.environ.update(overrides)
-        settings = load_settings()
-        configure(settings)
-        env = dict(os.environ)
+    with configured(root / "home", mlflow_template, overrides) as (settings, env):
         schema = settings.dataset
         models = [
             degrade(small_model, schema, Pathology(extra_noise=1.5)),
@@ -103,9 +99,6 @@ def live(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -> Iterat
 
         ensure_token(settings)
         ensure_feedback_token(settings)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
     plan = root / "fast.yaml"
     plan.write_text(FAST_PLAN)
     log = root / "service.log"

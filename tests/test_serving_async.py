@@ -44,6 +44,7 @@ from serving.async_jobs import (
     view,
 )
 from serving.predlog_store import PredictionLogStore
+from tests.support.serving import champion_registry
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -196,25 +197,14 @@ def test_job_ids_are_random_and_not_stored():
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -> dict[str, str]:
+def registry(
+    tmp_path_factory: pytest.TempPathFactory, small_model: bytes, mlflow_template: Path
+) -> dict[str, str]:
     """A registry with champion v1 (the small model); the env that points a service at it."""
-    from conftest import FAST_ENV, register_versions
-
-    from adapters.runtime import configure
-    from registry.mlflow_registry import ModelRegistry
-
     home = tmp_path_factory.mktemp("async") / "registry"
-    saved = dict(os.environ)
-    try:
-        os.environ.update(FAST_ENV | {"MLOPS_HOME": str(home)})
-        settings = load_settings()
-        configure(settings)
-        env = dict(os.environ)
-        [v1] = register_versions(settings, small_model, [{"roc_auc": 0.8}])
-        ModelRegistry(settings).move_alias(settings.training.model_name, "champion", v1, reason="async tests")
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    settings, env, _ = champion_registry(
+        home, mlflow_template, small_model, [{"roc_auc": 0.8}], "async tests"
+    )
     return env | {
         "MLOPS__MLFLOW__TRACKING_URI": settings.tracking_uri,
         "MLOPS__MLFLOW__AUDIT_DB_URI": settings.audit_db_uri,

@@ -33,6 +33,7 @@ from mlops.feature_skew import measure_skew
 from mlops.features import FeatureSet, StreamFeatures, compute_offline, timestamps_ns
 from mlops.onnx_model import OnnxScorer
 from mlops.settings import LogisticRegressionSpec, NumericFeature, Settings, load_settings
+from tests.support.serving import champion_registry, env_reaching
 
 REPO = Path(__file__).resolve().parent.parent
 FEATURES_YAML = REPO / "configs" / "features.yaml"
@@ -70,14 +71,14 @@ def window_model(base: Settings, fs: FeatureSet, events: pd.DataFrame) -> tuple[
 
 @pytest.fixture(scope="module")
 def registry_env(
-    tmp_path_factory: pytest.TempPathFactory, window_model: tuple[bytes, OnnxScorer]
+    tmp_path_factory: pytest.TempPathFactory, window_model: tuple[bytes, OnnxScorer], mlflow_template: Path
 ) -> dict[str, str]:
     """A registry whose champion v1 is the window model."""
-    from conftest import shared_registry
-
-    env = shared_registry(
-        tmp_path_factory.mktemp("registry"), window_model[0], [{"roc_auc": 0.8}], FEATURES_YAML
+    home = tmp_path_factory.mktemp("registry") / "home"
+    settings, _, _ = champion_registry(
+        home, mlflow_template, window_model[0], [{"roc_auc": 0.8}], "tests", config=FEATURES_YAML
     )
+    env = env_reaching(settings)
     return env | {
         "MLOPS__SERVING__LOG_FLUSH_SECONDS": "60",
         "MLOPS__SERVING__ONLINE_FEATURES__REFRESH_SECONDS": "0.05",

@@ -9,7 +9,6 @@ and property-based bodies sent to every scoring route. All traffic goes to 127.0
 from __future__ import annotations
 
 import json
-import os
 import socket
 import struct
 import threading
@@ -17,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -32,7 +32,8 @@ from mlops.request_validation import (
     parse_json,
     split_binary,
 )
-from mlops.settings import Settings, load_settings
+from mlops.settings import Settings
+from tests.support.serving import champion_registry, feature_records, json_tensors
 
 SCHEMA = fraud_schema()
 V = RequestValidator(SCHEMA, max_rows=10)
@@ -40,23 +41,7 @@ OUT = ["probabilities"]
 
 
 def _rows(n: int, seed: int = 5) -> list[dict]:
-    frame = generate(max(n, 10), seed=seed).head(n)
-    return [
-        {k: (float(r[k]) if k in SCHEMA.numeric_names else str(r[k])) for k in SCHEMA.feature_names}
-        for r in frame.to_dict("records")
-    ]
-
-
-def _json_tensors(rows: list[dict]) -> list[dict]:
-    return [
-        {
-            "name": n,
-            "datatype": "FP32" if n in SCHEMA.numeric_names else "BYTES",
-            "shape": [len(rows), 1],
-            "data": [r[n] for r in rows],
-        }
-        for n in SCHEMA.feature_names
-    ]
+    return feature_records(generate(max(n, 10), seed=seed).head(n), SCHEMA)
 
 
 def _raw(name: str, values: list) -> bytes:
@@ -68,7 +53,7 @@ def _raw(name: str, values: list) -> bytes:
 def _binary_request(rows: list[dict], **extra: object) -> tuple[bytes, str]:
     """A body using the binary extension for every input, and its Inference-Header-Content-Length."""
     tensors, blobs = [], []
-    for t in _json_tensors(rows):
+    for t in json_tensors(rows, SCHEMA):
         raw = _raw(t["name"], t.pop("data"))
         tensors.append(t | {"parameters": {"binary_data_size": len(raw)}})
         blobs.append(raw)
@@ -96,7 +81,7 @@ def test_integer_literals_too_long_or_out_of_float_range_are_4xx_naming_the_prob
     record = {"features": _rows(1)[0] | {"amount": big}}
     err = problem(V.predict, record)
     assert err.status == 422 and "'amount' = an integer of 401 digits is outside its valid range" in str(err)
-    tensors = [t | {"data": [-big]} if t["name"] == "amount" else t for t in _json_tensors(_rows(1))]
+    tensors = [t | {"data": [-big]} if t["name"] == "amount" else t for t in json_tensors(_rows(1), SCHEMA)]
     err = problem(V.v2_infer, {"inputs": tensors}, OUT)
     assert err.status == 422 and "'amount'" in str(err) and "a negative integer of 401 digits" in str(err)
     unranged = RequestValidator(SCHEMA, enforce_ranges=False)
@@ -115,7 +100,7 @@ def test_binary_tensor_data_decodes_to_the_same_request_as_json():
     body, header_length = _binary_request(rows, id="b-1")
     header, binary = split_binary(body, header_length)
     from_binary = V.v2_infer(header, OUT, binary)
-    from_json = V.v2_infer({"inputs": _json_tensors(rows), "id": "b-1"}, OUT)
+    from_json = V.v2_infer({"inputs": json_tensors(rows, SCHEMA), "id": "b-1"}, OUT)
     assert from_binary.rows == 4 and from_binary.id == "b-1"
     for name in SCHEMA.feature_names:
         expect = from_json.columns[name]
@@ -123,7 +108,7 @@ def test_binary_tensor_data_decodes_to_the_same_request_as_json():
             expect = np.float32(expect).tolist()
         assert from_binary.columns[name] == expect, name
     assert from_json.binary_outputs == frozenset() and from_binary.binary_outputs == frozenset()
-    tensors = _json_tensors(rows)
+    tensors = json_tensors(rows, SCHEMA)
     asked = V.v2_infer({"inputs": tensors, "parameters": {"binary_data_output": True}}, OUT)
     assert asked.binary_outputs == {"probabilities"}
     per_output = V.v2_infer(
@@ -213,7 +198,7 @@ def _binary_cases() -> list[tuple[str, bytes, str, int, str]]:
 
 def _replace_geo(rows: list[dict], geo_raw: bytes) -> tuple[bytes, str]:
     tensors, blobs = [], []
-    for t in _json_tensors(rows):
+    for t in json_tensors(rows, SCHEMA):
         raw = geo_raw if t["name"] == "geo" else _raw(t["name"], t.pop("data"))
         t.pop("data", None)
         tensors.append(t | {"parameters": {"binary_data_size": len(raw)}})
@@ -259,36 +244,25 @@ class Service:
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -> Iterator[Service]:
+def service(
+    tmp_path_factory: pytest.TempPathFactory, small_model: bytes, mlflow_template: Path
+) -> Iterator[Service]:
     """A started service with champion v1 in the stable slot and a short body deadline."""
-    from conftest import FAST_ENV, register_versions
     from test_serving_service import _start
 
-    from adapters.runtime import configure
     from adapters.services import free_port, terminate
-    from registry.mlflow_registry import ModelRegistry
 
     home = tmp_path_factory.mktemp("protocol") / "home"
-    overrides = FAST_ENV | {
-        "MLOPS_HOME": str(home),
+    overrides = {
         "MLOPS__SERVING__REQUEST_TIMEOUT_SECONDS": str(TIMEOUT_S),
         "MLOPS__SERVING__MAX_INFLIGHT_REQUESTS": str(MAX_INFLIGHT),
         "MLOPS__SERVING__BODY_TIMEOUT_SECONDS": str(BODY_TIMEOUT_S),
         "MLOPS__SERVING__LOG_FLUSH_SECONDS": "0.5",
     }
-    saved = dict(os.environ)
-    try:  # configure() writes the backends' variables into os.environ: restore them after
-        os.environ.update(overrides)
-        settings = load_settings()
-        configure(settings)
-        env = dict(os.environ)
-        versions = register_versions(settings, small_model, [{"roc_auc": 0.8}, {"roc_auc": 0.81}])
-        ModelRegistry(settings).move_alias(
-            settings.training.model_name, "champion", versions[0], reason="protocol tests"
-        )
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    metrics = [{"roc_auc": 0.8}, {"roc_auc": 0.81}]
+    settings, env, _ = champion_registry(
+        home, mlflow_template, small_model, metrics, "protocol tests", overrides
+    )
     port = free_port()
     proc = _start(settings, env, port, home / "service.log")
     try:
@@ -554,7 +528,7 @@ def _templates(service: Service, http: httpx.Client) -> dict[str, object]:
         "/feedback": {"feedback": [{"request_id": _issued_id(http, rows[0]), "label": 1}]},
         f"/v2/models/{service.model}/infer": {
             "id": "v-1",
-            "inputs": _json_tensors(rows),
+            "inputs": json_tensors(rows, SCHEMA),
             "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
         },
     }
@@ -638,7 +612,7 @@ def test_huge_integer_literals_over_http_are_4xx(service: Service, http: httpx.C
         ("/feedback", '{"request_id": "r", "label": ' + huge + "}", 400, "too long"),
         ("/feedback", '{"request_id": "r", "label": ' + big + "}", 422, "label must be one of"),
     ]
-    tensors = json.dumps({"inputs": _json_tensors(service.rows[:1])})
+    tensors = json.dumps({"inputs": json_tensors(service.rows[:1], SCHEMA)})
     amount = json.dumps(service.rows[0]["amount"])
     v2 = f"/v2/models/{service.model}/infer"
     cases += [

@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,32 +32,29 @@ from mlops.rollout.observe import observe
 from mlops.rollout.plan import ABStep, BlueGreenStep, CanaryStep, ShadowStep, load_plan
 from mlops.routing import FORCE_HEADER
 from mlops.settings import Settings, load_settings
-from serving.app import RuntimeRef, build_app
-from serving.async_jobs import AsyncJobs
 from serving.auth import (
-    ensure_feedback_token,
-    ensure_id_key,
-    ensure_token,
     feedback_token_path,
     read_feedback_token,
 )
 from serving.predlog_store import PredictionLogStore
 from serving.runtime import ServingRuntime
-from serving.source import RegistrySource
+from tests.support.serving import champion_registry, env_reaching, feature_records, serve_in_process
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_PLAN = REPO / "configs" / "rollout" / "demo.yaml"
 
 
 @pytest.fixture(scope="module")
-def registry_env(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -> dict[str, str]:
+def registry_env(
+    tmp_path_factory: pytest.TempPathFactory, small_model: bytes, mlflow_template: Path
+) -> dict[str, str]:
     """A registry holding versions 1 and 2 (the same small model), champion at 1; the
     ``MLOPS__MLFLOW__*`` settings that point a fresh MLOPS_HOME at it."""
-    from conftest import shared_registry
-
-    return shared_registry(
-        tmp_path_factory.mktemp("registry"), small_model, [{"roc_auc": 0.8}, {"roc_auc": 0.81}]
-    )
+    home = tmp_path_factory.mktemp("registry") / "home"
+    metrics = [{"roc_auc": 0.8}, {"roc_auc": 0.81}]
+    settings, _, versions = champion_registry(home, mlflow_template, small_model, metrics, "security tests")
+    assert versions == [1, 2]
+    return env_reaching(settings)
 
 
 @pytest.fixture
@@ -76,11 +74,7 @@ def traffic() -> tuple[list[dict[str, Any]], np.ndarray]:
     """Feature records and their true labels."""
     frame = generate(16_000, seed=21)
     schema = load_settings(environ={}).dataset
-    rows = [
-        {n: (float(r[n]) if n in schema.numeric_names else str(r[n])) for n in schema.feature_names}
-        for r in frame.to_dict("records")
-    ]
-    return rows, frame[schema.label_column].to_numpy(dtype=np.int64)
+    return feature_records(frame, schema), frame[schema.label_column].to_numpy(dtype=np.int64)
 
 
 @dataclass
@@ -126,40 +120,11 @@ class Served:
         await asyncio.to_thread(self.runtime.writer.flush)
 
 
-class serve:
-    """``async with serve(settings) as s``: bootstrap, start, and on the way out stop (which
-    flushes the prediction log), like the BentoML service does."""
-
-    def __init__(self, settings: Settings, *, jobs: bool = False):
-        self.settings = settings
-        self.jobs = jobs
-
-    async def __aenter__(self) -> Served:
-        s = self.settings
-        name = s.serving.model_name or s.training.model_name
-        rt = ServingRuntime(
-            s,
-            RegistrySource(s, name),
-            token=ensure_token(s),
-            feedback_token=ensure_feedback_token(s),
-            id_key=ensure_id_key(s),
-        )
-        await asyncio.to_thread(rt.bootstrap)
-        rt.start()
-        self.ref = RuntimeRef(rt)
-        if self.jobs:  # what the app's lifespan does when async jobs are enabled
-            self.ref.jobs = AsyncJobs(rt)
-            await self.ref.jobs.start()
-        app = build_app(self.ref)
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        self.served = Served(s, rt, httpx.AsyncClient(transport=transport, base_url="http://serving"))
-        return self.served
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.served.http.aclose()
-        if self.ref.jobs is not None:
-            await self.ref.jobs.stop()
-        await self.served.runtime.stop()
+@asynccontextmanager
+async def serve(settings: Settings, *, jobs: bool = False) -> AsyncIterator[Served]:
+    """``async with serve(settings) as s``: the service in this process (``serve_in_process``)."""
+    async with serve_in_process(settings, jobs=jobs) as (rt, http):
+        yield Served(settings, rt, http)
 
 
 def _records(rows: list[dict[str, Any]], start: int, n: int, **extra: Any) -> list[dict[str, Any]]:

@@ -34,10 +34,11 @@ from mlops.datagen import generate
 from mlops.onnx_model import OnnxScorer
 from mlops.predlog import client_request_id
 from mlops.routing import FORCE_HEADER, Mode, RouteTable, route
-from mlops.settings import Settings, load_settings
+from mlops.settings import Settings
 from serving.client import ServingClient, ServingRequestFailed
 from serving.models import MEMORY_FACTOR
 from serving.predlog_store import PredictionLogStore
+from tests.support.serving import champion_registry, feature_records, json_tensors
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -107,49 +108,29 @@ def _start(settings: Settings, env: dict[str, str], port: int, log: Path) -> sub
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -> Iterator[Service]:
+def service(
+    tmp_path_factory: pytest.TempPathFactory, small_model: bytes, mlflow_template: Path
+) -> Iterator[Service]:
     """A started service: champion v1 in stable, versions 1-4 registered (same small model)."""
-    from conftest import FAST_ENV, register_versions
-
-    from adapters.runtime import configure
-    from registry.mlflow_registry import ModelRegistry
-
     home = tmp_path_factory.mktemp("serving") / "home"
     budget_mb = 3.5 * len(small_model) * MEMORY_FACTOR / 2**20  # room for three versions
-    overrides = FAST_ENV | {
-        "MLOPS_HOME": str(home),
+    overrides = {
         "MLOPS__SERVING__REQUEST_TIMEOUT_SECONDS": str(TIMEOUT_S),
         "MLOPS__SERVING__MAX_INFLIGHT_REQUESTS": str(MAX_INFLIGHT),
         "MLOPS__SERVING__LOG_FLUSH_SECONDS": "0.2",
         "MLOPS__SERVING__MODEL_MEMORY_BUDGET_MB": repr(budget_mb),
         "MLOPS__SERVING__LOAD_ON_DEMAND": "true",
     }
-    saved = dict(os.environ)
-    try:  # configure() writes the backends' variables into os.environ: restore them after
-        os.environ.update(overrides)
-        settings = load_settings()
-        configure(settings)
-        env = dict(os.environ)
-        versions = register_versions(settings, small_model, [{"roc_auc": 0.8 + i / 100} for i in range(4)])
-        ModelRegistry(settings).move_alias(
-            settings.training.model_name, "champion", versions[0], reason="serving tests"
-        )
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    metrics = [{"roc_auc": 0.8 + i / 100} for i in range(4)]
+    settings, env, versions = champion_registry(
+        home, mlflow_template, small_model, metrics, "serving tests", overrides
+    )
     port = free_port()
     log = home / "service.log"
     proc = _start(settings, env, port, log)
     try:
         client = ServingClient.for_settings(settings, base_url=f"http://127.0.0.1:{port}")
-        frame = generate(1000, seed=11)
-        rows = [
-            {
-                n: (float(r[n]) if n in settings.dataset.numeric_names else str(r[n]))
-                for n in settings.dataset.feature_names
-            }
-            for r in frame.to_dict("records")
-        ]
+        rows = feature_records(generate(1000, seed=11), settings.dataset)
         yield Service(
             f"http://127.0.0.1:{port}",
             settings,
@@ -314,26 +295,13 @@ def test_predict_scores_one_or_many_records_like_the_model(service: Service, htt
     assert len({x["request_id"] for x in many}) == 20
 
 
-def _tensors(service: Service, rows: list[dict]) -> list[dict]:
-    ds = service.settings.dataset
-    return [
-        {
-            "name": n,
-            "datatype": "FP32" if n in ds.numeric_names else "BYTES",
-            "shape": [len(rows), 1],
-            "data": [r[n] for r in rows],
-        }
-        for n in ds.feature_names
-    ]
-
-
 def test_v2_infer_routed_and_per_version(service: Service, http: httpx.Client):
     """OIP v2 infer returns the [N, 2] FP32 probabilities, routed on the model name and
     pinned on /versions/{v} (loaded on demand for the admin token holder only)."""
     service.apply(mode="single")
     name = service.settings.training.model_name
     rows = service.rows[:3]
-    body = {"id": "req-9", "inputs": _tensors(service, rows)}
+    body = {"id": "req-9", "inputs": json_tensors(rows, service.settings.dataset)}
     out = http.post(f"/v2/models/{name}/infer", json=body).json()
     assert out["id"] == "req-9" and out["model_version"] == str(service.versions[0])
     [probs] = out["outputs"]
@@ -698,7 +666,7 @@ def test_every_bad_input_is_a_4xx_naming_the_problem_and_the_service_keeps_servi
     big = b'{"features": {"amount": "' + b"x" * 2_000_000 + b'"}}'
     resp = http.post("/predict", content=big, headers={"Content-Type": "application/json"})
     assert resp.status_code == 413 and "exceeds the limit" in resp.json()["error"]
-    good = _tensors(service, service.rows[:2])
+    good = json_tensors(service.rows[:2], service.settings.dataset)
     v2_cases = [
         (
             [t | {"datatype": "FP64"} if t["name"] == "amount" else t for t in good],
@@ -738,7 +706,7 @@ def test_versions_load_on_demand_and_are_evicted_least_recently_used(service: Se
     v1, v2, v3, v4 = service.versions[:4]
     service.apply(mode="single")  # only v1 in a slot
     name = service.settings.training.model_name
-    body = {"inputs": _tensors(service, service.rows[:1])}
+    body = {"inputs": json_tensors(service.rows[:1], service.settings.dataset)}
     for v in (v2, v3, v4, v2):
         path = f"/v2/models/{name}/versions/{v}/infer"
         assert http.post(path, json=body, headers=service.auth).status_code == 200

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 
@@ -23,13 +22,11 @@ from mlops.datagen import generate
 from mlops.errors import ConfigError
 from mlops.settings import Settings, load_settings
 from mlops.tenancy import TenantQuota, TokenBucket, check_tenant_name, owner_of, tenant_model_name
-from serving.app import RuntimeRef, build_app
-from serving.auth import ensure_feedback_token, ensure_id_key, ensure_token
 from serving.models import MEMORY_FACTOR
 from serving.predlog_store import predictions_dir
-from serving.runtime import ServingRuntime
-from serving.source import RegistrySource
 from serving.tenants import MODEL_OVERHEAD_BYTES, add_tenant, list_tenants, tenant_log_dir, tenants_dir
+from tests.support.cli import run_cli
+from tests.support.serving import configured, env_reaching, feature_records, serve_in_process
 
 BASE = "fraud-detector"
 SLOW_STEPS = 1e5  # ~0.3 s for a row whose amount is 1.0 (a warm-up row answers at once)
@@ -86,21 +83,18 @@ def test_tenants_add_stores_only_a_hash_and_refuses_a_second_add(tmp_path: Path)
 
 
 @pytest.fixture(scope="module")
-def registry_env(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -> dict[str, str]:
+def registry_env(
+    tmp_path_factory: pytest.TempPathFactory, small_model: bytes, mlflow_template: Path
+) -> dict[str, str]:
     """A registry with the main model and the tenant models ``--acme``, ``--beta`` (the small
     model) and ``--slow`` (a model that spins ~0.3 s on a row whose amount is 1.0), each with
     ``champion`` at version 1."""
-    from conftest import FAST_ENV, log_fixture_model
+    from conftest import log_fixture_model
     from test_serving_components import slow_model
 
-    from adapters.runtime import configure
     from registry.mlflow_registry import ModelRegistry
 
-    shared = tmp_path_factory.mktemp("tenant-registry") / "home"
-    settings = load_settings(environ=FAST_ENV | {"MLOPS_HOME": str(shared)})
-    saved = dict(os.environ)
-    try:
-        configure(settings)
+    with configured(tmp_path_factory.mktemp("tenant-registry") / "home", mlflow_template) as (settings, _):
         registry = ModelRegistry(settings)
         for onnx, names in (
             (small_model, [BASE, f"{BASE}--acme", f"{BASE}--beta"]),
@@ -110,13 +104,7 @@ def registry_env(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -
             for name in names:
                 v = registry.register(name, logged.model_uri, logged.run_id, {}, "fixture").version
                 registry.move_alias(name, "champion", v, reason="tenant tests")
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    return FAST_ENV | {
-        "MLOPS__MLFLOW__TRACKING_URI": settings.tracking_uri,
-        "MLOPS__MLFLOW__AUDIT_DB_URI": settings.audit_db_uri,
-    }
+    return env_reaching(settings)
 
 
 @pytest.fixture
@@ -137,38 +125,7 @@ def make_settings(registry_env: dict[str, str], tmp_path: Path):
 
 @pytest.fixture(scope="module")
 def rows() -> list[dict[str, Any]]:
-    frame = generate(500, seed=21)
-    schema = load_settings(environ={}).dataset
-    return [
-        {n: (float(r[n]) if n in schema.numeric_names else str(r[n])) for n in schema.feature_names}
-        for r in frame.to_dict("records")
-    ]
-
-
-class serve:
-    """``async with serve(settings) as (runtime, http)``: the service in this process."""
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
-
-    async def __aenter__(self) -> tuple[ServingRuntime, httpx.AsyncClient]:
-        s = self.settings
-        rt = ServingRuntime(
-            s,
-            RegistrySource(s, s.training.model_name),
-            token=ensure_token(s),
-            feedback_token=ensure_feedback_token(s),
-            id_key=ensure_id_key(s),
-        )
-        await asyncio.to_thread(rt.bootstrap)
-        rt.start()
-        transport = httpx.ASGITransport(app=build_app(RuntimeRef(rt)), raise_app_exceptions=False)
-        self.rt, self.http = rt, httpx.AsyncClient(transport=transport, base_url="http://serving")
-        return rt, self.http
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.http.aclose()
-        await self.rt.stop()
+    return feature_records(generate(500, seed=21), load_settings(environ={}).dataset)
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -188,7 +145,7 @@ def test_a_tenant_reaches_only_its_own_models_and_others_look_absent(make_settin
     acme, beta = add_tenant(settings, "acme"), add_tenant(settings, "beta")
 
     async def scenario() -> None:
-        async with serve(settings) as (rt, http):
+        async with serve_in_process(settings) as (rt, http):
             r = await http.post(
                 url("acme"), json={"records": [{"features": f} for f in rows[:5]]}, headers=bearer(acme)
             )
@@ -233,7 +190,7 @@ def test_the_tenant_route_is_absent_unless_tenants_are_enabled(make_settings, ro
     token = add_tenant(settings, "acme")
 
     async def scenario() -> None:
-        async with serve(settings) as (rt, http):
+        async with serve_in_process(settings) as (rt, http):
             assert rt.tenants is None
             r = await http.post(url("acme"), json={"features": rows[0]}, headers=bearer(token))
             assert r.status_code == 404 and "off" in r.json()["error"]
@@ -248,7 +205,7 @@ def test_past_its_quota_a_tenant_gets_429_with_retry_after(make_settings, rows):
     acme, beta = add_tenant(settings, "acme"), add_tenant(settings, "beta")
 
     async def scenario() -> None:
-        async with serve(settings) as (_, http):
+        async with serve_in_process(settings) as (_, http):
             codes = []
             for _ in range(5):
                 r = await http.post(url("acme"), json={"features": rows[0]}, headers=bearer(acme))
@@ -276,7 +233,7 @@ def test_eviction_never_drops_a_request_in_flight(make_settings, rows, small_mod
     held = dict(rows[0], amount=1.0)
 
     async def scenario() -> None:
-        async with serve(settings) as (rt, http):
+        async with serve_in_process(settings) as (rt, http):
             pool = rt.tenants.pool
             task = asyncio.create_task(http.post(url("slow"), json={"features": held}, headers=bearer(slow)))
             deadline = time.monotonic() + 30
@@ -321,7 +278,7 @@ def test_a_noisy_tenant_cannot_raise_a_quiet_tenants_p99_beyond_the_bound(make_s
     body = {"features": rows[0]}
 
     async def scenario() -> tuple[list[float], list[float], dict[int, int]]:
-        async with serve(settings) as (_, http):
+        async with serve_in_process(settings) as (_, http):
             for tenant, token in (("acme", quiet), ("beta", noisy)):  # both models loaded
                 assert (await http.post(url(tenant), json=body, headers=bearer(token))).status_code == 200
 
@@ -369,7 +326,6 @@ def test_cli_adds_a_tenant_and_trains_its_own_model(tmp_path: Path, prefect_api:
     """`mlops tenants add acme` prints a token once; `mlops train --tenant acme` registers
     'fraud-detector--acme' (v1, challenger) and leaves the main model unregistered."""
     import subprocess
-    import sys
 
     from conftest import FAST_ENV
     from prefect.settings import PREFECT_API_URL
@@ -386,13 +342,7 @@ def test_cli_adds_a_tenant_and_trains_its_own_model(tmp_path: Path, prefect_api:
     )
 
     def mlops(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "mlops_cli.main", *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=600,
-        )
+        return run_cli(env, *args)
 
     added = mlops("tenants", "add", "acme")
     assert added.returncode == 0, added.stderr

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -17,17 +15,13 @@ import pyarrow as pa
 import pytest
 
 from adapters.broker import BrokerError, SqliteBroker
-from adapters.feature_store import EmbeddedFeatureStore
 from mlops.datagen import generate
 from mlops.features import FeatureSet, compute_offline
 from mlops.modeling import fit, to_onnx_bytes
 from mlops.onnx_model import OnnxScorer
-from mlops.scoring import ModelRef
 from mlops.settings import LogisticRegressionSpec, load_settings
 from tasks.stream import StreamConsumer, frame_messages, part_name, read_parts
-
-REPO = Path(__file__).resolve().parent.parent
-FEATURES_YAML = REPO / "configs" / "features.yaml"
+from tests.support.stream import FEATURES_YAML, REPO, kill_and_resume, stream_consumer
 
 
 @pytest.fixture(scope="module")
@@ -60,19 +54,9 @@ def events() -> pd.DataFrame:
 def _consumer(
     settings, fs, model_file: Path, home: Path, group: str = "scorer", broker_timeout: float = 30.0
 ) -> StreamConsumer:
-    onnx = model_file.read_bytes()
-    ref = ModelRef("fraud-detector", 1, "champion", 0.2, hashlib.sha256(onnx).hexdigest()[:16])
-    return StreamConsumer(
-        broker=SqliteBroker(home / "broker.db", timeout_seconds=broker_timeout),
-        store=EmbeddedFeatureStore(home / "state" / group, fs),
-        fs=fs,
-        schema=settings.dataset,
-        scorer=OnnxScorer(onnx, settings.dataset),
-        model=ref,
-        out_dir=home / "out" / group,
-        topic="tx",
-        group=group,
-        checkpoint_every=3,
+    broker = SqliteBroker(home / "broker.db", timeout_seconds=broker_timeout)
+    return stream_consumer(
+        settings.dataset, fs, model_file.read_bytes(), home, broker, group, checkpoint_every=3
     )
 
 
@@ -236,40 +220,6 @@ def _scores_with_zero_windows(scorer: OnnxScorer, frame: pd.DataFrame, fs: Featu
     return scorer.run(feeds)
 
 
-CONSUME_LOOP = textwrap.dedent(
-    """
-    import hashlib, sys
-    from pathlib import Path
-    from adapters.broker import SqliteBroker
-    from adapters.feature_store import EmbeddedFeatureStore
-    from mlops.features import FeatureSet
-    from mlops.onnx_model import OnnxScorer
-    from mlops.scoring import ModelRef
-    from mlops.settings import load_settings
-    from tasks.stream import StreamConsumer
-
-    settings = load_settings(sys.argv[1], environ={})
-    fs = FeatureSet.from_settings(settings)
-    onnx, home = Path(sys.argv[2]).read_bytes(), Path(sys.argv[3])
-    consumer = StreamConsumer(
-        broker=SqliteBroker(home / "broker.db"),
-        store=EmbeddedFeatureStore(home / "state" / "scorer", fs),
-        fs=fs,
-        schema=settings.dataset,
-        scorer=OnnxScorer(onnx, settings.dataset),
-        model=ModelRef("fraud-detector", 1, "champion", 0.2, hashlib.sha256(onnx).hexdigest()[:16]),
-        out_dir=home / "out" / "scorer",
-        topic="tx",
-        group="scorer",
-        checkpoint_every=3,
-    )
-    consumer.start()
-    print("started", flush=True)
-    consumer.run(max_events=10**9, batch_size=97)
-    """
-)
-
-
 @pytest.mark.slow
 def test_a_consumer_killed_at_random_moments_writes_exactly_an_uninterrupted_run(
     settings,
@@ -292,27 +242,17 @@ def test_a_consumer_killed_at_random_moments_writes_exactly_an_uninterrupted_run
 
     home = tmp_path / "killed"
     SqliteBroker(home / "broker.db").publish("tx", frame_messages(events, settings.dataset, fs))
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    rng = np.random.default_rng(17)
-    kills = 0
-    for attempt in range(6):  # five runs killed at a random moment, then one left to finish
-        proc = subprocess.Popen(
-            [sys.executable, "-c", CONSUME_LOOP, str(FEATURES_YAML), str(model_file), str(home)],
-            env=env,
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-        )
-        assert proc.stdout.readline().strip() == b"started"
-        try:
-            proc.wait(timeout=float(rng.uniform(0.05, 0.5)) * clean_s if attempt < 5 else 300)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=10)
-            kills += 1
-        proc.stdout.close()
-        if proc.returncode == 0:
-            break
-    assert proc.returncode == 0, "the consumer never finished"
+    # five runs killed at a random moment, then one left to finish
+    kills = kill_and_resume(
+        home,
+        model_file,
+        "embedded",
+        kills_wanted=5,
+        seed=17,
+        batch=97,
+        min_wait=0.05 * clean_s,
+        max_wait=0.5 * clean_s,
+    )
     assert kills >= 2
     got = read_parts(home / "out" / "scorer").to_pandas()
     assert got["offset"].tolist() == list(range(len(events)))

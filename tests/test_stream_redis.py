@@ -3,32 +3,24 @@ on both the embedded and the Redis broker."""
 
 from __future__ import annotations
 
-import hashlib
 import os
-import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 
-from adapters.broker import BrokerError, SqliteBroker
+from adapters.broker import BrokerError
 from adapters.broker_redis import RedisBroker
-from adapters.feature_store import EmbeddedFeatureStore
 from adapters.services import free_port
 from mlops.datagen import generate
 from mlops.features import FeatureSet
 from mlops.modeling import fit, to_onnx_bytes
-from mlops.onnx_model import OnnxScorer
-from mlops.scoring import ModelRef
 from mlops.settings import LogisticRegressionSpec, load_settings
-from tasks.stream import StreamConsumer, frame_messages, read_parts
-
-REPO = Path(__file__).resolve().parent.parent
-FEATURES_YAML = REPO / "configs" / "features.yaml"
+from tasks.stream import frame_messages, read_parts
+from tests.support.stream import FEATURES_YAML, REPO, child_broker, kill_and_resume, stream_consumer
 
 
 def _broker(url: str, name: str, consumer: str = "c1") -> RedisBroker:
@@ -146,79 +138,7 @@ def test_server_up_runs_the_configured_redis_broker_and_down_stops_it(tmp_path: 
 
 # --------------------------------------------------------------------------- exactly once across kills
 
-CONSUME_LOOP = textwrap.dedent(
-    """
-    import hashlib, sys
-    from pathlib import Path
-    from adapters.broker import SqliteBroker
-    from adapters.broker_redis import RedisBroker
-    from adapters.feature_store import EmbeddedFeatureStore
-    from mlops.features import FeatureSet
-    from mlops.onnx_model import OnnxScorer
-    from mlops.scoring import ModelRef
-    from mlops.settings import load_settings
-    from tasks.stream import StreamConsumer
-
-    settings = load_settings(sys.argv[1], environ={})
-    fs = FeatureSet.from_settings(settings)
-    onnx, home, where = Path(sys.argv[2]).read_bytes(), Path(sys.argv[3]), sys.argv[4]
-    broker = (
-        RedisBroker.from_url(where, prefix=home.name) if where.startswith("redis")
-        else SqliteBroker(home / "broker.db")
-    )
-    consumer = StreamConsumer(
-        broker=broker,
-        store=EmbeddedFeatureStore(home / "state" / "scorer", fs),
-        fs=fs,
-        schema=settings.dataset,
-        scorer=OnnxScorer(onnx, settings.dataset),
-        model=ModelRef("fraud-detector", 1, "champion", 0.2, hashlib.sha256(onnx).hexdigest()[:16]),
-        out_dir=home / "out" / "scorer",
-        topic="tx",
-        group="scorer",
-        checkpoint_every=int(sys.argv[6]),
-    )
-    consumer.start()
-    print("started", flush=True)
-    consumer.run(max_events=10**9, batch_size=int(sys.argv[5]))
-    """
-)
-
 KILL_EVENTS = int(os.environ.get("MLOPS_STREAM_KILL_EVENTS", "30000"))
-
-
-def kill_and_resume(
-    home: Path,
-    model_file: Path,
-    where: str,
-    kills_wanted: int,
-    seed: int,
-    batch: int = 500,
-    max_wait: float = 0.35,
-) -> int:
-    """Run the consumer in a subprocess, SIGKILL it at a random moment (up to ``max_wait`` seconds after
-    it started consuming) ``kills_wanted`` times, then let it finish; returns the number of kills."""
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    rng = np.random.default_rng(seed)
-    kills = 0
-    while True:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", CONSUME_LOOP, str(FEATURES_YAML), str(model_file), str(home), where]
-            + [str(batch), "3"],
-            env=env,
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-        )
-        assert proc.stdout.readline().strip() == b"started"
-        try:
-            proc.wait(timeout=float(rng.uniform(0.05, max_wait)) if kills < kills_wanted else 3600)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=10)
-            kills += 1
-        proc.stdout.close()
-        if proc.returncode == 0:
-            return kills
 
 
 @pytest.mark.slow
@@ -239,36 +159,19 @@ def test_ten_sigkills_leave_exactly_one_prediction_per_event_equal_to_a_clean_ru
     events = generate(KILL_EVENTS, seed=9).sort_values("event_time", kind="stable").reset_index(drop=True)
     where = redis_url if kind == "redis" else "embedded"
 
-    def broker(home: Path):
-        return (
-            RedisBroker.from_url(redis_url, prefix=home.name)
-            if kind == "redis"
-            else SqliteBroker(home / "broker.db")
-        )
-
     clean_home = tmp_path / f"clean{kind}"
-    clean = StreamConsumer(
-        broker=broker(clean_home),
-        store=EmbeddedFeatureStore(clean_home / "state" / "scorer", fs),
-        fs=fs,
-        schema=settings.dataset,
-        scorer=OnnxScorer(onnx, settings.dataset),
-        model=ModelRef("fraud-detector", 1, "champion", 0.2, hashlib.sha256(onnx).hexdigest()[:16]),
-        out_dir=clean_home / "out" / "scorer",
-        topic="tx",
-        group="scorer",
-    )
+    clean = stream_consumer(settings.dataset, fs, onnx, clean_home, child_broker(clean_home, where))
     clean.broker.publish("tx", frame_messages(events, settings.dataset, fs))
     clean.start()
     clean.run(max_events=10**9, batch_size=500)
     expected = read_parts(clean_home / "out" / "scorer").to_pandas()
 
     home = tmp_path / f"killed{kind}"
-    broker(home).publish("tx", frame_messages(events, settings.dataset, fs))
+    child_broker(home, where).publish("tx", frame_messages(events, settings.dataset, fs))
     assert kill_and_resume(home, model_file, where, kills_wanted=10, seed=17) == 10
     got = read_parts(home / "out" / "scorer").to_pandas()
     assert got["offset"].tolist() == list(range(len(events)))
     assert got["transaction_id"].is_unique and len(got) == len(events)
     pd.testing.assert_frame_equal(got, expected)
     if kind == "redis":
-        assert broker(home).pending("tx", "scorer") == 0
+        assert child_broker(home, where).pending("tx", "scorer") == 0

@@ -1,0 +1,109 @@
+"""A stream consumer as the tests build it, and a consumer process that is SIGKILLed at random
+moments and restarted until it finishes (exactly-once tests and bench/stream.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from adapters.broker import SqliteBroker
+from adapters.feature_store import EmbeddedFeatureStore
+from mlops.features import FeatureSet
+from mlops.onnx_model import OnnxScorer
+from mlops.scoring import ModelRef
+from tasks.stream import StreamConsumer
+
+REPO = Path(__file__).resolve().parents[2]
+FEATURES_YAML = REPO / "configs" / "features.yaml"
+
+
+def stream_consumer(
+    schema, fs: FeatureSet, onnx: bytes, home: Path, broker, group: str = "scorer", checkpoint_every: int = 1
+) -> StreamConsumer:
+    """A consumer of topic ``tx`` scoring with ``onnx`` (version 1, threshold 0.2), its feature
+    state under ``home/state/<group>`` and its output parts under ``home/out/<group>``."""
+    return StreamConsumer(
+        broker=broker,
+        store=EmbeddedFeatureStore(home / "state" / group, fs),
+        fs=fs,
+        schema=schema,
+        scorer=OnnxScorer(onnx, schema),
+        model=ModelRef("fraud-detector", 1, "champion", 0.2, hashlib.sha256(onnx).hexdigest()[:16]),
+        out_dir=home / "out" / group,
+        topic="tx",
+        group=group,
+        checkpoint_every=checkpoint_every,
+    )
+
+
+def child_broker(home: Path, where: str):
+    """The broker a consumer process uses: Redis at ``where`` (keys prefixed by the home's
+    name), else the embedded broker in ``home/broker.db``."""
+    if where.startswith("redis"):
+        from adapters.broker_redis import RedisBroker
+
+        return RedisBroker.from_url(where, prefix=home.name)
+    return SqliteBroker(home / "broker.db")
+
+
+_CONSUME = """
+import sys
+from pathlib import Path
+from mlops.features import FeatureSet
+from mlops.settings import load_settings
+from tests.support.stream import child_broker, stream_consumer
+
+settings = load_settings(sys.argv[1], environ={})
+onnx, home, where = Path(sys.argv[2]).read_bytes(), Path(sys.argv[3]), sys.argv[4]
+consumer = stream_consumer(
+    settings.dataset, FeatureSet.from_settings(settings), onnx, home, child_broker(home, where),
+    checkpoint_every=int(sys.argv[6]),
+)
+consumer.start()
+print("started", flush=True)
+consumer.run(max_events=10**9, batch_size=int(sys.argv[5]))
+"""
+
+
+def kill_and_resume(
+    home: Path,
+    model_file: Path,
+    where: str,
+    kills_wanted: int,
+    seed: int,
+    batch: int = 500,
+    max_wait: float = 0.35,
+    min_wait: float = 0.05,
+    checkpoint_every: int = 3,
+) -> int:
+    """Run the consumer in a subprocess, SIGKILL it at a random moment (between ``min_wait`` and
+    ``max_wait`` seconds after it started consuming) ``kills_wanted`` times, then let it finish;
+    returns the number of kills (fewer when a run finished before its kill)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    rng = np.random.default_rng(seed)
+    kills = 0
+    while True:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _CONSUME, str(FEATURES_YAML), str(model_file), str(home), where]
+            + [str(batch), str(checkpoint_every)],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+        )
+        assert proc.stdout.readline().strip() == b"started"
+        try:
+            proc.wait(timeout=float(rng.uniform(min_wait, max_wait)) if kills < kills_wanted else 3600)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+            kills += 1
+        proc.stdout.close()
+        if proc.returncode == 0:
+            return kills
+        assert proc.returncode == -signal.SIGKILL, f"the consumer exited with code {proc.returncode}"
