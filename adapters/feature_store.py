@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -47,8 +47,8 @@ class FeatureStore(Protocol):
         """Checkpoint ``state`` as covering ``positions``, atomically."""
         ...
 
-    def lookup(self, entity: str, ts_ns: int) -> dict[str, float]:
-        """The features of ``entity`` at ``ts_ns`` according to the last checkpoint."""
+    def lookup(self, entity: str, ts_ns: int, view: FeatureSet | None = None) -> dict[str, float]:
+        """The features of ``entity`` at ``ts_ns`` (of ``view``) according to the last checkpoint."""
         ...
 
 
@@ -63,9 +63,10 @@ def _fsync_dir(folder: Path) -> None:
 class EmbeddedFeatureStore:
     """The state in one Arrow IPC file under ``folder`` (in-process state, file checkpoints)."""
 
-    def __init__(self, folder: Path, fs: FeatureSet):
+    def __init__(self, folder: Path, fs: FeatureSet, extra_views: Sequence[FeatureSet] = ()):
         self.folder = Path(folder)
         self.fs = fs
+        self.extra_views = tuple(extra_views)
         self._cache: tuple[tuple[int, int], StreamFeatures] | None = None
 
     @property
@@ -79,12 +80,13 @@ class EmbeddedFeatureStore:
             with pa.memory_map(str(self.path)) as source:
                 table = ipc.open_file(source).read_all()
         except FileNotFoundError:
-            return StreamFeatures(self.fs), {}
+            return StreamFeatures(self.fs, self.extra_views), {}
         except (OSError, pa.ArrowInvalid) as exc:
             raise FeatureStoreError(f"{self.path}: unreadable window state ({exc})") from None
         meta = table.schema.metadata or {}
         positions = json.loads(meta.get(b"positions", b"{}"))
-        return StreamFeatures.from_table(self.fs, table), {k: int(v) for k, v in positions.items()}
+        state = StreamFeatures.from_table(self.fs, table, self.extra_views)
+        return state, {k: int(v) for k, v in positions.items()}
 
     def save(self, state: StreamFeatures, positions: Mapping[str, int]) -> None:
         """Write the checkpoint to a temporary file, fsync it, rename it over the last one, fsync the folder."""
@@ -109,16 +111,17 @@ class EmbeddedFeatureStore:
             tmp.unlink(missing_ok=True)
             raise FeatureStoreError(f"{self.path}: cannot write window state ({exc.strerror})") from None
 
-    def lookup(self, entity: str, ts_ns: int) -> dict[str, float]:
-        """Answer from the last checkpoint (re-read only when the file changed)."""
+    def lookup(self, entity: str, ts_ns: int, view: FeatureSet | None = None) -> dict[str, float]:
+        """Answer from the last checkpoint (re-read only when the file changed), for ``view``
+        (one of the views served; default the first)."""
         try:
             st = self.path.stat()
         except FileNotFoundError:
-            return StreamFeatures(self.fs).lookup(entity, ts_ns)
+            return StreamFeatures(self.fs, self.extra_views).lookup(entity, ts_ns, view)
         stamp = (st.st_ino, st.st_mtime_ns)
         if self._cache is None or self._cache[0] != stamp:
             self._cache = (stamp, self.load()[0])
-        return self._cache[1].lookup(entity, ts_ns)
+        return self._cache[1].lookup(entity, ts_ns, view)
 
 
 class RedisFeatureStore:
@@ -127,17 +130,26 @@ class RedisFeatureStore:
     ``client`` is a ``redis.Redis`` (or anything with its ``get``/``mget``/``scan_iter``/``pipeline``).
     """
 
-    def __init__(self, client: Any, fs: FeatureSet, prefix: str = "mlops:features"):
+    def __init__(
+        self,
+        client: Any,
+        fs: FeatureSet,
+        prefix: str = "mlops:features",
+        extra_views: Sequence[FeatureSet] = (),
+    ):
         self.client = client
         self.fs = fs
         self.prefix = prefix
+        self.extra_views = tuple(extra_views)
 
     @classmethod
-    def from_url(cls, url: str, fs: FeatureSet, prefix: str = "mlops:features") -> RedisFeatureStore:
+    def from_url(
+        cls, url: str, fs: FeatureSet, prefix: str = "mlops:features", extra_views: Sequence[FeatureSet] = ()
+    ) -> RedisFeatureStore:
         """A store on the Redis server at ``url`` (``redis://host:port/db``)."""
         import redis
 
-        return cls(redis.Redis.from_url(url, socket_timeout=5.0), fs, prefix)
+        return cls(redis.Redis.from_url(url, socket_timeout=5.0), fs, prefix, extra_views)
 
     def _entity_key(self, entity: str) -> str:
         return f"{self.prefix}:e:{entity}"
@@ -160,7 +172,7 @@ class RedisFeatureStore:
 
     def load(self) -> tuple[StreamFeatures, dict[str, int]]:
         """Every entity window and the counters of the last checkpoint (fresh and ``{}`` if none)."""
-        state = StreamFeatures(self.fs)
+        state = StreamFeatures(self.fs, self.extra_views)
         meta = self._meta()
         if meta is None:
             return state, {}
@@ -195,14 +207,14 @@ class RedisFeatureStore:
             state.mark_changed(changed)  # not saved: they stay pending for the next checkpoint
             raise
 
-    def lookup(self, entity: str, ts_ns: int) -> dict[str, float]:
+    def lookup(self, entity: str, ts_ns: int, view: FeatureSet | None = None) -> dict[str, float]:
         """Read one entity's window and the counters, and answer with the shared window logic."""
         meta_raw, window_raw = self._call(
             "read the state", self.client.mget, [self._meta_key, self._entity_key(str(entity))]
         )
-        state = StreamFeatures(self.fs)
+        state = StreamFeatures(self.fs, self.extra_views)
         if meta_raw is not None:
             state.restore_counters(json.loads(meta_raw)["counters"])
         if window_raw is not None:
             state.set_entity_window(str(entity), json.loads(window_raw))
-        return state.lookup(entity, ts_ns)
+        return state.lookup(entity, ts_ns, view)

@@ -23,7 +23,7 @@ from adapters.broker import Broker, SqliteBroker
 from adapters.feature_store import EmbeddedFeatureStore, FeatureStore, RedisFeatureStore
 from adapters.runtime import configure
 from flows.params import AliasParam
-from mlops.features import FeatureSet
+from mlops.features import FeatureSet, feature_views
 from mlops.onnx_model import OnnxScorer
 from mlops.registry_model import CHAMPION
 from mlops.settings import KafkaBrokerSpec, RedisBrokerSpec, RedisStateStore, Settings, load_settings
@@ -51,11 +51,13 @@ def broker_for(settings: Settings) -> Broker:
 
 
 def state_store(settings: Settings, fs: FeatureSet, topic: str, group: str) -> FeatureStore:
-    """The configured window-state store of one consumer group (``features.store``)."""
+    """The configured window-state store of one consumer group (``features.store``), keeping
+    the history of ``fs`` and of the config's ``features.extra_views``."""
     spec = settings.features.store
+    extra = feature_views(settings)[1:]
     if isinstance(spec, RedisStateStore):
-        return RedisFeatureStore.from_url(spec.url, fs, f"{spec.prefix}:{topic}:{group}")
-    return EmbeddedFeatureStore(stream_dir(settings) / "state" / topic / group, fs)
+        return RedisFeatureStore.from_url(spec.url, fs, f"{spec.prefix}:{topic}:{group}", extra)
+    return EmbeddedFeatureStore(stream_dir(settings) / "state" / topic / group, fs, extra)
 
 
 def output_dir(settings: Settings, topic: str, group: str) -> Path:
@@ -146,7 +148,7 @@ def stream_flow(
     settings = load_settings(config)
     configure(settings)
     logger = get_run_logger()
-    fs = FeatureSet.from_settings(settings)
+    fs, *extra = feature_views(settings) or (FeatureSet.from_settings(settings),)
     pinned = pin_model(settings, alias)
     broker = broker_for(settings)
     out = output_dir(settings, topic, group)
@@ -161,6 +163,7 @@ def stream_flow(
         topic=topic,
         group=group,
         checkpoint_every=checkpoint_every,
+        extra_views=tuple(extra),
     )
     start = consumer.start()
     logger.info(

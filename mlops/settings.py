@@ -190,6 +190,25 @@ class RedisStateStore(StrictModel):
 StateStoreSpec = Annotated[EmbeddedStateStore | RedisStateStore, Field(discriminator="kind")]
 
 
+def _no_duplicate_names(windows: tuple[WindowFeature, ...], where: str = "") -> None:
+    names = [w.name for w in windows]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{where}feature names used twice: {', '.join(dupes)}")
+
+
+class FeatureViewSpec(StrictModel):
+    """Another set of windows over the same entity and events: the feature view of a model
+    version that is still live (e.g. the outgoing side of a blue-green move)."""
+
+    windows: tuple[WindowFeature, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> FeatureViewSpec:
+        _no_duplicate_names(self.windows)
+        return self
+
+
 class FeaturesConfig(StrictModel):
     """Entity-keyed rolling-window features, computed from raw events by one implementation
     (``mlops.features``) for training, batch scoring, the stream and online lookups.
@@ -197,21 +216,23 @@ class FeaturesConfig(StrictModel):
     ``entity_column`` and ``timestamp_column`` default to the dataset's. The stream accepts
     an event up to ``allowed_lateness_seconds`` older than the newest one it has seen; an
     older event is counted as late and not added to the windows. ``store`` is where the
-    stream keeps its window state: an embedded checkpoint file, or Redis.
+    stream keeps its window state: an embedded checkpoint file, or Redis. ``extra_views``
+    are the feature views of other live model versions: the stream keeps enough history for
+    all of them, and a model of any declared view may score.
     """
 
     entity_column: str | None = None
     timestamp_column: str | None = None
     allowed_lateness_seconds: float = Field(300.0, ge=0)
     windows: tuple[WindowFeature, ...] = ()
+    extra_views: tuple[FeatureViewSpec, ...] = ()
     store: StateStoreSpec = EmbeddedStateStore()
 
     @model_validator(mode="after")
     def _unique_names(self) -> FeaturesConfig:
-        names = [w.name for w in self.windows]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"feature names used twice: {', '.join(dupes)}")
+        _no_duplicate_names(self.windows)
+        if self.extra_views and not self.windows:
+            raise ValueError("extra_views: declare the current view's windows first")
         return self
 
 
@@ -580,11 +601,14 @@ class Settings(StrictModel):
         if (fc.timestamp_column or ds.timestamp_column) is None:
             raise ValueError("features: the dataset has no timestamp_column; set features.timestamp_column")
         taken = set(ds.feature_names + ds.key_columns + (ds.label_column,))
-        for w in fc.windows:
-            if w.name in taken:
-                raise ValueError(f"features.windows: {w.name!r} is already a dataset column")
-            if w.column is not None and w.column not in ds.numeric_names:
-                raise ValueError(f"features.windows: {w.name}: {w.column!r} is not a numeric dataset column")
+        views = [("features.windows", fc.windows)]
+        views += [(f"features.extra_views.{i}.windows", v.windows) for i, v in enumerate(fc.extra_views)]
+        for where, windows in views:
+            for w in windows:
+                if w.name in taken:
+                    raise ValueError(f"{where}: {w.name!r} is already a dataset column")
+                if w.column is not None and w.column not in ds.numeric_names:
+                    raise ValueError(f"{where}: {w.name}: {w.column!r} is not a numeric dataset column")
         return self
 
     @model_validator(mode="after")

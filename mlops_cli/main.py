@@ -290,7 +290,17 @@ def registry_list(
         console.print(f"model '{name}' has no versions")
         return
     table = Table(title=f"{name}")
-    for col in ("version", "aliases", "candidate", "roc_auc", "pr_auc", "log_loss", "data", "created"):
+    for col in (
+        "version",
+        "aliases",
+        "candidate",
+        "roc_auc",
+        "pr_auc",
+        "log_loss",
+        "data",
+        "features",
+        "created",
+    ):
         table.add_column(col)
     from datetime import UTC, datetime
 
@@ -302,6 +312,7 @@ def registry_list(
             v.tags.get("lineage.candidate", ""),
             *(f"{m[k]:.4f}" if k in m else "" for k in ("roc_auc", "pr_auc", "log_loss")),
             v.tags.get("lineage.data_fingerprint", ""),
+            v.tags.get("lineage.feature_view", ""),
             datetime.fromtimestamp(v.created_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S"),
         )
     console.print(table)

@@ -25,6 +25,7 @@ from prefect import get_run_logger, task
 from adapters import parquet_input, storage
 from adapters.dask_cluster import ClusterError, client_for
 from adapters.storage import CommitInfo, PartInfo, RunRecord, StagedRun
+from mlops.features import model_view
 from mlops.onnx_model import OnnxScorer
 from mlops.partitions import Partition, plan_partitions
 from mlops.scoring import ModelRef, column_arrays, decision_threshold, score_table
@@ -182,7 +183,8 @@ def pin_model(settings: Settings, alias: str, version: int | None = None) -> Pin
     threshold = decision_threshold(
         settings.scoring.decision_threshold, info.tags, settings.training.decision_threshold
     )
-    ref = ModelRef(name, info.version, alias, threshold, hashlib.sha256(onnx).hexdigest()[:16])
+    digest = hashlib.sha256(onnx).hexdigest()[:16]
+    ref = ModelRef(name, info.version, alias, threshold, digest, model_view(info.tags))
     return PinnedModel(ref, onnx)
 
 
