@@ -439,6 +439,52 @@ def with_features(fs: FeatureSet, events: Frame, rows: Frame | None = None) -> p
     return table
 
 
+def _event_columns(fs: FeatureSet, table: pa.Table, like: pa.Table | None = None) -> pa.Table:
+    """The entity, time (ns) and source columns of ``table``, typed like ``like``'s when given."""
+    cols = {}
+    for name in (fs.entity_column, fs.timestamp_column, *fs.source_columns):
+        col = _column(table, name)
+        if like is not None and col.type != like.schema.field(name).type:
+            try:
+                col = pc.cast(col, like.schema.field(name).type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                raise DataError(
+                    f"feature history: column {name!r} is {col.type}, the input's is {like.schema.field(name).type}"
+                ) from None
+        cols[name] = col
+    return pa.table(cols)
+
+
+def batch_features(views: Sequence[FeatureSet], rows: pa.Table, history: pa.Table | None = None) -> pa.Table:
+    """``rows`` with the window features of every view appended, the way training computes them.
+
+    The events are the rows themselves plus ``history``'s events strictly before the rows'
+    earliest time (so a history that overlaps the rows counts nothing twice); each row sees
+    its entity's events strictly before it. Two views may share a feature only if they
+    define it the same way.
+    """
+    defined: dict[str, WindowFeature] = {}
+    for fs in views:
+        for w in fs.windows:
+            if defined.setdefault(w.name, w) != w:
+                raise ConfigError(f"feature {w.name!r} is defined differently by two feature views")
+    out = rows
+    for fs in views:
+        wanted = [n for n in fs.names if n not in out.column_names]
+        if not wanted:
+            continue
+        events = _event_columns(fs, rows)
+        if history is not None and history.num_rows and rows.num_rows:
+            first = int(timestamps_ns(_column(rows, fs.timestamp_column)).min())
+            past = _event_columns(fs, history, events)
+            keep = timestamps_ns(_column(past, fs.timestamp_column), "feature history") < first
+            events = pa.concat_tables([past.filter(pa.array(keep)), events])
+        feats = compute_offline(fs, events, rows)
+        for name in wanted:
+            out = out.append_column(name, feats.column(name))
+    return out
+
+
 # --------------------------------------------------------------------------- point in time
 
 

@@ -414,9 +414,14 @@ class ScoringConfig(StrictModel):
     about 0.9 s in all, with the garbage collection that frees GX's metrics afterwards),
     and Dask a few milliseconds per task, so partitions of a few hundred thousand rows
     keep both overheads small.
+
+    A model trained on window features gets them computed from the input's own events plus
+    ``feature_history`` (a Parquet/CSV file, folder or glob of earlier events; only those
+    strictly before the input's first event count), the way training computed them.
     """
 
     rows_per_partition: int = Field(500_000, ge=1)
+    feature_history: str | None = Field(None, min_length=1)
     ort_threads: int = Field(1, ge=1)
     decision_threshold: float | None = Field(None, gt=0, lt=1)
     compare_segments: tuple[str, ...] = ()
