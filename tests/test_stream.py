@@ -418,3 +418,25 @@ def test_timestamps_round_trip_through_the_topic(settings, fs: FeatureSet, event
     assert (back.to_numpy() == events["event_time"].head(5).to_numpy()).all()
     assert [m[0] for m in msgs] == events["user_id"].head(5).tolist()
     time.sleep(0)
+
+
+def test_stream_parts_are_queryable_read_only_as_stream_scores(tmp_path: Path) -> None:
+    """`mlops stream query` reads a group's committed parts as the view stream_scores; anything
+    but one read statement, or a read of a file outside the parts, is refused in one line."""
+    from adapters.warehouse_query import QueryRefused, query_stream
+    from mlops.errors import DataError
+    from tasks.stream import write_part
+
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="no stream output yet"):
+        query_stream(out, "SELECT 1")
+    write_part(out, pa.table({"offset": [0, 1], "decision": [True, False]}), 0, 2)
+    write_part(out, pa.table({"offset": [2], "decision": [True]}), 2, 3)
+    got = query_stream(out, "SELECT decision, count(*) AS n FROM stream_scores GROUP BY 1 ORDER BY 1")
+    assert got.to_pylist() == [{"decision": False, "n": 1}, {"decision": True, "n": 2}]
+    with pytest.raises(QueryRefused):
+        query_stream(out, "COPY (SELECT 1) TO 'x.csv'")
+    secret = tmp_path / "secret.csv"
+    secret.write_text("a\n1\n")
+    with pytest.raises(QueryRefused):
+        query_stream(out, f"SELECT * FROM read_csv('{secret}')")
