@@ -28,7 +28,7 @@ COUNTS_SQL = (
     "round(max(user_amount_sum_24h), 2) AS max_amount_24h FROM stream_scores"
 )
 ROWS_SQL = (
-    "SELECT transaction_id, user_id, event_time::TIMESTAMP_S AS event_time, user_txn_count_1h, user_txn_count_24h, "
+    "SELECT transaction_id, user_id, date_trunc('second', event_time::TIMESTAMP) AS event_time, user_txn_count_1h, user_txn_count_24h, "
     "round(user_amount_sum_24h, 2) AS amount_24h, round(score, 4) AS score, decision "
     "FROM stream_scores ORDER BY user_txn_count_24h DESC, event_time LIMIT 5"
 )
