@@ -199,6 +199,10 @@ def _print_training(summary) -> None:
         f"registered [bold]{summary.model_name} v{summary.version}[/] as challenger{promoted} (MLflow run {summary.run_id})"
     )
     console.print(f"promotion gate: {summary.gate}")
+    view = summary.lineage.get("lineage.feature_view")
+    if view:
+        windows = len(json.loads(summary.lineage["lineage.feature_windows"]))
+        console.print(f"feature view {view}: {windows} window features as inputs, point-in-time checked")
 
 
 # --------------------------------------------------------------------------- registry
