@@ -176,7 +176,7 @@ def run_rollout_demo(
     service = DemoService(settings, port)
     try:
         with steps.step(
-            f"online service on 127.0.0.1:{port}: boots while step 6 runs; simulated users "
+            f"online service on 127.0.0.1:{port}: boots while the next step runs; simulated users "
             f"(~{RATE_PER_S:g} requests/s, labels ~{LABEL_DELAY_S:g} s later) join once it answers",
             spinner=False,
         ):
