@@ -48,7 +48,8 @@ from typing import Any, BinaryIO, Protocol
 import numpy as np
 import pandas as pd
 
-from adapters.edge_store import KeyStore, ReleaseRepository, atomic_write, fsync_dir
+from adapters.edge_store import KeyStore, ReleaseRepository
+from adapters.files import atomic_write, fsync_dir
 from mlops.edge import manifest as rules
 from mlops.edge.errors import EdgeError, MetadataInvalid, SignatureInvalid
 from mlops.edge.telemetry import histogram

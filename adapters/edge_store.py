@@ -49,6 +49,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from adapters import duckdb_files
+from adapters.files import atomic_write
 from mlops.edge.errors import EdgeError, KeyStoreError, NothingToPublish
 from mlops.edge.manifest import (
     ModelManifest,
@@ -65,42 +66,6 @@ from mlops.edge.manifest import (
 from mlops.settings import Settings
 
 # --------------------------------------------------------------------------- files
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make the entries of ``folder`` (a rename, a new or removed file) survive a power cut."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes, mode: int | None = None, durable: bool = True) -> None:
-    """Write ``data`` to ``path`` via a temporary file and a rename (fsynced unless ``durable=False``).
-
-    The rename makes the write atomic for readers and against a crash of the process;
-    the fsync of the file before the rename, and of its folder after it, make it survive
-    a power cut too.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    fd = os.open(tmp, flags, 0o600 if mode is None else mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            if durable:
-                os.fsync(fh.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if durable:
-        fsync_dir(path.parent)
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -11,6 +11,12 @@ knows exactly which events the state already holds.
 * ``RedisFeatureStore``: one Redis key per entity plus a meta key, written in one MULTI/EXEC
   transaction per checkpoint (only the entities that changed), so online lookups from any
   process read a consistent checkpoint. Redis errors become ``FeatureStoreError``.
+
+Online readers (the serving path, read-only): ``CheckpointIndex`` answers lookups from one
+embedded checkpoint file without rebuilding the whole state (an entity's events are turned
+into a window on its first lookup), and ``AsyncRedisFeatureReader`` reads many entities'
+windows in one ``MGET`` without blocking the event loop. Both answer with the same window
+logic as the stream (``StreamFeatures.lookup``).
 """
 
 from __future__ import annotations
@@ -21,11 +27,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
+from adapters.files import fsync_dir, fsync_file
 from mlops.errors import PlatformError
-from mlops.features import FeatureSet, StreamFeatures
+from mlops.features import FeatureSet, StreamFeatures, feature_views
+from mlops.settings import RedisStateStore, Settings
 
 STATE_FILE = "window-state.arrow"
 
@@ -48,16 +58,9 @@ class FeatureStore(Protocol):
         ...
 
     def lookup(self, entity: str, ts_ns: int, view: FeatureSet | None = None) -> dict[str, float]:
-        """The features of ``entity`` at ``ts_ns`` (of ``view``) according to the last checkpoint."""
+        """The features of ``entity`` at ``ts_ns`` (of ``view``, default the first) according to
+        the last checkpoint."""
         ...
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class EmbeddedFeatureStore:
@@ -66,8 +69,8 @@ class EmbeddedFeatureStore:
     def __init__(self, folder: Path, fs: FeatureSet, extra_views: Sequence[FeatureSet] = ()):
         self.folder = Path(folder)
         self.fs = fs
-        self.extra_views = tuple(extra_views)
-        self._cache: tuple[tuple[int, int], StreamFeatures] | None = None
+        self.extra_views = tuple(extra_views)  # other views the state serves (dual-write window)
+        self._cache: tuple[tuple[int, int, int], CheckpointIndex] | None = None
 
     @property
     def path(self) -> Path:
@@ -100,28 +103,96 @@ class EmbeddedFeatureStore:
         try:
             with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
                 writer.write_table(table)
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(tmp)
             os.replace(tmp, self.path)
-            _fsync_dir(self.folder)
+            fsync_dir(self.folder)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise FeatureStoreError(f"{self.path}: cannot write window state ({exc.strerror})") from None
 
-    def lookup(self, entity: str, ts_ns: int, view: FeatureSet | None = None) -> dict[str, float]:
-        """Answer from the last checkpoint (re-read only when the file changed), for ``view``
-        (one of the views served; default the first)."""
+    def stamp(self) -> tuple[int, int, int] | None:
+        """What identifies the published checkpoint (inode, size, mtime), or None when there is none."""
         try:
             st = self.path.stat()
         except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def index(self) -> CheckpointIndex | None:
+        """A lookup index over the last checkpoint, or None when there is none yet."""
+        try:
+            with pa.memory_map(str(self.path)) as source:
+                table = ipc.open_file(source).read_all()
+        except FileNotFoundError:
+            return None
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise FeatureStoreError(f"{self.path}: unreadable window state ({exc})") from None
+        return CheckpointIndex(self.fs, table, self.extra_views)
+
+    def lookup(self, entity: str, ts_ns: int, view: FeatureSet | None = None) -> dict[str, float]:
+        """Answer from the last checkpoint (re-read only when the file changed), for ``view``."""
+        stamp = self.stamp()
+        if stamp is None:
             return StreamFeatures(self.fs, self.extra_views).lookup(entity, ts_ns, view)
-        stamp = (st.st_ino, st.st_mtime_ns)
         if self._cache is None or self._cache[0] != stamp:
-            self._cache = (stamp, self.load()[0])
+            index = self.index()
+            if index is None:
+                return StreamFeatures(self.fs, self.extra_views).lookup(entity, ts_ns, view)
+            self._cache = (stamp, index)
         return self._cache[1].lookup(entity, ts_ns, view)
+
+
+class CheckpointIndex:
+    """Lookups over one embedded checkpoint table, built in milliseconds (no per-event Python work).
+
+    ``to_table`` writes each entity's events contiguously and in time order; the index keeps
+    where each entity's rows start and end, and an entity's window becomes a ``StreamFeatures``
+    window on its first lookup. The table is never modified: an index is a read-only snapshot.
+    """
+
+    def __init__(self, fs: FeatureSet, table: pa.Table, extra_views: Sequence[FeatureSet] = ()):
+        self.fs = fs
+        self._state = StreamFeatures.from_table(fs, table.slice(0, 0), extra_views)  # checks digest, columns
+        self.max_ts = self._state.max_ts
+        spans = _entity_spans(table)
+        if spans is None:  # not grouped by entity: group it (a stable sort keeps time order)
+            table = table.take(pc.sort_indices(table, [("entity", "ascending")]))
+            spans = _entity_spans(table)
+        self._spans: dict[str, tuple[int, int]] = spans or {}
+        self._ts = table.column("ts_ns").to_numpy()
+        self._values = {c: table.column("value:" + c).to_numpy() for c in self._state.source_columns}
+        self._ready: set[str] = set()
+
+    @property
+    def entities(self) -> int:
+        """How many entities the checkpoint holds events of."""
+        return len(self._spans)
+
+    def lookup(self, entity: str, ts_ns: int, view: FeatureSet | None = None) -> dict[str, float]:
+        """The features of ``entity`` at ``ts_ns`` (of ``view``) from the checkpoint's events strictly before it."""
+        key = str(entity)
+        if key not in self._ready:
+            span = self._spans.get(key)
+            if span is not None:  # an unknown entity is never remembered: nothing grows per request
+                a, b = span
+                window = {
+                    "ts_ns": self._ts[a:b].tolist(),
+                    "values": {c: v[a:b].tolist() for c, v in self._values.items()},
+                }
+                self._state.set_entity_window(key, window)
+                self._ready.add(key)
+        return self._state.lookup(key, ts_ns, view)
+
+
+def state_store(settings: Settings, fs: FeatureSet, topic: str, group: str) -> FeatureStore:
+    """The configured window-state store of one consumer group (``features.store``): the
+    checkpoint file under ``MLOPS_HOME/stream/state/<topic>/<group>``, or Redis keys under
+    ``<prefix>:<topic>:<group>``; it keeps the history of ``fs`` and of ``features.extra_views``."""
+    spec = settings.features.store
+    extra = feature_views(settings)[1:]
+    if isinstance(spec, RedisStateStore):
+        return RedisFeatureStore.from_url(spec.url, fs, f"{spec.prefix}:{topic}:{group}", extra)
+    return EmbeddedFeatureStore(settings.home_path / "stream" / "state" / topic / group, fs, extra)
 
 
 class RedisFeatureStore:
@@ -207,14 +278,110 @@ class RedisFeatureStore:
             state.mark_changed(changed)  # not saved: they stay pending for the next checkpoint
             raise
 
+    def clear(self) -> int:
+        """Delete every key of this store (its prefix); how many were deleted."""
+        keys = list(self._call("list entities", self.client.scan_iter, f"{self.prefix}:e:*", 1000))
+        keys.append(self._meta_key)
+        deleted = 0
+        for i in range(0, len(keys), 1000):
+            deleted += int(self._call("delete the state", self.client.delete, *keys[i : i + 1000]))
+        return deleted
+
     def lookup(self, entity: str, ts_ns: int, view: FeatureSet | None = None) -> dict[str, float]:
         """Read one entity's window and the counters, and answer with the shared window logic."""
         meta_raw, window_raw = self._call(
             "read the state", self.client.mget, [self._meta_key, self._entity_key(str(entity))]
         )
-        state = StreamFeatures(self.fs, self.extra_views)
-        if meta_raw is not None:
-            state.restore_counters(json.loads(meta_raw)["counters"])
-        if window_raw is not None:
-            state.set_entity_window(str(entity), json.loads(window_raw))
-        return state.lookup(entity, ts_ns, view)
+        return window_answer(
+            self.fs, meta_raw, window_raw, str(entity), ts_ns, extra_views=self.extra_views, view=view
+        )
+
+
+def _entity_spans(table: pa.Table) -> dict[str, tuple[int, int]] | None:
+    """Each entity's row range when the table's rows are grouped by entity, else None."""
+    if not table.num_rows:
+        return {}
+    encoded = pc.dictionary_encode(table.column("entity").combine_chunks())
+    codes = encoded.indices.to_numpy(zero_copy_only=False)
+    starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+    if len(starts) != len(encoded.dictionary):
+        return None
+    ends = np.r_[starts[1:], len(codes)]
+    return dict(
+        zip(encoded.dictionary.to_pylist(), zip(starts.tolist(), ends.tolist(), strict=True), strict=True)
+    )
+
+
+def window_answer(
+    fs: FeatureSet,
+    meta_raw: bytes | str | None,
+    window_raw: bytes | str | None,
+    entity: str,
+    ts_ns: int,
+    *,
+    check_meta: bool = True,
+    extra_views: Sequence[FeatureSet] = (),
+    view: FeatureSet | None = None,
+) -> dict[str, float]:
+    """The features of ``entity`` at ``ts_ns`` from a Redis checkpoint's raw meta and window values
+    (``StateMismatch`` when the checkpoint was built for other feature declarations; with
+    ``check_meta=False`` the caller has checked this meta already)."""
+    state = StreamFeatures(fs, extra_views)
+    if meta_raw is not None and check_meta:
+        state.restore_counters(json.loads(meta_raw)["counters"])
+    if window_raw is not None:
+        state.set_entity_window(entity, json.loads(window_raw))
+    return state.lookup(entity, ts_ns, view)
+
+
+class AsyncRedisFeatureReader:
+    """Online lookups in a ``RedisFeatureStore``'s keys from an event loop: read-only, one ``MGET``
+    per batch of entities on a pipelined connection (``adapters.redis_reads``), every call
+    bounded by ``timeout`` seconds."""
+
+    def __init__(
+        self, url: str, fs: FeatureSet, prefix: str, timeout: float, extra_views: Sequence[FeatureSet] = ()
+    ):
+        from adapters.redis_reads import PipelinedRedis
+
+        self.fs = fs
+        self.extra_views = tuple(extra_views)
+        self.prefix = prefix
+        self.where = f"{_redacted(url)} {prefix}"
+        self._checked_meta: bytes | None = None
+        self.client = PipelinedRedis(url, timeout)
+
+    async def lookup_many(self, keys: Sequence[tuple[str, int]]) -> list[dict[str, float]]:
+        """The features of each (entity, time); ``FeatureStoreError`` when Redis does not answer
+        or holds no checkpoint under the prefix."""
+        from adapters.redis_reads import RespError
+
+        names = [f"{self.prefix}:meta", *(f"{self.prefix}:e:{e}" for e, _ in keys)]
+        try:
+            raw = await self.client.mget(names)
+        except TimeoutError:
+            raise FeatureStoreError(
+                f"redis: no answer within {self.client.timeout:g} s (serving.online_features.timeout_seconds)"
+            ) from None
+        except RespError as exc:
+            raise FeatureStoreError(f"redis: cannot read the window state ({exc})") from None
+        meta = raw[0]
+        if meta is None:
+            raise FeatureStoreError(f"redis: no window state checkpoint under {self.prefix!r} yet")
+        if meta != self._checked_meta:  # a new checkpoint: check its declaration digest once
+            StreamFeatures(self.fs, self.extra_views).restore_counters(json.loads(meta)["counters"])
+            self._checked_meta = meta
+        return [
+            window_answer(self.fs, meta, w, e, t, check_meta=False, extra_views=self.extra_views)
+            for (e, t), w in zip(keys, raw[1:], strict=True)
+        ]
+
+    async def close(self) -> None:
+        """Close the connection."""
+        await self.client.close()
+
+
+def _redacted(url: str) -> str:
+    """``url`` without a password (``redis://:secret@host`` -> ``redis://host``)."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.rpartition('@')[2]}"

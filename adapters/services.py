@@ -9,6 +9,7 @@ the processes it started, with their whole process trees, and nothing else.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ParamSpec
 
 import httpx
 import psutil
@@ -26,6 +28,8 @@ import psutil
 from adapters.runtime import runtime_environment
 from mlops.errors import PlatformError
 from mlops.settings import Settings
+
+_P = ParamSpec("_P")
 
 
 class ServiceError(PlatformError):
@@ -377,23 +381,26 @@ def launch(
     return proc
 
 
-@contextlib.contextmanager
-def started(
-    argv: Sequence[str],
-    ready: Callable[[], bool],
-    log: Path,
-    *,
-    env: Mapping[str, str] | None = None,
-    cwd: Path | None = None,
-    timeout: float = 240.0,
-    name: str = "service",
-) -> Iterator[subprocess.Popen[bytes]]:
-    """``launch`` as a context manager: the service runs for the ``with`` block."""
-    proc = launch(argv, ready, log, env=env, cwd=cwd, timeout=timeout, name=name)
-    try:
-        yield proc
-    finally:
-        terminate(proc)
+def _for_a_block(
+    start: Callable[_P, subprocess.Popen[bytes]],
+) -> Callable[_P, contextlib.AbstractContextManager[subprocess.Popen[bytes]]]:
+    """``start`` as a context manager that terminates the process when the block ends."""
+
+    @contextlib.contextmanager
+    @functools.wraps(start)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> Iterator[subprocess.Popen[bytes]]:
+        proc = start(*args, **kwargs)
+        try:
+            yield proc
+        finally:
+            terminate(proc)
+
+    return run
+
+
+started = _for_a_block(launch)
+started.__name__ = started.__qualname__ = "started"
+started.__doc__ = "``launch`` as a context manager (same arguments): the service runs for the ``with`` block."
 
 
 def _tree(proc: psutil.Process) -> list[psutil.Process]:

@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from adapters import warehouse_query
+from adapters.files import fsync_dir
 from adapters.warehouse import (
     LOCK_FILE,
     WAREHOUSE_FILE,
@@ -41,9 +42,9 @@ from adapters.warehouse import (
     Warehouse,
     WarehouseBusy,
     WorkingCopy,
+    attach_read_only,
     sql_literal,
 )
-from adapters.warehouse import fsync_dir as _fsync_dir
 from mlops.errors import DataError
 
 __all__ = [
@@ -198,7 +199,7 @@ class ScoreLayout:
     @classmethod
     def of(cls, root: str | os.PathLike[str]) -> ScoreLayout:
         """The layout of ``root``, spelled one way (DuckDB caches instances by path)."""
-        return cls(Path(root).expanduser().resolve())
+        return cls(Warehouse.at(root).root)
 
     @property
     def warehouse(self) -> Warehouse:
@@ -353,7 +354,7 @@ def _mark_pending(layout: ScoreLayout, run_date: date) -> None:
     entry = layout.pending / f"{PARTITION_KEY}={run_date.isoformat()}"
     if not entry.exists():
         entry.touch()
-        _fsync_dir(layout.pending)
+        fsync_dir(layout.pending)
 
 
 def _pending_dates(layout: ScoreLayout) -> list[date]:
@@ -376,7 +377,7 @@ def _point(link: Path, target: str) -> bool:
     tmp = link.with_name(f".{link.name}.{uuid.uuid4().hex}.tmp")
     os.symlink(target, tmp)
     os.replace(tmp, link)
-    _fsync_dir(link.parent)
+    fsync_dir(link.parent)
     return True
 
 
@@ -512,7 +513,7 @@ class StagedRun:
                 _write_json_atomic(tmp / STAGE_MARKER, _marker(run_date, run_id))
                 _remove_tree(stage_dir)  # a marker-less leftover of the same id
                 os.rename(tmp, stage_dir)
-                _fsync_dir(layout.staging)
+                fsync_dir(layout.staging)
         return cls(layout.root, run_date, run_id)
 
     def write_part(self, index: int, table: pa.Table, *, distinct_columns: Sequence[str] = ()) -> PartInfo:
@@ -599,7 +600,7 @@ def write_part(
             os.fsync(f.fileno())
             size = f.tell()
         os.replace(tmp, final)
-        _fsync_dir(stage_dir)
+        fsync_dir(stage_dir)
     except FileNotFoundError as exc:
         _remove_tree(tmp)
         raise StagingMissing(f"staging run {run_id} disappeared while writing {name}") from exc
@@ -783,8 +784,8 @@ def commit(
             run_dir.parent.mkdir(parents=True, exist_ok=True)
             _remove_tree(run_dir)  # unpublished leftover of an earlier, killed commit
             os.rename(stage_dir, run_dir)
-            _fsync_dir(layout.staging)
-            _fsync_dir(run_dir.parent)
+            fsync_dir(layout.staging)
+            fsync_dir(run_dir.parent)
         elif not run_dir.is_dir():
             raise StagingMissing(
                 f"no staging run {run_id} for {run_date} under {layout.staging} "
@@ -1118,16 +1119,16 @@ def rebuild(root: str | os.PathLike[str], *, lock_timeout: float = DEFAULT_LOCK_
     layout = ScoreLayout.of(root)
     path = layout.warehouse.path
     if path.exists():
-        probe = duckdb.connect(":memory:")
         try:
-            probe.execute(f"ATTACH {sql_literal(str(path))} AS w (READ_ONLY)")
-            probe.execute("SELECT count(*) FROM w.score_runs").fetchall()
+            probe = attach_read_only(path)
+            try:
+                probe.execute("SELECT count(*) FROM score_runs").fetchall()
+            finally:
+                probe.close()
         except duckdb.Error as exc:
             aside = path.with_name(f"{path.name}.damaged-{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
             log.warning("warehouse %s is unreadable (%s); moved to %s", path, exc, aside)
             os.replace(path, aside)
-        finally:
-            probe.close()
     with writer(layout.root, lock_timeout) as work:
         manifests = []
         if layout.runs.is_dir():

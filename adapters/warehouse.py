@@ -22,6 +22,7 @@ from typing import TypeVar
 import duckdb
 
 from adapters import duckdb_files, rwlock
+from adapters.files import fsync_dir, fsync_file
 from mlops.errors import DataError, PlatformError
 
 __all__ = [
@@ -31,7 +32,7 @@ __all__ = [
     "Warehouse",
     "WarehouseBusy",
     "WorkingCopy",
-    "fsync_dir",
+    "attach_read_only",
     "sql_literal",
 ]
 
@@ -51,13 +52,22 @@ class WarehouseBusy(StorageError):
     """Another process kept the warehouse file locked for longer than we may wait."""
 
 
-def fsync_dir(path: Path) -> None:
-    """Make the entries of folder ``path`` (renames, new files) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def attach_read_only(path: Path) -> duckdb.DuckDBPyConnection:
+    """A fresh in-memory DuckDB with the file at ``path`` attached read-only as the default
+    database (close it when done); a ``duckdb.Error`` if the file cannot be attached.
+
+    ``duckdb.connect(path)`` would hand back an instance this process already has open on
+    that path, which may be the file as it was before the last publish (a rename does not
+    reach open files).
+    """
+    con = duckdb.connect(":memory:")
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        con.execute(f"ATTACH {sql_literal(str(path))} AS warehouse (READ_ONLY)")
+        con.execute("USE warehouse")
+    except BaseException:
+        con.close()
+        raise
+    return con
 
 
 def sql_literal(text: str) -> str:
@@ -100,11 +110,7 @@ class WorkingCopy:
             con.close()
         if _wal(self.path).exists():
             raise StorageError(f"{self.path} kept a write-ahead log after closing; not published")
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_file(self.path)
         os.replace(self.path, self.warehouse.path)
         self.published = True
         fsync_dir(self.warehouse.root)
@@ -196,19 +202,6 @@ class Warehouse:
             finally:
                 work.discard()
 
-    def _attach_read_only(self) -> duckdb.DuckDBPyConnection:
-        # A fresh in-memory instance that attaches the file: duckdb.connect(path) would
-        # hand back an instance this process already has open on that path, which may be
-        # the file as it was before the last publish (a rename does not reach open files).
-        con = duckdb.connect(":memory:")
-        try:
-            con.execute(f"ATTACH {sql_literal(str(self.path))} AS warehouse (READ_ONLY)")
-            con.execute("USE warehouse")
-        except BaseException:
-            con.close()
-            raise
-        return con
-
     @contextmanager
     def reader(self, timeout: float) -> Iterator[duckdb.DuckDBPyConnection]:
         """The lock shared and a read-only connection to the current file for the block.
@@ -219,7 +212,7 @@ class Warehouse:
             raise DataError(f"no warehouse at {self.path}: nothing has been committed yet")
         deadline = time.monotonic() + timeout
         with self._locked(exclusive=False, timeout=timeout):
-            con = self._retrying(max(0.0, deadline - time.monotonic()), self._attach_read_only)
+            con = self._retrying(max(0.0, deadline - time.monotonic()), lambda: attach_read_only(self.path))
             try:
                 yield con
             except duckdb.Error as exc:

@@ -340,31 +340,14 @@ def _warm_imports() -> None:
 
 
 def _register(settings, onnx_model: bytes) -> None:
-    import numpy as np
-    import pandas as pd
-
-    from mlops import modeling
-    from mlops.datagen import generate
+    from bench.support import log_onnx_model
     from registry.mlflow_registry import ModelRegistry
-    from registry.tracking import log_training_run
 
     registry = ModelRegistry(settings)
     name = settings.training.model_name
     if "champion" in registry.aliases(name):
         return
-    example = modeling.features_frame(generate(10, seed=9).head(3), settings.dataset)
-    example = example.astype({n: np.float32 for n in settings.dataset.numeric_names})
-    logged = log_training_run(
-        settings,
-        run_name="bench-model",
-        params={},
-        metrics={},
-        tags={},
-        files={},
-        onnx_model=onnx_model,
-        example_features=example,
-        example_scores=pd.DataFrame({"probability": [0.1, 0.2, 0.3]}),
-    )
+    logged = log_onnx_model(settings, onnx_model, "bench-model")
     version = registry.register(
         name, logged.model_uri, logged.run_id, {"decision_threshold": "0.2"}, "benchmark"
     ).version

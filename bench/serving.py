@@ -111,29 +111,14 @@ def prepare_home(home: Path | None, tmp: Path) -> tuple[Path, int, int, Path]:
 
 
 def _train_and_register(settings, registry) -> None:
-    import pandas as pd
-
+    from bench.support import log_onnx_model
     from mlops import modeling
     from mlops.datagen import generate
     from mlops.settings import GradientBoostingSpec
-    from registry.tracking import log_training_run
 
     frame = generate(20_000, seed=5)
     pipe = modeling.fit(GradientBoostingSpec(), frame, settings.dataset, settings.training.seed)
-    onnx = modeling.to_onnx_bytes(pipe, settings.dataset)
-    example = modeling.features_frame(frame.head(3), settings.dataset)
-    example = example.astype({n: np.float32 for n in settings.dataset.numeric_names})
-    logged = log_training_run(
-        settings,
-        run_name="bench-serving",
-        params={},
-        metrics={},
-        tags={},
-        files={},
-        onnx_model=onnx,
-        example_features=example,
-        example_scores=pd.DataFrame({"probability": [0.1, 0.2, 0.3]}),
-    )
+    logged = log_onnx_model(settings, modeling.to_onnx_bytes(pipe, settings.dataset), "bench-serving")
     name = settings.training.model_name
     first = registry.register(name, logged.model_uri, logged.run_id, {}, "serving benchmark").version
     registry.move_alias(name, "champion", first, reason="serving benchmark")
@@ -286,6 +271,46 @@ def _wrk_load(
         timeout=seconds + 60,
     ).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def measure(
+    client: str, port: int, payload: dict, concurrency: int, seconds: float, stall_ms: float, script: Path
+) -> Run | dict:
+    """One load window of ``client`` (async, seq or wrk) against the service on ``port``."""
+    if client == "async":
+        return asyncio.run(_async_load(port, payload, concurrency, seconds))
+    if client == "seq":
+        return _seq_load(port, payload, seconds)
+    return _wrk_load(port, payload, concurrency, seconds, stall_ms, script)
+
+
+def rps_of(run: Run | dict) -> float:
+    """Requests per second of one window's result."""
+    return (
+        run.latencies_ns.size / run.seconds if isinstance(run, Run) else run["requests"] / (run["us"] / 1e6)
+    )
+
+
+def service_command(port: int) -> list[str]:
+    """The platform's BentoML service on ``port`` (as `mlops serve` starts it)."""
+    return [
+        str(Path(sys.executable).with_name("bentoml")),
+        "serve",
+        "serving.service:ScoringService",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--working-dir",
+        str(REPO),
+    ]
+
+
+SERVICE_ENV = {
+    "BENTOML_DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLOPS__SERVING__RESTORE_STATE": "false",
+}
 
 
 # --------------------------------------------------------------------------- machine load
@@ -484,26 +509,11 @@ def main(argv: list[str] | None = None) -> int:
                 "--log-level",
                 "warning",
             ],
-            "bentoml": [
-                str(Path(py).with_name("bentoml")),
-                "serve",
-                "serving.service:ScoringService",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(ports["bentoml"]),
-                "--working-dir",
-                str(REPO),
-            ],
+            "bentoml": service_command(ports["bentoml"]),
         }
         envs = {
             "minimal": {MODEL_ENV: str(model)},
-            "bentoml": {
-                "MLOPS_HOME": str(home),
-                "BENTOML_DO_NOT_TRACK": "true",
-                "MLFLOW_DISABLE_TELEMETRY": "true",
-                "MLOPS__SERVING__RESTORE_STATE": "false",
-            },
+            "bentoml": {"MLOPS_HOME": str(home), **SERVICE_ENV},
         }
         cwd = {"minimal": HERE, "bentoml": REPO}
         modes = {
@@ -546,19 +556,10 @@ def main(argv: list[str] | None = None) -> int:
                         server = {procs["minimal" if name == "minimal" else "bentoml"].pid}
                         ticks0 = _tree_ticks(server)
                         with foreign_cpu(roots, foreign[client][name]):
-                            if client == "async":
-                                run = asyncio.run(_async_load(port, payload, args.concurrency, window))
-                            elif client == "seq":
-                                run = _seq_load(port, payload, window)
-                            else:
-                                run = _wrk_load(port, payload, args.concurrency, window, args.stall_ms, lua)
+                            run = measure(client, port, payload, args.concurrency, window, args.stall_ms, lua)
                         server_ticks[client][name] += _tree_ticks(server) - ticks0
                         pooled[client][name].append(run)
-                        rps[name] = (
-                            run.latencies_ns.size / run.seconds
-                            if isinstance(run, Run)
-                            else run["requests"] / (run["us"] / 1e6)
-                        )
+                        rps[name] = rps_of(run)
                     round_rps[client].append(rps)
                 print(f"round {rnd + 1}/{args.rounds} done", flush=True)
             _admin(ports["bentoml"], token, modes["bentoml"])

@@ -42,33 +42,18 @@ def _rss_bytes() -> int:
 
 
 def _register(settings, n: int) -> list[str]:
-    import pandas as pd
-
     from adapters.runtime import configure
+    from bench.support import log_onnx_model
     from mlops import modeling
     from mlops.datagen import generate
     from mlops.settings import LogisticRegressionSpec
     from mlops.tenancy import tenant_model_name
     from registry.mlflow_registry import ModelRegistry
-    from registry.tracking import log_training_run
 
     configure(settings)
     frame = generate(3000, seed=3)
     pipe = modeling.fit(LogisticRegressionSpec(max_iter=200), frame, settings.dataset, 0)
-    onnx = modeling.to_onnx_bytes(pipe, settings.dataset)
-    example = modeling.features_frame(frame.head(3), settings.dataset)
-    example = example.astype({c: np.float32 for c in settings.dataset.numeric_names})
-    logged = log_training_run(
-        settings,
-        run_name="bench-tenants",
-        params={},
-        metrics={},
-        tags={},
-        files={},
-        onnx_model=onnx,
-        example_features=example,
-        example_scores=pd.DataFrame({"probability": [0.1, 0.2, 0.3]}),
-    )
+    logged = log_onnx_model(settings, modeling.to_onnx_bytes(pipe, settings.dataset), "bench-tenants")
     registry = ModelRegistry(settings)
     names = [BASE] + [tenant_model_name(BASE, f"t{i:03d}") for i in range(n)]
     for i, name in enumerate(names):
@@ -107,9 +92,7 @@ async def run(args: argparse.Namespace, home: Path) -> None:
     from mlops.datagen import generate
     from mlops.settings import load_settings
     from serving.app import RuntimeRef, build_app
-    from serving.auth import ensure_feedback_token, ensure_id_key, ensure_token
     from serving.runtime import ServingRuntime
-    from serving.source import RegistrySource
     from serving.tenants import add_tenant
 
     env = {
@@ -132,13 +115,7 @@ async def run(args: argparse.Namespace, home: Path) -> None:
         }
     }
 
-    rt = ServingRuntime(
-        settings,
-        RegistrySource(settings, BASE),
-        token=ensure_token(settings),
-        feedback_token=ensure_feedback_token(settings),
-        id_key=ensure_id_key(settings),
-    )
+    rt = ServingRuntime.for_model(settings, BASE)
     await asyncio.to_thread(rt.bootstrap)
     rt.start()
     transport = httpx.ASGITransport(app=build_app(RuntimeRef(rt)))

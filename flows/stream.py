@@ -20,13 +20,13 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from adapters.broker import Broker, SqliteBroker
-from adapters.feature_store import EmbeddedFeatureStore, FeatureStore, RedisFeatureStore
+from adapters.feature_store import state_store
 from adapters.runtime import configure
 from flows.params import AliasParam
 from mlops.features import FeatureSet, feature_views
 from mlops.onnx_model import OnnxScorer
 from mlops.registry_model import CHAMPION
-from mlops.settings import KafkaBrokerSpec, RedisBrokerSpec, RedisStateStore, Settings, load_settings
+from mlops.settings import KafkaBrokerSpec, RedisBrokerSpec, Settings, load_settings
 from tasks.scoring import pin_model
 from tasks.stream import StreamConsumer
 
@@ -48,16 +48,6 @@ def broker_for(settings: Settings) -> Broker:
 
         return KafkaBroker.from_spec(spec)
     return SqliteBroker(stream_dir(settings) / "broker.db")
-
-
-def state_store(settings: Settings, fs: FeatureSet, topic: str, group: str) -> FeatureStore:
-    """The configured window-state store of one consumer group (``features.store``), keeping
-    the history of ``fs`` and of the config's ``features.extra_views``."""
-    spec = settings.features.store
-    extra = feature_views(settings)[1:]
-    if isinstance(spec, RedisStateStore):
-        return RedisFeatureStore.from_url(spec.url, fs, f"{spec.prefix}:{topic}:{group}", extra)
-    return EmbeddedFeatureStore(stream_dir(settings) / "state" / topic / group, fs, extra)
 
 
 def output_dir(settings: Settings, topic: str, group: str) -> Path:

@@ -659,6 +659,11 @@ class StreamFeatures:
         return hashlib.sha256(joined.encode()).hexdigest()[:16]
 
     @property
+    def source_columns(self) -> tuple[str, ...]:
+        """The event columns the state keeps (those of every view it serves)."""
+        return self._cols
+
+    @property
     def watermark(self) -> int | None:
         """The oldest event time still accepted (ns), or None before the first event."""
         return None if self.max_ts is None else self.max_ts - self.fs.lateness_ns

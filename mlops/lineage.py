@@ -46,22 +46,16 @@ def data_fingerprint(frames: Iterable[pd.DataFrame], columns: Sequence[str]) -> 
 def code_version(root: Path | None = None) -> str:
     """The git commit of the platform's source when run from a checkout, else its version."""
     root = root or Path(__file__).resolve().parent.parent
-    try:
+
+    def git(*args: str) -> str:
         out = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
+            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=5, check=True
         )
-        sha = out.stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
+        return out.stdout.strip()
+
+    try:
+        sha = git("rev-parse", "--short=12", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
         return f"git:{sha}{'-dirty' if dirty else ''}"
     except (OSError, subprocess.SubprocessError):
         try:

@@ -11,6 +11,11 @@ Three request shapes:
     One record ``{"features": {...}, "request_id"?, "entity_key"?, "ts"?}`` or many
     ``{"records": [record, ...]}``. ``features`` must hold exactly the schema's features:
     numbers (JSON int or float, not bool) for numeric ones, strings for categorical ones.
+    When window features are declared (``RequestValidator(..., online=OnlineKeys(...))``),
+    ``features`` may also hold any of the window features (finite numbers) and, for the
+    service to look the missing ones up, the entity id (``ENTITY_ID``: 1-128 letters, digits
+    and ``_ . @ + -``, no ``..``) and the event time (ISO 8601; without a zone, UTC): a raw
+    transaction. The entity id then also routes the record unless ``entity_key`` is given.
 ``/v2/models/{name}/infer``
     An Open Inference Protocol v2 request: one ``[N, 1]`` tensor per feature, ``FP32`` for
     numeric and ``BYTES`` for categorical features (the ONNX graph's own inputs), data flat
@@ -36,11 +41,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 import sys
 from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from mlops.errors import DataError
@@ -58,6 +65,12 @@ NUMERIC_DATATYPE: Final = "FP32"
 STRING_DATATYPE: Final = "BYTES"
 MAX_INT_DIGITS: Final = 4300
 """Longest integer literal a body may hold (Python's own limit on int/str conversion)."""
+ENTITY_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,127}")
+"""An entity id the online feature lookup accepts (and nothing else: no wildcards, separators
+beyond these, control characters or ``..``)."""
+MAX_TIME: Final = 40
+EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+LAST_TIME: Final = datetime(2262, 1, 1, tzinfo=UTC)  # int64 nanoseconds end in April 2262
 BINARY_HEADER: Final = "inference-header-content-length"
 """Header of the OIP binary tensor data extension: length of the JSON part of the body."""
 
@@ -77,11 +90,26 @@ class InvalidRequest(DataError):
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """One validated row: the features as the model takes them, plus its keys."""
+    """One validated row: the features as the model takes them, plus its keys.
+
+    ``entity`` and ``ts_ns`` are the entity id and event time of a raw transaction (for the
+    online feature lookup), None when the caller did not send them."""
 
     features: dict[str, float | str]
     request_id: str | None = None
     entity_key: str | None = None
+    entity: str | None = None
+    ts_ns: int | None = None
+
+
+@dataclass(frozen=True)
+class OnlineKeys:
+    """What a raw transaction may carry besides the dataset's features: the declared window
+    features, the entity id column and the event time column."""
+
+    windows: tuple[str, ...]
+    entity_column: str
+    timestamp_column: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +122,8 @@ class V2Request:
     entity_key: str | None = None
     outputs: tuple[str, ...] = ()
     binary_outputs: frozenset[str] = frozenset()
+    entities: tuple[str, ...] | None = None  # a raw transaction's entity id per row
+    times_ns: tuple[int, ...] | None = None  # and its event time per row
 
 
 def _nan_literal(name: str) -> float:
@@ -178,6 +208,37 @@ def _identifier(value: object, what: str, limit: int = MAX_ID) -> str | None:
     return value
 
 
+def entity_id(value: object, what: str) -> str:
+    """An entity id for the online feature lookup (``ENTITY_ID``; a JSON integer becomes its digits)."""
+    if type(value) is int:
+        value = str(value)
+    if type(value) is not str:
+        raise InvalidRequest(f"{what} must be a string, got {_type_name(value)}")
+    if not ENTITY_ID.fullmatch(value) or ".." in value:
+        raise InvalidRequest(
+            f"{what} must be 1-128 letters, digits or _ . @ + - (starting with a letter or digit, no '..'), "
+            f"got {_short(value)}"
+        )
+    return value
+
+
+def event_time_ns(value: object, what: str) -> int:
+    """An ISO 8601 event time (without a zone: UTC) as int64 nanoseconds since the epoch."""
+    if type(value) is not str:
+        raise InvalidRequest(f"{what} must be an ISO 8601 time string, got {_type_name(value)}")
+    try:
+        if len(value) > MAX_TIME:
+            raise ValueError
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidRequest(f"{what} is not an ISO 8601 time: {_short(value)}") from None
+    when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+    if not EPOCH <= when < LAST_TIME:
+        raise InvalidRequest(f"{what} = {_short(value)} is outside 1970-2261")
+    delta = when - EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1_000
+
+
 def _unknown(keys: object, allowed: frozenset[str], where: str) -> None:
     extra = sorted(str(k) for k in keys if k not in allowed)  # type: ignore[attr-defined]
     if extra:
@@ -195,12 +256,15 @@ class RequestValidator:
         *,
         enforce_ranges: bool = True,
         max_rows: int = 1000,
+        online: OnlineKeys | None = None,
     ) -> None:
         self.schema = schema
         self.max_rows = max_rows
         self.enforce_ranges = enforce_ranges
+        self.online = online
         self.feature_names = schema.feature_names
         self._names = frozenset(schema.feature_names)
+        self._windows = frozenset(online.windows) if online else frozenset()
         self._numeric: tuple[tuple[str, float, float], ...] = tuple(
             (
                 f.name,
@@ -215,6 +279,11 @@ class RequestValidator:
         self._specs = {n: NUMERIC_DATATYPE for n in schema.numeric_names} | {
             n: STRING_DATATYPE for n in schema.categorical_names
         }
+        if online is not None:
+            self._specs |= {n: NUMERIC_DATATYPE for n in online.windows} | {
+                online.entity_column: STRING_DATATYPE,
+                online.timestamp_column: STRING_DATATYPE,
+            }
         self._labels = frozenset(schema.label_values)
 
     # ----------------------------------------------------------------- values
@@ -244,7 +313,7 @@ class RequestValidator:
     def _key_problem(self, keys: object, where: str) -> str:
         given = set(keys)  # type: ignore[call-overload]
         missing = [n for n in self.feature_names if n not in given]
-        extra = sorted(str(k) for k in given - self._names)
+        extra = sorted(str(k) for k in given - self._names - self._windows)
         parts = []
         if missing:
             parts.append(f"missing feature(s) {', '.join(missing)}")
@@ -259,7 +328,17 @@ class RequestValidator:
                 f"{where} must be an object mapping feature names to values, got {_type_name(obj)}"
             )
         if len(obj) != len(self._names) or obj.keys() != self._names:
-            raise InvalidRequest(self._key_problem(obj.keys(), where))
+            extra = obj.keys() - self._names
+            if not extra or not extra <= self._windows or not self._names <= obj.keys():
+                raise InvalidRequest(self._key_problem(obj.keys(), where))
+            for name in extra:
+                v = obj[name]
+                if type(v) is int or type(v) is float:
+                    v = float(v)
+                    if -FLOAT32_MAX <= v <= FLOAT32_MAX:
+                        obj[name] = v
+                        continue
+                raise InvalidRequest(f"{where}: {self._number_problem(name, v, -FLOAT32_MAX, FLOAT32_MAX)}")
         for name, lo, hi in self._numeric:
             v = obj[name]
             t = type(v)
@@ -289,10 +368,22 @@ class RequestValidator:
         ts = obj.get("ts")
         if ts is not None and type(ts) is not str:
             raise InvalidRequest(f"{where}: ts must be a string, got {_type_name(ts)}")
+        at = f"{where}.features" if where != "body" else "features"
+        feats = obj["features"]
+        entity = when = None
+        online = self.online
+        if online is not None and type(feats) is dict:
+            if online.entity_column in feats:
+                entity = entity_id(feats.pop(online.entity_column), f"{at}.{online.entity_column}")
+            if online.timestamp_column in feats:
+                when = event_time_ns(feats.pop(online.timestamp_column), f"{at}.{online.timestamp_column}")
+        entity_key = _identifier(obj.get("entity_key"), f"{where}.entity_key", MAX_STRING)
         return Record(
-            features=self.features(obj["features"], f"{where}.features" if where != "body" else "features"),
+            features=self.features(feats, at),
             request_id=_identifier(obj.get("request_id"), f"{where}.request_id"),
-            entity_key=_identifier(obj.get("entity_key"), f"{where}.entity_key", MAX_STRING),
+            entity_key=entity if entity_key is None else entity_key,
+            entity=entity,
+            ts_ns=when,
         )
 
     def _count(self, n: int, what: str) -> None:
@@ -390,21 +481,39 @@ class RequestValidator:
             rows = n
             columns[name] = values
         reader.finish()
-        if len(columns) != len(self._names):
+        if not self._names <= columns.keys():
             raise InvalidRequest(
                 self._key_problem(columns.keys(), "inputs").replace("feature(s)", "input tensor(s)"), 400
             )
         assert rows is not None
         self._count(rows, "rows")
+        entities = times = None
+        if self.online is not None:
+            ent_col, ts_col = self.online.entity_column, self.online.timestamp_column
+            if ent_col in columns:
+                entities = tuple(
+                    entity_id(v, f"input '{ent_col}' (row {j})") for j, v in enumerate(columns.pop(ent_col))
+                )
+            if ts_col in columns:
+                times = tuple(
+                    event_time_ns(v, f"input '{ts_col}' (row {j})") for j, v in enumerate(columns.pop(ts_col))
+                )
+            for name in columns.keys() & self._windows:
+                for j, v in enumerate(columns[name]):
+                    if not (type(v) is float or type(v) is int) or not -FLOAT32_MAX <= v <= FLOAT32_MAX:
+                        problem = self._number_problem(name, v, -FLOAT32_MAX, FLOAT32_MAX)
+                        raise InvalidRequest(f"input {problem} (row {j})")
         self._check_columns(columns, rows)
         wanted, binary_outputs = self._outputs(body.get("outputs"), outputs, binary_default)
         return V2Request(
             rows=rows,
             columns=columns,
             id=request_id,
-            entity_key=entity_key,
+            entity_key=entity_key if entity_key is not None or entities is None else entities[0],
             outputs=wanted,
             binary_outputs=binary_outputs,
+            entities=entities,
+            times_ns=times,
         )
 
     def _tensor(self, tensor: object, i: int, reader: _BinaryReader) -> tuple[str, int, list[Any]]:

@@ -37,7 +37,7 @@ import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 from hashlib import blake2b
-from typing import Final, Literal, NamedTuple
+from typing import Final, Literal, NamedTuple, Protocol
 
 from mlops.errors import ConfigError
 
@@ -68,6 +68,16 @@ class Mode(StrEnum):
 _HASHED_MODES: Final = frozenset({Mode.SHADOW, Mode.CANARY, Mode.AB})
 _SPLIT_MODES: Final = frozenset({Mode.CANARY, Mode.AB})
 _FORCIBLE_MODES: Final = frozenset({Mode.CANARY, Mode.AB, Mode.BLUE_GREEN})
+
+
+class RouteFields(Protocol):
+    """The fields of a route table as configs and APIs carry them."""
+
+    mode: str
+    weight_pct: float
+    mirror_pct: float
+    salt: str
+    active_slot: Variant
 
 
 class InvalidRouteTable(ConfigError, ValueError):
@@ -161,6 +171,18 @@ class RouteTable:
         object.__setattr__(self, "_forcible", mode in _FORCIBLE_MODES)
         object.__setattr__(
             self, "_decisions", _decisions_for(mode, self.weight_pct, self.mirror_pct, self.active_slot)
+        )
+
+    @classmethod
+    def of(cls, spec: RouteFields) -> RouteTable:
+        """The table of anything carrying its five fields (a rollout's route effect, the admin
+        API's routes), ``mode`` spelled as a string."""
+        return cls(
+            mode=Mode(spec.mode),
+            weight_pct=spec.weight_pct,
+            mirror_pct=spec.mirror_pct,
+            salt=spec.salt,
+            active_slot=spec.active_slot,
         )
 
     def ramped(self, weight_pct: float) -> RouteTable:

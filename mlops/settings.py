@@ -14,7 +14,7 @@ import itertools
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -34,6 +34,14 @@ class StrictModel(BaseModel):
     """Base of every settings model: strict types, immutable, unknown fields rejected."""
 
     model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+
+
+def require_unique(names: Sequence[str], what: str, scope: str = "", hint: str = "") -> None:
+    """A ``ValueError`` naming each of ``names`` given more than once, in a validator's words:
+    ``"<what> used twice<scope>: a, b<hint>"``."""
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{what} used twice{scope}: {', '.join(dupes)}{hint}")
 
 
 # --------------------------------------------------------------------------- dataset
@@ -80,9 +88,7 @@ class DatasetSchema(StrictModel):
     @model_validator(mode="after")
     def _unique_columns(self) -> DatasetSchema:
         names = self.feature_names + self.key_columns + (self.label_column,)
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"column names used twice: {', '.join(dupes)}")
+        require_unique(names, "column names")
         if not self.feature_names:
             raise ValueError("the dataset declares no feature columns")
         onnx_input_names(self.feature_names)  # raises when two columns map to one input name
@@ -190,13 +196,6 @@ class RedisStateStore(StrictModel):
 StateStoreSpec = Annotated[EmbeddedStateStore | RedisStateStore, Field(discriminator="kind")]
 
 
-def _no_duplicate_names(windows: tuple[WindowFeature, ...], where: str = "") -> None:
-    names = [w.name for w in windows]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ValueError(f"{where}feature names used twice: {', '.join(dupes)}")
-
-
 class FeatureViewSpec(StrictModel):
     """Another set of windows over the same entity and events: the feature view of a model
     version that is still live (e.g. the outgoing side of a blue-green move)."""
@@ -205,7 +204,7 @@ class FeatureViewSpec(StrictModel):
 
     @model_validator(mode="after")
     def _unique_names(self) -> FeatureViewSpec:
-        _no_duplicate_names(self.windows)
+        require_unique([w.name for w in self.windows], "feature names")
         return self
 
 
@@ -230,7 +229,7 @@ class FeaturesConfig(StrictModel):
 
     @model_validator(mode="after")
     def _unique_names(self) -> FeaturesConfig:
-        _no_duplicate_names(self.windows)
+        require_unique([w.name for w in self.windows], "feature names")
         if self.extra_views and not self.windows:
             raise ValueError("extra_views: declare the current view's windows first")
         return self
@@ -474,6 +473,18 @@ class TenantsConfig(StrictModel):
     alias_refresh_seconds: float = Field(30.0, ge=0)
 
 
+class OnlineFeaturesConfig(StrictModel):
+    """Where ``/predict`` looks up the window features a caller did not send: the window state
+    of the stream's consumer group ``group`` on ``topic``, in the store ``features.store`` names
+    (the embedded checkpoint file, re-read at most every ``refresh_seconds`` when it changed, or
+    Redis, each read bounded by ``timeout_seconds``). Only used when ``features.windows`` are declared."""
+
+    topic: str = Field("transactions", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+    group: str = Field("scorer", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+    refresh_seconds: float = Field(0.5, gt=0, le=60)
+    timeout_seconds: float = Field(0.25, gt=0, le=30)
+
+
 class ServingConfig(StrictModel):
     """Online inference (`mlops serve`): what the BentoML service loads, its limits and logs.
 
@@ -525,6 +536,7 @@ class ServingConfig(StrictModel):
     idempotency_keys: int = Field(1024, ge=1)
     async_jobs: AsyncJobsConfig = AsyncJobsConfig()
     tenants: TenantsConfig = TenantsConfig()
+    online_features: OnlineFeaturesConfig = OnlineFeaturesConfig()
 
 
 # --------------------------------------------------------------------------- edge

@@ -32,6 +32,10 @@ ConfigOpt = Annotated[
         show_default=False,
     ),
 ]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help="Registered model (default: from config).", show_default=False),
+]
 
 _state: dict[str, Any] = {"verbose": False}
 

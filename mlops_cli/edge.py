@@ -10,21 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from mlops_cli.common import console, handle_errors, progress, settings_for
-
-ConfigOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--config",
-        "-c",
-        help="YAML config file (default: $MLOPS_CONFIG, else built-in defaults).",
-        show_default=False,
-    ),
-]
-ModelOpt = Annotated[
-    str | None,
-    typer.Option("--model", "-m", help="Registered model (default: from config).", show_default=False),
-]
+from mlops_cli.common import ConfigOpt, ModelOpt, console, handle_errors, progress, settings_for
 
 edge_app = typer.Typer(
     help="Edge: compress for a device budget, sign OTA releases, roll them out to a fleet.",

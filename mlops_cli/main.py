@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 
 from mlops.errors import ConfigError, DataError
-from mlops_cli.common import ConfigOpt, console, handle_errors, progress, set_verbose, settings_for
+from mlops_cli.common import ConfigOpt, ModelOpt, console, handle_errors, progress, set_verbose, settings_for
 
 app = typer.Typer(
     name="mlops",
@@ -222,9 +222,7 @@ def promote(
             "--expect-current", help="Move only if the alias is at this version now ('none' = unset)."
         ),
     ] = None,
-    model: Annotated[
-        str | None, typer.Option("--model", "-m", help="Registered model (default: from config).")
-    ] = None,
+    model: ModelOpt = None,
     skip_gate: Annotated[
         bool, typer.Option("--skip-gate", help="Move to champion without the metric gate (audited as such).")
     ] = False,

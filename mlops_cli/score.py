@@ -8,17 +8,7 @@ import typer
 from rich.table import Table
 
 from mlops.errors import ConfigError
-from mlops_cli.common import console, handle_errors, progress, settings_for
-
-ConfigOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--config",
-        "-c",
-        help="YAML config file (default: $MLOPS_CONFIG, else built-in defaults).",
-        show_default=False,
-    ),
-]
+from mlops_cli.common import ConfigOpt, console, handle_errors, progress, settings_for
 
 
 @handle_errors

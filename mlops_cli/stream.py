@@ -15,7 +15,7 @@ from mlops_cli.common import ConfigOpt, console, handle_errors, progress, settin
 
 stream_app = typer.Typer(help="Stream scoring: events -> window features -> scores.", no_args_is_help=True)
 features_app = typer.Typer(
-    help="Rolling-window features: build and check training sets.", no_args_is_help=True
+    help="Rolling-window features: build and check training sets, measure skew.", no_args_is_help=True
 )
 
 TopicOpt = Annotated[str, typer.Option("--topic", "-t", help="Broker topic of raw events.")]
@@ -199,6 +199,63 @@ def check(
     fs = FeatureSet.from_settings(settings)
     report = assert_point_in_time(fs, read_frame(training), read_frame(events) if events else None)
     console.print(f"point-in-time correct: {report.rows:,} rows, {len(report.checks)} features")
+
+
+@features_app.command("skew")
+@handle_errors
+def skew(
+    events: Annotated[Path, typer.Argument(help="Parquet or CSV file of raw events (the dataset's rows).")],
+    tolerance: Annotated[
+        float, typer.Option("--tolerance", help="Largest relative difference allowed (counts: none).")
+    ] = 1e-9,
+    segment_events: Annotated[
+        int, typer.Option("--segment-events", help="Most events per checkpoint of the stream state.")
+    ] = 1000,
+    config: ConfigOpt = None,
+) -> None:
+    """Training-serving skew: each event's features offline, from the stream, and looked up online.
+
+    The online path checkpoints the stream state to the configured store (features.store: the
+    embedded file, or Redis under a scratch prefix deleted afterwards) and reads it back."""
+    import tempfile
+    import uuid
+
+    from adapters.datasets import read_frame
+    from adapters.feature_store import EmbeddedFeatureStore, RedisFeatureStore
+    from mlops.feature_skew import SkewExceeded, measure_skew
+    from mlops.features import FeatureSet
+    from mlops.settings import RedisStateStore
+
+    if not tolerance >= 0 or segment_events < 1:
+        raise ConfigError("--tolerance must be >= 0 and --segment-events at least 1")
+    settings = settings_for(config)
+    fs = FeatureSet.from_settings(settings)
+    frame = read_frame(events)
+    spec = settings.features.store
+    if isinstance(spec, RedisStateStore):
+        store = RedisFeatureStore.from_url(spec.url, fs, f"{spec.prefix}:skew:{uuid.uuid4().hex}")
+        where = f"redis {store.prefix}"
+        try:
+            report = measure_skew(fs, frame, store, tolerance=tolerance, segment_events=segment_events)
+        finally:
+            store.clear()
+    else:
+        with tempfile.TemporaryDirectory(prefix="mlops-skew-") as tmp:
+            where = "embedded checkpoint file"
+            report = measure_skew(
+                fs,
+                frame,
+                EmbeddedFeatureStore(Path(tmp), fs),
+                tolerance=tolerance,
+                segment_events=segment_events,
+            )
+    table = Table("feature", "agg", "max abs diff stream", "max abs diff online", "")
+    for f in report.features:
+        table.add_row(f.name, f.agg, f"{f.stream:.3g}", f"{f.online:.3g}", "EXCEEDED" if f.exceeded else "ok")
+    console.print(table)
+    console.print(f"{report.events:,} events, {report.checkpoints:,} checkpoints to the {where}")
+    if not report.ok:
+        raise SkewExceeded("offline and stream/online features differ: " + "; ".join(report.reasons()))
 
 
 def register(app: typer.Typer) -> None:

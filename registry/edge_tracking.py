@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from mlops.errors import RegistryError
 from mlops.settings import Settings
+from registry.tracking import ensure_experiment
 
 
 def log_edge_run(
@@ -26,20 +27,9 @@ def log_edge_run(
     """Create a finished MLflow run with ``metrics`` and ``files`` (under ``edge/``); its run id."""
     client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.registry_uri)
     try:
-        found = client.get_experiment_by_name(experiment)
-        if found is not None:
-            experiment_id = found.experiment_id
-        else:
-            try:
-                experiment_id = client.create_experiment(
-                    experiment, artifact_location=settings.artifact_location
-                )
-            except MlflowException:  # created concurrently
-                again = client.get_experiment_by_name(experiment)
-                if again is None:
-                    raise
-                experiment_id = again.experiment_id
-        run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
+        run = client.create_run(
+            ensure_experiment(client, settings, experiment), run_name=run_name, tags=dict(tags)
+        )
         run_id = run.info.run_id
         for key, value in params.items():
             client.log_param(run_id, key, str(value)[:6000])

@@ -34,8 +34,8 @@ class LoggedRun:
     experiment_id: str
 
 
-def _experiment_id(client: MlflowClient, settings: Settings) -> str:
-    name = settings.training.experiment
+def ensure_experiment(client: MlflowClient, settings: Settings, name: str) -> str:
+    """The id of MLflow experiment ``name``, created at the settings' artifact location if missing."""
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
@@ -65,7 +65,7 @@ def log_training_run(
     mlflow.set_registry_uri(settings.registry_uri)
     client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.registry_uri)
     try:
-        experiment_id = _experiment_id(client, settings)
+        experiment_id = ensure_experiment(client, settings, settings.training.experiment)
         with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=dict(tags)) as run:
             mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
             mlflow.log_metrics(dict(metrics))

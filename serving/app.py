@@ -495,6 +495,7 @@ def build_app(ref: RuntimeRef) -> Starlette:
                     rt.model_name,
                     max_rows=rt.cfg.max_batch_rows,
                     version=version("mlops-platform"),
+                    online=rt.online.keys if rt.online is not None else None,
                 )
             )
         return Response(ref.openapi, media_type=JSON)

@@ -515,12 +515,18 @@ class AsyncJobs:
         job_id = secrets.token_urlsafe(16)
         key = job_key(job_id)
         single = len(records) == 1
+        now = time.time_ns()  # a raw transaction's features are looked up as of its submission
         payload = {
             "records": [
                 {
                     "features": r.features,
                     "request_id": r.request_id or (f"job-{key}" if single else f"job-{key}:{i}"),
                     "entity_key": r.entity_key,
+                    **(
+                        {"entity": r.entity, "ts_ns": now if r.ts_ns is None else r.ts_ns}
+                        if r.entity is not None
+                        else {}
+                    ),
                 }
                 for i, r in enumerate(records)
             ]
@@ -570,7 +576,10 @@ class AsyncJobs:
 
     async def _run(self, job: Job) -> None:
         assert job.payload is not None
-        records = [Record(r["features"], r["request_id"], r["entity_key"]) for r in job.payload["records"]]
+        records = [
+            Record(r["features"], r["request_id"], r["entity_key"], r.get("entity"), r.get("ts_ns"))
+            for r in job.payload["records"]
+        ]
         rt = self.rt
         while True:
             try:

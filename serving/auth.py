@@ -20,10 +20,11 @@ An empty token or key file is never accepted.
 from __future__ import annotations
 
 import hmac
-import os
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
 
+from adapters.files import create_new
 from mlops.errors import ConfigError
 from mlops.predlog import ID_KEY_BYTES
 from mlops.settings import Settings
@@ -35,12 +36,12 @@ ID_KEY_FILE = "request-ids.key"
 
 def token_path(settings: Settings) -> Path:
     """Where the generated admin token lives."""
-    return settings.run_dir / TOKEN_FILE
+    return _ADMIN.path(settings)
 
 
 def feedback_token_path(settings: Settings) -> Path:
     """Where the generated feedback token lives."""
-    return settings.run_dir / FEEDBACK_TOKEN_FILE
+    return _FEEDBACK.path(settings)
 
 
 def id_key_path(settings: Settings) -> Path:
@@ -57,15 +58,9 @@ def _read(path: Path, what: str) -> str:
 
 def _ensure(path: Path, what: str) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return _read(path, what)
     value = secrets.token_urlsafe(ID_KEY_BYTES)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(value + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    if not create_new(path, (value + "\n").encode()):
+        return _read(path, what)
     return value
 
 
@@ -76,40 +71,58 @@ def _missing(what: str, setting: str, path: Path) -> ConfigError:
     )
 
 
+@dataclass(frozen=True)
+class _Token:
+    """One of the two tokens: its ``serving.<setting>`` field and its generated file's name."""
+
+    setting: str
+    file: str
+    what: str
+
+    def configured(self, settings: Settings) -> str | None:
+        return getattr(settings.serving, self.setting)
+
+    def path(self, settings: Settings) -> Path:
+        return settings.run_dir / self.file
+
+    def read(self, settings: Settings) -> str:
+        """Configured, else the generated file's; a missing file is a ``ConfigError``."""
+        configured = self.configured(settings)
+        if configured:
+            return configured
+        path = self.path(settings)
+        try:
+            return _read(path, f"serving {self.what}")
+        except FileNotFoundError:
+            raise _missing(self.what, self.setting, path) from None
+
+    def ensure(self, settings: Settings) -> str:
+        """Configured, else read or created (0600) in MLOPS_HOME."""
+        return self.configured(settings) or _ensure(self.path(settings), f"serving {self.what}")
+
+
+_ADMIN = _Token("admin_token", TOKEN_FILE, "admin token")
+_FEEDBACK = _Token("feedback_token", FEEDBACK_TOKEN_FILE, "feedback token")
+
+
 def read_token(settings: Settings) -> str:
     """The admin token clients send: configured, else the generated file's."""
-    if settings.serving.admin_token:
-        return settings.serving.admin_token
-    path = token_path(settings)
-    try:
-        return _read(path, "serving admin token")
-    except FileNotFoundError:
-        raise _missing("admin token", "admin_token", path) from None
+    return _ADMIN.read(settings)
 
 
 def ensure_token(settings: Settings) -> str:
     """The admin token the service checks: configured, else read or created (0600) in MLOPS_HOME."""
-    if settings.serving.admin_token:
-        return settings.serving.admin_token
-    return _ensure(token_path(settings), "serving admin token")
+    return _ADMIN.ensure(settings)
 
 
 def read_feedback_token(settings: Settings) -> str:
     """The feedback token a label pipeline sends: configured, else the generated file's."""
-    if settings.serving.feedback_token:
-        return settings.serving.feedback_token
-    path = feedback_token_path(settings)
-    try:
-        return _read(path, "serving feedback token")
-    except FileNotFoundError:
-        raise _missing("feedback token", "feedback_token", path) from None
+    return _FEEDBACK.read(settings)
 
 
 def ensure_feedback_token(settings: Settings) -> str:
     """The feedback token the service checks: configured, else read or created (0600)."""
-    if settings.serving.feedback_token:
-        return settings.serving.feedback_token
-    return _ensure(feedback_token_path(settings), "serving feedback token")
+    return _FEEDBACK.ensure(settings)
 
 
 def ensure_id_key(settings: Settings) -> bytes:

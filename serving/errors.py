@@ -81,3 +81,10 @@ class StateNotSaved(ServingError):
     """The new serving state could not be persisted; the service keeps serving the old one: 500."""
 
     status = 500
+
+
+class FeaturesUnavailable(ServingError):
+    """The online feature store cannot answer a lookup (unreachable, no checkpoint yet, or
+    state built for other feature declarations): 503."""
+
+    status = 503

@@ -75,6 +75,18 @@ class ServingMetrics:
             registry=r,
         )
         self.feedback = Counter("mlops_serving_feedback", "Labels received on /feedback.", registry=r)
+        self.feature_lookups = Counter(
+            "mlops_serving_feature_lookups",
+            "Rows whose window features were looked up in the online store, per outcome (ok, unavailable).",
+            ["outcome"],
+            registry=r,
+        )
+        self.feature_lookup_latency = Histogram(
+            "mlops_serving_feature_lookup_seconds",
+            "Time of the online feature store read of one request (all its rows).",
+            buckets=(0.0001, 0.00025, 0.0005, *LATENCY_BUCKETS[:8]),
+            registry=r,
+        )
         self.log_rows = Counter(
             "mlops_serving_predlog_rows_written", "Prediction-log rows committed to Parquet.", registry=r
         )

@@ -66,10 +66,22 @@ class _Item:
 
 
 class ModelWorker:
-    """One version's scoring thread with micro-batching and deadline enforcement."""
+    """One version's scoring thread with micro-batching and deadline enforcement.
 
-    def __init__(self, scorer: OnnxScorer, label: str, max_batch_rows: int = 64, *, nice: int = 0):
+    ``windows`` are the model's window-feature inputs (numeric, fed from the columns of the
+    same names) besides the dataset features ``scorer`` feeds."""
+
+    def __init__(
+        self,
+        scorer: OnnxScorer,
+        label: str,
+        max_batch_rows: int = 64,
+        *,
+        nice: int = 0,
+        windows: tuple[str, ...] = (),
+    ):
         self.scorer = scorer
+        self.windows = windows
         self.label = label
         self.max_batch_rows = max_batch_rows
         self.nice = nice  # added to the thread's scheduling niceness when it starts (Linux: per thread)
@@ -198,6 +210,8 @@ class ModelWorker:
         opts.log_severity_level = 4  # a terminated run is reported as ModelTimeout, not logged
         try:
             feeds = self.scorer.feeds(columns)
+            for name in self.windows:
+                feeds[name] = np.asarray(columns[name], dtype=np.float32).reshape(-1, 1)
             self._run_options = opts
             self.running_since = time.monotonic()
             return self.scorer.session.run([PROBA_OUTPUT], feeds, opts)[0]
@@ -271,9 +285,18 @@ class LoadedModel:
             return self.worker
         if self.mirror is None:
             self.mirror = ModelWorker(
-                self.scorer, f"{self.worker.label} mirror", self.worker.max_batch_rows, nice=nice
+                self.scorer,
+                f"{self.worker.label} mirror",
+                self.worker.max_batch_rows,
+                nice=nice,
+                windows=self.worker.windows,
             )
         return self.mirror
+
+    @property
+    def windows(self) -> tuple[str, ...]:
+        """The window features the model takes as inputs (besides the dataset's features)."""
+        return self.worker.windows
 
     @property
     def workers(self) -> tuple[ModelWorker, ...]:
@@ -319,18 +342,31 @@ def build_model(
     threads: int = 1,
     max_batch_rows: int = 64,
     warmup_timeout: float = 10.0,
+    declared_windows: tuple[str, ...] = (),
 ) -> LoadedModel:
     """Create the session (blocking; run it off the event loop), score one warm-up row, start
     its worker. A model that cannot answer the warm-up row within ``warmup_timeout`` seconds
-    is refused (``ModelFailed``): it would only ever time out in service."""
+    is refused (``ModelFailed``): it would only ever time out in service.
+
+    Graph inputs beyond the dataset's features must be among ``declared_windows`` (the
+    config's window features); they become the model's ``windows``, else it is refused."""
     scorer = OnnxScorer(onnx, schema, threads=threads)
+    extra = [i.name for i in scorer.session.get_inputs() if i.name not in set(schema.input_names.values())]
+    unknown = [n for n in extra if n not in declared_windows]
+    if unknown:
+        raise ModelFailed(
+            f"{name} v{version} takes inputs {', '.join(unknown)} that are neither dataset features nor "
+            "declared window features (features.windows)"
+        )
+    windows = tuple(n for n in declared_windows if n in extra)
     warm = {n: [0.0] for n in schema.numeric_names} | {f.name: [f.categories[0]] for f in schema.categorical}
     opts = ort.RunOptions()
     opts.log_severity_level = 4
     timer = threading.Timer(warmup_timeout, setattr, (opts, "terminate", True))
     timer.start()
     try:
-        scorer.session.run([PROBA_OUTPUT], scorer.feeds(warm), opts)
+        feeds = scorer.feeds(warm) | {n: np.zeros((1, 1), np.float32) for n in windows}
+        scorer.session.run([PROBA_OUTPUT], feeds, opts)
     except Exception as exc:
         if opts.terminate:
             raise ModelFailed(
@@ -342,7 +378,7 @@ def build_model(
     finally:
         timer.cancel()
     nbytes = int(len(onnx) * MEMORY_FACTOR)
-    worker = ModelWorker(scorer, f"{name} v{version}", max_batch_rows)
+    worker = ModelWorker(scorer, f"{name} v{version}", max_batch_rows, windows=windows)
     return LoadedModel(name, version, scorer, worker, nbytes)
 
 

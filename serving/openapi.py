@@ -11,7 +11,14 @@ from __future__ import annotations
 from typing import Any
 
 from mlops.onnx_model import PROBA_OUTPUT
-from mlops.request_validation import MAX_ID, MAX_STRING, NUMERIC_DATATYPE, STRING_DATATYPE
+from mlops.request_validation import (
+    ENTITY_ID,
+    MAX_ID,
+    MAX_STRING,
+    NUMERIC_DATATYPE,
+    STRING_DATATYPE,
+    OnlineKeys,
+)
 from mlops.routing import FORCE_HEADER
 from mlops.settings import DatasetSchema
 from serving.state import DesiredState, PreloadRequest, RoutesSpec, SlotRequest
@@ -49,16 +56,42 @@ def _responses(ok: str, ok_schema: dict[str, Any], *errors: int, ok_status: str 
     return out
 
 
+def _object(**properties: Any) -> dict[str, Any]:
+    """A JSON object schema with these properties (none required, others allowed)."""
+    return {"type": "object", "properties": properties}
+
+
 def _pydantic(model: type) -> dict[str, Any]:
     schema = model.model_json_schema(ref_template=REF + "{model}")
     schema.pop("$defs", None)
     return schema
 
 
+def _raw_transaction(online: OnlineKeys | None) -> dict[str, Any]:
+    """The optional fields of a raw transaction: window features, entity id and event time."""
+    if online is None:
+        return {}
+    window = {"type": "number", "description": "A window feature; looked up for the entity when absent."}
+    return {n: window for n in online.windows} | {
+        online.entity_column: {
+            "type": "string",
+            "pattern": f"^{ENTITY_ID.pattern}$",
+            "not": {"pattern": "[.][.]"},
+            "description": "Entity id: the window features not sent are looked up for it.",
+        },
+        online.timestamp_column: {
+            "type": "string",
+            "maxLength": 40,
+            "description": "Event time, ISO 8601 (without a zone: UTC); default: when the request arrives.",
+        },
+    }
+
+
 def openapi_document(
-    dataset: DatasetSchema, model_name: str, *, max_rows: int, version: str
+    dataset: DatasetSchema, model_name: str, *, max_rows: int, version: str, online: OnlineKeys | None = None
 ) -> dict[str, Any]:
-    """The OpenAPI 3.1 document of the service scoring ``model_name`` on ``dataset``."""
+    """The OpenAPI 3.1 document of the service scoring ``model_name`` on ``dataset`` (with
+    ``online``: the window features, entity id and event time a raw transaction may carry)."""
     numeric = {
         f.name: {
             "type": "number",
@@ -114,40 +147,33 @@ def openapi_document(
 
     tensors = [tensor(n, NUMERIC_DATATYPE, numeric[n]) for n in dataset.numeric_names]
     tensors += [tensor(n, STRING_DATATYPE, categorical[n]) for n in dataset.categorical_names]
-    tensor_meta = {
+    tensor_meta = _object(
+        name={"type": "string"},
+        datatype={"type": "string"},
+        shape={"type": "array", "items": {"type": "integer"}},
+    )
+    callback = {"type": "string", "format": "uri", "maxLength": 2000}
+    batch = {
         "type": "object",
+        "required": ["records"],
+        "additionalProperties": False,
         "properties": {
-            "name": {"type": "string"},
-            "datatype": {"type": "string"},
-            "shape": {"type": "array", "items": {"type": "integer"}},
+            "records": {"type": "array", "items": _ref("Record"), "minItems": 1, "maxItems": max_rows}
         },
     }
-    callback = {"type": "string", "format": "uri", "maxLength": 2000}
     schemas: dict[str, Any] = {
         "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
         "Features": {
             "type": "object",
             "required": list(dataset.feature_names),
             "additionalProperties": False,
-            "properties": numeric | categorical,
+            "properties": numeric | categorical | _raw_transaction(online),
         },
         "Record": record,
         "PredictRequest": {
             "oneOf": [
                 _ref("Record"),
-                {
-                    "type": "object",
-                    "required": ["records"],
-                    "additionalProperties": False,
-                    "properties": {
-                        "records": {
-                            "type": "array",
-                            "items": _ref("Record"),
-                            "minItems": 1,
-                            "maxItems": max_rows,
-                        }
-                    },
-                },
+                batch,
             ]
         },
         "Prediction": {
@@ -178,18 +204,8 @@ def openapi_document(
                     "properties": {**record["properties"], "callback_url": callback},
                 },
                 {
-                    "type": "object",
-                    "required": ["records"],
-                    "additionalProperties": False,
-                    "properties": {
-                        "records": {
-                            "type": "array",
-                            "items": _ref("Record"),
-                            "minItems": 1,
-                            "maxItems": max_rows,
-                        },
-                        "callback_url": callback,
-                    },
+                    **batch,
+                    "properties": {**batch["properties"], "callback_url": callback},
                 },
             ],
         },
@@ -270,54 +286,36 @@ def openapi_document(
                 "outputs": {
                     "type": "array",
                     "items": {
-                        "type": "object",
+                        **_object(
+                            name={"type": "string", "enum": [PROBA_OUTPUT]},
+                            parameters=_object(binary_data={"type": "boolean"}),
+                        ),
                         "required": ["name"],
-                        "properties": {
-                            "name": {"type": "string", "enum": [PROBA_OUTPUT]},
-                            "parameters": {
-                                "type": "object",
-                                "properties": {"binary_data": {"type": "boolean"}},
-                            },
-                        },
                     },
                 },
             },
         },
-        "InferResponse": {
-            "type": "object",
-            "properties": {
-                "model_name": {"type": "string"},
-                "model_version": {"type": "string"},
-                "id": {"type": "string"},
-                "parameters": {"type": "object"},
-                "outputs": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "properties": {
-                            "name": {"type": "string"},
-                            "datatype": {"type": "string"},
-                            "shape": {"type": "array", "items": {"type": "integer"}},
-                            "data": {"type": "array"},
-                            "parameters": {
-                                "type": "object",
-                                "properties": {"binary_data_size": {"type": "integer"}},
-                            },
-                        },
-                    },
-                },
+        "InferResponse": _object(
+            model_name={"type": "string"},
+            model_version={"type": "string"},
+            id={"type": "string"},
+            parameters={"type": "object"},
+            outputs={
+                "type": "array",
+                "items": _object(
+                    **tensor_meta["properties"],
+                    data={"type": "array"},
+                    parameters=_object(binary_data_size={"type": "integer"}),
+                ),
             },
-        },
-        "ModelMetadata": {
-            "type": "object",
-            "properties": {
-                "name": {"type": "string"},
-                "versions": {"type": "array", "items": {"type": "string"}},
-                "platform": {"type": "string"},
-                "inputs": {"type": "array", "items": tensor_meta},
-                "outputs": {"type": "array", "items": tensor_meta},
-            },
-        },
+        ),
+        "ModelMetadata": _object(
+            name={"type": "string"},
+            versions={"type": "array", "items": {"type": "string"}},
+            platform={"type": "string"},
+            inputs={"type": "array", "items": tensor_meta},
+            outputs={"type": "array", "items": tensor_meta},
+        ),
         "Ready": {"type": "object", "properties": {"ready": {"type": "boolean"}, "name": {"type": "string"}}},
         "ServingState": {
             "type": "object",
@@ -372,6 +370,30 @@ def openapi_document(
         "with the request's parameters.binary_data_output) come back the same way, the answer's JSON "
         "length in this response header.",
     }
+
+    def infer(summary: str, parameters: list[dict[str, Any]], *errors: int) -> dict[str, Any]:
+        """An OIP infer route: an InferRequest in, an InferResponse out."""
+        return {
+            "post": {
+                "parameters": parameters,
+                "summary": summary,
+                "requestBody": {"required": True, **_json(_ref("InferRequest"))},
+                "responses": _responses("Outputs", _ref("InferResponse"), *errors),
+            }
+        }
+
+    def admin_change(
+        summary: str, parameters: list[dict[str, Any]], body: str | None, ok: str = "Applied state"
+    ) -> dict[str, Any]:
+        """An admin operation that changes the serving state and answers the new one."""
+        op: dict[str, Any] = {**admin, "summary": summary}
+        if parameters:
+            op["parameters"] = parameters
+        if body:
+            op["requestBody"] = {"required": True, **_json(_ref(body))}
+        op["responses"] = _responses(ok, _ref("ServingState"), *admin_errors)
+        return op
+
     paths: dict[str, Any] = {
         "/predict": {
             "post": {
@@ -456,14 +478,9 @@ def openapi_document(
                 "responses": _responses("Ready", _ref("Ready"), 404, 503),
             }
         },
-        "/v2/models/{name}/infer": {
-            "post": {
-                "parameters": [name_param, force, binary_header],
-                "summary": "OIP inference, routed like /predict",
-                "requestBody": {"required": True, **_json(_ref("InferRequest"))},
-                "responses": _responses("Outputs", _ref("InferResponse"), *infer_errors),
-            }
-        },
+        "/v2/models/{name}/infer": infer(
+            "OIP inference, routed like /predict", [name_param, force, binary_header], *infer_errors
+        ),
         "/v2/models/{name}/versions/{version}": {
             "get": {
                 "parameters": [name_param, version_param],
@@ -478,45 +495,27 @@ def openapi_document(
                 "responses": _responses("Ready", _ref("Ready"), 400, 404, 503),
             }
         },
-        "/v2/models/{name}/versions/{version}/infer": {
-            "post": {
-                "parameters": [name_param, version_param, binary_header],
-                "summary": (
-                    "OIP inference on one version (not routed; logged as forced). A version that is not "
-                    "loaded answers 404, unless serving.load_on_demand is on and the admin token is sent."
-                ),
-                "requestBody": {"required": True, **_json(_ref("InferRequest"))},
-                "responses": _responses("Outputs", _ref("InferResponse"), 401, 403, *infer_errors),
-            }
-        },
+        "/v2/models/{name}/versions/{version}/infer": infer(
+            "OIP inference on one version (not routed; logged as forced). A version that is not "
+            "loaded answers 404, unless serving.load_on_demand is on and the admin token is sent.",
+            [name_param, version_param, binary_header],
+            401,
+            403,
+            *infer_errors,
+        ),
         "/admin/state": {
             "get": {
                 **admin,
                 "summary": "Current routes, slots and pool",
                 "responses": _responses("State", _ref("ServingState"), 401, 403),
             },
-            "put": {
-                **admin,
-                "summary": "Apply a complete desired state (idempotent)",
-                "parameters": [key],
-                "requestBody": {"required": True, **_json(_ref("DesiredState"))},
-                "responses": _responses("Applied state", _ref("ServingState"), *admin_errors),
-            },
+            "put": admin_change("Apply a complete desired state (idempotent)", [key], "DesiredState"),
         },
-        "/admin/routes": {
-            "post": {
-                **admin,
-                "summary": "Change the routes, slots unchanged",
-                "parameters": [key],
-                "requestBody": {"required": True, **_json(_ref("RoutesSpec"))},
-                "responses": _responses("Applied state", _ref("ServingState"), *admin_errors),
-            }
-        },
+        "/admin/routes": {"post": admin_change("Change the routes, slots unchanged", [key], "RoutesSpec")},
         "/admin/slots/{slot}": {
-            "post": {
-                **admin,
-                "summary": "Load a version (or an alias's version) into a slot, routes unchanged",
-                "parameters": [
+            "post": admin_change(
+                "Load a version (or an alias's version) into a slot, routes unchanged",
+                [
                     {
                         "name": "slot",
                         "in": "path",
@@ -525,25 +524,14 @@ def openapi_document(
                     },
                     key,
                 ],
-                "requestBody": {"required": True, **_json(_ref("SlotRequest"))},
-                "responses": _responses("Applied state", _ref("ServingState"), *admin_errors),
-            }
+                "SlotRequest",
+            )
         },
-        "/admin/flip": {
-            "post": {
-                **admin,
-                "summary": "Blue-green: make the other slot active",
-                "parameters": [key],
-                "responses": _responses("Applied state", _ref("ServingState"), *admin_errors),
-            }
-        },
+        "/admin/flip": {"post": admin_change("Blue-green: make the other slot active", [key], None)},
         "/admin/models": {
-            "post": {
-                **admin,
-                "summary": "Load a version into the pool without a slot",
-                "requestBody": {"required": True, **_json(_ref("PreloadRequest"))},
-                "responses": _responses("State", _ref("ServingState"), *admin_errors),
-            }
+            "post": admin_change(
+                "Load a version into the pool without a slot", [], "PreloadRequest", ok="State"
+            )
         },
     }
     return {

@@ -53,6 +53,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from adapters.files import fsync_dir
 from mlops.errors import DataError
 from mlops.predlog import (
     COMPACTION_JOURNAL,
@@ -296,14 +297,6 @@ class CompactionReport:
     rows: int
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _recover(day: Path) -> None:
     """Finish or undo a compaction of ``day`` that was killed (the caller holds the lock).
 
@@ -322,7 +315,7 @@ def _recover(day: Path) -> None:
             os.unlink(entry.path)
         elif journal is not None and name in journal.sources and name not in keep:
             os.unlink(entry.path)
-    _fsync_dir(day)
+    fsync_dir(day)
 
 
 def _aligned(table: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -412,7 +405,7 @@ def compact_day(
                     flush()
             if buffer:
                 flush()
-            _fsync_dir(folder)
+            fsync_dir(folder)
             # The switch point: one rename of the journal.
             tmp = folder / f".{COMPACTION_JOURNAL}.{uuid.uuid4().hex}{_TMP_SUFFIX}"
             with open(tmp, "w", encoding="utf-8") as fh:
@@ -420,7 +413,7 @@ def compact_day(
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, folder / COMPACTION_JOURNAL)
-            _fsync_dir(folder)
+            fsync_dir(folder)
             _recover(folder)  # delete the sources
             return CompactionReport(day, len(sources), tuple(merged), rows)
     except rwlock.LockTimeout as exc:

@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from adapters.files import fsync_dir
 from mlops.predlog import FEATURE_PREFIX, FEEDBACK_SCHEMA, features_hash, log_schema, part_name
 from mlops.settings import DatasetSchema
 
@@ -61,14 +62,6 @@ class LogRow(NamedTuple):
     error: str | None
     features: Mapping[str, Any]
     forced: bool = False  # the caller chose the variant: logged, never counted by a gate
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class ParquetBatchSink:
@@ -112,7 +105,7 @@ class ParquetBatchSink:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, final)
-        _fsync_dir(folder)
+        fsync_dir(folder)
         return final
 
 

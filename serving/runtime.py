@@ -40,8 +40,10 @@ from mlops.predlog import PRIMARY, SHADOW, RequestIds
 from mlops.request_validation import InvalidRequest, Record, RequestValidator, V2Request
 from mlops.routing import CANDIDATE, STABLE, InvalidRouteTable, Mode, RouteTable, route
 from mlops.settings import Settings
+from serving.auth import ensure_feedback_token, ensure_id_key, ensure_token
 from serving.errors import (
     Conflict,
+    FeaturesUnavailable,
     LabelConflict,
     ModelFailed,
     NotReady,
@@ -54,6 +56,7 @@ from serving.errors import (
 )
 from serving.metrics import ServingMetrics
 from serving.models import LoadedModel, ModelPool, build_model
+from serving.online_features import OnlineFeatures
 from serving.predlog_store import PredictionLogStore, feedback_dir, predictions_dir
 from serving.predlog_writer import LogRow, PredictionLogWriter
 from serving.source import ModelSource, RegistrySource
@@ -134,8 +137,13 @@ class ServingRuntime:
         self.threshold = cfg.decision_threshold or settings.training.decision_threshold
         self.timeout = cfg.request_timeout_seconds
         self.feature_names = settings.dataset.feature_names
+        self.online = OnlineFeatures.for_settings(settings)
+        self.windows = self.online.fs.names if self.online is not None else ()
         self.validator = RequestValidator(
-            settings.dataset, enforce_ranges=cfg.enforce_feature_ranges, max_rows=cfg.max_batch_rows
+            settings.dataset,
+            enforce_ranges=cfg.enforce_feature_ranges,
+            max_rows=cfg.max_batch_rows,
+            online=self.online.keys if self.online is not None else None,
         )
         self.metrics = ServingMetrics()
         self.pool = ModelPool(self._build, int(cfg.model_memory_budget_mb * 2**20))
@@ -158,30 +166,28 @@ class ServingRuntime:
         self.tenants: TenantModels | None = None
         if cfg.tenants.enabled:
             self.tenants = TenantModels(
-                settings, sources or partial(RegistrySource, settings), self._build_tenant
+                settings, sources or partial(RegistrySource, settings), self._build_named
             )
+
+    @classmethod
+    def for_model(cls, settings: Settings, model_name: str) -> ServingRuntime:
+        """The runtime serving ``model_name`` from the registry, with the admin and feedback
+        tokens and the request-id key of ``settings`` (read, or created in MLOPS_HOME)."""
+        return cls(
+            settings,
+            RegistrySource(settings, model_name),
+            token=ensure_token(settings),
+            feedback_token=ensure_feedback_token(settings),
+            id_key=ensure_id_key(settings),
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
     def _build(self, version: int) -> LoadedModel:
-        onnx = self.source.onnx(version)
-        try:
-            return self._build_bytes(version, onnx)
-        except (ModelError, ModelFailed) as exc:
-            raise UnusableModel(f"version {version} of '{self.model_name}' cannot be served: {exc}") from None
+        return self._build_named(self.model_name, version, self.source.onnx(version))
 
-    def _build_bytes(self, version: int, onnx: bytes) -> LoadedModel:
-        return build_model(
-            self.model_name,
-            version,
-            onnx,
-            self.settings.dataset,
-            threads=self.cfg.ort_threads,
-            max_batch_rows=self.cfg.micro_batch_rows,
-            warmup_timeout=max(10.0, self.timeout),
-        )
-
-    def _build_tenant(self, name: str, version: int, onnx: bytes) -> LoadedModel:
+    def _build_named(self, name: str, version: int, onnx: bytes) -> LoadedModel:
+        """Build and warm up version ``version`` of model ``name`` (the served one or a tenant's)."""
         try:
             return build_model(
                 name,
@@ -191,6 +197,7 @@ class ServingRuntime:
                 threads=self.cfg.ort_threads,
                 max_batch_rows=self.cfg.micro_batch_rows,
                 warmup_timeout=max(10.0, self.timeout),
+                declared_windows=self.windows,
             )
         except (ModelError, ModelFailed) as exc:
             raise UnusableModel(f"version {version} of '{name}' cannot be served: {exc}") from None
@@ -216,6 +223,8 @@ class ServingRuntime:
         """Load the starting slots and the labels already recorded (blocking: called once,
         before serving). Returns what was loaded."""
         self.load_labels()
+        if self.online is not None:
+            log.info("online window features: %s", self.online.prepare())
         desired, generation, origin = self._initial()
         if desired is None:
             log.warning(
@@ -251,6 +260,8 @@ class ServingRuntime:
     def start(self) -> None:
         """Start the background work that needs the event loop (watchdog) and the log writer."""
         self.writer.start()
+        if self.online is not None:
+            self.online.start()
         self._admin_lock = asyncio.Lock()
         self._watchdog = asyncio.get_running_loop().create_task(self._watch(), name="serving-watchdog")
 
@@ -263,6 +274,8 @@ class ServingRuntime:
             except asyncio.CancelledError:
                 pass
         await asyncio.to_thread(self.writer.stop)
+        if self.online is not None:
+            await self.online.stop()
         self.pool.close()
         if self.tenants is not None:
             await asyncio.to_thread(self.tenants.stop)
@@ -353,6 +366,7 @@ class ServingRuntime:
         *,
         route_keys: Sequence[str] | None = None,
         split: bool = True,
+        state: ServingState | None = None,
     ) -> tuple[list[tuple[str, LoadedModel, np.ndarray]], str]:
         """Route, score and log rows; per row (variant, model, probabilities) and the route mode.
 
@@ -361,9 +375,10 @@ class ServingRuntime:
         routes every row on its own (``/predict``: rows are separate requests); otherwise
         the first row's keys route the whole batch (an OIP tensor is one request). Rows
         whose variant the caller forced are logged as ``forced``. Raises the failed group's
-        ``ServingError`` (after logging every row).
+        ``ServingError`` (after logging every row). ``state`` is the serving state to use
+        (default: the current one); rows hold the window features of its models.
         """
-        state = self.state
+        state = self.state if state is None else state
         table = state.table
         mode = table.mode.value
         n = len(features)
@@ -386,7 +401,8 @@ class ServingRuntime:
         for group in groups.values():
             rows = [features[i] for i in group.index]
             group.model.acquire()
-            group.future = group.model.worker.submit(self._columns(rows, names), len(rows), deadline)
+            columns = self._columns(rows, names + group.model.windows)
+            group.future = group.model.worker.submit(columns, len(rows), deadline)
         try:
             for group in groups.values():
                 await self._await_group(group)
@@ -398,31 +414,20 @@ class ServingRuntime:
         out: list[tuple[str, LoadedModel, np.ndarray]] = [None] * n  # type: ignore[list-item]
         failure: ServingError | None = None
         for group in groups.values():
-            model, variant = group.model, group.variant
-            if group.error is not None:
-                failure = failure or group.error
-                self.metrics.failed(variant, PRIMARY, group.error.status, len(group.index))
-                for i in group.index:
-                    self._log(
-                        request_ids[i],
-                        entity_keys[i],
-                        variant,
-                        PRIMARY,
-                        mode,
-                        model,
-                        None,
-                        latency_ms,
-                        group.error.status,
-                        str(group.error),
-                        features[i],
-                        decisions[i].forced,
-                    )
-                continue
-            probs = group.probs
-            self.metrics.answered(variant, PRIMARY, elapsed, len(group.index))
+            model, variant, error = group.model, group.variant, group.error
+            if error is not None:
+                failure = failure or error
+                self.metrics.failed(variant, PRIMARY, error.status, len(group.index))
+                status, message = error.status, str(error)
+            else:
+                self.metrics.answered(variant, PRIMARY, elapsed, len(group.index))
+                status, message = 200, None
             for j, i in enumerate(group.index):
-                s = float(probs[j, 1])
-                out[i] = (variant, model, probs[j])
+                score = None
+                if error is None:
+                    probs = group.probs[j]
+                    score = float(probs[1])
+                    out[i] = (variant, model, probs)
                 self._log(
                     request_ids[i],
                     entity_keys[i],
@@ -430,10 +435,10 @@ class ServingRuntime:
                     PRIMARY,
                     mode,
                     model,
-                    s,
+                    score,
                     latency_ms,
-                    200,
-                    None,
+                    status,
+                    message,
                     features[i],
                     decisions[i].forced,
                 )
@@ -463,7 +468,8 @@ class ServingRuntime:
         self.shadow_pending += k
         model.acquire()
         worker = model.mirror_worker(self.cfg.shadow_nice)
-        future = worker.submit(self._columns(rows, self.feature_names), k, time.monotonic() + self.timeout)
+        columns = self._columns(rows, self.feature_names + model.windows)
+        future = worker.submit(columns, k, time.monotonic() + self.timeout)
         keys = ([request_ids[i] for i in index], [entity_keys[i] for i in index], rows)
         future.add_done_callback(partial(self._shadow_done, model, keys, mode, time.perf_counter()))
 
@@ -501,7 +507,10 @@ class ServingRuntime:
         """``/predict``: each record routed on its own; score, decision and where it went.
 
         Every answer gets an id issued here (carrying the record's own ``request_id``, if
-        any); labels for it are posted to ``/feedback`` under that id."""
+        any); labels for it are posted to ``/feedback`` under that id. Window features the
+        serving models take and a record lacks are looked up for its entity first."""
+        state = self.state
+        await self._fill_records(records, self._windows_of(state))
         issue = self.ids.issue
         rids = [issue(r.request_id) for r in records]
         answers, mode = await self.score(
@@ -511,6 +520,7 @@ class ServingRuntime:
             forced,
             started,
             route_keys=[r.request_id or rid for r, rid in zip(records, rids, strict=True)],
+            state=state,
         )
         thr = self.threshold
         return {
@@ -528,9 +538,61 @@ class ServingRuntime:
             "mode": mode,
         }
 
+    @staticmethod
+    def _windows_of(state: ServingState) -> tuple[str, ...]:
+        """The window features the models of ``state`` take (stable's first)."""
+        stable = state.stable.windows if state.stable is not None else ()
+        if state.candidate is None or not state.candidate.windows:
+            return stable
+        return stable + tuple(n for n in state.candidate.windows if n not in stable)
+
+    async def _fill_records(self, records: Sequence[Record], needed: Sequence[str]) -> None:
+        single = len(records) == 1
+        await self._fill(
+            [r.features for r in records],
+            [r.entity for r in records],
+            [r.ts_ns for r in records],
+            needed,
+            lambda i: "features" if single else f"records[{i}].features",
+        )
+
+    async def _fill_v2(self, req: V2Request, rows: list[dict[str, Any]], needed: Sequence[str]) -> None:
+        n = req.rows
+        await self._fill(
+            rows,
+            req.entities or (None,) * n,
+            req.times_ns or (None,) * n,
+            needed,
+            lambda j: f"inputs (row {j})",
+        )
+
+    async def _fill(
+        self,
+        rows: Sequence[dict[str, Any]],
+        entities: Sequence[str | None],
+        times_ns: Sequence[int | None],
+        needed: Sequence[str],
+        where: Callable[[int], str],
+    ) -> None:
+        """Look up the ``needed`` window features rows lack (``OnlineFeatures.fill``), counted in metrics."""
+        if not needed:
+            return
+        if self.online is None:  # a model takes window inputs only when they are declared
+            raise NotReady("the served model takes window features but none are declared")
+        started = time.perf_counter()
+        try:
+            looked_up = await self.online.fill(rows, entities, times_ns, needed, where)
+        except FeaturesUnavailable:
+            self.metrics.feature_lookups.labels("unavailable").inc(len(rows))
+            raise
+        if looked_up:
+            self.metrics.feature_lookups.labels("ok").inc(looked_up)
+            self.metrics.feature_lookup_latency.observe(time.perf_counter() - started)
+
     def _v2_rows(self, req: V2Request) -> tuple[list[dict[str, Any]], list[str]]:
         cols = req.columns
-        rows = [{n: cols[n][j] for n in self.feature_names} for j in range(req.rows)]
+        names = self.feature_names + tuple(n for n in self.windows if n in cols)
+        rows = [{n: cols[n][j] for n in names} for j in range(req.rows)]
         issue = self.ids.issue
         if req.rows == 1:
             return rows, [issue(req.id)]
@@ -558,7 +620,9 @@ class ServingRuntime:
 
     async def infer(self, req: V2Request, forced: str | None, started: float) -> dict[str, Any]:
         """OIP v2 infer on the model name: routed like ``/predict`` (the tensor is one request)."""
+        state = self.state
         rows, rids = self._v2_rows(req)
+        await self._fill_v2(req, rows, self._windows_of(state))
         answers, _mode = await self.score(
             rows,
             rids,
@@ -567,6 +631,7 @@ class ServingRuntime:
             started,
             route_keys=[req.id or rids[0]] * req.rows,
             split=False,
+            state=state,
         )
         variant, model, _ = answers[0]
         probs = np.stack([a[2] for a in answers])
@@ -584,13 +649,16 @@ class ServingRuntime:
         tenants = self.tenants
         tenants.check_owner(tenant, name)
         model = await tenants.model(name)
+        await self._fill_records(records, model.windows)
         rids = [self.ids.issue(r.request_id) for r in records]
         features = [r.features for r in records]
         model.acquire()
         try:
             group = _Group(STABLE, model, list(range(len(records))))
             group.future = model.worker.submit(
-                self._columns(features, self.feature_names), len(records), time.monotonic() + self.timeout
+                self._columns(features, self.feature_names + model.windows),
+                len(records),
+                time.monotonic() + self.timeout,
             )
             await self._await_group(group)
         finally:
@@ -661,11 +729,14 @@ class ServingRuntime:
         state = self.state
         variant = STABLE if state.stable is model else CANDIDATE if state.candidate is model else None
         rows, rids = self._v2_rows(req)
+        await self._fill_v2(req, rows, model.windows)
         model.acquire()
         try:
             group = _Group(variant or STABLE, model, list(range(req.rows)))
             group.future = model.worker.submit(
-                self._columns(rows, self.feature_names), req.rows, time.monotonic() + self.timeout
+                self._columns(rows, self.feature_names + model.windows),
+                req.rows,
+                time.monotonic() + self.timeout,
             )
             await self._await_group(group)
         finally:

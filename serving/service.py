@@ -54,23 +54,15 @@ class ScoringService:
     def __init__(self) -> None:
         from adapters.runtime import configure
         from mlops.settings import load_settings
-        from serving.auth import ensure_feedback_token, ensure_id_key, ensure_token
         from serving.bentoml_patches import patch_bentoml_timeout_middleware
         from serving.runtime import ServingRuntime
-        from serving.source import RegistrySource
 
         patch_bentoml_timeout_middleware()
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         settings = load_settings()
         configure(settings)
         name = settings.serving.model_name or settings.training.model_name
-        runtime = ServingRuntime(
-            settings,
-            RegistrySource(settings, name),
-            token=ensure_token(settings),
-            feedback_token=ensure_feedback_token(settings),
-            id_key=ensure_id_key(settings),
-        )
+        runtime = ServingRuntime.for_model(settings, name)
         loaded = runtime.bootstrap()
         log.info("serving %s: %s", name, loaded)
         _ref.runtime = runtime

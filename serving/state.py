@@ -13,14 +13,14 @@ silently reverting to the champion alone.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
+from adapters.files import atomic_write
 from mlops.errors import ConfigError
-from mlops.routing import Mode, RouteTable
+from mlops.routing import RouteTable
 from mlops.settings import Settings, StrictModel
 
 STATE_FILE = "serving-state.json"
@@ -37,13 +37,7 @@ class RoutesSpec(StrictModel):
 
     def table(self) -> RouteTable:
         """The routing table these fields describe (validated by ``RouteTable``)."""
-        return RouteTable(
-            mode=Mode(self.mode),
-            weight_pct=self.weight_pct,
-            mirror_pct=self.mirror_pct,
-            salt=self.salt,
-            active_slot=self.active_slot,
-        )
+        return RouteTable.of(self)
 
     @classmethod
     def of(cls, table: RouteTable) -> RoutesSpec:
@@ -94,12 +88,7 @@ def save_state(
         "applied_key": applied_key,
         "state": desired.model_dump(mode="json"),
     }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=1).encode(), mode=0o644)
 
 
 def load_state(path: Path, model_name: str) -> tuple[DesiredState, int] | None:

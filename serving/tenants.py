@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from adapters.files import create_new
 from mlops.errors import ConfigError
 from mlops.settings import Settings
 from mlops.tenancy import TenantQuota, TokenBucket, check_tenant_name, owner_of
@@ -78,14 +79,8 @@ def add_tenant(settings: Settings, name: str) -> str:
     os.chmod(folder, 0o700)
     token = secrets.token_urlsafe(32)
     path = folder / f"{name}{HASH_SUFFIX}"
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise ConfigError(f"tenant '{name}' already exists ({path}); remove the file to reissue") from None
-    with os.fdopen(fd, "w") as fh:
-        fh.write(_digest(token) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    if not create_new(path, (_digest(token) + "\n").encode()):
+        raise ConfigError(f"tenant '{name}' already exists ({path}); remove the file to reissue")
     return token
 
 

@@ -15,7 +15,6 @@ sit on these tasks and nowhere else.
 from __future__ import annotations
 
 import json
-import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from adapters.files import atomic_write
 from mlops.errors import PlatformError, StaleAlias
 from mlops.gates import GateResult
 from mlops.onnx_model import OnnxScorer
@@ -63,13 +63,7 @@ def rollout_dir(settings: Settings, rollout_id: str) -> Path:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, text.encode(), mode=0o644)
 
 
 def save_status(settings: Settings, status: RolloutStatus) -> None:

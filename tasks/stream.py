@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 
 from adapters.broker import Broker, Message
 from adapters.feature_store import FeatureStore
+from adapters.files import fsync_dir, fsync_file
 from mlops.errors import DataError
 from mlops.features import FeatureSet, StateMismatch, StreamFeatures, check_view, timestamps_ns
 from mlops.onnx_model import OnnxScorer
@@ -69,18 +70,10 @@ def write_part(folder: Path, table: pa.Table, first: int, next_offset: int) -> P
     tmp = folder / f".{path.name}.{os.getpid()}.tmp"
     try:
         pq.write_table(table, tmp, compression="zstd")
-        for target, flags in ((tmp, os.O_RDONLY), (folder, os.O_RDONLY)):
-            fd = os.open(target, flags)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        fsync_file(tmp)
+        fsync_dir(folder)
         os.replace(tmp, path)
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(folder)
     finally:
         tmp.unlink(missing_ok=True)
     return path

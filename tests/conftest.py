@@ -186,6 +186,31 @@ def register_window_model(settings: Settings, onnx_model: bytes, alias: str, fs)
     return version
 
 
+def shared_registry(
+    folder: Path, onnx_model: bytes, metrics: list[dict[str, float]], config: Path | None = None
+) -> dict[str, str]:
+    """A registry in ``folder`` holding one version of ``onnx_model`` per metrics dict, the
+    champion at version 1; the settings (``FAST_ENV`` plus ``MLOPS__MLFLOW__*``) that point a
+    fresh MLOPS_HOME at it."""
+    from adapters.runtime import configure
+    from registry.mlflow_registry import ModelRegistry
+
+    settings = load_settings(config, environ=FAST_ENV | {"MLOPS_HOME": str(folder / "home")})
+    saved = dict(os.environ)
+    try:  # configure() writes the backends' variables into os.environ: restore them after
+        configure(settings)
+        versions = register_versions(settings, onnx_model, metrics)
+        assert versions == list(range(1, len(metrics) + 1))
+        ModelRegistry(settings).move_alias(settings.training.model_name, "champion", 1, reason="tests")
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return FAST_ENV | {
+        "MLOPS__MLFLOW__TRACKING_URI": settings.tracking_uri,
+        "MLOPS__MLFLOW__AUDIT_DB_URI": settings.audit_db_uri,
+    }
+
+
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real redis-server (Debian's) on a free loopback port for one test module, started as

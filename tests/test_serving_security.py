@@ -32,6 +32,7 @@ from mlops.rollout.plan import ABStep, BlueGreenStep, CanaryStep, ShadowStep, lo
 from mlops.routing import FORCE_HEADER
 from mlops.settings import Settings, load_settings
 from serving.app import RuntimeRef, build_app
+from serving.async_jobs import AsyncJobs
 from serving.auth import (
     ensure_feedback_token,
     ensure_id_key,
@@ -51,28 +52,11 @@ DEMO_PLAN = REPO / "configs" / "rollout" / "demo.yaml"
 def registry_env(tmp_path_factory: pytest.TempPathFactory, small_model: bytes) -> dict[str, str]:
     """A registry holding versions 1 and 2 (the same small model), champion at 1; the
     ``MLOPS__MLFLOW__*`` settings that point a fresh MLOPS_HOME at it."""
-    from conftest import FAST_ENV, register_versions
+    from conftest import shared_registry
 
-    from adapters.runtime import configure
-    from registry.mlflow_registry import ModelRegistry
-
-    shared = tmp_path_factory.mktemp("registry") / "home"
-    settings = load_settings(environ=FAST_ENV | {"MLOPS_HOME": str(shared)})
-    saved = dict(os.environ)
-    try:  # configure() writes the backends' variables into os.environ: restore them after
-        configure(settings)
-        versions = register_versions(settings, small_model, [{"roc_auc": 0.8}, {"roc_auc": 0.81}])
-        assert versions == [1, 2]
-        ModelRegistry(settings).move_alias(
-            settings.training.model_name, "champion", 1, reason="security tests"
-        )
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    return FAST_ENV | {
-        "MLOPS__MLFLOW__TRACKING_URI": settings.tracking_uri,
-        "MLOPS__MLFLOW__AUDIT_DB_URI": settings.audit_db_uri,
-    }
+    return shared_registry(
+        tmp_path_factory.mktemp("registry"), small_model, [{"roc_auc": 0.8}, {"roc_auc": 0.81}]
+    )
 
 
 @pytest.fixture
@@ -146,8 +130,9 @@ class serve:
     """``async with serve(settings) as s``: bootstrap, start, and on the way out stop (which
     flushes the prediction log), like the BentoML service does."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, *, jobs: bool = False):
         self.settings = settings
+        self.jobs = jobs
 
     async def __aenter__(self) -> Served:
         s = self.settings
@@ -161,13 +146,19 @@ class serve:
         )
         await asyncio.to_thread(rt.bootstrap)
         rt.start()
-        app = build_app(RuntimeRef(rt))
+        self.ref = RuntimeRef(rt)
+        if self.jobs:  # what the app's lifespan does when async jobs are enabled
+            self.ref.jobs = AsyncJobs(rt)
+            await self.ref.jobs.start()
+        app = build_app(self.ref)
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
         self.served = Served(s, rt, httpx.AsyncClient(transport=transport, base_url="http://serving"))
         return self.served
 
     async def __aexit__(self, *exc: object) -> None:
         await self.served.http.aclose()
+        if self.ref.jobs is not None:
+            await self.ref.jobs.stop()
         await self.served.runtime.stop()
 
 

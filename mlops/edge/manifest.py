@@ -435,24 +435,36 @@ class UpdateDecision:
         return self.action == "reject"
 
 
-def decide_update(m: ModelManifest, d: DeviceView, now: datetime) -> UpdateDecision:
-    """The update rules, applied to a release whose signature already verified."""
-    if m.expires <= now:
+def _refuse_replay(
+    kind: str, meta: ModelManifest | TimestampMeta, device_model: str, accepted: int, now: datetime
+) -> UpdateDecision | None:
+    """The rejection of signed ``kind`` metadata that is expired, for another model, or older
+    than version ``accepted`` the device already took; None when it is none of these."""
+    if meta.expires <= now:
         return UpdateDecision(
             "reject",
             "expired",
-            f"release v{m.version} expired at {iso(m.expires)} (now {iso(now)}): stale metadata replayed (freeze attack?)",
+            f"{kind} v{meta.version} expired at {iso(meta.expires)} (now {iso(now)}): "
+            "stale metadata replayed (freeze attack?)",
         )
-    if m.model != d.model:
+    if meta.model != device_model:
         return UpdateDecision(
-            "reject", "wrong-model", f"release is for model '{m.model}', device runs '{d.model}'"
+            "reject", "wrong-model", f"{kind} is for model '{meta.model}', device runs '{device_model}'"
         )
-    if m.version < d.highest_version:
+    if meta.version < accepted:
         return UpdateDecision(
             "reject",
             "rollback",
-            f"release v{m.version} is older than v{d.highest_version} already accepted (rollback attack refused)",
+            f"{kind} v{meta.version} is older than v{accepted} already accepted (rollback attack refused)",
         )
+    return None
+
+
+def decide_update(m: ModelManifest, d: DeviceView, now: datetime) -> UpdateDecision:
+    """The update rules, applied to a release whose signature already verified."""
+    refused = _refuse_replay("release", m, d.model, d.highest_version, now)
+    if refused is not None:
+        return refused
     if d.device_class not in m.device_classes:
         return UpdateDecision(
             "noop", "device-class", f"release is for {', '.join(m.device_classes)}, not {d.device_class}"
@@ -487,24 +499,7 @@ def decide_update(m: ModelManifest, d: DeviceView, now: datetime) -> UpdateDecis
 
 def check_timestamp(ts: TimestampMeta, d: DeviceView, now: datetime) -> UpdateDecision | None:
     """None when a verified timestamp may be trusted now; else the rejection (stale, older, other model)."""
-    if ts.expires <= now:
-        return UpdateDecision(
-            "reject",
-            "expired",
-            f"timestamp v{ts.version} expired at {iso(ts.expires)} (now {iso(now)}): "
-            "stale metadata replayed (freeze attack?)",
-        )
-    if ts.model != d.model:
-        return UpdateDecision(
-            "reject", "wrong-model", f"timestamp is for model '{ts.model}', device runs '{d.model}'"
-        )
-    if ts.version < d.timestamp_version:
-        return UpdateDecision(
-            "reject",
-            "rollback",
-            f"timestamp v{ts.version} is older than v{d.timestamp_version} already accepted (rollback attack refused)",
-        )
-    return None
+    return _refuse_replay("timestamp", ts, d.model, d.timestamp_version, now)
 
 
 def check_snapshot(data: bytes, release: ModelManifest, ts: TimestampMeta) -> UpdateDecision | None:

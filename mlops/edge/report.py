@@ -27,6 +27,22 @@ def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+_MEASURED = (
+    "size_bytes",
+    "latency_p50_ms",
+    "latency_p99_ms",
+    "wall_p50_ms",
+    "wall_p99_ms",
+    "batch_rows_per_s",
+    "metric",
+    "value",
+    "drop",
+    "max_abs_dp",
+    "mean_abs_dp",
+    "max_abs_dp_teacher",
+)
+
+
 def variant_rows(results: Sequence[VariantResult]) -> list[dict[str, Any]]:
     """One flat record per variant (table, JSON, MLflow metrics)."""
     rows = []
@@ -39,18 +55,7 @@ def variant_rows(results: Sequence[VariantResult]) -> list[dict[str, Any]]:
                 "source": r.source,
                 "family": r.family,
                 "outcome": r.outcome,
-                "size_bytes": m.size_bytes if m else None,
-                "latency_p50_ms": m.latency_p50_ms if m else None,
-                "latency_p99_ms": m.latency_p99_ms if m else None,
-                "wall_p50_ms": m.wall_p50_ms if m else None,
-                "wall_p99_ms": m.wall_p99_ms if m else None,
-                "batch_rows_per_s": m.batch_rows_per_s if m else None,
-                "metric": m.metric if m else None,
-                "value": m.value if m else None,
-                "drop": m.drop if m else None,
-                "max_abs_dp": m.max_abs_dp if m else None,
-                "mean_abs_dp": m.mean_abs_dp if m else None,
-                "max_abs_dp_teacher": m.max_abs_dp_teacher if m else None,
+                **{k: getattr(m, k) if m else None for k in _MEASURED},
                 "weight_shapes": [list(s) for s in m.weight_shapes] if m else [],
                 "verdict": r.verdict,
                 "notes": list(r.notes),

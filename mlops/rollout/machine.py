@@ -16,7 +16,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 from pydantic import Field, ValidationError
@@ -42,10 +42,12 @@ from mlops.rollout.plan import (
 )
 from mlops.rollout.vocabulary import SEVERITY, TERMINAL, Action, Counters, Phase, tally
 from mlops.rollout.vocabulary import Decision as _Decision
-from mlops.routing import Mode, RouteTable
+from mlops.routing import RouteTable
 from mlops.settings import EdgeConfig, StrictModel
 
 SCHEMA_VERSION = 1
+
+_M = TypeVar("_M", bound=StrictModel)
 
 
 # --------------------------------------------------------------------------- effects
@@ -65,13 +67,7 @@ class RouteSpec(StrictModel):
 
     def table(self) -> RouteTable:
         """The router's route table for this spec."""
-        return RouteTable(
-            mode=Mode(self.mode),
-            weight_pct=self.weight_pct,
-            mirror_pct=self.mirror_pct,
-            salt=self.salt,
-            active_slot=self.active_slot,
-        )
+        return RouteTable.of(self)
 
     @property
     def candidate_pct(self) -> float:
@@ -455,6 +451,16 @@ def _none(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
+def _snapshot(model: type[_M], source: object, **given: Any) -> _M:
+    """``model`` with ``given`` and each other field copied from ``source`` (a NaN as None)."""
+    values = {}
+    for name in model.model_fields:
+        if name not in given:
+            value = getattr(source, name)
+            values[name] = _none(value) if isinstance(value, float) else value
+    return model(**given, **values)
+
+
 def _elapsed(status: RolloutStatus, now: datetime) -> float:
     return (now - status.step_started_at).total_seconds() if status.step_started_at else 0.0
 
@@ -567,31 +573,11 @@ class _Tick:
                 )
             )
             if m.ab is not None:
-                v = m.ab
-                ab = ABSnapshot(
-                    metric=m.metric,
-                    outcome=v.outcome,
-                    improvement=_none(v.improvement),
-                    ci_low=_none(v.ci_low),
-                    ci_high=_none(v.ci_high),
-                    p_value=_none(v.p_value),
-                    n_stable=v.n_stable,
-                    n_candidate=v.n_candidate,
-                    n_required=v.n_required,
-                )
+                ab = _snapshot(ABSnapshot, m.ab, metric=m.metric)
         variants = {}
         if self.obs is not None and self.obs.source == "log":
             for name in (STABLE, CANDIDATE):
-                v = self.obs.variant(name)
-                variants[name] = VariantSnapshot(
-                    requests=v.requests,
-                    errors=v.errors,
-                    latency_p50_ms=_none(v.latency_p50_ms),
-                    latency_p95_ms=_none(v.latency_p95_ms),
-                    latency_p99_ms=_none(v.latency_p99_ms),
-                    auc=_none(v.auc),
-                    labelled=v.labelled,
-                )
+                variants[name] = _snapshot(VariantSnapshot, self.obs.variant(name))
         return Record(
             seq=s.seq + 1,
             at=self.now,

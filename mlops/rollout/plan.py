@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from mlops.settings import StrictModel, read_yaml, validate_model
+from mlops.settings import StrictModel, read_yaml, require_unique, validate_model
 
 # --------------------------------------------------------------------------- metrics
 
@@ -202,9 +202,7 @@ class _Step(StrictModel):
     @model_validator(mode="after")
     def _unique_check_names(self) -> _Step:
         keys = [c.key for c in self.checks]
-        dupes = sorted({k for k in keys if keys.count(k) > 1})
-        if dupes:
-            raise ValueError(f"check names used twice in one step: {', '.join(dupes)} (set `name`)")
+        require_unique(keys, "check names", " in one step", " (set `name`)")
         return self
 
 
@@ -423,9 +421,7 @@ class RolloutPlan(StrictModel):
                 "optionally followed by one devices step"
             )
         names = [step_label(self, i) for i in range(len(self.steps))]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"step names used twice: {', '.join(dupes)}")
+        require_unique(names, "step names")
         if not any(k in ("shadow", "canary", "ab", "bandit") for k in kinds):
             raise ValueError("a plan needs at least one shadow, canary, ab or bandit step before the cutover")
         return self

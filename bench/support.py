@@ -1,0 +1,34 @@
+"""Steps the benchmark scripts share: logging a ready-made ONNX model as an MLflow run.
+
+Imported as ``bench.support`` with the repository root on ``sys.path`` (each script puts
+it there), so it never shadows the ``serving`` package the way ``bench/serving.py`` could.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def log_onnx_model(settings: Any, onnx_model: bytes, run_name: str) -> Any:
+    """Log ``onnx_model`` as an MLflow run with no training metrics, three generated rows as its
+    input example and made-up example scores; the returned run's ``model_uri`` registers versions."""
+    import numpy as np
+    import pandas as pd
+
+    from mlops import modeling
+    from mlops.datagen import generate
+    from registry.tracking import log_training_run
+
+    example = modeling.features_frame(generate(10, seed=9).head(3), settings.dataset)
+    example = example.astype({n: np.float32 for n in settings.dataset.numeric_names})
+    return log_training_run(
+        settings,
+        run_name=run_name,
+        params={},
+        metrics={},
+        tags={},
+        files={},
+        onnx_model=onnx_model,
+        example_features=example,
+        example_scores=pd.DataFrame({"probability": [0.1, 0.2, 0.3]}),
+    )
