@@ -7,8 +7,9 @@ and for batch scoring, so both validate the very same values; other columns are 
 
 from __future__ import annotations
 
+import glob
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -71,6 +72,41 @@ def read_frame(path: str | Path, schema: DatasetSchema | None = None) -> pd.Data
         return _dataset(path, schema).to_table().to_pandas()
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"{path}: cannot be read ({arrow_error(exc)})") from None
+
+
+def read_table(
+    pattern: str | Path, columns: Sequence[str] | None = None, schema: DatasetSchema | None = None
+) -> pa.Table:
+    """Every row of a file, a folder of files or a glob (``events/2026-*.parquet``), Parquet or
+    CSV, as one Arrow table of ``columns`` (all when None)."""
+    text = str(pattern)
+    if any(ch in text for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).suffix.lower() in SUFFIXES)
+        if not files:
+            raise DataError(f"{text}: matches no .parquet or .csv file")
+    else:
+        path = _check(Path(text))
+        files = (
+            sorted(
+                f
+                for f in path.rglob("*")
+                if f.suffix.lower() in SUFFIXES and not f.name.startswith((".", "_"))
+            )
+            if path.is_dir()
+            else [path]
+        )
+        if not files:
+            raise DataError(f"{path}: the folder holds no .parquet or .csv files")
+    tables = []
+    for f in files:
+        try:
+            tables.append(_dataset(f, schema).to_table(columns=None if columns is None else list(columns)))
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(f"{f}: cannot be read ({arrow_error(exc)})") from None
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise DataError(f"{text}: files of different column types ({arrow_error(exc)})") from None
 
 
 def count_rows(path: str | Path) -> int:

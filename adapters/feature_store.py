@@ -34,7 +34,7 @@ import pyarrow.ipc as ipc
 
 from adapters.files import fsync_dir, fsync_file
 from mlops.errors import PlatformError
-from mlops.features import FeatureSet, StreamFeatures
+from mlops.features import FeatureSet, StreamFeatures, feature_views
 from mlops.settings import RedisStateStore, Settings
 
 STATE_FILE = "window-state.arrow"
@@ -57,17 +57,19 @@ class FeatureStore(Protocol):
         """Checkpoint ``state`` as covering ``positions``, atomically."""
         ...
 
-    def lookup(self, entity: str, ts_ns: int) -> dict[str, float]:
-        """The features of ``entity`` at ``ts_ns`` according to the last checkpoint."""
+    def lookup(self, entity: str, ts_ns: int, view: FeatureSet | None = None) -> dict[str, float]:
+        """The features of ``entity`` at ``ts_ns`` (of ``view``, default the first) according to
+        the last checkpoint."""
         ...
 
 
 class EmbeddedFeatureStore:
     """The state in one Arrow IPC file under ``folder`` (in-process state, file checkpoints)."""
 
-    def __init__(self, folder: Path, fs: FeatureSet):
+    def __init__(self, folder: Path, fs: FeatureSet, extra_views: Sequence[FeatureSet] = ()):
         self.folder = Path(folder)
         self.fs = fs
+        self.extra_views = tuple(extra_views)  # other views the state serves (dual-write window)
         self._cache: tuple[tuple[int, int, int], CheckpointIndex] | None = None
 
     @property
@@ -81,12 +83,13 @@ class EmbeddedFeatureStore:
             with pa.memory_map(str(self.path)) as source:
                 table = ipc.open_file(source).read_all()
         except FileNotFoundError:
-            return StreamFeatures(self.fs), {}
+            return StreamFeatures(self.fs, self.extra_views), {}
         except (OSError, pa.ArrowInvalid) as exc:
             raise FeatureStoreError(f"{self.path}: unreadable window state ({exc})") from None
         meta = table.schema.metadata or {}
         positions = json.loads(meta.get(b"positions", b"{}"))
-        return StreamFeatures.from_table(self.fs, table), {k: int(v) for k, v in positions.items()}
+        state = StreamFeatures.from_table(self.fs, table, self.extra_views)
+        return state, {k: int(v) for k, v in positions.items()}
 
     def save(self, state: StreamFeatures, positions: Mapping[str, int]) -> None:
         """Write the checkpoint to a temporary file, fsync it, rename it over the last one, fsync the folder."""
@@ -124,19 +127,19 @@ class EmbeddedFeatureStore:
             return None
         except (OSError, pa.ArrowInvalid) as exc:
             raise FeatureStoreError(f"{self.path}: unreadable window state ({exc})") from None
-        return CheckpointIndex(self.fs, table)
+        return CheckpointIndex(self.fs, table, self.extra_views)
 
-    def lookup(self, entity: str, ts_ns: int) -> dict[str, float]:
-        """Answer from the last checkpoint (re-read only when the file changed)."""
+    def lookup(self, entity: str, ts_ns: int, view: FeatureSet | None = None) -> dict[str, float]:
+        """Answer from the last checkpoint (re-read only when the file changed), for ``view``."""
         stamp = self.stamp()
         if stamp is None:
-            return StreamFeatures(self.fs).lookup(entity, ts_ns)
+            return StreamFeatures(self.fs, self.extra_views).lookup(entity, ts_ns, view)
         if self._cache is None or self._cache[0] != stamp:
             index = self.index()
             if index is None:
-                return StreamFeatures(self.fs).lookup(entity, ts_ns)
+                return StreamFeatures(self.fs, self.extra_views).lookup(entity, ts_ns, view)
             self._cache = (stamp, index)
-        return self._cache[1].lookup(entity, ts_ns)
+        return self._cache[1].lookup(entity, ts_ns, view)
 
 
 class CheckpointIndex:
@@ -147,9 +150,9 @@ class CheckpointIndex:
     window on its first lookup. The table is never modified: an index is a read-only snapshot.
     """
 
-    def __init__(self, fs: FeatureSet, table: pa.Table):
+    def __init__(self, fs: FeatureSet, table: pa.Table, extra_views: Sequence[FeatureSet] = ()):
         self.fs = fs
-        self._state = StreamFeatures.from_table(fs, table.slice(0, 0))  # checks digest and columns
+        self._state = StreamFeatures.from_table(fs, table.slice(0, 0), extra_views)  # checks digest, columns
         self.max_ts = self._state.max_ts
         spans = _entity_spans(table)
         if spans is None:  # not grouped by entity: group it (a stable sort keeps time order)
@@ -157,7 +160,7 @@ class CheckpointIndex:
             spans = _entity_spans(table)
         self._spans: dict[str, tuple[int, int]] = spans or {}
         self._ts = table.column("ts_ns").to_numpy()
-        self._values = {c: table.column("value:" + c).to_numpy() for c in fs.source_columns}
+        self._values = {c: table.column("value:" + c).to_numpy() for c in self._state.source_columns}
         self._ready: set[str] = set()
 
     @property
@@ -165,8 +168,8 @@ class CheckpointIndex:
         """How many entities the checkpoint holds events of."""
         return len(self._spans)
 
-    def lookup(self, entity: str, ts_ns: int) -> dict[str, float]:
-        """The features of ``entity`` at ``ts_ns`` from the checkpoint's events strictly before it."""
+    def lookup(self, entity: str, ts_ns: int, view: FeatureSet | None = None) -> dict[str, float]:
+        """The features of ``entity`` at ``ts_ns`` (of ``view``) from the checkpoint's events strictly before it."""
         key = str(entity)
         if key not in self._ready:
             span = self._spans.get(key)
@@ -178,17 +181,18 @@ class CheckpointIndex:
                 }
                 self._state.set_entity_window(key, window)
                 self._ready.add(key)
-        return self._state.lookup(key, ts_ns)
+        return self._state.lookup(key, ts_ns, view)
 
 
 def state_store(settings: Settings, fs: FeatureSet, topic: str, group: str) -> FeatureStore:
     """The configured window-state store of one consumer group (``features.store``): the
     checkpoint file under ``MLOPS_HOME/stream/state/<topic>/<group>``, or Redis keys under
-    ``<prefix>:<topic>:<group>``."""
+    ``<prefix>:<topic>:<group>``; it keeps the history of ``fs`` and of ``features.extra_views``."""
     spec = settings.features.store
+    extra = feature_views(settings)[1:]
     if isinstance(spec, RedisStateStore):
-        return RedisFeatureStore.from_url(spec.url, fs, f"{spec.prefix}:{topic}:{group}")
-    return EmbeddedFeatureStore(settings.home_path / "stream" / "state" / topic / group, fs)
+        return RedisFeatureStore.from_url(spec.url, fs, f"{spec.prefix}:{topic}:{group}", extra)
+    return EmbeddedFeatureStore(settings.home_path / "stream" / "state" / topic / group, fs, extra)
 
 
 class RedisFeatureStore:
@@ -197,17 +201,26 @@ class RedisFeatureStore:
     ``client`` is a ``redis.Redis`` (or anything with its ``get``/``mget``/``scan_iter``/``pipeline``).
     """
 
-    def __init__(self, client: Any, fs: FeatureSet, prefix: str = "mlops:features"):
+    def __init__(
+        self,
+        client: Any,
+        fs: FeatureSet,
+        prefix: str = "mlops:features",
+        extra_views: Sequence[FeatureSet] = (),
+    ):
         self.client = client
         self.fs = fs
         self.prefix = prefix
+        self.extra_views = tuple(extra_views)
 
     @classmethod
-    def from_url(cls, url: str, fs: FeatureSet, prefix: str = "mlops:features") -> RedisFeatureStore:
+    def from_url(
+        cls, url: str, fs: FeatureSet, prefix: str = "mlops:features", extra_views: Sequence[FeatureSet] = ()
+    ) -> RedisFeatureStore:
         """A store on the Redis server at ``url`` (``redis://host:port/db``)."""
         import redis
 
-        return cls(redis.Redis.from_url(url, socket_timeout=5.0), fs, prefix)
+        return cls(redis.Redis.from_url(url, socket_timeout=5.0), fs, prefix, extra_views)
 
     def _entity_key(self, entity: str) -> str:
         return f"{self.prefix}:e:{entity}"
@@ -230,7 +243,7 @@ class RedisFeatureStore:
 
     def load(self) -> tuple[StreamFeatures, dict[str, int]]:
         """Every entity window and the counters of the last checkpoint (fresh and ``{}`` if none)."""
-        state = StreamFeatures(self.fs)
+        state = StreamFeatures(self.fs, self.extra_views)
         meta = self._meta()
         if meta is None:
             return state, {}
@@ -274,12 +287,14 @@ class RedisFeatureStore:
             deleted += int(self._call("delete the state", self.client.delete, *keys[i : i + 1000]))
         return deleted
 
-    def lookup(self, entity: str, ts_ns: int) -> dict[str, float]:
+    def lookup(self, entity: str, ts_ns: int, view: FeatureSet | None = None) -> dict[str, float]:
         """Read one entity's window and the counters, and answer with the shared window logic."""
         meta_raw, window_raw = self._call(
             "read the state", self.client.mget, [self._meta_key, self._entity_key(str(entity))]
         )
-        return window_answer(self.fs, meta_raw, window_raw, str(entity), ts_ns)
+        return window_answer(
+            self.fs, meta_raw, window_raw, str(entity), ts_ns, extra_views=self.extra_views, view=view
+        )
 
 
 def _entity_spans(table: pa.Table) -> dict[str, tuple[int, int]] | None:
@@ -305,16 +320,18 @@ def window_answer(
     ts_ns: int,
     *,
     check_meta: bool = True,
+    extra_views: Sequence[FeatureSet] = (),
+    view: FeatureSet | None = None,
 ) -> dict[str, float]:
     """The features of ``entity`` at ``ts_ns`` from a Redis checkpoint's raw meta and window values
     (``StateMismatch`` when the checkpoint was built for other feature declarations; with
     ``check_meta=False`` the caller has checked this meta already)."""
-    state = StreamFeatures(fs)
+    state = StreamFeatures(fs, extra_views)
     if meta_raw is not None and check_meta:
         state.restore_counters(json.loads(meta_raw)["counters"])
     if window_raw is not None:
         state.set_entity_window(entity, json.loads(window_raw))
-    return state.lookup(entity, ts_ns)
+    return state.lookup(entity, ts_ns, view)
 
 
 class AsyncRedisFeatureReader:
@@ -322,10 +339,13 @@ class AsyncRedisFeatureReader:
     per batch of entities on a pipelined connection (``adapters.redis_reads``), every call
     bounded by ``timeout`` seconds."""
 
-    def __init__(self, url: str, fs: FeatureSet, prefix: str, timeout: float):
+    def __init__(
+        self, url: str, fs: FeatureSet, prefix: str, timeout: float, extra_views: Sequence[FeatureSet] = ()
+    ):
         from adapters.redis_reads import PipelinedRedis
 
         self.fs = fs
+        self.extra_views = tuple(extra_views)
         self.prefix = prefix
         self.where = f"{_redacted(url)} {prefix}"
         self._checked_meta: bytes | None = None
@@ -349,10 +369,10 @@ class AsyncRedisFeatureReader:
         if meta is None:
             raise FeatureStoreError(f"redis: no window state checkpoint under {self.prefix!r} yet")
         if meta != self._checked_meta:  # a new checkpoint: check its declaration digest once
-            StreamFeatures(self.fs).restore_counters(json.loads(meta)["counters"])
+            StreamFeatures(self.fs, self.extra_views).restore_counters(json.loads(meta)["counters"])
             self._checked_meta = meta
         return [
-            window_answer(self.fs, meta, w, e, t, check_meta=False)
+            window_answer(self.fs, meta, w, e, t, check_meta=False, extra_views=self.extra_views)
             for (e, t), w in zip(keys, raw[1:], strict=True)
         ]
 

@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from mlops.errors import DataError
 
-__all__ = ["QueryRefused", "check_read_only", "confine", "run"]
+__all__ = ["QueryRefused", "check_read_only", "confine", "query_stream", "run"]
 
 
 class QueryRefused(DataError):
@@ -104,3 +104,19 @@ def run(con: duckdb.DuckDBPyConnection, sql: str, params: Sequence[object] | Non
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
+
+
+def query_stream(folder: Path, sql: str) -> pa.Table:
+    """One read statement over a stream consumer's committed parts, as the view ``stream_scores``
+    (an in-memory DuckDB confined to ``folder``, like the warehouse's queries)."""
+    check_read_only(sql)
+    if not any(Path(folder).glob("part-*.parquet")):
+        raise DataError(f"{folder}: no stream output yet (run `mlops stream run` first)")
+    glob = str(Path(folder).resolve() / "part-*.parquet").replace("'", "''")
+    con = duckdb.connect(":memory:")
+    try:
+        con.execute(f"CREATE VIEW stream_scores AS SELECT * FROM read_parquet('{glob}')")
+        confine(con, [Path(folder)])
+        return run(con, sql)
+    finally:
+        con.close()

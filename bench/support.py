@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 
-def log_onnx_model(settings: Any, onnx_model: bytes, run_name: str) -> Any:
+def log_onnx_model(settings: Any, onnx_model: bytes, run_name: str, schema: Any = None) -> Any:
     """Log ``onnx_model`` as an MLflow run with no training metrics, three generated rows as its
-    input example and made-up example scores; the returned run's ``model_uri`` registers versions."""
+    input example (inputs of ``schema``, default the dataset's; window feature columns at 0) and
+    made-up example scores; the returned run's ``model_uri`` registers versions."""
     import numpy as np
     import pandas as pd
 
@@ -19,8 +20,11 @@ def log_onnx_model(settings: Any, onnx_model: bytes, run_name: str) -> Any:
     from mlops.datagen import generate
     from registry.tracking import log_training_run
 
-    example = modeling.features_frame(generate(10, seed=9).head(3), settings.dataset)
-    example = example.astype({n: np.float32 for n in settings.dataset.numeric_names})
+    schema = schema or settings.dataset
+    rows = generate(10, seed=9).head(3)
+    rows = rows.assign(**{n: 0.0 for n in schema.numeric_names if n not in rows.columns})
+    example = modeling.features_frame(rows, schema)
+    example = example.astype({n: np.float32 for n in schema.numeric_names})
     return log_training_run(
         settings,
         run_name=run_name,

@@ -25,6 +25,7 @@ from adapters.runtime import configure
 from adapters.storage import RunRecord, new_run_id
 from flows.params import AliasParam
 from mlops.errors import ConfigError, DataError, ValidationFailed
+from mlops.features import FeatureSet, check_view, feature_views, model_schema
 from mlops.registry_model import CHAMPION
 from mlops.scoring import (
     date_range,
@@ -41,6 +42,7 @@ from tasks.scoring import (
     PartitionJob,
     PinnedModel,
     abort_staging,
+    add_window_features,
     commit_run,
     committed_dates,
     open_staging,
@@ -113,6 +115,7 @@ def score_flow(
     compare: AliasParam | None = None,
     version: int | None = None,
     config: str | None = None,
+    feature_history: str | None = None,
 ) -> ScoreSummary:
     """Score one day's input with the model behind ``alias`` and publish it for ``run_date``.
 
@@ -128,6 +131,7 @@ def score_flow(
         compare: A second alias scored on the same rows for a champion/challenger report.
         version: A model version to pin instead of resolving the alias.
         config: Platform config YAML (default: $MLOPS_CONFIG, else built-in defaults).
+        feature_history: Earlier events for window features (default: scoring.feature_history, else none).
     """
     started = datetime.now(UTC)
     settings = load_settings(config)
@@ -140,13 +144,29 @@ def score_flow(
     models: list[PinnedModel] = [pin_model(settings, alias, version)]
     if compare:
         models.append(pin_model(settings, compare))
+    views = feature_views(settings)  # a model trained on another view than these is refused
+    model_views = [check_view(views, m.ref.view, m.ref.label()) for m in models]
+    history = feature_history or settings.scoring.feature_history
     logger.info("scoring %s for %s with %s", source, day, " vs ".join(m.ref.label() for m in models))
     laps.lap("pin")
     sweep_store(str(settings.home_path))
     run_id = new_run_id()
     workdir = str(settings.home_path / "tmp" / f"score-input-{run_id}")
     try:
-        return _score_run(settings, source, day, run_id, workdir, alias, models, segments, started, laps)
+        return _score_run(
+            settings,
+            source,
+            day,
+            run_id,
+            workdir,
+            alias,
+            models,
+            segments,
+            started,
+            laps,
+            model_views,
+            history,
+        )
     finally:
         remove_workdir(workdir)
 
@@ -175,14 +195,24 @@ def _score_run(
     segments: tuple[str, ...],
     started: datetime,
     laps: _Laps,
+    model_views: list[FeatureSet | None],
+    history: str | None,
 ) -> ScoreSummary:
-    """Read (CSV through a Parquet copy in ``workdir``), plan, score, validate and commit one run."""
+    """Read (CSV through a Parquet copy in ``workdir``), add window features when a model
+    takes them, plan, score, validate and commit one run."""
     logger = get_run_logger()
     root = str(settings.home_path)
     seconds, lap = laps.seconds, laps.lap
     ref = models[0].ref
     compare = len(models) > 1
     parquet = prepare_input(str(source), workdir, settings.scoring.rows_per_partition, settings.dataset)
+    views = tuple(dict.fromkeys(v for v in model_views if v is not None))
+    if views:
+        parquet = add_window_features(
+            parquet, workdir, views, settings.dataset, history, settings.scoring.rows_per_partition
+        )
+        lap("features")
+    windows = tuple(dict.fromkeys(n for v in views for n in v.names))
     plan = plan_input(parquet, settings.scoring.rows_per_partition, settings.dataset.min_rows)
     if not plan:
         raise ValidationFailed(
@@ -194,7 +224,7 @@ def _score_run(
 
     staged = open_staging(root, day, run_id)
     schema = settings.dataset
-    columns = tuple(dict.fromkeys(schema.key_columns + schema.feature_names))
+    columns = tuple(dict.fromkeys(schema.key_columns + schema.feature_names + windows))
     fr_id = flow_run.get_id()
     jobs = [
         PartitionJob(
@@ -208,6 +238,8 @@ def _score_run(
             ort_threads=settings.scoring.ort_threads,
             flow_run_id=str(fr_id) if fr_id else None,
             segments=segments,
+            model_schemas=tuple(model_schema(schema, v) for v in model_views) if views else (),
+            windows=windows,
         )
         for p in plan
     ]
@@ -309,6 +341,7 @@ def backfill_flow(
     compare: AliasParam | None = None,
     force: bool = False,
     config: str | None = None,
+    feature_history: str | None = None,
 ) -> BackfillSummary:
     """Score every date from ``start`` to ``end``; committed dates are skipped unless ``force``.
 
@@ -340,6 +373,7 @@ def backfill_flow(
                     compare=compare,
                     version=version,
                     config=config,
+                    feature_history=feature_history,
                 )
             )
     return BackfillSummary(tuple(scored), tuple(skipped))

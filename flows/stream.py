@@ -23,7 +23,7 @@ from adapters.broker import Broker, SqliteBroker
 from adapters.feature_store import state_store
 from adapters.runtime import configure
 from flows.params import AliasParam
-from mlops.features import FeatureSet
+from mlops.features import FeatureSet, feature_views
 from mlops.onnx_model import OnnxScorer
 from mlops.registry_model import CHAMPION
 from mlops.settings import KafkaBrokerSpec, RedisBrokerSpec, Settings, load_settings
@@ -138,7 +138,7 @@ def stream_flow(
     settings = load_settings(config)
     configure(settings)
     logger = get_run_logger()
-    fs = FeatureSet.from_settings(settings)
+    fs, *extra = feature_views(settings) or (FeatureSet.from_settings(settings),)
     pinned = pin_model(settings, alias)
     broker = broker_for(settings)
     out = output_dir(settings, topic, group)
@@ -153,6 +153,7 @@ def stream_flow(
         topic=topic,
         group=group,
         checkpoint_every=checkpoint_every,
+        extra_views=tuple(extra),
     )
     start = consumer.start()
     logger.info(

@@ -15,6 +15,7 @@ from prefect.runtime import flow_run
 
 from adapters.runtime import configure
 from mlops import modeling, training
+from mlops.features import feature_views, model_schema
 from mlops.lineage import code_version
 from mlops.settings import load_settings
 from tasks.data import load_dataset, validate_dataset
@@ -50,11 +51,16 @@ def train_flow(data: str, config: str | None = None) -> TrainSummary:
     settings = load_settings(config)
     configure(settings)
     logger = get_run_logger()
-    schema, cfg = settings.dataset, settings.training
+    dataset, cfg = settings.dataset, settings.training
+    fs = next(iter(feature_views(settings)), None)  # the declared view, if any: its windows become inputs
+    schema = model_schema(dataset, fs)
 
-    frame = load_dataset(data, schema)
-    validate_dataset(frame, schema, require_label=True, source=data)
-    lineage = training.lineage(data, frame, settings, code_version(), str(flow_run.get_id() or ""))
+    frame = load_dataset(data, dataset)
+    validate_dataset(frame, dataset, require_label=True, source=data)
+    lineage = training.lineage(data, frame, settings, code_version(), str(flow_run.get_id() or ""), fs)
+    frame = training.training_frame(frame, fs, data)
+    if fs is not None:
+        logger.info("feature view %s: %d window features, point-in-time checked", fs.digest(), len(fs.names))
     train, test = modeling.split(frame, schema, cfg)
     logger.info(
         "training %d candidates on %d rows, testing on %d", len(cfg.candidates), len(train), len(test)
@@ -70,7 +76,8 @@ def train_flow(data: str, config: str | None = None) -> TrainSummary:
     logged = log_training_run(
         settings,
         run_name=f"train-{best.label}",
-        params=training.run_params(chosen, cfg, len(train), len(test)),
+        params=training.run_params(chosen, cfg, len(train), len(test))
+        | ({"feature_view": fs.digest()} if fs is not None else {}),
         metrics=training.run_metrics(chosen),
         tags=lineage | {"selected_candidate": best.label},
         files=training.report_files(chosen, test, schema, cfg.model_name),

@@ -28,8 +28,8 @@ import bisect
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mlops.errors import ConfigError, DataError
-from mlops.settings import FeaturesConfig, Settings, WindowFeature
+from mlops.settings import DatasetSchema, FeaturesConfig, NumericFeature, Settings, WindowFeature
 
 NS_PER_SECOND = 1_000_000_000
 STATE_FORMAT = "mlops-window-state/1"
@@ -52,6 +52,14 @@ class LeakDetected(DataError):
 
 class StateMismatch(DataError):
     """A saved window state was built for other feature declarations than the current ones."""
+
+
+class FeatureViewMismatch(ConfigError):
+    """A model version was trained on a feature view that the configuration does not declare."""
+
+
+VIEW_TAG = "lineage.feature_view"  # the view's digest, on the training run and the model version
+WINDOWS_TAG = "lineage.feature_windows"  # the view's windows as JSON, on the same
 
 
 # --------------------------------------------------------------------------- declarations
@@ -100,6 +108,15 @@ class FeatureSet:
         """The longest window, in nanoseconds: how much history the stream keeps."""
         return max(_seconds_to_ns(w.window_seconds) for w in self.windows)
 
+    def with_windows(self, windows: Iterable[WindowFeature]) -> FeatureSet:
+        """Another view over the same entity, time and lateness."""
+        return replace(self, windows=tuple(windows))
+
+    def lineage_tags(self) -> dict[str, str]:
+        """What a model version records of the view it was trained on: digest and windows."""
+        windows = [w.model_dump(mode="json", exclude_none=True) for w in self.windows]
+        return {VIEW_TAG: self.digest(), WINDOWS_TAG: json.dumps(windows, separators=(",", ":"))}
+
     def digest(self) -> str:
         """A fingerprint of what the features compute (saved state is only valid for the same one)."""
         data = {
@@ -113,6 +130,77 @@ class FeatureSet:
 
 def _seconds_to_ns(seconds: float) -> int:
     return round(seconds * NS_PER_SECOND)
+
+
+def feature_views(settings: Settings) -> tuple[FeatureSet, ...]:
+    """Every view a config declares: ``features.windows`` first, then ``features.extra_views``
+    (empty when it declares no features)."""
+    if not settings.features.windows:
+        return ()
+    main = FeatureSet.from_settings(settings)
+    return (main, *(main.with_windows(v.windows) for v in settings.features.extra_views))
+
+
+def model_schema(schema: DatasetSchema, fs: FeatureSet | None) -> DatasetSchema:
+    """The columns a model of view ``fs`` takes: the dataset's, then the window features as
+    numeric inputs named as declared (``schema`` itself without a view)."""
+    if fs is None:
+        return schema
+    return schema.model_copy(
+        update={"numeric": schema.numeric + tuple(NumericFeature(name=n) for n in fs.names)}
+    )
+
+
+@dataclass(frozen=True)
+class FeatureView:
+    """The feature view a model version was trained on, as its lineage tags record it."""
+
+    digest: str
+    windows: tuple[WindowFeature, ...]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The window features the model takes as inputs."""
+        return tuple(w.name for w in self.windows)
+
+
+def model_view(tags: Mapping[str, str]) -> FeatureView | None:
+    """The feature view in a model version's tags, or None for a model trained without one."""
+    digest = tags.get(VIEW_TAG)
+    if not digest:
+        return None
+    try:
+        windows = tuple(WindowFeature.model_validate(w, strict=False) for w in json.loads(tags[WINDOWS_TAG]))
+    except (KeyError, ValueError, TypeError):
+        raise DataError(f"model tag {WINDOWS_TAG}: missing or unreadable for feature view {digest}") from None
+    return FeatureView(digest, windows)
+
+
+def check_view(
+    configured: FeatureSet | Sequence[FeatureSet] | None, view: FeatureView | None, model: str = "the model"
+) -> FeatureSet | None:
+    """The configured view a model was trained on (None for a model without window features).
+
+    Raises ``FeatureViewMismatch``, one line naming both digests, when the model's view is not
+    among the configured ones: its inputs would be computed differently from training's.
+    """
+    if view is None:
+        return None
+    views = (
+        ()
+        if configured is None
+        else (configured,)
+        if isinstance(configured, FeatureSet)
+        else tuple(configured)
+    )
+    for fs in views:
+        if fs.digest() == view.digest:
+            return fs
+    have = ", ".join(fs.digest() for fs in views) or "none"
+    raise FeatureViewMismatch(
+        f"{model} was trained on feature view {view.digest} ({', '.join(view.names)}); the config declares "
+        f"{have}: declare its windows in features.windows or features.extra_views"
+    )
 
 
 # --------------------------------------------------------------------------- column access
@@ -351,6 +439,52 @@ def with_features(fs: FeatureSet, events: Frame, rows: Frame | None = None) -> p
     return table
 
 
+def _event_columns(fs: FeatureSet, table: pa.Table, like: pa.Table | None = None) -> pa.Table:
+    """The entity, time (ns) and source columns of ``table``, typed like ``like``'s when given."""
+    cols = {}
+    for name in (fs.entity_column, fs.timestamp_column, *fs.source_columns):
+        col = _column(table, name)
+        if like is not None and col.type != like.schema.field(name).type:
+            try:
+                col = pc.cast(col, like.schema.field(name).type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                raise DataError(
+                    f"feature history: column {name!r} is {col.type}, the input's is {like.schema.field(name).type}"
+                ) from None
+        cols[name] = col
+    return pa.table(cols)
+
+
+def batch_features(views: Sequence[FeatureSet], rows: pa.Table, history: pa.Table | None = None) -> pa.Table:
+    """``rows`` with the window features of every view appended, the way training computes them.
+
+    The events are the rows themselves plus ``history``'s events strictly before the rows'
+    earliest time (so a history that overlaps the rows counts nothing twice); each row sees
+    its entity's events strictly before it. Two views may share a feature only if they
+    define it the same way.
+    """
+    defined: dict[str, WindowFeature] = {}
+    for fs in views:
+        for w in fs.windows:
+            if defined.setdefault(w.name, w) != w:
+                raise ConfigError(f"feature {w.name!r} is defined differently by two feature views")
+    out = rows
+    for fs in views:
+        wanted = [n for n in fs.names if n not in out.column_names]
+        if not wanted:
+            continue
+        events = _event_columns(fs, rows)
+        if history is not None and history.num_rows and rows.num_rows:
+            first = int(timestamps_ns(_column(rows, fs.timestamp_column)).min())
+            past = _event_columns(fs, history, events)
+            keep = timestamps_ns(_column(past, fs.timestamp_column), "feature history") < first
+            events = pa.concat_tables([past.filter(pa.array(keep)), events])
+        feats = compute_offline(fs, events, rows)
+        for name in wanted:
+            out = out.append_column(name, feats.column(name))
+    return out
+
+
 # --------------------------------------------------------------------------- point in time
 
 
@@ -438,7 +572,7 @@ def assert_point_in_time(fs: FeatureSet, training: Frame, events: Frame | None =
     """``check_point_in_time``, raising ``LeakDetected`` with every reason when a value is wrong."""
     report = check_point_in_time(fs, training, events)
     if not report.ok:
-        raise LeakDetected("training set is not point-in-time correct:\n  " + "\n  ".join(report.reasons()))
+        raise LeakDetected("training set is not point-in-time correct: " + "; ".join(report.reasons()))
     return report
 
 
@@ -470,24 +604,64 @@ class StreamFeatures:
     older than ``watermark - longest window`` can no longer matter and are pruned, so the
     state holds about one longest window of events per active entity. ``lookup`` at times at
     or after the watermark gives exactly what ``compute_offline`` gives over the same events.
+
+    ``extra_views`` (other windows over the same entity, time and lateness) are served from
+    the same raw events: the state keeps the source columns of every view and the longest
+    window of them all, and ``lookup``/``update`` answer for any of them (``view=``).
     """
 
-    def __init__(self, fs: FeatureSet):
+    def __init__(self, fs: FeatureSet, extra_views: Sequence[FeatureSet] = ()):
         self.fs = fs
-        self._cols = fs.source_columns
+        views = {fs.digest(): fs}
+        for v in extra_views:
+            if (v.entity_column, v.timestamp_column, v.lateness_ns) != (
+                fs.entity_column,
+                fs.timestamp_column,
+                fs.lateness_ns,
+            ):
+                raise ConfigError("extra feature views must share the entity, time and lateness of the first")
+            views.setdefault(v.digest(), v)
+        self.views = tuple(views.values())
+        self._cols = tuple(dict.fromkeys(c for v in self.views for c in v.source_columns))
         self._col_index = {c: i for i, c in enumerate(self._cols)}
-        self._windows_ns = [_seconds_to_ns(w.window_seconds) for w in fs.windows]
-        self._keep_ns = fs.lateness_ns + max(self._windows_ns)  # history any accepted event can see
-        self._specs = [
-            (w.name, w.agg, w_ns, self._col_index.get(w.column, -1), 0.0 if w.agg == "sum" else w.empty_value)
-            for w, w_ns in zip(fs.windows, self._windows_ns, strict=True)
-        ]
-        self._empty = {name: (0.0 if agg == "count" else empty) for name, agg, _, _, empty in self._specs}
+        self._keep_ns = fs.lateness_ns + max(v.max_window_ns for v in self.views)  # history any view can see
+        self._view_specs = {digest: self._specs_of(v) for digest, v in views.items()}
+        self._specs = self._view_specs[fs.digest()]
+        self._empty = self._empty_of(self._specs)
         self._entities: dict[str, _EntityWindow] = {}
         self.max_ts: int | None = None
         self.late_events = 0
         self.events_seen = 0
         self._changed: set[str] = set()  # entities whose window changed since take_changed()
+
+    def _specs_of(self, fs: FeatureSet) -> list[tuple[str, str, int, int, float]]:
+        return [
+            (
+                w.name,
+                w.agg,
+                _seconds_to_ns(w.window_seconds),
+                self._col_index.get(w.column, -1),  # type: ignore[arg-type]
+                0.0 if w.agg == "sum" else w.empty_value,
+            )
+            for w in fs.windows
+        ]
+
+    @staticmethod
+    def _empty_of(specs: list[tuple[str, str, int, int, float]]) -> dict[str, float]:
+        return {name: (0.0 if agg == "count" else empty) for name, agg, _, _, empty in specs}
+
+    @property
+    def digest(self) -> str:
+        """What the retained events serve: the view's digest, or one over every view served."""
+        if len(self.views) == 1:
+            return self.fs.digest()
+        joined = ",".join(sorted(v.digest() for v in self.views))
+        return hashlib.sha256(joined.encode()).hexdigest()[:16]
+
+    @property
+    def source_columns(self) -> tuple[str, ...]:
+        """The event columns the state keeps (those of every view it serves)."""
+        return self._cols
 
     @property
     def watermark(self) -> int | None:
@@ -504,20 +678,31 @@ class StreamFeatures:
         """How many events the state holds in all."""
         return sum(len(e.ts) for e in self._entities.values())
 
-    def lookup(self, entity: str, ts_ns: int) -> dict[str, float]:
-        """The features of ``entity`` at ``ts_ns`` from the retained events strictly before it."""
+    def lookup(self, entity: str, ts_ns: int, view: FeatureSet | None = None) -> dict[str, float]:
+        """The features of ``entity`` at ``ts_ns`` from the retained events strictly before it
+        (of ``view``, one of the views served; default the first)."""
+        if view is None or view is self.fs:
+            specs, empty_row = self._specs, self._empty
+        else:
+            try:
+                specs = self._view_specs[view.digest()]
+            except KeyError:
+                raise ConfigError(
+                    f"feature view {view.digest()} is not served by this window state"
+                ) from None
+            empty_row = self._empty_of(specs)
         win = self._entities.get(str(entity))
         if win is None:
-            return dict(self._empty)
+            return dict(empty_row)
         ts = win.ts
         right = bisect.bisect_left(ts, ts_ns)
         if right == 0:  # no event before ts_ns: every window is empty
-            return dict(self._empty)
+            return dict(empty_row)
         values = win.values
         bisect_left, fsum = bisect.bisect_left, math.fsum
         lefts: dict[int, int] = {}
         out: dict[str, float] = {}
-        for name, agg, w_ns, col, empty in self._specs:
+        for name, agg, w_ns, col, empty in specs:
             left = lefts.get(w_ns)
             if left is None:
                 left = lefts[w_ns] = bisect_left(ts, ts_ns - w_ns, 0, right)
@@ -540,8 +725,10 @@ class StreamFeatures:
                 out[name] = max(values[col][left:right])
         return out
 
-    def update(self, entity: str, ts_ns: int, values: Mapping[str, float]) -> FeatureUpdate:
-        """The event's features (from the events before it), after which the event joins its windows."""
+    def update(
+        self, entity: str, ts_ns: int, values: Mapping[str, float], view: FeatureSet | None = None
+    ) -> FeatureUpdate:
+        """The event's features (of ``view``, from the events before it); then the event joins its windows."""
         key = str(entity)
         try:
             row = [float(values[c]) for c in self._cols]
@@ -549,7 +736,7 @@ class StreamFeatures:
             raise DataError(f"event: no value for {exc.args[0]!r}") from None
         if any(math.isnan(v) for v in row):
             raise DataError(f"event of {key}: missing value in {', '.join(self._cols)}")
-        feats = self.lookup(key, ts_ns)
+        feats = self.lookup(key, ts_ns, view)
         self.events_seen += 1
         max_ts = self.max_ts
         if max_ts is not None and ts_ns < max_ts - self.fs.lateness_ns:
@@ -649,7 +836,7 @@ class StreamFeatures:
         """What the state knows besides the windows: format, declaration digest, newest time, counts."""
         return {
             "format": STATE_FORMAT,
-            "digest": self.fs.digest(),
+            "digest": self.digest,
             "max_ts": self.max_ts,
             "late_events": self.late_events,
             "events_seen": self.events_seen,
@@ -659,10 +846,10 @@ class StreamFeatures:
         """Take back ``counters()``; ``StateMismatch`` if they belong to other feature declarations."""
         if counters.get("format") != STATE_FORMAT:
             raise StateMismatch(f"window state: unknown format {counters.get('format')!r}")
-        if counters.get("digest") != self.fs.digest():
+        if counters.get("digest") != self.digest:
             raise StateMismatch(
                 f"window state was built for features {counters.get('digest')}, the declaration is now "
-                f"{self.fs.digest()}: rebuild it from the events"
+                f"{self.digest}: rebuild it from the events"
             )
         self.max_ts = None if counters.get("max_ts") is None else int(counters["max_ts"])
         self.late_events = int(counters.get("late_events", 0))
@@ -687,10 +874,12 @@ class StreamFeatures:
         return pa.table(data).replace_schema_metadata({"counters": json.dumps(self.counters())})
 
     @classmethod
-    def from_table(cls, fs: FeatureSet, table: pa.Table) -> StreamFeatures:
+    def from_table(
+        cls, fs: FeatureSet, table: pa.Table, extra_views: Sequence[FeatureSet] = ()
+    ) -> StreamFeatures:
         """Rebuild the state ``to_table`` saved; ``StateMismatch`` if it was built for other features."""
         meta = table.schema.metadata or {}
-        state = cls(fs)
+        state = cls(fs, extra_views)
         try:
             counters = json.loads(meta[b"counters"])
         except (KeyError, ValueError):

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from mlops.errors import ConfigError
+from mlops.features import FeatureView
 
 DATE_PLACEHOLDER = "{date}"
 MAX_BACKFILL_DAYS = 3660
@@ -113,13 +114,15 @@ def decision_threshold(
 
 @dataclass(frozen=True)
 class ModelRef:
-    """One pinned model version as workers see it: identity, threshold, content digest."""
+    """One pinned model version as workers see it: identity, threshold, content digest, and
+    the feature view it was trained on (None for a model without window features)."""
 
     name: str
     version: int
     alias: str | None
     threshold: float
     digest: str
+    view: FeatureView | None = None
 
     def label(self) -> str:
         """``name vN@alias`` for logs and reports."""

@@ -196,6 +196,18 @@ class RedisStateStore(StrictModel):
 StateStoreSpec = Annotated[EmbeddedStateStore | RedisStateStore, Field(discriminator="kind")]
 
 
+class FeatureViewSpec(StrictModel):
+    """Another set of windows over the same entity and events: the feature view of a model
+    version that is still live (e.g. the outgoing side of a blue-green move)."""
+
+    windows: tuple[WindowFeature, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> FeatureViewSpec:
+        require_unique([w.name for w in self.windows], "feature names")
+        return self
+
+
 class FeaturesConfig(StrictModel):
     """Entity-keyed rolling-window features, computed from raw events by one implementation
     (``mlops.features``) for training, batch scoring, the stream and online lookups.
@@ -203,19 +215,23 @@ class FeaturesConfig(StrictModel):
     ``entity_column`` and ``timestamp_column`` default to the dataset's. The stream accepts
     an event up to ``allowed_lateness_seconds`` older than the newest one it has seen; an
     older event is counted as late and not added to the windows. ``store`` is where the
-    stream keeps its window state: an embedded checkpoint file, or Redis.
+    stream keeps its window state: an embedded checkpoint file, or Redis. ``extra_views``
+    are the feature views of other live model versions: the stream keeps enough history for
+    all of them, and a model of any declared view may score.
     """
 
     entity_column: str | None = None
     timestamp_column: str | None = None
     allowed_lateness_seconds: float = Field(300.0, ge=0)
     windows: tuple[WindowFeature, ...] = ()
+    extra_views: tuple[FeatureViewSpec, ...] = ()
     store: StateStoreSpec = EmbeddedStateStore()
 
     @model_validator(mode="after")
     def _unique_names(self) -> FeaturesConfig:
-        names = [w.name for w in self.windows]
-        require_unique(names, "feature names")
+        require_unique([w.name for w in self.windows], "feature names")
+        if self.extra_views and not self.windows:
+            raise ValueError("extra_views: declare the current view's windows first")
         return self
 
 
@@ -397,9 +413,14 @@ class ScoringConfig(StrictModel):
     about 0.9 s in all, with the garbage collection that frees GX's metrics afterwards),
     and Dask a few milliseconds per task, so partitions of a few hundred thousand rows
     keep both overheads small.
+
+    A model trained on window features gets them computed from the input's own events plus
+    ``feature_history`` (a Parquet/CSV file, folder or glob of earlier events; only those
+    strictly before the input's first event count), the way training computed them.
     """
 
     rows_per_partition: int = Field(500_000, ge=1)
+    feature_history: str | None = Field(None, min_length=1)
     ort_threads: int = Field(1, ge=1)
     decision_threshold: float | None = Field(None, gt=0, lt=1)
     compare_segments: tuple[str, ...] = ()
@@ -597,11 +618,14 @@ class Settings(StrictModel):
         if (fc.timestamp_column or ds.timestamp_column) is None:
             raise ValueError("features: the dataset has no timestamp_column; set features.timestamp_column")
         taken = set(ds.feature_names + ds.key_columns + (ds.label_column,))
-        for w in fc.windows:
-            if w.name in taken:
-                raise ValueError(f"features.windows: {w.name!r} is already a dataset column")
-            if w.column is not None and w.column not in ds.numeric_names:
-                raise ValueError(f"features.windows: {w.name}: {w.column!r} is not a numeric dataset column")
+        views = [("features.windows", fc.windows)]
+        views += [(f"features.extra_views.{i}.windows", v.windows) for i, v in enumerate(fc.extra_views)]
+        for where, windows in views:
+            for w in windows:
+                if w.name in taken:
+                    raise ValueError(f"{where}: {w.name!r} is already a dataset column")
+                if w.column is not None and w.column not in ds.numeric_names:
+                    raise ValueError(f"{where}: {w.name}: {w.column!r} is not a numeric dataset column")
         return self
 
     @model_validator(mode="after")

@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 
 from mlops import modeling
+from mlops.errors import DataError
+from mlops.features import FeatureSet, assert_point_in_time, compute_offline
 from mlops.lineage import config_hash, data_fingerprint
 from mlops.onnx_model import OnnxScorer
 from mlops.reports import evaluation_plots, metrics_markdown
@@ -82,12 +84,42 @@ def select(candidates: Mapping[str, Candidate], cfg: TrainingConfig) -> Selectio
     return Selection(dict(candidates), candidates[modeling.select_best(results, cfg.select_by)])
 
 
+def training_frame(frame: pd.DataFrame, fs: FeatureSet | None, source: str) -> pd.DataFrame:
+    """The rows training fits on: ``frame``, plus the window features of view ``fs``.
+
+    Each row gets its features from the dataset's own events strictly before it; window
+    columns the data already carries (all of them, or none) are kept as given. Either way
+    the features must pass the point-in-time check before anything is fitted
+    (``LeakDetected``, one line, otherwise).
+    """
+    if fs is None:
+        return frame
+    carried = [n for n in fs.names if n in frame.columns]
+    if carried and len(carried) < len(fs.names):
+        missing = [n for n in fs.names if n not in frame.columns]
+        raise DataError(
+            f"{source}: carries window features {', '.join(carried)} but not {', '.join(missing)}: give all or none"
+        )
+    if not carried:
+        feats = compute_offline(fs, frame)
+        frame = frame.assign(**{n: feats.column(n).to_numpy() for n in fs.names})
+    assert_point_in_time(fs, frame)
+    return frame
+
+
 def lineage(
-    data: str, frame: pd.DataFrame, settings: Settings, code: str, flow_run_id: str
+    data: str,
+    frame: pd.DataFrame,
+    settings: Settings,
+    code: str,
+    flow_run_id: str,
+    fs: FeatureSet | None = None,
 ) -> dict[str, str]:
-    """The ``lineage.*`` tags of a run: data path, fingerprint and rows, config, code, flow run, dataset."""
+    """The ``lineage.*`` tags of a run: data path, fingerprint and rows, config, code, flow run,
+    dataset, and the feature view (digest and windows) when the model takes window features."""
     schema = settings.dataset
-    return {
+    view = fs.lineage_tags() if fs is not None else {}
+    return view | {
         "lineage.data_path": data,
         "lineage.data_fingerprint": data_fingerprint([frame], schema.feature_names + (schema.label_column,)),
         "lineage.data_rows": str(len(frame)),

@@ -1,11 +1,12 @@
 """``mlops demo``: the platform end to end on the embedded defaults, with a summary.
 
-Seven numbered steps, each timed (the summary lists the times):
+Eight numbered steps, each timed (the summary lists the times):
 
-1. generate card transactions          5. start the online service and simulated users
-2. training flow (v1: champion)        6. train a challenger (v2) on more data
-3. batch scoring flow                  7. safe rollout of v2 against the live service
-4. edge: compress, sign, OTA rollout
+1. generate card transactions          5. edge: compress, sign, OTA rollout
+2. training flow (v1: champion)        6. start the online service and simulated users
+3. batch scoring flow                  7. train a challenger (v2) on more data
+4. stream: events -> window features   8. safe rollout of v2 against the live service
+   -> scores -> DuckDB
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from mlops.settings import Settings
 from mlops_cli.common import console, progress
 
 SCORE_ROWS = 200_000
-STEPS = 7
+STEPS = 8
 
 
 class DemoSteps:
@@ -62,11 +63,12 @@ class DemoSteps:
 
 
 def run_demo(settings: Settings, config: str | None, rows: int, rollout_plan: str | None = None) -> None:
-    """Run the seven demo steps on ``settings``' home and print a summary with their times."""
+    """Run the eight demo steps on ``settings``' home and print a summary with their times."""
     from flows.score import score_flow
     from flows.train import train_flow
     from mlops.scoring import default_input
     from mlops_cli.demo_rollout import run_rollout_demo
+    from mlops_cli.demo_stream import run_stream_step
     from mlops_cli.edge import run_edge_step
     from mlops_cli.main import _print_training
     from mlops_cli.score import print_run
@@ -103,11 +105,15 @@ def run_demo(settings: Settings, config: str | None, rows: int, rollout_plan: st
         scored = score_flow(run_date=now.date().isoformat(), alias=alias, config=config)
     print_run(scored)
 
+    # The same champion on the event stream: rolling windows per user, scores, DuckDB.
+    with steps.step("stream flow: events -> window features -> scores -> DuckDB", spinner=False):
+        streamed = run_stream_step(settings, config, alias)
+
     # Edge: compress the model for card terminals, sign it, roll it out to a small simulated fleet.
     with steps.step("edge: compress for card terminals -> sign -> OTA rollout to 200 devices", spinner=False):
         run_edge_step(settings, config, alias)
 
-    # Last act: a better challenger rolled out against the live service (steps 5-7).
+    # Last act: a better challenger rolled out against the live service (steps 6-8).
     rolled = run_rollout_demo(settings, config, rows, rollout_plan, steps)
 
     elapsed = time.perf_counter() - started
@@ -127,6 +133,8 @@ def run_demo(settings: Settings, config: str | None, rows: int, rollout_plan: st
                     f" {rolled.seconds:.0f} s, approval auto-answered) -> {rolled.report}",
                     f"scored    {scored.rows_out:,} rows for {scored.run_date} with v{scored.model_version} ({alias})"
                     f" -> {scored.output_path}",
+                    f"streamed  {streamed.events:,} events with {streamed.model} ({streamed.events_per_second:,.0f}/s)"
+                    f" -> {streamed.output}",
                     'query     mlops query "SELECT run_date, decision, count(*) FROM scores GROUP BY ALL ORDER BY ALL"',
                     f"MLflow UI {mlflow_ui}",
                     f"Prefect UI {prefect_ui}",

@@ -1,4 +1,4 @@
-"""The demo's last act (steps 5-7): a safe rollout of a better challenger against the live service.
+"""The demo's last act (steps 6-8): a safe rollout of a better challenger against the live service.
 
 The online service starts as a subprocess on a free loopback port and boots while a second
 version is trained on more data (it registers as ``challenger``); simulated users join the
@@ -155,7 +155,7 @@ class DemoService:
 def run_rollout_demo(
     settings: Settings, config: str | None, rows: int, plan: str | None, steps: DemoSteps
 ) -> object:
-    """Steps 5-7: start the service, train a challenger meanwhile, roll it out with ``plan``
+    """Steps 6-8: start the service, train a challenger meanwhile, roll it out with ``plan``
     (default: the bundled demo plan) while simulated users send traffic; the rollout summary."""
     from adapters.datasets import write_parquet
     from flows.rollout import new_rollout_id, rollout_flow
@@ -176,7 +176,7 @@ def run_rollout_demo(
     service = DemoService(settings, port)
     try:
         with steps.step(
-            f"online service on 127.0.0.1:{port}: boots while step 6 runs; simulated users "
+            f"online service on 127.0.0.1:{port}: boots while the next step runs; simulated users "
             f"(~{RATE_PER_S:g} requests/s, labels ~{LABEL_DELAY_S:g} s later) join once it answers",
             spinner=False,
         ):

@@ -199,6 +199,10 @@ def _print_training(summary) -> None:
         f"registered [bold]{summary.model_name} v{summary.version}[/] as challenger{promoted} (MLflow run {summary.run_id})"
     )
     console.print(f"promotion gate: {summary.gate}")
+    view = summary.lineage.get("lineage.feature_view")
+    if view:
+        windows = len(json.loads(summary.lineage["lineage.feature_windows"]))
+        console.print(f"feature view {view}: {windows} window features as inputs, point-in-time checked")
 
 
 # --------------------------------------------------------------------------- registry
@@ -288,7 +292,17 @@ def registry_list(
         console.print(f"model '{name}' has no versions")
         return
     table = Table(title=f"{name}")
-    for col in ("version", "aliases", "candidate", "roc_auc", "pr_auc", "log_loss", "data", "created"):
+    for col in (
+        "version",
+        "aliases",
+        "candidate",
+        "roc_auc",
+        "pr_auc",
+        "log_loss",
+        "data",
+        "features",
+        "created",
+    ):
         table.add_column(col)
     from datetime import UTC, datetime
 
@@ -300,6 +314,7 @@ def registry_list(
             v.tags.get("lineage.candidate", ""),
             *(f"{m[k]:.4f}" if k in m else "" for k in ("roc_auc", "pr_auc", "log_loss")),
             v.tags.get("lineage.data_fingerprint", ""),
+            v.tags.get("lineage.feature_view", ""),
             datetime.fromtimestamp(v.created_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S"),
         )
     console.print(table)

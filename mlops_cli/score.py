@@ -46,6 +46,14 @@ def score(
             show_default=False,
         ),
     ] = None,
+    feature_history: Annotated[
+        str | None,
+        typer.Option(
+            "--feature-history",
+            help="Earlier events (Parquet/CSV file, folder or glob) for the window features of a model that takes them; default scoring.feature_history, else the input alone.",
+            show_default=False,
+        ),
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Score a day's input on Dask with ONNX Runtime and publish it to Parquet + DuckDB, exactly once per date.
@@ -67,7 +75,14 @@ def score(
     if start is not None:
         with progress(f"Backfilling {start} .. {end} with {alias}"):
             result = backfill_flow(
-                start, end, input_path=input_path, alias=alias, compare=compare, force=force, config=config
+                start,
+                end,
+                input_path=input_path,
+                alias=alias,
+                compare=compare,
+                force=force,
+                config=config,
+                feature_history=feature_history,
             )
         for summary in result.scored:
             print_run(summary)
@@ -80,7 +95,12 @@ def score(
         return
     with progress(f"Scoring {run_date or 'today'} with {alias}"):
         summary = score_flow(
-            run_date=run_date, input_path=input_path, alias=alias, compare=compare, config=config
+            run_date=run_date,
+            input_path=input_path,
+            alias=alias,
+            compare=compare,
+            config=config,
+            feature_history=feature_history,
         )
     print_run(summary)
 

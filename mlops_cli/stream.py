@@ -86,6 +86,34 @@ def run(
     console.print(table)
 
 
+@stream_app.command("query")
+@handle_errors
+def query(
+    sql: Annotated[
+        str,
+        typer.Argument(
+            help='One SELECT over the view stream_scores, e.g. "SELECT decision, count(*) FROM stream_scores GROUP BY 1".'
+        ),
+    ],
+    topic: TopicOpt = "transactions",
+    group: GroupOpt = "scorer",
+    limit: Annotated[int, typer.Option("--limit", min=1, help="Rows to print at most.")] = 50,
+    config: ConfigOpt = None,
+) -> None:
+    """Query a consumer group's committed stream output read-only with DuckDB (view ``stream_scores``)."""
+    from adapters.warehouse_query import query_stream
+    from flows.stream import output_dir
+
+    settings = settings_for(config)
+    result = query_stream(output_dir(settings, topic, group), sql)
+    table = Table(caption=f"{result.num_rows:,} rows")
+    for name in result.column_names:
+        table.add_column(name)
+    for row in result.slice(0, limit).to_pylist():
+        table.add_row(*("" if v is None else str(v) for v in row.values()))
+    console.print(table)
+
+
 @stream_app.command("lookup")
 @handle_errors
 def lookup(

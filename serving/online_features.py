@@ -35,7 +35,7 @@ from adapters.feature_store import (
     FeatureStoreError,
     state_store,
 )
-from mlops.features import FeatureSet, StateMismatch
+from mlops.features import FeatureSet, StateMismatch, feature_views
 from mlops.request_validation import InvalidRequest, OnlineKeys
 from mlops.settings import RedisStateStore, Settings
 from serving.errors import FeaturesUnavailable
@@ -115,7 +115,8 @@ class OnlineFeatures:
         spec = settings.features.store
         if isinstance(spec, RedisStateStore):
             prefix = f"{spec.prefix}:{cfg.topic}:{cfg.group}"
-            return cls(fs, AsyncRedisFeatureReader(spec.url, fs, prefix, cfg.timeout_seconds))
+            extra = feature_views(settings)[1:]  # the state also serves these (features.extra_views)
+            return cls(fs, AsyncRedisFeatureReader(spec.url, fs, prefix, cfg.timeout_seconds, extra))
         store = state_store(settings, fs, cfg.topic, cfg.group)
         assert isinstance(store, EmbeddedFeatureStore)
         return cls(fs, EmbeddedReader(store), cfg.refresh_seconds)

@@ -25,6 +25,7 @@ from prefect import get_run_logger, task
 from adapters import parquet_input, storage
 from adapters.dask_cluster import ClusterError, client_for
 from adapters.storage import CommitInfo, PartInfo, RunRecord, StagedRun
+from mlops.features import FeatureSet, batch_features, model_view
 from mlops.onnx_model import OnnxScorer
 from mlops.partitions import Partition, plan_partitions
 from mlops.scoring import ModelRef, column_arrays, decision_threshold, score_table
@@ -81,6 +82,8 @@ class PartitionJob:
     ort_threads: int
     flow_run_id: str | None
     segments: tuple[str, ...] = ()
+    model_schemas: tuple[DatasetSchema, ...] = ()  # per model, when it takes window features
+    windows: tuple[str, ...] = ()  # window feature columns, written with the scores
 
 
 @dataclass(frozen=True)
@@ -140,18 +143,22 @@ def score_partition(job: PartitionJob, models: Sequence[bytes]) -> PartitionResu
     if _stop_requested(job.run_id):
         return PartitionResult(part.index, table.num_rows, None, (), seconds, skipped=True)
 
-    primary = worker_scorer(job.models[0], models[0], job.schema, job.ort_threads)
-    columns = column_arrays(table, job.schema.feature_names)
+    schemas = job.model_schemas or (job.schema,) * len(job.models)
+    primary = worker_scorer(job.models[0], models[0], schemas[0], job.ort_threads)
+    columns = column_arrays(table, schemas[0].feature_names)
     feeds = primary.feeds(columns)
     scores = primary.run(feeds)
     agreement = None
     if len(job.models) > 1:
-        other = worker_scorer(job.models[1], models[1], job.schema, job.ort_threads).run(feeds)
+        second = worker_scorer(job.models[1], models[1], schemas[1], job.ort_threads)
+        same = schemas[1] == schemas[0]
+        other = second.run(feeds if same else second.feeds(column_arrays(table, schemas[1].feature_names)))
         segments = {c: columns[c] for c in job.segments}
         agreement = agreement_stats(scores, other, job.models[0].threshold, job.models[1].threshold, segments)
     del feeds, columns
     lap("score")
-    keys = table.select([c for c in job.schema.key_columns if c in table.column_names])
+    kept = [c for c in job.schema.key_columns + job.windows if c in table.column_names]
+    keys = table.select(kept)
     out = score_table(keys, scores, job.models[0], job.flow_run_id)
     distinct = [c for c in (job.schema.id_column, job.schema.timestamp_column) if c]
     info = storage.write_part(job.root, job.run_date, job.run_id, part.index, out, distinct_columns=distinct)
@@ -182,7 +189,8 @@ def pin_model(settings: Settings, alias: str, version: int | None = None) -> Pin
     threshold = decision_threshold(
         settings.scoring.decision_threshold, info.tags, settings.training.decision_threshold
     )
-    ref = ModelRef(name, info.version, alias, threshold, hashlib.sha256(onnx).hexdigest()[:16])
+    digest = hashlib.sha256(onnx).hexdigest()[:16]
+    ref = ModelRef(name, info.version, alias, threshold, digest, model_view(info.tags))
     return PinnedModel(ref, onnx)
 
 
@@ -207,6 +215,38 @@ def prepare_input(path: str, workdir: str, rows_per_partition: int, schema: Data
 def remove_workdir(workdir: str) -> None:
     """Remove a run's input work folder (CSV copies), whatever the run's outcome."""
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+@task(name="window-features")
+def add_window_features(
+    path: str,
+    workdir: str,
+    views: Sequence[FeatureSet],
+    schema: DatasetSchema,
+    history: str | None,
+    rows_per_group: int,
+) -> str:
+    """The input with the window features of ``views`` appended, as one Parquet file in
+    ``workdir``: computed from the input's own events and ``history``'s earlier ones."""
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    from adapters.datasets import read_table
+
+    rows = read_table(path, schema=schema)
+    past = None
+    if history:
+        fs = views[0]
+        cols = dict.fromkeys(
+            (fs.entity_column, fs.timestamp_column, *(c for v in views for c in v.source_columns))
+        )
+        past = read_table(history, list(cols), schema)
+    table = batch_features(views, rows, past)
+    out = Path(workdir) / "_windows" / "input.parquet"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, out, row_group_size=rows_per_group, compression="zstd")
+    return str(out)
 
 
 @task(name="plan-partitions")

@@ -37,7 +37,7 @@ from adapters.broker import Broker, Message
 from adapters.feature_store import FeatureStore
 from adapters.files import fsync_dir, fsync_file
 from mlops.errors import DataError
-from mlops.features import FeatureSet, StateMismatch, StreamFeatures, timestamps_ns
+from mlops.features import FeatureSet, StateMismatch, StreamFeatures, check_view, timestamps_ns
 from mlops.onnx_model import OnnxScorer
 from mlops.scoring import ModelRef
 from mlops.settings import DatasetSchema
@@ -128,17 +128,20 @@ class StreamConsumer:
         topic: str,
         group: str,
         checkpoint_every: int = 1,
+        extra_views: tuple[FeatureSet, ...] = (),
     ):
         self.broker, self.store, self.fs, self.schema = broker, store, fs, schema
         self.scorer, self.model = scorer, model
         self.out_dir = Path(out_dir)
         self.topic, self.group = topic, group
         self.checkpoint_every = max(1, checkpoint_every)
-        self.state = StreamFeatures(fs)
+        self.state = StreamFeatures(fs, extra_views)
+        # The view the model was trained on (refused when not declared); its features are written.
+        self.view = check_view((fs, *extra_views), model.view, model.label()) or fs
         self.next_offset = 0
         self._batches_since_checkpoint = 0
         graph_inputs = {i.name for i in scorer.session.get_inputs()}
-        self._model_windows = [n for n in fs.names if n in graph_inputs]
+        self._model_windows = [n for n in self.view.names if n in graph_inputs]
 
     def start(self, replay_batch: int = 10_000) -> StartReport:
         """Load the checkpoint, replay the log up to the committed offset, delete uncommitted parts."""
@@ -165,13 +168,15 @@ class StreamConsumer:
         swept = sweep_uncommitted(self.out_dir, committed)
         return StartReport(committed, positions.get(self.topic, 0), replayed, tuple(swept))
 
-    def _update(self, state: StreamFeatures, m: Message) -> tuple[dict[str, float], bool]:
+    def _update(
+        self, state: StreamFeatures, m: Message, view: FeatureSet | None = None
+    ) -> tuple[dict[str, float], bool]:
         try:
             entity = m.payload[self.fs.entity_column]
             ts = int(m.payload[self.fs.timestamp_column])
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"{self.topic!r} offset {m.offset}: no valid entity or time ({exc})") from None
-        update = state.update(str(entity), ts, m.payload)
+        update = state.update(str(entity), ts, m.payload, view)
         return update.features, update.late
 
     def step(self, max_messages: int) -> BatchResult | None:
@@ -181,7 +186,7 @@ class StreamConsumer:
             return None
         feats, late = [], []
         for m in msgs:
-            f, was_late = self._update(self.state, m)
+            f, was_late = self._update(self.state, m, self.view)
             feats.append(f)
             late.append(was_late)
         table = self._score(msgs, feats).append_column("late", pa.array(late, pa.bool_()))
@@ -210,7 +215,7 @@ class StreamConsumer:
                 f"{self.topic!r} offsets {msgs[0].offset}..: events lack {', '.join(missing)}"
             ) from None
         ts = np.fromiter((p[self.fs.timestamp_column] for p in payloads), np.int64, len(payloads))
-        windows = {n: np.fromiter((f[n] for f in feats), np.float64, len(feats)) for n in self.fs.names}
+        windows = {n: np.fromiter((f[n] for f in feats), np.float64, len(feats)) for n in self.view.names}
         feeds = self.scorer.feeds(cols_in)
         for name in self._model_windows:
             feeds[name] = windows[name].astype(np.float32).reshape(-1, 1)
@@ -221,7 +226,7 @@ class StreamConsumer:
             self.fs.entity_column: pa.array([str(v) for v in cols_in[self.fs.entity_column]], pa.string()),
             self.fs.timestamp_column: pa.array(ts, pa.timestamp("ns")),
         }
-        for name in self.fs.names:
+        for name in self.view.names:
             cols[name] = pa.array(windows[name], pa.float64())
         cols["score"] = pa.array(scores, pa.float64())
         cols["decision"] = pa.array(scores >= self.model.threshold, pa.bool_())

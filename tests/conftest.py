@@ -157,6 +157,41 @@ def register_versions(settings: Settings, small_model: bytes, metrics: list[dict
     return versions
 
 
+FEATURES_YAML = REPO / "configs" / "features.yaml"
+
+
+@pytest.fixture(scope="session")
+def window_model() -> bytes:
+    """A real (tiny) fraud model that also takes the window features of configs/features.yaml,
+    trained on features computed point-in-time the way the training flow computes them."""
+    from mlops import modeling, training
+    from mlops.datagen import generate
+    from mlops.features import FeatureSet, model_schema
+    from mlops.settings import LogisticRegressionSpec
+
+    settings = load_settings(FEATURES_YAML, environ={})
+    fs = FeatureSet.from_settings(settings)
+    frame = training.training_frame(generate(3000, seed=3), fs, "fixture")
+    schema = model_schema(settings.dataset, fs)
+    pipe = modeling.fit(LogisticRegressionSpec(max_iter=300), frame, schema, 0)
+    return modeling.to_onnx_bytes(pipe, schema)
+
+
+def register_window_model(settings: Settings, onnx_model: bytes, alias: str, fs) -> int:
+    """Register ``onnx_model`` with the lineage of feature view ``fs`` and point ``alias`` at it."""
+    from mlops.features import model_schema
+    from registry.mlflow_registry import ModelRegistry
+
+    logged = log_fixture_model(settings, onnx_model, f"fixture-{alias}", model_schema(settings.dataset, fs))
+    registry = ModelRegistry(settings)
+    name = settings.training.model_name
+    tags = fs.lineage_tags() | {"decision_threshold": "0.3"}
+    version = registry.register(name, logged.model_uri, logged.run_id, tags, "fixture").version
+    if alias != "challenger":
+        registry.move_alias(name, alias, version, reason="fixture")
+    return version
+
+
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real redis-server (Debian's) on a free loopback port for one test module, started as

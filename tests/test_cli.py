@@ -163,8 +163,10 @@ def test_demo_end_to_end_on_embedded_defaults(tmp_path: Path) -> None:
     """`mlops demo` on a fresh MLOPS_HOME exits 0: v1 trained, scored, shipped to the edge,
     then v2 (passing the offline promotion gate) rolled out against the live service (the
     compressed demo plan) and promoted: v2 is champion, v1 previous-champion, every move in
-    the history. Its seven steps are numbered in one sequence and timed, and the rollout's
-    progress is printed as it happens (step, gates, samples collected vs needed)."""
+    the history. Its eight steps are numbered in one sequence and timed, and the rollout's
+    progress is printed as it happens (step, gates, samples collected vs needed). The stream
+    step scores every published event with the champion and its window features, and a DuckDB
+    query over the stream's parts counts them."""
     home = tmp_path / "home"
     env = {
         "MLOPS_HOME": str(home),
@@ -174,9 +176,12 @@ def test_demo_end_to_end_on_embedded_defaults(tmp_path: Path) -> None:
     result = mlops("demo", "--rows", "20000", "--rollout-plan", str(plan), env=env, timeout=2400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "demo summary" in result.stdout and ": succeeded (v2 vs v1" in result.stdout, result.stdout[-3000:]
-    for k in range(1, 8):
-        assert f"✓ [{k}/7] " in result.stdout, result.stdout[-3000:]
-    assert "promotion gate: PASS" in result.stdout.split("✓ [6/7]")[1], result.stdout[-3000:]
+    for k in range(1, 9):
+        assert f"✓ [{k}/8] " in result.stdout, result.stdout[-3000:]
+    assert "promotion gate: PASS" in result.stdout.split("✓ [7/8]")[1], result.stdout[-3000:]
+    stream = result.stdout.split("✓ [3/8]")[1].split("✓ [4/8]")[0]
+    assert "published 20,000 card transactions" in stream and "20,000 events -> 7 window features" in stream
+    assert "stream_scores" in stream and " 20000 " in stream and "lag 0" in stream, stream
     rollout_lines = [line for line in result.stdout.splitlines() if " [2/6] shadow: running" in line]
     assert rollout_lines and "candidate_traffic" in rollout_lines[-1], result.stdout[-3000:]
     assert "total (wall)" in result.stdout

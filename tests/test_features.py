@@ -291,3 +291,93 @@ def test_no_declared_features_is_a_config_error() -> None:
     """Asking for the feature set of a config that declares none fails loud."""
     with pytest.raises(ConfigError, match="no window features"):
         FeatureSet.from_settings(load_settings(environ={}))
+
+
+OTHER_VIEW = [
+    {"name": "user_txn_count_30d", "agg": "count", "window_seconds": 30 * 86400},
+    {"name": "user_amount_max_2h", "agg": "max", "column": "amount", "window_seconds": 7200},
+    {"name": "user_amount_mean_30d", "agg": "mean", "column": "amount", "window_seconds": 30 * 86400},
+]
+
+
+def test_a_second_view_is_computed_from_the_same_stream_state_as_offline(
+    fs: FeatureSet, events: pd.DataFrame
+) -> None:
+    """A state that serves the card view and a second view with other (and longer) windows keeps
+    the longest window of both; the second view's features, answered per event and looked up
+    from that one state, equal its offline computation over the same events, and the first
+    view's still do too."""
+    from mlops.settings import WindowFeature
+
+    other = fs.with_windows(WindowFeature.model_validate(w, strict=False) for w in OTHER_VIEW)
+    assert other.digest() != fs.digest()
+    spread = events.assign(
+        event_time=events["event_time"] + pd.to_timedelta(np.arange(len(events)) % 9, unit="D")
+    )
+    spread = spread.sort_values("event_time", kind="stable").reset_index(drop=True)
+    state = StreamFeatures(fs, extra_views=[other])
+    ts = timestamps_ns(spread["event_time"])
+    per_event = [
+        state.update(u, int(t), {"amount": a}, other).features
+        for u, t, a in zip(spread["user_id"], ts, spread["amount"], strict=True)
+    ]
+    offline = compute_offline(other, spread).to_pandas()
+    for name in other.names:
+        got = np.array([f[name] for f in per_event])
+        diff = np.abs(got - offline[name].to_numpy()).max()
+        assert diff == 0 if name.startswith("user_txn_count") else diff < 1e-9, (name, diff)
+    users = spread["user_id"].drop_duplicates().head(200)
+    at = pd.Timestamp(spread["event_time"].max()) + pd.Timedelta(seconds=1)
+    rows = pd.DataFrame({"user_id": users, "event_time": [at] * len(users)})
+    for view in (other, fs):
+        expected = compute_offline(view, spread, rows).to_pandas()
+        looked = pd.DataFrame([state.lookup(u, int(at.value), view) for u in users])
+        np.testing.assert_allclose(
+            looked[list(view.names)], expected[list(view.names)], rtol=1e-12, atol=1e-9
+        )
+    # The 30-day window outlives the card view's 7 days: a state serving one view only would have pruned it.
+    assert StreamFeatures(fs)._keep_ns < state._keep_ns
+    restored = StreamFeatures.from_table(fs, state.to_table(), [other])
+    assert restored.lookup(users.iloc[0], int(at.value), other) == state.lookup(
+        users.iloc[0], int(at.value), other
+    )
+    with pytest.raises(StateMismatch, match="rebuild it from the events"):
+        StreamFeatures.from_table(fs, state.to_table())
+
+
+def test_a_model_is_refused_unless_its_feature_view_is_declared(fs: FeatureSet) -> None:
+    """``check_view`` returns the declared view a model was trained on (None for a model without
+    window features) and refuses any other view in one line naming both digests."""
+    from mlops.features import FeatureViewMismatch, check_view, model_view
+    from mlops.settings import WindowFeature
+
+    other = fs.with_windows(WindowFeature.model_validate(w, strict=False) for w in OTHER_VIEW)
+    assert check_view(fs, None) is None
+    assert model_view({"decision_threshold": "0.2"}) is None
+    trained_on = model_view(other.lineage_tags())
+    assert trained_on is not None and trained_on.names == other.names
+    assert check_view([fs, other], trained_on) == other
+    with pytest.raises(FeatureViewMismatch) as info:
+        check_view(fs, trained_on, "fraud-detector v3")
+    message = str(info.value)
+    assert "\n" not in message and fs.digest() in message and other.digest() in message
+    assert message.startswith("fraud-detector v3 was trained on feature view")
+    with pytest.raises(FeatureViewMismatch, match="declares none"):
+        check_view(None, trained_on)
+
+
+def test_extra_views_are_validated_like_the_windows() -> None:
+    """An extra view must name numeric dataset columns, and needs the current view declared."""
+    with pytest.raises(ConfigError, match=r"extra_views\.0\.windows: x: 'channel' is not a numeric"):
+        load_settings(
+            environ={
+                "MLOPS__FEATURES__WINDOWS": "[{name: n, agg: count, window_seconds: 5}]",
+                "MLOPS__FEATURES__EXTRA_VIEWS": "[{windows: [{name: x, agg: max, column: channel, window_seconds: 5}]}]",
+            }
+        )
+    with pytest.raises(ConfigError, match="declare the current view"):
+        load_settings(
+            environ={
+                "MLOPS__FEATURES__EXTRA_VIEWS": "[{windows: [{name: n, agg: count, window_seconds: 5}]}]"
+            }
+        )

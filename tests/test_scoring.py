@@ -7,6 +7,7 @@ so every run exercises the parallel path, the row-group slicing and the single c
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -422,6 +423,65 @@ def test_replay_scores_both_aliases_and_writes_the_agreement_report(
 
 
 # --------------------------------------------------------------------------- the CLI
+
+
+@pytest.mark.slow
+def test_window_features_in_batch_equal_trainings_for_the_same_events_and_a_foreign_view_is_refused(
+    scoring_home: Settings, window_model: bytes, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Given a champion trained on the window features of configs/features.yaml, a day's input
+    and the events before it as history: each scored row carries the window features training
+    computes from the same events (max abs diff 0 for counts), its score is the model's on
+    them, and they land in the scored Parquet. A config declaring other windows is refused
+    in one line naming both feature-view digests, before anything is scored."""
+    from mlops.features import FeatureSet, FeatureViewMismatch, model_schema
+    from mlops.training import training_frame
+    from tests.conftest import FEATURES_YAML, register_window_model
+
+    monkeypatch.setenv("MLOPS_CONFIG", str(FEATURES_YAML))
+    settings = load_settings()
+    fs = FeatureSet.from_settings(settings)
+    register_window_model(settings, window_model, "champion", fs)
+    day = generate(8_000, seed=31, start=datetime(DAY.year, DAY.month, DAY.day))
+    day = day.sort_values("event_time", kind="stable").reset_index(drop=True)
+    history, scored_rows = day.iloc[:5_000], day.iloc[5_000:]
+    hist_path = tmp_path / "history" / "events.parquet"
+    hist_path.parent.mkdir()
+    history.to_parquet(hist_path, index=False)
+    (settings.data_dir / "score").mkdir(parents=True, exist_ok=True)
+    scored_rows.to_parquet(settings.data_dir / "score" / f"{DAY}.parquet", index=False)
+
+    other = json.dumps([{"name": "user_txn_count_2h", "agg": "count", "window_seconds": 7200}])
+    monkeypatch.setenv("MLOPS__FEATURES__WINDOWS", other)
+    from mlops_cli.main import app
+
+    refused = CliRunner().invoke(
+        app,
+        ["score", "--date", DAY.isoformat(), "--feature-history", str(tmp_path / "history" / "*.parquet")],
+    )
+    other_digest = FeatureSet.from_settings(load_settings()).digest()
+    assert refused.exit_code == FeatureViewMismatch.exit_code == 2, refused.output
+    message = " ".join(refused.output.split())  # the console wraps long lines
+    assert f"trained on feature view {fs.digest()}" in message and f"declares {other_digest}" in message
+    assert "Traceback" not in refused.output and not (settings.home_path / "warehouse.duckdb").exists()
+    monkeypatch.delenv("MLOPS__FEATURES__WINDOWS")
+
+    summary = run(settings, feature_history=str(tmp_path / "history" / "*.parquet"))
+    assert summary.rows_out == len(scored_rows)
+    out = scores_of(settings)
+    expected = training_frame(day, fs, "events").iloc[5_000:]
+    expected = expected.sort_values("transaction_id").reset_index(drop=True)
+    assert out["transaction_id"].tolist() == expected["transaction_id"].tolist()
+    for name in fs.names:
+        diff = np.abs(out[name].to_numpy() - expected[name].to_numpy()).max()
+        if name.startswith("user_txn_count"):
+            assert diff == 0, name
+        assert diff <= 1e-9 * max(1.0, np.abs(expected[name]).max()), (name, diff)
+    assert expected["user_txn_count_24h"].max() > 1  # the history mattered
+    direct = OnnxScorer(window_model, model_schema(settings.dataset, fs)).predict_proba(expected)
+    np.testing.assert_array_equal(out["score"].to_numpy(), direct)
+    part = pq.read_schema(next((settings.home_path / "scores" / f"run_date={DAY}").glob("part-*.parquet")))
+    assert set(fs.names) <= set(part.names)
 
 
 def test_backfill_skips_committed_dates_unless_forced(scoring_home: Settings) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -15,10 +16,12 @@ import pyarrow as pa
 import pytest
 
 from adapters.broker import BrokerError, SqliteBroker
+from adapters.feature_store import EmbeddedFeatureStore
 from mlops.datagen import generate
 from mlops.features import FeatureSet, compute_offline
 from mlops.modeling import fit, to_onnx_bytes
 from mlops.onnx_model import OnnxScorer
+from mlops.scoring import ModelRef
 from mlops.settings import LogisticRegressionSpec, load_settings
 from tasks.stream import StreamConsumer, frame_messages, part_name, read_parts
 from tests.support.stream import FEATURES_YAML, REPO, kill_and_resume, stream_consumer
@@ -189,12 +192,9 @@ def test_a_model_trained_with_window_features_is_fed_them_in_the_stream(
     """A model trained on a point-in-time training set (dataset columns + window features) gets,
     in the stream, the window features of each event: its stream scores equal its scores on the
     offline features of the same events."""
-    from mlops.features import with_features
-    from mlops.settings import NumericFeature
+    from mlops.features import model_schema, with_features
 
-    extended = settings.dataset.model_copy(
-        update={"numeric": settings.dataset.numeric + tuple(NumericFeature(name=n) for n in fs.names)}
-    )
+    extended = model_schema(settings.dataset, fs)
     train = with_features(fs, generate(5_000, seed=2)).to_pandas()
     onnx = to_onnx_bytes(fit(LogisticRegressionSpec(), train, extended, seed=0), extended)
     model_file = tmp_path / "windowed.onnx"
@@ -211,6 +211,61 @@ def test_a_model_trained_with_window_features_is_fed_them_in_the_stream(
     np.testing.assert_allclose(out["score"], expected, rtol=1e-6)
     without = OnnxScorer(model_file.read_bytes(), settings.dataset)
     assert not np.allclose(expected, _scores_with_zero_windows(without, offline, fs), rtol=1e-3)
+
+
+def test_a_blue_green_pair_of_views_is_served_from_one_stream_state(
+    settings, fs: FeatureSet, events: pd.DataFrame, window_model: bytes, tmp_path: Path
+) -> None:
+    """Dual-write window: the config's current view has other windows, the live model was
+    trained on the card view, declared as an extra view. One consumer keeps both views'
+    history, feeds the model its own view's features (equal to the offline ones) and writes
+    them with the scores. Without the extra view the same model is refused in one line."""
+    from mlops.features import FeatureViewMismatch, model_schema, model_view, with_features
+    from mlops.settings import WindowFeature
+
+    new_view = fs.with_windows([WindowFeature(name="user_txn_count_2h", agg="count", window_seconds=7200.0)])
+    onnx = window_model
+    ref = ModelRef(
+        "fraud-detector",
+        1,
+        "champion",
+        0.2,
+        hashlib.sha256(onnx).hexdigest()[:16],
+        model_view(fs.lineage_tags()),
+    )
+
+    def consumer(extra: tuple[FeatureSet, ...]) -> StreamConsumer:
+        return StreamConsumer(
+            broker=SqliteBroker(tmp_path / "broker.db"),
+            store=EmbeddedFeatureStore(tmp_path / "state", new_view, extra),
+            fs=new_view,
+            schema=settings.dataset,
+            scorer=OnnxScorer(onnx, settings.dataset),
+            model=ref,
+            out_dir=tmp_path / "out",
+            topic="tx",
+            group="scorer",
+            extra_views=extra,
+        )
+
+    with pytest.raises(FeatureViewMismatch, match=f"{fs.digest()}.*{new_view.digest()}"):
+        consumer(())
+    both = consumer((fs,))
+    assert both._model_windows == list(fs.names)
+    both.broker.publish("tx", frame_messages(events, settings.dataset, fs))
+    both.start()
+    both.run(max_events=10_000, batch_size=700)
+    out = read_parts(tmp_path / "out").to_pandas()
+    offline = with_features(fs, events).to_pandas()
+    for name in fs.names:
+        np.testing.assert_allclose(out[name], offline[name], rtol=1e-12, atol=1e-9, err_msg=name)
+    expected = OnnxScorer(onnx, model_schema(settings.dataset, fs)).predict_proba(offline)
+    np.testing.assert_allclose(out["score"], expected, rtol=1e-6)
+    restarted = consumer((fs,))
+    restarted.start()  # the checkpoint holds both views' history and loads back
+    at = int(offline["event_time"].max().value) + 1
+    user = offline["user_id"].iloc[-1]
+    assert restarted.state.lookup(user, at, new_view) == both.state.lookup(user, at, new_view)
 
 
 def _scores_with_zero_windows(scorer: OnnxScorer, frame: pd.DataFrame, fs: FeatureSet) -> np.ndarray:
@@ -306,3 +361,25 @@ def test_timestamps_round_trip_through_the_topic(settings, fs: FeatureSet, event
     assert (back.to_numpy() == events["event_time"].head(5).to_numpy()).all()
     assert [m[0] for m in msgs] == events["user_id"].head(5).tolist()
     time.sleep(0)
+
+
+def test_stream_parts_are_queryable_read_only_as_stream_scores(tmp_path: Path) -> None:
+    """`mlops stream query` reads a group's committed parts as the view stream_scores; anything
+    but one read statement, or a read of a file outside the parts, is refused in one line."""
+    from adapters.warehouse_query import QueryRefused, query_stream
+    from mlops.errors import DataError
+    from tasks.stream import write_part
+
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="no stream output yet"):
+        query_stream(out, "SELECT 1")
+    write_part(out, pa.table({"offset": [0, 1], "decision": [True, False]}), 0, 2)
+    write_part(out, pa.table({"offset": [2], "decision": [True]}), 2, 3)
+    got = query_stream(out, "SELECT decision, count(*) AS n FROM stream_scores GROUP BY 1 ORDER BY 1")
+    assert got.to_pylist() == [{"decision": False, "n": 1}, {"decision": True, "n": 2}]
+    with pytest.raises(QueryRefused):
+        query_stream(out, "COPY (SELECT 1) TO 'x.csv'")
+    secret = tmp_path / "secret.csv"
+    secret.write_text("a\n1\n")
+    with pytest.raises(QueryRefused):
+        query_stream(out, f"SELECT * FROM read_csv('{secret}')")

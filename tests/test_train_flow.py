@@ -145,3 +145,53 @@ promotion:
     summary = train_flow(str(csv), str(config))
     assert summary.model_name == "churn-model" and summary.version == 1 and summary.metrics["roc_auc"] > 0.6
     assert ModelRegistry(flow_home).aliases("churn-model") == {CHALLENGER: 1, CHAMPION: 1}
+
+
+FEATURES_YAML = str(Path(__file__).resolve().parent.parent / "configs" / "features.yaml")
+
+
+@pytest.mark.slow
+def test_training_with_declared_windows_feeds_them_to_the_model_and_records_the_view(
+    flow_home: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Given `features.windows`, the model's ONNX inputs are the dataset's plus the window
+    features, computed point-in-time from the dataset's own events; the version's lineage
+    records the feature view (digest and windows). A training set that carries leaky window
+    columns fails the point-in-time check in one line and registers nothing."""
+    import json
+
+    import onnx
+
+    from flows.train import train_flow
+    from mlops.features import FeatureSet, LeakDetected, compute_offline, model_view
+    from mlops.settings import load_settings
+
+    monkeypatch.setenv("MLOPS_CONFIG", FEATURES_YAML)
+    monkeypatch.setenv("MLOPS__TRAINING__CANDIDATES", '[{"kind": "logistic_regression"}]')
+    fs = FeatureSet.from_settings(load_settings())
+    frame = generate(4000, seed=21)
+    leaky = frame.copy()
+    later = frame.assign(event_time=frame["event_time"] + pd.Timedelta(nanoseconds=1))
+    feats = compute_offline(fs, frame, later)  # each row sees its own event: a leak
+    for name in fs.names:
+        leaky[name] = feats.column(name).to_numpy()
+    with pytest.raises(LeakDetected) as info:
+        train_flow(_data(flow_home, leaky, "leaky.parquet"))
+    assert "\n" not in str(info.value) and "user_txn_count_1h: 4000 of 4000 rows" in str(info.value)
+    registry = ModelRegistry(flow_home)
+    assert not registry.exists(flow_home.training.model_name)
+
+    summary = train_flow(_data(flow_home, frame))
+    name = flow_home.training.model_name
+    tags = registry.version(name, summary.version).tags
+    assert tags["lineage.feature_view"] == fs.digest()
+    assert [w["name"] for w in json.loads(tags["lineage.feature_windows"])] == list(fs.names)
+    view = model_view(tags)
+    assert view is not None and view.digest == fs.digest() and view.names == fs.names
+    graph = onnx.load_from_string(registry.onnx_bytes(name, summary.version)).graph
+    inputs = {i.name for i in graph.input}
+    assert inputs == set(flow_home.dataset.input_names.values()) | set(fs.names)
+    assert set(fs.names) <= set(json.loads(tags["signature.inputs"]))
+    run = MlflowClient(flow_home.tracking_uri).get_run(summary.run_id)
+    assert run.data.params["feature_view"] == fs.digest()
+    assert run.data.tags["lineage.feature_view"] == fs.digest()
