@@ -389,8 +389,10 @@ def test_features_skew_reports_zero_for_counts_on_the_configured_store(
 ):
     """`mlops features skew` over 800 events: offline, stream and online (checkpoint + lookup in
     the configured store) agree, counts exactly; the scratch Redis prefix is removed after."""
+    from mlops_cli import common
     from mlops_cli.main import app
 
+    monkeypatch.setattr(common.console, "width", 200)  # one table row a line, whatever COLUMNS is
     path = tmp_path / "events.parquet"
     events.iloc[:800].to_parquet(path)
     monkeypatch.setenv("MLOPS_HOME", str(tmp_path / "home"))
