@@ -10,18 +10,15 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from mlops.errors import DataError
 from mlops.settings import DatasetSchema
-
-if TYPE_CHECKING:  # pyarrow.dataset imports pandas, which takes seconds; only some callers need them
-    import pandas as pd
-    import pyarrow.dataset as pads
 
 SUFFIXES = {".parquet", ".pq", ".csv"}
 _MAX_ERROR_CHARS = 300
@@ -56,8 +53,6 @@ def _check(path: Path) -> Path:
 
 
 def _dataset(path: Path, schema: DatasetSchema | None = None) -> pads.Dataset:
-    import pyarrow.dataset as pads
-
     if path.suffix.lower() == ".csv":
         fmt: str | pads.FileFormat = pads.CsvFileFormat(convert_options=csv_convert_options(schema))
         kind = "CSV"

@@ -11,16 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
+import pandas as pd
 
 from mlops.errors import DataError, ModelError
 from mlops.settings import DatasetSchema
-
-if TYPE_CHECKING:  # pandas takes seconds to import; frames are only passed in
-    import pandas as pd
 
 PROBA_OUTPUT = "probabilities"
 

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 
 PSI_EPSILON = 1e-4
 """Floor of a bucket's share in PSI, so an empty bucket costs a large but finite amount."""
@@ -213,8 +214,6 @@ def agreement_stats(
     segs: dict[tuple[str, str], SegmentStats] = {}
     agree = da == db
     for column, values in (segments or {}).items():
-        import pandas as pd  # only for a replay's segments: keeps pandas out of every import
-
         codes, uniques = pd.factorize(pd.Series(np.asarray(values, dtype=object)), use_na_sentinel=False)
         k = len(uniques)
         rows = np.bincount(codes, minlength=k)
