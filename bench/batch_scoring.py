@@ -203,6 +203,7 @@ class TreeMemory:
         self.interval = interval
         self.peak_total = self.peak_driver = 0.0
         self.peak_worker = 0.0
+        self._is_worker: dict[int, bool] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -216,10 +217,12 @@ class TreeMemory:
                 for child in self.me.children(recursive=True):
                     try:
                         rss = child.memory_info().rss
-                        cmd = " ".join(child.cmdline())
+                        if child.pid not in self._is_worker:  # read each command line once
+                            cmd = " ".join(child.cmdline())
+                            self._is_worker[child.pid] = "multiprocessing" in cmd or "distributed" in cmd
                     except psutil.Error:
                         continue
-                    if "multiprocessing" in cmd or "distributed" in cmd:
+                    if self._is_worker[child.pid]:
                         workers.append(rss)
                     else:
                         other += rss
