@@ -672,8 +672,9 @@ def test_a_killed_run_rerun_leaves_exactly_the_rows_of_a_clean_run(
 class ExternalCluster:
     """`dask scheduler` and `dask worker --nworkers 2` on loopback, started when the module starts.
 
-    The worker preloads Great Expectations and ONNX Runtime while the other tests run, so the
-    test that uses it does not wait for a cold worker's imports.
+    The worker preloads the scoring task (ONNX Runtime, pyarrow; Great Expectations only
+    loads for a failing partition) while the other tests run, so the test that uses it does
+    not wait for a cold worker's imports.
     """
 
     def __init__(self, folder: Path):
@@ -700,8 +701,6 @@ class ExternalCluster:
             "--no-dashboard",
             "--memory-limit",
             "2GiB",
-            "--preload",
-            "great_expectations",
             "--preload",
             "tasks.scoring",
         )
