@@ -576,8 +576,9 @@ def validate_table(
 
     A table that ``table_passes`` is a pass with every expectation evaluated, at the cost
     of a few vectorised scans (no pandas frame, no GX import). Any other table is
-    converted to pandas (dictionary columns decoded first) and validated by GX (``validate_frame``), so a failure's verdict and
-    its lines are GX's, exactly as for a frame.
+    converted to pandas (dictionary columns decoded first) and validated by GX
+    (``validate_frame``), so a failure's verdict and its lines are GX's, exactly as for a
+    frame.
     """
     if table_passes(table, schema, require_label=require_label):
         evaluated = len(checks(schema, require_label=require_label))

@@ -251,7 +251,7 @@ def score_partitions(
         onnx = [client.scatter(m.onnx, broadcast=True) for m in models]
         threads = session_threads(settings.scoring.ort_threads, host_task_threads(client))
     except (OSError, TimeoutError) as exc:
-        raise ClusterError(f"cannot send the model to the Dask workers: {exc}") from exc
+        raise ClusterError(f"cannot send the model to the Dask workers or ask their cores: {exc}") from exc
     if jobs and threads != jobs[0].ort_threads:
         logger.info(
             "ONNX Runtime threads per session lowered from %d to %d: the workers' task threads fill the cores",
