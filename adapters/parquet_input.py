@@ -182,17 +182,23 @@ def _read_piece_group(pf: pq.ParquetFile, pieces: Sequence[Piece], columns: list
     return pa.concat_tables(tables)
 
 
-def read_partition(partition: Partition, columns: Sequence[str]) -> pa.Table:
+def read_partition(partition: Partition, columns: Sequence[str], dictionary: Sequence[str] = ()) -> pa.Table:
     """The rows of ``partition``, with those of ``columns`` that the input has, read on the
     calling thread (on a Dask worker, that thread is already one of the cluster's lanes).
 
-    Columns the input lacks are left out, not invented: validation reports them. Files of
-    one input may differ in their optional columns; missing ones become nulls.
+    String columns named in ``dictionary`` (the categorical features) come out
+    dictionary-encoded, straight from Parquet's dictionary pages: each distinct value is
+    decoded once and rows are integer indices, instead of one string per row. Columns the
+    input lacks are left out, not invented: validation reports them. Files of one input
+    may differ in their optional columns; missing ones become nulls.
     """
     tables = []
     for path, pieces in groupby(partition.pieces, key=lambda p: p.path):
         try:
-            pf = pq.ParquetFile(path)
+            meta = pq.read_metadata(path)
+            # pyarrow refuses names the file lacks and leaves non-string columns as they are.
+            as_dictionary = [c for c in dictionary if c in meta.schema.names]
+            pf = pq.ParquetFile(path, metadata=meta, read_dictionary=as_dictionary or None)
             present = set(pf.schema_arrow.names)
             tables.append(_read_piece_group(pf, list(pieces), [c for c in columns if c in present]))
         except (OSError, pa.ArrowException) as exc:

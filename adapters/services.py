@@ -27,7 +27,7 @@ import psutil
 
 from adapters.runtime import runtime_environment
 from mlops.errors import PlatformError
-from mlops.settings import Settings
+from mlops.settings import CONFIG_ENV, Settings
 
 _P = ParamSpec("_P")
 
@@ -89,11 +89,18 @@ def serving_environment(settings: Settings) -> dict[str, str]:
     return env
 
 
-def plan(settings: Settings) -> list[Service]:
-    """The services `mlops server up` starts for these settings, in start order."""
+def plan(settings: Settings, config: str | Path | None = None) -> list[Service]:
+    """The services `mlops server up` starts for these settings, in start order.
+
+    ``config``, the file the settings were loaded from, is handed to every service as
+    ``MLOPS_CONFIG``: the worker's flow runs (nightly scoring on ``dask.address``, ...) and
+    the online service load the same settings as the command that started them.
+    """
     s = settings.services
     api = prefect_api_url(settings)
     base = runtime_environment(settings) | {"MLOPS_PROJECT_DIR": str(project_dir())}
+    if config:
+        base[CONFIG_ENV] = str(Path(config).resolve())
     base.pop("PREFECT_API_URL", None)
     services = [
         Service(
@@ -161,7 +168,7 @@ def plan(settings: Settings) -> list[Service]:
             url=f"http://{s.host}:{s.serving_port}",
             # Live, not ready: a fresh home has no champion to serve yet.
             health_url=f"http://{s.host}:{s.serving_port}/v2/health/live",
-            env=serving_environment(settings),
+            env=serving_environment(settings) | ({CONFIG_ENV: base[CONFIG_ENV]} if config else {}),
         ),
     ]
     return services
@@ -437,11 +444,11 @@ def stop(settings: Settings, name: str, grace: float = 20.0) -> bool:
     return True
 
 
-def up(settings: Settings) -> list[dict]:
+def up(settings: Settings, config: str | Path | None = None) -> list[dict]:
     """Start every planned service in order; on a failure, stop what this call started."""
     started: list[dict] = []
     try:
-        for svc in plan(settings):
+        for svc in plan(settings, config):
             started.append(start(settings, svc))
     except BaseException:
         for record in reversed(started):

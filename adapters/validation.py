@@ -473,7 +473,7 @@ def _column_passes(column: pa.ChunkedArray, check: Check) -> bool:
     if check.check == "numeric":
         return pa.types.is_integer(kind) or pa.types.is_floating(kind)
     if check.check == "string":
-        return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+        return _is_string(kind)
     if check.check == "nulls":
         # pandas (and so GX) counts NaN as null.
         nulls = column.null_count + (_nan_count(column) if pa.types.is_floating(kind) else 0)
@@ -492,6 +492,17 @@ def _column_passes(column: pa.ChunkedArray, check: Check) -> bool:
         )
     if check.check == "allowed":
         values = list(kw["value_set"])
+        if pa.types.is_dictionary(kind):
+            # Rows hold indices into the chunks' dictionaries: when every dictionary value
+            # is allowed, so is every row (nulls are neither in nor out).
+            if not (_is_string(kind) and all(isinstance(v, str) for v in values)):
+                return False
+            allowed = pa.array(values, kind.value_type)
+            if all(
+                pc.all(pc.is_in(c.dictionary, value_set=allowed)).as_py() is not False for c in column.chunks
+            ):
+                return True
+            column, kind = column.cast(kind.value_type), kind.value_type
         if pa.types.is_string(kind) or pa.types.is_large_string(kind):
             if not all(isinstance(v, str) for v in values):
                 return False
@@ -503,6 +514,25 @@ def _column_passes(column: pa.ChunkedArray, check: Check) -> bool:
         outside = pc.and_(pc.is_valid(column), pc.invert(pc.is_in(column, value_set=pa.array(values, kind))))
         return not pc.any(outside).as_py()
     return False
+
+
+def _is_string(kind: pa.DataType) -> bool:
+    """A string type, or a dictionary of strings (how scoring reads categorical columns)."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
+def decode_dictionaries(table: pa.Table) -> pa.Table:
+    """``table`` with every dictionary-encoded column decoded to its plain values."""
+    import pyarrow as pa
+
+    for i, field in enumerate(table.schema):
+        if pa.types.is_dictionary(field.type):
+            table = table.set_column(i, field.name, table.column(i).cast(field.type.value_type))
+    return table
 
 
 def _nan_count(column: pa.ChunkedArray) -> int:
@@ -546,8 +576,9 @@ def validate_table(
 
     A table that ``table_passes`` is a pass with every expectation evaluated, at the cost
     of a few vectorised scans (no pandas frame, no GX import). Any other table is
-    converted to pandas and validated by GX (``validate_frame``), so a failure's verdict and
-    its lines are GX's, exactly as for a frame.
+    converted to pandas (dictionary columns decoded first) and validated by GX
+    (``validate_frame``), so a failure's verdict and its lines are GX's, exactly as for a
+    frame.
     """
     if table_passes(table, schema, require_label=require_label):
         evaluated = len(checks(schema, require_label=require_label))
@@ -560,7 +591,8 @@ def validate_table(
             failed=0,
             failures=(),
         )
-    frame = table.to_pandas(use_threads=False)
+    # Dictionary columns would become pandas categoricals, which GX types differently.
+    frame = decode_dictionaries(table).to_pandas(use_threads=False)
     return validate_frame(frame, schema, require_label=require_label, source=source)
 
 

@@ -43,7 +43,7 @@ def session_options(threads: int = 1) -> ort.SessionOptions:
     return opts
 
 
-def _strings(values: np.ndarray) -> np.ndarray:
+def string_values(values: np.ndarray) -> np.ndarray:
     """An object array of ``str`` for a string tensor: as is when it already holds only
     ``str`` (ONNX Runtime reads object arrays directly; converting to a fixed-width unicode
     array would cost more than scoring a big batch), else every value through ``str``.
@@ -87,13 +87,20 @@ class OnnxScorer:
         numeric = tuple(TensorSpec(n, "FP32", (None, 1), names[n]) for n in self._numeric)
         return numeric + tuple(TensorSpec(n, "BYTES", (None, 1), names[n]) for n in self._categorical)
 
-    def feeds(self, frame: pd.DataFrame | Mapping[str, object]) -> dict[str, np.ndarray]:
-        """The graph's feeds from columns named as in the dataset, keyed by ONNX input name."""
+    def feeds(
+        self, frame: pd.DataFrame | Mapping[str, object], *, strings_checked: bool = False
+    ) -> dict[str, np.ndarray]:
+        """The graph's feeds from columns named as in the dataset, keyed by ONNX input name.
+
+        ``strings_checked`` says the categorical columns are object arrays of ``str`` already
+        (``mlops.scoring.column_arrays`` makes them so), which skips a pass over every row.
+        """
         names = self._input_names
+        as_strings = (lambda v: v) if strings_checked else string_values
         try:
             feeds = {names[n]: np.asarray(frame[n], dtype=np.float32).reshape(-1, 1) for n in self._numeric}
             for n in self._categorical:
-                feeds[names[n]] = _strings(np.asarray(frame[n], dtype=object)).reshape(-1, 1)
+                feeds[names[n]] = as_strings(np.asarray(frame[n], dtype=object)).reshape(-1, 1)
         except KeyError as exc:
             raise DataError(f"missing feature column {exc}") from None
         except (TypeError, ValueError) as exc:

@@ -130,30 +130,62 @@ class ModelRef:
         return f"{self.name} v{self.version}{at}"
 
 
+def session_threads(configured: int, hosts: Iterable[tuple[int, int]]) -> int:
+    """ONNX Runtime intra-op threads per scoring session, from ``(cores, task threads)`` per
+    worker host: the configured count, lowered so that the task threads of every worker on a
+    host, each running a session, never ask for more threads than the host has cores."""
+    return max(1, min([configured, *(cores // max(threads, 1) for cores, threads in hosts)]))
+
+
 # --------------------------------------------------------------------------- feeds
 
 
 def column_arrays(table: pa.Table, names: Sequence[str]) -> dict[str, np.ndarray]:
     """Columns of ``table`` as numpy arrays, for ``OnnxScorer.feeds``.
 
-    Numbers come out as they are stored. A string column without nulls comes out as an
-    object array built through its dictionary, so each distinct value is one Python
-    ``str`` shared by its rows: five times faster than converting row by row, and the very
-    values ``feeds`` would make. Columns the table lacks are left out.
+    Numbers come out as they are stored. A string column without nulls, plain or
+    dictionary-encoded, comes out as an object array built through its dictionary, so each
+    distinct value is one Python ``str`` shared by its rows: five times faster than
+    converting row by row, and the very values ``feeds`` would make. A column read
+    dictionary-encoded (``read_partition``) skips even the hashing: its rows are already
+    indices. Every string column comes out holding ``str`` only (a null as ``feeds`` would
+    make it), so ``feeds(..., strings_checked=True)`` may skip its check. Columns the table
+    lacks are left out.
     """
     out: dict[str, np.ndarray] = {}
     for name in names:
         if name not in table.column_names:
             continue
         column = table.column(name)
-        if (
-            pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
-        ) and column.null_count == 0:
-            encoded = column.combine_chunks().dictionary_encode()
-            values = np.asarray(encoded.dictionary.to_pylist(), dtype=object)
-            out[name] = values[encoded.indices.to_numpy()] if len(values) else np.empty(0, dtype=object)
+        kind = column.type
+        if pa.types.is_dictionary(kind) and column.null_count == 0 and _is_string(kind.value_type):
+            out[name] = _through_dictionaries(column.chunks, len(column))
+        elif _is_string(kind) and column.null_count == 0:
+            out[name] = _through_dictionaries([column.combine_chunks().dictionary_encode()], len(column))
+        elif _is_string(kind.value_type if pa.types.is_dictionary(kind) else kind):
+            from mlops.onnx_model import string_values  # rare (nulls): keeps ONNX Runtime out of this import
+
+            plain = column.cast(kind.value_type) if pa.types.is_dictionary(kind) else column
+            out[name] = string_values(plain.to_numpy(zero_copy_only=False))
         else:
             out[name] = column.to_numpy()
+    return out
+
+
+def _is_string(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
+def _through_dictionaries(chunks: Sequence[pa.DictionaryArray], rows: int) -> np.ndarray:
+    """The rows of dictionary-encoded string chunks as one object array of ``str``."""
+    out = np.empty(rows, dtype=object)
+    at = 0
+    for chunk in chunks:
+        n = len(chunk)
+        if n:
+            values = np.asarray(chunk.dictionary.to_pylist(), dtype=object)
+            out[at : at + n] = values[chunk.indices.to_numpy()]
+        at += n
     return out
 
 

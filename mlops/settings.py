@@ -408,18 +408,20 @@ class ScoringConfig(StrictModel):
     """Batch scoring: how the input is cut into partitions and how each worker scores.
 
     A partition is what one Dask task reads, validates, scores and writes; peak memory per
-    worker follows ``rows_per_partition``, never the input size. Great Expectations costs
-    about half a second of CPU per call whatever the rows (a 500,000-row partition takes
-    about 0.9 s in all, with the garbage collection that frees GX's metrics afterwards),
-    and Dask a few milliseconds per task, so partitions of a few hundred thousand rows
-    keep both overheads small.
+    worker follows ``rows_per_partition``, never the input size. Row groups are kept whole
+    (the planner merges small ones up to the target and slices only bigger ones), so the
+    default matches the 250,000-row groups the platform writes. Per-task overhead is a few
+    milliseconds, so smaller partitions cost little and give each worker several, which
+    balances the workers and amortises the first partition's page faults.
+    ``ort_threads`` is lowered at run time when the workers' task threads already fill the
+    cores, so sessions never oversubscribe them.
 
     A model trained on window features gets them computed from the input's own events plus
     ``feature_history`` (a Parquet/CSV file, folder or glob of earlier events; only those
     strictly before the input's first event count), the way training computed them.
     """
 
-    rows_per_partition: int = Field(500_000, ge=1)
+    rows_per_partition: int = Field(250_000, ge=1)
     feature_history: str | None = Field(None, min_length=1)
     ort_threads: int = Field(1, ge=1)
     decision_threshold: float | None = Field(None, gt=0, lt=1)

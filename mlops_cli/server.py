@@ -24,7 +24,7 @@ def server_up(config: ConfigOpt = None) -> None:
 
     settings = settings_for(config)
     with console.status("starting services (the first Prefect start migrates its database)"):
-        records = services.up(settings)
+        records = services.up(settings, config)
     for r in records:
         state = "already running" if r.get("already_running") else "started"
         console.print(f"[green]✓[/] {r['name']:<15} {state:<16} pid {r['pid']:<7} {r.get('url') or ''}")

@@ -25,11 +25,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from adapters import dask_cluster, storage
+from adapters import dask_cluster, parquet_input, storage
 from adapters.runtime import configure
 from mlops.datagen import generate
 from mlops.errors import ValidationFailed
 from mlops.onnx_model import OnnxScorer
+from mlops.partitions import plan_partitions
 from mlops.settings import DaskConfig, Settings, load_settings
 from tests.conftest import REPO, log_fixture_model
 
@@ -65,6 +66,11 @@ def test_dates_inputs_and_thresholds_are_decided_without_any_backend(tmp_path: P
     assert decision_threshold(0.5, {"decision_threshold": "0.3"}, 0.2) == 0.5
     assert decision_threshold(None, {"decision_threshold": "0.3"}, 0.2) == 0.3
     assert decision_threshold(None, {"decision_threshold": "junk"}, 0.2) == 0.2
+    from mlops.scoring import session_threads
+
+    # (cores, task threads) per worker host: sessions never ask for more threads than cores.
+    assert session_threads(1, [(2, 2)]) == 1 and session_threads(4, [(2, 2)]) == 1
+    assert session_threads(4, [(8, 2), (4, 2)]) == 2 and session_threads(2, [(2, 4)]) == 1
 
 
 def test_failures_of_many_partitions_read_as_one_list() -> None:
@@ -92,9 +98,10 @@ def test_failures_of_many_partitions_read_as_one_list() -> None:
     ]
 
 
-def test_arrow_columns_become_the_feeds_pandas_would_give(small_model: bytes) -> None:
-    """Feeding the scorer from Arrow columns (strings through their dictionary) gives the very
-    scores of feeding it the pandas frame, nulls and all; the scored part carries provenance."""
+def test_arrow_columns_become_the_feeds_pandas_would_give(small_model: bytes, tmp_path: Path) -> None:
+    """Feeding the scorer from Arrow columns (strings through their dictionary, or read
+    dictionary-encoded from Parquet) gives the very scores of feeding it the pandas frame,
+    nulls and all; the scored part carries provenance."""
     from mlops.scoring import ModelRef, column_arrays, score_table
 
     settings = load_settings(environ={})
@@ -104,6 +111,18 @@ def test_arrow_columns_become_the_feeds_pandas_would_give(small_model: bytes) ->
     scorer = OnnxScorer(small_model, settings.dataset)
     from_arrow = scorer.predict_proba(column_arrays(table, settings.dataset.feature_names))
     np.testing.assert_array_equal(from_arrow, scorer.predict_proba(frame))
+    # Read as scoring workers read it (categoricals dictionary-encoded), and fed without the
+    # per-row string check that column_arrays makes unnecessary: the same scores.
+    path = tmp_path / "in.parquet"
+    pq.write_table(table, path, row_group_size=1_000)
+    fed = []
+    for part in plan_partitions(parquet_input.layouts(path), 2_000, min_rows=1):  # the first has the null
+        read = parquet_input.read_partition(part, table.column_names, settings.dataset.categorical_names)
+        assert pa.types.is_dictionary(read.schema.field("channel").type)
+        arrays = column_arrays(read, settings.dataset.feature_names)
+        assert all(set(map(type, arrays[c])) == {str} for c in settings.dataset.categorical_names)
+        fed.append(scorer.run(scorer.feeds(arrays, strings_checked=True)))
+    np.testing.assert_array_equal(np.concatenate(fed), from_arrow)
     part = score_table(table.select(KEYS), from_arrow, ModelRef("m", 3, "champion", 0.5, "d"), "run-1")
     assert part.column_names == [
         *KEYS,
@@ -254,12 +273,22 @@ def test_a_run_publishes_every_row_once_with_the_registered_models_scores(
     assert max(per_worker) == 1
 
 
-def test_running_a_date_again_replaces_it_and_never_duplicates(scoring_home: Settings) -> None:
-    """Scoring the same date twice leaves one copy: the second run's rows, one score_runs row, one run folder."""
+def test_running_a_date_again_replaces_it_and_never_duplicates(
+    scoring_home: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scoring the same date twice leaves one copy: the second run's rows, one score_runs row,
+    one run folder. Four ONNX Runtime threads asked for on a cluster whose task threads
+    already fill the cores give one thread per session (no oversubscription)."""
     settings = scoring_home
+    monkeypatch.setenv("MLOPS__SCORING__ORT_THREADS", "4")
     path = settings.data_dir / "in.parquet"
     write_input(path, rows=12_000, row_group_rows=3_000)
     first = run(settings, input_path=str(path))
+    client = dask_cluster.client_for(settings.dask)
+    cores = dask_cluster.machine_cores()
+    assert sum(client.nthreads().values()) >= cores  # a local cluster fills the machine
+    threads = client.run(lambda: sorted({k[3] for k in __import__("tasks.scoring").scoring._scorers}))
+    assert {t for ts in threads.values() for t in ts} == {1}
     second = run(settings, input_path=str(path))
     assert first.run_id != second.run_id
     assert len(scores_of(settings)) == 12_000
@@ -697,8 +726,9 @@ def test_a_killed_run_rerun_leaves_exactly_the_rows_of_a_clean_run(
 class ExternalCluster:
     """`dask scheduler` and `dask worker --nworkers 2` on loopback, started when the module starts.
 
-    The worker preloads Great Expectations and ONNX Runtime while the other tests run, so the
-    test that uses it does not wait for a cold worker's imports.
+    The worker preloads the scoring task (ONNX Runtime, pyarrow; Great Expectations only
+    loads for a failing partition) while the other tests run, so the test that uses it does
+    not wait for a cold worker's imports.
     """
 
     def __init__(self, folder: Path):
@@ -725,8 +755,6 @@ class ExternalCluster:
             "--no-dashboard",
             "--memory-limit",
             "2GiB",
-            "--preload",
-            "great_expectations",
             "--preload",
             "tasks.scoring",
         )

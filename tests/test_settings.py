@@ -38,8 +38,8 @@ def test_platform_yaml_mirrors_the_embedded_defaults() -> None:
 
 def test_scaled_out_config_switches_each_backend() -> None:
     """The scaled-out example points Prefect, MLflow, Dask and the online service at servers
-    by address; `mlops server up` then starts no model server of its own, and the platform's
-    serving client talks to the configured one."""
+    by address; `mlops server up` then starts no model server of its own, hands the file to
+    the flow runs of its worker, and the platform's serving client talks to the configured one."""
     from adapters.services import plan
     from serving.client import ServingClient
 
@@ -50,6 +50,11 @@ def test_scaled_out_config_switches_each_backend() -> None:
     assert s.serving_url == "http://127.0.0.1:3000"
     assert "serving" not in [svc.name for svc in plan(s)]
     assert "serving" in [svc.name for svc in plan(load_settings(environ={}))]
+    # `mlops server up --config F`: the worker's flow runs load F too, so the nightly scoring
+    # deployment reuses the scheduler at dask.address instead of starting a cluster per run.
+    (worker,) = [svc for svc in plan(s, "configs/scaled-out.yaml") if svc.name == "prefect-worker"]
+    assert worker.env["MLOPS_CONFIG"] == str(Path("configs/scaled-out.yaml").resolve())
+    assert load_settings(environ=worker.env).dask.address == "tcp://127.0.0.1:8786"
     token = {"MLOPS__SERVING__ADMIN_TOKEN": "t" * 16}
     with ServingClient.for_settings(
         load_settings(Path("configs/scaled-out.yaml").resolve(), environ=token)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from adapters.validation import (
@@ -394,3 +396,27 @@ def test_nulls_and_nan_count_alike_in_the_arrow_checks(nullable_schema: DatasetS
     too_many = pa.Table.from_pandas(_tiny(null_x=11, null_c=0), preserve_index=False)
     assert not table_passes(too_many, nullable_schema)
     assert not validate_table(too_many, nullable_schema).success
+
+
+@pytest.mark.parametrize("defect", [None, "unknown category", "nulls in a categorical"])
+def test_categoricals_read_dictionary_encoded_validate_as_plain_strings(
+    defect: str | None, clean: pd.DataFrame, schema: DatasetSchema, tmp_path: Path
+) -> None:
+    """Scoring workers read categorical columns dictionary-encoded from Parquet: such a table
+    passes the Arrow checks when its rows do, and a defective one gets GX's very lines for
+    the plain frame."""
+    from adapters import parquet_input
+    from mlops.partitions import plan_partitions
+
+    df = clean.copy()
+    if defect:
+        DEFECTS[defect][0](df)
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), path)
+    (part,) = plan_partitions(parquet_input.layouts(path), ROWS, min_rows=1)
+    table = parquet_input.read_partition(part, df.columns, dictionary=schema.categorical_names)
+    assert all(pa.types.is_dictionary(table.schema.field(c).type) for c in schema.categorical_names)
+    assert table_passes(table, schema) is (defect is None)
+    summary = validate_table(table, schema, source="part 1")
+    assert summary == validate_frame(df, schema, source="part 1")
+    assert summary.failures == ((DEFECTS[defect][2],) if defect else ())
