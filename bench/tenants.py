@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import sys
@@ -120,10 +121,17 @@ async def run(args: argparse.Namespace, home: Path) -> None:
         "MLOPS__SERVING__LOG_FLUSH_SECONDS": "5",
     }
     settings = load_settings(environ=env)
-    t = time.perf_counter()
-    names = await asyncio.to_thread(_register, settings, args.models)
-    print(f"registered {len(names)} tenant models + the main one in {time.perf_counter() - t:.1f} s")
-    tokens = {name: add_tenant(settings, name.rsplit("--", 1)[1]) for name in names}
+    saved = home / "bench-tenants.json"
+    if saved.exists():
+        tokens = json.loads(saved.read_text())
+        names = list(tokens)
+        print(f"reusing {len(names)} tenant models registered in {home}")
+    else:
+        t = time.perf_counter()
+        names = await asyncio.to_thread(_register, settings, args.models)
+        print(f"registered {len(names)} tenant models + the main one in {time.perf_counter() - t:.1f} s")
+        tokens = {name: add_tenant(settings, name.rsplit("--", 1)[1]) for name in names}
+        saved.write_text(json.dumps(tokens))
     schema = settings.dataset
     row = generate(1, seed=5).to_dict("records")[0]
     body = {
@@ -196,8 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=3000, help="per target per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--hot", type=int, default=0, help="warm load on only the first N models (0: all)")
+    ap.add_argument("--home", type=Path, help="keep the registry here and reuse it on the next run")
     args = ap.parse_args(argv)
     random.seed(0)
+    if args.home is not None:
+        asyncio.run(run(args, args.home))
+        return 0
     with tempfile.TemporaryDirectory(prefix="bench-tenants-") as tmp:
         asyncio.run(run(args, Path(tmp) / "home"))
     return 0

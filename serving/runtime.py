@@ -53,7 +53,7 @@ from serving.errors import (
     UnusableModel,
 )
 from serving.metrics import ServingMetrics
-from serving.models import LoadedModel, ModelPool, build_model
+from serving.models import LoadedModel, ModelPool, SharedLane, build_model
 from serving.predlog_store import PredictionLogStore, feedback_dir, predictions_dir
 from serving.predlog_writer import LogRow, PredictionLogWriter
 from serving.source import ModelSource, RegistrySource
@@ -181,7 +181,7 @@ class ServingRuntime:
             warmup_timeout=max(10.0, self.timeout),
         )
 
-    def _build_tenant(self, name: str, version: int, onnx: bytes) -> LoadedModel:
+    def _build_tenant(self, name: str, version: int, onnx: bytes, lane: SharedLane) -> LoadedModel:
         try:
             return build_model(
                 name,
@@ -191,6 +191,7 @@ class ServingRuntime:
                 threads=self.cfg.ort_threads,
                 max_batch_rows=self.cfg.micro_batch_rows,
                 warmup_timeout=max(10.0, self.timeout),
+                lane=lane,
             )
         except (ModelError, ModelFailed) as exc:
             raise UnusableModel(f"version {version} of '{name}' cannot be served: {exc}") from None
@@ -274,7 +275,7 @@ class ServingRuntime:
             now = time.monotonic()
             workers = self.pool.workers
             if self.tenants is not None:
-                workers = [*workers, *self.tenants.pool.workers]
+                workers = [*workers, *self.tenants.lanes]
             for worker in workers:
                 if worker.outstanding or worker.running_since:
                     worker.expire(now, self.timeout)
@@ -589,8 +590,12 @@ class ServingRuntime:
         model.acquire()
         try:
             group = _Group(STABLE, model, list(range(len(records))))
-            group.future = model.worker.submit(
-                self._columns(features, self.feature_names), len(records), time.monotonic() + self.timeout
+            group.future = tenants.submit(
+                tenant,
+                model,
+                self._columns(features, self.feature_names),
+                len(records),
+                time.monotonic() + self.timeout,
             )
             await self._await_group(group)
         finally:
