@@ -31,7 +31,8 @@ token; a version that is not loaded is scored through ``/versions/{v}/infer`` on
 routes are public; a forced variant (``x-mlops-variant``) is answered and logged as forced,
 which no rollout gate counts. The tenant route needs a tenant token (401/403), answers 404
 for any model that is not the caller's own and 429 with ``Retry-After`` past the tenant's
-quota. README (Security) states the threat model.
+quota (answered after ``serving.tenants.refusal_delay_ms``, so a client retrying at once
+is paced by the service). README (Security) states the threat model.
 """
 
 from __future__ import annotations
@@ -284,7 +285,10 @@ def build_app(ref: RuntimeRef) -> Starlette:
             tenants.admit(tenant)
         except QuotaExceeded as exc:
             rt.metrics.tenant_requests.labels(tenant, "429").inc()
-            return _error(str(exc), 429, {"Retry-After": str(exc.retry_after)})
+            headers = {"Retry-After": str(exc.retry_after)}
+            if not await tenants.hold_refusal(tenant):
+                headers["Connection"] = "close"
+            return _error(str(exc), 429, headers)
         request.scope["mlops.tenant"] = (tenant, started)
         try:
             response = await _tenant_scored(request)

@@ -199,6 +199,28 @@ class TenantModels:
                 wait,
             )
 
+    async def hold_refusal(self, tenant: str) -> bool:
+        """Wait ``refusal_delay_ms`` before a refusal of ``tenant`` is answered, so a client
+        that retries at once (an unpaced flood) is slowed to that pace and costs the event
+        loop little; True once waited. False, at once, when ``refusal_hold_max`` of its
+        refusals are already waiting (the caller then also closes the connection)."""
+        held = self.held.get(tenant, 0)
+        delay = self.cfg.refusal_delay_ms / 1e3
+        if delay <= 0:
+            return True
+        if held >= self.cfg.refusal_hold_max:
+            return False
+        self.held[tenant] = held + 1
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            left = self.held[tenant] - 1
+            if left:
+                self.held[tenant] = left
+            else:
+                del self.held[tenant]
+        return True
+
     def done(self, tenant: str) -> None:
         """A request admitted for ``tenant`` has been answered."""
         self.quotas[tenant].done()
