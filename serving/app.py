@@ -74,7 +74,7 @@ JSON = "application/json"
 SERVER_NAME = "mlops-serving"
 EXTENSIONS = ("binary_tensor_data",)
 """Open Inference Protocol extensions the service implements (listed by ``GET /v2``)."""
-SCORING_PATHS = ("/predict", "/v2/models", "/feedback")
+SCORING_PATHS = ("/predict", "/v2/models", "/feedback", "/tenants/models")
 """Paths with a per-request cost worth keeping BentoML's tracing middleware off."""
 
 
@@ -526,6 +526,9 @@ def build_app(ref: RuntimeRef) -> Starlette:
 
     routes = [
         Route("/predict", predict, methods=["POST"]),
+        Route(
+            "/tenants/models/{name}/predict", tenant_predict, methods=["POST"]
+        ),  # early: routes match in order
         Route("/predict/async", predict_async, methods=["POST"]),
         Route("/predict/async/{job_id}", predict_async_job, methods=["GET"]),
         Route("/feedback", feedback, methods=["POST"]),
@@ -544,7 +547,6 @@ def build_app(ref: RuntimeRef) -> Starlette:
         Route("/admin/slots/{slot}", admin_slot, methods=["POST"]),
         Route("/admin/flip", admin_flip, methods=["POST"]),
         Route("/admin/models", admin_models, methods=["POST"]),
-        Route("/tenants/models/{name}/predict", tenant_predict, methods=["POST"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/docs.json", openapi, methods=["GET"]),
     ]
