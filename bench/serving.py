@@ -520,9 +520,10 @@ def main(argv: list[str] | None = None) -> int:
     if "wrk" in clients and not shutil.which("wrk"):
         print("wrk not found: skipping the wrk client (apt-get install wrk)")
         clients.remove("wrk")
-    if "tenants" in targets and "wrk" in clients:
-        print("the tenants target spreads requests over many paths: skipping the wrk client")
-        clients.remove("wrk")
+    for client in ("wrk", "seq"):
+        if "tenants" in targets and client in clients:
+            print(f"the tenants target spreads requests over many paths: skipping the {client} client")
+            clients.remove(client)
     window = args.duration / args.rounds
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp_dir:
         tmp = Path(tmp_dir)

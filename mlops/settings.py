@@ -441,7 +441,8 @@ class TenantsConfig(StrictModel):
     score on ``scoring_threads`` shared threads, round-robin between tenants. A refusal (429)
     is answered after ``refusal_delay_ms``, so a client retrying at once is slowed to that
     pace; past ``refusal_hold_max`` refusals held for one tenant, the next ones are answered
-    at once and close their connection.
+    at once and close their connection. Tenants' prediction logs are flushed together, by
+    one thread, every ``log_flush_seconds`` (one Parquet file per active tenant per flush).
     """
 
     enabled: bool = False
@@ -454,6 +455,7 @@ class TenantsConfig(StrictModel):
     scoring_threads: int = Field(2, ge=1, le=64)
     refusal_delay_ms: float = Field(50.0, ge=0, le=5000)
     refusal_hold_max: int = Field(64, ge=0)
+    log_flush_seconds: float = Field(10.0, gt=0)
 
 
 class ServingConfig(StrictModel):

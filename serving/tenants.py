@@ -13,7 +13,8 @@ their own (keys ``(name, version)``, budget ``serving.tenants.model_memory_budge
 least recently used evicted). A request holds a reference on its model, so an eviction
 never drops a request in flight: the evicted model closes after its last answer.
 
-Prediction log. Each tenant's answers go to its own partition, ``$MLOPS_HOME/
+Prediction log. One thread flushes every tenant's log each ``log_flush_seconds`` (a thread per
+tenant, flushing every 2 s, cost more CPU than scoring with 200 tenants). Each tenant's answers go to its own partition, ``$MLOPS_HOME/
 predictions-tenants/tenant=NAME/predictions/date=YYYY-MM-DD/*.parquet``, away from the main
 model's log that the rollout gates read.
 """
@@ -25,6 +26,7 @@ import hashlib
 import logging
 import os
 import secrets
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -180,6 +182,8 @@ class TenantModels:
         self._aliases: dict[str, tuple[int, float]] = {}
         self.quotas: dict[str, TenantQuota] = {}
         self.writers: dict[str, PredictionLogWriter] = {}
+        self._flusher: threading.Thread | None = None
+        self._stopping = threading.Event()
         self.load_seconds: list[float] = []
 
     # ------------------------------------------------------------ admission
@@ -307,11 +311,26 @@ class TenantModels:
                 flush_rows=serving.log_flush_rows,
                 max_buffer_rows=serving.log_max_buffer_rows,
             )
-            writer.start()
+            writer.start(thread=False)  # flushed by _flush_loop, one thread for every tenant
+            if self._flusher is None:
+                self._flusher = threading.Thread(target=self._flush_loop, name="predlog-tenants", daemon=True)
+                self._flusher.start()
         return writer
+
+    def _flush_loop(self) -> None:
+        while not self._stopping.wait(self.cfg.log_flush_seconds):
+            for tenant, writer in list(self.writers.items()):
+                try:
+                    writer.flush()
+                except Exception as exc:  # one tenant's failing disk must not stop the others' logs
+                    writer.last_error = str(exc)
+                    log.exception("prediction log flush of tenant %s failed (rows kept, retrying)", tenant)
 
     def stop(self) -> None:
         """Flush every tenant's log (blocking) and release every model."""
+        self._stopping.set()
+        if self._flusher is not None:
+            self._flusher.join(timeout=60)
         for writer in self.writers.values():
             writer.stop()
         self.pool.close()
