@@ -190,42 +190,22 @@ def _request_bytes(port: int, payload: dict, path: str = PREDICT_PATH, token: st
 def register_tenants(home: Path, stable: int, n: int) -> dict[str, str]:
     """Register ``n`` tenant models ``<model>--tNNN`` (the champion's ONNX again, alias
     champion) and a tenant for each; {tenant predict path: tenant token}."""
-    import pandas as pd
+    import importlib.util
 
-    from adapters.runtime import configure
-    from mlops import modeling
-    from mlops.datagen import generate
     from mlops.settings import load_settings
     from mlops.tenancy import tenant_model_name
     from registry.mlflow_registry import ModelRegistry
-    from registry.tracking import log_training_run
     from serving.tenants import add_tenant
 
+    spec = importlib.util.spec_from_file_location("bench_tenants", HERE / "tenants.py")
+    bench_tenants = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(bench_tenants)  # type: ignore[union-attr]
     settings = load_settings(environ={"MLOPS_HOME": str(home)})
-    configure(settings)
-    registry = ModelRegistry(settings)
     name = settings.training.model_name
-    example = modeling.features_frame(generate(3, seed=1), settings.dataset)
-    example = example.astype({c: np.float32 for c in settings.dataset.numeric_names})
-    logged = log_training_run(
-        settings,
-        run_name="bench-serving-tenants",
-        params={},
-        metrics={},
-        tags={},
-        files={},
-        onnx_model=registry.onnx_bytes(name, stable),
-        example_features=example,
-        example_scores=pd.DataFrame({"probability": [0.1, 0.2, 0.3]}),
-    )
-    out = {}
-    for i in range(n):
-        tenant = f"t{i:03d}"
-        model = tenant_model_name(name, tenant)
-        v = registry.register(model, logged.model_uri, logged.run_id, {}, "serving benchmark").version
-        registry.move_alias(model, "champion", v, reason="serving benchmark")
-        out[f"/tenants/models/{model}/predict"] = add_tenant(settings, tenant)
-    return out
+    tenants = [f"t{i:03d}" for i in range(n)]
+    onnx = ModelRegistry(settings).onnx_bytes(name, stable)
+    bench_tenants.log_and_register(settings, onnx, [tenant_model_name(name, t) for t in tenants])
+    return {f"/tenants/models/{tenant_model_name(name, t)}/predict": add_tenant(settings, t) for t in tenants}
 
 
 async def _read_response(reader: asyncio.StreamReader) -> int:

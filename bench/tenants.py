@@ -48,22 +48,18 @@ def _rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _register(settings, n: int) -> list[str]:
+def log_and_register(settings, onnx: bytes, names: list[str]) -> None:
+    """Log ``onnx`` as one MLflow run and register it as each of ``names`` (alias champion)."""
     import pandas as pd
 
     from adapters.runtime import configure
     from mlops import modeling
     from mlops.datagen import generate
-    from mlops.settings import LogisticRegressionSpec
-    from mlops.tenancy import tenant_model_name
     from registry.mlflow_registry import ModelRegistry
     from registry.tracking import log_training_run
 
     configure(settings)
-    frame = generate(3000, seed=3)
-    pipe = modeling.fit(LogisticRegressionSpec(max_iter=200), frame, settings.dataset, 0)
-    onnx = modeling.to_onnx_bytes(pipe, settings.dataset)
-    example = modeling.features_frame(frame.head(3), settings.dataset)
+    example = modeling.features_frame(generate(3, seed=3), settings.dataset)
     example = example.astype({c: np.float32 for c in settings.dataset.numeric_names})
     logged = log_training_run(
         settings,
@@ -77,12 +73,23 @@ def _register(settings, n: int) -> list[str]:
         example_scores=pd.DataFrame({"probability": [0.1, 0.2, 0.3]}),
     )
     registry = ModelRegistry(settings)
-    names = [BASE] + [tenant_model_name(BASE, f"t{i:03d}") for i in range(n)]
     for i, name in enumerate(names):
         v = registry.register(name, logged.model_uri, logged.run_id, {}, "bench").version
         registry.move_alias(name, "champion", v, reason="bench")
         if i % 50 == 0:
             print(f"  registered {i + 1}/{len(names)}", flush=True)
+
+
+def _register(settings, n: int) -> list[str]:
+    from mlops import modeling
+    from mlops.datagen import generate
+    from mlops.settings import LogisticRegressionSpec
+    from mlops.tenancy import tenant_model_name
+
+    frame = generate(3000, seed=3)
+    pipe = modeling.fit(LogisticRegressionSpec(max_iter=200), frame, settings.dataset, 0)
+    names = [BASE] + [tenant_model_name(BASE, f"t{i:03d}") for i in range(n)]
+    log_and_register(settings, modeling.to_onnx_bytes(pipe, settings.dataset), names)
     return names[1:]
 
 

@@ -303,17 +303,10 @@ class SharedLane(ModelWorker):
         self.queued_by_key: dict[str | None, int] = {}  # loop thread only: unanswered requests per tenant
         super().__init__(None, label, max_batch_rows)  # type: ignore[arg-type]
 
-    def submit(
-        self,
-        columns: Mapping[str, list],
-        rows: int,
-        deadline: float,
-        scorer: OnnxScorer | None = None,
-        key: str | None = None,
-    ) -> asyncio.Future:
-        """Queue ``rows`` rows for ``scorer`` in ``key``'s queue (see ``ModelWorker.submit``)."""
-        self.queued_by_key[key] = self.queued_by_key.get(key, 0) + 1
-        return super().submit(columns, rows, deadline, scorer, key)
+    def _enqueue(self, item: object) -> None:
+        if isinstance(item, _Item):
+            self.queued_by_key[item.key] = self.queued_by_key.get(item.key, 0) + 1
+        super()._enqueue(item)
 
     def _resolve(
         self, batch: list[_Item], groups: list[tuple[list[_Item], np.ndarray | BaseException]]
