@@ -23,6 +23,7 @@ Endpoints (``name`` is the served registered model):
     GET|PUT /admin/state, POST /admin/routes, /admin/slots/{slot}, /admin/flip, /admin/models
     GET  /openapi.json (also /docs.json)
     POST /tenants/models/{name}/predict   a tenant's own model (only with serving.tenants.enabled)
+    POST /tenants/feedback                labels for the tenant's own earlier request ids
 
 Admin routes need ``Authorization: Bearer <token>`` (401 without, 403 when wrong) and take
 an optional ``Idempotency-Key`` header. ``/feedback`` needs the feedback token or the admin
@@ -303,6 +304,25 @@ def build_app(ref: RuntimeRef) -> Starlette:
         records = rt.validator.predict(parse_json(await _body(request, rt.cfg)))
         return _answer(await rt.tenant_predict(tenant, request.path_params["name"], records, started))
 
+    async def tenant_feedback(request: Request) -> Response:
+        rt = ref.runtime
+        if rt is None:
+            return _error("the service is starting", 503, {"Retry-After": "1"})
+        if rt.tenants is None:
+            return _error("tenant serving is off (serving.tenants.enabled)", 404)
+        tenant, denied = rt.tenants.directory.tenant_of(request.headers.get("authorization"))
+        if tenant is None:
+            rt.metrics.rejected.labels("tenant_feedback", str(denied)).inc()
+            return _denied(denied, "tenant token")
+        request.scope["mlops.tenant"] = (tenant, time.perf_counter())
+        return await _tenant_labels(request)
+
+    @endpoint("tenant_feedback", scoring=True)
+    async def _tenant_labels(request: Request, rt: ServingRuntime) -> Response:
+        tenant, _ = request.scope["mlops.tenant"]
+        items = rt.validator.feedback(parse_json(await _body(request, rt.cfg)))
+        return _answer(rt.tenant_feedback(tenant, items), 202)
+
     # ------------------------------------------------------------------ async jobs
 
     def _jobs() -> AsyncJobs:
@@ -547,6 +567,7 @@ def build_app(ref: RuntimeRef) -> Starlette:
         Route("/admin/slots/{slot}", admin_slot, methods=["POST"]),
         Route("/admin/flip", admin_flip, methods=["POST"]),
         Route("/admin/models", admin_models, methods=["POST"]),
+        Route("/tenants/feedback", tenant_feedback, methods=["POST"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/docs.json", openapi, methods=["GET"]),
     ]

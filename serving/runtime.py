@@ -158,7 +158,7 @@ class ServingRuntime:
         self.tenants: TenantModels | None = None
         if cfg.tenants.enabled:
             self.tenants = TenantModels(
-                settings, sources or partial(RegistrySource, settings), self._build_tenant
+                settings, sources or partial(RegistrySource, settings), self._build_tenant, id_key
             )
 
     # ------------------------------------------------------------------ lifecycle
@@ -585,7 +585,8 @@ class ServingRuntime:
         tenants = self.tenants
         tenants.check_owner(tenant, name)
         model = await tenants.model(name)
-        rids = [self.ids.issue(r.request_id) for r in records]
+        issue = tenants.ids(tenant).issue
+        rids = [issue(r.request_id) for r in records]
         features = [r.features for r in records]
         model.acquire()
         try:
@@ -718,13 +719,29 @@ class ServingRuntime:
         ``LabelConflict`` (409) for a label that differs from the first one, and
         ``Overloaded`` (503) when the buffer cannot take them; nothing is recorded then.
         """
-        forged = [rid for rid, _ in items if not self.ids.verify(rid)]
+        return self._record_labels(items, self.ids, self.labels, self.writer)
+
+    def tenant_feedback(self, tenant: str, items: list[tuple[str, int]]) -> dict[str, Any]:
+        """``/feedback`` for one tenant: labels only for request ids its own requests were
+        given (another tenant's or the main model's ids are refused, 422), recorded in the
+        tenant's prediction-log partition."""
+        assert self.tenants is not None
+        t = self.tenants
+        return self._record_labels(items, t.ids(tenant), t.labels.setdefault(tenant, {}), t.writer(tenant))
+
+    def _record_labels(
+        self,
+        items: list[tuple[str, int]],
+        ids: RequestIds,
+        known: dict[str, int],
+        writer: PredictionLogWriter,
+    ) -> dict[str, Any]:
+        forged = [rid for rid, _ in items if not ids.verify(rid)]
         if forged:
             raise UnknownRequest(
                 f"{len(forged)} of {len(items)} labels name a request id this service did not issue "
                 f"(first: {forged[0][:80]!r}); nothing was recorded"
             )
-        known = self.labels
         new: dict[str, int] = {}
         conflicts = []
         for rid, label in items:
@@ -739,7 +756,7 @@ class ServingRuntime:
                 f"{len(conflicts)} of {len(items)} labels conflict with the first label of their request, "
                 f"which is kept (first: {rid[:80]!r} has {first}, got {label}); nothing was recorded"
             )
-        if not self.writer.feedback(list(new.items()), time.time()):
+        if not writer.feedback(list(new.items()), time.time()):
             raise Overloaded("the feedback buffer is full; nothing was recorded, retry later")
         known.update(new)
         self.metrics.feedback.inc(len(new))

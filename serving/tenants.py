@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from mlops.errors import ConfigError
+from mlops.predlog import RequestIds
 from mlops.settings import Settings
 from mlops.tenancy import TenantQuota, TokenBucket, check_tenant_name, owner_of
 from serving.errors import ServingError, UnknownModel
@@ -164,6 +165,7 @@ class TenantModels:
         settings: Settings,
         sources: Callable[[str], ModelSource],
         build: Callable[[str, int, bytes, SharedLane], LoadedModel],
+        id_key: bytes,
     ):
         cfg = settings.serving.tenants
         self.settings = settings
@@ -182,6 +184,9 @@ class TenantModels:
         self._aliases: dict[str, tuple[int, float]] = {}
         self.quotas: dict[str, TenantQuota] = {}
         self.writers: dict[str, PredictionLogWriter] = {}
+        self._id_key = id_key
+        self._ids: dict[str, RequestIds] = {}
+        self.labels: dict[str, dict[str, int]] = {}  # tenant -> request id -> its first label (this run)
         self._flusher: threading.Thread | None = None
         self._stopping = threading.Event()
         self.load_seconds: list[float] = []
@@ -316,6 +321,17 @@ class TenantModels:
                 self._flusher = threading.Thread(target=self._flush_loop, name="predlog-tenants", daemon=True)
                 self._flusher.start()
         return writer
+
+    def ids(self, tenant: str) -> RequestIds:
+        """Request ids for ``tenant``'s answers, keyed per tenant (the service's id key and the
+        tenant's name), so only ids its own requests were given verify for it."""
+        ids = self._ids.get(tenant)
+        if ids is None:
+            key = hashlib.blake2b(
+                b"tenant:" + tenant.encode(), key=hashlib.blake2b(self._id_key).digest()
+            ).digest()
+            ids = self._ids[tenant] = RequestIds(key)
+        return ids
 
     def _flush_loop(self) -> None:
         while not self._stopping.wait(self.cfg.log_flush_seconds):

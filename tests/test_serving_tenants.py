@@ -273,6 +273,35 @@ def test_a_tenant_reaches_only_its_own_models_and_others_look_absent(make_settin
     assert not list(predictions_dir(settings).rglob("*.parquet"))
 
 
+def test_a_tenant_labels_only_its_own_requests(make_settings, rows):
+    """A tenant posts labels for the request ids its own answers carried (202, then recorded in
+    its own feedback partition); another tenant's ids and the main model's ids are refused
+    (422), and a request without a tenant token gets 401."""
+
+    settings = make_settings()
+    acme, beta = add_tenant(settings, "acme"), add_tenant(settings, "beta")
+
+    async def scenario() -> None:
+        async with serve(settings) as (_, http):
+            r = await http.post(url("acme"), json={"features": rows[0]}, headers=bearer(acme))
+            rid = r.json()["predictions"][0]["request_id"]
+            main = (await http.post("/predict", json={"features": rows[0]})).json()["predictions"][0]
+            label = {"request_id": rid, "label": 1}
+            other = {"request_id": main["request_id"], "label": 1}
+            assert (await http.post("/tenants/feedback", json=label)).status_code == 401
+            assert (await http.post("/tenants/feedback", json=label, headers=bearer(beta))).status_code == 422
+            assert (await http.post("/tenants/feedback", json=other, headers=bearer(acme))).status_code == 422
+            ok = await http.post("/tenants/feedback", json=label, headers=bearer(acme))
+            assert ok.status_code == 202 and ok.json() == {"accepted": 1, "unchanged": 0}, ok.text
+
+    asyncio.run(scenario())
+    import pyarrow.parquet as pq
+
+    labels = pq.read_table(tenant_log_dir(settings, "acme") / "feedback").to_pandas()
+    assert labels["label"].tolist() == [1]
+    assert not (tenant_log_dir(settings, "beta") / "feedback").exists()
+
+
 def test_the_tenant_route_is_absent_unless_tenants_are_enabled(make_settings, rows):
     """With tenants off (the default) the route answers 404 and nothing is loaded for it."""
     settings = make_settings(enabled="false")
