@@ -656,6 +656,16 @@ def main(argv: list[str] | None = None) -> int:
         "wrk p99 is the worst window's, its p50 the median window's"
     )
     _print_table(results, ratios, foreign, args.stall_ms, targets)
+    if "tenants" in targets:
+        for client in clients:
+            per = sorted(
+                float(np.percentile(t.latencies_ns, 99) / np.percentile(b.latencies_ns, 99))
+                for t, b in zip(pooled[client]["tenants"], pooled[client]["bentoml"], strict=True)
+            )
+            print(
+                f"{client:7s} tenants/single p99 per round: median {statistics.median(per):.2f} "
+                f"(min {per[0]:.2f}, max {per[-1]:.2f}; goal <= 1.2)"
+            )
     if args.json:
         args.json.write_text(
             json.dumps(
