@@ -112,33 +112,27 @@ def prepare_home(home: Path | None, tmp: Path) -> tuple[Path, int, int, Path]:
     return settings.home_path, stable, candidate, model
 
 
-def _train_and_register(settings, registry) -> None:
-    import pandas as pd
+def _bench_tenants():
+    """bench/tenants.py as a module (its registration helper is shared)."""
+    import importlib.util
 
+    spec = importlib.util.spec_from_file_location("bench_tenants", HERE / "tenants.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def _train_and_register(settings, registry) -> None:
     from mlops import modeling
     from mlops.datagen import generate
     from mlops.settings import GradientBoostingSpec
-    from registry.tracking import log_training_run
 
     frame = generate(20_000, seed=5)
     pipe = modeling.fit(GradientBoostingSpec(), frame, settings.dataset, settings.training.seed)
-    onnx = modeling.to_onnx_bytes(pipe, settings.dataset)
-    example = modeling.features_frame(frame.head(3), settings.dataset)
-    example = example.astype({n: np.float32 for n in settings.dataset.numeric_names})
-    logged = log_training_run(
-        settings,
-        run_name="bench-serving",
-        params={},
-        metrics={},
-        tags={},
-        files={},
-        onnx_model=onnx,
-        example_features=example,
-        example_scores=pd.DataFrame({"probability": [0.1, 0.2, 0.3]}),
-    )
     name = settings.training.model_name
-    first = registry.register(name, logged.model_uri, logged.run_id, {}, "serving benchmark").version
-    registry.move_alias(name, "champion", first, reason="serving benchmark")
+    logged = _bench_tenants().log_and_register(
+        settings, modeling.to_onnx_bytes(pipe, settings.dataset), [name]
+    )
     registry.register(name, logged.model_uri, logged.run_id, {}, "serving benchmark (candidate)")
 
 
@@ -190,21 +184,16 @@ def _request_bytes(port: int, payload: dict, path: str = PREDICT_PATH, token: st
 def register_tenants(home: Path, stable: int, n: int) -> dict[str, str]:
     """Register ``n`` tenant models ``<model>--tNNN`` (the champion's ONNX again, alias
     champion) and a tenant for each; {tenant predict path: tenant token}."""
-    import importlib.util
-
     from mlops.settings import load_settings
     from mlops.tenancy import tenant_model_name
     from registry.mlflow_registry import ModelRegistry
     from serving.tenants import add_tenant
 
-    spec = importlib.util.spec_from_file_location("bench_tenants", HERE / "tenants.py")
-    bench_tenants = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(bench_tenants)  # type: ignore[union-attr]
     settings = load_settings(environ={"MLOPS_HOME": str(home)})
     name = settings.training.model_name
     tenants = [f"t{i:03d}" for i in range(n)]
     onnx = ModelRegistry(settings).onnx_bytes(name, stable)
-    bench_tenants.log_and_register(settings, onnx, [tenant_model_name(name, t) for t in tenants])
+    _bench_tenants().log_and_register(settings, onnx, [tenant_model_name(name, t) for t in tenants])
     return {f"/tenants/models/{tenant_model_name(name, t)}/predict": add_tenant(settings, t) for t in tenants}
 
 

@@ -48,8 +48,9 @@ def _rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def log_and_register(settings, onnx: bytes, names: list[str]) -> None:
-    """Log ``onnx`` as one MLflow run and register it as each of ``names`` (alias champion)."""
+def log_and_register(settings, onnx: bytes, names: list[str]):
+    """Log ``onnx`` as one MLflow run and register it as each of ``names`` (alias champion);
+    the logged run."""
     import pandas as pd
 
     from adapters.runtime import configure
@@ -78,6 +79,7 @@ def log_and_register(settings, onnx: bytes, names: list[str]) -> None:
         registry.move_alias(name, "champion", v, reason="bench")
         if i % 50 == 0:
             print(f"  registered {i + 1}/{len(names)}", flush=True)
+    return logged
 
 
 def _register(settings, n: int) -> list[str]:
