@@ -6,7 +6,9 @@ minimal app that only parses the same JSON and scores the same ONNX model, then 
 with the same single-row requests at the same concurrency and prints RPS, p50, p99, max and
 stalls (requests slower than ``--stall-ms``) for each, plus the ratios. The service is also
 measured in shadow mode (every request mirrored to a candidate) and canary mode (50 % of
-users on the candidate) to price the router. Goals (concurrency 8): RPS >= 0.5 x minimal,
+users on the candidate) to price the router, and, as the multi-model target ``tenants``, on
+the tenant route with every request sent to one of ``--tenant-models`` registered tenant
+models (the same ONNX, all loaded first) at random: warm p99 goal <= 1.2 x single-model. Goals (concurrency 8): RPS >= 0.5 x minimal,
 p99 <= 3 x minimal, no stall over 50 ms in a 60 s run; shadow adds <= 10 % to p99; canary
 costs <= 5 % RPS.
 
@@ -51,7 +53,7 @@ MODEL_ENV = "BENCH_MODEL"
 PREDICT_PATH = "/predict"
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-TARGETS = ("minimal", "bentoml", "shadow", "canary")
+TARGETS = ("minimal", "bentoml", "shadow", "canary", "tenants")
 
 # --------------------------------------------------------------------------- minimal app
 
@@ -111,17 +113,15 @@ def prepare_home(home: Path | None, tmp: Path) -> tuple[Path, int, int, Path]:
 
 
 def _train_and_register(settings, registry) -> None:
-    from bench.support import log_onnx_model
+    from bench.support import log_and_register
     from mlops import modeling
     from mlops.datagen import generate
     from mlops.settings import GradientBoostingSpec
 
     frame = generate(20_000, seed=5)
     pipe = modeling.fit(GradientBoostingSpec(), frame, settings.dataset, settings.training.seed)
-    logged = log_onnx_model(settings, modeling.to_onnx_bytes(pipe, settings.dataset), "bench-serving")
     name = settings.training.model_name
-    first = registry.register(name, logged.model_uri, logged.run_id, {}, "serving benchmark").version
-    registry.move_alias(name, "champion", first, reason="serving benchmark")
+    logged = log_and_register(settings, modeling.to_onnx_bytes(pipe, settings.dataset), [name])
     registry.register(name, logged.model_uri, logged.run_id, {}, "serving benchmark (candidate)")
 
 
@@ -160,13 +160,31 @@ class Run:
         }
 
 
-def _request_bytes(port: int, payload: dict) -> bytes:
+def _request_bytes(port: int, payload: dict, path: str = PREDICT_PATH, token: str | None = None) -> bytes:
     body = json.dumps(payload).encode()
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
     head = (
-        f"POST {PREDICT_PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
+
+
+def register_tenants(home: Path, stable: int, n: int) -> dict[str, str]:
+    """Register ``n`` tenant models ``<model>--tNNN`` (the champion's ONNX again, alias
+    champion) and a tenant for each; {tenant predict path: tenant token}."""
+    from bench.support import log_and_register
+    from mlops.settings import load_settings
+    from mlops.tenancy import tenant_model_name
+    from registry.mlflow_registry import ModelRegistry
+    from serving.tenants import add_tenant
+
+    settings = load_settings(environ={"MLOPS_HOME": str(home)})
+    name = settings.training.model_name
+    tenants = [f"t{i:03d}" for i in range(n)]
+    onnx = ModelRegistry(settings).onnx_bytes(name, stable)
+    log_and_register(settings, onnx, [tenant_model_name(name, t) for t in tenants])
+    return {f"/tenants/models/{tenant_model_name(name, t)}/predict": add_tenant(settings, t) for t in tenants}
 
 
 async def _read_response(reader: asyncio.StreamReader) -> int:
@@ -180,7 +198,14 @@ async def _read_response(reader: asyncio.StreamReader) -> int:
     return int(head[9:12])
 
 
-async def _async_load(port: int, payload: dict, concurrency: int, seconds: float) -> Run:
+async def _async_load(
+    port: int, payload: dict, concurrency: int, seconds: float, tenants: dict[str, str] | None = None
+) -> Run:
+    """``concurrency`` keep-alive connections for ``seconds``; with ``tenants`` (path ->
+    token) each request goes to a tenant model drawn at random."""
+    import random
+
+    requests = [_request_bytes(port, payload, p, t) for p, t in (tenants or {}).items()]
     request = _request_bytes(port, payload)
     lat: list[int] = []
     errors = 0
@@ -191,7 +216,7 @@ async def _async_load(port: int, payload: dict, concurrency: int, seconds: float
         try:
             while time.perf_counter_ns() < deadline:
                 start = time.perf_counter_ns()
-                writer.write(request)
+                writer.write(random.choice(requests) if requests else request)
                 status = await _read_response(reader)
                 lat.append(time.perf_counter_ns() - start)
                 errors += status != 200
@@ -274,11 +299,19 @@ def _wrk_load(
 
 
 def measure(
-    client: str, port: int, payload: dict, concurrency: int, seconds: float, stall_ms: float, script: Path
+    client: str,
+    port: int,
+    payload: dict,
+    concurrency: int,
+    seconds: float,
+    stall_ms: float,
+    script: Path,
+    tenants: dict[str, str] | None = None,
 ) -> Run | dict:
-    """One load window of ``client`` (async, seq or wrk) against the service on ``port``."""
+    """One load window of ``client`` (async, seq or wrk) against the service on ``port``
+    (``tenants``: spread the async client's requests over the tenants' model routes)."""
     if client == "async":
-        return asyncio.run(_async_load(port, payload, concurrency, seconds))
+        return asyncio.run(_async_load(port, payload, concurrency, seconds, tenants))
     if client == "seq":
         return _seq_load(port, payload, seconds)
     return _wrk_load(port, payload, concurrency, seconds, stall_ms, script)
@@ -423,6 +456,12 @@ def _print_table(results: dict, ratios: dict, foreign: dict, stall_ms: float, ta
                 f"{client:7s} shadow/single: p99 {per['shadow']['p99_ms'] / b['p99_ms']:.2f}  "
                 f"rps {per['shadow']['rps'] / b['rps']:.2f}"
             )
+        if "tenants" in per:
+            print(
+                f"{client:7s} tenants/single: p99 {per['tenants']['p99_ms'] / b['p99_ms']:.2f}  "
+                f"p50 {per['tenants']['p50_ms'] / b['p50_ms']:.2f}  rps {per['tenants']['rps'] / b['rps']:.2f}  "
+                f"server cpu/req {per['tenants']['server_cpu_ms_per_req'] / b['server_cpu_ms_per_req']:.2f}"
+            )
         if "canary" in per:
             print(
                 f"{client:7s} canary/single: rps {per['canary']['rps'] / b['rps']:.2f}  "
@@ -458,7 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=4, help="alternating windows per target")
     ap.add_argument("--clients", default="async,wrk", help="comma-separated subset of async, wrk, seq")
     ap.add_argument(
-        "--targets", default=",".join(TARGETS), help="minimal and bentoml always; shadow, canary optional"
+        "--targets",
+        default=",".join(TARGETS),
+        help="minimal and bentoml always; shadow, canary, tenants (multi-model) optional",
     )
     ap.add_argument(
         "--mirror-pct", type=float, default=100.0, help="shadow target: share of requests mirrored"
@@ -468,16 +509,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--stall-ms", type=float, default=50.0)
     ap.add_argument(
+        "--tenant-models",
+        type=int,
+        default=200,
+        help="tenants target: tenant models, each request to one at random",
+    )
+    ap.add_argument(
         "--home", type=Path, help="serve this MLOPS_HOME's champion (default: train one in a temp home)"
     )
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
 
     clients = [c for c in args.clients.split(",") if c]
-    targets = ["minimal", "bentoml"] + [t for t in args.targets.split(",") if t in ("shadow", "canary")]
+    targets = ["minimal", "bentoml"] + [
+        t for t in args.targets.split(",") if t in ("shadow", "canary", "tenants")
+    ]
     if "wrk" in clients and not shutil.which("wrk"):
         print("wrk not found: skipping the wrk client (apt-get install wrk)")
         clients.remove("wrk")
+    for client in ("wrk", "seq"):
+        if "tenants" in targets and client in clients:
+            print(f"the tenants target spreads requests over many paths: skipping the {client} client")
+            clients.remove(client)
     window = args.duration / args.rounds
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp_dir:
         tmp = Path(tmp_dir)
@@ -487,6 +540,10 @@ def main(argv: list[str] | None = None) -> int:
         from serving.auth import ensure_token
 
         token = ensure_token(load_settings(environ={"MLOPS_HOME": str(home)}))
+        tenants = None
+        if "tenants" in targets:
+            print(f"registering {args.tenant_models} tenant models ...", flush=True)
+            tenants = register_tenants(home, stable, args.tenant_models)
         payload = sample_payload()
         lua = tmp / "post.lua"
         lua.write_text(_WRK_LUA)
@@ -513,7 +570,14 @@ def main(argv: list[str] | None = None) -> int:
         }
         envs = {
             "minimal": {MODEL_ENV: str(model)},
-            "bentoml": {"MLOPS_HOME": str(home), **SERVICE_ENV},
+            "bentoml": {
+                "MLOPS_HOME": str(home),
+                **SERVICE_ENV,
+                "MLOPS__SERVING__TENANTS__ENABLED": "true",
+                "MLOPS__SERVING__TENANTS__RATE_PER_SECOND": "1000000",
+                "MLOPS__SERVING__TENANTS__BURST": "1000000",
+                "MLOPS__SERVING__TENANTS__MAX_CONCURRENT": "1000",
+            },
         }
         cwd = {"minimal": HERE, "bentoml": REPO}
         modes = {
@@ -545,6 +609,17 @@ def main(argv: list[str] | None = None) -> int:
                 for name in ("minimal", "bentoml")
             }
             roots = {p.pid for p in procs.values()}
+            if tenants:  # every tenant model loaded (cold) before the warm windows
+                t0 = time.perf_counter()
+                for path, tok in tenants.items():
+                    req = urllib.request.Request(
+                        f"http://127.0.0.1:{ports['bentoml']}{path}",
+                        json.dumps(payload).encode(),
+                        {"Content-Type": "application/json", "Authorization": f"Bearer {tok}"},
+                    )
+                    with urllib.request.urlopen(req, timeout=60) as resp:
+                        assert resp.status == 200
+                print(f"{len(tenants)} tenant models loaded in {time.perf_counter() - t0:.1f} s", flush=True)
             for rnd in range(args.rounds):
                 order = targets[rnd % len(targets) :] + targets[: rnd % len(targets)]
                 for client in clients:
@@ -552,11 +627,20 @@ def main(argv: list[str] | None = None) -> int:
                     for name in order:
                         port = ports["minimal" if name == "minimal" else "bentoml"]
                         if name != "minimal":
-                            _admin(port, token, modes[name])
+                            _admin(port, token, modes.get(name, modes["bentoml"]))
                         server = {procs["minimal" if name == "minimal" else "bentoml"].pid}
                         ticks0 = _tree_ticks(server)
                         with foreign_cpu(roots, foreign[client][name]):
-                            run = measure(client, port, payload, args.concurrency, window, args.stall_ms, lua)
+                            run = measure(
+                                client,
+                                port,
+                                payload,
+                                args.concurrency,
+                                window,
+                                args.stall_ms,
+                                lua,
+                                tenants if name == "tenants" else None,
+                            )
                         server_ticks[client][name] += _tree_ticks(server) - ticks0
                         pooled[client][name].append(run)
                         rps[name] = rps_of(run)
@@ -579,6 +663,16 @@ def main(argv: list[str] | None = None) -> int:
         "wrk p99 is the worst window's, its p50 the median window's"
     )
     _print_table(results, ratios, foreign, args.stall_ms, targets)
+    if "tenants" in targets:
+        for client in clients:
+            per = sorted(
+                float(np.percentile(t.latencies_ns, 99) / np.percentile(b.latencies_ns, 99))
+                for t, b in zip(pooled[client]["tenants"], pooled[client]["bentoml"], strict=True)
+            )
+            print(
+                f"{client:7s} tenants/single p99 per round: median {statistics.median(per):.2f} "
+                f"(min {per[0]:.2f}, max {per[-1]:.2f}; goal <= 1.2)"
+            )
     if args.json:
         args.json.write_text(
             json.dumps(

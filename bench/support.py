@@ -1,4 +1,5 @@
-"""Steps the benchmark scripts share: logging a ready-made ONNX model as an MLflow run.
+"""Steps the benchmark scripts share: logging a ready-made ONNX model as an MLflow run and
+registering it under many names.
 
 Imported as ``bench.support`` with the repository root on ``sys.path`` (each script puts
 it there), so it never shadows the ``serving`` package the way ``bench/serving.py`` could.
@@ -36,3 +37,20 @@ def log_onnx_model(settings: Any, onnx_model: bytes, run_name: str, schema: Any 
         example_features=example,
         example_scores=pd.DataFrame({"probability": [0.1, 0.2, 0.3]}),
     )
+
+
+def log_and_register(settings: Any, onnx: bytes, names: list[str]) -> Any:
+    """Log ``onnx`` as one MLflow run and register it as each of ``names`` (alias champion),
+    printing progress every 50; the logged run."""
+    from adapters.runtime import configure
+    from registry.mlflow_registry import ModelRegistry
+
+    configure(settings)
+    logged = log_onnx_model(settings, onnx, "bench-tenants")
+    registry = ModelRegistry(settings)
+    for i, name in enumerate(names):
+        v = registry.register(name, logged.model_uri, logged.run_id, {}, "bench").version
+        registry.move_alias(name, "champion", v, reason="bench")
+        if i % 50 == 0:
+            print(f"  registered {i + 1}/{len(names)}", flush=True)
+    return logged

@@ -463,7 +463,13 @@ class TenantsConfig(StrictModel):
     tenant's token (``mlops tenants add NAME``; only its SHA-256 is stored, under
     ``$MLOPS_HOME/run/tenants/``). Each tenant may make ``rate_per_second`` requests (bursts
     up to ``burst``) with at most ``max_concurrent`` in flight; beyond that it gets a 429
-    with ``Retry-After``. A resolved alias is reused for ``alias_refresh_seconds``.
+    with ``Retry-After``. A resolved alias is reused for ``alias_refresh_seconds`` (then
+    re-read in the background while the cached version keeps answering). Tenants' models
+    score on ``scoring_threads`` shared threads, round-robin between tenants. A refusal (429)
+    is answered after ``refusal_delay_ms``, so a client retrying at once is slowed to that
+    pace; past ``refusal_hold_max`` refusals held for one tenant, the next ones are answered
+    at once and close their connection. Tenants' prediction logs are flushed together, by
+    one thread, every ``log_flush_seconds`` (one Parquet file per active tenant per flush).
     """
 
     enabled: bool = False
@@ -473,6 +479,10 @@ class TenantsConfig(StrictModel):
     max_concurrent: int = Field(8, ge=1)
     model_memory_budget_mb: float = Field(512.0, gt=0)
     alias_refresh_seconds: float = Field(30.0, ge=0)
+    scoring_threads: int = Field(2, ge=1, le=64)
+    refusal_delay_ms: float = Field(50.0, ge=0, le=5000)
+    refusal_hold_max: int = Field(64, ge=0)
+    log_flush_seconds: float = Field(10.0, gt=0)
 
 
 class OnlineFeaturesConfig(StrictModel):

@@ -23,6 +23,7 @@ Endpoints (``name`` is the served registered model):
     GET|PUT /admin/state, POST /admin/routes, /admin/slots/{slot}, /admin/flip, /admin/models
     GET  /openapi.json (also /docs.json)
     POST /tenants/models/{name}/predict   a tenant's own model (only with serving.tenants.enabled)
+    POST /tenants/feedback                labels for the tenant's own earlier request ids
 
 Admin routes need ``Authorization: Bearer <token>`` (401 without, 403 when wrong) and take
 an optional ``Idempotency-Key`` header. ``/feedback`` needs the feedback token or the admin
@@ -31,7 +32,8 @@ token; a version that is not loaded is scored through ``/versions/{v}/infer`` on
 routes are public; a forced variant (``x-mlops-variant``) is answered and logged as forced,
 which no rollout gate counts. The tenant route needs a tenant token (401/403), answers 404
 for any model that is not the caller's own and 429 with ``Retry-After`` past the tenant's
-quota. README (Security) states the threat model.
+quota (answered after ``serving.tenants.refusal_delay_ms``, so a client retrying at once
+is paced by the service). README (Security) states the threat model.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ JSON = "application/json"
 SERVER_NAME = "mlops-serving"
 EXTENSIONS = ("binary_tensor_data",)
 """Open Inference Protocol extensions the service implements (listed by ``GET /v2``)."""
-SCORING_PATHS = ("/predict", "/v2/models", "/feedback")
+SCORING_PATHS = ("/predict", "/v2/models", "/feedback", "/tenants/models")
 """Paths with a per-request cost worth keeping BentoML's tracing middleware off."""
 
 
@@ -284,7 +286,10 @@ def build_app(ref: RuntimeRef) -> Starlette:
             tenants.admit(tenant)
         except QuotaExceeded as exc:
             rt.metrics.tenant_requests.labels(tenant, "429").inc()
-            return _error(str(exc), 429, {"Retry-After": str(exc.retry_after)})
+            headers = {"Retry-After": str(exc.retry_after)}
+            if not await tenants.hold_refusal(tenant):
+                headers["Connection"] = "close"
+            return _error(str(exc), 429, headers)
         request.scope["mlops.tenant"] = (tenant, started)
         try:
             response = await _tenant_scored(request)
@@ -298,6 +303,25 @@ def build_app(ref: RuntimeRef) -> Starlette:
         tenant, started = request.scope["mlops.tenant"]
         records = rt.validator.predict(parse_json(await _body(request, rt.cfg)))
         return _answer(await rt.tenant_predict(tenant, request.path_params["name"], records, started))
+
+    async def tenant_feedback(request: Request) -> Response:
+        rt = ref.runtime
+        if rt is None:
+            return _error("the service is starting", 503, {"Retry-After": "1"})
+        if rt.tenants is None:
+            return _error("tenant serving is off (serving.tenants.enabled)", 404)
+        tenant, denied = rt.tenants.directory.tenant_of(request.headers.get("authorization"))
+        if tenant is None:
+            rt.metrics.rejected.labels("tenant_feedback", str(denied)).inc()
+            return _denied(denied, "tenant token")
+        request.scope["mlops.tenant"] = (tenant, time.perf_counter())
+        return await _tenant_labels(request)
+
+    @endpoint("tenant_feedback", scoring=True)
+    async def _tenant_labels(request: Request, rt: ServingRuntime) -> Response:
+        tenant, _ = request.scope["mlops.tenant"]
+        items = rt.validator.feedback(parse_json(await _body(request, rt.cfg)))
+        return _answer(rt.tenant_feedback(tenant, items), 202)
 
     # ------------------------------------------------------------------ async jobs
 
@@ -523,6 +547,9 @@ def build_app(ref: RuntimeRef) -> Starlette:
 
     routes = [
         Route("/predict", predict, methods=["POST"]),
+        Route(
+            "/tenants/models/{name}/predict", tenant_predict, methods=["POST"]
+        ),  # early: routes match in order
         Route("/predict/async", predict_async, methods=["POST"]),
         Route("/predict/async/{job_id}", predict_async_job, methods=["GET"]),
         Route("/feedback", feedback, methods=["POST"]),
@@ -541,7 +568,7 @@ def build_app(ref: RuntimeRef) -> Starlette:
         Route("/admin/slots/{slot}", admin_slot, methods=["POST"]),
         Route("/admin/flip", admin_flip, methods=["POST"]),
         Route("/admin/models", admin_models, methods=["POST"]),
-        Route("/tenants/models/{name}/predict", tenant_predict, methods=["POST"]),
+        Route("/tenants/feedback", tenant_feedback, methods=["POST"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/docs.json", openapi, methods=["GET"]),
     ]

@@ -54,13 +54,25 @@ _STOP = object()
 
 
 class _Item:
-    __slots__ = ("future", "columns", "rows", "deadline", "expired", "finished")
+    __slots__ = ("future", "columns", "rows", "deadline", "expired", "finished", "scorer", "key", "windows")
 
-    def __init__(self, future: asyncio.Future, columns: Mapping[str, list], rows: int, deadline: float):
+    def __init__(
+        self,
+        future: asyncio.Future,
+        columns: Mapping[str, list],
+        rows: int,
+        deadline: float,
+        scorer: OnnxScorer | None = None,
+        key: str | None = None,
+        windows: tuple[str, ...] = (),
+    ):
         self.future = future
+        self.windows = windows  # a SharedLane's item: the window-feature inputs of its model
         self.columns = columns
         self.rows = rows
         self.deadline = deadline
+        self.scorer = scorer  # a SharedLane's item: the session that scores it
+        self.key = key  # a SharedLane's item: whose queue it waits in (the tenant)
         self.expired = False  # set on the loop thread, read by the worker: skip if still queued
         self.finished = False
 
@@ -104,13 +116,23 @@ class ModelWorker:
 
     # ------------------------------------------------------------ loop side
 
-    def submit(self, columns: Mapping[str, list], rows: int, deadline: float) -> asyncio.Future:
-        """Queue ``rows`` rows (feature -> values); the future gets the ``[rows, 2]`` probabilities."""
+    def submit(
+        self,
+        columns: Mapping[str, list],
+        rows: int,
+        deadline: float,
+        scorer: OnnxScorer | None = None,
+        key: str | None = None,
+        windows: tuple[str, ...] = (),
+    ) -> asyncio.Future:
+        """Queue ``rows`` rows (feature -> values); the future gets the ``[rows, 2]`` probabilities.
+        ``scorer``, ``key`` and ``windows`` (the session, the tenant and the model's window
+        inputs) are for a ``SharedLane`` only."""
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         future = loop.create_future()
-        item = _Item(future, columns, rows, deadline)
+        item = _Item(future, columns, rows, deadline, scorer, key, windows)
         self.outstanding.append(item)
         self._enqueue(item)
         return future
@@ -156,16 +178,19 @@ class ModelWorker:
             opts.terminate = True
         return expired
 
-    def _resolve(self, batch: list[_Item], live: list[_Item], result: np.ndarray | BaseException) -> None:
-        offset = 0
-        for item in live:
-            n = item.rows
-            if not item.future.done():
-                if isinstance(result, BaseException):
-                    item.future.set_exception(result)
-                else:
-                    item.future.set_result(result[offset : offset + n])
-            offset += n
+    def _resolve(
+        self, batch: list[_Item], groups: list[tuple[list[_Item], np.ndarray | BaseException]]
+    ) -> None:
+        for live, result in groups:
+            offset = 0
+            for item in live:
+                n = item.rows
+                if not item.future.done():
+                    if isinstance(result, BaseException):
+                        item.future.set_exception(result)
+                    else:
+                        item.future.set_result(result[offset : offset + n])
+                offset += n
         for item in batch:
             item.finished = True
             if not item.future.done():  # expired while queued and skipped by the worker
@@ -182,8 +207,8 @@ class ModelWorker:
 
     # ------------------------------------------------------------ thread side
 
-    def _next_batch(self) -> tuple[list[_Item], bool]:
-        """Block until work is queued; then up to ``max_batch_rows`` rows of it (and whether to stop)."""
+    def _wait(self) -> None:
+        """Block until something is queued."""
         pending = self._pending
         while not pending:
             self._idle = True
@@ -191,6 +216,11 @@ class ModelWorker:
                 self._idle = False
                 break
             os.read(self._wake_r, 64)  # a stale token only makes one extra, empty turn
+
+    def _next_batch(self) -> tuple[list[_Item], bool]:
+        """Block until work is queued; then up to ``max_batch_rows`` rows of it (and whether to stop)."""
+        pending = self._pending
+        self._wait()
         batch: list[_Item] = []
         rows = 0
         while pending and rows < self.max_batch_rows:
@@ -201,7 +231,13 @@ class ModelWorker:
             rows += item.rows
         return batch, False
 
-    def _score(self, live: list[_Item]) -> np.ndarray | BaseException:
+    def _score_batch(self, live: list[_Item]) -> list[tuple[list[_Item], np.ndarray | BaseException]]:
+        """The batch's rows scored in one session run: ``[(items, probabilities or error)]``."""
+        return [(live, self._score(live, self.scorer, self.windows))]
+
+    def _score(
+        self, live: list[_Item], scorer: OnnxScorer, windows: tuple[str, ...]
+    ) -> np.ndarray | BaseException:
         if len(live) == 1:
             columns = live[0].columns
         else:
@@ -209,12 +245,12 @@ class ModelWorker:
         opts = ort.RunOptions()
         opts.log_severity_level = 4  # a terminated run is reported as ModelTimeout, not logged
         try:
-            feeds = self.scorer.feeds(columns)
-            for name in self.windows:
+            feeds = scorer.feeds(columns)
+            for name in windows:
                 feeds[name] = np.asarray(columns[name], dtype=np.float32).reshape(-1, 1)
             self._run_options = opts
             self.running_since = time.monotonic()
-            return self.scorer.session.run([PROBA_OUTPUT], feeds, opts)[0]
+            return scorer.session.run([PROBA_OUTPUT], feeds, opts)[0]
         except Exception as exc:
             if opts.terminate:
                 return ModelTimeout(f"model {self.label} was stopped after exceeding the timeout")
@@ -249,14 +285,99 @@ class ModelWorker:
             if not batch:
                 continue
             live = [item for item in batch if not item.expired]
-            result: np.ndarray | BaseException = self._score(live) if live else np.empty((0, 2), np.float32)
+            groups = self._score_batch(live) if live else []
             loop = self._loop
             if loop is None or loop.is_closed():
                 return
             try:
-                loop.call_soon_threadsafe(self._resolve, batch, live, result)
+                loop.call_soon_threadsafe(self._resolve, batch, groups)
             except RuntimeError:  # loop closed during shutdown
                 return
+
+
+def pick_lane(lanes: list[SharedLane], key: str) -> SharedLane:
+    """The lane for ``key``'s next request: the one with the fewest unanswered requests (the
+    first on a tie, so light traffic batches on one thread), but never a lane that would give
+    ``key`` requests on every lane: one tenant cannot hold all threads, e.g. with a slow model."""
+    if len(lanes) == 1:
+        return lanes[0]
+    mine = [lane for lane in lanes if key in lane.queued_by_key]
+    allowed = mine if len(mine) >= len(lanes) - 1 else lanes
+    return min(allowed, key=lambda lane: len(lane.outstanding))
+
+
+class SharedLane(ModelWorker):
+    """One scoring thread shared by many models (tenants' models), fair between tenants.
+
+    Items carry their own session (``submit(..., scorer=, key=tenant)``). The thread moves
+    what the event loop queued into one queue per tenant and fills each batch round-robin,
+    one request per tenant in turn (the tenant served last goes to the back), so a tenant
+    with many requests waiting delays another tenant's request by at most one batch. A batch
+    is scored as one session run per model in it, and answered in one hand-off to the loop:
+    requests spread over many models share a wake-up instead of waking a thread each.
+    """
+
+    def __init__(self, label: str, max_batch_rows: int = 64):
+        self._queues: OrderedDict[str | None, deque[_Item]] = OrderedDict()  # scoring thread only
+        self._stopping = False
+        self.queued_by_key: dict[str | None, int] = {}  # loop thread only: unanswered requests per tenant
+        super().__init__(None, label, max_batch_rows)  # type: ignore[arg-type]
+
+    def _enqueue(self, item: object) -> None:
+        if isinstance(item, _Item):
+            self.queued_by_key[item.key] = self.queued_by_key.get(item.key, 0) + 1
+        super()._enqueue(item)
+
+    def _resolve(
+        self, batch: list[_Item], groups: list[tuple[list[_Item], np.ndarray | BaseException]]
+    ) -> None:
+        counts = self.queued_by_key
+        for item in batch:
+            left = counts[item.key] - 1
+            if left:
+                counts[item.key] = left
+            else:
+                del counts[item.key]
+        super()._resolve(batch, groups)
+
+    def _next_batch(self) -> tuple[list[_Item], bool]:
+        queues = self._queues
+        pending = self._pending
+        if not queues:
+            self._wait()
+        while pending:
+            item = pending.popleft()
+            if item is _STOP:
+                self._stopping = True  # nothing is queued after it; finish what is
+                continue
+            queue = queues.get(item.key)
+            if queue is None:
+                queue = queues[item.key] = deque()
+            queue.append(item)
+        batch: list[_Item] = []
+        rows = 0
+        while queues and rows < self.max_batch_rows:
+            for key in list(queues):
+                queue = queues[key]
+                item = queue.popleft()
+                batch.append(item)
+                rows += item.rows
+                if queue:
+                    queues.move_to_end(key)
+                else:
+                    del queues[key]
+                if rows >= self.max_batch_rows:
+                    break
+        return batch, self._stopping and not queues
+
+    def _score_batch(self, live: list[_Item]) -> list[tuple[list[_Item], np.ndarray | BaseException]]:
+        by_scorer: dict[int, list[_Item]] = {}
+        for item in live:
+            by_scorer.setdefault(id(item.scorer), []).append(item)
+        return [
+            (items, self._score(items, items[0].scorer, items[0].windows))  # type: ignore[arg-type]
+            for items in by_scorer.values()
+        ]  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- pool
@@ -277,6 +398,8 @@ class LoadedModel:
     retired: bool = False
     closed: bool = False
     mirror: ModelWorker | None = None  # the mirror lane, started on the first mirrored request
+    owns_worker: bool = True  # False on a SharedLane: closing the model leaves the lane running
+    windows: tuple[str, ...] = ()  # the window features the model takes besides the dataset's
 
     def mirror_worker(self, nice: int) -> ModelWorker:
         """The worker for mirrored (shadow) requests: the same session on a second thread
@@ -289,14 +412,9 @@ class LoadedModel:
                 f"{self.worker.label} mirror",
                 self.worker.max_batch_rows,
                 nice=nice,
-                windows=self.worker.windows,
+                windows=self.windows,
             )
         return self.mirror
-
-    @property
-    def windows(self) -> tuple[str, ...]:
-        """The window features the model takes as inputs (besides the dataset's features)."""
-        return self.worker.windows
 
     @property
     def workers(self) -> tuple[ModelWorker, ...]:
@@ -320,7 +438,8 @@ class LoadedModel:
         if not self.closed:
             self.closed = True
             for worker in self.workers:
-                worker.stop()
+                if worker is not self.worker or self.owns_worker:
+                    worker.stop()
 
     def describe(self) -> dict[str, Any]:
         """Version, charged bytes, references, load time and idle time, for the admin state."""
@@ -343,10 +462,12 @@ def build_model(
     max_batch_rows: int = 64,
     warmup_timeout: float = 10.0,
     declared_windows: tuple[str, ...] = (),
+    lane: SharedLane | None = None,
 ) -> LoadedModel:
     """Create the session (blocking; run it off the event loop), score one warm-up row, start
-    its worker. A model that cannot answer the warm-up row within ``warmup_timeout`` seconds
-    is refused (``ModelFailed``): it would only ever time out in service.
+    its worker (or, given ``lane``, score on that shared thread). A model that cannot answer
+    the warm-up row within ``warmup_timeout`` seconds is refused (``ModelFailed``): it would
+    only ever time out in service.
 
     Graph inputs beyond the dataset's features must be among ``declared_windows`` (the
     config's window features); they become the model's ``windows``, else it is refused."""
@@ -378,8 +499,10 @@ def build_model(
     finally:
         timer.cancel()
     nbytes = int(len(onnx) * MEMORY_FACTOR)
+    if lane is not None:
+        return LoadedModel(name, version, scorer, lane, nbytes, owns_worker=False, windows=windows)
     worker = ModelWorker(scorer, f"{name} v{version}", max_batch_rows, windows=windows)
-    return LoadedModel(name, version, scorer, worker, nbytes)
+    return LoadedModel(name, version, scorer, worker, nbytes, windows=windows)
 
 
 class ModelPool:

@@ -173,10 +173,13 @@ class PredictionLogWriter:
 
     # ------------------------------------------------------------ flushing
 
-    def start(self) -> None:
-        """Clear temporary files a crashed writer left, then start the flush thread."""
+    def start(self, *, thread: bool = True) -> None:
+        """Clear temporary files a crashed writer left, then start the flush thread (unless
+        ``thread`` is False: the owner then calls ``flush`` itself, e.g. one thread for many)."""
         self.predictions.sweep()
         self.feedback_sink.sweep()
+        if not thread:
+            return
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="predlog-flush", daemon=True)
         self._thread.start()

@@ -55,7 +55,7 @@ from serving.errors import (
     UnusableModel,
 )
 from serving.metrics import ServingMetrics
-from serving.models import LoadedModel, ModelPool, build_model
+from serving.models import LoadedModel, ModelPool, SharedLane, build_model
 from serving.online_features import OnlineFeatures
 from serving.predlog_store import PredictionLogStore, feedback_dir, predictions_dir
 from serving.predlog_writer import LogRow, PredictionLogWriter
@@ -166,7 +166,7 @@ class ServingRuntime:
         self.tenants: TenantModels | None = None
         if cfg.tenants.enabled:
             self.tenants = TenantModels(
-                settings, sources or partial(RegistrySource, settings), self._build_named
+                settings, sources or partial(RegistrySource, settings), self._build_named, id_key
             )
 
     @classmethod
@@ -186,8 +186,11 @@ class ServingRuntime:
     def _build(self, version: int) -> LoadedModel:
         return self._build_named(self.model_name, version, self.source.onnx(version))
 
-    def _build_named(self, name: str, version: int, onnx: bytes) -> LoadedModel:
-        """Build and warm up version ``version`` of model ``name`` (the served one or a tenant's)."""
+    def _build_named(
+        self, name: str, version: int, onnx: bytes, lane: SharedLane | None = None
+    ) -> LoadedModel:
+        """Build and warm up version ``version`` of model ``name`` (the served one, or a
+        tenant's scoring on the shared ``lane``)."""
         try:
             return build_model(
                 name,
@@ -198,6 +201,7 @@ class ServingRuntime:
                 max_batch_rows=self.cfg.micro_batch_rows,
                 warmup_timeout=max(10.0, self.timeout),
                 declared_windows=self.windows,
+                lane=lane,
             )
         except (ModelError, ModelFailed) as exc:
             raise UnusableModel(f"version {version} of '{name}' cannot be served: {exc}") from None
@@ -287,7 +291,7 @@ class ServingRuntime:
             now = time.monotonic()
             workers = self.pool.workers
             if self.tenants is not None:
-                workers = [*workers, *self.tenants.pool.workers]
+                workers = [*workers, *self.tenants.lanes]
             for worker in workers:
                 if worker.outstanding or worker.running_since:
                     worker.expire(now, self.timeout)
@@ -650,12 +654,15 @@ class ServingRuntime:
         tenants.check_owner(tenant, name)
         model = await tenants.model(name)
         await self._fill_records(records, model.windows)
-        rids = [self.ids.issue(r.request_id) for r in records]
+        issue = tenants.ids(tenant).issue
+        rids = [issue(r.request_id) for r in records]
         features = [r.features for r in records]
         model.acquire()
         try:
             group = _Group(STABLE, model, list(range(len(records))))
-            group.future = model.worker.submit(
+            group.future = tenants.submit(
+                tenant,
+                model,
                 self._columns(features, self.feature_names + model.windows),
                 len(records),
                 time.monotonic() + self.timeout,
@@ -784,13 +791,29 @@ class ServingRuntime:
         ``LabelConflict`` (409) for a label that differs from the first one, and
         ``Overloaded`` (503) when the buffer cannot take them; nothing is recorded then.
         """
-        forged = [rid for rid, _ in items if not self.ids.verify(rid)]
+        return self._record_labels(items, self.ids, self.labels, self.writer)
+
+    def tenant_feedback(self, tenant: str, items: list[tuple[str, int]]) -> dict[str, Any]:
+        """``/feedback`` for one tenant: labels only for request ids its own requests were
+        given (another tenant's or the main model's ids are refused, 422), recorded in the
+        tenant's prediction-log partition."""
+        assert self.tenants is not None
+        t = self.tenants
+        return self._record_labels(items, t.ids(tenant), t.labels.setdefault(tenant, {}), t.writer(tenant))
+
+    def _record_labels(
+        self,
+        items: list[tuple[str, int]],
+        ids: RequestIds,
+        known: dict[str, int],
+        writer: PredictionLogWriter,
+    ) -> dict[str, Any]:
+        forged = [rid for rid, _ in items if not ids.verify(rid)]
         if forged:
             raise UnknownRequest(
                 f"{len(forged)} of {len(items)} labels name a request id this service did not issue "
                 f"(first: {forged[0][:80]!r}); nothing was recorded"
             )
-        known = self.labels
         new: dict[str, int] = {}
         conflicts = []
         for rid, label in items:
@@ -805,7 +828,7 @@ class ServingRuntime:
                 f"{len(conflicts)} of {len(items)} labels conflict with the first label of their request, "
                 f"which is kept (first: {rid[:80]!r} has {first}, got {label}); nothing was recorded"
             )
-        if not self.writer.feedback(list(new.items()), time.time()):
+        if not writer.feedback(list(new.items()), time.time()):
             raise Overloaded("the feedback buffer is full; nothing was recorded, retry later")
         known.update(new)
         self.metrics.feedback.inc(len(new))

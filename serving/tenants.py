@@ -13,7 +13,8 @@ their own (keys ``(name, version)``, budget ``serving.tenants.model_memory_budge
 least recently used evicted). A request holds a reference on its model, so an eviction
 never drops a request in flight: the evicted model closes after its last answer.
 
-Prediction log. Each tenant's answers go to its own partition, ``$MLOPS_HOME/
+Prediction log. One thread flushes every tenant's log each ``log_flush_seconds`` (a thread per
+tenant, flushing every 2 s, cost more CPU than scoring with 200 tenants). Each tenant's answers go to its own partition, ``$MLOPS_HOME/
 predictions-tenants/tenant=NAME/predictions/date=YYYY-MM-DD/*.parquet``, away from the main
 model's log that the rollout gates read.
 """
@@ -22,27 +23,32 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import secrets
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from adapters.files import create_new
 from mlops.errors import ConfigError
+from mlops.predlog import RequestIds
 from mlops.settings import Settings
 from mlops.tenancy import TenantQuota, TokenBucket, check_tenant_name, owner_of
 from serving.errors import ServingError, UnknownModel
-from serving.models import LoadedModel, ModelPool
+from serving.models import LoadedModel, ModelPool, SharedLane, pick_lane
 from serving.predlog_writer import PredictionLogWriter
 from serving.source import ModelSource
+
+log = logging.getLogger(__name__)
 
 TENANTS_DIR = "tenants"
 HASH_SUFFIX = ".sha256"
 TENANT_LOG_DIR = "predictions-tenants"
 MODEL_OVERHEAD_BYTES = 1 << 20
-"""Charged per loaded tenant model on top of its ONNX size: an ONNX Runtime session, its
-worker thread and buffers cost ~0.4-1.2 MiB resident however small the model (measured by
+"""Charged per loaded tenant model on top of its ONNX size: an ONNX Runtime session and its
+buffers cost ~0.4-1.2 MiB resident however small the model (measured by
 bench/tenants.py), so a budget of tiny models is not counted in kilobytes."""
 
 
@@ -100,16 +106,30 @@ class TenantDirectory:
         self.refresh_seconds = refresh_seconds
         self._by_hash: dict[str, str] = {}
         self._read_at = -float("inf")
+        self._stamp: tuple[int, int] | None = None
 
     def _reload(self) -> None:
+        self._read_at = time.monotonic()
+        try:
+            st = os.stat(self.folder)
+            stamp = (st.st_mtime_ns, st.st_ino)
+        except FileNotFoundError:
+            stamp = None
+        if stamp is not None and stamp == self._stamp:
+            return  # no hash file added or removed (they are only ever created or deleted)
         found: dict[str, str] = {}
-        if self.folder.is_dir():
+        if stamp is not None:
             for path in self.folder.glob(f"*{HASH_SUFFIX}"):
-                digest = path.read_text().strip()
+                try:
+                    digest = path.read_text().strip()
+                except FileNotFoundError:  # removed while listed
+                    continue
                 if len(digest) == 64:
                     found[digest] = path.name.removesuffix(HASH_SUFFIX)
+                else:  # being written by `mlops tenants add`: read the folder again next time
+                    stamp = None
         self._by_hash = found
-        self._read_at = time.monotonic()
+        self._stamp = stamp
 
     def tenant_of(self, authorization: str | None) -> tuple[str | None, int]:
         """(tenant, 0) for a valid ``Bearer <tenant token>``; else (None, 401) when no bearer
@@ -122,6 +142,7 @@ class TenantDirectory:
             return None, 401
         if time.monotonic() - self._read_at >= self.refresh_seconds:
             self._reload()  # picks up added tenants and drops removed ones within a second
+            # (a stat of the folder; the files are re-read only when it changed)
         name = self._lookup(_digest(value))
         return (name, 0) if name is not None else (None, 403)
 
@@ -138,7 +159,8 @@ class TenantModels:
         self,
         settings: Settings,
         sources: Callable[[str], ModelSource],
-        build: Callable[[str, int, bytes], LoadedModel],
+        build: Callable[[str, int, bytes, SharedLane], LoadedModel],
+        id_key: bytes,
     ):
         cfg = settings.serving.tenants
         self.settings = settings
@@ -148,10 +170,20 @@ class TenantModels:
         self._sources_of = sources
         self._sources: dict[str, ModelSource] = {}
         self._build = build
+        self.lanes = [
+            SharedLane(f"tenants-{i}", settings.serving.micro_batch_rows) for i in range(cfg.scoring_threads)
+        ]  # every tenant model's LoadedModel.worker is lanes[0]; submit() picks among them
         self.pool = ModelPool(self._load, int(cfg.model_memory_budget_mb * 2**20))
+        self._refreshing: set[str] = set()
+        self.held: dict[str, int] = {}  # refusals being held back (refusal_delay_ms), per tenant
         self._aliases: dict[str, tuple[int, float]] = {}
         self.quotas: dict[str, TenantQuota] = {}
         self.writers: dict[str, PredictionLogWriter] = {}
+        self._id_key = id_key
+        self._ids: dict[str, RequestIds] = {}
+        self.labels: dict[str, dict[str, int]] = {}  # tenant -> request id -> its first label (this run)
+        self._flusher: threading.Thread | None = None
+        self._stopping = threading.Event()
         self.load_seconds: list[float] = []
 
     # ------------------------------------------------------------ admission
@@ -170,6 +202,28 @@ class TenantModels:
                 f"{self.cfg.max_concurrent} in flight); retry after {wait} s",
                 wait,
             )
+
+    async def hold_refusal(self, tenant: str) -> bool:
+        """Wait ``refusal_delay_ms`` before a refusal of ``tenant`` is answered, so a client
+        that retries at once (an unpaced flood) is slowed to that pace and costs the event
+        loop little; True once waited. False, at once, when ``refusal_hold_max`` of its
+        refusals are already waiting (the caller then also closes the connection)."""
+        held = self.held.get(tenant, 0)
+        delay = self.cfg.refusal_delay_ms / 1e3
+        if delay <= 0:
+            return True
+        if held >= self.cfg.refusal_hold_max:
+            return False
+        self.held[tenant] = held + 1
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            left = self.held[tenant] - 1
+            if left:
+                self.held[tenant] = left
+            else:
+                del self.held[tenant]
+        return True
 
     def done(self, tenant: str) -> None:
         """A request admitted for ``tenant`` has been answered."""
@@ -190,11 +244,25 @@ class TenantModels:
             source = self._sources[name] = self._sources_of(name)
         return source
 
+    def submit(
+        self, tenant: str, model: LoadedModel, columns: Mapping[str, list], rows: int, deadline: float
+    ) -> asyncio.Future:
+        """Queue a request of ``tenant`` for ``model`` on a shared scoring thread
+        (``pick_lane``); the future gets the ``[rows, 2]`` probabilities."""
+        return pick_lane(self.lanes, tenant).submit(
+            columns, rows, deadline, model.scorer, tenant, model.windows
+        )
+
     async def version(self, name: str) -> int:
-        """The version ``name``'s alias points at (cached ``alias_refresh_seconds``)."""
+        """The version ``name``'s alias points at. Resolved from the registry on first use;
+        after ``alias_refresh_seconds`` the cached version keeps answering while one
+        background read refreshes it (a request never waits on the registry once resolved)."""
         hit = self._aliases.get(name)
         now = time.monotonic()
-        if hit is not None and now - hit[1] < self.cfg.alias_refresh_seconds:
+        if hit is not None:
+            if now - hit[1] >= self.cfg.alias_refresh_seconds and name not in self._refreshing:
+                self._refreshing.add(name)
+                asyncio.get_running_loop().create_task(self._refresh(name), name=f"alias-{name}")
             return hit[0]
         version = await asyncio.to_thread(self._source(name).resolve, self.cfg.alias)
         if version is None:
@@ -202,10 +270,24 @@ class TenantModels:
         self._aliases[name] = (version, now)
         return version
 
+    async def _refresh(self, name: str) -> None:
+        try:
+            version = await asyncio.to_thread(self._source(name).resolve, self.cfg.alias)
+        except ServingError as exc:  # the registry is down: keep answering with the cached version
+            log.warning("tenant model %s: alias %s not refreshed (%s)", name, self.cfg.alias, exc)
+            self._aliases[name] = (self._aliases[name][0], time.monotonic())
+        else:
+            if version is None:
+                self._aliases.pop(name, None)  # alias removed: the next request answers 404
+            else:
+                self._aliases[name] = (version, time.monotonic())
+        finally:
+            self._refreshing.discard(name)
+
     def _load(self, key: tuple[str, int]) -> LoadedModel:
         name, version = key
         started = time.perf_counter()
-        model = self._build(name, version, self._source(name).onnx(version))
+        model = self._build(name, version, self._source(name).onnx(version), self.lanes[0])
         model.nbytes += MODEL_OVERHEAD_BYTES
         self.load_seconds.append(time.perf_counter() - started)
         return model
@@ -231,11 +313,39 @@ class TenantModels:
                 flush_rows=serving.log_flush_rows,
                 max_buffer_rows=serving.log_max_buffer_rows,
             )
-            writer.start()
+            writer.start(thread=False)  # flushed by _flush_loop, one thread for every tenant
+            if self._flusher is None:
+                self._flusher = threading.Thread(target=self._flush_loop, name="predlog-tenants", daemon=True)
+                self._flusher.start()
         return writer
+
+    def ids(self, tenant: str) -> RequestIds:
+        """Request ids for ``tenant``'s answers, keyed per tenant (the service's id key and the
+        tenant's name), so only ids its own requests were given verify for it."""
+        ids = self._ids.get(tenant)
+        if ids is None:
+            key = hashlib.blake2b(
+                b"tenant:" + tenant.encode(), key=hashlib.blake2b(self._id_key).digest()
+            ).digest()
+            ids = self._ids[tenant] = RequestIds(key)
+        return ids
+
+    def _flush_loop(self) -> None:
+        while not self._stopping.wait(self.cfg.log_flush_seconds):
+            for tenant, writer in list(self.writers.items()):
+                try:
+                    writer.flush()
+                except Exception as exc:  # one tenant's failing disk must not stop the others' logs
+                    writer.last_error = str(exc)
+                    log.exception("prediction log flush of tenant %s failed (rows kept, retrying)", tenant)
 
     def stop(self) -> None:
         """Flush every tenant's log (blocking) and release every model."""
+        self._stopping.set()
+        if self._flusher is not None:
+            self._flusher.join(timeout=60)
         for writer in self.writers.values():
             writer.stop()
         self.pool.close()
+        for lane in self.lanes:
+            lane.stop()

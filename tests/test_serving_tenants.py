@@ -79,6 +79,52 @@ def test_tenants_add_stores_only_a_hash_and_refuses_a_second_add(tmp_path: Path)
     assert list_tenants(settings) == ["acme"]
 
 
+def test_a_shared_lane_serves_tenants_round_robin_not_first_come(small_model: bytes, rows):
+    """Given ten requests of one tenant queued before one request of another on a shared
+    scoring thread taking one request per batch, the other tenant's request is answered
+    second, not eleventh; every request gets its own model's score."""
+    from mlops.onnx_model import OnnxScorer
+    from serving.models import SharedLane
+
+    schema = load_settings(environ={}).dataset
+    scorer = OnnxScorer(small_model, schema, threads=1)
+    columns = {n: [rows[0][n]] for n in schema.feature_names}
+
+    async def scenario() -> list[str]:
+        lane = SharedLane("test", max_batch_rows=1)
+        await asyncio.sleep(0.05)  # the thread is idle: the wake-up comes after the whole turn
+        answered: list[str] = []
+        futures = []
+        for key in ["noisy"] * 10 + ["quiet"]:  # all queued in one event-loop turn
+            future = lane.submit(columns, 1, time.monotonic() + 30, scorer, key)
+            future.add_done_callback(lambda f, k=key: answered.append(k))
+            futures.append(future)
+        results = await asyncio.gather(*futures)
+        assert all(r.shape == (1, 2) for r in results) and lane.queued_by_key == {}
+        lane.stop()
+        return answered
+
+    answered = asyncio.run(scenario())
+    assert answered.index("quiet") == 1, answered
+
+
+def test_a_tenant_never_gets_requests_on_every_lane():
+    """Lanes are picked least busy first, but a tenant already on all lanes but one stays there."""
+    from serving.models import SharedLane, pick_lane
+
+    lanes = [SharedLane(f"t{i}") for i in range(2)]
+    try:
+        assert pick_lane(lanes, "a") is lanes[0]  # idle: the first, so light traffic batches
+        lanes[0].queued_by_key["a"] = 1
+        lanes[0].outstanding.append(object())  # type: ignore[arg-type]
+        assert pick_lane(lanes, "b") is lanes[1]  # the less busy one
+        assert pick_lane(lanes, "a") is lanes[0]  # not both lanes for tenant a
+    finally:
+        for lane in lanes:
+            lane.outstanding.clear()
+            lane.stop()
+
+
 # ----------------------------------------------------------------------------- service
 
 
@@ -184,6 +230,35 @@ def test_a_tenant_reaches_only_its_own_models_and_others_look_absent(make_settin
     assert not list(predictions_dir(settings).rglob("*.parquet"))
 
 
+def test_a_tenant_labels_only_its_own_requests(make_settings, rows):
+    """A tenant posts labels for the request ids its own answers carried (202, then recorded in
+    its own feedback partition); another tenant's ids and the main model's ids are refused
+    (422), and a request without a tenant token gets 401."""
+
+    settings = make_settings()
+    acme, beta = add_tenant(settings, "acme"), add_tenant(settings, "beta")
+
+    async def scenario() -> None:
+        async with serve_in_process(settings) as (_, http):
+            r = await http.post(url("acme"), json={"features": rows[0]}, headers=bearer(acme))
+            rid = r.json()["predictions"][0]["request_id"]
+            main = (await http.post("/predict", json={"features": rows[0]})).json()["predictions"][0]
+            label = {"request_id": rid, "label": 1}
+            other = {"request_id": main["request_id"], "label": 1}
+            assert (await http.post("/tenants/feedback", json=label)).status_code == 401
+            assert (await http.post("/tenants/feedback", json=label, headers=bearer(beta))).status_code == 422
+            assert (await http.post("/tenants/feedback", json=other, headers=bearer(acme))).status_code == 422
+            ok = await http.post("/tenants/feedback", json=label, headers=bearer(acme))
+            assert ok.status_code == 202 and ok.json() == {"accepted": 1, "unchanged": 0}, ok.text
+
+    asyncio.run(scenario())
+    import pyarrow.parquet as pq
+
+    labels = pq.read_table(tenant_log_dir(settings, "acme") / "feedback").to_pandas()
+    assert labels["label"].tolist() == [1]
+    assert not (tenant_log_dir(settings, "beta") / "feedback").exists()
+
+
 def test_the_tenant_route_is_absent_unless_tenants_are_enabled(make_settings, rows):
     """With tenants off (the default) the route answers 404 and nothing is loaded for it."""
     settings = make_settings(enabled="false")
@@ -201,7 +276,7 @@ def test_the_tenant_route_is_absent_unless_tenants_are_enabled(make_settings, ro
 def test_past_its_quota_a_tenant_gets_429_with_retry_after(make_settings, rows):
     """A tenant allowed 2 requests/s (burst 3) gets 3 answers, then 429 with Retry-After: 1;
     another tenant is not affected."""
-    settings = make_settings(rate_per_second="2", burst="3")
+    settings = make_settings(rate_per_second="2", burst="3", refusal_delay_ms="0")
     acme, beta = add_tenant(settings, "acme"), add_tenant(settings, "beta")
 
     async def scenario() -> None:
@@ -258,22 +333,21 @@ def _p99(values: list[float]) -> float:
     return float(np.percentile(values, 99))
 
 
-NOISY_PAUSE = 0.002
-"""Each noisy client's pause between requests: 8 clients then offer up to ~4,000 requests/s,
-80x the noisy tenant's quota. With no pause at all, the in-process clients themselves
-monopolise the event loop the service shares with them (see docs/tenants.md)."""
 QUIET_BOUND_FACTOR = 2.0
-QUIET_BOUND_MS = 25.0
-"""The stated bound: with a noisy tenant at saturation, the quiet tenant's p99 stays within
-``QUIET_BOUND_FACTOR`` x its p99 alone + ``QUIET_BOUND_MS`` (one process, in-process client)."""
+QUIET_BOUND_MS = 10.0
+WINDOWS = 4
+"""The stated bound: with another tenant flooding the service (no pause between requests),
+the quiet tenant's p99 stays within ``QUIET_BOUND_FACTOR`` x its p99 alone, measured in the
+same run, + ``QUIET_BOUND_MS`` (one process: the flooding clients share the event loop). Alone and
+flooded are measured in ``WINDOWS`` alternating windows each."""
 
 
-def test_a_noisy_tenant_cannot_raise_a_quiet_tenants_p99_beyond_the_bound(make_settings, rows):
-    """Given a quiet tenant at ~30 requests/s and a noisy one with 8 clients each sending a
-    request every 2 ms (up to 80x its 50 requests/s quota), the quiet tenant's p99, measured alone and
-    with the noisy one in the same run, stays within 2x + 25 ms; the quiet tenant is never
-    refused and the noisy one mostly is."""
-    settings = make_settings(rate_per_second="50", burst="50", max_concurrent="4")
+def test_an_unpaced_flood_from_one_tenant_keeps_a_quiet_tenants_p99_within_2x_alone(make_settings, rows):
+    """Given a quiet tenant at under 40 requests/s (quota 50/s), measured alone and then while 8 clients of
+    another tenant send requests back to back with no pause (far past its 50 requests/s
+    quota), the quiet tenant's p99 stays within 2x its p99 alone (+10 ms); the quiet tenant is
+    never refused and the noisy one mostly is, each refusal held ``refusal_delay_ms``."""
+    settings = make_settings(rate_per_second="50", burst="10", max_concurrent="4")
     quiet, noisy = add_tenant(settings, "acme"), add_tenant(settings, "beta")
     body = {"features": rows[0]}
 
@@ -289,35 +363,37 @@ def test_a_noisy_tenant_cannot_raise_a_quiet_tenants_p99_beyond_the_bound(make_s
                     r = await http.post(url("acme"), json=body, headers=bearer(quiet))
                     out.append((time.perf_counter() - t) * 1e3)
                     assert r.status_code == 200, r.text
-                    await asyncio.sleep(0.03)
+                    await asyncio.sleep(0.025)  # under 40 requests/s: within its own quota
                 return out
 
-            alone = await quiet_run(200)
             codes: dict[int, int] = {}
-            stop = asyncio.Event()
 
-            async def hammer() -> None:
+            async def flood(stop: asyncio.Event) -> None:
                 while not stop.is_set():
                     r = await http.post(url("beta"), json=body, headers=bearer(noisy))
                     codes[r.status_code] = codes.get(r.status_code, 0) + 1
-                    await asyncio.sleep(NOISY_PAUSE)
 
-            noise = [asyncio.create_task(hammer()) for _ in range(8)]
-            await asyncio.sleep(0.2)
-            try:
-                loud = await quiet_run(200)
-            finally:
-                stop.set()
-                await asyncio.gather(*noise)
+            alone: list[float] = []
+            loud: list[float] = []
+            for _ in range(WINDOWS):  # alternate, so a change in the machine's load hits both
+                alone += await quiet_run(160 // WINDOWS)
+                stop = asyncio.Event()
+                noise = [asyncio.create_task(flood(stop)) for _ in range(8)]
+                await asyncio.sleep(0.1)
+                try:
+                    loud += await quiet_run(160 // WINDOWS)
+                finally:
+                    stop.set()
+                    await asyncio.gather(*noise)
             return alone, loud, codes
 
     alone, loud, codes = asyncio.run(scenario())
     bound = QUIET_BOUND_FACTOR * _p99(alone) + QUIET_BOUND_MS
     print(
-        f"quiet p99 alone {_p99(alone):.2f} ms, with noisy {_p99(loud):.2f} ms (bound {bound:.2f}); "
+        f"quiet p99 alone {_p99(alone):.2f} ms, with the flood {_p99(loud):.2f} ms (bound {bound:.2f}); "
         f"noisy {codes}"
     )
-    assert codes.get(429, 0) > 10 * codes.get(200, 0), codes
+    assert codes.get(429, 0) > codes.get(200, 0), codes
     assert _p99(loud) <= bound
 
 
