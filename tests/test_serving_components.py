@@ -20,6 +20,7 @@ from mlops.datagen import fraud_schema, generate
 from mlops.errors import ConfigError, DataError
 from mlops.onnx_model import OnnxScorer
 from mlops.predlog import PRIMARY, SHADOW, part_name
+from mlops.rollout.degrade import spin_body
 from mlops.settings import DatasetSchema, load_settings
 from serving.auth import check_bearer, ensure_token, read_token, token_path
 from serving.client import FakeServingAdmin, ServingRequestFailed
@@ -44,20 +45,7 @@ def slow_model(schema: DatasetSchema, steps_per_unit: float = 1e12, offset: floa
     first = schema.numeric_names[0]
     inputs = [h.make_tensor_value_info(n, T.FLOAT, [None, 1]) for n in schema.numeric_names]
     inputs += [h.make_tensor_value_info(n, T.STRING, [None, 1]) for n in schema.categorical_names]
-    body = h.make_graph(
-        [
-            h.make_node("Identity", ["cond_in"], ["cond_out"]),
-            h.make_node("Add", ["acc_in", "one"], ["acc_out"]),
-        ],
-        "spin",
-        [
-            h.make_tensor_value_info("i", T.INT64, []),
-            h.make_tensor_value_info("cond_in", T.BOOL, []),
-            h.make_tensor_value_info("acc_in", T.FLOAT, []),
-        ],
-        [h.make_tensor_value_info("cond_out", T.BOOL, []), h.make_tensor_value_info("acc_out", T.FLOAT, [])],
-        [h.make_tensor("one", T.FLOAT, [], [1.0])],
-    )
+    body = spin_body()
     nodes = [
         h.make_node("ReduceMax", [first], ["top"], keepdims=0),
         h.make_node("Add", ["top", "offset"], ["shifted"]),

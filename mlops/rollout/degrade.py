@@ -46,6 +46,28 @@ def _uniform(h, name: str, a: str, b: str, ka: float, kb: float, offset: float) 
     ]
 
 
+def spin_body():
+    """The body of an ONNX ``Loop`` that only counts (``acc += 1`` per trip): run for a trip
+    count taken from the input, it costs CPU time without changing any output."""
+    from onnx import TensorProto as T
+    from onnx import helper as h
+
+    return h.make_graph(
+        [
+            h.make_node("Identity", ["cond_in"], ["cond_out"]),
+            h.make_node("Add", ["acc_in", "one"], ["acc_out"]),
+        ],
+        "spin",
+        [
+            h.make_tensor_value_info("i", T.INT64, []),
+            h.make_tensor_value_info("cond_in", T.BOOL, []),
+            h.make_tensor_value_info("acc_in", T.FLOAT, []),
+        ],
+        [h.make_tensor_value_info("cond_out", T.BOOL, []), h.make_tensor_value_info("acc_out", T.FLOAT, [])],
+        [h.make_tensor("one", T.FLOAT, [], [1.0])],
+    )
+
+
 def _build(onnx_model: bytes, schema: DatasetSchema, p: Pathology, spin_steps: int) -> bytes:
     import onnx
     from onnx import TensorProto as T
@@ -96,23 +118,7 @@ def _build(onnx_model: bytes, schema: DatasetSchema, p: Pathology, spin_steps: i
         h.make_node("Where", ["_fail", "_nan", "_p2"], ["_p3"]),
     ]
     if spin_steps > 0:
-        body = h.make_graph(
-            [
-                h.make_node("Identity", ["cond_in"], ["cond_out"]),
-                h.make_node("Add", ["acc_in", "one"], ["acc_out"]),
-            ],
-            "spin",
-            [
-                h.make_tensor_value_info("i", T.INT64, []),
-                h.make_tensor_value_info("cond_in", T.BOOL, []),
-                h.make_tensor_value_info("acc_in", T.FLOAT, []),
-            ],
-            [
-                h.make_tensor_value_info("cond_out", T.BOOL, []),
-                h.make_tensor_value_info("acc_out", T.FLOAT, []),
-            ],
-            [h.make_tensor("one", T.FLOAT, [], [1.0])],
-        )
+        body = spin_body()
         nodes += [
             h.make_node(
                 "ReduceMax", [a], ["_top"], keepdims=0
