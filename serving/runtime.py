@@ -34,7 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from mlops.errors import ModelError
+from mlops.errors import DataError, ModelError
+from mlops.features import FeatureViewMismatch, check_view, model_view
 from mlops.onnx_model import PROBA_OUTPUT
 from mlops.predlog import PRIMARY, SHADOW, RequestIds
 from mlops.request_validation import InvalidRequest, Record, RequestValidator, V2Request
@@ -184,14 +185,28 @@ class ServingRuntime:
     # ------------------------------------------------------------------ lifecycle
 
     def _build(self, version: int) -> LoadedModel:
-        return self._build_named(self.model_name, version, self.source.onnx(version))
+        return self._build_named(
+            self.model_name, version, self.source.onnx(version), tags=self.source.tags(version)
+        )
 
     def _build_named(
-        self, name: str, version: int, onnx: bytes, lane: SharedLane | None = None
+        self,
+        name: str,
+        version: int,
+        onnx: bytes,
+        lane: SharedLane | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> LoadedModel:
         """Build and warm up version ``version`` of model ``name`` (the served one, or a
-        tenant's scoring on the shared ``lane``)."""
+        tenant's scoring on the shared ``lane``). A version whose lineage names a feature view
+        other than the one the online lookups compute (``features.windows``) is refused: its
+        window inputs would be filled with features computed differently from its training."""
         try:
+            check_view(
+                self.online.fs if self.online is not None else None,
+                model_view(tags or {}),
+                f"{name} v{version}",
+            )
             return build_model(
                 name,
                 version,
@@ -203,7 +218,7 @@ class ServingRuntime:
                 declared_windows=self.windows,
                 lane=lane,
             )
-        except (ModelError, ModelFailed) as exc:
+        except (ModelError, ModelFailed, DataError, FeatureViewMismatch) as exc:
             raise UnusableModel(f"version {version} of '{name}' cannot be served: {exc}") from None
 
     def _initial(self) -> tuple[DesiredState | None, int, str]:

@@ -30,6 +30,10 @@ class ModelSource(Protocol):
         """Whether ``version`` is registered."""
         ...
 
+    def tags(self, version: int) -> dict[str, str]:
+        """The tags of ``version`` (its lineage: e.g. the feature view it was trained on)."""
+        ...
+
 
 class RegistrySource:
     """Versions of one registered model, read from the platform's MLflow registry."""
@@ -67,5 +71,15 @@ class RegistrySource:
                 return True
             except NotFound:
                 return False
+            except RegistryError as exc:
+                raise ServingError(f"registry unavailable: {exc}", 503) from exc
+
+    def tags(self, version: int) -> dict[str, str]:
+        """The tags of ``version`` (its lineage: e.g. the feature view it was trained on)."""
+        with self._lock:
+            try:
+                return dict(self.registry.version(self.model_name, version).tags)
+            except NotFound:
+                raise UnknownModel(f"model '{self.model_name}' has no version {version}") from None
             except RegistryError as exc:
                 raise ServingError(f"registry unavailable: {exc}", 503) from exc

@@ -287,7 +287,8 @@ class TenantModels:
     def _load(self, key: tuple[str, int]) -> LoadedModel:
         name, version = key
         started = time.perf_counter()
-        model = self._build(name, version, self._source(name).onnx(version), self.lanes[0])
+        source = self._source(name)
+        model = self._build(name, version, source.onnx(version), self.lanes[0], source.tags(version))
         model.nbytes += MODEL_OVERHEAD_BYTES
         self.load_seconds.append(time.perf_counter() - started)
         return model

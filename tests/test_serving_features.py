@@ -511,3 +511,34 @@ def test_pipelined_replies_split_anywhere_reach_their_callers_in_order():
             assert not conn.buffer and not conn.waiters
 
     run(scenario)
+
+
+def test_a_version_trained_on_another_feature_view_is_refused(
+    registry_env: dict[str, str], fs: FeatureSet, tmp_path: Path
+):
+    """The service reads the feature view from the version's lineage: the configured view
+    serves, a version trained on other windows is refused at load naming both digests (its
+    inputs would be filled with features computed differently from its training)."""
+    from mlops.settings import WindowFeature
+    from registry.mlflow_registry import ModelRegistry
+    from serving.errors import UnusableModel
+    from serving.runtime import ServingRuntime
+
+    settings = load_settings(FEATURES_YAML, environ=registry_env | {"MLOPS_HOME": str(tmp_path / "home")})
+    name = settings.training.model_name
+    client = ModelRegistry(settings).client
+    other = fs.with_windows([WindowFeature(name="user_txn_count_2h", agg="count", window_seconds=7200.0)])
+    try:
+        for view in (fs, other):
+            for key, value in view.lineage_tags().items():
+                client.set_model_version_tag(name, "1", key, value)
+            rt = ServingRuntime.for_model(settings, name)
+            if view is fs:
+                assert "v1" in rt.bootstrap()
+                continue
+            with pytest.raises(UnusableModel) as err:
+                rt.bootstrap()
+            assert other.digest() in str(err.value) and fs.digest() in str(err.value)
+    finally:
+        for key in fs.lineage_tags():
+            client.delete_model_version_tag(name, "1", key)
