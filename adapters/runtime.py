@@ -1,6 +1,6 @@
-"""Process-wide wiring of the backends to one ``Settings``.
+"""Process-wide wiring of the backends to one ``Settings``, and the source version a run records.
 
-Called once by every entry point (the CLI, a deployment's flow, a test session) before
+``configure`` is called once by every entry point (the CLI, a deployment's flow, a test session) before
 Prefect or MLflow is used; importing this module changes nothing.
 """
 
@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+from importlib import metadata
+from pathlib import Path
 
 from mlops.settings import HOME_ENV, Settings
 
@@ -47,3 +50,24 @@ def configure(settings: Settings) -> None:
     logging.getLogger("mlflow.utils.environment").setLevel(logging.ERROR)
     if not settings.prefect.api_url:
         os.environ.pop("PREFECT_API_URL", None)
+
+
+def code_version(root: Path | None = None) -> str:
+    """The git commit of the platform's source when run from a checkout, else its version."""
+    root = root or Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        out = subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=5, check=True
+        )
+        return out.stdout.strip()
+
+    try:
+        sha = git("rev-parse", "--short=12", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return f"git:{sha}{'-dirty' if dirty else ''}"
+    except (OSError, subprocess.SubprocessError):
+        try:
+            return f"pkg:{metadata.version('mlops-platform')}"
+        except metadata.PackageNotFoundError:
+            return "unknown"

@@ -13,10 +13,9 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from adapters.runtime import configure
+from adapters.runtime import code_version, configure
 from mlops import modeling, training
 from mlops.features import feature_views, model_schema
-from mlops.lineage import code_version
 from mlops.settings import load_settings
 from tasks.data import load_dataset, validate_dataset
 from tasks.registry import first_champion_or_gate, log_training_run, register_version

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 from collections.abc import Iterable, Sequence
-from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -41,24 +38,3 @@ def data_fingerprint(frames: Iterable[pd.DataFrame], columns: Sequence[str]) -> 
         rows += len(sub)
     digest.update(f"rows={rows}".encode())
     return digest.hexdigest()[:16]
-
-
-def code_version(root: Path | None = None) -> str:
-    """The git commit of the platform's source when run from a checkout, else its version."""
-    root = root or Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        out = subprocess.run(
-            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=5, check=True
-        )
-        return out.stdout.strip()
-
-    try:
-        sha = git("rev-parse", "--short=12", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-        return f"git:{sha}{'-dirty' if dirty else ''}"
-    except (OSError, subprocess.SubprocessError):
-        try:
-            return f"pkg:{metadata.version('mlops-platform')}"
-        except metadata.PackageNotFoundError:
-            return "unknown"

@@ -6,10 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from adapters.runtime import code_version
 from mlops import modeling
 from mlops.datagen import BLOCK_ROWS, fraud_schema, generate, generate_blocks
 from mlops.errors import ParityFailed
-from mlops.lineage import code_version, config_hash, data_fingerprint
+from mlops.lineage import config_hash, data_fingerprint
 
 
 def test_same_seed_same_data_other_seed_other_data() -> None:
