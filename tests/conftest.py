@@ -42,13 +42,14 @@ def pytest_configure(config: pytest.Config) -> None:
 # The longest modules first: CI runs two pytest-xdist workers that take whole modules
 # (--dist loadfile, in collection order: --no-loadscope-reorder, or xdist would put the
 # modules with the most tests first and the three-test end-to-end module last), so both
-# start on long modules and the short ones fill in. The first four lead the whole suite
+# start on long modules and the short ones fill in. The first five lead the whole suite
 # (CI); the fast suite has no test in the first two and is led by the rest, longest first
 # (alphabetical order would leave test_validation and test_train_flow for the end).
 LONG_FIRST = (
-    "test_e2e_deployments.py",
     "test_rollout_flow.py",
+    "test_e2e_deployments.py",
     "test_cli.py",
+    "test_datasets.py",
     "test_scoring.py",
     "test_validation.py",
     "test_predlog_compaction.py",
@@ -56,6 +57,8 @@ LONG_FIRST = (
     "test_serving_tenants.py",
     "test_storage.py",
     "test_serving_security.py",
+    "test_stream_redis.py",
+    "test_registry.py",
 )
 
 
