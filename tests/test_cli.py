@@ -172,7 +172,7 @@ def test_demo_end_to_end_on_embedded_defaults(tmp_path: Path) -> None:
         "MLOPS_HOME": str(home),
         "MLOPS__TRAINING__CANDIDATES": '[{"kind": "gradient_boosting", "n_estimators": 30}, {"kind": "logistic_regression"}]',
     }
-    plan = Path(__file__).parent / "plans" / "fast-rollout.yaml"
+    plan = Path(__file__).parent / "plans" / "fast-demo-e2e.yaml"
     result = mlops("demo", "--rows", "20000", "--rollout-plan", str(plan), env=env, timeout=2400)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "demo summary" in result.stdout and ": succeeded (v2 vs v1" in result.stdout, result.stdout[-3000:]
