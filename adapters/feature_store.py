@@ -34,7 +34,7 @@ import pyarrow.ipc as ipc
 
 from adapters.files import fsync_dir, fsync_file
 from mlops.errors import PlatformError
-from mlops.features import FeatureSet, StreamFeatures, feature_views
+from mlops.features import FeatureSet, StateMismatch, StreamFeatures, feature_views
 from mlops.settings import RedisStateStore, Settings
 
 STATE_FILE = "window-state.arrow"
@@ -337,10 +337,24 @@ def window_answer(
 class AsyncRedisFeatureReader:
     """Online lookups in a ``RedisFeatureStore``'s keys from an event loop: read-only, one ``MGET``
     per batch of entities on a pipelined connection (``adapters.redis_reads``), every call
-    bounded by ``timeout`` seconds."""
+    bounded by ``timeout`` seconds.
+
+    Keys are built from bytes prepared once; the answers come from one ``StreamFeatures``
+    made at construction (its ``lookup_events``). The parsed windows of up to
+    ``cache_entities`` entities are kept with the exact bytes they were parsed from: an
+    entity whose value did not change since its last read is not parsed again, and a changed
+    one is (the answer always reflects the value just read). Only entities Redis holds are
+    kept, so ids that do not exist cannot grow memory.
+    """
 
     def __init__(
-        self, url: str, fs: FeatureSet, prefix: str, timeout: float, extra_views: Sequence[FeatureSet] = ()
+        self,
+        url: str,
+        fs: FeatureSet,
+        prefix: str,
+        timeout: float,
+        extra_views: Sequence[FeatureSet] = (),
+        cache_entities: int = 4096,
     ):
         from adapters.redis_reads import PipelinedRedis
 
@@ -348,15 +362,22 @@ class AsyncRedisFeatureReader:
         self.extra_views = tuple(extra_views)
         self.prefix = prefix
         self.where = f"{_redacted(url)} {prefix}"
+        self._state = StreamFeatures(fs, self.extra_views)
+        self._meta_key = f"{prefix}:meta".encode()
+        self._entity_prefix = f"{prefix}:e:".encode()
         self._checked_meta: bytes | None = None
+        self._windows: dict[str, tuple[bytes, Any]] = {}
+        self.cache_entities = cache_entities
         self.client = PipelinedRedis(url, timeout)
 
     async def lookup_many(self, keys: Sequence[tuple[str, int]]) -> list[dict[str, float]]:
         """The features of each (entity, time); ``FeatureStoreError`` when Redis does not answer
-        or holds no checkpoint under the prefix."""
+        or holds no checkpoint under the prefix, ``StateMismatch`` when it was built for other
+        declarations or an entity's value is malformed."""
         from adapters.redis_reads import RespError
 
-        names = [f"{self.prefix}:meta", *(f"{self.prefix}:e:{e}" for e, _ in keys)]
+        ep = self._entity_prefix
+        names = [self._meta_key, *(ep + e.encode() for e, _ in keys)]
         try:
             raw = await self.client.mget(names)
         except TimeoutError:
@@ -369,12 +390,38 @@ class AsyncRedisFeatureReader:
         if meta is None:
             raise FeatureStoreError(f"redis: no window state checkpoint under {self.prefix!r} yet")
         if meta != self._checked_meta:  # a new checkpoint: check its declaration digest once
-            StreamFeatures(self.fs, self.extra_views).restore_counters(json.loads(meta)["counters"])
+            try:
+                counters = json.loads(meta)["counters"]
+            except (ValueError, KeyError, TypeError):
+                raise StateMismatch(f"window state under {self.prefix!r}: malformed meta key") from None
+            StreamFeatures(self.fs, self.extra_views).restore_counters(counters)
             self._checked_meta = meta
-        return [
-            window_answer(self.fs, meta, w, e, t, check_meta=False, extra_views=self.extra_views)
-            for (e, t), w in zip(keys, raw[1:], strict=True)
-        ]
+        state, cache = self._state, self._windows
+        out = []
+        for (entity, ts), value in zip(keys, raw[1:], strict=True):
+            win = None
+            if value is not None:
+                hit = cache.get(entity)
+                if hit is not None and hit[0] == value:
+                    win = hit[1]
+                else:
+                    win = self._parse(entity, value)
+            out.append(state.lookup_events(win, ts))
+        return out
+
+    def _parse(self, entity: str, value: bytes) -> Any:
+        try:
+            window = json.loads(value)
+        except ValueError:
+            raise StateMismatch(f"window state of {entity}: not JSON") from None
+        if not isinstance(window, dict):
+            raise StateMismatch(f"window state of {entity}: not an object")
+        win = self._state.window_of(entity, window)
+        cache = self._windows
+        if entity not in cache and len(cache) >= self.cache_entities:
+            del cache[next(iter(cache))]  # the entity read longest ago first
+        cache[entity] = (value, win)
+        return win
 
     async def close(self) -> None:
         """Close the connection."""
