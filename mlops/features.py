@@ -439,18 +439,36 @@ def with_features(fs: FeatureSet, events: Frame, rows: Frame | None = None) -> p
     return table
 
 
+def _kind(t: pa.DataType) -> str:
+    """The family of an Arrow type a history column may be converted within."""
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "text"
+    if pa.types.is_integer(t) or pa.types.is_floating(t):
+        return "number"
+    if pa.types.is_timestamp(t) or pa.types.is_date(t):
+        return "time"
+    return str(t)
+
+
 def _event_columns(fs: FeatureSet, table: pa.Table, like: pa.Table | None = None) -> pa.Table:
-    """The entity, time (ns) and source columns of ``table``, typed like ``like``'s when given."""
+    """The entity, time (ns) and source columns of ``table``, typed like ``like``'s when given.
+
+    A column is converted only within its family (text widths, number widths, time units),
+    or from text to time (ISO 8601 parsed): numbers as entity ids or times (unit unknown) and
+    text as amounts are a ``DataError`` naming the column, not a silent reinterpretation."""
     cols = {}
     for name in (fs.entity_column, fs.timestamp_column, *fs.source_columns):
         col = _column(table, name)
         if like is not None and col.type != like.schema.field(name).type:
+            want = like.schema.field(name).type
+            src, dst = _kind(col.type), _kind(want)
+            problem = f"feature history: column {name!r} is {col.type}, the input's is {want}"
+            if src != dst and (src, dst) != ("text", "time"):
+                raise DataError(problem)
             try:
-                col = pc.cast(col, like.schema.field(name).type)
+                col = pc.cast(col, want)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                raise DataError(
-                    f"feature history: column {name!r} is {col.type}, the input's is {like.schema.field(name).type}"
-                ) from None
+                raise DataError(f"{problem}, and its values do not convert") from None
         cols[name] = col
     return pa.table(cols)
 
