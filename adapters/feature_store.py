@@ -341,10 +341,15 @@ class AsyncRedisFeatureReader:
 
     Keys are built from bytes prepared once; the answers come from one ``StreamFeatures``
     made at construction (its ``lookup_events``). The parsed windows of up to
-    ``cache_entities`` entities are kept with the exact bytes they were parsed from: an
-    entity whose value did not change since its last read is not parsed again, and a changed
-    one is (the answer always reflects the value just read). Only entities Redis holds are
-    kept, so ids that do not exist cannot grow memory.
+    ``cache_entities`` entities are kept with the meta value and the exact bytes they were
+    read with. A checkpoint rewrites the meta key and the changed entities in one
+    transaction, so a window read under the current meta is the current window. While
+    ``watch`` runs (it reads the meta key every ``every`` seconds), a lookup whose entities
+    are all kept under the meta seen within the last ``every`` + ``timeout`` seconds is
+    answered from memory: answers lag a new checkpoint by at most that, like the embedded
+    store's checkpoint index. Otherwise (or without ``watch``) the lookup reads Redis, and an
+    entity whose bytes did not change is not parsed again. Only entities Redis holds are
+    kept, so ids that do not exist cannot grow memory (each costs a read).
     """
 
     def __init__(
@@ -366,18 +371,61 @@ class AsyncRedisFeatureReader:
         self._meta_key = f"{prefix}:meta".encode()
         self._entity_prefix = f"{prefix}:e:".encode()
         self._checked_meta: bytes | None = None
-        self._windows: dict[str, tuple[bytes, Any]] = {}
+        self._meta: bytes | None = None  # the newest meta value seen (by a lookup or by watch)
+        self._meta_at = float("-inf")  # loop time it was seen
+        self.max_staleness = 0.0  # 0: every lookup reads Redis (set by watch)
+        self._windows: dict[str, tuple[bytes, bytes, Any]] = {}  # entity -> (meta, value, window)
         self.cache_entities = cache_entities
+        self.reads = 0  # lookups that read Redis
         self.client = PipelinedRedis(url, timeout)
+
+    async def watch(self, every: float) -> None:
+        """Read the meta key every ``every`` seconds until cancelled; while this runs, repeat
+        entities under an unchanged checkpoint are answered from memory (see the class doc)."""
+        import asyncio
+        import logging
+
+        from adapters.redis_reads import RespError
+
+        loop = asyncio.get_running_loop()
+        self.max_staleness = every + self.client.timeout
+        try:
+            while True:
+                try:
+                    (meta,) = await self.client.mget([self._meta_key])
+                except (RespError, TimeoutError) as exc:  # lookups read Redis until it answers again
+                    logging.getLogger(__name__).warning("online features: redis meta check failed (%s)", exc)
+                else:
+                    if meta != self._meta:
+                        self._meta = meta
+                    self._meta_at = loop.time()
+                await asyncio.sleep(every)
+        finally:
+            self.max_staleness = 0.0
 
     async def lookup_many(self, keys: Sequence[tuple[str, int]]) -> list[dict[str, float]]:
         """The features of each (entity, time); ``FeatureStoreError`` when Redis does not answer
         or holds no checkpoint under the prefix, ``StateMismatch`` when it was built for other
         declarations or an entity's value is malformed."""
+        import asyncio
+
         from adapters.redis_reads import RespError
 
+        state, cache = self._state, self._windows
+        meta = self._meta
+        now = asyncio.get_running_loop().time()
+        if self.max_staleness and meta is not None and now - self._meta_at <= self.max_staleness:
+            out = []
+            for entity, ts in keys:
+                hit = cache.get(entity)
+                if hit is None or hit[0] is not meta:
+                    break
+                out.append(state.lookup_events(hit[2], ts))
+            else:
+                return out
         ep = self._entity_prefix
         names = [self._meta_key, *(ep + e.encode() for e, _ in keys)]
+        self.reads += 1
         try:
             raw = await self.client.mget(names)
         except TimeoutError:
@@ -396,20 +444,25 @@ class AsyncRedisFeatureReader:
                 raise StateMismatch(f"window state under {self.prefix!r}: malformed meta key") from None
             StreamFeatures(self.fs, self.extra_views).restore_counters(counters)
             self._checked_meta = meta
-        state, cache = self._state, self._windows
+        if meta != self._meta:
+            self._meta = meta
+        else:
+            meta = self._meta  # the same object, for the identity check above
+        self._meta_at = asyncio.get_running_loop().time()
         out = []
         for (entity, ts), value in zip(keys, raw[1:], strict=True):
             win = None
             if value is not None:
                 hit = cache.get(entity)
-                if hit is not None and hit[0] == value:
-                    win = hit[1]
+                if hit is not None and hit[1] == value:
+                    win = hit[2]
+                    cache[entity] = (meta, value, win)
                 else:
-                    win = self._parse(entity, value)
+                    win = self._parse(entity, value, meta)
             out.append(state.lookup_events(win, ts))
         return out
 
-    def _parse(self, entity: str, value: bytes) -> Any:
+    def _parse(self, entity: str, value: bytes, meta: bytes) -> Any:
         try:
             window = json.loads(value)
         except ValueError:
@@ -420,7 +473,7 @@ class AsyncRedisFeatureReader:
         cache = self._windows
         if entity not in cache and len(cache) >= self.cache_entities:
             del cache[next(iter(cache))]  # the entity read longest ago first
-        cache[entity] = (value, win)
+        cache[entity] = (meta, value, win)
         return win
 
     async def close(self) -> None:

@@ -188,8 +188,9 @@ def test_score_with_a_malformed_feature_history_exits_non_zero_with_one_line_and
     flow_home: Settings, window_model: bytes, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ):
     """`mlops score --feature-history` with a file that is not Parquet, or lacks a column, or
-    has a time column of numbers: exit 3, one error line naming the problem, no score store,
-    no warehouse and no work folder left behind."""
+    has a time column of numbers: exit 3, one error line naming the problem, no scored row
+    (no file under the score store, staged or published) and no work folder left behind."""
+    from adapters import storage
     from mlops.features import FeatureSet
     from mlops_cli.main import app
     from tests.conftest import register_window_model
@@ -210,6 +211,10 @@ def test_score_with_a_malformed_feature_history_exits_non_zero_with_one_line_and
         errors = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
         assert len(errors) == 1 and why in errors[0] and "Traceback" not in result.output, result.output
         home = settings.home_path
-        assert not (home / "warehouse.duckdb").exists() and not (home / "scores").exists(), name
-        assert not list((home / "tmp").glob("score-input-*")) if (home / "tmp").exists() else True
+        written = (
+            [p for p in (home / "scores").rglob("*") if p.is_file()] if (home / "scores").exists() else []
+        )
+        assert not written, (name, written)  # no part, staged or published
+        assert storage.query(home, "SELECT count(*) AS n FROM scores").column("n").to_pylist() == [0]
+        assert not list((home / "tmp").glob("score-input-*")), name  # the work folder is gone
     assert os.listdir(tmp_path / "history")  # the inputs themselves are untouched

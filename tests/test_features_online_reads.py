@@ -192,3 +192,65 @@ def test_a_changed_window_is_read_anew_and_unknown_ids_are_not_kept(redis_url: s
             await reader.close()
 
     asyncio.run(scenario())
+
+
+def test_repeat_entities_are_answered_from_memory_until_the_checkpoint_changes(
+    redis_url: str, fs: FeatureSet
+):
+    """With the meta key watched every 0.1 s, 300 lookups of one user cost Redis one MGET of its
+    window (the server's own command count says so, besides the watch's meta reads); after
+    the stream checkpoints one more event of that user, the answers change within the
+    watch interval plus the timeout, and equal offline; an id Redis does not hold is read
+    every time."""
+    events = generate(600, seed=12).sort_values("event_time", kind="stable").reset_index(drop=True)
+    prefix = f"watch{time.time_ns()}"
+    store = RedisFeatureStore.from_url(redis_url, fs, prefix)
+    state = StreamFeatures(fs)
+    users, ts = events["user_id"], timestamps_ns(events["event_time"])
+    state.replay(users[:500], ts[:500], {"amount": events["amount"][:500]})
+    store.save(state, {"t": 500})
+    seen = set(users[:500])
+    later = next(i for i in range(500, len(events)) if users[i] in seen)
+    user, at = users[later], int(ts[later]) + 1
+    admin = redis.Redis.from_url(redis_url)
+
+    def mgets() -> int:
+        return int(admin.info("commandstats").get("cmdstat_mget", {}).get("calls", 0))
+
+    def offline(upto: int) -> dict[str, float]:
+        query = pd.DataFrame({"user_id": [user], "event_time": [pd.Timestamp(at)]})
+        return compute_offline(fs, events.iloc[:upto], query).to_pandas().iloc[0].to_dict()
+
+    async def scenario() -> None:
+        reader = AsyncRedisFeatureReader(redis_url, fs, prefix, 0.5)
+        watch = asyncio.ensure_future(reader.watch(0.1))
+        try:
+            await asyncio.sleep(0.05)
+            expected = offline(500)
+            calls, started = mgets(), time.monotonic()
+            for _ in range(300):
+                (got,) = await reader.lookup_many([(user, at)])
+                assert got == pytest.approx(expected, rel=1e-12)
+            polls = (time.monotonic() - started) / 0.1 + 2
+            assert reader.reads == 1 and mgets() - calls <= 1 + polls
+
+            for i in range(500, later + 1):
+                state.update(users[i], int(ts[i]), {"amount": float(events["amount"][i])})
+            expected = offline(later + 1)
+            store.save(state, {"t": later + 1})
+            saved = time.monotonic()
+            while (await reader.lookup_many([(user, at)]))[0] != pytest.approx(expected, rel=1e-12):
+                assert time.monotonic() - saved < 0.6 + 0.5, "the new checkpoint was not seen in time"
+                await asyncio.sleep(0.01)
+            reads = reader.reads
+            for _ in range(5):
+                await reader.lookup_many([("nobody", at)])
+            assert reader.reads == reads + 5 and "nobody" not in reader._windows
+        finally:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+            await reader.close()
+        assert reader.max_staleness == 0.0
+
+    asyncio.run(scenario())
