@@ -100,7 +100,14 @@ def read_table(
     tables = []
     for f in files:
         try:
-            tables.append(_dataset(f, schema).to_table(columns=None if columns is None else list(columns)))
+            data = _dataset(f, schema)
+            if columns is not None:
+                missing = [c for c in columns if c not in data.schema.names]
+                if missing:
+                    raise DataError(
+                        f"{f}: no column {', '.join(map(repr, missing))} (needs {', '.join(columns)})"
+                    )
+            tables.append(data.to_table(columns=None if columns is None else list(columns)))
         except (pa.ArrowInvalid, OSError) as exc:
             raise DataError(f"{f}: cannot be read ({arrow_error(exc)})") from None
     try:

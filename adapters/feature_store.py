@@ -34,7 +34,7 @@ import pyarrow.ipc as ipc
 
 from adapters.files import fsync_dir, fsync_file
 from mlops.errors import PlatformError
-from mlops.features import FeatureSet, StreamFeatures, feature_views
+from mlops.features import FeatureSet, StateMismatch, StreamFeatures, feature_views
 from mlops.settings import RedisStateStore, Settings
 
 STATE_FILE = "window-state.arrow"
@@ -337,10 +337,29 @@ def window_answer(
 class AsyncRedisFeatureReader:
     """Online lookups in a ``RedisFeatureStore``'s keys from an event loop: read-only, one ``MGET``
     per batch of entities on a pipelined connection (``adapters.redis_reads``), every call
-    bounded by ``timeout`` seconds."""
+    bounded by ``timeout`` seconds.
+
+    Keys are built from bytes prepared once; the answers come from one ``StreamFeatures``
+    made at construction (its ``lookup_events``). The parsed windows of up to
+    ``cache_entities`` entities are kept with the meta value and the exact bytes they were
+    read with. A checkpoint rewrites the meta key and the changed entities in one
+    transaction, so a window read under the current meta is the current window. While
+    ``watch`` runs (it reads the meta key every ``every`` seconds), a lookup whose entities
+    are all kept under the meta seen within the last ``every`` + ``timeout`` seconds is
+    answered from memory: answers lag a new checkpoint by at most that, like the embedded
+    store's checkpoint index. Otherwise (or without ``watch``) the lookup reads Redis, and an
+    entity whose bytes did not change is not parsed again. Only entities Redis holds are
+    kept, so ids that do not exist cannot grow memory (each costs a read).
+    """
 
     def __init__(
-        self, url: str, fs: FeatureSet, prefix: str, timeout: float, extra_views: Sequence[FeatureSet] = ()
+        self,
+        url: str,
+        fs: FeatureSet,
+        prefix: str,
+        timeout: float,
+        extra_views: Sequence[FeatureSet] = (),
+        cache_entities: int = 4096,
     ):
         from adapters.redis_reads import PipelinedRedis
 
@@ -348,15 +367,65 @@ class AsyncRedisFeatureReader:
         self.extra_views = tuple(extra_views)
         self.prefix = prefix
         self.where = f"{_redacted(url)} {prefix}"
+        self._state = StreamFeatures(fs, self.extra_views)
+        self._meta_key = f"{prefix}:meta".encode()
+        self._entity_prefix = f"{prefix}:e:".encode()
         self._checked_meta: bytes | None = None
+        self._meta: bytes | None = None  # the newest meta value seen (by a lookup or by watch)
+        self._meta_at = float("-inf")  # loop time it was seen
+        self.max_staleness = 0.0  # 0: every lookup reads Redis (set by watch)
+        self._windows: dict[str, tuple[bytes, bytes, Any]] = {}  # entity -> (meta, value, window)
+        self.cache_entities = cache_entities
+        self.reads = 0  # lookups that read Redis
         self.client = PipelinedRedis(url, timeout)
+
+    async def watch(self, every: float) -> None:
+        """Read the meta key every ``every`` seconds until cancelled; while this runs, repeat
+        entities under an unchanged checkpoint are answered from memory (see the class doc)."""
+        import asyncio
+        import logging
+
+        from adapters.redis_reads import RespError
+
+        loop = asyncio.get_running_loop()
+        self.max_staleness = every + self.client.timeout
+        try:
+            while True:
+                try:
+                    (meta,) = await self.client.mget([self._meta_key])
+                except (RespError, TimeoutError) as exc:  # lookups read Redis until it answers again
+                    logging.getLogger(__name__).warning("online features: redis meta check failed (%s)", exc)
+                else:
+                    if meta != self._meta:
+                        self._meta = meta
+                    self._meta_at = loop.time()
+                await asyncio.sleep(every)
+        finally:
+            self.max_staleness = 0.0
 
     async def lookup_many(self, keys: Sequence[tuple[str, int]]) -> list[dict[str, float]]:
         """The features of each (entity, time); ``FeatureStoreError`` when Redis does not answer
-        or holds no checkpoint under the prefix."""
+        or holds no checkpoint under the prefix, ``StateMismatch`` when it was built for other
+        declarations or an entity's value is malformed."""
+        import asyncio
+
         from adapters.redis_reads import RespError
 
-        names = [f"{self.prefix}:meta", *(f"{self.prefix}:e:{e}" for e, _ in keys)]
+        state, cache = self._state, self._windows
+        meta = self._meta
+        now = asyncio.get_running_loop().time()
+        if self.max_staleness and meta is not None and now - self._meta_at <= self.max_staleness:
+            out = []
+            for entity, ts in keys:
+                hit = cache.get(entity)
+                if hit is None or hit[0] is not meta:
+                    break
+                out.append(state.lookup_events(hit[2], ts))
+            else:
+                return out
+        ep = self._entity_prefix
+        names = [self._meta_key, *(ep + e.encode() for e, _ in keys)]
+        self.reads += 1
         try:
             raw = await self.client.mget(names)
         except TimeoutError:
@@ -369,12 +438,43 @@ class AsyncRedisFeatureReader:
         if meta is None:
             raise FeatureStoreError(f"redis: no window state checkpoint under {self.prefix!r} yet")
         if meta != self._checked_meta:  # a new checkpoint: check its declaration digest once
-            StreamFeatures(self.fs, self.extra_views).restore_counters(json.loads(meta)["counters"])
+            try:
+                counters = json.loads(meta)["counters"]
+            except (ValueError, KeyError, TypeError):
+                raise StateMismatch(f"window state under {self.prefix!r}: malformed meta key") from None
+            StreamFeatures(self.fs, self.extra_views).restore_counters(counters)
             self._checked_meta = meta
-        return [
-            window_answer(self.fs, meta, w, e, t, check_meta=False, extra_views=self.extra_views)
-            for (e, t), w in zip(keys, raw[1:], strict=True)
-        ]
+        if meta != self._meta:
+            self._meta = meta
+        else:
+            meta = self._meta  # the same object, for the identity check above
+        self._meta_at = asyncio.get_running_loop().time()
+        out = []
+        for (entity, ts), value in zip(keys, raw[1:], strict=True):
+            win = None
+            if value is not None:
+                hit = cache.get(entity)
+                if hit is not None and hit[1] == value:
+                    win = hit[2]
+                    cache[entity] = (meta, value, win)
+                else:
+                    win = self._parse(entity, value, meta)
+            out.append(state.lookup_events(win, ts))
+        return out
+
+    def _parse(self, entity: str, value: bytes, meta: bytes) -> Any:
+        try:
+            window = json.loads(value)
+        except ValueError:
+            raise StateMismatch(f"window state of {entity}: not JSON") from None
+        if not isinstance(window, dict):
+            raise StateMismatch(f"window state of {entity}: not an object")
+        win = self._state.window_of(entity, window)
+        cache = self._windows
+        if entity not in cache and len(cache) >= self.cache_entities:
+            del cache[next(iter(cache))]  # the entity read longest ago first
+        cache[entity] = (meta, value, win)
+        return win
 
     async def close(self) -> None:
         """Close the connection."""

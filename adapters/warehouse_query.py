@@ -12,9 +12,11 @@ query to reading the store:
    ``EXPORT``, ``EXPLAIN``, DDL and DML -- is refused with ``QueryRefused`` before it runs.
 2. ``confine``: after the warehouse is attached (read-only), the connection's file system
    is limited to the store's ``scores`` folder (the Parquet files the ``scores`` view
-   reads), external access, extension auto-install and auto-load are switched off, and the
-   configuration is locked, so a statement that got past the parser still cannot read or
-   write a file outside the store, reach the network, load code or undo the settings.
+   reads), external access, extension auto-install and auto-load are switched off, spilling
+   to disk is switched off (DuckDB would otherwise also allow reads under its temporary
+   directory, ``.tmp`` in the current directory by default), and the configuration is
+   locked, so a statement that got past the parser still cannot read or write a file outside
+   the store, reach the network, load code or undo the settings.
 """
 
 from __future__ import annotations
@@ -75,9 +77,11 @@ def _directories(folders: Iterable[Path]) -> list[str]:
 
 
 def confine(con: duckdb.DuckDBPyConnection, readable: Iterable[Path]) -> None:
-    """Limit ``con`` for good to the files under ``readable``: no other file, network, extension or setting."""
+    """Limit ``con`` for good to the files under ``readable``: no other file, network, extension,
+    spill file or setting."""
     allowed = ", ".join("'" + d.replace("'", "''") + "'" for d in _directories(readable))
     for statement in (
+        "SET temp_directory = ''",  # else its folder is readable too
         f"SET allowed_directories = [{allowed}]",
         "SET enable_external_access = false",
         "SET autoinstall_known_extensions = false",
@@ -87,8 +91,14 @@ def confine(con: duckdb.DuckDBPyConnection, readable: Iterable[Path]) -> None:
         con.execute(statement)
 
 
-def run(con: duckdb.DuckDBPyConnection, sql: str, params: Sequence[object] | None = None) -> pa.Table:
-    """The whole result of ``sql`` on a confined ``con`` as Arrow; a refusal or failure is one line.
+def run(
+    con: duckdb.DuckDBPyConnection,
+    sql: str,
+    params: Sequence[object] | None = None,
+    readable: str = "the score store",
+) -> pa.Table:
+    """The whole result of ``sql`` on a confined ``con`` as Arrow; a refusal or failure is one
+    line (a refused file access says that only ``readable`` can be read).
 
     A relation's ``to_arrow_table()`` materializes the result before the connection closes
     (in DuckDB 2.0, ``execute()`` results stream and would not).
@@ -96,7 +106,7 @@ def run(con: duckdb.DuckDBPyConnection, sql: str, params: Sequence[object] | Non
     try:
         return con.sql(sql, params=params).to_arrow_table()
     except duckdb.PermissionException as exc:
-        raise QueryRefused(f"query refused: {_first_line(exc)} (only the score store can be read)") from None
+        raise QueryRefused(f"query refused: {_first_line(exc)} (only {readable} can be read)") from None
     except duckdb.Error as exc:
         raise DataError(f"query failed: {_first_line(exc)}") from None
 
@@ -117,6 +127,6 @@ def query_stream(folder: Path, sql: str) -> pa.Table:
     try:
         con.execute(f"CREATE VIEW stream_scores AS SELECT * FROM read_parquet('{glob}')")
         confine(con, [Path(folder)])
-        return run(con, sql)
+        return run(con, sql, readable="the group's committed stream parts")
     finally:
         con.close()

@@ -439,18 +439,36 @@ def with_features(fs: FeatureSet, events: Frame, rows: Frame | None = None) -> p
     return table
 
 
+def _kind(t: pa.DataType) -> str:
+    """The family of an Arrow type a history column may be converted within."""
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "text"
+    if pa.types.is_integer(t) or pa.types.is_floating(t):
+        return "number"
+    if pa.types.is_timestamp(t) or pa.types.is_date(t):
+        return "time"
+    return str(t)
+
+
 def _event_columns(fs: FeatureSet, table: pa.Table, like: pa.Table | None = None) -> pa.Table:
-    """The entity, time (ns) and source columns of ``table``, typed like ``like``'s when given."""
+    """The entity, time (ns) and source columns of ``table``, typed like ``like``'s when given.
+
+    A column is converted only within its family (text widths, number widths, time units),
+    or from text to time (ISO 8601 parsed): numbers as entity ids or times (unit unknown) and
+    text as amounts are a ``DataError`` naming the column, not a silent reinterpretation."""
     cols = {}
     for name in (fs.entity_column, fs.timestamp_column, *fs.source_columns):
         col = _column(table, name)
         if like is not None and col.type != like.schema.field(name).type:
+            want = like.schema.field(name).type
+            src, dst = _kind(col.type), _kind(want)
+            problem = f"feature history: column {name!r} is {col.type}, the input's is {want}"
+            if src != dst and (src, dst) != ("text", "time"):
+                raise DataError(problem)
             try:
-                col = pc.cast(col, like.schema.field(name).type)
+                col = pc.cast(col, want)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                raise DataError(
-                    f"feature history: column {name!r} is {col.type}, the input's is {like.schema.field(name).type}"
-                ) from None
+                raise DataError(f"{problem}, and its values do not convert") from None
         cols[name] = col
     return pa.table(cols)
 
@@ -681,6 +699,13 @@ class StreamFeatures:
     def lookup(self, entity: str, ts_ns: int, view: FeatureSet | None = None) -> dict[str, float]:
         """The features of ``entity`` at ``ts_ns`` from the retained events strictly before it
         (of ``view``, one of the views served; default the first)."""
+        return self.lookup_events(self._entities.get(str(entity)), ts_ns, view)
+
+    def lookup_events(
+        self, win: _EntityWindow | None, ts_ns: int, view: FeatureSet | None = None
+    ) -> dict[str, float]:
+        """The features at ``ts_ns`` (of ``view``) over the events of one window (``window_of``),
+        strictly before ``ts_ns``; None is an entity without events. The state is not touched."""
         if view is None or view is self.fs:
             specs, empty_row = self._specs, self._empty
         else:
@@ -691,7 +716,6 @@ class StreamFeatures:
                     f"feature view {view.digest()} is not served by this window state"
                 ) from None
             empty_row = self._empty_of(specs)
-        win = self._entities.get(str(entity))
         if win is None:
             return dict(empty_row)
         ts = win.ts
@@ -818,19 +842,28 @@ class StreamFeatures:
 
     def set_entity_window(self, entity: str, window: Mapping[str, Any]) -> None:
         """Put back one entity's events as ``entity_window`` gave them (times must be sorted)."""
-        ts = [int(t) for t in window["ts_ns"]]
-        if any(b < a for a, b in zip(ts, ts[1:], strict=False)):
-            raise StateMismatch(f"window state of {entity}: event times are not sorted")
+        win = self.window_of(entity, window)
+        if win is not None:
+            self._entities[str(entity)] = win
+        else:
+            self._entities.pop(str(entity), None)
+
+    def window_of(self, entity: str, window: Mapping[str, Any]) -> _EntityWindow | None:
+        """One entity's events as ``entity_window`` gives them, checked (sorted times, every
+        source column, equal lengths), for ``lookup_events``; None when it holds no event.
+        ``StateMismatch`` names what is wrong."""
         try:
+            ts = [int(t) for t in window["ts_ns"]]
             vals = [[float(v) for v in window["values"][c]] for c in self._cols]
         except KeyError as exc:
             raise StateMismatch(f"window state of {entity}: no column {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise StateMismatch(f"window state of {entity}: malformed ({exc})") from None
+        if any(b < a for a, b in zip(ts, ts[1:], strict=False)):
+            raise StateMismatch(f"window state of {entity}: event times are not sorted")
         if any(len(v) != len(ts) for v in vals):
             raise StateMismatch(f"window state of {entity}: columns of different lengths")
-        if ts:
-            self._entities[str(entity)] = _EntityWindow(ts=ts, values=vals)
-        else:
-            self._entities.pop(str(entity), None)
+        return _EntityWindow(ts=ts, values=vals) if ts else None
 
     def counters(self) -> dict[str, Any]:
         """What the state knows besides the windows: format, declaration digest, newest time, counts."""

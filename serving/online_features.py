@@ -8,8 +8,10 @@ them, for each row that lacks them, from the stream consumer group's window stat
   ``refresh_seconds`` whether the stream published a new checkpoint and then indexes it in
   a thread (``CheckpointIndex``, milliseconds); requests read the index in memory and never
   touch the file.
-* Redis: one ``MGET`` per request (every looked-up entity plus the meta key) on an asyncio
-  client, bounded by ``timeout_seconds``.
+* Redis: one ``MGET`` per request (every looked-up entity plus the meta key) on a pipelined
+  asyncio connection, bounded by ``timeout_seconds``; a background task reads the meta key
+  every ``refresh_seconds`` and, while the checkpoint is unchanged, entities already read
+  are answered from memory (``AsyncRedisFeatureReader``).
 
 Lookups are read-only: the service holds no handle that writes state, and the request
 decides only the entity id (validated, ``mlops.request_validation.ENTITY_ID``) and the time,
@@ -116,7 +118,8 @@ class OnlineFeatures:
         if isinstance(spec, RedisStateStore):
             prefix = f"{spec.prefix}:{cfg.topic}:{cfg.group}"
             extra = feature_views(settings)[1:]  # the state also serves these (features.extra_views)
-            return cls(fs, AsyncRedisFeatureReader(spec.url, fs, prefix, cfg.timeout_seconds, extra))
+            reader = AsyncRedisFeatureReader(spec.url, fs, prefix, cfg.timeout_seconds, extra)
+            return cls(fs, reader, cfg.refresh_seconds)
         store = state_store(settings, fs, cfg.topic, cfg.group)
         assert isinstance(store, EmbeddedFeatureStore)
         return cls(fs, EmbeddedReader(store), cfg.refresh_seconds)
@@ -135,8 +138,8 @@ class OnlineFeatures:
         return f"redis {self.reader.where}"
 
     def start(self) -> None:
-        """Start watching the embedded checkpoint for new versions (on the running loop)."""
-        if isinstance(self.reader, EmbeddedReader):
+        """Start watching the store for new checkpoints (on the running loop)."""
+        if isinstance(self.reader, EmbeddedReader | AsyncRedisFeatureReader):
             self._watch = asyncio.get_running_loop().create_task(
                 self.reader.watch(self.refresh_seconds), name="online-features-watch"
             )

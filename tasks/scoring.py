@@ -248,7 +248,9 @@ def add_window_features(
     table = batch_features(views, rows, past)
     out = Path(workdir) / "_windows" / "input.parquet"
     out.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, out, row_group_size=rows_per_group, compression="zstd")
+    tmp = out.with_name(f".{out.name}.tmp")
+    pq.write_table(table, tmp, row_group_size=rows_per_group, compression="zstd")
+    tmp.replace(out)  # the partitions never see a half-written input
     return str(out)
 
 
