@@ -421,6 +421,7 @@ def validate_frame(
     *,
     require_label: bool = True,
     source: str = "batch",
+    expect_failure: bool = False,
 ) -> ValidationSummary:
     """Validate ``df`` against ``schema`` with a GX batch run of the schema's suite.
 
@@ -433,15 +434,16 @@ def validate_frame(
     is still decided on every row by the same counts, but GX skips a second pass per
     column check that collects examples of offending values, about a sixth of a passing
     run. Only a frame that fails is validated again with ``BASIC`` results, which give the
-    counts and examples its failure lines quote.
+    counts and examples its failure lines quote. ``expect_failure`` (a frame that already
+    failed cheaper checks) skips the verdict run: one ``BASIC`` run decides and reports.
     """
     from great_expectations.exceptions import GreatExpectationsError
 
     suite = _cached_suite(schema, require_label)
     runtime = _get_runtime()
     try:
-        result = runtime.run(df, suite, _VERDICT_FORMAT)
-        if not result.success:
+        result = None if expect_failure else runtime.run(df, suite, _VERDICT_FORMAT)
+        if result is None or not result.success:
             result = runtime.run(df, suite, _RESULT_FORMAT)
     except GreatExpectationsError as exc:
         raise DataError(f"{source}: Great Expectations could not validate the frame: {exc}") from exc
@@ -577,8 +579,8 @@ def validate_table(
     A table that ``table_passes`` is a pass with every expectation evaluated, at the cost
     of a few vectorised scans (no pandas frame, no GX import). Any other table is
     converted to pandas (dictionary columns decoded first) and validated by GX
-    (``validate_frame``), so a failure's verdict and its lines are GX's, exactly as for a
-    frame.
+    (``validate_frame``, in one run with the results its lines need), so a failure's
+    verdict and its lines are GX's, exactly as for a frame.
     """
     if table_passes(table, schema, require_label=require_label):
         evaluated = len(checks(schema, require_label=require_label))
@@ -593,7 +595,7 @@ def validate_table(
         )
     # Dictionary columns would become pandas categoricals, which GX types differently.
     frame = decode_dictionaries(table).to_pandas(use_threads=False)
-    return validate_frame(frame, schema, require_label=require_label, source=source)
+    return validate_frame(frame, schema, require_label=require_label, source=source, expect_failure=True)
 
 
 def raise_for_failures(summary: ValidationSummary) -> ValidationSummary:

@@ -551,8 +551,14 @@ class AsyncJobs:
     async def _work(self) -> None:
         while not self._stopping:
             self._wake.clear()
-            job = await asyncio.to_thread(
-                self.store.claim, time.time(), self.cfg.max_attempts, self.cfg.ttl_seconds
+            # With no model in either slot nothing can be scored: no job is claimed, so each
+            # reads ``queued`` (attempts unchanged) until a version is loaded or its TTL ends.
+            job = (
+                await asyncio.to_thread(
+                    self.store.claim, time.time(), self.cfg.max_attempts, self.cfg.ttl_seconds
+                )
+                if self.rt.state.versions()
+                else None
             )
             if job is None:
                 with contextlib.suppress(TimeoutError):

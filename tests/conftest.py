@@ -1,5 +1,5 @@
 """Shared fixtures: a temporary MLOPS_HOME per test, fast training settings, one Prefect
-test harness per session, and real MLflow-on-SQLite registries."""
+API per run (shared by the xdist workers), and real MLflow-on-SQLite registries."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ import pytest
 
 from mlops.settings import Settings, load_settings
 from tests.support.models import log_fixture_model
+from tests.support.prefect_api import SharedPrefectServer, ask_for_shared_api, prefect_api_for_tests
+
+SHARED_PREFECT = pytest.StashKey[SharedPrefectServer]()
 
 # Small but real candidates: the same code paths as production, in seconds.
 FAST_CANDIDATES = [
@@ -37,6 +40,17 @@ def pytest_configure(config: pytest.Config) -> None:
         "BENTOML_DO_NOT_TRACK": "true",
     }.items():
         os.environ.setdefault(key, value)
+    # The xdist controller (workers are started after this) owns the run's one Prefect API.
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        server = SharedPrefectServer()
+        server.start_watching()
+        config.stash[SHARED_PREFECT] = server
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    server = config.stash.get(SHARED_PREFECT, None)
+    if server is not None:
+        server.stop()
 
 
 # The longest modules first: CI runs two pytest-xdist workers that take whole modules
@@ -65,6 +79,8 @@ LONG_FIRST = (
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONG_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a module kept
+    if any("prefect_api" in getattr(item, "fixturenames", ()) for item in items):
+        ask_for_shared_api()  # it starts while the first modules run
 
 
 @pytest.fixture(scope="session")
@@ -107,10 +123,9 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_template: Path)
 
 @pytest.fixture(scope="session")
 def prefect_api() -> Iterator[None]:
-    """One temporary Prefect API for the whole session (starting one costs ~20 s)."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
+    """The run's temporary Prefect API: one server shared by the xdist workers, or Prefect's
+    test harness in a single test process (starting one costs ~10 CPU-seconds)."""
+    with prefect_api_for_tests():
         yield
 
 

@@ -20,30 +20,22 @@ import pytest
 from mlops.gates import Outcome
 from mlops.registry_model import CHAMPION, PREVIOUS_CHAMPION
 from mlops.rollout import machine as m
+from mlops.rollout import plan as p
 from mlops.rollout.abtest import Arm, Arms
 from mlops.rollout.errors import ObservationMismatch, PlanMismatch, RolloutError, StatusFormatError
 from mlops.rollout.observe import Observations, PairStats, VariantStats
-from mlops.rollout.plan import (
-    ABStep,
-    BlueGreenStep,
-    CanaryStep,
-    MetricCheck,
-    RolloutPlan,
-    ShadowStep,
-    load_plan,
-)
 
 REPO = Path(__file__).resolve().parent.parent
-DEMO = load_plan(REPO / "configs/rollout/demo.yaml")  # its A/B asks for non-inferiority
+DEMO = p.load_plan(REPO / "configs/rollout/demo.yaml")  # its A/B asks for non-inferiority
 
 
-def _superiority(plan: RolloutPlan, mde: float = 0.012) -> RolloutPlan:
+def _superiority(plan: p.RolloutPlan, mde: float = 0.012) -> p.RolloutPlan:
     """``plan`` with an A/B that must find a winner (superiority at ``mde``)."""
     steps = tuple(
         s.model_copy(
             update={"primary": s.primary.model_copy(update={"hypothesis": "superiority", "mde": mde})}
         )
-        if isinstance(s, ABStep)
+        if isinstance(s, p.ABStep)
         else s
         for s in plan.steps
     )
@@ -79,7 +71,7 @@ class Candidate:
         self._ab[key] = (rng, total, max(n, seen))
         return Arm(n, total / n, LOSS_SD**2) if n else Arm()
 
-    def __call__(self, plan: RolloutPlan, status: m.RolloutStatus, now: datetime) -> Observations | None:
+    def __call__(self, plan: p.RolloutPlan, status: m.RolloutStatus, now: datetime) -> Observations | None:
         if plan.steps[status.step_index].kind == "replay":
             return Observations(
                 source="replay",
@@ -185,7 +177,7 @@ class Run:
 
 
 Answer = Callable[[m.RolloutStatus, datetime], m.Signals | None]
-Feed = Callable[[RolloutPlan, m.RolloutStatus, datetime], Observations | None]
+Feed = Callable[[p.RolloutPlan, m.RolloutStatus, datetime], Observations | None]
 
 
 def approve(status: m.RolloutStatus, now: datetime) -> m.Signals | None:
@@ -195,7 +187,7 @@ def approve(status: m.RolloutStatus, now: datetime) -> m.Signals | None:
 
 
 def run(
-    plan: RolloutPlan,
+    plan: p.RolloutPlan,
     feed: Feed,
     answer: Answer | None = approve,
     *,
@@ -236,7 +228,7 @@ def _modes(world: World) -> list[str]:
     return out
 
 
-def _with_step(plan: RolloutPlan, index: int, **update: object) -> RolloutPlan:
+def _with_step(plan: p.RolloutPlan, index: int, **update: object) -> p.RolloutPlan:
     steps = list(plan.steps)
     steps[index] = steps[index].model_copy(update=update)
     return plan.model_copy(update={"steps": tuple(steps), "name": f"{plan.name}-variant"})
@@ -322,7 +314,7 @@ def test_clearly_worse_candidate_is_stopped_by_the_ab_test_when_shadow_cannot_te
     """Given a plan whose shadow step checks no quality, and a candidate with a much worse
     log loss, then the A/B primary test finds it significantly worse and rolls it back."""
     shadow = DEMO.steps[1]
-    assert isinstance(shadow, ShadowStep)
+    assert isinstance(shadow, p.ShadowStep)
     plan = _with_step(DEMO, 1, checks=tuple(c for c in shadow.checks if c.metric != "auc"))
     r = run(plan, Candidate(auc=0.80, loss=0.06))
     assert r.status.phase is m.Phase.ROLLED_BACK
@@ -403,7 +395,7 @@ def test_identical_models_never_get_a_declared_winner() -> None:
     after its time and inconclusive limit the rollout aborts with 'no winner' and nothing is
     promoted. Over 20 seeded rollouts (a look at every tick) at most one (alpha) ends any
     other way; test_rollout_abtest measures the rate over hundreds."""
-    plan = RolloutPlan(name="ab-only", tick_interval_s=5, steps=(DEMO_SUPERIORITY.steps[3], DEMO.steps[5]))
+    plan = p.RolloutPlan(name="ab-only", tick_interval_s=5, steps=(DEMO_SUPERIORITY.steps[3], DEMO.steps[5]))
     ends = []
     for seed in range(20):
         r = run(plan, Candidate(seed=seed))
@@ -513,23 +505,23 @@ def test_missing_observations_hold_and_never_pass() -> None:
 def test_dry_run_check_is_reported_but_never_fails_the_step() -> None:
     """A failing dry-run check is counted and named in the reason ('would rollback') while
     the step completes on its other checks."""
-    plan = RolloutPlan(
+    plan = p.RolloutPlan(
         name="dry",
         tick_interval_s=5,
         steps=(
-            ShadowStep(
+            p.ShadowStep(
                 mirror_pct=50,
                 duration_s=10,
                 min_samples=10,
                 checks=(
-                    MetricCheck(
+                    p.MetricCheck(
                         metric="latency_p99_ms",
                         relative_to_stable="ratio",
                         max=1.2,
                         min_samples=10,
                         dry_run=True,
                     ),
-                    MetricCheck(metric="error_rate", max=0.01, min_samples=10),
+                    p.MetricCheck(metric="error_rate", max=0.01, min_samples=10),
                 ),
             ),
             DEMO.steps[-1],
@@ -551,7 +543,9 @@ def test_an_auc_over_a_handful_of_frauds_is_inconclusive_not_a_verdict() -> None
     option is refused on a metric that has no labels."""
     from mlops.rollout.gate import evaluate_check
 
-    check = MetricCheck(metric="auc", relative_to_stable="diff", min=-0.03, min_samples=300, min_positives=25)
+    check = p.MetricCheck(
+        metric="auc", relative_to_stable="diff", min=-0.03, min_samples=300, min_positives=25
+    )
     few = Observations(
         stable=VariantStats(requests=500, labelled=500, positives=6, auc=0.88),
         candidate=VariantStats(requests=500, labelled=500, positives=5, auc=0.77),
@@ -568,19 +562,19 @@ def test_an_auc_over_a_handful_of_frauds_is_inconclusive_not_a_verdict() -> None
     stable_short = replace(enough, stable=replace(enough.stable, positives=10))
     assert "stable labels < min_positives" in evaluate_check(check, stable_short).result.reason
     with pytest.raises(ValueError, match="label-based metrics only"):
-        MetricCheck(metric="latency_p99_ms", max=50, min_positives=5)
+        p.MetricCheck(metric="latency_p99_ms", max=50, min_positives=5)
 
 
 # --------------------------------------------------------------------------- limits, pause, errors
 
 
-def _one_step_plan(*checks: MetricCheck, duration: float = 30) -> RolloutPlan:
-    return RolloutPlan(
+def _one_step_plan(*checks: p.MetricCheck, duration: float = 30) -> p.RolloutPlan:
+    return p.RolloutPlan(
         name="one",
         tick_interval_s=5,
         steps=(
-            CanaryStep(weights=(50,), duration_s=duration, min_samples=10, checks=checks),
-            BlueGreenStep(min_samples=10),
+            p.CanaryStep(weights=(50,), duration_s=duration, min_samples=10, checks=checks),
+            p.BlueGreenStep(min_samples=10),
         ),
     )
 
@@ -589,7 +583,7 @@ def test_failures_are_counted_against_the_failure_limit() -> None:
     """With failure_limit 2 a failing check holds twice and rolls back at the third
     failure, saying '(failures 3 > limit 2)'."""
     plan = _one_step_plan(
-        MetricCheck(
+        p.MetricCheck(
             metric="latency_p99_ms", relative_to_stable="ratio", max=1.5, failure_limit=2, min_samples=10
         )
     )
@@ -603,7 +597,7 @@ def test_on_fail_pause_keeps_traffic_and_waits_for_an_operator() -> None:
     """A check with on_fail: pause stops the rollout where it is (no traffic change); it
     holds until an operator resumes it (the step's analysis restarts) or rolls it back."""
     plan = _one_step_plan(
-        MetricCheck(
+        p.MetricCheck(
             metric="decision_rate",
             relative_to_stable="ratio",
             min=0.8,
@@ -641,7 +635,7 @@ def _with_decision_rate(obs: Observations | None, rate: float) -> Observations |
 def test_a_check_that_cannot_be_measured_aborts_after_its_error_limit() -> None:
     """A metric that cannot be computed (here: input drift without a reference) is ERROR,
     not PASS; after error_limit + 1 ticks the rollout aborts without a verdict."""
-    plan = _one_step_plan(MetricCheck(metric="input_ks", max=0.2, min_samples=10, error_limit=2))
+    plan = _one_step_plan(p.MetricCheck(metric="input_ks", max=0.2, min_samples=10, error_limit=2))
     r = run(plan, Candidate())  # its observations carry no input KS
     assert r.status.phase is m.Phase.ABORTED
     assert (
@@ -695,7 +689,7 @@ def test_failing_post_promotion_analysis_flips_back_to_the_previous_champion() -
     feed = Candidate(loss=0.015)
 
     def errors_after_cutover(
-        plan: RolloutPlan, status: m.RolloutStatus, now: datetime
+        plan: p.RolloutPlan, status: m.RolloutStatus, now: datetime
     ) -> Observations | None:
         obs = feed(plan, status, now)
         if obs is not None and status.phase is m.Phase.PROMOTED:
@@ -776,10 +770,10 @@ def test_start_checks_the_versions() -> None:
 def test_ab_step_checks_the_sample_ratio() -> None:
     """An A/B split whose entity counts are far from 50/50 aborts the experiment (SRM)."""
     ab = DEMO_SUPERIORITY.steps[3]
-    assert isinstance(ab, ABStep)
+    assert isinstance(ab, p.ABStep)
     feed = Candidate(loss=0.015)
 
-    def skewed(plan: RolloutPlan, status: m.RolloutStatus, now: datetime) -> Observations | None:
+    def skewed(plan: p.RolloutPlan, status: m.RolloutStatus, now: datetime) -> Observations | None:
         obs = feed(plan, status, now)
         if obs is not None and obs.ab is not None:
             return replace(obs, ab=replace(obs.ab, entities_candidate=int(obs.ab.entities_stable * 0.8)))

@@ -1,7 +1,8 @@
 """Batch scoring end to end: the real Prefect flow, real Dask, real GX, DuckDB and ONNX Runtime.
 
-One local Dask cluster serves the whole module (the adapter reuses it), so Great
-Expectations is imported once per worker. Inputs are small and cut into several partitions,
+One local Dask cluster serves the whole module (the adapter reuses it); its workers are
+threads of the test process, so ONNX Runtime and Great Expectations are imported once, except
+for the tests about worker processes, which get a cluster of processes. Inputs are small and cut into several partitions,
 so every run exercises the parallel path, the row-group slicing and the single commit.
 """
 
@@ -179,12 +180,25 @@ def register(settings: Settings, onnx_model: bytes, alias: str) -> int:
 
 @pytest.fixture
 def scoring_home(flow_home: Settings, monkeypatch: pytest.MonkeyPatch, small_model: bytes) -> Settings:
-    """A platform with a champion (v1), small partitions, and the settings the flow will load."""
+    """A platform with a champion (v1), small partitions, and the settings the flow will load.
+
+    Its local Dask cluster runs its workers as threads of the test process: the same
+    scheduler, tasks and partitions, without spawning worker processes that each import
+    ONNX Runtime (and Great Expectations for a failing partition) again. Tests of what
+    worker processes do (one session per process, a killed run's workers reused by a
+    subprocess) ask for processes with ``worker_processes``.
+    """
     monkeypatch.setenv("MLOPS__SCORING__ROWS_PER_PARTITION", str(PARTITION_ROWS))
+    monkeypatch.setenv("MLOPS__DASK__PROCESSES", "false")
     settings = load_settings()
     configure(settings)
     register(settings, small_model, "champion")
     return settings
+
+
+def worker_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Score on a local cluster of worker processes (as production does) from here on."""
+    monkeypatch.setenv("MLOPS__DASK__PROCESSES", "true")
 
 
 def write_input(
@@ -231,6 +245,7 @@ def test_a_run_publishes_every_row_once_with_the_registered_models_scores(
     """
     settings = scoring_home
     rows = 1_000_000
+    worker_processes(monkeypatch)
     monkeypatch.setenv("MLOPS__SCORING__ROWS_PER_PARTITION", str(rows // 4))
     frame = write_input(
         settings.data_dir / "score" / f"{DAY}.parquet", rows=rows, row_group_rows=rows // 8
@@ -267,7 +282,7 @@ def test_a_run_publishes_every_row_once_with_the_registered_models_scores(
     from tasks.scoring import scorer_loads
 
     digest = __import__("hashlib").sha256(small_model).hexdigest()[:16]
-    loads = dask_cluster.client_for(settings.dask).run(scorer_loads)
+    loads = dask_cluster.client_for(load_settings().dask).run(scorer_loads)
     per_worker = [counts.get(digest, 0) for counts in loads.values()]
     assert 1 <= sum(per_worker) <= len(per_worker) < summary.partitions
     assert max(per_worker) == 1
@@ -665,12 +680,13 @@ def test_a_killed_run_rerun_leaves_exactly_the_rows_of_a_clean_run(
     from prefect.settings import PREFECT_API_URL
 
     settings = scoring_home
+    worker_processes(monkeypatch)  # a scheduler on TCP, which the subprocess can reach
     path = settings.data_dir / "in.parquet"
     write_input(path, rows=24_000, row_group_rows=3_000)  # 8 partitions of 3k (PARTITION_ROWS is 6k, so 4)
     clean = run(settings, input_path=str(path))
     clean_rows = scores_of(settings)[["transaction_id", "user_id", "score", "decision"]]
 
-    client = dask_cluster.client_for(settings.dask)  # the subprocess reuses our warm workers
+    client = dask_cluster.client_for(load_settings().dask)  # the subprocess reuses our warm workers
     env = os.environ | {
         "MLOPS_HOME": str(settings.home_path),
         "MLOPS__DASK__ADDRESS": client.scheduler.address,

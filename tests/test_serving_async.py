@@ -460,9 +460,12 @@ def test_full_queue_429_callbacks_expiry_and_malformed_bodies(start, hook):
     full = http.post("/predict/async", json={"features": rows[4]})
     assert full.status_code == 429 and "max_pending 3" in full.json()["error"]
     assert full.headers["retry-after"] == "1"
-    time.sleep(1.0)
-    job = http.get(f"/predict/async/{first.json()['job_id']}").json()
-    assert job["state"] == QUEUED and job["callback"] == "waiting"  # no model yet: waits, not failed
+    for _ in range(4):  # no model yet: every job waits, unclaimed (never running, never failed)
+        time.sleep(0.3)
+        for r in (first, *others):
+            job = http.get(f"/predict/async/{r.json()['job_id']}").json()
+            assert (job["state"], job["attempts"]) == (QUEUED, 0), job
+    assert http.get(f"/predict/async/{first.json()['job_id']}").json()["callback"] == "waiting"
 
     admin = httpx.Client(base_url=svc.url, timeout=60)
     token = (svc.settings.run_dir / "serving.token").read_text().strip()

@@ -8,7 +8,9 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -22,7 +24,7 @@ from mlops.features import FeatureSet, compute_offline
 from mlops.modeling import fit, to_onnx_bytes
 from mlops.onnx_model import OnnxScorer
 from mlops.scoring import ModelRef
-from mlops.settings import LogisticRegressionSpec, load_settings
+from mlops.settings import LogisticRegressionSpec, Settings, load_settings
 from tasks.stream import StreamConsumer, frame_messages, part_name, read_parts
 from tests.support.stream import FEATURES_YAML, REPO, kill_and_resume, stream_consumer
 
@@ -61,6 +63,27 @@ def _consumer(
     return stream_consumer(
         settings.dataset, fs, model_file.read_bytes(), home, broker, group, checkpoint_every=3
     )
+
+
+@dataclass(frozen=True)
+class Topic:
+    """The module's events and model, and consumers of a topic that holds them."""
+
+    settings: Settings
+    fs: FeatureSet
+    model_file: Path
+    events: pd.DataFrame
+
+    def consumer(self, home: Path, **kwargs: Any) -> StreamConsumer:
+        """A consumer in ``home`` whose topic ``tx`` holds every event."""
+        consumer = _consumer(self.settings, self.fs, self.model_file, home, **kwargs)
+        consumer.broker.publish("tx", frame_messages(self.events, self.settings.dataset, self.fs))
+        return consumer
+
+
+@pytest.fixture
+def topic(settings, fs: FeatureSet, model_file: Path, events: pd.DataFrame) -> Topic:
+    return Topic(settings, fs, model_file, events)
 
 
 # --------------------------------------------------------------------------- broker
@@ -115,18 +138,12 @@ def test_broker_concurrent_publishers_never_share_an_offset(tmp_path: Path) -> N
 # --------------------------------------------------------------------------- consumer
 
 
-def test_stream_scores_every_event_once_with_the_offline_features(
-    settings,
-    fs: FeatureSet,
-    model_file: Path,
-    events: pd.DataFrame,
-    tmp_path: Path,
-) -> None:
+def test_stream_scores_every_event_once_with_the_offline_features(topic: Topic, tmp_path: Path) -> None:
     """Consuming a topic in bounded runs writes one row per event, with the window features the
     offline computation gives and the scores ONNX Runtime gives on the same rows; offsets are
     committed up to the end."""
-    consumer = _consumer(settings, fs, model_file, tmp_path)
-    consumer.broker.publish("tx", frame_messages(events, settings.dataset, fs))
+    settings, fs, model_file, events = topic.settings, topic.fs, topic.model_file, topic.events
+    consumer = topic.consumer(tmp_path)
     consumer.start()
     first = consumer.run(max_events=1_000, batch_size=300)
     assert [r.rows for r in first] == [300, 300, 300, 100]
@@ -277,18 +294,14 @@ def _scores_with_zero_windows(scorer: OnnxScorer, frame: pd.DataFrame, fs: Featu
 
 @pytest.mark.slow
 def test_a_consumer_killed_at_random_moments_writes_exactly_an_uninterrupted_run(
-    settings,
-    fs: FeatureSet,
-    model_file: Path,
-    events: pd.DataFrame,
-    tmp_path: Path,
+    topic: Topic, tmp_path: Path
 ) -> None:
     """A consumer SIGKILLed at random moments (mid-batch, mid-write, between part and commit,
     between commit and checkpoint) and restarted each time ends with exactly the rows, window
     features and scores of a run that was never interrupted: no event lost or scored twice."""
+    settings, fs, model_file, events = topic.settings, topic.fs, topic.model_file, topic.events
     clean_home = tmp_path / "clean"
-    clean = _consumer(settings, fs, model_file, clean_home)
-    clean.broker.publish("tx", frame_messages(events, settings.dataset, fs))
+    clean = topic.consumer(clean_home)
     clean.start()
     began = time.monotonic()
     clean.run(max_events=10**9, batch_size=97)

@@ -370,6 +370,8 @@ def test_a_clean_table_passes_the_arrow_checks_with_every_expectation_evaluated(
     assert summary.success and summary.failures == () and summary.rows == ROWS
     assert summary.evaluated == len(build_suite(schema, require_label=True).expectations)
     assert summary == validate_frame(table.to_pandas(), schema, source="part 0")
+    # A frame expected to fail but passing gets the same verdict from its one GX run.
+    assert summary == validate_frame(table.to_pandas(), schema, source="part 0", expect_failure=True)
 
 
 @pytest.mark.parametrize("defect", ARROW_DEFECTS)
@@ -377,7 +379,8 @@ def test_a_defective_table_fails_with_the_same_lines_as_the_frame_validated_by_g
     defect: str, clean: pd.DataFrame, schema: DatasetSchema
 ) -> None:
     """Each defect makes the Arrow checks fail, and the table's summary (GX's verdict and
-    lines) is the one GX gives the same rows as a pandas frame."""
+    lines, from its one GX run) is the one GX's verdict-then-results runs give the same
+    rows as a pandas frame."""
     df = clean.copy()
     mutate, _, expected = DEFECTS[defect]
     mutate(df)
