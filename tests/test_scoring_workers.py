@@ -96,3 +96,28 @@ def test_graphs_that_read_strings_otherwise_are_left_as_they_are(small_model: by
         for i in onnx.load_from_string(rewritten).graph.input
         if i.name in categories
     )
+
+
+def _intervals(dask_worker) -> dict[str, float]:
+    """Milliseconds between runs of a server's background callbacks."""
+    callbacks = dask_worker.periodic_callbacks
+    return {
+        name: callbacks[name].callback_time
+        for name in ("tick", "monitor", "memory_monitor")
+        if name in callbacks
+    }
+
+
+def test_a_local_cluster_runs_its_background_checks_slowly() -> None:
+    """The scheduler and every worker of a local cluster check their event loop every second
+    and sample the host every 5 s; workers check memory every 500 ms; no profiler runs."""
+    from adapters import dask_cluster
+
+    client = dask_cluster.client_for(load_settings(environ={}).dask)
+    per_worker = client.run(_intervals)
+    assert per_worker
+    for intervals in per_worker.values():
+        assert intervals == {"tick": 1000.0, "monitor": 5000.0, "memory_monitor": 500.0}
+    assert not any(client.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks).values())
+    scheduler = client.run_on_scheduler(_intervals)
+    assert scheduler["tick"] == 1000.0 and scheduler["monitor"] == 5000.0
