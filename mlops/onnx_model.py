@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 import pandas as pd
+import pyarrow as pa
 
 from mlops.errors import DataError, ModelError
 from mlops.settings import DatasetSchema
@@ -114,3 +115,142 @@ class OnnxScorer:
     def predict_proba(self, frame: pd.DataFrame | Mapping[str, object]) -> np.ndarray:
         """Fraud probability of each row."""
         return self.run(self.feeds(frame))
+
+
+# --------------------------------------------------------------------------- category codes
+
+_ML_DOMAIN = "ai.onnx.ml"
+
+
+def category_code_model(model: bytes) -> tuple[bytes, dict[str, tuple[str, ...]]] | None:
+    """``model`` with its string inputs taken as int64 category codes, and each such
+    input's categories; None when the graph does not allow it.
+
+    A string input qualifies when its only consumer is a ``OneHotEncoder`` over
+    ``cats_strings`` (what the platform's pipelines export). That encoder is given the
+    categories' positions ``0..k-1`` instead, so a row fed the position of its value (or
+    ``-1`` for a value outside the list) is encoded exactly as the string was: same
+    one-hot columns, same ``zeros`` rule for unknown values. ONNX Runtime then reads
+    an integer array instead of converting one Python string per row and input.
+    """
+    import onnx
+
+    proto = onnx.load_from_string(model)
+    graph = proto.graph
+    strings = {i.name for i in graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.STRING}
+    if not strings or strings & {o.name for o in graph.output}:
+        return None
+    consumers: dict[str, list[onnx.NodeProto]] = {name: [] for name in strings}
+    for node in graph.node:
+        for name in node.input:
+            if name in consumers:
+                consumers[name].append(node)
+        for attr in node.attribute:  # a subgraph could read an input without naming it
+            if attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+                return None
+    categories: dict[str, tuple[str, ...]] = {}
+    for name, nodes in consumers.items():
+        if len(nodes) != 1 or nodes[0].op_type != "OneHotEncoder" or nodes[0].domain != _ML_DOMAIN:
+            return None
+        attrs = {a.name: a for a in nodes[0].attribute}
+        if "cats_strings" not in attrs or "cats_int64s" in attrs:
+            return None
+        try:
+            categories[name] = tuple(s.decode("utf-8") for s in attrs["cats_strings"].strings)
+        except UnicodeDecodeError:
+            return None
+    for name, nodes in consumers.items():
+        node = nodes[0]
+        kept = [a for a in node.attribute if a.name != "cats_strings"]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+        node.attribute.append(onnx.helper.make_attribute("cats_int64s", list(range(len(categories[name])))))
+    for graph_input in graph.input:
+        if graph_input.name in strings:
+            graph_input.type.tensor_type.elem_type = onnx.TensorProto.INT64
+    return proto.SerializeToString(), categories
+
+
+class CodedScorer(OnnxScorer):
+    """An ``OnnxScorer`` that scores Arrow tables with the categorical features fed as
+    integer category codes (``category_code_model``), straight from the columns'
+    dictionaries: each distinct value is looked up once per chunk, rows are integer
+    indices. Scores equal the string graph's bit for bit. A model whose graph does not
+    allow codes, or a table whose categorical column is not a string column, is scored
+    with string feeds as ``OnnxScorer`` does.
+    """
+
+    def __init__(self, model: bytes, schema: DatasetSchema, threads: int = 1):
+        super().__init__(model, schema, threads)
+        coded = category_code_model(model)
+        self.coded_session: ort.InferenceSession | None = None
+        self.categories: dict[str, tuple[str, ...]] = {}
+        if coded is not None and set(coded[1]) == {self._input_names[c] for c in self._categorical}:
+            self.coded_session = ort.InferenceSession(
+                coded[0], session_options(threads), providers=["CPUExecutionProvider"]
+            )
+            self.categories = coded[1]
+
+    def table_feeds(self, table: pa.Table) -> dict[str, np.ndarray]:
+        """Feeds for ``run_table``: codes for every categorical column when the graph takes
+        codes and each of those columns holds strings (plain or dictionary-encoded), else
+        the string feeds of ``OnnxScorer.feeds``. Missing columns raise ``DataError``."""
+        from mlops.scoring import column_arrays
+
+        names = self._input_names
+        coded = self.coded_session is not None and all(
+            n in table.column_names and _string_like(table.schema.field(n).type) for n in self._categorical
+        )
+        if not coded:
+            return self.feeds(column_arrays(table, self.schema.feature_names), strings_checked=True)
+        numeric = column_arrays(table, self._numeric)
+        try:
+            feeds = {names[n]: np.asarray(numeric[n], dtype=np.float32).reshape(-1, 1) for n in self._numeric}
+        except KeyError as exc:
+            raise DataError(f"missing feature column {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"feature columns cannot be converted: {exc}") from None
+        for n in self._categorical:
+            feeds[names[n]] = _codes(table.column(n), self.categories[names[n]]).reshape(-1, 1)
+        return feeds
+
+    def run_table(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Fraud probabilities for feeds from ``table_feeds``."""
+        coded = any(v.dtype == np.int64 for k, v in feeds.items() if k in self.categories)
+        session = self.coded_session if coded else self.session
+        return session.run([PROBA_OUTPUT], dict(feeds))[0][:, 1]
+
+
+def _string_like(kind: pa.DataType) -> bool:
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
+def _codes(column: pa.ChunkedArray, categories: tuple[str, ...]) -> np.ndarray:
+    """Each row's position in ``categories`` (-1 for a value outside them).
+
+    A null is coded as the string feeds have it: they turn a null into the text ``"None"``.
+    """
+    position = {value: i for i, value in enumerate(categories)}
+    null_code = position.get("None", -1)
+    out = np.empty(len(column), dtype=np.int64)
+    at = 0
+    for chunk in column.chunks:
+        n = len(chunk)
+        if not n:
+            continue
+        if not pa.types.is_dictionary(chunk.type):
+            chunk = chunk.dictionary_encode()
+        # One slot per dictionary value, plus a last one for null rows.
+        lookup = np.array(
+            [null_code if v is None else position.get(v, -1) for v in chunk.dictionary.to_pylist()]
+            + [null_code],
+            dtype=np.int64,
+        )
+        indices = chunk.indices
+        if indices.null_count:
+            indices = indices.fill_null(len(chunk.dictionary))
+        out[at : at + n] = lookup[indices.to_numpy()]
+        at += n
+    return out

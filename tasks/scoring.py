@@ -26,7 +26,7 @@ from adapters import parquet_input, storage
 from adapters.dask_cluster import ClusterError, client_for, host_task_threads
 from adapters.storage import CommitInfo, PartInfo, RunRecord, StagedRun
 from mlops.features import FeatureSet, batch_features, model_view
-from mlops.onnx_model import OnnxScorer
+from mlops.onnx_model import CodedScorer
 from mlops.partitions import Partition, plan_partitions
 from mlops.scoring import SCORE, ModelRef, column_arrays, decision_threshold, score_table, session_threads
 from mlops.settings import DatasetSchema, Settings
@@ -37,16 +37,17 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- worker side
 
 SCORER_CACHE_SIZE = 4
-_scorers: OrderedDict[tuple[str, int, str, int], OnnxScorer] = OrderedDict()
+_scorers: OrderedDict[tuple[str, int, str, int], CodedScorer] = OrderedDict()
 _loads: Counter[str] = Counter()
 _scorers_lock = threading.Lock()
 
 
-def worker_scorer(model: ModelRef, onnx: bytes, schema: DatasetSchema, threads: int) -> OnnxScorer:
+def worker_scorer(model: ModelRef, onnx: bytes, schema: DatasetSchema, threads: int) -> CodedScorer:
     """This process's ONNX Runtime session for ``model``, built on first use and kept.
 
     Keyed by name, version and content digest (two homes may both have a ``v1``), and
-    bounded: a long-lived worker keeps the few most recent versions only.
+    bounded: a long-lived worker keeps the few most recent versions only. The scorer
+    feeds categorical features as integer codes when the graph allows (``CodedScorer``).
     """
     key = (model.name, model.version, model.digest, threads)
     with _scorers_lock:
@@ -54,7 +55,7 @@ def worker_scorer(model: ModelRef, onnx: bytes, schema: DatasetSchema, threads: 
         if scorer is not None:
             _scorers.move_to_end(key)
             return scorer
-        scorer = OnnxScorer(onnx, schema, threads=threads)
+        scorer = CodedScorer(onnx, schema, threads=threads)
         _scorers[key] = scorer
         _loads[model.digest] += 1
         while len(_scorers) > SCORER_CACHE_SIZE:
@@ -145,17 +146,16 @@ def score_partition(job: PartitionJob, models: Sequence[bytes]) -> PartitionResu
 
     schemas = job.model_schemas or (job.schema,) * len(job.models)
     primary = worker_scorer(job.models[0], models[0], schemas[0], job.ort_threads)
-    columns = column_arrays(table, schemas[0].feature_names)
-    feeds = primary.feeds(columns, strings_checked=True)
-    scores = primary.run(feeds)
+    feeds = primary.table_feeds(table)
+    scores = primary.run_table(feeds)
     agreement = None
     if len(job.models) > 1:
         second = worker_scorer(job.models[1], models[1], schemas[1], job.ort_threads)
-        same = schemas[1] == schemas[0]
-        other = second.run(feeds if same else second.feeds(column_arrays(table, schemas[1].feature_names)))
-        segments = {c: columns[c] for c in job.segments}
+        same = schemas[1] == schemas[0] and second.categories == primary.categories
+        other = second.run_table(feeds if same else second.table_feeds(table))
+        segments = column_arrays(table, job.segments)
         agreement = agreement_stats(scores, other, job.models[0].threshold, job.models[1].threshold, segments)
-    del feeds, columns
+    del feeds
     lap("score")
     kept = [c for c in job.schema.key_columns + job.windows if c in table.column_names]
     keys = table.select(kept)
