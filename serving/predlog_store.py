@@ -178,12 +178,19 @@ class PredictionLogStore:
     ) -> pd.DataFrame:
         """Run one SQL query over the views (``since``: see ``connect``); the result as a pandas frame."""
         for attempt in range(_READ_ATTEMPTS):
-            con = self.connect(since)
+            last = attempt + 1 == _READ_ATTEMPTS
+            try:
+                con = self.connect(since)
+            except DataError as exc:
+                # A compaction deleted a listed file before the views read its schema: list again.
+                if not last and isinstance(exc.__cause__, duckdb.Error) and _vanished(exc.__cause__):
+                    continue
+                raise
             try:
                 return con.execute(sql, params or []).df()
             except duckdb.Error as exc:
-                # A compaction deleted a file this read had listed: list again.
-                if attempt + 1 < _READ_ATTEMPTS and _vanished(exc):
+                # ... or while the query read it.
+                if not last and _vanished(exc):
                     continue
                 raise DataError(f"prediction-log query failed: {exc}") from exc
             finally:
