@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from mlops.features import FeatureSet
 from mlops.onnx_model import PROBA_OUTPUT, OnnxScorer
 from mlops.settings import DatasetSchema
 from serving.errors import BudgetExceeded, ModelFailed, ModelTimeout
@@ -400,6 +401,7 @@ class LoadedModel:
     mirror: ModelWorker | None = None  # the mirror lane, started on the first mirrored request
     owns_worker: bool = True  # False on a SharedLane: closing the model leaves the lane running
     windows: tuple[str, ...] = ()  # the window features the model takes besides the dataset's
+    view: FeatureSet | None = None  # the declared feature view those are computed by (None: no windows)
 
     def mirror_worker(self, nice: int) -> ModelWorker:
         """The worker for mirrored (shadow) requests: the same session on a second thread
