@@ -403,9 +403,12 @@ class AsyncRedisFeatureReader:
         finally:
             self.max_staleness = 0.0
 
-    async def lookup_many(self, keys: Sequence[tuple[str, int]]) -> list[dict[str, float]]:
-        """The features of each (entity, time); ``FeatureStoreError`` when Redis does not answer
-        or holds no checkpoint under the prefix, ``StateMismatch`` when it was built for other
+    async def lookup_many(
+        self, keys: Sequence[tuple[str, int]], views: Sequence[FeatureSet] = ()
+    ) -> list[dict[str, float]]:
+        """The features of each (entity, time), of every view in ``views`` (default: the first
+        view) from one read; ``FeatureStoreError`` when Redis does not answer or holds no
+        checkpoint under the prefix, ``StateMismatch`` when it was built for other
         declarations or an entity's value is malformed."""
         import asyncio
 
@@ -420,7 +423,7 @@ class AsyncRedisFeatureReader:
                 hit = cache.get(entity)
                 if hit is None or hit[0] is not meta:
                     break
-                out.append(state.lookup_events(hit[2], ts))
+                out.append(views_answer(state, hit[2], ts, views))
             else:
                 return out
         ep = self._entity_prefix
@@ -459,7 +462,7 @@ class AsyncRedisFeatureReader:
                     cache[entity] = (meta, value, win)
                 else:
                     win = self._parse(entity, value, meta)
-            out.append(state.lookup_events(win, ts))
+            out.append(views_answer(state, win, ts, views))
         return out
 
     def _parse(self, entity: str, value: bytes, meta: bytes) -> Any:
@@ -479,6 +482,20 @@ class AsyncRedisFeatureReader:
     async def close(self) -> None:
         """Close the connection."""
         await self.client.close()
+
+
+def views_answer(
+    state: StreamFeatures, win: Any, ts_ns: int, views: Sequence[FeatureSet] = ()
+) -> dict[str, float]:
+    """The features at ``ts_ns`` over one entity window (``StreamFeatures.window_of``) of every
+    view in ``views`` (default: the state's first), in one dict: a name declared in two views
+    has one definition (``FeaturesConfig`` refuses anything else)."""
+    if len(views) < 2:
+        return state.lookup_events(win, ts_ns, views[0] if views else None)
+    out: dict[str, float] = {}
+    for view in views:
+        out |= state.lookup_events(win, ts_ns, view)
+    return out
 
 
 def _redacted(url: str) -> str:

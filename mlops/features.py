@@ -30,6 +30,7 @@ import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -119,6 +120,10 @@ class FeatureSet:
 
     def digest(self) -> str:
         """A fingerprint of what the features compute (saved state is only valid for the same one)."""
+        return self._digest
+
+    @cached_property
+    def _digest(self) -> str:
         data = {
             "entity": self.entity_column,
             "time": self.timestamp_column,
@@ -644,6 +649,7 @@ class StreamFeatures:
         self._col_index = {c: i for i, c in enumerate(self._cols)}
         self._keep_ns = fs.lateness_ns + max(v.max_window_ns for v in self.views)  # history any view can see
         self._view_specs = {digest: self._specs_of(v) for digest, v in views.items()}
+        self._view_empty = {digest: self._empty_of(specs) for digest, specs in self._view_specs.items()}
         self._specs = self._view_specs[fs.digest()]
         self._empty = self._empty_of(self._specs)
         self._entities: dict[str, _EntityWindow] = {}
@@ -709,13 +715,11 @@ class StreamFeatures:
         if view is None or view is self.fs:
             specs, empty_row = self._specs, self._empty
         else:
+            digest = view.digest()
             try:
-                specs = self._view_specs[view.digest()]
+                specs, empty_row = self._view_specs[digest], self._view_empty[digest]
             except KeyError:
-                raise ConfigError(
-                    f"feature view {view.digest()} is not served by this window state"
-                ) from None
-            empty_row = self._empty_of(specs)
+                raise ConfigError(f"feature view {digest} is not served by this window state") from None
         if win is None:
             return dict(empty_row)
         ts = win.ts

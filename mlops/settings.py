@@ -217,7 +217,9 @@ class FeaturesConfig(StrictModel):
     older event is counted as late and not added to the windows. ``store`` is where the
     stream keeps its window state: an embedded checkpoint file, or Redis. ``extra_views``
     are the feature views of other live model versions: the stream keeps enough history for
-    all of them, and a model of any declared view may score.
+    all of them, and a model of any declared view may score. A name declared in two views
+    must have the same definition in both: a row holds one value per name, so the service
+    can fill the features of several views into one request.
     """
 
     entity_column: str | None = None
@@ -232,6 +234,16 @@ class FeaturesConfig(StrictModel):
         require_unique([w.name for w in self.windows], "feature names")
         if self.extra_views and not self.windows:
             raise ValueError("extra_views: declare the current view's windows first")
+        first: dict[str, tuple[str, WindowFeature]] = {w.name: ("features.windows", w) for w in self.windows}
+        for i, view in enumerate(self.extra_views):
+            where = f"extra_views.{i}.windows"
+            for w in view.windows:
+                seen = first.setdefault(w.name, (where, w))
+                if seen[1] != w:
+                    raise ValueError(
+                        f"{where}: {w.name!r} is declared in {seen[0]} with another definition; "
+                        "give one of them another name"
+                    )
         return self
 
 

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from mlops.features import FeatureSet
 from mlops.onnx_model import PROBA_OUTPUT, OnnxScorer
 from mlops.settings import DatasetSchema
 from serving.errors import BudgetExceeded, ModelFailed, ModelTimeout
@@ -400,6 +401,7 @@ class LoadedModel:
     mirror: ModelWorker | None = None  # the mirror lane, started on the first mirrored request
     owns_worker: bool = True  # False on a SharedLane: closing the model leaves the lane running
     windows: tuple[str, ...] = ()  # the window features the model takes besides the dataset's
+    view: FeatureSet | None = None  # the declared feature view those are computed by (None: no windows)
 
     def mirror_worker(self, nice: int) -> ModelWorker:
         """The worker for mirrored (shadow) requests: the same session on a second thread
@@ -470,14 +472,15 @@ def build_model(
     only ever time out in service.
 
     Graph inputs beyond the dataset's features must be among ``declared_windows`` (the
-    config's window features); they become the model's ``windows``, else it is refused."""
+    windows of the model's feature view); they become the model's ``windows``, else it is
+    refused."""
     scorer = OnnxScorer(onnx, schema, threads=threads)
     extra = [i.name for i in scorer.session.get_inputs() if i.name not in set(schema.input_names.values())]
     unknown = [n for n in extra if n not in declared_windows]
     if unknown:
         raise ModelFailed(
             f"{name} v{version} takes inputs {', '.join(unknown)} that are neither dataset features nor "
-            "declared window features (features.windows)"
+            "windows of its declared feature view (features.windows or features.extra_views)"
         )
     windows = tuple(n for n in declared_windows if n in extra)
     warm = {n: [0.0] for n in schema.numeric_names} | {f.name: [f.categories[0]] for f in schema.categorical}

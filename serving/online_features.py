@@ -1,8 +1,12 @@
 """Online window-feature lookup for the service: the features a raw transaction did not send.
 
-A model whose ONNX graph takes window features (inputs named like ``features.windows``) gets
-them, for each row that lacks them, from the stream consumer group's window state
-(``serving.online_features.topic``/``group``) in the store ``features.store`` configures:
+A model whose ONNX graph takes window features (inputs named like the windows of its feature
+view: ``features.windows`` or one of ``features.extra_views``) gets them, for each row that
+lacks them, from the stream consumer group's window state
+(``serving.online_features.topic``/``group``) in the store ``features.store`` configures. The
+state keeps the history of every declared view; a request whose models need several views
+(a canary from a model on one view to a model on another) reads each entity once and gets
+the values of each of them:
 
 * embedded: the group's checkpoint file. A background task checks every
   ``refresh_seconds`` whether the stream published a new checkpoint and then indexes it in
@@ -48,8 +52,11 @@ log = logging.getLogger(__name__)
 class Reader(Protocol):
     """Reads the features of many (entity, time ns) pairs from one state store."""
 
-    async def lookup_many(self, keys: Sequence[tuple[str, int]]) -> list[dict[str, float]]:
-        """The features of each (entity, time); ``FeatureStoreError`` when the store cannot answer."""
+    async def lookup_many(
+        self, keys: Sequence[tuple[str, int]], views: Sequence[FeatureSet] = ()
+    ) -> list[dict[str, float]]:
+        """The features of each (entity, time), of every view in ``views`` (default: the first
+        declared); ``FeatureStoreError`` when the store cannot answer."""
         ...
 
 
@@ -89,22 +96,44 @@ class EmbeddedReader:
             except OSError as exc:  # a file system hiccup: keep the last index, try again
                 log.warning("online features: cannot check %s (%s)", self.store.path, exc)
 
-    async def lookup_many(self, keys: Sequence[tuple[str, int]]) -> list[dict[str, float]]:
-        """The features of each (entity, time) from the current index."""
+    async def lookup_many(
+        self, keys: Sequence[tuple[str, int]], views: Sequence[FeatureSet] = ()
+    ) -> list[dict[str, float]]:
+        """The features of each (entity, time), of every view in ``views``, from the current index."""
         index = self.index
         if index is None:
             raise FeatureStoreError(self.problem)
-        return [index.lookup(entity, ts) for entity, ts in keys]
+        if len(views) < 2:
+            view = views[0] if views else None
+            return [index.lookup(entity, ts, view) for entity, ts in keys]
+        out = []
+        for entity, ts in keys:
+            found: dict[str, float] = {}
+            for view in views:
+                found |= index.lookup(entity, ts, view)
+            out.append(found)
+        return out
 
 
 class OnlineFeatures:
-    """Fills the window features rows lack from the configured store (see module doc)."""
+    """Fills the window features rows lack from the configured store (see module doc).
 
-    def __init__(self, fs: FeatureSet, reader: Reader, refresh_seconds: float = 0.5):
+    ``views`` are the declared feature views, ``fs`` (``features.windows``) first; a request
+    may carry the window features of any of them."""
+
+    def __init__(
+        self,
+        fs: FeatureSet,
+        reader: Reader,
+        refresh_seconds: float = 0.5,
+        extra_views: Sequence[FeatureSet] = (),
+    ):
         self.fs = fs
+        self.views = (fs, *extra_views)
         self.reader = reader
         self.refresh_seconds = refresh_seconds
-        self.keys = OnlineKeys(fs.names, fs.entity_column, fs.timestamp_column)
+        names = tuple(dict.fromkeys(n for v in self.views for n in v.names))
+        self.keys = OnlineKeys(names, fs.entity_column, fs.timestamp_column)
         self._watch: asyncio.Task | None = None
 
     @classmethod
@@ -112,17 +141,16 @@ class OnlineFeatures:
         """The lookup the config declares, or None when it declares no window features."""
         if not settings.features.windows:
             return None
-        fs = FeatureSet.from_settings(settings)
+        fs, *extra = feature_views(settings)  # the state serves every declared view
         cfg = settings.serving.online_features
         spec = settings.features.store
         if isinstance(spec, RedisStateStore):
             prefix = f"{spec.prefix}:{cfg.topic}:{cfg.group}"
-            extra = feature_views(settings)[1:]  # the state also serves these (features.extra_views)
             reader = AsyncRedisFeatureReader(spec.url, fs, prefix, cfg.timeout_seconds, extra)
-            return cls(fs, reader, cfg.refresh_seconds)
+            return cls(fs, reader, cfg.refresh_seconds, extra)
         store = state_store(settings, fs, cfg.topic, cfg.group)
         assert isinstance(store, EmbeddedFeatureStore)
-        return cls(fs, EmbeddedReader(store), cfg.refresh_seconds)
+        return cls(fs, EmbeddedReader(store), cfg.refresh_seconds, extra)
 
     def prepare(self) -> str:
         """Read the store's current state once (blocking: before serving); what is there."""
@@ -160,11 +188,12 @@ class OnlineFeatures:
         times_ns: Sequence[int | None],
         needed: Sequence[str],
         where: Callable[[int], str],
+        views: Sequence[FeatureSet] = (),
     ) -> int:
-        """Put the ``needed`` window features each row lacks into it, looked up for its entity at
-        its time (default: now); how many rows were looked up. ``InvalidRequest`` (422) names
-        the entity field of a row that lacks both; ``FeaturesUnavailable`` (503) when the store
-        cannot answer."""
+        """Put the ``needed`` window features each row lacks into it, looked up (of each of
+        ``views``, default the first declared, in one read) for its entity at its time (default:
+        now); how many rows were looked up. ``InvalidRequest`` (422) names the entity field of
+        a row that lacks both; ``FeaturesUnavailable`` (503) when the store cannot answer."""
         todo: list[int] = []
         for i, row in enumerate(rows):
             if all(n in row for n in needed):
@@ -178,10 +207,12 @@ class OnlineFeatures:
             todo.append(i)
         if not todo:
             return 0
+        if len(views) == 1 and views[0] is self.fs:
+            views = ()  # the first view: the reader's own fast path
         now = time.time_ns()
         keys = [(str(entities[i]), now if times_ns[i] is None else int(times_ns[i])) for i in todo]
         try:
-            values = await self.reader.lookup_many(keys)
+            values = await self.reader.lookup_many(keys, views)
         except (FeatureStoreError, StateMismatch) as exc:
             raise FeaturesUnavailable(f"online feature store unavailable: {exc}") from None
         for i, found in zip(todo, values, strict=True):

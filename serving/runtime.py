@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from mlops.errors import DataError, ModelError
-from mlops.features import FeatureViewMismatch, check_view, model_view
+from mlops.features import FeatureSet, FeatureViewMismatch, check_view, model_view
 from mlops.onnx_model import PROBA_OUTPUT
 from mlops.predlog import PRIMARY, SHADOW, RequestIds
 from mlops.request_validation import InvalidRequest, Record, RequestValidator, V2Request
@@ -83,6 +83,10 @@ class ServingState:
     def slot(self, variant: str) -> LoadedModel | None:
         """The model in ``variant``'s slot (stable or candidate), or None when it is empty."""
         return self.stable if variant == STABLE else self.candidate
+
+    def models(self) -> tuple[LoadedModel, ...]:
+        """The models in the slots, stable's first."""
+        return tuple(m for m in (self.stable, self.candidate) if m is not None)
 
     def versions(self) -> set[int]:
         """The versions in the two slots."""
@@ -139,7 +143,7 @@ class ServingRuntime:
         self.timeout = cfg.request_timeout_seconds
         self.feature_names = settings.dataset.feature_names
         self.online = OnlineFeatures.for_settings(settings)
-        self.windows = self.online.fs.names if self.online is not None else ()
+        self.windows = self.online.keys.windows if self.online is not None else ()  # of every view
         self.validator = RequestValidator(
             settings.dataset,
             enforce_ranges=cfg.enforce_feature_ranges,
@@ -198,16 +202,18 @@ class ServingRuntime:
         tags: Mapping[str, str] | None = None,
     ) -> LoadedModel:
         """Build and warm up version ``version`` of model ``name`` (the served one, or a
-        tenant's scoring on the shared ``lane``). A version whose lineage names a feature view
-        other than the one the online lookups compute (``features.windows``) is refused: its
-        window inputs would be filled with features computed differently from its training."""
+        tenant's scoring on the shared ``lane``). The model's window inputs are those of the
+        feature view its lineage names, which must be declared (``features.windows`` or one of
+        ``features.extra_views``); a version of another view is refused, since its inputs
+        would be filled with features computed differently from its training. A version
+        without a lineage view takes the windows of ``features.windows``."""
+        online = self.online
         try:
-            check_view(
-                self.online.fs if self.online is not None else None,
-                model_view(tags or {}),
-                f"{name} v{version}",
+            trained_on = check_view(
+                online.views if online is not None else None, model_view(tags or {}), f"{name} v{version}"
             )
-            return build_model(
+            view = trained_on or (online.fs if online is not None else None)
+            model = build_model(
                 name,
                 version,
                 onnx,
@@ -215,11 +221,13 @@ class ServingRuntime:
                 threads=self.cfg.ort_threads,
                 max_batch_rows=self.cfg.micro_batch_rows,
                 warmup_timeout=max(10.0, self.timeout),
-                declared_windows=self.windows,
+                declared_windows=view.names if view is not None else (),
                 lane=lane,
             )
         except (ModelError, ModelFailed, DataError, FeatureViewMismatch) as exc:
             raise UnusableModel(f"version {version} of '{name}' cannot be served: {exc}") from None
+        model.view = view if model.windows else None
+        return model
 
     def _initial(self) -> tuple[DesiredState | None, int, str]:
         if self.cfg.restore_state:
@@ -529,7 +537,7 @@ class ServingRuntime:
         any); labels for it are posted to ``/feedback`` under that id. Window features the
         serving models take and a record lacks are looked up for its entity first."""
         state = self.state
-        await self._fill_records(records, self._windows_of(state))
+        await self._fill_records(records, state.models())
         issue = self.ids.issue
         rids = [issue(r.request_id) for r in records]
         answers, mode = await self.score(
@@ -557,31 +565,25 @@ class ServingRuntime:
             "mode": mode,
         }
 
-    @staticmethod
-    def _windows_of(state: ServingState) -> tuple[str, ...]:
-        """The window features the models of ``state`` take (stable's first)."""
-        stable = state.stable.windows if state.stable is not None else ()
-        if state.candidate is None or not state.candidate.windows:
-            return stable
-        return stable + tuple(n for n in state.candidate.windows if n not in stable)
-
-    async def _fill_records(self, records: Sequence[Record], needed: Sequence[str]) -> None:
+    async def _fill_records(self, records: Sequence[Record], models: Sequence[LoadedModel]) -> None:
         single = len(records) == 1
         await self._fill(
             [r.features for r in records],
             [r.entity for r in records],
             [r.ts_ns for r in records],
-            needed,
+            models,
             lambda i: "features" if single else f"records[{i}].features",
         )
 
-    async def _fill_v2(self, req: V2Request, rows: list[dict[str, Any]], needed: Sequence[str]) -> None:
+    async def _fill_v2(
+        self, req: V2Request, rows: list[dict[str, Any]], models: Sequence[LoadedModel]
+    ) -> None:
         n = req.rows
         await self._fill(
             rows,
             req.entities or (None,) * n,
             req.times_ns or (None,) * n,
-            needed,
+            models,
             lambda j: f"inputs (row {j})",
         )
 
@@ -590,17 +592,25 @@ class ServingRuntime:
         rows: Sequence[dict[str, Any]],
         entities: Sequence[str | None],
         times_ns: Sequence[int | None],
-        needed: Sequence[str],
+        models: Sequence[LoadedModel],
         where: Callable[[int], str],
     ) -> None:
-        """Look up the ``needed`` window features rows lack (``OnlineFeatures.fill``), counted in metrics."""
+        """Look up the window features ``models`` take that rows lack (``OnlineFeatures.fill``),
+        of each distinct feature view among them in one read, counted in metrics."""
+        needed: dict[str, None] = {}
+        views: list[FeatureSet] = []
+        for m in models:
+            if m.windows:
+                needed |= dict.fromkeys(m.windows)
+                if all(m.view is not v for v in views):
+                    views.append(m.view)
         if not needed:
             return
         if self.online is None:  # a model takes window inputs only when they are declared
             raise NotReady("the served model takes window features but none are declared")
         started = time.perf_counter()
         try:
-            looked_up = await self.online.fill(rows, entities, times_ns, needed, where)
+            looked_up = await self.online.fill(rows, entities, times_ns, tuple(needed), where, views)
         except FeaturesUnavailable:
             self.metrics.feature_lookups.labels("unavailable").inc(len(rows))
             raise
@@ -641,7 +651,7 @@ class ServingRuntime:
         """OIP v2 infer on the model name: routed like ``/predict`` (the tensor is one request)."""
         state = self.state
         rows, rids = self._v2_rows(req)
-        await self._fill_v2(req, rows, self._windows_of(state))
+        await self._fill_v2(req, rows, state.models())
         answers, _mode = await self.score(
             rows,
             rids,
@@ -668,7 +678,7 @@ class ServingRuntime:
         tenants = self.tenants
         tenants.check_owner(tenant, name)
         model = await tenants.model(name)
-        await self._fill_records(records, model.windows)
+        await self._fill_records(records, (model,))
         issue = tenants.ids(tenant).issue
         rids = [issue(r.request_id) for r in records]
         features = [r.features for r in records]
@@ -751,7 +761,7 @@ class ServingRuntime:
         state = self.state
         variant = STABLE if state.stable is model else CANDIDATE if state.candidate is model else None
         rows, rids = self._v2_rows(req)
-        await self._fill_v2(req, rows, model.windows)
+        await self._fill_v2(req, rows, (model,))
         model.acquire()
         try:
             group = _Group(variant or STABLE, model, list(range(req.rows)))
