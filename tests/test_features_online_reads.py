@@ -150,42 +150,56 @@ def test_reads_pending_on_a_broken_connection_are_retried_once_on_a_new_one(
     asyncio.run(scenario())
 
 
+class Checkpointed:
+    """600 generated events, the first 500 checkpointed to Redis under a fresh prefix, and a
+    user seen among them whose next event comes later (looked up just after it)."""
+
+    def __init__(self, redis_url: str, fs: FeatureSet, seed: int, name: str):
+        self.fs = fs
+        self.events = generate(600, seed=seed).sort_values("event_time", kind="stable").reset_index(drop=True)
+        self.prefix = f"{name}{time.time_ns()}"
+        self.store = RedisFeatureStore.from_url(redis_url, fs, self.prefix)
+        self.state = StreamFeatures(fs)
+        self.users, self.ts = self.events["user_id"], timestamps_ns(self.events["event_time"])
+        self.state.replay(self.users[:500], self.ts[:500], {"amount": self.events["amount"][:500]})
+        self.store.save(self.state, {"t": 500})
+        seen = set(self.users[:500])
+        self.later = next(i for i in range(500, len(self.events)) if self.users[i] in seen)
+        self.user, self.at = self.users[self.later], int(self.ts[self.later]) + 1
+
+    def checkpoint_through_later(self) -> None:
+        """The stream takes the events up to the user's next one and checkpoints."""
+        for i in range(500, self.later + 1):
+            self.state.update(self.users[i], int(self.ts[i]), {"amount": float(self.events["amount"][i])})
+        self.store.save(self.state, {"t": self.later + 1})
+
+    def offline(self, upto: int) -> dict[str, float]:
+        """The user's features at ``at`` computed offline from the first ``upto`` events."""
+        query = pd.DataFrame({"user_id": [self.user], "event_time": [pd.Timestamp(self.at)]})
+        return compute_offline(self.fs, self.events.iloc[:upto], query).to_pandas().iloc[0].to_dict()
+
+
 def test_a_changed_window_is_read_anew_and_unknown_ids_are_not_kept(redis_url: str, fs: FeatureSet):
     """The reader keeps parsed windows only with the bytes they came from: after the stream
     checkpoints one more event of a user, the next lookup answers with it (equal to offline);
     ids Redis does not hold get the empty window and are not kept, and at most
     ``cache_entities`` windows are."""
-    events = generate(600, seed=11).sort_values("event_time", kind="stable").reset_index(drop=True)
-    prefix = f"reads{time.time_ns()}"
-    store = RedisFeatureStore.from_url(redis_url, fs, prefix)
-    state = StreamFeatures(fs)
-    users, ts = events["user_id"], timestamps_ns(events["event_time"])
-    state.replay(users[:500], ts[:500], {"amount": events["amount"][:500]})
-    store.save(state, {"t": 500})
-    seen = set(users[:500])
-    later = next(i for i in range(500, len(events)) if users[i] in seen)  # a known user's next event
-    user = users[later]
-    at = int(ts[later]) + 1
-
-    def offline(upto: int) -> dict[str, float]:
-        query = pd.DataFrame({"user_id": [user], "event_time": [pd.Timestamp(at)]})
-        return compute_offline(fs, events.iloc[:upto], query).to_pandas().iloc[0].to_dict()
+    c = Checkpointed(redis_url, fs, 11, "reads")
+    user, at = c.user, c.at
 
     async def scenario() -> None:
-        reader = AsyncRedisFeatureReader(redis_url, fs, prefix, 2.0, cache_entities=3)
+        reader = AsyncRedisFeatureReader(redis_url, fs, c.prefix, 2.0, cache_entities=3)
         try:
             (before,) = await reader.lookup_many([(user, at)])
-            assert before == pytest.approx(offline(500), rel=1e-12)
-            for i in range(500, later + 1):
-                state.update(users[i], int(ts[i]), {"amount": float(events["amount"][i])})
-            store.save(state, {"t": later + 1})
+            assert before == pytest.approx(c.offline(500), rel=1e-12)
+            c.checkpoint_through_later()
             (after,) = await reader.lookup_many([(user, at)])
-            assert after == pytest.approx(offline(later + 1), rel=1e-12)
+            assert after == pytest.approx(c.offline(c.later + 1), rel=1e-12)
             assert after["user_txn_count_24h"] == before["user_txn_count_24h"] + 1
             empty = await reader.lookup_many([(f"nobody{i}", at) for i in range(50)])
             assert all(e["user_txn_count_24h"] == 0 for e in empty)
             assert set(reader._windows) == {user}
-            others = list(users[:500].unique()[:6])
+            others = list(c.users[:500].unique()[:6])
             await reader.lookup_many([(u, at) for u in others])
             assert len(reader._windows) == 3
         finally:
@@ -202,31 +216,19 @@ def test_repeat_entities_are_answered_from_memory_until_the_checkpoint_changes(
     the stream checkpoints one more event of that user, the answers change within the
     watch interval plus the timeout, and equal offline; an id Redis does not hold is read
     every time."""
-    events = generate(600, seed=12).sort_values("event_time", kind="stable").reset_index(drop=True)
-    prefix = f"watch{time.time_ns()}"
-    store = RedisFeatureStore.from_url(redis_url, fs, prefix)
-    state = StreamFeatures(fs)
-    users, ts = events["user_id"], timestamps_ns(events["event_time"])
-    state.replay(users[:500], ts[:500], {"amount": events["amount"][:500]})
-    store.save(state, {"t": 500})
-    seen = set(users[:500])
-    later = next(i for i in range(500, len(events)) if users[i] in seen)
-    user, at = users[later], int(ts[later]) + 1
+    c = Checkpointed(redis_url, fs, 12, "watch")
+    user, at = c.user, c.at
     admin = redis.Redis.from_url(redis_url)
 
     def mgets() -> int:
         return int(admin.info("commandstats").get("cmdstat_mget", {}).get("calls", 0))
 
-    def offline(upto: int) -> dict[str, float]:
-        query = pd.DataFrame({"user_id": [user], "event_time": [pd.Timestamp(at)]})
-        return compute_offline(fs, events.iloc[:upto], query).to_pandas().iloc[0].to_dict()
-
     async def scenario() -> None:
-        reader = AsyncRedisFeatureReader(redis_url, fs, prefix, 0.5)
+        reader = AsyncRedisFeatureReader(redis_url, fs, c.prefix, 0.5)
         watch = asyncio.ensure_future(reader.watch(0.1))
         try:
             await asyncio.sleep(0.05)
-            expected = offline(500)
+            expected = c.offline(500)
             calls, started = mgets(), time.monotonic()
             for _ in range(300):
                 (got,) = await reader.lookup_many([(user, at)])
@@ -234,10 +236,8 @@ def test_repeat_entities_are_answered_from_memory_until_the_checkpoint_changes(
             polls = (time.monotonic() - started) / 0.1 + 2
             assert reader.reads == 1 and mgets() - calls <= 1 + polls
 
-            for i in range(500, later + 1):
-                state.update(users[i], int(ts[i]), {"amount": float(events["amount"][i])})
-            expected = offline(later + 1)
-            store.save(state, {"t": later + 1})
+            expected = c.offline(c.later + 1)
+            c.checkpoint_through_later()
             saved = time.monotonic()
             while (await reader.lookup_many([(user, at)]))[0] != pytest.approx(expected, rel=1e-12):
                 assert time.monotonic() - saved < 0.6 + 0.5, "the new checkpoint was not seen in time"
