@@ -711,7 +711,7 @@ class ServingRuntime:
             )
         if group.error is not None:
             raise group.error
-        self.metrics.tenant_latency.labels(tenant).observe(elapsed)
+        self.metrics.tenant_scored(tenant, elapsed)
         probs = group.probs
         return {
             "model_name": model.name,

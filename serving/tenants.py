@@ -10,7 +10,8 @@ Models. A tenant's model is the registered model ``<model>--<tenant>``
 (``mlops.tenancy.tenant_model_name``), served at ``serving.tenants.alias``. Versions are
 loaded on demand, by a caller holding that tenant's token only, into a ``ModelPool`` of
 their own (keys ``(name, version)``, budget ``serving.tenants.model_memory_budget_mb``,
-least recently used evicted). A request holds a reference on its model, so an eviction
+least recently used evicted). Versions whose ONNX files are byte for byte the same share one
+session, so their rows are scored in one run (each is still charged in full to the budget). A request holds a reference on its model, so an eviction
 never drops a request in flight: the evicted model closes after its last answer.
 
 Prediction log. One thread flushes every tenant's log each ``log_flush_seconds`` (a thread per
@@ -28,11 +29,13 @@ import os
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from adapters.files import create_new
 from mlops.errors import ConfigError
+from mlops.onnx_model import OnnxScorer
 from mlops.predlog import RequestIds
 from mlops.settings import Settings
 from mlops.tenancy import TenantQuota, TokenBucket, check_tenant_name, owner_of
@@ -185,6 +188,8 @@ class TenantModels:
         self._flusher: threading.Thread | None = None
         self._stopping = threading.Event()
         self.load_seconds: list[float] = []
+        self._sessions: weakref.WeakValueDictionary[bytes, OnnxScorer] = weakref.WeakValueDictionary()
+        self._sessions_lock = threading.Lock()  # loads run on worker threads
 
     # ------------------------------------------------------------ admission
 
@@ -285,10 +290,22 @@ class TenantModels:
             self._refreshing.discard(name)
 
     def _load(self, key: tuple[str, int]) -> LoadedModel:
+        """Build ``key``'s model (blocking, off the loop). When a loaded model has the same
+        ONNX bytes (SHA-256), the new one is checked and warmed up like any other, then
+        scores on that model's session: rows of tenants sharing one model file are scored
+        in one run, and the pool keeps one session for them."""
         name, version = key
         started = time.perf_counter()
         source = self._source(name)
-        model = self._build(name, version, source.onnx(version), self.lanes[0], source.tags(version))
+        onnx = source.onnx(version)
+        model = self._build(name, version, onnx, self.lanes[0], source.tags(version))
+        digest = hashlib.sha256(onnx).digest()
+        with self._sessions_lock:
+            shared = self._sessions.get(digest)
+            if shared is not None and shared.schema is model.scorer.schema:
+                model.scorer = shared
+            else:
+                self._sessions[digest] = model.scorer
         model.nbytes += MODEL_OVERHEAD_BYTES
         self.load_seconds.append(time.perf_counter() - started)
         return model
