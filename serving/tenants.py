@@ -15,7 +15,8 @@ session, so their rows are scored in one run (each is still charged in full to t
 never drops a request in flight: the evicted model closes after its last answer.
 
 Prediction log. One thread flushes every tenant's log each ``log_flush_seconds`` (a thread per
-tenant, flushing every 2 s, cost more CPU than scoring with 200 tenants). Each tenant's answers go to its own partition, ``$MLOPS_HOME/
+tenant, flushing every 2 s, cost more CPU than scoring with 200 tenants), converting every
+tenant's rows to Arrow in one pass (``prepare_flush``), then writing one file per tenant. Each tenant's answers go to its own partition, ``$MLOPS_HOME/
 predictions-tenants/tenant=NAME/predictions/date=YYYY-MM-DD/*.parquet``, away from the main
 model's log that the rollout gates read.
 """
@@ -41,7 +42,7 @@ from mlops.settings import Settings
 from mlops.tenancy import TenantQuota, TokenBucket, check_tenant_name, owner_of
 from serving.errors import ServingError, UnknownModel
 from serving.models import LoadedModel, ModelPool, SharedLane, pick_lane
-from serving.predlog_writer import PredictionLogWriter
+from serving.predlog_writer import PredictionLogWriter, prepare_flush
 from serving.source import ModelSource
 
 log = logging.getLogger(__name__)
@@ -350,9 +351,15 @@ class TenantModels:
 
     def _flush_loop(self) -> None:
         while not self._stopping.wait(self.cfg.log_flush_seconds):
-            for tenant, writer in list(self.writers.items()):
+            writers = list(self.writers.items())
+            try:
+                prepared = prepare_flush([writer for _, writer in writers])
+            except Exception:  # e.g. out of memory: each tenant converts its own rows
+                log.exception("prediction logs of the tenants not converted together")
+                prepared = [None] * len(writers)
+            for (tenant, writer), ready in zip(writers, prepared, strict=True):
                 try:
-                    writer.flush()
+                    writer.flush(ready)
                 except Exception as exc:  # one tenant's failing disk must not stop the others' logs
                     writer.last_error = str(exc)
                     log.exception("prediction log flush of tenant %s failed (rows kept, retrying)", tenant)

@@ -216,6 +216,50 @@ def test_a_tenant_never_gets_requests_on_every_lane():
             lane.stop()
 
 
+def test_tenant_logs_converted_together_land_each_in_its_own_partition(tmp_path: Path, rows):
+    """Three tenants' buffered rows converted to Arrow in one pass are written each to its own
+    tenant's files, exactly its rows; a row buffered after the conversion is written by the
+    next flush; with a row Arrow refuses, nothing is converted together and only that
+    tenant's bad row is dropped."""
+    import pyarrow.parquet as pq
+
+    from serving.predlog_writer import LogRow, PredictionLogWriter, prepare_flush
+
+    schema = load_settings(environ={}).dataset
+
+    def row(rid: str, features: dict[str, Any]) -> LogRow:
+        return LogRow(
+            rid, time.time(), None, "stable", "primary", "single", "m", 1, 0.5, True, 1.0, 200, None, features
+        )
+
+    def writers(root: Path) -> list[PredictionLogWriter]:
+        out = [PredictionLogWriter(root / t / "p", root / t / "f", schema, flush_seconds=600) for t in "abc"]
+        for w in out:
+            w.start(thread=False)
+        return out
+
+    ws = writers(tmp_path / "ok")
+    for i, w in enumerate(ws):
+        for j in range(i + 1):
+            w.log(row(f"{'abc'[i]}{j}", rows[j]))
+    prepared = prepare_flush(ws)
+    assert all(p is not None for p in prepared)
+    ws[2].log(row("late", rows[5]))
+    for w, p in zip(ws, prepared, strict=True):
+        assert w.flush(p) == (len(p.rows), 0)
+    assert ws[2].flush() == (1, 0)
+    for i, t in enumerate("abc"):
+        ids = pq.read_table(tmp_path / "ok" / t / "p").column("request_id").to_pylist()
+        assert sorted(ids) == sorted([f"{t}{j}" for j in range(i + 1)] + (["late"] if t == "c" else []))
+
+    ws = writers(tmp_path / "bad")
+    for w in ws:
+        w.log(row("good", rows[0]))
+    ws[1].log(row("bad", rows[1] | {schema.numeric_names[0]: "not a number"}))
+    assert prepare_flush(ws) == [None, None, None]
+    assert [w.flush() for w in ws] == [(1, 0)] * 3 and [w.dropped for w in ws] == [0, 1, 0]
+
+
 # ----------------------------------------------------------------------------- service
 
 
