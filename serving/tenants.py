@@ -165,7 +165,11 @@ class TenantModels:
         sources: Callable[[str], ModelSource],
         build: Callable[[str, int, bytes, SharedLane], LoadedModel],
         id_key: bytes,
+        aliases: Callable[[str, str], dict[str, int]] | None = None,
     ):
+        """``aliases(prefix, alias)``, when given, resolves ``alias`` of every model named
+        ``prefix...`` at once (``RegistryAliases.resolve_all``): stale aliases are then
+        refreshed by one registry search for all tenants instead of one read per model."""
         cfg = settings.serving.tenants
         self.settings = settings
         self.cfg = cfg
@@ -179,6 +183,8 @@ class TenantModels:
         ]  # every tenant model's LoadedModel.worker is lanes[0]; submit() picks among them
         self.pool = ModelPool(self._load, int(cfg.model_memory_budget_mb * 2**20))
         self._refreshing: set[str] = set()
+        self._resolve_all = aliases
+        self._refreshing_all = False
         self.held: dict[str, int] = {}  # refusals being held back (refusal_delay_ms), per tenant
         self._aliases: dict[str, tuple[int, float]] = {}
         self.quotas: dict[str, TenantQuota] = {}
@@ -266,9 +272,14 @@ class TenantModels:
         hit = self._aliases.get(name)
         now = time.monotonic()
         if hit is not None:
-            if now - hit[1] >= self.cfg.alias_refresh_seconds and name not in self._refreshing:
-                self._refreshing.add(name)
-                asyncio.get_running_loop().create_task(self._refresh(name), name=f"alias-{name}")
+            if now - hit[1] >= self.cfg.alias_refresh_seconds:
+                if self._resolve_all is not None:
+                    if not self._refreshing_all:
+                        self._refreshing_all = True
+                        asyncio.get_running_loop().create_task(self._refresh_all(), name="alias-tenants")
+                elif name not in self._refreshing:
+                    self._refreshing.add(name)
+                    asyncio.get_running_loop().create_task(self._refresh(name), name=f"alias-{name}")
             return hit[0]
         version = await asyncio.to_thread(self._source(name).resolve, self.cfg.alias)
         if version is None:
@@ -289,6 +300,28 @@ class TenantModels:
                 self._aliases[name] = (version, time.monotonic())
         finally:
             self._refreshing.discard(name)
+
+    async def _refresh_all(self) -> None:
+        """Refresh every resolved alias with one search (a removed alias: dropped, so the next
+        request resolves it alone and answers 404)."""
+        assert self._resolve_all is not None
+        try:
+            found = await asyncio.to_thread(self._resolve_all, f"{self.base_name}--", self.cfg.alias)
+        except ServingError as exc:  # the registry is down: keep answering with the cached versions
+            log.warning("tenant models: alias %s not refreshed (%s)", self.cfg.alias, exc)
+            now = time.monotonic()
+            for name, (version, _) in list(self._aliases.items()):
+                self._aliases[name] = (version, now)
+        else:
+            now = time.monotonic()
+            for name in list(self._aliases):
+                version = found.get(name)
+                if version is None:
+                    self._aliases.pop(name, None)
+                else:
+                    self._aliases[name] = (version, now)
+        finally:
+            self._refreshing_all = False
 
     def _load(self, key: tuple[str, int]) -> LoadedModel:
         """Build ``key``'s model (blocking, off the loop). When a loaded model has the same

@@ -369,6 +369,49 @@ def test_a_tenant_reaches_only_its_own_models_and_others_look_absent(make_settin
     assert not list(predictions_dir(settings).rglob("*.parquet"))
 
 
+def test_tenants_aliases_are_refreshed_by_one_registry_search(make_settings, rows, small_model: bytes):
+    """With ``alias_refresh_seconds`` 0, a moved alias of a tenant's model is answered from
+    the new version shortly after the move (the refresh searches every tenant model's alias
+    at once), and a removed alias makes the model unknown (404)."""
+    from conftest import log_fixture_model
+
+    from registry.mlflow_registry import ModelRegistry
+    from serving.source import RegistryAliases
+
+    settings = make_settings(alias_refresh_seconds="0")
+    registry = ModelRegistry(settings)
+    name = f"{BASE}--gamma"
+    logged = log_fixture_model(settings, small_model, "tenant-alias")
+    first = registry.register(name, logged.model_uri, logged.run_id, {}, "test").version
+    registry.move_alias(name, "champion", first, reason="tenant alias test")
+    token = add_tenant(settings, "gamma")
+    found = RegistryAliases(settings).resolve_all(f"{BASE}--", "champion")
+    assert found[name] == first and found[f"{BASE}--acme"] == 1 and BASE not in found
+
+    async def until(http, want) -> Any:
+        for _ in range(100):
+            r = await http.post(url("gamma"), json={"features": rows[0]}, headers=bearer(token))
+            if want(r):
+                return r
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"still {r.status_code} {r.text[:200]}")
+
+    async def scenario() -> None:
+        async with serve_in_process(settings) as (rt, http):
+            assert rt.tenants._resolve_all is not None
+            r = await http.post(url("gamma"), json={"features": rows[0]}, headers=bearer(token))
+            assert r.json()["predictions"][0]["version"] == first
+            second = registry.register(name, logged.model_uri, logged.run_id, {}, "test").version
+            registry.move_alias(name, "champion", second, reason="tenant alias test")
+            await until(
+                http, lambda r: r.status_code == 200 and r.json()["predictions"][0]["version"] == second
+            )
+            registry.client.delete_registered_model_alias(name, "champion")
+            await until(http, lambda r: r.status_code == 404)
+
+    asyncio.run(scenario())
+
+
 def test_a_tenant_labels_only_its_own_requests(make_settings, rows):
     """A tenant posts labels for the request ids its own answers carried (202, then recorded in
     its own feedback partition); another tenant's ids and the main model's ids are refused
