@@ -268,7 +268,8 @@ class TenantModels:
     async def version(self, name: str) -> int:
         """The version ``name``'s alias points at. Resolved from the registry on first use;
         after ``alias_refresh_seconds`` the cached version keeps answering while one
-        background read refreshes it (a request never waits on the registry once resolved)."""
+        background search refreshes every tenant model's alias (without ``aliases``: one
+        background read of this model's). A request never waits on the registry once resolved."""
         hit = self._aliases.get(name)
         now = time.monotonic()
         if hit is not None:
