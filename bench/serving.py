@@ -8,7 +8,8 @@ stalls (requests slower than ``--stall-ms``) for each, plus the ratios. The serv
 measured in shadow mode (every request mirrored to a candidate) and canary mode (50 % of
 users on the candidate) to price the router, and, as the multi-model target ``tenants``, on
 the tenant route with every request sent to one of ``--tenant-models`` registered tenant
-models (the same ONNX, all loaded first) at random: warm p99 goal <= 1.2 x single-model. Goals (concurrency 8): RPS >= 0.5 x minimal,
+models (the champion's architecture with different weights per tenant, or the same ONNX
+with ``--identical-tenants``; all loaded first) at random: warm p99 goal <= 1.2 x single-model. Goals (concurrency 8): RPS >= 0.5 x minimal,
 p99 <= 3 x minimal, no stall over 50 ms in a 60 s run; shadow adds <= 10 % to p99; canary
 costs <= 5 % RPS.
 
@@ -170,10 +171,12 @@ def _request_bytes(port: int, payload: dict, path: str = PREDICT_PATH, token: st
     return head.encode() + body
 
 
-def register_tenants(home: Path, stable: int, n: int) -> dict[str, str]:
-    """Register ``n`` tenant models ``<model>--tNNN`` (the champion's ONNX again, alias
-    champion) and a tenant for each; {tenant predict path: tenant token}."""
-    from bench.support import log_and_register
+def register_tenants(home: Path, stable: int, n: int, identical: bool = False) -> dict[str, str]:
+    """Register ``n`` tenant models ``<model>--tNNN`` (alias champion): the champion's
+    architecture with different weights per tenant (``bench.support.weight_variants``), or
+    with ``identical`` the champion's ONNX itself; and a tenant for each. {tenant predict
+    path: tenant token}."""
+    from bench.support import log_and_register, register_variants, weight_variants
     from mlops.settings import load_settings
     from mlops.tenancy import tenant_model_name
     from registry.mlflow_registry import ModelRegistry
@@ -183,7 +186,11 @@ def register_tenants(home: Path, stable: int, n: int) -> dict[str, str]:
     name = settings.training.model_name
     tenants = [f"t{i:03d}" for i in range(n)]
     onnx = ModelRegistry(settings).onnx_bytes(name, stable)
-    log_and_register(settings, onnx, [tenant_model_name(name, t) for t in tenants])
+    names = [tenant_model_name(name, t) for t in tenants]
+    if identical:
+        log_and_register(settings, onnx, names)
+    else:
+        register_variants(settings, weight_variants(onnx, n, seed=1), names)
     return {f"/tenants/models/{tenant_model_name(name, t)}/predict": add_tenant(settings, t) for t in tenants}
 
 
@@ -515,6 +522,12 @@ def main(argv: list[str] | None = None) -> int:
         help="tenants target: tenant models, each request to one at random",
     )
     ap.add_argument(
+        "--identical-tenants",
+        action="store_true",
+        help="tenants target: every tenant model the champion's ONNX (default: its architecture, "
+        "different weights per tenant)",
+    )
+    ap.add_argument(
         "--home", type=Path, help="serve this MLOPS_HOME's champion (default: train one in a temp home)"
     )
     ap.add_argument("--json", type=Path, help="also write the results here")
@@ -542,8 +555,9 @@ def main(argv: list[str] | None = None) -> int:
         token = ensure_token(load_settings(environ={"MLOPS_HOME": str(home)}))
         tenants = None
         if "tenants" in targets:
-            print(f"registering {args.tenant_models} tenant models ...", flush=True)
-            tenants = register_tenants(home, stable, args.tenant_models)
+            kind = "identical" if args.identical_tenants else "distinct"
+            print(f"registering {args.tenant_models} {kind} tenant models ...", flush=True)
+            tenants = register_tenants(home, stable, args.tenant_models, args.identical_tenants)
         payload = sample_payload()
         lua = tmp / "post.lua"
         lua.write_text(_WRK_LUA)

@@ -1,10 +1,12 @@
 """Multi-tenant serving benchmark: 200 tenant models in one service vs. the single-model service.
 
 One run, in one process: a temporary MLOPS_HOME whose registry holds the main model and
-``--models`` tenant models ``fraud-detector--t000`` ... (the same tiny logistic regression,
-each its own registered model with ``champion`` at v1) and as many tenants, each with its own
-token. The real ``ServingRuntime`` and Starlette app are driven through httpx's ASGI transport
-(client and service share the process, alike for both targets).
+``--models`` tenant models ``fraud-detector--t000`` ... (a tiny logistic regression, or with
+``--model gb`` the production default GradientBoosting; by default with different weights
+per tenant, as per-merchant models of one architecture are, with ``--identical`` the same
+ONNX for all), each its own registered model with ``champion`` at v1, and as many tenants,
+each with its own token. The real ``ServingRuntime`` and Starlette app are driven through
+httpx's ASGI transport (client and service share the process, alike for both targets).
 
 Printed:
   * cold load: the first request to each model (alias resolved, ONNX fetched from the
@@ -48,17 +50,22 @@ def _rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _register(settings, n: int) -> list[str]:
-    from bench.support import log_and_register
+def _register(settings, n: int, identical: bool, kind: str) -> list[str]:
+    from bench.support import log_and_register, register_variants, weight_variants
     from mlops import modeling
     from mlops.datagen import generate
-    from mlops.settings import LogisticRegressionSpec
+    from mlops.settings import GradientBoostingSpec, LogisticRegressionSpec
     from mlops.tenancy import tenant_model_name
 
     frame = generate(3000, seed=3)
-    pipe = modeling.fit(LogisticRegressionSpec(max_iter=200), frame, settings.dataset, 0)
+    spec = GradientBoostingSpec() if kind == "gb" else LogisticRegressionSpec(max_iter=200)
+    pipe = modeling.fit(spec, frame, settings.dataset, 0)
     names = [BASE] + [tenant_model_name(BASE, f"t{i:03d}") for i in range(n)]
-    log_and_register(settings, modeling.to_onnx_bytes(pipe, settings.dataset), names)
+    onnx = modeling.to_onnx_bytes(pipe, settings.dataset)
+    if identical:
+        log_and_register(settings, onnx, names)
+    else:
+        register_variants(settings, [onnx, *weight_variants(onnx, n, seed=1)], names)
     return names[1:]
 
 
@@ -102,16 +109,24 @@ async def run(args: argparse.Namespace, home: Path) -> None:
     }
     settings = load_settings(environ=env)
     saved = home / "bench-tenants.json"
+    kind = ("identical" if args.identical else "distinct") + f" {args.model}"
     if saved.exists():
-        tokens = json.loads(saved.read_text())
+        kept = json.loads(saved.read_text())
+        if kept.get("models") != kind:
+            raise SystemExit(
+                f"{home} holds {kept.get('models')} tenant models; use another --home for {kind} ones"
+            )
+        tokens = kept["tokens"]
         names = list(tokens)
-        print(f"reusing {len(names)} tenant models registered in {home}")
+        print(f"reusing {len(names)} {kind} tenant models registered in {home}")
     else:
         t = time.perf_counter()
-        names = await asyncio.to_thread(_register, settings, args.models)
-        print(f"registered {len(names)} tenant models + the main one in {time.perf_counter() - t:.1f} s")
+        names = await asyncio.to_thread(_register, settings, args.models, args.identical, args.model)
+        print(
+            f"registered {len(names)} {kind} tenant models + the main one in {time.perf_counter() - t:.1f} s"
+        )
         tokens = {name: add_tenant(settings, name.rsplit("--", 1)[1]) for name in names}
-        saved.write_text(json.dumps(tokens))
+        saved.write_text(json.dumps({"models": kind, "tokens": tokens}))
     schema = settings.dataset
     row = generate(1, seed=5).to_dict("records")[0]
     body = {
@@ -193,6 +208,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--requests", type=int, default=1000, help="per target per trial")
     ap.add_argument("--trials", type=int, default=10, help="interleaved trials (order alternating)")
+    ap.add_argument(
+        "--identical",
+        action="store_true",
+        help="every tenant model the same ONNX (default: the same architecture, different weights)",
+    )
+    ap.add_argument(
+        "--model",
+        choices=("logistic", "gb"),
+        default="logistic",
+        help="tenant (and main) model: a logistic regression, or the production default GradientBoosting",
+    )
     ap.add_argument("--hot", type=int, default=0, help="warm load on only the first N models (0: all)")
     ap.add_argument("--home", type=Path, help="keep the registry here and reuse it on the next run")
     args = ap.parse_args(argv)

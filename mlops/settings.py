@@ -476,7 +476,8 @@ class TenantsConfig(StrictModel):
     ``$MLOPS_HOME/run/tenants/``). Each tenant may make ``rate_per_second`` requests (bursts
     up to ``burst``) with at most ``max_concurrent`` in flight; beyond that it gets a 429
     with ``Retry-After``. A resolved alias is reused for ``alias_refresh_seconds`` (then
-    re-read in the background while the cached version keeps answering). Tenants' models
+    every tenant model's alias is re-read by one registry search in the background while the
+    cached versions keep answering). Tenants' models
     score on ``scoring_threads`` shared threads, round-robin between tenants. A refusal (429)
     is answered after ``refusal_delay_ms``, so a client retrying at once is slowed to that
     pace; past ``refusal_hold_max`` refusals held for one tenant, the next ones are answered

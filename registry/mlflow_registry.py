@@ -68,6 +68,27 @@ class ModelRegistry:
             raise RegistryError(f"registry error reading model '{name}': {exc.message}") from exc
         return {alias: int(v) for alias, v in (model.aliases or {}).items()}
 
+    def aliases_by_prefix(self, prefix: str) -> dict[str, dict[str, int]]:
+        """name -> (alias -> version) of every registered model whose name starts with
+        ``prefix``, in one paged search (one query per 1,000 models, not one per model)."""
+        if "'" in prefix or "\\" in prefix:
+            raise RegistryError(f"model name prefix {prefix[:100]!r} contains a quote or backslash")
+        found: dict[str, dict[str, int]] = {}
+        token = None
+        try:
+            while True:
+                page = self.client.search_registered_models(
+                    filter_string=f"name LIKE '{prefix}%'", max_results=1000, page_token=token
+                )
+                for model in page:
+                    if model.name.startswith(prefix):  # "_" and "%" in the prefix match more
+                        found[model.name] = {alias: int(v) for alias, v in (model.aliases or {}).items()}
+                token = page.token
+                if not token:
+                    return found
+        except MlflowException as exc:
+            raise RegistryError(f"registry error searching models '{prefix[:100]}*': {exc.message}") from exc
+
     def _info(self, mv, aliases: Mapping[str, int]) -> VersionInfo:
         version = int(mv.version)
         metrics: dict[str, float] = {}

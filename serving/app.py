@@ -285,7 +285,7 @@ def build_app(ref: RuntimeRef) -> Starlette:
         try:
             tenants.admit(tenant)
         except QuotaExceeded as exc:
-            rt.metrics.tenant_requests.labels(tenant, "429").inc()
+            rt.metrics.tenant_answered(tenant, 429)
             headers = {"Retry-After": str(exc.retry_after)}
             if not await tenants.hold_refusal(tenant):
                 headers["Connection"] = "close"
@@ -295,7 +295,7 @@ def build_app(ref: RuntimeRef) -> Starlette:
             response = await _tenant_scored(request)
         finally:
             tenants.done(tenant)
-        rt.metrics.tenant_requests.labels(tenant, str(response.status_code)).inc()
+        rt.metrics.tenant_answered(tenant, response.status_code)
         return response
 
     @endpoint("tenant_predict", scoring=True)

@@ -7,6 +7,8 @@ request costs two counter increments and one histogram observation.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -135,6 +137,8 @@ class ServingMetrics:
         )
         self._req = {(v, role): self.requests.labels(v, role) for v in VARIANTS for role in ROLES}
         self._lat = {(v, role): self.latency.labels(v, role) for v in VARIANTS for role in ROLES}
+        self._tenant_req: dict[tuple[str, int], Any] = {}  # (tenant, status) -> its counter
+        self._tenant_lat: dict[str, Any] = {}  # tenant -> its histogram
 
     def answered(self, variant: str, role: str, seconds: float, n: int = 1) -> None:
         """Count ``n`` answers of ``variant`` in ``role`` and observe their latency once."""
@@ -144,6 +148,21 @@ class ServingMetrics:
     def failed(self, variant: str, role: str, status: int, n: int = 1) -> None:
         """Count ``n`` answers of ``variant`` in ``role`` that failed with HTTP ``status``."""
         self.errors.labels(variant, role, str(status)).inc(n)
+
+    def tenant_answered(self, tenant: str, status: int) -> None:
+        """Count one answer of HTTP ``status`` on the tenant route to ``tenant`` (only tenants
+        that authenticated get here, so the series stay bounded by the tenants created)."""
+        child = self._tenant_req.get((tenant, status))
+        if child is None:
+            child = self._tenant_req[tenant, status] = self.tenant_requests.labels(tenant, str(status))
+        child.inc()
+
+    def tenant_scored(self, tenant: str, seconds: float) -> None:
+        """Observe the latency of one answer scored for ``tenant``."""
+        child = self._tenant_lat.get(tenant)
+        if child is None:
+            child = self._tenant_lat[tenant] = self.tenant_latency.labels(tenant)
+        child.observe(seconds)
 
     def render(self) -> bytes:
         """Every metric of the registry in the Prometheus text format."""

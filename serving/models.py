@@ -237,16 +237,23 @@ class ModelWorker:
         return [(live, self._score(live, self.scorer, self.windows))]
 
     def _score(
-        self, live: list[_Item], scorer: OnnxScorer, windows: tuple[str, ...]
+        self,
+        live: list[_Item],
+        scorer: OnnxScorer,
+        windows: tuple[str, ...],
+        feeds: dict[str, np.ndarray] | None = None,
     ) -> np.ndarray | BaseException:
+        """``live``'s rows scored in one run of ``scorer``; ``feeds``, when given, are the
+        dataset features' feeds of exactly these rows (then only window inputs are built)."""
+        needed = live[0].columns if feeds is None else windows
         if len(live) == 1:
             columns = live[0].columns
         else:
-            columns = {name: [v for item in live for v in item.columns[name]] for name in live[0].columns}
+            columns = {name: [v for item in live for v in item.columns[name]] for name in needed}
         opts = ort.RunOptions()
         opts.log_severity_level = 4  # a terminated run is reported as ModelTimeout, not logged
         try:
-            feeds = scorer.feeds(columns)
+            feeds = scorer.feeds(columns) if feeds is None else dict(feeds)
             for name in windows:
                 feeds[name] = np.asarray(columns[name], dtype=np.float32).reshape(-1, 1)
             self._run_options = opts
@@ -297,13 +304,18 @@ class ModelWorker:
 
 
 def pick_lane(lanes: list[SharedLane], key: str) -> SharedLane:
-    """The lane for ``key``'s next request: the one with the fewest unanswered requests (the
-    first on a tie, so light traffic batches on one thread), but never a lane that would give
-    ``key`` requests on every lane: one tenant cannot hold all threads, e.g. with a slow model."""
+    """The lane for ``key``'s next request: a lane whose idle thread is already being woken in
+    this event-loop turn (the request joins that batch: one wake-up and one hand-off for all
+    requests parsed in the turn, as on a single model's worker), else the one with the fewest
+    unanswered requests (the first on a tie); never a lane that would give ``key`` requests
+    on every lane: one tenant cannot hold all threads, e.g. with a slow model."""
     if len(lanes) == 1:
         return lanes[0]
     mine = [lane for lane in lanes if key in lane.queued_by_key]
     allowed = mine if len(mine) >= len(lanes) - 1 else lanes
+    for lane in allowed:
+        if lane.waking:
+            return lane
     return min(allowed, key=lambda lane: len(lane.outstanding))
 
 
@@ -323,6 +335,12 @@ class SharedLane(ModelWorker):
         self._stopping = False
         self.queued_by_key: dict[str | None, int] = {}  # loop thread only: unanswered requests per tenant
         super().__init__(None, label, max_batch_rows)  # type: ignore[arg-type]
+
+    @property
+    def waking(self) -> bool:
+        """The thread sleeps and a wake-up is scheduled for the end of this event-loop turn:
+        what is queued now is scored in the batch it wakes for (loop thread only)."""
+        return self._wake_scheduled
 
     def _enqueue(self, item: object) -> None:
         if isinstance(item, _Item):
@@ -375,10 +393,37 @@ class SharedLane(ModelWorker):
         by_scorer: dict[int, list[_Item]] = {}
         for item in live:
             by_scorer.setdefault(id(item.scorer), []).append(item)
-        return [
-            (items, self._score(items, items[0].scorer, items[0].windows))  # type: ignore[arg-type]
-            for items in by_scorer.values()
-        ]  # type: ignore[arg-type]
+        groups = list(by_scorer.values())
+        shared = self._shared_feeds(groups) if len(groups) > 1 else None
+        out: list[tuple[list[_Item], np.ndarray | BaseException]] = []
+        start = 0
+        for items in groups:
+            feeds = None
+            if shared is not None:
+                end = start + sum(item.rows for item in items)
+                feeds = {name: array[start:end] for name, array in shared.items()}
+                start = end
+            out.append((items, self._score(items, items[0].scorer, items[0].windows, feeds)))  # type: ignore[arg-type]
+        return out
+
+    @staticmethod
+    def _shared_feeds(groups: list[list[_Item]]) -> dict[str, np.ndarray] | None:
+        """The dataset features' feeds of every row of ``groups`` (group after group), built
+        in one conversion instead of one per session; None when the sessions do not share
+        one dataset schema or a value does not convert (each group then builds its own, so a
+        bad row fails only its own group)."""
+        scorer: OnnxScorer = groups[0][0].scorer  # type: ignore[assignment]
+        schema = scorer.schema
+        if any(items[0].scorer.schema is not schema for items in groups):  # type: ignore[union-attr]
+            return None
+        names = (*schema.numeric_names, *schema.categorical_names)
+        columns = {
+            name: [v for items in groups for item in items for v in item.columns[name]] for name in names
+        }
+        try:
+            return scorer.feeds(columns)
+        except Exception:
+            return None
 
 
 # --------------------------------------------------------------------------- pool

@@ -28,6 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from itertools import islice
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -71,6 +72,7 @@ class ParquetBatchSink:
         self.root = root
         self.schema = schema
         self._seq = 0
+        self._folders: set[Path] = set()  # day folders known to exist
 
     def sweep(self, older_than: float = STALE_TMP_SECONDS) -> int:
         """Remove temporary files a crashed writer left behind (older than ``older_than`` s)."""
@@ -95,12 +97,19 @@ class ParquetBatchSink:
 
     def _commit(self, table: pa.Table, day: str) -> Path:
         folder = self.root / f"date={day}"
-        folder.mkdir(parents=True, exist_ok=True)
+        if folder not in self._folders:  # a mkdir per file cost ~10 % of a small file's write
+            folder.mkdir(parents=True, exist_ok=True)
+            self._folders.add(folder)
         self._seq += 1
         name = part_name(datetime.now(UTC), os.getpid(), self._seq)
         final = folder / name
         tmp = folder / f".{name}{TMP_SUFFIX}"
-        with open(tmp, "wb") as fh:
+        try:
+            out = open(tmp, "wb")
+        except FileNotFoundError:  # the folder was removed meanwhile (e.g. by retention)
+            folder.mkdir(parents=True, exist_ok=True)
+            out = open(tmp, "wb")
+        with out as fh:
             pq.write_table(table, fh, compression="zstd")
             fh.flush()
             os.fsync(fh.fileno())
@@ -111,6 +120,46 @@ class ParquetBatchSink:
 
 def _day(ts: float) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(ts))
+
+
+ENCODING_ERRORS = (pa.ArrowException, UnicodeError, ValueError, TypeError, OverflowError)
+"""What building an Arrow table raises for a row Arrow refuses."""
+
+
+class Prepared(NamedTuple):
+    """Rows at the head of one writer's buffer and their Arrow table (``prepare_flush``)."""
+
+    rows: list[LogRow]
+    table: pa.Table
+
+
+def _starts_with(buffer: deque[LogRow], head: list[LogRow]) -> bool:
+    return 0 < len(head) <= len(buffer) and all(
+        a is b for a, b in zip(head, islice(buffer, len(head)), strict=True)
+    )
+
+
+def prepare_flush(writers: list[PredictionLogWriter]) -> list[Prepared | None]:
+    """For each writer of ``writers`` (alike in dataset schema), the Arrow table of the
+    prediction rows it buffers now, all converted in one pass: converting costs a fixed ~2 ms
+    per table besides its rows, which with one writer per tenant and hundreds of tenants
+    cost more CPU than their rows. Each writer still writes its own files (``flush``). None
+    for a writer with nothing buffered; all None when a row does not convert (each writer
+    then drops only its own bad rows) or the schemas differ."""
+    heads = [[w._rows[i] for i in range(len(w._rows))] for w in writers]
+    busy = [i for i, head in enumerate(heads) if head]
+    out: list[Prepared | None] = [None] * len(writers)
+    if len(busy) < 2 or any(writers[i].dataset is not writers[busy[0]].dataset for i in busy):
+        return out
+    try:
+        table = writers[busy[0]]._table([row for i in busy for row in heads[i]])
+    except ENCODING_ERRORS:
+        return out
+    start = 0
+    for i in busy:
+        out[i] = Prepared(heads[i], table.slice(start, len(heads[i])))
+        start += len(heads[i])
+    return out
 
 
 class PredictionLogWriter:
@@ -204,26 +253,33 @@ class PredictionLogWriter:
                 log.exception("prediction log flush failed (rows kept in the buffer, retrying)")
                 self._stop.wait(min(self.flush_seconds, 5.0))
 
-    def flush(self) -> tuple[int, int]:
-        """Write what is buffered now; (prediction rows, feedback rows) written."""
+    def flush(self, prepared: Prepared | None = None) -> tuple[int, int]:
+        """Write what is buffered now; (prediction rows, feedback rows) written. ``prepared``
+        (from ``prepare_flush``) is the Arrow table of the rows at the head of the buffer,
+        converted together with other writers' rows: when those rows are still buffered
+        first, exactly they are written (rows buffered since wait for the next flush)."""
         with self._flush_lock:
-            n_pred = self._flush_predictions()
+            n_pred = self._flush_predictions(prepared)
             n_fb = self._flush_feedback()
         if (n_pred or n_fb) and self.on_flush is not None:
             self.on_flush(n_pred, n_fb)
         return n_pred, n_fb
 
-    def _flush_predictions(self) -> int:
+    def _flush_predictions(self, prepared: Prepared | None = None) -> int:
         n = len(self._rows)
         if not n:
             return 0
-        rows = [self._rows[i] for i in range(n)]
-        try:
-            table = self._table(rows)
-        except (pa.ArrowException, UnicodeError, ValueError, TypeError, OverflowError):
-            rows = [r for r in rows if self._encodable(r)]  # drop only the rows Arrow refuses
-            self.dropped += n - len(rows)
-            table = self._table(rows)
+        if prepared is not None and _starts_with(self._rows, prepared.rows):
+            rows, table = prepared.rows, prepared.table  # rows buffered since: the next flush
+            n = len(rows)
+        else:
+            rows = [self._rows[i] for i in range(n)]
+            try:
+                table = self._table(rows)
+            except ENCODING_ERRORS:
+                rows = [r for r in rows if self._encodable(r)]  # drop only the rows Arrow refuses
+                self.dropped += n - len(rows)
+                table = self._table(rows)
         if rows:
             self.files_written += len(self.predictions.write(table, [_day(r.ts) for r in rows]))
         for _ in range(n):  # only after the commit: a failed write keeps the rows
@@ -255,7 +311,7 @@ class PredictionLogWriter:
         try:
             self._table([row])
             return True
-        except (pa.ArrowException, UnicodeError, ValueError, TypeError, OverflowError) as exc:
+        except ENCODING_ERRORS as exc:
             log.error("prediction-log row %r dropped: cannot be written (%s)", row.request_id[:40], exc)
             return False
 

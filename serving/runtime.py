@@ -60,7 +60,7 @@ from serving.models import LoadedModel, ModelPool, SharedLane, build_model
 from serving.online_features import OnlineFeatures
 from serving.predlog_store import PredictionLogStore, feedback_dir, predictions_dir
 from serving.predlog_writer import LogRow, PredictionLogWriter
-from serving.source import ModelSource, RegistrySource
+from serving.source import ModelSource, RegistryAliases, RegistrySource
 from serving.state import DesiredState, RoutesSpec, load_state, save_state, state_path
 from serving.tenants import TenantModels
 
@@ -171,7 +171,11 @@ class ServingRuntime:
         self.tenants: TenantModels | None = None
         if cfg.tenants.enabled:
             self.tenants = TenantModels(
-                settings, sources or partial(RegistrySource, settings), self._build_named, id_key
+                settings,
+                sources or partial(RegistrySource, settings),
+                self._build_named,
+                id_key,
+                aliases=None if sources else RegistryAliases(settings).resolve_all,
             )
 
     @classmethod
@@ -721,7 +725,7 @@ class ServingRuntime:
             )
         if group.error is not None:
             raise group.error
-        self.metrics.tenant_latency.labels(tenant).observe(elapsed)
+        self.metrics.tenant_scored(tenant, elapsed)
         probs = group.probs
         return {
             "model_name": model.name,

@@ -83,3 +83,27 @@ class RegistrySource:
                 raise UnknownModel(f"model '{self.model_name}' has no version {version}") from None
             except RegistryError as exc:
                 raise ServingError(f"registry unavailable: {exc}", 503) from exc
+
+
+class RegistryAliases:
+    """One alias of every registered model whose name starts with a prefix, read from the
+    platform's MLflow registry in one search (tenants' models: one query for all of them)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._registry = None  # created on first use, in the calling (worker) thread
+        self._lock = threading.Lock()
+
+    def resolve_all(self, prefix: str, alias: str) -> dict[str, int]:
+        """name -> the version ``alias`` points at, for every model named ``prefix...`` that
+        has that alias set; ``ServingError`` (503) when the registry cannot be read."""
+        with self._lock:
+            try:
+                if self._registry is None:
+                    from registry.mlflow_registry import ModelRegistry
+
+                    self._registry = ModelRegistry(self.settings)
+                found = self._registry.aliases_by_prefix(prefix)
+            except RegistryError as exc:
+                raise ServingError(f"registry unavailable: {exc}", 503) from exc
+        return {name: aliases[alias] for name, aliases in found.items() if alias in aliases}

@@ -10,11 +10,13 @@ Models. A tenant's model is the registered model ``<model>--<tenant>``
 (``mlops.tenancy.tenant_model_name``), served at ``serving.tenants.alias``. Versions are
 loaded on demand, by a caller holding that tenant's token only, into a ``ModelPool`` of
 their own (keys ``(name, version)``, budget ``serving.tenants.model_memory_budget_mb``,
-least recently used evicted). A request holds a reference on its model, so an eviction
+least recently used evicted). Versions whose ONNX files are byte for byte the same share one
+session, so their rows are scored in one run (each is still charged in full to the budget). A request holds a reference on its model, so an eviction
 never drops a request in flight: the evicted model closes after its last answer.
 
 Prediction log. One thread flushes every tenant's log each ``log_flush_seconds`` (a thread per
-tenant, flushing every 2 s, cost more CPU than scoring with 200 tenants). Each tenant's answers go to its own partition, ``$MLOPS_HOME/
+tenant, flushing every 2 s, cost more CPU than scoring with 200 tenants), converting every
+tenant's rows to Arrow in one pass (``prepare_flush``), then writing one file per tenant. Each tenant's answers go to its own partition, ``$MLOPS_HOME/
 predictions-tenants/tenant=NAME/predictions/date=YYYY-MM-DD/*.parquet``, away from the main
 model's log that the rollout gates read.
 """
@@ -28,17 +30,19 @@ import os
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from adapters.files import create_new
 from mlops.errors import ConfigError
+from mlops.onnx_model import OnnxScorer
 from mlops.predlog import RequestIds
 from mlops.settings import Settings
 from mlops.tenancy import TenantQuota, TokenBucket, check_tenant_name, owner_of
 from serving.errors import ServingError, UnknownModel
 from serving.models import LoadedModel, ModelPool, SharedLane, pick_lane
-from serving.predlog_writer import PredictionLogWriter
+from serving.predlog_writer import PredictionLogWriter, prepare_flush
 from serving.source import ModelSource
 
 log = logging.getLogger(__name__)
@@ -161,7 +165,11 @@ class TenantModels:
         sources: Callable[[str], ModelSource],
         build: Callable[[str, int, bytes, SharedLane], LoadedModel],
         id_key: bytes,
+        aliases: Callable[[str, str], dict[str, int]] | None = None,
     ):
+        """``aliases(prefix, alias)``, when given, resolves ``alias`` of every model named
+        ``prefix...`` at once (``RegistryAliases.resolve_all``): stale aliases are then
+        refreshed by one registry search for all tenants instead of one read per model."""
         cfg = settings.serving.tenants
         self.settings = settings
         self.cfg = cfg
@@ -175,6 +183,8 @@ class TenantModels:
         ]  # every tenant model's LoadedModel.worker is lanes[0]; submit() picks among them
         self.pool = ModelPool(self._load, int(cfg.model_memory_budget_mb * 2**20))
         self._refreshing: set[str] = set()
+        self._resolve_all = aliases
+        self._refreshing_all = False
         self.held: dict[str, int] = {}  # refusals being held back (refusal_delay_ms), per tenant
         self._aliases: dict[str, tuple[int, float]] = {}
         self.quotas: dict[str, TenantQuota] = {}
@@ -185,6 +195,8 @@ class TenantModels:
         self._flusher: threading.Thread | None = None
         self._stopping = threading.Event()
         self.load_seconds: list[float] = []
+        self._sessions: weakref.WeakValueDictionary[bytes, OnnxScorer] = weakref.WeakValueDictionary()
+        self._sessions_lock = threading.Lock()  # loads run on worker threads
 
     # ------------------------------------------------------------ admission
 
@@ -256,13 +268,19 @@ class TenantModels:
     async def version(self, name: str) -> int:
         """The version ``name``'s alias points at. Resolved from the registry on first use;
         after ``alias_refresh_seconds`` the cached version keeps answering while one
-        background read refreshes it (a request never waits on the registry once resolved)."""
+        background search refreshes every tenant model's alias (without ``aliases``: one
+        background read of this model's). A request never waits on the registry once resolved."""
         hit = self._aliases.get(name)
         now = time.monotonic()
         if hit is not None:
-            if now - hit[1] >= self.cfg.alias_refresh_seconds and name not in self._refreshing:
-                self._refreshing.add(name)
-                asyncio.get_running_loop().create_task(self._refresh(name), name=f"alias-{name}")
+            if now - hit[1] >= self.cfg.alias_refresh_seconds:
+                if self._resolve_all is not None:
+                    if not self._refreshing_all:
+                        self._refreshing_all = True
+                        asyncio.get_running_loop().create_task(self._refresh_all(), name="alias-tenants")
+                elif name not in self._refreshing:
+                    self._refreshing.add(name)
+                    asyncio.get_running_loop().create_task(self._refresh(name), name=f"alias-{name}")
             return hit[0]
         version = await asyncio.to_thread(self._source(name).resolve, self.cfg.alias)
         if version is None:
@@ -284,11 +302,45 @@ class TenantModels:
         finally:
             self._refreshing.discard(name)
 
+    async def _refresh_all(self) -> None:
+        """Refresh every resolved alias with one search (a removed alias: dropped, so the next
+        request resolves it alone and answers 404)."""
+        assert self._resolve_all is not None
+        try:
+            found = await asyncio.to_thread(self._resolve_all, f"{self.base_name}--", self.cfg.alias)
+        except ServingError as exc:  # the registry is down: keep answering with the cached versions
+            log.warning("tenant models: alias %s not refreshed (%s)", self.cfg.alias, exc)
+            now = time.monotonic()
+            for name, (version, _) in list(self._aliases.items()):
+                self._aliases[name] = (version, now)
+        else:
+            now = time.monotonic()
+            for name in list(self._aliases):
+                version = found.get(name)
+                if version is None:
+                    self._aliases.pop(name, None)
+                else:
+                    self._aliases[name] = (version, now)
+        finally:
+            self._refreshing_all = False
+
     def _load(self, key: tuple[str, int]) -> LoadedModel:
+        """Build ``key``'s model (blocking, off the loop). When a loaded model has the same
+        ONNX bytes (SHA-256), the new one is checked and warmed up like any other, then
+        scores on that model's session: rows of tenants sharing one model file are scored
+        in one run, and the pool keeps one session for them."""
         name, version = key
         started = time.perf_counter()
         source = self._source(name)
-        model = self._build(name, version, source.onnx(version), self.lanes[0], source.tags(version))
+        onnx = source.onnx(version)
+        model = self._build(name, version, onnx, self.lanes[0], source.tags(version))
+        digest = hashlib.sha256(onnx).digest()
+        with self._sessions_lock:
+            shared = self._sessions.get(digest)
+            if shared is not None and shared.schema is model.scorer.schema:
+                model.scorer = shared
+            else:
+                self._sessions[digest] = model.scorer
         model.nbytes += MODEL_OVERHEAD_BYTES
         self.load_seconds.append(time.perf_counter() - started)
         return model
@@ -333,9 +385,15 @@ class TenantModels:
 
     def _flush_loop(self) -> None:
         while not self._stopping.wait(self.cfg.log_flush_seconds):
-            for tenant, writer in list(self.writers.items()):
+            writers = list(self.writers.items())
+            try:
+                prepared = prepare_flush([writer for _, writer in writers])
+            except Exception:  # e.g. out of memory: each tenant converts its own rows
+                log.exception("prediction logs of the tenants not converted together")
+                prepared = [None] * len(writers)
+            for (tenant, writer), ready in zip(writers, prepared, strict=True):
                 try:
-                    writer.flush()
+                    writer.flush(ready)
                 except Exception as exc:  # one tenant's failing disk must not stop the others' logs
                     writer.last_error = str(exc)
                     log.exception("prediction log flush of tenant %s failed (rows kept, retrying)", tenant)

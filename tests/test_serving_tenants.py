@@ -108,6 +108,97 @@ def test_a_shared_lane_serves_tenants_round_robin_not_first_come(small_model: by
     assert answered.index("quiet") == 1, answered
 
 
+def test_a_shared_lane_scores_many_models_in_one_batch_each_row_with_its_own(small_model: bytes, rows):
+    """Given requests for three sessions (two models with different weights, one of them
+    loaded twice) queued in one event-loop turn on a shared thread, each request gets the
+    scores its own model gives alone; a request whose values do not convert, on a fourth
+    session, fails alone: the batch's other sessions still answer."""
+    from mlops import modeling
+    from mlops.onnx_model import OnnxScorer
+    from mlops.settings import LogisticRegressionSpec
+    from serving.errors import ModelFailed
+    from serving.models import SharedLane
+
+    schema = load_settings(environ={}).dataset
+    other = modeling.to_onnx_bytes(
+        modeling.fit(LogisticRegressionSpec(C=0.01, max_iter=200), generate(2000, seed=8), schema, 0), schema
+    )
+    scorers = [OnnxScorer(model, schema) for model in (small_model, other, small_model, other)]
+    plan = [(i % 3, rows[i : i + 1 + i % 2]) for i in range(9)]  # (scorer, 1 or 2 records)
+    alone = [
+        scorers[k].predict_proba({n: [r[n] for r in recs] for n in schema.feature_names}) for k, recs in plan
+    ]
+    assert not np.allclose(
+        alone[0][0], scorers[1].predict_proba({n: [rows[0][n]] for n in schema.feature_names})[0]
+    )
+
+    async def scenario() -> tuple[list[list[np.ndarray]], BaseException]:
+        lane = SharedLane("test")
+        deadline = time.monotonic() + 30
+        answers, error = [], None
+        for with_bad_row in (False, True):
+            await asyncio.sleep(0.05)  # idle: everything below is queued before the thread wakes
+            futures = [
+                lane.submit(
+                    {n: [r[n] for r in recs] for n in schema.feature_names},
+                    len(recs),
+                    deadline,
+                    scorers[k],
+                    f"t{k}",
+                )
+                for k, recs in plan
+            ]
+            if with_bad_row:
+                bad = dict(plan[1][1][0]) | {schema.numeric_names[0]: "not a number"}
+                failing = lane.submit(
+                    {n: [bad[n]] for n in schema.feature_names}, 1, deadline, scorers[3], "t3"
+                )
+                error = (await asyncio.gather(failing, return_exceptions=True))[0]
+            answers.append(await asyncio.gather(*futures))
+        lane.stop()
+        return answers, error
+
+    answers, error = asyncio.run(scenario())
+    for results in answers:
+        for got, want in zip(results, alone, strict=True):
+            np.testing.assert_allclose(got[:, 1], want, rtol=1e-4, atol=1e-6)
+    assert isinstance(error, ModelFailed)
+
+
+def test_requests_of_one_loop_turn_go_to_the_lane_already_being_woken(small_model: bytes, rows):
+    """Two idle lanes: the first request of a turn picks the first lane and schedules its
+    wake-up; the other tenants' requests of the same turn join it (one wake-up, one batch)
+    instead of waking the second thread; a request after the batch was taken goes to the
+    lane with fewer unanswered requests."""
+    from mlops.onnx_model import OnnxScorer
+    from serving.models import SharedLane, pick_lane
+
+    schema = load_settings(environ={}).dataset
+    scorer = OnnxScorer(small_model, schema)
+    columns = {n: [rows[0][n]] for n in schema.feature_names}
+
+    async def scenario() -> list[int]:
+        lanes = [SharedLane(f"t{i}") for i in range(2)]
+        for lane in lanes:  # each lane's thread has scored once and sleeps again
+            await lane.submit(columns, 1, time.monotonic() + 30, scorer, "warm")
+        await asyncio.sleep(0.05)
+        picked, futures = [], []
+        for tenant in ("a", "b", "c", "d"):
+            lane = pick_lane(lanes, tenant)
+            picked.append(lanes.index(lane))
+            futures.append(lane.submit(columns, 1, time.monotonic() + 30, scorer, tenant))
+        assert lanes[0].waking and not lanes[1].waking
+        await asyncio.sleep(0)  # the turn ends: lane 0's thread is woken
+        assert not lanes[0].waking
+        picked.append(lanes.index(pick_lane(lanes, "e")))  # lane 0 has 4 unanswered
+        await asyncio.gather(*futures)
+        for lane in lanes:
+            lane.stop()
+        return picked
+
+    assert asyncio.run(scenario()) == [0, 0, 0, 0, 1]
+
+
 def test_a_tenant_never_gets_requests_on_every_lane():
     """Lanes are picked least busy first, but a tenant already on all lanes but one stays there."""
     from serving.models import SharedLane, pick_lane
@@ -123,6 +214,50 @@ def test_a_tenant_never_gets_requests_on_every_lane():
         for lane in lanes:
             lane.outstanding.clear()
             lane.stop()
+
+
+def test_tenant_logs_converted_together_land_each_in_its_own_partition(tmp_path: Path, rows):
+    """Three tenants' buffered rows converted to Arrow in one pass are written each to its own
+    tenant's files, exactly its rows; a row buffered after the conversion is written by the
+    next flush; with a row Arrow refuses, nothing is converted together and only that
+    tenant's bad row is dropped."""
+    import pyarrow.parquet as pq
+
+    from serving.predlog_writer import LogRow, PredictionLogWriter, prepare_flush
+
+    schema = load_settings(environ={}).dataset
+
+    def row(rid: str, features: dict[str, Any]) -> LogRow:
+        return LogRow(
+            rid, time.time(), None, "stable", "primary", "single", "m", 1, 0.5, True, 1.0, 200, None, features
+        )
+
+    def writers(root: Path) -> list[PredictionLogWriter]:
+        out = [PredictionLogWriter(root / t / "p", root / t / "f", schema, flush_seconds=600) for t in "abc"]
+        for w in out:
+            w.start(thread=False)
+        return out
+
+    ws = writers(tmp_path / "ok")
+    for i, w in enumerate(ws):
+        for j in range(i + 1):
+            w.log(row(f"{'abc'[i]}{j}", rows[j]))
+    prepared = prepare_flush(ws)
+    assert all(p is not None for p in prepared)
+    ws[2].log(row("late", rows[5]))
+    for w, p in zip(ws, prepared, strict=True):
+        assert w.flush(p) == (len(p.rows), 0)
+    assert ws[2].flush() == (1, 0)
+    for i, t in enumerate("abc"):
+        ids = pq.read_table(tmp_path / "ok" / t / "p").column("request_id").to_pylist()
+        assert sorted(ids) == sorted([f"{t}{j}" for j in range(i + 1)] + (["late"] if t == "c" else []))
+
+    ws = writers(tmp_path / "bad")
+    for w in ws:
+        w.log(row("good", rows[0]))
+    ws[1].log(row("bad", rows[1] | {schema.numeric_names[0]: "not a number"}))
+    assert prepare_flush(ws) == [None, None, None]
+    assert [w.flush() for w in ws] == [(1, 0)] * 3 and [w.dropped for w in ws] == [0, 1, 0]
 
 
 # ----------------------------------------------------------------------------- service
@@ -212,6 +347,10 @@ def test_a_tenant_reaches_only_its_own_models_and_others_look_absent(make_settin
             assert wrong.status_code == 403
             own = await http.post(url("beta"), json={"features": rows[0]}, headers=bearer(beta))
             assert own.status_code == 200
+            loaded = {m.name: m for m in rt.tenants.pool.models}
+            # the same ONNX file: one session for both tenants, scored in one run when batched
+            assert loaded[f"{BASE}--acme"].scorer is loaded[f"{BASE}--beta"].scorer
+            assert own.json()["predictions"][0]["score"] == answers[0]["score"]
             metrics = (await http.get("/metrics")).text
             assert 'mlops_serving_tenant_requests_total{status="200",tenant="acme"} 1.0' in metrics
             assert 'mlops_serving_tenant_requests_total{status="404",tenant="acme"} 3.0' in metrics
@@ -228,6 +367,49 @@ def test_a_tenant_reaches_only_its_own_models_and_others_look_absent(make_settin
     assert len(acme_log) == 5 and set(acme_log["model_name"]) == {f"{BASE}--acme"}
     assert len(pq.read_table(tenant_log_dir(settings, "beta") / "predictions")) == 1
     assert not list(predictions_dir(settings).rglob("*.parquet"))
+
+
+def test_tenants_aliases_are_refreshed_by_one_registry_search(make_settings, rows, small_model: bytes):
+    """With ``alias_refresh_seconds`` 0, a moved alias of a tenant's model is answered from
+    the new version shortly after the move (the refresh searches every tenant model's alias
+    at once), and a removed alias makes the model unknown (404)."""
+    from conftest import log_fixture_model
+
+    from registry.mlflow_registry import ModelRegistry
+    from serving.source import RegistryAliases
+
+    settings = make_settings(alias_refresh_seconds="0")
+    registry = ModelRegistry(settings)
+    name = f"{BASE}--gamma"
+    logged = log_fixture_model(settings, small_model, "tenant-alias")
+    first = registry.register(name, logged.model_uri, logged.run_id, {}, "test").version
+    registry.move_alias(name, "champion", first, reason="tenant alias test")
+    token = add_tenant(settings, "gamma")
+    found = RegistryAliases(settings).resolve_all(f"{BASE}--", "champion")
+    assert found[name] == first and found[f"{BASE}--acme"] == 1 and BASE not in found
+
+    async def until(http, want) -> Any:
+        for _ in range(100):
+            r = await http.post(url("gamma"), json={"features": rows[0]}, headers=bearer(token))
+            if want(r):
+                return r
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"still {r.status_code} {r.text[:200]}")
+
+    async def scenario() -> None:
+        async with serve_in_process(settings) as (rt, http):
+            assert rt.tenants._resolve_all is not None
+            r = await http.post(url("gamma"), json={"features": rows[0]}, headers=bearer(token))
+            assert r.json()["predictions"][0]["version"] == first
+            second = registry.register(name, logged.model_uri, logged.run_id, {}, "test").version
+            registry.move_alias(name, "champion", second, reason="tenant alias test")
+            await until(
+                http, lambda r: r.status_code == 200 and r.json()["predictions"][0]["version"] == second
+            )
+            registry.client.delete_registered_model_alias(name, "champion")
+            await until(http, lambda r: r.status_code == 404)
+
+    asyncio.run(scenario())
 
 
 def test_a_tenant_labels_only_its_own_requests(make_settings, rows):
