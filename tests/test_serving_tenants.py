@@ -487,7 +487,7 @@ def test_eviction_never_drops_a_request_in_flight(make_settings, rows, small_mod
     )
     settings = make_settings(model_memory_budget_mb=str((sizes[1] + 0.5 * sizes[0]) / 2**20))
     slow, acme = add_tenant(settings, "slow"), add_tenant(settings, "acme")
-    held = dict(rows[0], amount=1.0)
+    held = dict(rows[0], amount=20.0)  # spins ~2 s idle: it outlasts the other model's load under load
 
     async def scenario() -> None:
         async with serve_in_process(settings) as (rt, http):
