@@ -486,6 +486,9 @@ def test_eviction_never_drops_a_request_in_flight(make_settings, rows, small_mod
         for n in (len(small_model), len(slow_model(schema, SLOW_STEPS)))
     )
     settings = make_settings(model_memory_budget_mb=str((sizes[1] + 0.5 * sizes[0]) / 2**20))
+    # The held request spins for seconds on a loaded machine: the service must wait for it.
+    serving = settings.serving.model_copy(update={"request_timeout_seconds": 60.0})
+    settings = settings.model_copy(update={"serving": serving})
     slow, acme = add_tenant(settings, "slow"), add_tenant(settings, "acme")
     held = dict(rows[0], amount=20.0)  # spins ~2 s idle: it outlasts the other model's load under load
 
