@@ -209,7 +209,7 @@ def _kill_run(a, settings, fs, onnx: bytes, root: Path) -> None:
     else:
         SqliteBroker(home / "broker.db").publish("tx", frame_messages(events, settings.dataset, fs))
     t = time.perf_counter()
-    kills = kill_and_resume(home, model, where, a.kills, seed=17, max_wait=a.kill_wait)
+    kills = kill_and_resume(home, model, where, a.kills, seed=17, total=a.kill_events, max_wait=a.kill_wait)
     print(f"killed run: {kills} SIGKILLs, {time.perf_counter() - t:.0f} s")
     got, expected = read_parts(home / "out" / "scorer"), read_parts(clean_home / "out")
     same = got.equals(expected)

@@ -168,7 +168,7 @@ def test_ten_sigkills_leave_exactly_one_prediction_per_event_equal_to_a_clean_ru
 
     home = tmp_path / f"killed{kind}"
     child_broker(home, where).publish("tx", frame_messages(events, settings.dataset, fs))
-    assert kill_and_resume(home, model_file, where, kills_wanted=10, seed=17) == 10
+    assert kill_and_resume(home, model_file, where, kills_wanted=10, seed=17, total=len(events)) == 10
     got = read_parts(home / "out" / "scorer").to_pandas()
     assert got["offset"].tolist() == list(range(len(events)))
     assert got["transaction_id"].is_unique and len(got) == len(events)

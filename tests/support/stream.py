@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import select
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +69,9 @@ consumer = stream_consumer(
 )
 consumer.start()
 print("started", flush=True)
-consumer.run(max_events=10**9, batch_size=int(sys.argv[5]))
+while (result := consumer.step(int(sys.argv[5]))) is not None:
+    print(result.next_offset, flush=True)
+consumer.checkpoint()
 """
 
 
@@ -77,14 +81,20 @@ def kill_and_resume(
     where: str,
     kills_wanted: int,
     seed: int,
+    total: int,
     batch: int = 500,
     max_wait: float = 0.35,
     min_wait: float = 0.05,
     checkpoint_every: int = 3,
 ) -> int:
-    """Run the consumer in a subprocess, SIGKILL it at a random moment (between ``min_wait`` and
-    ``max_wait`` seconds after it started consuming) ``kills_wanted`` times, then let it finish;
-    returns the number of kills (fewer when a run finished before its kill)."""
+    """Run the consumer in a subprocess, SIGKILL it at a random moment ``kills_wanted`` times,
+    then let it finish; returns the number of kills.
+
+    A kill lands a random ``min_wait``..``max_wait`` seconds after the consumer started, or
+    sooner: once the committed offset (the child prints it after each batch) passes kill k's
+    share of the ``total`` events, ``k+1 / (kills_wanted+1)``, the kill follows within a random
+    fraction of a batch. So a fast consumer cannot finish the topic before its last kill, and
+    every kill still hits some random point of reading, scoring, writing or committing."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     rng = np.random.default_rng(seed)
     kills = 0
@@ -95,15 +105,38 @@ def kill_and_resume(
             env=env,
             cwd=REPO,
             stdout=subprocess.PIPE,
+            bufsize=0,  # unbuffered: readline takes no bytes of the offsets that follow
         )
         assert proc.stdout.readline().strip() == b"started"
-        try:
-            proc.wait(timeout=float(rng.uniform(min_wait, max_wait)) if kills < kills_wanted else 3600)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=10)
-            kills += 1
+        if kills < kills_wanted:
+            cap = total * (kills + 1) // (kills_wanted + 1)
+            deadline = time.monotonic() + float(rng.uniform(min_wait, max_wait))
+            if _wait_for_offset(proc, cap, deadline):
+                time.sleep(float(rng.uniform(0.0, 0.01)))
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+        proc.wait(timeout=3600)
         proc.stdout.close()
         if proc.returncode == 0:
             return kills
         assert proc.returncode == -signal.SIGKILL, f"the consumer exited with code {proc.returncode}"
+
+
+def _wait_for_offset(proc: subprocess.Popen, offset: int, deadline: float) -> bool:
+    """Read the child's committed offsets until one reaches ``offset`` (True) or ``deadline``
+    passes or the child exits (False)."""
+    fd = proc.stdout.fileno()
+    buffered = b""
+    while (left := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            return False
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return False
+        buffered += chunk
+        *lines, buffered = buffered.split(b"\n")
+        if any(int(line) >= offset for line in lines if line.strip().isdigit()):
+            return True
+    return False
