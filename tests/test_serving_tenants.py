@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -475,6 +476,23 @@ def test_past_its_quota_a_tenant_gets_429_with_retry_after(make_settings, rows):
     asyncio.run(scenario())
 
 
+class _HeldSession:
+    """An ONNX Runtime session whose runs wait until the test releases them (``entered`` is set
+    when a run is waiting): a request held in flight for as long as the test needs."""
+
+    def __init__(self, session) -> None:
+        self.session = session
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def run(self, *args, **kwargs):
+        self.entered.set()
+        assert self.release.wait(120), "the held run was never released"
+        return self.session.run(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.session, name)
+
+
 def test_eviction_never_drops_a_request_in_flight(make_settings, rows, small_model: bytes):
     """With room for one model only, a request holding the slow model while a request for
     another model evicts it still gets its answer; the evicted model closes after it."""
@@ -486,26 +504,31 @@ def test_eviction_never_drops_a_request_in_flight(make_settings, rows, small_mod
         for n in (len(small_model), len(slow_model(schema, SLOW_STEPS)))
     )
     settings = make_settings(model_memory_budget_mb=str((sizes[1] + 0.5 * sizes[0]) / 2**20))
-    # The held request spins for seconds on a loaded machine: the service must wait for it.
-    serving = settings.serving.model_copy(update={"request_timeout_seconds": 60.0})
+    # The held request waits for the test; the service's request timeout must not end it first.
+    serving = settings.serving.model_copy(update={"request_timeout_seconds": 120.0})
     settings = settings.model_copy(update={"serving": serving})
     slow, acme = add_tenant(settings, "slow"), add_tenant(settings, "acme")
-    held = dict(rows[0], amount=20.0)  # spins ~2 s idle: it outlasts the other model's load under load
+    warm = dict(rows[0], amount=0.0)  # answers at once: loads the slow model
 
     async def scenario() -> None:
         async with serve_in_process(settings) as (rt, http):
             pool = rt.tenants.pool
-            task = asyncio.create_task(http.post(url("slow"), json={"features": held}, headers=bearer(slow)))
-            deadline = time.monotonic() + 30
-            while not (pool.models and pool.models[0].refs > 0):
-                assert time.monotonic() < deadline and not task.done(), "the slow request never started"
-                await asyncio.sleep(0.005)
+            r = await http.post(url("slow"), json={"features": warm}, headers=bearer(slow))
+            assert r.status_code == 200, r.text
             slow_model_loaded = pool.models[0]
+            held = _HeldSession(slow_model_loaded.scorer.session)
+            slow_model_loaded.scorer.session = held
+            task = asyncio.create_task(http.post(url("slow"), json={"features": warm}, headers=bearer(slow)))
+            while not held.entered.is_set():  # the request is in flight, inside the model's run
+                assert not task.done(), (await task).text
+                await asyncio.sleep(0.005)
+            assert slow_model_loaded.refs > 0
             r = await http.post(url("acme"), json={"features": rows[1]}, headers=bearer(acme))
             assert r.status_code == 200, r.text
             assert pool.evictions == 1 and slow_model_loaded.retired and not slow_model_loaded.closed
             assert [m.name for m in pool.models] == [f"{BASE}--acme"]
             assert pool.models[0].nbytes >= MODEL_OVERHEAD_BYTES  # a session costs more than its bytes
+            held.release.set()
             answer = await task
             assert answer.status_code == 200, answer.text
             assert answer.json()["predictions"][0]["version"] == 1
