@@ -46,6 +46,7 @@ from adapters.warehouse import (
     sql_literal,
 )
 from mlops.errors import DataError
+from mlops.settings import QueryConfig
 
 __all__ = [
     "DEFAULT_LOCK_TIMEOUT",
@@ -1008,19 +1009,20 @@ def query(
     params: Sequence[object] | None = None,
     *,
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    limits: QueryConfig | None = None,
 ) -> pa.Table:
     """Run ``sql`` on the warehouse opened read-only, returning the whole result as Arrow.
 
     ``scores`` (every committed run, with ``run_date``), ``scores_on(date)`` (one date's
     run; its cost does not grow with the number of dates) and ``score_runs`` are there. Only
     one read statement is accepted, and it runs confined to the store's files
-    (``adapters.warehouse_query``). The connection lives for this call only, so writers are
-    kept waiting no longer.
+    (``adapters.warehouse_query``) and within ``limits`` (time, memory, result rows). The
+    connection lives for this call only, so writers are kept waiting no longer.
     """
     sql = warehouse_query.check_read_only(sql)
     with reader(root, lock_timeout) as con:
-        warehouse_query.confine(con, [ScoreLayout.of(root).scores])
-        return warehouse_query.run(con, sql, params)
+        warehouse_query.confine(con, [ScoreLayout.of(root).scores], limits)
+        return warehouse_query.run(con, sql, params, limits=limits)
 
 
 def committed_dates(

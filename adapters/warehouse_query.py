@@ -17,11 +17,16 @@ query to reading the store:
    directory, ``.tmp`` in the current directory by default), and the configuration is
    locked, so a statement that got past the parser still cannot read or write a file outside
    the store, reach the network, load code or undo the settings.
+
+A query also runs within ``QueryConfig`` (``query`` in the config): DuckDB's memory limit,
+a wall-clock limit after which the connection is interrupted, and a cap on result rows, so
+one query cannot hold the machine or the warehouse's read lock for good.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -29,6 +34,7 @@ import duckdb
 import pyarrow as pa
 
 from mlops.errors import DataError
+from mlops.settings import QueryConfig
 
 __all__ = ["QueryRefused", "check_read_only", "confine", "query_stream", "run"]
 
@@ -76,12 +82,16 @@ def _directories(folders: Iterable[Path]) -> list[str]:
     return out
 
 
-def confine(con: duckdb.DuckDBPyConnection, readable: Iterable[Path]) -> None:
+def confine(
+    con: duckdb.DuckDBPyConnection, readable: Iterable[Path], limits: QueryConfig | None = None
+) -> None:
     """Limit ``con`` for good to the files under ``readable``: no other file, network, extension,
-    spill file or setting."""
+    spill file or setting, and at most ``limits.memory_limit_mb`` of memory."""
+    limits = limits or QueryConfig()
     allowed = ", ".join("'" + d.replace("'", "''") + "'" for d in _directories(readable))
     for statement in (
         "SET temp_directory = ''",  # else its folder is readable too
+        f"SET memory_limit = '{int(limits.memory_limit_mb)}MB'",
         f"SET allowed_directories = [{allowed}]",
         "SET enable_external_access = false",
         "SET autoinstall_known_extensions = false",
@@ -96,19 +106,40 @@ def run(
     sql: str,
     params: Sequence[object] | None = None,
     readable: str = "the score store",
+    limits: QueryConfig | None = None,
 ) -> pa.Table:
-    """The whole result of ``sql`` on a confined ``con`` as Arrow; a refusal or failure is one
-    line (a refused file access says that only ``readable`` can be read).
+    """The whole result of ``sql`` on a confined ``con`` as Arrow, within ``limits``; a refusal,
+    a limit reached or a failure is one line (a refused file access says that only ``readable``
+    can be read).
 
     A relation's ``to_arrow_table()`` materializes the result before the connection closes
     (in DuckDB 2.0, ``execute()`` results stream and would not).
     """
+    limits = limits or QueryConfig()
+    timer = threading.Timer(limits.timeout_seconds, con.interrupt)
+    timer.daemon = True
+    timer.start()
     try:
-        return con.sql(sql, params=params).to_arrow_table()
+        result = con.sql(sql, params=params).limit(limits.max_rows + 1).to_arrow_table()
     except duckdb.PermissionException as exc:
         raise QueryRefused(f"query refused: {_first_line(exc)} (only {readable} can be read)") from None
+    except duckdb.InterruptException:
+        raise QueryRefused(
+            f"query stopped after {limits.timeout_seconds:g} s (query.timeout_seconds): narrow it"
+        ) from None
+    except duckdb.OutOfMemoryException:
+        raise QueryRefused(
+            f"query stopped: it needs more than {limits.memory_limit_mb} MB (query.memory_limit_mb)"
+        ) from None
     except duckdb.Error as exc:
         raise DataError(f"query failed: {_first_line(exc)}") from None
+    finally:
+        timer.cancel()
+    if result.num_rows > limits.max_rows:
+        raise QueryRefused(
+            f"query returns more than {limits.max_rows:,} rows (query.max_rows): aggregate it or add a LIMIT"
+        )
+    return result
 
 
 def _first_line(exc: BaseException) -> str:
@@ -116,9 +147,9 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def query_stream(folder: Path, sql: str) -> pa.Table:
+def query_stream(folder: Path, sql: str, limits: QueryConfig | None = None) -> pa.Table:
     """One read statement over a stream consumer's committed parts, as the view ``stream_scores``
-    (an in-memory DuckDB confined to ``folder``, like the warehouse's queries)."""
+    (an in-memory DuckDB confined to ``folder`` and ``limits``, like the warehouse's queries)."""
     check_read_only(sql)
     if not any(Path(folder).glob("part-*.parquet")):
         raise DataError(f"{folder}: no stream output yet (run `mlops stream run` first)")
@@ -126,7 +157,7 @@ def query_stream(folder: Path, sql: str) -> pa.Table:
     con = duckdb.connect(":memory:")
     try:
         con.execute(f"CREATE VIEW stream_scores AS SELECT * FROM read_parquet('{glob}')")
-        confine(con, [Path(folder)])
-        return run(con, sql, readable="the group's committed stream parts")
+        confine(con, [Path(folder)], limits)
+        return run(con, sql, readable="the group's committed stream parts", limits=limits)
     finally:
         con.close()

@@ -441,6 +441,15 @@ class ScoringConfig(StrictModel):
     psi_bins: int = Field(10, ge=2, le=100)
 
 
+class QueryConfig(StrictModel):
+    """Limits of one user query (``mlops query``, ``mlops stream query``): a query past its time
+    or memory, or with more result rows than ``max_rows``, is stopped with a one-line error."""
+
+    timeout_seconds: float = Field(20.0, gt=0)
+    memory_limit_mb: int = Field(2048, ge=64)
+    max_rows: int = Field(1_000_000, ge=1)
+
+
 class AsyncJobsConfig(StrictModel):
     """Async inference (``POST /predict/async``): a durable, bounded job queue under MLOPS_HOME.
 
@@ -632,6 +641,7 @@ class Settings(StrictModel):
     dask: DaskConfig = DaskConfig()
     services: ServicesConfig = ServicesConfig()
     scoring: ScoringConfig = ScoringConfig()
+    query: QueryConfig = QueryConfig()
     serving: ServingConfig = ServingConfig()
     edge: EdgeConfig = EdgeConfig()
 

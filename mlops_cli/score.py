@@ -172,7 +172,7 @@ def query(
     settings = settings_for(config)
     if not settings.warehouse_path.exists():
         raise ConfigError(f"{settings.warehouse_path}: no warehouse yet; run `mlops score` first")
-    result = storage.query(settings.home_path, sql)  # refused or failed: one line, exit 3
+    result = storage.query(settings.home_path, sql, limits=settings.query)  # refused: one line, exit 3
     table = Table(
         caption=f"{result.num_rows:,} rows" + (f" (first {limit} shown)" if result.num_rows > limit else "")
     )

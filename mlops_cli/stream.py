@@ -105,7 +105,7 @@ def query(
     from flows.stream import output_dir
 
     settings = settings_for(config)
-    result = query_stream(output_dir(settings, topic, group), sql)
+    result = query_stream(output_dir(settings, topic, group), sql, settings.query)
     table = Table(caption=f"{result.num_rows:,} rows")
     for name in result.column_names:
         table.add_column(name)

@@ -692,6 +692,49 @@ def test_a_query_cannot_read_write_attach_or_configure_anything(
     assert count(root) == 50
 
 
+RUNAWAY = {
+    "time": (
+        "SELECT count(*) FROM range(100000000000) a, range(10) b",
+        {"timeout_seconds": 0.5},
+        "after 0.5 s",
+    ),
+    "memory": ("SELECT list(range) FROM range(100000000)", {"memory_limit_mb": 64}, "more than 64 MB"),
+    "rows": ("SELECT * FROM range(11)", {"max_rows": 10}, "more than 10 rows"),
+}
+
+
+@pytest.mark.parametrize("case", list(RUNAWAY), ids=list(RUNAWAY))
+def test_a_runaway_query_is_stopped_at_its_limit_and_frees_the_store(published: Path, case: str) -> None:
+    """A query past its time, memory or result-row limit is stopped with a one-line error naming
+    the limit; the read lock is released (a writer commits right after) and the warehouse is intact."""
+    from mlops.settings import QueryConfig
+
+    root = published
+    sql, limit, says = RUNAWAY[case]
+    limits = QueryConfig(**limit)
+    with pytest.raises(DataError, match=says) as err:
+        storage.query(root, sql, limits=limits)
+    assert "\n" not in str(err.value)
+    assert storage.query(root, "SELECT * FROM range(10)", limits=limits).num_rows == 10
+    run_once(root, DAY + timedelta(days=1), [5])
+    assert count(root) == 55
+
+
+def test_stream_queries_have_the_same_limits(tmp_path: Path) -> None:
+    """``mlops stream query`` stops a runaway query the same way."""
+    import pyarrow.parquet as pq
+
+    from adapters.warehouse_query import query_stream
+    from mlops.settings import QueryConfig
+
+    pq.write_table(pa.table({"score": [0.1, 0.2, 0.3]}), tmp_path / "part-0-3.parquet")
+    assert query_stream(tmp_path, "SELECT count(*) AS n FROM stream_scores")["n"].to_pylist() == [3]
+    with pytest.raises(DataError, match="more than 2 rows"):
+        query_stream(tmp_path, "SELECT * FROM stream_scores", QueryConfig(max_rows=2))
+    with pytest.raises(DataError, match="after 0.5 s"):
+        query_stream(tmp_path, RUNAWAY["time"][0], QueryConfig(timeout_seconds=0.5))
+
+
 def test_statements_other_than_one_select_are_refused_before_they_run() -> None:
     """The parser step names what it refused: several statements, or the statement's type."""
     from adapters.warehouse_query import QueryRefused, check_read_only
