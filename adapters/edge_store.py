@@ -18,7 +18,7 @@ Layout under ``$MLOPS_HOME/edge``::
     repo/<model>/state.json          last good (fully rolled-out) release
     rollouts/<rollout_id>.json       rollout status
     fleets/<fleet>/devices/<id>/     simulated devices (adapters.edge_fleet)
-    telemetry.duckdb                 device events; its own file, never the scoring warehouse
+    telemetry.duckdb                 device events; its own file, written copy-on-write
 
 Every file is written to a temporary name in its folder, fsynced and renamed, and the folder
 is fsynced after the rename, so a reader sees the old file or the new one, never half of
@@ -32,7 +32,8 @@ import json
 import os
 import re
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -48,8 +49,8 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
-from adapters import duckdb_files
 from adapters.files import atomic_write
+from adapters.warehouse import StorageError, Warehouse, WarehouseBusy
 from mlops.edge.errors import EdgeError, KeyStoreError, NothingToPublish
 from mlops.edge.manifest import (
     ModelManifest,
@@ -63,6 +64,7 @@ from mlops.edge.manifest import (
     sha256_hex,
     sign,
 )
+from mlops.errors import DataError
 from mlops.settings import Settings
 
 # --------------------------------------------------------------------------- files
@@ -506,34 +508,43 @@ _LOCK = threading.Lock()
 
 
 class TelemetryStore:
-    """Device telemetry and rollout status in a DuckDB file of their own.
+    """Device telemetry and rollout status in a DuckDB file of their own, written copy-on-write.
 
-    Several processes use the file (the rollout flow writes, ``mlops edge status`` reads):
-    connections last one call, reads open it read-only, and an open that meets another
-    process's lock waits up to ``lock_timeout`` seconds before it fails.
+    Several processes use the file (the rollout flow writes, ``mlops edge status`` reads). A
+    write changes a private copy and renames it over the file (``adapters.warehouse``), so a
+    kill at any moment leaves the last published file whole; reads attach that file read-only.
+    Both wait up to ``lock_timeout`` seconds for the other side's lock, then fail in one line.
     """
 
     def __init__(self, path: Path, *, lock_timeout: float = 30.0):
         self.path = path
         self.lock_timeout = lock_timeout
+        self._file = Warehouse.at(path.parent, path.name)
 
-    def _connect(self, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        read_only = read_only and self.path.exists()  # the first use creates the file
+    @contextmanager
+    def _guarded(self) -> Iterator[None]:
         try:
-            con = duckdb_files.open_waiting(
-                lambda: duckdb.connect(str(self.path), read_only=read_only), self.lock_timeout
-            )
-        except duckdb_files.StillLocked as exc:
+            yield
+        except WarehouseBusy:
             raise EdgeError(
-                f"telemetry store {self.path} stayed locked by another process for "
-                f"{self.lock_timeout:.0f}s: {exc}"
+                f"telemetry store {self.path} stayed locked by another process for {self.lock_timeout:.0f}s"
             ) from None
-        except duckdb.Error as exc:
-            raise EdgeError(f"telemetry store {self.path} cannot be opened: {exc}") from None
-        if not read_only:
-            con.execute(_DDL)
-        return con
+        except (StorageError, DataError) as exc:
+            raise EdgeError(f"telemetry store {self.path} cannot be used: {exc}") from None
+
+    @contextmanager
+    def _writing(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with _LOCK, self._guarded(), self._file.writer(self.lock_timeout, ddl=(_DDL,)) as work:
+            yield work.con
+
+    @contextmanager
+    def _reading(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        if not self.path.exists():  # the first use creates the file and its tables
+            with self._writing():
+                pass
+        with _LOCK, self._guarded(), self._file.reader(self.lock_timeout) as con:
+            yield con
 
     def append(self, events: Iterable[Mapping[str, Any]]) -> int:
         """Insert events in one statement (an Arrow batch; row-by-row inserts cost seconds per thousand)."""
@@ -548,7 +559,7 @@ class TelemetryStore:
         )
         cols = ", ".join(EVENT_COLUMNS)
         select = ", ".join("CAST(ts AS TIMESTAMP)" if c == "ts" else c for c in EVENT_COLUMNS)
-        with _LOCK, self._connect() as con:
+        with self._writing() as con:
             con.register("batch", batch)
             con.execute(f"INSERT INTO device_events ({cols}) SELECT {select} FROM batch")
             con.unregister("batch")
@@ -566,13 +577,13 @@ class TelemetryStore:
         sql = f"SELECT {', '.join(EVENT_COLUMNS)} FROM device_events"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        with _LOCK, self._connect(read_only=True) as con:
+        with self._reading() as con:
             rows = con.execute(sql + " ORDER BY ts, device_id", params).fetchall()
         return [dict(zip(EVENT_COLUMNS, r, strict=True)) for r in rows]
 
     def save_rollout(self, fleet: str, status: Mapping[str, Any]) -> None:
         """Record a rollout's latest status (phase, stage percent and the whole status as JSON)."""
-        with _LOCK, self._connect() as con:
+        with self._writing() as con:
             con.execute(
                 "INSERT OR REPLACE INTO rollouts VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [
@@ -589,7 +600,7 @@ class TelemetryStore:
 
     def rollouts(self, limit: int = 20) -> list[dict[str, Any]]:
         """The ``limit`` most recently updated rollouts, newest first."""
-        with _LOCK, self._connect(read_only=True) as con:
+        with self._reading() as con:
             rows = con.execute(
                 "SELECT rollout_id, fleet, model, version, phase, percent, updated_at FROM rollouts ORDER BY updated_at DESC LIMIT ?",
                 [limit],
@@ -599,7 +610,7 @@ class TelemetryStore:
 
     def event_counts(self, rollout_id: str) -> dict[str, int]:
         """How many events of each kind (``event`` or ``event:code``) a rollout's devices reported."""
-        with _LOCK, self._connect(read_only=True) as con:
+        with self._reading() as con:
             rows = con.execute(
                 "SELECT event || coalesce(':' || code, ''), count(*) FROM device_events WHERE rollout_id = ? GROUP BY 1 ORDER BY 1",
                 [rollout_id],

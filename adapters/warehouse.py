@@ -1,6 +1,7 @@
-"""The DuckDB warehouse file under MLOPS_HOME: copy-on-write writers, locked readers.
+"""DuckDB files under MLOPS_HOME written copy-on-write, read under a lock.
 
-``warehouse.duckdb`` is never opened for writing in place. A writer takes the store's
+``warehouse.duckdb`` (and any other file kept this way, e.g. the edge telemetry store) is
+never opened for writing in place. A writer takes the store's
 write lock, copies the file, changes the copy, checkpoints and closes it, fsyncs it and
 renames it onto the published name (one atomic step). A reader takes the lock shared and
 attaches the current file read-only in a fresh in-memory DuckDB. See
@@ -38,7 +39,6 @@ __all__ = [
 
 WAREHOUSE_FILE = "warehouse.duckdb"
 LOCK_FILE = ".warehouse.lock"
-_WORK_PREFIX = ".warehouse.duckdb."
 _WORK_SUFFIX = ".tmp"
 
 _T = TypeVar("_T")
@@ -88,7 +88,7 @@ class WorkingCopy:
 
     def __init__(self, warehouse: Warehouse) -> None:
         self.warehouse = warehouse
-        self.path = warehouse.root / f"{_WORK_PREFIX}{uuid.uuid4().hex}{_WORK_SUFFIX}"
+        self.path = warehouse.root / f"{warehouse.work_prefix}{uuid.uuid4().hex}{_WORK_SUFFIX}"
         if warehouse.path.exists():
             shutil.copyfile(warehouse.path, self.path)
         self._con: duckdb.DuckDBPyConnection | None = duckdb.connect(str(self.path))
@@ -126,24 +126,30 @@ class WorkingCopy:
 
 @dataclass(frozen=True)
 class Warehouse:
-    """``warehouse.duckdb`` and its lock file in folder ``root``."""
+    """DuckDB file ``name`` (default ``warehouse.duckdb``) and its lock file in folder ``root``."""
 
     root: Path
+    name: str = WAREHOUSE_FILE
 
     @classmethod
-    def at(cls, root: str | os.PathLike[str]) -> Warehouse:
-        """The warehouse of ``root``, spelled one way (DuckDB caches instances by path)."""
-        return cls(Path(root).expanduser().resolve())
+    def at(cls, root: str | os.PathLike[str], name: str = WAREHOUSE_FILE) -> Warehouse:
+        """The file ``name`` of ``root``, spelled one way (DuckDB caches instances by path)."""
+        return cls(Path(root).expanduser().resolve(), name)
 
     @property
     def path(self) -> Path:
-        """The published warehouse file."""
-        return self.root / WAREHOUSE_FILE
+        """The published file."""
+        return self.root / self.name
 
     @property
     def lock(self) -> Path:
-        """The reader/writer lock file beside it."""
-        return self.root / LOCK_FILE
+        """The reader/writer lock file beside it (``.warehouse.lock`` for the warehouse)."""
+        return self.root / f".{self.name.removesuffix('.duckdb')}.lock"
+
+    @property
+    def work_prefix(self) -> str:
+        """How the names of working copies begin (``.warehouse.duckdb.``)."""
+        return f".{self.name}."
 
     @contextmanager
     def _locked(self, *, exclusive: bool, timeout: float) -> Iterator[None]:
@@ -168,7 +174,7 @@ class Warehouse:
         """Under the write lock: drop working copies of killed writers and fold a WAL the
         published file still has into it, so that a copy of the file alone is the whole
         warehouse."""
-        for entry in self.root.glob(f"{_WORK_PREFIX}*{_WORK_SUFFIX}*"):
+        for entry in self.root.glob(f"{self.work_prefix}*{_WORK_SUFFIX}*"):
             entry.unlink(missing_ok=True)
         if _wal(self.path).exists():
             con = self._retrying(timeout, lambda: duckdb.connect(str(self.path)))

@@ -10,8 +10,10 @@ import io
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -468,55 +470,98 @@ def test_telemetry_is_stored_in_duckdb_and_kept_on_the_device_until_acknowledged
 
 _HOLD_TELEMETRY = """
 import sys, time
-import duckdb
-con = duckdb.connect(sys.argv[1])
-con.execute("INSERT OR REPLACE INTO rollouts VALUES ('r9', 'f', 'm', 3, 'canary', 10, now()::TIMESTAMP, '{}')")
-print("held", flush=True)
-time.sleep(float(sys.argv[2]))
-con.close()
+from pathlib import Path
+from adapters.warehouse import Warehouse
+path = Path(sys.argv[1])
+with Warehouse.at(path.parent, path.name).writer(10) as work:
+    work.con.execute("INSERT OR REPLACE INTO rollouts VALUES ('r9', 'f', 'm', 3, 'canary', 10, now()::TIMESTAMP, '{}')")
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
 """
 
 
-def test_telemetry_readers_and_writers_wait_for_another_process_holding_the_file(tmp_path: Path) -> None:
-    """While another process has telemetry.duckdb open (a rollout flow writing), ``mlops edge
-    status`` and the flow's own reads wait for it instead of failing on DuckDB's lock; a
-    holder that never lets go gets a one-line error naming the file after the timeout."""
+def _event(rollout_id: str, device: str = "d") -> dict:
+    return {"ts": NOW().isoformat(), "fleet": "f", "rollout_id": rollout_id, "device_id": device}
+
+
+def test_telemetry_readers_and_writers_wait_for_another_process_writing(tmp_path: Path) -> None:
+    """While another process writes telemetry.duckdb (a rollout flow), ``mlops edge status`` and
+    the flow's own reads wait for its write and then see it; a writer that never finishes gives
+    a one-line error naming the file after the timeout."""
     path = tmp_path / "edge" / "telemetry.duckdb"
     TelemetryStore(path).rollouts()  # creates the file and its tables
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
 
     def hold(seconds: float) -> subprocess.Popen[str]:
         proc = subprocess.Popen(
             [sys.executable, "-c", _HOLD_TELEMETRY, str(path), str(seconds)],
             stdout=subprocess.PIPE,
             text=True,
+            env=env,
         )
         assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
         return proc
 
     holder = hold(1.0)
     try:
-        # Without waiting this read fails at once: the holder has the file until it exits.
         assert [r["rollout_id"] for r in TelemetryStore(path, lock_timeout=20).rollouts()] == ["r9"]
     finally:
         holder.wait(30)
     holder = hold(3.0)
     try:
         with pytest.raises(
-            EdgeError, match=r"telemetry store .*telemetry.duckdb stayed locked by another process for 0s"
+            EdgeError, match=r"^telemetry store .*telemetry.duckdb stayed locked by another process for 0s$"
         ):
             TelemetryStore(path, lock_timeout=0.3).event_counts("r9")
-        TelemetryStore(path, lock_timeout=20).append(
-            [
-                {
-                    "ts": NOW().isoformat(),
-                    "fleet": "f",
-                    "rollout_id": "r9",
-                    "device_id": "d",
-                    "model": "m",
-                    "event": "installed",
-                }
-            ]
-        )
+        event = _event("r9") | {"model": "m", "event": "installed"}
+        TelemetryStore(path, lock_timeout=20).append([event])
     finally:
         holder.wait(30)
     assert TelemetryStore(path).event_counts("r9") == {"installed": 1}
+
+
+_APPEND_FOREVER = """
+import sys
+from pathlib import Path
+from adapters.edge_store import TelemetryStore
+store = TelemetryStore(Path(sys.argv[1]))
+batch = [
+    {"ts": "2026-01-01T00:00:00", "fleet": "f", "rollout_id": "k", "device_id": f"d{i}",
+     "model": "m", "event": "installed", "prediction_counts": list(range(20))}
+    for i in range(50)
+]
+n = 0
+while True:
+    store.append(batch)
+    n += 1
+    print(n, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_writer_killed_at_any_moment_leaves_the_telemetry_readable_and_whole(tmp_path: Path) -> None:
+    """A process appending batches of 50 events, SIGKILLed at random moments eight times,
+    leaves a file that opens, holds a whole number of batches (at least every acknowledged
+    one), and takes the next append."""
+    path = tmp_path / "edge" / "telemetry.duckdb"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    rng = np.random.default_rng(5)
+    acknowledged = 0
+    for _ in range(8):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _APPEND_FOREVER, str(path)], stdout=subprocess.PIPE, text=True, env=env
+        )
+        assert proc.stdout is not None
+        first = proc.stdout.readline().strip()
+        assert first == "1", first
+        acknowledged += 1
+        time.sleep(float(rng.uniform(0.0, 0.4)))
+        proc.send_signal(signal.SIGKILL)
+        acknowledged += sum(1 for line in proc.stdout.read().splitlines() if line.strip())
+        proc.wait(10)
+        n = TelemetryStore(path).event_counts("k").get("installed", 0)
+        assert n % 50 == 0 and n >= 50 * acknowledged, (n, acknowledged)
+        assert n <= 50 * (acknowledged + 1)
+    TelemetryStore(path).append([_event("after") | {"model": "m", "event": "installed"}])
+    assert TelemetryStore(path).event_counts("after") == {"installed": 1}
+    assert not list(path.parent.glob(".telemetry.duckdb.*")), "a killed writer's working copy was left"
