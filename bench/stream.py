@@ -3,6 +3,7 @@
     .venv/bin/python bench/stream.py --events 200000 --broker embedded
     .venv/bin/python bench/stream.py --events 200000 --broker redis --redis-url redis://127.0.0.1:6390/0
     .venv/bin/python bench/stream.py --kill-events 1000000 --kills 10   # the exactly-once run at 1M
+    .venv/bin/python bench/stream.py --events 200000 --route canary --route-pct 10   # routed consumer
 
 On generated card transactions and the features of ``configs/features.yaml``, same model, same
 broker, same machine, measured interleaved (``--rounds`` alternations, best of each):
@@ -10,6 +11,10 @@ broker, same machine, measured interleaved (``--rounds`` alternations, best of e
   (a) the full ``StreamConsumer``: window features, ONNX Runtime, Parquet part (fsync), commit;
   (b) minimal: poll the broker, build the model's float32 input from the payloads, run raw ORT,
       commit; no features, no output.
+
+With ``--route canary|shadow`` the full consumer also pins a candidate (a second logistic
+regression) and routes each event (canary: ``--route-pct`` of entities answered by the
+candidate; shadow: that share of events also scored by it); ``single`` is the default.
 
 It prints events/s of each and the ratio a/b (goal >= 0.5), then the end-to-end latency
 (publish -> committed prediction) at ``--rate`` events/s offered load: p50/p99 (goal p99 <= 250 ms).
@@ -36,6 +41,7 @@ from mlops.datagen import generate
 from mlops.features import FeatureSet
 from mlops.modeling import fit, to_onnx_bytes
 from mlops.onnx_model import OnnxScorer
+from mlops.routing import RouteTable
 from mlops.scoring import ModelRef
 from mlops.settings import LogisticRegressionSpec, load_settings
 from tasks.stream import StreamConsumer, frame_messages, read_parts
@@ -51,7 +57,29 @@ def _broker(kind: str, home: Path, url: str | None):
     return SqliteBroker(home / "broker.db")
 
 
-def _consumer(settings, fs, onnx: bytes, broker, home: Path, group: str = "scorer") -> StreamConsumer:
+def _routes(kind: str, pct: float) -> RouteTable:
+    if kind == "canary":
+        return RouteTable(mode="canary", weight_pct=pct, salt="bench")
+    if kind == "shadow":
+        return RouteTable(mode="shadow", mirror_pct=pct, salt="bench")
+    return RouteTable()
+
+
+def _consumer(
+    settings,
+    fs,
+    onnx: bytes,
+    broker,
+    home: Path,
+    group: str = "scorer",
+    routes: RouteTable | None = None,
+    candidate: bytes | None = None,
+) -> StreamConsumer:
+    cand = (
+        (OnnxScorer(candidate, settings.dataset), ModelRef("fraud-detector", 2, "challenger", 0.3, "c"))
+        if candidate is not None
+        else None
+    )
     return StreamConsumer(
         broker=broker,
         store=EmbeddedFeatureStore(home / "state", fs),
@@ -63,12 +91,16 @@ def _consumer(settings, fs, onnx: bytes, broker, home: Path, group: str = "score
         topic="tx",
         group=group,
         checkpoint_every=10,
+        routes=routes,
+        candidate=cand,
     )
 
 
-def full(settings, fs, onnx, broker, home: Path, batch: int) -> float:
-    """Events/s of the full consumer over the whole topic."""
-    c = _consumer(settings, fs, onnx, broker, home, group=f"full-{home.name}")
+def full(settings, fs, onnx, broker, home: Path, batch: int, routes=None, candidate=None) -> float:
+    """Events/s of the full consumer over the whole topic (routed when ``routes`` and ``candidate``)."""
+    c = _consumer(
+        settings, fs, onnx, broker, home, group=f"full-{home.name}", routes=routes, candidate=candidate
+    )
     c.start()
     t = time.perf_counter()
     n = sum(r.rows for r in c.run(10**12, batch))
@@ -142,12 +174,20 @@ def main() -> None:
     ap.add_argument("--kill-events", type=int, default=0)
     ap.add_argument("--kills", type=int, default=10)
     ap.add_argument("--kill-wait", type=float, default=20.0, help="Longest run before a kill (seconds).")
+    ap.add_argument("--route", choices=["single", "canary", "shadow"], default="single")
+    ap.add_argument("--route-pct", type=float, default=10.0, help="canary weight / shadow mirror percent.")
     a = ap.parse_args()
     settings = load_settings(CONFIG, environ={})
     fs = FeatureSet.from_settings(settings)
     onnx = to_onnx_bytes(
         fit(LogisticRegressionSpec(), generate(5_000, seed=2), settings.dataset, seed=0), settings.dataset
     )
+    routes = _routes(a.route, a.route_pct)
+    candidate = None
+    if a.route != "single":
+        candidate = to_onnx_bytes(
+            fit(LogisticRegressionSpec(), generate(5_000, seed=3), settings.dataset, seed=1), settings.dataset
+        )
     root = Path(tempfile.mkdtemp(prefix="bench-stream-"))
     if a.kill_events:
         _kill_run(a, settings, fs, onnx, root)
@@ -158,10 +198,11 @@ def main() -> None:
     t = time.perf_counter()
     broker.publish("tx", frame_messages(events, settings.dataset, fs))
     print(f"published {a.events:,} events in {time.perf_counter() - t:.1f} s ({a.broker})")
+    print(f"full consumer routes: {routes.mode.value}" + (f" {a.route_pct}%" if a.route != "single" else ""))
     fulls, mins = [], []
     for r in range(a.rounds):
         mins.append(minimal(settings, onnx, broker, a.batch))
-        fulls.append(full(settings, fs, onnx, broker, root / f"full{r}", a.batch))
+        fulls.append(full(settings, fs, onnx, broker, root / f"full{r}", a.batch, routes, candidate))
         print(
             f"round {r}: full {fulls[-1]:,.0f} ev/s, minimal {mins[-1]:,.0f} ev/s, ratio {fulls[-1] / mins[-1]:.2f}"
         )
