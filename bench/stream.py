@@ -3,7 +3,7 @@
     .venv/bin/python bench/stream.py --events 200000 --broker embedded
     .venv/bin/python bench/stream.py --events 200000 --broker redis --redis-url redis://127.0.0.1:6390/0
     .venv/bin/python bench/stream.py --kill-events 1000000 --kills 10   # the exactly-once run at 1M
-    .venv/bin/python bench/stream.py --events 200000 --route canary --route-pct 10   # routed consumer
+    .venv/bin/python bench/stream.py --events 200000 --route single canary shadow --route-pct 10
 
 On generated card transactions and the features of ``configs/features.yaml``, same model, same
 broker, same machine, measured interleaved (``--rounds`` alternations, best of each):
@@ -12,9 +12,10 @@ broker, same machine, measured interleaved (``--rounds`` alternations, best of e
   (b) minimal: poll the broker, build the model's float32 input from the payloads, run raw ORT,
       commit; no features, no output.
 
-With ``--route canary|shadow`` the full consumer also pins a candidate (a second logistic
-regression) and routes each event (canary: ``--route-pct`` of entities answered by the
-candidate; shadow: that share of events also scored by it); ``single`` is the default.
+With ``--route single canary shadow`` the full consumer is measured once per route in each
+round, interleaved; a routed one also pins a candidate (a second logistic regression) and
+routes each event (canary: ``--route-pct`` of entities answered by the candidate; shadow:
+that share of events also scored by it). It also prints each route's throughput over single's.
 
 It prints events/s of each and the ratio a/b (goal >= 0.5), then the end-to-end latency
 (publish -> committed prediction) at ``--rate`` events/s offered load: p50/p99 (goal p99 <= 250 ms).
@@ -174,7 +175,13 @@ def main() -> None:
     ap.add_argument("--kill-events", type=int, default=0)
     ap.add_argument("--kills", type=int, default=10)
     ap.add_argument("--kill-wait", type=float, default=20.0, help="Longest run before a kill (seconds).")
-    ap.add_argument("--route", choices=["single", "canary", "shadow"], default="single")
+    ap.add_argument(
+        "--route",
+        nargs="+",
+        choices=["single", "canary", "shadow"],
+        default=["single"],
+        help="Routes of the full consumer; several are measured interleaved in each round.",
+    )
     ap.add_argument("--route-pct", type=float, default=10.0, help="canary weight / shadow mirror percent.")
     a = ap.parse_args()
     settings = load_settings(CONFIG, environ={})
@@ -182,9 +189,8 @@ def main() -> None:
     onnx = to_onnx_bytes(
         fit(LogisticRegressionSpec(), generate(5_000, seed=2), settings.dataset, seed=0), settings.dataset
     )
-    routes = _routes(a.route, a.route_pct)
     candidate = None
-    if a.route != "single":
+    if set(a.route) - {"single"}:
         candidate = to_onnx_bytes(
             fit(LogisticRegressionSpec(), generate(5_000, seed=3), settings.dataset, seed=1), settings.dataset
         )
@@ -198,19 +204,27 @@ def main() -> None:
     t = time.perf_counter()
     broker.publish("tx", frame_messages(events, settings.dataset, fs))
     print(f"published {a.events:,} events in {time.perf_counter() - t:.1f} s ({a.broker})")
-    print(f"full consumer routes: {routes.mode.value}" + (f" {a.route_pct}%" if a.route != "single" else ""))
-    fulls, mins = [], []
+    print(f"full consumer routes: {', '.join(a.route)} (canary weight / shadow mirror {a.route_pct}%)")
+    fulls: dict[str, list[float]] = {kind: [] for kind in a.route}
+    mins: list[float] = []
     for r in range(a.rounds):
         mins.append(minimal(settings, onnx, broker, a.batch))
-        fulls.append(full(settings, fs, onnx, broker, root / f"full{r}", a.batch, routes, candidate))
+        line = f"round {r}: minimal {mins[-1]:,.0f} ev/s"
+        for kind in a.route:
+            routes, cand = _routes(kind, a.route_pct), candidate if kind != "single" else None
+            fulls[kind].append(full(settings, fs, onnx, broker, root / f"{kind}{r}", a.batch, routes, cand))
+            line += f", {kind} {fulls[kind][-1]:,.0f} ev/s (ratio {fulls[kind][-1] / mins[-1]:.2f})"
+        print(line)
+    for kind, got in fulls.items():
+        ratios = [f / m for f, m in zip(got, mins, strict=True)]
         print(
-            f"round {r}: full {fulls[-1]:,.0f} ev/s, minimal {mins[-1]:,.0f} ev/s, ratio {fulls[-1] / mins[-1]:.2f}"
+            f"throughput {kind}: full {max(got):,.0f} ev/s, minimal {max(mins):,.0f} ev/s (best of {a.rounds}), "
+            f"ratio of bests {max(got) / max(mins):.2f}, median round ratio {float(np.median(ratios)):.2f}"
         )
-    ratios = [f / m for f, m in zip(fulls, mins, strict=True)]
-    print(
-        f"throughput: full {max(fulls):,.0f} ev/s, minimal {max(mins):,.0f} ev/s (best of {a.rounds}), "
-        f"ratio of bests {max(fulls) / max(mins):.2f}, median round ratio {float(np.median(ratios)):.2f}"
-    )
+    if "single" in fulls:
+        for kind in (k for k in fulls if k != "single"):
+            per_round = [x / s for x, s in zip(fulls[kind], fulls["single"], strict=True)]
+            print(f"{kind} / single: median round ratio {float(np.median(per_round)):.2f}")
     lat = latency(
         settings,
         fs,
