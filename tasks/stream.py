@@ -34,6 +34,7 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -302,14 +303,18 @@ class StreamConsumer:
         rows: np.ndarray | None,
     ) -> np.ndarray:
         """``scorer``'s scores of every row, or of the rows where the mask ``rows`` is set."""
-        if rows is None:
+        if rows is None or rows.all():
             feeds = scorer.feeds(cols_in)
             picked = windows
         else:
             idx = np.flatnonzero(rows)
             if not len(idx):
                 return np.empty(0, np.float64)
-            feeds = scorer.feeds({c: [v[i] for i in idx] for c, v in cols_in.items()})
+            take = itemgetter(*idx.tolist())
+            if len(idx) == 1:
+                feeds = scorer.feeds({c: [take(v)] for c, v in cols_in.items()})
+            else:
+                feeds = scorer.feeds({c: take(v) for c, v in cols_in.items()})
             picked = {name: windows[name][idx] for name in model_windows}
         for name in model_windows:
             feeds[name] = picked[name].astype(np.float32).reshape(-1, 1)
