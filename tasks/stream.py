@@ -24,8 +24,9 @@ version) and carry the routes as JSON in their metadata; a run without routes wr
 columns it always did.
 
 Routing is a pure function of the pinned table and the event, so the restarted consumer
-writes exactly the rows, features and scores of a run that was never interrupted. Nothing here imports Prefect: ``flows.stream`` wraps the consumer in
-a flow, and a long-running process can drive it directly.
+writes exactly the rows, features and scores of a run that was never interrupted. Nothing
+here imports Prefect: ``flows.stream`` wraps the consumer in a flow, and a long-running
+process can drive it directly.
 """
 
 from __future__ import annotations
@@ -47,7 +48,14 @@ from adapters.broker import Broker, Message
 from adapters.feature_store import FeatureStore
 from adapters.files import fsync_dir, fsync_file
 from mlops.errors import DataError
-from mlops.features import FeatureSet, StateMismatch, StreamFeatures, check_view, timestamps_ns
+from mlops.features import (
+    FeatureSet,
+    FeatureViewMismatch,
+    StateMismatch,
+    StreamFeatures,
+    check_view,
+    timestamps_ns,
+)
 from mlops.onnx_model import OnnxScorer
 from mlops.routing import CANDIDATE, STABLE, RouteTable, route
 from mlops.scoring import ModelRef
@@ -166,7 +174,7 @@ class StreamConsumer:
             cand_scorer, cand_model = self.candidate
             cand_view = check_view((fs, *extra_views), cand_model.view, cand_model.label())
             if cand_view is not None and cand_view.digest() != self.view.digest():
-                raise StateMismatch(
+                raise FeatureViewMismatch(
                     f"candidate {cand_model.label()} was trained on feature view {cand_view.digest()}, "
                     f"stable {model.label()} on {self.view.digest()}: the stream computes one view"
                 )

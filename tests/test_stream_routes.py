@@ -376,3 +376,42 @@ def test_write_part_keeps_route_metadata(tmp_path: Path) -> None:
     table = pa.table({"offset": [0]}).replace_schema_metadata({PART_METADATA_KEY: b'{"mode": "canary"}'})
     path = write_part(tmp_path, table, 0, 1)
     assert pq.read_schema(path).metadata[PART_METADATA_KEY] == b'{"mode": "canary"}'
+
+
+def test_a_candidate_on_another_feature_view_than_stable_is_refused(
+    settings: Settings, fs: FeatureSet, models: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The stream computes one feature view for both models: a candidate trained on another
+    declared view than stable's is refused in one line naming both digests."""
+    import hashlib
+
+    from adapters.feature_store import EmbeddedFeatureStore
+    from mlops.features import FeatureViewMismatch, model_view
+    from mlops.scoring import ModelRef
+    from mlops.settings import WindowFeature
+
+    other = fs.with_windows([WindowFeature(name="user_txn_count_2h", agg="count", window_seconds=7200.0)])
+    stable, cand = (p.read_bytes() for p in models)
+    cand_ref = ModelRef(
+        "fraud-detector",
+        2,
+        "challenger",
+        0.3,
+        hashlib.sha256(cand).hexdigest()[:16],
+        model_view(fs.lineage_tags()),
+    )
+    with pytest.raises(FeatureViewMismatch, match=f"{fs.digest()}.*{other.digest()}"):
+        StreamConsumer(
+            broker=SqliteBroker(tmp_path / "broker.db"),
+            store=EmbeddedFeatureStore(tmp_path / "state", other, (fs,)),
+            fs=other,
+            schema=settings.dataset,
+            scorer=OnnxScorer(stable, settings.dataset),
+            model=ModelRef("fraud-detector", 1, "champion", 0.2, hashlib.sha256(stable).hexdigest()[:16]),
+            out_dir=tmp_path / "out",
+            topic="tx",
+            group="scorer",
+            extra_views=(fs,),
+            routes=RouteTable(mode="canary", weight_pct=10, salt="s"),
+            candidate=(OnnxScorer(cand, settings.dataset), cand_ref),
+        )
