@@ -149,14 +149,18 @@ def _first_line(exc: BaseException) -> str:
 
 def query_stream(folder: Path, sql: str, limits: QueryConfig | None = None) -> pa.Table:
     """One read statement over a stream consumer's committed parts, as the view ``stream_scores``
-    (an in-memory DuckDB confined to ``folder`` and ``limits``, like the warehouse's queries)."""
+    (an in-memory DuckDB confined to ``folder`` and ``limits``, like the warehouse's queries).
+    Columns are matched by name across parts: one that some parts lack (a run without routes)
+    is null in their rows."""
     check_read_only(sql)
     if not any(Path(folder).glob("part-*.parquet")):
         raise DataError(f"{folder}: no stream output yet (run `mlops stream run` first)")
     glob = str(Path(folder).resolve() / "part-*.parquet").replace("'", "''")
     con = duckdb.connect(":memory:")
     try:
-        con.execute(f"CREATE VIEW stream_scores AS SELECT * FROM read_parquet('{glob}')")
+        con.execute(
+            f"CREATE VIEW stream_scores AS SELECT * FROM read_parquet('{glob}', union_by_name = true)"
+        )
         confine(con, [Path(folder)], limits)
         return run(con, sql, readable="the group's committed stream parts", limits=limits)
     finally:

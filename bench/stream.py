@@ -3,6 +3,7 @@
     .venv/bin/python bench/stream.py --events 200000 --broker embedded
     .venv/bin/python bench/stream.py --events 200000 --broker redis --redis-url redis://127.0.0.1:6390/0
     .venv/bin/python bench/stream.py --kill-events 1000000 --kills 10   # the exactly-once run at 1M
+    .venv/bin/python bench/stream.py --events 200000 --route single canary shadow --route-pct 10
 
 On generated card transactions and the features of ``configs/features.yaml``, same model, same
 broker, same machine, measured interleaved (``--rounds`` alternations, best of each):
@@ -10,6 +11,11 @@ broker, same machine, measured interleaved (``--rounds`` alternations, best of e
   (a) the full ``StreamConsumer``: window features, ONNX Runtime, Parquet part (fsync), commit;
   (b) minimal: poll the broker, build the model's float32 input from the payloads, run raw ORT,
       commit; no features, no output.
+
+With ``--route single canary shadow`` the full consumer is measured once per route in each
+round, interleaved; a routed one also pins a candidate (a second logistic regression) and
+routes each event (canary: ``--route-pct`` of entities answered by the candidate; shadow:
+that share of events also scored by it). It also prints each route's throughput over single's.
 
 It prints events/s of each and the ratio a/b (goal >= 0.5), then the end-to-end latency
 (publish -> committed prediction) at ``--rate`` events/s offered load: p50/p99 (goal p99 <= 250 ms).
@@ -36,6 +42,7 @@ from mlops.datagen import generate
 from mlops.features import FeatureSet
 from mlops.modeling import fit, to_onnx_bytes
 from mlops.onnx_model import OnnxScorer
+from mlops.routing import RouteTable
 from mlops.scoring import ModelRef
 from mlops.settings import LogisticRegressionSpec, load_settings
 from tasks.stream import StreamConsumer, frame_messages, read_parts
@@ -51,7 +58,29 @@ def _broker(kind: str, home: Path, url: str | None):
     return SqliteBroker(home / "broker.db")
 
 
-def _consumer(settings, fs, onnx: bytes, broker, home: Path, group: str = "scorer") -> StreamConsumer:
+def _routes(kind: str, pct: float) -> RouteTable:
+    if kind == "canary":
+        return RouteTable(mode="canary", weight_pct=pct, salt="bench")
+    if kind == "shadow":
+        return RouteTable(mode="shadow", mirror_pct=pct, salt="bench")
+    return RouteTable()
+
+
+def _consumer(
+    settings,
+    fs,
+    onnx: bytes,
+    broker,
+    home: Path,
+    group: str = "scorer",
+    routes: RouteTable | None = None,
+    candidate: bytes | None = None,
+) -> StreamConsumer:
+    cand = (
+        (OnnxScorer(candidate, settings.dataset), ModelRef("fraud-detector", 2, "challenger", 0.3, "c"))
+        if candidate is not None
+        else None
+    )
     return StreamConsumer(
         broker=broker,
         store=EmbeddedFeatureStore(home / "state", fs),
@@ -63,12 +92,16 @@ def _consumer(settings, fs, onnx: bytes, broker, home: Path, group: str = "score
         topic="tx",
         group=group,
         checkpoint_every=10,
+        routes=routes,
+        candidate=cand,
     )
 
 
-def full(settings, fs, onnx, broker, home: Path, batch: int) -> float:
-    """Events/s of the full consumer over the whole topic."""
-    c = _consumer(settings, fs, onnx, broker, home, group=f"full-{home.name}")
+def full(settings, fs, onnx, broker, home: Path, batch: int, routes=None, candidate=None) -> float:
+    """Events/s of the full consumer over the whole topic (routed when ``routes`` and ``candidate``)."""
+    c = _consumer(
+        settings, fs, onnx, broker, home, group=f"full-{home.name}", routes=routes, candidate=candidate
+    )
     c.start()
     t = time.perf_counter()
     n = sum(r.rows for r in c.run(10**12, batch))
@@ -142,12 +175,25 @@ def main() -> None:
     ap.add_argument("--kill-events", type=int, default=0)
     ap.add_argument("--kills", type=int, default=10)
     ap.add_argument("--kill-wait", type=float, default=20.0, help="Longest run before a kill (seconds).")
+    ap.add_argument(
+        "--route",
+        nargs="+",
+        choices=["single", "canary", "shadow"],
+        default=["single"],
+        help="Routes of the full consumer; several are measured interleaved in each round.",
+    )
+    ap.add_argument("--route-pct", type=float, default=10.0, help="canary weight / shadow mirror percent.")
     a = ap.parse_args()
     settings = load_settings(CONFIG, environ={})
     fs = FeatureSet.from_settings(settings)
     onnx = to_onnx_bytes(
         fit(LogisticRegressionSpec(), generate(5_000, seed=2), settings.dataset, seed=0), settings.dataset
     )
+    candidate = None
+    if set(a.route) - {"single"}:
+        candidate = to_onnx_bytes(
+            fit(LogisticRegressionSpec(), generate(5_000, seed=3), settings.dataset, seed=1), settings.dataset
+        )
     root = Path(tempfile.mkdtemp(prefix="bench-stream-"))
     if a.kill_events:
         _kill_run(a, settings, fs, onnx, root)
@@ -158,18 +204,27 @@ def main() -> None:
     t = time.perf_counter()
     broker.publish("tx", frame_messages(events, settings.dataset, fs))
     print(f"published {a.events:,} events in {time.perf_counter() - t:.1f} s ({a.broker})")
-    fulls, mins = [], []
+    print(f"full consumer routes: {', '.join(a.route)} (canary weight / shadow mirror {a.route_pct}%)")
+    fulls: dict[str, list[float]] = {kind: [] for kind in a.route}
+    mins: list[float] = []
     for r in range(a.rounds):
         mins.append(minimal(settings, onnx, broker, a.batch))
-        fulls.append(full(settings, fs, onnx, broker, root / f"full{r}", a.batch))
+        line = f"round {r}: minimal {mins[-1]:,.0f} ev/s"
+        for kind in a.route:
+            routes, cand = _routes(kind, a.route_pct), candidate if kind != "single" else None
+            fulls[kind].append(full(settings, fs, onnx, broker, root / f"{kind}{r}", a.batch, routes, cand))
+            line += f", {kind} {fulls[kind][-1]:,.0f} ev/s (ratio {fulls[kind][-1] / mins[-1]:.2f})"
+        print(line)
+    for kind, got in fulls.items():
+        ratios = [f / m for f, m in zip(got, mins, strict=True)]
         print(
-            f"round {r}: full {fulls[-1]:,.0f} ev/s, minimal {mins[-1]:,.0f} ev/s, ratio {fulls[-1] / mins[-1]:.2f}"
+            f"throughput {kind}: full {max(got):,.0f} ev/s, minimal {max(mins):,.0f} ev/s (best of {a.rounds}), "
+            f"ratio of bests {max(got) / max(mins):.2f}, median round ratio {float(np.median(ratios)):.2f}"
         )
-    ratios = [f / m for f, m in zip(fulls, mins, strict=True)]
-    print(
-        f"throughput: full {max(fulls):,.0f} ev/s, minimal {max(mins):,.0f} ev/s (best of {a.rounds}), "
-        f"ratio of bests {max(fulls) / max(mins):.2f}, median round ratio {float(np.median(ratios)):.2f}"
-    )
+    if "single" in fulls:
+        for kind in (k for k in fulls if k != "single"):
+            per_round = [x / s for x, s in zip(fulls[kind], fulls["single"], strict=True)]
+            print(f"{kind} / single: median round ratio {float(np.median(per_round)):.2f}")
     lat = latency(
         settings,
         fs,

@@ -64,19 +64,70 @@ def run(
     checkpoint_every: Annotated[
         int, typer.Option("--checkpoint-every", help="Batches between window-state checkpoints.")
     ] = 10,
+    candidate_alias: Annotated[
+        str | None,
+        typer.Option("--candidate-alias", help="Alias of the candidate that routes other than single use."),
+    ] = None,
+    route_mode: Annotated[
+        str, typer.Option("--route-mode", help="single, shadow, canary, ab or blue_green.")
+    ] = "single",
+    weight_pct: Annotated[
+        float, typer.Option("--weight-pct", help="canary/ab: percent of entities on the candidate.")
+    ] = 0.0,
+    mirror_pct: Annotated[
+        float, typer.Option("--mirror-pct", help="shadow: percent of events also scored by the candidate.")
+    ] = 0.0,
+    salt: Annotated[
+        str, typer.Option("--salt", help="Hash salt of shadow/canary/ab (the online rollout id to match it).")
+    ] = "",
+    active_slot: Annotated[
+        str, typer.Option("--active-slot", help="blue_green: the variant that answers.")
+    ] = "stable",
+    follow_serving: Annotated[
+        bool,
+        typer.Option(
+            "--follow-serving", help="Take the versions and routes from the online service's applied state."
+        ),
+    ] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Score new events of a topic: window features, ONNX Runtime, Parquet parts, then offsets."""
+    """Score new events of a topic: window features, ONNX Runtime, Parquet parts, then offsets.
+
+    With a candidate and a route mode, each event is routed like an online request (sticky by
+    entity for canary/ab, by transaction id for shadow); --follow-serving uses the online
+    service's applied versions and routes instead."""
     if max_events < 1 or batch_size < 1 or checkpoint_every < 1:
         raise ConfigError("--max-events, --batch-size and --checkpoint-every must be at least 1")
-    settings_for(config)
-    from flows.stream import stream_flow
+    from mlops.stream_routes import run_table
 
-    with progress(f"Scoring {topic}/{group} with {alias}"):
-        s = stream_flow(topic, group, max_events, batch_size, alias, checkpoint_every, config=config)
+    run_table(follow_serving, alias, candidate_alias, route_mode, weight_pct, mirror_pct, salt, active_slot)
+    settings = settings_for(config)
+    from flows.stream import serving_routes, stream_flow
+
+    if follow_serving:
+        serving_routes(settings)  # a missing or malformed state stops here, before any work
+    with progress(f"Scoring {topic}/{group} with {'the serving state' if follow_serving else alias}"):
+        s = stream_flow(
+            topic,
+            group,
+            max_events,
+            batch_size,
+            alias,
+            checkpoint_every,
+            config=config,
+            candidate_alias=candidate_alias,
+            route_mode=route_mode,
+            weight_pct=weight_pct,
+            mirror_pct=mirror_pct,
+            salt=salt,
+            active_slot=active_slot,
+            follow_serving=follow_serving,
+        )
     table = Table(show_header=False, box=None)
+    routed = f" ({s.candidate_events:,} answered by the candidate, {s.mirrored:,} mirrored)"
     for label, value in (
         ("model", s.model),
+        ("routes", s.routes + (routed if not s.routes.startswith("single") else "")),
         ("resumed at offset", f"{s.resumed_at:,} (replayed {s.replayed:,}, swept {s.swept} parts)"),
         ("scored", f"{s.events:,} events in {s.batches} parts ({s.late} late, {s.events_per_second:,.0f}/s)"),
         ("committed offset", f"{s.next_offset:,} of {s.end_offset:,} (lag {s.lag:,})"),

@@ -101,11 +101,23 @@ def load_state(path: Path, model_name: str) -> tuple[DesiredState, int] | None:
         raise ConfigError(
             f"{path}: unreadable serving state ({exc}); delete it to start from the registry aliases"
         ) from exc
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: invalid serving state (not a JSON object); delete it to start from the registry aliases"
+        )
     if data.get("model_name") != model_name:
         return None
     try:
         return DesiredState.model_validate_json(json.dumps(data.get("state"))), int(data.get("generation", 0))
-    except (ValidationError, TypeError, ValueError) as exc:
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "state"
+        more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+        raise ConfigError(
+            f"{path}: invalid serving state (state.{where}: {err['msg']}{more}); "
+            "delete it to start from the registry aliases"
+        ) from None
+    except (TypeError, ValueError) as exc:
         raise ConfigError(
             f"{path}: invalid serving state ({exc}); delete it to start from the registry aliases"
-        ) from exc
+        ) from None

@@ -118,3 +118,47 @@ def test_stream_metrics_are_prometheus_text_with_lag_and_throughput() -> None:
     assert 'mlops_stream_events_per_second{group="g",topic="tx"} 2400.0' in text
     assert 'mlops_stream_run_late_events{group="g",topic="tx"} 5.0' in text
     assert "# HELP mlops_stream_committed_offset" in text
+
+
+@pytest.mark.slow
+def test_stream_run_routes_by_explicit_options_and_by_the_serving_state(
+    flow_home: Settings, small_model: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`mlops stream run --candidate-alias challenger --route-mode canary ...` answers each
+    entity's events from one of champion and challenger (both versions in the output, the
+    routes in the summary); a second group with `--follow-serving` takes the applied shadow
+    state: the serving stable version answers, the candidate's scores fill the mirrored rows."""
+    from flows.stream import output_dir
+    from registry.mlflow_registry import ModelRegistry
+    from serving.state import DesiredState, save_state, state_path
+    from tasks.stream import read_parts
+
+    v1, v2 = register_versions(flow_home, small_model, [{"roc_auc": 0.9}, {"roc_auc": 0.91}])
+    registry = ModelRegistry(flow_home)
+    name = flow_home.training.model_name
+    registry.move_alias(name, "champion", v1, reason="stream routes test")
+    registry.move_alias(name, "challenger", v2, reason="stream routes test")
+    monkeypatch.setenv("MLOPS_CONFIG", FEATURES_YAML)
+    assert RUNNER.invoke(app, ["stream", "publish", "--rows", "2000", "--seed", "6"]).exit_code == 0
+
+    canary = RUNNER.invoke(
+        app,
+        ["stream", "run", "--candidate-alias", "challenger", "--route-mode", "canary"]
+        + ["--weight-pct", "40", "--salt", "r1", "--batch-size", "500"],
+    )
+    assert canary.exit_code == 0, canary.output
+    assert f"canary 40.0% (salt r1): stable v{v1}, candidate v{v2}" in canary.output
+    out = read_parts(output_dir(flow_home, "transactions", "scorer")).to_pandas()
+    assert len(out) == 2000 and set(out["model_version"]) == {v1, v2}
+    assert (out.groupby("user_id")["variant"].nunique() == 1).all()
+    assert ((out["variant"] == "candidate") == (out["model_version"] == v2)).all()
+
+    desired = DesiredState(mode="shadow", mirror_pct=50, salt="r2", stable_version=v2, candidate_version=v1)
+    save_state(state_path(load_settings(FEATURES_YAML)), name, desired, 1, None)
+    shadow = RUNNER.invoke(app, ["stream", "run", "--follow-serving", "--group", "follower"])
+    assert shadow.exit_code == 0, shadow.output
+    assert f"shadow 50.0% mirrored (salt r2): stable v{v2}, candidate v{v1}" in shadow.output
+    out = read_parts(output_dir(flow_home, "transactions", "follower")).to_pandas()
+    assert (out["model_version"] == v2).all() and (out["variant"] == "stable").all()
+    mirrored = out["shadow_score"].notna()
+    assert 0.4 < mirrored.mean() < 0.6 and (out.loc[mirrored, "shadow_version"] == v1).all()

@@ -4,6 +4,7 @@ moments and restarted until it finishes (exactly-once tests and bench/stream.py)
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import select
 import signal
@@ -18,6 +19,7 @@ from adapters.broker import SqliteBroker
 from adapters.feature_store import EmbeddedFeatureStore
 from mlops.features import FeatureSet
 from mlops.onnx_model import OnnxScorer
+from mlops.routing import RouteTable
 from mlops.scoring import ModelRef
 from tasks.stream import StreamConsumer
 
@@ -26,22 +28,42 @@ FEATURES_YAML = REPO / "configs" / "features.yaml"
 
 
 def stream_consumer(
-    schema, fs: FeatureSet, onnx: bytes, home: Path, broker, group: str = "scorer", checkpoint_every: int = 1
+    schema,
+    fs: FeatureSet,
+    onnx: bytes,
+    home: Path,
+    broker,
+    group: str = "scorer",
+    checkpoint_every: int = 1,
+    candidate: bytes | None = None,
+    routes: RouteTable | None = None,
 ) -> StreamConsumer:
     """A consumer of topic ``tx`` scoring with ``onnx`` (version 1, threshold 0.2), its feature
-    state under ``home/state/<group>`` and its output parts under ``home/out/<group>``."""
+    state under ``home/state/<group>`` and its output parts under ``home/out/<group>``; with
+    ``candidate`` (version 2, threshold 0.3) routed by ``routes``."""
+    cand = (
+        (OnnxScorer(candidate, schema), ModelRef("fraud-detector", 2, "challenger", 0.3, _digest(candidate)))
+        if candidate is not None
+        else None
+    )
     return StreamConsumer(
         broker=broker,
         store=EmbeddedFeatureStore(home / "state" / group, fs),
         fs=fs,
         schema=schema,
         scorer=OnnxScorer(onnx, schema),
-        model=ModelRef("fraud-detector", 1, "champion", 0.2, hashlib.sha256(onnx).hexdigest()[:16]),
+        model=ModelRef("fraud-detector", 1, "champion", 0.2, _digest(onnx)),
         out_dir=home / "out" / group,
         topic="tx",
         group=group,
         checkpoint_every=checkpoint_every,
+        routes=routes,
+        candidate=cand,
     )
+
+
+def _digest(onnx: bytes) -> str:
+    return hashlib.sha256(onnx).hexdigest()[:16]
 
 
 def child_broker(home: Path, where: str):
@@ -55,9 +77,11 @@ def child_broker(home: Path, where: str):
 
 
 _CONSUME = """
+import json
 import sys
 from pathlib import Path
 from mlops.features import FeatureSet
+from mlops.routing import RouteTable
 from mlops.settings import load_settings
 from tests.support.stream import child_broker, stream_consumer
 
@@ -66,6 +90,8 @@ onnx, home, where = Path(sys.argv[2]).read_bytes(), Path(sys.argv[3]), sys.argv[
 consumer = stream_consumer(
     settings.dataset, FeatureSet.from_settings(settings), onnx, home, child_broker(home, where),
     checkpoint_every=int(sys.argv[6]),
+    candidate=Path(sys.argv[7]).read_bytes() if sys.argv[7] else None,
+    routes=RouteTable(**json.loads(sys.argv[8])) if sys.argv[8] else None,
 )
 consumer.start()
 print("started", flush=True)
@@ -86,6 +112,8 @@ def kill_and_resume(
     max_wait: float = 0.35,
     min_wait: float = 0.05,
     checkpoint_every: int = 3,
+    candidate_file: Path | None = None,
+    routes: dict | None = None,
 ) -> int:
     """Run the consumer in a subprocess, SIGKILL it at a random moment ``kills_wanted`` times,
     then let it finish; returns the number of kills.
@@ -94,14 +122,21 @@ def kill_and_resume(
     sooner: once the committed offset (the child prints it after each batch) passes kill k's
     share of the ``total`` events, ``k+1 / (kills_wanted+1)``, the kill follows within a random
     fraction of a batch. So a fast consumer cannot finish the topic before its last kill, and
-    every kill still hits some random point of reading, scoring, writing or committing."""
+    every kill still hits some random point of reading, scoring, writing or committing.
+    ``candidate_file`` and ``routes`` (``RouteTable`` fields) make the consumer route events
+    to a candidate."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     rng = np.random.default_rng(seed)
     kills = 0
     while True:
         proc = subprocess.Popen(
             [sys.executable, "-c", _CONSUME, str(FEATURES_YAML), str(model_file), str(home), where]
-            + [str(batch), str(checkpoint_every)],
+            + [
+                str(batch),
+                str(checkpoint_every),
+                str(candidate_file or ""),
+                json.dumps(routes) if routes else "",
+            ],
             env=env,
             cwd=REPO,
             stdout=subprocess.PIPE,
