@@ -251,7 +251,9 @@ def promote(
         skip_gate=skip_gate,
     )
     if result.gate is not None:
-        console.print(f"gate {result.gate.outcome.value}: {result.gate.reason}")
+        console.print(f"gate {result.gate.outcome.value}: {result.gate.reason}", soft_wrap=True)
+        for line in result.gate.evidence:
+            console.print(f"  {line}", soft_wrap=True)
     if not result.moves:
         console.print(f"{name}@{alias} is already v{version}; nothing moved")
     for move in result.moves:
