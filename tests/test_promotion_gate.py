@@ -205,3 +205,19 @@ def test_tenant_models_are_gated_on_the_same_rows(home: Settings, rows: World) -
     with pytest.raises(GateFailed, match=r"fraud-detector--acme' v2 not promoted .* FAIL: roc_auc"):
         promote(home, registry, name=name, alias=CHAMPION, version=candidate, reason="tenant")
     assert registry.aliases(name)[CHAMPION] == champion
+
+
+def test_a_champion_with_unknown_training_rows_is_compared_and_the_result_says_so(
+    home: Settings, rows: World, small_model: bytes
+) -> None:
+    """A champion registered outside the training flow (no training-row hashes) is still scored
+    on the candidate's holdout; the evidence says its overlap with those rows was not checked."""
+    name = home.training.model_name
+    [champion] = register_versions(home, small_model, [{}])
+    candidate, _ = register_trained(home, rows.good, rows.train, rows.normal)
+    registry = ModelRegistry(home)
+    registry.move_alias(name, CHAMPION, champion, reason="set up")
+    gate = champion_gate(home, registry, name, candidate)
+    assert gate.outcome is not Outcome.ERROR, gate.describe()
+    assert f"v{champion}'s training rows unknown: overlap not checked" in gate.evidence[0]
+    assert f"champion v{champion}: roc_auc" in " ".join(gate.evidence)
