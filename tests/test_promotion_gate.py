@@ -117,7 +117,7 @@ def test_corrupt_or_missing_evaluation_artifact_is_one_line_and_moves_nothing(
     home: Settings, rows: World
 ) -> None:
     """A holdout whose bytes no longer match the recorded hash, then a deleted one, each give a
-    one-line ERROR naming the problem, through the API and `mlops promote` (exit code non-zero),
+    one-line ERROR naming the problem, through the API and `mlops promote` (exit code 6),
     and champion stays where it was."""
     name = home.training.model_name
     champion, _ = register_trained(home, rows.good, rows.train, rows.normal)
@@ -134,8 +134,9 @@ def test_corrupt_or_missing_evaluation_artifact_is_one_line_and_moves_nothing(
     path.unlink()
     args = ["--alias", CHAMPION, "--version", str(candidate), "--reason", "missing"]
     result = run_cli(os.environ.copy(), "promote", *args, timeout=300)
-    assert result.returncode != 0
-    assert "holdout of v2 is missing" in result.stderr + result.stdout
+    assert result.returncode == 6
+    [line] = [x for x in result.stderr.splitlines() if "not promoted" in x]
+    assert "ERROR: evaluation of v2: holdout of v2 is missing" in line
     assert registry.aliases(name)[CHAMPION] == champion
     assert [m.to_version for m in registry.history(name) if m.alias == CHAMPION] == [champion]
 
