@@ -64,7 +64,7 @@ class GateResult:
     def describe(self) -> str:
         """Outcome, reason and evidence on one line."""
         text = f"{self.outcome.value}: {self.reason}"
-        return text + (f" [{'; '.join(self.evidence)}]" if self.evidence else "")
+        return text + (f" ({'; '.join(self.evidence)})" if self.evidence else "")
 
 
 def _fmt(x: float) -> str:

@@ -39,7 +39,8 @@ def _logged_verdict(settings: Settings, name: str, candidate: int, champion: int
 def test_a_candidate_whose_own_rows_flatter_it_fails_on_the_same_rows(home: Settings, rows: World) -> None:
     """Given a champion evaluated on ordinary rows and a noisier candidate whose own holdout holds
     only easy rows (its logged metrics beat the champion's), when it is promoted, then the gate
-    scores both on the candidate's holdout, refuses it on roc_auc and moves nothing."""
+    scores both on the candidate's holdout, refuses it on roc_auc and moves nothing; `mlops
+    promote` says so in one line with the evaluation set and both versions' metrics (exit 6)."""
     name = home.training.model_name
     champion, _ = register_trained(home, rows.good, rows.train, rows.normal)
     candidate, _ = register_trained(home, rows.noisy, rows.train, rows.easy)
@@ -51,6 +52,14 @@ def test_a_candidate_whose_own_rows_flatter_it_fails_on_the_same_rows(home: Sett
     ) as err:
         promote(home, registry, name=name, alias=CHAMPION, version=candidate, reason="claims better")
     assert f"{len(rows.easy)} rows" in str(err.value) and "\n" not in str(err.value)
+    args = ["--alias", CHAMPION, "--version", str(candidate), "--reason", "claims better"]
+    cli = run_cli(os.environ.copy(), "promote", *args, timeout=300)
+    [line] = [x for x in cli.stderr.splitlines() if "not promoted" in x]
+    assert (
+        cli.returncode == 6
+        and "(evaluated on holdout of v2 sha256" in line
+        and "champion v1: roc_auc 1.0000" in line
+    )
     assert registry.aliases(name) == {CHAMPION: champion, CHALLENGER: candidate}
 
 
