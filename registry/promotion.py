@@ -11,7 +11,7 @@ import pandas as pd
 
 from adapters.datasets import read_frame
 from mlops import evaluation, training
-from mlops.errors import DataError, GateFailed, NotFound, PlatformError
+from mlops.errors import DataError, GateFailed, ModelError, NotFound
 from mlops.features import feature_views, model_schema
 from mlops.gates import CheckResult, GateResult, Outcome, promotion_gate
 from mlops.onnx_model import OnnxScorer
@@ -57,16 +57,12 @@ def champion_gate(settings: Settings, registry: ModelRegistry, name: str, versio
         )
     try:
         rows, where = evaluation_rows(settings, registry, candidate, champion)
-        threshold = settings.training.decision_threshold
-        schema = model_schema(settings.dataset, next(iter(feature_views(settings)), None))
         recomputed = {
-            v.version: evaluation.metrics_on(
-                OnnxScorer(registry.onnx_bytes(name, v.version), schema), rows, schema, threshold
-            )
+            v.version: _metrics_on(settings, registry, v, rows)
             for v in (candidate, champion)
             if v is not None
         }
-    except PlatformError as exc:
+    except (DataError, ModelError, NotFound) as exc:  # a registry outage is raised, for the caller's retries
         return _error(f"evaluation of v{version}: {str(exc).splitlines()[0]}")
     logged_only = sorted({g.metric for g in gates} - set(recomputed[version]))
     cand = candidate.metrics | recomputed[version]
@@ -77,6 +73,17 @@ def champion_gate(settings: Settings, registry: ModelRegistry, name: str, versio
     if logged_only:
         notes.append(f"{', '.join(logged_only)}: logged, not recomputed")
     return replace(promotion_gate(gates, cand, champ), evidence=tuple(notes))
+
+
+def _metrics_on(
+    settings: Settings, registry: ModelRegistry, v: VersionInfo, rows: pd.DataFrame
+) -> dict[str, float]:
+    schema = model_schema(settings.dataset, next(iter(feature_views(settings)), None))
+    try:
+        scorer = OnnxScorer(registry.onnx_bytes(v.name, v.version), schema)
+        return evaluation.metrics_on(scorer, rows, schema, settings.training.decision_threshold)
+    except (DataError, ModelError) as exc:
+        raise ModelError(f"model v{v.version}: {str(exc).splitlines()[0]}") from exc
 
 
 def _error(reason: str) -> GateResult:

@@ -172,7 +172,10 @@ def test_a_model_whose_inputs_do_not_match_is_an_error(home: Settings, rows: Wor
     candidate = registry.register(name, logged.model_uri, logged.run_id, tags, "lacking").version
     gate = champion_gate(home, registry, name, candidate)
     assert gate.outcome is Outcome.ERROR
-    assert f"ONNX model lacks inputs for features: {schema.numeric[0].name}" in gate.reason
+    assert (
+        f"evaluation of v{candidate}: model v{candidate}: ONNX model lacks inputs for features: {schema.numeric[0].name}"
+        in gate.reason
+    )
     with pytest.raises(GateFailed):
         promote(home, registry, name=name, alias=CHAMPION, version=candidate, reason="lacking")
     assert registry.aliases(name)[CHAMPION] == champion
