@@ -168,13 +168,16 @@ def exclude_trained(
     return frame[keep].reset_index(drop=True), int((~keep).sum()), tuple(notes)
 
 
-def usable(frame: pd.DataFrame, schema: DatasetSchema, min_rows: int, what: str) -> pd.DataFrame:
-    """``frame`` when it has ``min_rows`` rows and both classes; else ``DataError`` saying which."""
-    if len(frame) < min_rows:
+def usable(frame: pd.DataFrame, schema: DatasetSchema, min_rows: int, before: int, what: str) -> pd.DataFrame:
+    """``frame`` when it has both classes and leaving out training rows kept at least ``min_rows``
+    of the ``before`` rows (all of them when ``before`` is smaller); else ``DataError`` saying which."""
+    if len(frame) < min(min_rows, before):
         raise DataError(
-            f"{what} has {len(frame)} rows to score, fewer than promotion.min_evaluation_rows {min_rows}"
+            f"{what} has {len(frame)} of {before} rows left without training rows, fewer than "
+            f"promotion.min_evaluation_rows {min_rows}: declare promotion.evaluation_data"
         )
-    if modeling.labels(frame, schema).min() == modeling.labels(frame, schema).max():
+    y = modeling.labels(frame, schema)
+    if len(y) == 0 or y.min() == y.max():
         raise DataError(f"{what} has a single class in its {len(frame)} rows: no metric to compare")
     return frame
 

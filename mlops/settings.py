@@ -374,7 +374,7 @@ class PromotionConfig(StrictModel):
     evaluation_data: str | None = None
     """A labelled dataset (Parquet/CSV) both versions are scored on; default the candidate's holdout."""
     min_evaluation_rows: int = Field(200, ge=1)
-    """Fewer rows left to score (after leaving out training rows) is an ERROR, not a verdict."""
+    """Leaving out training rows may not shrink the evaluation set below this (ERROR, not a verdict)."""
     trust_logged_metrics: bool = False
     """Gate a version that has no holdout (registered outside the training flow) on its logged metrics."""
 

@@ -122,7 +122,7 @@ def evaluation_rows(
             trained[f"v{v.version}"] = rows
     rows, excluded, notes = evaluation.exclude_trained(frame, schema, trained)
     where = evaluation.EvaluationSet(source, digest, len(rows), excluded, notes)
-    evaluation.usable(rows, schema, settings.promotion.min_evaluation_rows, source)
+    evaluation.usable(rows, schema, settings.promotion.min_evaluation_rows, len(frame), source)
     return rows, where
 
 

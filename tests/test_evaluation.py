@@ -36,8 +36,8 @@ def test_rows_a_version_trained_on_are_left_out_and_unknown_training_rows_are_sa
 
 
 def test_corrupt_evidence_is_a_one_line_data_error() -> None:
-    """Wrong bytes, a tag that is not a SHA-256, a truncated hash list or a holdout without the
-    label each raise DataError naming the problem."""
+    """Wrong bytes, a tag that is not a SHA-256, a truncated hash list, a holdout without the
+    label, or too few rows left once training rows are out each raise DataError naming the problem."""
     rows = generate(300, seed=6)
     data = evaluation.holdout_bytes(rows, SCHEMA)
     with pytest.raises(DataError, match="holdout is corrupt: sha256"):
@@ -52,5 +52,10 @@ def test_corrupt_evidence_is_a_one_line_data_error() -> None:
         evaluation.checked_frame(rows.drop(columns=[SCHEMA.label_column]), SCHEMA, "h")
     with pytest.raises(DataError, match="must be 0 or 1"):
         evaluation.checked_frame(rows.assign(**{SCHEMA.label_column: 2}), SCHEMA, "h")
-    with pytest.raises(DataError, match="fewer than promotion.min_evaluation_rows 400"):
-        evaluation.usable(rows, SCHEMA, 400, "holdout")
+    assert len(evaluation.usable(rows, SCHEMA, 400, len(rows), "holdout")) == 300  # small, but whole
+    with pytest.raises(
+        DataError, match="has 300 of 1000 rows left without training rows, fewer than promotion"
+    ):
+        evaluation.usable(rows, SCHEMA, 400, 1000, "holdout")
+    with pytest.raises(DataError, match="single class"):
+        evaluation.usable(rows[rows[SCHEMA.label_column] == 0], SCHEMA, 1, 1, "holdout")
