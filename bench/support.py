@@ -10,10 +10,18 @@ from __future__ import annotations
 from typing import Any
 
 
-def log_onnx_model(settings: Any, onnx_model: bytes, run_name: str, schema: Any = None) -> Any:
-    """Log ``onnx_model`` as an MLflow run with no training metrics, three generated rows as its
-    input example (inputs of ``schema``, default the dataset's; window feature columns at 0) and
-    made-up example scores; the returned run's ``model_uri`` registers versions."""
+def log_onnx_model(
+    settings: Any,
+    onnx_model: bytes,
+    run_name: str,
+    schema: Any = None,
+    files: dict[str, bytes] | None = None,
+    metrics: dict[str, float] | None = None,
+) -> Any:
+    """Log ``onnx_model`` as an MLflow run with ``metrics`` (default none) and evaluation
+    ``files``, three generated rows as its input example (inputs of ``schema``, default the
+    dataset's; window feature columns at 0) and made-up example scores; the returned run's
+    ``model_uri`` registers versions."""
     import numpy as np
     import pandas as pd
 
@@ -30,9 +38,9 @@ def log_onnx_model(settings: Any, onnx_model: bytes, run_name: str, schema: Any 
         settings,
         run_name=run_name,
         params={},
-        metrics={},
+        metrics=metrics or {},
         tags={},
-        files={},
+        files=files or {},
         onnx_model=onnx_model,
         example_features=example,
         example_scores=pd.DataFrame({"probability": [0.1, 0.2, 0.3]}),

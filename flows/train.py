@@ -14,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from adapters.runtime import code_version, configure
-from mlops import modeling, training
+from mlops import evaluation, modeling, training
 from mlops.features import feature_views, model_schema
 from mlops.settings import load_settings
 from tasks.data import load_dataset, validate_dataset
@@ -71,6 +71,7 @@ def train_flow(data: str, config: str | None = None) -> TrainSummary:
         logger.info("%s: %s", label, {k: round(v, 4) for k, v in candidates[label].metrics.items()})
     chosen = training.select(candidates, cfg)
     best = chosen.best
+    evidence_files, evidence_tags = evaluation.evidence(train, test, schema)
 
     logged = log_training_run(
         settings,
@@ -79,12 +80,14 @@ def train_flow(data: str, config: str | None = None) -> TrainSummary:
         | ({"feature_view": fs.digest()} if fs is not None else {}),
         metrics=training.run_metrics(chosen),
         tags=lineage | {"selected_candidate": best.label},
-        files=training.report_files(chosen, test, schema, cfg.model_name),
+        files=training.report_files(chosen, test, schema, cfg.model_name) | evidence_files,
         onnx_model=best.onnx_model,
         example_features=training.example_features(test, schema),
         example_scores=pd.DataFrame({"probability": best.scores[:5]}),
     )
-    tags = training.version_tags(chosen, lineage, logged.run_id, schema, cfg.decision_threshold)
+    tags = (
+        training.version_tags(chosen, lineage, logged.run_id, schema, cfg.decision_threshold) | evidence_tags
+    )
     version = register_version(settings, logged.model_uri, logged.run_id, tags, reason=f"trained on {data}")
     promoted, gate = first_champion_or_gate(settings, version.version, logged.run_id)
 
@@ -93,7 +96,9 @@ def train_flow(data: str, config: str | None = None) -> TrainSummary:
         markdown=training.candidates_table(chosen, cfg.model_name)
         + f"\n\nRegistered **{cfg.model_name} v{version.version}** (`challenger`)"
         + (" and promoted to `champion`." if promoted else ".")
-        + f"\n\nPromotion gate: **{gate.outcome.value}**: {gate.reason}\n\nMLflow run `{logged.run_id}`",
+        + f"\n\nPromotion gate: **{gate.outcome.value}**: {gate.reason}"
+        + "".join(f"\n- {line}" for line in gate.evidence)
+        + f"\n\nMLflow run `{logged.run_id}`",
         description="Candidates, selection and registration of this training run",
     )
     return TrainSummary(
@@ -104,6 +109,6 @@ def train_flow(data: str, config: str | None = None) -> TrainSummary:
         metrics=best.metrics,
         candidates=chosen.results,
         promoted_to_champion=promoted,
-        gate=f"{gate.outcome.value}: {gate.reason}",
+        gate=gate.describe(),
         lineage=lineage,
     )

@@ -35,9 +35,11 @@ class CheckResult:
 
 @dataclass(frozen=True)
 class GateResult:
-    """The verdict of a whole gate: PASS only when every check passed."""
+    """The verdict of a whole gate: PASS only when every check passed; ``evidence`` says what
+    the checks were computed on (evaluation set, each version's metrics)."""
 
     checks: tuple[CheckResult, ...] = field(default_factory=tuple)
+    evidence: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def outcome(self) -> Outcome:
@@ -58,6 +60,11 @@ class GateResult:
         """The reasons of the checks that did not pass, or of every check when all passed."""
         bad = [c.reason for c in self.checks if c.outcome is not Outcome.PASS]
         return "; ".join(bad) if bad else "; ".join(c.reason for c in self.checks)
+
+    def describe(self) -> str:
+        """Outcome, reason and evidence on one line."""
+        text = f"{self.outcome.value}: {self.reason}"
+        return text + (f" ({'; '.join(self.evidence)})" if self.evidence else "")
 
 
 def _fmt(x: float) -> str:

@@ -371,6 +371,12 @@ class PromotionConfig(StrictModel):
     promote_first_version: bool = True
     lease_seconds: float = Field(60.0, gt=0)
     wait_seconds: float = Field(30.0, ge=0)
+    evaluation_data: str | None = None
+    """A labelled dataset (Parquet/CSV) both versions are scored on; default the candidate's holdout."""
+    min_evaluation_rows: int = Field(200, ge=1)
+    """Leaving out training rows may not shrink the evaluation set below this (ERROR, not a verdict)."""
+    trust_logged_metrics: bool = False
+    """Gate a version that has no holdout (registered outside the training flow) on its logged metrics."""
 
 
 # --------------------------------------------------------------------------- backends

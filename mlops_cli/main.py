@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from mlops.errors import ConfigError, DataError
@@ -198,7 +199,7 @@ def _print_training(summary) -> None:
     console.print(
         f"registered [bold]{summary.model_name} v{summary.version}[/] as challenger{promoted} (MLflow run {summary.run_id})"
     )
-    console.print(f"promotion gate: {summary.gate}")
+    console.print(f"promotion gate: {escape(summary.gate)}", soft_wrap=True)
     view = summary.lineage.get("lineage.feature_view")
     if view:
         windows = len(json.loads(summary.lineage["lineage.feature_windows"]))
@@ -251,7 +252,9 @@ def promote(
         skip_gate=skip_gate,
     )
     if result.gate is not None:
-        console.print(f"gate {result.gate.outcome.value}: {result.gate.reason}")
+        console.print(f"gate {result.gate.outcome.value}: {escape(result.gate.reason)}", soft_wrap=True)
+        for line in result.gate.evidence:
+            console.print(f"  {escape(line)}", soft_wrap=True)
     if not result.moves:
         console.print(f"{name}@{alias} is already v{version}; nothing moved")
     for move in result.moves:

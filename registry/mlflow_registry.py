@@ -160,6 +160,29 @@ class ModelRegistry:
         except MlflowException as exc:
             raise RegistryError(f"cannot download '{name}' v{version}: {exc.message}") from exc
 
+    def run_artifact(self, run_id: str, path: str) -> bytes:
+        """The bytes of artifact ``path`` of run ``run_id``; ``NotFound`` when it is not there."""
+        import mlflow.artifacts
+
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                local = Path(
+                    mlflow.artifacts.download_artifacts(
+                        run_id=run_id,
+                        artifact_path=path,
+                        dst_path=tmp,
+                        tracking_uri=self.settings.tracking_uri,
+                    )
+                )
+                if not local.is_file():
+                    raise NotFound(f"run {run_id} has no artifact file {path}")
+                return local.read_bytes()
+        except (MlflowException, OSError) as exc:
+            text = exc.message if isinstance(exc, MlflowException) else str(exc)
+            raise NotFound(
+                f"run {run_id} has no readable artifact {path}: {text.splitlines()[0][:200]}"
+            ) from None
+
     def history(self, name: str | None = None, limit: int | None = None) -> list[AliasMove]:
         """Audited alias moves of ``name`` (else all models), oldest first; at most the newest ``limit``."""
         return self.ledger.history(name, limit)

@@ -1,12 +1,21 @@
-"""Promotion: the gate between challenger and champion, applied through the audited CAS."""
+"""Promotion: the gate between challenger and champion (both scored on the same rows), applied
+through the audited CAS."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
-from mlops.errors import GateFailed
-from mlops.gates import GateResult, promotion_gate
-from mlops.registry_model import ANY, CHAMPION, AliasMove, ExpectCurrent
+import numpy as np
+import pandas as pd
+
+from adapters.datasets import read_frame
+from mlops import evaluation, training
+from mlops.errors import DataError, GateFailed, ModelError, NotFound
+from mlops.features import feature_views, model_schema
+from mlops.gates import CheckResult, GateResult, Outcome, promotion_gate
+from mlops.onnx_model import OnnxScorer
+from mlops.registry_model import ANY, CHAMPION, AliasMove, ExpectCurrent, VersionInfo
 from mlops.settings import Settings
 from registry.mlflow_registry import ModelRegistry
 
@@ -23,13 +32,125 @@ class PromotionResult:
 
 
 def champion_gate(settings: Settings, registry: ModelRegistry, name: str, version: int) -> GateResult:
-    """Check a version's metrics against absolute bounds and the current champion."""
+    """Score the candidate and the champion on one evaluation set and gate the recomputed metrics.
+
+    The evaluation set is ``promotion.evaluation_data`` when declared, else the candidate's
+    holdout artifact; rows either version trained on are left out. Bounds and the regression
+    against the champion are checked on the recomputed metrics; a gated metric that rows cannot
+    give (latency, size) is read from the logged ones and the evidence says so. Anything that
+    stops the evaluation (missing or corrupt artifact, a model whose inputs do not match) is an
+    ERROR check with a one-line reason.
+    """
     candidate = registry.version(name, version)
     champion_version = registry.aliases(name).get(CHAMPION)
     champion = None
     if champion_version is not None and champion_version != version:
-        champion = registry.version(name, champion_version).metrics
-    return promotion_gate(settings.promotion.gates, candidate.metrics, champion)
+        champion = registry.version(name, champion_version)
+    gates = settings.promotion.gates
+    if not candidate.tags.get(evaluation.HOLDOUT_TAG) and settings.promotion.evaluation_data is None:
+        if settings.promotion.trust_logged_metrics:
+            result = promotion_gate(gates, candidate.metrics, champion.metrics if champion else None)
+            return replace(result, evidence=("logged metrics as claimed by the runs, not recomputed",))
+        return _error(
+            f"v{version} has no holdout ({evaluation.HOLDOUT_TAG}) and promotion.evaluation_data is not "
+            "set: nothing to score both versions on"
+        )
+    try:
+        rows, where = evaluation_rows(settings, registry, candidate, champion)
+        recomputed = {
+            v.version: _metrics_on(settings, registry, v, rows)
+            for v in (candidate, champion)
+            if v is not None
+        }
+    except (DataError, ModelError, NotFound) as exc:  # a registry outage is raised, for the caller's retries
+        return _error(f"evaluation of v{version}: {str(exc).splitlines()[0]}")
+    logged_only = sorted({g.metric for g in gates} - set(recomputed[version]))
+    cand = candidate.metrics | recomputed[version]
+    champ = champion.metrics | recomputed[champion.version] if champion is not None else None
+    notes = [f"evaluated on {where.describe()}", evaluation.metrics_line(f"v{version}", recomputed[version])]
+    if champion is not None:
+        notes.append(evaluation.metrics_line(f"champion v{champion.version}", recomputed[champion.version]))
+    if logged_only:
+        notes.append(f"{', '.join(logged_only)}: logged, not recomputed")
+    return replace(promotion_gate(gates, cand, champ), evidence=tuple(notes))
+
+
+def _metrics_on(
+    settings: Settings, registry: ModelRegistry, v: VersionInfo, rows: pd.DataFrame
+) -> dict[str, float]:
+    schema = model_schema(settings.dataset, next(iter(feature_views(settings)), None))
+    try:
+        scorer = OnnxScorer(registry.onnx_bytes(v.name, v.version), schema)
+        return evaluation.metrics_on(scorer, rows, schema, settings.training.decision_threshold)
+    except (DataError, ModelError) as exc:
+        raise ModelError(f"model v{v.version}: {str(exc).splitlines()[0]}") from exc
+
+
+def _error(reason: str) -> GateResult:
+    return GateResult((CheckResult("evaluation", Outcome.ERROR, reason),))
+
+
+def evaluation_rows(
+    settings: Settings, registry: ModelRegistry, candidate: VersionInfo, champion: VersionInfo | None
+) -> tuple[pd.DataFrame, evaluation.EvaluationSet]:
+    """The rows both versions are scored on, without rows either trained on, and their description.
+
+    Raises ``DataError``/``NotFound`` (one line) when an artifact is missing, corrupt or lacks a
+    model column, or too few rows are left.
+    """
+    fs = next(iter(feature_views(settings)), None)
+    schema = model_schema(settings.dataset, fs)
+    declared = settings.promotion.evaluation_data
+    if declared is not None:
+        data = _read_file(declared)
+        digest = evaluation.sha256(data)
+        frame = training.training_frame(read_frame(declared, settings.dataset), fs, declared)
+        frame = evaluation.checked_frame(frame, schema, f"promotion.evaluation_data {declared}")
+        source = f"declared evaluation data {declared}"
+    else:
+        what = f"holdout of v{candidate.version}"
+        digest = evaluation.recorded_digest(candidate.tags, evaluation.HOLDOUT_TAG, what)
+        data = _artifact(registry, candidate, evaluation.holdout_file(digest), what)
+        frame = evaluation.read_holdout(evaluation.verified(data, digest, what), schema, what)
+        source = what
+    trained: dict[str, np.ndarray | None] = {}
+    for v in (candidate, champion):
+        if v is not None:
+            rows = _trained_rows(registry, v)
+            if rows is None and v is candidate and declared is None:
+                rows = np.empty(0, np.uint64)  # a holdout is by construction not its own run's training rows
+            trained[f"v{v.version}"] = rows
+    rows, excluded, notes = evaluation.exclude_trained(frame, schema, trained)
+    where = evaluation.EvaluationSet(source, digest, len(rows), excluded, notes)
+    evaluation.usable(rows, schema, settings.promotion.min_evaluation_rows, len(frame), source)
+    return rows, where
+
+
+def _read_file(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise DataError(f"promotion.evaluation_data {path}: {exc.strerror or exc}") from None
+
+
+def _artifact(registry: ModelRegistry, version: VersionInfo, file: str, what: str) -> bytes:
+    if not version.run_id:
+        raise NotFound(f"{what}: v{version.version} has no training run")
+    try:
+        return registry.run_artifact(version.run_id, f"{evaluation.ARTIFACT_DIR}/{file}")
+    except NotFound:
+        raise NotFound(
+            f"{what} is missing: run {version.run_id} has no {evaluation.ARTIFACT_DIR}/{file}"
+        ) from None
+
+
+def _trained_rows(registry: ModelRegistry, version: VersionInfo) -> np.ndarray | None:
+    if not version.tags.get(evaluation.TRAIN_ROWS_TAG):
+        return None
+    what = f"training-row hashes of v{version.version}"
+    digest = evaluation.recorded_digest(version.tags, evaluation.TRAIN_ROWS_TAG, what)
+    data = _artifact(registry, version, evaluation.train_rows_file(digest), what)
+    return evaluation.read_row_hashes(evaluation.verified(data, digest, what), what)
 
 
 def promote(
@@ -53,11 +174,10 @@ def promote(
     if alias == CHAMPION and not skip_gate:
         gate = champion_gate(settings, registry, name, version)
         if not gate.passed:
-            raise GateFailed(
-                f"'{name}' v{version} not promoted to {alias}: {gate.outcome.value}: {gate.reason}"
-            )
+            raise GateFailed(f"'{name}' v{version} not promoted to {alias}: {gate.describe()}")
     action = "promote" if not skip_gate else "promote-ungated"
+    audited = f"{reason} (gate {gate.describe()})" if gate is not None else reason
     moves = registry.move_alias(
-        name, alias, version, reason=reason, expect_current=expect_current, action=action, run_id=run_id
+        name, alias, version, reason=audited, expect_current=expect_current, action=action, run_id=run_id
     )
     return PromotionResult(name, alias, version, gate, tuple(moves))

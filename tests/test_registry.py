@@ -27,6 +27,15 @@ GOOD = {"roc_auc": 0.90, "pr_auc": 0.30, "log_loss": 0.05}
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture
+def trusting(home: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """``home`` gating fixture versions (registered without a holdout) on their logged metrics."""
+    from mlops.settings import load_settings
+
+    monkeypatch.setenv("MLOPS__PROMOTION__TRUST_LOGGED_METRICS", "true")
+    return load_settings()
+
+
 def test_uri_helpers_and_expectations() -> None:
     """Models are addressed by alias or version; CLI expectations parse to ANY, unset or a version."""
     assert model_uri("fraud", alias="champion") == "models:/fraud@champion"
@@ -60,28 +69,30 @@ def test_register_points_challenger_at_each_new_version(home: Settings, small_mo
     assert registry.onnx_bytes(name, v1) == small_model
 
 
-def test_stale_expect_current_moves_nothing(home: Settings, small_model: bytes) -> None:
+def test_stale_expect_current_moves_nothing(trusting: Settings, small_model: bytes) -> None:
     """A promotion whose --expect-current is stale fails and leaves every alias where it was."""
-    v1, v2, v3 = register_versions(home, small_model, [GOOD, GOOD, GOOD])
-    registry = ModelRegistry(home)
-    name = home.training.model_name
-    promote(home, registry, name=name, alias=CHAMPION, version=v1, reason="first", expect_current=None)
-    promote(home, registry, name=name, alias=CHAMPION, version=v2, reason="better", expect_current=v1)
+    v1, v2, v3 = register_versions(trusting, small_model, [GOOD, GOOD, GOOD])
+    registry = ModelRegistry(trusting)
+    name = trusting.training.model_name
+    promote(trusting, registry, name=name, alias=CHAMPION, version=v1, reason="first", expect_current=None)
+    promote(trusting, registry, name=name, alias=CHAMPION, version=v2, reason="better", expect_current=v1)
     before, history_before = registry.aliases(name), registry.history(name)
     with pytest.raises(StaleAlias, match=r"'fraud-detector@champion' is v2, expected v1; nothing was moved"):
-        promote(home, registry, name=name, alias=CHAMPION, version=v3, reason="late", expect_current=v1)
+        promote(trusting, registry, name=name, alias=CHAMPION, version=v3, reason="late", expect_current=v1)
     assert registry.aliases(name) == before == {CHALLENGER: v3, CHAMPION: v2, PREVIOUS_CHAMPION: v1}
     assert registry.history(name) == history_before
 
 
-def test_gate_refuses_a_worse_candidate(home: Settings, small_model: bytes) -> None:
-    """A candidate that regresses beyond the margin is refused with the reason; nothing moves."""
-    v1, v2 = register_versions(home, small_model, [GOOD, GOOD | {"roc_auc": 0.85}])
-    registry = ModelRegistry(home)
-    name = home.training.model_name
-    promote(home, registry, name=name, alias=CHAMPION, version=v1, reason="first")
-    with pytest.raises(GateFailed, match=r"roc_auc 0\.8500 vs champion 0\.9000"):
-        promote(home, registry, name=name, alias=CHAMPION, version=v2, reason="worse")
+def test_gate_refuses_a_worse_candidate(trusting: Settings, small_model: bytes) -> None:
+    """With promotion.trust_logged_metrics, versions registered without a holdout are gated on
+    their logged metrics and the verdict says so: a candidate that regresses beyond the margin is
+    refused with the reason; nothing moves."""
+    v1, v2 = register_versions(trusting, small_model, [GOOD, GOOD | {"roc_auc": 0.85}])
+    registry = ModelRegistry(trusting)
+    name = trusting.training.model_name
+    promote(trusting, registry, name=name, alias=CHAMPION, version=v1, reason="first")
+    with pytest.raises(GateFailed, match=r"roc_auc 0\.8500 vs champion 0\.9000.*logged metrics as claimed"):
+        promote(trusting, registry, name=name, alias=CHAMPION, version=v2, reason="worse")
     assert registry.aliases(name)[CHAMPION] == v1
 
 
@@ -95,26 +106,26 @@ def test_unknown_version_moves_nothing(home: Settings, small_model: bytes) -> No
     assert registry.aliases(name) == {CHALLENGER: v1}
 
 
-def test_moves_made_outside_the_platform_are_recorded(home: Settings, small_model: bytes) -> None:
+def test_moves_made_outside_the_platform_are_recorded(trusting: Settings, small_model: bytes) -> None:
     """An alias changed directly in MLflow shows up in the history as an external move."""
-    v1, v2 = register_versions(home, small_model, [GOOD, GOOD])
-    registry = ModelRegistry(home)
-    name = home.training.model_name
+    v1, v2 = register_versions(trusting, small_model, [GOOD, GOOD])
+    registry = ModelRegistry(trusting)
+    name = trusting.training.model_name
     registry.client.set_registered_model_alias(name, CHAMPION, str(v1))
-    promote(home, registry, name=name, alias=CHAMPION, version=v2, reason="after manual move")
+    promote(trusting, registry, name=name, alias=CHAMPION, version=v2, reason="after manual move")
     moves = [(m.alias, m.from_version, m.to_version, m.action) for m in registry.history(name)]
     assert (CHAMPION, None, v1, "external") in moves
     assert moves[-2:] == [(PREVIOUS_CHAMPION, None, v1, "promote"), (CHAMPION, v1, v2, "promote")]
 
 
 @pytest.mark.slow
-def test_concurrent_promotions_in_processes_have_one_winner(home: Settings, small_model: bytes) -> None:
+def test_concurrent_promotions_in_processes_have_one_winner(trusting: Settings, small_model: bytes) -> None:
     """Eight processes promote different versions over the same champion: exactly one wins, history stays consistent."""
-    versions = register_versions(home, small_model, [GOOD] * 9)
-    registry = ModelRegistry(home)
-    name = home.training.model_name
+    versions = register_versions(trusting, small_model, [GOOD] * 9)
+    registry = ModelRegistry(trusting)
+    name = trusting.training.model_name
     promote(
-        home, registry, name=name, alias=CHAMPION, version=versions[0], reason="base", expect_current=None
+        trusting, registry, name=name, alias=CHAMPION, version=versions[0], reason="base", expect_current=None
     )
     contenders = versions[1:]
 

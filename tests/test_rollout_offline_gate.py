@@ -79,7 +79,7 @@ def test_an_enforced_gate_refuses_a_failing_candidate_and_an_advisory_one_says_w
 
 @pytest.mark.slow
 def test_a_rollout_of_a_candidate_failing_the_offline_gate_starts_nothing(
-    home: Settings, small_model: bytes, prefect_api: None, tmp_path: Path
+    home: Settings, small_model: bytes, prefect_api: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Given champion v1 and a challenger v2 whose pr_auc regresses past the gate's limit in
     a real MLflow registry, when a rollout of v2 is started under an enforcing plan, then it
@@ -91,6 +91,7 @@ def test_a_rollout_of_a_candidate_failing_the_offline_gate_starts_nothing(
     from flows.rollout import rollout_flow
     from registry.mlflow_registry import ModelRegistry
 
+    monkeypatch.setenv("MLOPS__PROMOTION__TRUST_LOGGED_METRICS", "true")  # fixture versions have no holdout
     v1, v2 = register_versions(home, small_model, [CHAMPION_METRICS, CHAMPION_METRICS | {"pr_auc": 0.22}])
     registry = ModelRegistry(home)
     name = home.training.model_name

@@ -55,12 +55,18 @@ def test_first_training_registers_challenger_and_champion_with_lineage(flow_home
         "evaluation/roc.png",
         "evaluation/precision_recall.png",
         "evaluation/calibration.png",
+        f"evaluation/holdout-{v1.tags['lineage.holdout_sha256']}.parquet",
+        f"evaluation/train-rows-{v1.tags['lineage.train_rows_sha256']}.u64",
     } <= artifacts
     assert [m.alias for m in registry.history(name)] == [CHALLENGER, CHAMPION]
 
     # A second training on the same data is a new challenger; champion stays until promoted.
     second = train_flow(path)
     assert second.version == 2 and not second.promoted_to_champion
+    # Its gate scored v2 and champion v1 on v2's stored holdout: the same split, so no v1 training row.
+    holdout = registry.version(name, 2).tags["lineage.holdout_sha256"]
+    assert f"evaluated on holdout of v2 sha256 {holdout[:12]}, " in second.gate
+    assert "excluded" not in second.gate and "champion v1: roc_auc" in second.gate
     assert registry.aliases(name) == {CHALLENGER: 2, CHAMPION: 1}
     assert registry.version(name, 2).tags["lineage.data_fingerprint"] == v1.tags["lineage.data_fingerprint"]
 
