@@ -43,11 +43,27 @@ CONNECT_TIMEOUT = "20s"
 # - the host CPU/memory/network sampler of every server (500 ms): 5 s;
 # - the nanny's and worker's memory check (100 ms): 500 ms, so a worker over its memory
 #   limit is still paused or restarted within half a second.
+#
+# The environment of the worker processes keeps the memory a partition used for the next
+# one instead of handing it back to the kernel after each: Dask's default
+# ``MALLOC_TRIM_THRESHOLD_`` fixes glibc's mmap threshold at 128 KiB, so every array of a
+# partition was mapped, faulted in page by page and unmapped again, and mimalloc (pyarrow's
+# allocator) purges freed pages after 10 ms. Both cost a page fault per 4 KiB touched,
+# about 0.2 CPU-us per scored row; a worker now holds about one partition's peak instead.
+WORKER_ENVIRON = {
+    "MALLOC_MMAP_THRESHOLD_": str(256 << 20),
+    "MALLOC_TRIM_THRESHOLD_": str(512 << 20),
+    "MIMALLOC_PURGE_DELAY": "-1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+}
 LOCAL_CLUSTER_CONFIG = {
     "distributed.worker.profile.enabled": False,
     "distributed.admin.tick.interval": "1s",
     "distributed.admin.system-monitor.interval": "5s",
     "distributed.worker.memory.monitor-interval": "500ms",
+    "distributed.nanny.pre-spawn-environ": WORKER_ENVIRON,
 }
 WARM_MODULES = ("onnxruntime", "pyarrow.parquet", "tasks.scoring")
 

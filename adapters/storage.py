@@ -87,6 +87,13 @@ STAGE_MARKER = "_stage.json"
 MANIFEST = "_manifest.json"
 PARTITION_KEY = "run_date"
 
+MANIFEST_FORMAT = 2
+"""The store format a commit writes. 1: parts hold plain columns. 2: parts may hold string
+columns dictionary-encoded (batch scoring's constant provenance columns), which readers
+see as strings (DuckDB; ``logical_schema`` for the commit's schema checks)."""
+MANIFEST_FORMATS = (1, 2)
+"""Formats this version reads (``read_manifest``, ``rebuild``)."""
+
 DEFAULT_LOCK_TIMEOUT = 30.0
 """Seconds to wait for the store's lock (held by a writer, or by readers for a writer)."""
 
@@ -639,7 +646,7 @@ def _verify(run_dir: Path, expected: Mapping[int, PartInfo]) -> tuple[int, int, 
         path = run_dir / part_name(index)
         try:
             meta = pq.read_metadata(path)
-            part_schema = meta.schema.to_arrow_schema().remove_metadata()
+            part_schema = logical_schema(meta.schema.to_arrow_schema())
             size += path.stat().st_size
         except FileNotFoundError:
             problems.append(f"{path.name}: missing")
@@ -657,8 +664,16 @@ def _verify(run_dir: Path, expected: Mapping[int, PartInfo]) -> tuple[int, int, 
     return rows, size, schema, problems
 
 
+def logical_schema(schema: pa.Schema) -> pa.Schema:
+    """``schema`` as readers of the store see it: a dictionary-encoded column as its values'
+    type (Parquet stores both alike; only pyarrow's footer metadata tells them apart), no
+    metadata. Parts of format 1 and 2 runs of one shape have the same logical schema."""
+    fields = [f.with_type(f.type.value_type) if pa.types.is_dictionary(f.type) else f for f in schema]
+    return pa.schema(fields)
+
+
 def _part_schema(path: Path) -> pa.Schema:
-    return pq.read_metadata(path).schema.to_arrow_schema().remove_metadata()
+    return logical_schema(pq.read_metadata(path).schema.to_arrow_schema())
 
 
 def _schema_problem(
@@ -696,7 +711,7 @@ def _manifest(
     committed_at: datetime,
 ) -> dict[str, object]:
     return {
-        "format": 1,
+        "format": MANIFEST_FORMAT,
         "run_date": run_date.isoformat(),
         "run_id": run_id,
         "model_name": record.model_name,
@@ -1052,7 +1067,7 @@ def read_manifest(run_dir: str | os.PathLike[str]) -> dict[str, object] | None:
             data = json.load(f)
     except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
         return None
-    return data if isinstance(data, dict) and data.get("format") == 1 else None
+    return data if isinstance(data, dict) and data.get("format") in MANIFEST_FORMATS else None
 
 
 def _manifest_row(manifest: Mapping[str, object]) -> list[object]:

@@ -1,6 +1,6 @@
 """Batch scoring flows: one run date (``score_flow``) and a range of them (``backfill_flow``).
 
-pin the model version -> sweep the store -> plan partitions -> on Dask, per partition:
+pin the model version -> plan partitions -> sweep the store, open staging -> on Dask, per partition:
 read -> validate (the GX suite's checks on Arrow; GX reports failures) -> score (ONNX Runtime) -> stage a Parquet part ->
 commit all parts at once -> (replay) write the agreement report.
 
@@ -52,7 +52,6 @@ from tasks.scoring import (
     record_comparison,
     remove_workdir,
     score_partitions,
-    sweep_store,
 )
 
 
@@ -149,7 +148,6 @@ def score_flow(
     history = feature_history or settings.scoring.feature_history
     logger.info("scoring %s for %s with %s", source, day, " vs ".join(m.ref.label() for m in models))
     laps.lap("pin")
-    sweep_store(str(settings.home_path))
     run_id = new_run_id()
     workdir = str(settings.home_path / "tmp" / f"score-input-{run_id}")
     try:

@@ -207,11 +207,23 @@ def score_table(
     columns[SCORE] = pa.array(score, type=pa.float32())
     columns[DECISION] = pa.array(score >= model.threshold, type=pa.bool_())
     columns["threshold"] = pa.repeat(pa.scalar(model.threshold, pa.float64()), n)
-    columns["model_name"] = pa.repeat(pa.scalar(model.name, pa.string()), n)
+    columns["model_name"] = constant_strings(model.name, n)
     columns["model_version"] = pa.repeat(pa.scalar(model.version, pa.int32()), n)
-    columns["alias"] = pa.repeat(pa.scalar(model.alias, pa.string()), n)
-    columns["flow_run_id"] = pa.repeat(pa.scalar(flow_run_id, pa.string()), n)
+    columns["alias"] = constant_strings(model.alias, n)
+    columns["flow_run_id"] = constant_strings(flow_run_id, n)
     return pa.table(columns)
+
+
+PROVENANCE_TYPE = pa.dictionary(pa.int32(), pa.string())
+
+
+def constant_strings(value: str | None, n: int) -> pa.DictionaryArray:
+    """``n`` rows of one string (or null) as a dictionary array: one dictionary value and
+    ``n`` zero indices, which Parquet writes without hashing a string per row."""
+    if value is None:
+        return pa.nulls(n, PROVENANCE_TYPE)
+    indices = pa.array(np.zeros(n, dtype=np.int32))
+    return pa.DictionaryArray.from_arrays(indices, pa.array([value], pa.string()))
 
 
 # --------------------------------------------------------------------------- validation

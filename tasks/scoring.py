@@ -197,12 +197,6 @@ def pin_model(settings: Settings, alias: str, version: int | None = None) -> Pin
     return PinnedModel(ref, onnx)
 
 
-@task(name="sweep-score-store", retries=2, retry_delay_seconds=[2, 10])
-def sweep_store(root: str) -> storage.SweepReport:
-    """Repair the store and remove abandoned staging runs (killed earlier runs) before writing."""
-    return storage.sweep(root)
-
-
 @task(name="committed-dates", retries=2, retry_delay_seconds=[2, 10])
 def committed_dates(root: str) -> list[date]:
     """The run dates the score store has a committed run for."""
@@ -262,7 +256,9 @@ def plan_input(path: str, rows_per_partition: int, min_rows: int) -> tuple[Parti
 
 @task(name="open-staging", retries=2, retry_delay_seconds=[2, 10])
 def open_staging(root: str, run_date: date, run_id: str) -> StagedRun:
-    """Open the staging folder of this run (sweeping abandoned runs of the date)."""
+    """Repair the store, remove abandoned staging runs (killed earlier runs), and open the
+    staging folder of this run."""
+    storage.sweep(root)
     return StagedRun.open(root, run_date, run_id)
 
 

@@ -140,6 +140,11 @@ def test_arrow_columns_become_the_feeds_pandas_would_give(small_model: bytes, tm
         set(part.column("model_version").to_pylist()) == {3}
         and part.schema.field("score").type == pa.float32()
     )
+    # Constant strings are dictionary-encoded (one value); a run without a flow run id has nulls.
+    assert part.column("model_name").type == pa.dictionary(pa.int32(), pa.string())
+    assert set(part.column("alias").to_pylist()) == {"champion"}
+    bare = score_table(table.select(KEYS), from_arrow, ModelRef("m", 3, "champion", 0.5, "d"), None)
+    assert bare.schema == part.schema and bare.column("flow_run_id").null_count == bare.num_rows
 
 
 # --------------------------------------------------------------------------- fixtures

@@ -3,6 +3,7 @@ the local cluster's background work."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -121,3 +122,35 @@ def test_a_local_cluster_runs_its_background_checks_slowly() -> None:
     assert not any(client.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks).values())
     scheduler = client.run_on_scheduler(_intervals)
     assert scheduler["tick"] == 1000.0 and scheduler["monitor"] == 5000.0
+
+
+def _faults_reallocating(nbytes: int, pieces: int = 16) -> int:
+    """Page faults of allocating and filling ``pieces`` arrays of ``nbytes`` in all, after
+    arrays of the same sizes were allocated, filled and freed once (the previous partition)."""
+    import resource
+    import time
+
+    def one_partition() -> None:
+        arrays = [np.empty(nbytes // pieces // 8) for _ in range(pieces)]
+        for a in arrays:
+            a.fill(1.0)
+
+    one_partition()
+    time.sleep(0.05)
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    one_partition()
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
+
+
+def test_a_local_cluster_worker_reuses_the_memory_of_the_previous_partition() -> None:
+    """A worker of a local cluster gets the pages of a partition's freed arrays back for the
+    next partition: filling sixteen 2 MB arrays again faults in almost none of their 8,192
+    pages (under Dask's default environment every page faults again), and pyarrow's
+    allocator is told to keep freed pages too."""
+    from adapters import dask_cluster
+
+    client = dask_cluster.client_for(load_settings(environ={}).dask)
+    faults = client.run(_faults_reallocating, 32 << 20)
+    assert faults
+    assert all(f < 500 for f in faults.values()), faults
+    assert set(client.run(os.environ.get, "MIMALLOC_PURGE_DELAY").values()) == {"-1"}

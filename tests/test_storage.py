@@ -821,6 +821,57 @@ def test_a_run_of_another_schema_is_refused_while_other_dates_are_committed(root
     assert storage.committed_dates(root) == [DAY] and count(root) == 2
 
 
+def test_format_1_runs_and_dictionary_encoded_runs_read_as_one_store(root: Path) -> None:
+    """A run committed by the previous format (plain string parts, manifest format 1) and a
+    format 2 run whose string column is dictionary-encoded, for two dates: the second commit
+    is accepted (same logical schema), both read back as strings through ``scores`` and
+    ``scores_on``, and a lost warehouse is rebuilt from both manifests."""
+    import json
+
+    from mlops.scoring import constant_strings
+
+    run_once(root, DAY, [3], tag="old")
+    old_dir = next((root / "scores" / "_runs" / f"run_date={DAY}").iterdir())
+    manifest = json.loads((old_dir / storage.MANIFEST).read_text())
+    assert manifest["format"] == storage.MANIFEST_FORMAT == 2
+    (old_dir / storage.MANIFEST).write_text(json.dumps({**manifest, "format": 1}))
+
+    stage = StagedRun.open(root, OTHER_DAY, "dict")
+    table = part_table(0, 4).set_column(2, "tag", constant_strings("new", 4))
+    assert pa.types.is_dictionary(table.schema.field("tag").type)
+    stage.commit([stage.write_part(0, table)], record(rows_in=4))
+
+    both = storage.query(
+        root, "SELECT run_date, tag, typeof(tag) AS t, count(*) AS n FROM scores GROUP BY ALL ORDER BY 1"
+    )
+    assert both.to_pylist() == [
+        {"run_date": DAY, "tag": "old", "t": "VARCHAR", "n": 3},
+        {"run_date": OTHER_DAY, "tag": "new", "t": "VARCHAR", "n": 4},
+    ]
+    assert storage.query(root, "SELECT DISTINCT tag FROM scores_on(?)", [OTHER_DAY])["tag"].to_pylist() == [
+        "new"
+    ]
+    (root / "warehouse.duckdb").unlink()
+    assert storage.rebuild(root) == [DAY, OTHER_DAY]
+    assert storage.query(
+        root, "SELECT tag, count(*) AS n FROM scores GROUP BY ALL ORDER BY 1"
+    ).to_pylist() == [
+        {"tag": "new", "n": 4},
+        {"tag": "old", "n": 3},
+    ]
+
+
+def test_a_run_whose_dictionary_column_holds_numbers_is_still_another_schema(root: Path) -> None:
+    """Only the encoding is ignored when schemas are compared: a dictionary column whose
+    values are not the committed column's type is refused."""
+    run_once(root, DAY, [3])
+    stage = StagedRun.open(root, OTHER_DAY, "ints")
+    table = part_table(0, 2).set_column(2, "tag", pa.array([1, 1]).dictionary_encode())
+    with pytest.raises(IncompleteRun, match="schema differs from the committed runs"):
+        stage.commit([stage.write_part(0, table)], record(rows_in=2))
+    assert storage.committed_dates(root) == [DAY]
+
+
 def test_a_lost_warehouse_is_rebuilt_from_the_run_manifests(root: Path) -> None:
     """Every committed run leaves a manifest beside its parts; with warehouse.duckdb deleted,
     ``rebuild`` restores score_runs (same rows as before) and the views from the folders,
