@@ -260,6 +260,68 @@ def test_tenant_logs_converted_together_land_each_in_its_own_partition(tmp_path:
     assert [w.flush() for w in ws] == [(1, 0)] * 3 and [w.dropped for w in ws] == [0, 1, 0]
 
 
+def test_tenant_logs_are_written_in_turns_over_the_period_and_at_once_past_the_row_bound(
+    tmp_path: Path, rows
+):
+    """With a 4 s period and 8 tenants each with a row waiting, each second writes the files of
+    two tenants, and every tenant's exactly once in the period; a tenant with
+    ``log_flush_rows`` rows waiting is written at the next second, whatever its turn."""
+    from serving.predlog_writer import LogRow
+    from serving.tenants import TenantModels
+
+    settings = load_settings(
+        environ={
+            "MLOPS_HOME": str(tmp_path / "home"),
+            "MLOPS__SERVING__TENANTS__ENABLED": "true",
+            "MLOPS__SERVING__TENANTS__LOG_FLUSH_SECONDS": "4",
+            "MLOPS__SERVING__TENANTS__LOG_FLUSH_ROWS": "3",
+        }
+    )
+    tenants = TenantModels(settings, lambda name: None, lambda *a: None, b"k" * 32)  # type: ignore[arg-type,return-value]
+    names = [f"t{i}" for i in range(8)]
+
+    def log(tenant: str, n: int) -> None:
+        for j in range(n):
+            tenants.writer(tenant).log(
+                LogRow(
+                    f"{tenant}-{j}",
+                    time.time(),
+                    None,
+                    "stable",
+                    "primary",
+                    "single",
+                    "m",
+                    1,
+                    0.5,
+                    True,
+                    1.0,
+                    200,
+                    None,
+                    rows[j],
+                )
+            )
+
+    def files(tenant: str) -> int:
+        return len(list((tenant_log_dir(settings, tenant) / "predictions").glob("date=*/*.parquet")))
+
+    try:
+        for t in names:
+            log(t, 1)
+        written = []
+        for tick in range(1, 5):
+            tenants.flush_due(tick)
+            written.append(sum(files(t) for t in names))
+        assert written == [2, 4, 6, 8] and [files(t) for t in names] == [1] * 8
+        log("t0", 1)  # t0's turn has passed; one row does not reach the bound
+        tenants.flush_due(5)
+        assert files("t0") == 1
+        log("t0", 2)
+        tenants.flush_due(6)
+        assert files("t0") == 2 and sum(files(t) for t in names) == 9
+    finally:
+        tenants.stop()
+
+
 # ----------------------------------------------------------------------------- service
 
 
