@@ -37,14 +37,16 @@ import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import onnxruntime as ort
+
 from adapters.files import create_new
 from mlops.errors import ConfigError
-from mlops.onnx_model import OnnxScorer
+from mlops.onnx_model import OnnxScorer, estimator_split, session_options
 from mlops.predlog import RequestIds
 from mlops.settings import Settings
 from mlops.tenancy import TenantQuota, TokenBucket, check_tenant_name, owner_of
 from serving.errors import ServingError, UnknownModel
-from serving.models import LoadedModel, ModelPool, SharedLane, pick_lane
+from serving.models import MEMORY_FACTOR, Head, LoadedModel, ModelPool, Prefix, SharedLane, pick_lane
 from serving.predlog_writer import PredictionLogWriter, prepare_flush
 from serving.source import ModelSource
 
@@ -200,6 +202,7 @@ class TenantModels:
         self._stopping = threading.Event()
         self.load_seconds: list[float] = []
         self._sessions: weakref.WeakValueDictionary[bytes, OnnxScorer] = weakref.WeakValueDictionary()
+        self._prefixes: weakref.WeakValueDictionary[bytes, Prefix] = weakref.WeakValueDictionary()
         self._sessions_lock = threading.Lock()  # loads run on worker threads
 
     # ------------------------------------------------------------ admission
@@ -266,7 +269,7 @@ class TenantModels:
         """Queue a request of ``tenant`` for ``model`` on a shared scoring thread
         (``pick_lane``); the future gets the ``[rows, 2]`` probabilities."""
         return pick_lane(self.lanes, tenant).submit(
-            columns, rows, deadline, model.scorer, tenant, model.windows
+            columns, rows, deadline, model.scorer, tenant, model.windows, model.head
         )
 
     async def version(self, name: str) -> int:
@@ -345,9 +348,35 @@ class TenantModels:
                 model.scorer = shared
             else:
                 self._sessions[digest] = model.scorer
+        if not model.windows:
+            self._split(model, onnx)
         model.nbytes += MODEL_OVERHEAD_BYTES
         self.load_seconds.append(time.perf_counter() - started)
         return model
+
+    def _split(self, model: LoadedModel, onnx: bytes) -> None:
+        """Give ``model`` its ``Head`` when its graph cuts before the estimator
+        (``estimator_split``), its prefix shared with every loaded model whose prefix has the
+        same bytes: a lane batch over models of one family preprocesses all their rows in one
+        run, then runs each model's estimator on its rows. The head session is charged to
+        the pool's budget on top of the model."""
+        split = estimator_split(onnx)
+        if split is None:
+            return
+        prefix_onnx, head_onnx, cut = split
+        options = session_options(self.settings.serving.ort_threads)
+        key = hashlib.sha256(prefix_onnx).digest()
+        with self._sessions_lock:
+            prefix = self._prefixes.get(key)
+        if prefix is None:
+            built = Prefix(
+                ort.InferenceSession(prefix_onnx, options, providers=["CPUExecutionProvider"]), cut
+            )
+            with self._sessions_lock:
+                prefix = self._prefixes.setdefault(key, built)
+        head = ort.InferenceSession(head_onnx, options, providers=["CPUExecutionProvider"])
+        model.head = Head(prefix, head)
+        model.nbytes += int(len(head_onnx) * MEMORY_FACTOR)
 
     async def model(self, name: str) -> LoadedModel:
         """``name`` at the tenants' alias, loaded if need be (the caller's ownership checked)."""
