@@ -171,6 +171,64 @@ def category_code_model(model: bytes) -> tuple[bytes, dict[str, tuple[str, ...]]
     return proto.SerializeToString(), categories
 
 
+ESTIMATOR_OPS = frozenset(
+    {"TreeEnsembleClassifier", "TreeEnsembleRegressor", "LinearClassifier", "LinearRegressor"}
+)
+"""ONNX-ML operators that hold a model's learned weights: where ``estimator_split`` cuts."""
+
+
+def estimator_split(model: bytes) -> tuple[bytes, bytes, str] | None:
+    """``model`` cut in two before its estimator node (``ESTIMATOR_OPS``): (prefix ONNX,
+    head ONNX, cut tensor). The prefix maps the graph inputs to the estimator's input (the
+    preprocessing); the head maps that tensor to the graph outputs (the estimator and what
+    follows it). Running the head on the prefix's output computes exactly what the whole
+    graph computes. None when the graph has not that shape: not exactly one estimator node
+    with one float input, a graph output not computed from it, or a node after the
+    estimator that reads anything else (an initializer, a graph input, a subgraph)."""
+    import onnx
+    from onnx import helper
+
+    proto = onnx.load_from_string(model)
+    graph = proto.graph
+    estimators = [n for n in graph.node if n.op_type in ESTIMATOR_OPS and n.domain == _ML_DOMAIN]
+    if len(estimators) != 1 or len(estimators[0].input) != 1:
+        return None
+    cut = estimators[0].input[0]
+    head_names = set(estimators[0].output)
+    head: list[onnx.NodeProto] = []
+    prefix: list[onnx.NodeProto] = []
+    for node in graph.node:  # topologically sorted, as ONNX requires
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            return None
+        if node is estimators[0] or any(name in head_names for name in node.input):
+            if node is not estimators[0] and not all(name in head_names for name in node.input if name):
+                return None
+            head.append(node)
+            head_names.update(node.output)
+        else:
+            prefix.append(node)
+    if not all(o.name in head_names for o in graph.output) or cut in {i.name for i in graph.input}:
+        return None
+
+    def model_of(name: str, nodes, inputs, outputs, initializers) -> bytes:
+        sub = helper.make_model(
+            helper.make_graph(nodes, name, inputs, outputs, initializers),
+            opset_imports=proto.opset_import,
+            ir_version=proto.ir_version,
+        )
+        return sub.SerializeToString()
+
+    cut_tensor = helper.make_tensor_value_info(cut, onnx.TensorProto.FLOAT, None)
+    prefix_onnx = model_of("prefix", prefix, list(graph.input), [cut_tensor], list(graph.initializer))
+    try:  # ONNX Runtime infers the cut's type where onnx's shape inference does not (ai.onnx.ml)
+        session = ort.InferenceSession(prefix_onnx, session_options(1), providers=["CPUExecutionProvider"])
+    except Exception:  # the cut tensor is not float: not cut
+        return None
+    if session.get_outputs()[0].type != "tensor(float)":
+        return None
+    return prefix_onnx, model_of("head", head, [cut_tensor], list(graph.output), []), cut
+
+
 class CodedScorer(OnnxScorer):
     """An ``OnnxScorer`` that scores Arrow tables with the categorical features fed as
     integer category codes (``category_code_model``), straight from the columns'

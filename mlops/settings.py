@@ -496,8 +496,10 @@ class TenantsConfig(StrictModel):
     score on ``scoring_threads`` shared threads, round-robin between tenants. A refusal (429)
     is answered after ``refusal_delay_ms``, so a client retrying at once is slowed to that
     pace; past ``refusal_hold_max`` refusals held for one tenant, the next ones are answered
-    at once and close their connection. Tenants' prediction logs are flushed together, by
-    one thread, every ``log_flush_seconds`` (one Parquet file per active tenant per flush).
+    at once and close their connection. Each tenant's prediction log is written (one Parquet
+    file) every ``log_flush_seconds``, by one thread for all tenants that each second writes
+    the share of tenants whose turn it is (spread evenly over the period, no burst of files),
+    and at the next second for a tenant with ``log_flush_rows`` rows waiting.
     """
 
     enabled: bool = False
@@ -510,7 +512,8 @@ class TenantsConfig(StrictModel):
     scoring_threads: int = Field(2, ge=1, le=64)
     refusal_delay_ms: float = Field(50.0, ge=0, le=5000)
     refusal_hold_max: int = Field(64, ge=0)
-    log_flush_seconds: float = Field(10.0, gt=0)
+    log_flush_seconds: float = Field(60.0, gt=0)
+    log_flush_rows: int = Field(2_000, ge=1)
 
 
 class OnlineFeaturesConfig(StrictModel):

@@ -54,8 +54,36 @@ whatever else the process does at the same time."""
 _STOP = object()
 
 
+@dataclass(eq=False)
+class Prefix:
+    """The preprocessing part of models cut by ``mlops.onnx_model.estimator_split``: one
+    session for every model whose prefix has the same bytes, computing the tensor ``cut``."""
+
+    session: ort.InferenceSession
+    cut: str
+
+
+@dataclass(eq=False)
+class Head:
+    """A model's estimator part (after its ``prefix``): scores ``prefix.cut`` rows."""
+
+    prefix: Prefix
+    session: ort.InferenceSession
+
+
 class _Item:
-    __slots__ = ("future", "columns", "rows", "deadline", "expired", "finished", "scorer", "key", "windows")
+    __slots__ = (
+        "future",
+        "columns",
+        "rows",
+        "deadline",
+        "expired",
+        "finished",
+        "scorer",
+        "key",
+        "windows",
+        "head",
+    )
 
     def __init__(
         self,
@@ -66,8 +94,10 @@ class _Item:
         scorer: OnnxScorer | None = None,
         key: str | None = None,
         windows: tuple[str, ...] = (),
+        head: Head | None = None,
     ):
         self.future = future
+        self.head = head  # a SharedLane's item: its model cut in two, when it could be
         self.windows = windows  # a SharedLane's item: the window-feature inputs of its model
         self.columns = columns
         self.rows = rows
@@ -125,15 +155,16 @@ class ModelWorker:
         scorer: OnnxScorer | None = None,
         key: str | None = None,
         windows: tuple[str, ...] = (),
+        head: Head | None = None,
     ) -> asyncio.Future:
         """Queue ``rows`` rows (feature -> values); the future gets the ``[rows, 2]`` probabilities.
-        ``scorer``, ``key`` and ``windows`` (the session, the tenant and the model's window
-        inputs) are for a ``SharedLane`` only."""
+        ``scorer``, ``key``, ``windows`` and ``head`` (the session, the tenant, the model's
+        window inputs and its split parts) are for a ``SharedLane`` only."""
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         future = loop.create_future()
-        item = _Item(future, columns, rows, deadline, scorer, key, windows)
+        item = _Item(future, columns, rows, deadline, scorer, key, windows, head)
         self.outstanding.append(item)
         self._enqueue(item)
         return future
@@ -250,23 +281,33 @@ class ModelWorker:
             columns = live[0].columns
         else:
             columns = {name: [v for item in live for v in item.columns[name]] for name in needed}
-        opts = ort.RunOptions()
-        opts.log_severity_level = 4  # a terminated run is reported as ModelTimeout, not logged
         try:
             feeds = scorer.feeds(columns) if feeds is None else dict(feeds)
             for name in windows:
                 feeds[name] = np.asarray(columns[name], dtype=np.float32).reshape(-1, 1)
+        except Exception as exc:
+            return self._failed(exc)
+        return self._run_session(scorer.session, PROBA_OUTPUT, feeds)
+
+    def _run_session(self, session: ort.InferenceSession, output: str, feeds: dict[str, np.ndarray]) -> Any:
+        """``output`` of one run of ``session`` (stoppable by ``expire``), or the error to answer."""
+        opts = ort.RunOptions()
+        opts.log_severity_level = 4  # a terminated run is reported as ModelTimeout, not logged
+        try:
             self._run_options = opts
             self.running_since = time.monotonic()
-            return scorer.session.run([PROBA_OUTPUT], feeds, opts)[0]
+            return session.run([output], feeds, opts)[0]
         except Exception as exc:
             if opts.terminate:
                 return ModelTimeout(f"model {self.label} was stopped after exceeding the timeout")
-            log.error("model %s failed on validated input: %s", self.label, exc)
-            return ModelFailed(f"model {self.label} failed: {str(exc).splitlines()[0][:200]}")
+            return self._failed(exc)
         finally:
             self.running_since = 0.0
             self._run_options = None
+
+    def _failed(self, exc: Exception) -> ModelFailed:
+        log.error("model %s failed on validated input: %s", self.label, exc)
+        return ModelFailed(f"model {self.label} failed: {str(exc).splitlines()[0][:200]}")
 
     def _run(self) -> None:
         if self.nice > 0:
@@ -301,6 +342,12 @@ class ModelWorker:
                 loop.call_soon_threadsafe(self._resolve, batch, groups)
             except RuntimeError:  # loop closed during shutdown
                 return
+
+
+def _prefix_of(items: list[_Item]) -> Prefix | None:
+    """The shared prefix of the model scoring ``items`` (None: not split, or window inputs)."""
+    head = items[0].head
+    return head.prefix if head is not None and not items[0].windows else None
 
 
 def pick_lane(lanes: list[SharedLane], key: str) -> SharedLane:
@@ -390,20 +437,56 @@ class SharedLane(ModelWorker):
         return batch, self._stopping and not queues
 
     def _score_batch(self, live: list[_Item]) -> list[tuple[list[_Item], np.ndarray | BaseException]]:
+        """One run per session in the batch; models sharing a ``Prefix`` (two or more in the
+        batch) instead get one prefix run for all their rows, then one head run each."""
         by_scorer: dict[int, list[_Item]] = {}
         for item in live:
             by_scorer.setdefault(id(item.scorer), []).append(item)
-        groups = list(by_scorer.values())
+        groups = sorted(by_scorer.values(), key=lambda items: id(_prefix_of(items)))  # a prefix's together
         shared = self._shared_feeds(groups) if len(groups) > 1 else None
         out: list[tuple[list[_Item], np.ndarray | BaseException]] = []
-        start = 0
-        for items in groups:
+        start = i = 0
+        while i < len(groups):
+            prefix = _prefix_of(groups[i]) if shared is not None else None
+            j = i + 1
+            while prefix is not None and j < len(groups) and _prefix_of(groups[j]) is prefix:
+                j += 1
+            sizes = [sum(item.rows for item in items) for items in groups[i:j]]
             feeds = None
             if shared is not None:
-                end = start + sum(item.rows for item in items)
+                end = start + sum(sizes)
                 feeds = {name: array[start:end] for name, array in shared.items()}
                 start = end
-            out.append((items, self._score(items, items[0].scorer, items[0].windows, feeds)))  # type: ignore[arg-type]
+            if j - i > 1:
+                out.extend(self._score_split(groups[i:j], sizes, prefix, feeds))  # type: ignore[arg-type]
+            else:
+                items = groups[i]
+                out.append((items, self._score(items, items[0].scorer, items[0].windows, feeds)))  # type: ignore[arg-type]
+            i = j
+        return out
+
+    def _score_split(
+        self, groups: list[list[_Item]], sizes: list[int], prefix: Prefix, feeds: dict[str, np.ndarray]
+    ) -> list[tuple[list[_Item], np.ndarray | BaseException]]:
+        """``groups``' rows (``sizes`` each, ``feeds`` of all of them in order) through one run
+        of ``prefix`` and each group's head on its rows; when the prefix run fails, each group
+        is scored on its own session (so an error is its own)."""
+        cut = self._run_session(prefix.session, prefix.cut, feeds)
+        out: list[tuple[list[_Item], np.ndarray | BaseException]] = []
+        start = 0
+        for items, n in zip(groups, sizes, strict=True):
+            if isinstance(cut, BaseException):
+                own = {name: array[start : start + n] for name, array in feeds.items()}
+                out.append((items, self._score(items, items[0].scorer, (), own)))  # type: ignore[arg-type]
+            else:
+                head: Head = items[0].head  # type: ignore[assignment]
+                out.append(
+                    (
+                        items,
+                        self._run_session(head.session, PROBA_OUTPUT, {prefix.cut: cut[start : start + n]}),
+                    )
+                )
+            start += n
         return out
 
     @staticmethod
@@ -447,6 +530,7 @@ class LoadedModel:
     owns_worker: bool = True  # False on a SharedLane: closing the model leaves the lane running
     windows: tuple[str, ...] = ()  # the window features the model takes besides the dataset's
     view: FeatureSet | None = None  # the declared feature view those are computed by (None: no windows)
+    head: Head | None = None  # on a SharedLane: the model cut in two, its prefix shared
 
     def mirror_worker(self, nice: int) -> ModelWorker:
         """The worker for mirrored (shadow) requests: the same session on a second thread

@@ -166,6 +166,117 @@ def test_a_shared_lane_scores_many_models_in_one_batch_each_row_with_its_own(sma
     assert isinstance(error, ModelFailed)
 
 
+@pytest.fixture(scope="module")
+def family() -> list[bytes]:
+    """A gradient-boosting model (20 trees) and two versions of it with other leaf weights,
+    and a logistic regression: models of two families."""
+    from bench.support import weight_variants
+    from mlops import modeling
+    from mlops.settings import GradientBoostingSpec, LogisticRegressionSpec
+
+    schema = load_settings(environ={}).dataset
+    frame = generate(3000, seed=5)
+    gb = modeling.to_onnx_bytes(modeling.fit(GradientBoostingSpec(n_estimators=20), frame, schema, 0), schema)
+    lr = modeling.to_onnx_bytes(modeling.fit(LogisticRegressionSpec(max_iter=200), frame, schema, 0), schema)
+    return [gb, *weight_variants(gb, 2, seed=3), lr]
+
+
+def test_a_model_cut_before_its_estimator_scores_bit_for_bit_as_the_whole(family: list[bytes], rows):
+    """Tree-ensemble and linear models cut by ``estimator_split``: the head run on the
+    prefix's output gives exactly the whole graph's probabilities; the versions of one
+    family share their prefix bytes, the two families do not; a graph without an estimator
+    is not cut."""
+    import onnx
+    import onnxruntime as ort
+
+    from mlops.onnx_model import PROBA_OUTPUT, OnnxScorer, estimator_split, session_options
+
+    schema = load_settings(environ={}).dataset
+    frame = {n: [r[n] for r in rows[:200]] for n in schema.feature_names}
+    prefixes = []
+    for model in family:
+        split = estimator_split(model)
+        assert split is not None
+        prefix_onnx, head_onnx, cut = split
+        prefixes.append(prefix_onnx)
+        whole = OnnxScorer(model, schema)
+        feeds = whole.feeds(frame)
+        x = ort.InferenceSession(prefix_onnx, session_options(1)).run([cut], feeds)[0]
+        got = ort.InferenceSession(head_onnx, session_options(1)).run([PROBA_OUTPUT], {cut: x})[0]
+        assert np.array_equal(got, whole.session.run([PROBA_OUTPUT], feeds)[0])
+    assert prefixes[0] == prefixes[1] == prefixes[2] != prefixes[3]
+    assert len(set(family)) == 4
+    bare = onnx.load_from_string(family[0])
+    kept = [n for n in bare.graph.node if n.op_type != "TreeEnsembleClassifier"]
+    del bare.graph.node[:]
+    bare.graph.node.extend(kept)
+    assert estimator_split(bare.SerializeToString()) is None
+
+
+def test_a_lane_batch_over_one_family_preprocesses_once_and_scores_each_row_with_its_own_model(
+    family: list[bytes], rows
+):
+    """Requests for three gradient-boosting versions sharing one prefix, and a logistic
+    regression, queued in one event-loop turn: the family's rows go through one prefix run,
+    then each version's estimator; every request gets bit for bit what its own model gives
+    alone. With a value that does not convert, each model scores its rows alone: only the
+    requests of that request's model fail."""
+    import onnxruntime as ort
+
+    from mlops.onnx_model import OnnxScorer, estimator_split, session_options
+    from serving.errors import ModelFailed
+    from serving.models import Head, Prefix, SharedLane
+
+    schema = load_settings(environ={}).dataset
+    scorers = [OnnxScorer(model, schema) for model in family]
+    runs = []
+
+    class Counted:  # the real prefix session, its runs counted
+        def __init__(self, session: ort.InferenceSession):
+            self.session = session
+
+        def run(self, *args: Any) -> Any:
+            runs.append(1)
+            return self.session.run(*args)
+
+    prefix_onnx, _, cut = estimator_split(family[0])  # type: ignore[misc]
+    prefix = Prefix(Counted(ort.InferenceSession(prefix_onnx, session_options(1))), cut)  # type: ignore[arg-type]
+    heads = [
+        Head(prefix, ort.InferenceSession(estimator_split(m)[1], session_options(1))) for m in family[:3]
+    ]  # type: ignore[index]
+    plan = [(i % 4, rows[i : i + 1 + i % 2]) for i in range(10)]  # (model, 1 or 2 records)
+    alone = [
+        scorers[k].predict_proba({n: [r[n] for r in recs] for n in schema.feature_names}) for k, recs in plan
+    ]
+
+    async def scenario(bad: bool) -> list[Any]:
+        lane = SharedLane("test")
+        await asyncio.sleep(0.05)  # idle: everything below is queued before the thread wakes
+        futures = []
+        for j, (k, recs) in enumerate(plan):
+            columns = {n: [r[n] for r in recs] for n in schema.feature_names}
+            if bad and j == 1:
+                columns[schema.numeric_names[0]] = ["not a number"] * len(recs)
+            head = heads[k] if k < 3 else None
+            futures.append(
+                lane.submit(columns, len(recs), time.monotonic() + 30, scorers[k], f"t{k}", (), head)
+            )
+        out = await asyncio.gather(*futures, return_exceptions=True)
+        lane.stop()
+        return out
+
+    answers = asyncio.run(scenario(bad=False))
+    assert len(runs) == 1
+    for got, want in zip(answers, alone, strict=True):
+        assert np.array_equal(got[:, 1], want)
+    answers = asyncio.run(scenario(bad=True))
+    for (k, _), got, want in zip(plan, answers, alone, strict=True):
+        if k == 1:
+            assert isinstance(got, ModelFailed)
+        else:
+            assert np.array_equal(got[:, 1], want)
+
+
 def test_requests_of_one_loop_turn_go_to_the_lane_already_being_woken(small_model: bytes, rows):
     """Two idle lanes: the first request of a turn picks the first lane and schedules its
     wake-up; the other tenants' requests of the same turn join it (one wake-up, one batch)
@@ -259,6 +370,68 @@ def test_tenant_logs_converted_together_land_each_in_its_own_partition(tmp_path:
     ws[1].log(row("bad", rows[1] | {schema.numeric_names[0]: "not a number"}))
     assert prepare_flush(ws) == [None, None, None]
     assert [w.flush() for w in ws] == [(1, 0)] * 3 and [w.dropped for w in ws] == [0, 1, 0]
+
+
+def test_tenant_logs_are_written_in_turns_over_the_period_and_at_once_past_the_row_bound(
+    tmp_path: Path, rows
+):
+    """With a 4 s period and 8 tenants each with a row waiting, each second writes the files of
+    two tenants, and every tenant's exactly once in the period; a tenant with
+    ``log_flush_rows`` rows waiting is written at the next second, whatever its turn."""
+    from serving.predlog_writer import LogRow
+    from serving.tenants import TenantModels
+
+    settings = load_settings(
+        environ={
+            "MLOPS_HOME": str(tmp_path / "home"),
+            "MLOPS__SERVING__TENANTS__ENABLED": "true",
+            "MLOPS__SERVING__TENANTS__LOG_FLUSH_SECONDS": "4",
+            "MLOPS__SERVING__TENANTS__LOG_FLUSH_ROWS": "3",
+        }
+    )
+    tenants = TenantModels(settings, lambda name: None, lambda *a: None, b"k" * 32)  # type: ignore[arg-type,return-value]
+    names = [f"t{i}" for i in range(8)]
+
+    def log(tenant: str, n: int) -> None:
+        for j in range(n):
+            tenants.writer(tenant).log(
+                LogRow(
+                    f"{tenant}-{j}",
+                    time.time(),
+                    None,
+                    "stable",
+                    "primary",
+                    "single",
+                    "m",
+                    1,
+                    0.5,
+                    True,
+                    1.0,
+                    200,
+                    None,
+                    rows[j],
+                )
+            )
+
+    def files(tenant: str) -> int:
+        return len(list((tenant_log_dir(settings, tenant) / "predictions").glob("date=*/*.parquet")))
+
+    try:
+        for t in names:
+            log(t, 1)
+        written = []
+        for tick in range(1, 5):
+            tenants.flush_due(tick)
+            written.append(sum(files(t) for t in names))
+        assert written == [2, 4, 6, 8] and [files(t) for t in names] == [1] * 8
+        log("t0", 1)  # t0's turn has passed; one row does not reach the bound
+        tenants.flush_due(5)
+        assert files("t0") == 1
+        log("t0", 2)
+        tenants.flush_due(6)
+        assert files("t0") == 2 and sum(files(t) for t in names) == 9
+    finally:
+        tenants.stop()
 
 
 # ----------------------------------------------------------------------------- service
