@@ -175,6 +175,7 @@ class PredictionLogWriter:
         flush_rows: int = 20_000,
         max_buffer_rows: int = 500_000,
         on_flush: Callable[[int, int], None] | None = None,
+        on_feedback: Callable[[list[tuple[str, int, float]]], None] | None = None,
     ):
         self.dataset = dataset
         self.schema = log_schema(dataset)
@@ -184,6 +185,7 @@ class PredictionLogWriter:
         self.flush_rows = flush_rows
         self.max_buffer_rows = max_buffer_rows
         self.on_flush = on_flush
+        self.on_feedback = on_feedback  # told which labels are durable once their file is written
         self._rows: deque[LogRow] = deque()
         self._labels: deque[tuple[str, int, float]] = deque()
         self._wake = threading.Event()
@@ -305,6 +307,11 @@ class PredictionLogWriter:
         self.files_written += len(self.feedback_sink.write(table, [_day(i[2]) for i in items]))
         for _ in range(n):
             self._labels.popleft()
+        if self.on_feedback is not None:
+            try:
+                self.on_feedback(items)
+            except Exception:  # the labels are in the log; the next start's catch-up indexes them
+                log.exception("recording %d written labels in the first-label index failed", n)
         return n
 
     def _encodable(self, row: LogRow) -> bool:

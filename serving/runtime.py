@@ -55,6 +55,9 @@ from serving.errors import (
     UnknownRequest,
     UnusableModel,
 )
+from serving.first_labels import INDEX_FILE as FIRST_LABELS_FILE
+from serving.first_labels import MAIN as MAIN_LABELS
+from serving.first_labels import FirstLabels, tenant_scope
 from serving.metrics import ServingMetrics
 from serving.models import LoadedModel, ModelPool, SharedLane, build_model
 from serving.online_features import OnlineFeatures
@@ -137,7 +140,7 @@ class ServingRuntime:
         self.token = token
         self.feedback_token = feedback_token
         self.ids = RequestIds(id_key)
-        self.labels: dict[str, int] = {}  # request id -> its first label (kept; later ones refused)
+        self.first_labels = FirstLabels(settings.run_dir / FIRST_LABELS_FILE)  # later labels refused
         self.model_name = cfg.model_name or settings.training.model_name
         self.threshold = cfg.decision_threshold or settings.training.decision_threshold
         self.timeout = cfg.request_timeout_seconds
@@ -160,6 +163,7 @@ class ServingRuntime:
             flush_rows=cfg.log_flush_rows,
             max_buffer_rows=cfg.log_max_buffer_rows,
             on_flush=lambda n, _f: self.metrics.log_rows.inc(n),
+            on_feedback=partial(self.first_labels.written, MAIN_LABELS),
         )
         self.state = ServingState(RouteTable(), None, None)
         self.state_file = state_path(settings)
@@ -176,6 +180,7 @@ class ServingRuntime:
                 self._build_named,
                 id_key,
                 aliases=None if sources else RegistryAliases(settings).resolve_all,
+                first_labels=self.first_labels,
             )
 
     @classmethod
@@ -806,10 +811,13 @@ class ServingRuntime:
         return self._v2_response(req, model, group.probs, variant, rids)
 
     def load_labels(self) -> int:
-        """Remember the first label of every request the feedback log already holds (blocking:
-        called once at start), so a label sent again after a restart is still refused."""
-        self.labels = PredictionLogStore.for_settings(self.settings).first_labels()
-        return len(self.labels)
+        """Bring the first-label index up to date with the feedback logs (blocking: called once
+        at start), so a label sent again after a restart is still refused; rows read."""
+        store = PredictionLogStore.for_settings(self.settings)
+        n = self.first_labels.catch_up(MAIN_LABELS, lambda since: store.read_feedback(since))
+        if self.tenants is not None:
+            n += self.tenants.catch_up_labels()
+        return n
 
     def feedback(self, items: list[tuple[str, int]]) -> dict[str, Any]:
         """Record labels, all or none: every request id must be one this service issued, and a
@@ -820,7 +828,7 @@ class ServingRuntime:
         ``LabelConflict`` (409) for a label that differs from the first one, and
         ``Overloaded`` (503) when the buffer cannot take them; nothing is recorded then.
         """
-        return self._record_labels(items, self.ids, self.labels, self.writer)
+        return self._record_labels(items, self.ids, MAIN_LABELS, self.writer)
 
     def tenant_feedback(self, tenant: str, items: list[tuple[str, int]]) -> dict[str, Any]:
         """``/feedback`` for one tenant: labels only for request ids its own requests were
@@ -828,13 +836,13 @@ class ServingRuntime:
         tenant's prediction-log partition."""
         assert self.tenants is not None
         t = self.tenants
-        return self._record_labels(items, t.ids(tenant), t.labels.setdefault(tenant, {}), t.writer(tenant))
+        return self._record_labels(items, t.ids(tenant), tenant_scope(tenant), t.writer(tenant))
 
     def _record_labels(
         self,
         items: list[tuple[str, int]],
         ids: RequestIds,
-        known: dict[str, int],
+        scope: str,
         writer: PredictionLogWriter,
     ) -> dict[str, Any]:
         forged = [rid for rid, _ in items if not ids.verify(rid)]
@@ -843,6 +851,7 @@ class ServingRuntime:
                 f"{len(forged)} of {len(items)} labels name a request id this service did not issue "
                 f"(first: {forged[0][:80]!r}); nothing was recorded"
             )
+        known = self.first_labels.known(scope, (rid for rid, _ in items))
         new: dict[str, int] = {}
         conflicts = []
         for rid, label in items:
@@ -859,7 +868,7 @@ class ServingRuntime:
             )
         if not writer.feedback(list(new.items()), time.time()):
             raise Overloaded("the feedback buffer is full; nothing was recorded, retry later")
-        known.update(new)
+        self.first_labels.accept(scope, new)
         self.metrics.feedback.inc(len(new))
         return {"accepted": len(new), "unchanged": len(items) - len(new)}
 

@@ -35,6 +35,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 
 import onnxruntime as ort
@@ -46,7 +47,10 @@ from mlops.predlog import RequestIds
 from mlops.settings import Settings
 from mlops.tenancy import TenantQuota, TokenBucket, check_tenant_name, owner_of
 from serving.errors import ServingError, UnknownModel
+from serving.first_labels import INDEX_FILE as FIRST_LABELS_FILE
+from serving.first_labels import FirstLabels, tenant_scope
 from serving.models import MEMORY_FACTOR, Head, LoadedModel, ModelPool, Prefix, SharedLane, pick_lane
+from serving.predlog_store import PredictionLogStore
 from serving.predlog_writer import PredictionLogWriter, prepare_flush
 from serving.source import ModelSource
 
@@ -171,10 +175,12 @@ class TenantModels:
         build: Callable[[str, int, bytes, SharedLane], LoadedModel],
         id_key: bytes,
         aliases: Callable[[str, str], dict[str, int]] | None = None,
+        first_labels: FirstLabels | None = None,
     ):
         """``aliases(prefix, alias)``, when given, resolves ``alias`` of every model named
         ``prefix...`` at once (``RegistryAliases.resolve_all``): stale aliases are then
-        refreshed by one registry search for all tenants instead of one read per model."""
+        refreshed by one registry search for all tenants instead of one read per model.
+        ``first_labels`` is the service's first-label index (default: its own under run/)."""
         cfg = settings.serving.tenants
         self.settings = settings
         self.cfg = cfg
@@ -197,7 +203,7 @@ class TenantModels:
         self._turns: dict[str, int] = {}  # tenant -> its second within the log flush period
         self._id_key = id_key
         self._ids: dict[str, RequestIds] = {}
-        self.labels: dict[str, dict[str, int]] = {}  # tenant -> request id -> its first label (this run)
+        self.first_labels = first_labels or FirstLabels(settings.run_dir / FIRST_LABELS_FILE)
         self._flusher: threading.Thread | None = None
         self._stopping = threading.Event()
         self.load_seconds: list[float] = []
@@ -399,12 +405,26 @@ class TenantModels:
                 flush_seconds=serving.log_flush_seconds,
                 flush_rows=serving.log_flush_rows,
                 max_buffer_rows=serving.log_max_buffer_rows,
+                on_feedback=partial(self.first_labels.written, tenant_scope(tenant)),
             )
             writer.start(thread=False)  # flushed by _flush_loop, one thread for every tenant
             if self._flusher is None:
                 self._flusher = threading.Thread(target=self._flush_loop, name="predlog-tenants", daemon=True)
                 self._flusher.start()
         return writer
+
+    def catch_up_labels(self) -> int:
+        """Index the labels in every tenant's feedback log past the index's watermark
+        (blocking: called once at start); rows read."""
+        root = self.settings.home_path / TENANT_LOG_DIR
+        n = 0
+        for folder in sorted(root.glob("tenant=*")) if root.is_dir() else []:
+            if not (folder / "feedback").is_dir():
+                continue
+            store = PredictionLogStore(folder / "predictions", folder / "feedback", self.settings.dataset)
+            scope = tenant_scope(folder.name.removeprefix("tenant="))
+            n += self.first_labels.catch_up(scope, lambda since, store=store: store.read_feedback(since))
+        return n
 
     def ids(self, tenant: str) -> RequestIds:
         """Request ids for ``tenant``'s answers, keyed per tenant (the service's id key and the

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -252,6 +253,76 @@ def test_a_request_keeps_its_first_label_and_a_conflicting_batch_records_nothing
     labelled = store.query("SELECT request_id, label FROM labelled").set_index("request_id")["label"]
     assert labelled[ids[0]] == 1 and labelled[ids[1]] == 0 and labelled[ids[2]] == 1
     assert len(store.read_feedback()) == 3
+
+
+def test_first_labels_are_kept_on_disk_and_memory_holds_only_unflushed_ones(make_settings, traffic):
+    """3,000 labelled requests: until the log flushes they are held in memory (the writer's
+    buffer bounds them), after it only in the on-disk index, which still refuses a relabel."""
+    rows, y = traffic
+    settings = make_settings()
+
+    async def scenario() -> None:
+        async with serve(settings) as s:
+            ids = [p["request_id"] for p in await s.predict(_records(rows, 0, 3000))]
+            assert await s.label_all(ids, list(y[:3000])) == 3000
+            index = s.runtime.first_labels
+            assert len(index.pending["main"]) == 3000 and index.count("main") == 0
+            await s.flush()
+            assert index.pending["main"] == {} and index.count("main") == 3000
+            r = await s.label([ids[7]], [1 - int(y[7])], s.labeller)
+            assert r.status_code == 409 and "kept" in r.json()["error"]
+            assert (await s.label([ids[7]], [int(y[7])], s.labeller)).json() == {
+                "accepted": 0,
+                "unchanged": 1,
+            }
+
+    asyncio.run(scenario())
+
+
+def test_the_first_label_index_never_claims_a_label_the_log_lost_and_catches_up_with_the_log(
+    tmp_path: Path,
+) -> None:
+    """The index records a label once its feedback file is written; a label written to the log
+    but not indexed (a crash in between) is caught up at the next start; a label accepted but
+    never written (lost in a crash) may be sent again; a lost index is rebuilt from the log."""
+    from serving.first_labels import FirstLabels
+    from serving.predlog_writer import PredictionLogWriter
+
+    schema = load_settings(environ={}).dataset
+    store = PredictionLogStore(tmp_path / "predictions", tmp_path / "feedback", schema)
+    path = tmp_path / "run" / "first-labels.sqlite"
+
+    def reader(since):
+        return store.read_feedback(since)
+
+    index = FirstLabels(path)
+    index.catch_up("main", reader)
+    writer = PredictionLogWriter(
+        tmp_path / "predictions", tmp_path / "feedback", schema, on_feedback=partial(index.written, "main")
+    )
+    now = datetime.now(UTC).timestamp()
+    writer.feedback([("a", 1), ("b", 0)], now)
+    index.accept("main", {"a": 1, "b": 0})
+    writer.flush()
+    assert index.count("main") == 2 and index.pending["main"] == {}
+    # a crash between the file and the index: written by a writer that does not tell the index
+    unindexed = PredictionLogWriter(tmp_path / "predictions", tmp_path / "feedback", schema)
+    unindexed.feedback([("c", 1)], now + 1)
+    unindexed.flush()
+    # a label accepted into the buffer, never written: the process dies here
+    index.accept("main", {"d": 1})
+    index.close()
+
+    restarted = FirstLabels(path)
+    assert restarted.catch_up("main", reader) >= 1
+    assert restarted.known("main", ["a", "b", "c", "d"]) == {"a": 1, "b": 0, "c": 1}
+    restarted.close()
+
+    path.unlink()
+    rebuilt = FirstLabels(path)
+    assert rebuilt.catch_up("main", reader) == 3
+    assert rebuilt.known("main", ["a", "b", "c"]) == {"a": 1, "b": 0, "c": 1}
+    assert rebuilt.known("tenant:acme", ["a"]) == {}  # scopes are apart
 
 
 # ----------------------------------------------------------------------------- forced variants

@@ -614,6 +614,16 @@ def test_a_tenant_labels_only_its_own_requests(make_settings, rows):
     assert labels["label"].tolist() == [1]
     assert not (tenant_log_dir(settings, "beta") / "feedback").exists()
 
+    async def after_a_restart() -> None:  # the first label is still the tenant's first label
+        async with serve_in_process(settings) as (_, http):
+            relabel = {"request_id": labels["request_id"][0], "label": 0}
+            r = await http.post("/tenants/feedback", json=relabel, headers=bearer(acme))
+            assert r.status_code == 409 and "kept" in r.json()["error"], r.text
+            same = await http.post("/tenants/feedback", json=relabel | {"label": 1}, headers=bearer(acme))
+            assert same.status_code == 202 and same.json() == {"accepted": 0, "unchanged": 1}, same.text
+
+    asyncio.run(after_a_restart())
+
 
 def test_the_tenant_route_is_absent_unless_tenants_are_enabled(make_settings, rows):
     """With tenants off (the default) the route answers 404 and nothing is loaded for it."""
