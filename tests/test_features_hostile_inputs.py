@@ -215,6 +215,7 @@ def test_score_with_a_malformed_feature_history_exits_non_zero_with_one_line_and
             [p for p in (home / "scores").rglob("*") if p.is_file()] if (home / "scores").exists() else []
         )
         assert not written, (name, written)  # no part, staged or published
-        assert storage.query(home, "SELECT count(*) AS n FROM scores").column("n").to_pylist() == [0]
+        if (home / "warehouse.duckdb").exists():  # a run refused before opening the store creates none
+            assert storage.query(home, "SELECT count(*) AS n FROM scores").column("n").to_pylist() == [0]
         assert not list((home / "tmp").glob("score-input-*")), name  # the work folder is gone
     assert os.listdir(tmp_path / "history")  # the inputs themselves are untouched
