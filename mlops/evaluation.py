@@ -50,20 +50,30 @@ def _columns(schema: DatasetSchema) -> list[str]:
     return [*schema.numeric_names, *schema.categorical_names, schema.label_column]
 
 
-def holdout_bytes(frame: pd.DataFrame, schema: DatasetSchema) -> bytes:
-    """The model's feature columns and the label of ``frame`` as Parquet bytes (same rows, same bytes)."""
+def _model_rows(frame: pd.DataFrame, schema: DatasetSchema) -> pd.DataFrame:
+    """The model's feature columns and the label of ``frame``, as the model sees them."""
     x = modeling.features_frame(frame, schema)
     x[schema.label_column] = modeling.labels(frame, schema)
+    return x
+
+
+def _hashes(frame: pd.DataFrame, schema: DatasetSchema) -> np.ndarray:
+    """One 64-bit hash per row of ``frame``'s model features and label."""
+    return pd.util.hash_pandas_object(_model_rows(frame, schema), index=False).to_numpy(dtype=np.uint64)
+
+
+def holdout_bytes(frame: pd.DataFrame, schema: DatasetSchema) -> bytes:
+    """The model's feature columns and the label of ``frame`` as Parquet bytes (same rows, same bytes)."""
     buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pandas(x, preserve_index=False), buf, compression="zstd")
+    pq.write_table(
+        pa.Table.from_pandas(_model_rows(frame, schema), preserve_index=False), buf, compression="zstd"
+    )
     return buf.getvalue()
 
 
 def row_hashes(frame: pd.DataFrame, schema: DatasetSchema) -> np.ndarray:
     """Sorted distinct 64-bit hashes of each row's model features and label, as the model sees them."""
-    x = modeling.features_frame(frame, schema)
-    x[schema.label_column] = modeling.labels(frame, schema)
-    return np.unique(pd.util.hash_pandas_object(x, index=False).to_numpy(dtype=np.uint64))
+    return np.unique(_hashes(frame, schema))
 
 
 def evidence(
@@ -152,12 +162,7 @@ def exclude_trained(
 ) -> tuple[pd.DataFrame, int, tuple[str, ...]]:
     """``frame`` without the rows any version in ``trained`` trained on, how many were dropped,
     and a note for each version whose training rows are unknown (None): overlap not checked."""
-    hashes = pd.util.hash_pandas_object(
-        modeling.features_frame(frame, schema).assign(
-            **{schema.label_column: modeling.labels(frame, schema)}
-        ),
-        index=False,
-    ).to_numpy(dtype=np.uint64)
+    hashes = _hashes(frame, schema)
     keep = np.ones(len(frame), dtype=bool)
     notes = []
     for label, rows in trained.items():
