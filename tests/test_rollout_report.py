@@ -146,3 +146,25 @@ def test_figures_cover_traffic_latency_every_check_and_the_ab_effect(
     early_figs = report_figures(early)
     assert "ab.png" not in early_figs
     assert "No A/B measurements." in render_report(early, figures=early_figs)
+
+
+def test_a_rollout_stopped_before_any_traffic_still_draws_every_figure() -> None:
+    """A rollout aborted at its first tick (no variant measured) gets its traffic and latency
+    figures without a plotting warning: the latency panel says nothing was measured."""
+    import warnings
+
+    st = m.start(
+        "rep-2",
+        PLAN,
+        model_name="fraud",
+        stable_version=3,
+        candidate_version=4,
+        aliases={"champion": 3},
+        now=T0,
+    )
+    st = m.decide(st, None, PLAN, T0 + timedelta(seconds=1), m.Signals(command="abort")).status
+    assert st.terminal and not any(r.variants for r in st.history)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        figs = report_figures(st, PLAN)
+    assert figs["latency.png"].startswith(PNG) and figs["traffic.png"].startswith(PNG)

@@ -118,7 +118,10 @@ def latency_figure(status: RolloutStatus) -> bytes:
                 ax.plot(x, y, ls=style, color=colour, marker=".", ms=3, label=f"{variant} {q[8:11]}")
     _mark_steps(ax, h, start)
     ax.set(xlabel="minutes since start", ylabel="ms", title="Latency per variant")
-    ax.legend(loc="upper left", fontsize=7, ncol=2)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left", fontsize=7, ncol=2)
+    else:  # ended before any variant served traffic (e.g. stopped by the replay)
+        ax.text(0.5, 0.5, "no live traffic measured", ha="center", va="center", transform=ax.transAxes)
     return _png(fig)
 
 
