@@ -22,17 +22,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from adapters.feature_store import RedisFeatureStore, state_store
-from mlops.datagen import generate
-from mlops.features import StreamFeatures, feature_views, timestamps_ns
-from mlops.settings import load_settings
-from serving.online_features import OnlineFeatures
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]  # run by path: no shadowing
+sys.path.insert(0, str(REPO))
 
-CONFIG = Path(__file__).resolve().parent.parent / "configs" / "features.yaml"
+from adapters.feature_store import RedisFeatureStore, state_store  # noqa: E402
+from mlops.datagen import generate  # noqa: E402
+from mlops.features import StreamFeatures, feature_views, timestamps_ns  # noqa: E402
+from mlops.settings import load_settings  # noqa: E402
+from serving.online_features import OnlineFeatures  # noqa: E402
+
+CONFIG = REPO / "configs" / "features.yaml"
 VIEW_B = [
     {"name": "user_txn_count_24h", "agg": "count", "window_seconds": 86400},
     {"name": "user_txn_count_2h", "agg": "count", "window_seconds": 7200},

@@ -54,6 +54,8 @@ MODEL_ENV = "BENCH_MODEL"
 PREDICT_PATH = "/predict"
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]  # run by path: no shadowing
+sys.path.insert(0, str(REPO))
 TARGETS = ("minimal", "bentoml", "shadow", "canary", "tenants")
 
 # --------------------------------------------------------------------------- minimal app
@@ -66,7 +68,6 @@ def minimal_app():
     from starlette.responses import Response
     from starlette.routing import Route
 
-    sys.path.insert(0, str(REPO))
     from mlops.datagen import fraud_schema
     from mlops.onnx_model import PROBA_OUTPUT, OnnxScorer
 
@@ -88,7 +89,6 @@ def minimal_app():
 
 def prepare_home(home: Path | None, tmp: Path) -> tuple[Path, int, int, Path]:
     """(MLOPS_HOME, stable version, candidate version, ONNX file of the stable version)."""
-    sys.path.insert(0, str(REPO))
     from adapters.runtime import configure
     from mlops.settings import load_settings
     from registry.mlflow_registry import ModelRegistry
@@ -548,7 +548,6 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp_dir:
         tmp = Path(tmp_dir)
         home, stable, candidate, model = prepare_home(args.home, tmp)
-        sys.path.insert(0, str(REPO))
         from mlops.settings import load_settings
         from serving.auth import ensure_token
 
