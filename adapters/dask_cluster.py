@@ -136,6 +136,9 @@ def _connect(cfg: DaskConfig) -> Client:
                 processes=cfg.processes,
                 memory_limit=cfg.memory_limit,
                 dashboard_address=None,
+                # no dashboard; the scheduler's HTTP routes (health, metrics) on a free loopback
+                # port, so two local clusters (or a user's own on 8787) do not collide
+                scheduler_kwargs={"dashboard": False, "dashboard_address": "127.0.0.1:0"},
                 silence_logs=logging.ERROR,
             )
     except (OSError, RuntimeError, TimeoutError) as exc:

@@ -124,6 +124,37 @@ def test_a_local_cluster_runs_its_background_checks_slowly() -> None:
     assert scheduler["tick"] == 1000.0 and scheduler["monitor"] == 5000.0
 
 
+def test_a_local_cluster_leaves_the_default_dashboard_port_to_others() -> None:
+    """With port 8787 taken (a user's own Dask dashboard), a local cluster starts without a
+    warning and serves its scheduler's HTTP routes on another loopback port."""
+    import socket
+    import warnings
+
+    import psutil
+
+    from adapters import dask_cluster
+    from mlops.settings import DaskConfig
+
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            taken.bind(("127.0.0.1", 8787))
+            taken.listen()
+        except OSError:
+            pass  # already taken by someone else: the same situation
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            client = dask_cluster._connect(DaskConfig(n_workers=1, processes=False))
+    try:
+        port = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.http_server.port)
+        listening = {c.laddr for c in psutil.Process().net_connections("tcp") if c.status == "LISTEN"}
+        assert port != 8787 and ("127.0.0.1", port) in listening
+    finally:
+        cluster = client.cluster
+        client.close()
+        cluster.close()
+
+
 def _faults_reallocating(nbytes: int, pieces: int = 16) -> int:
     """Page faults of allocating and filling ``pieces`` arrays of ``nbytes`` in all, after
     arrays of the same sizes were allocated, filled and freed once (the previous partition)."""
