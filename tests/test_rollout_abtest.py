@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy.special import chdtrc
 
 from mlops.gates import Outcome
 from mlops.rollout.abtest import (
@@ -23,6 +24,7 @@ from mlops.rollout.abtest import (
     mixture_half_width,
     msprt,
     sequential_sample_size,
+    sequential_srm_p,
     srm_test,
 )
 from mlops.rollout.plan import SequentialTest, SrmCheck
@@ -205,32 +207,39 @@ def test_higher_is_better_and_non_inferiority() -> None:
 
 
 def test_srm_fails_a_split_that_is_not_the_configured_one() -> None:
-    """Entity counts near the configured split pass; 52/48 over 20,000 entities fails with
-    the chi-square numbers; too few entities is INCONCLUSIVE."""
+    """Entity counts near the configured split pass; 52/48 over 20,000 entities and 62/38
+    over 450 fail with the counts and the always-valid p-value; too few entities is
+    INCONCLUSIVE."""
     spec = SrmCheck(alpha=0.001, min_samples=200)
     ok = evaluate_srm(spec, Arms("m", Arm(), Arm(), 10_040, 9_960), 50)
     assert ok[0] is Outcome.PASS
     bad = evaluate_srm(spec, Arms("m", Arm(), Arm(), 10_400, 9_600), 50)
     assert bad[0] is Outcome.FAIL and "10400 stable / 9600 candidate entities for a 50/50 split" in bad[1]
+    assert "always-valid p" in bad[1] and bad[2] is not None and bad[2] < 1e-5
+    assert evaluate_srm(spec, Arms("m", Arm(), Arm(), 279, 171), 50)[0] is Outcome.FAIL
     assert evaluate_srm(spec, Arms("m", Arm(), Arm(), 60, 50), 50)[0] is Outcome.INCONCLUSIVE
     skewed = evaluate_srm(spec, Arms("m", Arm(), Arm(), 9_000, 1_000), 10)
     assert skewed[0] is Outcome.PASS  # 90/10 is what a 10 % split should give
+    assert evaluate_srm(spec, Arms("m", Arm(), Arm(), 9_300, 700), 10)[0] is Outcome.FAIL
     chi2, p = srm_test([100, 100], [1, 1])
     assert chi2 == 0 and p == pytest.approx(1.0)
 
 
-def test_srm_false_alarm_rate_on_honest_splits_is_small() -> None:
-    """Binomial entity splits of 2,000 entities, checked at 20 growing sizes each (an SRM
-    check at every tick), raise a false SRM alarm in under 3 % of 300 rollouts at alpha
-    0.001."""
+def test_srm_false_alarm_rate_over_every_tick_stays_under_alpha() -> None:
+    """Honest 50/50 entity splits of 5,000 entities, checked every 25 entities (200 looks, as a
+    check at every tick does), raise a false SRM alarm in at most alpha = 0.1 % of 5,000
+    rollouts; the one-look chi-square at the same alpha, checked as often, alarms in over 1 %.
+    The gate's verdict is the same test."""
     rng = np.random.default_rng(5)
-    spec = SrmCheck(alpha=0.001, min_samples=100)
-    alarms = 0
-    for _ in range(300):
-        assigned = rng.random(2000) < 0.5
-        for k in np.linspace(100, 2000, 20).astype(int):
-            c = int(assigned[:k].sum())
-            if evaluate_srm(spec, Arms("m", Arm(), Arm(), k - c, c), 50)[0] is Outcome.FAIL:
-                alarms += 1
-                break
-    assert alarms / 300 < 0.03
+    alpha, rollouts = 0.001, 5000
+    looks = np.arange(100, 5001, 25)
+    candidates = np.cumsum(rng.random((rollouts, 5000)) < 0.5, axis=1)[:, looks - 1]
+    counts = np.stack([looks - candidates, candidates], axis=-1)
+    p = sequential_srm_p(counts, [1, 1], SrmCheck().prior_strength)
+    assert (p < alpha).any(axis=1).mean() <= alpha
+    expected = looks / 2
+    chi2 = ((counts - expected[:, None]) ** 2 / expected[:, None]).sum(axis=-1)
+    assert (chdtrc(1, chi2) < alpha).any(axis=1).mean() > 0.01
+    k, c = int(looks[-1]), int(candidates[0, -1])
+    verdict = evaluate_srm(SrmCheck(alpha=alpha), Arms("m", Arm(), Arm(), k - c, c), 50)
+    assert verdict[2] == pytest.approx(float(p[0, -1]))

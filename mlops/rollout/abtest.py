@@ -4,8 +4,8 @@
 ratio test (mSPRT) and its confidence sequence, valid at every tick;
 ``sequential_sample_size`` is the sample size that gives the configured power for that
 test (``fixed_horizon_sample_size`` is the fixed-horizon one, for comparison); ``evaluate_srm`` is
-a chi-square sample-ratio-mismatch check. Why a sequential test, and its formulas:
-docs/design/rollout-model.md.
+the sample-ratio-mismatch check, a sequential Dirichlet-multinomial test that is also valid at
+every tick. Why sequential tests, and their formulas: docs/design/rollout-model.md.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from functools import lru_cache
 from statistics import NormalDist
 
 import numpy as np
-from scipy.special import chdtrc
+from numpy.typing import ArrayLike
+from scipy.special import chdtrc, gammaln
 
 from mlops.gates import Outcome
 from mlops.rollout.plan import SequentialTest, SrmCheck
@@ -169,7 +170,8 @@ def sequential_sample_size(
 
 
 def srm_test(observed: Sequence[int], shares: Sequence[float]) -> tuple[float, float]:
-    """Chi-square statistic and p-value of ``observed`` counts against expected ``shares``."""
+    """Chi-square statistic and p-value of ``observed`` counts against expected ``shares``
+    (one look; the gate uses ``sequential_srm_p``, which stays valid over every tick)."""
     obs = np.asarray(observed, dtype=np.float64)
     p = np.asarray(shares, dtype=np.float64)
     total = obs.sum()
@@ -178,6 +180,30 @@ def srm_test(observed: Sequence[int], shares: Sequence[float]) -> tuple[float, f
     exp = total * p / p.sum()
     chi2 = float(np.sum((obs - exp) ** 2 / exp))
     return chi2, float(chdtrc(len(obs) - 1, chi2))
+
+
+def sequential_srm_p(observed: ArrayLike, shares: Sequence[float], prior_strength: float) -> np.ndarray:
+    """Always-valid p-value of ``observed`` counts (arms on the last axis) against
+    ``shares``: ``min(1, 1 / BF)``, one per row of counts.
+
+    BF is the Bayes factor of a Dirichlet(``prior_strength`` x shares) mixture over the
+    arms' probabilities against the configured split. Under the configured split BF is a
+    martingale as entities arrive, so the chance that ``p < alpha`` at ANY tick of a step is
+    at most ``alpha`` (Ville's inequality), however often the gate looks.
+    """
+    x = np.asarray(observed, dtype=np.float64)
+    p = np.asarray(shares, dtype=np.float64)
+    if np.any(x.sum(axis=-1) <= 0) or np.any(p <= 0):
+        raise ValueError("no observations, or an arm with no share")
+    p = p / p.sum()
+    a = prior_strength * p
+    log_bf = (
+        gammaln(prior_strength)
+        - gammaln(prior_strength + x.sum(axis=-1))
+        + np.sum(gammaln(a + x) - gammaln(a), axis=-1)
+        - np.sum(x * np.log(p), axis=-1)
+    )
+    return np.exp(-np.maximum(log_bf, 0.0))
 
 
 # --------------------------------------------------------------------------- gate verdicts
@@ -282,10 +308,8 @@ def evaluate_srm(
             f"sample ratio: {ns + nc} entities < min_samples {spec.min_samples}",
             None,
         )
-    chi2, p = srm_test([ns, nc], [100 - candidate_pct, candidate_pct])
-    text = (
-        f"sample ratio: {ns} stable / {nc} candidate entities for a {split} split (chi2 {chi2:.2f}, p {p:.3g}"
-    )
+    p = float(sequential_srm_p([ns, nc], [100 - candidate_pct, candidate_pct], spec.prior_strength))
+    text = f"sample ratio: {ns} stable / {nc} candidate entities for a {split} split (always-valid p {p:.3g}"
     if p < spec.alpha:
         return Outcome.FAIL, f"{text} < {spec.alpha:g}): the split is not what was configured", p
     return Outcome.PASS, f"{text} >= {spec.alpha:g})", p

@@ -168,13 +168,17 @@ class SequentialTest(GateLimits):
 class SrmCheck(GateLimits):
     """Sample-ratio mismatch: the arms' entity counts against the configured split.
 
-    A chi-square test of distinct entities (users) per arm; the split is by entity, so
-    entity counts are binomial whatever each user's request rate. ``p < alpha`` FAILs; the
-    default action is ``abort``, since a broken split makes the experiment, not the
-    candidate, untrustworthy.
+    A sequential test of distinct entities (users) per arm; the split is by entity, so
+    entity counts are binomial whatever each user's request rate. Its p-value is valid at
+    every tick: an honest split fails at some tick of a step with probability at most
+    ``alpha``. ``p < alpha`` FAILs; the default action is ``abort``, since a broken split makes
+    the experiment, not the candidate, untrustworthy. ``prior_strength`` is the weight of the
+    test's Dirichlet prior (in entities): larger detects small mismatches over many entities
+    sooner, smaller detects large mismatches over few entities sooner.
     """
 
     alpha: float = Field(0.001, gt=0, lt=0.5)
+    prior_strength: float = Field(100.0, gt=0)
     on_fail: OnFail = "abort"
 
     @property
