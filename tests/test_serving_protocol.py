@@ -370,9 +370,12 @@ def test_malformed_binary_framing_over_http_is_a_4xx(service: Service, http: htt
 # ----------------------------------------------------------------------------- slow bodies
 
 TRICKLERS = 64
-P99_BUDGET_S = 0.5
-"""What a normal /predict client may wait at the 99th percentile while the tricklers run
-(the service's own model deadline here is 1 s; a /predict on this model takes a few ms)."""
+P95_BUDGET_S = 0.5
+"""What a normal /predict client may wait at the 95th percentile while the tricklers run
+(the service's own model deadline here is 1 s; a /predict on this model takes a few ms).
+Tricklers holding request slots would make most normal requests wait for their 1 s body
+deadline; the 95th percentile (the 12th slowest of 240) still shows that, where the 99th
+(the 3rd slowest) is one stall of the loaded 2-core machine running 68 client threads."""
 
 
 def _trickle(service: Service, body: bytes, stop: threading.Event, statuses: Counter, lock) -> None:
@@ -422,7 +425,7 @@ def test_clients_trickling_their_bodies_get_408_and_cannot_starve_the_others(
 ):
     """64 clients that send their bodies a byte at a time each get a 408 after the body
     deadline, and take no request slot meanwhile: normal clients, running at the same time,
-    are all answered 200 within their p99 budget."""
+    are all answered 200 within their p95 budget."""
     body = json.dumps({"features": service.rows[0]}).encode()
     stop, lock = threading.Event(), threading.Lock()
     trickled: Counter[int] = Counter()
@@ -459,11 +462,14 @@ def test_clients_trickling_their_bodies_get_408_and_cannot_starve_the_others(
         stop.set()
         for t in tricklers:
             t.join(timeout=15)
-    p99 = float(np.quantile(latencies, 0.99))
+    p95, p99 = (float(q) for q in np.quantile(latencies, [0.95, 0.99]))
     assert statuses == {200: 240}, statuses
-    assert p99 <= P99_BUDGET_S, f"p99 {p99 * 1e3:.0f} ms > budget {P99_BUDGET_S * 1e3:.0f} ms"
+    assert p95 <= P95_BUDGET_S, f"p95 {p95 * 1e3:.0f} ms > budget {P95_BUDGET_S * 1e3:.0f} ms"
     assert sum(trickled.values()) >= TRICKLERS and set(trickled) == {408}, trickled
-    print(f"normal clients: p50 {np.median(latencies) * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms; {trickled}")
+    print(
+        f"normal clients: p50 {np.median(latencies) * 1e3:.1f} ms, p95 {p95 * 1e3:.1f} ms, "
+        f"p99 {p99 * 1e3:.1f} ms; {trickled}"
+    )
     assert http.post("/predict", json={"features": service.rows[1]}).status_code == 200
 
 

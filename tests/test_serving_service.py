@@ -786,8 +786,8 @@ def test_a_hung_model_answers_504_in_time_and_overload_is_shed_fast(service: Ser
         "SELECT request_id, status, latency_ms FROM predictions WHERE request_id LIKE 'hang-%'"
     )
     assert (
-        set(logged["status"]) == {504} and logged["latency_ms"].max() < (TIMEOUT_S + 0.3) * 1000
-    )  # server side
+        set(logged["status"]) == {504} and logged["latency_ms"].max() < (TIMEOUT_S + 1.0) * 1000
+    )  # server side, 1 s of slack: the hung model (which never answers) spins a core in the service
     assert (
         _metric(
             http_client(service),
