@@ -4,7 +4,7 @@ Exactly once per run date: a scoring run writes its partitions into a private st
 folder, and ``commit`` publishes the whole run in one step; a reader sees the whole
 previous run of a date or the whole new one, never a mix. Layout under ``root``::
 
-    warehouse.duckdb                          tables score_runs, views scores, scores_on(d)
+    warehouse.duckdb                          tables score_runs, score_schemas, views scores, scores_on(d)
     scores/_staging/<run_id>/part-*.parquet   staging runs (with _stage.json)
     scores/_runs/run_date=D/<run_id>/         committed runs, immutable, with _manifest.json
     scores/run_date=D -> _runs/run_date=D/<run_id>    pointer for Hive-style readers
@@ -15,6 +15,7 @@ pointers, sweeping, the lock) is in docs/design/score-store.md.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -58,6 +59,7 @@ __all__ = [
     "IncompleteRun",
     "PartInfo",
     "RunRecord",
+    "SchemaConflict",
     "ScoreLayout",
     "StagedRun",
     "StagingMissing",
@@ -123,6 +125,17 @@ CREATE TABLE IF NOT EXISTS score_runs (
 )
 """
 
+_SCORE_SCHEMAS_DDL = """
+CREATE TABLE IF NOT EXISTS score_schemas (
+    run_date    DATE PRIMARY KEY,
+    fingerprint VARCHAR NOT NULL,
+    columns     JSON NOT NULL
+)
+"""
+"""The logical schema of each committed run, as ``[[name, type], ...]`` and a fingerprint of
+that list: what the views need (one schema, or several read by name) and what a commit's
+type check compares against, without reading a footer of every date."""
+
 # --------------------------------------------------------------------------- errors
 
 # StorageError and WarehouseBusy come from adapters.warehouse (re-exported here).
@@ -145,6 +158,15 @@ class IncompleteRun(StorageError):
     def __str__(self) -> str:
         head = super().__str__()
         return head + "".join(f"\n  - {p}" for p in self.problems)
+
+
+class SchemaConflict(IncompleteRun):
+    """``commit`` found a column that a committed run of another date also has, with another
+    logical type; nothing was published and the staging run is left as it was. The message
+    is one line naming the column and both types."""
+
+    def __str__(self) -> str:
+        return Exception.__str__(self)
 
 
 # --------------------------------------------------------------------------- records
@@ -395,25 +417,29 @@ _FILE_COLUMN = "_score_file"
 _RESERVED = (PARTITION_KEY, _FILE_COLUMN)
 
 
-def _read_sql(layout: ScoreLayout, dates: str) -> str:
+def _read_sql(layout: ScoreLayout, dates: str, *, by_name: bool) -> str:
     """Committed rows under ``_runs/run_date=<dates>``: parts of the runs score_runs names.
 
-    The run folders are globbed (no file list to rebuild per commit, one schema, so only
-    the first file's footer is read to bind) and rows of folders that are not the
-    published run of their date (a run being committed, an orphan of a killed commit, a
-    superseded run not yet swept) are left out by the join on score_runs.
+    The run folders are globbed (no file list to rebuild per commit) and rows of folders
+    that are not the published run of their date (a run being committed, an orphan of a
+    killed commit, a superseded run not yet swept) are left out by the join on score_runs.
+    With ``by_name`` false (every committed run has one schema) only the first file's
+    footer is read to bind; with it true the files are read with ``union_by_name``, which
+    reads every footer and gives the union of their columns, NULL where a file lacks one.
     """
     glob = f"{sql_literal(str(layout.runs) + '/' + PARTITION_KEY + '=')} || {dates} || '/*/part-*.parquet'"
+    union = "union_by_name = true, " if by_name else ""
     return (
-        f"SELECT s.* EXCLUDE ({_FILE_COLUMN}) FROM read_parquet({glob}, hive_partitioning = true, "
+        f"SELECT s.* EXCLUDE ({_FILE_COLUMN}) FROM read_parquet({glob}, {union}hive_partitioning = true, "
         f"hive_types = {{'{PARTITION_KEY}': DATE}}, filename = '{_FILE_COLUMN}') AS s "
         f"SEMI JOIN score_runs AS r ON s.{PARTITION_KEY} = r.{PARTITION_KEY} "
         f"AND string_split(s.{_FILE_COLUMN}, '/')[-2] = r.run_id"
     )
 
 
-def _view_ddl(layout: ScoreLayout, empty: bool) -> list[str]:
-    """The DDL of ``scores`` (every committed run) and ``scores_on(d)`` (one date's run)."""
+def _view_ddl(layout: ScoreLayout, empty: bool, mixed: bool = False) -> list[str]:
+    """The DDL of ``scores`` (every committed run) and ``scores_on(d)`` (one date's run);
+    ``mixed``: the committed runs have more than one schema (read by name)."""
     if empty:
         body = f"SELECT CAST(NULL AS DATE) AS {PARTITION_KEY} WHERE false"
         return [
@@ -421,28 +447,92 @@ def _view_ddl(layout: ScoreLayout, empty: bool) -> list[str]:
             f"CREATE OR REPLACE MACRO scores_on(d) AS TABLE {body}",
         ]
     return [
-        "CREATE OR REPLACE VIEW scores AS " + _read_sql(layout, "'*'"),
+        "CREATE OR REPLACE VIEW scores AS " + _read_sql(layout, "'*'", by_name=mixed),
         "CREATE OR REPLACE MACRO scores_on(d) AS TABLE "
-        + _read_sql(layout, "strftime(CAST(d AS DATE), '%Y-%m-%d')"),
+        + _read_sql(layout, "strftime(CAST(d AS DATE), '%Y-%m-%d')", by_name=mixed),
     ]
 
 
 def _ensure_views(con: duckdb.DuckDBPyConnection, layout: ScoreLayout, *, force: bool = False) -> None:
-    """Create the views if they are missing or name another folder (a moved home).
+    """Create the views if they are missing, name another folder (a moved home) or read one
+    schema where score_schemas has several (or the other way round).
 
-    Neither depends on which runs are committed, so a commit of a date that already has a
-    schema in the warehouse does not touch them: its cost does not grow with history.
+    Otherwise they do not depend on which runs are committed, so a commit of a run whose
+    schema the store already has does not touch them: its cost does not grow with history.
     """
     empty = not con.execute("SELECT count(*) FROM score_runs").fetchall()[0][0]
-    wanted = _view_ddl(layout, empty)
+    mixed = not empty and _schema_count(con) > 1
+    wanted = _view_ddl(layout, empty, mixed)
     current = con.execute(
         "SELECT sql FROM duckdb_views() WHERE view_name = 'scores' AND NOT internal"
     ).fetchall()
     # The glob's folder literal, as DuckDB keeps it in the view's SQL.
     marker = sql_literal(f"{layout.runs}/{PARTITION_KEY}=") if not empty else "WHERE false"
-    if force or not current or marker not in current[0][0]:
+    stale = not current or marker not in current[0][0] or ("union_by_name" in current[0][0]) != mixed
+    if force or stale:
         for statement in wanted:
             con.execute(statement)
+
+
+# --------------------------------------------------------------------------- schemas
+
+
+def _columns(schema: pa.Schema) -> list[list[str]]:
+    """The logical columns of ``schema`` as ``[name, type]`` pairs, in order (what
+    score_schemas keeps; nullability and metadata are not part of it)."""
+    return [[f.name, str(f.type)] for f in logical_schema(schema)]
+
+
+def _record_schema(con: duckdb.DuckDBPyConnection, run_date: date, columns: list[list[str]]) -> None:
+    """Set the schema of the run committed for ``run_date`` in score_schemas."""
+    text = json.dumps(columns)
+    fingerprint = hashlib.sha256(text.encode()).hexdigest()[:16]
+    con.execute("DELETE FROM score_schemas WHERE run_date = ?", [run_date])
+    con.execute("INSERT INTO score_schemas VALUES (?, ?, ?::JSON)", [run_date, fingerprint, text])
+
+
+def _schema_count(con: duckdb.DuckDBPyConnection) -> int:
+    """How many distinct schemas the committed runs have."""
+    return int(con.execute("SELECT count(DISTINCT fingerprint) FROM score_schemas").fetchall()[0][0])
+
+
+def _fingerprints(con: duckdb.DuckDBPyConnection) -> set[str]:
+    return {f for (f,) in con.execute("SELECT DISTINCT fingerprint FROM score_schemas").fetchall()}
+
+
+def _fill_schemas(con: duckdb.DuckDBPyConnection, layout: ScoreLayout) -> None:
+    """Record the schema of committed runs score_schemas lacks (a warehouse written before
+    it existed, whose runs all have one schema): one footer read per such run, once."""
+    missing = con.execute(
+        "SELECT run_date, run_id FROM score_runs ANTI JOIN score_schemas USING (run_date) ORDER BY run_date"
+    ).fetchall()
+    for run_date, run_id in missing:
+        try:
+            schema = _part_schema(layout.run_dir(run_date, run_id) / part_name(0))
+        except (OSError, pa.ArrowException) as exc:
+            log.warning("cannot read the schema of the run of %s: %s", run_date, exc)
+            continue
+        _record_schema(con, run_date, _columns(schema))
+
+
+def _type_conflict(con: duckdb.DuckDBPyConnection, run_date: date, columns: list[list[str]]) -> str | None:
+    """A one-line description of the first column of ``columns`` whose type differs from the
+    same-named column of a committed run of another date, or None. Columns only one side
+    has are no conflict: the views read the runs by name."""
+    types = dict(columns)
+    rows = con.execute(
+        "SELECT min(run_date), any_value(columns) FROM score_schemas WHERE run_date <> ? "
+        "GROUP BY fingerprint ORDER BY 1",
+        [run_date],
+    ).fetchall()
+    for other_date, other in rows:
+        for name, committed in json.loads(other):
+            if name in types and types[name] != committed:
+                return (
+                    f"schema differs from the committed runs: column {name!r} is {types[name]} "
+                    f"in this run, {committed} in the run of {other_date}"
+                )
+    return None
 
 
 def _published(con: duckdb.DuckDBPyConnection) -> dict[date, tuple[str, int]]:
@@ -452,11 +542,12 @@ def _published(con: duckdb.DuckDBPyConnection) -> dict[date, tuple[str, int]]:
 
 @contextmanager
 def writer(root: str | os.PathLike[str], lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> Iterator[WorkingCopy]:
-    """The score store's write lock and a working copy of its warehouse (``score_runs`` and
-    the views exist in it), published on a clean exit; for tables that live beside the
+    """The score store's write lock and a working copy of its warehouse (``score_runs``,
+    ``score_schemas`` and the views exist in it), published on a clean exit; for tables that live beside the
     scores and must change under the same lock (agreement reports)."""
     layout = ScoreLayout.of(root)
-    with layout.warehouse.writer(lock_timeout, ddl=[_SCORE_RUNS_DDL]) as work:
+    with layout.warehouse.writer(lock_timeout, ddl=[_SCORE_RUNS_DDL, _SCORE_SCHEMAS_DDL]) as work:
+        _fill_schemas(work.con, layout)
         _ensure_views(work.con, layout)
         yield work
 
@@ -676,31 +767,6 @@ def _part_schema(path: Path) -> pa.Schema:
     return logical_schema(pq.read_metadata(path).schema.to_arrow_schema())
 
 
-def _schema_problem(
-    con: duckdb.DuckDBPyConnection, layout: ScoreLayout, run_date: date, schema: pa.Schema | None
-) -> tuple[str | None, bool]:
-    """Whether ``schema`` differs from the committed runs of other dates (the views bind
-    one schema), and whether no other date is committed (then the views are rebuilt)."""
-    other = con.execute(
-        "SELECT run_date, run_id FROM score_runs WHERE run_date <> ? LIMIT 1", [run_date]
-    ).fetchall()
-    if not other:
-        return None, True
-    other_date, other_run = other[0]
-    try:
-        committed = _part_schema(layout.run_dir(other_date, other_run) / part_name(0))
-    except (OSError, pa.ArrowException) as exc:
-        log.warning("cannot read the schema of the run of %s: %s", other_date, exc)
-        return None, False
-    if schema is not None and not schema.equals(committed):
-        return (
-            f"schema differs from the committed runs (run_date={other_date}): "
-            f"{schema.to_string(show_schema_metadata=False)!r} vs "
-            f"{committed.to_string(show_schema_metadata=False)!r}"
-        ), False
-    return None, False
-
-
 def _manifest(
     run_date: date,
     run_id: str,
@@ -764,9 +830,11 @@ def commit(
 
     Under the warehouse write lock: the staging folder becomes the immutable run folder;
     every expected part must be there, readable, of its row count and of one schema
-    (``IncompleteRun`` otherwise, and the folder goes back to staging untouched); one
-    transaction replaces the date's ``score_runs`` row and recreates the ``scores`` view;
-    then the ``scores/run_date=D`` pointer is swapped and superseded runs and abandoned
+    (``IncompleteRun`` otherwise, and the folder goes back to staging untouched). The run
+    may add or lack columns against the committed runs of other dates, but a column they
+    also have must have the same logical type (``SchemaConflict`` otherwise, likewise). One
+    transaction replaces the date's ``score_runs`` and ``score_schemas`` rows, and recreates
+    the views when the set of schemas in the store changed (``_ensure_views``); then the ``scores/run_date=D`` pointer is swapped and superseded runs and abandoned
     staging runs of the date are swept. Committing again a run that is already the
     published one returns its ``CommitInfo`` (safe for task retries).
     """
@@ -810,12 +878,14 @@ def commit(
         # From here on no worker can write into the run: its folder left staging.
 
         rows_out, size, schema, problems = _verify(run_dir, expected)
-        schema_problem, only_date = _schema_problem(con, layout, run_date, schema)
-        if schema_problem:
-            problems.append(schema_problem)
-        if problems:
+        if problems or schema is None:
             _unstage(layout, run_date, run_id)
             raise IncompleteRun(f"run {run_id} for {run_date} is incomplete", problems)
+        columns = _columns(schema)
+        conflict = _type_conflict(con, run_date, columns)
+        if conflict:
+            _unstage(layout, run_date, run_id)
+            raise SchemaConflict(f"run {run_id} for {run_date}: {conflict}", [conflict])
         for entry in run_dir.iterdir():
             match = _PART_NAME.fullmatch(entry.name)
             if match is None or int(match.group(1)) not in expected:
@@ -829,6 +899,7 @@ def commit(
         _write_json_atomic(run_dir / MANIFEST, manifest)
         con.execute("BEGIN TRANSACTION")
         try:
+            schemas_before = _fingerprints(con)
             con.execute("DELETE FROM score_runs WHERE run_date = ?", [run_date])
             con.execute(
                 "INSERT INTO score_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?::JSON, ?)",
@@ -849,9 +920,10 @@ def commit(
                     committed_at,
                 ],
             )
+            _record_schema(con, run_date, columns)
             published = _published(con)
-            if only_date:
-                _ensure_views(con, layout, force=True)  # bind the views to this run's schema
+            # A schema the store did not have, or the last run of one replaced: rebind.
+            _ensure_views(con, layout, force=_fingerprints(con) != schemas_before)
             con.execute("COMMIT")
             work.publish()  # the commit point: one rename of the warehouse file
         except BaseException:
@@ -1124,7 +1196,8 @@ def _rebuild_choice(layout: ScoreLayout, date_dir: Path) -> dict[str, object] | 
 
 
 def rebuild(root: str | os.PathLike[str], *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> list[date]:
-    """Recreate ``score_runs`` and the views from the run folders' manifests; the dates restored.
+    """Recreate ``score_runs``, ``score_schemas`` and the views from the run folders'
+    manifests and parts; the dates restored.
 
     For a warehouse that was lost or damaged: every date folder under ``scores/_runs``
     gives back the run its pointer names (or, without a usable pointer, the whole run
@@ -1152,15 +1225,16 @@ def rebuild(root: str | os.PathLike[str], *, lock_timeout: float = DEFAULT_LOCK_
             for date_dir in sorted(layout.runs.iterdir()):
                 chosen = _rebuild_choice(layout, date_dir)
                 if chosen is not None:
-                    manifests.append(chosen)
+                    run_dir = date_dir / str(chosen["run_id"])
+                    manifests.append((chosen, _part_schema(run_dir / part_name(0))))
         con = work.con
         con.execute("BEGIN TRANSACTION")
         con.execute("DELETE FROM score_runs")
-        for manifest in manifests:
-            con.execute(
-                "INSERT INTO score_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?::JSON, ?)",
-                _manifest_row(manifest),
-            )
+        con.execute("DELETE FROM score_schemas")
+        for manifest, schema in manifests:
+            row = _manifest_row(manifest)
+            con.execute("INSERT INTO score_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?::JSON, ?)", row)
+            _record_schema(con, row[0], _columns(schema))  # type: ignore[arg-type]
         _ensure_views(con, layout, force=True)
         con.execute("COMMIT")
         published = _published(con)

@@ -8,6 +8,10 @@ load hits both: a whole re-commit of one date (open, write four parts, commit), 
 ``sweep``, a query of one date through ``scores_on(d)`` and the same count through
 ``scores``. Prints the median milliseconds of each and the ratio large/small; the goal for
 commit is a ratio <= 1.5 at 10 vs 1,000 dates.
+
+``--mixed`` replaces the last date of each store by a run with two extra columns, so the
+store holds two schemas and its views read with ``union_by_name`` (every footer is read to
+bind); it prints what that one commit took, and the timed commits stay of the common schema.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ from adapters import storage  # noqa: E402
 
 FIRST_DAY = date(2023, 1, 1)
 TABLE = pa.table({"transaction_id": pa.array(range(10), pa.int64()), "score": [0.5] * 10})
+WIDE = TABLE.append_column("amount_sum_7d", pa.array([1.0] * 10)).append_column(
+    "txn_count_7d", pa.array([2] * 10, pa.int64())
+)
 
 
 def _record(rows: int) -> storage.RunRecord:
@@ -40,9 +47,9 @@ def _record(rows: int) -> storage.RunRecord:
     return storage.RunRecord("fraud", "1", "champion", None, rows, now, now, {"score": 1.0})
 
 
-def _commit(root: Path, day: date) -> None:
+def _commit(root: Path, day: date, table: pa.Table = TABLE) -> None:
     stage = storage.StagedRun.open(root, day, storage.new_run_id())
-    infos = [stage.write_part(i, TABLE) for i in range(4)]
+    infos = [stage.write_part(i, table) for i in range(4)]
     stage.commit(infos, _record(40))
 
 
@@ -71,6 +78,9 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=10, help="Committed run dates of the small store.")
     parser.add_argument("--large", type=int, default=1000, help="Committed run dates of the large store.")
     parser.add_argument("--trials", type=int, default=15, help="Timings of each operation per store.")
+    parser.add_argument(
+        "--mixed", action="store_true", help="Give each store's last date two extra columns (two schemas)."
+    )
     args = parser.parse_args()
 
     base = Path(tempfile.mkdtemp(prefix="bench-warehouse-"))
@@ -81,6 +91,12 @@ def main() -> None:
             t0 = time.perf_counter()
             _populate(root, sizes[name])
             print(f"{name}: {sizes[name]} dates built in {time.perf_counter() - t0:.1f} s")
+            if args.mixed:
+                t0 = time.perf_counter()
+                _commit(root, FIRST_DAY + timedelta(days=sizes[name] - 1), WIDE)
+                print(
+                    f"{name}: the commit adding a second schema took {(time.perf_counter() - t0) * 1000:.0f} ms"
+                )
         day = FIRST_DAY + timedelta(days=3)
         ops: dict[str, Callable[[Path], object]] = {
             "commit": lambda root: _commit(root, day),

@@ -533,6 +533,51 @@ def test_window_features_in_batch_equal_trainings_for_the_same_events_and_a_fore
     assert set(fs.names) <= set(part.names)
 
 
+@pytest.mark.slow
+def test_after_the_champion_moves_to_a_window_feature_model_every_night_commits(
+    scoring_home: Settings, window_model: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Given a date scored by the plain champion, when the champion moves to a model that
+    takes window features and the next two dates are scored with it (their rows carry the
+    window feature columns), then every date is committed: ``scores`` has the union of the
+    columns, NULL features for the plain date, and ``scores_on`` reads each date's rows."""
+    from mlops.features import FeatureSet
+    from tests.conftest import FEATURES_YAML, register_window_model
+
+    days = [DAY, date(2026, 1, 3), date(2026, 1, 4)]
+    inputs = {}
+    for day in days:
+        inputs[day] = scoring_home.data_dir / f"in-{day}.parquet"
+        write_input(inputs[day], rows=3_000, seed=day.day, day=day)
+    run(scoring_home, run_date=days[0].isoformat(), input_path=str(inputs[days[0]]))
+
+    monkeypatch.setenv("MLOPS_CONFIG", str(FEATURES_YAML))
+    settings = load_settings()
+    fs = FeatureSet.from_settings(settings)
+    register_window_model(settings, window_model, "champion", fs)
+    for day in days[1:]:
+        run(settings, run_date=day.isoformat(), input_path=str(inputs[day]))
+
+    feature = fs.names[0]
+    per_date = storage.query(
+        settings.home_path,
+        f'SELECT run_date, count(*) AS n, count("{feature}") AS f FROM scores GROUP BY ALL ORDER BY 1',
+    )
+    assert per_date.to_pylist() == [
+        {"run_date": days[0], "n": 3_000, "f": 0},
+        {"run_date": days[1], "n": 3_000, "f": 3_000},
+        {"run_date": days[2], "n": 3_000, "f": 3_000},
+    ]
+    assert set(fs.names) <= set(
+        storage.query(settings.home_path, "SELECT * FROM scores LIMIT 0").column_names
+    )
+    for day in days:
+        one = storage.query(settings.home_path, "SELECT count(*) AS n FROM scores_on(?)", [day])
+        assert one["n"].to_pylist() == [3_000]
+    plain = storage.query(settings.home_path, "SELECT * FROM scores_on(?) LIMIT 0", [days[0]])
+    assert feature not in plain.column_names
+
+
 def test_backfill_skips_committed_dates_unless_forced(scoring_home: Settings) -> None:
     """`mlops score --from --to` scores each date of the range from its `{date}` input once; a second
     backfill skips them all, and --force rescores them."""

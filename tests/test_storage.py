@@ -806,19 +806,122 @@ def test_a_stray_run_folder_is_never_read_and_one_date_reads_through_scores_on(r
     assert not orphan.exists() and count(root) == 9
 
 
-def test_a_run_of_another_schema_is_refused_while_other_dates_are_committed(root: Path) -> None:
-    """The views bind one schema: a run whose columns differ from the committed runs of other
-    dates is refused with the difference named and nothing published; replacing the only
-    committed date with a new schema is fine (the views are rebound)."""
+def with_windows(table: pa.Table) -> pa.Table:
+    """``table`` with two rolling-window feature columns, as a window-feature model writes."""
+    n = table.num_rows
+    return table.append_column("amount_sum_7d", pa.array([10.5] * n, pa.float64())).append_column(
+        "txn_count_7d", pa.array([3] * n, pa.int64())
+    )
+
+
+def run_wide(root: Path, day: date, rows: int, run_id: str | None = None) -> storage.CommitInfo:
+    stage = StagedRun.open(root, day, run_id or storage.new_run_id())
+    return stage.commit([stage.write_part(0, with_windows(part_table(0, rows)))], record(rows_in=rows))
+
+
+def view_sql(root: Path) -> str:
+    with storage.reader(root) as con:
+        (sql,) = con.execute("SELECT sql FROM duckdb_views() WHERE view_name = 'scores'").fetchone()
+    return sql
+
+
+def test_dates_of_different_columns_read_as_the_union_of_their_columns(root: Path) -> None:
+    """A plain run for one date and a run with two extra window-feature columns for the next
+    are both committed; ``scores`` has the union of the columns (NULL for the plain date),
+    ``scores_on`` gives each date its own rows and columns, either date can be replaced, and
+    a lost warehouse is rebuilt to the same rows."""
+    run_once(root, DAY, [3, 2])
+    run_wide(root, OTHER_DAY, 4)
+    rows = storage.query(
+        root,
+        "SELECT run_date, count(*) AS n, count(amount_sum_7d) AS a, sum(txn_count_7d) AS t "
+        "FROM scores GROUP BY ALL ORDER BY 1",
+    )
+    assert rows.to_pylist() == [
+        {"run_date": DAY, "n": 5, "a": 0, "t": None},
+        {"run_date": OTHER_DAY, "n": 4, "a": 4, "t": 12},
+    ]
+    assert set(storage.query(root, "SELECT * FROM scores LIMIT 0").column_names) == {
+        "transaction_id",
+        "score",
+        "tag",
+        "amount_sum_7d",
+        "txn_count_7d",
+        "run_date",
+    }
+    assert storage.query(root, "SELECT count(*) AS n FROM scores_on(?)", [DAY])["n"].to_pylist() == [5]
+    wide_day = storage.query(root, "SELECT * FROM scores_on(?)", [OTHER_DAY])
+    assert wide_day.num_rows == 4 and wide_day["txn_count_7d"].to_pylist() == [3] * 4
+    assert "union_by_name" in view_sql(root)
+
+    run_wide(root, DAY, 6)  # the plain date replaced by a wide run
+    run_once(root, OTHER_DAY, [1])  # and the wide date by a plain one
+    assert storage.query(
+        root, "SELECT run_date, count(*) AS n, count(txn_count_7d) AS t FROM scores GROUP BY ALL ORDER BY 1"
+    ).to_pylist() == [{"run_date": DAY, "n": 6, "t": 6}, {"run_date": OTHER_DAY, "n": 1, "t": 0}]
+    assert storage.query(root, "SELECT count(*) AS n FROM scores_on(?)", [OTHER_DAY])["n"].to_pylist() == [1]
+
+    before = storage.query(root, "SELECT * FROM scores ORDER BY ALL")
+    runs_before = storage.query(root, "SELECT * FROM score_runs ORDER BY run_date")
+    (root / "warehouse.duckdb").unlink()
+    assert storage.rebuild(root) == [DAY, OTHER_DAY]
+    assert storage.query(root, "SELECT * FROM scores ORDER BY ALL").equals(before)
+    assert storage.query(root, "SELECT * FROM score_runs ORDER BY run_date").equals(runs_before)
+    assert "union_by_name" in view_sql(root)
+
+
+def test_a_column_of_another_type_is_refused_with_both_types_named(root: Path) -> None:
+    """A run whose ``tag`` column is an integer while another date's is a string is refused
+    with one line naming the column and both types; nothing is published and the run can be
+    committed once fixed."""
+    run_once(root, DAY, [3])
+    stage = StagedRun.open(root, OTHER_DAY, "ints")
+    table = part_table(0, 2).set_column(2, "tag", pa.array([1, 1], pa.int64()))
+    with pytest.raises(storage.SchemaConflict) as raised:
+        stage.commit([stage.write_part(0, table)], record(rows_in=2))
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "column 'tag' is int64 in this run, string in the run of 2025-03-01" in message
+    assert storage.committed_dates(root) == [DAY] and count(root) == 3
+    assert "union_by_name" not in view_sql(root)
+    stage.commit([stage.write_part(0, part_table(0, 2))], record(rows_in=2))  # fixed, same run
+    assert count(root) == 5
+
+
+def test_a_single_schema_store_reads_one_glob_bound_by_its_first_file(root: Path) -> None:
+    """While every committed run has one schema the views read without ``union_by_name``
+    (only the first footer is read to bind); a run of another schema switches them to it,
+    and replacing that run by one of the common schema switches them back. Replacing the
+    only committed date by a run of another schema keeps one schema."""
     run_once(root, DAY, [3])
     narrow = StagedRun.open(root, DAY, "narrow")
     narrow.commit([narrow.write_part(0, part_table(0, 2).drop_columns(["tag"]))], record())
     assert storage.query(root, "SELECT * FROM scores").column_names == ["transaction_id", "score", "run_date"]
-    stage = StagedRun.open(root, OTHER_DAY, "wide")
-    infos = [stage.write_part(0, part_table(0, 4))]
-    with pytest.raises(IncompleteRun, match="schema differs from the committed runs"):
-        stage.commit(infos, record())
-    assert storage.committed_dates(root) == [DAY] and count(root) == 2
+    assert "union_by_name" not in view_sql(root)
+    run_once(root, DAY, [3])
+    run_once(root, OTHER_DAY, [2])
+    single = view_sql(root)
+    assert "union_by_name" not in single
+    run_wide(root, date(2025, 3, 3), 1)
+    assert "union_by_name = true" in view_sql(root)
+    run_once(root, date(2025, 3, 3), [4])
+    assert view_sql(root) == single
+    assert count(root) == 9
+
+
+def test_a_warehouse_without_score_schemas_learns_them_from_the_parts(root: Path) -> None:
+    """A warehouse written before score_schemas existed gets the table filled from each
+    committed run's first part by the next writer, and a wide run then reads as the union."""
+    run_once(root, DAY, [3])
+    run_once(root, OTHER_DAY, [2])
+    con = duckdb.connect(str(root / "warehouse.duckdb"))
+    con.execute("DROP TABLE score_schemas")
+    con.close()
+    run_wide(root, date(2025, 3, 3), 1)
+    assert storage.query(root, "SELECT count(*) AS n FROM score_schemas")["n"].to_pylist() == [3]
+    assert storage.query(root, "SELECT count(*) AS n, count(txn_count_7d) AS t FROM scores").to_pylist() == [
+        {"n": 6, "t": 1}
+    ]
 
 
 def test_format_1_runs_and_dictionary_encoded_runs_read_as_one_store(root: Path) -> None:
@@ -867,7 +970,7 @@ def test_a_run_whose_dictionary_column_holds_numbers_is_still_another_schema(roo
     run_once(root, DAY, [3])
     stage = StagedRun.open(root, OTHER_DAY, "ints")
     table = part_table(0, 2).set_column(2, "tag", pa.array([1, 1]).dictionary_encode())
-    with pytest.raises(IncompleteRun, match="schema differs from the committed runs"):
+    with pytest.raises(IncompleteRun, match="column 'tag' is int64 in this run, string"):
         stage.commit([stage.write_part(0, table)], record(rows_in=2))
     assert storage.committed_dates(root) == [DAY]
 
