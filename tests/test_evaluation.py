@@ -30,9 +30,11 @@ def test_rows_a_version_trained_on_are_left_out_and_unknown_training_rows_are_sa
     whose training rows are unknown gets a note instead."""
     rows = generate(400, seed=5)
     trained = evaluation.row_hashes(rows.iloc[:250], SCHEMA)
-    kept, excluded, notes = evaluation.exclude_trained(rows.iloc[200:], SCHEMA, {"v1": trained, "v2": None})
+    kept, excluded, notes = evaluation.exclude_trained(
+        rows.iloc[200:], SCHEMA, {"v1": trained, "v2": "no record"}
+    )
     assert (len(kept), excluded) == (150, 50)
-    assert notes == ("v2's training rows unknown: overlap not checked",)
+    assert notes == ("v2's training rows unknown: overlap not checked (no record)",)
 
 
 def test_corrupt_evidence_is_a_one_line_data_error() -> None:

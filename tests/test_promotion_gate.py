@@ -111,7 +111,7 @@ def test_tampered_logged_metrics_cannot_pass_by_claim(home: Settings, rows: Worl
         promote(home, registry, name=name, alias=CHAMPION, version=candidate, reason="claimed")
 
     [claimed] = register_versions(home, rows.noisy, [{"roc_auc": 0.999, "pr_auc": 0.99, "log_loss": 0.001}])
-    with pytest.raises(GateFailed, match=r"ERROR: v\d+ has no holdout \(lineage.holdout_sha256\)"):
+    with pytest.raises(GateFailed, match=r"ERROR: v\d+ has no holdout and no evaluation record"):
         promote(home, registry, name=name, alias=CHAMPION, version=claimed, reason="claimed")
     assert registry.aliases(name)[CHAMPION] == champion
 
@@ -167,8 +167,10 @@ def test_a_model_whose_inputs_do_not_match_is_an_error(home: Settings, rows: Wor
     promote(home, registry, name=name, alias=CHAMPION, version=champion, reason="first")
     files, tags = evaluation.evidence(rows.train, rows.spare, schema)
     from bench.support import log_onnx_model
+    from registry.tracking import log_evaluation_record
 
     logged = log_onnx_model(home, lacking, "lacking", schema=short, files=files)
+    tags |= log_evaluation_record(home, name, logged, tags)
     candidate = registry.register(name, logged.model_uri, logged.run_id, tags, "lacking").version
     gate = champion_gate(home, registry, name, candidate)
     assert gate.outcome is Outcome.ERROR
