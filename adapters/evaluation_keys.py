@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.serialization import (
 
 from adapters.files import create_once
 from mlops.edge.errors import MetadataInvalid
-from mlops.edge.manifest import key_id, public_key
+from mlops.edge.manifest import key_id, public_bytes, public_key
 from mlops.errors import ConfigError
 from mlops.settings import Settings
 
@@ -74,6 +74,11 @@ def trusted_keys(settings: Settings) -> dict[str, Ed25519PublicKey]:
 def public_key_of(path: Path) -> Ed25519PublicKey:
     """The public half of the private key file at ``path``."""
     return _load(path).public_key()
+
+
+def public_hex(path: str | Path) -> str:
+    """The raw hex public key of the private key file at ``path`` (for ``promotion.trusted_evaluation_keys``)."""
+    return public_bytes(public_key_of(Path(path))).hex()
 
 
 def _own_files(settings: Settings) -> list[Path]:
