@@ -121,7 +121,7 @@ def evaluation_rows(
         needed = v is candidate and declared is None  # its holdout is the evaluation set
         what = f"{'holdout' if needed else 'training-row list'} of v{v.version}"
         try:
-            records[v.version] = _record(registry, v, models[v.version], trusted, what)
+            records[v.version] = verified_record_of(registry, v, models[v.version], trusted, what)
         except EvidenceUntrusted as exc:
             if needed:
                 raise
@@ -150,7 +150,7 @@ def evaluation_rows(
     return rows, where
 
 
-def _record(
+def verified_record_of(
     registry: ModelRegistry,
     v: VersionInfo,
     onnx_model: bytes,
