@@ -135,7 +135,8 @@ def evaluation_rows(
     else:
         what = f"holdout of v{candidate.version}"
         record = records[candidate.version]
-        assert not isinstance(record, str)
+        if isinstance(record, str):  # not reached: a candidate whose holdout is needed raised above
+            raise EvidenceUntrusted(record)
         digest = record.holdout_sha256
         data = _artifact(registry, candidate, evaluation.holdout_file(digest), what)
         frame = evaluation.read_holdout(evaluation.verified(data, digest, what), schema, what)
@@ -161,8 +162,8 @@ def verified_record_of(
     if not v.tags.get(evaluation.RECORD_TAG):
         raise EvidenceUntrusted(f"{what} is not signed: no evaluation record ({evaluation.RECORD_TAG})")
     label = f"evaluation record of v{v.version}"
-    digest = evaluation.recorded_digest(v.tags, evaluation.RECORD_TAG, label)
     try:
+        digest = evaluation.recorded_digest(v.tags, evaluation.RECORD_TAG, label)
         data = evaluation.verified(
             _artifact(registry, v, evaluation.record_file(digest), label), digest, label
         )
