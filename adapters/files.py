@@ -10,7 +10,7 @@ import os
 import threading
 from pathlib import Path
 
-__all__ = ["atomic_write", "create_new", "fsync_dir", "fsync_file"]
+__all__ = ["atomic_write", "create_new", "create_once", "fsync_dir", "fsync_file"]
 
 
 def fsync_file(path: Path) -> None:
@@ -71,4 +71,29 @@ def create_new(path: Path, data: bytes, mode: int = 0o600) -> bool:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
+    return True
+
+
+def create_once(path: Path, data: bytes, mode: int = 0o600) -> bool:
+    """Create ``path`` holding ``data`` unless it exists, crash-safe; whether this call created it.
+
+    The data is written and fsynced under a temporary name, then hard-linked into place
+    (``link`` fails when the name exists): a reader never sees half a file, and of processes
+    racing to create it exactly one does.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
     return True

@@ -1,4 +1,4 @@
-"""Training flow: validate -> split -> fit candidates -> ONNX + parity -> evaluate -> log -> register.
+"""Training flow: validate -> split -> fit candidates -> ONNX + parity -> evaluate -> log -> sign -> register.
 
 The flow only sequences calls: the computing lives in ``mlops.training`` (plain
 functions), the reading, tracking and registering in tasks over adapters.
@@ -18,7 +18,7 @@ from mlops import evaluation, modeling, training
 from mlops.features import feature_views, model_schema
 from mlops.settings import load_settings
 from tasks.data import load_dataset, validate_dataset
-from tasks.registry import first_champion_or_gate, log_training_run, register_version
+from tasks.registry import first_champion_or_gate, log_evaluation_record, log_training_run, register_version
 
 
 @dataclass(frozen=True)
@@ -85,8 +85,11 @@ def train_flow(data: str, config: str | None = None) -> TrainSummary:
         example_features=training.example_features(test, schema),
         example_scores=pd.DataFrame({"probability": best.scores[:5]}),
     )
+    record_tag = log_evaluation_record(settings, cfg.model_name, logged, evidence_tags)
     tags = (
-        training.version_tags(chosen, lineage, logged.run_id, schema, cfg.decision_threshold) | evidence_tags
+        training.version_tags(chosen, lineage, logged.run_id, schema, cfg.decision_threshold)
+        | evidence_tags
+        | record_tag
     )
     version = register_version(settings, logged.model_uri, logged.run_id, tags, reason=f"trained on {data}")
     promoted, gate = first_champion_or_gate(settings, version.version, logged.run_id)

@@ -39,6 +39,11 @@ class ValidationFailed(DataError):
         return head + "\n" + "\n".join(f"  - {f}" for f in self.failures)
 
 
+class EvidenceUntrusted(DataError):
+    """A version's evaluation record is missing, not signed by a trusted training key, or does
+    not match the version (its run, its model, its holdout or training-row files)."""
+
+
 class ModelError(PlatformError):
     """Training, conversion or evaluation of a model failed."""
 

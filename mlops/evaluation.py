@@ -5,6 +5,10 @@ hashes of the rows it trained on; the version's lineage tags carry both SHA-256s
 time the candidate and the champion are scored on the same evaluation rows (the
 candidate's holdout, or a declared dataset), with rows either version trained on left out,
 and the gate compares those metrics instead of the ones the runs logged.
+
+The training flow signs an evaluation record (Ed25519) binding the model name, run id, the
+SHA-256 of the registered ONNX model and of both evaluation files; the gate uses a version's
+files only through a record signed by a trusted key that matches the version.
 """
 
 from __future__ import annotations
@@ -13,20 +17,27 @@ import hashlib
 import io
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from pydantic import Field, ValidationError
 
 from mlops import modeling
-from mlops.errors import DataError, ModelError, PlatformError
+from mlops.edge import manifest
+from mlops.edge.errors import MetadataInvalid, SignatureInvalid
+from mlops.errors import DataError, EvidenceUntrusted, ModelError, PlatformError
 from mlops.onnx_model import OnnxScorer
-from mlops.settings import DatasetSchema
+from mlops.settings import DatasetSchema, StrictModel
 
 HOLDOUT_TAG = "lineage.holdout_sha256"
 HOLDOUT_ROWS_TAG = "lineage.holdout_rows"
 TRAIN_ROWS_TAG = "lineage.train_rows_sha256"
+RECORD_TAG = "lineage.evaluation_record_sha256"
 ARTIFACT_DIR = "evaluation"
 GATED_METRICS = ("roc_auc", "pr_auc", "log_loss", "brier", "ece")
 
@@ -44,6 +55,11 @@ def holdout_file(digest: str) -> str:
 def train_rows_file(digest: str) -> str:
     """The artifact file name of a training-row hash list with SHA-256 ``digest``."""
     return f"train-rows-{digest}.u64"
+
+
+def record_file(digest: str) -> str:
+    """The artifact file name of a signed evaluation record with SHA-256 ``digest``."""
+    return f"record-{digest}.json"
 
 
 def _columns(schema: DatasetSchema) -> list[str]:
@@ -86,6 +102,85 @@ def evidence(
     files = {holdout_file(h): holdout, train_rows_file(t): trained}
     tags = {HOLDOUT_TAG: h, HOLDOUT_ROWS_TAG: str(len(test)), TRAIN_ROWS_TAG: t}
     return files, tags
+
+
+class EvaluationRecord(StrictModel):
+    """What a training run signs: its model, run and ONNX file, and the evaluation files it stored."""
+
+    kind: Literal["evaluation-record"] = "evaluation-record"
+    model: str
+    run_id: str
+    model_sha256: str = Field(pattern=manifest.HEX64)
+    holdout_sha256: str = Field(pattern=manifest.HEX64)
+    holdout_rows: int = Field(ge=0)
+    train_rows_sha256: str = Field(pattern=manifest.HEX64)
+    created: str
+    keyid: str = Field(pattern=manifest.HEX64)
+
+
+def signed_record(
+    model: str,
+    run_id: str,
+    onnx_model: bytes,
+    evidence_tags: Mapping[str, str],
+    key: Ed25519PrivateKey,
+    created: datetime,
+) -> tuple[dict[str, bytes], dict[str, str]]:
+    """The signed evaluation record of a training run (envelope file) and the tag naming it.
+
+    ``onnx_model`` is the file as the tracking store holds it; ``evidence_tags`` those of ``evidence``.
+    """
+    record = EvaluationRecord(
+        model=model,
+        run_id=run_id,
+        model_sha256=sha256(onnx_model),
+        holdout_sha256=evidence_tags[HOLDOUT_TAG],
+        holdout_rows=int(evidence_tags[HOLDOUT_ROWS_TAG]),
+        train_rows_sha256=evidence_tags[TRAIN_ROWS_TAG],
+        created=manifest.iso(created),
+        keyid=manifest.key_id(key.public_key()),
+    )
+    envelope = manifest.sign(record.model_dump(), [key])
+    digest = sha256(envelope)
+    return {record_file(digest): envelope}, {RECORD_TAG: digest}
+
+
+def verified_record(
+    data: bytes,
+    trusted: Mapping[str, Ed25519PublicKey],
+    *,
+    name: str,
+    version: int,
+    run_id: str,
+    onnx_model: bytes,
+    what: str,
+) -> EvaluationRecord:
+    """The record in envelope ``data`` when a trusted key signed it for this version's model name,
+    run and ONNX file; else ``EvidenceUntrusted`` with one line (``what`` names the use, e.g.
+    "holdout of v3")."""
+    try:
+        signed, sigs = manifest.open_envelope(data)
+        good = manifest.verify_signatures(signed, sigs, trusted, 1)
+        record = EvaluationRecord.model_validate_json(manifest.canonical(signed))
+    except SignatureInvalid as exc:
+        why = str(exc).partition(": ")[2]
+        raise EvidenceUntrusted(f"{what} is not signed by a trusted training key ({why})") from None
+    except (MetadataInvalid, ValidationError) as exc:
+        first = str(exc).splitlines()[0][:160]
+        raise EvidenceUntrusted(f"evaluation record of v{version} is malformed: {first}") from None
+    if record.keyid not in good:
+        raise EvidenceUntrusted(
+            f"{what} is not signed by a trusted training key (record names key {record.keyid[:16]})"
+        )
+    if record.run_id != run_id:
+        raise EvidenceUntrusted(
+            f"evaluation record of v{version} names run {record.run_id}, the version's run is {run_id}"
+        )
+    if record.model != name:
+        raise EvidenceUntrusted(f"evaluation record of v{version} names model '{record.model}', not '{name}'")
+    if record.model_sha256 != sha256(onnx_model):
+        raise EvidenceUntrusted(f"model of v{version} is not the model its evaluation record was signed for")
+    return record
 
 
 def recorded_digest(tags: Mapping[str, str], tag: str, what: str) -> str:
@@ -158,16 +253,17 @@ class EvaluationSet:
 
 
 def exclude_trained(
-    frame: pd.DataFrame, schema: DatasetSchema, trained: Mapping[str, np.ndarray | None]
+    frame: pd.DataFrame, schema: DatasetSchema, trained: Mapping[str, np.ndarray | str]
 ) -> tuple[pd.DataFrame, int, tuple[str, ...]]:
     """``frame`` without the rows any version in ``trained`` trained on, how many were dropped,
-    and a note for each version whose training rows are unknown (None): overlap not checked."""
+    and a note for each version whose training rows are unknown (a string saying why): overlap
+    not checked."""
     hashes = _hashes(frame, schema)
     keep = np.ones(len(frame), dtype=bool)
     notes = []
     for label, rows in trained.items():
-        if rows is None:
-            notes.append(f"{label}'s training rows unknown: overlap not checked")
+        if isinstance(rows, str):
+            notes.append(f"{label}'s training rows unknown: overlap not checked ({rows})")
         else:
             keep &= ~np.isin(hashes, rows)
     return frame[keep].reset_index(drop=True), int((~keep).sum()), tuple(notes)

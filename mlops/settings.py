@@ -376,7 +376,13 @@ class PromotionConfig(StrictModel):
     min_evaluation_rows: int = Field(200, ge=1)
     """Leaving out training rows may not shrink the evaluation set below this (ERROR, not a verdict)."""
     trust_logged_metrics: bool = False
-    """Gate a version that has no holdout (registered outside the training flow) on its logged metrics."""
+    """Gate a version that has no signed evaluation record (registered outside the training flow) on
+    its logged metrics."""
+    trusted_evaluation_keys: tuple[Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")], ...] = ()
+    """Ed25519 public keys (raw, hex) of training workers elsewhere whose evaluation records are
+    trusted, besides this home's own key (``$MLOPS_HOME/keys/evaluation/``)."""
+    evaluation_signing_key: str | None = None
+    """A PEM Ed25519 private key file training signs evaluation records with, instead of this home's key."""
 
 
 # --------------------------------------------------------------------------- backends
@@ -733,6 +739,11 @@ class Settings(StrictModel):
     def data_dir(self) -> Path:
         """Generated and copied datasets."""
         return self.home_path / "data"
+
+    @property
+    def evaluation_keys_dir(self) -> Path:
+        """This home's key that signs training runs' evaluation records."""
+        return self.home_path / "keys" / "evaluation"
 
     @property
     def edge_dir(self) -> Path:

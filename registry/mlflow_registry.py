@@ -138,27 +138,11 @@ class ModelRegistry:
 
     def onnx_bytes(self, name: str, version: int) -> bytes:
         """The ONNX file of a version."""
-        uri = self.version(name, version).source
-        try:
-            import mlflow.artifacts
+        from registry.tracking import stored_onnx
 
-            if uri.startswith("models:/m-"):
-                # A logged model's id is resolved through this registry's own tracking store,
-                # not whichever one MLflow's process-wide default points at.
-                uri = self.client.get_logged_model(uri.removeprefix("models:/")).artifact_location
-
-            with tempfile.TemporaryDirectory() as tmp:
-                local = Path(
-                    mlflow.artifacts.download_artifacts(
-                        artifact_uri=uri, dst_path=tmp, tracking_uri=self.settings.tracking_uri
-                    )
-                )
-                files = [local] if local.is_file() else sorted(local.rglob("*.onnx"))
-                if not files:
-                    raise RegistryError(f"'{name}' v{version} has no ONNX file at {uri}")
-                return files[0].read_bytes()
-        except MlflowException as exc:
-            raise RegistryError(f"cannot download '{name}' v{version}: {exc.message}") from exc
+        return stored_onnx(
+            self.settings, self.client, self.version(name, version).source, f"'{name}' v{version}"
+        )
 
     def run_artifact(self, run_id: str, path: str) -> bytes:
         """The bytes of artifact ``path`` of run ``run_id``; ``NotFound`` when it is not there."""

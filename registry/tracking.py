@@ -69,14 +69,7 @@ def log_training_run(
         with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=dict(tags)) as run:
             mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
             mlflow.log_metrics(dict(metrics))
-            with tempfile.TemporaryDirectory() as tmp:
-                for name, data in files.items():
-                    path = Path(tmp) / name
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_bytes(data)
-                    mlflow.log_artifact(
-                        str(path), artifact_path=str(Path("evaluation") / Path(name).parent).rstrip("/.")
-                    )
+            _log_files(client, run.info.run_id, files)
             info = mlflow.onnx.log_model(
                 onnx.load_from_string(onnx_model),
                 name="model",
@@ -88,3 +81,59 @@ def log_training_run(
             return LoggedRun(run.info.run_id, info.model_uri, experiment_id)
     except MlflowException as exc:
         raise RegistryError(f"MLflow tracking at {settings.tracking_uri} failed: {exc.message}") from exc
+
+
+def _log_files(client: MlflowClient, run_id: str, files: Mapping[str, bytes]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in files.items():
+            path = Path(tmp) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            client.log_artifact(
+                run_id, str(path), artifact_path=str(Path("evaluation") / Path(name).parent).rstrip("/.")
+            )
+
+
+def stored_onnx(settings: Settings, client: MlflowClient, uri: str, what: str) -> bytes:
+    """The ONNX file a logged model's ``uri`` (``models:/m-...`` or a run's artifact URI) holds."""
+    import mlflow.artifacts
+
+    try:
+        if uri.startswith("models:/m-"):
+            # A logged model's id is resolved through this registry's own tracking store,
+            # not whichever one MLflow's process-wide default points at.
+            uri = client.get_logged_model(uri.removeprefix("models:/")).artifact_location
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=uri, dst_path=tmp, tracking_uri=settings.tracking_uri
+                )
+            )
+            found = [local] if local.is_file() else sorted(local.rglob("*.onnx"))
+            if not found:
+                raise RegistryError(f"{what} has no ONNX file at {uri}")
+            return found[0].read_bytes()
+    except MlflowException as exc:
+        raise RegistryError(f"cannot download {what}: {exc.message}") from exc
+
+
+def log_evaluation_record(
+    settings: Settings, model: str, run: LoggedRun, evidence_tags: Mapping[str, str]
+) -> dict[str, str]:
+    """Sign the evaluation record of a logged training run, store it in the run, and return the
+    tag naming it (the record binds the run, the ONNX file as stored and its evaluation files)."""
+    from datetime import UTC, datetime
+
+    from adapters.evaluation_keys import signing_key
+    from mlops.evaluation import signed_record
+
+    client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.registry_uri)
+    onnx_model = stored_onnx(settings, client, run.model_uri, f"the model of run {run.run_id}")
+    files, tags = signed_record(
+        model, run.run_id, onnx_model, evidence_tags, signing_key(settings), datetime.now(UTC)
+    )
+    try:
+        _log_files(client, run.run_id, files)
+    except MlflowException as exc:
+        raise RegistryError(f"MLflow tracking at {settings.tracking_uri} failed: {exc.message}") from exc
+    return tags

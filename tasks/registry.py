@@ -17,6 +17,9 @@ from registry.promotion import champion_gate, promote
 log_training_run = task(name="log-training-run", retries=2, retry_delay_seconds=[2, 10])(
     tracking.log_training_run
 )
+log_evaluation_record = task(name="sign-evaluation-record", retries=2, retry_delay_seconds=[2, 10])(
+    tracking.log_evaluation_record
+)
 
 
 # Not retried: a retry after a lost response would register a second version.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -111,7 +112,7 @@ def test_tampered_logged_metrics_cannot_pass_by_claim(home: Settings, rows: Worl
         promote(home, registry, name=name, alias=CHAMPION, version=candidate, reason="claimed")
 
     [claimed] = register_versions(home, rows.noisy, [{"roc_auc": 0.999, "pr_auc": 0.99, "log_loss": 0.001}])
-    with pytest.raises(GateFailed, match=r"ERROR: v\d+ has no holdout \(lineage.holdout_sha256\)"):
+    with pytest.raises(GateFailed, match=r"ERROR: v\d+ has no holdout and no evaluation record"):
         promote(home, registry, name=name, alias=CHAMPION, version=claimed, reason="claimed")
     assert registry.aliases(name)[CHAMPION] == champion
 
@@ -167,8 +168,10 @@ def test_a_model_whose_inputs_do_not_match_is_an_error(home: Settings, rows: Wor
     promote(home, registry, name=name, alias=CHAMPION, version=champion, reason="first")
     files, tags = evaluation.evidence(rows.train, rows.spare, schema)
     from bench.support import log_onnx_model
+    from registry.tracking import log_evaluation_record
 
     logged = log_onnx_model(home, lacking, "lacking", schema=short, files=files)
+    tags |= log_evaluation_record(home, name, logged, tags)
     candidate = registry.register(name, logged.model_uri, logged.run_id, tags, "lacking").version
     gate = champion_gate(home, registry, name, candidate)
     assert gate.outcome is Outcome.ERROR
@@ -234,3 +237,156 @@ def test_a_champion_with_unknown_training_rows_is_compared_and_the_result_says_s
     assert gate.outcome is not Outcome.ERROR, gate.describe()
     assert f"v{champion}'s training rows unknown: overlap not checked" in gate.evidence[0]
     assert f"champion v{champion}: roc_auc" in " ".join(gate.evidence)
+
+
+def _log_outside_flow(
+    home: Settings, onnx_model: bytes, files: dict[str, bytes], tags: dict[str, str]
+) -> int:
+    """Log a run and register it as a tracking-server writer could, without the training flow."""
+    from bench.support import log_onnx_model
+
+    logged = log_onnx_model(home, onnx_model, "outside-the-flow", files=files)
+    return (
+        ModelRegistry(home)
+        .register(home.training.model_name, logged.model_uri, logged.run_id, tags, "forged")
+        .version
+    )
+
+
+def test_a_forged_holdout_with_matching_hashes_but_no_signed_record_moves_nothing(
+    home: Settings, rows: World
+) -> None:
+    """Given a tracking writer who logs a noisy model with a cherry-picked (easy) holdout and
+    correct SHA-256 tags but no signed evaluation record, and points challenger at it, when it is
+    promoted, then the gate is an ERROR naming the unsigned holdout (`mlops promote` exits 6) and
+    champion stays."""
+    name = home.training.model_name
+    champion, _ = register_trained(home, rows.good, rows.train, rows.normal)
+    registry = ModelRegistry(home)
+    promote(home, registry, name=name, alias=CHAMPION, version=champion, reason="first")
+    files, tags = evaluation.evidence(rows.train, rows.easy, home.dataset)
+    forged = _log_outside_flow(home, rows.noisy, files, tags)
+    assert registry.aliases(name)[CHALLENGER] == forged
+    with pytest.raises(
+        GateFailed, match=rf"ERROR: holdout of v{forged} is not signed by a trusted training key"
+    ):
+        promote(home, registry, name=name, alias=CHAMPION, version=forged, reason="forged")
+    args = ["--alias", CHAMPION, "--version", str(forged), "--reason", "forged"]
+    cli = run_cli(os.environ.copy(), "promote", *args, timeout=300)
+    [line] = [x for x in cli.stderr.splitlines() if "not promoted" in x]
+    assert cli.returncode == 6 and f"holdout of v{forged} is not signed by a trusted training key" in line
+    assert registry.aliases(name)[CHAMPION] == champion
+
+
+def test_a_record_signed_by_an_untrusted_key_is_refused_until_that_key_is_trusted(
+    home: Settings, rows: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Given a version whose record a worker signed with its own key file
+    (promotion.evaluation_signing_key), a gate that does not trust that key is an ERROR naming
+    the untrusted key; once its public key is in promotion.trusted_evaluation_keys the same
+    version is evaluated on its holdout and passes."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
+    from mlops.edge.manifest import public_bytes
+
+    name = home.training.model_name
+    worker_key = Ed25519PrivateKey.generate()
+    key_file = tmp_path / "worker.pem"
+    key_file.write_bytes(worker_key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    worker = home.model_copy(
+        update={"promotion": home.promotion.model_copy(update={"evaluation_signing_key": str(key_file)})}
+    )
+    candidate, _ = register_trained(worker, rows.good, rows.train, rows.normal)
+    registry = ModelRegistry(home)
+    gate = champion_gate(home, registry, name, candidate)
+    assert gate.outcome is Outcome.ERROR
+    assert (
+        f"holdout of v{candidate} is not signed by a trusted training key (signed by untrusted key"
+        in gate.reason
+    )
+    with pytest.raises(GateFailed):
+        promote(home, registry, name=name, alias=CHAMPION, version=candidate, reason="untrusted")
+    assert CHAMPION not in registry.aliases(name)
+
+    monkeypatch.setenv(
+        "MLOPS__PROMOTION__TRUSTED_EVALUATION_KEYS", json.dumps([public_bytes(worker_key.public_key()).hex()])
+    )
+    trusting = load_settings()
+    result = promote(trusting, registry, name=name, alias=CHAMPION, version=candidate, reason="trusted")
+    assert (
+        result.gate is not None
+        and result.gate.passed
+        and f"holdout of v{candidate} sha256" in result.gate.evidence[0]
+    )
+
+
+def test_a_valid_record_replayed_on_another_run_is_refused(home: Settings, rows: World) -> None:
+    """Given v1's genuine signed record, holdout and training rows copied into another run that
+    registers a noisy model, the gate is an ERROR naming the record's run and the version's run."""
+    name = home.training.model_name
+    honest, honest_run = register_trained(home, rows.good, rows.train, rows.easy)
+    registry = ModelRegistry(home)
+    tags = {k: v for k, v in registry.version(name, honest).tags.items() if k.startswith("lineage.")}
+    files = {
+        f: registry.run_artifact(honest_run, f"{evaluation.ARTIFACT_DIR}/{f}")
+        for f in (
+            evaluation.holdout_file(tags[evaluation.HOLDOUT_TAG]),
+            evaluation.train_rows_file(tags[evaluation.TRAIN_ROWS_TAG]),
+            evaluation.record_file(tags[evaluation.RECORD_TAG]),
+        )
+    }
+    replayed = _log_outside_flow(home, rows.noisy, files, tags)
+    replayed_run = registry.version(name, replayed).run_id
+    gate = champion_gate(home, registry, name, replayed)
+    assert gate.outcome is Outcome.ERROR
+    assert (
+        f"evaluation record of v{replayed} names run {honest_run}, the version's run is {replayed_run}"
+        in gate.reason
+    )
+    with pytest.raises(GateFailed):
+        promote(home, registry, name=name, alias=CHAMPION, version=replayed, reason="replayed")
+    assert CHAMPION not in registry.aliases(name)
+
+
+def test_a_model_swapped_after_signing_is_refused(home: Settings, rows: World) -> None:
+    """Given a signed version whose stored ONNX file is overwritten with a noisy model, the gate
+    is an ERROR saying the model is not the one its record was signed for; nothing moves."""
+    name = home.training.model_name
+    candidate, _ = register_trained(home, rows.good, rows.train, rows.normal)
+    registry = ModelRegistry(home)
+    client = MlflowClient(tracking_uri=home.tracking_uri)
+    source = registry.version(name, candidate).source
+    folder = Path(
+        client.get_logged_model(source.removeprefix("models:/")).artifact_location.removeprefix("file://")
+    )
+    [onnx_file] = folder.rglob("*.onnx")
+    onnx_file.write_bytes(rows.noisy)
+    gate = champion_gate(home, registry, name, candidate)
+    assert gate.outcome is Outcome.ERROR
+    assert f"model of v{candidate} is not the model its evaluation record was signed for" in gate.reason
+    assert "\n" not in gate.describe()
+    with pytest.raises(GateFailed):
+        promote(home, registry, name=name, alias=CHAMPION, version=candidate, reason="swapped")
+    assert CHAMPION not in registry.aliases(name)
+
+
+def test_a_champions_unsigned_training_rows_do_not_shape_the_evaluation_set(
+    home: Settings, rows: World
+) -> None:
+    """Given a champion logged outside the flow whose (unsigned) training-row list names half the
+    candidate's holdout, the list is not used: no row is excluded and the result says the
+    champion's overlap was not checked because its list is not signed."""
+    name = home.training.model_name
+    files, tags = evaluation.evidence(rows.normal.iloc[:1000], rows.spare, home.dataset)
+    champion = _log_outside_flow(home, rows.good, files, tags)
+    candidate, _ = register_trained(home, rows.good, rows.train, rows.normal)
+    registry = ModelRegistry(home)
+    registry.move_alias(name, CHAMPION, champion, reason="set up")
+    gate = champion_gate(home, registry, name, candidate)
+    assert gate.outcome is not Outcome.ERROR, gate.describe()
+    assert f"{len(rows.normal)} rows;" in gate.evidence[0] and "excluded" not in gate.evidence[0]
+    assert (
+        f"v{champion}'s training rows unknown: overlap not checked (training-row list of v{champion} is not signed"
+        in gate.evidence[0]
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +28,8 @@ def _data(settings: Settings, frame: pd.DataFrame, name: str = "train.parquet") 
 
 
 def test_first_training_registers_challenger_and_champion_with_lineage(flow_home: Settings) -> None:
-    """Given valid data, training registers v1 as challenger and champion, with lineage, metrics and plots."""
+    """Given valid data, training registers v1 as challenger and champion, with lineage, metrics,
+    plots and an evaluation record signed for its run and model."""
     from flows.train import train_flow
 
     path = _data(flow_home, generate(8000, seed=11))
@@ -57,7 +60,19 @@ def test_first_training_registers_challenger_and_champion_with_lineage(flow_home
         "evaluation/calibration.png",
         f"evaluation/holdout-{v1.tags['lineage.holdout_sha256']}.parquet",
         f"evaluation/train-rows-{v1.tags['lineage.train_rows_sha256']}.u64",
+        f"evaluation/record-{v1.tags['lineage.evaluation_record_sha256']}.json",
     } <= artifacts
+    # The record is signed with the home's key, created private on first use, for v1's model.
+    key = flow_home.evaluation_keys_dir / "signing-key.pem"
+    assert key.stat().st_mode & 0o777 == 0o600
+    record = MlflowClient(flow_home.tracking_uri).download_artifacts(
+        summary.run_id,
+        f"evaluation/record-{v1.tags['lineage.evaluation_record_sha256']}.json",
+        str(key.parent.parent),
+    )
+    signed = json.loads(Path(record).read_text())["signed"]
+    assert signed["run_id"] == summary.run_id and signed["model"] == name
+    assert signed["model_sha256"] == hashlib.sha256(registry.onnx_bytes(name, 1)).hexdigest()
     assert [m.alias for m in registry.history(name)] == [CHALLENGER, CHAMPION]
 
     # A second training on the same data is a new challenger; champion stays until promoted.

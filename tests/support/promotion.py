@@ -52,17 +52,19 @@ def register_trained(
     name: str | None = None,
 ) -> tuple[int, str]:
     """Register ``onnx_model`` as the training flow does: metrics on ``holdout`` logged, holdout
-    and training-row hashes stored and named by the version's tags. Returns (version, run id)."""
+    and training-row hashes stored and named by the version's tags, an evaluation record signed
+    with the home's key. Returns (version, run id)."""
     from bench.support import log_onnx_model
     from registry.mlflow_registry import ModelRegistry
+    from registry.tracking import log_evaluation_record
 
     schema = settings.dataset
+    name = name or settings.training.model_name
     files, tags = evaluation.evidence(train, holdout, schema)
     metrics = evaluation.metrics_on(
         OnnxScorer(onnx_model, schema), holdout, schema, settings.training.decision_threshold
     )
     logged = log_onnx_model(settings, onnx_model, "gate-fixture", files=files, metrics=metrics)
-    version = ModelRegistry(settings).register(
-        name or settings.training.model_name, logged.model_uri, logged.run_id, tags, "gate fixture"
-    )
+    tags |= log_evaluation_record(settings, name, logged, tags)
+    version = ModelRegistry(settings).register(name, logged.model_uri, logged.run_id, tags, "gate fixture")
     return version.version, logged.run_id
