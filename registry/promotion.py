@@ -132,6 +132,7 @@ def evaluation_rows(
         frame = training.training_frame(read_frame(declared, settings.dataset), fs, declared)
         frame = evaluation.checked_frame(frame, schema, f"promotion.evaluation_data {declared}")
         source = f"declared evaluation data {declared}"
+        signed_by: tuple[str, ...] = ()
     else:
         what = f"holdout of v{candidate.version}"
         record = records[candidate.version]
@@ -141,12 +142,13 @@ def evaluation_rows(
         data = _artifact(registry, candidate, evaluation.holdout_file(digest), what)
         frame = evaluation.read_holdout(evaluation.verified(data, digest, what), schema, what)
         source = what
+        signed_by = (f"record signed by training key {record.keyid[:12]}",)
     trained: dict[str, np.ndarray | str] = {}
     for v in versions:
         record = records[v.version]
         trained[f"v{v.version}"] = record if isinstance(record, str) else _trained_rows(registry, v, record)
     rows, excluded, notes = evaluation.exclude_trained(frame, schema, trained)
-    where = evaluation.EvaluationSet(source, digest, len(rows), excluded, notes)
+    where = evaluation.EvaluationSet(source, digest, len(rows), excluded, (*signed_by, *notes))
     evaluation.usable(rows, schema, settings.promotion.min_evaluation_rows, len(frame), source)
     return rows, where
 

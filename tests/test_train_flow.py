@@ -81,6 +81,7 @@ def test_first_training_registers_challenger_and_champion_with_lineage(flow_home
     # Its gate scored v2 and champion v1 on v2's stored holdout: the same split, so no v1 training row.
     holdout = registry.version(name, 2).tags["lineage.holdout_sha256"]
     assert f"evaluated on holdout of v2 sha256 {holdout[:12]}, " in second.gate
+    assert f"record signed by training key {signed['keyid'][:12]}" in second.gate  # the same home key
     assert "excluded" not in second.gate and "champion v1: roc_auc" in second.gate
     assert registry.aliases(name) == {CHALLENGER: 2, CHAMPION: 1}
     assert registry.version(name, 2).tags["lineage.data_fingerprint"] == v1.tags["lineage.data_fingerprint"]
