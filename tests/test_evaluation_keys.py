@@ -23,7 +23,7 @@ def test_the_signing_key_is_private_and_concurrent_first_uses_end_with_one_key(t
     exactly one key file exists (mode 0600, folder 0700, no temporary files left), every
     process signs with it, and the gate of that home trusts it."""
     home = str(tmp_path / "home")
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")  # fresh processes: no lock held by a test thread at fork
     start, out = ctx.Barrier(6), ctx.Queue()
     procs = [ctx.Process(target=_first_use, args=(home, start, out)) for _ in range(6)]
     for p in procs:
