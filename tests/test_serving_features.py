@@ -87,8 +87,15 @@ def registry_env(
 
 @pytest.fixture(params=["embedded", "redis"])
 def settings(request: pytest.FixtureRequest, registry_env: dict[str, str], tmp_path: Path) -> Settings:
-    """Settings of this test's MLOPS_HOME with the store of the parameter (Redis: its own prefix)."""
-    env = registry_env | {"MLOPS_HOME": str(tmp_path / "home")}
+    """Settings of this test's MLOPS_HOME with the store of the parameter (Redis: its own prefix).
+
+    Lookups may take 2 s instead of the default 0.25 s: on a loaded CI machine a Redis round
+    trip passed 0.25 s and a correct lookup became a 503; the timeout itself is tested with a
+    hung store (``test_a_hung_store_is_a_503_within_the_timeout``)."""
+    env = registry_env | {
+        "MLOPS_HOME": str(tmp_path / "home"),
+        "MLOPS__SERVING__ONLINE_FEATURES__TIMEOUT_SECONDS": "2",
+    }
     if request.param == "redis":
         url = request.getfixturevalue("redis_url")
         env["MLOPS__FEATURES__STORE"] = (

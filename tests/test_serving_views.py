@@ -102,8 +102,13 @@ def registry_env(
 
 @pytest.fixture(params=["embedded", "redis"])
 def settings(request: pytest.FixtureRequest, registry_env: dict[str, str], tmp_path: Path) -> Settings:
-    """Settings declaring both views, with the store of the parameter (Redis: its own prefix)."""
-    env = registry_env | {"MLOPS_HOME": str(tmp_path / "home"), "MLOPS__FEATURES__EXTRA_VIEWS": EXTRA_VIEWS}
+    """Settings declaring both views, with the store of the parameter (Redis: its own prefix);
+    lookups may take 2 s (the 0.25 s default can pass on a loaded CI machine)."""
+    env = registry_env | {
+        "MLOPS_HOME": str(tmp_path / "home"),
+        "MLOPS__FEATURES__EXTRA_VIEWS": EXTRA_VIEWS,
+        "MLOPS__SERVING__ONLINE_FEATURES__TIMEOUT_SECONDS": "2",
+    }
     if request.param == "redis":
         url = request.getfixturevalue("redis_url")
         env["MLOPS__FEATURES__STORE"] = (
