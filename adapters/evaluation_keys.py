@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
-from adapters.files import create_once
+from adapters.files import create_new
 from mlops.edge.errors import MetadataInvalid
 from mlops.edge.manifest import key_id, public_bytes, public_key
 from mlops.errors import ConfigError
@@ -55,7 +55,7 @@ def signing_key(settings: Settings) -> Ed25519PrivateKey:
         path.parent.mkdir(parents=True, exist_ok=True)
         os.chmod(path.parent, 0o700)
         pem = Ed25519PrivateKey.generate().private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
-        create_once(path, pem, mode=0o600)
+        create_new(path, pem, mode=0o600)
     return _load(path)
 
 

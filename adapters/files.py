@@ -10,7 +10,7 @@ import os
 import threading
 from pathlib import Path
 
-__all__ = ["atomic_write", "create_new", "create_once", "fsync_dir", "fsync_file"]
+__all__ = ["atomic_write", "create_new", "fsync_dir", "fsync_file"]
 
 
 def fsync_file(path: Path) -> None:
@@ -59,27 +59,12 @@ def atomic_write(path: Path, data: bytes, mode: int | None = None, durable: bool
 
 
 def create_new(path: Path, data: bytes, mode: int = 0o600) -> bool:
-    """Create the file ``path`` holding ``data`` (fsynced) unless it exists; whether it did.
-
-    Exclusive (``O_EXCL``): of processes racing to create the same file, exactly one does.
-    """
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    return True
-
-
-def create_once(path: Path, data: bytes, mode: int = 0o600) -> bool:
     """Create ``path`` holding ``data`` unless it exists, crash-safe; whether this call created it.
 
     The data is written and fsynced under a temporary name, then hard-linked into place
-    (``link`` fails when the name exists): a reader never sees half a file, and of processes
-    racing to create it exactly one does.
+    (``link`` fails when the name exists): a reader, or a process that lost the race, never
+    sees half a file, a crash never leaves an empty one, and of processes racing to create
+    it exactly one does.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")

@@ -356,6 +356,27 @@ def test_admin_token_is_generated_once_private_and_read_by_clients(tmp_path):
     assert check_bearer(f"Bearer {token}", token) is None
 
 
+def test_processes_racing_to_create_the_token_all_read_the_one_written_whole(tmp_path):
+    """Threads racing to generate the admin token all return the same token, read whole by the
+    ones that lost (never an empty or half-written file), and no temporary file is left."""
+    import threading
+
+    settings = load_settings(environ={"MLOPS_HOME": str(tmp_path)})
+    start, tokens = threading.Barrier(16), []
+
+    def first_use() -> None:
+        start.wait()
+        tokens.append(ensure_token(settings))
+
+    threads = [threading.Thread(target=first_use) for _ in range(16)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=30)
+    assert len(tokens) == 16 and len(set(tokens)) == 1 and len(tokens[0]) >= 32
+    assert [p.name for p in token_path(settings).parent.iterdir()] == [token_path(settings).name]
+
+
 def test_applied_state_survives_a_restart_file(tmp_path):
     """The persisted serving state round-trips, and a state of another model is ignored."""
     path = tmp_path / "run" / "serving-state.json"
