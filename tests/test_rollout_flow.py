@@ -451,9 +451,7 @@ def test_a_rollout_killed_mid_canary_resumes_from_its_persisted_status(world: Li
     """A rollout running as its own process (``mlops rollout``) is SIGKILLed once it is in
     canary; ``--resume`` continues at the same step and finishes: every effect key is applied
     once, the champion moved exactly once, and the service's generation grew by exactly the
-    number of distinct route changes. (The plan's latency limits are loosened: this test is
-    about resuming, and a few dozen canary samples on a loaded CI machine can put a candidate's
-    p95 past 3x stable's; the latency gates' own tests are in test_rollout_machine.py.)"""
+    number of distinct route changes."""
     from prefect.settings import PREFECT_API_URL
 
     from registry.mlflow_registry import ModelRegistry
@@ -464,10 +462,7 @@ def test_a_rollout_killed_mid_canary_resumes_from_its_persisted_status(world: Li
         "MLOPS__PREFECT__API_URL": PREFECT_API_URL.value(),
         "PREFECT_API_URL": PREFECT_API_URL.value(),
     }
-    plan = tmp_path / "canary-cutover-resume.yaml"
-    loose = CANARY_CUTOVER.read_text().replace("ratio, max: 3.0,", "ratio, max: 20.0,")
-    plan.write_text(loose.replace("ratio, max: 5.0,", "ratio, max: 20.0,"))
-    assert plan.read_text().count("max: 20.0") == 2
+    plan = CANARY_CUTOVER  # latency gated loosely: this test is about resuming
     argv = [
         str(Path(sys.executable).with_name("mlops")),
         "rollout",
@@ -502,7 +497,7 @@ def test_a_rollout_killed_mid_canary_resumes_from_its_persisted_status(world: Li
             os.killpg(proc.pid, signal.SIGKILL)
     killed = _status(world, rid)
     assert killed.phase is Phase.RUNNING and killed.route.mode == "canary"
-    summary = _run(world, BETTER, resume=rid)  # the persisted (loosened) plan is used
+    summary = _run(world, BETTER, resume=rid)  # the persisted plan is used
     status = _status(world, rid)
     assert summary.phase == "succeeded", summary.reason
     assert status.history[len(killed.history)].step.startswith("canary")  # resumed where it stopped
