@@ -461,7 +461,7 @@ def _ensure_views(con: duckdb.DuckDBPyConnection, layout: ScoreLayout, *, force:
     schema the store already has does not touch them: its cost does not grow with history.
     """
     empty = not con.execute("SELECT count(*) FROM score_runs").fetchall()[0][0]
-    mixed = not empty and _schema_count(con) > 1
+    mixed = not empty and len(_fingerprints(con)) > 1
     wanted = _view_ddl(layout, empty, mixed)
     current = con.execute(
         "SELECT sql FROM duckdb_views() WHERE view_name = 'scores' AND NOT internal"
@@ -491,12 +491,8 @@ def _record_schema(con: duckdb.DuckDBPyConnection, run_date: date, columns: list
     con.execute("INSERT INTO score_schemas VALUES (?, ?, ?::JSON)", [run_date, fingerprint, text])
 
 
-def _schema_count(con: duckdb.DuckDBPyConnection) -> int:
-    """How many distinct schemas the committed runs have."""
-    return int(con.execute("SELECT count(DISTINCT fingerprint) FROM score_schemas").fetchall()[0][0])
-
-
 def _fingerprints(con: duckdb.DuckDBPyConnection) -> set[str]:
+    """The distinct schemas of the committed runs, by fingerprint."""
     return {f for (f,) in con.execute("SELECT DISTINCT fingerprint FROM score_schemas").fetchall()}
 
 
